@@ -1,0 +1,163 @@
+"""Model IR: the architecture of a Transformer / MoE / hybrid Mamba model as frozen dataclasses.
+
+A model is a sequence of *layers*; each layer is one block (attention, mlp, moe or mamba) with a
+pre-norm and a residual connection, as in Megatron's hybrid models. A Llama decoder layer is
+therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds is closed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+BlockKind = Literal["attention", "mlp", "moe", "mamba"]
+BLOCK_KINDS: tuple[str, ...] = ("attention", "mlp", "moe", "mamba")
+# Megatron-Core hybrid pattern symbols.
+PATTERN_SYMBOLS: dict[str, str] = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu", "relu2")
+GATED_ACTIVATIONS: tuple[str, ...] = ("swiglu",)
+
+
+@dataclass(frozen=True)
+class Norm:
+    kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: ``linear(factor)`` or ``yarn(factor, original_max_positions, ...)``."""
+
+    kind: Literal["linear", "yarn"]
+    factor: float
+    original_max_positions: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rope:
+    theta: float = 10000.0
+    scaling: Optional[RopeScaling] = None
+
+
+@dataclass(frozen=True)
+class Attention:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope: Optional[Rope] = None  # None: no positional encoding (Nemotron-H attention layers)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class MLP:
+    ffn: int
+    activation: str = "swiglu"
+    bias: bool = False
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class MoE:
+    experts: int
+    top_k: int
+    ffn: int
+    activation: str = "swiglu"
+    shared_ffn: int = 0  # 0: no shared expert
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert output
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    pre_softmax: bool = False  # softmax over all experts before top-k (vs. over the chosen k)
+    norm_topk: bool = True  # renormalise the chosen k probabilities to sum to one
+    expert_bias: bool = False  # aux-loss-free load balancing bias (selection only)
+    groups: int = 1  # group-limited routing: experts split in groups ...
+    topk_groups: int = 1  # ... of which the best topk_groups are eligible
+    scaling_factor: float = 1.0
+    aux_loss: float = 0.0
+    z_loss: float = 0.0
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class Mamba2:
+    heads: int
+    head_dim: int
+    groups: int
+    state: int
+    conv: int = 4
+    chunk: int = 128
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+    @property
+    def d_inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels through the depthwise conv: x, B and C."""
+        return self.d_inner + 2 * self.groups * self.state
+
+    @property
+    def in_proj_out(self) -> int:
+        """Width of in_proj's output: [z, x, B, C, dt]."""
+        return 2 * self.d_inner + 2 * self.groups * self.state + self.heads
+
+
+Block = Union[Attention, MLP, MoE, Mamba2]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    vocab: int
+    hidden: int
+    layers: tuple[str, ...]  # one block kind per layer, each pre-norm + residual
+    norm: Norm = field(default_factory=Norm)
+    tie_embeddings: bool = False
+    max_seq: Optional[int] = None
+    attention: Optional[Attention] = None
+    mlp: Optional[MLP] = None
+    moe: Optional[MoE] = None
+    mamba: Optional[Mamba2] = None
+
+    def block(self, kind: str) -> Block:
+        spec = getattr(self, kind, None) if kind in BLOCK_KINDS else None
+        if spec is None:
+            raise KeyError(f"model {self.name!r} has no {kind!r} block")
+        return spec
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k in self.layers if k == kind)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def pattern(self) -> str:
+        """The layer sequence as a Megatron hybrid pattern string."""
+        inverse = {v: k for k, v in PATTERN_SYMBOLS.items()}
+        return "".join(inverse[k] for k in self.layers)
+
+    @property
+    def is_moe(self) -> bool:
+        return "moe" in self.layers
+
+    @property
+    def is_hybrid(self) -> bool:
+        return "mamba" in self.layers

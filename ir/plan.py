@@ -1,0 +1,147 @@
+"""Plans: a folded 5D layout, its pipeline partition, and what the cost model predicts for it.
+
+Attention / dense layers run on TP x CP x DP x PP, MoE layers on ETP x EP x EDP x PP (MoE Parallel
+Folding); PP is shared. ``dp`` and ``edp`` are derived from the world size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
+
+from .serde import from_json, to_json
+
+DP_KINDS = ("replicated", "zero1", "fsdp")
+RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    cp: int = 1
+    dp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved schedule when > 1)
+    ep: int = 1
+    etp: int = 1
+    edp: int = 1
+    mbs: int = 1  # micro-batch size (sequences)
+    sp: bool = False  # sequence parallel with TP
+    dp_kind: str = "zero1"  # replicated | zero1 (distributed optimizer) | fsdp
+    recompute: str = "none"  # default for stages that do not say otherwise
+    dispatcher: str = "alltoall"
+    order: str = DEFAULT_ORDER
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp * self.dp * self.pp
+
+    @property
+    def expert_world(self) -> int:
+        return self.etp * self.ep * self.edp * self.pp
+
+    def short(self) -> str:
+        s = f"tp{self.tp} cp{self.cp} dp{self.dp} pp{self.pp}"
+        if self.vpp > 1:
+            s += f" vpp{self.vpp}"
+        if self.ep > 1 or self.edp != self.dp * self.cp:
+            s += f" | etp{self.etp} ep{self.ep} edp{self.edp}"
+        return s + f" mbs{self.mbs}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One (virtual) pipeline stage: layers [first, last) of the model's layer sequence."""
+
+    pp_rank: int
+    virtual: int
+    first: int
+    last: int
+    recompute: str = "none"
+    # The embedding lives on the first stage, final norm + head + loss on the last.
+
+    @property
+    def num_layers(self) -> int:
+        return self.last - self.first
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per device on one pipeline rank."""
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    buffers: float = 0.0  # communication buffers, MoE dispatch, logits
+    reserve: float = 0.0  # allocator fragmentation and runtime context
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations
+                + self.buffers + self.reserve)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step_time: float = 0.0  # seconds per optimizer step
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0  # model FLOPs / (peak x time), Megatron's convention
+    tflops_per_gpu: float = 0.0
+    bubble: float = 0.0  # fraction of the step the pipeline is idle
+    memory: tuple[MemoryBreakdown, ...] = ()  # per pipeline rank
+    exposed_comm: tuple[tuple[str, float], ...] = ()  # seconds per kind (tp, cp, ep, dp, pp)
+
+    @property
+    def peak_memory(self) -> float:
+        return max((m.total for m in self.memory), default=0.0)
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    job: str
+    model: str
+    cluster: str
+    world: int
+    layout: Layout
+    stages: tuple[Stage, ...]
+    global_batch: int
+    seq_len: int
+    schedule: str = "1f1b"
+    prediction: Prediction = field(default_factory=Prediction)
+    explanation: tuple[str, ...] = ()
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch // (self.layout.dp * self.layout.mbs)
+
+    def stages_of(self, pp_rank: int) -> tuple[Stage, ...]:
+        return tuple(sorted((s for s in self.stages if s.pp_rank == pp_rank),
+                            key=lambda s: s.virtual))
+
+    def to_json(self) -> str:
+        return to_json(self)
+
+    @staticmethod
+    def from_json(text: str) -> "ParallelPlan":
+        return from_json(ParallelPlan, text)
+
+    def with_prediction(self, prediction: Prediction) -> "ParallelPlan":
+        return replace(self, prediction=prediction)
+
+
+def even_stages(num_layers: int, pp: int, vpp: int = 1, recompute: str = "none") -> tuple[Stage, ...]:
+    """Contiguous split of ``num_layers`` into pp*vpp chunks; chunk c runs on pp rank c % pp
+    (the interleaved assignment), earlier chunks take the remainder."""
+    chunks = pp * vpp
+    if num_layers < chunks:
+        raise ValueError(f"{num_layers} layers cannot fill pp*vpp = {pp}*{vpp} = {chunks} stages")
+    base, extra = divmod(num_layers, chunks)
+    stages, first = [], 0
+    for c in range(chunks):
+        n = base + (1 if c < extra else 0)
+        stages.append(Stage(pp_rank=c % pp, virtual=c // pp, first=first, last=first + n,
+                            recompute=recompute))
+        first += n
+    return tuple(stages)

@@ -1,0 +1,2 @@
+"""Subcommands of the `plait` CLI, one module per family; importing registers them."""
+from . import spec  # noqa: F401

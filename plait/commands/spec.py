@@ -1,0 +1,1 @@
+"""Spec commands: show, fmt, check, demo (filled in with the DSL)."""
