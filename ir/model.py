@@ -25,13 +25,17 @@ class Norm:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: ``linear(factor)`` or ``yarn(factor, original_max_positions, ...)``."""
+    """RoPE frequency scaling: ``linear(factor)``, ``yarn(factor, original_max_positions,
+    beta_fast, beta_slow)`` or Llama 3's ``llama3(factor, original_max_positions, low_freq_factor,
+    high_freq_factor)``."""
 
-    kind: Literal["linear", "yarn"]
+    kind: Literal["linear", "yarn", "llama3"]
     factor: float
     original_max_positions: Optional[int] = None
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class Attention:
     kv_heads: int
     head_dim: int
     qkv_bias: bool = False
-    qk_norm: bool = False
+    out_bias: bool = False  # bias on the output projection (GPT-style models)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     rope: Optional[Rope] = None  # None: no positional encoding (Nemotron-H attention layers)
 
     @property
@@ -130,6 +135,7 @@ class ModelSpec:
     norm: Norm = field(default_factory=Norm)
     tie_embeddings: bool = False
     max_seq: Optional[int] = None
+    learned_positions: bool = False  # GPT-style absolute position embeddings (max_seq x hidden)
     attention: Optional[Attention] = None
     mlp: Optional[MLP] = None
     moe: Optional[MoE] = None
