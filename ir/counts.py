@@ -1,0 +1,335 @@
+"""Parameter, FLOP and byte counts: the single source of these formulas in plait.
+
+Parameters are counted exactly as the reference implementations (Megatron-Core, Hugging Face
+transformers) instantiate them: every weight, bias and norm scale; buffers (RoPE frequencies, the
+aux-loss-free expert bias) are not parameters.
+
+FLOPs follow Megatron-Core's ``num_floating_point_operations`` (megatron/training/training.py):
+only matrix multiplies count, 2 FLOPs per multiply-add; norms, softmax, activations and RoPE are
+free. Attention's core (QK^T and scores x V) is counted *causally*: half of the s x s score matrix,
+i.e. ``2 * q_dim * s`` FLOPs per token, as Megatron-Core does when it reports MFU. ``causal=False``
+gives the full square (the SC'21 paper's convention). Training is 3x forward (forward, dgrad,
+wgrad); full recomputation adds one more forward of the transformer layers (not of the logits).
+Two documented departures from Megatron's formula, both tiny: router GEMMs (``2*hidden*experts``,
+plus ``2*hidden`` for a shared-expert gate) are counted, and Mamba's inner width is the real
+``heads * head_dim`` rather than Megatron's hard-coded ``2 * hidden`` (equal for Nemotron-H 8B/56B).
+
+Bytes are per parameter of weights, gradients and optimizer state, per precision and data-parallel
+flavour, as functions of the number of data-parallel shards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import PlaitError
+from .job import Precision
+from .model import Attention, Mamba2, MLP, ModelSpec, MoE
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def norm_params(model: ModelSpec, width: int | None = None) -> int:
+    """One norm over ``width`` (default hidden) channels: scale, plus bias for LayerNorm."""
+    width = model.hidden if width is None else width
+    return width * (2 if model.norm.kind == "layernorm" else 1)
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def attention_params(model: ModelSpec, attn: Attention) -> int:
+    """q, k, v, o projections (+ biases) and the per-head q/k norms; no pre-norm."""
+    h = model.hidden
+    qkv = _linear(h, attn.q_dim + 2 * attn.kv_dim, attn.qkv_bias)
+    out = _linear(attn.q_dim, h, attn.out_bias)
+    qk_norm = 2 * attn.head_dim if attn.qk_norm else 0  # RMSNorm scales, shared across heads
+    return qkv + out + qk_norm
+
+
+def ffn_params(hidden: int, ffn: int, gated: bool, bias: bool = False) -> int:
+    """A (gated) MLP hidden -> ffn -> hidden: gate+up+down when gated (SwiGLU), else up+down."""
+    up = _linear(hidden, ffn * (2 if gated else 1), bias)
+    return up + _linear(ffn, hidden, bias)
+
+
+def mlp_params(model: ModelSpec, mlp: MLP) -> int:
+    return ffn_params(model.hidden, mlp.ffn, mlp.gated, mlp.bias)
+
+
+def one_expert_params(model: ModelSpec) -> int:
+    """One routed expert of the MoE block."""
+    moe = model.block("moe")
+    return ffn_params(model.hidden, moe.ffn, moe.gated)
+
+
+def expert_params(model: ModelSpec) -> int:
+    """Routed-expert parameters of ONE moe layer (all experts)."""
+    return model.block("moe").experts * one_expert_params(model)
+
+
+def router_params(model: ModelSpec) -> int:
+    """Router Linear(hidden, experts) plus the shared expert's sigmoid gate Linear(hidden, 1)."""
+    moe = model.block("moe")
+    return model.hidden * moe.experts + (model.hidden if moe.shared_gate else 0)
+
+
+def shared_expert_params(model: ModelSpec) -> int:
+    moe = model.block("moe")
+    return ffn_params(model.hidden, moe.shared_ffn, moe.gated) if moe.shared_ffn else 0
+
+
+def moe_params(model: ModelSpec) -> int:
+    """One MoE block without its pre-norm: router, routed experts, shared expert (+ gate)."""
+    return router_params(model) + expert_params(model) + shared_expert_params(model)
+
+
+def mamba_params(model: ModelSpec, m: Mamba2) -> int:
+    """Mamba2 mixer: in_proj -> [z, x, B, C, dt]; depthwise conv over x, B, C; per-head dt_bias,
+    A_log and D; gated RMSNorm over d_inner; out_proj."""
+    h = model.hidden
+    in_proj = _linear(h, m.in_proj_out, m.proj_bias)
+    conv = m.conv_channels * m.conv + (m.conv_channels if m.conv_bias else 0)
+    per_head = 3 * m.heads  # dt_bias, A_log, D
+    gated_norm = m.d_inner  # always an RMSNorm scale
+    out_proj = _linear(m.d_inner, h, m.proj_bias)
+    return in_proj + conv + per_head + gated_norm + out_proj
+
+
+def block_params(model: ModelSpec, kind: str) -> int:
+    """One block of that kind, without its pre-norm."""
+    spec = model.block(kind)
+    if kind == "attention":
+        return attention_params(model, spec)
+    if kind == "mlp":
+        return mlp_params(model, spec)
+    if kind == "moe":
+        return moe_params(model)
+    return mamba_params(model, spec)
+
+
+def layer_params(model: ModelSpec, kind: str) -> int:
+    """One layer of that block kind, including its pre-norm."""
+    return norm_params(model) + block_params(model, kind)
+
+
+def embedding_params(model: ModelSpec) -> int:
+    """Input embedding, plus learned absolute positions (max_seq x hidden) when the model has them."""
+    positions = model.max_seq * model.hidden if model.learned_positions else 0
+    if model.learned_positions and not model.max_seq:
+        raise PlaitError(f"model {model.name!r} has learned positions but no max_seq")
+    return model.vocab * model.hidden + positions
+
+
+def head_params(model: ModelSpec) -> int:
+    """Output projection hidden -> vocab (no bias); 0 when tied to the embedding."""
+    return 0 if model.tie_embeddings else model.vocab * model.hidden
+
+
+def final_norm_params(model: ModelSpec) -> int:
+    return norm_params(model)
+
+
+def params_per_layer(model: ModelSpec) -> tuple[int, ...]:
+    """Parameters of each layer in order (pre-norm included; embedding, final norm, head not)."""
+    per_kind = {kind: layer_params(model, kind) for kind in set(model.layers)}
+    return tuple(per_kind[kind] for kind in model.layers)
+
+
+def inactive_expert_params(model: ModelSpec) -> int:
+    """Routed-expert parameters a token does NOT use: (experts - top_k) experts per moe layer."""
+    if not model.is_moe:
+        return 0
+    moe = model.block("moe")
+    return model.count("moe") * (moe.experts - moe.top_k) * one_expert_params(model)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """total = embedding + sum(layers) + final_norm + head. ``non_embedding`` excludes the
+    vocabulary-sized matrices (embedding, positions and untied head). ``active`` is what one token
+    touches: everything except the routed experts it is not sent to (router and shared experts
+    included)."""
+
+    total: int
+    active: int
+    embedding: int
+    head: int
+    final_norm: int
+    non_embedding: int
+    per_kind: tuple[tuple[str, int], ...]  # (kind, params in all layers of that kind), model order
+
+    def of_kind(self, kind: str) -> int:
+        return dict(self.per_kind).get(kind, 0)
+
+
+def params(model: ModelSpec) -> ParamCounts:
+    kinds = tuple(dict.fromkeys(model.layers))  # first-appearance order
+    per_kind = tuple((k, model.count(k) * layer_params(model, k)) for k in kinds)
+    embedding, head, final = embedding_params(model), head_params(model), final_norm_params(model)
+    total = embedding + head + final + sum(n for _, n in per_kind)
+    return ParamCounts(
+        total=total,
+        active=total - inactive_expert_params(model),
+        embedding=embedding,
+        head=head,
+        final_norm=final,
+        non_embedding=total - embedding - head,
+        per_kind=per_kind,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs (forward, per token; see the module docstring for the conventions)
+# ----------------------------------------------------------------------------------------------
+
+TRAINING_PASSES = 3  # forward + backward dgrad + backward wgrad: every GEMM three times
+
+
+def _ffn_gemms(gated: bool) -> int:
+    """Stacked hidden x ffn GEMMs of an MLP: gate, up, down (SwiGLU) or up, down."""
+    return 3 if gated else 2
+
+
+def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
+    """QK^T and scores x V per token: ``2 * 2 * q_dim * s`` for the full square, half when causal."""
+    attn = model.block("attention")
+    full = 2 * 2 * attn.q_dim * seq_len
+    return full / 2 if causal else float(full)
+
+
+def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
+    attn = model.block("attention")
+    h = model.hidden
+    projections = 2 * h * (attn.q_dim + 2 * attn.kv_dim) + 2 * attn.q_dim * h
+    return projections + attention_core_flops(model, seq_len, causal)
+
+
+def mlp_flops(model: ModelSpec) -> float:
+    mlp = model.block("mlp")
+    return float(2 * model.hidden * mlp.ffn * _ffn_gemms(mlp.gated))
+
+
+def router_flops(model: ModelSpec) -> float:
+    """Router GEMM (+ shared-expert gate); Megatron's formula leaves these out (< 0.1%)."""
+    return float(2 * router_params(model))
+
+
+def moe_flops(model: ModelSpec) -> float:
+    """top_k routed experts + the shared expert + the router, per token."""
+    moe = model.block("moe")
+    expert_width = moe.top_k * moe.ffn + moe.shared_ffn
+    return 2 * model.hidden * expert_width * _ffn_gemms(moe.gated) + router_flops(model)
+
+
+def mamba_flops(model: ModelSpec) -> float:
+    """Megatron's hybrid formula: in_proj, a 7 * d_inner * state scan estimate, out_proj."""
+    m = model.block("mamba")
+    h = model.hidden
+    return float(2 * h * m.in_proj_out + 7 * m.d_inner * m.state + 2 * m.d_inner * h)
+
+
+def layer_flops(model: ModelSpec, kind: str, seq_len: int, causal: bool = True) -> float:
+    """Forward FLOPs per token of one layer of that kind."""
+    if kind == "attention":
+        return attention_flops(model, seq_len, causal)
+    if kind == "mlp":
+        return mlp_flops(model)
+    if kind == "moe":
+        return moe_flops(model)
+    if kind == "mamba":
+        return mamba_flops(model)
+    raise KeyError(f"unknown block kind {kind!r}")
+
+
+def logits_flops(model: ModelSpec) -> float:
+    """Forward FLOPs per token of the output projection (tied or not)."""
+    return float(2 * model.hidden * model.vocab)
+
+
+def per_layer_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> tuple[float, ...]:
+    """Forward FLOPs per token of each layer in order; their sum + logits_flops = forward total."""
+    per_kind = {k: layer_flops(model, k, seq_len, causal) for k in set(model.layers)}
+    return tuple(per_kind[k] for k in model.layers)
+
+
+def forward_flops_per_token(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
+    return sum(per_layer_flops(model, seq_len, causal)) + logits_flops(model)
+
+
+def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: str = "full",
+                              causal: bool = True) -> float:
+    """Extra forward FLOPs per token re-done in backward: 'full' re-runs every layer (not the
+    logits), 'selective' re-runs attention's core only (Korthikanti et al.), 'none' nothing."""
+    if recompute in ("none", None, False):
+        return 0.0
+    if recompute == "selective":
+        return model.count("attention") * attention_core_flops(model, seq_len, causal)
+    if recompute in ("full", True):
+        return float(sum(per_layer_flops(model, seq_len, causal)))
+    raise PlaitError(f"unknown recompute {recompute!r}", hint="one of none, selective, full")
+
+
+def flops_per_token(model: ModelSpec, seq_len: int, training: bool = True,
+                    recompute: str = "none", causal: bool = True) -> float:
+    """Model FLOPs per token: forward, or training = 3x forward (Megatron). ``recompute`` adds
+    the re-done forward work (hardware FLOPs); MFU as Megatron reports it uses recompute='none'."""
+    forward = forward_flops_per_token(model, seq_len, causal)
+    if not training:
+        return forward
+    return TRAINING_PASSES * forward + recompute_flops_per_token(model, seq_len, recompute, causal)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes of weights, gradients and optimizer state per parameter
+# ----------------------------------------------------------------------------------------------
+
+_FP32 = 4
+_BF16 = 2
+# Under fp8, Transformer Engine computes with fp8 casts of the bf16 weights and caches the cast
+# and its transpose for the whole step (reused by every micro-batch): 1 + 1 bytes.
+_FP8_WEIGHT_CACHE = 2
+
+
+def _unsharded_state_bytes(kind: str) -> dict[str, int]:
+    """Bytes per parameter with no data-parallel sharding, for an Adam optimizer.
+
+    bf16 / fp8 (Megatron mixed precision): bf16 weights; fp32 gradients (main_grad buffer);
+    optimizer = fp32 master weights + Adam m + v = 12. fp32: weights 4, grads 4, Adam m + v 8.
+    """
+    if kind == "fp32":
+        return {"weights": _FP32, "grads": _FP32, "optimizer": 2 * _FP32}
+    if kind in ("bf16", "fp8"):
+        weights = _BF16 + (_FP8_WEIGHT_CACHE if kind == "fp8" else 0)
+        return {"weights": weights, "grads": _FP32, "optimizer": 3 * _FP32}
+    raise PlaitError(f"unknown precision {kind!r}", hint="one of bf16, fp8, fp32")
+
+
+def param_state_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
+                      shards: int = 1) -> dict[str, float]:
+    """Bytes per model parameter held on ONE rank, given ``shards`` data-parallel ranks sharing it.
+
+    replicated: everything full. zero1 (Megatron's distributed optimizer): weights and grads full,
+    optimizer state (incl. fp32 master) / shards. fsdp: weights, grads and optimizer all / shards
+    (the transiently gathered layer is activation-like; the planner's memory model owns it).
+    Returns {"weights", "grads", "optimizer", "total"}.
+    """
+    kind = precision.kind if isinstance(precision, Precision) else precision
+    if shards < 1:
+        raise PlaitError(f"data-parallel shards must be >= 1, got {shards}")
+    full = _unsharded_state_bytes(kind)
+    if dp_kind == "replicated":
+        divisors = {"weights": 1, "grads": 1, "optimizer": 1}
+    elif dp_kind == "zero1":
+        divisors = {"weights": 1, "grads": 1, "optimizer": shards}
+    elif dp_kind == "fsdp":
+        divisors = {"weights": shards, "grads": shards, "optimizer": shards}
+    else:
+        raise PlaitError(f"unknown data-parallel kind {dp_kind!r}",
+                         hint="one of replicated, zero1, fsdp")
+    out = {key: full[key] / divisors[key] for key in full}
+    out["total"] = sum(out.values())
+    return out
