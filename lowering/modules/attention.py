@@ -1,0 +1,72 @@
+"""Self-attention mixer: GQA with optional RoPE, qkv / out biases and Qwen3's per-head q/k RMSNorm.
+
+TP-friendly by construction: head counts are never stored; projections are reshaped with -1 heads
+of ``head_dim`` and the GQA repetition is derived from tensor shapes inside ``causal_attention``, so a
+pass that shards q/k/v_proj column-wise and o_proj row-wise needs no other rewrite.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from plait.ir.model import Attention
+
+from .norms import RMSNorm
+from .rotary import apply_rotary, rope_inv_freq, rotary_cos_sin
+
+
+def sequence_positions(x: torch.Tensor) -> torch.Tensor:
+    """Positions 0..s-1 along dim 1 of ``x``. One fx node (wrapped below), so a context-parallel pass
+    can replace it with the positions of the chunks its rank holds."""
+    return torch.arange(x.shape[1], device=x.device)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [b, s, hq, d], k/v: [b, s, hkv, d] -> [b, s, hq, d]. Causal SDPA; each kv head serves
+    hq // hkv query heads (read from the shapes, so it holds for any TP shard). One fx node, so the
+    kernel registry or a ring-attention pass can swap the implementation."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(1, 2)
+
+
+torch.fx.wrap("sequence_positions")
+torch.fx.wrap("causal_attention")
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, spec: Attention, hidden: int, norm_eps: float, max_seq: int | None):
+        super().__init__()
+        self.head_dim = spec.head_dim
+        self.scale = spec.head_dim ** -0.5
+        self.q_proj = nn.Linear(hidden, spec.q_dim, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(hidden, spec.kv_dim, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(hidden, spec.kv_dim, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.q_dim, hidden, bias=spec.out_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, norm_eps)
+        self.qk_norm = spec.qk_norm
+        self.has_rope = spec.rope is not None
+        if self.has_rope:
+            inv_freq, self.attention_scaling = rope_inv_freq(spec.rope, spec.head_dim, max_seq)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[0], x.shape[1]
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.has_rope:
+            cos, sin = rotary_cos_sin(sequence_positions(x), self.inv_freq, self.attention_scaling, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = causal_attention(q, k, v, self.scale)
+        return self.o_proj(out.reshape(b, s, -1))

@@ -1,0 +1,69 @@
+"""The reference causal language model: embedding -> layers (pre-norm + residual, one block kind
+each) -> final norm -> LM head -> mean cross-entropy.
+
+Module names are contract C4 (TP / PP passes and weight loaders rely on them)::
+
+    embed, pos_embed?, layers[i].norm, layers[i].mixer, final_norm, head? (absent when tied)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.ir.model import ModelSpec
+
+from .norms import make_norm
+
+
+class Layer(nn.Module):
+    """One pre-norm residual block: ``x + mixer(norm(x))``. ``kind`` is the IR block kind."""
+
+    def __init__(self, kind: str, norm: nn.Module, mixer: nn.Module):
+        super().__init__()
+        self.kind = kind
+        self.norm = norm
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"
+
+
+class CausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, mixers: list[nn.Module]):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab, spec.hidden)
+        if spec.learned_positions:
+            if spec.max_seq is None:
+                raise ValueError(f"model {spec.name!r}: learned positions need max_seq")
+            self.pos_embed = nn.Embedding(spec.max_seq, spec.hidden)
+        self.layers = nn.ModuleList(
+            Layer(kind, make_norm(spec.norm, spec.hidden), mixer) for kind, mixer in zip(spec.layers, mixers)
+        )
+        self.final_norm = make_norm(spec.norm, spec.hidden)
+        self.tied = spec.tie_embeddings
+        if not self.tied:
+            self.head = nn.Linear(spec.hidden, spec.vocab, bias=False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.final_norm(hidden)
+        if self.tied:
+            return F.linear(hidden, self.embed.weight)
+        return self.head(hidden)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.spec.learned_positions:
+            x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.logits(x)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
