@@ -1,0 +1,131 @@
+"""The syntax tree of a spec file, exactly as written: no units applied, no names resolved.
+
+parse.py builds it; resolve.py turns it into the IR. Every node carries the position of its first
+character so that resolution errors can point at it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Optional, Union
+
+
+@dataclass(frozen=True)
+class Pos:
+    line: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A number with an optional unit: ``80 GiB``, ``128K``, ``1e-5``. ``number`` is exact."""
+
+    text: str
+    number: Decimal
+    unit: Optional[str]
+    pos: Pos
+
+    @property
+    def is_integer_literal(self) -> bool:
+        digits = self.text[: len(self.text) - len(self.unit or "")]
+        return not any(c in digits for c in ".eE")
+
+
+@dataclass(frozen=True)
+class String:
+    value: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Ident:
+    """A bare name: an enum value, a block kind in a layer list, true/false/auto/none."""
+
+    name: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Call:
+    """``rope(theta = 1e6)``: a name with keyword arguments."""
+
+    name: str
+    args: tuple["Assign", ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class ListValue:
+    items: tuple["Value", ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """``count * body`` (either operand may be the count; resolve.py decides)."""
+
+    left: "Value"
+    right: "Value"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Concat:
+    parts: tuple["Value", ...]
+    pos: Pos
+
+
+Value = Union[Quantity, String, Ident, Call, ListValue, Repeat, Concat]
+
+
+@dataclass(frozen=True)
+class Assign:
+    key: str
+    value: Value
+    pos: Pos  # of the key
+
+
+@dataclass(frozen=True)
+class Block:
+    """``{ ... }``: assignments and nested blocks, in source order."""
+
+    entries: tuple[Union[Assign, "SubBlock"], ...]
+    pos: Pos  # of the opening brace
+
+
+@dataclass(frozen=True)
+class SubBlock:
+    key: str
+    block: Block
+    pos: Pos  # of the key
+
+
+@dataclass(frozen=True)
+class Decl:
+    """``model "name" { ... }``; ``kind`` is checked by resolve.py."""
+
+    kind: str
+    name: str
+    block: Block
+    pos: Pos  # of the kind keyword
+    name_pos: Pos
+
+
+@dataclass(frozen=True)
+class Use:
+    paths: tuple[String, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Module:
+    """One parsed file."""
+
+    file: str
+    text: str
+    uses: tuple[Use, ...]
+    decls: tuple[Decl, ...]
+
+    def source_line(self, line: int) -> Optional[str]:
+        lines = self.text.splitlines()
+        return lines[line - 1] if 0 < line <= len(lines) else None

@@ -1,0 +1,252 @@
+"""IR -> canonical spec text. parse_text(format_...(x)) rebuilds an equal IR.
+
+The canonical form states required fields, the norm, rope and activations, and every other field
+only where it differs from the IR default. Quantities get the unit that writes them shortest
+(`80 GiB`, `3.35 TB/s`), checked to parse back to the identical float.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+from plait.ir.cluster import Cluster, Device, local_cpu
+from plait.ir.errors import PlaitError
+from plait.ir.job import Data, MoEOptions, Optimizer, Precision, TrainJob
+from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope, RopeScaling
+
+from .hardware import resize_cluster
+from .literals import layers_text, number, quantity
+
+INDENT = "  "
+ONE_LINE = 100  # a block whose entries fit on one line this long is written on one line
+
+
+def format_model(spec: ModelSpec) -> str:
+    entries = [("vocab", number(spec.vocab)), ("hidden", number(spec.hidden)), ("norm", _norm(spec))]
+    entries += _changed(spec, ("tie_embeddings",))
+    if spec.max_seq is not None:
+        entries.append(("max_seq", number(spec.max_seq, tokens=True)))
+    entries += _changed(spec, ("learned_positions",))
+    for kind in ("attention", "mlp", "moe", "mamba"):
+        block = getattr(spec, kind)
+        if block is not None:
+            entries.append((kind, _BLOCKS[kind](block, spec)))
+    if spec.is_hybrid:
+        entries.append(("pattern", f'"{spec.pattern}"'))
+    else:
+        entries.append(("layers", layers_text(spec.layers)))
+    return _decl("model", spec.name, entries)
+
+
+def format_device(device: Device) -> str:
+    entries = [("bf16", quantity(device.bf16_flops, "compute"))]
+    entries += [(k, quantity(v, "compute")) for k, v in (("fp8", device.fp8_flops), ("fp32", device.fp32_flops))
+                if v is not None]
+    entries += [("memory", quantity(device.memory, "bytes")), ("hbm", quantity(device.hbm, "bandwidth"))]
+    if device.calibration:
+        entries.append(("calibration", [(k, number(v)) for k, v in device.calibration]))
+    return _decl("device", device.name, entries)
+
+
+def format_cluster(cluster: Cluster) -> str:
+    default_latency = dataclasses.fields(type(cluster.intra))[1].default
+    entries = [("nodes", number(cluster.nodes)), ("gpus_per_node", number(cluster.gpus_per_node)),
+               ("device", f'"{cluster.device.name}"'),
+               ("intra", quantity(cluster.intra.bandwidth, "bandwidth")),
+               ("inter", quantity(cluster.inter.bandwidth, "bandwidth"))]
+    for key, link in (("intra_latency", cluster.intra), ("inter_latency", cluster.inter)):
+        if link.latency != default_latency:
+            entries.append((key, quantity(link.latency, "time")))
+    if cluster.backend != "nccl":
+        entries.append(("backend", cluster.backend))
+    return _decl("cluster", cluster.name, entries)
+
+
+def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None) -> str:
+    """A train declaration; ``base_cluster`` is the declared cluster the job resizes with `gpus`."""
+    entries = [("model", f'"{job.model.name}"'), ("cluster", f'"{job.cluster.name}"')]
+    if base_cluster is not None and base_cluster.world != job.cluster.world:
+        entries.append(("gpus", number(job.cluster.world)))
+    entries += [("global_batch", number(job.global_batch)), ("seq_len", number(job.seq_len, tokens=True)),
+                ("precision", _precision(job.precision))]
+    if job.optimizer != Optimizer():
+        entries.append(("optimizer", _call(job.optimizer.kind, _changed(job.optimizer, _OPTIMIZER_KEYS))))
+    if job.moe != MoEOptions():
+        entries.append(("moe", _moe_options(job.moe)))
+    if job.layout.pins:
+        entries.append(("layout", [(k, _value(v)) for k, v in job.layout.pins]))
+    entries += _changed(job, ("steps",))
+    if job.data != Data():
+        entries.append(("data", _data(job.data)))
+    entries += _changed(job, ("seed",))
+    return _decl("train", job.name, entries)
+
+
+def format_library(lib) -> str:
+    """Every declaration of a Library (and any a job needs that the library lacks), self-contained:
+    devices, clusters, models, then jobs."""
+    devices, clusters, models = dict(lib.devices), dict(lib.clusters), dict(lib.models)
+    bases = {}
+    for job in lib.jobs.values():
+        models.setdefault(job.model.name, job.model)
+        bases[job.name] = _base_cluster(job, clusters)
+        if bases[job.name] is not None and bases[job.name].name not in clusters and job.cluster.name != "local-cpu":
+            clusters[job.cluster.name] = job.cluster
+    for cluster in clusters.values():
+        devices.setdefault(cluster.device.name, cluster.device)
+    parts = [format_device(d) for d in devices.values()]
+    parts += [format_cluster(c) for c in clusters.values()]
+    parts += [format_model(m) for m in models.values()]
+    parts += [format_job(j, bases[j.name]) for j in lib.jobs.values()]
+    return "\n\n".join(parts) + "\n"
+
+
+def format_file(lib) -> str:
+    """The canonical text of the file a Library was loaded from: its `use` line, then its own
+    declarations in source order (comments are not kept)."""
+    parts = []
+    if lib.uses:
+        parts.append("use " + ", ".join(f'"{u}"' for u in lib.uses))
+    formatters = {"device": (lib.devices, format_device), "cluster": (lib.clusters, format_cluster),
+                  "model": (lib.models, format_model)}
+    for kind, name in lib.own:
+        if kind == "train":
+            job = lib.jobs[name]
+            parts.append(format_job(job, _base_cluster(job, lib.clusters)))
+        else:
+            table, fmt = formatters[kind]
+            parts.append(fmt(table[name]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _base_cluster(job: TrainJob, clusters: dict) -> Optional[Cluster]:
+    base = clusters.get(job.cluster.name) or (local_cpu() if job.cluster.name == "local-cpu" else None)
+    if base is None:
+        return job.cluster
+    if resize_cluster(base, job.cluster.world) != job.cluster:
+        raise PlaitError(f'job "{job.name}": its cluster differs from cluster "{base.name}" by more than '
+                         "its size, which a spec cannot express")
+    return base
+
+
+# --- blocks ---------------------------------------------------------------------------------
+
+def _norm(spec: ModelSpec) -> str:
+    return f"{spec.norm.kind}(eps = {number(spec.norm.eps)})"
+
+
+def _attention(a: Attention, spec: ModelSpec) -> list:
+    entries = [("heads", number(a.heads)), ("kv_heads", number(a.kv_heads)), ("head_dim", number(a.head_dim))]
+    entries += _changed(a, ("qkv_bias", "out_bias", "qk_norm"))
+    return entries + [("rope", _rope(a.rope))]
+
+
+def _rope(rope: Optional[Rope]) -> str:
+    if rope is None:
+        return "none"
+    args = [("theta", number(rope.theta))]
+    if rope.scaling is not None:
+        args.append(("scaling", _rope_scaling(rope.scaling)))
+    return _call("rope", args)
+
+
+def _rope_scaling(s: RopeScaling) -> str:
+    keys = {"linear": (), "yarn": ("original_max_positions", "beta_fast", "beta_slow"),
+            "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor")}[s.kind]
+    args = [("factor", number(s.factor))] + [(k, number(getattr(s, k))) for k in keys]
+    return _call(s.kind, args)
+
+
+def _mlp(m: MLP, spec: ModelSpec) -> list:
+    return [("ffn", number(m.ffn)), ("activation", m.activation)] + _changed(m, ("bias",))
+
+
+_MOE_KEYS = ("shared_ffn", "shared_gate", "router", "pre_softmax", "norm_topk", "expert_bias", "groups",
+             "topk_groups", "scaling_factor", "aux_loss", "z_loss")
+
+
+def _moe(m: MoE, spec: ModelSpec) -> list:
+    entries = [("experts", number(m.experts)), ("top_k", number(m.top_k)), ("ffn", number(m.ffn)),
+               ("activation", m.activation)]
+    return entries + _changed(m, _MOE_KEYS)
+
+
+def _mamba(m: Mamba2, spec: ModelSpec) -> list:
+    entries = [("heads", number(m.heads)), ("head_dim", number(m.head_dim)), ("groups", number(m.groups)),
+               ("state", number(m.state))]
+    entries += _changed(m, ("conv", "chunk", "conv_bias", "proj_bias"))
+    if m.d_inner % spec.hidden == 0:
+        entries.append(("expand", number(m.d_inner // spec.hidden)))
+    return entries
+
+
+_BLOCKS = {"attention": _attention, "mlp": _mlp, "moe": _moe, "mamba": _mamba}
+
+# --- job options ------------------------------------------------------------------------------
+
+_OPTIMIZER_KEYS = ("lr", "min_lr", "betas", "eps", "weight_decay", "warmup", "schedule", "grad_clip")
+
+
+def _precision(p: Precision) -> str:
+    if p.kind != "fp8" or p == Precision(kind="fp8"):
+        return p.kind
+    args = [("recipe", p.fp8_recipe)] if p.fp8_recipe else []
+    args += [(k, number(v)) for k, v in (("skip_first", p.fp8_skip_first), ("skip_last", p.fp8_skip_last)) if v]
+    return _call("fp8", args)
+
+
+def _moe_options(m: MoEOptions) -> list:
+    entries = [("dispatcher", m.dispatcher)]
+    entries.append(("capacity_factor", number(m.capacity_factor)) if m.capacity_factor is not None
+                   else ("dropless", "true"))
+    return entries + _changed(m, ("drop_policy", "pad_to_capacity"))
+
+
+def _data(d: Data) -> str:
+    if d == Data(synthetic=True):
+        return "synthetic"
+    if d == Data(path=d.path) and d.path is not None:
+        return f'"{d.path}"'
+    args = [("path", f'"{d.path}"')] if d.path is not None else []
+    args += _changed(d, ("tokenizer", "seed"))
+    return _call("synthetic" if d.synthetic else "dataset", args)
+
+
+# --- text helpers -----------------------------------------------------------------------------
+
+def _changed(obj, keys: Iterable[str]) -> list[tuple[str, str]]:
+    """(key, text) for the fields of ``obj`` that differ from their dataclass defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    return [(k, _value(getattr(obj, k))) for k in keys if getattr(obj, k) != defaults[k]]
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return number(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, str) and v.isidentifier():
+        return v
+    return f'"{v}"'
+
+
+def _call(name: str, args: list[tuple[str, str]]) -> str:
+    return f"{name}(" + ", ".join(f"{k} = {v}" for k, v in args) + ")"
+
+
+def _decl(keyword: str, name: str, entries: list) -> str:
+    return f'{keyword} "{name}" ' + _block(entries, 0)
+
+
+def _block(entries: list, depth: int) -> str:
+    """`{ a = 1, b = 2 }` when it fits on a line and holds no sub-block, else one entry per line."""
+    lines = [f"{k} {_block(v, depth + 1)}" if isinstance(v, list) else f"{k} = {v}" for k, v in entries]
+    flat = "{ " + ", ".join(lines) + " }"
+    nested = any(isinstance(v, list) for _, v in entries)
+    if depth > 0 and not nested and len(flat) + len(INDENT) * depth < ONE_LINE:
+        return flat
+    pad = INDENT * (depth + 1)
+    return "{\n" + "".join(f"{pad}{line}\n" for line in lines) + INDENT * depth + "}"
+

@@ -1,0 +1,193 @@
+"""`train "name" { ... }` -> TrainJob: references, precision, optimizer, MoE options, layout pins."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from plait.ir.cluster import Cluster, local_cpu
+from plait.ir.job import LAYOUT_KEYS, Data, LayoutPins, MoEOptions, Optimizer, Precision, TrainJob
+from plait.ir.model import ModelSpec
+from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
+
+from . import ast
+from .hardware import resize
+from .reader import Context, Reader, describe, did_you_mean, to_float, to_string
+
+PRECISIONS = ("bf16", "fp32", "fp8")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "linear")
+DISPATCHERS = ("alltoall", "allgather")
+INT_PINS = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs", "dp_shard")
+OPTIMIZER_DEFAULTS = Optimizer()
+
+Finder = Callable[[str, ast.Pos], object]
+
+
+def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: Finder,
+                base_dir: Optional[str]) -> TrainJob:
+    r = Reader(ctx, decl.block.entries, f'train "{decl.name}"', decl.pos)
+    model: ModelSpec = find_model(*_reference(r, "model", '"llama-3.1-8b"'))
+    cluster = _cluster(ctx, r, find_cluster)
+    seq_len = r.int("seq_len")
+    if model.max_seq is not None and seq_len > model.max_seq:
+        raise ctx.error(f"seq_len ({seq_len}) exceeds the model's max_seq ({model.max_seq})",
+                        r.entries["seq_len"].value.pos, hint=f"raise max_seq of model \"{model.name}\"")
+    moe_block = r.block("moe")
+    if moe_block is not None and not model.is_moe:
+        raise ctx.error(f'model "{model.name}" has no moe layers; remove the moe block', moe_block.pos)
+    job = TrainJob(
+        name=decl.name, model=model, cluster=cluster,
+        global_batch=r.int("global_batch"), seq_len=seq_len,
+        precision=_precision(ctx, r.value("precision", None)),
+        optimizer=_optimizer(ctx, r.value("optimizer", None)),
+        moe=_moe_options(moe_block), layout=_layout(r.block("layout")),
+        steps=r.int("steps", 100), data=_data(ctx, r.value("data", None), base_dir),
+        seed=r.int("seed", 0, minimum=0),
+    )
+    r.finish()
+    return job
+
+
+def _reference(r: Reader, key: str, example: str) -> tuple[str, ast.Pos]:
+    value = r.value(key, example=example)
+    return to_string(r.ctx, value, key), value.pos
+
+
+def _cluster(ctx: Context, r: Reader, find_cluster: Finder) -> Cluster:
+    cluster = find_cluster(*_reference(r, "cluster", '"dgx-h100"')) if r.has("cluster") else local_cpu()
+    gpus = r.int("gpus", None)
+    return cluster if gpus is None else resize(ctx, cluster, gpus, r.entries["gpus"].value.pos)
+
+
+def _precision(ctx: Context, value) -> Precision:
+    if value is None:
+        return Precision()
+    if isinstance(value, ast.Ident) and value.name in PRECISIONS:
+        return Precision(kind=value.name)
+    if not (isinstance(value, ast.Call) and value.name == "fp8"):
+        raise ctx.error(f"precision must be bf16, fp32, fp8 or fp8(recipe = ...), got {describe(value)}",
+                        value.pos, hint=did_you_mean(getattr(value, "name", ""), PRECISIONS))
+    r = Reader.of_call(ctx, value)
+    precision = Precision(kind="fp8", fp8_recipe=r.choice("recipe", FP8_RECIPES, None),
+                          fp8_skip_first=r.int("skip_first", 0, minimum=0),
+                          fp8_skip_last=r.int("skip_last", 0, minimum=0))
+    r.finish()
+    return precision
+
+
+def _optimizer(ctx: Context, value) -> Optimizer:
+    if value is None:
+        return Optimizer()
+    if isinstance(value, ast.Ident) and value.name in OPTIMIZERS:
+        return Optimizer(kind=value.name)
+    if not (isinstance(value, ast.Call) and value.name in OPTIMIZERS):
+        raise ctx.error(f"optimizer must be adamw(...) or sgd(...), got {describe(value)}", value.pos,
+                        hint=did_you_mean(getattr(value, "name", ""), OPTIMIZERS))
+    r, d = Reader.of_call(ctx, value), OPTIMIZER_DEFAULTS
+    optimizer = Optimizer(
+        kind=value.name, lr=r.float("lr", d.lr, positive=True), min_lr=r.float("min_lr", d.min_lr, minimum=0.0),
+        betas=_betas(ctx, r.value("betas", None), d.betas), eps=r.float("eps", d.eps, positive=True),
+        weight_decay=r.float("weight_decay", d.weight_decay, minimum=0.0),
+        warmup=r.int("warmup", d.warmup, minimum=0), schedule=r.choice("schedule", SCHEDULES, d.schedule),
+        grad_clip=r.float("grad_clip", d.grad_clip, minimum=0.0),
+    )
+    r.finish()
+    return optimizer
+
+
+def _betas(ctx: Context, value, default: tuple[float, float]) -> tuple[float, float]:
+    if value is None:
+        return default
+    if not (isinstance(value, ast.ListValue) and len(value.items) == 2):
+        raise ctx.error(f"betas must be a list of two numbers such as [0.9, 0.95], got {describe(value)}",
+                        value.pos)
+    b1, b2 = (to_float(ctx, v, "betas", minimum=0.0) for v in value.items)
+    return (b1, b2)
+
+
+def _moe_options(r: Optional[Reader]) -> MoEOptions:
+    if r is None:
+        return MoEOptions()
+    capacity = r.value("capacity_factor", None)
+    dropless = r.bool("dropless", None)
+    if isinstance(capacity, ast.Ident) and capacity.name == "none":
+        capacity = None
+    factor = None if capacity is None else to_float(r.ctx, capacity, "capacity_factor", positive=True)
+    if factor is not None and dropless:
+        raise r.ctx.error("give capacity_factor or dropless = true, not both", r.entries["dropless"].pos)
+    if factor is None and dropless is False:
+        raise r.ctx.error("dropless = false needs a capacity_factor", r.entries["dropless"].pos,
+                          hint="add capacity_factor = 1.0")
+    options = MoEOptions(dispatcher=r.choice("dispatcher", DISPATCHERS, "alltoall"), capacity_factor=factor,
+                         drop_policy=r.choice("drop_policy", ("probs", "position"), "probs"),
+                         pad_to_capacity=r.bool("pad_to_capacity", False))
+    if options.pad_to_capacity and factor is None:
+        raise r.ctx.error("pad_to_capacity needs a capacity_factor (dropless routing has no capacity)",
+                          r.entries["pad_to_capacity"].pos)
+    r.finish()
+    return options
+
+
+def _layout(r: Optional[Reader]) -> LayoutPins:
+    """Pins in LAYOUT_KEYS order (so equal layouts compare equal); `auto` pins nothing."""
+    if r is None:
+        return LayoutPins()
+    pins = []
+    for key in LAYOUT_KEYS:
+        value = r.value(key, None)
+        if value is None or (isinstance(value, ast.Ident) and value.name == "auto"):
+            continue
+        pins.append((key, _pin(r, key, value)))
+    r.finish()
+    return LayoutPins(tuple(pins))
+
+
+def _pin(r: Reader, key: str, value):
+    if key in INT_PINS:
+        return r.int(key)
+    if key == "sp":
+        return r.bool(key)
+    if key == "recompute":
+        return r.choice(key, RECOMPUTE)
+    if key == "dispatcher":
+        return r.choice(key, DISPATCHERS)
+    order = r.string(key)  # "order": a permutation of the rank-order dimensions
+    if sorted(order.split("-")) != sorted(DEFAULT_ORDER.split("-")):
+        raise r.ctx.error(f'order "{order}" must arrange tp, cp, ep, dp, pp joined by "-"', value.pos,
+                          hint=f'the default is "{DEFAULT_ORDER}"')
+    return order
+
+
+def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
+    if value is None:
+        return Data()
+    if isinstance(value, ast.Ident) and value.name == "synthetic":
+        return Data(synthetic=True)
+    if isinstance(value, ast.String):
+        return Data(path=_data_path(value.value, base_dir))
+    if not (isinstance(value, ast.Call) and value.name in ("synthetic", "dataset")):
+        raise ctx.error(f'data must be "path", synthetic or dataset(path = ...), got {describe(value)}',
+                        value.pos)
+    r = Reader.of_call(ctx, value)
+    synthetic = value.name == "synthetic"
+    path = None if synthetic else r.string("path", None)
+    path = None if path is None else _data_path(path, base_dir)
+    tokenizer = r.value("tokenizer", None)
+    data = Data(path=path, synthetic=synthetic, seed=r.int("seed", Data.seed, minimum=0),
+                tokenizer=Data.tokenizer if tokenizer is None else _tokenizer(ctx, tokenizer))
+    r.finish()
+    return data
+
+
+def _tokenizer(ctx: Context, value) -> str:
+    if isinstance(value, ast.Ident):
+        return value.name
+    return to_string(ctx, value, "tokenizer")
+
+
+def _data_path(path: str, base_dir: Optional[str]) -> str:
+    """Data paths, like `use` paths, are relative to the spec file; the IR holds them absolute."""
+    if base_dir is None or os.path.isabs(path):
+        return path
+    return os.path.abspath(os.path.join(base_dir, path))
