@@ -83,7 +83,8 @@ class HFConfig:
         return PlaitError(f"{self.model_type} config: unsupported {key} = {value!r}", hint=hint)
 
     def check_all_read(self) -> None:
-        unread = sorted(k for k in self.cfg if k not in self.read and k not in NON_ARCHITECTURAL)
+        unread = sorted(k for k, v in self.cfg.items()
+                        if v is not None and k not in self.read and k not in NON_ARCHITECTURAL)
         if unread:
             shown = ", ".join(f"{k} = {self.cfg[k]!r}" for k in unread)
             raise PlaitError(

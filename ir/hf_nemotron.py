@@ -11,11 +11,12 @@ BLOCK_TYPES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": 
 
 # Read, but they do not change the trained function: weight init (dt range, residual rescale),
 # inference caches and kernels, and Mamba1's dt rank. transformers ignores `expand` (the inner
-# width is mamba_num_heads * mamba_head_dim) and so does plait.
+# width is mamba_num_heads * mamba_head_dim) and `mamba_proj_bias` (use_bias sets the Mamba
+# projections' biases), and so does plait.
 _IGNORED = ("time_step_min", "time_step_max", "time_step_floor", "time_step_limit",
             "time_step_rank", "rescale_prenorm_residual", "residual_in_fp32", "use_mamba_kernels",
             "mamba_ssm_cache_dtype", "num_logits_to_keep", "expand", "moe_shared_expert_overlap",
-            "mtp_layers_block_type", "mtp_hybrid_override_pattern")
+            "mtp_layers_block_type", "mtp_hybrid_override_pattern", "mamba_proj_bias")
 
 
 def read_layers(c: HFConfig) -> tuple[str, ...]:
@@ -51,14 +52,13 @@ def _attention(c: HFConfig) -> Attention:
 
 def _mamba(c: HFConfig) -> Mamba2:
     c.expect("mamba_hidden_act", ("silu",), "silu", "plait's Mamba2 gates with silu")
-    proj_bias = bool(c.first(("use_bias", "mamba_proj_bias"), False))
     return Mamba2(heads=int(c.required("mamba_num_heads")), head_dim=int(c.required("mamba_head_dim")),
                   groups=int(c.first(("n_groups", "mamba_n_groups"), 8)),
                   state=int(c.required("ssm_state_size")),
                   conv=int(c.first(("conv_kernel", "mamba_d_conv"), 4)),
                   chunk=int(c.first(("chunk_size", "mamba_chunk_size"), 128)),
                   conv_bias=bool(c.first(("use_conv_bias", "mamba_conv_bias"), True)),
-                  proj_bias=proj_bias)
+                  proj_bias=bool(c.get("use_bias", False)))
 
 
 def _moe(c: HFConfig, activation: str) -> MoE:
@@ -83,6 +83,12 @@ def _norm(c: HFConfig) -> Norm:
     return Norm("rmsnorm", float(c.first(("layer_norm_epsilon", "rms_norm_eps"), 1e-5)))
 
 
+def _untied(c: HFConfig) -> bool:
+    c.expect("tie_word_embeddings", (False,), False,
+             "transformers' Nemotron-H never ties its output layer to the embedding")
+    return False
+
+
 def nemotron_h(c: HFConfig, name: str) -> ModelSpec:
     c.ignore(*_IGNORED)
     read_no_dropout(c, "attention_dropout", "hidden_dropout")
@@ -99,7 +105,7 @@ def nemotron_h(c: HFConfig, name: str) -> ModelSpec:
         c.ignore(*moe_fields)  # transformers fills them with defaults even for dense models
     spec = ModelSpec(
         name=name, vocab=int(c.required("vocab_size")), hidden=int(c.required("hidden_size")),
-        layers=layers, norm=_norm(c), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        layers=layers, norm=_norm(c), tie_embeddings=_untied(c),
         max_seq=c.get("max_position_embeddings"),
         attention=_attention(c) if "attention" in layers else None,
         mlp=(MLP(int(c.required("intermediate_size")), activation, bool(c.get("mlp_bias", False)))
@@ -118,7 +124,7 @@ def _ignore_unused_blocks(c: HFConfig, layers: tuple[str, ...]) -> None:
         "mlp": ("intermediate_size", "mlp_bias"),
         "mamba": ("mamba_num_heads", "mamba_head_dim", "n_groups", "mamba_n_groups", "ssm_state_size",
                   "conv_kernel", "mamba_d_conv", "chunk_size", "mamba_chunk_size", "use_conv_bias",
-                  "mamba_conv_bias", "use_bias", "mamba_proj_bias", "mamba_hidden_act"),
+                  "mamba_conv_bias", "use_bias", "mamba_hidden_act"),
     }
     for kind, keys in unused.items():
         if kind not in layers:

@@ -1,0 +1,43 @@
+"""Bytes per parameter of weights, gradients and optimizer state."""
+import pytest
+
+from plait.ir import counts
+from plait.ir.errors import PlaitError
+from plait.ir.job import Precision
+
+
+def test_bf16_mixed_precision_replicated_is_18_bytes():
+    # bf16 weights 2, fp32 main grads 4, fp32 master + Adam m + v 12 (Megatron's table)
+    b = counts.param_state_bytes(Precision("bf16"), "replicated", shards=8)
+    assert (b["weights"], b["grads"], b["optimizer"], b["total"]) == (2, 4, 12, 18)
+
+
+def test_distributed_optimizer_shards_only_the_optimizer_state():
+    b = counts.param_state_bytes("bf16", "zero1", shards=8)
+    assert (b["weights"], b["grads"], b["optimizer"]) == (2, 4, 1.5)
+    assert b["total"] == 6 + 12 / 8
+
+
+def test_fsdp_shards_everything():
+    b = counts.param_state_bytes("bf16", "fsdp", shards=4)
+    assert b["total"] == 18 / 4
+
+
+def test_fp32_has_no_master_copy():
+    b = counts.param_state_bytes("fp32", "replicated")
+    assert (b["weights"], b["grads"], b["optimizer"], b["total"]) == (4, 4, 8, 16)
+
+
+def test_fp8_adds_cached_fp8_weight_and_transpose():
+    fp8 = counts.param_state_bytes(Precision("fp8", fp8_recipe="delayed"), "zero1", shards=2)
+    bf16 = counts.param_state_bytes("bf16", "zero1", shards=2)
+    assert fp8["weights"] == bf16["weights"] + 2
+    assert fp8["grads"] == bf16["grads"] and fp8["optimizer"] == bf16["optimizer"]
+
+
+@pytest.mark.parametrize("args,word", [(("fp16", "zero1"), "precision"),
+                                       (("bf16", "zero3"), "data-parallel kind"),
+                                       (("bf16", "zero1", 0), "shards")])
+def test_bad_arguments_are_errors(args, word):
+    with pytest.raises(PlaitError, match=word):
+        counts.param_state_bytes(*args)

@@ -1,0 +1,149 @@
+"""FLOPs per token: hand-computed tiny models, Megatron-Core's formulas, and the SC'21 formulas."""
+import csv
+from pathlib import Path
+
+import pytest
+
+from plait.ir import counts
+from plait.ir.errors import PlaitError
+from plait.ir.hf import model_from_hf_file
+from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Norm
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT.parent / "shared" / "reference"
+SPECS = ROOT / "specs"
+
+
+def tiny(**overrides) -> ModelSpec:
+    fields = dict(name="tiny", vocab=32, hidden=8, layers=("attention", "mlp"),
+                  attention=Attention(heads=2, kv_heads=1, head_dim=4), mlp=MLP(ffn=16))
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def test_tiny_dense_by_hand():
+    m, s = tiny(), 10
+    # q (8->8) + k, v (8->4 each) + o (8->8): 2 * (64 + 32 + 32 + 64) = 384
+    # QK^T and scores x V over q_dim 8: full 2 * 2 * 8 * 10 = 320, causal half = 160
+    assert counts.layer_flops(m, "attention", s) == 384 + 160
+    assert counts.layer_flops(m, "attention", s, causal=False) == 384 + 320
+    assert counts.layer_flops(m, "mlp", s) == 2 * 3 * 8 * 16 == 768  # gate, up, down
+    assert counts.logits_flops(m) == 2 * 8 * 32 == 512
+    assert counts.flops_per_token(m, s, training=False) == 544 + 768 + 512 == 1824
+    assert counts.flops_per_token(m, s) == 3 * 1824
+    # full recompute re-runs the layers' forward, not the logits
+    assert counts.flops_per_token(m, s, recompute="full") == 3 * 1824 + 544 + 768
+    assert counts.flops_per_token(m, s, recompute="selective") == 3 * 1824 + 160
+
+
+def test_moe_counts_top_k_shared_and_router():
+    moe = MoE(experts=4, top_k=2, ffn=6, shared_ffn=10, shared_gate=True)
+    m = tiny(layers=("attention", "moe"), mlp=None, moe=moe)
+    # routed 2 * 6 + shared 10, three GEMMs each: 2 * 8 * 22 * 3 = 1056; router 2*8*4 + gate 2*8
+    assert counts.layer_flops(m, "moe", 10) == 1056 + 64 + 16
+    relu2 = tiny(layers=("moe",), attention=None, mlp=None,
+                 moe=MoE(experts=4, top_k=1, ffn=6, activation="relu2", router="sigmoid"))
+    assert counts.layer_flops(relu2, "moe", 10) == 2 * 8 * 6 * 2 + 2 * 8 * 4
+
+
+def test_mamba_by_hand():
+    m = tiny(layers=("mamba",), attention=None, mlp=None,
+             mamba=Mamba2(heads=4, head_dim=4, groups=2, state=3))
+    d_inner = 16
+    in_proj = 2 * 8 * (2 * d_inner + 2 * 2 * 3 + 4)
+    assert counts.layer_flops(m, "mamba", 99) == in_proj + 7 * d_inner * 3 + 2 * d_inner * 8
+
+
+def test_per_layer_flops_sum_to_total():
+    m = model_from_hf_file(str(SPECS / "hf" / "nemotron-h-8b.json"))
+    per_layer = counts.per_layer_flops(m, 8192)
+    assert len(per_layer) == m.num_layers
+    assert sum(per_layer) + counts.logits_flops(m) == pytest.approx(
+        counts.flops_per_token(m, 8192, training=False), rel=1e-15)
+
+
+def test_unknown_recompute_is_an_error():
+    with pytest.raises(PlaitError, match="recompute"):
+        counts.flops_per_token(tiny(), 8, recompute="some")
+
+
+# Megatron-Core's num_floating_point_operations, restated term by term for an independent check.
+
+def megatron_transformer(m: ModelSpec, s: int) -> float:
+    """Training FLOPs per token of transformer_flops() (3 passes, causal attention)."""
+    a, h = m.attention, m.hidden
+    attn = h * (a.q_dim + 2 * a.kv_dim) + a.q_dim * s / 2 * 2 + a.q_dim * h
+    mlp_terms = 0.0
+    if m.mlp is not None:
+        mlp_terms += m.count("mlp") * m.mlp.ffn * (3 if m.mlp.gated else 2)
+    if m.moe is not None:
+        width = m.moe.ffn * m.moe.top_k + m.moe.shared_ffn
+        mlp_terms += m.count("moe") * width * (3 if m.moe.gated else 2)
+    return 3 * 2 * (h * mlp_terms + m.count("attention") * attn + h * m.vocab)
+
+
+def megatron_hybrid(m: ModelSpec, s: int) -> float:
+    """Training FLOPs per token of hybrid_flops() (Mamba d_in = 2 * hidden, as Megatron has it)."""
+    h, a, mb = m.hidden, m.attention, m.mamba
+    attn = 4 * h * (a.q_dim / h) * (h + h * a.kv_heads / a.heads + s / 2)
+    mlp = 4 * (m.mlp.ffn / h) * h * h
+    d_in = 2 * h
+    mamba = 2 * h * (2 * d_in + 2 * mb.groups * mb.state + mb.heads) + 7 * d_in * mb.state \
+        + 2 * d_in * h
+    fwd = m.count("attention") * attn + m.count("mlp") * mlp + m.count("mamba") * mamba \
+        + 2 * h * m.vocab
+    return 3 * fwd
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-405b", "qwen3-30b-a3b"])
+def test_transformer_models_match_megatron(name):
+    m = model_from_hf_file(str(SPECS / "hf" / f"{name}.json"))
+    routers = m.count("moe") * counts.router_flops(m) * 3 if m.is_moe else 0.0
+    ours = counts.flops_per_token(m, 8192)
+    # plait also counts the router GEMMs, which Megatron's formula leaves out
+    assert ours - routers == pytest.approx(megatron_transformer(m, 8192), rel=1e-12)
+    assert routers < 5e-3 * ours
+
+
+@pytest.mark.parametrize("name", ["nemotron-h-8b", "nemotron-h-56b"])
+def test_hybrid_models_match_megatron(name):
+    m = model_from_hf_file(str(SPECS / "hf" / f"{name}.json"))
+    assert counts.flops_per_token(m, 8192) == pytest.approx(megatron_hybrid(m, 8192), rel=1e-12)
+
+
+def test_nemotron_h_4b_uses_its_real_mamba_width():
+    # 112 heads * 64 = 7168 != 2 * 3072: Megatron's formula would assume 6144.
+    m = model_from_hf_file(str(SPECS / "hf" / "nemotron-h-4b.json"))
+    assert counts.flops_per_token(m, 8192) > megatron_hybrid(m, 8192)
+
+
+def gpt(h, l, heads, vocab=51200, seq=2048) -> ModelSpec:
+    return ModelSpec(
+        name="gpt", vocab=vocab, hidden=h, layers=("attention", "mlp") * l, norm=Norm("layernorm"),
+        tie_embeddings=True, max_seq=seq, learned_positions=True,
+        attention=Attention(heads, heads, h // heads, qkv_bias=True, out_bias=True),
+        mlp=MLP(4 * h, activation="gelu", bias=True))
+
+
+def sc21_rows():
+    path = REFERENCE / "megatron_sc21_table1.csv"
+    rows = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(rows))
+
+
+@pytest.mark.parametrize("row", sc21_rows(), ids=lambda r: r["params_billion"])
+def test_gpt_family_against_sc21_formulas(row):
+    """SC'21 counts the full s x s attention square. Per iteration (B sequences of s tokens):
+    72 B s l h^2 (1 + s/6h + V/12lh) = 3 passes (no recompute); the paper's Table 1 uses
+    96 B s l h^2 (1 + s/6h + V/16lh) = 4 passes of the layers (full recompute) + 3 of the logits.
+    plait's Megatron-Core convention is causal: it drops half the s^2 term, 6 B s^2 l h of the 72."""
+    h, l, heads = int(row["hidden"]), int(row["layers"]), int(row["heads"])
+    B, s, V = int(row["global_batch"]), 2048, 51200
+    m = gpt(h, l, heads)
+    f72 = 72 * B * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h))
+    f96 = 96 * B * s * l * h**2 * (1 + s / (6 * h) + V / (16 * l * h))
+    assert B * s * counts.flops_per_token(m, s, causal=False) == pytest.approx(f72, rel=1e-12)
+    assert B * s * counts.flops_per_token(m, s, recompute="full", causal=False) == pytest.approx(
+        f96, rel=1e-12)
+    assert B * s * counts.flops_per_token(m, s) == pytest.approx(
+        f72 - 6 * B * s * s * l * h, rel=1e-12)
