@@ -1,17 +1,15 @@
 """FLOPs per token: hand-computed tiny models, Megatron-Core's formulas, and the SC'21 formulas."""
-import csv
 from pathlib import Path
 
 import pytest
+from sc21_gpt import gpt, sc21_rows  # tests/ir/sc21_gpt.py
 
 from plait.ir import counts
 from plait.ir.errors import PlaitError
 from plait.ir.hf import model_from_hf_file
-from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Norm
+from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE
 
-ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = ROOT.parent / "shared" / "reference"
-SPECS = ROOT / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
 def tiny(**overrides) -> ModelSpec:
@@ -115,20 +113,6 @@ def test_nemotron_h_4b_uses_its_real_mamba_width():
     # 112 heads * 64 = 7168 != 2 * 3072: Megatron's formula would assume 6144.
     m = model_from_hf_file(str(SPECS / "hf" / "nemotron-h-4b.json"))
     assert counts.flops_per_token(m, 8192) > megatron_hybrid(m, 8192)
-
-
-def gpt(h, l, heads, vocab=51200, seq=2048) -> ModelSpec:
-    return ModelSpec(
-        name="gpt", vocab=vocab, hidden=h, layers=("attention", "mlp") * l, norm=Norm("layernorm"),
-        tie_embeddings=True, max_seq=seq, learned_positions=True,
-        attention=Attention(heads, heads, h // heads, qkv_bias=True, out_bias=True),
-        mlp=MLP(4 * h, activation="gelu", bias=True))
-
-
-def sc21_rows():
-    path = REFERENCE / "megatron_sc21_table1.csv"
-    rows = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-    return list(csv.DictReader(rows))
 
 
 @pytest.mark.parametrize("row", sc21_rows(), ids=lambda r: r["params_billion"])

@@ -3,6 +3,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from sc21_gpt import gpt, sc21_rows  # tests/ir/sc21_gpt.py
 
 from plait.ir import counts
 from plait.ir.hf import model_from_hf_file
@@ -95,21 +96,6 @@ def test_mamba_by_hand():
     conv = conv_ch * 4 + conv_ch
     expected = in_proj + conv + 3 * 4 + d_inner + d_inner * 8 + 8  # + dt/A/D, gated norm, out, pre-norm
     assert counts.layer_params(m, "mamba") == expected
-
-
-def gpt(h: int, layers: int, heads: int, vocab=51200, seq=2048) -> ModelSpec:
-    """The SC'21 GPT family: layernorm, learned positions, biases everywhere, tied output."""
-    return ModelSpec(
-        name=f"gpt-{h}", vocab=vocab, hidden=h, layers=("attention", "mlp") * layers,
-        norm=Norm("layernorm"), tie_embeddings=True, max_seq=seq, learned_positions=True,
-        attention=Attention(heads, heads, h // heads, qkv_bias=True, out_bias=True),
-        mlp=MLP(4 * h, activation="gelu", bias=True))
-
-
-def sc21_rows():
-    path = REFERENCE / "megatron_sc21_table1.csv"
-    rows = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-    return list(csv.DictReader(rows))
 
 
 @pytest.mark.parametrize("row", sc21_rows(), ids=lambda r: r["params_billion"])
