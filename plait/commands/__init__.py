@@ -1,2 +1,3 @@
 """Subcommands of the `plait` CLI, one module per family; importing registers them."""
 from . import spec  # noqa: F401
+from . import hf  # noqa: F401

@@ -1,0 +1,46 @@
+"""`plait import hf CONFIG.json [-o model.plait] [--name NAME]`: a transformers config.json as a
+plait model spec."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from plait.cli import arguments, command, err_console
+from plait.ir import counts
+from plait.ir.dsl import parse_text
+from plait.ir.dsl.fmt import format_model
+from plait.ir.errors import PlaitError
+from plait.ir.hf import model_from_hf_file
+
+
+def _setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", choices=["hf"], help="hf: a Hugging Face transformers config.json")
+    p.add_argument("config", help="path to config.json")
+    p.add_argument("-o", "--output", help="write the spec here instead of to stdout")
+    p.add_argument("--name", help="model name (default: from _name_or_path, else model_type)")
+
+
+def spec_text(config_path: str, name: str | None = None) -> str:
+    """The canonical spec text of an HF config, checked to parse back to the same model."""
+    spec = model_from_hf_file(config_path, name)
+    text = format_model(spec)
+    back = parse_text(text, file="<import>").models.get(spec.name)
+    if back != spec:  # the formatter lost something: refuse rather than write a different model
+        raise PlaitError(f"internal: the spec written for {spec.name!r} does not read back equal",
+                         hint="please report this with the config.json")
+    header = (f"# imported from {config_path}\n"
+              f"# {counts.params(spec).total:,} parameters\n")
+    return header + text.rstrip("\n") + "\n"
+
+
+@command("import", help="import a model spec from another format (hf: transformers config.json)")
+@arguments(_setup)
+def import_model(args: argparse.Namespace) -> int:
+    text = spec_text(args.config, args.name)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(text)
+    err_console.print(f"wrote {args.output}", markup=False, highlight=False)
+    return 0
