@@ -119,9 +119,9 @@ def layer_params(model: ModelSpec, kind: str) -> int:
 
 def embedding_params(model: ModelSpec) -> int:
     """Input embedding, plus learned absolute positions (max_seq x hidden) when the model has them."""
-    positions = model.max_seq * model.hidden if model.learned_positions else 0
     if model.learned_positions and not model.max_seq:
         raise PlaitError(f"model {model.name!r} has learned positions but no max_seq")
+    positions = model.max_seq * model.hidden if model.learned_positions else 0
     return model.vocab * model.hidden + positions
 
 

@@ -6,6 +6,7 @@ import pytest
 from sc21_gpt import gpt, sc21_rows  # tests/ir/sc21_gpt.py
 
 from plait.ir import counts
+from plait.ir.errors import PlaitError
 from plait.ir.hf import model_from_hf_file
 from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Norm, Rope
 
@@ -119,3 +120,9 @@ def test_library_spec_agrees_with_its_hf_config(path):
     assert counts.params(ours) == counts.params(theirs)
     assert ours.layers == theirs.layers
     assert counts.flops_per_token(ours, 4096) == counts.flops_per_token(theirs, 4096)
+
+
+def test_learned_positions_need_max_seq():
+    assert counts.embedding_params(tiny_dense(learned_positions=True, max_seq=10)) == 32 * 8 + 10 * 8
+    with pytest.raises(PlaitError, match="max_seq"):
+        counts.embedding_params(tiny_dense(learned_positions=True))
