@@ -10,8 +10,8 @@ from rich.console import Console
 
 from plait.ir.errors import PlaitError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 # name -> (add_arguments, run). Subcommands register themselves below.
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
