@@ -32,10 +32,11 @@ NORMS = (RMSNorm, GatedRMSNorm, nn.LayerNorm)
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                moe_options: Optional[MoEOptions] = None) -> CausalLM:
-    """The reference model of ``spec``; ``moe_options`` (capacity factor, drop policy) only matter
-    for models with MoE layers (default: dropless)."""
-    mixers = [_mixer(spec, kind, moe_options) for kind in spec.layers]
+                moe_options: Optional[MoEOptions] = None, capacity_segments: int = 1) -> CausalLM:
+    """The reference model of ``spec``. ``moe_options`` (capacity factor, drop policy) only matter
+    for MoE layers (default: dropless); with a capacity factor, ``capacity_segments`` sequence
+    chunks each get their own capacity (the tokens one SP / CP rank routes)."""
+    mixers = [_mixer(spec, kind, moe_options, capacity_segments) for kind in spec.layers]
     model = CausalLM(spec, mixers)
     init_weights(model, seed)
     model.to(device=device, dtype=dtype)
@@ -43,7 +44,7 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu
     return model
 
 
-def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions]) -> nn.Module:
+def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions], segments: int) -> nn.Module:
     try:
         block = spec.block(kind)
     except KeyError as e:
@@ -54,7 +55,7 @@ def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions]) -> nn.
         return FeedForward.from_spec(block, spec.hidden)
     if kind == "moe":
         from .modules.moe import MoEBlock
-        return MoEBlock(block, spec.hidden, moe_options or MoEOptions())
+        return MoEBlock(block, spec.hidden, moe_options or MoEOptions(), segments)
     if kind == "mamba":
         from .modules.mamba import Mamba2Mixer
         return Mamba2Mixer(block, spec.hidden, spec.norm.eps)
@@ -62,11 +63,15 @@ def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions]) -> nn.
 
 
 def _keep_fp32(model: nn.Module) -> None:
-    """Modules that declare ``fp32_params`` (routers, SSM decay / skip parameters) stay in fp32
-    whatever the model dtype, as Megatron keeps them."""
+    """Tensors a module lists in ``fp32_params`` (dotted names: the MoE router, the expert bias)
+    stay in fp32 whatever the model dtype, as Megatron keeps them."""
     for module in model.modules():
         for name in getattr(module, "fp32_params", ()):
-            getattr(module, name).data = getattr(module, name).data.float()
+            owner, _, leaf = name.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            tensor = getattr(holder, leaf, None)
+            if tensor is not None:
+                tensor.data = tensor.data.float()
 
 
 @torch.no_grad()

@@ -5,9 +5,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_parity_util import hf_and_reference, max_logit_diff  # noqa: E402
+
 from plait.ir.hf import model_from_hf_config  # noqa: E402
 from plait.lowering.build import build_model  # noqa: E402
-from plait.lowering.weights import load_hf_weights  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -32,26 +33,6 @@ CASES = {
 }
 
 
-def hf_and_reference(cfg: dict):
-    """A tiny random HF model and the reference model built from its config, same weights."""
-    torch.manual_seed(0)
-    hf_cfg = transformers.AutoConfig.for_model(**cfg)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():  # HF zero-inits some tensors (norms: ones); randomise every one
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    spec = model_from_hf_config(cfg)
-    ref = build_model(spec, seed=1)
-    load_hf_weights(ref, hf.state_dict(), spec, cfg["model_type"])
-    return hf, ref
-
-
-def max_logit_diff(hf, ref, vocab, seq=32):
-    tokens = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return (hf(tokens).logits - ref(tokens)).abs().max().item()
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case):
     cfg = TINY | CASES[case]
@@ -63,6 +44,7 @@ def test_rope_scaling_really_changes_the_model():
     """Guard against a vacuous YaRN test: with the scaling dropped the logits differ."""
     cfg = TINY | CASES["llama-yarn"]
     hf, ref = hf_and_reference(cfg)
-    plain = build_model(model_from_hf_config(TINY | {"model_type": "llama", "max_position_embeddings": 128}))
+    plain_cfg = transformers.AutoConfig.for_model(**TINY | {"model_type": "llama", "max_position_embeddings": 128})
+    plain = build_model(model_from_hf_config(plain_cfg.to_dict()))
     plain.load_state_dict(ref.state_dict())
     assert max_logit_diff(hf, plain, cfg["vocab_size"]) > 1e-3
