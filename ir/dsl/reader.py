@@ -176,6 +176,7 @@ class Reader:
         entry = self.entries.get(key)
         if entry is None:
             if default is REQUIRED:
+                self._typo_of(key)
                 raise self.ctx.error(f"{self.where} is missing '{key}'", self.pos,
                                      hint=f"add {key} = {example}")
             return default
@@ -228,6 +229,13 @@ class Reader:
             if key not in self.known:
                 hint = did_you_mean(key, self.known) or f"known keys: {', '.join(self.known)}"
                 raise self.ctx.error(f"unknown key '{key}' in {self.where}", entry.pos, hint=hint)
+
+    def _typo_of(self, key: str) -> None:
+        """A missing required key is most often a misspelt one: report the misspelling."""
+        for other, entry in self.entries.items():
+            if other not in self.known and did_you_mean(other, [key]):
+                raise self.ctx.error(f"unknown key '{other}' in {self.where}", entry.pos,
+                                     hint=f"did you mean '{key}'?")
 
     def _know(self, key: str) -> None:
         if key not in self.known:

@@ -39,7 +39,11 @@ class Library:
     own: tuple[tuple[str, str], ...] = ()  # (keyword, name) declared in that file, in source order
 
     def summary(self) -> str:
-        parts = [f"{len(getattr(self, attr))} {attr}" for attr in DECL_KINDS.values()]
+        """`3 models, 1 device, 1 cluster, 0 jobs`."""
+        parts = []
+        for attr in ("models", "devices", "clusters", "jobs"):
+            n = len(getattr(self, attr))
+            parts.append(f"{n} {attr if n != 1 else attr[:-1]}")
         return ", ".join(parts)
 
 
