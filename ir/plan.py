@@ -92,6 +92,8 @@ class Prediction:
     bubble: float = 0.0  # fraction of the step the pipeline is idle
     memory: tuple[MemoryBreakdown, ...] = ()  # per pipeline rank
     exposed_comm: tuple[tuple[str, float], ...] = ()  # seconds per kind (tp, cp, ep, dp, pp)
+    # FLOPs actually executed incl. recomputation, per GPU per second (SC'21 Table 1 convention)
+    hardware_tflops_per_gpu: float = 0.0
 
     @property
     def peak_memory(self) -> float:

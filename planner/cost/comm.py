@@ -1,0 +1,147 @@
+"""Communication: alpha-beta collectives on a group's real topology, and the volumes each block
+kind and each data-parallel flavour moves per micro-batch or per step.
+
+A group of n ranks spread over k nodes (r = n/k per node) runs hierarchically, as NCCL's rings and
+trees do on rail-optimised clusters: the intra-node part over NVLink, the inter-node part over the r
+NICs the group owns on each node. For an all-gather / reduce-scatter of S bytes (the full tensor):
+
+    t = (r-1)/r * S / B_intra + (k-1)/k * S / (r * B_inter) + latency
+
+An all-reduce is a reduce-scatter plus an all-gather. An all-to-all where every rank scatters S
+bytes sends (r-1)/n of it over NVLink and (n-r)/n over its own NIC, both at once.
+"""
+from __future__ import annotations
+
+from .context import Context, GroupShape, cluster_links
+
+
+def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
+    """All-gather (or reduce-scatter) whose full (gathered) tensor has ``nbytes`` bytes."""
+    if g.size <= 1 or nbytes <= 0:
+        return 0.0
+    b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
+    r, k = g.per_node, g.nodes
+    t = (r - 1) / r * nbytes / (b_in * eff)
+    if k > 1:
+        t += (k - 1) / k * nbytes / (r * b_out * eff)
+    return t + a_in * (r - 1) + a_out * (k - 1)
+
+
+def reduce_scatter(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
+    return all_gather(ctx, g, nbytes, eff)
+
+
+def all_reduce(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
+    return 2 * all_gather(ctx, g, nbytes, eff)
+
+
+def all_to_all(ctx: Context, g: GroupShape, nbytes: float) -> float:
+    """Every rank scatters ``nbytes`` evenly over the group (its own share stays local)."""
+    if g.size <= 1 or nbytes <= 0:
+        return 0.0
+    b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
+    n, r = g.size, g.per_node
+    intra = (r - 1) / n * nbytes / (b_in * ctx.cal.a2a_eff)
+    inter = (n - r) / n * nbytes / (b_out * ctx.cal.a2a_eff)
+    return max(intra, inter) + (a_out if g.crosses_nodes else a_in) * 2
+
+
+def p2p(ctx: Context, g: GroupShape, nbytes: float) -> float:
+    """One send between neighbours of the group (pipeline stages, ring attention)."""
+    if g.size <= 1 or nbytes <= 0:
+        return 0.0
+    b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
+    if g.crosses_nodes:
+        return nbytes / b_out + a_out
+    return nbytes / b_in + a_in
+
+
+# ------------------------------------------------------------------------------------------------
+# Per block kind, per micro-batch, forward pass (backward moves the same volumes again)
+# ------------------------------------------------------------------------------------------------
+
+def tp_comm(ctx: Context) -> float:
+    """Tensor parallel around one block: all-gather before + reduce-scatter after with sequence
+    parallel, or one all-reduce after without. Exposed (no TP overlap)."""
+    lay = ctx.layout
+    if lay.tp <= 1:
+        return 0.0
+    g = ctx.group("dense", "tp")
+    full = ctx.tokens * ctx.model.hidden * ctx.act_bytes
+    if lay.sp:
+        return all_gather(ctx, g, full) + reduce_scatter(ctx, g, full)
+    return all_reduce(ctx, g, full)
+
+
+def cp_comm(ctx: Context) -> float:
+    """Ring attention: cp-1 exchanges of this rank's K and V chunk (forward)."""
+    lay = ctx.layout
+    if lay.cp <= 1:
+        return 0.0
+    attn = ctx.model.attention
+    kv = ctx.tokens * 2 * attn.kv_dim / lay.tp * ctx.act_bytes
+    return (lay.cp - 1) * p2p(ctx, ctx.group("dense", "cp"), kv)
+
+
+def moe_dispatch_comm(ctx: Context) -> float:
+    """Token dispatch + combine of one MoE layer (forward): all-to-all over EP then all-gather /
+    reduce-scatter over ETP, or one all-gather / reduce-scatter over ETPxEP for the allgather
+    dispatcher. Exposed."""
+    lay, moe = ctx.layout, ctx.model.moe
+    h, b = ctx.model.hidden, ctx.act_bytes
+    t_in = ctx.tokens / lay.tp
+    if lay.dispatcher == "allgather":
+        g = ctx.group("expert", "etp-ep")
+        full = t_in * g.size * h * b
+        return all_gather(ctx, g, full) + reduce_scatter(ctx, g, full)
+    sent = t_in * moe.top_k * ctx.expert_load * h * b
+    a2a = 2 * all_to_all(ctx, ctx.group("expert", "ep"), sent)
+    etp_full = sent * lay.etp
+    return a2a + 2 * all_gather(ctx, ctx.group("expert", "etp"), etp_full)
+
+
+def pp_send(ctx: Context) -> float:
+    """Activations (or their gradients) sent to the next pipeline stage per micro-batch."""
+    if ctx.layout.pp <= 1:
+        return 0.0
+    nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
+    return p2p(ctx, ctx.group("dense", "pp"), nbytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data parallel
+# ------------------------------------------------------------------------------------------------
+
+def dp_sync(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
+    """(gradient reduction, parameter all-gather) seconds per step for one rank's parameters under
+    replicated / zero1 (fp32 gradients, bf16 parameters). FSDP moves parameters per micro-batch
+    instead: see fsdp_unit."""
+    kind = ctx.layout.dp_kind
+    if kind == "fsdp":
+        return 0.0, 0.0
+    grad_b, param_b = 4, ctx.act_bytes
+    dense_g, expert_g = ctx.group("dense", "dp-cp"), ctx.group("expert", "edp")
+    if kind == "replicated":
+        red = all_reduce(ctx, dense_g, dense_params * grad_b) + all_reduce(
+            ctx, expert_g, expert_params * grad_b)
+        return red, 0.0
+    red = reduce_scatter(ctx, dense_g, dense_params * grad_b) + reduce_scatter(
+        ctx, expert_g, expert_params * grad_b)
+    gather = all_gather(ctx, dense_g, dense_params * param_b) + all_gather(
+        ctx, expert_g, expert_params * param_b)
+    return red, gather
+
+
+def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
+    """(forward, backward) seconds of FSDP traffic for one unit's parameters per micro-batch:
+    all-gather bf16 weights before forward and again before backward, reduce-scatter fp32 gradients
+    after backward."""
+    if ctx.layout.dp_kind != "fsdp":
+        return 0.0, 0.0
+    eff = ctx.cal.fsdp_eff
+    dense_g, expert_g = ctx.group("dense", "dp-cp"), ctx.group("expert", "edp")
+    gather = (all_gather(ctx, dense_g, dense_params * ctx.act_bytes, eff)
+              + all_gather(ctx, expert_g, expert_params * ctx.act_bytes, eff))
+    scatter = (reduce_scatter(ctx, dense_g, dense_params * 4, eff)
+               + reduce_scatter(ctx, expert_g, expert_params * 4, eff))
+    return gather, gather + scatter

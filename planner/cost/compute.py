@@ -1,0 +1,166 @@
+"""Compute time per block kind, per micro-batch, on one rank.
+
+GEMMs: FLOPs over peak times an efficiency that falls with small dimensions (tile quantisation,
+low arithmetic intensity), floored by the roofline's memory time. The attention core (flash
+attention) and Mamba's chunked scan run at their own efficiency. Norms, activations, RoPE,
+residual adds, softmax-top-k and token permutation are memory-bound: bytes over HBM bandwidth.
+
+Backward: GEMMs twice the forward (data and weight gradients), the flash-attention core 2.5x (it
+recomputes the scores), memory-bound kernels twice. FLOP totals agree with ir/counts.py (the tests
+check it); this module only decides how fast they run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.ir import counts
+
+from .context import Context
+
+BWD_GEMM, BWD_CORE, BWD_MEMORY = 2.0, 2.5, 2.0
+
+
+@dataclass(frozen=True)
+class Work:
+    """Forward seconds of one block on one rank, split by how each part runs."""
+
+    gemm: float = 0.0
+    core: float = 0.0  # attention core / SSM scan
+    memory: float = 0.0  # memory-bound kernels
+    selective: float = 0.0  # memory-bound work that selective recompute repeats (norms, activations)
+    flops: float = 0.0  # forward FLOPs this rank executes (for checks)
+
+    @property
+    def forward(self) -> float:
+        return self.gemm + self.core + self.memory
+
+    @property
+    def backward(self) -> float:
+        return BWD_GEMM * self.gemm + BWD_CORE * self.core + BWD_MEMORY * self.memory
+
+
+def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0) -> float:
+    """``count`` GEMMs of [m x k] @ [k x n]."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    cal = ctx.cal
+    eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / m + 1.0 / n + 1.0 / k))
+    compute = 2.0 * m * n * k / (ctx.peak * eff)
+    memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.cluster.device.hbm * cal.hbm_eff)
+    return count * max(compute, memory)
+
+
+def memory_time(ctx: Context, nbytes: float) -> float:
+    return nbytes / (ctx.cluster.device.hbm * ctx.cal.hbm_eff)
+
+
+def core_time(ctx: Context, flops: float) -> float:
+    return flops / (ctx.peak_bf16 * ctx.cal.attn_eff)
+
+
+def _norm_and_residual(ctx: Context) -> tuple[float, float]:
+    """(norm bytes, residual-add bytes) per block: read + write the residual stream."""
+    per = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
+    return 2 * per, 3 * per
+
+
+def attention_work(ctx: Context) -> Work:
+    model, lay, t = ctx.model, ctx.layout, ctx.tokens
+    a, h = model.attention, model.hidden
+    qkv_out = (a.q_dim + 2 * a.kv_dim) / lay.tp
+    gemm = gemm_time(ctx, t, qkv_out, h) + gemm_time(ctx, t, h, a.q_dim / lay.tp)
+    core_flops = t * counts.attention_core_flops(model, ctx.job.seq_len) / lay.tp
+    norm, residual = _norm_and_residual(ctx)
+    rope = 2 * t * (a.q_dim + a.kv_dim) / lay.tp * ctx.act_bytes if a.rope else 0.0
+    flops = t * (2 * h * qkv_out + 2 * a.q_dim / lay.tp * h) + core_flops
+    return Work(gemm=gemm, core=core_time(ctx, core_flops),
+                memory=memory_time(ctx, norm + residual + rope),
+                selective=memory_time(ctx, norm), flops=flops)
+
+
+def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0) -> Work:
+    """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each, with the
+    activation function."""
+    h = ctx.model.hidden
+    up = width * (2 if gated else 1)
+    gemm = gemm_time(ctx, tokens, up, h, count) + gemm_time(ctx, tokens, h, width, count)
+    act = memory_time(ctx, count * tokens * (up + width) * ctx.act_bytes)
+    flops = count * tokens * 2 * h * (up + width)
+    return Work(gemm=gemm, memory=act, selective=act, flops=flops)
+
+
+def mlp_work(ctx: Context) -> Work:
+    mlp = ctx.model.mlp
+    ffn = _ffn_work(ctx, ctx.tokens, mlp.ffn / ctx.layout.tp, mlp.gated)
+    norm, residual = _norm_and_residual(ctx)
+    return _plus(ffn, memory=memory_time(ctx, norm + residual), selective=memory_time(ctx, norm))
+
+
+def moe_work(ctx: Context) -> Work:
+    model, lay = ctx.model, ctx.layout
+    moe, h = model.moe, model.hidden
+    t_in = ctx.tokens / lay.tp
+    local = moe.experts // lay.ep
+    experts = _ffn_work(ctx, ctx.routed_tokens / local, moe.ffn / lay.etp, moe.gated, local)
+    router = gemm_time(ctx, t_in, moe.experts, h)
+    shared = (_ffn_work(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated) if moe.shared_ffn
+              else Work())
+    norm, residual = _norm_and_residual(ctx)
+    # permute + unpermute + probability-weighted combine: read and write every routed copy
+    permute = 4 * ctx.routed_tokens / lay.etp * h * ctx.act_bytes
+    routing = t_in * moe.experts * 4 * 3  # fp32 logits, softmax, top-k
+    flops = experts.flops + shared.flops + t_in * 2 * h * moe.experts
+    return Work(gemm=experts.gemm + router + shared.gemm,
+                memory=experts.memory + shared.memory + memory_time(
+                    ctx, norm + residual + permute + routing),
+                selective=experts.selective + shared.selective + memory_time(ctx, norm),
+                flops=flops)
+
+
+def mamba_work(ctx: Context) -> Work:
+    model, lay, t = ctx.model, ctx.layout, ctx.tokens
+    m, h = model.mamba, model.hidden
+    gemm = gemm_time(ctx, t, m.in_proj_out / lay.tp, h) + gemm_time(ctx, t, h, m.d_inner / lay.tp)
+    # SSD chunked scan: intra-chunk (chunk-length "attention") and inter-chunk state products
+    scan_flops = t * 2 * (m.d_inner / lay.tp) * (2 * m.chunk + 2 * m.state)
+    conv = 2 * t * m.conv_channels / lay.tp * ctx.act_bytes
+    gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
+    norm, residual = _norm_and_residual(ctx)
+    flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
+    return Work(gemm=gemm, core=core_time(ctx, scan_flops),
+                memory=memory_time(ctx, conv + gated_norm + norm + residual),
+                selective=memory_time(ctx, norm + gated_norm), flops=flops)
+
+
+BLOCK_WORK = {"attention": attention_work, "mlp": mlp_work, "moe": moe_work, "mamba": mamba_work}
+
+
+def block_work(ctx: Context, kind: str) -> Work:
+    return BLOCK_WORK[kind](ctx)
+
+
+def embedding_work(ctx: Context) -> Work:
+    """Lookup (write the residual stream) on the first stage."""
+    return Work(memory=memory_time(ctx, 2 * ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes))
+
+
+def head_work(ctx: Context) -> Work:
+    """Final norm, output GEMM and vocab-parallel cross-entropy (fp32 softmax) on the last stage."""
+    model, lay, t = ctx.model, ctx.layout, ctx.tokens
+    vocab = model.vocab / lay.tp
+    gemm = gemm_time(ctx, t, vocab, model.hidden)
+    loss = t * vocab * (ctx.act_bytes + 4 + 4)
+    norm, _ = _norm_and_residual(ctx)
+    return Work(gemm=gemm, memory=memory_time(ctx, loss + norm),
+                flops=2 * t * vocab * model.hidden)
+
+
+def optimizer_time(ctx: Context, params_on_rank: float, shards: float) -> float:
+    """Adam step over this rank's shard: read grads, master weights, m, v (fp32), write them and
+    the bf16 weights: ~30 bytes per parameter, memory-bound."""
+    return memory_time(ctx, 30.0 * params_on_rank / max(1.0, shards))
+
+
+def _plus(w: Work, memory: float = 0.0, selective: float = 0.0) -> Work:
+    return Work(gemm=w.gemm, core=w.core, memory=w.memory + memory,
+                selective=w.selective + selective, flops=w.flops)

@@ -1,0 +1,145 @@
+"""What every cost term needs about one (job, layout): device calibration, token counts per rank,
+and the shape of each process group on the real topology.
+
+Calibration values live in the device specs (`calibration { key = value }`); the defaults below are
+only for devices nobody calibrated (they are physically plausible, not fitted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
+
+from plait.ir.cluster import Cluster, Device
+from plait.ir.job import TrainJob
+from plait.ir.plan import Layout
+
+from ..groups import DENSE_GROUPS, EXPERT_GROUPS, parse_order
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Efficiencies of one device kind (and the software stack measured on it)."""
+
+    gemm_eff: float = 0.75  # achieved fraction of peak for large, well-shaped GEMMs
+    gemm_knee: float = 128.0  # a GEMM dimension d scales efficiency by ~1/(1 + knee/d)
+    attn_eff: float = 0.50  # flash-attention core (and SSM scan) fraction of peak
+    hbm_eff: float = 0.80  # fraction of HBM bandwidth memory-bound kernels reach
+    intra_eff: float = 0.80  # fraction of NVLink bandwidth collectives reach
+    inter_eff: float = 0.80  # fraction of the network bandwidth collectives reach
+    a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links
+    fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
+    overlap: float = 0.90  # fraction of an overlap window that really hides communication
+    moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
+    kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
+    reserve_gib: float = 3.0  # CUDA context, NCCL and allocator pools
+    fragmentation: float = 0.08  # allocator fragmentation as a fraction of activations
+
+    @staticmethod
+    def of(device: Device) -> "Calibration":
+        known = {f.name for f in fields(Calibration)}
+        values = {k: float(v) for k, v in device.calibration if k in known}
+        return Calibration(**values)
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """A process group as the topology sees it: ``size`` ranks on ``nodes`` nodes."""
+
+    size: int
+    nodes: int
+
+    @property
+    def per_node(self) -> int:
+        return max(1, self.size // self.nodes)
+
+    @property
+    def crosses_nodes(self) -> bool:
+        return self.nodes > 1
+
+
+@lru_cache(maxsize=65536)
+def _first_group_shape(sizes: tuple[int, ...], mask: tuple[bool, ...], gpn: int) -> GroupShape:
+    """Shape of the group that holds rank 0 (all groups of one kind are translates of it)."""
+    strides, acc = [], 1
+    for s in sizes:
+        strides.append(acc)
+        acc *= s
+    ranks = [0]
+    for size, stride, m in zip(sizes, strides, mask):
+        if m and size > 1:
+            ranks = [r + i * stride for i in range(size) for r in ranks]
+    return GroupShape(size=len(ranks), nodes=len({r // gpn for r in ranks}))
+
+
+class Context:
+    """Derived quantities of one job under one layout; cheap to build, cached per attribute."""
+
+    def __init__(self, job: TrainJob, layout: Layout):
+        self.job, self.layout = job, layout
+        self.model, self.cluster = job.model, job.cluster
+        self.cal = Calibration.of(job.cluster.device)
+
+    # -- tokens ----------------------------------------------------------------------------------
+    @cached_property
+    def tokens(self) -> int:
+        """Tokens through one rank's GEMMs per micro-batch: mbs * seq_len / cp."""
+        return self.layout.mbs * self.job.seq_len // self.layout.cp
+
+    @cached_property
+    def tokens_sp(self) -> float:
+        """Tokens of the residual stream held per rank (split over tp with sequence parallel)."""
+        return self.tokens / self.layout.tp if self.layout.sp else float(self.tokens)
+
+    @cached_property
+    def microbatches(self) -> int:
+        return self.job.global_batch // (self.layout.dp * self.layout.mbs)
+
+    @cached_property
+    def routed_tokens(self) -> float:
+        """Token copies one rank pushes through its experts per micro-batch and MoE layer:
+        the etp ranks of an expert shard all see the tokens the shard receives."""
+        moe = self.model.moe
+        t_in = self.tokens / self.layout.tp  # MoE input is sequence-parallel over tp
+        return self.layout.etp * t_in * moe.top_k * self.expert_load
+
+    @cached_property
+    def expert_load(self) -> float:
+        """Busiest expert rank over the mean: the capacity factor caps it when tokens are dropped;
+        padding to capacity makes every expert that busy."""
+        cf = self.job.moe.capacity_factor
+        if cf is None:
+            return self.cal.moe_imbalance
+        return cf if self.job.moe.pad_to_capacity else min(cf, self.cal.moe_imbalance)
+
+    # -- device ----------------------------------------------------------------------------------
+    @cached_property
+    def peak(self) -> float:
+        return self.cluster.device.peak_flops(self.job.precision.kind)
+
+    @cached_property
+    def peak_bf16(self) -> float:
+        return self.cluster.device.peak_flops("bf16")
+
+    @cached_property
+    def act_bytes(self) -> int:
+        """Bytes of one activation element (bf16 unless the job trains in fp32)."""
+        return 4 if self.job.precision.kind == "fp32" else 2
+
+    # -- groups ----------------------------------------------------------------------------------
+    def group(self, side: str, name: str) -> GroupShape:
+        """Shape of the dense/expert group ``name`` (keys of DENSE_GROUPS / EXPERT_GROUPS)."""
+        dims = (DENSE_GROUPS if side == "dense" else EXPERT_GROUPS)[name]
+        lay = self.layout
+        if side == "dense":
+            size_of = {"tp": lay.tp, "cp": lay.cp, "ep": 1, "dp": lay.dp, "pp": lay.pp}
+        else:
+            size_of = {"tp": lay.etp, "cp": 1, "ep": lay.ep, "dp": lay.edp, "pp": lay.pp}
+        names = parse_order(lay.order)
+        return _first_group_shape(tuple(size_of[n] for n in names), tuple(n in dims for n in names),
+                                  self.cluster.gpus_per_node)
+
+
+def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:
+    """(intra bandwidth, inter bandwidth, intra latency, inter latency) as collectives see them."""
+    return (cluster.intra.bandwidth * cal.intra_eff, cluster.inter.bandwidth * cal.inter_eff,
+            cluster.intra.latency, cluster.inter.latency)

@@ -1,0 +1,201 @@
+"""Per-unit cost tables and the pipeline schedule: what one micro-batch costs on each stage, how
+many micro-batches each rank holds, the bubble, and the step time.
+
+Step time (1F1B and Megatron's interleaved schedule, Narayanan et al.):
+
+    step = (m + (pp - 1) / vpp) * t_max + exposed data-parallel sync + optimizer step
+
+with t_max the busiest rank's forward + backward time of one micro-batch over all its chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from plait.ir.job import TrainJob
+from plait.ir.plan import RECOMPUTE, Layout
+
+from . import comm, compute, memory
+from .context import Context
+
+OPTIONS = RECOMPUTE  # ("none", "selective", "full"): index 0, 1, 2 in every per-option tuple
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """One pipeline unit (e.g. [attention, moe]) for one micro-batch on one rank."""
+
+    kinds: tuple[str, ...]
+    fwd: float  # forward seconds incl. exposed communication
+    bwd: tuple[float, float, float]  # backward seconds per recompute option, incl. the recompute
+    act: tuple[float, float, float]  # stored activation bytes per in-flight micro-batch
+    transient: tuple[float, float, float]  # bytes alive only while this unit runs its backward
+    dense_params: float
+    expert_params: float
+    comm: tuple[tuple[str, float], ...]  # exposed seconds per kind, forward + backward, no recompute
+    recompute_comm: tuple[tuple[str, float], ...]  # what a full recompute repeats
+    flops: float  # forward FLOPs per micro-batch on this rank
+
+    def time(self, option: int) -> float:
+        return self.fwd + self.bwd[option]
+
+
+@dataclass(frozen=True)
+class Extra:
+    """Embedding (first stage) or final norm + head + loss (last stage)."""
+
+    time: float  # forward + backward per micro-batch
+    params: float
+    buffer: float  # bytes alive per micro-batch (logits)
+    comm: tuple[tuple[str, float], ...] = ()
+
+
+def _add(acc: dict, items) -> dict:
+    for k, v in items:
+        acc[k] = acc.get(k, 0.0) + v
+    return acc
+
+
+def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]:
+    """(forward exposed seconds per kind, backward exposed seconds per kind) of one block."""
+    fwd: dict = {}
+    moe = ctx.model.moe
+    if kind != "moe" or (moe and moe.shared_ffn):
+        fwd["tp"] = comm.tp_comm(ctx)
+    if kind == "moe":
+        fwd["ep"] = comm.moe_dispatch_comm(ctx)
+    bwd = dict(fwd)
+    if kind == "attention" and ctx.layout.cp > 1:
+        ring = comm.cp_comm(ctx)
+        window = ctx.cal.overlap
+        fwd["cp"] = max(0.0, ring - window * work.core)
+        bwd["cp"] = max(0.0, 2 * ring - window * compute.BWD_CORE * work.core)
+    return fwd, bwd
+
+
+def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
+    fwd_c = bwd_c = sel = fwd_t = bwd_t = flops = 0.0
+    fwd_comm: dict = {}
+    bwd_comm: dict = {}
+    act_none = act_sel = transient_sel = 0.0
+    dense = expert = 0.0
+    for kind in kinds:
+        work = compute.block_work(ctx, kind)
+        f, b = _block_comm(ctx, kind, work)
+        _add(fwd_comm, f.items()), _add(bwd_comm, b.items())
+        fwd_c, bwd_c, sel, flops = (fwd_c + work.forward, bwd_c + work.backward,
+                                    sel + work.selective, flops + work.flops)
+        a_none, a_sel = memory.block_activations(ctx, kind)
+        act_none, act_sel = act_none + a_none, act_sel + a_sel
+        transient_sel = max(transient_sel, a_none - a_sel)
+        d, e = memory.block_params_on_rank(ctx, kind)
+        dense, expert = dense + d, expert + e
+    overhead = ctx.cal.kernel_us * 1e-6 * len(kinds)
+    g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
+    window = ctx.cal.overlap
+    fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
+    if fsdp_f or fsdp_b:
+        _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
+    fwd_t = fwd_c + sum(fwd_comm.values()) + overhead
+    bwd_t = bwd_c + sum(bwd_comm.values()) + 2 * overhead
+    refwd = fwd_t - fsdp_f  # a recomputed forward reuses the weights gathered for backward
+    total_comm = _add(dict(fwd_comm), bwd_comm.items())
+    return UnitCost(
+        kinds=kinds, fwd=fwd_t, bwd=(bwd_t, bwd_t + sel, bwd_t + refwd),
+        act=(act_none, act_sel, memory.unit_input(ctx)),
+        transient=(0.0, transient_sel, act_none),
+        dense_params=dense, expert_params=expert,
+        comm=tuple(sorted(total_comm.items())),
+        recompute_comm=tuple(sorted((k, v) for k, v in fwd_comm.items() if k != "dp")),
+        flops=flops)
+
+
+class CostTable:
+    """Everything the stage partitioner and the evaluator need for one (job, layout)."""
+
+    def __init__(self, job: TrainJob, layout: Layout, unit_kinds: tuple[tuple[str, ...], ...]):
+        self.job, self.layout = job, layout
+        self.ctx = ctx = Context(job, layout)
+        distinct = {k: build_unit(ctx, k) for k in dict.fromkeys(unit_kinds)}
+        self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in unit_kinds)
+        self.unit_index, offset = {}, 0  # first layer of a unit -> its index
+        for i, kinds in enumerate(unit_kinds):
+            self.unit_index[offset] = i
+            offset += len(kinds)
+        self.unit_index[offset] = len(unit_kinds)
+        self.homogeneous = len(distinct) == 1
+        self.first = self._embedding()
+        self.last = self._head()
+        self.p2p = 2 * comm.pp_send(ctx)  # activations forward, gradients backward, per chunk
+        self.capacity = job.cluster.device.memory
+        self.microbatches = ctx.microbatches
+        self.buffers = memory.comm_buffers(ctx, job.model.is_moe)
+
+    def _embedding(self) -> Extra:
+        ctx = self.ctx
+        work = compute.embedding_work(ctx)
+        tp = comm.reduce_scatter(ctx, ctx.group("dense", "tp"),
+                                 ctx.tokens * ctx.model.hidden * ctx.act_bytes)
+        return Extra(time=work.forward + work.backward + 2 * tp,
+                     params=memory.embedding_params_on_rank(ctx), buffer=0.0,
+                     comm=(("tp", 2 * tp),))
+
+    def _head(self) -> Extra:
+        ctx = self.ctx
+        work = compute.head_work(ctx)
+        tp = comm.all_gather(ctx, ctx.group("dense", "tp"),
+                             ctx.tokens * ctx.model.hidden * ctx.act_bytes) if ctx.layout.sp else 0.0
+        return Extra(time=work.forward + work.backward + 2 * tp,
+                     params=memory.head_params_on_rank(ctx), buffer=memory.logits_buffer(ctx),
+                     comm=(("tp", 2 * tp),))
+
+    def units_of(self, stage) -> tuple[UnitCost, ...]:
+        """The units of a Stage (whose first/last count layers) — stages cut at unit boundaries."""
+        try:
+            return self.units[self.unit_index[stage.first]:self.unit_index[stage.last]]
+        except KeyError:
+            raise ValueError(f"stage [{stage.first}, {stage.last}) does not cut the model at unit "
+                             "boundaries") from None
+
+    def layer_of(self, unit: int) -> int:
+        """First layer of unit ``unit`` (``len(units)`` gives the number of layers)."""
+        return self._layer_of[unit]
+
+    @cached_property
+    def _layer_of(self) -> dict:
+        return {i: layer for layer, i in self.unit_index.items()}
+
+    @property
+    def chunks(self) -> int:
+        return self.layout.pp * self.layout.vpp
+
+    @cached_property
+    def schedule_factor(self) -> float:
+        """Step time in units of the busiest rank's per-micro-batch time: m + (pp - 1) / vpp."""
+        return self.microbatches + (self.layout.pp - 1) / self.layout.vpp
+
+    def inflight(self, rank: int) -> float:
+        lay = self.layout
+        return memory.inflight(lay.pp, lay.vpp, self.microbatches, rank)
+
+    def buffer_bytes(self, rank: int) -> float:
+        """Buffers on ``rank`` that do not depend on the partition: comm buffers, the largest FSDP
+        gather, logits on the last rank."""
+        big = max(self.units, key=lambda u: u.dense_params + u.expert_params)
+        out = self.buffers + memory.fsdp_buffers(self.ctx, big.dense_params, big.expert_params)
+        return out + (self.last.buffer if rank == self.layout.pp - 1 else 0.0)
+
+    @property
+    def reserve_fixed(self) -> float:
+        return self.ctx.cal.reserve_gib * memory.GiB
+
+    @property
+    def fragmentation(self) -> float:
+        return self.ctx.cal.fragmentation
+
+    def static_bytes(self, dense: float, expert: float) -> float:
+        s = memory.state_bytes(self.ctx, dense, expert)
+        return s["weights"] + s["grads"] + s["optimizer"]
+
+    def unit_static(self, u: UnitCost) -> float:
+        return self.static_bytes(u.dense_params, u.expert_params)

@@ -1,0 +1,237 @@
+"""The stage-partition ILP — the only module that imports pulp.
+
+For one mesh, split the unit sequence into C = pp * vpp contiguous chunks (chunk c runs on pipeline
+rank c mod pp) and choose a recompute option per chunk, minimising the busiest rank's time per
+micro-batch z (the step is (m + (pp-1)/vpp) * z plus terms the partition does not change), subject
+to every rank's memory fitting the device.
+
+Two formulations of the same problem:
+  * tied (every unit identical — Llama, Mixtral, GPT): integer n[c,o] = units of chunk c run with
+    option o. Repeated layers are one variable, so the model has C * options integers.
+  * general (hybrid patterns): prefix binaries y[u,c] = [unit u sits in a chunk <= c], restricted
+    to a window around the even split so the model stays small.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pulp
+
+OPTIMAL, FEASIBLE = "optimal", "feasible"  # FEASIBLE: time limit hit with an incumbent
+
+
+@dataclass(frozen=True)
+class PartitionProblem:
+    unit_types: tuple[int, ...]  # type index of each unit, in model order
+    time: tuple[tuple[float, ...], ...]  # [type][option] seconds per micro-batch (fwd + bwd)
+    act: tuple[tuple[float, ...], ...]  # [type][option] bytes stored per in-flight micro-batch
+    transient: tuple[tuple[float, ...], ...]  # [type][option] bytes alive during its backward
+    static: tuple[float, ...]  # [type] weights + grads + optimizer bytes
+    pp: int
+    vpp: int
+    inflight: tuple[float, ...]  # [rank] in-flight micro-batches at the peak
+    buffers: tuple[float, ...]  # [rank] partition-independent buffer bytes
+    chunk_time: float = 0.0  # seconds every chunk adds (pipeline send / receive)
+    first_time: float = 0.0  # embedding on chunk 0
+    first_static: float = 0.0
+    last_time: float = 0.0  # head + loss on chunk C-1
+    last_static: float = 0.0
+    fragmentation: float = 0.0
+    reserve: float = 0.0
+    capacity: float = float("inf")
+    options: tuple[int, ...] = (0, 1, 2)  # allowed recompute options
+    window: int = 0  # general formulation: max shift of a boundary from the even split (0: auto)
+
+    @property
+    def chunks(self) -> int:
+        return self.pp * self.vpp
+
+    def rank_of(self, chunk: int) -> int:
+        return chunk % self.pp
+
+    def mem_coeff(self, t: int, o: int, rank: int) -> float:
+        """Bytes one unit of type t with option o adds to ``rank``."""
+        return self.static[t] + (1 + self.fragmentation) * self.inflight[rank] * self.act[t][o]
+
+    def rank_base(self, rank: int) -> tuple[float, float]:
+        """(time, bytes) of a rank that do not depend on the partition."""
+        chunks = [c for c in range(self.chunks) if self.rank_of(c) == rank]
+        time = len(chunks) * self.chunk_time
+        mem = (1 + self.fragmentation) * self.buffers[rank] + self.reserve
+        if 0 in chunks:
+            time, mem = time + self.first_time, mem + self.first_static
+        if self.chunks - 1 in chunks:
+            time, mem = time + self.last_time, mem + self.last_static
+        return time, mem
+
+
+@dataclass(frozen=True)
+class Partition:
+    sizes: tuple[int, ...]  # units per chunk
+    options: tuple[int, ...]  # recompute option per chunk
+    z: float  # busiest rank's seconds per micro-batch
+    status: str  # OPTIMAL or FEASIBLE
+
+
+def solve(problem: PartitionProblem, time_limit: float = 10.0) -> Partition | None:
+    """Optimal partition, or None when no partition fits in memory."""
+    if len(problem.unit_types) < problem.chunks:
+        return None
+    tied = len(set(problem.unit_types)) == 1
+    prob, read = (_tied_model if tied else _general_model)(problem)
+    with warnings.catch_warnings():  # PuLP 3.3 announces API changes for 4.0 on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1, timeLimit=time_limit))
+    # PuLP's `status` says "Optimal" even for a timed-out solve; sol_status tells them apart.
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        status = OPTIMAL
+    elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        status = FEASIBLE
+    else:
+        return None
+    sizes, options = read()
+    return Partition(sizes=sizes, options=options, z=partition_time(problem, sizes, options),
+                     status=status)
+
+
+def _choice_vars(prob, problem: PartitionProblem):
+    """w[c,o] = 1 iff chunk c runs with recompute option o (exactly one per chunk)."""
+    return {(c, o): _var(prob, f"w_{c}_{o}", cat="Binary")
+            for c in range(problem.chunks) for o in problem.options}
+
+
+def _var(prob, name, low=None, up=None, cat="Continuous"):
+    return prob.add_variable(name, low, up, cat=cat)
+
+
+def _fits(prob, p: PartitionProblem, lhs) -> None:
+    if p.capacity != float("inf"):
+        prob += lhs <= p.capacity
+
+
+def _tied_model(p: PartitionProblem):
+    """All units identical (type 0): n[c,o] integers."""
+    U, C = len(p.unit_types), p.chunks
+    prob = pulp.LpProblem("stage_partition_tied", pulp.LpMinimize)
+    z = _var(prob, "z", 0)
+    prob += z  # minimise the busiest rank's time per micro-batch
+    w = _choice_vars(prob, p)
+    n = {(c, o): _var(prob, f"n_{c}_{o}", 0, U, cat="Integer")
+         for c in range(C) for o in p.options}
+    trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
+    for c in range(C):
+        prob += pulp.lpSum(w[c, o] for o in p.options) == 1  # one recompute option per chunk
+        prob += pulp.lpSum(n[c, o] for o in p.options) >= 1  # no empty chunk
+        for o in p.options:
+            prob += n[c, o] <= U * w[c, o]  # units only under the chosen option
+            prob += trans[p.rank_of(c)] >= p.transient[0][o] * w[c, o]  # peak transient per rank
+    prob += pulp.lpSum(n.values()) == U  # every unit placed once
+    for r in range(p.pp):
+        base_t, base_m = p.rank_base(r)
+        mine = [c for c in range(C) if p.rank_of(c) == r]
+        # rank time: sum of its chunks' unit times + fixed terms <= z
+        prob += pulp.lpSum(n[c, o] * p.time[0][o] for c in mine for o in p.options) + base_t <= z
+        # rank memory: static + (1+frag)(inflight * activations + transient + buffers) + reserve
+        _fits(prob, p, pulp.lpSum(n[c, o] * p.mem_coeff(0, o, r) for c in mine for o in p.options)
+              + (1 + p.fragmentation) * trans[r] + base_m)
+
+    def read():
+        sizes = tuple(int(round(sum(n[c, o].value() or 0 for o in p.options))) for c in range(C))
+        options = tuple(max(p.options, key=lambda o: w[c, o].value() or 0) for c in range(C))
+        return sizes, options
+    return prob, read
+
+
+def _window(p: PartitionProblem) -> int:
+    U, C = len(p.unit_types), p.chunks
+    return p.window or max(2, -(-U // C))
+
+
+def _general_model(p: PartitionProblem):
+    """Heterogeneous units: prefix binaries y[u,c] with contiguity by monotonicity."""
+    U, C = len(p.unit_types), p.chunks
+    prob = pulp.LpProblem("stage_partition", pulp.LpMinimize)
+    z = _var(prob, "z", 0)
+    prob += z
+    w = _choice_vars(prob, p)
+    win = _window(p)
+    y = {}
+    for c in range(C):
+        boundary = (c + 1) * U / C  # even split: chunks <= c end here
+        for u in range(U):
+            if c == C - 1 or u < boundary - win:
+                y[u, c] = 1  # surely placed in a chunk <= c
+            elif u >= boundary + win:
+                y[u, c] = 0
+            else:
+                y[u, c] = _var(prob, f"y_{u}_{c}", cat="Binary")
+    x = {(u, c): y[u, c] - (y[u, c - 1] if c else 0) for u in range(U) for c in range(C)}
+    for c in range(C):
+        for u in range(U):
+            if u and not _fixed(y[u, c], y[u - 1, c]):
+                prob += y[u, c] <= y[u - 1, c]  # chunk index never decreases along the model
+            if c and not _fixed(y[u, c - 1], y[u, c]):
+                prob += y[u, c - 1] <= y[u, c]  # "in a chunk <= c-1" implies "<= c"
+        prob += pulp.lpSum(x[u, c] for u in range(U)) >= 1  # no empty chunk
+        prob += pulp.lpSum(w[c, o] for o in p.options) == 1
+    big_t = sum(max(p.time[t]) for t in p.unit_types)
+    trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
+    tc, mc = {}, {}
+    for c in range(C):
+        r = p.rank_of(c)
+        big_m = sum(max(p.mem_coeff(t, o, r) for o in p.options) for t in p.unit_types)
+        for o in p.options:
+            # T[c,o] >= chunk time under option o, switched off (big-M) unless w[c,o] = 1
+            tc[c, o] = _var(prob, f"T_{c}_{o}", 0)
+            mc[c, o] = _var(prob, f"M_{c}_{o}", 0)
+            prob += tc[c, o] >= pulp.lpSum(x[u, c] * p.time[t][o] for u, t in enumerate(
+                p.unit_types)) - big_t * (1 - w[c, o])
+            prob += mc[c, o] >= pulp.lpSum(x[u, c] * p.mem_coeff(t, o, r) for u, t in enumerate(
+                p.unit_types)) - big_m * (1 - w[c, o])
+            worst = max(p.transient[t][o] for t in set(p.unit_types))
+            prob += trans[r] >= worst * w[c, o]
+    for r in range(p.pp):
+        base_t, base_m = p.rank_base(r)
+        mine = [c for c in range(C) if p.rank_of(c) == r]
+        prob += pulp.lpSum(tc[c, o] for c in mine for o in p.options) + base_t <= z
+        _fits(prob, p, pulp.lpSum(mc[c, o] for c in mine for o in p.options)
+              + (1 + p.fragmentation) * trans[r] + base_m)
+
+    def read():
+        sizes = tuple(int(round(sum(_val(x[u, c]) for u in range(U)))) for c in range(C))
+        options = tuple(max(p.options, key=lambda o: w[c, o].value() or 0) for c in range(C))
+        return sizes, options
+    return prob, read
+
+
+def _fixed(*terms) -> bool:
+    return all(isinstance(t, int) for t in terms)
+
+
+def _val(expr) -> float:
+    return float(expr) if isinstance(expr, (int, float)) else float(pulp.value(expr) or 0)
+
+
+def partition_time(p: PartitionProblem, sizes, options) -> float:
+    """Busiest rank's seconds per micro-batch for a given partition (the ILP's objective)."""
+    return max(_rank_totals(p, sizes, options, r)[0] for r in range(p.pp))
+
+
+def partition_fits(p: PartitionProblem, sizes, options) -> bool:
+    return all(_rank_totals(p, sizes, options, r)[1] <= p.capacity * (1 + 1e-9)
+               for r in range(p.pp))
+
+
+def _rank_totals(p: PartitionProblem, sizes, options, rank: int) -> tuple[float, float]:
+    time, mem = p.rank_base(rank)
+    transient, start = 0.0, 0
+    for c, (size, o) in enumerate(zip(sizes, options)):
+        types = p.unit_types[start:start + size]
+        start += size
+        if p.rank_of(c) != rank:
+            continue
+        time += sum(p.time[t][o] for t in types)
+        mem += sum(p.mem_coeff(t, o, rank) for t in types)
+        transient = max([transient] + [p.transient[t][o] for t in set(p.unit_types)])
+    return time, mem + (1 + p.fragmentation) * transient
