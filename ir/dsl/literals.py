@@ -41,7 +41,7 @@ def _decimal_text(d: Decimal) -> str:
 
 
 def quantity(value: float, kind: str) -> str:
-    """``value`` (SI) with the unit of ``kind`` that writes it with the fewest digits."""
+    """``value`` (SI) in the unit of ``kind`` that writes it in the fewest digits, then characters."""
     best = None
     for rank, unit in enumerate(_UNIT_ORDER[kind]):
         scale = UNITS[unit][1]
@@ -51,7 +51,7 @@ def quantity(value: float, kind: str) -> str:
         scaled = Decimal(text)
         digits = len(scaled.normalize().as_tuple().digits)
         awkward = not (1 <= abs(scaled) < 10000)
-        key = (awkward, digits, rank)
+        key = (awkward, digits, len(text), rank)
         if best is None or key < best[0]:
             best = (key, f"{text} {unit}")
     if best is None:  # no unit reproduces the float exactly: the base unit, full precision
