@@ -61,8 +61,8 @@ def test_fmt_prints_a_canonical_file_that_parses_to_the_same_ir(capsys):
 def test_check_reports_what_it_loaded(capsys):
     code, out, _ = run(capsys, "check", MIXTRAL_JOB, LLAMA)
     assert code == 0
-    assert out.splitlines() == [f"ok: {MIXTRAL_JOB}: 1 model, 1 device, 1 cluster, 1 job",
-                                f"ok: {LLAMA}: 1 model, 0 devices, 0 clusters, 0 jobs"]
+    assert out.splitlines() == [f"ok: 1 model, 1 device, 1 cluster, 1 job ({MIXTRAL_JOB})",
+                                f"ok: 1 model, 0 devices, 0 clusters, 0 jobs ({LLAMA})"]
 
 
 def test_spec_errors_print_location_and_exit_2(tmp_path, capsys):

@@ -25,11 +25,6 @@ class Quantity:
     unit: Optional[str]
     pos: Pos
 
-    @property
-    def is_integer_literal(self) -> bool:
-        digits = self.text[: len(self.text) - len(self.unit or "")]
-        return not any(c in digits for c in ".eE")
-
 
 @dataclass(frozen=True)
 class String:

@@ -88,7 +88,8 @@ def format_library(lib) -> str:
     devices, clusters, models = dict(lib.devices), dict(lib.clusters), dict(lib.models)
     bases = {}
     for job in lib.jobs.values():
-        models.setdefault(job.model.name, job.model)
+        if models.setdefault(job.model.name, job.model) != job.model:
+            raise PlaitError(f'job "{job.name}": its model differs from model "{job.model.name}" of the library')
         bases[job.name] = _base_cluster(job, clusters)
         if bases[job.name] is not None and bases[job.name].name not in clusters and job.cluster.name != "local-cpu":
             clusters[job.cluster.name] = job.cluster

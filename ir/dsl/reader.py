@@ -129,9 +129,12 @@ def to_bool(ctx: Context, value: ast.Value, what: str) -> bool:
 def to_choice(ctx: Context, value: ast.Value, choices: Sequence[str], what: str) -> str:
     if isinstance(value, ast.Ident) and value.name in choices:
         return value.name
-    got = value.name if isinstance(value, (ast.Ident, ast.Call)) else None
-    raise ctx.error(f"{what} must be one of {', '.join(choices)}; got {describe(value)}", _pos(value),
-                    hint=did_you_mean(got, choices) if got else None)
+    if isinstance(value, ast.String) and value.value in choices:
+        hint = f"write {what} = {value.value} (a name, without quotes)"
+    else:
+        got = value.name if isinstance(value, (ast.Ident, ast.Call)) else None
+        hint = did_you_mean(got, choices) if got else None
+    raise ctx.error(f"{what} must be one of {', '.join(choices)}; got {describe(value)}", _pos(value), hint=hint)
 
 
 def to_string(ctx: Context, value: ast.Value, what: str) -> str:

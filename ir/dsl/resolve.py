@@ -63,8 +63,8 @@ def load_file(path: str) -> Library:
 
 def parse_text(text: str, file: str = "<string>", base_dir: Optional[str] = None) -> Library:
     """Parse and resolve spec text; `use` paths are relative to ``base_dir`` (default: cwd)."""
-    root = _Source(parse(text, file), None, base_dir or ".")
-    root = _Source(root.module, Context(root.module), root.base_dir)
+    module = parse(text, file)
+    root = _Source(module, Context(module), base_dir or ".")
     sources: list[_Source] = []
     _collect(root, stack=[], seen={}, out=sources)
     lib = _resolve(sources)
@@ -112,33 +112,33 @@ def _read(parent: _Source, full: str, path: ast.String) -> _Source:
 def _resolve(sources: list[_Source]) -> Library:
     decls = _index(sources)
     lib = Library()
+    for kind, attr in DECL_KINDS.items():  # devices before clusters, models before jobs
+        table = getattr(lib, attr)
+        for decl, src in decls[kind]:
+            table[decl.name] = _resolve_decl(kind, decl, src, lib)
+    return lib
 
-    def finder(kind: str, table: dict, fallback=None):
-        def find(name: str, pos: ast.Pos, ctx: Context):
+
+def _resolve_decl(kind: str, decl: ast.Decl, src: _Source, lib: Library):
+    ctx = src.ctx
+
+    def finder(what: str, table: dict, fallback=None):
+        def find(name: str, pos: ast.Pos):
             if name in table:
                 return table[name]
             if fallback is not None and name == fallback.name:
-                return fallback
-            raise unknown_name(ctx, kind, name, pos, list(table))
+                return fallback  # the embedded local-cpu cluster needs no declaration
+            raise unknown_name(ctx, what, name, pos, list(table))
         return find
 
-    find_device = finder("device", lib.devices)
-    find_cluster = finder("cluster", lib.clusters, fallback=local_cpu())
-    find_model = finder("model", lib.models)
-    for kind, attr in DECL_KINDS.items():
-        table = getattr(lib, attr)
-        for decl, src in decls[kind]:
-            ctx = src.ctx
-            if kind == "device":
-                table[decl.name] = resolve_device(ctx, decl)
-            elif kind == "cluster":
-                table[decl.name] = resolve_cluster(ctx, decl, lambda n, p: find_device(n, p, ctx))
-            elif kind == "model":
-                table[decl.name] = resolve_model(ctx, decl)
-            else:
-                table[decl.name] = resolve_job(ctx, decl, lambda n, p: find_model(n, p, ctx),
-                                               lambda n, p: find_cluster(n, p, ctx), src.base_dir)
-    return lib
+    if kind == "device":
+        return resolve_device(ctx, decl)
+    if kind == "cluster":
+        return resolve_cluster(ctx, decl, finder("device", lib.devices))
+    if kind == "model":
+        return resolve_model(ctx, decl)
+    return resolve_job(ctx, decl, finder("model", lib.models), finder("cluster", lib.clusters, local_cpu()),
+                       src.base_dir)
 
 
 def _index(sources: list[_Source]) -> dict[str, list[tuple[ast.Decl, _Source]]]:
@@ -182,11 +182,11 @@ def load_model(path: str, name: Optional[str] = None) -> ModelSpec:
 def _pick(lib: Library, kind: str, table: dict, name: Optional[str]) -> str:
     if name is not None:
         if name not in table:
-            raise SpecError(f'no {kind} named "{name}" in {lib.file}',
+            raise SpecError(f'no {kind} named "{name}"', file=lib.file,
                             hint=did_you_mean(name, table) or f"{kind}s: {', '.join(table) or 'none'}")
         return name
     own = [n for k, n in lib.own if k == kind] or list(table)
     if len(own) != 1:
         what = f"{len(own)} {kind} declarations ({', '.join(own)})" if own else f"no {kind} declaration"
-        raise SpecError(f"{lib.file} has {what}", hint=f"name the {kind} you mean" if own else None)
+        raise SpecError(f"the file has {what}", file=lib.file, hint=f"name the {kind} you mean" if own else None)
     return own[0]

@@ -34,16 +34,17 @@ def _target(lib: Library, name: Optional[str]) -> tuple[ModelSpec, Optional[Trai
             return lib.jobs[name].model, lib.jobs[name]
         if name in lib.models:
             return lib.models[name], None
-        raise SpecError(f'no model or train job named "{name}" in {lib.file}')
+        raise SpecError(f'no model or train job named "{name}"', file=lib.file)
     if len(own_jobs) == 1 and not own_models:
         job = lib.jobs[own_jobs[0]]
         return job.model, job
     candidates = own_models or list(lib.models)
     if len(candidates) == 1:
         return lib.models[candidates[0]], None
-    found = ", ".join(own_jobs + own_models) or "none"
-    raise SpecError(f"{lib.file} declares several models or jobs ({found})" if found != "none"
-                    else f"{lib.file} declares no model or train job", hint="pick one with --name")
+    if not (own_jobs or own_models):
+        raise SpecError("the file declares no model or train job", file=lib.file)
+    raise SpecError(f"the file declares several models or jobs ({', '.join(own_jobs + own_models)})",
+                    file=lib.file, hint="pick one with --name")
 
 
 def model_report(model: ModelSpec, seq_len: int, precision: Precision, job: Optional[TrainJob] = None) -> dict:
@@ -150,7 +151,7 @@ def fmt(args) -> int:
 def check(args) -> int:
     for path in args.files:
         lib = load_file(path)
-        print(f"ok: {path}: {lib.summary()}")
+        print(f"ok: {lib.summary()} ({path})")
     return 0
 
 

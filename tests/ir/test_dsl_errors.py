@@ -73,6 +73,8 @@ CASES = [
      51, None),
     ("enum", model_with("ffn = 352", "ffn = 352, activation = swiglo"), "activation must be one of", 5, 33,
      "did you mean 'swiglu'"),
+    ("quoted_enum", model_with("ffn = 352", 'ffn = 352, activation = "gelu"'), "activation must be one of", 5,
+     33, "without quotes"),
     ("duplicate_key", model_with("hidden = 128", "hidden = 128\n  hidden = 64"), "duplicate key 'hidden'", 4, 3,
      "already set on line 3"),
     ("duplicate_decl", MODEL + MODEL, 'duplicate model "m"', 8, 7, "first declared at <string>:1"),
