@@ -41,6 +41,8 @@ torch.fx.wrap("causal_attention")
 
 
 class SelfAttention(nn.Module):
+    fp32_params = ("inv_freq",)  # RoPE frequencies stay fp32 in a bf16 model
+
     def __init__(self, spec: Attention, hidden: int, norm_eps: float, max_seq: int | None):
         super().__init__()
         self.head_dim = spec.head_dim

@@ -15,7 +15,7 @@ from torch import nn
 
 from plait.ir.model import ModelSpec
 
-from .norms import make_norm
+from .norms import make_norm, upcast
 
 
 class Layer(nn.Module):
@@ -66,4 +66,4 @@ class CausalLM(nn.Module):
         logits = self.logits(x)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        return F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten())

@@ -111,7 +111,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.router(flat.float())
+        logits = self.router(flat.to(self.router.weight.dtype))  # fp32 router (build keeps it fp32)
         bias = self.expert_bias if s.expert_bias else None
         weights, indices, aux, counts = route(
             logits, bias, s.top_k, s.router, s.pre_softmax, s.norm_topk, s.groups, s.topk_groups,

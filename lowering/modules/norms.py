@@ -12,6 +12,11 @@ from torch import nn
 from plait.ir.model import Norm
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16 / fp16 -> fp32; fp64 stays fp64, so a float64 reference stays exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -20,7 +25,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = upcast(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -40,8 +45,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
-        y = y.float() * F.silu(z.float())
-        grouped = y.view(*y.shape[:-1], -1, self.group_size)
+        y = upcast(y) * F.silu(upcast(z))
+        grouped = y.unflatten(-1, (-1, self.group_size))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * grouped.flatten(-2).to(dtype)
 

@@ -14,6 +14,8 @@ import torch
 
 from plait.ir.model import Rope, RopeScaling
 
+from .norms import upcast
+
 
 def _plain_inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -69,7 +71,8 @@ def rope_inv_freq(rope: Rope, head_dim: int, max_seq: Optional[int]) -> tuple[to
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [s, head_dim] (the half-frequencies repeated, rotate-half layout)."""
-    freqs = positions.float()[:, None] * inv_freq.float()[None, :]
+    inv_freq = upcast(inv_freq)  # fp32 (fp64 in a float64 model), never the model's bf16
+    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
