@@ -1,0 +1,71 @@
+"""Data-parallel gradient handling: decide, per parameter, which reductions its gradient needs
+after backward, and record it for the runtime (`gm.meta["plait.grad_sync"]`).
+
+- every gradient is averaged over the DP group: all-reduce (replicated), reduce-scatter into the
+  owner's shard (zero1, distributed optimizer) or FSDP's own reduce-scatter (fsdp);
+- a replicated parameter used inside a TP region or a sequence-parallel region holds only this
+  rank's share of its gradient: it is also summed over TP (found from the sharding states).
+The runtime executes these reductions; it decides nothing itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from plait.ir.errors import LayoutError
+from plait.ir.plan import DP_KINDS
+from plait.lowering import sharding
+
+from .base import Pass, Target, VerifyError
+from .shard_tensor_parallel import SHARDS
+
+GRAD_SYNC = "plait.grad_sync"
+
+
+@dataclass(frozen=True)
+class GradSync:
+    dp_kind: str  # replicated | zero1 | fsdp
+    dp: int
+    tp_sum: tuple[str, ...] = ()  # parameters whose gradients are summed over TP first
+
+    def describe(self) -> str:
+        how = {"replicated": "all-reduce", "zero1": "reduce-scatter to optimizer shards",
+               "fsdp": "FSDP reduce-scatter"}[self.dp_kind]
+        text = f"dp{self.dp}: average gradients over DP ({how})"
+        if self.tp_sum:
+            text += f"; sum over TP first: {', '.join(self.tp_sum)}"
+        return text
+
+
+def data_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
+    kind = t.layout.dp_kind
+    if kind not in DP_KINDS:
+        raise LayoutError(f"unknown dp_kind {kind!r}; expected one of {', '.join(DP_KINDS)}")
+    tp_sum: tuple[str, ...] = ()
+    if t.layout.tp > 1:
+        states = sharding.propagate(gm)
+        tp_sum = tuple(sharding.partial_grad_params(gm, states, set(gm.meta.get(SHARDS, {}))))
+    gm.meta[GRAD_SYNC] = GradSync(dp_kind=kind, dp=t.layout.dp, tp_sum=tp_sum)
+    return gm
+
+
+def verify_data_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
+    sync: GradSync = gm.meta[GRAD_SYNC]
+    params = dict(gm.named_parameters())
+    shards = gm.meta.get(SHARDS, {})
+    for name in sync.tp_sum:
+        if name not in params or name in shards:
+            raise VerifyError(f"{name}: a TP gradient sum needs a replicated parameter")
+    if t.layout.sp and t.layout.tp > 1:
+        norms = [n for n in params if n.endswith("norm.weight") and ".mixer." not in n]
+        missing = [n for n in norms if n not in sync.tp_sum]
+        if missing:
+            raise VerifyError(f"under sequence parallelism {missing} see only local tokens but "
+                              "their gradients are not summed over TP")
+
+
+DATA_PARALLEL = Pass(
+    name="data_parallel", run=data_parallel, verify=verify_data_parallel,
+    requires=("traced",), ensures=("grad-sync",),
+    doc="which gradients are averaged over DP and summed over TP")

@@ -1,0 +1,247 @@
+"""Tensor parallelism (Megatron): column-parallel q/k/v/gate/up projections, row-parallel o/down
+projections, a vocabulary-parallel embedding, LM head and cross entropy.
+
+Each layer's mixer and the LM head form a *TP region*: values entering it pass `copy_to_tp`
+(identity forward, all-reduce of the gradient), values leaving a mixer pass `reduce_from_tp`
+(all-reduce forward); a row-parallel bias is added after the reduction. Parameters are replaced by
+this rank's slice; ``gm.meta["plait.shards"]`` records how (`ShardSpec`), by reference name.
+Selection is by the C4 module names, never by shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from plait.ir.errors import LayoutError
+from plait.ir.model import ModelSpec
+from plait.lowering import sharding, tp_ops
+from plait.lowering.trace import META, example_inputs, info, local_shape, record_shapes
+
+from .base import Pass, Target, VerifyError
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+SHARDS = "plait.shards"
+AXIS = "tp"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A parameter split into ``parts`` along ``dim`` over mesh axis ``axis``; this rank holds
+    part ``index``."""
+
+    axis: str
+    dim: int
+    parts: int
+    index: int
+
+
+def check_divisible(spec: ModelSpec, tp: int) -> None:
+    """Every dimension TP splits must divide by tp; say which one does not, with the numbers."""
+    sizes = {"vocab": spec.vocab}
+    if spec.attention is not None and "attention" in spec.layers:
+        sizes["attention heads"] = spec.attention.heads
+        sizes["kv heads"] = spec.attention.kv_heads
+    if spec.mlp is not None and "mlp" in spec.layers:
+        sizes["ffn"] = spec.mlp.ffn
+    for what, n in sizes.items():
+        if n % tp:
+            raise LayoutError(f"tp = {tp} does not divide {what} = {n} ({n} % {tp} = {n % tp})",
+                              hint=f"choose tp among the divisors of {n}")
+    unsupported = sorted({k for k in spec.layers if k not in ("attention", "mlp")})
+    if unsupported:
+        raise LayoutError(f"tensor parallelism of {', '.join(unsupported)} layers is not lowered yet",
+                          hint="use tp = 1 for this model")
+
+
+def _shard_param(owner: nn.Module, name: str, dim: int, t: Target, shards: dict, path: str):
+    full = getattr(owner, name)
+    if full is None:
+        return
+    tp = t.layout.tp
+    piece = full.detach().chunk(tp, dim)[t.tp_rank].clone()
+    setattr(owner, name, nn.Parameter(piece, requires_grad=full.requires_grad))
+    shards[f"{path}.{name}"] = ShardSpec(AXIS, dim, tp, t.tp_rank)
+
+
+def _new_node(gm, before, op_target, args, like: torch.fx.Node, role=None, scope=None):
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(op_target, args)
+    node.meta[META] = replace(info(like), scope=scope or info(like).scope)
+    if role:
+        node.meta[sharding.ROLE] = role
+    return node
+
+
+def _get_attr(gm, before, target: str, like: torch.fx.Node) -> torch.fx.Node:
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta[META] = info(like)
+    return node
+
+
+def _column(gm, node, t, shards):
+    mod = gm.get_submodule(node.target)
+    _shard_param(mod, "weight", 0, t, shards, node.target)
+    _shard_param(mod, "bias", 0, t, shards, node.target)
+    node.meta[sharding.ROLE] = "column"
+
+
+def _row(gm, node, t, shards):
+    """nn.Linear -> F.linear(x, weight slice) without bias; the bias waits for the reduction."""
+    mod = gm.get_submodule(node.target)
+    _shard_param(mod, "weight", 1, t, shards, node.target)
+    weight = _get_attr(gm, node, f"{node.target}.weight", node)
+    linear = _new_node(gm, node, F.linear, (node.args[0], weight), node, role="row")
+    linear.meta["plait.row_bias"] = f"{node.target}.bias" if mod.bias is not None else None
+    node.replace_all_uses_with(linear)
+    gm.graph.erase_node(node)
+
+
+def _embedding(gm, node, t, shards):
+    mod = gm.get_submodule(node.target)
+    _shard_param(mod, "weight", 0, t, shards, node.target)
+    weight = _get_attr(gm, node, f"{node.target}.weight", node)
+    start = t.tp_rank * t.spec.vocab // t.layout.tp
+    lookup = _new_node(gm, node, tp_ops.vocab_parallel_embedding, (node.args[0], weight, start),
+                       node, role="vocab_embed")
+    reduced = _new_node(gm, node, torch.ops.plait.reduce_from_tp.default,
+                        (lookup, AXIS, t.layout.tp), node)
+    node.replace_all_uses_with(reduced)
+    gm.graph.erase_node(node)
+
+
+def _cross_entropy(gm, node, t):
+    kwargs = node.kwargs
+    if kwargs.get("reduction", "mean") != "mean" or kwargs.get("label_smoothing", 0.0) != 0.0 \
+            or kwargs.get("weight") is not None:
+        raise VerifyError(f"vocab-parallel cross entropy supports the plain mean loss: {kwargs}")
+    start = t.tp_rank * t.spec.vocab // t.layout.tp
+    ce = _new_node(gm, node, tp_ops.vocab_parallel_cross_entropy,
+                   (node.args[0], node.args[1], start, AXIS, t.layout.tp), node, role="vocab_ce")
+    node.replace_all_uses_with(ce)
+    gm.graph.erase_node(node)
+
+
+def _is_tied_head(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is F.linear
+            and getattr(node.args[1], "op", None) == "get_attr" and node.args[1].target == "embed.weight")
+
+
+def _region(node: torch.fx.Node):
+    """The TP region a node belongs to: a layer's mixer, the LM head, or none."""
+    if node.op == "get_attr" or META not in node.meta:
+        return None
+    if _is_tied_head(node) or info(node).scope.split(".")[0] == "head":
+        return "head"
+    return info(node).mixer_scope
+
+
+def _insert_entries(gm, t):
+    """One copy_to_tp per (value, region) pair, placed before the value's first use inside."""
+    entries: dict[tuple, torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        region = _region(node)
+        if region is None or node.op == "output":
+            continue
+        for arg in list(node.all_input_nodes):
+            if arg.op == "get_attr" or _region(arg) == region:
+                continue
+            key = (arg, region)
+            if key not in entries:
+                entries[key] = _new_node(gm, node, torch.ops.plait.copy_to_tp.default,
+                                         (arg, AXIS, t.layout.tp), node, scope=region)
+                entries[key].meta[META] = replace(info(node), scope=region, shape=info(arg).shape)
+            node.replace_input_with(arg, entries[key])
+
+
+def _insert_exits(gm, t):
+    """reduce_from_tp after each mixer's row-parallel output, then its bias."""
+    for node in list(gm.graph.nodes):
+        region = _region(node)
+        if region is None or region == "head" or node.op == "output":
+            continue
+        outside = [u for u in node.users if _region(u) != region]
+        if not outside:
+            continue
+        if node.meta.get(sharding.ROLE) != "row":
+            raise VerifyError(f"{node.format_node()} leaves TP region {region} but is not a "
+                              "row-parallel projection")
+        after = node.next
+        out = _new_node(gm, after, torch.ops.plait.reduce_from_tp.default,
+                        (node, AXIS, t.layout.tp), node, scope=region)
+        if node.meta.get("plait.row_bias"):
+            bias = _get_attr(gm, after, node.meta["plait.row_bias"], node)
+            out = _new_node(gm, after, torch.add, (out, bias), node, scope=region)
+        for user in outside:
+            user.replace_input_with(node, out)
+
+
+def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
+    shards: dict[str, ShardSpec] = {}
+    gm.meta[SHARDS] = shards
+    if t.layout.tp == 1:
+        return gm
+    check_divisible(t.spec, t.layout.tp)
+    for node in list(gm.graph.nodes):
+        leaf = str(node.target).rsplit(".", 1)[-1]
+        if node.op == "call_module" and leaf in COLUMN_PARALLEL + ("head",):
+            _column(gm, node, t, shards)
+        elif node.op == "call_module" and leaf in ROW_PARALLEL:
+            _row(gm, node, t, shards)
+        elif node.op == "call_module" and node.target == "embed":
+            _embedding(gm, node, t, shards)
+        elif _is_tied_head(node):
+            node.meta[sharding.ROLE] = "column"
+        elif node.op == "call_function" and node.target is F.cross_entropy:
+            _cross_entropy(gm, node, t)
+    if t.spec.learned_positions:
+        raise LayoutError("tensor parallelism with learned position embeddings is not lowered yet")
+    _insert_entries(gm, t)
+    _insert_exits(gm, t)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def verify_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
+    """States are consistent and the loss replicated; every shard has its local shape; a fake
+    run over one micro-batch reproduces the logical residual-stream shapes."""
+    states = sharding.propagate(gm)
+    loss = gm.graph.find_nodes(op="output")[0].all_input_nodes[0]
+    if states[loss] != sharding.R:
+        raise VerifyError(f"the loss is {states[loss]} on TP ranks, not replicated")
+    params = dict(gm.named_parameters())
+    for name, s in gm.meta.get(SHARDS, {}).items():
+        if params[name].shape[s.dim] * s.parts != _logical_dim(gm, name, s):
+            raise VerifyError(f"{name}: local shape {tuple(params[name].shape)} is not 1/{s.parts} "
+                              f"of the logical one along dim {s.dim}")
+    check_stream_shapes(gm, t)
+
+
+def _logical_dim(gm, name: str, s: ShardSpec) -> int:
+    return gm.meta["plait.logical_shapes"][name][s.dim]
+
+
+def check_stream_shapes(gm: torch.fx.GraphModule, t: Target, seq_parts: int = 1) -> None:
+    """Fake-run one micro-batch; every layer output must be [mbs, seq / seq_parts, hidden]."""
+    mbs, seq = t.micro_batch
+    record_shapes(gm, *example_inputs(t.spec, mbs, seq))
+    want = (mbs, seq // seq_parts, t.spec.hidden)
+    for node in gm.graph.nodes:
+        i = node.meta.get(META)
+        if i is not None and i.layer is not None and i.scope == f"layers.{i.layer}" \
+                and node.users and any(info(u).position != i.position for u in node.users
+                                       if META in u.meta):
+            if local_shape(node) != want:
+                raise VerifyError(f"layer {i.layer} outputs {local_shape(node)}, expected {want}")
+
+
+SHARD_TENSOR_PARALLEL = Pass(
+    name="shard_tensor_parallel", run=shard_tensor_parallel, verify=verify_tensor_parallel,
+    requires=("traced",), ensures=("tensor-parallel",),
+    doc="column/row-parallel projections, vocab-parallel embedding, head and cross entropy")

@@ -1,0 +1,143 @@
+"""torch.fx tracing of the reference model into a GraphModule whose nodes carry typed meta.
+
+Every node gets ``node.meta["plait"] = NodeInfo(...)``: the module scope it came from, the model
+position it belongs to (embedding, layer i, head, loss), the layer's block kind, and the logical
+(unsharded) shape of the value it computes. Later passes shard and split by these facts instead of
+by node names.
+
+Positions: -1 is the embedding, 0..L-1 the layers, L the head (final norm + LM head), L+1 the loss.
+A node outside any module scope (residual adds at top level, the cross entropy) takes the latest
+position among its inputs; the `labels` input sits at the loss position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from plait.ir.model import ModelSpec
+
+META = "plait"
+EMBED, HEAD, LOSS = "embed", "head", "loss"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    scope: str  # innermost module path ("layers.3.mixer.q_proj"), "" at top level
+    position: int  # -1 embed, 0..L-1 layer, L head, L+1 loss
+    kind: str  # "embed", a block kind ("attention", "mlp", ...), "head" or "loss"
+    shape: Optional[tuple[int, ...]] = None  # logical shape of a tensor value
+    dtype: Optional[str] = None
+
+    @property
+    def layer(self) -> Optional[int]:
+        return self.position if self.kind not in (EMBED, HEAD, LOSS) else None
+
+    @property
+    def mixer_scope(self) -> Optional[str]:
+        """"layers.i.mixer" when the node belongs to a layer's mixer (the tensor-parallel region)."""
+        parts = self.scope.split(".")
+        if len(parts) >= 3 and parts[0] == "layers" and parts[2] == "mixer":
+            return ".".join(parts[:3])
+        return None
+
+
+def info(node: torch.fx.Node) -> NodeInfo:
+    return node.meta[META]
+
+
+def _scope(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else str(path)
+
+
+def _scope_position(scope: str, num_layers: int) -> Optional[int]:
+    head = scope.split(".")[0]
+    if head in ("embed", "pos_embed"):
+        return -1
+    if head in ("final_norm", "head"):
+        return num_layers
+    if head == "layers":
+        return int(scope.split(".")[1])
+    return None
+
+
+def _kind(position: int, spec: ModelSpec) -> str:
+    if position < 0:
+        return EMBED
+    if position >= spec.num_layers + 1:
+        return LOSS
+    if position == spec.num_layers:
+        return HEAD
+    return spec.layers[position]
+
+
+def annotate(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
+    """Attach NodeInfo (without shapes) to every node, in graph order."""
+    last = spec.num_layers + 1
+    for node in gm.graph.nodes:
+        scope = _scope(node)
+        position = _scope_position(scope, spec.num_layers)
+        if position is None:
+            if node.op == "placeholder":
+                position = last if node.target == "labels" else -1
+            elif node.op == "output":
+                position = last
+            else:
+                inputs = [info(a).position for a in node.all_input_nodes]
+                position = max(inputs, default=-1)
+        node.meta[META] = NodeInfo(scope=scope, position=position, kind=_kind(position, spec))
+
+
+def record_shapes(gm: torch.fx.GraphModule, *example) -> None:
+    """ShapeProp on fake tensors: every tensor node gets ``meta["tensor_meta"]`` (its local shape
+    in this graph as it is now)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(t) for t in example]
+    ShapeProp(gm, fake_mode=mode).propagate(*fakes)
+
+
+def local_shape(node: torch.fx.Node) -> Optional[tuple[int, ...]]:
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if isinstance(tm, TensorMetadata) else None
+
+
+def _record_logical_shapes(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        if isinstance(tm, TensorMetadata):
+            node.meta[META] = _with_shape(info(node), tuple(tm.shape), str(tm.dtype))
+    gm.meta["plait.logical_shapes"] = {n: tuple(p.shape) for n, p in gm.named_parameters()}
+
+
+def _with_shape(i: NodeInfo, shape: tuple[int, ...], dtype: str) -> NodeInfo:
+    return NodeInfo(scope=i.scope, position=i.position, kind=i.kind, shape=shape, dtype=dtype)
+
+
+def example_inputs(spec: ModelSpec, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.zeros(batch, seq, dtype=torch.long)
+    return tokens, tokens.clone()
+
+
+def trace_model(model: torch.nn.Module, spec: ModelSpec, batch: int = 1,
+                seq: int = 8) -> torch.fx.GraphModule:
+    """Trace ``model(tokens, labels) -> loss`` and annotate it (scopes, positions, kinds, shapes
+    for a [batch, seq] micro-batch)."""
+    gm = torch.fx.symbolic_trace(model)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    annotate(gm, spec)
+    record_shapes(gm, *example_inputs(spec, batch, seq))
+    _record_logical_shapes(gm)
+    gm.meta["plait.spec"] = spec
+    gm.meta["plait.facts"] = {"traced"}
+    gm.meta["plait.micro_batch"] = (batch, seq)
+    return gm

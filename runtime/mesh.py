@@ -1,0 +1,99 @@
+"""torch.distributed initialisation and this rank's process groups, built from the plan's layout
+with the Megatron-compatible mapping (`plait.planner.groups.rank_groups`).
+
+Every group gets a timeout and a description ("tp[0, 1]"); lowered graphs reach their groups through
+the logical axis names bound here (`plait.lowering.collectives.bind_axis`).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+
+from plait.ir.errors import LayoutError
+from plait.ir.plan import Layout
+from plait.lowering import collectives
+from plait.planner.groups import rank_groups
+
+DEFAULT_TIMEOUT_S = 120.0
+# Axis names the dense runtime needs (keys of rank_groups(layout)["dense"]).
+DENSE_AXES = ("tp", "cp", "dp", "dp-cp", "pp", "tp-pp")
+
+
+@dataclass
+class Mesh:
+    """This rank's view of the layout: one process group per axis, and its members."""
+
+    rank: int
+    world: int
+    layout: Layout
+    timeout_s: float
+    groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+    members: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def size(self, axis: str) -> int:
+        return len(self.members[axis])
+
+    def coord(self, axis: str) -> int:
+        """This rank's index inside its `axis` group."""
+        return self.members[axis].index(self.rank)
+
+    def describe(self) -> str:
+        coords = " ".join(f"{a}{self.coord(a)}/{self.size(a)}" for a in ("tp", "dp", "pp"))
+        return f"rank {self.rank}/{self.world} [{coords}]"
+
+
+def init_distributed(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
+                     init_method: str | None = None, rank: int | None = None,
+                     world: int | None = None) -> None:
+    """Join the default group (from torchrun's environment unless told otherwise)."""
+    if dist.is_initialized():
+        return
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+    """Create every dense group of the layout (all ranks create all groups, in the same order, as
+    torch.distributed requires) and keep this rank's; bind the axes for lowered graphs."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if layout.world != world:
+        raise LayoutError(f"layout tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*{layout.pp} = "
+                          f"{layout.world} ranks, but {world} processes were started")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    mesh = Mesh(rank=rank, world=world, layout=layout, timeout_s=timeout_s)
+    table = rank_groups(_with_expert_side(layout))["dense"]
+    for axis in DENSE_AXES:
+        for ranks in table[axis]:
+            group = dist.new_group(ranks, timeout=timeout, group_desc=f"{axis}{list(ranks)}")
+            if rank in ranks:
+                mesh.groups[axis], mesh.members[axis] = group, tuple(ranks)
+    mesh.groups["world"], mesh.members["world"] = dist.group.WORLD, tuple(range(world))
+    collectives.unbind_all()
+    for axis, group in mesh.groups.items():
+        collectives.bind_axis(axis, group, mesh.members[axis])
+    return mesh
+
+
+def _with_expert_side(layout: Layout) -> Layout:
+    """A dense model has no experts: let its (unused) expert side span the same world, as
+    Megatron does with etp = tp, ep = 1, edp = dp * cp."""
+    if layout.expert_world == layout.world or layout.ep > 1:
+        return layout
+    return replace(layout, etp=layout.tp, ep=1, edp=layout.dp * layout.cp)
+
+
+def destroy() -> None:
+    collectives.unbind_all()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_threads() -> None:
+    """One compute thread per rank: ranks share the machine's cores."""
+    torch.set_num_threads(int(os.environ.get("PLAIT_THREADS", "1")))

@@ -1,0 +1,310 @@
+"""Gradient reduction, global-norm clipping and AdamW for the three data-parallel kinds.
+
+  replicated  every DP rank keeps full AdamW state; gradients are all-reduced (averaged) over DP
+  zero1       distributed optimizer: gradients are reduce-scattered into flat per-rank shards, each
+              DP rank runs AdamW on its shard only, updated shards are all-gathered back
+  fsdp        torch's fully_shard (FSDP2) over the DP group shards parameters, gradients and state
+
+All use torch.optim.AdamW for the arithmetic. Gradients listed in the program's grad_sync.tp_sum
+are summed over TP first (replicated weights used in TP / sequence-parallel regions). The global
+gradient norm counts every parameter element exactly once across all groups: TP-replicated ones on
+TP rank 0, DP-replicated ones on DP rank 0, shards on their owners, then one all-reduce over the world.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from plait.ir.job import Optimizer as OptimizerSpec
+from plait.lowering import collectives as cc
+from plait.lowering.compile import RankProgram
+
+from .mesh import Mesh
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Weight decay on matrices only (not on norms, biases), as Megatron does."""
+    return p.ndim >= 2
+
+
+def param_groups(named: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    named = list(named)
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+
+
+def adamw(groups: list[dict], spec: OptimizerSpec) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
+                             foreach=False)
+
+
+def lr_at(step: int, spec: OptimizerSpec, total_steps: int) -> float:
+    """Linear warmup to lr, then cosine (or constant / linear) decay to min_lr."""
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    span = max(1, total_steps - spec.warmup)
+    progress = min(1.0, (step - spec.warmup) / span)
+    if spec.schedule == "constant":
+        return spec.lr
+    if spec.schedule == "linear":
+        return spec.lr + (spec.min_lr - spec.lr) * progress
+    return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+class DataParallel:
+    """Base: this rank's parameters, TP sums, norm ownership. Subclasses reduce over DP and step."""
+
+    def __init__(self, program: RankProgram, mesh: Mesh, spec: OptimizerSpec):
+        self.program, self.mesh, self.spec = program, mesh, spec
+        self.named = program.local_parameters()
+        self.tp_sum = [n for n in program.grad_sync.tp_sum if n in self.named]
+        self.dp = mesh.size("dp")
+
+    def wrap(self, modules: list[nn.Module]) -> None:
+        """Hook the stage modules before the pipeline is built (FSDP shards them here)."""
+
+    def sum_over_tp(self) -> None:
+        for name in self.tp_sum:
+            grad = self._local_grad(self.named[name])
+            if grad is not None:
+                grad.copy_(cc.all_reduce(grad, "sum", "tp"))
+
+    def _local_grad(self, p: torch.Tensor):
+        g = p.grad
+        return g.to_local() if hasattr(g, "to_local") else g
+
+    def _tp_owned(self, name: str) -> bool:
+        return name in self.program.shards or self.mesh.coord("tp") == 0
+
+    def global_norm(self) -> torch.Tensor:
+        local = self.owned_sq_sum().reshape(1)
+        return cc.all_reduce(local, "sum", "world").sqrt()[0]
+
+    def reduce(self) -> None:
+        """Complete every gradient: sum over TP where partial, average over DP."""
+        self.sum_over_tp()
+        self.reduce_over_dp()
+
+    def finish_step(self) -> tuple[float, float]:
+        """Reduce gradients, clip by the global norm, step; returns (grad norm, clip factor)."""
+        self.reduce()
+        return self.clip_and_step()
+
+    def clip_and_step(self) -> tuple[float, float]:
+        norm = self.global_norm()
+        coef = clip_coefficient(norm, self.spec.grad_clip) if self.spec.grad_clip > 0 \
+            else torch.tensor(1.0)
+        self.step(coef)
+        return float(norm), float(coef)
+
+    def zero_grad(self) -> None:
+        for p in self.named.values():
+            p.grad = None
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """name -> this rank's (TP-local) parameter, whole along DP (for tests, checkpoints)."""
+        return {n: p.detach().clone() for n, p in self.named.items()}
+
+    # subclass API
+    def reduce_over_dp(self) -> None: ...
+    def owned_sq_sum(self) -> torch.Tensor: ...
+    def step(self, coef: torch.Tensor) -> None: ...
+    def set_lr(self, lr: float) -> None: ...
+    def reduced_grads(self) -> dict[str, torch.Tensor]:
+        """name -> this rank's (TP-local) gradient averaged over DP, full along DP (for tests)."""
+        ...
+
+
+class Replicated(DataParallel):
+    """Plain data parallelism: one flat all-reduce of all gradients, full AdamW everywhere."""
+
+    def __init__(self, program, mesh, spec):
+        super().__init__(program, mesh, spec)
+        self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
+
+    def reduce_over_dp(self) -> None:
+        params = [p for p in self.named.values() if p.grad is not None]
+        if self.dp == 1 or not params:
+            return
+        flat = torch.cat([p.grad.flatten() for p in params])
+        flat = cc.all_reduce(flat, "sum", "dp") / self.dp
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def owned_sq_sum(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32)
+        if self.mesh.coord("dp") != 0:
+            return total
+        for name, p in self.named.items():
+            if p.grad is not None and self._tp_owned(name):
+                total += p.grad.float().pow(2).sum()
+        return total
+
+    def step(self, coef: torch.Tensor) -> None:
+        for p in self.named.values():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        self.optimizer.step()
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def reduced_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.detach().clone() for n, p in self.named.items() if p.grad is not None}
+
+
+class _FlatShard:
+    """One parameter group flattened, padded to a multiple of dp, and this rank's 1/dp of it."""
+
+    def __init__(self, params: list[nn.Parameter], dp: int, dp_rank: int):
+        self.params, self.dp, self.dp_rank = params, dp, dp_rank
+        self.numel = sum(p.numel() for p in params)
+        self.size = -(-self.numel // dp)  # ceil
+        flat = self._flatten([p.detach() for p in params])
+        self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
+
+    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.zeros(self.size * self.dp, dtype=torch.float32)
+        if tensors:
+            flat[:self.numel] = torch.cat([t.flatten().float() for t in tensors])
+        return flat
+
+    def reduce_grad(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self._flatten(grads)
+        mine = cc.reduce_scatter(flat, 0, "dp") if self.dp > 1 else flat
+        self.master.grad = mine / self.dp
+
+    def publish(self) -> None:
+        """All-gather the updated shards and write them into the model's parameters."""
+        full = cc.all_gather(self.master.detach(), 0, "dp") if self.dp > 1 else self.master.detach()
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(full[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def full_grad(self) -> torch.Tensor:
+        g = self.master.grad.detach()
+        return cc.all_gather(g, 0, "dp") if self.dp > 1 else g
+
+
+class ZeroOne(DataParallel):
+    """Distributed optimizer (ZeRO stage 1): AdamW state for 1/dp of every parameter group."""
+
+    def __init__(self, program, mesh, spec):
+        super().__init__(program, mesh, spec)
+        groups = param_groups(self.named.items(), spec.weight_decay)
+        self.flats = [_FlatShard(g["params"], self.dp, mesh.coord("dp")) for g in groups]
+        self.masks = [self._tp_owned_mask(f) for f in self.flats]
+        self.optimizer = adamw([{"params": [f.master], "weight_decay": g["weight_decay"]}
+                                for f, g in zip(self.flats, groups)], spec)
+
+    def reduce_over_dp(self) -> None:
+        for flat in self.flats:
+            flat.reduce_grad()
+
+    def owned_sq_sum(self) -> torch.Tensor:
+        """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
+        total = torch.zeros((), dtype=torch.float32)
+        for flat, mask in zip(self.flats, self.masks):
+            total += (flat.master.grad.pow(2) * mask).sum()
+        return total
+
+    def _tp_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
+        names = {id(p): n for n, p in self.named.items()}
+        owned = flat._flatten([torch.full_like(p, float(self._tp_owned(names[id(p)])))
+                               for p in flat.params])
+        return owned[flat.dp_rank * flat.size:(flat.dp_rank + 1) * flat.size]
+
+    def step(self, coef: torch.Tensor) -> None:
+        for flat in self.flats:
+            flat.master.grad.mul_(coef)
+        self.optimizer.step()
+        for flat in self.flats:
+            flat.publish()
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for flat in self.flats:
+            flat.master.grad = None
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def reduced_grads(self) -> dict[str, torch.Tensor]:
+        out = {}
+        names = {id(p): n for n, p in self.named.items()}
+        for flat in self.flats:
+            full, offset = flat.full_grad(), 0
+            for p in flat.params:
+                out[names[id(p)]] = full[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        return out
+
+
+class FullyShard(DataParallel):
+    """FSDP2 (torch fully_shard) over the DP group, one unit per pipeline stage module. gloo has
+    neither AVG nor PREMUL_SUM, so reductions are forced to SUM with a post-division by dp."""
+
+    def __init__(self, program, mesh, spec):
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = DeviceMesh.from_group(mesh.groups["dp"], "cpu", mesh_dim_names=("dp",))
+        self.units = []
+        for _, module in program.local_modules():
+            fully_shard(module, mesh=dp_mesh, reshard_after_forward=True)
+            module.set_force_sum_reduction_for_comms(True)
+            self.units.append(module)
+        super().__init__(program, mesh, spec)  # parameters are DTensors now
+        self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
+
+    def reduce_over_dp(self) -> None:
+        """FSDP has reduce-scattered during backward already."""
+
+    def owned_sq_sum(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32)
+        for name, p in self.named.items():
+            g = self._local_grad(p)
+            if g is not None and self._tp_owned(name):
+                total += g.float().pow(2).sum()
+        return total
+
+    def step(self, coef: torch.Tensor) -> None:
+        for p in self.named.values():
+            if p.grad is not None:
+                p.grad.mul_(float(coef))
+        self.optimizer.step()
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def reduced_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.full_tensor().detach().clone() for n, p in self.named.items()
+                if p.grad is not None}
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p.full_tensor().detach().clone() for n, p in self.named.items()}
+
+
+STRATEGIES = {"replicated": Replicated, "zero1": ZeroOne, "fsdp": FullyShard}
+
+
+def make_data_parallel(program: RankProgram, mesh: Mesh, spec: OptimizerSpec) -> DataParallel:
+    return STRATEGIES[program.grad_sync.dp_kind](program, mesh, spec)

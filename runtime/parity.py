@@ -1,0 +1,175 @@
+"""Numerics parity: run parallel layouts for a few steps and compare with one device.
+
+For each case, every rank trains its compiled program on the same global batches as the
+single-device reference (`ReferenceTrainer`) and records the step-0 loss, the step-0 gradients
+(after the TP / DP reductions, before clipping) and the parameters after `steps` AdamW steps. The
+parent reassembles TP shards and reports the largest absolute difference of each. One process
+spawn per world size runs all of that size's cases in sequence (gloo, file:// rendezvous).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from plait.ir.cluster import local_cpu
+from plait.ir.job import Data, Optimizer, TrainJob
+from plait.ir.model import ModelSpec
+from plait.ir.plan import Layout, ParallelPlan, Stage, even_stages
+from plait.lowering.build import build_model
+
+from .data import BatchLoader, SyntheticTokens
+from .mesh import build_mesh, destroy, init_distributed
+from .train import ReferenceTrainer, Trainer
+
+TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    layout: Layout
+    stages: tuple[Stage, ...] = ()  # default: even_stages
+    schedule: str = "1f1b"
+
+    def plan(self, spec: ModelSpec, global_batch: int, seq: int) -> ParallelPlan:
+        stages = self.stages or even_stages(spec.num_layers, self.layout.pp, self.layout.vpp)
+        return ParallelPlan(job="parity", model=spec.name, cluster="local-cpu",
+                            world=self.layout.world, layout=self.layout, stages=stages,
+                            global_batch=global_batch, seq_len=seq, schedule=self.schedule)
+
+
+@dataclass(frozen=True)
+class Setup:
+    spec: ModelSpec
+    global_batch: int = 8
+    seq: int = 16
+    steps: int = 3
+    optimizer: Optimizer = field(default_factory=lambda: Optimizer(
+        lr=1e-3, min_lr=1e-4, warmup=1, weight_decay=0.1, grad_clip=0.5))
+    seed: int = 0
+
+    def job(self, world: int) -> TrainJob:
+        return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
+                        global_batch=self.global_batch, seq_len=self.seq, precision=None,
+                        optimizer=self.optimizer, steps=self.steps,
+                        data=Data(synthetic=True, seed=self.seed), seed=self.seed)
+
+    def source(self) -> SyntheticTokens:
+        return SyntheticTokens(self.spec.vocab, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Errors:
+    loss: float
+    grads: float
+    params: float
+    worst_grad: str = ""
+    worst_param: str = ""
+
+    @property
+    def max(self) -> float:
+        return max(self.loss, self.grads, self.params)
+
+
+def reference(setup: Setup) -> dict:
+    torch.manual_seed(0)
+    model = build_model(setup.spec, seed=setup.seed)
+    trainer = ReferenceTrainer(model, setup.optimizer)
+    loader = BatchLoader(setup.source(), setup.seq, setup.global_batch, setup.seed)
+    out = {}
+    for step in range(setup.steps):
+        batch = loader.local_batch(step)
+        loss = trainer.forward_backward(batch.tokens, batch.labels)
+        if step == 0:
+            out["loss"] = float(loss)
+            out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        trainer.step(step, setup.steps)
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
+    plan = case.plan(setup.spec, setup.global_batch, setup.seq)
+    mesh = build_mesh(plan.layout, TIMEOUT_S)
+    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source())
+    trainer.dp.zero_grad()
+    loss = trainer.forward_backward(0)
+    trainer.dp.reduce()
+    grads = trainer.dp.reduced_grads()
+    trainer.dp.set_lr(_lr(setup, 0))
+    trainer.dp.clip_and_step()
+    for step in range(1, setup.steps):
+        trainer.train_step(step, setup.steps)
+    shards = {n: (s.dim, s.parts, s.index) for n, s in trainer.program.shards.items()}
+    torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
+                "shards": shards, "coords": trainer.program.coords},
+               out_dir / f"{case.name}.rank{rank}.pt")
+
+
+def _lr(setup: Setup, step: int) -> float:
+    from .optim import lr_at
+    return lr_at(step, setup.optimizer, setup.steps)
+
+
+def _worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    init_distributed("gloo", TIMEOUT_S, f"file://{out_dir}/rendezvous", rank, world)
+    try:
+        for case in cases:
+            _run_case(setup, case, rank, Path(out_dir))
+    finally:
+        destroy()
+
+
+def _assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
+    """Whole tensors from the DP-rank-0 records: TP shards concatenated in index order."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    dims: dict[str, int] = {}
+    for rec in records:
+        if rec["coords"]["dp"] != 0:
+            continue
+        for name, tensor in rec[key].items():
+            dim, _, index = rec["shards"].get(name, (0, 1, 0))
+            pieces.setdefault(name, {})[index] = tensor
+            dims[name] = dim
+    return {n: torch.cat([p[i] for i in sorted(p)], dims[n]) for n, p in pieces.items()}
+
+
+def _max_diff(got: dict, want: dict) -> tuple[float, str]:
+    missing = sorted(set(want) - set(got))
+    if missing:
+        raise AssertionError(f"parameters missing from the parallel run: {missing}")
+    worst = max(want, key=lambda n: (got[n] - want[n]).abs().max().item())
+    return (got[worst] - want[worst]).abs().max().item(), worst
+
+
+def compare(records: list[dict], ref: dict) -> Errors:
+    losses = [r["loss"] for r in records]
+    grad_err, worst = _max_diff(_assemble(records, "grads"), ref["grads"])
+    param_err, worst_param = _max_diff(_assemble(records, "params"), ref["params"])
+    return Errors(loss=max(abs(l - ref["loss"]) for l in losses), grads=grad_err,
+                  params=param_err, worst_grad=worst, worst_param=worst_param)
+
+
+def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> dict[str, Errors]:
+    """Spawn one group of processes per world size; returns each case's errors."""
+    ref = reference(setup)
+    results: dict[str, Errors] = {}
+    by_world: dict[int, list[Case]] = {}
+    for case in cases:
+        by_world.setdefault(case.layout.world, []).append(case)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        for world, group in sorted(by_world.items()):
+            work = Path(tmp) / f"world{world}"
+            work.mkdir()
+            mp.spawn(_worker, args=(world, setup, group, str(work)), nprocs=world, join=True)
+            for case in group:
+                records = [torch.load(work / f"{case.name}.rank{r}.pt", weights_only=False)
+                           for r in range(world)]
+                results[case.name] = compare(records, ref)
+    return results

@@ -1,0 +1,100 @@
+"""One training step's forward and backward over the micro-batches of this rank.
+
+With pp > 1 the step runs on torch.distributed.pipelining: one PipelineStage per local chunk (static
+boundary shapes from the compiled program) and PyTorch's schedule — Schedule1F1B, or
+ScheduleInterleaved1F1B when a rank holds several virtual stages, or ScheduleGPipe. With pp == 1
+the micro-batches simply accumulate gradients. Either way the loss is averaged over micro-batches.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
+                                                    ScheduleInterleaved1F1B)
+
+from plait.ir.errors import LayoutError
+from plait.lowering import collectives as cc
+from plait.lowering.compile import RankProgram
+from plait.lowering.passes.split_pipeline import stage_name
+
+from .mesh import Mesh
+
+SINGLE_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+
+
+def _meta(shape, dtype) -> torch.Tensor:
+    """A meta tensor standing for a stage boundary value; activations carry gradients back."""
+    return torch.empty(tuple(shape), dtype=dtype, device="meta",
+                       requires_grad=dtype.is_floating_point)
+
+
+def _stage_meta(program: RankProgram, chunk: int, n_micro: int):
+    """Example input / output tensors of one chunk for one micro-batch (static stage metadata)."""
+    in_shape, in_dtype, out_shape, out_dtype = program.stage_io[stage_name(chunk)]
+    return _meta(in_shape, in_dtype), _meta(out_shape, out_dtype)
+
+
+def schedule_class(kind: str, vpp: int):
+    if vpp > 1:
+        if kind not in ("interleaved", "1f1b"):
+            raise LayoutError(f"schedule {kind!r} cannot run {vpp} virtual stages per rank",
+                              hint="use the interleaved schedule")
+        return ScheduleInterleaved1F1B
+    if kind not in SINGLE_SCHEDULES:
+        raise LayoutError(f"schedule {kind!r} is not available with one stage per rank; "
+                          f"use one of {', '.join(SINGLE_SCHEDULES)}")
+    return SINGLE_SCHEDULES[kind]
+
+
+class StepRunner:
+    """Runs forward + backward of one step; returns the mean loss on ranks that compute it."""
+
+    def __init__(self, program: RankProgram, mesh: Mesh, n_micro: int):
+        self.program, self.mesh, self.n_micro = program, mesh, n_micro
+        self.layout = program.plan.layout
+        self.schedule = None
+        if self.layout.pp > 1:
+            self.schedule = self._pipeline_schedule()
+
+    def _pipeline_schedule(self):
+        stages = []
+        for chunk, module in self.program.local_modules():
+            example_in, example_out = _stage_meta(self.program, chunk, self.n_micro)
+            stages.append(PipelineStage(module, chunk, self.program.num_chunks,
+                                        torch.device("cpu"), input_args=example_in,
+                                        output_args=example_out, group=self.mesh.groups["pp"]))
+        cls = schedule_class(self.program.plan.schedule, self.layout.vpp)
+        # Every rank passes the loss (it tells the schedule to run backward); the last stage calls it.
+        loss_fn = self.program.loss
+        if cls is ScheduleInterleaved1F1B:
+            return cls(stages, self.n_micro, loss_fn=loss_fn, scale_grads=True)
+        return cls(stages[0], self.n_micro, loss_fn=loss_fn, scale_grads=True)
+
+    def run(self, tokens: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.schedule is None:
+            return self._accumulate(tokens, labels)
+        first = 0 in self.program.chunk_indices
+        last = self.program.holds_loss
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if first else ()
+        kwargs = {"target": labels, "losses": losses} if last else {}
+        with cc.guard("pipeline send/recv", "pp"):
+            self.schedule.step(*args, return_outputs=False, **kwargs)
+        if not last:
+            return None
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def _accumulate(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        stage, loss_fn = self.program.stage(0), self.program.loss
+        total = torch.zeros(())
+        micro_tokens = tokens.chunk(self.n_micro)
+        micro_labels = labels.chunk(self.n_micro)
+        for i, (tok, lab) in enumerate(zip(micro_tokens, micro_labels)):
+            if hasattr(stage, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
+                stage.set_requires_gradient_sync(i == self.n_micro - 1)
+            loss = loss_fn(stage(tok), lab)
+            (loss / self.n_micro).backward()
+            total += loss.detach()
+        return total / self.n_micro

@@ -1,0 +1,172 @@
+"""The step loop: every rank lowers its own program from (job, plan), then trains it.
+
+    loss averaged over micro-batches and DP; AdamW with warmup + cosine LR; global gradient-norm
+    clipping across all groups; logs of loss, tokens/s and memory with a rich progress bar (rank 0).
+
+`python -m plait.runtime.train RUN_DIR` is what each process started by torchrun executes; RUN_DIR
+holds job.json and plan.json written by `plait run`.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from plait.ir.job import Optimizer as OptimizerSpec
+from plait.ir.job import TrainJob
+from plait.ir.plan import ParallelPlan
+from plait.ir.serde import from_json
+from plait.lowering import collectives as cc
+from plait.lowering.build import build_model
+from plait.lowering.compile import RankProgram, lower
+
+from . import data as data_mod
+from .mesh import Mesh, build_mesh, destroy, init_distributed, set_threads
+from .optim import adamw, clip_coefficient, lr_at, make_data_parallel, param_groups, set_lr
+from .schedule import StepRunner
+
+
+@dataclass(frozen=True)
+class StepLog:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    step_time: float
+    tokens_per_s: float
+    peak_memory_mb: float
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _keep_local_children(program: RankProgram) -> None:
+    """Drop the stage modules this rank does not run (their weights were only needed to lower)."""
+    local = {f"stage{c}" for c in program.chunk_indices} | {"loss"}
+    for name, _ in list(program.pipe.named_children()):
+        if name not in local:
+            delattr(program.pipe, name)
+
+
+class Trainer:
+    def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
+                 source: Optional[data_mod.TokenSource] = None):
+        self.job, self.plan, self.mesh = job, plan, mesh
+        model = build_model(job.model, dtype=torch.float32, seed=job.seed)
+        self.program = lower(model, job.model, plan, mesh.rank)
+        self.stage_modules = [m for _, m in self.program.local_modules()]
+        self.dp = make_data_parallel(self.program, mesh, job.optimizer)
+        self.runner = StepRunner(self.program, mesh, plan.num_microbatches)
+        source = source or data_mod.open_source(job.data.path, job.model.vocab,
+                                                job.data.synthetic, job.data.seed)
+        self.loader = data_mod.BatchLoader(source, plan.seq_len, plan.global_batch, job.data.seed,
+                                           dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"))
+
+    def forward_backward(self, step: int) -> torch.Tensor:
+        """Loss of step `step` averaged over micro-batches and DP (on every rank), gradients left
+        in place (not yet reduced)."""
+        batch = self.loader.local_batch(step)
+        loss = self.runner.run(batch.tokens, batch.labels)
+        reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
+        value = loss.reshape(1) if (reporter and loss is not None) else torch.zeros(1)
+        return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp")
+
+    def train_step(self, step: int, total_steps: int) -> StepLog:
+        start = time.perf_counter()
+        self.dp.zero_grad()
+        loss = self.forward_backward(step)
+        lr = lr_at(step, self.job.optimizer, total_steps)
+        self.dp.set_lr(lr)
+        norm, _ = self.dp.finish_step()
+        elapsed = time.perf_counter() - start
+        tokens = self.plan.global_batch * self.plan.seq_len
+        return StepLog(step=step, loss=float(loss), grad_norm=norm, lr=lr, step_time=elapsed,
+                       tokens_per_s=tokens / elapsed, peak_memory_mb=peak_rss_mb())
+
+    def fit(self, steps: int, on_step: Optional[Callable[[StepLog], None]] = None) -> list[StepLog]:
+        logs = []
+        for step in range(steps):
+            log = self.train_step(step, steps)
+            logs.append(log)
+            if on_step:
+                on_step(log)
+        return logs
+
+
+class ReferenceTrainer:
+    """The single-device ground truth: the reference module, torch AdamW with the same parameter
+    groups, clip_grad_norm_, the same LR schedule."""
+
+    def __init__(self, model: torch.nn.Module, spec: OptimizerSpec):
+        self.model, self.spec = model, spec
+        self.optimizer = adamw(param_groups(model.named_parameters(), spec.weight_decay), spec)
+
+    def forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(tokens, labels)
+        loss.backward()
+        return loss.detach()
+
+    def step(self, step: int, total_steps: int) -> float:
+        # max_norm = inf measures without clipping (grad_clip <= 0 turns clipping off).
+        max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=False)
+        set_lr(self.optimizer, lr_at(step, self.spec, total_steps))
+        self.optimizer.step()
+        return float(norm)
+
+
+def _progress_printer(steps: int, mesh: Mesh):
+    """A rich progress bar on rank 0 (plain lines when the output is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=False)
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console,
+                        transient=False)
+    task = progress.add_task("train", total=steps, stats="")
+
+    def on_step(log: StepLog) -> None:
+        stats = (f"loss {log.loss:.4f}  |g| {log.grad_norm:.3f}  lr {log.lr:.2e}  "
+                 f"{log.tokens_per_s:,.0f} tok/s  {log.peak_memory_mb:,.0f} MB")
+        progress.update(task, advance=1, stats=stats)
+        if not console.is_terminal or log.step % 10 == 0 or log.step == steps - 1:
+            console.print(f"step {log.step:4d}  {stats}", highlight=False)
+    return progress, on_step
+
+
+def run_worker(run_dir: str | Path) -> int:
+    """Entry point of one torchrun process."""
+    run_dir = Path(run_dir)
+    job = from_json(TrainJob, (run_dir / "job.json").read_text())
+    plan = ParallelPlan.from_json((run_dir / "plan.json").read_text())
+    options = json.loads((run_dir / "options.json").read_text())
+    set_threads()
+    init_distributed(job.cluster.backend if job.cluster.backend == "nccl" else "gloo",
+                     options.get("timeout_s", 300))
+    mesh = build_mesh(plan.layout, options.get("timeout_s", 300))
+    try:
+        trainer = Trainer(job, plan, mesh)
+        steps = options.get("steps") or job.steps
+        if mesh.rank == 0:
+            progress, on_step = _progress_printer(steps, mesh)
+            with progress:
+                logs = trainer.fit(steps, on_step)
+            (run_dir / "log.json").write_text(json.dumps([asdict(l) for l in logs], indent=1))
+        else:
+            trainer.fit(steps)
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_worker(sys.argv[1]))
