@@ -23,7 +23,7 @@ from plait.ir.model import ModelSpec
 from .modules.attention import SelfAttention
 from .modules.mlp import FeedForward
 from .modules.model import CausalLM
-from .modules.norms import GatedRMSNorm, RMSNorm
+from .modules.norms import GatedRMSNorm, RMSNorm, upcast
 
 INIT_STD = 0.02
 # Projections that write into the residual stream get Megatron's depth-scaled init.
@@ -63,15 +63,15 @@ def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions], segmen
 
 
 def _keep_fp32(model: nn.Module) -> None:
-    """Tensors a module lists in ``fp32_params`` (dotted names: the MoE router, the expert bias)
-    stay in fp32 whatever the model dtype, as Megatron keeps them."""
+    """Tensors a module lists in ``fp32_params`` (the MoE router and expert bias, RoPE frequencies,
+    Mamba's A_log / D / dt_bias) stay at least fp32 in a bf16 / fp16 model (fp64 stays fp64)."""
     for module in model.modules():
         for name in getattr(module, "fp32_params", ()):
             owner, _, leaf = name.rpartition(".")
             holder = module.get_submodule(owner) if owner else module
             tensor = getattr(holder, leaf, None)
             if tensor is not None:
-                tensor.data = tensor.data.float()
+                tensor.data = upcast(tensor.data)
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
     for module_name, module in model.named_modules():
         custom = getattr(module, "reset_parameters_with", None)
         if custom is not None:
-            custom(gen)  # block-specific init (Mamba's A_log, dt_bias, ...)
+            custom(gen)  # the module's own parameters (Mamba's A_log, dt_bias, D); children below
             continue
         for name, p in module.named_parameters(recurse=False):
             p.copy_(_draw(module, module_name, name, p, gen, depth_std))

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-import torch.fx
+
+from trace_check_util import call_function_names, traced_and_checked
 
 from plait.ir.model import MLP, Attention, Mamba2, ModelSpec
 from plait.lowering.build import build_model
@@ -101,17 +102,8 @@ def test_per_component_tp_sharding_reproduces_the_mixer():
 def test_hybrid_model_traces_with_scan_and_conv_as_single_nodes():
     spec = ModelSpec(name="h", vocab=64, hidden=32, layers=("mamba", "attention", "mlp", "mamba"),
                      attention=Attention(4, 2, 8, rope=None), mlp=MLP(48, "relu2"), mamba=SPEC)
-    m = build_model(spec)
-    gm = torch.fx.symbolic_trace(m)
-    tokens = torch.randint(0, 64, (2, 21))
-    loss, traced = m(tokens, tokens), gm(tokens, tokens)
-    assert torch.equal(loss, traced)
-    loss.backward()
-    traced.backward()
-    traced_params = dict(gm.named_parameters())
-    for name, p in m.named_parameters():
-        assert torch.equal(p.grad, traced_params[name].grad), name
-    targets = [getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"]
+    gm = traced_and_checked(build_model(spec), torch.randint(0, 64, (2, 21)))
+    targets = call_function_names(gm)
     assert targets.count("ssd_scan") == 2 and targets.count("causal_conv1d") == 2
 
 
