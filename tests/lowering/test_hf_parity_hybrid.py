@@ -34,3 +34,30 @@ def test_hybrid_logits_match_transformers(case, seq):
     # float64 run) reaches 4e-5 on "one-group-per-head", so 1e-5 would test noise, not agreement
     hf, ref = hf_and_reference(cfg, std=0.2)
     assert max_logit_diff(hf, ref, cfg["vocab_size"], seq=seq) <= 1e-5
+
+
+def test_hub_checkpoint_layout_loads_from_safetensors(tmp_path):
+    """Nemotron-H hub files say ``backbone.`` and store each expert separately; the loader reads
+    them (sharded over two files) into the same model as the transformers state dict."""
+    from safetensors.torch import save_file
+
+    from plait.lowering.build import build_model
+    from plait.lowering.weights import load_hf_weights
+
+    hf, ref = hf_and_reference(TINY | CASES["ME*-"], std=0.2)
+    hub = {}
+    for name, t in hf.state_dict().items():
+        name = name.replace("model.", "backbone.", 1)
+        if name.endswith(("experts.up_proj", "experts.down_proj")):
+            for e in range(t.shape[0]):
+                hub[name.replace("experts.", f"experts.{e}.") + ".weight"] = t[e].contiguous()
+        else:
+            hub[name] = t.contiguous()
+    names = sorted(hub)
+    save_file({k: hub[k] for k in names[::2]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: hub[k] for k in names[1::2]}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": "nemotron_h"}')
+    fresh = build_model(ref.spec, seed=5)
+    load_hf_weights(fresh, tmp_path, ref.spec)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
