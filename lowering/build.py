@@ -21,9 +21,11 @@ from plait.ir.job import MoEOptions
 from plait.ir.model import ModelSpec
 
 from .modules.attention import SelfAttention
+from .modules.mamba import Mamba2Mixer
 from .modules.mlp import FeedForward
 from .modules.model import CausalLM
-from .modules.norms import GatedRMSNorm, RMSNorm, upcast
+from .modules.moe import MoEBlock
+from .modules.norms import GatedRMSNorm, RMSNorm
 
 INIT_STD = 0.02
 # Projections that write into the residual stream get Megatron's depth-scaled init.
@@ -39,8 +41,7 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu
     mixers = [_mixer(spec, kind, moe_options, capacity_segments) for kind in spec.layers]
     model = CausalLM(spec, mixers)
     init_weights(model, seed)
-    model.to(device=device, dtype=dtype)
-    _keep_fp32(model)
+    _cast(model, dtype, device)
     return model
 
 
@@ -54,24 +55,26 @@ def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions], segmen
     if kind == "mlp":
         return FeedForward.from_spec(block, spec.hidden)
     if kind == "moe":
-        from .modules.moe import MoEBlock
         return MoEBlock(block, spec.hidden, moe_options or MoEOptions(), segments)
     if kind == "mamba":
-        from .modules.mamba import Mamba2Mixer
         return Mamba2Mixer(block, spec.hidden, spec.norm.eps)
     raise PlaitError(f"unknown block kind {kind!r}")
 
 
-def _keep_fp32(model: nn.Module) -> None:
-    """Tensors a module lists in ``fp32_params`` (the MoE router and expert bias, RoPE frequencies,
-    Mamba's A_log / D / dt_bias) stay at least fp32 in a bf16 / fp16 model (fp64 stays fp64)."""
+def _cast(model: nn.Module, dtype: torch.dtype, device) -> None:
+    """Move to ``device`` and ``dtype``, except the tensors a module lists in ``fp32_params`` (the
+    MoE router and expert bias, RoPE frequencies, Mamba's A_log / D / dt_bias): they stay at least
+    fp32 in a bf16 / fp16 model (fp64 in a fp64 one), converted from their fp32 originals."""
+    keep = []
     for module in model.modules():
         for name in getattr(module, "fp32_params", ()):
             owner, _, leaf = name.rpartition(".")
             holder = module.get_submodule(owner) if owner else module
-            tensor = getattr(holder, leaf, None)
-            if tensor is not None:
-                tensor.data = upcast(tensor.data)
+            if getattr(holder, leaf, None) is not None:
+                keep.append((holder, leaf, getattr(holder, leaf).data))
+    model.to(device=device, dtype=dtype)
+    for holder, leaf, original in keep:
+        getattr(holder, leaf).data = original.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ def grouped_linear(x: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> to
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     pieces = torch.split(x, counts.tolist())
-    return torch.cat([F.linear(piece, w[e]) for e, piece in enumerate(pieces)]) if pieces else x @ w[0].T
+    return torch.cat([F.linear(piece, w[e]) for e, piece in enumerate(pieces)])
 
 
 def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,

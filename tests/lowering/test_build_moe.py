@@ -193,3 +193,11 @@ def test_model_with_moe_traces_and_keeps_router_at_least_fp32():
     gm = traced_and_checked(m, torch.randint(0, 64, (2, 16)))
     targets = set(call_function_names(gm))
     assert {"route", "capacity", "permute_tokens", "expert_mlp", "unpermute_tokens"} <= targets
+
+
+def test_fp32_tensors_of_a_bf16_model_are_not_rounded_through_bf16():
+    spec = ModelSpec(name="m", vocab=64, hidden=32, layers=("attention", "moe"), max_seq=32,
+                     attention=Attention(4, 2, 8, rope=Rope()), moe=moe_spec())
+    m16, m32 = build_model(spec, dtype=torch.bfloat16), build_model(spec)
+    assert torch.equal(m16.layers[1].mixer.router.weight, m32.layers[1].mixer.router.weight)
+    assert torch.equal(m16.layers[0].mixer.inv_freq, m32.layers[0].mixer.inv_freq)
