@@ -39,12 +39,21 @@ SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                    "nemotron_h")
 
 
+# Defaults of transformers' config classes (5.x) that differ from the generic fallbacks used
+# below; applied when a config.json omits the key (tests/ir/test_hf_import_defaults.py checks them).
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5},
+    "mistral": {"sliding_window": 4096},
+}
+
+
 class HFConfig:
     """A config dict whose keys are ticked off as they are read; `check_all_read` turns any key
     left over into an error. Values that are null count as absent."""
 
     def __init__(self, cfg: dict):
-        self.cfg = dict(cfg)
+        # A key the file omits takes the default of transformers' config class for that type.
+        self.cfg = {**TYPE_DEFAULTS.get(str(cfg.get("model_type", "")), {}), **cfg}
         self.model_type = str(cfg.get("model_type", ""))
         self.read: set[str] = {"model_type"}
 
