@@ -55,13 +55,13 @@ class PartitionProblem:
         return self.static[t] + (1 + self.fragmentation) * self.inflight[rank] * self.act[t][o]
 
     def rank_base(self, rank: int) -> tuple[float, float]:
-        """(time, bytes) of a rank that do not depend on the partition."""
-        chunks = [c for c in range(self.chunks) if self.rank_of(c) == rank]
-        time = len(chunks) * self.chunk_time
+        """(time, bytes) of a rank that do not depend on the partition. Chunk 0 (embedding) is on
+        rank 0, chunk C-1 (head) on rank pp-1."""
+        time = self.vpp * self.chunk_time
         mem = (1 + self.fragmentation) * self.buffers[rank] + self.reserve
-        if 0 in chunks:
+        if rank == 0:
             time, mem = time + self.first_time, mem + self.first_static
-        if self.chunks - 1 in chunks:
+        if rank == self.pp - 1:
             time, mem = time + self.last_time, mem + self.last_static
         return time, mem
 
@@ -95,12 +95,6 @@ def solve(problem: PartitionProblem, time_limit: float = 10.0) -> Partition | No
                      status=status)
 
 
-def _choice_vars(prob, problem: PartitionProblem):
-    """w[c,o] = 1 iff chunk c runs with recompute option o (exactly one per chunk)."""
-    return {(c, o): _var(prob, f"w_{c}_{o}", cat="Binary")
-            for c in range(problem.chunks) for o in problem.options}
-
-
 def _var(prob, name, low=None, up=None, cat="Continuous"):
     return prob.add_variable(name, low, up, cat=cat)
 
@@ -111,36 +105,53 @@ def _fits(prob, p: PartitionProblem, lhs) -> None:
 
 
 def _tied_model(p: PartitionProblem):
-    """All units identical (type 0): n[c,o] integers."""
-    U, C = len(p.unit_types), p.chunks
+    """All units identical (type 0). Only per-rank totals matter, so the variables are per rank:
+    k[r,o] of rank r's vpp chunks run option o and hold n[r,o] units; w[r,o] = [k[r,o] > 0]."""
+    U, V = len(p.unit_types), p.vpp
     prob = pulp.LpProblem("stage_partition_tied", pulp.LpMinimize)
     z = _var(prob, "z", 0)
     prob += z  # minimise the busiest rank's time per micro-batch
-    w = _choice_vars(prob, p)
-    n = {(c, o): _var(prob, f"n_{c}_{o}", 0, U, cat="Integer")
-         for c in range(C) for o in p.options}
-    trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
-    for c in range(C):
-        prob += pulp.lpSum(w[c, o] for o in p.options) == 1  # one recompute option per chunk
-        prob += pulp.lpSum(n[c, o] for o in p.options) >= 1  # no empty chunk
+    n, k, w = {}, {}, {}
+    for r in range(p.pp):
         for o in p.options:
-            prob += n[c, o] <= U * w[c, o]  # units only under the chosen option
-            prob += trans[p.rank_of(c)] >= p.transient[0][o] * w[c, o]  # peak transient per rank
+            n[r, o] = _var(prob, f"n_{r}_{o}", 0, U, cat="Integer")
+            k[r, o] = _var(prob, f"k_{r}_{o}", 0, V, cat="Integer")
+            w[r, o] = _var(prob, f"w_{r}_{o}", cat="Binary")
+    trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
     prob += pulp.lpSum(n.values()) == U  # every unit placed once
     for r in range(p.pp):
+        prob += pulp.lpSum(k[r, o] for o in p.options) == V  # each rank runs vpp chunks
+        for o in p.options:
+            prob += k[r, o] <= n[r, o]  # no empty chunk: a chunk holds at least one unit
+            prob += n[r, o] <= U * k[r, o]  # units of option o live in chunks of option o
+            prob += k[r, o] <= V * w[r, o]  # w marks an option the rank uses
+            prob += trans[r] >= p.transient[0][o] * w[r, o]  # peak transient of the rank
         base_t, base_m = p.rank_base(r)
-        mine = [c for c in range(C) if p.rank_of(c) == r]
-        # rank time: sum of its chunks' unit times + fixed terms <= z
-        prob += pulp.lpSum(n[c, o] * p.time[0][o] for c in mine for o in p.options) + base_t <= z
+        # rank time: its units' forward + backward (with recompute) + fixed terms <= z
+        prob += pulp.lpSum(n[r, o] * p.time[0][o] for o in p.options) + base_t <= z
         # rank memory: static + (1+frag)(inflight * activations + transient + buffers) + reserve
-        _fits(prob, p, pulp.lpSum(n[c, o] * p.mem_coeff(0, o, r) for c in mine for o in p.options)
+        _fits(prob, p, pulp.lpSum(n[r, o] * p.mem_coeff(0, o, r) for o in p.options)
               + (1 + p.fragmentation) * trans[r] + base_m)
 
     def read():
-        sizes = tuple(int(round(sum(n[c, o].value() or 0 for o in p.options))) for c in range(C))
-        options = tuple(max(p.options, key=lambda o: w[c, o].value() or 0) for c in range(C))
-        return sizes, options
+        per_chunk: dict = {}
+        for r in range(p.pp):
+            chunks = []
+            for o in p.options:
+                kk, nn = int(round(k[r, o].value() or 0)), int(round(n[r, o].value() or 0))
+                chunks += [(size, o) for size in _even(nn, kk)]
+            for v, chunk in enumerate(chunks):
+                per_chunk[v * p.pp + r] = chunk
+        order = [per_chunk[c] for c in range(p.chunks)]
+        return tuple(s for s, _ in order), tuple(o for _, o in order)
     return prob, read
+
+
+def _even(n: int, parts: int) -> list[int]:
+    if parts <= 0:
+        return []
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _window(p: PartitionProblem) -> int:
@@ -154,7 +165,8 @@ def _general_model(p: PartitionProblem):
     prob = pulp.LpProblem("stage_partition", pulp.LpMinimize)
     z = _var(prob, "z", 0)
     prob += z
-    w = _choice_vars(prob, p)
+    w = {(c, o): _var(prob, f"w_{c}_{o}", cat="Binary")  # chunk c runs option o
+         for c in range(C) for o in p.options}
     win = _window(p)
     y = {}
     for c in range(C):
@@ -215,23 +227,42 @@ def _val(expr) -> float:
 
 def partition_time(p: PartitionProblem, sizes, options) -> float:
     """Busiest rank's seconds per micro-batch for a given partition (the ILP's objective)."""
-    return max(_rank_totals(p, sizes, options, r)[0] for r in range(p.pp))
+    return max(t for t, _ in rank_totals(p, sizes, options))
 
 
 def partition_fits(p: PartitionProblem, sizes, options) -> bool:
-    return all(_rank_totals(p, sizes, options, r)[1] <= p.capacity * (1 + 1e-9)
-               for r in range(p.pp))
+    return all(m <= p.capacity * (1 + 1e-9) for _, m in rank_totals(p, sizes, options))
 
 
-def _rank_totals(p: PartitionProblem, sizes, options, rank: int) -> tuple[float, float]:
-    time, mem = p.rank_base(rank)
-    transient, start = 0.0, 0
+def rank_totals(p: PartitionProblem, sizes, options) -> list[tuple[float, float]]:
+    """(seconds per micro-batch, bytes) of every rank under a partition — one pass over chunks."""
+    if len(p.time) == 1 and len(set(options)) == 1:
+        return _uniform_tied_totals(p, sizes, options[0])
+    base = [p.rank_base(r) for r in range(p.pp)]
+    time = [b[0] for b in base]
+    mem = [b[1] for b in base]
+    trans = [0.0] * p.pp
+    start = 0
     for c, (size, o) in enumerate(zip(sizes, options)):
-        types = p.unit_types[start:start + size]
+        r = p.rank_of(c)
+        for t in p.unit_types[start:start + size]:
+            time[r] += p.time[t][o]
+            mem[r] += p.mem_coeff(t, o, r)
         start += size
-        if p.rank_of(c) != rank:
-            continue
-        time += sum(p.time[t][o] for t in types)
-        mem += sum(p.mem_coeff(t, o, rank) for t in types)
-        transient = max([transient] + [p.transient[t][o] for t in set(p.unit_types)])
-    return time, mem + (1 + p.fragmentation) * transient
+        trans[r] = max([trans[r]] + [p.transient[t][o] for t in range(len(p.time))])
+    return [(time[r], mem[r] + (1 + p.fragmentation) * trans[r]) for r in range(p.pp)]
+
+
+def _uniform_tied_totals(p: PartitionProblem, sizes, o: int) -> list[tuple[float, float]]:
+    """Closed form when every unit is alike and every chunk runs option o (the search's estimate)."""
+    per_rank = [0] * p.pp
+    for c, size in enumerate(sizes):
+        per_rank[c % p.pp] += size
+    t, act, static = p.time[0][o], p.act[0][o], p.static[0]
+    grow = 1 + p.fragmentation
+    out = []
+    for r, n in enumerate(per_rank):
+        bt, bm = p.rank_base(r)
+        out.append((bt + n * t, bm + n * (static + grow * p.inflight[r] * act)
+                    + grow * p.transient[0][o]))
+    return out

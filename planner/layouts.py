@@ -8,6 +8,7 @@ layer [attention, mlp] is one unit) or, for a non-periodic hybrid pattern, singl
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Callable, Iterator, Optional
 
 from plait.ir.errors import LayoutError
@@ -30,7 +31,12 @@ INT_KEYS = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs")
 def units(model: ModelSpec) -> tuple[tuple[str, ...], ...]:
     """The layer sequence cut into pipeline units: repeats of its smallest period when the model is
     periodic (every unit identical), otherwise one unit per layer."""
-    layers, n = model.layers, len(model.layers)
+    return _units(model.layers)
+
+
+@lru_cache(maxsize=256)
+def _units(layers: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    n = len(layers)
     for p in range(1, n // 2 + 1):
         if n % p == 0 and layers == layers[:p] * (n // p):
             return (layers[:p],) * (n // p)
@@ -346,6 +352,9 @@ def _mesh_violation(job: TrainJob, lay: Layout) -> Optional[str]:
     return None
 
 
+_KNOB_RULES = tuple(r for r in RULES if r.name in ("stages", "batch"))  # names: checked on pins
+
+
 def knob_variants(job: TrainJob, mesh: Layout, pins: dict) -> Iterator[Layout]:
     """(vpp, mbs, dp_kind) variants of one mesh that pass every rule."""
     n_units = len(units(job.model))
@@ -359,7 +368,7 @@ def knob_variants(job: TrainJob, mesh: Layout, pins: dict) -> Iterator[Layout]:
         for mbs in mbss:
             for kind in kinds:
                 lay = replace(mesh, vpp=vpp, mbs=mbs, dp_kind=kind)
-                if not violations(job, lay):
+                if not any(rule.check(job, lay) for rule in _KNOB_RULES):
                     yield lay
 
 

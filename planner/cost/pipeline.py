@@ -9,7 +9,8 @@ with t_max the busiest rank's forward + backward time of one micro-batch over al
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from plait.ir.job import TrainJob
@@ -148,6 +149,13 @@ class CostTable:
         return Extra(time=work.forward + work.backward + 2 * tp,
                      params=memory.head_params_on_rank(ctx), buffer=memory.logits_buffer(ctx),
                      comm=(("tp", 2 * tp),))
+
+    def with_vpp(self, vpp: int) -> "CostTable":
+        """The same table under another virtual-pipeline size (unit costs do not depend on it)."""
+        other = copy.copy(self)
+        other.layout = replace(self.layout, vpp=vpp)
+        other.__dict__.pop("schedule_factor", None)
+        return other
 
     def units_of(self, stage) -> tuple[UnitCost, ...]:
         """The units of a Stage (whose first/last count layers) — stages cut at unit boundaries."""

@@ -1,0 +1,179 @@
+"""Why a plan wins, why each other family loses, and what would help when nothing fits — in numbers.
+
+A *family* is a mesh: (tp, cp, pp) on the dense side and (etp, ep) on the expert side; its members
+differ in micro-batch, DP flavour, virtual stages and recompute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from plait.ir.job import TrainJob
+from plait.ir.plan import Layout, ParallelPlan
+
+from .cost.context import Context
+from .cost.evaluate import evaluate
+
+GiB = float(2**30)
+
+
+def family_of(lay: Layout) -> str:
+    s = f"tp{lay.tp} cp{lay.cp} pp{lay.pp} dp{lay.dp}"
+    if lay.ep > 1 or lay.etp != lay.tp:
+        s += f" | etp{lay.etp} ep{lay.ep} edp{lay.edp}"
+    return s
+
+
+@dataclass(frozen=True)
+class Rejection:
+    family: str
+    reason: str
+    step_time: Optional[float] = None  # best predicted step of the family, when one fits
+    memory_need: Optional[float] = None  # bytes, when none fits
+
+
+@dataclass
+class _Record:
+    layout: Layout
+    step: float = float("inf")
+    plan: Optional[ParallelPlan] = None
+    need: float = float("inf")  # smallest memory need when nothing fits
+    how: str = ""
+
+
+class Families:
+    """The best outcome seen per family during a search."""
+
+    def __init__(self, job: TrainJob):
+        self.job = job
+        self.records: dict[str, _Record] = {}
+
+    def _rec(self, lay: Layout) -> _Record:
+        return self.records.setdefault(family_of(lay), _Record(layout=lay))
+
+    def out_of_memory(self, mesh: Layout, need: float) -> None:
+        rec = self._rec(mesh)
+        if need < rec.need:
+            rec.need, rec.how = need, "even fully sharded (FSDP) with full recompute"
+
+    def infeasible(self, cand) -> None:
+        from .search import even_sizes, stages_of  # the driver owns the partition helpers
+        table = cand.table
+        sizes = even_sizes(len(table.units), table.chunks)
+        full = (2,) * table.chunks
+        need = evaluate(table, stages_of(table, sizes, full)).peak_memory
+        rec = self._rec(cand.layout)
+        if need < rec.need and rec.plan is None:
+            rec.need, rec.how, rec.layout = need, "with full recompute", cand.layout
+
+    def estimated(self, cand) -> None:
+        rec = self._rec(cand.layout)
+        if cand.quick < rec.step and rec.plan is None:
+            rec.step, rec.layout, rec.how = cand.quick, cand.layout, "estimated (even split)"
+
+    def solved(self, cand, plan: ParallelPlan) -> None:
+        rec = self._rec(cand.layout)
+        if rec.plan is None or plan.prediction.step_time < rec.plan.prediction.step_time:
+            rec.plan, rec.step, rec.layout, rec.how = plan, plan.prediction.step_time, plan.layout, ""
+
+    def smallest_need(self) -> Optional[tuple[float, Layout]]:
+        needs = [(r.need, r.layout) for r in self.records.values() if r.need < float("inf")]
+        return min(needs, key=lambda x: (x[0], x[1].short())) if needs else None
+
+    def rejections(self, winner: ParallelPlan) -> list[Rejection]:
+        win_family = family_of(winner.layout)
+        out = []
+        for fam, rec in sorted(self.records.items(), key=lambda kv: (kv[1].step, kv[1].need, kv[0])):
+            if fam == win_family:
+                continue
+            if rec.step < float("inf"):
+                out.append(Rejection(fam, self._slower(winner, rec), step_time=rec.step))
+            elif rec.need < float("inf"):
+                cap = self.job.cluster.device.memory
+                out.append(Rejection(fam, f"out of memory by {(rec.need - cap) / GiB:.1f} GiB: "
+                                     f"needs {rec.need / GiB:.1f} GiB of {cap / GiB:.0f} GiB "
+                                     f"{rec.how}", memory_need=rec.need))
+        return out
+
+    def _slower(self, winner: ParallelPlan, rec: _Record) -> str:
+        w = winner.prediction
+        pct = (rec.step / w.step_time - 1) * 100
+        parts = [f"{pct:+.1f}% step time ({rec.step:.2f} s vs {w.step_time:.2f} s)"]
+        if rec.plan is not None:
+            parts += differences(self.job, winner, rec.plan)
+        else:
+            parts += topology_facts(self.job, rec.layout, only_bad=True)
+            parts.append(rec.how)
+        return "; ".join(parts)
+
+
+def topology_facts(job: TrainJob, lay: Layout, only_bad: bool = False) -> list[str]:
+    """Which collectives stay inside a node and which cross the network."""
+    ctx = Context(job, lay)
+    facts = []
+    checks = [("dense", "tp", "tensor-parallel", lay.tp), ("dense", "cp", "context-parallel ring",
+                                                           lay.cp)]
+    if job.model.is_moe:
+        checks.append(("expert", "ep", "expert all-to-all", lay.ep))
+    for side, name, what, size in checks:
+        if size <= 1:
+            continue
+        g = ctx.group(side, name)
+        if g.crosses_nodes:
+            facts.append(f"{what} crosses nodes ({name} group of {g.size} spans {g.nodes} nodes)")
+        elif not only_bad:
+            facts.append(f"{what} stays inside a node ({name} group of {g.size})")
+    return facts
+
+
+def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> list[str]:
+    """The largest ways ``other`` spends more time or memory than ``winner``."""
+    w, o = winner.prediction, other.prediction
+    out = []
+    if o.bubble - w.bubble > 0.01:
+        out.append(f"bubble {o.bubble:.0%} vs {w.bubble:.0%}")
+    wc, oc = dict(w.exposed_comm), dict(o.exposed_comm)
+    extra = sorted(((oc.get(k, 0.0) - wc.get(k, 0.0), k) for k in set(wc) | set(oc)), reverse=True)
+    for delta, kind in extra[:2]:
+        if delta > 0.01 * w.step_time:
+            out.append(f"+{delta:.2f} s exposed {kind} communication")
+    if _recompute_share(other) > _recompute_share(winner) + 0.05:
+        out.append(f"recomputes {_recompute_share(other):.0%} of its stages in full to fit memory")
+    out += topology_facts(job, other.layout, only_bad=True)
+    return out
+
+
+def _recompute_share(plan: ParallelPlan) -> float:
+    return sum(s.recompute == "full" for s in plan.stages) / max(1, len(plan.stages))
+
+
+def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families: Families) -> list[str]:
+    """Lines that say what the plan achieves and why it beats the best plan of another family."""
+    p = plan.prediction
+    cap = job.cluster.device.memory
+    lines = [f"step {p.step_time:.2f} s, {p.tflops_per_gpu:.0f} TFLOP/s per GPU ({p.mfu:.1%} MFU), "
+             f"bubble {p.bubble:.1%}, peak memory {p.peak_memory / GiB:.1f} of {cap / GiB:.0f} GiB"]
+    lines += topology_facts(job, plan.layout)
+    fam = family_of(plan.layout)
+    rivals = [r for r in families.records.values()
+              if family_of(r.layout) != fam and r.step < float("inf")]
+    if plan is ranked[0] and rivals:
+        best = min(rivals, key=lambda r: (r.step, r.layout.short()))
+        reason = families._slower(plan, best)
+        lines.append(f"beats the best other mesh ({family_of(best.layout)}): it is {reason}")
+    return lines
+
+
+def no_feasible(job: TrainJob, result) -> str:
+    cap = job.cluster.device.memory
+    if result.min_memory is None:
+        return (f"no legal layout for job {job.name!r} on {job.cluster.world} GPUs "
+                f"(every mesh breaks a rule; try `plait plan --explain`)")
+    need, lay = result.min_memory
+    over = need / cap
+    hint = (f"more GPUs (about {int(job.cluster.world * over + 0.999)} to spread the parameter "
+            f"state), a device with at least {need / GiB:.0f} GiB, a smaller global batch or "
+            f"micro-batch, or unpinning dimensions pinned in the job's layout block")
+    return (f"no layout fits in memory for job {job.name!r}: the smallest need found is "
+            f"{need / GiB:.1f} GiB per GPU ({family_of(lay)}) but the device has "
+            f"{cap / GiB:.0f} GiB.\n  hint: {hint}")

@@ -1,0 +1,310 @@
+"""The planner's driver: enumerate -> prune by bounds -> solve -> rank -> explain.
+
+1. Enumerate meshes (tp, cp, pp | etp, ep) the rules and pins allow.
+2. Per mesh, two cheap bounds: a memory floor (FSDP-sharded state alone, full recompute) that
+   rejects meshes which can never fit, and a time floor (no bubble, no recompute, the largest
+   micro-batch) that orders them.
+3. Best-first over meshes: expand (mbs, dp flavour, vpp), estimate each with an even split and the
+   lightest recompute that fits, stop expanding when a mesh's floor exceeds the best estimates.
+4. Solve the stage-partition ILP for the candidates in order of their lower bound until the bound
+   passes the top-k solved step times (branch and bound). Deterministic: every order is a sort on
+   numbers with the layout as tie-break.
+"""
+from __future__ import annotations
+
+import heapq
+import time as _time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+from plait.ir.errors import LayoutError
+from plait.ir.job import TrainJob
+from plait.ir.plan import DP_KINDS, Layout, ParallelPlan, Stage
+
+from . import explain
+from .cost import memory
+from .cost.context import Context
+from .cost.evaluate import RankCost, evaluate, sync_time
+from .cost.pipeline import OPTIONS, CostTable
+from .ilp import PartitionProblem, rank_totals, solve
+from .layouts import check_pins, job_pins, knob_variants, meshes, units
+
+INF = float("inf")
+DEFAULT_KINDS = ("zero1", "fsdp")  # "replicated" moves the same bytes as zero1 and holds more
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    table: CostTable
+    problem: PartitionProblem
+    lower: float  # step-time lower bound
+    quick: float = INF  # even split with the lightest recompute that fits
+    quick_option: int = -1
+
+    @property
+    def key(self) -> tuple:
+        return (self.quick, self.lower, self.layout.short(), self.layout.dp_kind)
+
+
+@dataclass
+class SearchResult:
+    plans: list[ParallelPlan]
+    rejections: list[explain.Rejection]
+    enumerated: int = 0  # layouts (mesh x mbs x dp flavour x vpp) considered
+    pruned: int = 0  # dropped by a bound without solving
+    solved: int = 0  # ILPs solved
+    seconds: float = 0.0
+    min_memory: Optional[tuple[float, Layout]] = None  # smallest memory need seen, when none fit
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Optional[ParallelPlan]:
+        return self.plans[0] if self.plans else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables -> partition problems -> plans
+# ------------------------------------------------------------------------------------------------
+
+def problem_of(table: CostTable, options: tuple[int, ...]) -> PartitionProblem:
+    distinct = list(dict.fromkeys(table.units))
+    index = {id(u): i for i, u in enumerate(distinct)}
+    lay = table.layout
+    return PartitionProblem(
+        unit_types=tuple(index[id(u)] for u in table.units),
+        time=tuple(tuple(u.time(o) for o in range(3)) for u in distinct),
+        act=tuple(u.act for u in distinct), transient=tuple(u.transient for u in distinct),
+        static=tuple(table.unit_static(u) for u in distinct), pp=lay.pp, vpp=lay.vpp,
+        inflight=tuple(table.inflight(r) for r in range(lay.pp)),
+        buffers=tuple(table.buffer_bytes(r) for r in range(lay.pp)),
+        chunk_time=table.p2p, first_time=table.first.time,
+        first_static=table.static_bytes(table.first.params, 0.0),
+        last_time=table.last.time, last_static=table.static_bytes(table.last.params, 0.0),
+        fragmentation=table.fragmentation, reserve=table.reserve_fixed, capacity=table.capacity,
+        options=options)
+
+
+def even_sizes(n: int, chunks: int) -> tuple[int, ...]:
+    base, extra = divmod(n, chunks)
+    return tuple(base + (1 if c < extra else 0) for c in range(chunks))
+
+
+def stages_of(table: CostTable, sizes, options) -> tuple[Stage, ...]:
+    pp, out, unit = table.layout.pp, [], 0
+    for c, (size, o) in enumerate(zip(sizes, options)):
+        out.append(Stage(pp_rank=c % pp, virtual=c // pp, first=table.layer_of(unit),
+                         last=table.layer_of(unit + size), recompute=OPTIONS[o]))
+        unit += size
+    return tuple(out)
+
+
+def make_plan(table: CostTable, sizes, options, notes=()) -> ParallelPlan:
+    job = table.job
+    stages = stages_of(table, sizes, options)
+    common = max(OPTIONS, key=lambda o: (sum(s.recompute == o for s in stages), -OPTIONS.index(o)))
+    layout = replace(table.layout, recompute=common)
+    return ParallelPlan(
+        job=job.name, model=job.model.name, cluster=job.cluster.name, world=job.cluster.world,
+        layout=layout, stages=stages, global_batch=job.global_batch, seq_len=job.seq_len,
+        schedule="interleaved" if layout.vpp > 1 else "1f1b",
+        prediction=evaluate(table, stages), explanation=tuple(notes))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounds
+# ------------------------------------------------------------------------------------------------
+
+def memory_floor(job: TrainJob, mesh: Layout, kinds: tuple[str, ...]) -> float:
+    """Least bytes the fullest rank needs under ``mesh``: its share of the parameter state under the
+    most sharded allowed flavour, the last stage's head, one micro-batch of unit inputs, reserve."""
+    best = INF
+    for kind in kinds:
+        ctx = Context(job, replace(mesh, dp_kind=kind, mbs=1))
+        dense = expert = 0.0
+        for k in set(job.model.layers):
+            d, e = memory.block_params_on_rank(ctx, k)
+            n = job.model.count(k)
+            dense, expert = dense + n * d, expert + n * e
+        s = memory.state_bytes(ctx, dense / mesh.pp, expert / mesh.pp)
+        head = memory.state_bytes(ctx, memory.head_params_on_rank(ctx), 0.0)
+        best = min(best, sum(s.values()) + sum(head.values()) + ctx.cal.reserve_gib * memory.GiB)
+    return best
+
+
+def time_floor(table: CostTable) -> float:
+    """No bubble, no recompute, perfect balance: m * (sum of unit times + extras) / pp."""
+    total = sum(u.time(0) for u in table.units) + table.first.time + table.last.time
+    return table.microbatches * total / table.layout.pp
+
+
+def candidate_lower(table: CostTable, problem: PartitionProblem) -> float:
+    """Perfect balance with each unit at its cheapest allowed option (memory ignored)."""
+    counts_by_type: dict = {}
+    for t in problem.unit_types:
+        counts_by_type[t] = counts_by_type.get(t, 0) + 1
+    cheapest = [min(problem.time[t][o] for o in problem.options) for t in range(len(problem.time))]
+    work = sum(n * cheapest[t] for t, n in counts_by_type.items())
+    per_rank = (work + table.first.time + table.last.time + table.chunks * table.p2p) / table.layout.pp
+    return table.schedule_factor * max(per_rank, max(cheapest))
+
+
+def quick_estimate(cand: Candidate) -> None:
+    """Even split, one recompute option everywhere: the lightest option that fits."""
+    p = cand.problem
+    sizes = even_sizes(len(p.unit_types), p.chunks)
+    for o in p.options:
+        totals = rank_totals(p, sizes, (o,) * p.chunks)
+        if all(m <= p.capacity for _, m in totals):
+            z = max(t for t, _ in totals)
+            cand.quick = cand.table.schedule_factor * z + sync_estimate(cand.table, z)
+            cand.quick_option = o
+            return
+
+
+def sync_estimate(table: CostTable, z: float) -> float:
+    """Exposed DP synchronisation + optimizer step of an average rank whose micro-batch takes z
+    seconds (about a third forward, two thirds backward)."""
+    units_ = table.units
+    dense = (sum(u.dense_params for u in units_) + table.first.params + table.last.params)
+    expert = sum(u.expert_params for u in units_)
+    pp = table.layout.pp
+    rc = RankCost(time=z, fwd=z / 3, dense_params=dense / pp, expert_params=expert / pp,
+                  activations=0.0, transient=0.0, comm={})
+    exposed, opt = sync_time(table, rc)
+    return exposed + opt
+
+
+# ------------------------------------------------------------------------------------------------
+# The search
+# ------------------------------------------------------------------------------------------------
+
+def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_solves: int = 12,
+           time_limit: float = 5.0,
+           progress: Optional[Callable[[int, int], None]] = None) -> SearchResult:
+    """Best plans for ``job`` (at most ``top``), the rejected families and the search counts."""
+    start = _time.perf_counter()
+    pins = job_pins(job, extra_pins)
+    check_pins(job, pins)
+    options = (OPTIONS.index(pins["recompute"]),) if "recompute" in pins else (0, 1, 2)
+    kinds = (pins["dp_kind"],) if "dp_kind" in pins else DEFAULT_KINDS
+    result = SearchResult(plans=[], rejections=[])
+    families = explain.Families(job)
+    ordered = _bounded_meshes(job, pins, kinds, options, families, result)
+    candidates = _expand(job, pins, kinds, options, ordered, top, result, progress)
+    plans = _solve(candidates, top, max_solves, time_limit, families, result)
+    plans.sort(key=lambda p: (p.prediction.step_time, p.layout.short(), p.layout.dp_kind))
+    if plans:
+        winner = plans[0]
+        result.plans = [replace(p, explanation=tuple(explain.why(job, p, plans, families)))
+                        for p in plans[:top]]
+        result.rejections = families.rejections(winner)
+    else:
+        result.min_memory = families.smallest_need()
+    result.seconds = _time.perf_counter() - start
+    return result
+
+
+def _bounded_meshes(job, pins, kinds, options, families, result) -> list:
+    """Meshes that can fit, each screened with one table (smallest micro-batch, first allowed DP
+    flavour): (screen estimate, time floor, mesh, variants), best screen first."""
+    capacity = job.cluster.device.memory
+    unit_kinds = units(job.model)
+    scored = []
+    for mesh in meshes(job, pins):
+        need = memory_floor(job, mesh, kinds)
+        variants = [v for v in knob_variants(job, mesh, pins) if v.dp_kind in kinds]
+        result.enumerated += len(variants)
+        if not variants:
+            continue
+        if need > capacity:
+            families.out_of_memory(mesh, need)
+            result.pruned += len(variants)
+            continue
+        kind = "zero1" if "zero1" in kinds else kinds[0]
+        table = CostTable(job, replace(mesh, mbs=min(v.mbs for v in variants), dp_kind=kind, vpp=1),
+                          unit_kinds)
+        problem = problem_of(table, options)
+        screen = INF
+        for vpp in sorted({v.vpp for v in variants}):
+            cand = _candidate(replace(table.layout, vpp=vpp), table, problem)
+            screen = min(screen, cand.quick)
+        scored.append((screen, time_floor(table), mesh.short(), mesh, variants))
+    scored.sort(key=lambda s: (s[0], s[1], s[2]))
+    return [(sc, fl, m, v) for sc, fl, _, m, v in scored]
+
+
+def _candidate(lay: Layout, base: CostTable, base_problem: PartitionProblem) -> Candidate:
+    table = base.with_vpp(lay.vpp) if lay.vpp != base.layout.vpp else base
+    problem = base_problem if lay.vpp == base_problem.vpp else replace(
+        base_problem, vpp=lay.vpp, inflight=tuple(table.inflight(r) for r in range(lay.pp)))
+    cand = Candidate(layout=lay, table=table, problem=problem,
+                     lower=candidate_lower(table, problem))
+    quick_estimate(cand)
+    return cand
+
+
+# Screening keeps the meshes whose even-split estimate is within this factor of the best one
+# (at least MIN_MESHES of them); their floors must also beat the k-th best estimate so far.
+SCREEN_SLACK, MIN_MESHES = 1.10, 8
+
+
+def _expand(job, pins, kinds, options, ordered, top, result, progress) -> list[Candidate]:
+    """Every knob variant of the meshes that survive screening and the floor bound."""
+    unit_kinds = units(job.model)
+    cands: list[Candidate] = []
+    best_quick: list[float] = []  # max-heap (negated) of the k best estimates so far
+    best_screen = ordered[0][0] if ordered else INF
+    for i, (screen, floor, mesh, variants) in enumerate(ordered):
+        if progress:
+            progress(i + 1, len(ordered))
+        kth = -best_quick[0] if len(best_quick) >= top else INF
+        if (i >= MIN_MESHES and screen > SCREEN_SLACK * best_screen) or floor > kth:
+            result.pruned += len(variants)
+            continue
+        tables: dict = {}
+        for lay in variants:
+            key = (lay.mbs, lay.dp_kind)
+            if key not in tables:
+                base = CostTable(job, replace(lay, vpp=1), unit_kinds)
+                tables[key] = (base, problem_of(base, options))
+            cand = _candidate(lay, *tables[key])
+            if cand.quick < INF:
+                heapq.heappush(best_quick, -cand.quick)
+                if len(best_quick) > top:
+                    heapq.heappop(best_quick)
+            cands.append(cand)
+    return cands
+
+
+def _solve(cands, top, max_solves, time_limit, families, result) -> list[ParallelPlan]:
+    """ILPs in order of the even-split estimate (an upper bound of each ILP), skipping candidates
+    whose lower bound cannot beat the k-th best plan or estimate (branch and bound)."""
+    plans: list[ParallelPlan] = []
+    best_quick = sorted(c.quick for c in cands)
+    for cand in sorted(cands, key=lambda c: c.key):
+        steps = sorted(p.prediction.step_time for p in plans)
+        bound = min(steps[top - 1] if len(steps) >= top else INF,
+                    best_quick[top - 1] if len(best_quick) >= top else INF)
+        if cand.lower > bound or result.solved >= max_solves:
+            result.pruned += 1
+            families.estimated(cand)
+            continue
+        part = solve(cand.problem, time_limit=time_limit)
+        result.solved += 1
+        if part is None:
+            families.infeasible(cand)
+            continue
+        notes = [] if part.status == "optimal" else ["ILP hit its time limit: best found, not proven"]
+        plan = make_plan(cand.table, part.sizes, part.options, notes)
+        families.solved(cand, plan)
+        plans.append(plan)
+    return plans
+
+
+def estimate(job: TrainJob, layout_pins: dict, time_limit: float = 10.0) -> ParallelPlan:
+    """The best plan with ``layout_pins`` fixed (searching only what they leave open)."""
+    res = search(job, layout_pins, top=1, time_limit=time_limit)
+    if res.best is None:
+        raise LayoutError(explain.no_feasible(job, res))
+    return res.best
