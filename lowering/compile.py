@@ -125,11 +125,12 @@ def program_text(program: RankProgram) -> dict[str, str]:
 
 def _header(program: RankProgram, name: str) -> str:
     inp, in_dtype, out, out_dtype = program.stage_io[name]
-    params = sum(p.numel() for p in program.pipe.get_submodule(name).parameters())
+    named = dict(program.pipe.get_submodule(name).named_parameters())
+    params = sum(p.numel() for p in named.values())
     coords_text = " ".join(f"{k}{v}" for k, v in program.coords.items())
     return (f"# rank {program.rank} ({coords_text}) {name}: in {list(inp)} {in_dtype}, "
             f"out {list(out) if out else 'scalar'} {out_dtype}; {params:,} local parameters\n"
-            f"# gradients: {program.grad_sync.describe()}\n")
+            f"# gradients: {program.grad_sync.describe(set(named))}\n")
 
 
 def write_programs(programs: list[RankProgram], out_dir: str | Path) -> list[Path]:

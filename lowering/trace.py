@@ -93,6 +93,18 @@ def annotate(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
                 inputs = [info(a).position for a in node.all_input_nodes]
                 position = max(inputs, default=-1)
         node.meta[META] = NodeInfo(scope=scope, position=position, kind=_kind(position, spec))
+    _sink_into_loss(gm, spec)
+
+
+def _sink_into_loss(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
+    """Top-level glue used only by the loss (flatten / upcast of the logits) belongs to the loss,
+    so the last stage hands over the head's own output."""
+    last = spec.num_layers + 1
+    for node in reversed(list(gm.graph.nodes)):
+        users = list(node.users)
+        if node.op in ("call_function", "call_method") and not info(node).scope and users \
+                and all(info(u).position == last for u in users):
+            node.meta[META] = NodeInfo(scope="", position=last, kind=LOSS)
 
 
 def record_shapes(gm: torch.fx.GraphModule, *example) -> None:

@@ -29,12 +29,14 @@ class GradSync:
     dp: int
     tp_sum: tuple[str, ...] = ()  # parameters whose gradients are summed over TP first
 
-    def describe(self) -> str:
+    def describe(self, names=None) -> str:
+        """One line; ``names`` limits the TP-sum list to those parameters (one stage's)."""
         how = {"replicated": "all-reduce", "zero1": "reduce-scatter to optimizer shards",
                "fsdp": "FSDP reduce-scatter"}[self.dp_kind]
         text = f"dp{self.dp}: average gradients over DP ({how})"
-        if self.tp_sum:
-            text += f"; sum over TP first: {', '.join(self.tp_sum)}"
+        tp_sum = [n for n in self.tp_sum if names is None or n in names]
+        if tp_sum:
+            text += f"; sum over TP first: {', '.join(tp_sum)}"
         return text
 
 

@@ -1,0 +1,163 @@
+"""Execution commands: `plait run`, `plait compile`, `plait data prepare`, and the demo's body."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from rich.table import Table
+
+from plait.cli import arguments, command, console
+from plait.ir.dsl import load_job
+from plait.ir.errors import PlaitError
+from plait.ir.job import TrainJob
+from plait.ir.plan import ParallelPlan
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="a job spec file (specs/jobs/*.plait)")
+    p.add_argument("--name", help="the train job to use when the file declares several")
+    p.add_argument("--plan", help="a plan JSON (`plait plan ... --json`); default: plan now")
+    p.add_argument("--layout", help='pins for planning, e.g. "tp=2 pp=2" (ignored with --plan)')
+
+
+def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str]) -> ParallelPlan:
+    """The plan from a file, else the planner's best (pins from the job and --layout), checked
+    against the job before anything starts."""
+    from plait.runtime.launch import check_plan
+
+    if plan_path:
+        path = Path(plan_path)
+        if not path.is_file():
+            raise PlaitError(f"no plan file at {path}")
+        plan = ParallelPlan.from_json(path.read_text())
+    else:
+        plan = _search(job, layout)
+    return check_plan(job, plan)
+
+
+def _search(job: TrainJob, layout: Optional[str]) -> ParallelPlan:
+    from plait.planner.layouts import parse_layout
+    from plait.planner.search import estimate
+
+    pins = parse_layout(layout) if layout else {}
+    pins.setdefault("cp", 1)  # the runtime executes dense layouts without context parallelism
+    return estimate(job, pins)
+
+
+def plan_table(plan: ParallelPlan) -> Table:
+    table = Table(title=f"plan for {plan.job}: {plan.layout.short()} "
+                        f"({plan.layout.dp_kind}{', sp' if plan.layout.sp else ''})")
+    for col in ("pp rank", "virtual", "layers", "recompute"):
+        table.add_column(col)
+    for s in sorted(plan.stages, key=lambda s: s.first):
+        table.add_row(str(s.pp_rank), str(s.virtual), f"{s.first}..{s.last - 1}", s.recompute)
+    return table
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _plan_args(p)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the job's)")
+    p.add_argument("--data", help="a dataset directory from `plait data prepare`")
+    p.add_argument("--synthetic", action="store_true", help="train on seeded random tokens")
+    p.add_argument("--run-dir", help="where job/plan/log files go (default: a temporary dir)")
+    p.add_argument("--print-launch", action="store_true",
+                   help="print the multi-node torchrun command instead of running")
+
+
+def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
+    if synthetic:
+        return replace(job, data=replace(job.data, synthetic=True, path=None))
+    if data:
+        return replace(job, data=replace(job.data, synthetic=False, path=data))
+    return job
+
+
+@command("run", help="train a job: plan (or read --plan), compile per rank, start the ranks")
+@arguments(_run_args)
+def run(args: argparse.Namespace) -> int:
+    from plait.runtime.launch import multinode_command
+
+    job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
+    plan = resolve_plan(job, args.plan, args.layout)
+    if args.print_launch:
+        print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
+        return 0
+    console.print(plan_table(plan))
+    return train_locally(job, plan, args.steps, args.run_dir)
+
+
+def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
+                  run_dir: Optional[str]) -> int:
+    from plait.runtime.launch import launch_local, resolve_data
+
+    with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
+        where = Path(run_dir) if run_dir else Path(tmp)
+        job = resolve_data(job, where)
+        start = time.perf_counter()
+        status = launch_local(job, plan, where, steps)
+        console.print(f"{plan.world} ranks finished with status {status} in "
+                      f"{time.perf_counter() - start:.1f} s")
+        if status != 0:
+            raise PlaitError(f"training failed (exit status {status}); see the rank output above")
+    return 0
+
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    _plan_args(p)
+    p.add_argument("-o", "--output", required=True, help="directory for the per-rank programs")
+    p.add_argument("--ranks", help="comma-separated ranks to compile (default: all)")
+
+
+@command("compile", help="lower a job's plan to readable per-rank stage programs")
+@arguments(_compile_args)
+def compile_command(args: argparse.Namespace) -> int:
+    from plait.lowering.build import build_model
+    from plait.lowering.compile import lower, write_programs
+
+    job = load_job(args.job, args.name)
+    plan = resolve_plan(job, args.plan, args.layout)
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else range(plan.world)
+    programs = [lower(build_model(job.model, seed=job.seed), job.model, plan, r) for r in ranks]
+    files = write_programs(programs, args.output)
+    console.print(plan_table(plan))
+    console.print(f"wrote {len(files)} files to {args.output}/ (plan.json, rank*/stage*.py, "
+                  "rank*/loss.py, rank*/shards.json)")
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["prepare"], help="prepare: tokenize text files")
+    p.add_argument("files", nargs="+", help="text files (\"bundled\" = the shipped corpus)")
+    p.add_argument("-o", "--output", required=True, help="dataset directory to write")
+    p.add_argument("--tokenizer", default="byte", help="byte (default) or a HF tokenizer name/path")
+
+
+@command("data", help="datasets: `plait data prepare FILES -o DATASET`")
+@arguments(_data_args)
+def data(args: argparse.Namespace) -> int:
+    from plait.runtime.data import bundled_corpus, prepare
+
+    files = [bundled_corpus() if f == "bundled" else Path(f) for f in args.files]
+    meta = prepare(files, args.output, args.tokenizer)
+    console.print(f"{args.output}: {meta['num_tokens']:,} tokens ({meta['tokenizer']} tokenizer, "
+                  f"vocab {meta['vocab']}, {meta['dtype']})")
+    return 0
+
+
+DEMO_LAYOUT = "tp=2 pp=2"  # dp = 8 / (tp*pp) = 2: every kind of parallelism at once
+DEMO_STEPS = 50
+
+
+def run_demo(job: TrainJob) -> int:
+    """`plait demo`: plan the tiny job on 8 local ranks with TP, PP and DP all > 1, then train it
+    on the bundled corpus with a falling loss."""
+    job = replace(job, data=replace(job.data, synthetic=False, path=None), steps=DEMO_STEPS)
+    plan = resolve_plan(job, None, DEMO_LAYOUT)
+    console.print(plan_table(plan))
+    for line in plan.explanation[:6]:
+        console.print(f"  {line}")
+    return train_locally(job, plan, DEMO_STEPS, None)

@@ -1,0 +1,122 @@
+"""Start the ranks: torchrun (torch.distributed.run) command lines, local and multi-node.
+
+Every plan is checked against its job (world size, divisibility, stage partition) here, before any
+process starts, so a bad plan is reported with its arithmetic instead of eight tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from plait.ir.errors import LayoutError, PlaitError
+from plait.ir.job import TrainJob
+from plait.ir.plan import Layout, ParallelPlan, even_stages
+from plait.ir.serde import to_json
+from plait.lowering.compile import dense_layout
+from plait.lowering.passes.base import Target
+from plait.lowering.passes.shard_tensor_parallel import check_divisible
+from plait.lowering.passes.split_pipeline import ordered_chunks
+
+from . import data as data_mod
+
+WORKER = "plait.runtime.train"
+RDZV_PORT = 29500
+
+
+def check_plan(job: TrainJob, plan: ParallelPlan) -> ParallelPlan:
+    """The plan, with its dense expert side filled in, if it can run this job; else LayoutError."""
+    layout = dense_layout(plan.layout)
+    plan = replace(plan, layout=layout)
+    if plan.world != layout.world:
+        raise LayoutError(f"plan world {plan.world} != tp*cp*dp*pp = {layout.tp}*{layout.cp}*"
+                          f"{layout.dp}*{layout.pp} = {layout.world}")
+    if layout.world != job.cluster.world:
+        raise LayoutError(f"the plan needs tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*"
+                          f"{layout.pp} = {layout.world} ranks, cluster {job.cluster.name!r} has "
+                          f"{job.cluster.nodes}*{job.cluster.gpus_per_node} = {job.cluster.world}")
+    if layout.cp > 1 or layout.ep > 1:
+        raise LayoutError(f"the runtime does not execute cp = {layout.cp} / ep = {layout.ep} yet")
+    _validate_with_planner(job, layout)
+    check_divisible(job.model, layout.tp)
+    micro = layout.dp * layout.mbs
+    if plan.global_batch % micro:
+        raise LayoutError(f"global batch {plan.global_batch} is not divisible by dp*mbs = "
+                          f"{layout.dp}*{layout.mbs} = {micro}")
+    if layout.sp and plan.seq_len % layout.tp:
+        raise LayoutError(f"sequence parallel needs seq_len % tp == 0: {plan.seq_len} % "
+                          f"{layout.tp} = {plan.seq_len % layout.tp}")
+    ordered_chunks(Target(spec=job.model, plan=plan))
+    return plan
+
+
+def _validate_with_planner(job: TrainJob, layout: Layout) -> None:
+    from plait.planner.layouts import validate_layout
+    validate_layout(job, layout)
+
+
+def hand_plan(job: TrainJob, layout: Layout) -> ParallelPlan:
+    """A plan written by hand: the given layout, even stages, the job's batch."""
+    layout = dense_layout(layout)
+    return ParallelPlan(job=job.name, model=job.model.name, cluster=job.cluster.name,
+                        world=layout.world, layout=layout,
+                        stages=even_stages(job.model.num_layers, layout.pp, layout.vpp),
+                        global_batch=job.global_batch, seq_len=job.seq_len,
+                        schedule="interleaved" if layout.vpp > 1 else "1f1b")
+
+
+def resolve_data(job: TrainJob, cache: Path) -> TrainJob:
+    """A job that names no dataset (and is not synthetic) trains on the bundled corpus."""
+    if job.data.synthetic or job.data.path:
+        if job.data.path and not Path(job.data.path).exists():
+            raise PlaitError(f"dataset {job.data.path} does not exist",
+                             hint="build it with `plait data prepare FILES -o DIR`")
+        return job
+    target = cache / "bundled-corpus"
+    if not (target / data_mod.META).is_file():
+        data_mod.prepare([data_mod.bundled_corpus()], target)
+    return replace(job, data=replace(job.data, path=str(target)))
+
+
+def write_run_dir(job: TrainJob, plan: ParallelPlan, run_dir: Path, **options) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(to_json(job) + "\n")
+    (run_dir / "plan.json").write_text(plan.to_json() + "\n")
+    (run_dir / "options.json").write_text(json.dumps(options) + "\n")
+    return run_dir
+
+
+def local_command(run_dir: Path, nprocs: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={nprocs}", "--monitor-interval=1", "-m", WORKER, str(run_dir)]
+
+
+def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Optional[int] = None,
+                 timeout_s: float = 300) -> int:
+    """Run all ranks on this machine with torchrun + gloo; returns the exit status."""
+    if job.cluster.backend != "gloo" or job.cluster.nodes != 1:
+        raise PlaitError(f"cluster {job.cluster.name!r} is not local (backend "
+                         f"{job.cluster.backend}, {job.cluster.nodes} nodes)",
+                         hint="print its launch command with `plait run --print-launch`")
+    write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(local_command(run_dir, plan.world), env=env).returncode
+
+
+def multinode_command(job: TrainJob, plan: ParallelPlan, run_dir: str = "RUN_DIR") -> str:
+    """The command each node runs on a real cluster: torchrun with c10d rendezvous and NCCL."""
+    cluster = job.cluster
+    env = ["NCCL_IB_DISABLE=0", "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-eth0}",
+           "NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+           f"OMP_NUM_THREADS={max(1, 8 // cluster.gpus_per_node)}"]
+    args = ["torchrun", f"--nnodes={cluster.nodes}", f"--nproc-per-node={cluster.gpus_per_node}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=${{MASTER_ADDR}}:{RDZV_PORT}",
+            f"--rdzv-id={shlex.quote(job.name)}", "--max-restarts=0", "-m", WORKER, run_dir]
+    return (f"# on each of the {cluster.nodes} nodes of {cluster.name} (MASTER_ADDR = node 0), "
+            f"after copying {run_dir}/ (job.json, plan.json, options.json) to every node:\n"
+            + " \\\n  ".join([" ".join(env)] + [" ".join(args[:5])] + args[5:]))
