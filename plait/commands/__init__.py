@@ -1,3 +1,4 @@
 """Subcommands of the `plait` CLI, one module per family; importing registers them."""
 from . import spec  # noqa: F401
 from . import hf  # noqa: F401
+from . import run  # noqa: F401

@@ -160,4 +160,5 @@ def demo(args) -> int:
     path = specs_dir() / DEMO_JOB
     job = load_file(str(path)).jobs["tiny-local"]
     console.print(report_table(model_report(job.model, job.seq_len, job.precision, job)))
-    return 0
+    from plait.commands.run import run_demo  # plan on 8 local ranks, train on the bundled corpus
+    return run_demo(job)
