@@ -1,0 +1,150 @@
+"""The expert-parallel MoE mixer: the reference MoEBlock's computation on this rank's tokens, with
+only this rank's EP x ETP shard of the routed experts, and a token dispatcher in between.
+
+    router (fp32, replicated) -> route + aux/z loss -> capacity drop on local tokens
+      -> dispatcher.dispatch -> grouped expert MLPs (local experts, FFN slice) -> dispatcher.combine
+      -> + shared expert (replicated, local tokens) -> attach aux loss
+
+Tokens of one reference call (a micro-batch) may be split over a *token group* (the TP ranks of a
+sequence-parallel region, later CP): the aux loss then uses the group's total token counts, and each
+rank's share of it sums to the reference value. Capacity is per rank, as the reference's
+``capacity_segments`` models it.
+
+Gradients (see ``grad_groups``): expert weights are summed over EDP and scaled by 1/(dp*cp) as
+Megatron's DDP does; router, shared expert and gate are dense replicated parameters (summed over
+the token group, then averaged over DP x CP).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+
+from plait.ir.job import MoEOptions
+from plait.ir.model import MoE
+from plait.lowering.modules import routing
+from plait.lowering.modules.experts import GroupedExperts, expert_mlp
+from plait.lowering.modules.mlp import FeedForward
+from plait.lowering.modules.moe import MoEBlock, attach_aux_loss
+
+from . import comm
+from .dispatch import ExpertGrid, make_dispatcher
+from .permute import drop_over_capacity
+
+EXPERT_PARAMS = ("experts.w_gate_up", "experts.w_down")
+
+
+def shard_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, grid: ExpertGrid, gated: bool):
+    """Full grouped weights [E, 2F|F, H], [E, H, F] -> this rank's [E/ep, (2F|F)/etp, H],
+    [E/ep, H, F/etp]: experts of its EP rank, FFN columns of its ETP rank (gate and up rows are
+    sliced alike so the local gate/up halves stay paired)."""
+    sl = slice(grid.first_expert, grid.first_expert + grid.local_experts)
+    up, down = w_gate_up[sl], w_down[sl]
+    halves = up.chunk(2, dim=1) if gated else (up,)
+    up = torch.cat([h.chunk(grid.etp, dim=1)[grid.etp_rank] for h in halves], dim=1)
+    return up.clone(), down.chunk(grid.etp, dim=2)[grid.etp_rank].clone()
+
+
+class ExpertParallelMoE(nn.Module):
+    fp32_params = ("router.weight", "expert_bias")
+
+    def __init__(self, spec: MoE, hidden: int, grid: ExpertGrid, options: Optional[MoEOptions] = None,
+                 token_axis: Optional[str] = None, token_parts: int = 1):
+        super().__init__()
+        options = options or MoEOptions()
+        self.spec, self.grid, self.options = spec, grid, options
+        self.token_axis, self.token_parts = token_axis, token_parts
+        self.dispatcher = make_dispatcher(options.dispatcher, grid)
+        self.router = nn.Linear(hidden, spec.experts, bias=False)
+        if spec.ffn % grid.etp:
+            raise ValueError(f"etp = {grid.etp} does not divide the expert ffn = {spec.ffn}")
+        self.experts = GroupedExperts(grid.local_experts, hidden, spec.ffn // grid.etp, spec.activation)
+        if spec.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(spec.experts))
+            self.register_buffer("expert_load", torch.zeros(spec.experts), persistent=False)
+        if spec.shared_ffn:
+            self.shared = FeedForward(hidden, spec.shared_ffn, spec.activation)
+        if spec.shared_gate:
+            self.shared_gate = nn.Linear(hidden, 1, bias=False)
+
+    @classmethod
+    def from_reference(cls, block: MoEBlock, grid: ExpertGrid, options: Optional[MoEOptions] = None,
+                       token_axis: Optional[str] = None, token_parts: int = 1) -> "ExpertParallelMoE":
+        """This rank's shard of the reference ``block`` (same dtype, same values)."""
+        hidden = block.router.weight.shape[1]
+        m = cls(block.spec, hidden, grid, options, token_axis, token_parts)
+        m.to(block.experts.w_down.dtype).train(block.training)
+        m.load_reference_state(block.state_dict())
+        return m
+
+    @torch.no_grad()
+    def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load from the full (unsharded) reference state dict of one MoE block."""
+        up, down = shard_experts(state["experts.w_gate_up"], state["experts.w_down"], self.grid,
+                                 self.spec.activation == "swiglu")
+        local = {k: v for k, v in state.items() if k not in EXPERT_PARAMS}
+        local.update({"experts.w_gate_up": up, "experts.w_down": down})
+        for name in self.fp32_params:  # Megatron keeps the router and expert bias in fp32
+            owner, _, leaf = name.rpartition(".")
+            tensor = getattr(self.get_submodule(owner) if owner else self, leaf, None)
+            if tensor is not None:
+                tensor.data = tensor.data.float()
+        self.load_state_dict(local, strict=True)
+
+    def grad_groups(self) -> dict[str, str]:
+        """Parameter name -> "expert" (sum over EDP, scale 1/(dp*cp)) or "dense"."""
+        return {n: ("expert" if n in EXPERT_PARAMS else "dense") for n, _ in self.named_parameters()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_fake(x):  # shape propagation at compile time: [..., H] -> [..., H], no collectives
+            return torch.empty_like(x)
+        s = self.spec
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat.float())
+        weights, indices, aux_scores = routing.route(
+            logits, self.expert_bias if s.expert_bias else None, top_k=s.top_k, router=s.router,
+            pre_softmax=s.pre_softmax, norm_topk=s.norm_topk, groups=s.groups,
+            topk_groups=s.topk_groups, scaling_factor=s.scaling_factor)
+        counts = routing.tokens_per_expert(indices, s.experts)
+        if s.expert_bias and self.training:
+            self.expert_load.add_(counts.detach().float())
+        pad_to = None
+        if self.options.capacity_factor is not None:
+            weights, indices = drop_over_capacity(weights, indices, s.experts,
+                                                  self.options.capacity_factor, self.options.drop_policy)
+            if self.options.pad_to_capacity:
+                pad_to = routing.expert_capacity(flat.shape[0], s.top_k, s.experts,
+                                                 self.options.capacity_factor)
+        rows, local_counts, state = self.dispatcher.dispatch(flat, indices, weights, pad_to)
+        y = expert_mlp(rows, local_counts, self.experts.w_gate_up, self.experts.w_down, s.activation)
+        out = self.dispatcher.combine(y, state).to(x.dtype)
+        if s.shared_ffn:
+            shared = self.shared(flat)
+            if s.shared_gate:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
+        if s.aux_loss or s.z_loss:
+            out = attach_aux_loss(out, self._aux_loss(logits, aux_scores, counts))
+        return out.view_as(x)
+
+    def _aux_loss(self, logits: torch.Tensor, aux_scores: torch.Tensor, counts: torch.Tensor):
+        """This rank's share of the reference aux + z loss of its token group: the balancing loss
+        needs the group's token counts and total T; each rank sums only its own tokens' terms."""
+        s, t = self.spec, logits.shape[0]
+        share = t / (t * self.token_parts)
+        loss = logits.new_zeros(())
+        if s.aux_loss:
+            if self.token_parts > 1:
+                counts = comm.all_reduce_sum(counts, self.token_axis)
+            loss = loss + routing.load_balancing_loss(aux_scores, counts, s.top_k, s.aux_loss) * share**2
+        if s.z_loss:
+            loss = loss + routing.z_loss(logits, s.z_loss) * share
+        return loss
+
+    def extra_repr(self) -> str:
+        g = self.grid
+        return (f"experts {g.first_expert}..{g.first_expert + g.local_experts - 1} of {g.experts} "
+                f"(ep {g.ep_rank}/{g.ep}, etp {g.etp_rank}/{g.etp}), dispatcher={self.dispatcher.name}, "
+                f"capacity={self.options.capacity_factor}")

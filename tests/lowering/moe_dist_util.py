@@ -1,0 +1,95 @@
+"""Helpers for the MoE multi-process tests: spawn gloo ranks once (file:// rendezvous, one thread
+each, timeouts), bind the dense and expert mesh axes of a layout, and collect per-rank results."""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plait.ir.plan import Layout
+from plait.lowering import collectives
+from plait.planner.groups import rank_groups
+
+GROUP_TIMEOUT_S = 60
+SPAWN_TIMEOUT_S = 240
+DENSE_AXES = ("tp", "dp", "dp-cp", "pp")
+EXPERT_AXES = ("ep", "etp", "etp-ep", "edp")
+
+_GROUPS: dict = {}
+
+
+def bind_layout(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Create (once per layout, on every rank, same order) and bind the layout's groups; returns
+    this rank's members per axis."""
+    key = (layout.tp, layout.cp, layout.dp, layout.pp, layout.ep, layout.etp, layout.edp)
+    if key not in _GROUPS:
+        table, rank, mine = rank_groups(layout), dist.get_rank(), {}
+        timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+        for side, axes in (("dense", DENSE_AXES), ("expert", EXPERT_AXES)):
+            for axis in axes:
+                for ranks in table[side][axis]:
+                    group = dist.new_group(ranks, timeout=timeout)
+                    if rank in ranks:
+                        mine[axis] = (group, tuple(ranks))
+        _GROUPS[key] = mine
+    collectives.unbind_all()
+    for axis, (group, ranks) in _GROUPS[key].items():
+        collectives.bind_axis(axis, group, ranks)
+    return {axis: ranks for axis, (_, ranks) in _GROUPS[key].items()}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    try:
+        result = fn(rank, world, *args)
+    except BaseException:
+        result = {"__error__": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's result. A rank
+    that raised reports its traceback in the parent; a hang is killed after ``timeout_s``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        ctx = mp.start_processes(_worker, args=(world, init_file, tmp, fn, args), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{world} ranks did not finish in {timeout_s} s")
+        results = [_load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    errors = [f"rank {r} failed:\n{res['__error__']}" for r, res in enumerate(results)
+              if isinstance(res, dict) and "__error__" in res]
+    if errors:  # the rank that failed first is usually the one whose peers lost their connection
+        errors.sort(key=lambda e: "Connection closed by peer" in e)
+        raise RuntimeError("\n".join(errors))
+    return results
+
+
+def _load(path: str):
+    if not os.path.exists(path):
+        return {"__error__": "the process died without a result (see its stderr)"}
+    return torch.load(path, weights_only=False)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the reference's scale when that exceeds 1 (fp32
+    sums of O(50) gradients round at ~1e-5 absolute)."""
+    if a.shape != b.shape:
+        return float("inf")
+    if not a.numel():
+        return 0.0
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
