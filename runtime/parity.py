@@ -105,7 +105,7 @@ def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     trainer.dp.clip_and_step()
     for step in range(1, setup.steps):
         trainer.train_step(step, setup.steps)
-    shards = {n: (s.dim, s.parts, s.index) for n, s in trainer.program.shards.items()}
+    shards = dict(trainer.program.shards)  # name -> ShardSpec
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
                 "shards": shards, "coords": trainer.program.coords},
                out_dir / f"{case.name}.rank{rank}.pt")
@@ -127,17 +127,19 @@ def _worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str
 
 
 def _assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
-    """Whole tensors from the DP-rank-0 records: TP shards concatenated in index order."""
+    """Whole tensors from the DP-rank-0 records: TP shards reassembled in index order (by their
+    ShardSpec, which knows segmented splits such as Mamba's in_proj)."""
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    dims: dict[str, int] = {}
+    specs: dict = {}
     for rec in records:
         if rec["coords"]["dp"] != 0:
             continue
         for name, tensor in rec[key].items():
-            dim, _, index = rec["shards"].get(name, (0, 1, 0))
-            pieces.setdefault(name, {})[index] = tensor
-            dims[name] = dim
-    return {n: torch.cat([p[i] for i in sorted(p)], dims[n]) for n, p in pieces.items()}
+            spec = rec["shards"].get(name)
+            pieces.setdefault(name, {})[spec.index if spec else 0] = tensor
+            specs[name] = spec
+    return {n: specs[n].assemble([p[i] for i in sorted(p)]) if specs[n] else p[0]
+            for n, p in pieces.items()}
 
 
 def _max_diff(got: dict, want: dict) -> tuple[float, str]:

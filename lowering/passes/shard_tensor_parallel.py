@@ -22,9 +22,10 @@ from plait.lowering import sharding, tp_ops
 from plait.lowering.trace import META, example_inputs, info, local_shape, record_shapes
 
 from .base import Pass, Target, VerifyError
+from .shard_mamba import mamba_sizes, mamba_splits
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj")
 SHARDS = "plait.shards"
 AXIS = "tp"
 
@@ -32,12 +33,28 @@ AXIS = "tp"
 @dataclass(frozen=True)
 class ShardSpec:
     """A parameter split into ``parts`` along ``dim`` over mesh axis ``axis``; this rank holds
-    part ``index``."""
+    part ``index``. With ``segments`` (logical sizes along ``dim``, e.g. Mamba's in_proj
+    [z, x, B, C, dt]) each segment is chunked on its own and the rank's pieces concatenated."""
 
     axis: str
     dim: int
     parts: int
     index: int
+    segments: tuple[int, ...] = ()
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the logical tensor ``full``."""
+        pieces = full.split(list(self.segments), self.dim) if self.segments else (full,)
+        return torch.cat([p.chunk(self.parts, self.dim)[self.index] for p in pieces], self.dim)
+
+    def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The logical tensor from every rank's piece, in index order (inverse of take)."""
+        if not self.segments:
+            return torch.cat(pieces, self.dim)
+        local = [s // self.parts for s in self.segments]
+        split = [p.split(local, self.dim) for p in pieces]
+        return torch.cat([torch.cat([s[k] for s in split], self.dim)
+                          for k in range(len(local))], self.dim)
 
 
 def check_divisible(spec: ModelSpec, tp: int) -> None:
@@ -48,24 +65,37 @@ def check_divisible(spec: ModelSpec, tp: int) -> None:
         sizes["kv heads"] = spec.attention.kv_heads
     if spec.mlp is not None and "mlp" in spec.layers:
         sizes["ffn"] = spec.mlp.ffn
+    sizes.update(mamba_sizes(spec))
     for what, n in sizes.items():
         if n % tp:
             raise LayoutError(f"tp = {tp} does not divide {what} = {n} ({n} % {tp} = {n % tp})",
                               hint=f"choose tp among the divisors of {n}")
-    unsupported = sorted({k for k in spec.layers if k not in ("attention", "mlp")})
+    unsupported = sorted({k for k in spec.layers if k not in ("attention", "mlp", "mamba")})
     if unsupported:
         raise LayoutError(f"tensor parallelism of {', '.join(unsupported)} layers is not lowered yet",
                           hint="use tp = 1 for this model")
 
 
-def _shard_param(owner: nn.Module, name: str, dim: int, t: Target, shards: dict, path: str):
+def _shard_param(owner: nn.Module, name: str, dim: int, t: Target, shards: dict, path: str,
+                 segments: tuple[int, ...] = ()):
     full = getattr(owner, name)
     if full is None:
         return
-    tp = t.layout.tp
-    piece = full.detach().chunk(tp, dim)[t.tp_rank].clone()
-    setattr(owner, name, nn.Parameter(piece, requires_grad=full.requires_grad))
-    shards[f"{path}.{name}"] = ShardSpec(AXIS, dim, tp, t.tp_rank)
+    spec = ShardSpec(AXIS, dim, t.layout.tp, t.tp_rank, segments)
+    setattr(owner, name, nn.Parameter(spec.take(full.detach()).clone(),
+                                      requires_grad=full.requires_grad))
+    shards[f"{path}.{name}"] = spec
+
+
+def _mamba_mixer(gm, node, t, shards):
+    """in_proj of a Mamba2 mixer: shard the mixer's column-side parameters (segmented, see
+    shard_mamba.py); in_proj itself then acts as a column-parallel linear."""
+    mixer_path = node.target.rsplit(".", 1)[0]
+    for split in mamba_splits(t.spec):
+        owner_path, _, leaf = f"{mixer_path}.{split.name}".rpartition(".")
+        _shard_param(gm.get_submodule(owner_path), leaf, split.dim, t, shards, owner_path,
+                     split.segments)
+    node.meta[sharding.ROLE] = "column"
 
 
 def _new_node(gm, before, op_target, args, like: torch.fx.Node, role=None, scope=None):
@@ -189,7 +219,9 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
     check_divisible(t.spec, t.layout.tp)
     for node in list(gm.graph.nodes):
         leaf = str(node.target).rsplit(".", 1)[-1]
-        if node.op == "call_module" and leaf in COLUMN_PARALLEL + ("head",):
+        if node.op == "call_module" and leaf == "in_proj" and info(node).kind == "mamba":
+            _mamba_mixer(gm, node, t, shards)
+        elif node.op == "call_module" and leaf in COLUMN_PARALLEL + ("head",):
             _column(gm, node, t, shards)
         elif node.op == "call_module" and leaf in ROW_PARALLEL:
             _row(gm, node, t, shards)
