@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
+from .job import MoEOptions
+from .model import ModelSpec
 from .serde import from_json, to_json
 
 DP_KINDS = ("replicated", "zero1", "fsdp")
@@ -113,6 +115,9 @@ class ParallelPlan:
     schedule: str = "1f1b"
     prediction: Prediction = field(default_factory=Prediction)
     explanation: tuple[str, ...] = ()
+    precision: str = "bf16"  # the job's training precision (for exporters)
+    moe: Optional[MoEOptions] = None  # the job's token-routing options, for MoE models
+    layer_pattern: str = ""  # the model's layers as a Megatron hybrid pattern (M * - E)
 
     @property
     def num_microbatches(self) -> int:
@@ -147,3 +152,62 @@ def even_stages(num_layers: int, pp: int, vpp: int = 1, recompute: str = "none")
                             recompute=recompute))
         first += n
     return tuple(stages)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compression plans
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """What one kept layer of the source model keeps; indices refer to the source model, ascending.
+    ``units``: ffn neurons (mlp), query heads (attention), heads (mamba) or experts (moe);
+    ``channels``: the head channels every kept mamba head keeps."""
+
+    layer: int
+    kind: str
+    units: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PruneCandidate:
+    """One architecture the pruning ILP found, with its exact counts and what it retains."""
+
+    model: ModelSpec
+    params: int
+    active_params: int
+    weight_bytes: int
+    retained: tuple[tuple[str, float], ...]  # axis -> fraction of its importance kept
+    score: float  # product of the retained fractions (the ILP maximises its logarithm)
+    tokens_per_s: Optional[float] = None  # the planner's prediction on the job's train setup
+    layout: Optional[str] = None  # the layout that prediction is for
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """The chosen candidate made concrete: which embedding channels and which layers, neurons,
+    heads and experts of the source model survive. ``candidates`` ranks the alternatives (the
+    chosen one first)."""
+
+    job: str
+    source: str  # source model name
+    importance: str  # activation | magnitude | random | uniform (no weights)
+    hidden: tuple[int, ...]
+    layers: tuple[LayerKeep, ...]
+    candidates: tuple[PruneCandidate, ...]
+
+    @property
+    def chosen(self) -> PruneCandidate:
+        return self.candidates[0]
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.chosen.model
+
+    def to_json(self) -> str:
+        return to_json(self)
+
+    @staticmethod
+    def from_json(text: str) -> "PrunePlan":
+        return from_json(PrunePlan, text)

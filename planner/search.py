@@ -108,7 +108,9 @@ def make_plan(table: CostTable, sizes, options, notes=()) -> ParallelPlan:
         job=job.name, model=job.model.name, cluster=job.cluster.name, world=job.cluster.world,
         layout=layout, stages=stages, global_batch=job.global_batch, seq_len=job.seq_len,
         schedule="interleaved" if layout.vpp > 1 else "1f1b",
-        prediction=evaluate(table, stages), explanation=tuple(notes))
+        prediction=evaluate(table, stages), explanation=tuple(notes),
+        precision=job.precision.kind, moe=job.moe if job.model.is_moe else None,
+        layer_pattern=job.model.pattern)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Communication: alpha-beta collectives on a group's real topology, and the volumes each block
 kind and each data-parallel flavour moves per micro-batch or per step.
 
-A group of n ranks spread over k nodes (r = n/k per node) runs hierarchically, as NCCL's rings and
-trees do on rail-optimised clusters: the intra-node part over NVLink, the inter-node part over the r
-NICs the group owns on each node. For an all-gather / reduce-scatter of S bytes (the full tensor):
+Ring collectives (NCCL's all-gather, reduce-scatter, all-reduce) move every byte over every hop of
+the ring, so their throughput is the slowest hop's: NVLink when the group sits inside one node, the
+rank's own NIC when it spans nodes. For an all-gather / reduce-scatter of S bytes (the full tensor)
+over n ranks:
 
-    t = (r-1)/r * S / B_intra + (k-1)/k * S / (r * B_inter) + latency
+    t = (n-1)/n * S / B_slowest + (n-1) * latency
 
 An all-reduce is a reduce-scatter plus an all-gather. An all-to-all where every rank scatters S
-bytes sends (r-1)/n of it over NVLink and (n-r)/n over its own NIC, both at once.
+bytes sends (r-1)/n of it over NVLink (r = the group's ranks on this node) and (n-r)/n over its
+NIC, both at once.
 """
 from __future__ import annotations
 
@@ -20,11 +22,9 @@ def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> 
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
-    r, k = g.per_node, g.nodes
-    t = (r - 1) / r * nbytes / (b_in * eff)
-    if k > 1:
-        t += (k - 1) / k * nbytes / (r * b_out * eff)
-    return t + a_in * (r - 1) + a_out * (k - 1)
+    bandwidth, latency = (b_out, a_out) if g.crosses_nodes else (b_in, a_in)
+    n = g.size
+    return (n - 1) / n * nbytes / (bandwidth * eff) + (n - 1) * latency
 
 
 def reduce_scatter(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:

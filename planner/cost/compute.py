@@ -73,9 +73,25 @@ def attention_work(ctx: Context) -> Work:
     norm, residual = _norm_and_residual(ctx)
     rope = 2 * t * (a.q_dim + a.kv_dim) / lay.tp * ctx.act_bytes if a.rope else 0.0
     flops = t * (2 * h * qkv_out + 2 * a.q_dim / lay.tp * h) + core_flops
+    if ctx.cal.flash_attention < 0.5:
+        scores, score_mem = materialised_attention(ctx)
+        return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
+                    selective=memory_time(ctx, norm + score_mem), flops=flops)
     return Work(gemm=gemm, core=core_time(ctx, core_flops),
                 memory=memory_time(ctx, norm + residual + rope),
                 selective=memory_time(ctx, norm), flops=flops)
+
+
+SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element
+
+
+def materialised_attention(ctx: Context) -> tuple[float, float]:
+    """(GEMM seconds, memory-bound bytes) of attention without flash: QK^T and PV as batched
+    GEMMs over the full s x s square, then scale-mask-softmax and dropout on the scores."""
+    a, lay, s = ctx.model.attention, ctx.layout, ctx.job.seq_len // ctx.layout.cp
+    batch = ctx.layout.mbs * a.heads / lay.tp
+    gemms = gemm_time(ctx, s, s, a.head_dim, batch) + gemm_time(ctx, s, a.head_dim, s, batch)
+    return gemms, batch * s * s * SCORE_BYTES_FWD
 
 
 def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0) -> Work:

@@ -31,6 +31,9 @@ class Calibration:
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
     moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
     kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
+    # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:
+    # batched GEMMs, fused scale-mask-softmax, attention dropout)
+    flash_attention: float = 1.0
     reserve_gib: float = 3.0  # CUDA context, NCCL and allocator pools
     fragmentation: float = 0.08  # allocator fragmentation as a fraction of activations
 

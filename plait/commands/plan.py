@@ -1,0 +1,135 @@
+"""Planner commands: `plait plan`, `plait estimate`, `plait groups`, `plait export megatron`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from plait.cli import arguments, command, console
+from plait.ir.dsl import load_job
+from plait.ir.errors import LayoutError, PlaitError
+from plait.ir.plan import Layout, ParallelPlan
+from plait.planner import explain
+from plait.planner.groups import rank_groups
+from plait.planner.layouts import check_pins, job_pins, parse_layout, violations
+from plait.planner.search import search
+
+from .megatron import megatron_args
+
+GiB = float(2**30)
+
+
+def _job_args(p):
+    p.add_argument("job", help="a job spec file (specs/jobs/*.plait)")
+    p.add_argument("--name", help="the train job to plan when the file declares several")
+
+
+def _plan_table(plans: list[ParallelPlan]) -> Table:
+    t = Table(title="candidate plans (best first)")
+    for col in ("#", "layout", "dp", "recompute", "step s", "tokens/s", "TFLOP/s/GPU", "MFU",
+                "bubble", "peak GiB"):
+        t.add_column(col, justify="right" if col not in ("layout", "dp", "recompute") else "left")
+    for i, plan in enumerate(plans, 1):
+        p, lay = plan.prediction, plan.layout
+        recompute = ",".join(sorted({s.recompute for s in plan.stages}))
+        t.add_row(str(i), lay.short(), lay.dp_kind, recompute, f"{p.step_time:.2f}",
+                  f"{p.tokens_per_s:,.0f}", f"{p.tflops_per_gpu:.0f}", f"{p.mfu:.1%}",
+                  f"{p.bubble:.1%}", f"{p.peak_memory / GiB:.1f}")
+    return t
+
+
+def _run_search(job, extra, top):
+    with Progress(TextColumn("searching meshes"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("search", total=None)
+        res = search(job, extra, top=top,
+                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if res.best is None:
+        raise LayoutError(explain.no_feasible(job, res))
+    return res
+
+
+@command("plan", help="search the best parallel plan for a job")
+@arguments(lambda p: (_job_args(p),
+                      p.add_argument("--layout", default="", help='pin dimensions: "tp=2 ep=8"'),
+                      p.add_argument("--top", type=int, default=5),
+                      p.add_argument("--explain", action="store_true",
+                                     help="list each rejected family with its reason"),
+                      p.add_argument("-o", "--output", help="write the best plan as JSON")))
+def plan_cmd(args) -> int:
+    job = load_job(args.job, args.name)
+    res = _run_search(job, parse_layout(args.layout), args.top)
+    console.print(_plan_table(res.plans))
+    console.print(f"[bold]why {res.best.layout.short()} wins:[/bold]")
+    for line in res.best.explanation:
+        console.print(f"  - {line}", markup=False, highlight=False)
+    console.print(f"searched {res.enumerated} layouts: {res.pruned} pruned by bounds, {res.solved} "
+                  f"ILPs solved, in {res.seconds:.2f} s", highlight=False)
+    if args.explain:
+        t = Table(title="rejected families")
+        t.add_column("family")
+        t.add_column("why not")
+        for rej in res.rejections:
+            t.add_row(rej.family, rej.reason)
+        console.print(t)
+    if args.output:
+        Path(args.output).write_text(res.best.to_json() + "\n")
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+@command("estimate", help="predict one fixed layout (searching only what it leaves open)")
+@arguments(lambda p: (_job_args(p),
+                      p.add_argument("--layout", required=True,
+                                     help='e.g. "tp=2 pp=8 ep=8 etp=1 mbs=1 recompute=selective"'),
+                      p.add_argument("--json", action="store_true", help="print the plan JSON")))
+def estimate_cmd(args) -> int:
+    job = load_job(args.job, args.name)
+    res = _run_search(job, parse_layout(args.layout), 1)
+    if args.json:
+        print(res.best.to_json())
+    else:
+        console.print(_plan_table(res.plans))
+    return 0
+
+
+def layout_from_pins(job, pins: dict) -> Layout:
+    """A complete layout from pins: open sizes are 1, dp and edp fill the world."""
+    check_pins(job, pins)
+    world = job.cluster.world
+    tp, cp, pp = (pins.get(k, 1) for k in ("tp", "cp", "pp"))
+    dp = pins.get("dp", world // (tp * cp * pp))
+    etp = pins.get("etp", 1 if job.model.is_moe else tp)
+    ep = pins.get("ep", 1)
+    edp = pins.get("edp", tp * cp * dp // (etp * ep))
+    rest = {k: pins[k] for k in ("vpp", "mbs", "dp_kind", "recompute", "dispatcher", "order")
+            if k in pins}
+    lay = Layout(tp=tp, cp=cp, dp=dp, pp=pp, etp=etp, ep=ep, edp=edp, sp=pins.get("sp", tp > 1),
+                 **rest)
+    bad = [m for m in violations(job, lay) if "divisible by dp*mbs" not in m]
+    if bad:
+        raise LayoutError(f"layout {lay.short()} is not legal:\n  - " + "\n  - ".join(bad))
+    return lay
+
+
+@command("groups", help="print the process groups of a layout as JSON")
+@arguments(lambda p: (_job_args(p), p.add_argument("--layout", required=True)))
+def groups_cmd(args) -> int:
+    job = load_job(args.job, args.name)
+    lay = layout_from_pins(job, job_pins(job, parse_layout(args.layout)))
+    print(json.dumps(rank_groups(lay)))
+    return 0
+
+
+@command("export", help="print the arguments that realise a plan in another framework")
+@arguments(lambda p: (p.add_argument("format", choices=["megatron"]),
+                      p.add_argument("plan", help="a plan JSON written by `plait plan -o`")))
+def export_cmd(args) -> int:
+    try:
+        plan = ParallelPlan.from_json(Path(args.plan).read_text())
+    except (ValueError, KeyError, TypeError) as e:
+        raise PlaitError(f"{args.plan} is not a plan JSON ({e})") from None
+    print(" \\\n  ".join(megatron_args(plan)))
+    return 0

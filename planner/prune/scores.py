@@ -1,0 +1,217 @@
+"""Importance scores of a model's prunable structures, and what a width keeps of them.
+
+Estimators live elsewhere (lowering/prune/importance.py runs forward hooks for Minitron's
+activation scores and reads weight magnitudes); this module holds the scores as plain data and
+answers the planner's two questions: which indices to keep at a width, and what fraction of an
+axis's importance that keeps. Scores are non-negative; larger is more important.
+
+Per layer, ``units`` scores ffn neurons (mlp), query heads (attention), heads (mamba) or experts
+(moe); ``channels`` scores the head channels of a mamba layer (one ranking shared by its heads);
+``block`` scores the whole layer for depth pruning (1 - cos(input, output)).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from plait.ir.errors import PlaitError
+from plait.ir.model import ModelSpec
+from plait.ir.serde import from_json, to_json
+
+UNIT_WIDTH = {"mlp": lambda m: m.block("mlp").ffn, "attention": lambda m: m.block("attention").heads,
+              "mamba": lambda m: m.block("mamba").heads, "moe": lambda m: m.block("moe").experts}
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    layer: int
+    kind: str
+    units: tuple[float, ...]
+    channels: tuple[float, ...] = ()
+    block: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImportanceScores:
+    model: str
+    method: str  # activation | magnitude | random | uniform
+    hidden: tuple[float, ...]
+    layers: tuple[LayerScores, ...]
+    tokens: int = 0  # calibration tokens behind the scores
+
+    def to_json(self) -> str:
+        return to_json(self)
+
+    @staticmethod
+    def from_json(text: str) -> "ImportanceScores":
+        return from_json(ImportanceScores, text)
+
+    def of_kind(self, kind: str) -> tuple[LayerScores, ...]:
+        return tuple(s for s in self.layers if s.kind == kind)
+
+
+def _shape(model: ModelSpec, kind: str) -> tuple[int, int]:
+    units = UNIT_WIDTH[kind](model)
+    channels = model.block("mamba").head_dim if kind == "mamba" else 0
+    return units, channels
+
+
+def check_scores(scores: ImportanceScores, model: ModelSpec) -> None:
+    """Scores must describe ``model`` exactly (one entry per layer, every width right)."""
+    def bad(what: str) -> PlaitError:
+        return PlaitError(f"importance scores do not match model {model.name!r}: {what}",
+                          hint="re-run the calibration for this model")
+    if len(scores.hidden) != model.hidden:
+        raise bad(f"{len(scores.hidden)} embedding channels, the model has {model.hidden}")
+    if len(scores.layers) != model.num_layers:
+        raise bad(f"{len(scores.layers)} layers, the model has {model.num_layers}")
+    for i, (s, kind) in enumerate(zip(scores.layers, model.layers)):
+        units, channels = _shape(model, kind)
+        if s.kind != kind or len(s.units) != units or len(s.channels) != channels:
+            raise bad(f"layer {i} is {s.kind} with {len(s.units)} units / {len(s.channels)} channels, "
+                      f"the model's is {kind} with {units} / {channels}")
+
+
+def uniform_scores(model: ModelSpec) -> ImportanceScores:
+    """Every structure equally important: the prior when no weights are available (a width then
+    keeps the fraction width / original of its axis)."""
+    return _scores(model, "uniform", lambda n: (1.0,) * n)
+
+
+def random_scores(model: ModelSpec, seed: int = 0) -> ImportanceScores:
+    """Uniform random scores: the baseline an importance estimator must beat."""
+    rng = random.Random(seed)
+    return _scores(model, "random", lambda n: tuple(rng.random() for _ in range(n)))
+
+
+def _scores(model: ModelSpec, method: str, draw) -> ImportanceScores:
+    layers = []
+    for i, kind in enumerate(model.layers):
+        units, channels = _shape(model, kind)
+        layers.append(LayerScores(i, kind, draw(units), draw(channels), draw(1)[0]))
+    return ImportanceScores(model.name, method, draw(model.hidden), tuple(layers))
+
+
+# ------------------------------------------------------------------------------------------------
+# Which indices a width keeps
+# ------------------------------------------------------------------------------------------------
+
+def top_indices(scores: tuple[float, ...], k: int) -> tuple[int, ...]:
+    """The ``k`` highest-scoring indices (ties: the lower index), ascending."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return tuple(sorted(order[:k]))
+
+
+def grouped_top_indices(scores: tuple[float, ...], groups: int, per_group: int) -> tuple[int, ...]:
+    """``per_group`` best indices inside each of ``groups`` equal consecutive groups, ascending."""
+    size = len(scores) // groups
+    out: list[int] = []
+    for g in range(groups):
+        out += [g * size + i for i in top_indices(scores[g * size:(g + 1) * size], per_group)]
+    return tuple(out)
+
+
+def unit_groups(model: ModelSpec, kind: str) -> int:
+    """Equal groups the units of a ``kind`` layer are ranked within (and kept equally from)."""
+    if kind == "attention":
+        return model.block("attention").kv_heads
+    if kind == "mamba":
+        return model.block("mamba").groups
+    return 1
+
+
+def keep_units(model: ModelSpec, s: LayerScores, width: int) -> tuple[int, ...]:
+    groups = unit_groups(model, s.kind)
+    return grouped_top_indices(s.units, groups, width // groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# What fraction of an axis's importance a width keeps
+# ------------------------------------------------------------------------------------------------
+
+def _prefix(scores: tuple[float, ...], groups: int) -> tuple[tuple[float, ...], ...]:
+    """Per group, the running sums of its scores sorted high to low (index k: the best k)."""
+    size = len(scores) // groups
+    out = []
+    for g in range(groups):
+        run, sums = 0.0, [0.0]
+        for v in sorted(scores[g * size:(g + 1) * size], reverse=True):
+            run += v
+            sums.append(run)
+        out.append(tuple(sums))
+    return tuple(out)
+
+
+def _fraction(kept: float, total: float, width: int, original: int) -> float:
+    """kept / total; an axis whose scores are all zero keeps width / original."""
+    return kept / total if total > 0 else width / original
+
+
+AXIS_KINDS = {"ffn": "mlp", "attention_heads": "attention", "mamba_heads": "mamba", "experts": "moe"}
+
+
+class Retention:
+    """Fractions of importance kept, per axis and width, summed over the layers that have the axis
+    (every layer of a kind keeps the same width). Sorted running sums are built once per axis."""
+
+    def __init__(self, scores: ImportanceScores, model: ModelSpec):
+        self.scores, self.model = scores, model
+        self._sums: dict[str, tuple] = {}
+
+    def _axis_sums(self, name: str) -> tuple:
+        """(per layer, per group running sums; groups) of an axis."""
+        if name not in self._sums:
+            if name == "hidden":
+                rows, groups = [self.scores.hidden], 1
+            elif name == "mamba_head_dim":
+                rows, groups = [s.channels for s in self.scores.of_kind("mamba")], 1
+            elif name.startswith("depth:"):
+                rows, groups = [tuple(s.block for s in self.scores.of_kind(name[6:]))], 1
+            else:
+                kind = AXIS_KINDS[name]
+                rows, groups = [s.units for s in self.scores.of_kind(kind)], unit_groups(self.model, kind)
+            self._sums[name] = (tuple(_prefix(r, groups) for r in rows), groups)
+        return self._sums[name]
+
+    def _kept(self, name: str, width: int, original: int) -> float:
+        layers, groups = self._axis_sums(name)
+        kept = sum(g[width // groups] for layer in layers for g in layer)
+        total = sum(g[-1] for layer in layers for g in layer)
+        return _fraction(kept, total, width, original)
+
+    def axis(self, name: str, width: int) -> float:
+        return self._kept(name, width, axis_original(self.model, name))
+
+    def depth(self, kind: str, count: int) -> float:
+        return self._kept("depth:" + kind, count, self.model.count(kind))
+
+    def kept_layers(self, kind: str, count: int) -> tuple[int, ...]:
+        """Model indices of the ``count`` most important layers of ``kind``."""
+        layers = self.scores.of_kind(kind)
+        return tuple(layers[i].layer for i in top_indices(tuple(s.block for s in layers), count))
+
+
+def axis_original(model: ModelSpec, name: str) -> int:
+    if name == "hidden":
+        return model.hidden
+    if name == "mamba_head_dim":
+        return model.block("mamba").head_dim
+    return UNIT_WIDTH[AXIS_KINDS[name]](model)
+
+
+def log_fraction(fraction: float) -> float:
+    """The ILP maximises a sum of these (the log of the product of retained fractions)."""
+    return math.log(max(fraction, 1e-12))
+
+
+def product(fractions) -> float:
+    out = 1.0
+    for f in fractions:
+        out *= f
+    return out
+
+
+def method_of(scores: Optional[ImportanceScores]) -> str:
+    return "uniform" if scores is None else scores.method
