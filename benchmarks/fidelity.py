@@ -118,7 +118,7 @@ def with_calibration(job: TrainJob, values: dict) -> TrainJob:
     return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, device=dev))
 
 
-def predict(row: Row, calibration: dict | None = None) -> tuple[float, str]:
+def predict(row: Row, calibration: dict | None = None):
     job = with_calibration(row.job, calibration) if calibration else row.job
     plans = []
     for pins in row.pins:
@@ -127,13 +127,13 @@ def predict(row: Row, calibration: dict | None = None) -> tuple[float, str]:
         except LayoutError:
             continue
     if not plans:
-        return float("nan"), "no feasible layout"
+        return float("nan"), None
     plan = min(plans, key=lambda p: p.prediction.step_time)
     if row.metric == "mfu":
-        return plan.prediction.mfu * 100, plan.layout.short()
+        return plan.prediction.mfu * 100, plan.layout
     tokens = job.global_batch * job.seq_len
     flops = tokens * counts.flops_per_token(job.model, job.seq_len, recompute="full", causal=False)
-    return flops / (plan.prediction.step_time * job.cluster.world) / 1e12, plan.layout.short()
+    return flops / (plan.prediction.step_time * job.cluster.world) / 1e12, plan.layout
 
 
 def run_rows(rows: list[Row], calibration: dict | None = None) -> list[tuple[Row, float, str]]:
@@ -163,7 +163,7 @@ def show(results) -> None:
     for r, p, lay in results:
         unit = "%" if r.metric == "mfu" else " TF"
         t.add_row(r.table, r.label, f"{r.published:.1f}{unit}", f"{p:.1f}{unit}",
-                  f"{(p / r.published - 1) * 100:+.1f}%", lay)
+                  f"{(p / r.published - 1) * 100:+.1f}%", lay.short() if lay else "none fits")
     mean, worst = summarize(results)
     orders = order_ok(results)
     t.caption = (f"mean |error| {mean:.1%}, max {worst:.1%} (target <= 10% / <= 20%); order of "

@@ -224,14 +224,16 @@ def _bounded_meshes(job, pins, kinds, options, families, result) -> list:
             result.pruned += len(variants)
             continue
         kind = "zero1" if "zero1" in kinds else kinds[0]
-        table = CostTable(job, replace(mesh, mbs=min(v.mbs for v in variants), dp_kind=kind, vpp=1),
-                          unit_kinds)
-        problem = problem_of(table, options)
-        screen = INF
-        for vpp in sorted({v.vpp for v in variants}):
-            cand = _candidate(replace(table.layout, vpp=vpp), table, problem)
-            screen = min(screen, cand.quick)
-        scored.append((screen, time_floor(table), mesh.short(), mesh, variants))
+        screen = floor = INF
+        for mbs in sorted({min(v.mbs for v in variants), max(v.mbs for v in variants)}):
+            table = CostTable(job, replace(mesh, mbs=mbs, dp_kind=kind, vpp=1), unit_kinds)
+            problem = problem_of(table, options)
+            for vpp in sorted({v.vpp for v in variants}):
+                cand = _candidate(replace(table.layout, vpp=vpp), table, problem)
+                screen = min(screen, cand.quick)
+            # the largest micro-batch has the fewest per-micro-batch costs: its floor bounds all
+            floor = min(floor, time_floor(table))
+        scored.append((screen, floor, mesh.short(), mesh, variants))
     scored.sort(key=lambda s: (s[0], s[1], s[2]))
     return [(sc, fl, m, v) for sc, fl, _, m, v in scored]
 
@@ -306,7 +308,7 @@ def _solve(cands, top, max_solves, time_limit, families, result) -> list[Paralle
 
 def estimate(job: TrainJob, layout_pins: dict, time_limit: float = 10.0) -> ParallelPlan:
     """The best plan with ``layout_pins`` fixed (searching only what they leave open)."""
-    res = search(job, layout_pins, top=1, time_limit=time_limit)
+    res = search(job, layout_pins, top=3, time_limit=time_limit)
     if res.best is None:
         raise LayoutError(explain.no_feasible(job, res))
     return res.best

@@ -1,0 +1,116 @@
+"""Cost-model terms against hand computations and ir/counts.py."""
+import pytest
+
+from plait.ir import counts
+from plait.ir.plan import Layout, even_stages
+from plait.planner.cost import comm, compute, memory
+from plait.planner.cost.context import Context
+from plait.planner.cost.evaluate import evaluate
+from plait.planner.cost.pipeline import CostTable
+from plait.planner.layouts import units
+
+FOLDING = Layout(tp=2, cp=1, dp=8, pp=8, etp=1, ep=8, edp=2, sp=True, mbs=1)
+
+
+def test_attention_activations_by_hand(mixtral_job):
+    ctx = Context(mixtral_job(), FOLDING)
+    # tokens 4096, tp 2 with sequence parallel, bf16
+    x = 4096 / 2 * 6144 * 2  # residual input and norm output, sequence-parallel
+    qkv = 4096 * (6144 + 2 * 1024) / 2 * 2
+    out = 4096 * 6144 / 2 * 2
+    lse = 4096 * 48 / 2 * 4
+    none, selective = memory.attention_activations(ctx)
+    assert none == pytest.approx(2 * x + qkv + out + lse)
+    assert selective == pytest.approx(x + qkv + out + lse)
+
+
+def test_moe_activations_by_hand(mixtral_job):
+    ctx = Context(mixtral_job(), FOLDING)
+    # each rank pushes etp * tokens/tp * top_k = 1 * 2048 * 2 token copies through its expert
+    copies = 4096 / 2 * 2
+    assert ctx.routed_tokens == pytest.approx(copies)
+    h, f = 6144, 16384
+    expect = (2 * (2048 * h * 2) + 2048 * 8 * 4 * 2 + copies * h * 2 + copies * 2 * f * 2
+              + copies * f * 2 + copies * h * 2)
+    assert memory.moe_activations(ctx)[0] == pytest.approx(expect)
+
+
+def test_params_on_ranks_add_up(mixtral_job):
+    job = mixtral_job()
+    ctx = Context(job, FOLDING)
+    dense, expert = memory.block_params_on_rank(ctx, "moe")
+    assert expert * FOLDING.ep * FOLDING.etp == counts.expert_params(job.model)
+    attn, _ = memory.block_params_on_rank(ctx, "attention")
+    norm = counts.norm_params(job.model)
+    assert (attn - norm) * FOLDING.tp == counts.block_params(job.model, "attention")
+
+
+def test_state_bytes_shard_dense_over_dp_cp_and_experts_over_edp(mixtral_job):
+    ctx = Context(mixtral_job(), FOLDING)
+    s = memory.state_bytes(ctx, dense=1e9, expert=1e9)
+    assert s["weights"] == pytest.approx(2e9 + 2e9)
+    assert s["optimizer"] == pytest.approx(12e9 / 8 + 12e9 / 2)
+    fsdp = memory.state_bytes(Context(mixtral_job(), Layout(**{**FOLDING.__dict__,
+                                                               "dp_kind": "fsdp"})), 1e9, 0)
+    assert fsdp["weights"] == pytest.approx(2e9 / 8)
+
+
+def test_inflight_micro_batches():
+    assert [memory.inflight(4, 1, 32, r) for r in range(4)] == [4, 3, 2, 1]
+    assert memory.inflight(4, 1, 2, 0) == 2  # fewer micro-batches than stages
+    # interleaved: rank 0 holds pp + (pp - 1) / vpp micro-batches of its layers
+    assert memory.inflight(8, 2, 64, 0) == pytest.approx(8 + 7 / 2)
+
+
+def test_flops_per_rank_match_counts(mixtral_job):
+    job = mixtral_job()
+    ctx = Context(job, FOLDING)
+    ranks_per_stage = FOLDING.tp * FOLDING.cp * FOLDING.dp
+    tokens = FOLDING.mbs * job.seq_len * FOLDING.dp
+    for kind in ("attention", "moe"):
+        work = compute.block_work(ctx, kind)
+        per_token = counts.layer_flops(job.model, kind, job.seq_len)
+        assert work.flops * ranks_per_stage == pytest.approx(tokens * per_token, rel=1e-9)
+
+
+def test_ring_all_gather_and_topology(mixtral_job):
+    job = mixtral_job()
+    ctx = Context(job, FOLDING)
+    intra = ctx.group("expert", "ep")
+    assert (intra.size, intra.nodes) == (8, 1)
+    cal = ctx.cal
+    t = comm.all_gather(ctx, intra, 8e9)
+    assert t == pytest.approx(7 / 8 * 8e9 / (450e9 * cal.intra_eff) + 7 * 3e-6)
+    # the pre-folding layout with ETP 4 stretches an EP group of 8 over 4 nodes
+    tp_ep_dp = Context(job, Layout(tp=4, dp=32, pp=1, etp=4, ep=8, edp=4, sp=True))
+    g = tp_ep_dp.group("expert", "ep")
+    assert (g.size, g.nodes) == (8, 4)
+    assert comm.all_to_all(tp_ep_dp, g, 1e9) > comm.all_to_all(ctx, intra, 1e9)
+
+
+def test_prediction_is_consistent(mixtral_job):
+    job = mixtral_job()
+    table = CostTable(job, FOLDING, units(job.model))
+    stages = even_stages(112, 8, 1, "full")
+    pred = evaluate(table, stages)
+    m = table.microbatches
+    assert m == 256 // 8
+    tokens = job.global_batch * job.seq_len
+    assert pred.tokens_per_s == pytest.approx(tokens / pred.step_time)
+    flops = tokens * counts.flops_per_token(job.model, job.seq_len)
+    assert pred.mfu == pytest.approx(flops / (pred.step_time * 128 * 989.5e12))
+    assert pred.hardware_tflops_per_gpu > pred.tflops_per_gpu  # full recompute adds a forward
+    assert 0 < pred.bubble < 7 / (m + 7) + 0.01
+    assert len(pred.memory) == 8
+    # rank 0 holds the most in-flight micro-batches, the last rank the logits
+    assert pred.memory[0].activations > pred.memory[-1].activations
+    assert pred.memory[-1].buffers > pred.memory[1].buffers
+
+
+def test_recompute_trades_time_for_memory(mixtral_job):
+    job = mixtral_job()
+    table = CostTable(job, FOLDING, units(job.model))
+    preds = {o: evaluate(table, even_stages(112, 8, 1, o)) for o in ("none", "selective", "full")}
+    assert preds["none"].step_time < preds["selective"].step_time < preds["full"].step_time
+    assert (preds["none"].peak_memory > preds["selective"].peak_memory
+            > preds["full"].peak_memory)
