@@ -107,6 +107,27 @@ def _sink_into_loss(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
             node.meta[META] = NodeInfo(scope="", position=last, kind=LOSS)
 
 
+def _is_moe(module: torch.nn.Module) -> bool:
+    from .modules.moe import MoEBlock
+    return isinstance(module, MoEBlock)
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps each reference MoE mixer one call_module node: its routing is data-dependent (token
+    counts decide shapes), so it can neither be fake-run nor sharded node by node; the
+    dispatch_experts pass replaces the whole node."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return _is_moe(m) or super().is_leaf_module(m, qualname)
+
+
+class _ShapeProp(ShapeProp):
+    def call_module(self, target, args, kwargs):
+        if _is_moe(self.fetch_attr(target)):  # [..., hidden] -> [..., hidden]
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+
 def record_shapes(gm: torch.fx.GraphModule, *example) -> None:
     """ShapeProp on fake tensors: every tensor node gets ``meta["tensor_meta"]`` (its local shape
     in this graph as it is now)."""
@@ -114,7 +135,7 @@ def record_shapes(gm: torch.fx.GraphModule, *example) -> None:
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(t) for t in example]
-    ShapeProp(gm, fake_mode=mode).propagate(*fakes)
+    _ShapeProp(gm, fake_mode=mode).propagate(*fakes)
 
 
 def local_shape(node: torch.fx.Node) -> Optional[tuple[int, ...]]:
@@ -143,7 +164,7 @@ def trace_model(model: torch.nn.Module, spec: ModelSpec, batch: int = 1,
                 seq: int = 8) -> torch.fx.GraphModule:
     """Trace ``model(tokens, labels) -> loss`` and annotate it (scopes, positions, kinds, shapes
     for a [batch, seq] micro-batch)."""
-    gm = torch.fx.symbolic_trace(model)
+    gm = torch.fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     annotate(gm, spec)
