@@ -384,8 +384,8 @@ def check_pins(job: TrainJob, pins: dict) -> None:
             prod *= v
         if pinned and world % prod:
             expr = "*".join(k for k, _ in pinned) + " = " + "*".join(str(v) for _, v in pinned)
-            problems.append(f"{expr} = {prod} does not divide the {world} GPUs of the cluster "
-                            f"({side} side)")
+            expr += f" = {prod}" if len(pinned) > 1 else ""
+            problems.append(f"{expr} does not divide the {world} GPUs of the cluster ({side} side)")
     if not problems:
         probe = _probe_layout(job, pins)
         skip = {"world", "expert-world"} | ({"batch"} if "dp" not in pins else set())
