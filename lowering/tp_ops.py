@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from plait.lowering import collectives  # noqa: F401  (registers the torch.ops.plait ops)
+
 
 def vocab_parallel_embedding(tokens: torch.Tensor, weight: torch.Tensor,
                              vocab_start: int) -> torch.Tensor:

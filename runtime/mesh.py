@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from plait.ir.errors import LayoutError
 from plait.ir.plan import Layout
 from plait.lowering import collectives
+from plait.lowering.compile import dense_layout
 from plait.planner.groups import rank_groups
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -67,7 +68,7 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
                           f"{layout.world} ranks, but {world} processes were started")
     timeout = datetime.timedelta(seconds=timeout_s)
     mesh = Mesh(rank=rank, world=world, layout=layout, timeout_s=timeout_s)
-    table = rank_groups(_with_expert_side(layout))["dense"]
+    table = rank_groups(dense_layout(layout))["dense"]
     for axis in DENSE_AXES:
         for ranks in table[axis]:
             group = dist.new_group(ranks, timeout=timeout, group_desc=f"{axis}{list(ranks)}")
@@ -78,14 +79,6 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
     for axis, group in mesh.groups.items():
         collectives.bind_axis(axis, group, mesh.members[axis])
     return mesh
-
-
-def _with_expert_side(layout: Layout) -> Layout:
-    """A dense model has no experts: let its (unused) expert side span the same world, as
-    Megatron does with etp = tp, ep = 1, edp = dp * cp."""
-    if layout.expert_world == layout.world or layout.ep > 1:
-        return layout
-    return replace(layout, etp=layout.tp, ep=1, edp=layout.dp * layout.cp)
 
 
 def destroy() -> None:

@@ -1,0 +1,87 @@
+"""Tier 2: every parallel layout reproduces one device (gloo, fp32).
+
+After one step the loss and every gradient (after the TP / DP reductions) equal the single-device
+reference within 1e-5; after 3 AdamW steps (lr 1e-3, warmup, cosine, clipping at 0.5, weight decay)
+so do the parameters. One process spawn per world size runs all of that size's layouts.
+"""
+import pytest
+
+from plait.ir.model import MLP, Attention, ModelSpec, Rope
+from plait.ir.plan import Layout, Stage
+from plait.runtime.parity import Case, Setup, run_parity
+
+# Every optional dense feature the passes must handle: GQA, RoPE, qkv / out / mlp biases, q/k norms.
+SPEC = ModelSpec(
+    name="parity", vocab=256, hidden=64, layers=("attention", "mlp") * 3,
+    attention=Attention(heads=4, kv_heads=2, head_dim=16, rope=Rope(), qk_norm=True,
+                        qkv_bias=True, out_bias=True),
+    mlp=MLP(ffn=96, bias=True))
+SETUP = Setup(SPEC, global_batch=8, seq=16, steps=3)
+TOL = 1e-5
+UNEVEN = (Stage(0, 0, 0, 4), Stage(1, 0, 4, 6))  # 4 + 2 layers
+
+WORLD2 = [
+    Case("tp2", Layout(tp=2, dp_kind="replicated")),
+    Case("tp2_sp", Layout(tp=2, sp=True)),
+    Case("pp2_1f1b_uneven", Layout(pp=2), stages=UNEVEN),
+    Case("pp2_vpp2_interleaved", Layout(pp=2, vpp=2), schedule="interleaved"),  # 2+2+1+1 layers
+    Case("dp2_replicated", Layout(dp=2, dp_kind="replicated")),
+    Case("dp2_zero1", Layout(dp=2, dp_kind="zero1")),
+    Case("dp2_fsdp", Layout(dp=2, dp_kind="fsdp")),
+]
+WORLD4 = [
+    Case("tp2_pp2_sp_uneven", Layout(tp=2, pp=2, sp=True), stages=(Stage(0, 0, 0, 2), Stage(1, 0, 2, 6))),
+    Case("tp2_dp2_fsdp_sp", Layout(tp=2, dp=2, sp=True, dp_kind="fsdp")),
+]
+WORLD8 = [
+    Case("tp2_dp2_pp2_zero1_sp", Layout(tp=2, dp=2, pp=2, sp=True, dp_kind="zero1")),
+    Case("tp2_dp2_pp2_vpp2_fsdp_sp", Layout(tp=2, dp=2, pp=2, vpp=2, sp=True, dp_kind="fsdp",
+                                           mbs=2), schedule="interleaved"),
+]
+
+
+def _check(results, name):
+    errors = results[name]
+    assert errors.loss < TOL, errors
+    assert errors.grads < TOL, errors
+    assert errors.params < TOL, errors
+
+
+def _results(tmp_path_factory, cases, tag):
+    return run_parity(SETUP, cases, str(tmp_path_factory.mktemp(tag)))
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _results(tmp_path_factory, WORLD2, "parity2")
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _results(tmp_path_factory, WORLD4, "parity4")
+
+
+@pytest.fixture(scope="module")
+def world8(tmp_path_factory):
+    return _results(tmp_path_factory, WORLD8, "parity8")
+
+
+@pytest.mark.tier2
+class TestTwoRanks:
+    @pytest.mark.parametrize("name", [c.name for c in WORLD2])
+    def test_matches_one_device(self, world2, name):
+        _check(world2, name)
+
+
+@pytest.mark.tier2
+class TestFourRanks:
+    @pytest.mark.parametrize("name", [c.name for c in WORLD4])
+    def test_matches_one_device(self, world4, name):
+        _check(world4, name)
+
+
+@pytest.mark.tier2
+class TestEightRanks:
+    @pytest.mark.parametrize("name", [c.name for c in WORLD8])
+    def test_matches_one_device(self, world8, name):
+        _check(world8, name)
