@@ -13,6 +13,7 @@ from plait.ir.plan import Layout, ParallelPlan
 
 from .cost.context import Context
 from .cost.evaluate import evaluate
+from .cost.pipeline import even_sizes, stages_of
 
 GiB = float(2**30)
 
@@ -57,7 +58,6 @@ class Families:
             rec.need, rec.how = need, "even fully sharded (FSDP) with full recompute"
 
     def infeasible(self, cand) -> None:
-        from .search import even_sizes, stages_of  # the driver owns the partition helpers
         table = cand.table
         sizes = even_sizes(len(table.units), table.chunks)
         full = (2,) * table.chunks

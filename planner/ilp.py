@@ -74,15 +74,21 @@ class Partition:
     status: str  # OPTIMAL or FEASIBLE
 
 
-def solve(problem: PartitionProblem, time_limit: float = 10.0) -> Partition | None:
-    """Optimal partition, or None when no partition fits in memory."""
+def solve(problem: PartitionProblem, time_limit: float = 10.0,
+          start: tuple | None = None) -> Partition | None:
+    """Optimal partition, or None when no partition fits in memory. ``start`` = (sizes, options)
+    of a partition known to fit warm-starts the general formulation (CBC then keeps at least it)."""
     if len(problem.unit_types) < problem.chunks:
         return None
     tied = len(set(problem.unit_types)) == 1
-    prob, read = (_tied_model if tied else _general_model)(problem)
+    if tied:
+        prob, read = _tied_model(problem)
+    else:
+        prob, read = _general_model(problem, start)
     with warnings.catch_warnings():  # PuLP 3.3 announces API changes for 4.0 on every call
         warnings.simplefilter("ignore", DeprecationWarning)
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1, timeLimit=time_limit))
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1, timeLimit=time_limit,
+                                     warmStart=start is not None and not tied))
     # PuLP's `status` says "Optimal" even for a timed-out solve; sol_status tells them apart.
     if prob.sol_status == pulp.LpSolutionOptimal:
         status = OPTIMAL
@@ -156,10 +162,10 @@ def _even(n: int, parts: int) -> list[int]:
 
 def _window(p: PartitionProblem) -> int:
     U, C = len(p.unit_types), p.chunks
-    return p.window or max(2, -(-U // C))
+    return p.window or max(2, -(-U // (2 * C)))
 
 
-def _general_model(p: PartitionProblem):
+def _general_model(p: PartitionProblem, start: tuple | None = None):
     """Heterogeneous units: prefix binaries y[u,c] with contiguity by monotonicity."""
     U, C = len(p.unit_types), p.chunks
     prob = pulp.LpProblem("stage_partition", pulp.LpMinimize)
@@ -187,12 +193,13 @@ def _general_model(p: PartitionProblem):
                 prob += y[u, c - 1] <= y[u, c]  # "in a chunk <= c-1" implies "<= c"
         prob += pulp.lpSum(x[u, c] for u in range(U)) >= 1  # no empty chunk
         prob += pulp.lpSum(w[c, o] for o in p.options) == 1
-    big_t = sum(max(p.time[t]) for t in p.unit_types)
+    longest = min(U - C + 1, -(-U // C) + 2 * win)  # most units a chunk can hold in its window
+    big_t = longest * max(max(t) for t in p.time)
     trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
     tc, mc = {}, {}
     for c in range(C):
         r = p.rank_of(c)
-        big_m = sum(max(p.mem_coeff(t, o, r) for o in p.options) for t in p.unit_types)
+        big_m = longest * max(p.mem_coeff(t, o, r) for o in p.options for t in set(p.unit_types))
         for o in p.options:
             # T[c,o] >= chunk time under option o, switched off (big-M) unless w[c,o] = 1
             tc[c, o] = _var(prob, f"T_{c}_{o}", 0)
@@ -210,11 +217,25 @@ def _general_model(p: PartitionProblem):
         _fits(prob, p, pulp.lpSum(mc[c, o] for c in mine for o in p.options)
               + (1 + p.fragmentation) * trans[r] + base_m)
 
+    if start is not None:
+        _warm_start(y, w, *start)
+
     def read():
         sizes = tuple(int(round(sum(_val(x[u, c]) for u in range(U)))) for c in range(C))
         options = tuple(max(p.options, key=lambda o: w[c, o].value() or 0) for c in range(C))
         return sizes, options
     return prob, read
+
+
+def _warm_start(y: dict, w: dict, sizes, options) -> None:
+    chunk_of, u = [], 0
+    for c, size in enumerate(sizes):
+        chunk_of += [c] * size
+    for (u, c), var in y.items():
+        if not isinstance(var, int):
+            var.setInitialValue(1 if chunk_of[u] <= c else 0)
+    for (c, o), var in w.items():
+        var.setInitialValue(1 if options[c] == o else 0)
 
 
 def _fixed(*terms) -> bool:

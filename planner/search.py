@@ -25,7 +25,7 @@ from . import explain
 from .cost import memory
 from .cost.context import Context
 from .cost.evaluate import RankCost, evaluate, sync_time
-from .cost.pipeline import OPTIONS, CostTable
+from .cost.pipeline import OPTIONS, CostTable, even_sizes, stages_of
 from .ilp import PartitionProblem, rank_totals, solve
 from .layouts import check_pins, job_pins, knob_variants, meshes, units
 
@@ -83,20 +83,6 @@ def problem_of(table: CostTable, options: tuple[int, ...]) -> PartitionProblem:
         last_time=table.last.time, last_static=table.static_bytes(table.last.params, 0.0),
         fragmentation=table.fragmentation, reserve=table.reserve_fixed, capacity=table.capacity,
         options=options)
-
-
-def even_sizes(n: int, chunks: int) -> tuple[int, ...]:
-    base, extra = divmod(n, chunks)
-    return tuple(base + (1 if c < extra else 0) for c in range(chunks))
-
-
-def stages_of(table: CostTable, sizes, options) -> tuple[Stage, ...]:
-    pp, out, unit = table.layout.pp, [], 0
-    for c, (size, o) in enumerate(zip(sizes, options)):
-        out.append(Stage(pp_rank=c % pp, virtual=c // pp, first=table.layer_of(unit),
-                         last=table.layer_of(unit + size), recompute=OPTIONS[o]))
-        unit += size
-    return tuple(out)
 
 
 def make_plan(table: CostTable, sizes, options, notes=()) -> ParallelPlan:
@@ -248,6 +234,8 @@ def _candidate(lay: Layout, base: CostTable, base_problem: PartitionProblem) -> 
     return cand
 
 
+GENERAL_TIME_LIMIT = 0.75  # seconds per ILP for heterogeneous layer sequences
+
 # Screening keeps the meshes whose even-split estimate is within this factor of the best one
 # (at least MIN_MESHES of them); their floors must also beat the k-th best estimate so far.
 SCREEN_SLACK, MIN_MESHES = 1.10, 8
@@ -286,6 +274,10 @@ def _solve(cands, top, max_solves, time_limit, families, result) -> list[Paralle
     whose lower bound cannot beat the k-th best plan or estimate (branch and bound)."""
     plans: list[ParallelPlan] = []
     best_quick = sorted(c.quick for c in cands)
+    if cands and not cands[0].table.homogeneous:
+        # heterogeneous (hybrid) layer sequences use the big-M formulation: CBC rarely proves
+        # optimality fast, so fewer, shorter, warm-started solves
+        max_solves, time_limit = max(1, max_solves // 4), min(time_limit, GENERAL_TIME_LIMIT)
     for cand in sorted(cands, key=lambda c: c.key):
         steps = sorted(p.prediction.step_time for p in plans)
         bound = min(steps[top - 1] if len(steps) >= top else INF,
@@ -294,7 +286,11 @@ def _solve(cands, top, max_solves, time_limit, families, result) -> list[Paralle
             result.pruned += 1
             families.estimated(cand)
             continue
-        part = solve(cand.problem, time_limit=time_limit)
+        start = None
+        if cand.quick < INF:
+            start = (even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
+                     (cand.quick_option,) * cand.problem.chunks)
+        part = solve(cand.problem, time_limit=time_limit, start=start)
         result.solved += 1
         if part is None:
             families.infeasible(cand)

@@ -30,7 +30,8 @@ def _plan_table(plans: list[ParallelPlan]) -> Table:
     t = Table(title="candidate plans (best first)")
     for col in ("#", "layout", "dp", "recompute", "step s", "tokens/s", "TFLOP/s/GPU", "MFU",
                 "bubble", "peak GiB"):
-        t.add_column(col, justify="right" if col not in ("layout", "dp", "recompute") else "left")
+        t.add_column(col, justify="right" if col not in ("layout", "dp", "recompute") else "left",
+                     no_wrap=col == "layout")
     for i, plan in enumerate(plans, 1):
         p, lay = plan.prediction, plan.layout
         recompute = ",".join(sorted({s.recompute for s in plan.stages}))

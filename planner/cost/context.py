@@ -29,6 +29,7 @@ class Calibration:
     a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
+    fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
     moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
     kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
     # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:

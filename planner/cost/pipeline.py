@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from plait.ir.job import TrainJob
-from plait.ir.plan import RECOMPUTE, Layout
+from plait.ir.plan import RECOMPUTE, Layout, Stage
 
 from . import comm, compute, memory
 from .context import Context
@@ -93,7 +93,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         dense, expert = dense + d, expert + e
     overhead = ctx.cal.kernel_us * 1e-6 * len(kinds)
     g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
-    window = ctx.cal.overlap
+    window = ctx.cal.fsdp_overlap
     fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
     if fsdp_f or fsdp_b:
         _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
@@ -207,3 +207,20 @@ class CostTable:
 
     def unit_static(self, u: UnitCost) -> float:
         return self.static_bytes(u.dense_params, u.expert_params)
+
+
+def even_sizes(n: int, chunks: int) -> tuple[int, ...]:
+    """``n`` units in ``chunks`` contiguous chunks, the first ones taking the remainder."""
+    base, extra = divmod(n, chunks)
+    return tuple(base + (1 if c < extra else 0) for c in range(chunks))
+
+
+def stages_of(table: CostTable, sizes, options) -> tuple[Stage, ...]:
+    """Stages (layer ranges, chunk c on rank c mod pp) of a partition given in units per chunk."""
+    pp, out, unit = table.layout.pp, [], 0
+    for c, (size, o) in enumerate(zip(sizes, options)):
+        out.append(Stage(pp_rank=c % pp, virtual=c // pp, first=table.layer_of(unit),
+                         last=table.layer_of(unit + size), recompute=OPTIONS[o]))
+        unit += size
+    return tuple(out)
+

@@ -8,8 +8,12 @@ A multiple-choice knapsack with a shared first choice. Variables:
     maximise   sum_h v[h] y[h] + sum_{h,g,i} v[h,g,i] x[h,g,i]      (log of the retained importance)
     subject to sum_h y[h] = 1                                         (one hidden size)
                sum_i x[h,g,i] = y[h]             for every h, g       (one option per kind, at that h)
-               sum_h c_b[h] y[h] + sum c_b[h,g,i] x[h,g,i] <= L_b     for every budget b
+               c_b[h] y[h] + sum_{g,i} c_b[h,g,i] x[h,g,i] <= L_b     for every h and budget b
                not all of y[h*], x[h*,g,i*_g] for each excluded selection   (no-good cuts)
+
+``solve_top`` lets k hidden choices be taken at once (sum_h y[h] <= k, a bonus per taken choice):
+as the budget rows are per choice, its optimum is the k best hidden sizes, each with its best
+options — the ranked candidates in one solve.
 
 Budgets are scaled by their limits (each row reads <= 1) so parameter counts near 1e10 meet the
 solver's tolerances; the caller re-checks the chosen selection in exact integers.
@@ -65,24 +69,38 @@ def selection_cost(problem: Problem, choice: int, items: tuple[int, ...]) -> tup
 def solve(problem: Problem, forbidden: Iterable[int] = (), excluded: Iterable[Selection] = (),
           time_limit: float = 10.0) -> Optional[Selection]:
     """The best selection, or None when no selection meets every budget."""
+    found = solve_top(problem, 1, forbidden, excluded, time_limit)
+    return found[0] if found else None
+
+
+def solve_top(problem: Problem, k: int, forbidden: Iterable[int] = (), excluded: Iterable[Selection] = (),
+              time_limit: float = 10.0) -> list[Selection]:
+    """The best selection of each of the ``k`` choices whose best is highest, best first (fewer when
+    fewer choices can meet the budgets). One solve: with sum_h y[h] <= k and every budget row
+    written per choice, the choices do not interact, so the optimum takes the k best
+    per-choice optima; a bonus per taken choice (larger than any |value|) makes taking more always
+    better."""
     forbidden = set(forbidden)
     allowed = [h for h in range(len(problem.choices)) if h not in forbidden]
-    if not allowed or any(limit <= 0 for limit in problem.limits):
-        return None
+    if not allowed or k < 1 or any(limit <= 0 for limit in problem.limits):
+        return []
+    bonus = 1.0 + max(abs(c.value) + sum(max(abs(i.value) for i in g) for g in c.groups) for c in problem.choices)
     prob = pulp.LpProblem("prune", pulp.LpMaximize)
-    y = {h: pulp.LpVariable(f"y_{h}", cat="Binary") for h in allowed}
-    x = {(h, g, i): pulp.LpVariable(f"x_{h}_{g}_{i}", cat="Binary")
+    y = {h: prob.add_variable(f"y_{h}", cat="Binary") for h in allowed}
+    x = {(h, g, i): prob.add_variable(f"x_{h}_{g}_{i}", cat="Binary")
          for h in allowed for g, items in enumerate(problem.choices[h].groups) for i in range(len(items))}
-    prob += (pulp.lpSum(problem.choices[h].value * y[h] for h in allowed)
+    prob += (pulp.lpSum((problem.choices[h].value + bonus) * y[h] for h in allowed)
              + pulp.lpSum(problem.choices[h].groups[g][i].value * v for (h, g, i), v in x.items()))
-    prob += pulp.lpSum(y.values()) == 1, "one_hidden"
+    prob += pulp.lpSum(y.values()) <= k, "k_choices"
     for h in allowed:
-        for g, items in enumerate(problem.choices[h].groups):
+        c = problem.choices[h]
+        for g, items in enumerate(c.groups):
             prob += pulp.lpSum(x[h, g, i] for i in range(len(items))) == y[h], f"one_option_{h}_{g}"
-    for b, limit in enumerate(problem.limits):
-        prob += (pulp.lpSum(problem.choices[h].cost[b] / limit * y[h] for h in allowed)
-                 + pulp.lpSum(problem.choices[h].groups[g][i].cost[b] / limit * v for (h, g, i), v in x.items())
-                 <= 1), f"budget_{b}"
+        for b, limit in enumerate(problem.limits):  # each taken choice within every budget
+            prob += (c.cost[b] / limit * y[h]
+                     + pulp.lpSum(c.groups[g][i].cost[b] / limit * x[h, g, i]
+                                  for g, items in enumerate(c.groups) for i in range(len(items)))
+                     <= 1), f"budget_{h}_{b}"
     for n, sel in enumerate(excluded):
         if sel.choice in y:
             picked = [y[sel.choice]] + [x[sel.choice, g, i] for g, i in enumerate(sel.items)]
@@ -90,7 +108,7 @@ def solve(problem: Problem, forbidden: Iterable[int] = (), excluded: Iterable[Se
     return _run(prob, problem, y, x, time_limit)
 
 
-def _run(prob, problem: Problem, y, x, time_limit: float) -> Optional[Selection]:
+def _run(prob, problem: Problem, y, x, time_limit: float) -> list[Selection]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
@@ -100,10 +118,10 @@ def _run(prob, problem: Problem, y, x, time_limit: float) -> Optional[Selection]
     elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
         status = FEASIBLE
     else:
-        return None
-    choice = max(y, key=lambda h: y[h].value() or 0.0)
-    items = []
-    for g, group in enumerate(problem.choices[choice].groups):
-        items.append(max(range(len(group)), key=lambda i: x[choice, g, i].value() or 0.0))
-    items = tuple(items)
-    return Selection(choice, items, selection_value(problem, choice, items), status)
+        return []
+    out = []
+    for h in (h for h in y if (y[h].value() or 0.0) > 0.5):
+        items = tuple(max(range(len(group)), key=lambda i: x[h, g, i].value() or 0.0)
+                      for g, group in enumerate(problem.choices[h].groups))
+        out.append(Selection(h, items, selection_value(problem, h, items), status))
+    return sorted(out, key=lambda s: (-s.value, s.choice))

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from plait.ir import counts
 from plait.ir.model import ModelSpec
 
-from .scores import Retention, log_fraction
+from .scores import Retention, weighted_log
 
 KIND_AXES = {"attention": ("attention_heads",), "mlp": ("ffn",), "mamba": ("mamba_heads", "mamba_head_dim"),
              "moe": ("experts",)}
@@ -69,7 +69,7 @@ class Option:
     widths: tuple[tuple[str, int], ...]
     count: int
     costs: Costs
-    value: float  # log of the retained fractions of its axes and its depth
+    value: float  # weighted logs of the retained fractions of its axes and its depth
 
 
 @dataclass(frozen=True)
@@ -108,20 +108,30 @@ def kind_options(model: ModelSpec, hidden: int, kind: str, axis_widths: dict, co
         widths = dict(zip(axes, combo))
         spec = pruned_spec(model, hidden, widths, model.layers)
         per_layer = layer_costs(spec, kind, bytes_per_param, layer_time)
-        width_value = sum(log_fraction(retention.axis(a, w)) for a, w in widths.items())
+        width_value = sum(weighted_log(model, a, retention.axis(a, w)) for a, w in widths.items())
         for n in counts_of:
-            options.append(Option(kind, tuple(widths.items()), n, per_layer.scaled(n),
-                                  width_value + log_fraction(retention.depth(kind, n))))
+            depth_value = weighted_log(model, "depth:" + kind, retention.depth(kind, n))
+            options.append(Option(kind, tuple(widths.items()), n, per_layer.scaled(n), width_value + depth_value))
     return pareto(options, budgets)
 
 
 def pareto(options: list[Option], budgets: tuple[str, ...]) -> tuple[Option, ...]:
     """Options no other option beats: at most its cost on every budget and more importance (ties
     broken towards the earlier option)."""
-    ranked = sorted(enumerate(options), key=lambda io: (-io[1].value, io[1].costs.vector(budgets), io[0]))
-    kept: list[Option] = []
-    for _, opt in ranked:
-        cost = opt.costs.vector(budgets)
-        if not any(all(k <= c for k, c in zip(other.costs.vector(budgets), cost)) for other in kept):
-            kept.append(opt)
-    return tuple(kept)
+    vectors = [o.costs.vector(budgets) for o in options]
+    ranked = sorted(range(len(options)), key=lambda i: (-options[i].value, vectors[i], i))
+    if len(budgets) == 1:  # one budget: keep the options whose cost beats every more valuable one
+        kept, least = [], float("inf")
+        for i in ranked:
+            if vectors[i][0] < least:
+                kept.append(i)
+                least = vectors[i][0]
+        return tuple(options[i] for i in kept)
+    kept_vectors: list[tuple[float, ...]] = []
+    kept = []
+    for i in ranked:
+        cost = vectors[i]
+        if not any(all(k <= c for k, c in zip(other, cost)) for other in kept_vectors):
+            kept.append(i)
+            kept_vectors.append(cost)
+    return tuple(options[i] for i in kept)

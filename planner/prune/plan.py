@@ -2,9 +2,9 @@
 
 1. Candidate widths per axis (widths.py) and layer counts per block kind.
 2. Per hidden size and block kind, every (widths, count) option with exact costs (options.py).
-3. The ILP (ilp.py) keeps the most importance under the budgets; each further candidate is the
-   optimum with the hidden sizes already shown forbidden (or, with one hidden size, the selections
-   already shown cut), so the ranking shows real alternatives rather than near-copies.
+3. The ILP (ilp.py) keeps the most importance under the budgets. The ranked candidates are the
+   best models of the best hidden sizes (one solve), so the ranking shows real alternatives
+   rather than near-copies; with a single hidden size, the next best selections (no-good cuts).
 4. Each selection is re-counted exactly on its pruned spec; with a throughput target it is also
    planned on the job's train setup, and one that misses is cut while the time budget tightens.
 5. The best candidate becomes a PrunePlan: the embedding channels, layers, neurons, heads and
@@ -23,8 +23,8 @@ from plait.ir.plan import LayerKeep, PruneCandidate, PrunePlan
 
 from . import ilp
 from .options import KIND_AXES, Costs, HiddenChoice, fixed_costs, kind_options, pruned_spec
-from .scores import (ImportanceScores, Retention, check_scores, keep_units, log_fraction, product, top_indices,
-                     uniform_scores)
+from .scores import (ImportanceScores, Retention, check_scores, keep_units, score, top_indices, uniform_scores,
+                     weighted_log)
 from .throughput import ThroughputModel
 from .widths import axis_widths, depth_counts, layout_divisors
 
@@ -84,7 +84,7 @@ def _setup(job: PruneJob, scores: ImportanceScores) -> _Setup:
         options = tuple(kind_options(model, h, k, widths, depth_counts(job, k), retention, budgets, bpp, layer_time)
                         for k in kinds)
         choices.append(HiddenChoice(h, fixed_costs(spec, bpp, extra_time),
-                                    log_fraction(retention.axis("hidden", h)), options))
+                                    weighted_log(model, "hidden", retention.axis("hidden", h)), options))
     return _Setup(job, retention, budgets, limits, choices, kinds, tput)
 
 
@@ -112,28 +112,30 @@ def _problem(setup: _Setup) -> ilp.Problem:
 # ------------------------------------------------------------------------------------------------
 
 def _rank(setup: _Setup, top: int, time_limit: float, result: PruneResult) -> list:
+    """Accepted candidates, best first. Several hidden sizes: each round solves for the best of as
+    many hidden sizes as places are left (one solve), then forbids the accepted ones. One hidden
+    size: each round solves for the next best selection (no-good cuts)."""
     forbidden: set[int] = set()
     excluded: list[ilp.Selection] = []
     found: list = []
     rejected = 0
+    several = len(setup.choices) > 1
     while len(found) < top and rejected <= MAX_EXTRA_SOLVES:
-        sel = ilp.solve(_problem(setup), forbidden, excluded, time_limit)
+        batch = ilp.solve_top(_problem(setup), top - len(found) if several else 1, forbidden, excluded, time_limit)
         result.solves += 1
-        if sel is None:
+        if not batch:
             break
-        if sel.status != ilp.OPTIMAL:
-            result.notes.append(f"candidate {len(found) + 1}: the ILP hit its time limit (best found)")
-        candidate, reason = _candidate(setup, sel)
-        if reason is not None:
-            rejected += 1
-            result.notes.append(reason)
-            excluded.append(sel)
-            continue
-        found.append((candidate, sel))
-        if len(setup.choices) > 1:
-            forbidden.add(sel.choice)
-        else:
-            excluded.append(sel)
+        for sel in batch:
+            if sel.status != ilp.OPTIMAL:
+                result.notes.append(f"hidden {setup.choices[sel.choice].hidden}: the ILP hit its time limit")
+            candidate, reason = _candidate(setup, sel)
+            if reason is not None:
+                rejected += 1
+                result.notes.append(reason)
+                excluded.append(sel)
+                continue
+            found.append((candidate, sel))
+            (forbidden.add(sel.choice) if several else excluded.append(sel))
     if not found:
         raise _unreachable(setup)
     found.sort(key=lambda cs: -cs[0].score)
@@ -164,7 +166,7 @@ def _candidate(setup: _Setup, sel: ilp.Selection) -> tuple[Optional[PruneCandida
     retained = _retained(setup, choice.hidden, picked)
     return PruneCandidate(
         model=spec, params=p.total, active_params=p.active, weight_bytes=exact["weight_bytes"],
-        retained=retained, score=product(f for _, f in retained),
+        retained=retained, score=score(job.model, retained),
         tokens_per_s=pred.tokens_per_s if pred else None, layout=pred.layout if pred else None), None
 
 
@@ -209,7 +211,7 @@ BUDGET_NAMES = {"params": "params", "active_params": "active params", "weight_by
 
 def _unreachable(setup: _Setup) -> PlaitError:
     """Which budget the smallest legal model already exceeds, with the numbers."""
-    smallest = [min(_least(c, b) for c in setup.choices) for b in range(len(setup.budgets))]
+    smallest = [min(_least(c, setup.budgets, b) for c in setup.choices) for b in range(len(setup.budgets))]
     over = [(setup.budgets[b], smallest[b], setup.limits[b]) for b in range(len(setup.budgets))
             if smallest[b] > setup.limits[b]]
     if not over:
@@ -228,10 +230,7 @@ def _unreachable(setup: _Setup) -> PlaitError:
                       hint="allow more axes (axes { ... = auto }) or depth, or lower the axes' min widths")
 
 
-def _least(choice: HiddenChoice, b: int) -> float:
-    def cost(c: Costs) -> float:
-        return c.vector((_BUDGET_ORDER[b],))[0]
-    return 0.0
-
-
-_BUDGET_ORDER: tuple = ()
+def _least(choice: HiddenChoice, budgets: tuple[str, ...], b: int) -> float:
+    """The least cost on budget ``b`` of any model with this hidden size."""
+    return choice.costs.vector(budgets)[b] + sum(min(o.costs.vector(budgets)[b] for o in group)
+                                                 for group in choice.options)

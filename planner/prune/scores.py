@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
+from plait.ir import counts
 from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 from plait.ir.serde import from_json, to_json
@@ -100,7 +102,7 @@ def _scores(model: ModelSpec, method: str, draw) -> ImportanceScores:
 
 def top_indices(scores: tuple[float, ...], k: int) -> tuple[int, ...]:
     """The ``k`` highest-scoring indices (ties: the lower index), ascending."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable: ties keep index order
     return tuple(sorted(order[:k]))
 
 
@@ -159,6 +161,7 @@ class Retention:
     def __init__(self, scores: ImportanceScores, model: ModelSpec):
         self.scores, self.model = scores, model
         self._sums: dict[str, tuple] = {}
+        self._kept_cache: dict[tuple[str, int], float] = {}
 
     def _axis_sums(self, name: str) -> tuple:
         """(per layer, per group running sums; groups) of an axis."""
@@ -176,10 +179,13 @@ class Retention:
         return self._sums[name]
 
     def _kept(self, name: str, width: int, original: int) -> float:
-        layers, groups = self._axis_sums(name)
-        kept = sum(g[width // groups] for layer in layers for g in layer)
-        total = sum(g[-1] for layer in layers for g in layer)
-        return _fraction(kept, total, width, original)
+        key = (name, width)
+        if key not in self._kept_cache:
+            layers, groups = self._axis_sums(name)
+            kept = sum(g[width // groups] for layer in layers for g in layer)
+            total = sum(g[-1] for layer in layers for g in layer)
+            self._kept_cache[key] = _fraction(kept, total, width, original)
+        return self._kept_cache[key]
 
     def axis(self, name: str, width: int) -> float:
         return self._kept(name, width, axis_original(self.model, name))
@@ -201,16 +207,26 @@ def axis_original(model: ModelSpec, name: str) -> int:
     return UNIT_WIDTH[AXIS_KINDS[name]](model)
 
 
-def log_fraction(fraction: float) -> float:
-    """The ILP maximises a sum of these (the log of the product of retained fractions)."""
-    return math.log(max(fraction, 1e-12))
+@lru_cache(maxsize=1024)
+def axis_weight(model: ModelSpec, name: str) -> float:
+    """How much of the model an axis reaches: the share of its parameters in the layers the axis
+    narrows (hidden: all of them). An axis that touches more weights counts more."""
+    if name == "hidden":
+        return 1.0
+    kind = name[6:] if name.startswith("depth:") else ("mamba" if name == "mamba_head_dim" else AXIS_KINDS[name])
+    p = counts.params(model)
+    return p.of_kind(kind) / p.total
 
 
-def product(fractions) -> float:
-    out = 1.0
-    for f in fractions:
-        out *= f
-    return out
+def weighted_log(model: ModelSpec, name: str, fraction: float) -> float:
+    """An axis's term of the objective: weight x log(retained fraction). The ILP maximises their
+    sum, the log of the weighted geometric mean of the retained fractions."""
+    return axis_weight(model, name) * math.log(max(fraction, 1e-12))
+
+
+def score(model: ModelSpec, retained) -> float:
+    """exp(sum of weighted logs): the retained importance of a candidate, in (0, 1]."""
+    return math.exp(sum(weighted_log(model, a, f) for a, f in retained))
 
 
 def method_of(scores: Optional[ImportanceScores]) -> str:
