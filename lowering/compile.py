@@ -20,12 +20,15 @@ from plait.planner.groups import group_of
 
 from .passes.base import Pass, Target, run_passes
 from .passes.data_parallel import DATA_PARALLEL, GRAD_SYNC, GradSync
+from .passes.dispatch_experts import DISPATCH_EXPERTS
 from .passes.sequence_parallel import SEQUENCE_PARALLEL
 from .passes.shard_tensor_parallel import SHARD_TENSOR_PARALLEL, SHARDS, ShardSpec
 from .passes.split_pipeline import LOSS, SPLIT_PIPELINE, STAGE_IO, stage_name
+from .moe.sync import EXPERTS, ExpertSync
 from .trace import trace_model
 
 PASSES: list[Pass] = [
+    DISPATCH_EXPERTS,       # MoE mixers -> this rank's EP x ETP experts behind a token dispatcher
     SHARD_TENSOR_PARALLEL,  # column/row-parallel linears, vocab-parallel embedding, head, loss
     SEQUENCE_PARALLEL,      # all-gather / reduce-scatter along the sequence around TP regions
     DATA_PARALLEL,          # which gradients are averaged over DP and summed over TP
@@ -88,6 +91,11 @@ class RankProgram:
         return self.pipe.meta[GRAD_SYNC]
 
     @property
+    def experts(self) -> ExpertSync:
+        """Expert parameters and their EDP gradient reduction (empty for dense models)."""
+        return self.pipe.meta.get(EXPERTS, ExpertSync())
+
+    @property
     def stage_io(self) -> dict:
         return self.pipe.meta[STAGE_IO]
 
@@ -107,7 +115,7 @@ def lower(model: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan, rank: int
     """Lower the reference ``model`` (its weights become this rank's shards) for ``rank``."""
     plan = replace(plan, layout=dense_layout(plan.layout))
     c = coords(plan.layout, rank)
-    target = Target(spec=spec, plan=plan, tp_rank=c["tp"], pp_rank=c["pp"])
+    target = Target(spec=spec, plan=plan, tp_rank=c["tp"], pp_rank=c["pp"], rank=rank)
     gm = trace_model(model, spec, batch=plan.layout.mbs, seq=plan.seq_len)
     pipe = run_passes(gm, PASSES, target, log)
     return RankProgram(rank=rank, coords=c, plan=plan, pipe=pipe)

@@ -26,6 +26,7 @@ class Target:
     plan: ParallelPlan
     tp_rank: int = 0
     pp_rank: int = 0
+    rank: int = 0  # global rank (the expert-side coordinates come from it)
 
     @property
     def layout(self) -> Layout:

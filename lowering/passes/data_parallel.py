@@ -16,6 +16,7 @@ import torch.fx
 from plait.ir.errors import LayoutError
 from plait.ir.plan import DP_KINDS
 from plait.lowering import sharding
+from plait.lowering.moe.sync import EXPERTS, ExpertSync
 
 from .base import Pass, Target, VerifyError
 from .shard_tensor_parallel import SHARDS
@@ -47,7 +48,9 @@ def data_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     tp_sum: tuple[str, ...] = ()
     if t.layout.tp > 1:
         states = sharding.propagate(gm)
-        tp_sum = tuple(sharding.partial_grad_params(gm, states, set(gm.meta.get(SHARDS, {}))))
+        # expert weights (dispatch_experts) are sharded over EP x ETP and reduce over EDP only
+        not_replicated = set(gm.meta.get(SHARDS, {})) | set(gm.meta.get(EXPERTS, ExpertSync()).params)
+        tp_sum = tuple(sharding.partial_grad_params(gm, states, not_replicated))
     gm.meta[GRAD_SYNC] = GradSync(dp_kind=kind, dp=t.layout.dp, tp_sum=tp_sum)
     return gm
 

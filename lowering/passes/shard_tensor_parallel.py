@@ -70,7 +70,8 @@ def check_divisible(spec: ModelSpec, tp: int) -> None:
         if n % tp:
             raise LayoutError(f"tp = {tp} does not divide {what} = {n} ({n} % {tp} = {n % tp})",
                               hint=f"choose tp among the divisors of {n}")
-    unsupported = sorted({k for k in spec.layers if k not in ("attention", "mlp", "mamba")})
+    # moe: dispatch_experts (run before) already replaced the mixers; they are no TP region
+    unsupported = sorted({k for k in spec.layers if k not in ("attention", "mlp", "mamba", "moe")})
     if unsupported:
         raise LayoutError(f"tensor parallelism of {', '.join(unsupported)} layers is not lowered yet",
                           hint="use tp = 1 for this model")

@@ -23,7 +23,7 @@ def _batch(n=2):
 
 
 def test_pass_list_reads_like_a_table_of_contents():
-    assert [p.name for p in PASSES] == ["shard_tensor_parallel", "sequence_parallel",
+    assert [p.name for p in PASSES] == ["dispatch_experts", "shard_tensor_parallel", "sequence_parallel",
                                        "data_parallel", "split_pipeline"]
     assert all(p.doc and p.ensures for p in PASSES)
 
