@@ -1,0 +1,110 @@
+"""Tier 1: the dispatch_experts pass on shapes, shards, gradient records and program text, and a
+one-rank compiled MoE program against the reference model (no processes)."""
+import pytest
+import torch
+
+from plait.ir.errors import LayoutError
+from plait.ir.job import MoEOptions
+from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
+from plait.ir.plan import Layout, ParallelPlan, even_stages
+from plait.lowering.build import build_model
+from plait.lowering.compile import lower, program_text
+from plait.lowering.moe import ExpertParallelMoE, shard_experts
+
+torch.set_num_threads(1)
+
+SPEC = ModelSpec(
+    name="moe-pass-test", vocab=128, hidden=32, layers=("attention", "mlp") + ("attention", "moe") * 2,
+    attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()), mlp=MLP(ffn=48),
+    moe=MoE(experts=8, top_k=2, ffn=16, shared_ffn=24, shared_gate=True, aux_loss=0.01, z_loss=0.001))
+SEQ = 8
+MOE_LAYERS = (3, 5)
+
+
+def plan(layout: Layout, moe=None, global_batch=None) -> ParallelPlan:
+    return ParallelPlan(job="t", model=SPEC.name, cluster="local-cpu", world=layout.world, layout=layout,
+                        stages=even_stages(SPEC.num_layers, layout.pp, layout.vpp),
+                        global_batch=global_batch or layout.dp * layout.mbs, seq_len=SEQ, moe=moe)
+
+
+def lowered(layout: Layout, rank: int, moe=None):
+    return lower(build_model(SPEC, seed=0), SPEC, plan(layout, moe), rank)
+
+
+def mixer(program, layer: int) -> ExpertParallelMoE:
+    for _, stage in program.local_modules():
+        try:
+            return stage.get_submodule(f"layers.{layer}.mixer")
+        except AttributeError:
+            continue
+    raise KeyError(layer)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ep2_rank_holds_its_experts_of_the_reference(rank):
+    full = build_model(SPEC, seed=0)
+    program = lowered(Layout(dp=2, ep=2, edp=1), rank)
+    for layer in MOE_LAYERS:
+        m = mixer(program, layer)
+        assert isinstance(m, ExpertParallelMoE) and m.grid.ep_rank == rank
+        ref = full.layers[layer].mixer
+        torch.testing.assert_close(m.experts.w_gate_up, ref.experts.w_gate_up[4 * rank:4 * rank + 4])
+        torch.testing.assert_close(m.router.weight, ref.router.weight)
+    sync = program.experts
+    assert set(sync.params) == {f"layers.{i}.mixer.experts.{w}" for i in MOE_LAYERS for w in ("w_gate_up", "w_down")}
+    assert (sync.edp, sync.dp_cp, sync.scale) == (1, 2, 0.5)
+
+
+def test_etp_slices_gate_and_up_alike_and_folds_onto_dense_ranks():
+    full = build_model(SPEC, seed=0).layers[3].mixer.experts
+    # world 4: dense tp2 x dp2 with sequence parallelism, experts etp2 x ep2
+    program = lowered(Layout(tp=2, sp=True, dp=2, ep=2, etp=2, edp=1), rank=3)
+    m = mixer(program, 3)
+    assert (m.grid.ep_rank, m.grid.etp_rank) == (1, 1)
+    up, down = shard_experts(full.w_gate_up, full.w_down, m.grid, gated=True)
+    assert m.experts.w_gate_up.shape == (4, 16, 32) and m.experts.w_down.shape == (4, 32, 8)
+    torch.testing.assert_close(m.experts.w_gate_up, up)
+    torch.testing.assert_close(m.experts.w_down, down)
+    assert (m.token_axis, m.token_parts) == ("tp", 2)
+
+
+def test_router_and_shared_expert_sum_over_tp_but_experts_never_do():
+    program = lowered(Layout(tp=2, sp=True, ep=2), rank=0)
+    tp_sum = set(program.grad_sync.tp_sum)
+    for layer in MOE_LAYERS:
+        assert f"layers.{layer}.mixer.router.weight" in tp_sum
+        assert f"layers.{layer}.mixer.shared.down_proj.weight" in tp_sum
+        assert not any(n.startswith(f"layers.{layer}.mixer.experts") for n in tp_sum)
+
+
+def test_program_text_calls_the_expert_parallel_mixer():
+    program = lowered(Layout(dp=2, ep=2), rank=1)
+    text = "".join(program_text(program).values())
+    assert 'getattr(self.layers, "3").mixer(' in text and "route" not in text
+    assert "expert tensors (ep 1/2, etp 0/1)" in program.experts.describe()
+
+
+@pytest.mark.parametrize("layout, message", [
+    (Layout(tp=2, ep=2), "need sequence parallelism"),
+    (Layout(dp=3, ep=3), "ep = 3 does not divide experts = 8"),
+    (Layout(dp=3, etp=3), "etp = 3 does not divide the expert ffn = 16"),
+])
+def test_bad_expert_layouts_are_rejected_with_the_arithmetic(layout, message):
+    with pytest.raises(LayoutError, match=message):
+        lowered(layout, rank=0)
+
+
+@pytest.mark.parametrize("moe", [None, MoEOptions(capacity_factor=0.5, drop_policy="position")])
+def test_one_rank_program_equals_the_reference(moe):
+    ref = build_model(SPEC, seed=0, moe_options=moe)
+    program = lowered(Layout(), rank=0, moe=moe)
+    tokens = torch.randint(0, SPEC.vocab, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(tokens, -1, 1)
+    want = ref(tokens, labels)
+    want.backward()
+    got = program.pipe(tokens, labels)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    params = program.local_parameters()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
