@@ -22,6 +22,8 @@ from plait.planner.groups import rank_groups
 DEFAULT_TIMEOUT_S = 120.0
 # Axis names the dense runtime needs (keys of rank_groups(layout)["dense"]).
 DENSE_AXES = ("tp", "cp", "dp", "dp-cp", "pp", "tp-pp")
+# Axis names of the expert side (MoE layers run on ETP x EP x EDP x PP; keys of ["expert"]).
+EXPERT_AXES = ("ep", "etp", "etp-ep", "edp")
 
 
 @dataclass
@@ -68,12 +70,22 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
                           f"{layout.world} ranks, but {world} processes were started")
     timeout = datetime.timedelta(seconds=timeout_s)
     mesh = Mesh(rank=rank, world=world, layout=layout, timeout_s=timeout_s)
-    table = rank_groups(dense_layout(layout))["dense"]
+    tables = rank_groups(dense_layout(layout))
+    table = tables["dense"]
+    made: dict[tuple[int, ...], dist.ProcessGroup] = {}
     for axis in DENSE_AXES:
         for ranks in table[axis]:
             group = dist.new_group(ranks, timeout=timeout, group_desc=f"{axis}{list(ranks)}")
+            made[tuple(ranks)] = group
             if rank in ranks:
                 mesh.groups[axis], mesh.members[axis] = group, tuple(ranks)
+    for axis in EXPERT_AXES:  # an expert group with a dense group's ranks is that group
+        for ranks in map(tuple, tables["expert"][axis]):
+            if ranks not in made:
+                made[ranks] = dist.new_group(list(ranks), timeout=timeout,
+                                             group_desc=f"{axis}{list(ranks)}")
+            if rank in ranks:
+                mesh.groups[axis], mesh.members[axis] = made[ranks], ranks
     mesh.groups["world"], mesh.members["world"] = dist.group.WORLD, tuple(range(world))
     collectives.unbind_all()
     for axis, group in mesh.groups.items():
