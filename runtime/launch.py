@@ -97,14 +97,17 @@ def local_command(run_dir: Path, nprocs: int) -> list[str]:
 
 
 def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Optional[int] = None,
-                 timeout_s: float = 300, quiet: bool = False) -> int:
+                 timeout_s: float = 300, quiet: bool = False, weights: Optional[str] = None) -> int:
     """Run all ranks on this machine with torchrun + gloo; returns the exit status. With quiet,
     the ranks' output goes to RUN_DIR/ranks.log instead of the terminal."""
     if job.cluster.backend != "gloo" or job.cluster.nodes != 1:
         raise PlaitError(f"cluster {job.cluster.name!r} is not local (backend "
                          f"{job.cluster.backend}, {job.cluster.nodes} nodes)",
                          hint="print its launch command with `plait run --print-launch`")
-    write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s)
+    if weights and not Path(weights).exists():
+        raise PlaitError(f"weight file not found: {weights}")
+    write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s,
+                  weights=str(Path(weights).resolve()) if weights else None)
     env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
     if not quiet:
         return subprocess.run(local_command(run_dir, plan.world), env=env).returncode

@@ -55,12 +55,31 @@ def _keep_local_children(program: RankProgram) -> None:
             delattr(program.pipe, name)
 
 
+def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
+    """Fill this rank's parameters from a Hugging Face checkpoint, reading only its TP slice of
+    each tensor and only the tensors of its own pipeline stages."""
+    from plait.lowering.weights import load_hf_weights
+
+    shards = program.shards
+
+    def index(name: str, full: tuple[int, ...]):
+        s = shards.get(name)
+        if s is None:
+            return None
+        size = full[s.dim] // s.parts
+        return tuple(slice(s.index * size, (s.index + 1) * size) if d == s.dim else slice(None)
+                     for d in range(len(full)))
+    return load_hf_weights(program.local_parameters(), path, spec, shard=index)
+
+
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
-                 source: Optional[data_mod.TokenSource] = None):
+                 source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None):
         self.job, self.plan, self.mesh = job, plan, mesh
         model = build_model(job.model, dtype=torch.float32, seed=job.seed)
         self.program = lower(model, job.model, plan, mesh.rank)
+        if weights:
+            load_sharded_weights(self.program, weights, job.model)
         self.stage_modules = [m for _, m in self.program.local_modules()]
         self.dp = make_data_parallel(self.program, mesh, job.optimizer)
         self.runner = StepRunner(self.program, mesh, plan.num_microbatches)
@@ -154,7 +173,7 @@ def run_worker(run_dir: str | Path) -> int:
                      options.get("timeout_s", 300))
     mesh = build_mesh(plan.layout, options.get("timeout_s", 300))
     try:
-        trainer = Trainer(job, plan, mesh)
+        trainer = Trainer(job, plan, mesh, weights=options.get("weights"))
         steps = options.get("steps") or job.steps
         if mesh.rank == 0:
             progress, on_step = _progress_printer(steps, mesh)

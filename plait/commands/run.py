@@ -63,6 +63,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default: the job's)")
     p.add_argument("--data", help="a dataset directory from `plait data prepare`")
     p.add_argument("--synthetic", action="store_true", help="train on seeded random tokens")
+    p.add_argument("--weights", help="start from a Hugging Face checkpoint (safetensors file or dir)")
     p.add_argument("--run-dir", help="where job/plan/log files go (default: a temporary dir)")
     p.add_argument("--print-launch", action="store_true",
                    help="print the multi-node torchrun command instead of running")
@@ -87,18 +88,18 @@ def run(args: argparse.Namespace) -> int:
         print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
         return 0
     console.print(plan_table(plan))
-    return train_locally(job, plan, args.steps, args.run_dir)
+    return train_locally(job, plan, args.steps, args.run_dir, args.weights)
 
 
 def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
-                  run_dir: Optional[str]) -> int:
+                  run_dir: Optional[str], weights: Optional[str] = None) -> int:
     from plait.runtime.launch import launch_local, resolve_data
 
     with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
         where = Path(run_dir) if run_dir else Path(tmp)
         job = resolve_data(job, where)
         start = time.perf_counter()
-        status = launch_local(job, plan, where, steps)
+        status = launch_local(job, plan, where, steps, weights=weights)
         console.print(f"{plan.world} ranks finished with status {status} in "
                       f"{time.perf_counter() - start:.1f} s")
         if status != 0:
