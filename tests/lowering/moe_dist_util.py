@@ -14,34 +14,23 @@ import torch.multiprocessing as mp
 
 from plait.ir.plan import Layout
 from plait.lowering import collectives
-from plait.planner.groups import rank_groups
+from plait.runtime.mesh import build_mesh
 
 GROUP_TIMEOUT_S = 60
 SPAWN_TIMEOUT_S = 240
-DENSE_AXES = ("tp", "dp", "dp-cp", "pp")
-EXPERT_AXES = ("ep", "etp", "etp-ep", "edp")
-
-_GROUPS: dict = {}
+_MESHES: dict = {}
 
 
 def bind_layout(layout: Layout) -> dict[str, tuple[int, ...]]:
-    """Create (once per layout, on every rank, same order) and bind the layout's groups; returns
-    this rank's members per axis."""
-    key = (layout.tp, layout.cp, layout.dp, layout.pp, layout.ep, layout.etp, layout.edp)
-    if key not in _GROUPS:
-        table, rank, mine = rank_groups(layout), dist.get_rank(), {}
-        timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
-        for side, axes in (("dense", DENSE_AXES), ("expert", EXPERT_AXES)):
-            for axis in axes:
-                for ranks in table[side][axis]:
-                    group = dist.new_group(ranks, timeout=timeout)
-                    if rank in ranks:
-                        mine[axis] = (group, tuple(ranks))
-        _GROUPS[key] = mine
+    """The runtime's mesh for ``layout`` (built once per layout: every rank creates the same groups
+    in the same order), bound for lowered graphs; returns this rank's members per axis."""
+    if layout not in _MESHES:
+        _MESHES[layout] = build_mesh(layout, GROUP_TIMEOUT_S)
+    mesh = _MESHES[layout]
     collectives.unbind_all()
-    for axis, (group, ranks) in _GROUPS[key].items():
-        collectives.bind_axis(axis, group, ranks)
-    return {axis: ranks for axis, (_, ranks) in _GROUPS[key].items()}
+    for axis, group in mesh.groups.items():
+        collectives.bind_axis(axis, group, mesh.members[axis])
+    return mesh.members
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:

@@ -132,7 +132,8 @@ def check(results: list[dict], case: str, mode: str) -> None:
 
 class TestTwoRanks:
     @pytest.fixture(scope="class")
-    def results(self):
+    @classmethod
+    def results(cls):
         return spawn(run_cases, 2, CASES_2)
 
     @pytest.mark.parametrize("case", sorted(CASES_2))
@@ -142,7 +143,8 @@ class TestTwoRanks:
 
 class TestFourRanks:
     @pytest.fixture(scope="class")
-    def results(self):
+    @classmethod
+    def results(cls):
         return spawn(run_cases, 4, CASES_4)
 
     @pytest.mark.parametrize("case", sorted(CASES_4))
