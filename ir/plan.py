@@ -33,6 +33,7 @@ class Layout:
     dp_kind: str = "zero1"  # replicated | zero1 (distributed optimizer) | fsdp
     recompute: str = "none"  # default for stages that do not say otherwise
     dispatcher: str = "alltoall"
+    cp_comm: str = "ring"  # context-parallel attention: ring (K/V passed around) | alltoall (Ulysses)
     order: str = DEFAULT_ORDER
 
     @property

@@ -19,6 +19,7 @@ from plait.ir.plan import Layout, ParallelPlan
 from plait.planner.groups import group_of
 
 from .passes.base import Pass, Target, run_passes
+from .passes.context_parallel import CONTEXT_PARALLEL
 from .passes.data_parallel import DATA_PARALLEL, GRAD_SYNC, GradSync
 from .passes.dispatch_experts import DISPATCH_EXPERTS
 from .passes.sequence_parallel import SEQUENCE_PARALLEL
@@ -31,6 +32,7 @@ PASSES: list[Pass] = [
     DISPATCH_EXPERTS,       # MoE mixers -> this rank's EP x ETP experts behind a token dispatcher
     SHARD_TENSOR_PARALLEL,  # column/row-parallel linears, vocab-parallel embedding, head, loss
     SEQUENCE_PARALLEL,      # all-gather / reduce-scatter along the sequence around TP regions
+    CONTEXT_PARALLEL,       # zigzag sequence split over CP: ring / all-to-all attention, Mamba states
     DATA_PARALLEL,          # which gradients are averaged over DP and summed over TP
     SPLIT_PIPELINE,         # fx split_module by the plan's stages; the loss as its own child
 ]
@@ -115,7 +117,7 @@ def lower(model: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan, rank: int
     """Lower the reference ``model`` (its weights become this rank's shards) for ``rank``."""
     plan = replace(plan, layout=dense_layout(plan.layout))
     c = coords(plan.layout, rank)
-    target = Target(spec=spec, plan=plan, tp_rank=c["tp"], pp_rank=c["pp"], rank=rank)
+    target = Target(spec=spec, plan=plan, tp_rank=c["tp"], pp_rank=c["pp"], rank=rank, cp_rank=c["cp"])
     gm = trace_model(model, spec, batch=plan.layout.mbs, seq=plan.seq_len)
     pipe = run_passes(gm, PASSES, target, log)
     return RankProgram(rank=rank, coords=c, plan=plan, pipe=pipe)

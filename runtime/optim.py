@@ -24,6 +24,11 @@ from plait.lowering.compile import RankProgram
 
 from .mesh import Mesh
 
+# Dense gradients are averaged over DP x CP: context-parallel ranks hold different tokens of the same
+# sequences, each with its local mean loss (equal token counts), exactly like data-parallel replicas.
+# Without CP the "dp-cp" group is the DP group.
+GRAD_AXIS = "dp-cp"
+
 
 def decays(name: str, p: torch.Tensor) -> bool:
     """Weight decay on matrices only (not on norms, biases), as Megatron does."""
@@ -71,7 +76,7 @@ class DataParallel:
         self.program, self.mesh, self.spec = program, mesh, spec
         self.named = program.local_parameters()
         self.tp_sum = [n for n in program.grad_sync.tp_sum if n in self.named]
-        self.dp = mesh.size("dp")
+        self.dp = mesh.size(GRAD_AXIS)
 
     def wrap(self, modules: list[nn.Module]) -> None:
         """Hook the stage modules before the pipeline is built (FSDP shards them here)."""
@@ -140,7 +145,7 @@ class Replicated(DataParallel):
         if self.dp == 1 or not params:
             return
         flat = torch.cat([p.grad.flatten() for p in params])
-        flat = cc.all_reduce(flat, "sum", "dp") / self.dp
+        flat = cc.all_reduce(flat, "sum", GRAD_AXIS) / self.dp
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
@@ -148,7 +153,7 @@ class Replicated(DataParallel):
 
     def owned_sq_sum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32)
-        if self.mesh.coord("dp") != 0:
+        if self.mesh.coord(GRAD_AXIS) != 0:
             return total
         for name, p in self.named.items():
             if p.grad is not None and self._tp_owned(name):
@@ -187,12 +192,12 @@ class _FlatShard:
     def reduce_grad(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = self._flatten(grads)
-        mine = cc.reduce_scatter(flat, 0, "dp") if self.dp > 1 else flat
+        mine = cc.reduce_scatter(flat, 0, GRAD_AXIS) if self.dp > 1 else flat
         self.master.grad = mine / self.dp
 
     def publish(self) -> None:
         """All-gather the updated shards and write them into the model's parameters."""
-        full = cc.all_gather(self.master.detach(), 0, "dp") if self.dp > 1 else self.master.detach()
+        full = cc.all_gather(self.master.detach(), 0, GRAD_AXIS) if self.dp > 1 else self.master.detach()
         offset = 0
         with torch.no_grad():
             for p in self.params:
@@ -201,7 +206,7 @@ class _FlatShard:
 
     def full_grad(self) -> torch.Tensor:
         g = self.master.grad.detach()
-        return cc.all_gather(g, 0, "dp") if self.dp > 1 else g
+        return cc.all_gather(g, 0, GRAD_AXIS) if self.dp > 1 else g
 
 
 class ZeroOne(DataParallel):
@@ -210,7 +215,7 @@ class ZeroOne(DataParallel):
     def __init__(self, program, mesh, spec):
         super().__init__(program, mesh, spec)
         groups = param_groups(self.named.items(), spec.weight_decay)
-        self.flats = [_FlatShard(g["params"], self.dp, mesh.coord("dp")) for g in groups]
+        self.flats = [_FlatShard(g["params"], self.dp, mesh.coord(GRAD_AXIS)) for g in groups]
         self.masks = [self._tp_owned_mask(f) for f in self.flats]
         self.optimizer = adamw([{"params": [f.master], "weight_decay": g["weight_decay"]}
                                 for f, g in zip(self.flats, groups)], spec)
@@ -266,7 +271,7 @@ class FullyShard(DataParallel):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        dp_mesh = DeviceMesh.from_group(mesh.groups["dp"], "cpu", mesh_dim_names=("dp",))
+        dp_mesh = DeviceMesh.from_group(mesh.groups[GRAD_AXIS], "cpu", mesh_dim_names=("dp-cp",))
         self.units = []
         for _, module in program.local_modules():
             fully_shard(module, mesh=dp_mesh, reshard_after_forward=True)

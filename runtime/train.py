@@ -95,7 +95,7 @@ class Trainer:
         loss = self.runner.run(batch.tokens, batch.labels)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
         value = loss.reshape(1) if (reporter and loss is not None) else torch.zeros(1)
-        return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp")
+        return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp-cp")  # DP x CP reporters
 
     def train_step(self, step: int, total_steps: int) -> StepLog:
         start = time.perf_counter()

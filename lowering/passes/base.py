@@ -25,6 +25,7 @@ class Target:
     spec: ModelSpec
     plan: ParallelPlan
     tp_rank: int = 0
+    cp_rank: int = 0  # index in the context-parallel group (the zigzag chunks this rank holds)
     pp_rank: int = 0
     rank: int = 0  # global rank (the expert-side coordinates come from it)
 

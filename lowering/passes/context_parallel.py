@@ -1,0 +1,135 @@
+"""Context parallelism: split every sequence over the CP group in the zigzag layout (2*cp chunks,
+rank i holds chunks i and 2*cp-1-i) and make each sequence-mixing op CP-aware.
+
+The rewrite replaces the few nodes that look along the sequence (the reference model keeps each one
+a single fx node for this reason):
+
+  tokens, labels        -> zigzag_shard(., cp, rank)        this rank's chunks of the micro-batch
+  sequence_positions    -> zigzag_positions(., cp, rank)    global RoPE positions of the chunks
+  causal_attention      -> ring_attention (layout cp_comm = "ring") or ulysses_attention ("alltoall")
+  causal_conv1d         -> cp_causal_conv1d                 with the predecessor chunks' halos
+  ssd_scan              -> cp_ssd_scan                       states passed across chunks
+
+Everything else (projections, norms, MLPs, experts, the per-token loss) is per token. Each rank's
+loss is the mean over its own tokens, all ranks hold equally many, so the step's loss and gradients
+are averages over DP x CP: the runtime reduces dense gradients over the "dp-cp" group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from plait.ir.errors import LayoutError
+from plait.lowering import cp_ops
+from plait.lowering.cp_attention import ring_attention, ulysses_attention
+from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
+from plait.lowering.modules import attention as attention_module
+from plait.lowering.modules import mamba as mamba_module
+from plait.lowering.trace import META, info
+
+from .base import Pass, Target, VerifyError
+from .shard_tensor_parallel import check_stream_shapes
+
+AXIS = cp_ops.CP_AXIS
+CP_COMMS = {"ring": ring_attention, "alltoall": ulysses_attention}
+SEQUENCE_OPS = (attention_module.sequence_positions, attention_module.causal_attention,
+                mamba_module.causal_conv1d, mamba_module.ssd_scan)
+
+
+def cp_comm(t: Target) -> str:
+    return t.layout.cp_comm
+
+
+def check_context_parallel(t: Target) -> None:
+    """What the zigzag split needs, with the arithmetic when it does not hold."""
+    cp, seq, spec = t.layout.cp, t.plan.seq_len, t.spec
+    if seq % (2 * cp):
+        raise LayoutError(f"context parallelism cuts seq_len = {seq} into 2*cp = {2 * cp} chunks: "
+                          f"{seq} % {2 * cp} = {seq % (2 * cp)}", hint=f"pick seq_len a multiple of {2 * cp}")
+    if t.layout.sp and (seq // cp) % t.layout.tp:
+        raise LayoutError(f"sequence parallel splits the CP-local {seq // cp} tokens over "
+                          f"tp = {t.layout.tp}: {seq // cp} % {t.layout.tp} = {(seq // cp) % t.layout.tp}")
+    if spec.learned_positions:
+        raise LayoutError("context parallelism with learned position embeddings is not lowered yet")
+    if cp_comm(t) not in CP_COMMS:
+        raise LayoutError(f"cp_comm = {cp_comm(t)!r}; expected one of {', '.join(CP_COMMS)}")
+    if cp_comm(t) == "alltoall" and "attention" in spec.layers:
+        heads = spec.attention.heads // t.layout.tp
+        if heads % cp:
+            raise LayoutError(f"all-to-all CP splits the {heads} attention heads of a TP rank over "
+                              f"cp = {cp}: {heads} % {cp} = {heads % cp}", hint='use cp_comm = "ring"')
+    if "mamba" in spec.layers and seq // (2 * cp) < spec.mamba.conv - 1:
+        raise LayoutError(f"a CP chunk of {seq // (2 * cp)} tokens is shorter than the Mamba conv "
+                          f"halo of conv - 1 = {spec.mamba.conv - 1} tokens")
+    moe = getattr(t.plan, "moe", None)
+    if "moe" in spec.layers and moe is not None and moe.capacity_factor is not None:
+        raise LayoutError("context parallelism with MoE capacity dropping is not lowered yet "
+                          "(capacity would apply per zigzag chunk pair)", hint="use dropless routing")
+
+
+def _replace(gm, node, target, args) -> torch.fx.Node:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _shard_input(gm, placeholder: torch.fx.Node, t: Target) -> None:
+    with gm.graph.inserting_after(placeholder):
+        local = gm.graph.call_function(cp_ops.zigzag_shard, (placeholder, t.layout.cp, t.cp_rank, 1))
+    local.meta[META] = info(placeholder)
+    placeholder.replace_all_uses_with(local, delete_user_cb=lambda user: user is not local)
+
+
+def _rewrite(gm, node, t: Target) -> None:
+    cp, rank = t.layout.cp, t.cp_rank
+    ring = (AXIS, cp, rank)
+    if node.target is attention_module.sequence_positions:
+        _replace(gm, node, cp_ops.zigzag_positions, (node.args[0], cp, rank))
+    elif node.target is attention_module.causal_attention:
+        _replace(gm, node, CP_COMMS[cp_comm(t)], (*node.args, *ring))
+    elif node.target is mamba_module.causal_conv1d:
+        _replace(gm, node, cp_causal_conv1d, (*node.args, *ring))
+    elif node.target is mamba_module.ssd_scan:
+        _replace(gm, node, cp_ssd_scan, (*node.args, *ring))
+
+
+def context_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
+    if t.layout.cp == 1:
+        return gm
+    check_context_parallel(t)
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder":
+            _shard_input(gm, node, t)
+        elif node.op == "call_function" and node.target in SEQUENCE_OPS:
+            _rewrite(gm, node, t)
+        elif node.op == "call_function" and node.target is torch.arange:
+            raise LayoutError(f"{node.format_node()}: a position computed outside "
+                              "sequence_positions cannot be split over cp")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def verify_context_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
+    """No whole-sequence op is left; a fake run gives [mbs, seq / cp (/ tp with SP), hidden]
+    on the residual stream."""
+    if t.layout.cp == 1:
+        return
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SEQUENCE_OPS]
+    if left:
+        raise VerifyError(f"{left[0].format_node()} still reads the whole sequence under cp = "
+                          f"{t.layout.cp}")
+    shards = [n for n in gm.graph.nodes if n.target is cp_ops.zigzag_shard]
+    if len(shards) != 2:
+        raise VerifyError(f"expected the tokens and labels to be zigzag-sharded, found {len(shards)}")
+    seq_parts = t.layout.cp * (t.layout.tp if t.layout.sp else 1)
+    check_stream_shapes(gm, t, seq_parts=seq_parts)
+
+
+CONTEXT_PARALLEL = Pass(
+    name="context_parallel", run=context_parallel, verify=verify_context_parallel,
+    requires=("traced",), ensures=("context-parallel",),
+    doc="zigzag sequence split; ring / all-to-all attention, Mamba conv halos and scan states")
