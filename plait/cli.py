@@ -10,8 +10,10 @@ from rich.console import Console
 
 from plait.ir.errors import PlaitError
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+# Piped output (files, CI logs, tests) gets a wide console so tables are not squeezed to 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(soft_wrap=True, width=_WIDTH)
+err_console = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 # name -> (add_arguments, run). Subcommands register themselves below.
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
