@@ -11,7 +11,7 @@ from .model import ModelSpec
 # non-numeric knobs, or absent (= auto).
 LAYOUT_KEYS: tuple[str, ...] = (
     "tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs",
-    "sp", "dp_shard", "recompute", "dispatcher", "order",
+    "sp", "dp_shard", "recompute", "dispatcher", "order", "cp_comm",
 )
 
 

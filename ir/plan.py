@@ -46,6 +46,8 @@ class Layout:
 
     def short(self) -> str:
         s = f"tp{self.tp} cp{self.cp} dp{self.dp} pp{self.pp}"
+        if self.cp > 1 and self.cp_comm != "ring":
+            s += f" cp-{self.cp_comm}"
         if self.vpp > 1:
             s += f" vpp{self.vpp}"
         if self.ep > 1 or self.edp != self.dp * self.cp:

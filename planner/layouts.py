@@ -19,6 +19,7 @@ from plait.ir.plan import DP_KINDS, RECOMPUTE, Layout
 from .groups import parse_order
 
 DISPATCHERS = ("alltoall", "allgather")
+CP_COMMS = ("ring", "alltoall")  # context-parallel attention: K/V ring | all-to-all (Ulysses)
 DP_SHARD_NAMES = {"replicated": "replicated", "none": "replicated", "zero1": "zero1",
                   "distributed": "zero1", "fsdp": "fsdp", "zero3": "fsdp"}
 INT_KEYS = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs")
@@ -117,6 +118,11 @@ def rule_context(job: TrainJob, lay: Layout) -> Optional[str]:
         return (f"seq_len ({job.seq_len}) must be divisible by 2*cp = {2 * lay.cp} (load-balanced "
                 f"causal context parallelism): {job.seq_len} % {2 * lay.cp} = "
                 f"{job.seq_len % (2 * lay.cp)}")
+    if lay.cp > 1 and lay.cp_comm not in CP_COMMS:
+        return f"cp_comm = {lay.cp_comm!r} is not one of {', '.join(CP_COMMS)}"
+    if lay.cp > 1 and lay.cp_comm == "alltoall" and "attention" in job.model.layers:
+        heads = job.model.attention.heads // lay.tp
+        return _divides("attention heads per tp rank", heads, "cp (all-to-all)", lay.cp)
     return None
 
 
@@ -322,7 +328,8 @@ def meshes(job: TrainJob, pins: dict) -> Iterator[Layout]:
     world = job.cluster.world
     base = Layout(
         sp=False, dp_kind=pins.get("dp_kind", "zero1"), recompute=pins.get("recompute", "none"),
-        dispatcher=pins.get("dispatcher", job.moe.dispatcher), order=pins.get("order", Layout().order))
+        dispatcher=pins.get("dispatcher", job.moe.dispatcher), order=pins.get("order", Layout().order),
+        cp_comm=pins.get("cp_comm", Layout().cp_comm))
     for tp, cp, pp in _dense_meshes(job, pins):
         dp = world // (tp * cp * pp)
         if "dp" in pins and pins["dp"] != dp:
@@ -404,7 +411,8 @@ def _probe_layout(job: TrainJob, pins: dict) -> Layout:
     etp = pins.get("etp", 1 if job.model.is_moe else tp)
     ep = pins.get("ep", 1)
     edp = pins.get("edp", max(1, tp * cp * dp // (etp * ep)))
-    fields = {k: pins[k] for k in ("vpp", "mbs", "dp_kind", "recompute", "dispatcher", "order")
+    fields = {k: pins[k] for k in ("vpp", "mbs", "dp_kind", "recompute", "dispatcher", "order",
+                                   "cp_comm")
               if k in pins}
     return Layout(tp=tp, cp=cp, dp=dp, pp=pp, etp=etp, ep=ep, edp=edp,
                   sp=pins.get("sp", tp > 1), **fields)

@@ -18,6 +18,7 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
 DISPATCHERS = ("alltoall", "allgather")
+CP_COMMS = ("ring", "alltoall")  # context-parallel attention: K/V ring | all-to-all (Ulysses)
 INT_PINS = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs", "dp_shard")
 OPTIMIZER_DEFAULTS = Optimizer()
 
@@ -152,6 +153,8 @@ def _pin(r: Reader, key: str, value):
         return r.choice(key, RECOMPUTE)
     if key == "dispatcher":
         return r.choice(key, DISPATCHERS)
+    if key == "cp_comm":
+        return r.choice(key, CP_COMMS)
     order = r.string(key)  # "order": a permutation of the rank-order dimensions
     if sorted(order.split("-")) != sorted(DEFAULT_ORDER.split("-")):
         raise r.ctx.error(f'order "{order}" must arrange tp, cp, ep, dp, pp joined by "-"', value.pos,

@@ -74,13 +74,32 @@ def tp_comm(ctx: Context) -> float:
 
 
 def cp_comm(ctx: Context) -> float:
-    """Ring attention: cp-1 exchanges of this rank's K and V chunk (forward)."""
+    """Attention under context parallelism (forward). Ring: cp-1 exchanges of this rank's K and V
+    chunk. All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
+    output back, each rank scattering its local tensors."""
     lay = ctx.layout
     if lay.cp <= 1:
         return 0.0
     attn = ctx.model.attention
+    if lay.cp_comm == "alltoall":
+        local = ctx.tokens * (2 * attn.q_dim + 2 * attn.kv_dim) / lay.tp * ctx.act_bytes
+        return all_to_all(ctx, ctx.group("dense", "cp"), local)
     kv = ctx.tokens * 2 * attn.kv_dim / lay.tp * ctx.act_bytes
     return (lay.cp - 1) * p2p(ctx, ctx.group("dense", "cp"), kv)
+
+
+def mamba_cp_comm(ctx: Context) -> float:
+    """Mamba2 under context parallelism (forward; lowering/mamba_cp.py passes scan states): one
+    all-gather of every zigzag chunk's fp32 final state and decay, one of the conv halos. The
+    volume does not grow with the sequence."""
+    m, lay = ctx.model.mamba, ctx.layout
+    if lay.cp <= 1:
+        return 0.0
+    chunks = 2 * lay.cp * lay.mbs
+    states = chunks * m.heads / lay.tp * (m.head_dim * m.state + 1) * 4
+    halos = chunks * (m.conv - 1) * m.conv_channels / lay.tp * ctx.act_bytes
+    g = ctx.group("dense", "cp")
+    return all_gather(ctx, g, states) + all_gather(ctx, g, halos)
 
 
 def moe_dispatch_comm(ctx: Context) -> float:
