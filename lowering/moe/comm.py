@@ -31,18 +31,25 @@ from plait.lowering import collectives as cc
 
 @dataclass
 class CommCounter:
-    """Bytes sent to other ranks, per (operation, axis)."""
+    """Bytes sent to / received from other ranks, per (operation, axis)."""
 
     sent: dict[tuple[str, str], int] = field(default_factory=dict)
+    received: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def add(self, op: str, axis: str, nbytes: int) -> None:
-        self.sent[(op, axis)] = self.sent.get((op, axis), 0) + int(nbytes)
+    def add(self, op: str, axis: str, sent: int, received: int) -> None:
+        self.sent[(op, axis)] = self.sent.get((op, axis), 0) + int(sent)
+        self.received[(op, axis)] = self.received.get((op, axis), 0) + int(received)
 
-    def total(self, ops: tuple[str, ...] | None = None) -> int:
-        return sum(b for (op, _), b in self.sent.items() if ops is None or op in ops)
+    def total(self, ops: tuple[str, ...] | None = None, received: bool = False) -> int:
+        table = self.received if received else self.sent
+        return sum(b for (op, _), b in table.items() if ops is None or op in ops)
 
 
 _COUNTERS: list[CommCounter] = []
+# Operation names the counters use: token rows (hidden states and their gradients) ...
+TOKEN_OPS = ("all_to_all", "all_gather_v", "reduce_scatter_v", "all_gather", "reduce_scatter")
+# ... and routing metadata (per-expert counts, gathered choices and weights, aux-loss counts).
+META_OPS = ("count_exchange", "routing_exchange")
 
 
 @contextmanager
@@ -56,9 +63,10 @@ def counting():
         _COUNTERS.remove(counter)
 
 
-def _count(op: str, axis: str, nbytes: int) -> None:
+def _count(op: str, axis: str, sent: int, received: int | None = None) -> None:
+    """Ring all-gathers and reduce-scatters receive what they send; all-to-alls need not."""
     for counter in _COUNTERS:
-        counter.add(op, axis, nbytes)
+        counter.add(op, axis, sent, sent if received is None else received)
 
 
 def axis_size(axis: str) -> int:
@@ -78,8 +86,8 @@ def _row_bytes(x: torch.Tensor) -> int:
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], axis: str, op: str):
-    me = axis_rank(axis)
-    _count(op, axis, (sum(in_splits) - in_splits[me]) * _row_bytes(x))
+    me, row = axis_rank(axis), _row_bytes(x)
+    _count(op, axis, (sum(in_splits) - in_splits[me]) * row, (sum(out_splits) - out_splits[me]) * row)
     with cc.guard(op, axis):
         return _wait(funcol.all_to_all_single(x.contiguous(), out_splits, in_splits,
                                               cc.axis_group(axis)))
@@ -124,22 +132,22 @@ def _gather(x: torch.Tensor, axis: str, op: str = "all_gather") -> torch.Tensor:
         return _wait(funcol.all_gather_single(x.contiguous(), 0, cc.axis_group(axis)))
 
 
-def _scatter(x: torch.Tensor, axis: str) -> torch.Tensor:
+def _scatter(x: torch.Tensor, axis: str, op: str = "reduce_scatter") -> torch.Tensor:
     n = axis_size(axis)
-    _count("reduce_scatter", axis, x.numel() * x.element_size() * (n - 1) // n)
-    with cc.guard("reduce_scatter", axis):
+    _count(op, axis, x.numel() * x.element_size() * (n - 1) // n)
+    with cc.guard(op, axis):
         return _wait(funcol.reduce_scatter_single(x.contiguous(), "sum", 0, cc.axis_group(axis)))
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, axis):
-        ctx.axis = axis
-        return _gather(x, axis)
+    def forward(ctx, x, axis, op):
+        ctx.axis, ctx.op = axis, op
+        return _gather(x, axis, op)
 
     @staticmethod
     def backward(ctx, grad):
-        return _scatter(grad, ctx.axis), None
+        return _scatter(grad, ctx.axis, ctx.op), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -153,9 +161,10 @@ class _ReduceScatter(torch.autograd.Function):
         return _gather(grad, ctx.axis), None
 
 
-def all_gather(x: torch.Tensor, axis: str) -> torch.Tensor:
-    """Even all-gather along dim 0 (backward: reduce-scatter of the gradient)."""
-    return _AllGather.apply(x, axis)
+def all_gather(x: torch.Tensor, axis: str, op: str = "all_gather") -> torch.Tensor:
+    """Even all-gather along dim 0 (backward: reduce-scatter of the gradient). ``op`` names it
+    for the byte counters (token rows vs routing metadata)."""
+    return _AllGather.apply(x, axis, op)
 
 
 def reduce_scatter(x: torch.Tensor, axis: str) -> torch.Tensor:

@@ -128,7 +128,8 @@ class AllGatherDispatcher:
                  pad_to: Optional[int] = None):
         g, n = self.grid, self.group_size
         if n > 1:
-            x, weights = comm.all_gather(x, self.axis), comm.all_gather(weights, self.axis)
+            x = comm.all_gather(x, self.axis)
+            weights = comm.all_gather(weights, self.axis, op="routing_exchange")
             indices = comm.all_gather_counts(indices, self.axis).flatten(0, 1)
         local = indices - g.first_expert
         mine = (local >= 0) & (local < g.local_experts)
