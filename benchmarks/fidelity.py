@@ -90,6 +90,8 @@ def folding_pins(r: dict) -> dict:
             pins["ep"] = 1
     else:
         pins["dp_kind"] = "zero1"
+    if method == "tp_ep_dp":
+        pins.setdefault("cp", 1)  # the method is TP x EP x DP: no context parallelism
     if method in ("tp_ep_dp", "mcore"):  # before folding, experts used the attention's TP
         if "tp" in pins:
             pins.setdefault("etp", pins["tp"])
