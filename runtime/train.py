@@ -27,6 +27,7 @@ from plait.lowering.build import build_model
 from plait.lowering.compile import RankProgram, lower
 
 from . import data as data_mod
+from . import kernels
 from .mesh import Mesh, build_mesh, destroy, init_distributed, set_threads
 from .optim import adamw, clip_coefficient, lr_at, make_data_parallel, param_groups, set_lr
 from .schedule import StepRunner
@@ -64,11 +65,7 @@ def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
 
     def index(name: str, full: tuple[int, ...]):
         s = shards.get(name)
-        if s is None:
-            return None
-        size = full[s.dim] // s.parts
-        return tuple(slice(s.index * size, (s.index + 1) * size) if d == s.dim else slice(None)
-                     for d in range(len(full)))
+        return None if s is None else s.slices(full)  # segmented splits: a list of slices
     return load_hf_weights(program.local_parameters(), path, spec, shard=index)
 
 
@@ -80,6 +77,9 @@ class Trainer:
         self.program = lower(model, job.model, plan, mesh.rank)
         if weights:
             load_sharded_weights(self.program, weights, job.model)
+        # fused kernels where the hardware and packages allow (no change on CPU / gloo)
+        kernels.bind(self.program.pipe, "cuda" if job.cluster.backend == "nccl" else "cpu",
+                     fp8=job.precision is not None and job.precision.kind == "fp8")
         self.stage_modules = [m for _, m in self.program.local_modules()]
         self.dp = make_data_parallel(self.program, mesh, job.optimizer)
         self.runner = StepRunner(self.program, mesh, plan.num_microbatches)

@@ -47,6 +47,17 @@ class ShardSpec:
         pieces = full.split(list(self.segments), self.dim) if self.segments else (full,)
         return torch.cat([p.chunk(self.parts, self.dim)[self.index] for p in pieces], self.dim)
 
+    def slices(self, full: tuple[int, ...]) -> tuple:
+        """Index of this rank's piece in a tensor of shape ``full``: slices, with a list of slices
+        (one per segment, read and concatenated) along ``dim`` for a segmented split."""
+        bounds, start = [], 0
+        for size in self.segments or (full[self.dim],):
+            part = size // self.parts
+            bounds.append(slice(start + self.index * part, start + (self.index + 1) * part))
+            start += size
+        along = bounds if self.segments else bounds[0]
+        return tuple(along if d == self.dim else slice(None) for d in range(len(full)))
+
     def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """The logical tensor from every rank's piece, in index order (inverse of take)."""
         if not self.segments:

@@ -29,8 +29,12 @@ def test_segmented_shard_spec_takes_each_component_and_reassembles():
     pieces = [s.take(full) for s in specs]
     assert pieces[0][:, 0].tolist() == [0, 2, 8, 10, 12, 20]  # rows 0-1, 4-6, 10
     assert torch.equal(specs[0].assemble(pieces), full)
+    for spec, piece in zip(specs, pieces):  # the index a weight loader reads
+        rows = spec.slices(tuple(full.shape))[0]
+        assert torch.equal(torch.cat([full[r] for r in rows]), piece)
     plain = ShardSpec("tp", 1, 2, 1)
     assert torch.equal(plain.take(full), full[:, 1:])
+    assert plain.slices((12, 2)) == (slice(None), slice(1, 2))
 
 
 def test_mamba_mixer_shards_reassemble_into_the_reference(tp=2):

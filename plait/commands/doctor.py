@@ -1,0 +1,35 @@
+"""`plait doctor`: what this machine would run — torch, devices, and the kernel chosen for each op
+(runtime/kernels.py) with the reason."""
+from __future__ import annotations
+
+import platform
+
+import torch
+from rich.table import Table
+
+from plait.cli import arguments, command, console
+from plait.runtime import kernels
+
+
+def _device_line() -> str:
+    if torch.cuda.is_available():
+        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+        return f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {', '.join(sorted(names))}"
+    return "no CUDA device (gloo on CPU)"
+
+
+@command("doctor", help="print the active fused kernel per op and why (flash-attn, mamba-ssm, ...)")
+@arguments(lambda p: (p.add_argument("--device", default=None,
+                                     help="cuda or cpu (default: cuda when available)"),
+                      p.add_argument("--fp8", action="store_true",
+                                     help="as for an fp8 job (transformer-engine linear / norm)")))
+def doctor(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    console.print(f"python {platform.python_version()}, torch {torch.__version__}; {_device_line()}")
+    table = Table(title=f"kernels on {device}{' with fp8' if args.fp8 else ''}")
+    for col in ("op", "kernel", "fused", "why"):
+        table.add_column(col)
+    for choice in kernels.report(device, args.fp8):
+        table.add_row(choice.op, choice.kernel, "yes" if choice.fused else "no", choice.reason)
+    console.print(table)
+    return 0

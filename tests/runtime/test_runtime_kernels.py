@@ -1,0 +1,157 @@
+"""The fused-kernel registry: what runs here (the fallbacks, checked numerically), the selection
+logic with availability monkeypatched (fake flash-attn / mamba-ssm / causal-conv1d / TE modules),
+guarded imports, log-once, the graph seam, and `plait doctor`."""
+import logging
+import types
+
+import pytest
+import torch
+
+from plait.cli import main
+from plait.lowering.modules import ssd
+from plait.lowering.modules.attention import causal_attention
+from plait.lowering.modules.mamba import causal_conv1d
+from plait.runtime import kernels
+
+torch.set_num_threads(1)
+torch.fx.wrap("causal_attention")  # one node when traced from this module too, as in the model
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+def _qkv(sq, sk, hq=4, hkv=2, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, sq, hq, d, generator=gen, dtype=torch.float64),
+            torch.randn(2, sk, hkv, d, generator=gen, dtype=torch.float64),
+            torch.randn(2, sk, hkv, d, generator=gen, dtype=torch.float64))
+
+
+def _explicit_attention(q, k, v, scale, mask):
+    k, v = (t.repeat_interleave(q.shape[2] // t.shape[2], dim=2) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+
+
+def test_this_machine_runs_every_fallback_and_says_why():
+    for choice in kernels.report("cpu"):
+        assert not choice.fused and choice.reason
+    assert kernels.select("attention").fn is kernels.sdpa_attention
+    assert kernels.select("ssd_scan").fn is ssd.ssd_chunked
+    assert kernels.select("causal_conv1d").fn is causal_conv1d
+    assert "fp8 not requested" in kernels.select("linear", "cuda").reason
+
+
+@pytest.mark.parametrize("sq, sk", [(7, 7), (3, 7), (1, 5)])
+def test_sdpa_fallback_aligns_the_causal_mask_bottom_right(sq, sk):
+    q, k, v = _qkv(sq, sk)
+    mask = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)  # query i sees keys <= i + sk - sq
+    torch.testing.assert_close(kernels.sdpa_attention(q, k, v, 0.4),
+                               _explicit_attention(q, k, v, 0.4, mask))
+    if sq == sk:
+        torch.testing.assert_close(kernels.sdpa_attention(q, k, v, 0.4), causal_attention(q, k, v, 0.4))
+    assert kernels.bottom_right_causal_mask(2, 4).tolist() == [[True, True, True, False],
+                                                                [True, True, True, True]]
+
+
+def test_varlen_fallback_attends_within_each_packed_sequence():
+    q, k, v = _qkv(9, 9)
+    lengths = [4, 2, 3]
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    out = kernels.sdpa_varlen_attention(q[0], k[0], v[0], cu, cu, 4, 4, 0.5)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        want = causal_attention(q[:1, part], k[:1, part], v[:1, part], 0.5)[0]
+        torch.testing.assert_close(out[part], want)
+        start += n
+
+
+def _fake_cuda(monkeypatch, **modules):
+    """CUDA 'available' and the given packages 'importable' as fake modules."""
+    monkeypatch.setattr(kernels, "cuda_ready",
+                        lambda device: (torch.device(device).type == "cuda", "not a CUDA device"))
+    table = {k.replace("_", "-"): v for k, v in modules.items()}
+    monkeypatch.setattr(kernels, "probe", lambda package: (table[package], "") if package in table
+                        else (None, f"{package} is not installed"))
+
+
+def test_selection_prefers_fused_kernels_when_cuda_and_the_package_are_there(monkeypatch):
+    calls = []
+    flash = types.SimpleNamespace(
+        flash_attn_func=lambda q, k, v, softmax_scale, causal: calls.append(("flash", causal)) or q,
+        flash_attn_varlen_func=lambda *a, softmax_scale, causal: calls.append(("varlen", causal)) or a[0])
+    scan = types.SimpleNamespace(mamba_chunk_scan_combined=lambda x, dt, A, B, C, chunk: calls.append(("scan", chunk)) or x)
+    _fake_cuda(monkeypatch, flash_attn=flash, mamba_ssm=scan)
+    attention = kernels.select("attention", "cuda")
+    assert attention.fused and attention.kernel.startswith("flash-attn")
+    q = torch.zeros(1, 2, 1, 4)
+    attention.fn(q, q, q, 0.5)
+    kernels.select("attention_varlen", "cuda").fn(q[0], q[0], q[0], None, None, 2, 2, 0.5)
+    kernels.select("ssd_scan", "cuda").fn(q, None, None, None, None, 64)
+    assert calls == [("flash", True), ("varlen", True), ("scan", 64)]
+    conv = kernels.select("causal_conv1d", "cuda")
+    assert not conv.fused and conv.reason == "causal-conv1d is not installed"
+
+
+def test_causal_conv1d_adapter_passes_channels_first_and_silu(monkeypatch):
+    seen = {}
+
+    def causal_conv1d_fn(x, weight, bias, activation):
+        seen.update(x=tuple(x.shape), weight=tuple(weight.shape), activation=activation)
+        return x
+    _fake_cuda(monkeypatch, causal_conv1d=types.SimpleNamespace(causal_conv1d_fn=causal_conv1d_fn))
+    out = kernels.select("causal_conv1d", "cuda").fn(torch.zeros(2, 5, 3), torch.zeros(3, 1, 4), None)
+    assert seen == {"x": (2, 3, 5), "weight": (3, 4), "activation": "silu"} and out.shape == (2, 5, 3)
+
+
+def test_transformer_engine_only_with_fp8(monkeypatch):
+    te = types.SimpleNamespace(Linear=lambda i, o, bias: ("te.Linear", i, o, bias),
+                               RMSNorm=lambda d, eps: ("te.RMSNorm", d), LayerNorm=lambda d, eps: ("te.LN", d))
+    _fake_cuda(monkeypatch, transformer_engine=te)
+    assert not kernels.select("linear", "cuda", fp8=False).fused
+    assert kernels.select("linear", "cuda", fp8=True).fn(8, 16) == ("te.Linear", 8, 16, True)
+    assert kernels.select("norm", "cuda", fp8=True).fn("rmsnorm", 8, 1e-5) == ("te.RMSNorm", 8)
+    assert isinstance(kernels.select("linear", "cpu", fp8=True).fn(8, 16), torch.nn.Linear)
+
+
+def test_a_broken_package_falls_back_with_its_error(monkeypatch):
+    def broken(name):
+        raise OSError("libcudart.so.12: cannot open shared object file")
+    monkeypatch.setattr(kernels.importlib, "import_module", broken)
+    module, why = kernels.probe("flash-attn")
+    assert module is None and "OSError" in why and "libcudart" in why
+
+
+def test_each_choice_is_logged_once(caplog):
+    with caplog.at_level(logging.INFO, logger="plait.kernels"):
+        for _ in range(3):
+            kernels.select("attention")
+            kernels.select("ssd_scan")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["kernel attention", "kernel ssd_scan"]
+
+
+def test_bind_retargets_reference_nodes_only_for_fused_choices(monkeypatch):
+    class Tiny(torch.nn.Module):
+        def forward(self, q):
+            return causal_attention(q, q, q, 0.5)
+    gm = torch.fx.symbolic_trace(Tiny())
+    assert kernels.bind(gm, "cpu") == {}  # fallback: the graph stays as lowered
+    assert "causal_attention" in gm.code
+    flash = types.SimpleNamespace(flash_attn_func=lambda q, k, v, softmax_scale, causal: q * 0)
+    _fake_cuda(monkeypatch, flash_attn=flash)
+    swapped = kernels.bind(gm, "cuda")
+    assert list(swapped.values()) == ["flash-attn flash_attn_func"]
+    assert torch.equal(gm(torch.ones(1, 2, 1, 4)), torch.zeros(1, 2, 1, 4))
+
+
+def test_plait_doctor_prints_the_kernel_per_op(capsys):
+    assert main(["doctor", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for op in kernels.OPS:
+        assert op in out
+    assert "torch SDPA" in out and "need CUDA" in out
