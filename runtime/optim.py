@@ -9,6 +9,10 @@ All use torch.optim.AdamW for the arithmetic. Gradients listed in the program's 
 are summed over TP first (replicated weights used in TP / sequence-parallel regions). The global
 gradient norm counts every parameter element exactly once across all groups: TP-replicated ones on
 TP rank 0, DP-replicated ones on DP rank 0, shards on their owners, then one all-reduce over the world.
+
+Expert weights (MoE layers, `program.experts`) are sharded over EP x ETP and replicated over EDP
+only: their gradients are summed over the EDP group and divided by dp * cp like every other gradient
+(Megatron-Core's DDP), their ZeRO-1 shards split over EDP, and their norm counts on EDP rank 0.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from plait.ir.errors import LayoutError
 from plait.ir.job import Optimizer as OptimizerSpec
 from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram
@@ -28,6 +33,7 @@ from .mesh import Mesh
 # sequences, each with its local mean loss (equal token counts), exactly like data-parallel replicas.
 # Without CP the "dp-cp" group is the DP group.
 GRAD_AXIS = "dp-cp"
+EXPERT_AXIS = "edp"  # the replica group of expert weights
 
 
 def decays(name: str, p: torch.Tensor) -> bool:
@@ -76,7 +82,10 @@ class DataParallel:
         self.program, self.mesh, self.spec = program, mesh, spec
         self.named = program.local_parameters()
         self.tp_sum = [n for n in program.grad_sync.tp_sum if n in self.named]
-        self.dp = mesh.size(GRAD_AXIS)
+        self.dp = mesh.size(GRAD_AXIS)  # every gradient is divided by dp * cp ...
+        experts = set(program.experts.params)
+        # ... after a sum over the group its parameter is replicated on
+        self.axis_of = {n: EXPERT_AXIS if n in experts else GRAD_AXIS for n in self.named}
 
     def wrap(self, modules: list[nn.Module]) -> None:
         """Hook the stage modules before the pipeline is built (FSDP shards them here)."""
@@ -92,7 +101,14 @@ class DataParallel:
         return g.to_local() if hasattr(g, "to_local") else g
 
     def _tp_owned(self, name: str) -> bool:
-        return name in self.program.shards or self.mesh.coord("tp") == 0
+        return (name in self.program.shards or self.axis_of[name] == EXPERT_AXIS
+                or self.mesh.coord("tp") == 0)
+
+    def by_axis(self, names: Iterable[str]) -> list[tuple[str, list[str]]]:
+        """``names`` split by the axis their gradients are summed over (dense first)."""
+        names = list(names)
+        return [(axis, [n for n in names if self.axis_of[n] == axis])
+                for axis in (GRAD_AXIS, EXPERT_AXIS) if any(self.axis_of[n] == axis for n in names)]
 
     def global_norm(self) -> torch.Tensor:
         local = self.owned_sq_sum().reshape(1)
@@ -141,22 +157,25 @@ class Replicated(DataParallel):
         self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
 
     def reduce_over_dp(self) -> None:
-        params = [p for p in self.named.values() if p.grad is not None]
-        if self.dp == 1 or not params:
-            return
-        flat = torch.cat([p.grad.flatten() for p in params])
-        flat = cc.all_reduce(flat, "sum", GRAD_AXIS) / self.dp
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        with_grad = [n for n, p in self.named.items() if p.grad is not None]
+        for axis, names in self.by_axis(with_grad):
+            params = [self.named[n] for n in names]
+            if self.dp == 1 and self.mesh.size(axis) == 1:
+                continue
+            flat = torch.cat([p.grad.flatten() for p in params])
+            if self.mesh.size(axis) > 1:
+                flat = cc.all_reduce(flat, "sum", axis)
+            flat = flat / self.dp
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
 
     def owned_sq_sum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32)
-        if self.mesh.coord(GRAD_AXIS) != 0:
-            return total
         for name, p in self.named.items():
-            if p.grad is not None and self._tp_owned(name):
+            if p.grad is not None and self.mesh.coord(self.axis_of[name]) == 0 \
+                    and self._tp_owned(name):
                 total += p.grad.float().pow(2).sum()
         return total
 
@@ -174,10 +193,14 @@ class Replicated(DataParallel):
 
 
 class _FlatShard:
-    """One parameter group flattened, padded to a multiple of dp, and this rank's 1/dp of it."""
+    """One parameter group flattened, padded to a multiple of the replica count ``dp`` of mesh
+    axis ``axis``, and this rank's 1/dp of it; gradients are summed over the axis and divided by
+    ``divisor`` (dp * cp)."""
 
-    def __init__(self, params: list[nn.Parameter], dp: int, dp_rank: int):
+    def __init__(self, params: list[nn.Parameter], dp: int, dp_rank: int, axis: str = GRAD_AXIS,
+                 divisor: int | None = None):
         self.params, self.dp, self.dp_rank = params, dp, dp_rank
+        self.axis, self.divisor = axis, dp if divisor is None else divisor
         self.numel = sum(p.numel() for p in params)
         self.size = -(-self.numel // dp)  # ceil
         flat = self._flatten([p.detach() for p in params])
@@ -192,12 +215,12 @@ class _FlatShard:
     def reduce_grad(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = self._flatten(grads)
-        mine = cc.reduce_scatter(flat, 0, GRAD_AXIS) if self.dp > 1 else flat
-        self.master.grad = mine / self.dp
+        mine = cc.reduce_scatter(flat, 0, self.axis) if self.dp > 1 else flat
+        self.master.grad = mine / self.divisor
 
     def publish(self) -> None:
         """All-gather the updated shards and write them into the model's parameters."""
-        full = cc.all_gather(self.master.detach(), 0, GRAD_AXIS) if self.dp > 1 else self.master.detach()
+        full = cc.all_gather(self.master.detach(), 0, self.axis) if self.dp > 1 else self.master.detach()
         offset = 0
         with torch.no_grad():
             for p in self.params:
@@ -206,7 +229,7 @@ class _FlatShard:
 
     def full_grad(self) -> torch.Tensor:
         g = self.master.grad.detach()
-        return cc.all_gather(g, 0, GRAD_AXIS) if self.dp > 1 else g
+        return cc.all_gather(g, 0, self.axis) if self.dp > 1 else g
 
 
 class ZeroOne(DataParallel):
@@ -214,11 +237,16 @@ class ZeroOne(DataParallel):
 
     def __init__(self, program, mesh, spec):
         super().__init__(program, mesh, spec)
-        groups = param_groups(self.named.items(), spec.weight_decay)
-        self.flats = [_FlatShard(g["params"], self.dp, mesh.coord(GRAD_AXIS)) for g in groups]
+        names = {id(p): n for n, p in self.named.items()}
+        self.flats, decay = [], []
+        for g in param_groups(self.named.items(), spec.weight_decay):
+            for axis, group in self.by_axis(names[id(p)] for p in g["params"]):
+                params = [self.named[n] for n in group]
+                self.flats.append(_FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp))
+                decay.append(g["weight_decay"])
         self.masks = [self._tp_owned_mask(f) for f in self.flats]
-        self.optimizer = adamw([{"params": [f.master], "weight_decay": g["weight_decay"]}
-                                for f, g in zip(self.flats, groups)], spec)
+        self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
+                                for f, wd in zip(self.flats, decay)], spec)
 
     def reduce_over_dp(self) -> None:
         for flat in self.flats:
@@ -271,6 +299,10 @@ class FullyShard(DataParallel):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
+        if program.experts.params and mesh.members[EXPERT_AXIS] != mesh.members[GRAD_AXIS]:
+            raise LayoutError("fsdp shards every weight over dp x cp, but expert weights replicate "
+                              f"over edp = {mesh.size(EXPERT_AXIS)} ranks only",
+                              hint="use dp_kind = zero1 (or replicated) with expert parallelism")
         dp_mesh = DeviceMesh.from_group(mesh.groups[GRAD_AXIS], "cpu", mesh_dim_names=("dp-cp",))
         self.units = []
         for _, module in program.local_modules():
