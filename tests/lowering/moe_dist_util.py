@@ -14,23 +14,23 @@ import torch.multiprocessing as mp
 
 from plait.ir.plan import Layout
 from plait.lowering import collectives
-from plait.runtime.mesh import build_mesh
+from plait.runtime.mesh import Mesh, build_mesh
 
 GROUP_TIMEOUT_S = 60
 SPAWN_TIMEOUT_S = 240
 _MESHES: dict = {}
 
 
-def bind_layout(layout: Layout) -> dict[str, tuple[int, ...]]:
+def bind_layout(layout: Layout) -> Mesh:
     """The runtime's mesh for ``layout`` (built once per layout: every rank creates the same groups
-    in the same order), bound for lowered graphs; returns this rank's members per axis."""
+    in the same order), bound for lowered graphs."""
     if layout not in _MESHES:
         _MESHES[layout] = build_mesh(layout, GROUP_TIMEOUT_S)
     mesh = _MESHES[layout]
     collectives.unbind_all()
     for axis, group in mesh.groups.items():
         collectives.bind_axis(axis, group, mesh.members[axis])
-    return mesh.members
+    return mesh
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:

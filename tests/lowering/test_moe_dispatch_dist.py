@@ -54,7 +54,7 @@ def inputs(world: int, starved: bool):
 
 def run_case(rank: int, world: int, ep: int, etp: int, dispatcher: str, mode: str, starved: bool) -> dict:
     layout = Layout(dp=world, ep=ep, etp=etp, edp=world // (ep * etp))
-    members = bind_layout(layout)
+    members = bind_layout(layout).members
     options = MoEOptions(dispatcher=dispatcher, **MODES[mode])
     ref = reference_block(options, starved)
     x, g = inputs(world, starved)

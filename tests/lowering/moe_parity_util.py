@@ -1,0 +1,134 @@
+"""The MoE numerics matrix harness: train step 0 of the compiled tiny-moe program on gloo ranks
+(the real runtime: mesh, Trainer, pipeline schedule, gradient reductions, clipping, AdamW) and the
+single-device reference with the same per-rank semantics.
+
+Reference semantics: every (DP rank, micro-batch) is one call of the reference model, as it is one
+call of the MoE layers in the parallel run (its aux loss, its capacity); under sequence parallelism
+each TP rank's sequence chunk is a capacity segment (`build_model(capacity_segments=tp)`). Each
+call's loss is back-propagated with its aux losses, then gradients are divided by the number of
+calls (the runtime's micro-batch and DP averaging), clipped by their global norm, and AdamW steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from plait.ir.cluster import local_cpu
+from plait.ir.dsl import load_model
+from plait.ir.job import Data, MoEOptions, Optimizer, Precision, TrainJob
+from plait.ir.plan import Layout, ParallelPlan, even_stages
+from plait.lowering.build import build_model
+from plait.runtime.data import BatchLoader, SyntheticTokens
+from plait.runtime.optim import lr_at
+from plait.runtime.train import ReferenceTrainer, Trainer
+
+from moe_dist_util import bind_layout, max_err
+
+SPEC = load_model(__file__.rsplit("/tests/", 1)[0] + "/specs/models/tiny-moe.plait")
+SEQ = 16
+OPTIMIZER = Optimizer(lr=1e-3, min_lr=1e-4, warmup=1, weight_decay=0.1, grad_clip=0.05)
+
+
+@dataclass(frozen=True)
+class MoECase:
+    layout: Layout
+    moe: Optional[MoEOptions] = None
+    micro: int = 1  # micro-batches per DP rank
+
+    @property
+    def global_batch(self) -> int:
+        return self.layout.dp * self.layout.mbs * self.micro
+
+    def job(self) -> TrainJob:
+        return TrainJob(name="moe-parity", model=SPEC, cluster=local_cpu(self.layout.world),
+                        global_batch=self.global_batch, seq_len=SEQ, precision=Precision("fp32"),
+                        optimizer=OPTIMIZER, moe=self.moe or MoEOptions(), steps=1,
+                        data=Data(synthetic=True, seed=0))
+
+    def plan(self) -> ParallelPlan:
+        lay = self.layout
+        return ParallelPlan(job="moe-parity", model=SPEC.name, cluster="local-cpu", world=lay.world,
+                            layout=lay, stages=even_stages(SPEC.num_layers, lay.pp, lay.vpp),
+                            global_batch=self.global_batch, seq_len=SEQ, moe=self.moe)
+
+
+def source() -> SyntheticTokens:
+    return SyntheticTokens(SPEC.vocab, seed=0)
+
+
+def run_rank(rank: int, world: int, cases: dict[str, MoECase]) -> dict:
+    out = {}
+    for name, case in cases.items():
+        mesh = bind_layout(case.layout)
+        trainer = Trainer(case.job(), case.plan(), mesh, source=source())
+        trainer.dp.zero_grad()
+        loss = trainer.forward_backward(0)
+        trainer.dp.reduce()
+        grads = trainer.dp.reduced_grads()
+        trainer.dp.set_lr(lr_at(0, OPTIMIZER, 1))
+        trainer.dp.clip_and_step()
+        program = trainer.program
+        out[name] = {"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
+                     "shards": dict(program.shards), "experts": program.experts,
+                     "coords": dict(program.coords, edp=mesh.coord("edp"))}
+    return out
+
+
+def reference(case: MoECase) -> dict:
+    lay, moe = case.layout, case.moe
+    segments = lay.tp if (moe and moe.capacity_factor is not None and lay.sp) else 1
+    model = build_model(SPEC, seed=0, moe_options=moe, capacity_segments=segments)
+    trainer = ReferenceTrainer(model, OPTIMIZER)
+    calls, losses = lay.dp * case.micro, []
+    for d in range(lay.dp):
+        batch = BatchLoader(source(), SEQ, case.global_batch, 0, dp_rank=d, dp_size=lay.dp).local_batch(0)
+        for tokens, labels in zip(batch.tokens.chunk(case.micro), batch.labels.chunk(case.micro)):
+            loss = model(tokens, labels)
+            loss.backward()
+            losses.append(float(loss.detach()))
+    grads = {}
+    for n, p in model.named_parameters():
+        p.grad /= calls
+        grads[n] = p.grad.clone()
+    trainer.step(0, 1)
+    return {"loss": sum(losses) / calls, "grads": grads,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
+    """Whole tensors: TP shards from DP rank 0 (ShardSpec), expert shards from EDP rank 0 (one
+    piece per (ep, etp) coordinate), whole replicated tensors from any holder."""
+    tp_pieces: dict[str, dict[int, torch.Tensor]] = {}
+    ex_pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    specs, syncs = {}, {}
+    for rec in records:
+        sync = rec["experts"]
+        for name, tensor in rec[key].items():
+            if name in sync.params:
+                if rec["coords"]["edp"] == 0:
+                    ex_pieces.setdefault(name, {})[(sync.grid.ep_rank, sync.grid.etp_rank)] = tensor
+                    syncs[name] = sync
+            elif rec["coords"]["dp"] == 0:
+                spec = rec["shards"].get(name)
+                tp_pieces.setdefault(name, {})[spec.index if spec else 0] = tensor
+                specs[name] = spec
+    whole = {n: specs[n].assemble([p[i] for i in sorted(p)]) if specs[n] else p[0]
+             for n, p in tp_pieces.items()}
+    whole.update({n: syncs[n].assemble(n, p) for n, p in ex_pieces.items()})
+    return whole
+
+
+def errors(records: list[dict], ref: dict) -> dict[str, float]:
+    """Largest error of the loss, of any gradient and of any parameter after the step (relative
+    to the tensor's scale when it exceeds 1), with the worst tensor's name."""
+    out = {"loss": max(abs(r["loss"] - ref["loss"]) for r in records)}
+    for key in ("grads", "params"):
+        got = assemble(records, key)
+        missing = sorted(set(ref[key]) - set(got))
+        assert not missing, f"{key} missing from the parallel run: {missing}"
+        worst = max(ref[key], key=lambda n: max_err(got[n], ref[key][n]))
+        out[key] = max_err(got[worst], ref[key][worst])
+        out[f"worst {key}"] = worst
+    return out
