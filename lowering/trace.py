@@ -134,7 +134,9 @@ def record_shapes(gm: torch.fx.GraphModule, *example) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(t) for t in example]
+    # Inputs live where the weights do (the meta device when compiling without storage).
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    fakes = [mode.from_tensor(t.to(device)) for t in example]
     _ShapeProp(gm, fake_mode=mode).propagate(*fakes)
 
 

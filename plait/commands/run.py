@@ -116,18 +116,27 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 @command("compile", help="lower a job's plan to readable per-rank stage programs")
 @arguments(_compile_args)
 def compile_command(args: argparse.Namespace) -> int:
-    from plait.lowering.build import build_model
     from plait.lowering.compile import lower, write_programs
 
     job = load_job(args.job, args.name)
     plan = resolve_plan(job, args.plan, args.layout)
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else range(plan.world)
-    programs = [lower(build_model(job.model, seed=job.seed), job.model, plan, r) for r in ranks]
+    programs = [lower(_meta_model(job), job.model, plan, r) for r in ranks]
     files = write_programs(programs, args.output)
     console.print(plan_table(plan))
     console.print(f"wrote {len(files)} files to {args.output}/ (plan.json, rank*/stage*.py, "
                   "rank*/loss.py, rank*/shards.json)")
     return 0
+
+
+def _meta_model(job: TrainJob):
+    """The reference model without storage: programs are code and shapes, so any model size
+    compiles on a laptop."""
+    import torch
+    from plait.lowering.build import build_model
+
+    with torch.device("meta"):
+        return build_model(job.model, device="meta", seed=job.seed)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

@@ -20,15 +20,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def _groups_and_timeout(rank: int, world: int, work: str) -> None:
     torch.set_num_threads(1)
     mesh_mod.init_distributed("gloo", 30, f"file://{work}/rdzv", rank, world)
-    mesh = mesh_mod.build_mesh(Layout(tp=2, dp=2, edp=2), timeout_s=3)
+    mesh = mesh_mod.build_mesh(Layout(tp=2, dp=2, edp=2), timeout_s=2)
     out = {"tp": list(mesh.members["tp"]), "dp": list(mesh.members["dp"])}
     if rank == 0:  # rank 1 never joins this all-reduce
         try:
             torch.ops.plait.reduce_from_tp(torch.ones(2), "tp", 2)
         except Exception as err:  # noqa: BLE001 - the message is what is tested
             out["error"] = f"{type(err).__name__}: {err}"
-    else:  # stay alive past rank 0's 3 s timeout, so it is a timeout and not a lost peer
-        time.sleep(6)
+    else:  # stay alive past rank 0's 2 s timeout, so it is a timeout and not a lost peer
+        time.sleep(4)
     Path(work, f"rank{rank}.json").write_text(json.dumps(out))
     mesh_mod.destroy()
 
