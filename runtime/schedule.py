@@ -95,6 +95,12 @@ class StepRunner:
             if hasattr(stage, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
                 stage.set_requires_gradient_sync(i == self.n_micro - 1)
             loss = loss_fn(stage(tok), lab)
-            (loss / self.n_micro).backward()
+            # Unscaled backward, then divide the gradients, as the pipeline schedules do
+            # (scale_grads): MoE aux losses attach a gradient of 1 per call, so scaling the loss
+            # instead would leave them counted n_micro times.
+            loss.backward()
             total += loss.detach()
+        for p in stage.parameters():
+            if p.grad is not None:
+                p.grad.div_(self.n_micro)
         return total / self.n_micro
