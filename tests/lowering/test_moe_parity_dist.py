@@ -30,7 +30,7 @@ def both(name: str, layout: Layout, capacity: MoEOptions = CAPACITY, **kw) -> di
 
 
 CASES_2 = {
-    **both("ep2 (dp2 | ep2)", Layout(dp=2, ep=2, mbs=2)),
+    **both("ep2 (dp2 | ep2), 2 micro-batches", Layout(dp=2, ep=2, mbs=2), micro=2),
     **both("tp2 folded (tp2 sp | etp1 ep2)", Layout(tp=2, sp=True, ep=2, mbs=2), POSITION_PAD),
 }
 CASES_4 = {
