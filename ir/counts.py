@@ -335,3 +335,20 @@ def param_state_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
     out = {key: full[key] / divisors[key] for key in full}
     out["total"] = sum(out.values())
     return out
+
+
+# Bytes per stored parameter (a checkpoint or inference footprint, no training state).
+STORED_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+
+def stored_weight_bytes(precision: Union[Precision, str]) -> int:
+    """Bytes one parameter takes in a checkpoint / for inference at ``precision``."""
+    kind = precision.kind if isinstance(precision, Precision) else precision
+    if kind not in STORED_WEIGHT_BYTES:
+        raise PlaitError(f"unknown precision {kind!r}", hint="one of " + ", ".join(STORED_WEIGHT_BYTES))
+    return STORED_WEIGHT_BYTES[kind]
+
+
+def weight_bytes(model: ModelSpec, precision: Union[Precision, str] = "bf16") -> int:
+    """Bytes of all of ``model``'s weights stored at ``precision``."""
+    return params(model).total * stored_weight_bytes(precision)

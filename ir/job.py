@@ -89,3 +89,91 @@ class TrainJob:
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
+
+
+# ------------------------------------------------------------------------------------------------
+# Compression: a prune job (structured pruning + distillation of a trained model)
+# ------------------------------------------------------------------------------------------------
+
+# Width axes a prune job may narrow. Head counts are totals: attention heads stay a multiple of
+# kv_heads (the same number kept in every KV group), mamba heads a multiple of the mamba groups.
+PRUNE_AXES: tuple[str, ...] = (
+    "hidden", "ffn", "attention_heads", "mamba_heads", "mamba_head_dim", "experts",
+)
+
+
+@dataclass(frozen=True)
+class AxisSearch:
+    """How one width axis may change. ``keep``: untouched; ``fixed``: exactly ``value``;
+    ``search``: any snapped width in [low, high] (None: the planner's default bounds) on multiples
+    of ``step`` (None: the axis's hardware multiple)."""
+
+    name: str
+    mode: Literal["keep", "fixed", "search"] = "keep"
+    value: Optional[int] = None
+    low: Optional[int] = None
+    high: Optional[int] = None
+    step: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """Budgets the pruned model must meet (every one given applies)."""
+
+    params: Optional[int] = None
+    active_params: Optional[int] = None
+    weight_memory: Optional[float] = None  # bytes of the weights stored at ``precision``
+    precision: Literal["bf16", "fp8", "fp32"] = "bf16"
+    throughput: Optional[float] = None  # training tokens/s on the prune job's `train` setup
+
+    @property
+    def empty(self) -> bool:
+        return (self.params is None and self.active_params is None and self.weight_memory is None
+                and self.throughput is None)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Forward passes that score importance. ``data``: a dataset directory (`plait data prepare`);
+    None: the corpus bundled with plait."""
+
+    data: Optional[str] = None
+    samples: int = 64  # sequences
+    seq_len: int = 128
+    batch: int = 8
+    seed: int = 0
+    method: Literal["activation", "magnitude", "random"] = "activation"
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation of the pruned student from the frozen original (the teacher):
+    loss = (1 - lm_loss) * T^2 * KL(teacher_T || student_T) + lm_loss * cross-entropy."""
+
+    steps: int = 0
+    global_batch: int = 8
+    seq_len: int = 128
+    temperature: float = 1.0
+    lm_loss: float = 0.0
+    optimizer: Optimizer = field(default_factory=lambda: Optimizer(lr=1e-3, min_lr=1e-4, warmup=10))
+    data: Optional[str] = None  # None: the bundled corpus
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    name: str
+    model: ModelSpec
+    target: PruneTarget = field(default_factory=PruneTarget)
+    axes: tuple[AxisSearch, ...] = ()  # axes not listed are kept
+    depth: tuple[str, ...] = ()  # block kinds that may lose layers
+    weights: Optional[str] = None  # safetensors file or directory (absolute); None: plan only
+    train: Optional[TrainJob] = None  # the training setup throughput refers to
+    layout: LayoutPins = field(default_factory=LayoutPins)  # the pruned model must run under these
+    calibration: Calibration = field(default_factory=Calibration)
+    distill: Distill = field(default_factory=Distill)
+    output: Optional[str] = None  # run directory (absolute); None: runs/<name>
+
+    def axis(self, name: str) -> AxisSearch:
+        return next((a for a in self.axes if a.name == name), AxisSearch(name))

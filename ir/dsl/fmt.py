@@ -7,15 +7,16 @@ only where it differs from the IR default. Quantities get the unit that writes t
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 from typing import Iterable, Optional
 
 from plait.ir.cluster import Cluster, Device, local_cpu
 from plait.ir.errors import PlaitError
-from plait.ir.job import Data, MoEOptions, Optimizer, Precision, TrainJob
+from plait.ir.job import Calibration, Data, Distill, MoEOptions, Optimizer, Precision, PruneJob, TrainJob
 from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope, RopeScaling
 
 from .hardware import resize_cluster
-from .literals import layers_text, number, quantity
+from .literals import _decimal_text, layers_text, number, quantity
 
 INDENT = "  "
 ONE_LINE = 100  # a block whose entries fit on one line this long is written on one line
@@ -82,12 +83,83 @@ def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None) -> str:
     return _decl("train", job.name, entries)
 
 
+def format_prune(job: PruneJob) -> str:
+    """A prune declaration; its model (and train setup) are referenced by name."""
+    entries = [("model", f'"{job.model.name}"')]
+    entries += [(k, f'"{v}"') for k, v in (("weights", job.weights), ("train", job.train and job.train.name))
+                if v is not None]
+    if not job.target.empty:
+        entries.append(("target", _prune_target(job)))
+    if job.axes or job.depth:
+        entries.append(("axes", _prune_axes(job)))
+    if job.layout.pins:
+        entries.append(("layout", [(k, _value(v)) for k, v in job.layout.pins]))
+    if job.calibration != Calibration():
+        cal = job.calibration
+        entries.append(("calibration", ([("data", f'"{cal.data}"')] if cal.data else [])
+                        + _changed(cal, ("samples", "seq_len", "batch", "seed", "method"))))
+    if job.distill != Distill():
+        entries.append(("distill", _distill(job.distill)))
+    if job.output is not None:
+        entries.append(("output", f'"{job.output}"'))
+    return _decl("prune", job.name, entries)
+
+
+def _prune_target(job: PruneJob) -> list:
+    t = job.target
+    entries = [(k, _count(getattr(t, k))) for k in ("params", "active_params") if getattr(t, k) is not None]
+    if t.weight_memory is not None:
+        entries.append(("weight_memory", quantity(t.weight_memory, "bytes")))
+    entries += _changed(t, ("precision",))
+    if t.throughput is not None:
+        entries.append(("throughput", number(t.throughput)))
+    return entries
+
+
+def _prune_axes(job: PruneJob) -> list:
+    entries = []
+    for a in job.axes:
+        if a.mode == "fixed":
+            entries.append((a.name, number(a.value)))
+        elif (a.low, a.high, a.step) == (None, None, None):
+            entries.append((a.name, "auto"))
+        else:
+            args = [(k, number(v)) for k, v in (("min", a.low), ("max", a.high), ("step", a.step)) if v is not None]
+            entries.append((a.name, _call("range", args)))
+    if job.depth:
+        entries.append(("depth", "[" + ", ".join(job.depth) + "]"))
+    return entries
+
+
+def _distill(d: Distill) -> list:
+    entries = _changed(d, ("steps", "global_batch", "seq_len", "temperature", "lm_loss"))
+    if d.optimizer != Distill().optimizer:
+        entries.append(("optimizer", _call(d.optimizer.kind, _changed(d.optimizer, _OPTIMIZER_KEYS))))
+    if d.data is not None:
+        entries.append(("data", f'"{d.data}"'))
+    return entries + _changed(d, ("seed", "checkpoint_every"))
+
+
+def _count(n: int) -> str:
+    """A parameter count, as `4.5e9` when that reads back exactly and is shorter."""
+    plain = str(n)
+    sci = _decimal_text(Decimal(n))
+    return sci if len(sci) < len(plain) and Decimal(sci) == n else plain
+
+
 def format_library(lib) -> str:
     """Every declaration of a Library (and any a job needs that the library lacks), self-contained:
     devices, clusters, models, then jobs."""
     devices, clusters, models = dict(lib.devices), dict(lib.clusters), dict(lib.models)
+    jobs, prunes = dict(lib.jobs), dict(getattr(lib, "prune_jobs", {}))
+    for prune in prunes.values():  # a prune job's model and train setup come along
+        if models.setdefault(prune.model.name, prune.model) != prune.model:
+            raise PlaitError(f'prune job "{prune.name}": its model differs from model "{prune.model.name}" '
+                             "of the library")
+        if prune.train is not None and jobs.setdefault(prune.train.name, prune.train) != prune.train:
+            raise PlaitError(f'prune job "{prune.name}": its train job differs from "{prune.train.name}"')
     bases = {}
-    for job in lib.jobs.values():
+    for job in jobs.values():
         if models.setdefault(job.model.name, job.model) != job.model:
             raise PlaitError(f'job "{job.name}": its model differs from model "{job.model.name}" of the library')
         bases[job.name] = _base_cluster(job, clusters)
@@ -98,7 +170,8 @@ def format_library(lib) -> str:
     parts = [format_device(d) for d in devices.values()]
     parts += [format_cluster(c) for c in clusters.values()]
     parts += [format_model(m) for m in models.values()]
-    parts += [format_job(j, bases[j.name]) for j in lib.jobs.values()]
+    parts += [format_job(j, bases[j.name]) for j in jobs.values()]
+    parts += [format_prune(j) for j in prunes.values()]
     return "\n\n".join(parts) + "\n"
 
 
@@ -109,7 +182,7 @@ def format_file(lib) -> str:
     if lib.uses:
         parts.append("use " + ", ".join(f'"{u}"' for u in lib.uses))
     formatters = {"device": (lib.devices, format_device), "cluster": (lib.clusters, format_cluster),
-                  "model": (lib.models, format_model)}
+                  "model": (lib.models, format_model), "prune": (lib.prune_jobs, format_prune)}
     for kind, name in lib.own:
         if kind == "train":
             job = lib.jobs[name]

@@ -12,7 +12,7 @@ from typing import Optional
 
 from plait.ir.cluster import Cluster, Device, local_cpu
 from plait.ir.errors import SpecError
-from plait.ir.job import TrainJob
+from plait.ir.job import PruneJob, TrainJob
 from plait.ir.model import ModelSpec
 
 from . import ast
@@ -20,10 +20,12 @@ from .hardware import resolve_cluster, resolve_device, unknown_name
 from .jobs import resolve_job
 from .models import resolve_model
 from .parse import parse
+from .prune import resolve_prune
 from .reader import Context, did_you_mean
 
 # declaration keyword -> Library attribute, in resolution order (a cluster needs its device, ...)
-DECL_KINDS = {"device": "devices", "cluster": "clusters", "model": "models", "train": "jobs"}
+DECL_KINDS = {"device": "devices", "cluster": "clusters", "model": "models", "train": "jobs",
+              "prune": "prune_jobs"}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Library:
     devices: dict[str, Device] = field(default_factory=dict)
     clusters: dict[str, Cluster] = field(default_factory=dict)
     jobs: dict[str, TrainJob] = field(default_factory=dict)
+    prune_jobs: dict[str, PruneJob] = field(default_factory=dict)
     file: Optional[str] = None  # the file that was loaded
     uses: tuple[str, ...] = ()  # its `use` paths as written
     own: tuple[tuple[str, str], ...] = ()  # (keyword, name) declared in that file, in source order
@@ -44,6 +47,9 @@ class Library:
         for attr in ("models", "devices", "clusters", "jobs"):
             n = len(getattr(self, attr))
             parts.append(f"{n} {attr if n != 1 else attr[:-1]}")
+        if self.prune_jobs:  # only mentioned when there are some
+            n = len(self.prune_jobs)
+            parts.append(f"{n} prune job{'s' if n != 1 else ''}")
         return ", ".join(parts)
 
 
@@ -137,6 +143,8 @@ def _resolve_decl(kind: str, decl: ast.Decl, src: _Source, lib: Library):
         return resolve_cluster(ctx, decl, finder("device", lib.devices))
     if kind == "model":
         return resolve_model(ctx, decl)
+    if kind == "prune":
+        return resolve_prune(ctx, decl, finder("model", lib.models), finder("train job", lib.jobs), src.base_dir)
     return resolve_job(ctx, decl, finder("model", lib.models), finder("cluster", lib.clusters, local_cpu()),
                        src.base_dir)
 
@@ -167,6 +175,12 @@ def load_job(path: str, name: Optional[str] = None) -> TrainJob:
     return lib.jobs[_pick(lib, "train", lib.jobs, name)]
 
 
+def load_prune_job(path: str, name: Optional[str] = None) -> PruneJob:
+    """The named prune job, or the only one declared in ``path``."""
+    lib = load_file(path)
+    return lib.prune_jobs[_pick(lib, "prune", lib.prune_jobs, name)]
+
+
 def load_model(path: str, name: Optional[str] = None) -> ModelSpec:
     """The named model, or the only model declared in ``path``; a job file gives its job's model."""
     lib = load_file(path)
@@ -176,6 +190,9 @@ def load_model(path: str, name: Optional[str] = None) -> ModelSpec:
     own_jobs = [n for k, n in lib.own if k == "train"]
     if name is None and not own_models and len(own_jobs) == 1:
         return lib.jobs[own_jobs[0]].model
+    own_prunes = [n for k, n in lib.own if k == "prune"]
+    if name is None and not own_models and not own_jobs and len(own_prunes) == 1:
+        return lib.prune_jobs[own_prunes[0]].model
     return lib.models[_pick(lib, "model", lib.models, name)]
 
 

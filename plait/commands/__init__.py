@@ -3,4 +3,5 @@ from . import spec  # noqa: F401
 from . import hf  # noqa: F401
 from . import run  # noqa: F401
 from . import plan  # noqa: F401
+from . import prune  # noqa: F401
 from . import doctor  # noqa: F401
