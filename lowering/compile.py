@@ -140,7 +140,9 @@ def _header(program: RankProgram, name: str) -> str:
     coords_text = " ".join(f"{k}{v}" for k, v in program.coords.items())
     return (f"# rank {program.rank} ({coords_text}) {name}: in {list(inp)} {in_dtype}, "
             f"out {list(out) if out else 'scalar'} {out_dtype}; {params:,} local parameters\n"
-            f"# gradients: {program.grad_sync.describe(set(named))}\n")
+            f"# gradients: {program.grad_sync.describe(set(named))}\n"
+            + (f"# experts: {program.experts.describe()}\n" if set(program.experts.params) & set(named)
+               else ""))
 
 
 def write_programs(programs: list[RankProgram], out_dir: str | Path) -> list[Path]:

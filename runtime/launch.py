@@ -20,6 +20,7 @@ from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.ir.serde import to_json
 from plait.lowering.compile import dense_layout
 from plait.lowering.passes.base import Target
+from plait.lowering.passes.dispatch_experts import check_expert_layout
 from plait.lowering.passes.shard_tensor_parallel import check_divisible
 from plait.lowering.passes.split_pipeline import ordered_chunks
 
@@ -40,8 +41,10 @@ def check_plan(job: TrainJob, plan: ParallelPlan) -> ParallelPlan:
         raise LayoutError(f"the plan needs tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*"
                           f"{layout.pp} = {layout.world} ranks, cluster {job.cluster.name!r} has "
                           f"{job.cluster.nodes}*{job.cluster.gpus_per_node} = {job.cluster.world}")
-    if layout.cp > 1 or layout.ep > 1:
-        raise LayoutError(f"the runtime does not execute cp = {layout.cp} / ep = {layout.ep} yet")
+    if layout.cp > 1:
+        raise LayoutError(f"the runtime does not execute cp = {layout.cp} yet")
+    if job.model.is_moe:
+        check_expert_layout(job.model, layout)
     _validate_with_planner(job, layout)
     check_divisible(job.model, layout.tp)
     micro = layout.dp * layout.mbs
@@ -67,7 +70,8 @@ def hand_plan(job: TrainJob, layout: Layout) -> ParallelPlan:
                         world=layout.world, layout=layout,
                         stages=even_stages(job.model.num_layers, layout.pp, layout.vpp),
                         global_batch=job.global_batch, seq_len=job.seq_len,
-                        schedule="interleaved" if layout.vpp > 1 else "1f1b")
+                        schedule="interleaved" if layout.vpp > 1 else "1f1b",
+                        moe=job.moe if job.model.is_moe else None)
 
 
 def resolve_data(job: TrainJob, cache: Path) -> TrainJob:

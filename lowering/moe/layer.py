@@ -74,7 +74,8 @@ class ExpertParallelMoE(nn.Module):
                        token_axis: Optional[str] = None, token_parts: int = 1) -> "ExpertParallelMoE":
         """This rank's shard of the reference ``block`` (same dtype, same values)."""
         hidden = block.router.weight.shape[1]
-        m = cls(block.spec, hidden, grid, options, token_axis, token_parts)
+        with torch.device(block.router.weight.device):  # meta when compiling without storage
+            m = cls(block.spec, hidden, grid, options, token_axis, token_parts)
         m.to(block.experts.w_down.dtype).train(block.training)
         m.load_reference_state(block.state_dict())
         return m

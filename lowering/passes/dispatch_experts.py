@@ -23,6 +23,8 @@ import torch.fx
 
 from plait.ir.errors import LayoutError
 from plait.ir.job import MoEOptions
+from plait.ir.model import ModelSpec
+from plait.ir.plan import Layout
 from plait.lowering.moe import EXPERT_PARAMS, ExpertGrid, ExpertParallelMoE
 from plait.lowering.moe.sync import EXPERTS, ExpertSync
 from plait.lowering.trace import META, NodeInfo, info
@@ -32,9 +34,9 @@ from .base import Pass, Target, VerifyError
 from .shard_tensor_parallel import check_stream_shapes
 
 
-def check_expert_layout(t: Target) -> None:
-    """Divisibility and folding rules, with the arithmetic."""
-    lay, moe = t.layout, t.spec.moe
+def check_expert_layout(spec: ModelSpec, lay: Layout) -> None:
+    """Divisibility and folding rules of a MoE model's layout, with the arithmetic."""
+    moe = spec.moe
     if moe.experts % lay.ep:
         raise LayoutError(f"ep = {lay.ep} does not divide experts = {moe.experts} "
                           f"({moe.experts} % {lay.ep} = {moe.experts % lay.ep})",
@@ -98,7 +100,7 @@ def dispatch_experts(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModul
     gm.meta[EXPERTS] = ExpertSync()
     if not layers:
         return gm
-    check_expert_layout(t)
+    check_expert_layout(t.spec, t.layout)
     grid, options = expert_grid(t), moe_options(t)
     token_axis = "tp" if t.layout.tp > 1 else None
     params = []

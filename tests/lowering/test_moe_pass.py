@@ -108,3 +108,22 @@ def test_one_rank_program_equals_the_reference(moe):
     params = program.local_parameters()
     for name, p in ref.named_parameters():
         torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_meta_device_lowering_shards_without_storage():
+    with torch.device("meta"):
+        model = build_model(SPEC, device="meta", seed=0)
+    m = mixer(lower(model, SPEC, plan(Layout(dp=2, ep=2)), 1), 3)
+    assert m.experts.w_gate_up.is_meta and m.experts.w_gate_up.shape == (4, 32, 32)
+
+
+def test_launch_rejects_a_bad_expert_layout_before_any_process_starts():
+    from plait.ir.cluster import local_cpu
+    from plait.ir.job import TrainJob
+    from plait.runtime.launch import check_plan, hand_plan
+
+    job = TrainJob(name="t", model=SPEC, cluster=local_cpu(2), global_batch=4, seq_len=SEQ,
+                   moe=MoEOptions(capacity_factor=1.0))
+    with pytest.raises(LayoutError, match="sequence parallelism"):
+        check_plan(job, plan(Layout(tp=2, ep=2)))
+    assert hand_plan(job, Layout(dp=2, ep=2)).moe == job.moe  # capacity reaches the program
