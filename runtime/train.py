@@ -77,6 +77,7 @@ class Trainer:
         self.program = lower(model, job.model, plan, mesh.rank)
         if weights:
             load_sharded_weights(self.program, weights, job.model)
+        _keep_local_children(self.program)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)
         kernels.bind(self.program.pipe, "cuda" if job.cluster.backend == "nccl" else "cpu",
                      fp8=job.precision is not None and job.precision.kind == "fp8")
