@@ -61,9 +61,11 @@ def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
     each tensor and only the tensors of its own pipeline stages."""
     from plait.lowering.weights import load_hf_weights
 
-    shards = program.shards
+    shards, experts = program.shards, program.experts
 
     def index(name: str, full: tuple[int, ...]):
+        if name in experts.params:  # its experts (EP) and their FFN columns (ETP)
+            return experts.slices(name, full)
         s = shards.get(name)
         return None if s is None else s.slices(full)  # segmented splits: a list of slices
     return load_hf_weights(program.local_parameters(), path, spec, shard=index)

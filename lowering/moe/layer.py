@@ -32,6 +32,7 @@ from plait.lowering.modules.moe import MoEBlock, attach_aux_loss
 from . import comm
 from .dispatch import ExpertGrid, make_dispatcher
 from .permute import drop_over_capacity
+from .sync import expert_slices, take
 
 EXPERT_PARAMS = ("experts.w_gate_up", "experts.w_down")
 
@@ -40,11 +41,9 @@ def shard_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor, grid: ExpertGri
     """Full grouped weights [E, 2F|F, H], [E, H, F] -> this rank's [E/ep, (2F|F)/etp, H],
     [E/ep, H, F/etp]: experts of its EP rank, FFN columns of its ETP rank (gate and up rows are
     sliced alike so the local gate/up halves stay paired)."""
-    sl = slice(grid.first_expert, grid.first_expert + grid.local_experts)
-    up, down = w_gate_up[sl], w_down[sl]
-    halves = up.chunk(2, dim=1) if gated else (up,)
-    up = torch.cat([h.chunk(grid.etp, dim=1)[grid.etp_rank] for h in halves], dim=1)
-    return up.clone(), down.chunk(grid.etp, dim=2)[grid.etp_rank].clone()
+    up = take(w_gate_up, expert_slices(grid, "w_gate_up", tuple(w_gate_up.shape), gated))
+    down = take(w_down, expert_slices(grid, "w_down", tuple(w_down.shape), gated))
+    return up.clone(), down.clone()
 
 
 class ExpertParallelMoE(nn.Module):
