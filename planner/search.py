@@ -167,7 +167,7 @@ def sync_estimate(table: CostTable, z: float) -> float:
 # The search
 # ------------------------------------------------------------------------------------------------
 
-def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_solves: int = 12,
+def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_solves: int = 8,
            time_limit: float = 5.0,
            progress: Optional[Callable[[int, int], None]] = None) -> SearchResult:
     """Best plans for ``job`` (at most ``top``), the rejected families and the search counts."""
@@ -285,6 +285,12 @@ def _solve(cands, top, max_solves, time_limit, families, result) -> list[Paralle
         if cand.lower > bound or result.solved >= max_solves:
             result.pruned += 1
             families.estimated(cand)
+            continue
+        if cand.quick <= cand.lower * (1 + 1e-9):  # the even split meets the lower bound
+            plan = make_plan(cand.table, even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
+                             (cand.quick_option,) * cand.problem.chunks)
+            families.solved(cand, plan)
+            plans.append(plan)
             continue
         start = None
         if cand.quick < INF:
