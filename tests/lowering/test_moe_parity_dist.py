@@ -38,6 +38,9 @@ CASES_4 = {
     **both("ep2 x etp2 (dp4 | etp2 ep2)", Layout(dp=4, ep=2, etp=2, mbs=2), POSITION_PAD),
     **both("tp2 x ep2 x pp2 (tp2 sp pp2 | ep2 pp2)", Layout(tp=2, sp=True, pp=2, ep=2, mbs=1), micro=2),
     **both("dp x ep (dp4 | ep2 edp2)", Layout(dp=4, ep=2, edp=2, mbs=2)),
+    # FSDP over dp-cp shards the expert weights too: allowed when EDP spans the same ranks
+    **both("tp2 sp dp2 fsdp (tp2 sp dp2 | ep2 edp2)", Layout(tp=2, sp=True, dp=2, ep=2, edp=2, mbs=2,
+                                                            dp_kind="fsdp")),
     "ep4 allgather (dp4 | ep4) capacity": MoECase(Layout(dp=4, ep=4, mbs=2, dispatcher="allgather"),
                                                   POSITION_PAD),
 }
