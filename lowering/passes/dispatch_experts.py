@@ -133,9 +133,9 @@ def verify_dispatch_experts(gm: torch.fx.GraphModule, t: Target) -> None:
             raise VerifyError(f"{path} is not an expert-parallel MoE called from the graph")
         rows = (2 if moe.activation == "swiglu" else 1) * moe.ffn // t.layout.etp
         want = (moe.experts // t.layout.ep, rows, t.spec.hidden)
-        if tuple(params[f"{path}.experts.w_gate_up"].shape) != want:
-            raise VerifyError(f"{path}.experts.w_gate_up is {tuple(params[f'{path}.experts.w_gate_up'].shape)}, "
-                              f"expected this rank's shard {want}")
+        got = tuple(params[f"{path}.experts.w_gate_up"].shape)
+        if got != want:
+            raise VerifyError(f"{path}.experts.w_gate_up is {got}, expected this rank's shard {want}")
     if set(sync.params) - set(params):
         raise VerifyError(f"expert parameters missing from the graph: {set(sync.params) - set(params)}")
     check_stream_shapes(gm, t)
