@@ -84,3 +84,18 @@ def test_memory_forces_recompute_and_unequal_stages():
     got = solve(p)
     assert got is not None
     assert got.z == pytest.approx(brute_force(PartitionProblem(**{**p.__dict__})))
+
+
+def test_warm_start_keeps_the_optimum():
+    rng = random.Random(77)
+    solved = 0
+    for _ in range(12):
+        p = random_problem(rng, 2)
+        sizes = tuple([1] * (p.chunks - 1) + [len(p.unit_types) - p.chunks + 1])
+        options = (2,) * p.chunks
+        if not partition_fits(p, sizes, options):
+            continue
+        got = solve(p, time_limit=20, start=(sizes, options))
+        assert got is not None and got.z == pytest.approx(brute_force(p), rel=1e-6)
+        solved += 1
+    assert solved >= 3
