@@ -22,6 +22,7 @@ from .passes.base import Pass, Target, run_passes
 from .passes.context_parallel import CONTEXT_PARALLEL
 from .passes.data_parallel import DATA_PARALLEL, GRAD_SYNC, GradSync
 from .passes.dispatch_experts import DISPATCH_EXPERTS
+from .passes.recompute import RECOMPUTE_PASS, regions
 from .passes.sequence_parallel import SEQUENCE_PARALLEL
 from .passes.shard_tensor_parallel import SHARD_TENSOR_PARALLEL, SHARDS, ShardSpec
 from .passes.split_pipeline import LOSS, SPLIT_PIPELINE, STAGE_IO, stage_name
@@ -35,6 +36,7 @@ PASSES: list[Pass] = [
     CONTEXT_PARALLEL,       # zigzag sequence split over CP: ring / all-to-all attention, Mamba states
     DATA_PARALLEL,          # which gradients are averaged over DP and summed over TP
     SPLIT_PIPELINE,         # fx split_module by the plan's stages; the loss as its own child
+    RECOMPUTE_PASS,         # layers of recomputing stages run under checkpoint (full / selective)
 ]
 
 
@@ -127,7 +129,8 @@ def program_text(program: RankProgram) -> dict[str, str]:
     """Readable Python of each of this rank's children (GraphModule.code), keyed by file name."""
     files = {}
     for c, module in program.local_modules():
-        files[f"{stage_name(c)}.py"] = _header(program, stage_name(c)) + module.code
+        files[f"{stage_name(c)}.py"] = _header(program, stage_name(c)) + module.code + "".join(
+            f"\n\n# recompute region {name}\n{region.code}" for name, region in regions(module).items())
     if program.holds_loss:
         files[f"{LOSS}.py"] = _header(program, LOSS) + program.loss.code
     return files

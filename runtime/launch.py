@@ -68,7 +68,8 @@ def hand_plan(job: TrainJob, layout: Layout) -> ParallelPlan:
     layout = dense_layout(layout)
     return ParallelPlan(job=job.name, model=job.model.name, cluster=job.cluster.name,
                         world=layout.world, layout=layout,
-                        stages=even_stages(job.model.num_layers, layout.pp, layout.vpp),
+                        stages=even_stages(job.model.num_layers, layout.pp, layout.vpp,
+                                           recompute=layout.recompute),
                         global_batch=job.global_batch, seq_len=job.seq_len,
                         schedule="interleaved" if layout.vpp > 1 else "1f1b",
                         moe=job.moe if job.model.is_moe else None)

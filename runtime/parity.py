@@ -37,7 +37,8 @@ class Case:
     schedule: str = "1f1b"
 
     def plan(self, spec: ModelSpec, global_batch: int, seq: int) -> ParallelPlan:
-        stages = self.stages or even_stages(spec.num_layers, self.layout.pp, self.layout.vpp)
+        stages = self.stages or even_stages(spec.num_layers, self.layout.pp, self.layout.vpp,
+                                            recompute=self.layout.recompute)
         return ParallelPlan(job="parity", model=spec.name, cluster="local-cpu",
                             world=self.layout.world, layout=self.layout, stages=stages,
                             global_batch=global_batch, seq_len=seq, schedule=self.schedule)

@@ -1,0 +1,226 @@
+"""Activation recompute: the plan's per-stage ``recompute`` ("none" | "selective" | "full").
+
+In a stage that recomputes, every layer's nodes move into a child GraphModule
+(``recompute.layer{i}``, built over the stage's own module tree, so parameters keep their
+reference names) and the stage calls it through ``checkpointed(region, mode, *inputs)``, which is
+torch.utils.checkpoint (non-reentrant):
+
+  full       only the layer's input is kept; backward re-runs the whole layer, its TP / SP
+             collectives included (Megatron's full, per-layer recompute)
+  selective  the same region under a selective-checkpoint policy: the outputs of compute-heavy ops
+             (matmuls, convolutions, grouped GEMMs) and of every collective or communicating op
+             (`plait::`, functional collectives) are kept; everything else, the attention core
+             (SDPA / softmax), norms, RoPE and activation functions, is recomputed in backward
+             (Korthikanti et al.'s selective recompute, spelled with torch's selective activation
+             checkpointing; nothing communicates twice)
+
+Embedding, final norm, head and loss are never recomputed. A stateful op inside a region (MoE
+expert-load counters) can ask `is_recomputing()` to skip its side effect on the second run.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from contextlib import contextmanager
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
+
+from plait.ir.errors import LayoutError
+from plait.ir.plan import RECOMPUTE
+from plait.lowering.trace import info
+
+from .base import Pass, Target, VerifyError
+from .split_pipeline import stage_name
+
+REGIONS = "recompute"  # the child module holding a stage's region GraphModules
+RECOMPUTED = "plait.recompute"  # stage GraphModule meta: {"mode": ..., "layers": (...)}
+
+aten = torch.ops.aten
+# Compute-heavy ops whose outputs selective recompute keeps.
+KEPT_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten._grouped_mm,
+            aten._scaled_mm, aten._int_mm}
+# Namespaces of ops that communicate (or wrap communication): never re-run in backward.
+KEPT_NAMESPACES = {"plait", "_c10d_functional", "c10d_functional", "c10d"}
+
+_RECOMPUTING = [0]
+
+
+def is_recomputing() -> bool:
+    """True while a checkpointed region re-runs its forward during backward."""
+    return _RECOMPUTING[0] > 0
+
+
+@contextmanager
+def _recomputing():
+    _RECOMPUTING[0] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] -= 1
+
+
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep matmul and collective outputs; recompute the cheap, memory-heavy rest."""
+    packet = getattr(op, "overloadpacket", op)
+    if packet in KEPT_OPS or getattr(op, "namespace", "") in KEPT_NAMESPACES:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointed(region: nn.Module, mode: str, *args):
+    """``region(*args)`` under torch.utils.checkpoint; ``mode`` is "full" or "selective"."""
+    calls = [0]
+
+    def run(*inputs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return region(*inputs)
+        with _recomputing():
+            return region(*inputs)
+
+    if mode == "selective":
+        context = functools.partial(create_selective_checkpoint_contexts, selective_policy)
+        return checkpoint(run, *args, use_reentrant=False, context_fn=context)
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+def stage_mode(t: Target, chunk: int) -> str:
+    """The recompute option of chunk ``chunk`` (plan stages in layer order)."""
+    stages = sorted(t.plan.stages, key=lambda s: s.first)
+    mode = stages[chunk].recompute
+    if mode not in RECOMPUTE:
+        raise LayoutError(f"stage {chunk} asks for recompute {mode!r}; expected one of "
+                          f"{', '.join(RECOMPUTE)}")
+    return mode
+
+
+# ---- region extraction --------------------------------------------------------------------------
+def _layer_regions(gm: torch.fx.GraphModule) -> dict[int, list[torch.fx.Node]]:
+    """Layer index -> its computing nodes, in graph order."""
+    regions: dict[int, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and "plait" in node.meta \
+                and info(node).layer is not None:
+            regions.setdefault(info(node).layer, []).append(node)
+    return regions
+
+
+def _boundary(nodes: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """(values the region reads from outside, excluding attributes; values it hands outside)."""
+    inside = set(nodes)
+    inputs, outputs = [], []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg.op != "get_attr" and arg not in inputs:
+                inputs.append(arg)
+        if any(u not in inside for u in node.users):
+            outputs.append(node)
+    return inputs, outputs
+
+
+def _region_graph(nodes, inputs, outputs) -> torch.fx.Graph:
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for arg in inputs:
+        env[arg] = graph.placeholder(arg.name)
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg not in env:
+                env[arg] = graph.get_attr(arg.target)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    result = env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs)
+    graph.output(result)
+    return graph
+
+
+def _check_contiguous(gm, nodes, outputs) -> None:
+    """No outside node may sit between the region's nodes and use one of its values."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = order[nodes[-1]]
+    inside = set(nodes)
+    for out in outputs:
+        early = [u for u in out.users if u not in inside and order[u] < last]
+        if early:
+            raise VerifyError(f"recompute region of {nodes[0].name}..{nodes[-1].name} is not "
+                              f"contiguous: {early[0].name} uses {out.name} inside it")
+
+
+def extract_region(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], name: str,
+                   mode: str) -> None:
+    """Move ``nodes`` into child ``recompute.{name}`` and call it through `checkpointed`."""
+    inputs, outputs = _boundary(nodes)
+    _check_contiguous(gm, nodes, outputs)
+    region = torch.fx.GraphModule(gm, _region_graph(nodes, inputs, outputs), class_name=name)
+    if not hasattr(gm, REGIONS):
+        gm.add_module(REGIONS, nn.Module())  # registered after the stage's own children
+    gm.get_submodule(REGIONS).add_module(name, region)
+    with gm.graph.inserting_after(nodes[-1]):
+        attr = gm.graph.get_attr(f"{REGIONS}.{name}")
+    with gm.graph.inserting_after(attr):
+        call = gm.graph.call_function(checkpointed, (attr, mode, *inputs))
+    call.meta["plait"] = info(nodes[-1])
+    results = [call]
+    if len(outputs) > 1:
+        with gm.graph.inserting_after(call):
+            results = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
+    inside = set(nodes)
+    for out, new in zip(outputs, results):
+        out.replace_all_uses_with(new, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+
+
+def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+
+
+def recompute(pipe: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
+    for chunk in range(len(t.plan.stages)):
+        mode = stage_mode(t, chunk)
+        if mode == "none":
+            continue
+        stage = pipe.get_submodule(stage_name(chunk))
+        layers = _layer_regions(stage)
+        for layer, nodes in layers.items():
+            extract_region(stage, nodes, f"layer{layer}", mode)
+        _drop_unused_attrs(stage)
+        stage.graph.lint()
+        stage.recompile()
+        stage.meta[RECOMPUTED] = {"mode": mode, "layers": tuple(layers)}
+    return pipe
+
+
+def regions(stage: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
+    """A stage's recompute regions by name ({} when it recomputes nothing)."""
+    holder = getattr(stage, REGIONS, None)
+    return dict(holder.named_children()) if holder is not None else {}
+
+
+def verify_recompute(pipe: torch.fx.GraphModule, t: Target) -> None:
+    """Every layer of a recomputing stage is one checkpointed region; parameter names unchanged."""
+    for chunk, s in enumerate(sorted(t.plan.stages, key=lambda s: s.first)):
+        stage = pipe.get_submodule(stage_name(chunk))
+        mode = stage_mode(t, chunk)
+        want = {f"layer{i}" for i in range(s.first, s.last)} if mode != "none" else set()
+        if set(regions(stage)) != want:
+            raise VerifyError(f"stage {chunk} ({mode}) has regions {sorted(regions(stage))}, "
+                              f"expected {sorted(want)}")
+        names = [n for n, _ in stage.named_parameters()]
+        moved = [n for n in names if n.startswith(f"{REGIONS}.")]
+        if moved:
+            raise VerifyError(f"stage {chunk}: parameters renamed by recompute: {moved[:3]}")
+        calls = [n for n in stage.graph.nodes if n.op == "call_function" and n.target is checkpointed]
+        if len(calls) != len(want):
+            raise VerifyError(f"stage {chunk}: {len(calls)} checkpointed calls for {len(want)} layers")
+
+
+RECOMPUTE_PASS = Pass(
+    name="recompute", run=recompute, verify=verify_recompute,
+    requires=("pipeline-split",), ensures=("recompute",),
+    doc="layers of recomputing stages become checkpointed regions (full or selective policy)")
