@@ -29,10 +29,19 @@ def frozen_pins(row, layout) -> list[dict]:
     return [{**row.pins[0], **keep}]
 
 
+def order_margin_penalty(results, margin: float = 0.03) -> float:
+    """Published neighbours (a below b) should be predicted at least ``margin`` apart, in order."""
+    penalty = 0.0
+    for group in {r.group for r, _, _ in results if r.group}:
+        mine = sorted(((r.published, p) for r, p, _ in results if r.group == group))
+        for (_, low), (_, high) in zip(mine, mine[1:]):
+            penalty += max(0.0, margin - (high / low - 1))
+    return penalty
+
+
 def objective(results, summarize, order_ok) -> float:
     mean, worst = summarize(results)
-    wrong = sum(not ok for ok, _, _ in order_ok(results).values())
-    return mean + 2 * max(0.0, worst - 0.15) + 0.05 * wrong
+    return mean + 2 * max(0.0, worst - 0.15) + order_margin_penalty(results)
 
 
 def fit(device: str, rows, run_rows, summarize, order_ok, rounds: int = 2) -> dict:
