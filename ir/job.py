@@ -143,6 +143,7 @@ class Calibration:
     batch: int = 8
     seed: int = 0
     method: Literal["activation", "magnitude", "random"] = "activation"
+    depth: Literal["cosine", "perplexity"] = "cosine"  # block importance: 1 - cos(in, out) or loss increase
 
 
 @dataclass(frozen=True)

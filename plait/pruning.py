@@ -115,7 +115,7 @@ def importance(job: PruneJob, run: RunDir, teacher: torch.nn.Module, say: Say) -
     method = job.calibration.method
     if method == "activation":
         from plait.lowering.prune.importance import activation_scores
-        scores = activation_scores(teacher, job.model, calibration_batches(job, run))
+        scores = activation_scores(teacher, job.model, calibration_batches(job, run), depth=job.calibration.depth)
     elif method == "magnitude":
         from plait.lowering.prune.importance import magnitude_scores
         scores = magnitude_scores(teacher, job.model)

@@ -97,7 +97,7 @@ def format_prune(job: PruneJob) -> str:
     if job.calibration != Calibration():
         cal = job.calibration
         entries.append(("calibration", ([("data", f'"{cal.data}"')] if cal.data else [])
-                        + _changed(cal, ("samples", "seq_len", "batch", "seed", "method"))))
+                        + _changed(cal, ("samples", "seq_len", "batch", "seed", "method", "depth"))))
     if job.distill != Distill():
         entries.append(("distill", _distill(job.distill)))
     if job.output is not None:

@@ -215,7 +215,7 @@ def _calibration(r: Optional[Reader], base_dir: Optional[str]) -> Calibration:
     cal = Calibration(
         data=_path(r, "data", base_dir), samples=r.int("samples", d.samples), seq_len=r.int("seq_len", d.seq_len),
         batch=r.int("batch", d.batch), seed=r.int("seed", d.seed, minimum=0),
-        method=r.choice("method", METHODS, d.method),
+        method=r.choice("method", METHODS, d.method), depth=r.choice("depth", ("cosine", "perplexity"), d.depth),
     )
     r.finish()
     return cal

@@ -19,12 +19,13 @@ from typing import Optional
 from plait.ir import counts
 from plait.ir.errors import PlaitError
 from plait.ir.job import PruneJob
+from plait.ir.model import ModelSpec
 from plait.ir.plan import LayerKeep, PruneCandidate, PrunePlan
 
 from . import ilp
 from .options import KIND_AXES, Costs, HiddenChoice, fixed_costs, kind_options, pruned_spec
-from .scores import (ImportanceScores, Retention, check_scores, keep_units, score, top_indices, uniform_scores,
-                     weighted_log)
+from .scores import (ImportanceScores, Retention, axis_original, check_scores, keep_units, score, top_indices,
+                     uniform_scores, weighted_log)
 from .throughput import ThroughputModel
 from .widths import axis_widths, depth_counts, layout_divisors
 
@@ -187,18 +188,47 @@ def _describe(widths: dict, picked) -> str:
 
 
 def _layer_keeps(setup: _Setup, scores: ImportanceScores, sel: ilp.Selection) -> tuple[LayerKeep, ...]:
-    model = setup.job.model
     choice = setup.choices[sel.choice]
-    picked = {g[i].kind: g[i] for g, i in zip(choice.options, sel.items)}
-    keep = sorted(i for o in picked.values() for i in setup.retention.kept_layers(o.kind, o.count))
+    picked = [g[i] for g, i in zip(choice.options, sel.items)]
+    return keeps_for(setup.job.model, scores, {a: w for o in picked for a, w in o.widths},
+                     {o.kind: o.count for o in picked})
+
+
+def keeps_for(model: ModelSpec, scores: ImportanceScores, widths: dict[str, int],
+              layer_counts: dict[str, int]) -> tuple[LayerKeep, ...]:
+    """What ``scores`` keep of ``model`` at the given axis widths and layers per kind: the most
+    important layers of each kind, and in each the most important units (and mamba channels)."""
+    retention = Retention(scores, model)
+    keep = sorted(i for kind, n in layer_counts.items() for i in retention.kept_layers(kind, n))
     out = []
     for i in keep:
         s = scores.layers[i]
-        widths = dict(picked[s.kind].widths)
         unit_axis = KIND_AXES[s.kind][0]
         channels = top_indices(s.channels, widths["mamba_head_dim"]) if s.kind == "mamba" else ()
         out.append(LayerKeep(i, s.kind, keep_units(model, s, widths[unit_axis]), channels))
     return tuple(out)
+
+
+def plan_for_architecture(job: PruneJob, scores: ImportanceScores, architecture: ModelSpec) -> PrunePlan:
+    """The plan that gives ``job.model`` the shape of ``architecture`` (its widths and its number of
+    layers of each kind) keeping what ``scores`` rank highest: to compare importance estimators on
+    one architecture."""
+    check_scores(scores, job.model)
+    model = job.model
+    widths = {a: axis_original(architecture, a) for k in dict.fromkeys(model.layers) for a in KIND_AXES[k]}
+    layer_counts = {k: architecture.count(k) for k in dict.fromkeys(model.layers)}
+    layers = keeps_for(model, scores, widths, layer_counts)
+    spec = pruned_spec(model, architecture.hidden, widths, tuple(model.layers[k.layer] for k in layers),
+                       name=architecture.name)
+    r = Retention(scores, model)
+    retained = [("hidden", r.axis("hidden", spec.hidden))] + [(a, r.axis(a, w)) for a, w in widths.items()]
+    retained += [(f"depth:{k}", r.depth(k, n)) for k, n in layer_counts.items() if n < model.count(k)]
+    p = counts.params(spec)
+    candidate = PruneCandidate(model=spec, params=p.total, active_params=p.active,
+                               weight_bytes=counts.weight_bytes(spec, job.target.precision),
+                               retained=tuple(retained), score=score(model, retained))
+    return PrunePlan(job=job.name, source=model.name, importance=scores.method,
+                     hidden=top_indices(scores.hidden, spec.hidden), layers=layers, candidates=(candidate,))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from typing import Optional
 
 from plait.ir import counts
@@ -136,14 +137,7 @@ def keep_units(model: ModelSpec, s: LayerScores, width: int) -> tuple[int, ...]:
 def _prefix(scores: tuple[float, ...], groups: int) -> tuple[tuple[float, ...], ...]:
     """Per group, the running sums of its scores sorted high to low (index k: the best k)."""
     size = len(scores) // groups
-    out = []
-    for g in range(groups):
-        run, sums = 0.0, [0.0]
-        for v in sorted(scores[g * size:(g + 1) * size], reverse=True):
-            run += v
-            sums.append(run)
-        out.append(tuple(sums))
-    return tuple(out)
+    return tuple((0.0, *accumulate(sorted(scores[g * size:(g + 1) * size], reverse=True))) for g in range(groups))
 
 
 def _fraction(kept: float, total: float, width: int, original: int) -> float:

@@ -68,7 +68,7 @@ def test_defaults_and_depth_auto():
 @pytest.mark.parametrize("body", [
     '  target { params = 4.5e9 }\n  axes { hidden = auto, ffn = range(min = 64), mamba_heads = 6, depth = [mlp] }',
     '  train = "t"\n  target { throughput = 123456.5, weight_memory = 3 GiB }\n  layout { tp = 2, pp = 1 }\n'
-    '  calibration { data = "/d", method = random }\n  distill { steps = 3, optimizer = adamw, data = "/e" }',
+    '  calibration { data = "/d", method = random, depth = perplexity }\n  distill { steps = 3, optimizer = adamw, data = "/e" }',
     '  axes { hidden = 96 }',
 ])
 def test_format_round_trips(body):

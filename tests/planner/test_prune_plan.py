@@ -173,3 +173,22 @@ def test_scores_round_trip_json():
     s = random_scores(load_model("specs/models/tiny-moe.plait"), 4)
     assert ImportanceScores.from_json(s.to_json()) == s
     assert isinstance(s.layers[0], LayerScores)
+
+
+def test_plan_for_architecture_reproduces_the_ilp_plan_and_reselects_by_other_scores():
+    from plait.planner.prune.plan import plan_for_architecture
+
+    model = load_model("specs/models/tiny-hybrid.plait")
+    job = PruneJob(name="t", model=model, target=PruneTarget(params=int(0.6 * counts.params(model).total)),
+                   axes=(AxisSearch("hidden", "search"), AxisSearch("mamba_heads", "search"),
+                         AxisSearch("ffn", "search")), depth=("mamba", "mlp"))
+    scores = random_scores(model, 5)
+    plan = plan_prune(job, scores, top=1).plan
+    again = plan_for_architecture(job, scores, plan.model)
+    assert (again.hidden, again.layers, again.model) == (plan.hidden, plan.layers, plan.model)
+    assert again.chosen.score == pytest.approx(plan.chosen.score)
+    other = plan_for_architecture(job, random_scores(model, 6), plan.model)
+    # the same widths and layers per kind (so the same count), other channels and other layers
+    assert replace(other.model, layers=()) == replace(plan.model, layers=())
+    assert sorted(other.model.layers) == sorted(plan.model.layers) and other.chosen.params == plan.chosen.params
+    assert other.hidden != plan.hidden and [k.layer for k in other.layers] != [k.layer for k in plan.layers]
