@@ -27,6 +27,7 @@ from rich.table import Table
 
 from plait.ir import counts
 from plait.ir.dsl import load_model, load_prune_job
+from plait.commands.prune import widths_text
 from plait.ir.job import AxisSearch, Optimizer, PruneJob, PruneTarget
 from plait.lowering.build import build_model
 from plait.lowering.prune.importance import activation_scores, magnitude_scores
@@ -153,14 +154,7 @@ def main() -> int:
 
 
 def _shape(m) -> str:
-    parts = [f"hidden {m.hidden}"]
-    if m.mlp is not None:
-        parts.append(f"ffn {m.mlp.ffn}")
-    if m.attention is not None:
-        parts.append(f"heads {m.attention.heads}")
-    if m.mamba is not None:
-        parts.append(f"mamba {m.mamba.heads}x{m.mamba.head_dim}")
-    return ", ".join(parts) + f", {m.num_layers} layers"
+    return f"{widths_text(m)}, {m.num_layers} layers"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 from plait.cli import arguments, command, console
 from plait.ir.dsl import load_prune_job
 from plait.ir.job import PruneJob
+from plait.ir.model import ModelSpec
 from plait.ir.plan import PruneCandidate
 
 
@@ -74,8 +75,8 @@ def _run(job: PruneJob, args) -> int:
     return 0
 
 
-def _widths(c: PruneCandidate) -> str:
-    m = c.model
+def widths_text(m: ModelSpec) -> str:
+    """`hidden 2560, ffn 18432, heads 32/8kv, mamba 112x64`: the prunable widths of a model."""
     parts = [f"hidden {m.hidden}"]
     if m.mlp is not None:
         parts.append(f"ffn {m.mlp.ffn}")
@@ -108,7 +109,7 @@ def candidate_lines(job: PruneJob, candidates) -> list[str]:
     for i, c in enumerate(candidates, 1):
         tput = f"{c.tokens_per_s:,.0f}" if c.tokens_per_s else "-"
         lines.append(f"{i:>2}  {_billions(c.params):>11}  {_billions(c.active_params):>11}  "
-                     f"{c.weight_bytes / 2**30:>6.2f} GiB  {tput:>10}  {c.score:>8.4f}  {_widths(c)} | {_layers(c)}")
+                     f"{c.weight_bytes / 2**30:>6.2f} GiB  {tput:>10}  {c.score:>8.4f}  {widths_text(c.model)} | {_layers(c)}")
         kept = ", ".join(f"{a} {f:.3f}" for a, f in c.retained if f < 1.0) or "everything"
         lines.append(f"{'':>2}  retains {kept}" + (f"; planned as {c.layout}" if c.layout else ""))
     return lines
