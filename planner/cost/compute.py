@@ -76,10 +76,11 @@ def attention_work(ctx: Context) -> Work:
     if ctx.cal.flash_attention < 0.5:
         scores, score_mem = materialised_attention(ctx)
         return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
-                    selective=memory_time(ctx, norm + score_mem), flops=flops)
-    return Work(gemm=gemm, core=core_time(ctx, core_flops),
-                memory=memory_time(ctx, norm + residual + rope),
-                selective=memory_time(ctx, norm), flops=flops)
+                    selective=scores + memory_time(ctx, norm + score_mem), flops=flops)
+    core = core_time(ctx, core_flops)
+    # selective recompute re-runs the norm and the attention core (see memory.py)
+    return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope),
+                selective=core + memory_time(ctx, norm), flops=flops)
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element

@@ -33,10 +33,12 @@ def attention_activations(ctx: Context) -> tuple[float, float]:
     out = t * a.q_dim / lay.tp * b
     lse = t * a.heads / lay.tp * 4
     none = x + norm_out + qkv + out + lse
+    # selective recompute (as lowering/ implements it) re-runs the norm and the attention core:
+    # neither the norm output nor the core's output and log-sum-exp stay
     if ctx.cal.flash_attention < 0.5:  # Korthikanti's 5as^2b: scores, softmax, dropout mask
         scores = 5 * ctx.layout.mbs * a.heads / lay.tp * (ctx.job.seq_len / lay.cp) ** 2
-        return none + scores, none - norm_out
-    return none, none - norm_out
+        return none + scores, none - norm_out - out - lse
+    return none, none - norm_out - out - lse
 
 
 def _ffn_activations(ctx: Context, tokens: float, width: float, gated: bool) -> tuple[float, float]:
