@@ -40,6 +40,7 @@ class _Record:
     plan: Optional[ParallelPlan] = None
     need: float = float("inf")  # smallest memory need when nothing fits
     how: str = ""
+    cand: object = None  # the best estimated candidate, evaluated on demand for --explain
 
 
 class Families:
@@ -70,6 +71,15 @@ class Families:
         rec = self._rec(cand.layout)
         if cand.quick < rec.step and rec.plan is None:
             rec.step, rec.layout, rec.how = cand.quick, cand.layout, "estimated (even split)"
+            rec.cand = cand
+
+    def screened(self, mesh: Layout, screen: float, floor: float) -> None:
+        """A mesh dropped before expansion: its screening estimate, or its floor when none fit."""
+        rec = self._rec(mesh)
+        if screen < float("inf") and screen < rec.step:
+            rec.step, rec.how = screen, "screened out (even-split estimate)"
+        elif rec.step == float("inf"):
+            rec.step, rec.how = floor, "screened out (lower bound; no even split fits)"
 
     def solved(self, cand, plan: ParallelPlan) -> None:
         rec = self._rec(cand.layout)
@@ -99,12 +109,27 @@ class Families:
         w = winner.prediction
         pct = (rec.step / w.step_time - 1) * 100
         parts = [f"{pct:+.1f}% step time ({rec.step:.2f} s vs {w.step_time:.2f} s)"]
-        if rec.plan is not None:
-            parts += differences(self.job, winner, rec.plan)
+        other = rec.plan or self._even_split_plan(rec)
+        if other is not None:
+            parts += differences(self.job, winner, other)
         else:
             parts += topology_facts(self.job, rec.layout, only_bad=True)
+        if rec.how:
             parts.append(rec.how)
         return "; ".join(parts)
+
+    def _even_split_plan(self, rec: _Record) -> Optional[ParallelPlan]:
+        """The estimated candidate as a plan (even split, its recompute) to compare with."""
+        cand = rec.cand
+        if cand is None or cand.quick_option < 0:
+            return None
+        table = cand.table
+        sizes = even_sizes(len(table.units), table.chunks)
+        stages = stages_of(table, sizes, (cand.quick_option,) * table.chunks)
+        return ParallelPlan(job=self.job.name, model=self.job.model.name,
+                            cluster=self.job.cluster.name, world=self.job.cluster.world,
+                            layout=cand.layout, stages=stages, global_batch=self.job.global_batch,
+                            seq_len=self.job.seq_len, prediction=evaluate(table, stages))
 
 
 def topology_facts(job: TrainJob, lay: Layout, only_bad: bool = False) -> list[str]:

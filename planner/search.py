@@ -179,7 +179,7 @@ def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_s
     result = SearchResult(plans=[], rejections=[])
     families = explain.Families(job)
     ordered = _bounded_meshes(job, pins, kinds, options, families, result)
-    candidates = _expand(job, pins, kinds, options, ordered, top, result, progress)
+    candidates = _expand(job, pins, kinds, options, ordered, top, result, progress, families)
     plans = _solve(candidates, top, max_solves, time_limit, families, result)
     plans.sort(key=lambda p: (p.prediction.step_time, p.layout.short(), p.layout.dp_kind))
     if plans:
@@ -241,7 +241,7 @@ GENERAL_TIME_LIMIT = 0.75  # seconds per ILP for heterogeneous layer sequences
 SCREEN_SLACK, MIN_MESHES = 1.10, 8
 
 
-def _expand(job, pins, kinds, options, ordered, top, result, progress) -> list[Candidate]:
+def _expand(job, pins, kinds, options, ordered, top, result, progress, families) -> list[Candidate]:
     """Every knob variant of the meshes that survive screening and the floor bound."""
     unit_kinds = units(job.model)
     cands: list[Candidate] = []
@@ -253,6 +253,7 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress) -> list[C
         kth = -best_quick[0] if len(best_quick) >= top else INF
         if (i >= MIN_MESHES and screen > SCREEN_SLACK * best_screen) or floor > kth:
             result.pruned += len(variants)
+            families.screened(mesh, screen, floor)
             continue
         tables: dict = {}
         for lay in variants:

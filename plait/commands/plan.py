@@ -132,5 +132,8 @@ def export_cmd(args) -> int:
         plan = ParallelPlan.from_json(Path(args.plan).read_text())
     except (ValueError, KeyError, TypeError) as e:
         raise PlaitError(f"{args.plan} is not a plan JSON ({e})") from None
-    print(" \\\n  ".join(megatron_args(plan)))
+    lines = megatron_args(plan)
+    print(" \\\n  ".join(a for a in lines if not a.startswith("#")))
+    for note in (a for a in lines if a.startswith("#")):
+        print(note)
     return 0
