@@ -27,9 +27,12 @@ def _groups_and_timeout(rank: int, world: int, work: str) -> None:
             torch.ops.plait.reduce_from_tp(torch.ones(2), "tp", 2)
         except Exception as err:  # noqa: BLE001 - the message is what is tested
             out["error"] = f"{type(err).__name__}: {err}"
-    else:  # stay alive past rank 0's 2 s timeout, so it is a timeout and not a lost peer
-        time.sleep(4)
-    Path(work, f"rank{rank}.json").write_text(json.dumps(out))
+        Path(work, "rank0.json").write_text(json.dumps(out))
+    else:  # stay alive until rank 0 has timed out, so it is a timeout and not a lost peer
+        deadline = time.monotonic() + 120
+        while not Path(work, "rank0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        Path(work, f"rank{rank}.json").write_text(json.dumps(out))
     mesh_mod.destroy()
 
 
