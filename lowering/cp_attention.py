@@ -12,7 +12,10 @@ All-to-all (Ulysses, Jacobs et al. 2023; Megatron-Core's "a2a" CP): q, k, v are 
 sequence-sharded to head-sharded, every rank runs plain causal attention over the whole sequence
 for heads / cp heads, and the output goes back. Needs the (TP-local) heads to divide by cp.
 
-Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype.
+Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype. Each chunk pair runs
+PyTorch's CPU flash-attention kernels (`aten::_scaled_dot_product_flash_attention_for_cpu` and its
+backward, which return / take the log-sum-exp) on CPU, and explicit scores elsewhere (correct but
+materialising the pair's scores; a flash-attn pair kernel is the CUDA upgrade).
 """
 from __future__ import annotations
 
@@ -59,6 +62,38 @@ def _scores(q, k, scale: float, causal: bool) -> torch.Tensor:
     return s
 
 
+def _pair_forward_math(q, k, v, scale: float, causal: bool):
+    s = _scores(q, k, scale, causal)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+
+
+def _pair_backward_math(do, q, k, v, out, lse, scale: float, causal: bool):
+    """Flash-attention backward of one chunk pair given the merged output and log-sum-exp."""
+    p = torch.exp(_scores(q, k, scale, causal) - lse[..., None])
+    delta = (do * out).sum(-1)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
+    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
+
+
+def pair_forward(q, k, v, scale: float, causal: bool):
+    """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] (causal: same chunk)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    return _pair_forward_math(q, k, v, scale, causal)
+
+
+def pair_backward(do, q, k, v, out, lse, scale: float, causal: bool):
+    """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return _pair_backward_math(do, q, k, v, out, lse, scale, causal)
+
+
 def _merge(acc, out, lse):
     """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
     if acc is None:
@@ -82,28 +117,17 @@ def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int):
         kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
         vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
         for qi, ki, causal in chunk_pairs(size, rank, src):
-            s = _scores(qh[qi], kh[ki], scale, causal)
-            lse = torch.logsumexp(s, dim=-1)
-            acc[qi] = _merge(acc[qi], torch.matmul(torch.exp(s - lse[..., None]), vh[ki]), lse)
+            acc[qi] = _merge(acc[qi], *pair_forward(qh[qi], kh[ki], vh[ki], scale, causal))
         if pending is not None:
             k_cur, v_cur = ring.wait(pending)
     out = torch.cat([a[0] for a in acc], dim=2).transpose(1, 2).to(q.dtype)
     return out.contiguous(), torch.cat([a[1] for a in acc], dim=2).contiguous()
 
 
-def _pair_backward(q, k, v, do, lse, delta, scale: float, causal: bool):
-    """Flash-attention backward of one chunk pair: (dq, dk, dv) in q's head count."""
-    p = torch.exp(_scores(q, k, scale, causal) - lse[..., None])
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
-
-
 def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, rank: int):
     heads, kv_heads = q.shape[2], k.shape[2]
     qh, do = _heads_first(q).chunk(2, dim=2), _heads_first(dout).chunk(2, dim=2)
-    lse_c = lse.chunk(2, dim=2)
-    delta = (upcast(dout) * upcast(out)).sum(-1).transpose(1, 2).chunk(2, dim=2)  # [b, h, s/2]
+    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out).chunk(2, dim=2)
     dq = [torch.zeros_like(t) for t in qh]
     ring = RingShift(axis, size, rank) if size > 1 else None
     k_cur, v_cur = k, v
@@ -115,7 +139,7 @@ def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, r
         vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
         dk, dv = [torch.zeros_like(t) for t in kh], [torch.zeros_like(t) for t in vh]
         for qi, ki, causal in chunk_pairs(size, rank, src):
-            g = _pair_backward(qh[qi], kh[ki], vh[ki], do[qi], lse_c[qi], delta[qi], scale, causal)
+            g = pair_backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, causal)
             dq[qi], dk[ki], dv[ki] = dq[qi] + g[0], dk[ki] + g[1], dv[ki] + g[2]
         dk_cur = dk_cur + _sum_heads(torch.cat(dk, dim=2), kv_heads)
         dv_cur = dv_cur + _sum_heads(torch.cat(dv, dim=2), kv_heads)

@@ -53,6 +53,7 @@ class Setup:
     optimizer: Optimizer = field(default_factory=lambda: Optimizer(
         lr=1e-3, min_lr=1e-4, warmup=1, weight_decay=0.1, grad_clip=0.5))
     seed: int = 0
+    dtype: torch.dtype = torch.float32  # float64: rounding out of the way (replicated / fsdp DP only)
 
     def job(self, world: int) -> TrainJob:
         return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
@@ -79,7 +80,7 @@ class Errors:
 
 def reference(setup: Setup) -> dict:
     torch.manual_seed(0)
-    model = build_model(setup.spec, seed=setup.seed)
+    model = build_model(setup.spec, dtype=setup.dtype, seed=setup.seed)
     trainer = ReferenceTrainer(model, setup.optimizer)
     loader = BatchLoader(setup.source(), setup.seq, setup.global_batch, setup.seed)
     out = {}
@@ -97,7 +98,7 @@ def reference(setup: Setup) -> dict:
 def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     plan = case.plan(setup.spec, setup.global_batch, setup.seq)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
-    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source())
+    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.dtype)
     trainer.dp.zero_grad()
     loss = trainer.forward_backward(0)
     trainer.dp.reduce()

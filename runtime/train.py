@@ -73,9 +73,11 @@ def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
 
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
-                 source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None):
+                 source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None,
+                 dtype: torch.dtype = torch.float32):
         self.job, self.plan, self.mesh = job, plan, mesh
-        model = build_model(job.model, dtype=torch.float32, seed=job.seed)
+        self.dtype = dtype  # float64 only for numerics checks (tests/runtime parity in fp64)
+        model = build_model(job.model, dtype=dtype, seed=job.seed)
         self.program = lower(model, job.model, plan, mesh.rank)
         if weights:
             load_sharded_weights(self.program, weights, job.model)
@@ -97,7 +99,8 @@ class Trainer:
         batch = self.loader.local_batch(step)
         loss = self.runner.run(batch.tokens, batch.labels)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
-        value = loss.reshape(1) if (reporter and loss is not None) else torch.zeros(1)
+        value = loss.reshape(1).to(self.dtype) if (reporter and loss is not None) \
+            else torch.zeros(1, dtype=self.dtype)
         return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp-cp")  # DP x CP reporters
 
     def train_step(self, step: int, total_steps: int) -> StepLog:

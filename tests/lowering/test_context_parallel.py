@@ -10,7 +10,7 @@ from plait.ir.dsl import load_model
 from plait.ir.errors import LayoutError
 from plait.ir.model import Rope
 from plait.ir.plan import Layout, ParallelPlan, even_stages
-from plait.lowering import cp_ops
+from plait.lowering import cp_attention, cp_ops
 from plait.lowering.build import build_model
 from plait.lowering.compile import dense_layout, lower
 from plait.lowering.cp_attention import chunk_pairs, ring_backward, ring_forward
@@ -71,6 +71,18 @@ def test_ring_math_on_one_rank_equals_causal_sdpa(kv_heads):
     mine = ring_backward(dout, q, k, v, out, lse, 0.3, "cp", 1, 0)
     for a, b in zip(mine, grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_flash_pair_kernels_equal_the_explicit_math(causal):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(2, 3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(4))
+    out, lse = cp_attention.pair_forward(q, k, v, 0.5, causal)
+    out_m, lse_m = cp_attention._pair_forward_math(q, k, v, 0.5, causal)
+    torch.testing.assert_close((out, lse), (out_m, lse_m))
+    for a, b in zip(cp_attention.pair_backward(do, q, k, v, out, lse, 0.5, causal),
+                    cp_attention._pair_backward_math(do, q, k, v, out, lse, 0.5, causal)):
+        torch.testing.assert_close(a, b)
 
 
 def test_scan_state_passing_reproduces_the_whole_sequence():
