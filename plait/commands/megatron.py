@@ -84,6 +84,8 @@ def megatron_args(plan: ParallelPlan) -> list[str]:
     lay = plan.layout
     args = [f"--tensor-model-parallel-size {lay.tp}", f"--pipeline-model-parallel-size {lay.pp}",
             f"--context-parallel-size {lay.cp}"]
+    if lay.cp > 1:
+        args.append(f"--cp-comm-type {'a2a' if getattr(lay, 'cp_comm', 'ring') == 'alltoall' else 'p2p'}")
     pipe, pipe_notes = _pipeline_args(plan)
     recompute, rec_notes = _recompute_args(plan)
     args += pipe + _moe_args(plan)
