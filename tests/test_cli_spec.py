@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from plait.cli import main
 from plait.ir import counts
 from plait.ir.dsl import load_file, load_model, parse_text
@@ -90,6 +92,7 @@ def test_show_needs_a_name_when_a_file_declares_several(tmp_path, capsys):
     assert code == 0 and json.loads(out)["model"] == "tiny-hybrid"
 
 
-def test_demo_shows_the_tiny_local_job(capsys):
-    code, out, _ = run(capsys, "demo")
+@pytest.mark.tier2
+def test_demo_shows_plans_and_trains_the_tiny_local_job(capsys):
+    code, out, _ = run(capsys, "demo", "--steps", "3")
     assert code == 0 and "tiny-local" in out and "tiny-dense" in out and "803,968" in out

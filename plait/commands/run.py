@@ -162,12 +162,12 @@ DEMO_LAYOUT = "tp=2 pp=2"  # dp = 8 / (tp*pp) = 2: every kind of parallelism at 
 DEMO_STEPS = 50
 
 
-def run_demo(job: TrainJob) -> int:
+def run_demo(job: TrainJob, steps: int = DEMO_STEPS) -> int:
     """`plait demo`: plan the tiny job on 8 local ranks with TP, PP and DP all > 1, then train it
     on the bundled corpus with a falling loss."""
-    job = replace(job, data=replace(job.data, synthetic=False, path=None), steps=DEMO_STEPS)
+    job = replace(job, data=replace(job.data, synthetic=False, path=None), steps=steps)
     plan = resolve_plan(job, None, DEMO_LAYOUT)
     console.print(plan_table(plan))
     for line in plan.explanation[:6]:
         console.print(f"  {line}")
-    return train_locally(job, plan, DEMO_STEPS, None)
+    return train_locally(job, plan, steps, None)

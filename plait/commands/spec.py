@@ -156,9 +156,10 @@ def check(args) -> int:
 
 
 @command("demo", help="the main job on the embedded default: specs/jobs/tiny-local.plait")
+@arguments(lambda p: p.add_argument("--steps", type=int, default=50, help="training steps"))
 def demo(args) -> int:
     path = specs_dir() / DEMO_JOB
     job = load_file(str(path)).jobs["tiny-local"]
     console.print(report_table(model_report(job.model, job.seq_len, job.precision, job)))
     from plait.commands.run import run_demo  # plan on 8 local ranks, train on the bundled corpus
-    return run_demo(job)
+    return run_demo(job, args.steps)
