@@ -48,6 +48,9 @@ class MoEOptions:
     capacity_factor: Optional[float] = None  # None: dropless
     drop_policy: Literal["probs", "position"] = "probs"
     pad_to_capacity: bool = False
+    # aux-loss-free balancing (models whose MoE has expert_bias): bias += rate * sign(mean - load)
+    # once per optimizer step; Megatron-Core's --moe-router-bias-update-rate defaults to 1e-3
+    expert_bias_rate: float = 1e-3
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,7 @@ def _moe_options(m: MoEOptions) -> list:
     entries = [("dispatcher", m.dispatcher)]
     entries.append(("capacity_factor", number(m.capacity_factor)) if m.capacity_factor is not None
                    else ("dropless", "true"))
-    return entries + _changed(m, ("drop_policy", "pad_to_capacity"))
+    return entries + _changed(m, ("drop_policy", "pad_to_capacity", "expert_bias_rate"))
 
 
 def _data(d: Data) -> str:

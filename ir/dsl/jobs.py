@@ -122,12 +122,19 @@ def _moe_options(r: Optional[Reader]) -> MoEOptions:
                           hint="add capacity_factor = 1.0")
     options = MoEOptions(dispatcher=r.choice("dispatcher", DISPATCHERS, "alltoall"), capacity_factor=factor,
                          drop_policy=r.choice("drop_policy", ("probs", "position"), "probs"),
-                         pad_to_capacity=r.bool("pad_to_capacity", False))
+                         pad_to_capacity=r.bool("pad_to_capacity", False),
+                         expert_bias_rate=_bias_rate(r))
     if options.pad_to_capacity and factor is None:
         raise r.ctx.error("pad_to_capacity needs a capacity_factor (dropless routing has no capacity)",
                           r.entries["pad_to_capacity"].pos)
     r.finish()
     return options
+
+
+def _bias_rate(r: Reader) -> float:
+    value = r.value("expert_bias_rate", None)
+    default = MoEOptions().expert_bias_rate
+    return default if value is None else to_float(r.ctx, value, "expert_bias_rate", minimum=0.0)
 
 
 def _layout(r: Optional[Reader]) -> LayoutPins:

@@ -135,6 +135,7 @@ MOE_JOB_CASES = [
     ("pad_without_capacity", "moe { pad_to_capacity = true }", "pad_to_capacity needs a capacity_factor", 7, None),
     ("dropless_false", "moe { dropless = false }", "dropless = false needs a capacity_factor", 7,
      "capacity_factor = 1.0"),
+    ("negative_bias_rate", "moe { expert_bias_rate = -0.1 }", "expert_bias_rate", 26, None),
 ]
 
 

@@ -117,7 +117,7 @@ def test_hand_built_library_with_resized_cluster_and_every_job_option():
     jobs = {
         "a": TrainJob("a", model, dataclasses.replace(cluster, nodes=16), 512, 4096,
                       Precision("fp8", "mxfp8", 1, 3), Optimizer("sgd", lr=0.1, betas=(0.8, 0.9), schedule="constant"),
-                      MoEOptions("allgather", 1.5, "position", True),
+                      MoEOptions("allgather", 1.5, "position", True, expert_bias_rate=2.5e-3),
                       LayoutPins((("tp", 2), ("ep", 4), ("sp", True), ("dispatcher", "allgather"))),
                       steps=9, data=Data(path="/data/x", tokenizer="gpt2", seed=5), seed=11),
         "b": TrainJob("b", model, dataclasses.replace(cluster, nodes=1, gpus_per_node=2), 8, 128,

@@ -134,6 +134,7 @@ def test_job_defaults_to_the_embedded_local_cpu_cluster():
      MoEOptions("alltoall", 1.25, "position", True)),
     ("moe { dispatcher = allgather, dropless = true }", MoEOptions("allgather", None)),
     ("moe { capacity_factor = none }", MoEOptions()),
+    ("moe { expert_bias_rate = 0.01 }", MoEOptions(expert_bias_rate=0.01)),
 ])
 def test_moe_options(block, expected):
     text = TINY.replace("mlp { ffn = 352 }", "moe { experts = 4, top_k = 2, ffn = 64 }").replace("mlp]", "moe]")
