@@ -41,8 +41,6 @@ def check_plan(job: TrainJob, plan: ParallelPlan) -> ParallelPlan:
         raise LayoutError(f"the plan needs tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*"
                           f"{layout.pp} = {layout.world} ranks, cluster {job.cluster.name!r} has "
                           f"{job.cluster.nodes}*{job.cluster.gpus_per_node} = {job.cluster.world}")
-    if layout.cp > 1:
-        raise LayoutError(f"the runtime does not execute cp = {layout.cp} yet")
     if job.model.is_moe:
         check_expert_layout(job.model, layout)
     _validate_with_planner(job, layout)

@@ -77,7 +77,12 @@ def _replace(gm, node, target, args) -> torch.fx.Node:
 
 
 def _shard_input(gm, placeholder: torch.fx.Node, t: Target) -> None:
-    with gm.graph.inserting_after(placeholder):
+    """Slice right before the first use, so the slice sits in its user's pipeline stage (the
+    labels' in the loss) also in graph order, as split_module's keep_original_order needs."""
+    users = [n for n in gm.graph.nodes if n in placeholder.users]
+    if not users:
+        return
+    with gm.graph.inserting_before(users[0]):
         local = gm.graph.call_function(cp_ops.zigzag_shard, (placeholder, t.layout.cp, t.cp_rank, 1))
     local.meta[META] = info(placeholder)
     placeholder.replace_all_uses_with(local, delete_user_cb=lambda user: user is not local)

@@ -121,6 +121,12 @@ def test_cp_program_replaces_every_sequence_op():
     assert "zigzag_shard" in program.loss.code
 
 
+def test_cp_with_pipeline_stages_slices_inputs_in_their_own_stage():
+    program = lower(build_model(SPEC, seed=0), SPEC, plan(Layout(cp=2, pp=2, tp=2, sp=True)), 0)
+    assert tuple(program.stage_io["stage0"][2]) == (1, 32 // 4, SPEC.hidden)  # seq / (cp * tp)
+    assert "zigzag_shard" in program.stage(0).code and "zigzag_shard" in program.loss.code
+
+
 def test_alltoall_variant_is_selected_by_the_layout():
     program = lower(build_model(SPEC, seed=0), SPEC, plan(Layout(cp=2, cp_comm="alltoall")), 0)
     assert "ulysses_attention" in program.stage(0).code

@@ -31,13 +31,13 @@ SETUP64 = Setup(SPEC, global_batch=4, seq=32, steps=2, dtype=torch.float64)
 WORLD2 = [
     Case("tp2_mamba", Layout(tp=2, dp_kind="replicated")),
     Case("cp2_ring", Layout(cp=2)),
-    Case("cp2_alltoall", Layout(cp=2, cp_comm="alltoall")),
 ]
 WORLD4 = [
     Case("tp2_pp2_mamba", Layout(tp=2, pp=2, sp=True)),
     Case("cp4_ring", Layout(cp=4)),
     Case("cp2_tp2_sp", Layout(cp=2, tp=2, sp=True)),
     Case("cp2_dp2_fsdp", Layout(cp=2, dp=2, dp_kind="fsdp")),
+    Case("cp2_pp2_alltoall", Layout(cp=2, pp=2, cp_comm="alltoall")),
 ]
 
 WORLD2_FP64 = [
