@@ -28,6 +28,7 @@ from plait.lowering.compile import RankProgram, lower
 
 from . import data as data_mod
 from . import kernels
+from . import moe_balance
 from .mesh import Mesh, build_mesh, destroy, init_distributed, set_threads
 from .optim import adamw, clip_coefficient, lr_at, make_data_parallel, param_groups, set_lr
 from .schedule import StepRunner
@@ -110,6 +111,8 @@ class Trainer:
         lr = lr_at(step, self.job.optimizer, total_steps)
         self.dp.set_lr(lr)
         norm, _ = self.dp.finish_step()
+        moe_balance.update_expert_biases(self.stage_modules, self.job.moe.expert_bias_rate,
+                                         moe_balance.token_axes(self.mesh))
         elapsed = time.perf_counter() - start
         tokens = self.plan.global_batch * self.plan.seq_len
         return StepLog(step=step, loss=float(loss), grad_norm=norm, lr=lr, step_time=elapsed,

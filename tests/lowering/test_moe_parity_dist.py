@@ -23,6 +23,8 @@ torch.set_num_threads(1)
 
 CAPACITY = MoEOptions(capacity_factor=0.5, drop_policy="probs")
 POSITION_PAD = MoEOptions(capacity_factor=0.5, drop_policy="position", pad_to_capacity=True)
+# aux-loss-free balancing: a rate large enough that the step-1 bias changes step 2's routing
+BIAS = MoEOptions(expert_bias_rate=0.05)
 
 
 def both(name: str, layout: Layout, capacity: MoEOptions = CAPACITY, **kw) -> dict:
@@ -45,6 +47,13 @@ CASES_4 = {
                                                   POSITION_PAD),
 }
 
+# two whole training steps with the expert-bias update: the load all-reduced over the stage's
+# token-holding ranks (DP; TP x DP), the same update on every rank
+BIAS_2 = {"expert bias, 2 steps (dp2 | ep2)": MoECase(Layout(dp=2, ep=2, mbs=2), BIAS, steps=2,
+                                                      expert_bias=True)}
+BIAS_4 = {"expert bias, 2 steps (tp2 sp dp2 | ep2 edp2)": MoECase(
+    Layout(tp=2, sp=True, dp=2, ep=2, edp=2, mbs=2), BIAS, steps=2, expert_bias=True)}
+
 
 def check(results: list[dict], cases: dict, name: str) -> None:
     case = cases[name]
@@ -57,23 +66,51 @@ def check(results: list[dict], cases: dict, name: str) -> None:
         assert abs(dropless["loss"] - reference(case)["loss"]) > 1e-6
 
 
+def check_bias(results: list[dict], cases: dict, name: str) -> None:
+    """Every rank's bias of every MoE layer it runs == the reference's, bit for bit; loss and
+    parameters after the steps within 1e-5; and the update really changed training."""
+    case = cases[name]
+    ref = reference(case)
+    err = errors([r[name] for r in results], ref)
+    assert err["loss"] <= 1e-5, f"loss differs by {err['loss']:.3g}"
+    assert err["params"] <= 1e-5, f"{err['worst params']} differs by {err['params']:.3g}"
+    seen = set()
+    for rank, r in enumerate(results):
+        for layer, bias in r[name]["biases"].items():
+            assert torch.equal(bias, ref["biases"][layer]), f"rank {rank} layer {layer}: {bias}"
+            seen.add(layer)
+    assert seen == set(ref["biases"]) and len(seen) == 3
+    assert all(b.abs().sum() > 0 for b in ref["biases"].values())
+    frozen = reference(case, bias_rate=0.0)  # same run, bias never moves
+    moved = max((frozen["params"][n] - p).abs().max() for n, p in ref["params"].items())
+    assert moved > 1e-6, "the bias update did not change step 2's routing"
+
+
 class TestTwoRanks:
     @pytest.fixture(scope="class")
     @classmethod
     def results(cls):
-        return spawn(run_rank, 2, CASES_2)
+        return spawn(run_rank, 2, {**CASES_2, **BIAS_2})
 
     @pytest.mark.parametrize("name", list(CASES_2))
     def test_matches_reference(self, results, name):
         check(results, CASES_2, name)
+
+    @pytest.mark.parametrize("name", list(BIAS_2))
+    def test_expert_bias_matches_reference(self, results, name):
+        check_bias(results, BIAS_2, name)
 
 
 class TestFourRanks:
     @pytest.fixture(scope="class")
     @classmethod
     def results(cls):
-        return spawn(run_rank, 4, CASES_4)
+        return spawn(run_rank, 4, {**CASES_4, **BIAS_4})
 
     @pytest.mark.parametrize("name", list(CASES_4))
     def test_matches_reference(self, results, name):
         check(results, CASES_4, name)
+
+    @pytest.mark.parametrize("name", list(BIAS_4))
+    def test_expert_bias_matches_reference(self, results, name):
+        check_bias(results, BIAS_4, name)
