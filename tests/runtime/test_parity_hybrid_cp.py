@@ -30,7 +30,7 @@ SETUP64 = Setup(SPEC, global_batch=4, seq=32, steps=2, dtype=torch.float64)
 
 WORLD2 = [
     Case("tp2_mamba", Layout(tp=2, dp_kind="replicated")),
-    Case("cp2_ring", Layout(cp=2)),
+    Case("cp2_ring_full_recompute", Layout(cp=2, recompute="full")),  # the ring runs again
 ]
 WORLD4 = [
     Case("tp2_pp2_mamba", Layout(tp=2, pp=2, sp=True)),
