@@ -3,6 +3,7 @@ can cause (PlaitError) are printed without a traceback and exit with status 2.""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlaitError as e:
         err_console.print(e.format(), markup=False, highlight=False)
         return 2
+    except BrokenPipeError:  # `plait ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except FileNotFoundError as e:
         err_console.print(f"error: no such file: {e.filename}", markup=False, highlight=False)
         return 2
