@@ -98,12 +98,14 @@ def annotate(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
 
 def _sink_into_loss(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
     """Top-level glue used only by the loss (flatten / upcast of the logits) belongs to the loss,
-    so the last stage hands over the head's own output."""
+    so the last stage hands over the head's own output. A node that reads a parameter is no glue
+    (the tied head's F.linear on embed.weight stays with the head)."""
     last = spec.num_layers + 1
     for node in reversed(list(gm.graph.nodes)):
         users = list(node.users)
+        reads_weight = any(a.op == "get_attr" for a in node.all_input_nodes)
         if node.op in ("call_function", "call_method") and not info(node).scope and users \
-                and all(info(u).position == last for u in users):
+                and not reads_weight and all(info(u).position == last for u in users):
             node.meta[META] = NodeInfo(scope="", position=last, kind=LOSS)
 
 

@@ -139,11 +139,12 @@ class BatchLoader:
     """Deterministic global batches, sharded over data-parallel ranks."""
 
     def __init__(self, source: TokenSource, seq_len: int, global_batch: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, device: torch.device = torch.device("cpu")):
         if global_batch % dp_size:
             raise PlaitError(f"global batch {global_batch} is not divisible by dp = {dp_size}")
         self.source, self.seq_len, self.global_batch = source, seq_len, global_batch
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.device = torch.device(device)  # where batches are delivered (the mesh's device)
         self.windows = source.num_windows(seq_len + 1)
         if self.windows < global_batch:
             raise PlaitError(f"the dataset holds {self.windows} windows of {seq_len + 1} tokens, "
@@ -164,6 +165,8 @@ class BatchLoader:
         idx = self.global_indices(step)[self.dp_rank * share:(self.dp_rank + 1) * share]
         rows = np.stack([self.source.window(int(i), self.seq_len + 1) for i in idx])
         data = torch.from_numpy(rows)
+        if self.device.type == "cuda":  # one pinned host-to-device copy per step
+            data = data.pin_memory().to(self.device, non_blocking=True)
         return Batch(tokens=data[:, :-1].contiguous(), labels=data[:, 1:].contiguous())
 
 

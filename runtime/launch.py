@@ -10,7 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -99,18 +99,51 @@ def local_command(run_dir: Path, nprocs: int) -> list[str]:
             f"--nproc-per-node={nprocs}", "--monitor-interval=1", "-m", WORKER, str(run_dir)]
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """`plait run --save DIR --save-every N --resume DIR`."""
+
+    save: Optional[str] = None
+    every: int = 0
+    resume: Optional[str] = None
+
+    def options(self) -> dict:
+        absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+        return {"save": absolute(self.save), "save_every": self.every,
+                "resume": absolute(self.resume)}
+
+
+def check_resume(job: TrainJob, plan: ParallelPlan, ckpt: Checkpointing,
+                 steps: Optional[int]) -> Optional[int]:
+    """Before any process starts: the checkpoint exists, fits this plan, and leaves steps to run;
+    returns its step (None without --resume)."""
+    if ckpt.every < 0:
+        raise PlaitError(f"--save-every must be >= 0, got {ckpt.every}")
+    if not ckpt.resume:
+        return None
+    from .checkpoint import check_compatible
+    meta = check_compatible(ckpt.resume, plan, job.model)
+    total = steps or job.steps
+    if meta["step"] >= total:
+        raise PlaitError(f"checkpoint {ckpt.resume} has completed {meta['step']} steps; the run "
+                         f"has {total}", hint="raise --steps to train further")
+    return meta["step"]
+
+
 def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Optional[int] = None,
-                 timeout_s: float = 300, quiet: bool = False, weights: Optional[str] = None) -> int:
-    """Run all ranks on this machine with torchrun + gloo; returns the exit status. With quiet,
-    the ranks' output goes to RUN_DIR/ranks.log instead of the terminal."""
-    if job.cluster.backend != "gloo" or job.cluster.nodes != 1:
-        raise PlaitError(f"cluster {job.cluster.name!r} is not local (backend "
-                         f"{job.cluster.backend}, {job.cluster.nodes} nodes)",
+                 timeout_s: float = 300, quiet: bool = False, weights: Optional[str] = None,
+                 ckpt: Checkpointing = Checkpointing()) -> int:
+    """Run all ranks on this machine with torchrun (each rank picks NCCL + its GPU or gloo + CPU,
+    runtime.device); returns the exit status. With quiet, the ranks' output goes to
+    RUN_DIR/ranks.log instead of the terminal."""
+    if job.cluster.nodes != 1:
+        raise PlaitError(f"cluster {job.cluster.name!r} is not local ({job.cluster.nodes} nodes)",
                          hint="print its launch command with `plait run --print-launch`")
     if weights and not Path(weights).exists():
         raise PlaitError(f"weight file not found: {weights}")
+    check_resume(job, plan, ckpt, steps)
     write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s,
-                  weights=str(Path(weights).resolve()) if weights else None)
+                  weights=str(Path(weights).resolve()) if weights else None, **ckpt.options())
     env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
     if not quiet:
         return subprocess.run(local_command(run_dir, plan.world), env=env).returncode

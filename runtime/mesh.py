@@ -19,11 +19,14 @@ from plait.lowering import collectives
 from plait.lowering.compile import dense_layout
 from plait.planner.groups import rank_groups
 
+from .device import CPU
+
 DEFAULT_TIMEOUT_S = 120.0
 # Axis names the dense runtime needs (keys of rank_groups(layout)["dense"]).
 DENSE_AXES = ("tp", "cp", "dp", "dp-cp", "pp", "tp-pp")
 # Axis names of the expert side (MoE layers run on ETP x EP x EDP x PP; keys of ["expert"]).
 EXPERT_AXES = ("ep", "etp", "etp-ep", "edp")
+EMBEDDING_AXIS = "embedding"  # first + last pp rank of a pipeline (tied embedding copies)
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Mesh:
     world: int
     layout: Layout
     timeout_s: float
+    device: torch.device = CPU  # where this rank computes (runtime.device.choose decided it)
     groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
     members: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -61,7 +65,8 @@ def init_distributed(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S,
+               device: torch.device = CPU) -> Mesh:
     """Create every dense group of the layout (all ranks create all groups, in the same order, as
     torch.distributed requires) and keep this rank's; bind the axes for lowered graphs."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -69,7 +74,7 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
         raise LayoutError(f"layout tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*{layout.pp} = "
                           f"{layout.world} ranks, but {world} processes were started")
     timeout = datetime.timedelta(seconds=timeout_s)
-    mesh = Mesh(rank=rank, world=world, layout=layout, timeout_s=timeout_s)
+    mesh = Mesh(rank=rank, world=world, layout=layout, timeout_s=timeout_s, device=device)
     tables = rank_groups(dense_layout(layout))
     table = tables["dense"]
     made: dict[tuple[int, ...], dist.ProcessGroup] = {}
@@ -86,11 +91,24 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
                                              group_desc=f"{axis}{list(ranks)}")
             if rank in ranks:
                 mesh.groups[axis], mesh.members[axis] = made[ranks], ranks
+    _embedding_groups(mesh, table["pp"], timeout)
     mesh.groups["world"], mesh.members["world"] = dist.group.WORLD, tuple(range(world))
     collectives.unbind_all()
     for axis, group in mesh.groups.items():
         collectives.bind_axis(axis, group, mesh.members[axis])
     return mesh
+
+
+def _embedding_groups(mesh: Mesh, pp_groups, timeout) -> None:
+    """Megatron's embedding group: the first and last rank of each pipeline, which hold the two
+    copies of a tied embedding (only ranks in one get the "embedding" axis)."""
+    for ranks in pp_groups:
+        if len(ranks) < 2:
+            continue
+        pair = (ranks[0], ranks[-1])
+        group = dist.new_group(list(pair), timeout=timeout, group_desc=f"{EMBEDDING_AXIS}{list(pair)}")
+        if mesh.rank in pair:
+            mesh.groups[EMBEDDING_AXIS], mesh.members[EMBEDDING_AXIS] = group, pair
 
 
 def destroy() -> None:

@@ -27,7 +27,7 @@ from plait.ir.job import Optimizer as OptimizerSpec
 from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram
 
-from .mesh import Mesh
+from .mesh import EMBEDDING_AXIS, Mesh
 
 # Dense gradients are averaged over DP x CP: context-parallel ranks hold different tokens of the same
 # sequences, each with its local mean loss (equal token counts), exactly like data-parallel replicas.
@@ -86,6 +86,9 @@ class DataParallel:
         experts = set(program.experts.params)
         # ... after a sum over the group its parameter is replicated on
         self.axis_of = {n: EXPERT_AXIS if n in experts else GRAD_AXIS for n in self.named}
+        # the last stage's copy of a tied embedding: summed with the first stage's, counted there
+        self.tied = [n for n in program.grad_sync.embedding_sum if n in self.named]
+        self.tied_copy = set(self.tied) if mesh.coord("pp") != 0 else set()
 
     def wrap(self, modules: list[nn.Module]) -> None:
         """Hook the stage modules before the pipeline is built (FSDP shards them here)."""
@@ -100,7 +103,21 @@ class DataParallel:
         g = p.grad
         return g.to_local() if hasattr(g, "to_local") else g
 
-    def _tp_owned(self, name: str) -> bool:
+    def sum_over_embedding_group(self) -> None:
+        """Both copies of a tied embedding get the sum of their gradients (FSDP: of the local
+        shards, which line up: same shape, same DP coordinate)."""
+        for name in self.tied:
+            p = self.named[name]
+            if p.grad is None:  # this copy took no part in the loss; its peer still waits
+                p.grad = torch.zeros_like(p)
+            grad = self._local_grad(p)
+            grad.copy_(cc.all_reduce(grad, "sum", EMBEDDING_AXIS))
+
+    def _norm_owned(self, name: str) -> bool:
+        """Does this rank count ``name``'s gradient in the global norm (TP-replicated ones on TP
+        rank 0; a tied embedding on the first stage only)?"""
+        if name in self.tied_copy:
+            return False
         return (name in self.program.shards or self.axis_of[name] == EXPERT_AXIS
                 or self.mesh.coord("tp") == 0)
 
@@ -115,8 +132,10 @@ class DataParallel:
         return cc.all_reduce(local, "sum", "world").sqrt()[0]
 
     def reduce(self) -> None:
-        """Complete every gradient: sum over TP where partial, average over DP."""
+        """Complete every gradient: sum over TP where partial and over the embedding group where
+        tied, average over DP."""
         self.sum_over_tp()
+        self.sum_over_embedding_group()
         self.reduce_over_dp()
 
     def finish_step(self) -> tuple[float, float]:
@@ -172,10 +191,10 @@ class Replicated(DataParallel):
                 offset += p.numel()
 
     def owned_sq_sum(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
         for name, p in self.named.items():
             if p.grad is not None and self.mesh.coord(self.axis_of[name]) == 0 \
-                    and self._tp_owned(name):
+                    and self._norm_owned(name):
                 total += p.grad.float().pow(2).sum()
         return total
 
@@ -203,11 +222,12 @@ class _FlatShard:
         self.axis, self.divisor = axis, dp if divisor is None else divisor
         self.numel = sum(p.numel() for p in params)
         self.size = -(-self.numel // dp)  # ceil
+        self.device = params[0].device if params else torch.device("cpu")
         flat = self._flatten([p.detach() for p in params])
         self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
 
     def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.zeros(self.size * self.dp, dtype=torch.float32)
+        flat = torch.zeros(self.size * self.dp, dtype=torch.float32, device=self.device)
         if tensors:
             flat[:self.numel] = torch.cat([t.flatten().float() for t in tensors])
         return flat
@@ -244,7 +264,7 @@ class ZeroOne(DataParallel):
                 params = [self.named[n] for n in group]
                 self.flats.append(_FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp))
                 decay.append(g["weight_decay"])
-        self.masks = [self._tp_owned_mask(f) for f in self.flats]
+        self.masks = [self._norm_owned_mask(f) for f in self.flats]
         self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
                                 for f, wd in zip(self.flats, decay)], spec)
 
@@ -254,14 +274,14 @@ class ZeroOne(DataParallel):
 
     def owned_sq_sum(self) -> torch.Tensor:
         """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
         for flat, mask in zip(self.flats, self.masks):
             total += (flat.master.grad.pow(2) * mask).sum()
         return total
 
-    def _tp_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
+    def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
         names = {id(p): n for n, p in self.named.items()}
-        owned = flat._flatten([torch.full_like(p, float(self._tp_owned(names[id(p)])))
+        owned = flat._flatten([torch.full_like(p, float(self._norm_owned(names[id(p)])))
                                for p in flat.params])
         return owned[flat.dp_rank * flat.size:(flat.dp_rank + 1) * flat.size]
 
@@ -303,7 +323,8 @@ class FullyShard(DataParallel):
             raise LayoutError("fsdp shards every weight over dp x cp, but expert weights replicate "
                               f"over edp = {mesh.size(EXPERT_AXIS)} ranks only",
                               hint="use dp_kind = zero1 (or replicated) with expert parallelism")
-        dp_mesh = DeviceMesh.from_group(mesh.groups[GRAD_AXIS], "cpu", mesh_dim_names=("dp-cp",))
+        dp_mesh = DeviceMesh.from_group(mesh.groups[GRAD_AXIS], mesh.device.type,
+                                        mesh_dim_names=("dp-cp",))
         self.units = []
         for _, module in program.local_modules():
             fully_shard(module, mesh=dp_mesh, reshard_after_forward=True)
@@ -316,10 +337,10 @@ class FullyShard(DataParallel):
         """FSDP has reduce-scattered during backward already."""
 
     def owned_sq_sum(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
         for name, p in self.named.items():
             g = self._local_grad(p)
-            if g is not None and self._tp_owned(name):
+            if g is not None and self._norm_owned(name):
                 total += g.float().pow(2).sum()
         return total
 

@@ -72,10 +72,11 @@ class Errors:
     params: float
     worst_grad: str = ""
     worst_param: str = ""
+    copies: float = 0.0  # largest difference between copies of one tensor (tied embeddings)
 
     @property
     def max(self) -> float:
-        return max(self.loss, self.grads, self.params)
+        return max(self.loss, self.grads, self.params, self.copies)
 
 
 def reference(setup: Setup) -> dict:
@@ -109,7 +110,7 @@ def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
         trainer.train_step(step, setup.steps)
     shards = dict(trainer.program.shards)  # name -> ShardSpec
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
-                "shards": shards, "coords": trainer.program.coords},
+                "shards": shards, "coords": trainer.program.coords, "tied": trainer.dp.tied},
                out_dir / f"{case.name}.rank{rank}.pt")
 
 
@@ -144,6 +145,21 @@ def _assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
             for n, p in pieces.items()}
 
 
+def _copy_diff(records: list[dict], key: str) -> float:
+    """The first and last stage's copies of a tied embedding (each TP piece) must agree."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    worst = 0.0
+    for rec in records:
+        for name in rec.get("tied", ()):
+            tensor = rec[key][name]
+            spec = rec["shards"].get(name)
+            piece = (name, spec.index if spec else 0)
+            if piece in seen:
+                worst = max(worst, (seen[piece] - tensor).abs().max().item())
+            seen.setdefault(piece, tensor)
+    return worst
+
+
 def _max_diff(got: dict, want: dict) -> tuple[float, str]:
     missing = sorted(set(want) - set(got))
     if missing:
@@ -157,13 +173,14 @@ def compare(records: list[dict], ref: dict) -> Errors:
     grad_err, worst = _max_diff(_assemble(records, "grads"), ref["grads"])
     param_err, worst_param = _max_diff(_assemble(records, "params"), ref["params"])
     return Errors(loss=max(abs(l - ref["loss"]) for l in losses), grads=grad_err,
-                  params=param_err, worst_grad=worst, worst_param=worst_param)
+                  params=param_err, worst_grad=worst, worst_param=worst_param,
+                  copies=max(_copy_diff(records, "params"), _copy_diff(records, "grads")))
 
 
-def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> dict[str, Errors]:
-    """Spawn one group of processes per world size; returns each case's errors."""
-    ref = reference(setup)
-    results: dict[str, Errors] = {}
+def spawn_cases(worker, cases: list[Case], out_dir: str | None, *args) -> dict[str, list[dict]]:
+    """One spawn per world size of ``worker(rank, world, *args, cases, work_dir)``; returns each
+    case's per-rank records (the ``{case}.rank{r}.pt`` files the worker wrote)."""
+    records: dict[str, list[dict]] = {}
     by_world: dict[int, list[Case]] = {}
     for case in cases:
         by_world.setdefault(case.layout.world, []).append(case)
@@ -171,9 +188,15 @@ def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> d
         for world, group in sorted(by_world.items()):
             work = Path(tmp) / f"world{world}"
             work.mkdir()
-            mp.spawn(_worker, args=(world, setup, group, str(work)), nprocs=world, join=True)
+            mp.spawn(worker, args=(world, *args, group, str(work)), nprocs=world, join=True)
             for case in group:
-                records = [torch.load(work / f"{case.name}.rank{r}.pt", weights_only=False)
-                           for r in range(world)]
-                results[case.name] = compare(records, ref)
-    return results
+                records[case.name] = [torch.load(work / f"{case.name}.rank{r}.pt",
+                                                 weights_only=False) for r in range(world)]
+    return records
+
+
+def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> dict[str, Errors]:
+    """Spawn one group of processes per world size; returns each case's errors."""
+    ref = reference(setup)
+    return {name: compare(records, ref)
+            for name, records in spawn_cases(_worker, cases, out_dir, setup).items()}

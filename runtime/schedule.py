@@ -63,7 +63,7 @@ class StepRunner:
         for chunk, module in self.program.local_modules():
             example_in, example_out = _stage_meta(self.program, chunk, self.n_micro)
             stages.append(PipelineStage(module, chunk, self.program.num_chunks,
-                                        torch.device("cpu"), input_args=example_in,
+                                        self.mesh.device, input_args=example_in,
                                         output_args=example_out, group=self.mesh.groups["pp"]))
         cls = schedule_class(self.program.plan.schedule, self.layout.vpp)
         # Every rank passes the loss (it tells the schedule to run backward); the last stage calls it.
@@ -88,7 +88,7 @@ class StepRunner:
 
     def _accumulate(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         stage, loss_fn = self.program.stage(0), self.program.loss
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.mesh.device)
         micro_tokens = tokens.chunk(self.n_micro)
         micro_labels = labels.chunk(self.n_micro)
         for i, (tok, lab) in enumerate(zip(micro_tokens, micro_labels)):

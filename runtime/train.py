@@ -26,7 +26,9 @@ from plait.lowering import collectives as cc
 from plait.lowering.build import build_model
 from plait.lowering.compile import RankProgram, lower
 
+from . import checkpoint
 from . import data as data_mod
+from . import device as device_mod
 from . import kernels
 from . import moe_balance
 from .mesh import Mesh, build_mesh, destroy, init_distributed, set_threads
@@ -83,8 +85,9 @@ class Trainer:
         if weights:
             load_sharded_weights(self.program, weights, job.model)
         _keep_local_children(self.program)
+        self.program.pipe.to(mesh.device)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)
-        kernels.bind(self.program.pipe, "cuda" if job.cluster.backend == "nccl" else "cpu",
+        kernels.bind(self.program.pipe, mesh.device.type,
                      fp8=job.precision is not None and job.precision.kind == "fp8")
         self.stage_modules = [m for _, m in self.program.local_modules()]
         self.dp = make_data_parallel(self.program, mesh, job.optimizer)
@@ -92,7 +95,8 @@ class Trainer:
         source = source or data_mod.open_source(job.data.path, job.model.vocab,
                                                 job.data.synthetic, job.data.seed)
         self.loader = data_mod.BatchLoader(source, plan.seq_len, plan.global_batch, job.data.seed,
-                                           dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"))
+                                           dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"),
+                                           device=mesh.device)
 
     def forward_backward(self, step: int) -> torch.Tensor:
         """Loss of step `step` averaged over micro-batches and DP (on every rank), gradients left
@@ -101,7 +105,7 @@ class Trainer:
         loss = self.runner.run(batch.tokens, batch.labels)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
         value = loss.reshape(1).to(self.dtype) if (reporter and loss is not None) \
-            else torch.zeros(1, dtype=self.dtype)
+            else torch.zeros(1, dtype=self.dtype, device=self.mesh.device)
         return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp-cp")  # DP x CP reporters
 
     def train_step(self, step: int, total_steps: int) -> StepLog:
@@ -118,13 +122,18 @@ class Trainer:
         return StepLog(step=step, loss=float(loss), grad_norm=norm, lr=lr, step_time=elapsed,
                        tokens_per_s=tokens / elapsed, peak_memory_mb=peak_rss_mb())
 
-    def fit(self, steps: int, on_step: Optional[Callable[[StepLog], None]] = None) -> list[StepLog]:
+    def fit(self, steps: int, on_step: Optional[Callable[[StepLog], None]] = None, start: int = 0,
+            after_step: Optional[Callable[["Trainer", int, int], object]] = None) -> list[StepLog]:
+        """Steps ``start`` .. ``steps - 1`` of a ``steps``-step run (the LR horizon);
+        ``after_step(trainer, completed, steps)`` runs after each (checkpoint.Saver)."""
         logs = []
-        for step in range(steps):
+        for step in range(start, steps):
             log = self.train_step(step, steps)
             logs.append(log)
             if on_step:
                 on_step(log)
+            if after_step:
+                after_step(self, step + 1, steps)
         return logs
 
 
@@ -151,7 +160,7 @@ class ReferenceTrainer:
         return float(norm)
 
 
-def _progress_printer(steps: int, mesh: Mesh):
+def _progress_printer(steps: int, mesh: Mesh, start: int = 0):
     """A rich progress bar on rank 0 (plain lines when the output is not a terminal)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -160,7 +169,7 @@ def _progress_printer(steps: int, mesh: Mesh):
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console,
                         transient=False)
-    task = progress.add_task("train", total=steps, stats="")
+    task = progress.add_task("train", total=steps, completed=start, stats="")
 
     def on_step(log: StepLog) -> None:
         stats = (f"loss {log.loss:.4f}  |g| {log.grad_norm:.3f}  lr {log.lr:.2e}  "
@@ -178,19 +187,22 @@ def run_worker(run_dir: str | Path) -> int:
     plan = ParallelPlan.from_json((run_dir / "plan.json").read_text())
     options = json.loads((run_dir / "options.json").read_text())
     set_threads()
-    init_distributed(job.cluster.backend if job.cluster.backend == "nccl" else "gloo",
-                     options.get("timeout_s", 300))
-    mesh = build_mesh(plan.layout, options.get("timeout_s", 300))
+    placement = device_mod.activate(device_mod.choose(job.cluster.backend))
+    init_distributed(placement.backend, options.get("timeout_s", 300))
+    mesh = build_mesh(plan.layout, options.get("timeout_s", 300), device=placement.device)
     try:
         trainer = Trainer(job, plan, mesh, weights=options.get("weights"))
         steps = options.get("steps") or job.steps
+        start = checkpoint.load(trainer, options["resume"]) if options.get("resume") else 0
+        saver = checkpoint.Saver(options["save"], options.get("save_every") or 0) \
+            if options.get("save") else None
         if mesh.rank == 0:
-            progress, on_step = _progress_printer(steps, mesh)
+            progress, on_step = _progress_printer(steps, mesh, start)
             with progress:
-                logs = trainer.fit(steps, on_step)
+                logs = trainer.fit(steps, on_step, start, saver)
             (run_dir / "log.json").write_text(json.dumps([asdict(l) for l in logs], indent=1))
         else:
-            trainer.fit(steps)
+            trainer.fit(steps, None, start, saver)
     finally:
         destroy()
     return 0

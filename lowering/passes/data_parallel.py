@@ -29,6 +29,9 @@ class GradSync:
     dp_kind: str  # replicated | zero1 | fsdp
     dp: int
     tp_sum: tuple[str, ...] = ()  # parameters whose gradients are summed over TP first
+    # tied embedding copies on the first and last pipeline stage: gradients summed over the
+    # "embedding" group (split_pipeline fills it in)
+    embedding_sum: tuple[str, ...] = ()
 
     def describe(self, names=None) -> str:
         """One line; ``names`` limits the TP-sum list to those parameters (one stage's)."""
@@ -38,6 +41,9 @@ class GradSync:
         tp_sum = [n for n in self.tp_sum if names is None or n in names]
         if tp_sum:
             text += f"; sum over TP first: {', '.join(tp_sum)}"
+        tied = [n for n in self.embedding_sum if names is None or n in names]
+        if tied:
+            text += f"; sum over the embedding group (first + last stage copies): {', '.join(tied)}"
         return text
 
 

@@ -5,9 +5,12 @@ embedding joins chunk 0, final norm and LM head join the last chunk, and the cro
 its own child ``loss`` (the pipeline schedule's loss_fn, fed the labels). Chunks may hold unequal
 layer counts; with vpp > 1 rank r runs chunks r, r + pp, ... (the interleaved assignment torch's
 schedules expect). The result is a GraphModule whose forward chains the children and equals the
-unsplit program; every child keeps the reference parameter names.
+unsplit program; every child keeps the reference parameter names. A tied LM head gets its own copy
+of the embedding weight on the last stage (Megatron's embedding group keeps the copies equal).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.fx
@@ -19,6 +22,9 @@ from plait.ir.plan import Stage
 from plait.lowering.trace import example_inputs, info, local_shape, record_shapes
 
 from .base import Pass, Target, VerifyError
+from .data_parallel import GRAD_SYNC, GradSync
+
+TIED_WEIGHT = "embed.weight"  # the input embedding, the LM head's weight when tied
 
 STAGE_IO = "plait.stage_io"
 LOSS = "loss"
@@ -83,9 +89,9 @@ def _child(gm, split, call: torch.fx.Node, qualnames: dict[str, str]) -> torch.f
 def split_pipeline(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     chunks = ordered_chunks(t)
     L = t.spec.num_layers
-    if t.spec.tie_embeddings and len(chunks) > 1:
-        raise LayoutError("tied embeddings across pipeline stages are not lowered yet",
-                          hint="use pp = 1 or untie the embeddings")
+    if t.spec.tie_embeddings and len(chunks) > 1 and t.layout.pp == 1:
+        raise LayoutError(f"tied embeddings need the first and last of the {len(chunks)} stages on "
+                          "different pipeline ranks", hint="use vpp = 1 with pp = 1")
     qualnames: dict[str, str] = {}
     split = split_module(gm, gm, lambda n: _chunk_of(info(n).position, chunks, L), qualnames,
                          keep_original_order=True, keep_original_node_name=True)
@@ -102,7 +108,19 @@ def split_pipeline(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     pipe = torch.fx.GraphModule(root, split.graph, class_name="Pipeline")
     pipe.meta.update({k: v for k, v in gm.meta.items() if k.startswith("plait.")})
     pipe.meta["plait.chunks"] = tuple(chunks)
+    if t.spec.tie_embeddings and len(chunks) > 1:
+        _untie_head(pipe, stage_name(len(chunks) - 1))
     return pipe
+
+
+def _untie_head(pipe: torch.fx.GraphModule, last: str) -> None:
+    """Megatron's tied embedding across pipeline stages: the last stage's head gets its own copy of
+    the embedding weight (same name, same values); the runtime sums the two copies' gradients over
+    the embedding group (first and last pp rank), so both take identical steps."""
+    owner = pipe.get_submodule(f"{last}.embed")
+    owner.weight = nn.Parameter(owner.weight.detach().clone(), requires_grad=owner.weight.requires_grad)
+    sync: GradSync = pipe.meta[GRAD_SYNC]
+    pipe.meta[GRAD_SYNC] = replace(sync, embedding_sum=sync.embedding_sum + (TIED_WEIGHT,))
 
 
 def verify_split_pipeline(pipe: torch.fx.GraphModule, t: Target) -> None:

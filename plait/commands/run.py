@@ -65,6 +65,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", action="store_true", help="train on seeded random tokens")
     p.add_argument("--weights", help="start from a Hugging Face checkpoint (safetensors file or dir)")
     p.add_argument("--run-dir", help="where job/plan/log files go (default: a temporary dir)")
+    p.add_argument("--save", metavar="DIR", help="write training checkpoints (DCP) under DIR")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps (and always after the last step)")
+    p.add_argument("--resume", metavar="DIR", help="continue from the checkpoint in DIR "
+                   "(its latest step); --steps stays the run's total")
     p.add_argument("--print-launch", action="store_true",
                    help="print the multi-node torchrun command instead of running")
 
@@ -80,7 +85,7 @@ def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
 @command("run", help="train a job: plan (or read --plan), compile per rank, start the ranks")
 @arguments(_run_args)
 def run(args: argparse.Namespace) -> int:
-    from plait.runtime.launch import multinode_command
+    from plait.runtime.launch import Checkpointing, multinode_command
 
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
     plan = resolve_plan(job, args.plan, args.layout)
@@ -88,18 +93,23 @@ def run(args: argparse.Namespace) -> int:
         print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
         return 0
     console.print(plan_table(plan))
-    return train_locally(job, plan, args.steps, args.run_dir, args.weights)
+    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume)
+    if args.save_every and not args.save:
+        raise PlaitError("--save-every needs --save DIR")
+    return train_locally(job, plan, args.steps, args.run_dir, args.weights, ckpt)
 
 
 def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
-                  run_dir: Optional[str], weights: Optional[str] = None) -> int:
-    from plait.runtime.launch import launch_local, resolve_data
+                  run_dir: Optional[str], weights: Optional[str] = None,
+                  ckpt: Optional["Checkpointing"] = None) -> int:
+    from plait.runtime.launch import Checkpointing, launch_local, resolve_data
 
     with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
         where = Path(run_dir) if run_dir else Path(tmp)
         job = resolve_data(job, where)
         start = time.perf_counter()
-        status = launch_local(job, plan, where, steps, weights=weights)
+        status = launch_local(job, plan, where, steps, weights=weights,
+                              ckpt=ckpt or Checkpointing())
         console.print(f"{plan.world} ranks finished with status {status} in "
                       f"{time.perf_counter() - start:.1f} s")
         if status != 0:

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from plait.ir.errors import LayoutError
-from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, Stage
 from plait.lowering.build import build_model
 from plait.lowering.compile import PASSES, lower, program_text, write_programs
@@ -85,12 +84,6 @@ def test_virtual_stages_go_round_robin_over_pipeline_ranks():
 def test_bad_stage_partitions_are_rejected(stages, message):
     with pytest.raises(LayoutError, match=message):
         lowered(Layout(pp=2), stages=stages)
-
-
-def test_tied_embeddings_across_stages_are_refused():
-    spec = ModelSpec(**{**SPEC.__dict__, "tie_embeddings": True})
-    with pytest.raises(LayoutError, match="tied embeddings"):
-        lowered(Layout(pp=2), spec=spec)
 
 
 def test_data_parallel_pass_records_the_kind():

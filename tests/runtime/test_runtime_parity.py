@@ -2,8 +2,11 @@
 
 After one step the loss and every gradient (after the TP / DP reductions) equal the single-device
 reference within 1e-5; after 3 AdamW steps (lr 1e-3, warmup, cosine, clipping at 0.5, weight decay)
-so do the parameters. One process spawn per world size runs all of that size's layouts.
+so do the parameters. One process spawn per world size runs all of that size's layouts. Recompute
+(full, selective) changes nothing numerically; a tied embedding under PP keeps identical copies.
 """
+from dataclasses import replace
+
 import pytest
 
 from plait.ir.model import MLP, Attention, ModelSpec, Rope
@@ -28,6 +31,14 @@ WORLD2 = [
     Case("dp2_replicated", Layout(dp=2, dp_kind="replicated")),
     Case("dp2_zero1", Layout(dp=2, dp_kind="zero1")),
     Case("dp2_fsdp", Layout(dp=2, dp_kind="fsdp")),
+    Case("tp2_sp_recompute_full", Layout(tp=2, sp=True, recompute="full")),  # collectives re-run
+]
+# Tied embeddings under PP: the last stage's copy, summed over the embedding group.
+TIED_SETUP = replace(SETUP, spec=replace(SPEC, name="parity-tied", tie_embeddings=True))
+TIED = [
+    Case("pp2_tied", Layout(pp=2)),
+    Case("pp2_vpp2_tied_fsdp_selective", Layout(pp=2, vpp=2, dp_kind="fsdp", recompute="selective"),
+         schedule="interleaved"),
 ]
 WORLD4 = [
     Case("tp2_pp2_sp_uneven", Layout(tp=2, pp=2, sp=True), stages=(Stage(0, 0, 0, 2), Stage(1, 0, 2, 6))),
@@ -45,6 +56,7 @@ def _check(results, name):
     assert errors.loss < TOL, errors
     assert errors.grads < TOL, errors
     assert errors.params < TOL, errors
+    assert errors.copies == 0.0, errors  # tied copies stay identical
 
 
 def _results(tmp_path_factory, cases, tag):
@@ -54,6 +66,11 @@ def _results(tmp_path_factory, cases, tag):
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     return _results(tmp_path_factory, WORLD2, "parity2")
+
+
+@pytest.fixture(scope="module")
+def tied2(tmp_path_factory):
+    return run_parity(TIED_SETUP, TIED, str(tmp_path_factory.mktemp("tied2")))
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +102,10 @@ class TestEightRanks:
     @pytest.mark.parametrize("name", [c.name for c in WORLD8])
     def test_matches_one_device(self, world8, name):
         _check(world8, name)
+
+
+@pytest.mark.tier2
+class TestTiedPipeline:
+    @pytest.mark.parametrize("name", [c.name for c in TIED])
+    def test_matches_one_device(self, tied2, name):
+        _check(tied2, name)

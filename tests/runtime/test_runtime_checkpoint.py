@@ -1,0 +1,142 @@
+"""Checkpoints (DCP): what a save holds, exact resumption, clear errors for a missing or
+mismatched checkpoint, and `plait run --save/--resume` end to end."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.cli import main
+from plait.ir.cluster import local_cpu
+from plait.ir.dsl import load_job
+from plait.ir.errors import PlaitError
+from plait.ir.model import MLP, Attention, ModelSpec, Rope
+from plait.ir.plan import Layout
+from plait.runtime import checkpoint
+from plait.runtime import mesh as mesh_mod
+from plait.runtime import resume_check
+from plait.runtime.parity import Case, Setup
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
+SPEC = ModelSpec(name="ckpt-test", vocab=64, hidden=32, layers=("attention", "mlp") * 2,
+                 attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()),
+                 mlp=MLP(ffn=48))
+SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
+    yield tmp_path
+    mesh_mod.destroy()
+
+
+@pytest.mark.parametrize("dp_kind", ["replicated", "zero1", "fsdp"])
+def test_one_rank_resume_equals_the_uninterrupted_run(dp_kind, one_rank):
+    case = Case(dp_kind, Layout(dp_kind=dp_kind))
+    resume_check._run_case(SETUP, case, 2, 0, one_rank)
+    record = torch.load(one_rank / f"{dp_kind}.rank0.pt")
+    assert record["start"] == 2 and len(record["resumed"]) == 2
+    assert record["resumed"] == record["whole"] and record["params"] == 0.0
+
+
+def _adam(trainer) -> list[torch.Tensor]:
+    return [t for state in trainer.dp.optimizer.state.values() for t in state.values()]
+
+
+def test_load_restores_parameters_optimizer_and_rng_from_another_seed(one_rank):
+    case = Case("zero1", Layout())
+    saved = resume_check._trainer(SETUP, case, seed=0)
+    for step in range(2):
+        saved.train_step(step, SETUP.steps)
+    torch.manual_seed(7)
+    where = checkpoint.save(saved, one_rank / "ckpt", 2, SETUP.steps)
+    rng = torch.get_rng_state()
+    assert where.name == "step-000002" and (one_rank / "ckpt" / "latest").read_text().strip() == where.name
+    meta = json.loads((where / "plait.json").read_text())
+    assert meta["step"] == 2 and meta["layout"]["dp_kind"] == "zero1" and meta["data"]["next_step"] == 2
+
+    fresh = resume_check._trainer(SETUP, case, seed=1)
+    before, want = fresh.dp.full_parameters(), saved.dp.full_parameters()
+    assert any(not torch.equal(before[n], want[n]) for n in want)
+    torch.manual_seed(8)
+    assert checkpoint.load(fresh, one_rank / "ckpt") == 2
+    got = fresh.dp.full_parameters()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert all(torch.equal(a, b) for a, b in zip(_adam(fresh), _adam(saved)))
+    assert all(torch.equal(a.master, b.master) for a, b in zip(fresh.dp.flats, saved.dp.flats))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    """A real one-rank checkpoint of SETUP under Layout() (zero1), written once."""
+    tmp = tmp_path_factory.mktemp("saved")
+    mesh_mod.init_distributed("gloo", 60, f"file://{tmp}/rdzv", 0, 1)
+    try:
+        trainer = resume_check._trainer(SETUP, Case("zero1", Layout()), seed=0)
+        trainer.train_step(0, SETUP.steps)
+        checkpoint.save(trainer, tmp / "ckpt", 1, SETUP.steps)
+    finally:
+        mesh_mod.destroy()
+    return tmp / "ckpt"
+
+
+def test_missing_and_empty_checkpoints_name_their_path(tmp_path):
+    with pytest.raises(PlaitError, match=f"no checkpoint at {tmp_path / 'nope'}"):
+        checkpoint.find(tmp_path / "nope")
+    with pytest.raises(PlaitError, match=f"no checkpoint in {tmp_path}"):
+        checkpoint.find(tmp_path)
+
+
+def test_a_checkpoint_of_another_layout_or_model_is_refused(saved_dir):
+    plan = Case("x", Layout(dp_kind="fsdp")).plan(SPEC, SETUP.global_batch, SETUP.seq)
+    with pytest.raises(PlaitError, match=r"step-000001 was written by layout tp1 .*: dp_kind zero1 there, fsdp here"):
+        checkpoint.check_compatible(saved_dir, plan, SPEC)
+    same = Case("x", Layout()).plan(SPEC, SETUP.global_batch, SETUP.seq)
+    assert checkpoint.check_compatible(saved_dir, same, SPEC)["step"] == 1
+    with pytest.raises(PlaitError, match="holds model 'ckpt-test' with another shape"):
+        checkpoint.check_compatible(saved_dir, same, replace(SPEC, hidden=64))
+
+
+def test_cli_resume_from_nothing_exits_2_naming_the_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-checkpoint"
+    assert main(["run", str(TINY), "--layout", "tp=2 pp=2", "--synthetic", "--steps", "2",
+                 "--resume", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+    assert main(["run", str(TINY), "--layout", "tp=2 pp=2", "--save-every", "2"]) == 2
+    assert "--save-every needs --save" in capsys.readouterr().err
+
+
+@pytest.mark.tier2
+def test_four_ranks_resumed_at_step_2_equal_the_uninterrupted_run(tmp_path):
+    cases = [Case("pp2_dp2_zero1", Layout(pp=2, dp=2, dp_kind="zero1")),
+             Case("tp2_dp2_fsdp_sp", Layout(tp=2, dp=2, dp_kind="fsdp", sp=True))]
+    results = resume_check.run_resume(SETUP, cases, k=2, out_dir=str(tmp_path))
+    for name, errors in results.items():
+        assert errors.resumed_from == 2, name
+        assert errors.max == 0.0, (name, errors)  # bit for bit: same ops, same order
+
+
+@pytest.mark.tier2
+def test_plait_run_save_then_resume_continues_the_same_run(tmp_path):
+    from plait.runtime.launch import Checkpointing, check_plan, hand_plan, launch_local, resolve_data
+
+    job = load_job(str(TINY))
+    job = replace(job, cluster=local_cpu(2), global_batch=4, seq_len=32,
+                  data=replace(job.data, synthetic=True, path=None))
+    plan = check_plan(job, hand_plan(job, Layout(dp=2, dp_kind="zero1")))
+    job = resolve_data(job, tmp_path)
+    saves = tmp_path / "ckpt"
+    assert launch_local(job, plan, tmp_path / "a", steps=2, quiet=True,
+                        ckpt=Checkpointing(save=str(saves), every=1)) == 0
+    assert sorted(p.name for p in saves.glob("step-*")) == ["step-000001", "step-000002"]
+    assert launch_local(job, plan, tmp_path / "b", steps=2, quiet=True,
+                        ckpt=Checkpointing(resume=str(saves / "step-000001"))) == 0
+    whole = json.loads((tmp_path / "a" / "log.json").read_text())
+    resumed = json.loads((tmp_path / "b" / "log.json").read_text())
+    assert [e["step"] for e in resumed] == [1]
+    assert resumed[0]["loss"] == whole[1]["loss"]
