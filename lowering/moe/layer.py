@@ -28,6 +28,7 @@ from plait.lowering.modules import routing
 from plait.lowering.modules.experts import GroupedExperts, expert_mlp
 from plait.lowering.modules.mlp import FeedForward
 from plait.lowering.modules.moe import MoEBlock, attach_aux_loss
+from plait.lowering.recompute import is_recomputing
 
 from . import comm
 from .dispatch import ExpertGrid, make_dispatcher
@@ -108,7 +109,7 @@ class ExpertParallelMoE(nn.Module):
             pre_softmax=s.pre_softmax, norm_topk=s.norm_topk, groups=s.groups,
             topk_groups=s.topk_groups, scaling_factor=s.scaling_factor)
         counts = routing.tokens_per_expert(indices, s.experts)
-        if s.expert_bias and self.training:
+        if s.expert_bias and self.training and not is_recomputing():  # count once per step
             self.expert_load.add_(counts.detach().float())
         pad_to = None
         if self.options.capacity_factor is not None:

@@ -14,23 +14,20 @@ torch.utils.checkpoint (non-reentrant):
              (Korthikanti et al.'s selective recompute, spelled with torch's selective activation
              checkpointing; nothing communicates twice)
 
-Embedding, final norm, head and loss are never recomputed. A stateful op inside a region (MoE
-expert-load counters) can ask `is_recomputing()` to skip its side effect on the second run.
+Embedding, final norm, head and loss are never recomputed. What runs at training time (the
+`checkpointed` call, the selective policy, `is_recomputing()` for stateful ops such as MoE
+expert-load counters) lives in `plait.lowering.recompute`, which imports nothing but torch.
 """
 from __future__ import annotations
 
-import functools
 import operator
-from contextlib import contextmanager
 
-import torch
 import torch.fx
 from torch import nn
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                    create_selective_checkpoint_contexts)
 
 from plait.ir.errors import LayoutError
 from plait.ir.plan import RECOMPUTE
+from plait.lowering.recompute import checkpointed
 from plait.lowering.trace import info
 
 from .base import Pass, Target, VerifyError
@@ -38,54 +35,6 @@ from .split_pipeline import stage_name
 
 REGIONS = "recompute"  # the child module holding a stage's region GraphModules
 RECOMPUTED = "plait.recompute"  # stage GraphModule meta: {"mode": ..., "layers": (...)}
-
-aten = torch.ops.aten
-# Compute-heavy ops whose outputs selective recompute keeps.
-KEPT_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten._grouped_mm,
-            aten._scaled_mm, aten._int_mm}
-# Namespaces of ops that communicate (or wrap communication): never re-run in backward.
-KEPT_NAMESPACES = {"plait", "_c10d_functional", "c10d_functional", "c10d"}
-
-_RECOMPUTING = [0]
-
-
-def is_recomputing() -> bool:
-    """True while a checkpointed region re-runs its forward during backward."""
-    return _RECOMPUTING[0] > 0
-
-
-@contextmanager
-def _recomputing():
-    _RECOMPUTING[0] += 1
-    try:
-        yield
-    finally:
-        _RECOMPUTING[0] -= 1
-
-
-def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Keep matmul and collective outputs; recompute the cheap, memory-heavy rest."""
-    packet = getattr(op, "overloadpacket", op)
-    if packet in KEPT_OPS or getattr(op, "namespace", "") in KEPT_NAMESPACES:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def checkpointed(region: nn.Module, mode: str, *args):
-    """``region(*args)`` under torch.utils.checkpoint; ``mode`` is "full" or "selective"."""
-    calls = [0]
-
-    def run(*inputs):
-        calls[0] += 1
-        if calls[0] == 1:
-            return region(*inputs)
-        with _recomputing():
-            return region(*inputs)
-
-    if mode == "selective":
-        context = functools.partial(create_selective_checkpoint_contexts, selective_policy)
-        return checkpoint(run, *args, use_reentrant=False, context_fn=context)
-    return checkpoint(run, *args, use_reentrant=False)
 
 
 def stage_mode(t: Target, chunk: int) -> str:

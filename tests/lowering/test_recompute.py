@@ -7,10 +7,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait.ir.errors import LayoutError
+from plait.ir.model import MLP, Attention, ModelSpec, MoE
 from plait.ir.plan import Layout, Stage, even_stages
 from plait.lowering.build import build_model
 from plait.lowering.compile import program_text
-from plait.lowering.passes.recompute import is_recomputing, regions
+from plait.lowering.passes.recompute import regions
+from plait.lowering.recompute import is_recomputing
 
 from passes_util import SEQ, SPEC, lowered
 
@@ -115,3 +117,18 @@ def test_stages_recompute_independently_and_the_text_shows_regions():
 def test_unknown_recompute_option_is_a_layout_error():
     with pytest.raises(LayoutError, match="recompute 'most'"):
         lowered(Layout(), stages=(Stage(0, 0, 0, 6, recompute="most"),))
+
+
+def test_moe_expert_load_counts_each_token_once_under_full_recompute():
+    """The aux-loss-free balancing counter is a side effect of forward; the re-run skips it."""
+    spec = ModelSpec(name="moe-rc", vocab=64, hidden=32, layers=("attention", "moe"),
+                     attention=Attention(heads=2, kv_heads=2, head_dim=16),
+                     moe=MoE(experts=4, top_k=2, ffn=16, expert_bias=True))
+    tokens = torch.randint(0, spec.vocab, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    loads = {}
+    for mode in ("none", "full"):
+        program = lowered(Layout(), stages=even_stages(2, 1, recompute=mode), spec=spec)
+        program.pipe(tokens, tokens.roll(-1, 1)).backward()
+        loads[mode] = next(b for n, b in program.pipe.named_buffers() if n.endswith("expert_load"))
+    assert loads["none"].sum() == 2 * SEQ * 2  # tokens x top_k
+    assert torch.equal(loads["full"], loads["none"])
