@@ -100,6 +100,12 @@ def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     plan = case.plan(setup.spec, setup.global_batch, setup.seq)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
     trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.dtype)
+    record_run(trainer, setup, case.name, rank, out_dir)
+
+
+def record_run(trainer: Trainer, setup: Setup, name: str, rank: int, out_dir: Path) -> None:
+    """Train ``setup.steps`` steps, saving the step-0 loss and reduced gradients and the final
+    parameters of this rank to ``{name}.rank{rank}.pt`` (what ``compare`` reads)."""
     trainer.dp.zero_grad()
     loss = trainer.forward_backward(0)
     trainer.dp.reduce()
@@ -111,7 +117,7 @@ def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     shards = dict(trainer.program.shards)  # name -> ShardSpec
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
                 "shards": shards, "coords": trainer.program.coords, "tied": trainer.dp.tied},
-               out_dir / f"{case.name}.rank{rank}.pt")
+               out_dir / f"{name}.rank{rank}.pt")
 
 
 def _lr(setup: Setup, step: int) -> float:

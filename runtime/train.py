@@ -77,10 +77,11 @@ def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
                  source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, model: Optional[torch.nn.Module] = None):
         self.job, self.plan, self.mesh = job, plan, mesh
         self.dtype = dtype  # float64 only for numerics checks (tests/runtime parity in fp64)
-        model = build_model(job.model, dtype=dtype, seed=job.seed)
+        # `model`: a reference module with loaded weights (e.g. a pruned student) to lower instead
+        model = model if model is not None else build_model(job.model, dtype=dtype, seed=job.seed)
         self.program = lower(model, job.model, plan, mesh.rank)
         if weights:
             load_sharded_weights(self.program, weights, job.model)

@@ -1,0 +1,180 @@
+"""Distillation through the compiled runtime, under a parallel plan.
+
+The student is the runtime's Trainer (its program, data-parallel optimizer, loader, LR schedule and
+clipping), with the step's loss replaced: the teacher is lowered with the same layout, so it is
+co-located — each rank holds the teacher's shard for the same tokens (same DP batch slice, same TP
+vocabulary columns) — frozen (eval, no gradients), and the loss is
+
+    (1 - lm_weight) * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + lm_weight * CE
+
+as runtime/distill.py computes it on one device. Under TP each rank holds V/tp logit columns; the
+KL is vocab-parallel the way the cross entropy is (lowering/tp_ops.py): the maxima and the sums over
+the vocabulary are reduced over TP, so every rank computes the same (replicated) loss value.
+Pipeline parallelism is not supported yet (the pipeline schedule's loss_fn sees only the student's
+output); plans with pp > 1 are refused with a LayoutError.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from plait.ir.errors import LayoutError
+from plait.ir.job import TrainJob
+from plait.ir.model import ModelSpec
+from plait.ir.plan import ParallelPlan, even_stages
+from plait.lowering import collectives as cc
+from plait.lowering.compile import RankProgram, lower
+
+from . import data as data_mod
+from .mesh import Mesh
+from .train import Trainer
+
+
+@dataclass(frozen=True)
+class DistStepLog:
+    step: int
+    loss: float
+    kl: float
+    lm: float
+    grad_norm: float
+    lr: float
+    tokens_per_s: float
+
+
+def _shift_and_lse(logits: torch.Tensor, axis: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits - row max, logsumexp of that) over a vocabulary split in columns across ``axis``
+    (this rank's [N, V/size]); the logsumexp is replicated over the axis."""
+    row_max = torch.ops.plait.max_over(logits.detach().amax(dim=-1), axis, size)  # no gradient
+    shifted = logits - row_max.unsqueeze(-1)
+    return shifted, torch.ops.plait.reduce_from_tp(shifted.exp().sum(dim=-1), axis, size).log()
+
+
+def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      axis: str = "tp", size: int = 1) -> torch.Tensor:
+    """T^2 * mean over tokens of KL(teacher_T || student_T); logits [N, V/size] of this rank's
+    vocabulary columns (fp32). Equals F.kl_div(..., reduction='batchmean') on the gathered logits.
+
+    Per token, KL = sum_v p_v (log p_v - s_v) + logsumexp(s) (the teacher's p sums to one). The
+    sum is reduced over TP and the logsumexp is computed from reduced sums, so the value is
+    replicated and reduce_from_tp's identity backward gives each rank the exact gradient of its
+    columns, (softmax(s) - p) / T. (Reducing sum_v p_v (log p_v - log softmax(s)_v) instead would
+    weight the logsumexp's gradient by this rank's share of p only.)"""
+    t = temperature
+    s_shifted, s_lse = _shift_and_lse(student / t, axis, size)
+    with torch.no_grad():
+        t_shifted, t_lse = _shift_and_lse(teacher / t, axis, size)
+        t_log = t_shifted - t_lse.unsqueeze(-1)
+    local = (t_log.exp() * (t_log - s_shifted)).sum(dim=-1)
+    return (torch.ops.plait.reduce_from_tp(local, axis, size) + s_lse).mean() * (t * t)
+
+
+class DistillRunner:
+    """The step's forward + backward over micro-batches (pp == 1): teacher forward without
+    gradients, student forward, distillation loss, backward; gradients divided by the number of
+    micro-batches afterwards, as runtime/schedule.py does."""
+
+    def __init__(self, student: RankProgram, teacher: RankProgram, n_micro: int,
+                 temperature: float, lm_weight: float):
+        self.student, self.teacher, self.n_micro = student, teacher, n_micro
+        self.temperature, self.lm_weight = temperature, lm_weight
+        self.tp = student.plan.layout.tp
+        self.last_kl = self.last_lm = 0.0  # this rank's means over the step's micro-batches
+
+    def micro_loss(self, tokens: torch.Tensor, labels: torch.Tensor):
+        stage = self.student.stage(0)
+        with torch.no_grad():
+            teacher_logits = self.teacher.stage(0)(tokens)
+        logits = stage(tokens)
+        kl = vocab_parallel_kl(logits.flatten(0, 1).float(), teacher_logits.flatten(0, 1).float(),
+                               self.temperature, "tp", self.tp)
+        lm = self.student.loss(logits, labels)  # the compiled (vocab-parallel) cross entropy
+        w = self.lm_weight
+        loss = (1 - w) * kl + w * lm if w > 0 else kl
+        return loss, kl.detach(), lm.detach()
+
+    def run(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        stage = self.student.stage(0)
+        total, kls, lms = torch.zeros(()), [], []
+        for i, (tok, lab) in enumerate(zip(tokens.chunk(self.n_micro), labels.chunk(self.n_micro))):
+            if hasattr(stage, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
+                stage.set_requires_gradient_sync(i == self.n_micro - 1)
+            loss, kl, lm = self.micro_loss(tok, lab)
+            loss.backward()
+            total = total + loss.detach().cpu()
+            kls.append(float(kl))
+            lms.append(float(lm))
+        for p in stage.parameters():
+            if p.grad is not None:
+                p.grad.div_(self.n_micro)
+        self.last_kl, self.last_lm = sum(kls) / len(kls), sum(lms) / len(lms)
+        return (total / self.n_micro).to(tokens.device)
+
+
+def teacher_plan(plan: ParallelPlan, teacher: ModelSpec) -> ParallelPlan:
+    """The student's plan for the teacher's layers: same layout, one stage over all its layers."""
+    stages = even_stages(teacher.num_layers, plan.layout.pp, plan.layout.vpp)
+    return replace(plan, model=teacher.name, stages=stages)
+
+
+def lower_teacher(teacher: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan, mesh: Mesh) -> RankProgram:
+    program = lower(teacher, spec, teacher_plan(plan, spec), mesh.rank)
+    program.pipe.to(mesh.device)
+    program.pipe.eval()
+    for p in program.pipe.parameters():
+        p.requires_grad_(False)
+    return program
+
+
+def check_distill_layout(plan: ParallelPlan, student: ModelSpec, teacher: ModelSpec) -> None:
+    if plan.layout.pp > 1:
+        raise LayoutError(f"distillation in the runtime runs without pipeline parallelism for now "
+                          f"(the plan has pp = {plan.layout.pp})", hint="use tp, dp (or cp) only")
+    if student.vocab != teacher.vocab:
+        raise LayoutError(f"the student's vocabulary ({student.vocab}) differs from the teacher's "
+                          f"({teacher.vocab}); logits cannot be compared")
+
+
+class DistillTrainer:
+    """Trainer of ``job.model`` (the student, weights from ``student``) distilled from ``teacher``
+    (a reference module of ``teacher_spec``, frozen), on ``mesh`` under ``plan``."""
+
+    def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh, teacher_spec: ModelSpec,
+                 teacher: torch.nn.Module, student: Optional[torch.nn.Module] = None,
+                 temperature: float = 1.0, lm_weight: float = 0.0,
+                 source: Optional[data_mod.TokenSource] = None, dtype: torch.dtype = torch.float32):
+        check_distill_layout(plan, job.model, teacher_spec)
+        self.trainer = Trainer(job, plan, mesh, source=source, dtype=dtype, model=student)
+        self.teacher = lower_teacher(teacher, teacher_spec, plan, mesh)
+        self.runner = DistillRunner(self.trainer.program, self.teacher, plan.num_microbatches,
+                                    temperature, lm_weight)
+        self.trainer.runner = self.runner  # Trainer.forward_backward runs this step instead
+        self.mesh = mesh
+
+    def _step_means(self) -> tuple[float, float]:
+        """KL and LM of the step averaged over DP x CP (TP ranks hold the same values)."""
+        mine = torch.tensor([self.runner.last_kl, self.runner.last_lm], dtype=torch.float64,
+                            device=self.mesh.device)
+        if self.mesh.coord("tp") != 0:
+            mine.zero_()
+        total = cc.all_reduce(mine, "sum", "world") / self.mesh.size("dp-cp")
+        return float(total[0]), float(total[1])
+
+    def train_step(self, step: int, total_steps: int) -> DistStepLog:
+        start = time.perf_counter()
+        log = self.trainer.train_step(step, total_steps)
+        kl, lm = self._step_means()
+        elapsed = time.perf_counter() - start
+        plan = self.trainer.plan
+        return DistStepLog(step, log.loss, kl, lm, log.grad_norm, log.lr,
+                           plan.global_batch * plan.seq_len / elapsed)
+
+    def fit(self, steps: int, start: int = 0, on_step=None) -> list[DistStepLog]:
+        logs = []
+        for step in range(start, steps):
+            logs.append(self.train_step(step, steps))
+            if on_step:
+                on_step(logs[-1])
+        return logs
