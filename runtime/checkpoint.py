@@ -8,6 +8,8 @@ several ranks hold under the same key. Keys say what makes a tensor unique:
 
     model/<name>[@tp<i>|@ep<e>.etp<t>]    parameters (TP pieces and expert shards tagged; DP
                                           replicas and the tied-embedding copies share a key)
+    buffer/<name>                         persistent buffers (MoE expert biases: the same on
+                                          every rank of a stage)
     optim/<param key>/<state>             AdamW state (replicated: per parameter; FSDP: DTensor
                                           shards, DCP records their offsets)
     optim/zero1/rank<r>/flat<k>/<state>   ZeRO-1: the rank's master shard and its AdamW state
@@ -64,6 +66,17 @@ def param_key(trainer, name: str) -> str:
     return name
 
 
+def persistent_buffers(trainer) -> dict[str, torch.Tensor]:
+    """The local stages' buffers that are state (not RoPE tables and other derived ones)."""
+    out = {}
+    for _, stage in trainer.program.local_modules():
+        for name, buf in stage.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            if leaf not in stage.get_submodule(owner)._non_persistent_buffers_set:
+                out[name] = buf
+    return out
+
+
 def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
     """torch AdamW's per-parameter state, created as its first step would (zeros, step 0) when the
     parameter has not stepped yet, so a fresh optimizer has every tensor DCP loads into."""
@@ -95,6 +108,7 @@ def state_dict(trainer, step: int, total_steps: int) -> dict:
     rank = trainer.mesh.rank
     keys = {name: param_key(trainer, name) for name in trainer.dp.named}
     out = {f"model/{keys[n]}": p.detach() for n, p in trainer.dp.named.items()}
+    out.update({f"buffer/{n}": b for n, b in persistent_buffers(trainer).items()})
     out.update(_optimizer_state(trainer.dp, rank, keys))
     out[f"rng/rank{rank}/cpu"] = torch.get_rng_state()
     if trainer.mesh.device.type == "cuda":

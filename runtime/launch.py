@@ -130,6 +130,18 @@ def check_resume(job: TrainJob, plan: ParallelPlan, ckpt: Checkpointing,
     return meta["step"]
 
 
+def check_local_devices(job: TrainJob, plan: ParallelPlan) -> None:
+    """An NCCL cluster runs here only with one visible GPU per rank (a silent fall back to the CPU
+    would train a GPU-sized job on gloo)."""
+    if job.cluster.backend != "nccl":
+        return
+    from .device import choose
+    if choose("nccl", rank_on_node=plan.world - 1).backend != "nccl":  # raises: too few GPUs
+        raise PlaitError(f"cluster {job.cluster.name!r} trains with NCCL on GPUs, but no CUDA "
+                         "device is visible here",
+                         hint="run on a GPU node, or use a gloo cluster such as local-cpu")
+
+
 def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Optional[int] = None,
                  timeout_s: float = 300, quiet: bool = False, weights: Optional[str] = None,
                  ckpt: Checkpointing = Checkpointing()) -> int:
@@ -139,6 +151,7 @@ def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Option
     if job.cluster.nodes != 1:
         raise PlaitError(f"cluster {job.cluster.name!r} is not local ({job.cluster.nodes} nodes)",
                          hint="print its launch command with `plait run --print-launch`")
+    check_local_devices(job, plan)
     if weights and not Path(weights).exists():
         raise PlaitError(f"weight file not found: {weights}")
     check_resume(job, plan, ckpt, steps)

@@ -11,7 +11,7 @@ from plait.cli import main
 from plait.ir.cluster import local_cpu
 from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
-from plait.ir.model import MLP, Attention, ModelSpec, Rope
+from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
 from plait.runtime import mesh as mesh_mod
@@ -40,6 +40,22 @@ def test_one_rank_resume_equals_the_uninterrupted_run(dp_kind, one_rank):
     record = torch.load(one_rank / f"{dp_kind}.rank0.pt")
     assert record["start"] == 2 and len(record["resumed"]) == 2
     assert record["resumed"] == record["whole"] and record["params"] == 0.0
+
+
+def test_moe_expert_bias_is_part_of_the_state(one_rank):
+    """Aux-loss-free balancing moves a persistent buffer every step: a resumed run needs it."""
+    spec = ModelSpec(name="ckpt-moe", vocab=64, hidden=32, layers=("attention", "moe"),
+                     attention=Attention(heads=2, kv_heads=2, head_dim=16),
+                     moe=MoE(experts=4, top_k=2, ffn=16, expert_bias=True))
+    setup, case = replace(SETUP, spec=spec), Case("moe", Layout())
+    saved = resume_check._trainer(setup, case, seed=0)
+    saved.train_step(0, setup.steps)
+    checkpoint.save(saved, one_rank / "ckpt", 1, setup.steps)
+    fresh = resume_check._trainer(setup, case, seed=1)
+    (name, want), = checkpoint.persistent_buffers(saved).items()
+    assert name == "layers.1.mixer.expert_bias" and want.abs().sum() > 0  # it moved
+    checkpoint.load(fresh, one_rank / "ckpt")
+    assert torch.equal(checkpoint.persistent_buffers(fresh)[name], want)
 
 
 def _adam(trainer) -> list[torch.Tensor]:

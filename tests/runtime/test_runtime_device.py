@@ -1,11 +1,17 @@
 """The device decision (runtime/device.py), tested on CPU with CUDA availability monkeypatched."""
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
+from plait.ir.cluster import local_cpu
+from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
 from plait.ir.plan import Layout
 from plait.runtime import device
 from plait.runtime.data import BatchLoader, SyntheticTokens
+from plait.runtime.launch import hand_plan, launch_local
 from plait.runtime.mesh import Mesh
 
 
@@ -60,3 +66,15 @@ def test_the_mesh_carries_the_decision_and_batches_follow_it():
     loader = BatchLoader(SyntheticTokens(64), 8, 4, device=mesh.device)
     batch = loader.local_batch(0)
     assert batch.tokens.device == mesh.device and batch.tokens.shape == (4, 8)
+
+
+def test_local_launch_of_an_nccl_cluster_needs_a_gpu_per_rank(gpus, tmp_path):
+    job = load_job(str(Path(__file__).resolve().parents[2] / "specs" / "jobs" / "tiny-local.plait"))
+    job = replace(job, cluster=replace(local_cpu(4), backend="nccl", name="gpu-box"))
+    plan = hand_plan(job, Layout(dp=4))
+    gpus(0)
+    with pytest.raises(PlaitError, match="'gpu-box' trains with NCCL on GPUs, but no CUDA device"):
+        launch_local(job, plan, tmp_path)
+    gpus(2)
+    with pytest.raises(PlaitError, match="local rank 3 needs a CUDA device, but 2 are visible"):
+        launch_local(job, plan, tmp_path)
