@@ -16,6 +16,8 @@ from .cost.evaluate import evaluate
 from .cost.pipeline import even_sizes, stages_of
 
 GiB = float(2**30)
+# a family whose only number is its time floor: no even split fitted when it was screened
+BOUND_ONLY = "screened out (lower bound; no even split fits)"
 
 
 def family_of(lay: Layout) -> str:
@@ -79,7 +81,7 @@ class Families:
         if screen < float("inf") and screen < rec.step:
             rec.step, rec.how = screen, "screened out (even-split estimate)"
         elif rec.step == float("inf"):
-            rec.step, rec.how = floor, "screened out (lower bound; no even split fits)"
+            rec.step, rec.how = floor, BOUND_ONLY
 
     def solved(self, cand, plan: ParallelPlan) -> None:
         rec = self._rec(cand.layout)
@@ -93,10 +95,15 @@ class Families:
     def rejections(self, winner: ParallelPlan) -> list[Rejection]:
         win_family = family_of(winner.layout)
         out = []
-        for fam, rec in sorted(self.records.items(), key=lambda kv: (kv[1].step, kv[1].need, kv[0])):
+        for fam, rec in sorted(self.records.items(),
+                               key=lambda kv: (kv[1].how == BOUND_ONLY, kv[1].step, kv[1].need, kv[0])):
             if fam == win_family:
                 continue
-            if rec.step < float("inf"):
+            if rec.how == BOUND_ONLY:  # a floor below the winner says nothing about its speed
+                out.append(Rejection(fam, f"no even split fits in memory at the screening "
+                                          f"micro-batch (time floor {rec.step:.2f} s, not "
+                                          f"evaluated further)"))
+            elif rec.step < float("inf"):
                 out.append(Rejection(fam, self._slower(winner, rec), step_time=rec.step))
             elif rec.need < float("inf"):
                 cap = self.job.cluster.device.memory
@@ -181,7 +188,7 @@ def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families:
     lines += topology_facts(job, plan.layout)
     fam = family_of(plan.layout)
     rivals = [r for r in families.records.values()
-              if family_of(r.layout) != fam and r.step < float("inf")]
+              if family_of(r.layout) != fam and r.step < float("inf") and r.how != BOUND_ONLY]
     if plan is ranked[0] and rivals:
         best = min(rivals, key=lambda r: (r.step, r.layout.short()))
         reason = families._slower(plan, best)

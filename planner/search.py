@@ -21,7 +21,7 @@ from plait.ir.errors import LayoutError
 from plait.ir.job import TrainJob
 from plait.ir.plan import DP_KINDS, Layout, ParallelPlan, Stage
 
-from . import explain
+from . import explain, folding
 from .cost import memory
 from .cost.context import Context
 from .cost.evaluate import RankCost, evaluate, sync_time
@@ -57,6 +57,10 @@ class SearchResult:
     seconds: float = 0.0
     min_memory: Optional[tuple[float, Layout]] = None  # smallest memory need seen, when none fit
     notes: list[str] = field(default_factory=list)
+    # MoE: the best unfolded plan (ETP = TP, EP inside DP; planner/folding.py) when the winner is
+    # folded, and the line that says what folding gains
+    unfolded: Optional[ParallelPlan] = None
+    folding: Optional[str] = None
 
     @property
     def best(self) -> Optional[ParallelPlan]:
@@ -168,9 +172,11 @@ def sync_estimate(table: CostTable, z: float) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_solves: int = 8,
-           time_limit: float = 5.0,
-           progress: Optional[Callable[[int, int], None]] = None) -> SearchResult:
-    """Best plans for ``job`` (at most ``top``), the rejected families and the search counts."""
+           time_limit: float = 5.0, progress: Optional[Callable[[int, int], None]] = None,
+           compare_unfolded: bool = True) -> SearchResult:
+    """Best plans for ``job`` (at most ``top``), the rejected families and the search counts.
+    For a MoE model whose winner is folded, ``compare_unfolded`` also finds the best unfolded plan
+    and says what folding gains over it."""
     start = _time.perf_counter()
     pins = job_pins(job, extra_pins)
     check_pins(job, pins)
@@ -178,19 +184,62 @@ def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_s
     kinds = (pins["dp_kind"],) if "dp_kind" in pins else DEFAULT_KINDS
     result = SearchResult(plans=[], rejections=[])
     families = explain.Families(job)
-    ordered = _bounded_meshes(job, pins, kinds, options, families, result)
-    candidates = _expand(job, pins, kinds, options, ordered, top, result, progress, families)
-    plans = _solve(candidates, top, max_solves, time_limit, families, result)
-    plans.sort(key=lambda p: (p.prediction.step_time, p.layout.short(), p.layout.dp_kind))
+    plans, ordered = _plans(job, pins, kinds, options, (top, max_solves, time_limit), result,
+                            families, progress)
     if plans:
         winner = plans[0]
-        result.plans = [replace(p, explanation=tuple(explain.why(job, p, plans, families)))
-                        for p in plans[:top]]
+        if job.model.is_moe and compare_unfolded:
+            _compare_unfolded(job, pins, kinds, options, time_limit, plans, ordered, families,
+                              result)
+        result.plans = [replace(p, explanation=tuple(explain.why(job, p, plans, families) + (
+            [result.folding] if p is winner and result.folding else []))) for p in plans[:top]]
         result.rejections = families.rejections(winner)
     else:
         result.min_memory = families.smallest_need()
     result.seconds = _time.perf_counter() - start
     return result
+
+
+def _plans(job, pins, kinds, options, limits, result, families, progress=None,
+           ordered: Optional[list] = None) -> tuple[list[ParallelPlan], list]:
+    """Enumerate -> bound -> expand -> solve; ``ordered`` (screened meshes, best first) skips the
+    first two. -> (plans best first, the screened meshes). ``limits`` = (top, max_solves,
+    time_limit)."""
+    top, max_solves, time_limit = limits
+    if ordered is None:
+        ordered = _bounded_meshes(job, pins, kinds, options, families, result)
+    candidates = _expand(job, pins, kinds, options, ordered, top, result, progress, families)
+    plans = _solve(candidates, top, max_solves, time_limit, families, result)
+    plans.sort(key=lambda p: (p.prediction.step_time, p.layout.short(), p.layout.dp_kind))
+    return plans, ordered
+
+
+UNFOLDED_SOLVES = 3  # ILPs for the best-unfolded comparison (its top-1 only)
+
+
+def _compare_unfolded(job, pins, kinds, options, time_limit, plans, ordered, families,
+                      result) -> None:
+    """The best unfolded plan: among the plans already solved when one is unfolded (the
+    branch and bound solved every layout that could beat them), else from the search's screened
+    meshes restricted to unfolded ones. Fills result.unfolded and result.folding."""
+    winner = plans[0]
+    if folding.is_unfolded(winner.layout):
+        result.folding = folding.gain_line(job, winner, None, [])
+        return
+    solved = [p for p in plans if folding.is_unfolded(p.layout)]
+    sub = SearchResult(plans=[], rejections=[])
+    unfolded = [o for o in ordered if folding.is_unfolded(o[2])]
+    if not solved:
+        solved, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, time_limit), sub,
+                           explain.Families(job), ordered=unfolded)
+    alt = solved[0] if solved else None
+    needs = [r.need for r in families.records.values()
+             if folding.is_unfolded(r.layout) and r.need < INF]
+    reasons = explain.differences(job, winner, alt) if alt else []
+    result.unfolded = alt
+    result.folding = folding.gain_line(job, winner, alt, reasons, min(needs, default=None),
+                                       any_legal=bool(unfolded or needs))
+    result.pruned, result.solved = result.pruned + sub.pruned, result.solved + sub.solved
 
 
 def _bounded_meshes(job, pins, kinds, options, families, result) -> list:

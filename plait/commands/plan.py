@@ -26,8 +26,8 @@ def _job_args(p):
     p.add_argument("--name", help="the train job to plan when the file declares several")
 
 
-def _plan_table(plans: list[ParallelPlan]) -> Table:
-    t = Table(title="candidate plans (best first)")
+def _plan_table(plans: list[ParallelPlan], title: str = "candidate plans (best first)") -> Table:
+    t = Table(title=title)
     for col in ("#", "layout", "dp", "recompute", "step s", "tokens/s", "TFLOP/s/GPU", "MFU",
                 "bubble", "peak GiB"):
         t.add_column(col, justify="right" if col not in ("layout", "dp", "recompute") else "left",
@@ -75,10 +75,21 @@ def plan_cmd(args) -> int:
         for rej in res.rejections:
             t.add_row(rej.family, rej.reason)
         console.print(t)
+        _print_folding(res)
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")
         console.print(f"wrote {args.output}")
     return 0
+
+
+def _print_folding(res) -> None:
+    """MoE: the winner next to the best unfolded plan (ETP = TP, EP inside DP) and the gain."""
+    if res.folding is None:
+        return
+    if res.unfolded is not None:
+        console.print(_plan_table([res.best, res.unfolded],
+                                  "folded winner vs best unfolded layout (ETP = TP, EP inside DP)"))
+    console.print(res.folding, markup=False, highlight=False)
 
 
 @command("estimate", help="predict one fixed layout (searching only what it leaves open)")
