@@ -158,13 +158,48 @@ def distill(job: PruneJob, run: RunDir, teacher, student, steps: int, say: Say,
     from plait.runtime.distill import Distiller
 
     d = job.distill
-    loader = BatchLoader(token_source(d.data, run, job.model.vocab), d.seq_len, d.global_batch, d.seed)
+    source = token_source(d.data, run, job.model.vocab)
+    if parallel_layout(job) is not None:
+        return distill_parallel(job, run, teacher, student, steps, say, quiet=on_step is None)
+    loader = BatchLoader(source, d.seq_len, d.global_batch, d.seed)
     distiller = Distiller(student, teacher, loader, d.optimizer, steps, d.temperature, d.lm_loss)
     if run.state.exists():
         distiller.load(run.state)
         say(f"distill: resuming at step {distiller.step} of {steps}")
     logs = distiller.fit(on_step, checkpoint=lambda dist: dist.save(run.state), every=d.checkpoint_every)
     from plait.lowering.prune.checkpoint import save_weights
+    save_weights(student.state_dict(), run.distilled)
+    return logs
+
+
+def parallel_layout(job: PruneJob):
+    """The layout the job pins when it spans more than one rank (distillation then runs in the
+    compiled runtime under it), else None (one process on the reference modules)."""
+    from plait.runtime.distill_launch import layout_from_pins
+
+    layout = layout_from_pins(job.layout)
+    return layout if layout.world > 1 else None
+
+
+def distill_parallel(job: PruneJob, run: RunDir, teacher, student, steps: int, say: Say,
+                     quiet: bool = False) -> list:
+    """Distil under the job's layout on local processes (runtime/distill_launch.py); the student
+    module takes the distilled weights. Checkpoints in RUN/distill/ make a rerun resume."""
+    import torch
+
+    from plait.lowering.prune.checkpoint import save_weights
+    from plait.runtime.distill_launch import DistillRun, distill_parallel as launch
+
+    d = job.distill
+    layout = parallel_layout(job)
+    spec = student.spec  # the reference module (build_model) carries its ModelSpec
+    say(f"distill: {steps} steps in the runtime under {layout.short()} ({layout.world} processes)")
+    plan = DistillRun(student=spec, teacher=job.model, layout=layout, distill=d,
+                      data=d.data or str(run.data), steps=steps, work=str(run.root / "distill"))
+    logs, params = launch(plan, student.state_dict(), teacher.state_dict(), quiet=quiet)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(params[name])
     save_weights(student.state_dict(), run.distilled)
     return logs
 

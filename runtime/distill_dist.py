@@ -171,10 +171,14 @@ class DistillTrainer:
         return DistStepLog(step, log.loss, kl, lm, log.grad_norm, log.lr,
                            plan.global_batch * plan.seq_len / elapsed)
 
-    def fit(self, steps: int, start: int = 0, on_step=None) -> list[DistStepLog]:
+    def fit(self, steps: int, start: int = 0, on_step=None, after_step=None) -> list[DistStepLog]:
+        """Steps ``start`` .. ``steps - 1``; ``after_step(trainer, completed, steps)`` runs after
+        each with the inner Trainer (checkpoint.Saver saves the student's runtime state)."""
         logs = []
         for step in range(start, steps):
             logs.append(self.train_step(step, steps))
             if on_step:
                 on_step(logs[-1])
+            if after_step:
+                after_step(self.trainer, step + 1, steps)
         return logs
