@@ -7,7 +7,8 @@ all-to-all of S bytes sends (n-1)/n S, an all-gather / reduce-scatter of a full 
 
 "mean" is the mean over ranks of the bytes each rank sent; "busiest" the largest of any rank's sent
 or received bytes (the cost model sizes the all-to-all by the busiest expert rank: dropless it
-assumes `moe_imbalance` = 1.10 x the mean, with a capacity factor min(cf, 1.10), padded cf).
+assumes `moe_imbalance` = 1.10 x the mean, with a capacity factor min(cf, 1.10), padded cf; the
+table's caption states it, "model load" is the factor each row assumes).
 
     .venv/bin/python benchmarks/moe_comm_truth.py
 """
@@ -114,15 +115,30 @@ def main() -> None:
     table = Table(title=f"MoE dispatch bytes per step, tiny-moe (3 MoE layers), {WORLD} gloo ranks, "
                         f"seq {SEQ}, mbs {MBS}, {MICRO} micro-batches, fp32")
     for col in ("layout (dense | expert)", "mode", "measured mean KiB", "measured busiest KiB",
-                "cost model KiB", "mean / model", "busiest / model"):
-        table.add_column(col, justify="right" if "KiB" in col or "/" in col else "left")
+                "busiest / mean", "model load", "cost model KiB", "mean / model",
+                "busiest / model"):
+        table.add_column(col, justify="left" if col in ("layout (dense | expert)", "mode")
+                         else "right")
     for i, (name, layout, moe) in enumerate(CASES):
         mean = statistics.mean(r[i]["sent"] for r in ranks)
         busiest = max(max(r[i]["sent"], r[i]["received"]) for r in ranks)
         model = predicted(layout, moe)
+        load = 1.0 if layout.dispatcher == "allgather" else Context(job(layout, moe), layout).expert_load
         table.add_row(name, mode(moe), f"{mean / 1024:,.1f}", f"{busiest / 1024:,.1f}",
-                      f"{model / 1024:,.1f}", f"{mean / model:.3f}", f"{busiest / model:.3f}")
-    Console(width=160).print(table)
+                      f"{busiest / mean:.3f}", f"{load:.2f}", f"{model / 1024:,.1f}",
+                      f"{mean / model:.3f}", f"{busiest / model:.3f}")
+    table.caption = CAPTION
+    Console(width=200).print(table)
+
+
+CAPTION = (
+    "cost model assumption (planner/cost/context.py expert_load): the all-to-all is sized by the "
+    "busiest expert rank = 'model load' x the balanced volume. Dropless: the calibration's "
+    "moe_imbalance, 1.10 by default (a planning margin over balanced routing: the measured mean "
+    "then reads 1/1.10 = 0.909 of the model); capacity factor cf: min(cf, 1.10), tokens over capacity dropped (measured "
+    "below the model when some experts get fewer than cf x their share); padded to capacity: cf, "
+    "exact. The allgather dispatcher moves every token: exact. 'busiest / mean' is the imbalance "
+    "measured on tiny-moe's untrained router.")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,11 @@ def mamba_cp_comm(ctx: Context) -> float:
 def moe_dispatch_comm(ctx: Context) -> float:
     """Token dispatch + combine of one MoE layer (forward): all-to-all over EP then all-gather /
     reduce-scatter over ETP, or one all-gather / reduce-scatter over ETPxEP for the allgather
-    dispatcher. Exposed."""
+    dispatcher. Exposed. The all-to-all is sized by the busiest expert rank, ``ctx.expert_load``
+    x the balanced volume (dropless: the calibration's moe_imbalance, 1.10 by default; capacity
+    factor cf: min(cf, moe_imbalance); padded to capacity: cf); the allgather dispatcher moves
+    every token whatever the routing. Its time comes from ``all_to_all`` on the EP group's real
+    placement: the share for peers on this node over NVLink, the rest over the NIC."""
     lay, moe = ctx.layout, ctx.model.moe
     h, b = ctx.model.hidden, ctx.act_bytes
     t_in = ctx.tokens / lay.tp

@@ -108,8 +108,17 @@ class Context:
 
     @cached_property
     def expert_load(self) -> float:
-        """Busiest expert rank over the mean: the capacity factor caps it when tokens are dropped;
-        padding to capacity makes every expert that busy."""
+        """Tokens the busiest expert rank receives over the balanced share (T * top_k / experts
+        per expert). The MoE costs (dispatch volume, expert GEMMs, permutation, buffers) are
+        sized by that rank, since the all-to-all and the step wait for it. Assumptions:
+
+          dropless            moe_imbalance (calibration key; default 1.10, a planning margin, not
+                              fitted: benchmarks/moe_comm_truth.py measures busiest / mean ~1.04
+                              on tiny-moe's untrained router, where mean / model = 1 / 1.10)
+          capacity factor cf  min(cf, moe_imbalance): no expert keeps more than cf x its share,
+                              tokens over it are dropped (drop policy does not change volumes)
+          cf + pad            cf: every expert is padded to its capacity
+        """
         cf = self.job.moe.capacity_factor
         if cf is None:
             return self.cal.moe_imbalance
