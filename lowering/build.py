@@ -34,18 +34,21 @@ NORMS = (RMSNorm, GatedRMSNorm, nn.LayerNorm)
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                moe_options: Optional[MoEOptions] = None, capacity_segments: int = 1) -> CausalLM:
+                moe_options: Optional[MoEOptions] = None, capacity_segments: int = 1,
+                capacity_cp: int = 1) -> CausalLM:
     """The reference model of ``spec``. ``moe_options`` (capacity factor, drop policy) only matter
     for MoE layers (default: dropless); with a capacity factor, ``capacity_segments`` sequence
-    chunks each get their own capacity (the tokens one SP / CP rank routes)."""
-    mixers = [_mixer(spec, kind, moe_options, capacity_segments) for kind in spec.layers]
+    chunks each get their own capacity (the tokens one SP / CP rank routes), taken in the zigzag
+    order of ``capacity_cp`` context-parallel ranks (`routing.capacity_keep_segments`)."""
+    mixers = [_mixer(spec, kind, moe_options, (capacity_segments, capacity_cp)) for kind in spec.layers]
     model = CausalLM(spec, mixers)
     init_weights(model, seed)
     _cast(model, dtype, device)
     return model
 
 
-def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions], segments: int) -> nn.Module:
+def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions],
+           segments: tuple[int, int]) -> nn.Module:
     try:
         block = spec.block(kind)
     except KeyError as e:
@@ -55,7 +58,7 @@ def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions], segmen
     if kind == "mlp":
         return FeedForward.from_spec(block, spec.hidden)
     if kind == "moe":
-        return MoEBlock(block, spec.hidden, moe_options or MoEOptions(), segments)
+        return MoEBlock(block, spec.hidden, moe_options or MoEOptions(), *segments)
     if kind == "mamba":
         return Mamba2Mixer(block, spec.hidden, spec.norm.eps)
     raise PlaitError(f"unknown block kind {kind!r}")

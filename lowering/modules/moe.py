@@ -2,8 +2,10 @@
 MLPs -> weighted unpermute, plus an optional shared expert (with Qwen2-MoE's sigmoid gate).
 
 Dropless by default; with a capacity factor, tokens over capacity are dropped per expert on the
-tokens of one call, split into ``seq_segments`` sequence chunks (the tokens one SP / CP rank routes),
-so a distributed run reproduces per-rank capacity semantics with the same model.
+tokens of one call, split into ``seq_segments`` sequence chunks (the tokens one SP / CP rank routes;
+with ``seq_cp`` > 1 the chunks follow context parallelism's zigzag layout, so a CP rank's segment is
+its two non-contiguous chunks), so a distributed run reproduces per-rank capacity semantics with the
+same model.
 
 The aux and z losses are attached to the block output with an identity autograd function whose
 backward feeds d(loss)/d(aux) = 1 (Megatron's MoEAuxLossAutoScaler): the trained objective is
@@ -42,10 +44,10 @@ def route(logits, expert_bias, top_k, router, pre_softmax, norm_topk, groups, to
     return weights, indices, loss, counts
 
 
-def capacity(weights, indices, batch, segments, experts, factor, policy):
+def capacity(weights, indices, batch, segments, experts, factor, policy, cp=1):
     """Zero the weights of assignments over capacity and mark them with expert id ``experts``
     (a sentinel that permute_tokens drops)."""
-    keep = routing.capacity_keep_segments(weights, indices, batch, segments, experts, factor, policy)
+    keep = routing.capacity_keep_segments(weights, indices, batch, segments, experts, factor, policy, cp)
     return weights * keep, indices.masked_fill(~keep, experts)
 
 
@@ -91,13 +93,14 @@ for _fn in ("route", "capacity", "permute_tokens", "unpermute_tokens", "attach_a
 class MoEBlock(nn.Module):
     fp32_params = ("router.weight", "expert_bias")
 
-    def __init__(self, spec: MoE, hidden: int, options: Optional[MoEOptions] = None, seq_segments: int = 1):
+    def __init__(self, spec: MoE, hidden: int, options: Optional[MoEOptions] = None, seq_segments: int = 1,
+                 seq_cp: int = 1):
         super().__init__()
         options = options or MoEOptions()
         self.spec = spec
         self.capacity_factor = options.capacity_factor
         self.drop_policy = options.drop_policy
-        self.seq_segments = seq_segments
+        self.seq_segments, self.seq_cp = seq_segments, seq_cp
         self.router = nn.Linear(hidden, spec.experts, bias=False)
         self.experts = GroupedExperts(spec.experts, hidden, spec.ffn, spec.activation)
         if spec.expert_bias:
@@ -120,7 +123,7 @@ class MoEBlock(nn.Module):
             self.expert_load.add_(counts.detach().float())  # for the aux-loss-free bias update
         if self.capacity_factor is not None:
             weights, indices = capacity(weights, indices, x.shape[0], self.seq_segments, s.experts,
-                                        self.capacity_factor, self.drop_policy)
+                                        self.capacity_factor, self.drop_policy, self.seq_cp)
         x_sorted, expert_counts, token, row_weights = permute_tokens(flat, indices, weights, s.experts)
         y_sorted = self.experts(x_sorted, expert_counts)
         out = unpermute_tokens(y_sorted, token, row_weights, flat.shape[0]).to(x.dtype)

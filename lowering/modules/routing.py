@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from plait.lowering.cp_ops import zigzag_order
+
 
 def select_experts(choice: torch.Tensor, top_k: int, groups: int = 1, topk_groups: int = 1) -> torch.Tensor:
     """Indices [T, k] of the chosen experts given choice scores [T, E]."""
@@ -103,14 +105,35 @@ def capacity_keep(weights: torch.Tensor, indices: torch.Tensor, experts: int, fa
 
 
 def capacity_keep_segments(weights: torch.Tensor, indices: torch.Tensor, batch: int, segments: int,
-                           experts: int, factor: float, policy: str) -> torch.Tensor:
-    """``capacity_keep`` applied separately to each of ``segments`` equal sequence chunks (all batch
-    rows of positions [i*s/n, (i+1)*s/n)): the tokens one sequence-/context-parallel rank holds."""
+                           experts: int, factor: float, policy: str, cp: int = 1) -> torch.Tensor:
+    """``capacity_keep`` applied separately to each of ``segments`` equal sequence chunks: the tokens
+    one sequence- / context-parallel rank holds, each chunk in that rank's [b, s_local] order.
+
+    ``cp`` > 1: the sequence is first put in context parallelism's zigzag order (2*cp chunks, CP
+    rank r holding chunks r and 2*cp-1-r next to each other, see `plait.lowering.cp_ops`), then cut
+    into the ``segments`` (a multiple of cp) pieces: piece i is what CP rank i // (segments / cp)
+    and, under sequence parallelism, TP rank i % (segments / cp) route. So a CP rank's capacity
+    covers its two non-contiguous chunks together, as each rank computes it on its local tokens."""
     if segments == 1:
         return capacity_keep(weights, indices, experts, factor, policy)
+    if segments % cp:
+        raise ValueError(f"{segments} capacity segments cannot be split over cp = {cp}")
     k = indices.shape[1]
+    order = zigzag_sequence_order(weights.shape[0] // batch, cp, device=indices.device)
+
     def chunks(x):  # [b*s, k] -> [segments, b*s/segments, k], each chunk in its own [b, s/n] order
+        x = x.view(batch, -1, k)[:, order]
         return x.view(batch, segments, -1, k).transpose(0, 1).reshape(segments, -1, k)
     kept = torch.stack([capacity_keep(w, i, experts, factor, policy)
                         for w, i in zip(chunks(weights), chunks(indices))])
-    return kept.view(segments, batch, -1, k).transpose(0, 1).reshape(-1, k)
+    kept = kept.view(segments, batch, -1, k).transpose(0, 1).reshape(batch, -1, k)
+    return torch.empty_like(kept).index_copy_(1, order, kept).view(-1, k)  # back to natural order
+
+
+def zigzag_sequence_order(seq: int, cp: int, device=None) -> torch.Tensor:
+    """Positions of a length-``seq`` sequence in the order CP ranks 0..cp-1 hold them (identity
+    for cp = 1)."""
+    if cp == 1:
+        return torch.arange(seq, device=device)
+    chunk = seq // (2 * cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in zigzag_order(cp)])

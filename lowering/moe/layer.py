@@ -5,10 +5,13 @@ only this rank's EP x ETP shard of the routed experts, and a token dispatcher in
       -> dispatcher.dispatch -> grouped expert MLPs (local experts, FFN slice) -> dispatcher.combine
       -> + shared expert (replicated, local tokens) -> attach aux loss
 
-Tokens of one reference call (a micro-batch) may be split over a *token group* (the TP ranks of a
-sequence-parallel region, later CP): the aux loss then uses the group's total token counts, and each
-rank's share of it sums to the reference value. Capacity is per rank, as the reference's
-``capacity_segments`` models it.
+Tokens of one reference call (a micro-batch) may be split over a *token group*: the TP ranks of a
+sequence-parallel region and the CP ranks (each holding its two zigzag chunks of every sequence;
+folded into EP they are ordinary token sources). The aux loss then uses the group's total token
+counts (summed over TP, then over CP: the TP x CP group), and each rank's share of it sums to the
+reference value -- times cp, because dense gradients are *averaged* over DP x CP (CP ranks are
+loss replicas like DP ones) while TP partial gradients are summed. Capacity is per rank, on its
+local tokens, as the reference's ``capacity_segments`` / ``capacity_cp`` model it.
 
 Gradients (see ``grad_groups``): expert weights are summed over EDP and scaled by 1/(dp*cp) as
 Megatron's DDP does; router, shared expert and gate are dense replicated parameters (summed over
@@ -51,11 +54,13 @@ class ExpertParallelMoE(nn.Module):
     fp32_params = ("router.weight", "expert_bias")
 
     def __init__(self, spec: MoE, hidden: int, grid: ExpertGrid, options: Optional[MoEOptions] = None,
-                 token_axis: Optional[str] = None, token_parts: int = 1):
+                 token_axes: tuple[str, ...] = (), token_parts: int = 1, averaged_parts: int = 1):
         super().__init__()
         options = options or MoEOptions()
         self.spec, self.grid, self.options = spec, grid, options
-        self.token_axis, self.token_parts = token_axis, token_parts
+        # the mesh axes over which the reference call's tokens are split, their product, and the
+        # part of it whose gradients are averaged rather than summed (cp)
+        self.token_axes, self.token_parts, self.averaged_parts = token_axes, token_parts, averaged_parts
         self.dispatcher = make_dispatcher(options.dispatcher, grid)
         self.router = nn.Linear(hidden, spec.experts, bias=False)
         if spec.ffn % grid.etp:
@@ -71,11 +76,12 @@ class ExpertParallelMoE(nn.Module):
 
     @classmethod
     def from_reference(cls, block: MoEBlock, grid: ExpertGrid, options: Optional[MoEOptions] = None,
-                       token_axis: Optional[str] = None, token_parts: int = 1) -> "ExpertParallelMoE":
+                       token_axes: tuple[str, ...] = (), token_parts: int = 1,
+                       averaged_parts: int = 1) -> "ExpertParallelMoE":
         """This rank's shard of the reference ``block`` (same dtype, same values)."""
         hidden = block.router.weight.shape[1]
         with torch.device(block.router.weight.device):  # meta when compiling without storage
-            m = cls(block.spec, hidden, grid, options, token_axis, token_parts)
+            m = cls(block.spec, hidden, grid, options, token_axes, token_parts, averaged_parts)
         m.to(block.experts.w_down.dtype).train(block.training)
         m.load_reference_state(block.state_dict())
         return m
@@ -131,17 +137,20 @@ class ExpertParallelMoE(nn.Module):
         return out.view_as(x)
 
     def _aux_loss(self, logits: torch.Tensor, aux_scores: torch.Tensor, counts: torch.Tensor):
-        """This rank's share of the reference aux + z loss of its token group: the balancing loss
-        needs the group's token counts and total T; each rank sums only its own tokens' terms."""
-        s, t = self.spec, logits.shape[0]
-        share = t / (t * self.token_parts)
+        """This rank's share of the reference aux + z loss of its token group, scaled by the
+        group's averaged part: the balancing loss needs the group's token counts and total T
+        (local T * parts, hence share**2 on the local 1 / T**2); each rank sums only its own
+        tokens' terms."""
+        s = self.spec
+        share, scale = 1.0 / self.token_parts, float(self.averaged_parts)
         loss = logits.new_zeros(())
         if s.aux_loss:
-            if self.token_parts > 1:
-                counts = comm.all_reduce_sum(counts, self.token_axis)
-            loss = loss + routing.load_balancing_loss(aux_scores, counts, s.top_k, s.aux_loss) * share**2
+            for axis in self.token_axes:  # two tiny all-reduces: the group is TP x CP
+                counts = comm.all_reduce_sum(counts, axis)
+            balance = routing.load_balancing_loss(aux_scores, counts, s.top_k, s.aux_loss)
+            loss = loss + balance * (share**2 * scale)
         if s.z_loss:
-            loss = loss + routing.z_loss(logits, s.z_loss) * share
+            loss = loss + routing.z_loss(logits, s.z_loss) * (share * scale)
         return loss
 
     def extra_repr(self) -> str:

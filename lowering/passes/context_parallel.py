@@ -10,9 +10,10 @@ a single fx node for this reason):
   causal_conv1d         -> cp_causal_conv1d                 with the predecessor chunks' halos
   ssd_scan              -> cp_ssd_scan                       states passed across chunks
 
-Everything else (projections, norms, MLPs, experts, the per-token loss) is per token. Each rank's
-loss is the mean over its own tokens, all ranks hold equally many, so the step's loss and gradients
-are averages over DP x CP: the runtime reduces dense gradients over the "dp-cp" group.
+Everything else (projections, norms, MLPs, experts, the per-token loss) is per token; MoE layers
+route their local tokens, and EP groups may fold CP ranks (dispatch_experts). Each rank's loss is
+the mean over its own tokens, all ranks hold equally many, so the step's loss and gradients are
+averages over DP x CP: the runtime reduces dense gradients over the "dp-cp" group.
 """
 from __future__ import annotations
 
@@ -61,10 +62,6 @@ def check_context_parallel(t: Target) -> None:
     if "mamba" in spec.layers and seq // (2 * cp) < spec.mamba.conv - 1:
         raise LayoutError(f"a CP chunk of {seq // (2 * cp)} tokens is shorter than the Mamba conv "
                           f"halo of conv - 1 = {spec.mamba.conv - 1} tokens")
-    moe = getattr(t.plan, "moe", None)
-    if "moe" in spec.layers and moe is not None and moe.capacity_factor is not None:
-        raise LayoutError("context parallelism with MoE capacity dropping is not lowered yet "
-                          "(capacity would apply per zigzag chunk pair)", hint="use dropless routing")
 
 
 def _replace(gm, node, target, args) -> torch.fx.Node:

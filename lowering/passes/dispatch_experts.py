@@ -10,6 +10,13 @@ ETP x EP) do the rest, whichever ranks the EP and ETP groups fold onto. Without 
 parallelism TP ranks would hold the same tokens twice; Megatron-Core requires sequence parallelism
 with MoE and TP > 1, and so does this pass.
 
+Context parallelism folds the same way: a CP rank holds its two zigzag chunks of every sequence
+([mbs, seq / cp (/ tp), hidden]), distinct tokens again, so EP (and ETP) groups may span CP ranks
+and the dispatcher moves those tokens like any others. What CP changes is the aux loss (its token
+counts are summed over TP x CP, its gradient share scaled for the DP x CP average, see
+`ExpertParallelMoE`) and capacity: it applies to a rank's local tokens, i.e. to its two
+non-contiguous chunks together (the reference's ``capacity_cp``).
+
 The pass runs first (before tensor parallelism): the new mixer node sits in its layer's scope, not
 a TP region. It records `ExpertSync` in ``gm.meta["plait.experts"]``: the expert parameters, whose
 gradients are summed over EDP (never over TP or DP), for the data-parallel pass and the runtime.
@@ -48,9 +55,6 @@ def check_expert_layout(spec: ModelSpec, lay: Layout) -> None:
         raise LayoutError(f"MoE layers with tp = {lay.tp} need sequence parallelism: without it "
                           f"the {lay.tp} TP ranks hold the same tokens and would route them twice",
                           hint="set sp = true (Megatron-Core requires it for MoE with TP too)")
-    if lay.cp > 1:
-        raise LayoutError("context parallelism with MoE layers is not lowered yet",
-                          hint="use cp = 1 for MoE models")
 
 
 def expert_grid(t: Target) -> ExpertGrid:
@@ -102,14 +106,15 @@ def dispatch_experts(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModul
         return gm
     check_expert_layout(t.spec, t.layout)
     grid, options = expert_grid(t), moe_options(t)
-    token_axis = "tp" if t.layout.tp > 1 else None
+    lay = t.layout
+    token_axes = tuple(a for a in ("tp", "cp") if getattr(lay, a) > 1)  # the ranks splitting a call
     params = []
     for i in layers:
         ref = gm.get_submodule(f"layers.{i}.mixer")
-        module = ExpertParallelMoE.from_reference(ref, grid, options, token_axis, t.layout.tp)
+        module = ExpertParallelMoE.from_reference(ref, grid, options, token_axes=token_axes,
+                                                  token_parts=lay.tp * lay.cp, averaged_parts=lay.cp)
         _replace_mixer(gm, i, module)
         params += [f"layers.{i}.mixer.{name}" for name in EXPERT_PARAMS]
-    lay = t.layout
     gm.meta[EXPERTS] = ExpertSync(params=tuple(params), grid=grid, edp=lay.edp,
                                   dp_cp=lay.dp * lay.cp, gated=t.spec.moe.activation == "swiglu")
     gm.graph.eliminate_dead_code()

@@ -3,8 +3,9 @@
 single-device reference with the same per-rank semantics.
 
 Reference semantics: every (DP rank, micro-batch) is one call of the reference model, as it is one
-call of the MoE layers in the parallel run (its aux loss, its capacity); under sequence parallelism
-each TP rank's sequence chunk is a capacity segment (`build_model(capacity_segments=tp)`). Each
+call of the MoE layers in the parallel run (its aux loss, its capacity); each rank's tokens of a
+call are a capacity segment: under sequence parallelism a TP rank's sequence chunk, under context
+parallelism a CP rank's two zigzag chunks (`build_model(capacity_segments=tp*cp, capacity_cp=cp)`). Each
 call's loss is back-propagated with its aux losses, then gradients are divided by the number of
 calls (the runtime's micro-batch and DP averaging), clipped by their global norm, and AdamW steps.
 """
@@ -114,8 +115,9 @@ def run_rank(rank: int, world: int, cases: dict[str, MoECase]) -> dict:
 def reference(case: MoECase, bias_rate: Optional[float] = None) -> dict:
     """The single-device run of ``case`` (``bias_rate`` overrides the job's expert-bias rate)."""
     lay, moe = case.layout, case.moe
-    segments = lay.tp if (moe and moe.capacity_factor is not None and lay.sp) else 1
-    model = build_model(case.spec, seed=0, moe_options=moe, capacity_segments=segments)
+    segments = (lay.tp if lay.sp else 1) * lay.cp
+    model = build_model(case.spec, seed=0, moe_options=moe, capacity_segments=segments,
+                        capacity_cp=lay.cp)
     trainer = ReferenceTrainer(model, OPTIMIZER)
     rate = case.job().moe.expert_bias_rate if bias_rate is None else bias_rate
     for step in range(case.steps):

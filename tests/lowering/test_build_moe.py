@@ -69,9 +69,9 @@ def moe_spec(**kw):
     return MoE(**(base | kw))
 
 
-def block(spec=None, options=None, segments=1, seed=0):
+def block(spec=None, options=None, segments=1, seed=0, cp=1):
     torch.manual_seed(seed)
-    b = MoEBlock(spec or moe_spec(), 32, options, segments)
+    b = MoEBlock(spec or moe_spec(), 32, options, segments, cp)
     with torch.no_grad():
         for p in b.parameters():
             p.normal_(0, 0.3)
@@ -170,6 +170,22 @@ def test_capacity_segments_apply_per_sequence_chunk():
     halves = [whole(x[:, :4]), whole(x[:, 4:])]  # what two sequence-parallel ranks compute
     torch.testing.assert_close(split(x), torch.cat(halves, dim=1), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(whole(x), split(x))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_capacity_segments_follow_the_zigzag_chunks_of_context_parallel_ranks(tp):
+    """cp = 2: rank r holds chunks r and 3 - r of 4; its (SP-split) tokens are one segment each."""
+    opts = MoEOptions(capacity_factor=0.5, drop_policy="position")
+    whole, split = block(options=opts), block(options=opts, segments=2 * tp, cp=2)
+    x = torch.randn(2, 16, 32)
+    c = x.chunk(4, dim=1)
+    ranks = [torch.cat((c[0], c[3]), 1), torch.cat((c[1], c[2]), 1)]  # what the CP ranks hold
+    outs = [torch.cat([whole(part) for part in local.chunk(tp, dim=1)], 1) for local in ranks]
+    halves = [o.chunk(2, dim=1) for o in outs]
+    expected = torch.cat([halves[0][0], halves[1][0], halves[1][1], halves[0][1]], dim=1)
+    torch.testing.assert_close(split(x), expected, rtol=1e-5, atol=1e-5)
+    if tp == 1:  # (with tp = 2 every segment is one chunk: zigzag and contiguous cuts coincide)
+        assert not torch.allclose(split(x), block(options=opts, segments=2)(x))
 
 
 def test_expert_bias_update_balances_load():

@@ -4,8 +4,10 @@ each dropless and with a capacity factor that drops tokens: loss, every gradient
 parameter after one clipped AdamW step equal the single-device reference with the same per-rank
 semantics (moe_parity_util) within 1e-5.
 
-Layouts are "dense | expert": attention / MLP layers on TP x DP x PP, MoE layers on ETP x EP x EDP
-x PP over the same ranks (Megatron-Core order tp-cp-ep-dp-pp).
+Layouts are "dense | expert": attention / MLP layers on TP x CP x DP x PP, MoE layers on ETP x EP x
+EDP x PP over the same ranks (Megatron-Core order tp-cp-ep-dp-pp). With CP folded into EP, each CP
+rank routes its two zigzag chunks of every sequence; its capacity covers those two chunks together
+(the reference: `build_model(capacity_segments=tp*cp, capacity_cp=cp)`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def both(name: str, layout: Layout, capacity: MoEOptions = CAPACITY, **kw) -> di
 CASES_2 = {
     **both("ep2 (dp2 | ep2), 2 micro-batches", Layout(dp=2, ep=2, mbs=2), micro=2),
     **both("tp2 folded (tp2 sp | etp1 ep2)", Layout(tp=2, sp=True, ep=2, mbs=2), POSITION_PAD),
+    **both("cp2 folded into ep2 (cp2 | ep2)", Layout(cp=2, ep=2, mbs=2)),
 }
 CASES_4 = {
     **both("ep4 (dp4 | ep4)", Layout(dp=4, ep=4, mbs=2, dp_kind="replicated")),
@@ -45,6 +48,9 @@ CASES_4 = {
                                                             dp_kind="fsdp")),
     "ep4 allgather (dp4 | ep4) capacity": MoECase(Layout(dp=4, ep=4, mbs=2, dispatcher="allgather"),
                                                   POSITION_PAD),
+    # a TP x CP token group of 4 (aux-loss counts summed over both), folded into ep4
+    **both("tp2 x cp2 folded into ep4 (tp2 sp cp2 | ep4)", Layout(tp=2, sp=True, cp=2, ep=4, mbs=2),
+           POSITION_PAD),
 }
 
 # two whole training steps with the expert-bias update: the load all-reduced over the stage's

@@ -65,7 +65,7 @@ def test_etp_slices_gate_and_up_alike_and_folds_onto_dense_ranks():
     assert m.experts.w_gate_up.shape == (4, 16, 32) and m.experts.w_down.shape == (4, 32, 8)
     torch.testing.assert_close(m.experts.w_gate_up, up)
     torch.testing.assert_close(m.experts.w_down, down)
-    assert (m.token_axis, m.token_parts) == ("tp", 2)
+    assert (m.token_axes, m.token_parts, m.averaged_parts) == (("tp",), 2, 1)
 
 
 def test_router_and_shared_expert_sum_over_tp_but_experts_never_do():
