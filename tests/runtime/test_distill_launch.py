@@ -45,7 +45,7 @@ def test_an_illegal_layout_is_refused_before_any_process_starts(tmp_path):
 
 
 @pytest.mark.tier2
-def test_plait_prune_distils_under_dp2_like_one_process(tmp_path):
+def test_plait_prune_distils_under_dp2_like_one_process(tmp_path, capfd):
     from plait.pruning import run_prune, train_teacher
 
     said = []
@@ -63,3 +63,9 @@ def test_plait_prune_distils_under_dp2_like_one_process(tmp_path):
     assert abs(parallel["distill_final_kl"] - single["distill_final_kl"]) < 1e-5
     assert abs(parallel["distilled_loss"] - single["distilled_loss"]) < 1e-5
     assert not torch.equal(got["embed.weight"], load_file(str(tmp_path / "dp2" / "model.safetensors"))["embed.weight"])
+    # more steps: both resume from their checkpoints at step 3 (the runtime's from DCP in RUN/distill/)
+    capfd.readouterr()
+    single = run_prune(_job(tmp_path, "single"), say=said.append, steps=5)
+    parallel = run_prune(_job(tmp_path, "dp2", (("dp", 2),)), say=said.append, steps=5, on_step=print)
+    assert "resuming at step 3 of 5" in capfd.readouterr().out
+    assert abs(parallel["distilled_loss"] - single["distilled_loss"]) < 1e-5
