@@ -13,8 +13,8 @@ equals the single-device reference's update over the whole global batch. Pipelin
 different layers, so no reduction crosses PP. (Megatron-Core all-reduces over its
 tensor-and-data-parallel group with CP, the same ranks.)
 
-A layer that full recompute re-runs counts its tokens twice; the doubling is uniform over its
-experts and ``sign`` ignores it.
+The load counter skips the forward that activation recompute re-runs during backward
+(``lowering.recompute.is_recomputing``), so each token is counted once.
 """
 from __future__ import annotations
 
