@@ -113,7 +113,13 @@ def importance(job: PruneJob, run: RunDir, teacher: torch.nn.Module, say: Say) -
         return ImportanceScores.from_json(run.importance.read_text())
     start = time.perf_counter()
     method = job.calibration.method
-    if method == "activation":
+    layout = parallel_layout(job)
+    if method == "activation" and layout is not None:  # the batches split over the layout's ranks
+        from plait.runtime.calibrate_dist import calibrate_parallel
+        say(f"importance: calibrating data parallel on up to {layout.world} processes")
+        scores = calibrate_parallel(job.model, teacher.state_dict(), calibration_batches(job, run), layout.world,
+                                    run.root / "calibrate", job.calibration.depth)
+    elif method == "activation":
         from plait.lowering.prune.importance import activation_scores
         scores = activation_scores(teacher, job.model, calibration_batches(job, run), depth=job.calibration.depth)
     elif method == "magnitude":

@@ -20,7 +20,7 @@ each structure.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from torch import nn
 
 from plait.ir.model import ModelSpec
 from plait.planner.prune.scores import ImportanceScores, LayerScores
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a float64 vector summed over data-parallel ranks
 
 
 class _SeqBatch:
@@ -77,6 +79,24 @@ class _Collector:
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
+
+    def reduce(self, sum_over_ranks: "Reduce") -> None:
+        """Sum every accumulator over the ranks that scored other batches (all are sums, so the
+        result is what one process scoring every batch accumulates)."""
+        sums = [a for a in self.norms + self.units + self.channels if a.sq is not None]
+        experts = sorted(self.expert_sum)
+        parts = [a.sq for a in sums] + [self.expert_sum[i] for i in experts] \
+            + [self.expert_tokens[i] for i in experts] \
+            + [torch.tensor(self.cos_sum, dtype=torch.float64), torch.tensor(self.tokens, dtype=torch.float64)]
+        total = iter(sum_over_ranks(torch.cat([t.flatten() for t in parts])).split([t.numel() for t in parts]))
+        for a in sums:
+            a.sq = next(total).view_as(a.sq)
+        for i in experts:
+            self.expert_sum[i] = next(total)
+        for i in experts:
+            self.expert_tokens[i] = next(total)
+        self.cos_sum = next(total).tolist()
+        self.tokens = [int(round(v)) for v in next(total).tolist()]
 
     def _hook(self, module, fn):
         self.handles.append(module.register_forward_hook(fn))
@@ -134,18 +154,22 @@ def _collecting(model: nn.Module):
 
 @torch.no_grad()
 def activation_scores(model: nn.Module, spec: ModelSpec, batches: Iterable[torch.Tensor],
-                      depth: str = "cosine") -> ImportanceScores:
+                      depth: str = "cosine", reduce: Optional[Reduce] = None) -> ImportanceScores:
     """Minitron's activation importance of ``model`` (the reference module of ``spec``) over the
-    token batches ``batches`` ([b, s] LongTensors)."""
+    token batches ``batches`` ([b, s] LongTensors). Data parallel: each rank passes its own
+    batches and ``reduce`` (a sum of a float64 vector over the ranks); every rank gets the scores
+    of all the batches."""
     model.eval()
     batches = list(batches)
     with _collecting(model) as c:
         for tokens in batches:
             model(tokens)
+    if reduce is not None:
+        c.reduce(reduce)
     hidden = sum(n.result() for n in c.norms)
     blocks = [c.cos_sum[i] / max(1, c.tokens[i]) for i in range(len(model.layers))]
     if depth == "perplexity":
-        blocks = _loss_increase(model, batches)
+        blocks = _loss_increase(model, batches, reduce)
     layers = []
     for i, kind in enumerate(spec.layers):
         if kind == "moe":
@@ -155,23 +179,28 @@ def activation_scores(model: nn.Module, spec: ModelSpec, batches: Iterable[torch
         channels = c.channels[i].result() if kind == "mamba" else None
         layers.append(LayerScores(i, kind, _floats(units), _floats(channels), float(blocks[i])))
     tokens = sum(int(t.numel()) for t in batches)
+    if reduce is not None:
+        tokens = int(reduce(torch.tensor([float(tokens)], dtype=torch.float64))[0])
     return ImportanceScores(spec.name, "activation", _floats(hidden), tuple(layers), tokens)
 
 
-def _loss_increase(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
+def _loss_increase(model: nn.Module, batches: list[torch.Tensor], reduce: Optional[Reduce] = None) -> list[float]:
     """Per layer: mean next-token loss with the layer skipped minus the full model's (>= 0)."""
-    def loss() -> float:
-        return sum(float(model(t[:, :-1], t[:, 1:])) for t in batches) / len(batches)
+    def loss_sum() -> float:
+        return sum(float(model(t[:, :-1], t[:, 1:])) for t in batches)
 
-    base = loss()
-    out = []
+    sums = [loss_sum()]
     for layer in model.layers:
         handle = layer.register_forward_hook(lambda mod, args, o: args[0])  # the layer becomes identity
         try:
-            out.append(max(0.0, loss() - base))
+            sums.append(loss_sum())
         finally:
             handle.remove()
-    return out
+    totals = torch.tensor(sums + [float(len(batches))], dtype=torch.float64)
+    if reduce is not None:
+        totals = reduce(totals)
+    means = (totals[:-1] / totals[-1]).tolist()
+    return [max(0.0, m - means[0]) for m in means[1:]]
 
 
 def _floats(t: Optional[torch.Tensor]) -> tuple[float, ...]:

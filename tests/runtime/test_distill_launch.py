@@ -1,6 +1,8 @@
-"""Tier 2: `plait prune` distils in the compiled runtime when the prune job's layout pins more
-than one rank. The same job pinned to dp = 2 and unpinned (one process, the reference Distiller)
-prunes to the same model, and the two distilled students agree within 1e-5 (fp32)."""
+"""Tier 2: `plait prune` calibrates data parallel and distils in the compiled runtime when the
+prune job's layout pins more than one rank. The same job pinned to dp = 2 and unpinned (one
+process, the reference Distiller) prunes to the same model, and the two distilled students agree
+within 1e-5 (fp32)."""
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +15,7 @@ from plait.ir import counts
 from plait.ir.errors import LayoutError
 from plait.ir.job import AxisSearch, Calibration, Distill, LayoutPins, Optimizer, PruneJob, PruneTarget
 from plait.ir.plan import Layout
+from plait.planner.prune.scores import ImportanceScores
 from plait.runtime.distill_launch import DistillRun, check_run, layout_from_pins
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lowering"))
@@ -53,6 +56,11 @@ def test_plait_prune_distils_under_dp2_like_one_process(tmp_path, capfd):
     single = run_prune(_job(tmp_path, "single"), say=said.append)
     parallel = run_prune(_job(tmp_path, "dp2", (("dp", 2),)), say=said.append)
     assert any("under tp1 cp1 dp2 pp1" in s for s in said)
+    assert any("calibrating data parallel on up to 2 processes" in s for s in said)
+    got_s, want_s = (ImportanceScores.from_json((tmp_path / d / "importance.json").read_text()) for d in ("dp2", "single"))
+    assert got_s.tokens == want_s.tokens and all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got_s.hidden + got_s.layers[1].units,
+                                                          want_s.hidden + want_s.layers[1].units))
     assert (tmp_path / "dp2" / "model.plait").read_text() == (tmp_path / "single" / "model.plait").read_text()
     want = load_file(str(tmp_path / "single" / "distilled.safetensors"))
     got = load_file(str(tmp_path / "dp2" / "distilled.safetensors"))
