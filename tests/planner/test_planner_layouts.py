@@ -104,3 +104,27 @@ def test_dense_model_meshes_have_no_expert_split(gpt_job):
     job = gpt_job(4096, 32, 36, 128, 512)
     for m in meshes(job, {}):
         assert m.ep == 1 and m.etp == m.tp and m.edp == m.dp * m.cp
+
+
+def test_context_parallel_ranks_fold_into_expert_parallel(mixtral_job):
+    """ep may span CP ranks (ep divides tp*cp*dp, not only dp): cp2 dp4 | ep8 on 8 ranks per stage."""
+    job = mixtral_job(gpus=64)
+    folded = Layout(tp=1, cp=2, dp=4, pp=8, etp=1, ep=8, edp=1)
+    validate_layout(job, folded)
+    found = list(meshes(job, {"cp": 2, "pp": 8}))
+    assert any(m.ep > m.dp for m in found)
+    assert folded in [m for m in found if m.tp == 1 and m.ep == 8 and m.etp == 1]
+
+
+def test_fsdp_needs_expert_weights_replicated_over_dp_cp(mixtral_job):
+    """FSDP shards every weight over dp x cp: with CP folded into EP (edp < dp*cp) only zero1 /
+    replicated keep the expert weights' replicas apart, and the search never offers fsdp there."""
+    job = mixtral_job(gpus=64)
+    folded = Layout(tp=1, cp=2, dp=4, pp=8, etp=1, ep=8, edp=1, dp_kind="fsdp")
+    msgs = violations(job, folded)
+    assert any("dp*cp = 4*2 = 8 ranks but they replicate over edp = 1" in m for m in msgs)
+    assert not violations(job, Layout(tp=2, cp=2, dp=2, pp=8, etp=1, ep=2, edp=4, sp=True,
+                                      dp_kind="fsdp"))  # etp*ep = tp: edp = dp*cp
+    kinds = {v.dp_kind for v in knob_variants(job, Layout(tp=1, cp=2, dp=4, pp=8, etp=1, ep=8, edp=1),
+                                              {})}
+    assert "fsdp" not in kinds and "zero1" in kinds

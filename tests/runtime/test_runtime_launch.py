@@ -34,6 +34,14 @@ def test_bad_layouts_are_rejected_with_arithmetic(job, layout, message):
         check_plan(job, hand_plan(job, layout))
 
 
+def test_moe_with_context_parallel_folded_into_experts_passes_and_fsdp_is_refused():
+    moe_job = load_job(str(ROOT / "specs" / "jobs" / "tiny-moe-local.plait"))
+    plan = check_plan(moe_job, hand_plan(moe_job, Layout(cp=2, dp=4, ep=2, edp=4)))
+    assert (plan.layout.cp, plan.layout.ep, plan.layout.edp) == (2, 2, 4)
+    with pytest.raises(LayoutError, match=r"dp\*cp = 4\*2 = 8 ranks but they replicate over edp = 4"):
+        check_plan(moe_job, hand_plan(moe_job, Layout(cp=2, dp=4, ep=2, edp=4, dp_kind="fsdp")))
+
+
 def test_stage_count_must_match_pp(job):
     plan = replace(hand_plan(job, Layout(tp=2, pp=2, dp=2)), stages=(Stage(0, 0, 0, 8),))
     with pytest.raises(LayoutError, match=r"1 stages, but pp\*vpp = 2\*1 = 2"):
