@@ -10,8 +10,8 @@ vocabulary columns) — frozen (eval, no gradients), and the loss is
 as runtime/distill.py computes it on one device. Under TP each rank holds V/tp logit columns; the
 KL is vocab-parallel the way the cross entropy is (lowering/tp_ops.py): the maxima and the sums over
 the vocabulary are reduced over TP, so every rank computes the same (replicated) loss value.
-Pipeline parallelism is not supported yet (the pipeline schedule's loss_fn sees only the student's
-output); plans with pp > 1 are refused with a LayoutError.
+With pp > 1 the teacher runs as its own forward-only pipeline (its layers split evenly over the
+same pp ranks) and its logits meet the student's on the last stage (PipelineDistillRunner).
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ import torch
 from plait.ir.errors import LayoutError
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
-from plait.ir.plan import ParallelPlan, even_stages
+from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram, lower
 
 from . import data as data_mod
 from .mesh import Mesh
-from .train import Trainer
+from .schedule import StepRunner
+from .train import Trainer, _keep_local_children
 
 
 @dataclass(frozen=True)
@@ -83,17 +84,18 @@ class DistillRunner:
         self.tp = student.plan.layout.tp
         self.last_kl = self.last_lm = 0.0  # this rank's means over the step's micro-batches
 
-    def micro_loss(self, tokens: torch.Tensor, labels: torch.Tensor):
-        stage = self.student.stage(0)
-        with torch.no_grad():
-            teacher_logits = self.teacher.stage(0)(tokens)
-        logits = stage(tokens)
+    def logits_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
         kl = vocab_parallel_kl(logits.flatten(0, 1).float(), teacher_logits.flatten(0, 1).float(),
                                self.temperature, "tp", self.tp)
         lm = self.student.loss(logits, labels)  # the compiled (vocab-parallel) cross entropy
         w = self.lm_weight
         loss = (1 - w) * kl + w * lm if w > 0 else kl
         return loss, kl.detach(), lm.detach()
+
+    def micro_loss(self, tokens: torch.Tensor, labels: torch.Tensor):
+        with torch.no_grad():
+            teacher_logits = self.teacher.stage(0)(tokens)
+        return self.logits_loss(self.student.stage(0)(tokens), teacher_logits, labels)
 
     def run(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         stage = self.student.stage(0)
@@ -113,6 +115,40 @@ class DistillRunner:
         return (total / self.n_micro).to(tokens.device)
 
 
+class PipelineDistillRunner(DistillRunner):
+    """pp > 1: the teacher's pipeline runs forward only (the schedule's eval) and leaves its logits
+    on the last pp rank, where the student's schedule then calls the distillation loss. The
+    schedule splits one target tensor into micro-batches, so the teacher's logits travel with the
+    labels as one more column (token ids are exact in fp32 below 2^24)."""
+
+    def __init__(self, student: RankProgram, teacher: RankProgram, mesh: Mesh, n_micro: int,
+                 temperature: float, lm_weight: float):
+        super().__init__(student, teacher, n_micro, temperature, lm_weight)
+        self.teacher_steps = StepRunner(teacher, mesh, n_micro)
+        self.student_steps = StepRunner(student, mesh, n_micro, loss_fn=self._pipeline_loss)
+        self.kls: list[float] = []
+        self.lms: list[float] = []
+
+    def _pipeline_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss, kl, lm = self.logits_loss(logits, target[..., :-1], target[..., -1].long())
+        self.kls.append(float(kl))
+        self.lms.append(float(lm))
+        return loss
+
+    def run(self, tokens: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        last = self.student.holds_loss
+        args = (tokens,) if 0 in self.teacher.chunk_indices else ()
+        self.kls, self.lms = [], []
+        with torch.no_grad(), cc.guard("teacher pipeline send/recv", "pp"):
+            teacher_logits = self.teacher_steps.schedule.eval(*args, target=labels if last else None,
+                                                              return_outputs=last)
+        target = torch.cat([teacher_logits.float(), labels.unsqueeze(-1).float()], -1) if last else None
+        loss = self.student_steps.run(tokens, target if last else labels)  # labels: unused off the last stage
+        if last:
+            self.last_kl, self.last_lm = sum(self.kls) / len(self.kls), sum(self.lms) / len(self.lms)
+        return loss
+
+
 def teacher_plan(plan: ParallelPlan, teacher: ModelSpec) -> ParallelPlan:
     """The student's plan for the teacher's layers: same layout, one stage over all its layers."""
     stages = even_stages(teacher.num_layers, plan.layout.pp, plan.layout.vpp)
@@ -121,6 +157,7 @@ def teacher_plan(plan: ParallelPlan, teacher: ModelSpec) -> ParallelPlan:
 
 def lower_teacher(teacher: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan, mesh: Mesh) -> RankProgram:
     program = lower(teacher, spec, teacher_plan(plan, spec), mesh.rank)
+    _keep_local_children(program)
     program.pipe.to(mesh.device)
     program.pipe.eval()
     for p in program.pipe.parameters():
@@ -128,10 +165,12 @@ def lower_teacher(teacher: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan,
     return program
 
 
-def check_distill_layout(plan: ParallelPlan, student: ModelSpec, teacher: ModelSpec) -> None:
-    if plan.layout.pp > 1:
-        raise LayoutError(f"distillation in the runtime runs without pipeline parallelism for now "
-                          f"(the plan has pp = {plan.layout.pp})", hint="use tp, dp (or cp) only")
+def check_distill_layout(layout: Layout, student: ModelSpec, teacher: ModelSpec) -> None:
+    chunks = layout.pp * layout.vpp
+    for who, spec in (("student", student), ("teacher", teacher)):
+        if spec.num_layers < chunks:
+            raise LayoutError(f"the {who}'s {spec.num_layers} layers cannot fill "
+                              f"pp*vpp = {layout.pp}*{layout.vpp} = {chunks} pipeline stages")
     if student.vocab != teacher.vocab:
         raise LayoutError(f"the student's vocabulary ({student.vocab}) differs from the teacher's "
                           f"({teacher.vocab}); logits cannot be compared")
@@ -145,11 +184,15 @@ class DistillTrainer:
                  teacher: torch.nn.Module, student: Optional[torch.nn.Module] = None,
                  temperature: float = 1.0, lm_weight: float = 0.0,
                  source: Optional[data_mod.TokenSource] = None, dtype: torch.dtype = torch.float32):
-        check_distill_layout(plan, job.model, teacher_spec)
+        check_distill_layout(plan.layout, job.model, teacher_spec)
         self.trainer = Trainer(job, plan, mesh, source=source, dtype=dtype, model=student)
         self.teacher = lower_teacher(teacher, teacher_spec, plan, mesh)
-        self.runner = DistillRunner(self.trainer.program, self.teacher, plan.num_microbatches,
-                                    temperature, lm_weight)
+        if plan.layout.pp > 1:
+            self.runner = PipelineDistillRunner(self.trainer.program, self.teacher, mesh,
+                                                plan.num_microbatches, temperature, lm_weight)
+        else:
+            self.runner = DistillRunner(self.trainer.program, self.teacher, plan.num_microbatches,
+                                        temperature, lm_weight)
         self.trainer.runner = self.runner  # Trainer.forward_backward runs this step instead
         self.mesh = mesh
 
@@ -157,7 +200,7 @@ class DistillTrainer:
         """KL and LM of the step averaged over DP x CP (TP ranks hold the same values)."""
         mine = torch.tensor([self.runner.last_kl, self.runner.last_lm], dtype=torch.float64,
                             device=self.mesh.device)
-        if self.mesh.coord("tp") != 0:
+        if self.mesh.coord("tp") != 0 or not self.trainer.program.holds_loss:
             mine.zero_()
         total = cc.all_reduce(mine, "sum", "world") / self.mesh.size("dp-cp")
         return float(total[0]), float(total[1])

@@ -67,7 +67,7 @@ def check_run(run: DistillRun) -> None:
     """Layout errors before any process starts (pp, vocabularies, the layout rules)."""
     from plait.planner.layouts import validate_layout
 
-    check_distill_layout(run.plan(), run.student, run.teacher)
+    check_distill_layout(run.layout, run.student, run.teacher)
     validate_layout(run.job(), dense_layout(run.layout))  # a dense model's expert side spans the world
 
 

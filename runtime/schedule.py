@@ -51,8 +51,10 @@ def schedule_class(kind: str, vpp: int):
 class StepRunner:
     """Runs forward + backward of one step; returns the mean loss on ranks that compute it."""
 
-    def __init__(self, program: RankProgram, mesh: Mesh, n_micro: int):
+    def __init__(self, program: RankProgram, mesh: Mesh, n_micro: int, loss_fn=None):
         self.program, self.mesh, self.n_micro = program, mesh, n_micro
+        # (output, target) -> loss on the last stage; distillation passes its own
+        self.loss_fn = program.loss if loss_fn is None else loss_fn
         self.layout = program.plan.layout
         self.schedule = None
         if self.layout.pp > 1:
@@ -67,7 +69,7 @@ class StepRunner:
                                         output_args=example_out, group=self.mesh.groups["pp"]))
         cls = schedule_class(self.program.plan.schedule, self.layout.vpp)
         # Every rank passes the loss (it tells the schedule to run backward); the last stage calls it.
-        loss_fn = self.program.loss
+        loss_fn = self.loss_fn
         if cls is ScheduleInterleaved1F1B:
             return cls(stages, self.n_micro, loss_fn=loss_fn, scale_grads=True)
         return cls(stages[0], self.n_micro, loss_fn=loss_fn, scale_grads=True)

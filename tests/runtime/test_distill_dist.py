@@ -1,6 +1,7 @@
 """Tier 2: distillation through the compiled runtime. A narrower, shallower student of tiny-dense
 distilled from tiny-dense (temperature 2, a quarter LM loss) under TP 2 (sequence parallel,
-vocab-parallel KL) and DP 2 (ZeRO-1): the step-0 distillation loss and the student's gradients
+vocab-parallel KL), DP 2 (ZeRO-1), PP 2 (the teacher's own forward-only pipeline, its logits
+meeting the student's on the last stage) and TP 2 x PP 2: the step-0 distillation loss and the student's gradients
 equal the single-process Distiller's within 1e-5 (fp32), and so do the parameters after 2 steps."""
 from dataclasses import replace
 
@@ -18,7 +19,8 @@ TEACHER = replace(load_model("specs/models/tiny-dense.plait"), layers=("attentio
 STUDENT = replace(TEACHER, name="tiny-dense-student", hidden=96, layers=("attention", "mlp"),
                   mlp=replace(TEACHER.mlp, ffn=192))
 SETUP = DistillSetup(Setup(STUDENT, global_batch=4, seq=16, steps=2), TEACHER)
-CASES = [Case("tp2", Layout(tp=2, sp=True, dp_kind="replicated")), Case("dp2", Layout(dp=2))]
+CASES = [Case("tp2", Layout(tp=2, sp=True, dp_kind="replicated")), Case("dp2", Layout(dp=2)),
+         Case("pp2", Layout(pp=2)), Case("tp2-pp2", Layout(tp=2, pp=2, dp_kind="replicated"))]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,14 @@ def test_the_teacher_is_lowered_over_its_own_layers():
     plan = CASES[0].plan(STUDENT, 4, 16)
     stages = teacher_plan(plan, TEACHER).stages
     assert [(s.first, s.last) for s in stages] == [(0, TEACHER.num_layers)]
+    stages = teacher_plan(CASES[2].plan(STUDENT, 4, 16), TEACHER).stages
+    assert [(s.first, s.last) for s in stages] == [(0, 2), (2, 4)]  # its own even split over pp
 
 
-def test_pipeline_plans_and_other_vocabularies_are_refused():
-    plan = Case("pp2", Layout(pp=2)).plan(STUDENT, 4, 16)
-    with pytest.raises(LayoutError, match="pp = 2"):
-        check_distill_layout(plan, STUDENT, TEACHER)
+def test_a_teacher_too_shallow_for_the_pipeline_and_other_vocabularies_are_refused():
+    with pytest.raises(LayoutError, match="teacher's 1 layers cannot fill pp\\*vpp = 2\\*1 = 2"):
+        check_distill_layout(Layout(pp=2), STUDENT, replace(TEACHER, layers=("mlp",)))
+    with pytest.raises(LayoutError, match="student's 2 layers cannot fill"):
+        check_distill_layout(Layout(pp=3), STUDENT, TEACHER)
     with pytest.raises(LayoutError, match="vocabulary"):
-        check_distill_layout(CASES[1].plan(STUDENT, 4, 16), replace(STUDENT, vocab=512), TEACHER)
+        check_distill_layout(Layout(dp=2), replace(STUDENT, vocab=512), TEACHER)

@@ -43,8 +43,8 @@ def test_an_illegal_layout_is_refused_before_any_process_starts(tmp_path):
     run = DistillRun(MODEL, MODEL, Layout(tp=3), Distill(global_batch=2, seq_len=16), "unused", 1, str(tmp_path))
     with pytest.raises(LayoutError, match=r"heads \(4\) must be divisible by tp \(3\)"):
         check_run(run)
-    with pytest.raises(LayoutError, match="without pipeline parallelism"):
-        check_run(replace(run, layout=Layout(pp=2)))
+    with pytest.raises(LayoutError, match="student's 4 layers cannot fill pp\\*vpp = 8\\*1 = 8"):
+        check_run(replace(run, layout=Layout(pp=8)))
 
 
 @pytest.mark.tier2
