@@ -43,6 +43,7 @@ class MoECase:
     micro: int = 1  # micro-batches per DP rank
     steps: int = 1  # > 1: whole training steps (Trainer.train_step), expert-bias updates included
     expert_bias: bool = False  # BIAS_SPEC instead of SPEC
+    z_loss: float = 0.0  # > 0: the spec with this router z-loss coefficient too
 
     @property
     def global_batch(self) -> int:
@@ -50,7 +51,8 @@ class MoECase:
 
     @property
     def spec(self):
-        return BIAS_SPEC if self.expert_bias else SPEC
+        spec = BIAS_SPEC if self.expert_bias else SPEC
+        return replace(spec, moe=replace(spec.moe, z_loss=self.z_loss)) if self.z_loss else spec
 
     def job(self) -> TrainJob:
         return TrainJob(name="moe-parity", model=self.spec, cluster=local_cpu(self.layout.world),

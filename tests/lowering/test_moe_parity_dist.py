@@ -11,6 +11,8 @@ rank routes its two zigzag chunks of every sequence; its capacity covers those t
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -36,7 +38,8 @@ def both(name: str, layout: Layout, capacity: MoEOptions = CAPACITY, **kw) -> di
 CASES_2 = {
     **both("ep2 (dp2 | ep2), 2 micro-batches", Layout(dp=2, ep=2, mbs=2), micro=2),
     **both("tp2 folded (tp2 sp | etp1 ep2)", Layout(tp=2, sp=True, ep=2, mbs=2), POSITION_PAD),
-    **both("cp2 folded into ep2 (cp2 | ep2)", Layout(cp=2, ep=2, mbs=2)),
+    # CP ranks as EP ranks; with a z-loss too (its share is scaled like the aux loss's)
+    **both("cp2 folded into ep2 (cp2 | ep2), z-loss", Layout(cp=2, ep=2, mbs=2), z_loss=0.01),
 }
 CASES_4 = {
     **both("ep4 (dp4 | ep4)", Layout(dp=4, ep=4, mbs=2, dp_kind="replicated")),
@@ -56,6 +59,8 @@ CASES_4 = {
 # two whole training steps with the expert-bias update: the load all-reduced over the stage's
 # token-holding ranks (DP; TP x DP), the same update on every rank
 BIAS_2 = {"expert bias, 2 steps (dp2 | ep2)": MoECase(Layout(dp=2, ep=2, mbs=2), BIAS, steps=2,
+                                                      expert_bias=True),
+          "expert bias, 2 steps (cp2 | ep2)": MoECase(Layout(cp=2, ep=2, mbs=2), BIAS, steps=2,
                                                       expert_bias=True)}
 BIAS_4 = {"expert bias, 2 steps (tp2 sp dp2 | ep2 edp2)": MoECase(
     Layout(tp=2, sp=True, dp=2, ep=2, edp=2, mbs=2), BIAS, steps=2, expert_bias=True)}
@@ -68,7 +73,7 @@ def check(results: list[dict], cases: dict, name: str) -> None:
     assert err["grads"] <= 1e-5, f"gradient of {err['worst grads']} differs by {err['grads']:.3g}"
     assert err["params"] <= 1e-5, f"{err['worst params']} after one step differs by {err['params']:.3g}"
     if case.moe is not None:  # the capacity really drops tokens: the dropless reference differs
-        dropless = reference(MoECase(case.layout, None, case.micro))
+        dropless = reference(replace(case, moe=None))
         assert abs(dropless["loss"] - reference(case)["loss"]) > 1e-6
 
 
@@ -79,7 +84,11 @@ def check_bias(results: list[dict], cases: dict, name: str) -> None:
     ref = reference(case)
     err = errors([r[name] for r in results], ref)
     assert err["loss"] <= 1e-5, f"loss differs by {err['loss']:.3g}"
-    assert err["params"] <= 1e-5, f"{err['worst params']} differs by {err['params']:.3g}"
+    # two AdamW steps under CP: Adam's nearly scale-free update turns the ~1e-9 rounding of the
+    # ring's reordered sums into up to ~1.5e-5 on a few entries with tiny gradients (ring and
+    # all-to-all CP differ from each other by as much; the one-step cases keep 1e-5)
+    tol = 1e-4 if case.layout.cp > 1 else 1e-5
+    assert err["params"] <= tol, f"{err['worst params']} differs by {err['params']:.3g}"
     seen = set()
     for rank, r in enumerate(results):
         for layer, bias in r[name]["biases"].items():
