@@ -1,6 +1,6 @@
 """Tier 2: distillation through the compiled runtime. A narrower, shallower student of tiny-dense
 distilled from tiny-dense (temperature 2, a quarter LM loss) under TP 2 (sequence parallel,
-vocab-parallel KL), DP 2 (ZeRO-1), PP 2 (the teacher's own forward-only pipeline, its logits
+vocab-parallel KL), DP 2 (ZeRO-1), CP 2 (zigzag token shards, the same on both models), PP 2 (the teacher's own forward-only pipeline, its logits
 meeting the student's on the last stage) and TP 2 x PP 2: the step-0 distillation loss and the student's gradients
 equal the single-process Distiller's within 1e-5 (fp32), and so do the parameters after 2 steps."""
 from dataclasses import replace
@@ -20,7 +20,7 @@ STUDENT = replace(TEACHER, name="tiny-dense-student", hidden=96, layers=("attent
                   mlp=replace(TEACHER.mlp, ffn=192))
 SETUP = DistillSetup(Setup(STUDENT, global_batch=4, seq=16, steps=2), TEACHER)
 CASES = [Case("tp2", Layout(tp=2, sp=True, dp_kind="replicated")), Case("dp2", Layout(dp=2)),
-         Case("pp2", Layout(pp=2)), Case("tp2-pp2", Layout(tp=2, pp=2, dp_kind="replicated"))]
+         Case("cp2", Layout(cp=2)), Case("pp2", Layout(pp=2)), Case("tp2-pp2", Layout(tp=2, pp=2, dp_kind="replicated"))]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_the_teacher_is_lowered_over_its_own_layers():
     plan = CASES[0].plan(STUDENT, 4, 16)
     stages = teacher_plan(plan, TEACHER).stages
     assert [(s.first, s.last) for s in stages] == [(0, TEACHER.num_layers)]
-    stages = teacher_plan(CASES[2].plan(STUDENT, 4, 16), TEACHER).stages
+    stages = teacher_plan(Case("pp2", Layout(pp=2)).plan(STUDENT, 4, 16), TEACHER).stages
     assert [(s.first, s.last) for s in stages] == [(0, 2), (2, 4)]  # its own even split over pp
 
 
