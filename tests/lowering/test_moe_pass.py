@@ -68,6 +68,20 @@ def test_etp_slices_gate_and_up_alike_and_folds_onto_dense_ranks():
     assert (m.token_axes, m.token_parts, m.averaged_parts) == (("tp",), 2, 1)
 
 
+@pytest.mark.parametrize("layout, rank, axes, ep_rank", [
+    (Layout(cp=2, ep=2, edp=1), 1, ("cp",), 1),  # CP ranks are the EP ranks
+    (Layout(tp=2, sp=True, cp=2, ep=4, edp=1), 2, ("tp", "cp"), 2),  # TP x CP folded into EP
+])
+def test_context_parallel_ranks_fold_into_expert_parallel(layout, rank, axes, ep_rank):
+    """Each rank routes its zigzag chunks; the aux loss counts over TP x CP with a share scaled by
+    cp (dense gradients average over DP x CP); expert gradients scale by 1 / (dp * cp)."""
+    program = lowered(layout, rank)
+    m = mixer(program, 3)
+    assert m.grid.ep_rank == ep_rank and m.experts.w_gate_up.shape[0] == 8 // layout.ep
+    assert (m.token_axes, m.token_parts, m.averaged_parts) == (axes, layout.tp * 2, 2)
+    assert (program.experts.edp, program.experts.dp_cp) == (1, 2)
+
+
 def test_router_and_shared_expert_sum_over_tp_but_experts_never_do():
     program = lowered(Layout(tp=2, sp=True, ep=2), rank=0)
     tp_sum = set(program.grad_sync.tp_sum)
