@@ -1,7 +1,8 @@
 """Data-parallel gradient handling: decide, per parameter, which reductions its gradient needs
 after backward, and record it for the runtime (`gm.meta["plait.grad_sync"]`).
 
-- every gradient is averaged over the DP group: all-reduce (replicated), reduce-scatter into the
+- every gradient is averaged over the DP x CP group (context-parallel ranks see different tokens
+  of the same sequences, so they reduce like data-parallel ones): all-reduce (replicated), reduce-scatter into the
   owner's shard (zero1, distributed optimizer) or FSDP's own reduce-scatter (fsdp);
 - a replicated parameter used inside a TP region or a sequence-parallel region holds only this
   rank's share of its gradient: it is also summed over TP (found from the sharding states).
@@ -28,6 +29,7 @@ GRAD_SYNC = "plait.grad_sync"
 class GradSync:
     dp_kind: str  # replicated | zero1 | fsdp
     dp: int
+    cp: int = 1
     tp_sum: tuple[str, ...] = ()  # parameters whose gradients are summed over TP first
     # tied embedding copies on the first and last pipeline stage: gradients summed over the
     # "embedding" group (split_pipeline fills it in)
@@ -37,7 +39,9 @@ class GradSync:
         """One line; ``names`` limits the TP-sum list to those parameters (one stage's)."""
         how = {"replicated": "all-reduce", "zero1": "reduce-scatter to optimizer shards",
                "fsdp": "FSDP reduce-scatter"}[self.dp_kind]
-        text = f"dp{self.dp}: average gradients over DP ({how})"
+        group = f"dp{self.dp} x cp{self.cp}: average gradients over DP x CP" if self.cp > 1 else \
+            f"dp{self.dp}: average gradients over DP"
+        text = f"{group} ({how})"
         tp_sum = [n for n in self.tp_sum if names is None or n in names]
         if tp_sum:
             text += f"; sum over TP first: {', '.join(tp_sum)}"
@@ -57,7 +61,7 @@ def data_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
         # expert weights (dispatch_experts) are sharded over EP x ETP and reduce over EDP only
         not_replicated = set(gm.meta.get(SHARDS, {})) | set(gm.meta.get(EXPERTS, ExpertSync()).params)
         tp_sum = tuple(sharding.partial_grad_params(gm, states, not_replicated))
-    gm.meta[GRAD_SYNC] = GradSync(dp_kind=kind, dp=t.layout.dp, tp_sum=tp_sum)
+    gm.meta[GRAD_SYNC] = GradSync(dp_kind=kind, dp=t.layout.dp, cp=t.layout.cp, tp_sum=tp_sum)
     return gm
 
 
