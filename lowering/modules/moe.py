@@ -90,6 +90,21 @@ for _fn in ("route", "capacity", "permute_tokens", "unpermute_tokens", "attach_a
     torch.fx.wrap(_fn)
 
 
+def add_moe_parts(block: nn.Module, spec: MoE, hidden: int, experts: nn.Module) -> None:
+    """Register an MoE layer's parts in one order (initialisation draws in this order): the
+    router, the (possibly sharded) ``experts``, the aux-loss-free expert bias with its load
+    counter, the shared expert and its gate."""
+    block.router = nn.Linear(hidden, spec.experts, bias=False)
+    block.experts = experts
+    if spec.expert_bias:
+        block.register_buffer("expert_bias", torch.zeros(spec.experts))
+        block.register_buffer("expert_load", torch.zeros(spec.experts), persistent=False)
+    if spec.shared_ffn:
+        block.shared = FeedForward(hidden, spec.shared_ffn, spec.activation)
+    if spec.shared_gate:
+        block.shared_gate = nn.Linear(hidden, 1, bias=False)
+
+
 class MoEBlock(nn.Module):
     fp32_params = ("router.weight", "expert_bias")
 
@@ -101,15 +116,7 @@ class MoEBlock(nn.Module):
         self.capacity_factor = options.capacity_factor
         self.drop_policy = options.drop_policy
         self.seq_segments, self.seq_cp = seq_segments, seq_cp
-        self.router = nn.Linear(hidden, spec.experts, bias=False)
-        self.experts = GroupedExperts(spec.experts, hidden, spec.ffn, spec.activation)
-        if spec.expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(spec.experts))
-            self.register_buffer("expert_load", torch.zeros(spec.experts), persistent=False)
-        if spec.shared_ffn:
-            self.shared = FeedForward(hidden, spec.shared_ffn, spec.activation)
-        if spec.shared_gate:
-            self.shared_gate = nn.Linear(hidden, 1, bias=False)
+        add_moe_parts(self, spec, hidden, GroupedExperts(spec.experts, hidden, spec.ffn, spec.activation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec

@@ -29,8 +29,7 @@ from plait.ir.job import MoEOptions
 from plait.ir.model import MoE
 from plait.lowering.modules import routing
 from plait.lowering.modules.experts import GroupedExperts, expert_mlp
-from plait.lowering.modules.mlp import FeedForward
-from plait.lowering.modules.moe import MoEBlock, attach_aux_loss
+from plait.lowering.modules.moe import MoEBlock, add_moe_parts, attach_aux_loss
 from plait.lowering.recompute import is_recomputing
 
 from . import comm
@@ -62,17 +61,10 @@ class ExpertParallelMoE(nn.Module):
         # part of it whose gradients are averaged rather than summed (cp)
         self.token_axes, self.token_parts, self.averaged_parts = token_axes, token_parts, averaged_parts
         self.dispatcher = make_dispatcher(options.dispatcher, grid)
-        self.router = nn.Linear(hidden, spec.experts, bias=False)
         if spec.ffn % grid.etp:
             raise ValueError(f"etp = {grid.etp} does not divide the expert ffn = {spec.ffn}")
-        self.experts = GroupedExperts(grid.local_experts, hidden, spec.ffn // grid.etp, spec.activation)
-        if spec.expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(spec.experts))
-            self.register_buffer("expert_load", torch.zeros(spec.experts), persistent=False)
-        if spec.shared_ffn:
-            self.shared = FeedForward(hidden, spec.shared_ffn, spec.activation)
-        if spec.shared_gate:
-            self.shared_gate = nn.Linear(hidden, 1, bias=False)
+        add_moe_parts(self, spec, hidden,
+                      GroupedExperts(grid.local_experts, hidden, spec.ffn // grid.etp, spec.activation))
 
     @classmethod
     def from_reference(cls, block: MoEBlock, grid: ExpertGrid, options: Optional[MoEOptions] = None,
