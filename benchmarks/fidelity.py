@@ -24,6 +24,7 @@ from plait.ir.dsl import load_file, load_job, load_model
 from plait.ir.errors import LayoutError
 from plait.ir.job import Precision, TrainJob
 from plait.planner.search import estimate
+from plait.reference import reference_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -34,15 +35,8 @@ MOE_JOBS = {"mixtral-8x22b": "mixtral-8x22b-128gpu", "qwen2-57b-a14b": "qwen2-57
 METHOD_ORDER = ("fsdp", "fsdp_ep", "tp_ep_dp", "mcore", "folding")
 
 
-def reference_dir() -> Path:
-    for cand in (ROOT.parent / "shared" / "reference", ROOT / "shared" / "reference"):
-        if cand.is_dir():
-            return cand
-    sys.exit("reference tables not found (expected ../shared/reference)")
-
-
 def read_csv(name: str) -> list[dict]:
-    lines = [ln for ln in (reference_dir() / name).read_text().splitlines()
+    lines = [ln for ln in reference_file(name).read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     return list(csv.DictReader(lines))
 

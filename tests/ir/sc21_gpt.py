@@ -1,10 +1,9 @@
 """The SC'21 GPT family (Narayanan et al., Table 1) as IR, shared by the counts tests."""
 import csv
-from pathlib import Path
 
 from plait.ir.model import MLP, Attention, ModelSpec, Norm
+from plait.reference import reference_file
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 
 
 def gpt(h: int, layers: int, heads: int, vocab: int = 51200, seq: int = 2048) -> ModelSpec:
@@ -17,6 +16,6 @@ def gpt(h: int, layers: int, heads: int, vocab: int = 51200, seq: int = 2048) ->
 
 
 def sc21_rows() -> list[dict]:
-    path = REFERENCE / "megatron_sc21_table1.csv"
+    path = reference_file("megatron_sc21_table1.csv")
     rows = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     return list(csv.DictReader(rows))

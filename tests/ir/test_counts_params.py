@@ -9,14 +9,14 @@ from plait.ir import counts
 from plait.ir.errors import PlaitError
 from plait.ir.hf import model_from_hf_file
 from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Norm, Rope
+from plait.reference import reference_file
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = ROOT.parent / "shared" / "reference"
 SPECS = ROOT / "specs"
 
 
 def published():
-    path = REFERENCE / "published_params.csv"
+    path = reference_file("published_params.csv")
     rows = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     return [(r["model"], int(r["total_params"])) for r in csv.DictReader(rows)]
 

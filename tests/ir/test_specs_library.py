@@ -14,10 +14,10 @@ from plait.ir.dsl.fmt import format_file, format_library
 from plait.ir.hf import model_from_hf_config
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
+from plait.reference import reference_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"
-REFERENCE = ROOT.parent / "shared" / "reference"
 SPEC_FILES = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.plait"))
 
 MODELS = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "gpt-1.7b", "gpt-3.6b", "gpt-7.5b", "gpt-18.4b",
@@ -32,7 +32,7 @@ IR_TYPES = {"models": ModelSpec, "devices": Device, "clusters": Cluster, "jobs":
 
 
 def read_csv(name: str) -> list[dict]:
-    with open(REFERENCE / name) as f:
+    with open(reference_file(name)) as f:
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
