@@ -136,16 +136,6 @@ def rule_sequence_parallel(job: TrainJob, lay: Layout) -> Optional[str]:
     return None
 
 
-def rule_fsdp_experts(job: TrainJob, lay: Layout) -> Optional[str]:
-    """FSDP shards every weight over the dp-cp group; expert weights replicate over EDP, so the two
-    must be the same ranks (edp = dp*cp, i.e. etp*ep = tp): CP or DP folded into EP needs zero1."""
-    if lay.dp_kind != "fsdp" or not job.model.is_moe or lay.edp == lay.dp * lay.cp:
-        return None
-    return (f"fsdp shards expert weights over dp*cp = {lay.dp}*{lay.cp} = {lay.dp * lay.cp} ranks but "
-            f"they replicate over edp = {lay.edp} only (etp*ep = {lay.etp}*{lay.ep} differs from "
-            f"tp = {lay.tp}); use dp_kind = zero1 or replicated")
-
-
 def rule_stages(job: TrainJob, lay: Layout) -> Optional[str]:
     n = len(units(job.model))
     chunks = lay.pp * lay.vpp
@@ -200,7 +190,6 @@ RULES: tuple[Rule, ...] = (
     Rule("experts", rule_experts),
     Rule("context", rule_context),
     Rule("sequence-parallel", rule_sequence_parallel),
-    Rule("fsdp-experts", rule_fsdp_experts),
     Rule("stages", rule_stages),
     Rule("batch", rule_batch),
 )
@@ -370,7 +359,7 @@ def _mesh_violation(job: TrainJob, lay: Layout) -> Optional[str]:
     return None
 
 
-_KNOB_RULES = tuple(r for r in RULES if r.name in ("stages", "batch", "fsdp-experts"))  # names: on pins
+_KNOB_RULES = tuple(r for r in RULES if r.name in ("stages", "batch"))  # names: on pins
 
 
 def knob_variants(job: TrainJob, mesh: Layout, pins: dict) -> Iterator[Layout]:
@@ -406,8 +395,7 @@ def check_pins(job: TrainJob, pins: dict) -> None:
             problems.append(f"{expr} does not divide the {world} GPUs of the cluster ({side} side)")
     if not problems:
         probe = _probe_layout(job, pins)
-        # fsdp-experts depends on etp*ep vs tp, which open dimensions may still satisfy
-        skip = {"world", "expert-world", "fsdp-experts"} | ({"batch"} if "dp" not in pins else set())
+        skip = {"world", "expert-world"} | ({"batch"} if "dp" not in pins else set())
         problems = [r.check(job, probe) for r in RULES if r.name not in skip]
         problems = [p for p in problems if p]
     if problems:

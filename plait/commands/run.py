@@ -45,7 +45,13 @@ def _search(job: TrainJob, layout: Optional[str]) -> ParallelPlan:
 
     pins = parse_layout(layout) if layout else {}
     pins.setdefault("cp", 1)  # the runtime executes dense layouts without context parallelism
-    return estimate(job, pins)
+    plan = estimate(job, pins)
+    lay = plan.layout
+    if job.model.is_moe and "dp_kind" not in pins and lay.dp_kind == "fsdp" and lay.edp != lay.dp * lay.cp:
+        # plait's runtime shards experts with FSDP only over dp*cp (check_expert_layout): take the
+        # best plan it can execute, with the distributed optimizer
+        plan = estimate(job, {**pins, "dp_kind": "zero1"})
+    return plan
 
 
 def plan_table(plan: ParallelPlan) -> Table:

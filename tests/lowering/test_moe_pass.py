@@ -1,5 +1,7 @@
 """Tier 1: the dispatch_experts pass on shapes, shards, gradient records and program text, and a
 one-rank compiled MoE program against the reference model (no processes)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,3 +143,16 @@ def test_launch_rejects_a_bad_expert_layout_before_any_process_starts():
     with pytest.raises(LayoutError, match="sequence parallelism"):
         check_plan(job, plan(Layout(tp=2, ep=2)))
     assert hand_plan(job, Layout(dp=2, ep=2)).moe == job.moe  # capacity reaches the program
+
+
+def test_runtime_refuses_fsdp_unless_experts_replicate_over_dp_cp_with_the_arithmetic():
+    from plait.ir.dsl import load_model
+    from plait.lowering.passes.dispatch_experts import check_expert_layout
+
+    spec = load_model(str(Path(__file__).resolve().parents[2] / "specs" / "models" / "tiny-moe.plait"))
+    folded = Layout(tp=1, cp=2, dp=4, pp=1, etp=1, ep=2, edp=4, dp_kind="fsdp")
+    with pytest.raises(LayoutError, match=r"edp = 4, dp\*cp = 4\*2 = 8"):
+        check_expert_layout(spec, folded)
+    check_expert_layout(spec, Layout(tp=1, cp=2, dp=4, pp=1, etp=1, ep=2, edp=4, dp_kind="zero1"))
+    check_expert_layout(spec, Layout(tp=2, cp=1, dp=2, pp=1, etp=1, ep=2, edp=2, sp=True,
+                                     dp_kind="fsdp"))  # etp*ep = tp: edp = dp*cp

@@ -116,15 +116,22 @@ def test_context_parallel_ranks_fold_into_expert_parallel(mixtral_job):
     assert folded in [m for m in found if m.tp == 1 and m.ep == 8 and m.etp == 1]
 
 
-def test_fsdp_needs_expert_weights_replicated_over_dp_cp(mixtral_job):
-    """FSDP shards every weight over dp x cp: with CP folded into EP (edp < dp*cp) only zero1 /
-    replicated keep the expert weights' replicas apart, and the search never offers fsdp there."""
+def test_fsdp_with_folded_experts_is_a_legal_layout(mixtral_job):
+    """FSDP shards expert weights over their own EDP group (Megatron-FSDP; the paper's fsdp_ep
+    baseline), so the planner offers fsdp with CP / DP folded into EP."""
     job = mixtral_job(gpus=64)
     folded = Layout(tp=1, cp=2, dp=4, pp=8, etp=1, ep=8, edp=1, dp_kind="fsdp")
-    msgs = violations(job, folded)
-    assert any("dp*cp = 4*2 = 8 ranks but they replicate over edp = 1" in m for m in msgs)
-    assert not violations(job, Layout(tp=2, cp=2, dp=2, pp=8, etp=1, ep=2, edp=4, sp=True,
-                                      dp_kind="fsdp"))  # etp*ep = tp: edp = dp*cp
+    assert not violations(job, folded)
     kinds = {v.dp_kind for v in knob_variants(job, Layout(tp=1, cp=2, dp=4, pp=8, etp=1, ep=8, edp=1),
                                               {})}
-    assert "fsdp" not in kinds and "zero1" in kinds
+    assert {"fsdp", "zero1"} <= kinds
+
+def test_the_papers_fsdp_ep_baseline_plans(mixtral_job):
+    """MoE Parallel Folding's FSDP+EP8 baseline on 128 H100 (Table 3) is a layout the planner
+    can cost: FSDP over 128 ranks with experts sharded over EP8 x EDP16."""
+    from plait.planner.search import estimate
+
+    plan = estimate(mixtral_job(gpus=128), {"tp": 1, "cp": 1, "pp": 1, "etp": 1, "ep": 8,
+                                            "dp_kind": "fsdp"})
+    assert (plan.layout.dp, plan.layout.edp, plan.layout.dp_kind) == (128, 16, "fsdp")
+    assert 0 < plan.prediction.mfu < 1

@@ -38,7 +38,7 @@ def test_moe_with_context_parallel_folded_into_experts_passes_and_fsdp_is_refuse
     moe_job = load_job(str(ROOT / "specs" / "jobs" / "tiny-moe-local.plait"))
     plan = check_plan(moe_job, hand_plan(moe_job, Layout(cp=2, dp=4, ep=2, edp=4)))
     assert (plan.layout.cp, plan.layout.ep, plan.layout.edp) == (2, 2, 4)
-    with pytest.raises(LayoutError, match=r"dp\*cp = 4\*2 = 8 ranks but they replicate over edp = 4"):
+    with pytest.raises(LayoutError, match=r"edp = 4, dp\*cp = 4\*2 = 8"):
         check_plan(moe_job, hand_plan(moe_job, Layout(cp=2, dp=4, ep=2, edp=4, dp_kind="fsdp")))
 
 
@@ -78,3 +78,15 @@ def test_cli_print_launch(job, tmp_path, capsys):
     path.write_text(hand_plan(job, Layout(tp=2, pp=2, dp=2)).to_json())
     assert main(["run", str(TINY), "--plan", str(path), "--print-launch"]) == 0
     assert "--nproc-per-node=8" in capsys.readouterr().out
+
+
+def test_planning_a_run_takes_a_layout_the_runtime_executes():
+    """The planner may prefer FSDP over experts folded with CP (Megatron-FSDP shards them over
+    EDP); `plait run` plans what plait's runtime can execute, so check_plan accepts it."""
+    from plait.commands.run import resolve_plan
+
+    moe_job = load_job(str(ROOT / "specs" / "jobs" / "tiny-moe-local.plait"))
+    plan = resolve_plan(moe_job, None, "cp=2 ep=2")
+    lay = plan.layout
+    assert (lay.cp, lay.ep) == (2, 2)
+    assert lay.dp_kind != "fsdp" or lay.edp == lay.dp * lay.cp
