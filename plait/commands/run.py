@@ -44,7 +44,7 @@ def _search(job: TrainJob, layout: Optional[str]) -> ParallelPlan:
     from plait.planner.search import estimate
 
     pins = parse_layout(layout) if layout else {}
-    pins.setdefault("cp", 1)  # the runtime executes dense layouts without context parallelism
+    pins.setdefault("cp", 1)  # CP only when asked: it pays for long sequences, not local tiny jobs
     plan = estimate(job, pins)
     lay = plan.layout
     if job.model.is_moe and "dp_kind" not in pins and lay.dp_kind == "fsdp" and lay.edp != lay.dp * lay.cp:
