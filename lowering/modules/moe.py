@@ -105,6 +105,17 @@ def add_moe_parts(block: nn.Module, spec: MoE, hidden: int, experts: nn.Module) 
         block.shared_gate = nn.Linear(hidden, 1, bias=False)
 
 
+def add_shared_expert(block: nn.Module, spec: MoE, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` plus the shared expert's output on the same tokens, sigmoid-gated when the spec
+    says so (Qwen2-MoE)."""
+    if not spec.shared_ffn:
+        return out
+    shared = block.shared(flat)
+    if spec.shared_gate:
+        shared = torch.sigmoid(block.shared_gate(flat)) * shared
+    return out + shared
+
+
 class MoEBlock(nn.Module):
     fp32_params = ("router.weight", "expert_bias")
 
@@ -134,11 +145,7 @@ class MoEBlock(nn.Module):
         x_sorted, expert_counts, token, row_weights = permute_tokens(flat, indices, weights, s.experts)
         y_sorted = self.experts(x_sorted, expert_counts)
         out = unpermute_tokens(y_sorted, token, row_weights, flat.shape[0]).to(x.dtype)
-        if s.shared_ffn:
-            shared = self.shared(flat)
-            if s.shared_gate:
-                shared = torch.sigmoid(self.shared_gate(flat)) * shared
-            out = out + shared
+        out = add_shared_expert(self, s, flat, out)
         if s.aux_loss or s.z_loss:
             out = attach_aux_loss(out, aux)
         return out.view_as(x)

@@ -29,7 +29,7 @@ from plait.ir.job import MoEOptions
 from plait.ir.model import MoE
 from plait.lowering.modules import routing
 from plait.lowering.modules.experts import GroupedExperts, expert_mlp
-from plait.lowering.modules.moe import MoEBlock, add_moe_parts, attach_aux_loss
+from plait.lowering.modules.moe import MoEBlock, add_moe_parts, add_shared_expert, attach_aux_loss
 from plait.lowering.recompute import is_recomputing
 
 from . import comm
@@ -119,11 +119,7 @@ class ExpertParallelMoE(nn.Module):
         rows, local_counts, state = self.dispatcher.dispatch(flat, indices, weights, pad_to)
         y = expert_mlp(rows, local_counts, self.experts.w_gate_up, self.experts.w_down, s.activation)
         out = self.dispatcher.combine(y, state).to(x.dtype)
-        if s.shared_ffn:
-            shared = self.shared(flat)
-            if s.shared_gate:
-                shared = torch.sigmoid(self.shared_gate(flat)) * shared
-            out = out + shared
+        out = add_shared_expert(self, s, flat, out)
         if s.aux_loss or s.z_loss:
             out = attach_aux_loss(out, self._aux_loss(logits, aux_scores, counts))
         return out.view_as(x)
