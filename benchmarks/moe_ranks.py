@@ -14,7 +14,7 @@ from plait.ir.model import MoE
 from plait.ir.plan import Layout
 from plait.lowering.modules.moe import MoEBlock
 from plait.lowering.moe import ExpertGrid, ExpertParallelMoE
-from plait.runtime.mesh import Mesh, build_mesh, destroy, init_distributed
+from plait.runtime.mesh import Mesh, bind, build_mesh, destroy, init_distributed
 
 TIMEOUT_S = 300
 _MESHES: dict[Layout, Mesh] = {}
@@ -22,15 +22,9 @@ _MESHES: dict[Layout, Mesh] = {}
 
 def mesh_for(layout: Layout) -> Mesh:
     """The runtime mesh of ``layout`` (built once per process and layout), bound for collectives."""
-    from plait.lowering import collectives
-
     if layout not in _MESHES:
         _MESHES[layout] = build_mesh(layout, TIMEOUT_S)
-    mesh = _MESHES[layout]
-    collectives.unbind_all()
-    for axis, group in mesh.groups.items():
-        collectives.bind_axis(axis, group, mesh.members[axis])
-    return mesh
+    return bind(_MESHES[layout])
 
 
 def expert_layer(spec: MoE, hidden: int, layout: Layout, options: MoEOptions, rank: int,

@@ -93,6 +93,12 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S,
                 mesh.groups[axis], mesh.members[axis] = made[ranks], ranks
     _embedding_groups(mesh, table["pp"], timeout)
     mesh.groups["world"], mesh.members["world"] = dist.group.WORLD, tuple(range(world))
+    return bind(mesh)
+
+
+def bind(mesh: Mesh) -> Mesh:
+    """Make ``mesh``'s axes the ones lowered programs' collectives use (replacing any bound
+    before: a process may switch between meshes it built, as the test harnesses do)."""
     collectives.unbind_all()
     for axis, group in mesh.groups.items():
         collectives.bind_axis(axis, group, mesh.members[axis])

@@ -13,8 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from plait.ir.plan import Layout
-from plait.lowering import collectives
-from plait.runtime.mesh import Mesh, build_mesh
+from plait.runtime.mesh import Mesh, bind, build_mesh
 
 GROUP_TIMEOUT_S = 60
 SPAWN_TIMEOUT_S = 240
@@ -26,11 +25,7 @@ def bind_layout(layout: Layout) -> Mesh:
     in the same order), bound for lowered graphs."""
     if layout not in _MESHES:
         _MESHES[layout] = build_mesh(layout, GROUP_TIMEOUT_S)
-    mesh = _MESHES[layout]
-    collectives.unbind_all()
-    for axis, group in mesh.groups.items():
-        collectives.bind_axis(axis, group, mesh.members[axis])
-    return mesh
+    return bind(_MESHES[layout])
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
