@@ -41,6 +41,12 @@ from .base import Pass, Target, VerifyError
 from .shard_tensor_parallel import check_stream_shapes
 
 
+def fsdp_supported(lay: Layout) -> bool:
+    """plait's runtime wraps every weight in one FSDP mesh over dp-cp; sharding expert weights over
+    their own EDP mesh (as Megatron-FSDP does, and the planner costs) is not built yet."""
+    return lay.dp_kind != "fsdp" or lay.edp == lay.dp * lay.cp
+
+
 def check_expert_layout(spec: ModelSpec, lay: Layout) -> None:
     """Divisibility and folding rules of a MoE model's layout, with the arithmetic."""
     moe = spec.moe
@@ -55,9 +61,7 @@ def check_expert_layout(spec: ModelSpec, lay: Layout) -> None:
         raise LayoutError(f"MoE layers with tp = {lay.tp} need sequence parallelism: without it "
                           f"the {lay.tp} TP ranks hold the same tokens and would route them twice",
                           hint="set sp = true (Megatron-Core requires it for MoE with TP too)")
-    if lay.dp_kind == "fsdp" and lay.edp != lay.dp * lay.cp:
-        # plait's runtime wraps every weight in one FSDP mesh over dp-cp; sharding expert weights
-        # over their own EDP mesh (as Megatron-FSDP does, and the planner costs) is not built yet.
+    if not fsdp_supported(lay):
         raise LayoutError(f"plait's runtime shards expert weights with FSDP only when edp = dp*cp: "
                           f"edp = {lay.edp}, dp*cp = {lay.dp}*{lay.cp} = {lay.dp * lay.cp}",
                           hint="use dp_shard = zero1 (distributed optimizer) for this layout")

@@ -40,16 +40,15 @@ def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str])
 
 
 def _search(job: TrainJob, layout: Optional[str]) -> ParallelPlan:
+    from plait.lowering.passes.dispatch_experts import fsdp_supported
     from plait.planner.layouts import parse_layout
     from plait.planner.search import estimate
 
     pins = parse_layout(layout) if layout else {}
     pins.setdefault("cp", 1)  # CP only when asked: it pays for long sequences, not local tiny jobs
     plan = estimate(job, pins)
-    lay = plan.layout
-    if job.model.is_moe and "dp_kind" not in pins and lay.dp_kind == "fsdp" and lay.edp != lay.dp * lay.cp:
-        # plait's runtime shards experts with FSDP only over dp*cp (check_expert_layout): take the
-        # best plan it can execute, with the distributed optimizer
+    if job.model.is_moe and "dp_kind" not in pins and not fsdp_supported(plan.layout):
+        # the best plan plait's runtime can execute: the distributed optimizer instead of FSDP
         plan = estimate(job, {**pins, "dp_kind": "zero1"})
     return plan
 
