@@ -37,7 +37,8 @@ def test_plan_only_json_is_a_prune_plan(capsys):
 def test_unreachable_target_is_a_clean_error(capsys, tmp_path):
     text = (JOBS / "llama-3.1-8b-prune-4.5b.plait").read_text().replace("params = 4.5e9", "params = 1e8")
     path = tmp_path / "job.plait"
-    path.write_text(text.replace('"../', f'"{JOBS}/../'))
+    path.write_text(text.replace('"../', f'"{JOBS}/../').replace(f'use "{JOBS}/../', 'use "')
+                    .replace(f'"{JOBS}/../clusters', '"clusters'))  # `use` finds the library on its path
     code, out, err = run(capsys, "prune", str(path), "--plan-only")
     assert code == 2 and "Traceback" not in err
     assert "unreachable target: params 100,000,000 is below the smallest legal model's" in err

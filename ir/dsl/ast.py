@@ -78,6 +78,7 @@ class Assign:
     key: str
     value: Value
     pos: Pos  # of the key
+    end_line: int = 0  # the last line of the value (fmt.py places comments by lines)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Block:
 
     entries: tuple[Union[Assign, "SubBlock"], ...]
     pos: Pos  # of the opening brace
+    end_line: int = 0  # of the closing brace
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class SubBlock:
     key: str
     block: Block
     pos: Pos  # of the key
+
+    @property
+    def end_line(self) -> int:
+        return self.block.end_line
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class Module:
     text: str
     uses: tuple[Use, ...]
     decls: tuple[Decl, ...]
+    comments: tuple[tuple[Pos, str], ...] = ()  # `# ...` comments, in source order (for fmt)
 
     def source_line(self, line: int) -> Optional[str]:
         lines = self.text.splitlines()

@@ -15,6 +15,7 @@ from plait.ir.errors import PlaitError
 from plait.ir.job import Calibration, Data, Distill, MoEOptions, Optimizer, Precision, PruneJob, TrainJob
 from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope, RopeScaling
 
+from .comments import USE, Notes, attach
 from .hardware import resize_cluster
 from .literals import _decimal_text, layers_text, number, quantity
 
@@ -22,7 +23,7 @@ INDENT = "  "
 ONE_LINE = 100  # a block whose entries fit on one line this long is written on one line
 
 
-def format_model(spec: ModelSpec) -> str:
+def format_model(spec: ModelSpec, notes: Optional[dict] = None) -> str:
     entries = [("vocab", number(spec.vocab)), ("hidden", number(spec.hidden)), ("norm", _norm(spec))]
     entries += _changed(spec, ("tie_embeddings",))
     if spec.max_seq is not None:
@@ -36,20 +37,20 @@ def format_model(spec: ModelSpec) -> str:
         entries.append(("pattern", f'"{spec.pattern}"'))
     else:
         entries.append(("layers", layers_text(spec.layers)))
-    return _decl("model", spec.name, entries)
+    return _decl("model", spec.name, entries, notes)
 
 
-def format_device(device: Device) -> str:
+def format_device(device: Device, notes: Optional[dict] = None) -> str:
     entries = [("bf16", quantity(device.bf16_flops, "compute"))]
     entries += [(k, quantity(v, "compute")) for k, v in (("fp8", device.fp8_flops), ("fp32", device.fp32_flops))
                 if v is not None]
     entries += [("memory", quantity(device.memory, "bytes")), ("hbm", quantity(device.hbm, "bandwidth"))]
     if device.calibration:
         entries.append(("calibration", [(k, number(v)) for k, v in device.calibration]))
-    return _decl("device", device.name, entries)
+    return _decl("device", device.name, entries, notes)
 
 
-def format_cluster(cluster: Cluster) -> str:
+def format_cluster(cluster: Cluster, notes: Optional[dict] = None) -> str:
     default_latency = dataclasses.fields(type(cluster.intra))[1].default
     entries = [("nodes", number(cluster.nodes)), ("gpus_per_node", number(cluster.gpus_per_node)),
                ("device", f'"{cluster.device.name}"'),
@@ -60,10 +61,10 @@ def format_cluster(cluster: Cluster) -> str:
             entries.append((key, quantity(link.latency, "time")))
     if cluster.backend != "nccl":
         entries.append(("backend", cluster.backend))
-    return _decl("cluster", cluster.name, entries)
+    return _decl("cluster", cluster.name, entries, notes)
 
 
-def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None) -> str:
+def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None, notes: Optional[dict] = None) -> str:
     """A train declaration; ``base_cluster`` is the declared cluster the job resizes with `gpus`."""
     entries = [("model", f'"{job.model.name}"'), ("cluster", f'"{job.cluster.name}"')]
     if base_cluster is not None and base_cluster.world != job.cluster.world:
@@ -80,10 +81,10 @@ def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None) -> str:
     if job.data != Data():
         entries.append(("data", _data(job.data)))
     entries += _changed(job, ("seed",))
-    return _decl("train", job.name, entries)
+    return _decl("train", job.name, entries, notes)
 
 
-def format_prune(job: PruneJob) -> str:
+def format_prune(job: PruneJob, notes: Optional[dict] = None) -> str:
     """A prune declaration; its model (and train setup) are referenced by name."""
     entries = [("model", f'"{job.model.name}"')]
     entries += [(k, f'"{v}"') for k, v in (("weights", job.weights), ("train", job.train and job.train.name))
@@ -102,7 +103,7 @@ def format_prune(job: PruneJob) -> str:
         entries.append(("distill", _distill(job.distill)))
     if job.output is not None:
         entries.append(("output", f'"{job.output}"'))
-    return _decl("prune", job.name, entries)
+    return _decl("prune", job.name, entries, notes)
 
 
 def _prune_target(job: PruneJob) -> list:
@@ -177,19 +178,23 @@ def format_library(lib) -> str:
 
 def format_file(lib) -> str:
     """The canonical text of the file a Library was loaded from: its `use` line, then its own
-    declarations in source order (comments are not kept)."""
+    declarations in source order, with the file's comments (comments.py)."""
+    notes = attach(lib.module) if getattr(lib, "module", None) is not None else {}
     parts = []
     if lib.uses:
-        parts.append("use " + ", ".join(f'"{u}"' for u in lib.uses))
+        parts.append(_leading(notes, USE, "") + "use " + ", ".join(f'"{u}"' for u in lib.uses))
     formatters = {"device": (lib.devices, format_device), "cluster": (lib.clusters, format_cluster),
                   "model": (lib.models, format_model), "prune": (lib.prune_jobs, format_prune)}
     for kind, name in lib.own:
         if kind == "train":
             job = lib.jobs[name]
-            parts.append(format_job(job, _base_cluster(job, lib.clusters)))
+            parts.append(format_job(job, _base_cluster(job, lib.clusters), notes))
         else:
             table, fmt = formatters[kind]
-            parts.append(fmt(table[name]))
+            parts.append(fmt(table[name], notes))
+    end = notes.get((), Notes()).closing
+    if end:
+        parts.append("\n".join(end))
     return "\n\n".join(parts) + "\n"
 
 
@@ -310,17 +315,48 @@ def _call(name: str, args: list[tuple[str, str]]) -> str:
     return f"{name}(" + ", ".join(f"{k} = {v}" for k, v in args) + ")"
 
 
-def _decl(keyword: str, name: str, entries: list) -> str:
-    return f'{keyword} "{name}" ' + _block(entries, 0)
+def _decl(keyword: str, name: str, entries: list, notes: Optional[dict] = None) -> str:
+    notes = notes or {}
+    path = (keyword, name)
+    return (_leading(notes, path, "") + f'{keyword} "{name}" ' + _block(entries, 0, path, notes)
+            + _trailing(notes, path))
 
 
-def _block(entries: list, depth: int) -> str:
-    """`{ a = 1, b = 2 }` when it fits on a line and holds no sub-block, else one entry per line."""
-    lines = [f"{k} {_block(v, depth + 1)}" if isinstance(v, list) else f"{k} = {v}" for k, v in entries]
-    flat = "{ " + ", ".join(lines) + " }"
-    nested = any(isinstance(v, list) for _, v in entries)
-    if depth > 0 and not nested and len(flat) + len(INDENT) * depth < ONE_LINE:
-        return flat
+def _block(entries: list, depth: int, path: tuple = (), notes: Optional[dict] = None) -> str:
+    """`{ a = 1, b = 2 }` when it fits on a line and holds no sub-block or comment, else one entry
+    per line, each with its comments (comments.py says where they belong)."""
+    notes = notes or {}
     pad = INDENT * (depth + 1)
-    return "{\n" + "".join(f"{pad}{line}\n" for line in lines) + INDENT * depth + "}"
+    lines = []
+    for k, v in entries:
+        sub = path + (k,)
+        text = f"{k} {_block(v, depth + 1, sub, notes)}" if isinstance(v, list) else f"{k} = {v}"
+        lines.append(_leading(notes, sub, pad) + pad + text + _trailing(notes, sub))
+    here = notes.get(path, Notes())
+    closing = here.closing + _orphans(notes, path, {k for k, _ in entries})
+    inner_notes = here.opening or closing or any(
+        len(p) > len(path) and p[:len(path)] == path for p in notes)
+    flat = "{ " + ", ".join(line.strip() for line in lines) + " }"
+    nested = any(isinstance(v, list) for _, v in entries)
+    if depth > 0 and not nested and not inner_notes and len(flat) + len(INDENT) * depth < ONE_LINE:
+        return flat
+    opening = ("  " + "  ".join(here.opening)) if here.opening else ""
+    return ("{" + opening + "\n" + "".join(f"{line}\n" for line in lines)
+            + "".join(f"{pad}{c}\n" for c in closing) + INDENT * depth + "}")
 
+
+def _leading(notes: dict, path: tuple, pad: str) -> str:
+    n = notes.get(path)
+    return "".join(f"{pad}{c}\n" for c in n.leading) if n else ""
+
+
+def _trailing(notes: dict, path: tuple) -> str:
+    n = notes.get(path)
+    return ("  " + "  ".join(n.trailing)) if n and n.trailing else ""
+
+
+def _orphans(notes: dict, path: tuple, written: set) -> list[str]:
+    """Comments of entries below ``path`` that the canonical form does not write (defaults)."""
+    return [c for p, n in notes.items()
+            if len(p) > len(path) and p[:len(path)] == path and p[len(path)] not in written
+            for c in n.all()]

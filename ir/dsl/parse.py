@@ -6,6 +6,7 @@ never sees a parser traceback.
 from __future__ import annotations
 
 import re
+import unicodedata
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -18,15 +19,19 @@ from plait.ir.errors import SpecError
 from . import ast
 
 GRAMMAR = Path(__file__).with_name("plait.lark")
-_NUMBER_AND_UNIT = re.compile(r"([+-]?[0-9.]+(?:[eE][+-]?\d+)?)[ \t]*(\S*)")
+_NUMBER_AND_UNIT = re.compile(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)[ \t]*(\S*)")
 
 # Readable names for the grammar's terminals in "expected ..." messages.
 _TERMINAL_NAMES = {"NAME": "a name", "STRING": "a string", "QUANTITY": "a number", "$END": "end of file"}
 
 
+_COMMENTS: list[Token] = []  # filled by the lexer during one parse() (comments are ignored tokens)
+
+
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                lexer_callbacks={"COMMENT": _COMMENTS.append})
 
 
 def _pos(node) -> ast.Pos:
@@ -70,9 +75,10 @@ class _ToAst(Transformer):
         parts = left.parts if isinstance(left, ast.Concat) else (left,)
         return ast.Concat(parts + (right,), _pos(meta))
 
-    def arg(self, children):
+    @v_args(meta=True)
+    def arg(self, meta, children):
         key, value = children
-        return ast.Assign(str(key), value, _pos(key))
+        return ast.Assign(str(key), value, _pos(key), meta.end_line)
 
     assign = arg
 
@@ -82,7 +88,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def block(self, meta, children):
-        return ast.Block(tuple(children), _pos(meta))
+        return ast.Block(tuple(children), _pos(meta), meta.end_line)
 
     def decl(self, children):
         kind, name, block = children
@@ -99,6 +105,7 @@ class _ToAst(Transformer):
 
 def parse(text: str, file: str = "<string>") -> ast.Module:
     """Parse spec text into an ast.Module; raises SpecError on any syntax error."""
+    _COMMENTS.clear()
     try:
         tree = _parser().parse(text)
         items = _ToAst().transform(tree)
@@ -111,7 +118,9 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
                         source_line=_line(text, 1), hint="flatten the nested lists") from None
     uses = tuple(i for i in items if isinstance(i, ast.Use))
     decls = tuple(i for i in items if isinstance(i, ast.Decl))
-    return ast.Module(file=file, text=text, uses=uses, decls=decls)
+    comments = tuple((_pos(t), str(t).rstrip()) for t in _COMMENTS)
+    _COMMENTS.clear()
+    return ast.Module(file=file, text=text, uses=uses, decls=decls, comments=comments)
 
 
 def _line(text: str, line: int):
@@ -145,6 +154,8 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
         message = f"unexpected character {char!r}"
         if char == '"':
             hint = "a string must end on the line it starts"
+        elif char.isnumeric() and not char.isascii():
+            hint = f"numbers are written with the ASCII digits 0-9 ({char!r} is {unicodedata.name(char, 'a digit')})"
         elif e.allowed:
             hint = f"expected {_expected(e.allowed)}"
     elif isinstance(e, UnexpectedToken) and e.token.type != "$END":

@@ -16,6 +16,7 @@ from plait.ir.job import PruneJob, TrainJob
 from plait.ir.model import ModelSpec
 
 from . import ast
+from .files import locate_use, read_spec_file, read_used_file
 from .hardware import resolve_cluster, resolve_device, unknown_name
 from .jobs import resolve_job
 from .models import resolve_model
@@ -40,6 +41,7 @@ class Library:
     file: Optional[str] = None  # the file that was loaded
     uses: tuple[str, ...] = ()  # its `use` paths as written
     own: tuple[tuple[str, str], ...] = ()  # (keyword, name) declared in that file, in source order
+    module: Optional[ast.Module] = field(default=None, repr=False, compare=False)  # its syntax tree (fmt)
 
     def summary(self) -> str:
         """`3 models, 1 device, 1 cluster, 0 jobs`."""
@@ -62,8 +64,7 @@ class _Source:
 
 def load_file(path: str) -> Library:
     """Parse and resolve a spec file and everything it `use`s."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_spec_file(path)
     return parse_text(text, file=path, base_dir=os.path.dirname(path) or ".")
 
 
@@ -77,6 +78,7 @@ def parse_text(text: str, file: str = "<string>", base_dir: Optional[str] = None
     lib.file = file
     lib.uses = tuple(p.value for use in root.module.uses for p in use.paths)
     lib.own = tuple((d.kind, d.name) for d in root.module.decls)
+    lib.module = root.module
     return lib
 
 
@@ -87,7 +89,7 @@ def _collect(src: _Source, stack: list[str], seen: dict, out: list[_Source]) -> 
     stack.append(key)
     for use in src.module.uses:
         for path in use.paths:
-            full = os.path.normpath(os.path.join(src.base_dir, path.value))
+            full = locate_use(path.value, src.base_dir, _failing_at(src, path))
             real = os.path.realpath(full)
             if real in stack:
                 cycle = stack[stack.index(real):] + [real]
@@ -104,15 +106,14 @@ def _collect(src: _Source, stack: list[str], seen: dict, out: list[_Source]) -> 
 
 
 def _read(parent: _Source, full: str, path: ast.String) -> _Source:
-    try:
-        with open(full, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = "no such file" if isinstance(e, FileNotFoundError) else (getattr(e, "strerror", None) or str(e))
-        raise parent.ctx.error(f'cannot use "{path.value}": {reason}', path.pos,
-                               hint=f"paths are relative to this file; looked for {os.path.abspath(full)}")
+    text = read_used_file(full, path.value, _failing_at(parent, path))
     module = parse(text, full)
     return _Source(module, Context(module), os.path.dirname(full) or ".")
+
+
+def _failing_at(src: _Source, path: ast.String):
+    """Errors about a `use` path, located at the path in the including file."""
+    return lambda message, hint=None: src.ctx.error(message, path.pos, hint=hint)
 
 
 def _resolve(sources: list[_Source]) -> Library:
@@ -197,13 +198,15 @@ def load_model(path: str, name: Optional[str] = None) -> ModelSpec:
 
 
 def _pick(lib: Library, kind: str, table: dict, name: Optional[str]) -> str:
+    label = {"train": "train job", "prune": "prune job"}.get(kind, kind)
     if name is not None:
         if name not in table:
-            raise SpecError(f'no {kind} named "{name}"', file=lib.file,
-                            hint=did_you_mean(name, table) or f"{kind}s: {', '.join(table) or 'none'}")
+            raise SpecError(f'no {label} named "{name}"', file=lib.file,
+                            hint=did_you_mean(name, table) or f"{label}s: {', '.join(table) or 'none'}")
         return name
     own = [n for k, n in lib.own if k == kind] or list(table)
     if len(own) != 1:
         what = f"{len(own)} {kind} declarations ({', '.join(own)})" if own else f"no {kind} declaration"
-        raise SpecError(f"the file has {what}", file=lib.file, hint=f"name the {kind} you mean" if own else None)
+        raise SpecError(f"the file has {what}", file=lib.file,
+                        hint=f"name the {label} you mean with --name" if own else None)
     return own[0]

@@ -1,13 +1,14 @@
 """The canonical formatter: exact literals, readable layer lists, and parse(format(x)) == x."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plait.ir.cluster import Cluster, Device, Link, local_cpu
-from plait.ir.dsl import parse_text
-from plait.ir.dsl.fmt import format_library, format_model
+from plait.ir.dsl import load_file, parse_text
+from plait.ir.dsl.fmt import format_file, format_library, format_model
 from plait.ir.dsl.literals import layers_text, number, quantity
 from plait.ir.dsl.resolve import Library
 from plait.ir.job import Data, LayoutPins, MoEOptions, Optimizer, Precision, TrainJob
@@ -127,3 +128,52 @@ def test_hand_built_library_with_resized_cluster_and_every_job_option():
     lib = Library(models={model.name: model}, devices={"gpu": gpu}, clusters={"c": cluster}, jobs=jobs)
     again = parse_text(format_library(lib))
     assert again.jobs == jobs and again.clusters == {"c": cluster} and again.models == lib.models
+
+
+# --- comments --------------------------------------------------------------------------------------
+
+LIBRARY = sorted((Path(__file__).resolve().parents[2] / "specs").rglob("*.plait"))
+
+
+def _comments(text: str) -> list[str]:
+    from plait.ir.dsl.parse import parse
+    return [c for _, c in parse(text).comments]
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_fmt_keeps_every_comment_of_the_library(path):
+    lib = load_file(str(path))
+    once = format_file(lib)
+    assert sorted(_comments(once)) == sorted(_comments(path.read_text()))
+    again = parse_text(once, file=str(path), base_dir=str(path.parent))
+    assert (again.models, again.jobs, again.prune_jobs) == (lib.models, lib.jobs, lib.prune_jobs)
+    assert format_file(again) == once  # idempotent
+
+
+COMMENTED = '''# leads the model
+model "m" {  # opens the model
+  vocab = 256  # trails vocab
+  # leads hidden
+  hidden = 128
+  tie_embeddings = false  # a default: fmt drops the key, not the comment
+  attention { heads = 4, rope = none }  # trails attention
+  mlp {
+    # leads ffn
+    ffn = 352
+    # closes mlp
+  }
+  layers = 2 * [attention, mlp]
+}  # after the model
+# the end
+'''
+
+
+def test_comments_stay_next_to_what_they_describe():
+    out = format_file(parse_text(COMMENTED, file="m.plait"))
+    assert out.startswith("# leads the model\nmodel \"m\" {  # opens the model\n  vocab = 256  # trails vocab\n"
+                          "  # leads hidden\n  hidden = 128\n")
+    assert "rope = none }  # trails attention\n" in out
+    assert "  mlp {\n    # leads ffn\n    ffn = 352, \n" not in out
+    assert "  mlp {\n    # leads ffn\n    ffn = 352\n    activation = swiglu\n    # closes mlp\n  }\n" in out
+    assert out.endswith("  # a default: fmt drops the key, not the comment\n}  # after the model\n\n# the end\n")
+    assert format_file(parse_text(out, file="m.plait")) == out
