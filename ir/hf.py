@@ -286,13 +286,42 @@ def model_from_hf_config(cfg: dict, name: Optional[str] = None) -> ModelSpec:
     return builders[model_type](HFConfig(cfg), name or default_name(cfg))
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB
+
+
+def hf_config_path(path: str) -> str:
+    """The config.json a user means: the file itself, or the one in a model directory (as HF
+    checkpoints are passed around)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "config.json")
+        if not os.path.isfile(inner):
+            raise PlaitError(f"{path} is a directory without a config.json",
+                             hint="pass a Hugging Face model directory or its config.json")
+        return inner
+    if not os.path.exists(path):
+        raise PlaitError(f"no such file: {path}")
+    if not os.path.isfile(path):
+        raise PlaitError(f"{path} is not a regular file")
+    return path
+
+
 def load_hf_config(path: str) -> dict:
-    """Read a config.json (Python's json accepts the Infinity some configs contain)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise PlaitError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    """Read a config.json (Python's json accepts the Infinity some configs contain) from the file
+    or model directory ``path``."""
+    path = hf_config_path(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise PlaitError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config.json")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise PlaitError(f"{path} is not UTF-8 text (byte {e.start}): not a config.json") from None
+    except json.JSONDecodeError as e:
+        raise PlaitError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise PlaitError(f"{path} holds a JSON {type(config).__name__}, not a config object")
+    return config
 
 
 def model_from_hf_file(path: str, name: Optional[str] = None) -> ModelSpec:

@@ -16,6 +16,9 @@ _WIDTH = None if sys.stdout.isatty() else 200
 console = Console(soft_wrap=True, width=_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
+DESCRIPTION = ("plait plans, compiles and runs the parallel training of Transformer, Mixture-of-Experts "
+               "and hybrid Mamba models from spec files, and plans their structured pruning.")
+
 # name -> (add_arguments, run). Subcommands register themselves below.
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -38,7 +41,8 @@ def arguments(setup: Callable[[argparse.ArgumentParser], None]):
 def build_parser() -> argparse.ArgumentParser:
     from plait import commands  # noqa: F401  (registers the subcommands)
 
-    parser = argparse.ArgumentParser(prog="plait", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="plait", description=DESCRIPTION,
+                                     epilog="`plait COMMAND --help` describes each command.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (setup, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=fn.help)

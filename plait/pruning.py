@@ -15,7 +15,6 @@ distillation resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from plait.ir.dsl.fmt import format_model
 from plait.ir.errors import PlaitError
 from plait.ir.job import PruneJob
+from plait.ir.outputs import check_output_dir, claim_output_dir, output_kind
 from plait.ir.plan import PrunePlan
 from plait.ir.serde import to_json
 from plait.planner.prune.plan import PruneResult, plan_prune
@@ -49,18 +49,29 @@ class RunDir:
         return self.root / files[name]
 
 
+RUN_KIND = "prune run"
+
+
+def run_dir_of(job: PruneJob, out: Optional[str] = None) -> RunDir:
+    return RunDir(Path(out or job.output or Path("runs") / job.name))
+
+
+def check_run(job: PruneJob, out: Optional[str] = None, fresh: bool = False) -> RunDir:
+    """The job's run directory, checked (nothing written) to be new, empty, or plait's run of this
+    job (any plait prune run with ``fresh``)."""
+    run = run_dir_of(job, out)
+    check_output_dir(run.root, RUN_KIND, fresh)
+    if not fresh and run.job.is_file() and run.job.read_text() != to_json(job):
+        raise PlaitError(f"{run.root} holds a run of a different (or changed) prune job",
+                         hint="pass --fresh to start over there, or --out another directory")
+    return run
+
+
 def open_run(job: PruneJob, out: Optional[str] = None, fresh: bool = False) -> RunDir:
-    """The job's run directory, created or checked to belong to this job."""
-    run = RunDir(Path(out or job.output or Path("runs") / job.name))
-    text = to_json(job)
-    if run.job.exists() and run.job.read_text() != text:
-        if not fresh:
-            raise PlaitError(f"{run.root} holds a run of a different (or changed) prune job",
-                             hint="pass --fresh to start over there, or --out another directory")
-    if fresh and run.root.exists():
-        shutil.rmtree(run.root)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.job.write_text(text)
+    """The job's run directory, created (or emptied with ``fresh``) after check_run's checks."""
+    run = check_run(job, out, fresh)
+    claim_output_dir(run.root, RUN_KIND, fresh)
+    run.job.write_text(to_json(job))
     return run
 
 
@@ -219,7 +230,8 @@ def eval_loss(job: PruneJob, run: RunDir, model) -> float:
     return mean_loss(model, loader, range(EVAL_BATCHES))
 
 
-def train_teacher(job: PruneJob, steps: int, say: Say = print, out: Optional[str] = None) -> Path:
+def train_teacher(job: PruneJob, steps: int, say: Say = print, out: Optional[str] = None,
+                  fresh: bool = False) -> Path:
     """Train the source model from its initialisation for ``steps`` steps on the distillation data
     (default: the bundled corpus) and save it as the job's weights: a teacher for demos and tests
     where no trained checkpoint exists."""
@@ -230,7 +242,8 @@ def train_teacher(job: PruneJob, steps: int, say: Say = print, out: Optional[str
     from plait.runtime.train import ReferenceTrainer
 
     target = Path(_weights_path(job))
-    run = open_run(job, out)
+    _check_teacher_target(target)
+    run = open_run(job, out, fresh)
     d = job.distill
     loader = BatchLoader(token_source(d.data, run, job.model.vocab), d.seq_len, d.global_batch, d.seed)
     model = build_model(job.model, seed=d.seed)
@@ -240,9 +253,24 @@ def train_teacher(job: PruneJob, steps: int, say: Say = print, out: Optional[str
         trainer.step(step, steps)
         if step % 50 == 0 or step == steps - 1:
             say(f"teacher step {step:4d}  loss {float(loss):.4f}")
+    if not target.parent.exists():
+        claim_output_dir(target.parent, TEACHER_KIND)
     save_weights(model.state_dict(), target)
     say(f"teacher: {target}")
     return target
+
+
+TEACHER_KIND = "teacher checkpoint"
+
+
+def _check_teacher_target(target: Path) -> None:
+    """The teacher may replace weights only where plait wrote a teacher before."""
+    if target.is_dir():
+        raise PlaitError(f"the job's weights {target} is a directory; --train-teacher writes one file",
+                         hint='point weights at a new file, e.g. weights = "teacher/model.safetensors"')
+    if target.exists() and output_kind(target.parent) != TEACHER_KIND:
+        raise PlaitError(f"--train-teacher would overwrite {target}, which plait did not write",
+                         hint="point the job's weights at a new path, or move that file away")
 
 
 def _batch(loader, step: int):
@@ -264,8 +292,9 @@ def run_prune(job: PruneJob, out: Optional[str] = None, fresh: bool = False, top
     """plan -> apply -> distill; returns the report (also written to RUN/report.json)."""
     from plait.lowering.prune.checkpoint import read_weights
 
-    run = open_run(job, out, fresh)
+    check_run(job, out, fresh)  # every input checked before the run directory is touched
     teacher_state = read_weights(job.model, _weights_path(job))
+    run = open_run(job, out, fresh)
     teacher = load_model_weights(job.model, teacher_state)
     scores = importance(job, run, teacher, say)
     chosen = plan(job, run, scores, top, say)

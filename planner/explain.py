@@ -12,6 +12,7 @@ from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan
 
 from .cost.context import Context
+from .wording import device_word, flops_rate, percent, seconds, seconds_pair, significant
 from .cost.evaluate import evaluate
 from .cost.pipeline import even_sizes, stages_of
 
@@ -101,7 +102,7 @@ class Families:
                 continue
             if rec.how == BOUND_ONLY:  # a floor below the winner says nothing about its speed
                 out.append(Rejection(fam, f"no even split fits in memory at the screening "
-                                          f"micro-batch (time floor {rec.step:.2f} s, not "
+                                          f"micro-batch (time floor {seconds(rec.step)} s, not "
                                           f"evaluated further)"))
             elif rec.step < float("inf"):
                 out.append(Rejection(fam, self._slower(winner, rec), step_time=rec.step))
@@ -115,7 +116,8 @@ class Families:
     def _slower(self, winner: ParallelPlan, rec: _Record) -> str:
         w = winner.prediction
         pct = (rec.step / w.step_time - 1) * 100
-        parts = [f"{pct:+.1f}% step time ({rec.step:.2f} s vs {w.step_time:.2f} s)"]
+        theirs, ours = seconds_pair(rec.step, w.step_time)
+        parts = [f"{percent(pct)} step time ({theirs} s vs {ours} s)"]
         other = rec.plan or self._even_split_plan(rec)
         if other is not None:
             parts += differences(self.job, winner, other)
@@ -168,7 +170,7 @@ def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> lis
     extra = sorted(((oc.get(k, 0.0) - wc.get(k, 0.0), k) for k in set(wc) | set(oc)), reverse=True)
     for delta, kind in extra[:2]:
         if delta > 0.01 * w.step_time:
-            out.append(f"+{delta:.2f} s exposed {kind} communication")
+            out.append(f"+{significant(delta)} s exposed {kind} communication")
     if _recompute_share(other) > _recompute_share(winner) + 0.05:
         out.append(f"recomputes {_recompute_share(other):.0%} of its stages in full to fit memory")
     out += topology_facts(job, other.layout, only_bad=True)
@@ -183,7 +185,8 @@ def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families:
     """Lines that say what the plan achieves and why it beats the best plan of another family."""
     p = plan.prediction
     cap = job.cluster.device.memory
-    lines = [f"step {p.step_time:.2f} s, {p.tflops_per_gpu:.0f} TFLOP/s per GPU ({p.mfu:.1%} MFU), "
+    per = device_word(job.cluster.backend)
+    lines = [f"step {seconds(p.step_time)} s, {flops_rate(p.tflops_per_gpu * 1e12)} per {per} ({p.mfu:.1%} MFU), "
              f"bubble {p.bubble:.1%}, peak memory {p.peak_memory / GiB:.1f} of {cap / GiB:.0f} GiB"]
     lines += topology_facts(job, plan.layout)
     fam = family_of(plan.layout)

@@ -22,6 +22,7 @@ from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan
 
 from .groups import groups_over
+from .wording import device_word, flops_rate, seconds_pair
 
 
 def ep_inside_dp(lay: Layout) -> bool:
@@ -81,9 +82,10 @@ def gain_line(job: TrainJob, winner: ParallelPlan, unfolded: Optional[ParallelPl
                 f"{job.cluster.device.memory / 2**30:.0f} GiB)") if smallest_need else ""
         return f"folding is required: no unfolded layout (ETP = TP, EP inside DP) fits{need}; {how}"
     u = unfolded.prediction
+    theirs, ours = seconds_pair(u.step_time, w.step_time)
     gain = (u.step_time / w.step_time - 1) * 100
     because = "; ".join([how] + reasons)
     return (f"folding gains {gain:.1f}% over the best unfolded layout (ETP = TP, EP inside DP) "
-            f"{unfolded.layout.short()} ({unfolded.layout.dp_kind}): {u.step_time:.2f} s vs "
-            f"{w.step_time:.2f} s per step, {u.tflops_per_gpu:.0f} vs {w.tflops_per_gpu:.0f} "
-            f"TFLOP/s per GPU, because {because}")
+            f"{unfolded.layout.short()} ({unfolded.layout.dp_kind}): {theirs} s vs {ours} s per step, "
+            f"{flops_rate(u.tflops_per_gpu * 1e12)} vs {flops_rate(w.tflops_per_gpu * 1e12)} per "
+            f"{device_word(job.cluster.backend)}, because {because}")

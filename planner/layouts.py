@@ -236,12 +236,16 @@ def _parse_value(key: str, text: str):
 def parse_layout(text: str) -> dict:
     """``"tp=2 pp=8 ep=8 etp=1 recompute=full"`` -> {"tp": 2, ...}; ``key=auto`` leaves it open."""
     pins: dict = {}
+    seen: set = set()
     for token in text.replace(",", " ").split():
         key, sep, value = token.partition("=")
         key = key.strip().lower()
         if not sep or key not in LAYOUT_KEYS:
             raise LayoutError(f"cannot read {token!r} in layout {text!r}",
                               hint="write key=value pairs with keys from " + " ".join(LAYOUT_KEYS))
+        if key in seen:  # "dp=8 dp=2": which one was meant is not ours to guess
+            raise LayoutError(f"{key} is given twice in layout {text!r}", hint="give each key once")
+        seen.add(key)
         if value.strip().lower() != "auto":
             pins[key] = _parse_value(key, value)
     return normalize_pins(pins)

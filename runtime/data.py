@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from plait.ir.errors import PlaitError
+from plait.ir.outputs import check_output_dir, claim_output_dir
 
 META = "meta.json"
 TOKENS = "tokens.bin"
@@ -66,20 +67,43 @@ def get_tokenizer(name: str = "byte") -> Tokenizer:
     return ByteTokenizer() if name in ("byte", "bytes", None) else HFTokenizer(name)
 
 
+DATASET_KIND = "dataset"
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's contents; binary, non-UTF-8 and empty files are errors naming the file (a
+    replacement character per bad byte would train on noise)."""
+    if not path.exists():
+        raise PlaitError(f"no such text file: {path}")
+    if not path.is_file():
+        raise PlaitError(f"{path} is not a regular file", hint="pass text files")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise PlaitError(f"{path} is a binary file (a NUL byte at offset {data.index(0)}), not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlaitError(f"{path} is not UTF-8 text (byte {e.start} is invalid)",
+                         hint="convert it first, e.g. `iconv -t UTF-8`") from None
+    if not text.strip():
+        raise PlaitError(f"{path} holds no text" + (" (it is empty)" if not data else ""))
+    return text
+
+
 def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "byte") -> dict:
-    """Tokenize text files into a memory-mappable dataset directory; returns its metadata."""
+    """Tokenize text files into a memory-mappable dataset directory; returns its metadata. The
+    output directory and every input are checked before anything is written."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise PlaitError("no input files to prepare")
+    out = check_output_dir(out_dir, DATASET_KIND)
+    texts = [read_text_file(path) for path in paths]
     tok = get_tokenizer(tokenizer)
     ids: list[int] = []
-    paths = [Path(f) for f in files]
-    for path in paths:
-        if not path.is_file():
-            raise PlaitError(f"no such text file: {path}")
-        ids.extend(tok.encode(path.read_text(encoding="utf-8", errors="replace") + DOC_SEPARATOR))
-    if not ids:
-        raise PlaitError("the input files hold no text")
+    for text in texts:
+        ids.extend(tok.encode(text + DOC_SEPARATOR))
     dtype = np.uint16 if tok.vocab <= 2**16 else np.uint32
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, DATASET_KIND)
     np.asarray(ids, dtype=dtype).tofile(out / TOKENS)
     meta = {"tokenizer": tok.name, "vocab": tok.vocab, "dtype": np.dtype(dtype).name,
             "num_tokens": len(ids), "files": [str(p) for p in paths]}

@@ -11,6 +11,8 @@ from plait.ir.job import PruneJob
 from plait.ir.model import ModelSpec
 from plait.ir.plan import PruneCandidate
 
+from . import inputs
+
 
 def _args(p):
     p.add_argument("job", help="a spec file with a prune declaration")
@@ -18,7 +20,8 @@ def _args(p):
     p.add_argument("--plan-only", action="store_true", help="rank candidates; touch no weights")
     p.add_argument("--top", type=int, default=5, help="how many ranked candidates to show (default 5)")
     p.add_argument("--out", help="run directory (default: the job's output, else runs/<job>)")
-    p.add_argument("--fresh", action="store_true", help="discard an existing run directory's contents")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: delete the run directory first (only one plait created)")
     p.add_argument("--steps", type=int, help="distillation steps (default: the job's)")
     p.add_argument("--json", action="store_true", help="print the plan (or report) as JSON")
     p.add_argument("--train-teacher", type=int, metavar="STEPS",
@@ -30,6 +33,9 @@ def _args(p):
 @arguments(_args)
 def prune(args) -> int:
     start = time.perf_counter()
+    inputs.at_least(args.top, 1, "--top")
+    inputs.at_least(args.steps, 0, "--steps")
+    inputs.at_least(args.train_teacher, 1, "--train-teacher")
     job = load_prune_job(args.job, args.name)
     if args.plan_only:
         from plait.pruning import plan_only
@@ -46,9 +52,11 @@ def prune(args) -> int:
         console.print(f"planned in {result.seconds:.2f} s ({result.solves} ILP solves over {result.options} "
                       f"options; {time.perf_counter() - start:.2f} s with loading)", highlight=False)
         return 0
-    if args.train_teacher:
+    if args.train_teacher is not None:
         from plait.pruning import train_teacher
-        train_teacher(job, args.train_teacher, say=lambda t: console.print(t, highlight=False), out=args.out)
+        train_teacher(job, args.train_teacher, say=lambda t: console.print(t, highlight=False), out=args.out,
+                      fresh=args.fresh)
+        args.fresh = False  # the run directory was just started over
     return _run(job, args)
 
 

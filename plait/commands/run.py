@@ -14,13 +14,16 @@ from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
+from plait.ir.outputs import check_output_dir, claim_output_dir
 from plait.ir.plan import ParallelPlan
+
+from . import inputs
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="a job spec file (specs/jobs/*.plait)")
     p.add_argument("--name", help="the train job to use when the file declares several")
-    p.add_argument("--plan", help="a plan JSON (`plait plan ... --json`); default: plan now")
+    p.add_argument("--plan", help="a plan JSON (`plait plan JOB -o plan.json`); default: plan now")
     p.add_argument("--layout", help='pins for planning, e.g. "tp=2 pp=2" (ignored with --plan)')
 
 
@@ -30,13 +33,25 @@ def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str])
     from plait.runtime.launch import check_plan
 
     if plan_path:
-        path = Path(plan_path)
-        if not path.is_file():
-            raise PlaitError(f"no plan file at {path}")
-        plan = ParallelPlan.from_json(path.read_text())
+        plan = read_plan(plan_path, job)
     else:
         plan = _search(job, layout)
     return check_plan(job, plan)
+
+
+def read_plan(plan_path: str, job: TrainJob) -> ParallelPlan:
+    """A plan JSON written by `plait plan -o`, checked to be one and to be for ``job``'s model."""
+    path = Path(plan_path)
+    if not path.is_file():
+        raise PlaitError(f"no plan file at {path}")
+    try:
+        plan = ParallelPlan.from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise PlaitError(f"{path} is not a plan JSON ({type(e).__name__}: {e})",
+                         hint="write one with `plait plan JOB -o plan.json`") from None
+    if plan.model != job.model.name:
+        raise PlaitError(f"{path} plans model {plan.model!r}; the job trains {job.model.name!r}")
+    return plan
 
 
 def _search(job: TrainJob, layout: Optional[str]) -> ParallelPlan:
@@ -92,16 +107,51 @@ def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
 def run(args: argparse.Namespace) -> int:
     from plait.runtime.launch import Checkpointing, multinode_command
 
+    check_run_args(args)
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
+    if job.data.path and not args.print_launch:
+        _check_dataset(job)
     plan = resolve_plan(job, args.plan, args.layout)
     if args.print_launch:
         print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
         return 0
     console.print(plan_table(plan))
     ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume)
+    if args.run_dir:
+        claim_output_dir(args.run_dir, RUN_DIR_KIND)
+    return train_locally(job, plan, args.steps, args.run_dir, args.weights, ckpt)
+
+
+RUN_DIR_KIND = "run directory"
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Every path and number `plait run` was given, checked before planning or training."""
+    inputs.at_least(args.steps, 1, "--steps")
+    inputs.at_least(args.save_every, 0, "--save-every")
     if args.save_every and not args.save:
         raise PlaitError("--save-every needs --save DIR")
-    return train_locally(job, plan, args.steps, args.run_dir, args.weights, ckpt)
+    if args.plan and args.layout:
+        raise PlaitError("--layout has no effect with --plan", hint="give one of them")
+    if args.data and args.synthetic:
+        raise PlaitError("--data and --synthetic exclude each other", hint="give one of them")
+    if args.print_launch:
+        return
+    if args.save:
+        inputs.writable_dir(args.save, "--save")
+    if args.resume:
+        inputs.existing_dir(args.resume, "--resume")
+    if args.weights:
+        inputs.safetensors_source(args.weights)
+    if args.run_dir:
+        check_output_dir(args.run_dir, RUN_DIR_KIND)
+
+
+def _check_dataset(job: TrainJob) -> None:
+    """The job's dataset opens and fits the model's vocabulary (each rank would fail otherwise)."""
+    from plait.runtime.data import open_source
+
+    open_source(job.data.path, job.model.vocab)
 
 
 def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
@@ -133,15 +183,36 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 def compile_command(args: argparse.Namespace) -> int:
     from plait.lowering.compile import lower, write_programs
 
+    if args.plan and args.layout:
+        raise PlaitError("--layout has no effect with --plan", hint="give one of them")
+    check_output_dir(args.output, COMPILED_KIND)
     job = load_job(args.job, args.name)
     plan = resolve_plan(job, args.plan, args.layout)
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else range(plan.world)
+    ranks = _ranks(args.ranks, plan.world)
     programs = [lower(_meta_model(job), job.model, plan, r) for r in ranks]
+    claim_output_dir(args.output, COMPILED_KIND)
     files = write_programs(programs, args.output)
     console.print(plan_table(plan))
     console.print(f"wrote {len(files)} files to {args.output}/ (plan.json, rank*/stage*.py, "
                   "rank*/loss.py, rank*/shards.json)")
     return 0
+
+
+COMPILED_KIND = "compiled program directory"
+
+
+def _ranks(text: Optional[str], world: int) -> list[int]:
+    """`--ranks 0,3`: distinct ranks of the plan's world, in the order given."""
+    if not text:
+        return list(range(world))
+    try:
+        ranks = [int(r) for r in text.split(",")]
+    except ValueError:
+        raise PlaitError(f"--ranks {text!r}: write comma-separated rank numbers, e.g. 0,3") from None
+    bad = [r for r in ranks if not 0 <= r < world]
+    if bad:
+        raise PlaitError(f"--ranks {text!r}: {bad[0]} is not a rank of this plan (0..{world - 1})")
+    return list(dict.fromkeys(ranks))
 
 
 def _meta_model(job: TrainJob):

@@ -52,7 +52,8 @@ def model_report(model: ModelSpec, seq_len: int, precision: Precision, job: Opti
     p = counts.params(model)
     state = counts.param_state_bytes(precision, "replicated")
     report = {
-        "model": model.name, "layers": model.num_layers, "hidden": model.hidden, "vocab": model.vocab,
+        "model": model.name, "layers": model.num_layers, "decoder_layers": decoder_layers(model),
+        "hidden": model.hidden, "vocab": model.vocab,
         "params_total": p.total, "params_active": p.active, "params_embedding": p.embedding,
         "params_head": p.head, "params_per_kind": dict(p.per_kind),
         "layers_per_kind": {k: model.count(k) for k, _ in p.per_kind},
@@ -66,6 +67,21 @@ def model_report(model: ModelSpec, seq_len: int, precision: Precision, job: Opti
         report["job"] = {"name": job.name, "cluster": job.cluster.name, "gpus": job.cluster.world,
                          "global_batch": job.global_batch, "tokens_per_step": job.tokens_per_step}
     return report
+
+
+def decoder_layers(model: ModelSpec) -> Optional[int]:
+    """Decoder layers as Hugging Face and Megatron count them (attention + MLP or MoE) when the
+    model is built of such pairs; None for hybrid models, whose every block is a layer there too."""
+    n, layers = model.num_layers, model.layers
+    pairs = n % 2 == 0 and all(layers[i] == "attention" and layers[i + 1] in ("mlp", "moe")
+                               for i in range(0, n, 2))
+    return n // 2 if pairs and not model.is_hybrid else None
+
+
+def _layers_text(r: dict) -> str:
+    if r.get("decoder_layers"):
+        return f"{r['layers']} layers ({r['decoder_layers']} decoder layers of attention + MLP/MoE)"
+    return f"{r['layers']} layers"
 
 
 def _count(n: float) -> str:
@@ -90,7 +106,7 @@ def _bytes(n: float) -> str:
 
 
 def report_table(r: dict) -> Table:
-    title = f"{r['model']}: {r['layers']} layers, hidden {r['hidden']}, vocab {r['vocab']}"
+    title = f"{r['model']}: {_layers_text(r)}, hidden {r['hidden']}, vocab {r['vocab']}"
     if "job" in r:
         j = r["job"]
         title = (f"job {j['name']} on {j['cluster']} ({j['gpus']} devices, global batch {j['global_batch']})\n"
@@ -136,7 +152,7 @@ def show(args) -> int:
 
 @command("fmt", help="print a spec file in canonical form")
 @arguments(lambda p: (
-    p.add_argument("file"),
+    p.add_argument("file", help="a spec file (comments and `use` lines are kept)"),
     p.add_argument("--all", action="store_true",
                    help="include everything the file `use`s, as one self-contained spec"),
 ))
@@ -147,7 +163,7 @@ def fmt(args) -> int:
 
 
 @command("check", help="validate spec files (syntax, references, units, architecture checks)")
-@arguments(lambda p: p.add_argument("files", nargs="+"))
+@arguments(lambda p: p.add_argument("files", nargs="+", help="spec files (each with everything it `use`s)"))
 def check(args) -> int:
     for path in args.files:
         lib = load_file(path)
