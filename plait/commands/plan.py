@@ -15,8 +15,10 @@ from plait.planner import explain
 from plait.planner.groups import rank_groups
 from plait.planner.layouts import check_pins, job_pins, parse_layout, violations
 from plait.planner.search import search
+from plait.planner.wording import device_word, flops_rate, seconds
 
-from .megatron import megatron_args
+from . import inputs
+from .megatron import megatron_command
 
 GiB = float(2**30)
 
@@ -26,17 +28,18 @@ def _job_args(p):
     p.add_argument("--name", help="the train job to plan when the file declares several")
 
 
-def _plan_table(plans: list[ParallelPlan], title: str = "candidate plans (best first)") -> Table:
+def _plan_table(plans: list[ParallelPlan], title: str = "candidate plans (best first)",
+                per: str = "GPU") -> Table:
     t = Table(title=title)
-    for col in ("#", "layout", "dp", "recompute", "step s", "tokens/s", "TFLOP/s/GPU", "MFU",
+    for col in ("#", "layout", "dp", "recompute", "step s", "tokens/s", f"per {per}", "MFU",
                 "bubble", "peak GiB"):
         t.add_column(col, justify="right" if col not in ("layout", "dp", "recompute") else "left",
                      no_wrap=col == "layout")
     for i, plan in enumerate(plans, 1):
         p, lay = plan.prediction, plan.layout
         recompute = ",".join(sorted({s.recompute for s in plan.stages}))
-        t.add_row(str(i), lay.short(), lay.dp_kind, recompute, f"{p.step_time:.2f}",
-                  f"{p.tokens_per_s:,.0f}", f"{p.tflops_per_gpu:.0f}", f"{p.mfu:.1%}",
+        t.add_row(str(i), lay.short(), lay.dp_kind, recompute, seconds(p.step_time),
+                  f"{p.tokens_per_s:,.0f}", flops_rate(p.tflops_per_gpu * 1e12), f"{p.mfu:.1%}",
                   f"{p.bubble:.1%}", f"{p.peak_memory / GiB:.1f}")
     return t
 
@@ -55,14 +58,18 @@ def _run_search(job, extra, top):
 @command("plan", help="search the best parallel plan for a job")
 @arguments(lambda p: (_job_args(p),
                       p.add_argument("--layout", default="", help='pin dimensions: "tp=2 ep=8"'),
-                      p.add_argument("--top", type=int, default=5),
+                      p.add_argument("--top", type=int, default=5,
+                                     help="how many candidate plans to list (default 5)"),
                       p.add_argument("--explain", action="store_true",
                                      help="list each rejected family with its reason"),
                       p.add_argument("-o", "--output", help="write the best plan as JSON")))
 def plan_cmd(args) -> int:
+    inputs.at_least(args.top, 1, "--top")
+    if args.output:  # checked before the search: never replace a file that is not a plan
+        inputs.replaceable_file(args.output, "-o", _is_plan_json)
     job = load_job(args.job, args.name)
     res = _run_search(job, parse_layout(args.layout), args.top)
-    console.print(_plan_table(res.plans))
+    console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
     console.print(f"[bold]why {res.best.layout.short()} wins:[/bold]")
     for line in res.best.explanation:
         console.print(f"  - {line}", markup=False, highlight=False)
@@ -80,6 +87,14 @@ def plan_cmd(args) -> int:
         Path(args.output).write_text(res.best.to_json() + "\n")
         console.print(f"wrote {args.output}")
     return 0
+
+
+def _is_plan_json(text: str) -> bool:
+    try:
+        ParallelPlan.from_json(text)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _print_folding(res) -> None:
@@ -103,7 +118,7 @@ def estimate_cmd(args) -> int:
     if args.json:
         print(res.best.to_json())
     else:
-        console.print(_plan_table(res.plans))
+        console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
     return 0
 
 
@@ -127,7 +142,8 @@ def layout_from_pins(job, pins: dict) -> Layout:
 
 
 @command("groups", help="print the process groups of a layout as JSON")
-@arguments(lambda p: (_job_args(p), p.add_argument("--layout", required=True)))
+@arguments(lambda p: (_job_args(p), p.add_argument("--layout", required=True,
+                                                    help='the layout, e.g. "tp=2 cp=2 pp=2 ep=4 etp=1"')))
 def groups_cmd(args) -> int:
     job = load_job(args.job, args.name)
     lay = layout_from_pins(job, job_pins(job, parse_layout(args.layout)))
@@ -135,16 +151,27 @@ def groups_cmd(args) -> int:
     return 0
 
 
-@command("export", help="print the arguments that realise a plan in another framework")
-@arguments(lambda p: (p.add_argument("format", choices=["megatron"]),
-                      p.add_argument("plan", help="a plan JSON written by `plait plan -o`")))
+def _export_args(p) -> None:
+    p.add_argument("format", choices=["megatron"],
+                   help="megatron: a Megatron-LM pretrain_gpt.py / pretrain_hybrid.py command")
+    _job_args(p)
+    p.add_argument("--plan", help="a plan JSON from `plait plan JOB -o plan.json` (default: plan now)")
+    p.add_argument("--layout", help='pins for planning now, e.g. "tp=2 pp=4" (not with --plan)')
+
+
+@command("export", help="print the command that trains a job under a plan in another framework")
+@arguments(_export_args)
 def export_cmd(args) -> int:
-    try:
-        plan = ParallelPlan.from_json(Path(args.plan).read_text())
-    except (ValueError, KeyError, TypeError) as e:
-        raise PlaitError(f"{args.plan} is not a plan JSON ({e})") from None
-    lines = megatron_args(plan)
-    print(" \\\n  ".join(a for a in lines if not a.startswith("#")))
-    for note in (a for a in lines if a.startswith("#")):
-        print(note)
+    from .run import read_plan
+
+    if args.job.endswith(".json"):
+        raise PlaitError(f"{args.job} looks like a plan; the export also needs the job spec (the model's "
+                         "dimensions, the optimizer, the data)",
+                         hint=f"plait export megatron JOB.plait --plan {args.job}")
+    if args.plan and args.layout:
+        raise PlaitError("--layout has no effect with --plan", hint="give one of them")
+    job = load_job(args.job, args.name)
+    plan = read_plan(args.plan, job) if args.plan else _run_search(job, parse_layout(args.layout or ""), 1).best
+    command = megatron_command(plan, job)
+    print(command.shell(job.cluster.nodes, job.cluster.gpus_per_node))
     return 0

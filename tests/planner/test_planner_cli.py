@@ -11,7 +11,7 @@ TINY = str(SPECS / "jobs" / "tiny-local.plait")
 def job16(tmp_path):
     path = tmp_path / "mixtral16.plait"
     path.write_text(
-        f'use "{SPECS}/models/mixtral-8x22b.plait", "{SPECS}/clusters/dgx-h100.plait"\n'
+        'use "models/mixtral-8x22b.plait", "clusters/dgx-h100.plait"\n'  # found on the library path
         'train "mixtral-16" {\n  model = "mixtral-8x22b"\n  cluster = "dgx-h100"\n  gpus = 16\n'
         '  global_batch = 32\n  seq_len = 4096\n}\n')
     return str(path)
@@ -48,7 +48,7 @@ def test_plan_writes_json_and_export_prints_megatron_args(tmp_path, capsys):
     assert main(["plan", TINY, "--explain", "-o", str(out), "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "candidate plans" in text and "wins" in text and "rejected families" in text
-    assert main(["export", "megatron", str(out)]) == 0
+    assert main(["export", "megatron", TINY, "--plan", str(out)]) == 0
     args = capsys.readouterr().out
     plan = json.loads(out.read_text())
     assert f"--tensor-model-parallel-size {plan['layout']['tp']}" in args
@@ -59,5 +59,5 @@ def test_plan_writes_json_and_export_prints_megatron_args(tmp_path, capsys):
 def test_export_rejects_a_non_plan(tmp_path, capsys):
     bad = tmp_path / "x.json"
     bad.write_text('{"hello": 1}')
-    assert main(["export", "megatron", str(bad)]) == 2
+    assert main(["export", "megatron", TINY, "--plan", str(bad)]) == 2
     assert "not a plan JSON" in capsys.readouterr().err
