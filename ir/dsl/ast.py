@@ -129,5 +129,5 @@ class Module:
     comments: tuple[tuple[Pos, str], ...] = ()  # `# ...` comments, in source order (for fmt)
 
     def source_line(self, line: int) -> Optional[str]:
-        lines = self.text.splitlines()
+        lines = self.text.split("\n")  # as the lexer counts lines (not \u2028, \x0c, ...)
         return lines[line - 1] if 0 < line <= len(lines) else None

@@ -316,6 +316,9 @@ def _call(name: str, args: list[tuple[str, str]]) -> str:
 
 
 def _decl(keyword: str, name: str, entries: list, notes: Optional[dict] = None) -> str:
+    if '"' in name or "\n" in name:  # a spec string holds neither
+        raise PlaitError(f"the {keyword} name {name!r} cannot be written in a spec (quotes, line breaks)",
+                         hint="choose a name without quotes or line breaks")
     notes = notes or {}
     path = (keyword, name)
     return (_leading(notes, path, "") + f'{keyword} "{name}" ' + _block(entries, 0, path, notes)

@@ -114,8 +114,9 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
     except (RecursionError, VisitError) as e:
         if isinstance(e, VisitError) and not isinstance(e.orig_exc, RecursionError):
             raise
-        raise SpecError("values are nested too deeply", file=file, line=1, col=1,
-                        source_line=_line(text, 1), hint="flatten the nested lists") from None
+        line = _most_nested_line(text)
+        raise SpecError("values are nested too deeply", file=file, line=line, col=1,
+                        source_line=_line(text, line), hint="flatten the nested lists") from None
     uses = tuple(i for i in items if isinstance(i, ast.Use))
     decls = tuple(i for i in items if isinstance(i, ast.Decl))
     comments = tuple((_pos(t), str(t).rstrip()) for t in _COMMENTS)
@@ -123,13 +124,20 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
     return ast.Module(file=file, text=text, uses=uses, decls=decls, comments=comments)
 
 
+def _most_nested_line(text: str) -> int:
+    """The line with the most brackets and operators: where a too-deep value most likely is."""
+    lines = text.split("\n")
+    weight = [sum(line.count(c) for c in "[(+*") for line in lines]
+    return weight.index(max(weight)) + 1 if lines else 1
+
+
 def _line(text: str, line: int):
-    lines = text.splitlines()
+    lines = text.split("\n")  # as the lexer counts lines (not \u2028, \x0c, ...)
     return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
 def _end_position(text: str) -> tuple[int, int]:
-    lines = text.splitlines() or [""]
+    lines = text.rstrip("\n").split("\n")
     return len(lines), len(lines[-1]) + 1
 
 

@@ -6,6 +6,7 @@ SpecErrors that point at the offending key or value.
 """
 from __future__ import annotations
 
+import decimal
 import difflib
 import math
 from decimal import Decimal
@@ -39,6 +40,7 @@ UNIT_KINDS = {
 }
 MAX_INT = 10 ** 18  # beyond any real size; keeps `vocab = 1e999999` from building a huge integer
 REQUIRED = object()
+_WIDE = decimal.Context(prec=60, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)  # no Overflow trap in range
 
 
 class Context:
@@ -77,7 +79,7 @@ def to_int(ctx: Context, value: ast.Value, what: str, minimum: Optional[int] = 1
     """An integer; a `K`/`M` suffix multiplies by 1024 / 1024^2 (`seq_len = 128K`)."""
     if not isinstance(value, ast.Quantity) or (value.unit and UNITS[value.unit][0] != "count"):
         raise ctx.error(f"{what} must be an integer, got {describe(value)}", _pos(value))
-    exact = value.number * (UNITS[value.unit][1] if value.unit else 1)
+    exact = _scaled(value.number, UNITS[value.unit][1] if value.unit else Decimal(1))
     if abs(exact) >= MAX_INT:
         raise ctx.error(f"{what} = {value.text} is too large", value.pos)
     if exact != exact.to_integral_value():
@@ -106,7 +108,14 @@ def to_quantity(ctx: Context, value: ast.Value, kind: str, what: str) -> float:
     unit_kind, scale = UNITS[value.unit]
     if unit_kind != kind:
         raise ctx.error(f"{what} must be {expect}, got {value.unit} ({unit_kind})", value.pos)
-    return _checked_float(ctx, value, value.number * scale, what, None, positive=True)
+    return _checked_float(ctx, value, _scaled(value.number, scale), what, None, positive=True)
+
+
+def _scaled(number: Decimal, scale: Decimal) -> Decimal:
+    """``number * scale`` exactly enough, with no decimal.Overflow for `1e999999 GiB`: the range
+    checks after it turn a huge value into a located error."""
+    with decimal.localcontext(_WIDE):
+        return number * scale
 
 
 def _checked_float(ctx, value, exact: Decimal, what, minimum, positive) -> float:
