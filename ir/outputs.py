@@ -35,14 +35,14 @@ def check_output_dir(path: str | Path, kind: str, fresh: bool = False) -> Path:
             raise PlaitError(f"{root} is a dangling link; plait does not write through it")
         return root
     if not root.is_dir():
-        raise PlaitError(f"{root} exists and is not a directory", hint=f"name a new directory for the {kind}")
+        raise PlaitError(f"{root} exists and is not a directory", hint="name a new directory")
     found = output_kind(root)
     if found is None and any(root.iterdir()):
         raise PlaitError(f"{root} is not empty and plait did not create it; refusing to write a {kind} "
                          "into it" + (" or delete it" if fresh else ""),
                          hint="name a new or empty directory")
     if found is not None and found != kind:
-        raise PlaitError(f"{root} holds a plait {found}, not a {kind}", hint=f"name another directory for the {kind}")
+        raise PlaitError(f"{root} holds a plait {found}, not a {kind}", hint="name another directory")
     return root
 
 

@@ -1,7 +1,6 @@
 """Bad command-line input is a clear error before any work starts, and nothing a user owns is
 deleted or overwritten: layouts, `data prepare`, `run`, `compile`, `prune`, `import hf`, `plan -o`."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -109,6 +108,28 @@ def test_run_weights_must_hold_safetensors(tmp_path, capsys):
     assert "is not a .safetensors file" in refused(capsys, "run", TINY, "--weights", tmp_path / "notes.txt")
 
 
+def _tiny_hf_checkpoint(path: Path, ffn: int) -> Path:
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(
+        model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=ffn, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_run_weights_of_another_model_are_refused_before_any_rank_starts(tmp_path, capsys):
+    from plait.commands.run import check_weights
+    from plait.ir.dsl import load_job
+
+    job = load_job(TINY)
+    check_weights(job, str(_tiny_hf_checkpoint(tmp_path / "right", ffn=352)))
+    err = refused(capsys, "run", TINY, "--weights", _tiny_hf_checkpoint(tmp_path / "wrong", ffn=96))
+    assert "is (96, 128) in the checkpoint" in err and "needs (352, 128)" in err
+
+
 def test_run_dir_must_not_be_a_users_directory(tmp_path, capsys):
     err = refused(capsys, "run", TINY, "--run-dir", precious(tmp_path / "mine"))
     assert "not empty and plait did not create it" in err and untouched(tmp_path / "mine")
@@ -153,6 +174,12 @@ def test_prune_fresh_starts_over_in_its_own_directory(tmp_path):
     assert sorted(p.name for p in run.root.iterdir()) == [MARKER, "job.json"]
 
 
+def test_show_and_demo_numbers_are_checked(capsys):
+    assert "--seq-len must be at least 1" in refused(capsys, "show", SPECS / "models" / "tiny-dense.plait",
+                                                     "--seq-len", "0")
+    assert "--steps must be at least 1, got -1" in refused(capsys, "demo", "--steps", "-1")
+
+
 def test_prune_numbers_are_checked(capsys):
     assert "--top must be at least 1" in refused(capsys, "prune", PRUNE, "--plan-only", "--top", "0")
     assert "--train-teacher must be at least 1" in refused(capsys, "prune", PRUNE, "--train-teacher", "-5")
@@ -189,6 +216,10 @@ def test_import_hf_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
     out = tmp_path / "m.plait"
     assert run(capsys, "import", "hf", config, "-o", out)[0] == 0
     assert run(capsys, "import", "hf", config, "-o", out)[0] == 0  # its own output: replaced
+
+
+def test_import_hf_refuses_a_name_a_spec_cannot_hold(capsys):
+    assert "cannot be written in a spec" in refused(capsys, "import", "hf", HF, "--name", 'say "hi"')
 
 
 def test_import_hf_refuses_what_is_not_a_config(tmp_path, capsys):
@@ -246,6 +277,3 @@ def test_plan_on_cpu_shows_rates_and_times_that_say_something(capsys):
     theirs, ours = line.split("step time (")[1].split(")")[0].split(" vs ")
     assert theirs != ours
 
-
-def test_environment_is_not_needed_for_fixed_names():
-    assert os.sep == "/"  # the paths above are POSIX; plait's own checks run on POSIX only

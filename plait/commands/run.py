@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
     if job.data.path and not args.print_launch:
         _check_dataset(job)
+    if args.weights and not args.print_launch:
+        check_weights(job, args.weights)
     plan = resolve_plan(job, args.plan, args.layout)
     if args.print_launch:
         print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
@@ -145,6 +147,27 @@ def check_run_args(args: argparse.Namespace) -> None:
         inputs.safetensors_source(args.weights)
     if args.run_dir:
         check_output_dir(args.run_dir, RUN_DIR_KIND)
+
+
+def check_weights(job: TrainJob, path: str) -> None:
+    """Every tensor the model needs is in the checkpoint with its full shape (read from the
+    safetensors headers against the model built on the meta device): a wrong checkpoint is one
+    error here, not a traceback from every rank."""
+    import torch
+
+    from plait.lowering.build import build_model
+    from plait.lowering.weights import hf_candidates, model_type_of, open_source, recipe_shape, resolve_recipe
+
+    model_type, source = model_type_of(path), open_source(path)
+    with torch.device("meta"):
+        model = build_model(job.model, device="meta", seed=job.seed)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for name in dict(model.named_parameters()):
+        full = recipe_shape(source, resolve_recipe(source, name, hf_candidates(model_type, job.model, name)))
+        if tuple(full) != tuple(expected[name]):
+            raise PlaitError(f"--weights {path}: {name!r} is {tuple(full)} in the checkpoint, model "
+                             f"{job.model.name!r} needs {tuple(expected[name])}",
+                             hint="check that the checkpoint belongs to this model spec")
 
 
 def _check_dataset(job: TrainJob) -> None:

@@ -15,6 +15,8 @@ from plait.ir.errors import SpecError
 from plait.ir.job import Precision, TrainJob
 from plait.ir.model import ModelSpec
 
+from . import inputs
+
 DEFAULT_SEQ_LEN = 4096  # for a bare model file; a job file uses its job's seq_len
 DEMO_JOB = "jobs/tiny-local.plait"
 
@@ -140,6 +142,7 @@ def report_table(r: dict) -> Table:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table"),
 ))
 def show(args) -> int:
+    inputs.at_least(args.seq_len, 1, "--seq-len")
     model, job = _target(load_file(args.file), args.name)
     seq_len = args.seq_len or (job.seq_len if job else min(model.max_seq or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN))
     report = model_report(model, seq_len, job.precision if job else Precision(), job)
@@ -174,6 +177,7 @@ def check(args) -> int:
 @command("demo", help="the main job on the embedded default: specs/jobs/tiny-local.plait")
 @arguments(lambda p: p.add_argument("--steps", type=int, default=50, help="training steps"))
 def demo(args) -> int:
+    inputs.at_least(args.steps, 1, "--steps")
     path = specs_dir() / DEMO_JOB
     job = load_file(str(path)).jobs["tiny-local"]
     console.print(report_table(model_report(job.model, job.seq_len, job.precision, job)))
