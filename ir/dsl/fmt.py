@@ -7,6 +7,8 @@ only where it differs from the IR default. Quantities get the unit that writes t
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from decimal import Decimal
 from typing import Iterable, Optional
 
@@ -195,7 +197,19 @@ def format_file(lib) -> str:
     end = notes.get((), Notes()).closing
     if end:
         parts.append("\n".join(end))
-    return "\n\n".join(parts) + "\n"
+    return _paths_as_written(lib, "\n\n".join(parts) + "\n")
+
+
+def _paths_as_written(lib, text: str) -> str:
+    """The IR holds data / weights / output paths absolute (resolved against the file's directory);
+    the file's own text keeps them as its author wrote them, relative ones relative."""
+    module, base = getattr(lib, "module", None), getattr(lib, "base_dir", None)
+    if module is None or base is None:
+        return text
+    for written in sorted(set(re.findall(r'"([^"\n]*)"', module.text)), key=len, reverse=True):
+        if written and not os.path.isabs(written):
+            text = text.replace(f'"{os.path.abspath(os.path.join(base, written))}"', f'"{written}"')
+    return text
 
 
 def _base_cluster(job: TrainJob, clusters: dict) -> Optional[Cluster]:

@@ -42,6 +42,7 @@ class Library:
     uses: tuple[str, ...] = ()  # its `use` paths as written
     own: tuple[tuple[str, str], ...] = ()  # (keyword, name) declared in that file, in source order
     module: Optional[ast.Module] = field(default=None, repr=False, compare=False)  # its syntax tree (fmt)
+    base_dir: Optional[str] = field(default=None, repr=False, compare=False)  # its paths are relative to
 
     def summary(self) -> str:
         """`3 models, 1 device, 1 cluster, 0 jobs`."""
@@ -78,7 +79,7 @@ def parse_text(text: str, file: str = "<string>", base_dir: Optional[str] = None
     lib.file = file
     lib.uses = tuple(p.value for use in root.module.uses for p in use.paths)
     lib.own = tuple((d.kind, d.name) for d in root.module.decls)
-    lib.module = root.module
+    lib.module, lib.base_dir = root.module, root.base_dir
     return lib
 
 

@@ -141,13 +141,15 @@ def _comments(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_fmt_keeps_every_comment_of_the_library(path):
+def test_fmt_keeps_every_comment_and_relative_path_of_the_library(path):
     lib = load_file(str(path))
     once = format_file(lib)
     assert sorted(_comments(once)) == sorted(_comments(path.read_text()))
     again = parse_text(once, file=str(path), base_dir=str(path.parent))
     assert (again.models, again.jobs, again.prune_jobs) == (lib.models, lib.jobs, lib.prune_jobs)
     assert format_file(again) == once  # idempotent
+    checkout = str(path.parents[2])
+    assert checkout not in once or checkout in path.read_text()  # relative paths stay relative
 
 
 COMMENTED = '''# leads the model
