@@ -58,7 +58,9 @@ def _run_search(job, extra, top):
                       p.add_argument("--top", type=int, default=5),
                       p.add_argument("--explain", action="store_true",
                                      help="list each rejected family with its reason"),
-                      p.add_argument("-o", "--output", help="write the best plan as JSON")))
+                      p.add_argument("-o", "--output", help="write the best plan as JSON"),
+                      p.add_argument("--report", metavar="DIR",
+                                     help="write pictures of the plan and an index.html to DIR")))
 def plan_cmd(args) -> int:
     job = load_job(args.job, args.name)
     res = _run_search(job, parse_layout(args.layout), args.top)
@@ -79,6 +81,10 @@ def plan_cmd(args) -> int:
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")
         console.print(f"wrote {args.output}")
+    if args.report:
+        from plait.report import write_report
+        write_report(job, res.best, res.plans, args.report, res.rejections)
+        console.print(f"wrote {Path(args.report) / 'index.html'}")
     return 0
 
 
