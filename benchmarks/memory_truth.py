@@ -3,7 +3,9 @@
 The real Trainer trains one step of the tiny jobs (runtime/memory_probe.py: saved-tensor hooks for
 the activations of one micro-batch, the rank's weights, gradients, ZeRO-1 master shards and their
 gradients, Adam moments); the planner predicts the same layout (planner/cost/evaluate.py
-rank_tensor_bytes). One table, rank 0 of each layout, measured / predicted side by side.
+rank_tensor_bytes). One table, rank 0 of each layout, measured / predicted side by side. "saved":
+saved-tensor hooks (no recompute: the hooks cannot see checkpoint's stash); "live": the forward's
+tensors alive when backward starts (any recompute; also holds the loss and the stage output).
 
     .venv/bin/python benchmarks/memory_truth.py
 """
@@ -24,17 +26,25 @@ from plait.planner.layouts import units
 from plait.runtime.memory_probe import measure, probe_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-TERMS = ("weights", "grads", "master", "master_grads", "moments", "saved")
+TERMS = ("weights", "grads", "master", "master_grads", "moments", "saved", "live")
 CASES = {
     "tiny-local": {"dp2 replicated": Layout(dp=2, mbs=2, dp_kind="replicated"),
                    "dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
                    "dp2 fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp"),
-                   "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1")},
+                   "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+                   "dp2 selective": Layout(dp=2, mbs=2, recompute="selective"),
+                   "dp2 full": Layout(dp=2, mbs=2, recompute="full")},
     "tiny-moe-local": {"dp2 zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
                        "dp2 ep2 zero1": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1"),
                        "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
                        "dp2 fsdp": Layout(dp=2, edp=2, mbs=2, dp_kind="fsdp")},
 }
+
+
+def _cell(got, pred) -> str:
+    if got is None:
+        return "-"
+    return f"{got:,} / {pred:,.0f} ({got / pred:.3f})" if pred else f"{got:,} / 0"
 
 
 def main() -> int:
@@ -50,9 +60,9 @@ def main() -> int:
             lay = layouts[case]
             pred = rank_tensor_bytes(CostTable(job, lay, units(job.model)),
                                      probe_plan(job, lay).stages, 0)
-            got = records[0]
-            t.add_row(name, case, *[f"{got[k]:,} / {pred[k]:,.0f} ({got[k] / pred[k]:.3f})"
-                                    if pred[k] else f"{got[k]:,} / 0" for k in TERMS])
+            got = dict(records[0])
+            pred["live"] = pred["saved"]  # alive when backward starts: the same prediction
+            t.add_row(name, case, *[_cell(got[k], pred[k]) for k in TERMS])
     Console(width=260).print(t)
     return 0
 

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import heapq
+from collections import Counter
+from functools import lru_cache
 import time as _time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -132,11 +134,14 @@ def time_floor(table: CostTable) -> float:
     return table.microbatches * total / table.layout.pp
 
 
+@lru_cache(maxsize=256)
+def _type_counts(unit_types: tuple[int, ...]) -> dict[int, int]:
+    return dict(Counter(unit_types))
+
+
 def candidate_lower(table: CostTable, problem: PartitionProblem) -> float:
     """Perfect balance with each unit at its cheapest allowed option (memory ignored)."""
-    counts_by_type: dict = {}
-    for t in problem.unit_types:
-        counts_by_type[t] = counts_by_type.get(t, 0) + 1
+    counts_by_type = _type_counts(problem.unit_types)
     cheapest = [min(problem.time[t][o] for o in problem.options) for t in range(len(problem.time))]
     work = sum(n * cheapest[t] for t, n in counts_by_type.items())
     per_rank = (work + table.first.time + table.last.time + table.chunks * table.p2p) / table.layout.pp

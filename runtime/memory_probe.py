@@ -8,14 +8,19 @@ memory terms against (tests/runtime/test_memory_truth.py, benchmarks/memory_trut
                           torch.autograd.graph.saved_tensors_hooks, each storage once, parameters
                           excluded, FSDP's gathered ones too: it frees them after forward); measured on one micro-batch, so no storage is freed and
                           reused while the forward packs
+  live                    bytes of the forward's tensors still alive when backward starts (pp = 1):
+                          sees recompute's stash too, which the hooks above cannot
 
 The runtime decides nothing here: it trains one step of the plan it is given and reports.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from plait.ir.plan import Layout, ParallelPlan, even_stages
 
@@ -58,6 +63,48 @@ def saved_bytes(trainer: Trainer, step: int = 0) -> int:
     return total[0]
 
 
+class _Outputs(TorchDispatchMode):
+    """Weak references to every tensor an op returns (to see which are still alive later)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs += [weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+def live_after_forward(trainer: Trainer, step: int = 0) -> int:
+    """Bytes of tensors made during one micro-batch's forward (pp = 1: the whole model) that are
+    still alive when backward starts, each storage once, weights excluded. Unlike the saved-tensor
+    hooks this also sees what torch.utils.checkpoint stashes (recompute's inputs, selective
+    recompute's kept outputs); it also counts the loss and the stage output."""
+    if trainer.plan.layout.pp != 1:
+        raise ValueError("live_after_forward runs the single stage of a pp = 1 plan")
+    params = {_local(p).untyped_storage().data_ptr() for p in trainer.dp.named.values()}
+    batch = trainer.loader.local_batch(step)
+    stage, loss_fn = trainer.program.stage(0), trainer.program.loss
+    trainer.dp.zero_grad()
+    mode = _Outputs()
+    with mode:
+        loss = loss_fn(stage(batch.tokens), batch.labels)
+    seen: set[int] = set()
+    total = 0
+    for ref in mode.refs:
+        t = ref()
+        if t is None or (t.is_leaf and t.requires_grad):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in params or storage.data_ptr() in seen or not storage.nbytes():
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    loss.backward()
+    return total
+
+
 def state_bytes(trainer: Trainer) -> dict[str, int]:
     """Per tensor class after a full step (gradients still in place)."""
     dp = trainer.dp
@@ -73,9 +120,11 @@ def state_bytes(trainer: Trainer) -> dict[str, int]:
 
 def probe(trainer: Trainer) -> dict:
     """One step of saved-tensor accounting, then a full step (reduce, clip, AdamW) for the state."""
+    live = live_after_forward(trainer) if trainer.plan.layout.pp == 1 else None
     saved = saved_bytes(trainer)
     trainer.dp.finish_step()
-    return {"saved": saved, **state_bytes(trainer), "micro_batches": trainer.plan.num_microbatches}
+    return {"saved": saved, "live": live, **state_bytes(trainer),
+            "micro_batches": trainer.plan.num_microbatches}
 
 
 def probe_plan(job, layout: Layout) -> ParallelPlan:

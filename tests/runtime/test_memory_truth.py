@@ -25,7 +25,10 @@ JOBS = Path(__file__).resolve().parents[2] / "specs" / "jobs"
 DENSE = {"dp2-replicated": Layout(dp=2, mbs=2, dp_kind="replicated"),
          "dp2-zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
          "dp2-fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp"),
-         "tp2-sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1")}
+         "tp2-sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+         "dp2-selective": Layout(dp=2, mbs=2, dp_kind="zero1", recompute="selective"),
+         "tp2-sp-selective": Layout(tp=2, etp=2, sp=True, mbs=2, recompute="selective")}
+NO_RECOMPUTE = [c for c, lay in DENSE.items() if lay.recompute == "none"]
 MOE = {"dp2-zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
        "dp2-ep2": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1")}
 STATE = ("weights", "grads", "master", "master_grads", "moments")
@@ -74,11 +77,20 @@ def test_zero1_master_shard_and_its_gradient_are_counted(dense):
     assert pred["master"] + pred["master_grads"] == pytest.approx(2 * got["master"], rel=0.01)
 
 
-@pytest.mark.parametrize("case", list(DENSE))
+@pytest.mark.parametrize("case", NO_RECOMPUTE)
 def test_saved_activations_match_the_runtime_dense(dense, case):
     for rank in (0, 1):
         got, pred = dense[case, rank]
         assert got["saved"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
+
+
+@pytest.mark.parametrize("case", list(DENSE))
+def test_live_activations_match_the_runtime_dense(dense, case):
+    """What is alive when backward starts (recompute's stash included) against the prediction:
+    no recompute and plait's selective recompute (matmul and collective outputs kept)."""
+    for rank in (0, 1):
+        got, pred = dense[case, rank]
+        assert got["live"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
 
 
 @pytest.mark.parametrize("case", list(MOE))
