@@ -6,9 +6,11 @@
    micro-batch) that orders them.
 3. Best-first over meshes: expand (mbs, dp flavour, vpp), estimate each with an even split and the
    lightest recompute that fits, stop expanding when a mesh's floor exceeds the best estimates.
-4. Solve the stage-partition ILP for the candidates in order of their lower bound until the bound
-   passes the top-k solved step times (branch and bound). Deterministic: every order is a sort on
-   numbers with the layout as tie-break.
+4. Solve the stage partition (planner/partition.py: exact for identical units at any vpp and for
+   one stage per rank, a balanced partition with its proven gap otherwise) for the candidates in
+   order of their estimate until their lower bound passes the top-k step times (branch and
+   bound). Deterministic: every order is a sort on numbers with the layout as tie-break, and no
+   wall-clock limit decides anything (the ILP's work is bounded by nodes).
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def plan_cmd(args) -> int:
     for line in res.best.explanation:
         console.print(f"  - {line}", markup=False, highlight=False)
     console.print(f"searched {res.enumerated} layouts: {res.pruned} pruned by bounds, {res.solved} "
-                  f"ILPs solved, in {res.seconds:.2f} s", highlight=False)
+                  f"stage partitions solved, in {res.seconds:.2f} s", highlight=False)
     if args.explain:
         t = Table(title="rejected families")
         t.add_column("family")

@@ -46,7 +46,9 @@ def block_activations(ctx: Context, kind: str) -> tuple[float, float]:
 
 
 def unit_input(ctx: Context) -> float:
-    """What full recompute keeps of a unit: its input on the residual stream."""
+    """What full recompute keeps of a layer: its input on the residual stream. plait's runtime
+    checkpoints every layer (attention and MLP of a decoder layer apart), so a unit of k layers
+    keeps k of these (measured: tests/runtime/test_memory_truth.py)."""
     return counts.stream_bytes(ctx.model, shape(ctx))
 
 

@@ -106,7 +106,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
     total_comm = _add(dict(fwd_comm), bwd_comm.items())
     return UnitCost(
         kinds=kinds, fwd=fwd_t, bwd=(bwd_t, bwd_t + sel, bwd_t + refwd),
-        act=(act_none, act_sel, memory.unit_input(ctx)),
+        act=(act_none, act_sel, len(kinds) * memory.unit_input(ctx)),
         transient=(0.0, transient_sel, act_none),
         dense_params=dense, expert_params=expert,
         comm=tuple(sorted(total_comm.items())),

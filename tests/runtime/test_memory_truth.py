@@ -27,7 +27,8 @@ DENSE = {"dp2-replicated": Layout(dp=2, mbs=2, dp_kind="replicated"),
          "dp2-fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp"),
          "tp2-sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
          "dp2-selective": Layout(dp=2, mbs=2, dp_kind="zero1", recompute="selective"),
-         "tp2-sp-selective": Layout(tp=2, etp=2, sp=True, mbs=2, recompute="selective")}
+         "tp2-sp-selective": Layout(tp=2, etp=2, sp=True, mbs=2, recompute="selective"),
+         "dp2-full": Layout(dp=2, mbs=2, dp_kind="zero1", recompute="full")}
 NO_RECOMPUTE = [c for c, lay in DENSE.items() if lay.recompute == "none"]
 MOE = {"dp2-zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
        "dp2-ep2": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1")}
@@ -87,7 +88,8 @@ def test_saved_activations_match_the_runtime_dense(dense, case):
 @pytest.mark.parametrize("case", list(DENSE))
 def test_live_activations_match_the_runtime_dense(dense, case):
     """What is alive when backward starts (recompute's stash included) against the prediction:
-    no recompute and plait's selective recompute (matmul and collective outputs kept)."""
+    no recompute, plait's selective recompute (matmul and collective outputs kept) and full
+    recompute (every layer's input)."""
     for rank in (0, 1):
         got, pred = dense[case, rank]
         assert got["live"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
