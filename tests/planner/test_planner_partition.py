@@ -155,3 +155,15 @@ def test_same_answer_every_time():
     for _ in range(5):
         p = random_problem(rng, 2, shapes=((2, 1), (2, 2)))
         assert solve(p) == solve(p)
+
+
+def test_search_gives_the_same_plan_every_time():
+    """No wall-clock limit decides anything: two searches give byte-identical plans, proven."""
+    from pathlib import Path
+
+    from plait.ir.dsl import load_job
+    from plait.planner.search import search
+    job = load_job(Path(__file__).resolve().parents[2] / "specs" / "jobs" / "tiny-hybrid-local.plait")
+    first, second = search(job), search(job)
+    assert [p.to_json() for p in first.plans] == [p.to_json() for p in second.plans]
+    assert first.best.optimality.proven and dict(first.best.fingerprints)["plait"]
