@@ -78,7 +78,9 @@ class Cluster:
         return g
 
 
-LOCAL_CPU_DEVICE = Device(name="cpu", bf16_flops=1e11, memory=4 * 2**30, hbm=2e10)
+# kv_expanded: plait's attention on CPU is PyTorch SDPA, which gets K/V repeated to every query head
+LOCAL_CPU_DEVICE = Device(name="cpu", bf16_flops=1e11, memory=4 * 2**30, hbm=2e10,
+                          calibration=(("kv_expanded", 1.0),))
 
 
 def local_cpu(ranks: int = 8) -> Cluster:

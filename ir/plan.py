@@ -106,6 +106,23 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Optimality:
+    """How far the plan's stage partition is from proven optimal for its layout."""
+
+    proven: bool = True  # the partition is proven optimal (for the cost model's objective)
+    gap: float = 0.0  # when not proven: (found - proven bound) / found
+    method: str = ""  # tied | chain | ilp | even split meets the lower bound
+    nodes: int = 0  # branch-and-bound nodes the ILP explored (its deterministic work limit)
+
+    def line(self) -> str:
+        if self.proven:
+            return f"stage partition proven optimal ({self.method})" if self.method else \
+                "stage partition proven optimal"
+        return (f"stage partition NOT proven optimal: within {self.gap:.2%} of the proven bound "
+                f"({self.method}, node limit reached after {self.nodes} nodes)")
+
+
+@dataclass(frozen=True)
 class ParallelPlan:
     job: str
     model: str
@@ -121,6 +138,9 @@ class ParallelPlan:
     precision: str = "bf16"  # the job's training precision (for exporters)
     moe: Optional[MoEOptions] = None  # the job's token-routing options, for MoE models
     layer_pattern: str = ""  # the model's layers as a Megatron hybrid pattern (M * - E)
+    optimality: Optimality = field(default_factory=Optimality)
+    # sha256 (first 16 hex digits) of each input: model, cluster, job, calibration, plait version
+    fingerprints: tuple[tuple[str, str], ...] = ()
 
     @property
     def num_microbatches(self) -> int:

@@ -189,6 +189,7 @@ def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families:
     lines = [f"step {seconds(p.step_time)} s, {flops_rate(p.tflops_per_gpu * 1e12)} per {per} ({p.mfu:.1%} MFU), "
              f"bubble {p.bubble:.1%}, peak memory {p.peak_memory / GiB:.1f} of {cap / GiB:.0f} GiB"]
     lines += topology_facts(job, plan.layout)
+    lines.append(plan.optimality.line())
     fam = family_of(plan.layout)
     rivals = [r for r in families.records.values()
               if family_of(r.layout) != fam and r.step < float("inf") and r.how != BOUND_ONLY]

@@ -9,30 +9,45 @@ paper's Table 3 calls this baseline "MCore" (reference/moe_folding_table3.csv, m
 Folding lifts both constraints: ETP != TP, and EP may span TP, CP and DP ranks of the attention
 layout (the expert side's ETP x EP x EDP only has to cover the same ranks).
 
-Here "EP inside DP" is checked on the real groups (``planner.groups``): every expert EP group lies
-inside one dense DP group. Megatron-Core before folding also ran CP > 1 with EP > 1, its EP groups
+"EP inside DP" means every expert EP group of ``planner.groups`` lies inside one dense DP group;
+``ep_inside_dp`` decides it from the rank order's strides without building a group (proof in its
+docstring; tests check it against the built groups on every small world). Megatron-Core before folding also ran CP > 1 with EP > 1, its EP groups
 striding over DP ranks only; the expert rank generator used here has no CP slot (CP is folded into
 EDP or EP), so such layouts are not enumerated and unfolded layouts with CP > 1 have EP = 1.
 """
 from __future__ import annotations
 
+from math import prod
 from typing import Optional
 
 from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan
 
-from .groups import groups_over
+from .groups import groups_over, parse_order, side_sizes
 from .wording import device_word, flops_rate, seconds_pair
 
 
+def _stride(lay: Layout, side: str, dim: str) -> int:
+    """How far apart in rank two neighbours along ``dim`` are on ``side`` (first name fastest)."""
+    sizes = side_sizes(lay, side)
+    names = parse_order(lay.order)
+    return prod(sizes[n] for n in names[:names.index(dim)])
+
+
 def ep_inside_dp(lay: Layout) -> bool:
-    """Does every expert-parallel group lie inside one dense data-parallel group?"""
+    """Does every expert-parallel group lie inside one dense data-parallel group?
+
+    Arithmetic, no groups: with s the expert side's EP stride and D the dense side's DP stride, an
+    EP group is {low + s*(i + ep*high) : i < ep} (low < s) and a rank r has dense coordinates
+    x = r mod D (the dimensions before dp), y = (r div D) mod dp, z = r div (D*dp). x is the same
+    for every i iff D divides s (take i = 1, low = 0). Then with k = s / D the group's
+    r div D = l + k*i + k*ep*high (l < k) must fall in one block of dp: true iff k*ep divides dp
+    (blocks of k*ep tile the line and a block that straddles a multiple of dp holds a group that
+    straddles it: some l < k has l below the multiple and l + k*(ep-1) at or above it)."""
     if lay.ep == 1:
         return True
-    if lay.dp % lay.ep:
-        return False
-    dp_of = {r: i for i, g in enumerate(groups_over(lay, "dense", ("dp",))) for r in g}
-    return all(len({dp_of[r] for r in g}) == 1 for g in groups_over(lay, "expert", ("ep",)))
+    s, d = _stride(lay, "expert", "ep"), _stride(lay, "dense", "dp")
+    return s % d == 0 and lay.dp % (s // d * lay.ep) == 0
 
 
 def is_unfolded(lay: Layout) -> bool:

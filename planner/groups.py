@@ -76,7 +76,7 @@ def masked_groups(sizes: tuple[int, ...], mask: tuple[bool, ...]) -> tuple[tuple
     return tuple(groups)
 
 
-def _side_sizes(layout: Layout, side: str) -> dict[str, int]:
+def side_sizes(layout: Layout, side: str) -> dict[str, int]:
     if side == "dense":
         return {"tp": layout.tp, "cp": layout.cp, "ep": 1, "dp": layout.dp, "pp": layout.pp}
     return {"tp": layout.etp, "cp": 1, "ep": layout.ep, "dp": layout.edp, "pp": layout.pp}
@@ -85,7 +85,7 @@ def _side_sizes(layout: Layout, side: str) -> dict[str, int]:
 def groups_over(layout: Layout, side: str, dims: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
     """Groups of one side spanning ``dims`` (Megatron names: tp cp ep dp pp)."""
     names = parse_order(layout.order)
-    size_of = _side_sizes(layout, side)
+    size_of = side_sizes(layout, side)
     sizes = tuple(size_of[n] for n in names)
     return masked_groups(sizes, tuple(n in dims for n in names))
 

@@ -1,104 +1,151 @@
-"""The stage-partition ILP — the only module that imports pulp.
+"""The stage-partition ILP — the only module that imports pulp (and, through it, HiGHS).
 
-For one mesh, split the unit sequence into C = pp * vpp contiguous chunks (chunk c runs on pipeline
-rank c mod pp) and choose a recompute option per chunk, minimising the busiest rank's time per
-micro-batch z (the step is (m + (pp-1)/vpp) * z plus terms the partition does not change), subject
-to every rank's memory fitting the device.
+``partition.py`` states the problem and solves the structured cases exactly without a solver; the
+ILP covers heterogeneous units with vpp > 1, where a rank's memory sums chunks far apart in the
+model. It runs in-process (HiGHS through PuLP, one thread), its work is bounded by a node count —
+never by wall-clock time, so the same problem gives the same answer on an idle or a busy machine —
+and it reports HiGHS's proven dual bound, so a partition that is not proven optimal carries its gap.
 
-Two formulations of the same problem:
-  * tied (every unit identical — Llama, Mixtral, GPT): integer n[c,o] = units of chunk c run with
-    option o. Repeated layers are one variable, so the model has C * options integers.
-  * general (hybrid patterns): prefix binaries y[u,c] = [unit u sits in a chunk <= c], restricted
-    to a window around the even split so the model stays small.
+Two formulations:
+  * tied (every unit identical): integer n[r,o] = units of rank r run with option o and
+    k[r,o] = its chunks with option o. Kept as the independent cross-check of partition.solve_tied.
+  * general (heterogeneous units): prefix binaries y[u,c] = [unit u sits in a chunk <= c], so
+    contiguity is the monotonicity of y along u and c; restricted to a window around the even
+    split; the first chunk's start and the last chunk's end are fixed (no symmetric duplicates).
+A second pass minimises the total time with z capped at the first pass's value, as the exact
+solvers do (no recompute where there is room).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
-from dataclasses import dataclass
 
+import numpy as np
 import pulp
 
-OPTIMAL, FEASIBLE = "optimal", "feasible"  # FEASIBLE: time limit hit with an incumbent
+from .partition import (FEASIBLE, INF, OPTIMAL, Partition, PartitionProblem, even_split,
+                        partition_fits, partition_time, rank_totals)
+
+__all__ = ["solve", "PartitionProblem", "Partition", "OPTIMAL", "FEASIBLE", "partition_fits",
+           "partition_time", "rank_totals", "MAX_NODES"]
+
+MAX_NODES = 20000  # branch-and-bound nodes per solve: a deterministic work limit
 
 
-@dataclass(frozen=True)
-class PartitionProblem:
-    unit_types: tuple[int, ...]  # type index of each unit, in model order
-    time: tuple[tuple[float, ...], ...]  # [type][option] seconds per micro-batch (fwd + bwd)
-    act: tuple[tuple[float, ...], ...]  # [type][option] bytes stored per in-flight micro-batch
-    transient: tuple[tuple[float, ...], ...]  # [type][option] bytes alive during its backward
-    static: tuple[float, ...]  # [type] weights + grads + optimizer bytes
-    pp: int
-    vpp: int
-    inflight: tuple[float, ...]  # [rank] in-flight micro-batches at the peak
-    buffers: tuple[float, ...]  # [rank] partition-independent buffer bytes
-    chunk_time: float = 0.0  # seconds every chunk adds (pipeline send / receive)
-    first_time: float = 0.0  # embedding on chunk 0
-    first_static: float = 0.0
-    last_time: float = 0.0  # head + loss on chunk C-1
-    last_static: float = 0.0
-    fragmentation: float = 0.0
-    reserve: float = 0.0
-    capacity: float = float("inf")
-    options: tuple[int, ...] = (0, 1, 2)  # allowed recompute options
-    window: int = 0  # general formulation: max shift of a boundary from the even split (0: auto)
-
-    @property
-    def chunks(self) -> int:
-        return self.pp * self.vpp
-
-    def rank_of(self, chunk: int) -> int:
-        return chunk % self.pp
-
-    def mem_coeff(self, t: int, o: int, rank: int) -> float:
-        """Bytes one unit of type t with option o adds to ``rank``."""
-        return self.static[t] + (1 + self.fragmentation) * self.inflight[rank] * self.act[t][o]
-
-    def rank_base(self, rank: int) -> tuple[float, float]:
-        """(time, bytes) of a rank that do not depend on the partition. Chunk 0 (embedding) is on
-        rank 0, chunk C-1 (head) on rank pp-1."""
-        time = self.vpp * self.chunk_time
-        mem = (1 + self.fragmentation) * self.buffers[rank] + self.reserve
-        if rank == 0:
-            time, mem = time + self.first_time, mem + self.first_static
-        if rank == self.pp - 1:
-            time, mem = time + self.last_time, mem + self.last_static
-        return time, mem
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints its banner from C++ on the first Highs() of a process, before any option can
+    turn output off: keep it out of plait's own output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
-@dataclass(frozen=True)
-class Partition:
-    sizes: tuple[int, ...]  # units per chunk
-    options: tuple[int, ...]  # recompute option per chunk
-    z: float  # busiest rank's seconds per micro-batch
-    status: str  # OPTIMAL or FEASIBLE
+class _HiGHS(pulp.HiGHS):
+    """PuLP's in-process HiGHS plus a MIP start from the variables' initial values."""
+
+    def createAndConfigureSolver(self, lp):
+        with _quiet_stdout():
+            super().createAndConfigureSolver(lp)
+
+    def callSolver(self, lp):
+        # a partial start (the integer variables): HiGHS completes the continuous ones itself
+        start = [(v.index, float(v.varValue)) for v in lp.variables()
+                 if v.varValue is not None and v.cat == pulp.LpInteger]
+        if start:
+            index, value = zip(*start)
+            lp.solverModel.setSolution(len(index), np.array(index, dtype=np.int32),
+                                       np.array(value, dtype=np.float64))
+        lp.solverModel.run()
+
+    def findSolutionValues(self, lp):
+        # PuLP 3.3 knows HiGHS's time and iteration limits but not the node limit (kSolutionLimit):
+        # read it like an iteration limit (incumbent if there is one)
+        import highspy
+        model = lp.solverModel
+        if model.getModelStatus() != highspy.HighsModelStatus.kSolutionLimit:
+            return super().findSolutionValues(lp)
+        lp.solverModel = _StatusAs(model, highspy.HighsModelStatus.kIterationLimit)
+        try:
+            return super().findSolutionValues(lp)
+        finally:
+            lp.solverModel = model
 
 
-def solve(problem: PartitionProblem, time_limit: float = 10.0,
-          start: tuple | None = None) -> Partition | None:
-    """Optimal partition, or None when no partition fits in memory. ``start`` = (sizes, options)
-    of a partition known to fit warm-starts the general formulation (CBC then keeps at least it)."""
-    if len(problem.unit_types) < problem.chunks:
-        return None
-    tied = len(set(problem.unit_types)) == 1
-    if tied:
-        prob, read = _tied_model(problem)
-    else:
-        prob, read = _general_model(problem, start)
+class _StatusAs:
+    """A Highs object that reports another model status."""
+
+    def __init__(self, model, status):
+        self._model, self._status = model, status
+
+    def getModelStatus(self):
+        return self._status
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _run(prob, max_nodes: int) -> tuple[str | None, float, int]:
+    """Solve; -> (status or None when infeasible / no incumbent, proven bound, nodes)."""
+    solver = _HiGHS(msg=False, threads=1, mip_max_nodes=int(max_nodes), random_seed=0)
     with warnings.catch_warnings():  # PuLP 3.3 announces API changes for 4.0 on every call
         warnings.simplefilter("ignore", DeprecationWarning)
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1, timeLimit=time_limit,
-                                     warmStart=start is not None and not tied))
-    # PuLP's `status` says "Optimal" even for a timed-out solve; sol_status tells them apart.
+        prob.solve(solver)
+    info = prob.solverModel.getInfo()
+    nodes = int(info.mip_node_count)
     if prob.sol_status == pulp.LpSolutionOptimal:
-        status = OPTIMAL
-    elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
-        status = FEASIBLE
-    else:
+        return OPTIMAL, float(info.mip_dual_bound), nodes
+    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        return FEASIBLE, float(info.mip_dual_bound), nodes
+    return None, INF, nodes
+
+
+def solve(problem: PartitionProblem, start: tuple | None = None, max_nodes: int | None = None,
+          formulation: str | None = None) -> Partition | None:
+    """Least-z partition by ILP, or None when no partition fits (or the node limit ends the
+    search before any partition is found and ``start`` gives none). ``start`` = (sizes, options)
+    of a partition known to fit. ``formulation``: "tied" or "general" (default: by structure)."""
+    p = problem
+    if len(p.unit_types) < p.chunks:
         return None
+    max_nodes = MAX_NODES if max_nodes is None else max_nodes
+    tied = p.tied if formulation is None else formulation == "tied"
+    build = _tied_model if tied else _general_model
+    prob, z, read, total = build(p, start)
+    status, bound, nodes = _run(prob, max_nodes)
+    if status is None:
+        return _from_start(p, start, nodes)
     sizes, options = read()
-    return Partition(sizes=sizes, options=options, z=partition_time(problem, sizes, options),
-                     status=status)
+    z_found = partition_time(p, sizes, options)
+    # second pass: least total time at that z (the incumbent is its start)
+    prob.setObjective(total)
+    prob += z <= z_found * (1 + 1e-9) + 1e-12
+    second, _, more = _run(prob, max_nodes)
+    if second is not None:
+        s2, o2 = read()
+        if partition_fits(p, s2, o2) and partition_time(p, s2, o2) <= z_found * (1 + 1e-9):
+            sizes, options = s2, o2
+    z_val = partition_time(p, sizes, options)
+    if status == OPTIMAL:
+        bound = z_val
+    return Partition(sizes=sizes, options=options, z=z_val, status=status, bound=min(bound, z_val),
+                     method="ilp", nodes=nodes + more)
+
+
+def _from_start(p, start, nodes) -> Partition | None:
+    if start is None or not partition_fits(p, *start):
+        return None
+    z = partition_time(p, *start)
+    return Partition(sizes=tuple(start[0]), options=tuple(start[1]), z=z, status=FEASIBLE,
+                     bound=0.0, method="ilp", nodes=nodes)
 
 
 def _var(prob, name, low=None, up=None, cat="Continuous"):
@@ -106,11 +153,11 @@ def _var(prob, name, low=None, up=None, cat="Continuous"):
 
 
 def _fits(prob, p: PartitionProblem, lhs) -> None:
-    if p.capacity != float("inf"):
+    if p.capacity != INF:
         prob += lhs <= p.capacity
 
 
-def _tied_model(p: PartitionProblem):
+def _tied_model(p: PartitionProblem, start=None):
     """All units identical (type 0). Only per-rank totals matter, so the variables are per rank:
     k[r,o] of rank r's vpp chunks run option o and hold n[r,o] units; w[r,o] = [k[r,o] > 0]."""
     U, V = len(p.unit_types), p.vpp
@@ -125,6 +172,7 @@ def _tied_model(p: PartitionProblem):
             w[r, o] = _var(prob, f"w_{r}_{o}", cat="Binary")
     trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
     prob += pulp.lpSum(n.values()) == U  # every unit placed once
+    times = []
     for r in range(p.pp):
         prob += pulp.lpSum(k[r, o] for o in p.options) == V  # each rank runs vpp chunks
         for o in p.options:
@@ -134,7 +182,9 @@ def _tied_model(p: PartitionProblem):
             prob += trans[r] >= p.transient[0][o] * w[r, o]  # peak transient of the rank
         base_t, base_m = p.rank_base(r)
         # rank time: its units' forward + backward (with recompute) + fixed terms <= z
-        prob += pulp.lpSum(n[r, o] * p.time[0][o] for o in p.options) + base_t <= z
+        t_r = pulp.lpSum(n[r, o] * p.time[0][o] for o in p.options) + base_t
+        prob += t_r <= z
+        times.append(t_r)
         # rank memory: static + (1+frag)(inflight * activations + transient + buffers) + reserve
         _fits(prob, p, pulp.lpSum(n[r, o] * p.mem_coeff(0, o, r) for o in p.options)
               + (1 + p.fragmentation) * trans[r] + base_m)
@@ -145,24 +195,35 @@ def _tied_model(p: PartitionProblem):
             chunks = []
             for o in p.options:
                 kk, nn = int(round(k[r, o].value() or 0)), int(round(n[r, o].value() or 0))
-                chunks += [(size, o) for size in _even(nn, kk)]
+                chunks += [(size, o) for size in even_split(nn, kk)]
             for v, chunk in enumerate(chunks):
                 per_chunk[v * p.pp + r] = chunk
         order = [per_chunk[c] for c in range(p.chunks)]
         return tuple(s for s, _ in order), tuple(o for _, o in order)
-    return prob, read
-
-
-def _even(n: int, parts: int) -> list[int]:
-    if parts <= 0:
-        return []
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
+    return prob, z, read, pulp.lpSum(times)
 
 
 def _window(p: PartitionProblem) -> int:
     U, C = len(p.unit_types), p.chunks
     return p.window or max(2, -(-U // (2 * C)))
+
+
+def _prefix_vars(prob, p: PartitionProblem) -> dict:
+    """y[u,c] = [unit u sits in a chunk <= c]: a variable inside the window around the even
+    split, a constant outside it (and for the last chunk, which ends the model)."""
+    U, C = len(p.unit_types), p.chunks
+    win = _window(p)
+    y = {}
+    for c in range(C):
+        boundary = (c + 1) * U / C  # even split: chunks <= c end here
+        for u in range(U):
+            if c == C - 1 or u < boundary - win or u <= c:
+                y[u, c] = 1  # surely placed in a chunk <= c (unit u <= c: chunks before hold >= 1)
+            elif u >= boundary + win or U - u <= C - 1 - c:
+                y[u, c] = 0  # the chunks after c need at least one unit each
+            else:
+                y[u, c] = _var(prob, f"y_{u}_{c}", cat="Binary")
+    return y
 
 
 def _general_model(p: PartitionProblem, start: tuple | None = None):
@@ -173,17 +234,7 @@ def _general_model(p: PartitionProblem, start: tuple | None = None):
     prob += z
     w = {(c, o): _var(prob, f"w_{c}_{o}", cat="Binary")  # chunk c runs option o
          for c in range(C) for o in p.options}
-    win = _window(p)
-    y = {}
-    for c in range(C):
-        boundary = (c + 1) * U / C  # even split: chunks <= c end here
-        for u in range(U):
-            if c == C - 1 or u < boundary - win:
-                y[u, c] = 1  # surely placed in a chunk <= c
-            elif u >= boundary + win:
-                y[u, c] = 0
-            else:
-                y[u, c] = _var(prob, f"y_{u}_{c}", cat="Binary")
+    y = _prefix_vars(prob, p)
     x = {(u, c): y[u, c] - (y[u, c - 1] if c else 0) for u in range(U) for c in range(C)}
     for c in range(C):
         for u in range(U):
@@ -193,6 +244,22 @@ def _general_model(p: PartitionProblem, start: tuple | None = None):
                 prob += y[u, c - 1] <= y[u, c]  # "in a chunk <= c-1" implies "<= c"
         prob += pulp.lpSum(x[u, c] for u in range(U)) >= 1  # no empty chunk
         prob += pulp.lpSum(w[c, o] for o in p.options) == 1
+    times = _chunk_constraints(prob, p, x, w, z)
+    if start is not None:
+        _warm_start(y, w, z, p, *start)
+
+    def read():
+        sizes = tuple(int(round(sum(_val(x[u, c]) for u in range(U)))) for c in range(C))
+        options = tuple(max(p.options, key=lambda o: w[c, o].value() or 0) for c in range(C))
+        return sizes, options
+    return prob, z, read, pulp.lpSum(times)
+
+
+def _chunk_constraints(prob, p: PartitionProblem, x, w, z) -> list:
+    """Per chunk and option: time and memory switched on by w[c,o] (big-M); per rank: time <= z,
+    memory <= capacity. Returns the ranks' time expressions."""
+    U, C = len(p.unit_types), p.chunks
+    win = _window(p)
     longest = min(U - C + 1, -(-U // C) + 2 * win)  # most units a chunk can hold in its window
     big_t = longest * max(max(t) for t in p.time)
     trans = {r: _var(prob, f"trans_{r}", 0) for r in range(p.pp)}
@@ -208,27 +275,21 @@ def _general_model(p: PartitionProblem, start: tuple | None = None):
                 p.unit_types)) - big_t * (1 - w[c, o])
             prob += mc[c, o] >= pulp.lpSum(x[u, c] * p.mem_coeff(t, o, r) for u, t in enumerate(
                 p.unit_types)) - big_m * (1 - w[c, o])
-            worst = max(p.transient[t][o] for t in set(p.unit_types))
-            prob += trans[r] >= worst * w[c, o]
+            prob += trans[r] >= p.option_transient(o) * w[c, o]
+    times = []
     for r in range(p.pp):
         base_t, base_m = p.rank_base(r)
         mine = [c for c in range(C) if p.rank_of(c) == r]
-        prob += pulp.lpSum(tc[c, o] for c in mine for o in p.options) + base_t <= z
+        t_r = pulp.lpSum(tc[c, o] for c in mine for o in p.options) + base_t
+        prob += t_r <= z
+        times.append(t_r)
         _fits(prob, p, pulp.lpSum(mc[c, o] for c in mine for o in p.options)
               + (1 + p.fragmentation) * trans[r] + base_m)
-
-    if start is not None:
-        _warm_start(y, w, *start)
-
-    def read():
-        sizes = tuple(int(round(sum(_val(x[u, c]) for u in range(U)))) for c in range(C))
-        options = tuple(max(p.options, key=lambda o: w[c, o].value() or 0) for c in range(C))
-        return sizes, options
-    return prob, read
+    return times
 
 
-def _warm_start(y: dict, w: dict, sizes, options) -> None:
-    chunk_of, u = [], 0
+def _warm_start(y: dict, w: dict, z, p: PartitionProblem, sizes, options) -> None:
+    chunk_of = []
     for c, size in enumerate(sizes):
         chunk_of += [c] * size
     for (u, c), var in y.items():
@@ -244,46 +305,3 @@ def _fixed(*terms) -> bool:
 
 def _val(expr) -> float:
     return float(expr) if isinstance(expr, (int, float)) else float(pulp.value(expr) or 0)
-
-
-def partition_time(p: PartitionProblem, sizes, options) -> float:
-    """Busiest rank's seconds per micro-batch for a given partition (the ILP's objective)."""
-    return max(t for t, _ in rank_totals(p, sizes, options))
-
-
-def partition_fits(p: PartitionProblem, sizes, options) -> bool:
-    return all(m <= p.capacity * (1 + 1e-9) for _, m in rank_totals(p, sizes, options))
-
-
-def rank_totals(p: PartitionProblem, sizes, options) -> list[tuple[float, float]]:
-    """(seconds per micro-batch, bytes) of every rank under a partition — one pass over chunks."""
-    if len(p.time) == 1 and len(set(options)) == 1:
-        return _uniform_tied_totals(p, sizes, options[0])
-    base = [p.rank_base(r) for r in range(p.pp)]
-    time = [b[0] for b in base]
-    mem = [b[1] for b in base]
-    trans = [0.0] * p.pp
-    start = 0
-    for c, (size, o) in enumerate(zip(sizes, options)):
-        r = p.rank_of(c)
-        for t in p.unit_types[start:start + size]:
-            time[r] += p.time[t][o]
-            mem[r] += p.mem_coeff(t, o, r)
-        start += size
-        trans[r] = max([trans[r]] + [p.transient[t][o] for t in range(len(p.time))])
-    return [(time[r], mem[r] + (1 + p.fragmentation) * trans[r]) for r in range(p.pp)]
-
-
-def _uniform_tied_totals(p: PartitionProblem, sizes, o: int) -> list[tuple[float, float]]:
-    """Closed form when every unit is alike and every chunk runs option o (the search's estimate)."""
-    per_rank = [0] * p.pp
-    for c, size in enumerate(sizes):
-        per_rank[c % p.pp] += size
-    t, act, static = p.time[0][o], p.act[0][o], p.static[0]
-    grow = 1 + p.fragmentation
-    out = []
-    for r, n in enumerate(per_rank):
-        bt, bm = p.rank_base(r)
-        out.append((bt + n * t, bm + n * (static + grow * p.inflight[r] * act)
-                    + grow * p.transient[0][o]))
-    return out

@@ -6,27 +6,32 @@
    micro-batch) that orders them.
 3. Best-first over meshes: expand (mbs, dp flavour, vpp), estimate each with an even split and the
    lightest recompute that fits, stop expanding when a mesh's floor exceeds the best estimates.
-4. Solve the stage-partition ILP for the candidates in order of their lower bound until the bound
-   passes the top-k solved step times (branch and bound). Deterministic: every order is a sort on
-   numbers with the layout as tie-break.
+4. Solve the stage partition (planner/partition.py: exact for identical units at any vpp and for
+   one stage per rank, a balanced partition with its proven gap otherwise) for the candidates in
+   order of their estimate until their lower bound passes the top-k step times (branch and
+   bound). Deterministic: every order is a sort on numbers with the layout as tie-break, and no
+   wall-clock limit decides anything (the ILP's work is bounded by nodes).
 """
 from __future__ import annotations
 
 import heapq
+from collections import Counter
+from functools import lru_cache
 import time as _time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from plait.ir.errors import LayoutError
 from plait.ir.job import TrainJob
-from plait.ir.plan import DP_KINDS, Layout, ParallelPlan, Stage
+from plait.ir.plan import DP_KINDS, Layout, Optimality, ParallelPlan, Stage
 
 from . import explain, folding
+from .fingerprint import fingerprints
 from .cost import memory
 from .cost.context import Context
 from .cost.evaluate import RankCost, evaluate, sync_time
 from .cost.pipeline import OPTIONS, CostTable, even_sizes, stages_of
-from .ilp import PartitionProblem, rank_totals, solve
+from .partition import OPTIMAL, Partition, PartitionProblem, rank_totals, solve
 from .layouts import check_pins, job_pins, knob_variants, meshes, units
 
 INF = float("inf")
@@ -89,7 +94,8 @@ def problem_of(table: CostTable, options: tuple[int, ...]) -> PartitionProblem:
         options=options)
 
 
-def make_plan(table: CostTable, sizes, options, notes=()) -> ParallelPlan:
+def make_plan(table: CostTable, sizes, options, notes=(),
+              optimality: Optional[Optimality] = None) -> ParallelPlan:
     job = table.job
     stages = stages_of(table, sizes, options)
     common = max(OPTIONS, key=lambda o: (sum(s.recompute == o for s in stages), -OPTIONS.index(o)))
@@ -100,7 +106,7 @@ def make_plan(table: CostTable, sizes, options, notes=()) -> ParallelPlan:
         schedule="interleaved" if layout.vpp > 1 else "1f1b",
         prediction=evaluate(table, stages), explanation=tuple(notes),
         precision=job.precision.kind, moe=job.moe if job.model.is_moe else None,
-        layer_pattern=job.model.pattern)
+        layer_pattern=job.model.pattern, optimality=optimality or Optimality())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,11 +136,14 @@ def time_floor(table: CostTable) -> float:
     return table.microbatches * total / table.layout.pp
 
 
+@lru_cache(maxsize=256)
+def _type_counts(unit_types: tuple[int, ...]) -> dict[int, int]:
+    return dict(Counter(unit_types))
+
+
 def candidate_lower(table: CostTable, problem: PartitionProblem) -> float:
     """Perfect balance with each unit at its cheapest allowed option (memory ignored)."""
-    counts_by_type: dict = {}
-    for t in problem.unit_types:
-        counts_by_type[t] = counts_by_type.get(t, 0) + 1
+    counts_by_type = _type_counts(problem.unit_types)
     cheapest = [min(problem.time[t][o] for o in problem.options) for t in range(len(problem.time))]
     work = sum(n * cheapest[t] for t, n in counts_by_type.items())
     per_rank = (work + table.first.time + table.last.time + table.chunks * table.p2p) / table.layout.pp
@@ -171,8 +180,9 @@ def sync_estimate(table: CostTable, z: float) -> float:
 # The search
 # ------------------------------------------------------------------------------------------------
 
-def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_solves: int = 8,
-           time_limit: float = 5.0, progress: Optional[Callable[[int, int], None]] = None,
+def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5,
+           max_solves: Optional[int] = None, max_nodes: Optional[int] = None,
+           progress: Optional[Callable[[int, int], None]] = None,
            compare_unfolded: bool = True) -> SearchResult:
     """Best plans for ``job`` (at most ``top``), the rejected families and the search counts.
     For a MoE model whose winner is folded, ``compare_unfolded`` also finds the best unfolded plan
@@ -184,15 +194,17 @@ def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5, max_s
     kinds = (pins["dp_kind"],) if "dp_kind" in pins else DEFAULT_KINDS
     result = SearchResult(plans=[], rejections=[])
     families = explain.Families(job)
-    plans, ordered = _plans(job, pins, kinds, options, (top, max_solves, time_limit), result,
+    plans, ordered = _plans(job, pins, kinds, options, (top, max_solves, max_nodes), result,
                             families, progress)
     if plans:
         winner = plans[0]
         if job.model.is_moe and compare_unfolded:
-            _compare_unfolded(job, pins, kinds, options, time_limit, plans, ordered, families,
+            _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, families,
                               result)
-        result.plans = [replace(p, explanation=tuple(explain.why(job, p, plans, families) + (
-            [result.folding] if p is winner and result.folding else []))) for p in plans[:top]]
+        prints = fingerprints(job)
+        result.plans = [replace(p, fingerprints=prints, explanation=tuple(
+            explain.why(job, p, plans, families)
+            + ([result.folding] if p is winner and result.folding else []))) for p in plans[:top]]
         result.rejections = families.rejections(winner)
     else:
         result.min_memory = families.smallest_need()
@@ -204,12 +216,12 @@ def _plans(job, pins, kinds, options, limits, result, families, progress=None,
            ordered: Optional[list] = None) -> tuple[list[ParallelPlan], list]:
     """Enumerate -> bound -> expand -> solve; ``ordered`` (screened meshes, best first) skips the
     first two. -> (plans best first, the screened meshes). ``limits`` = (top, max_solves,
-    time_limit)."""
-    top, max_solves, time_limit = limits
+    max_nodes)."""
+    top, max_solves, max_nodes = limits
     if ordered is None:
         ordered = _bounded_meshes(job, pins, kinds, options, families, result)
     candidates = _expand(job, pins, kinds, options, ordered, top, result, progress, families)
-    plans = _solve(candidates, top, max_solves, time_limit, families, result)
+    plans = _solve(candidates, top, max_solves, max_nodes, families, result)
     plans.sort(key=lambda p: (p.prediction.step_time, p.layout.short(), p.layout.dp_kind))
     return plans, ordered
 
@@ -217,7 +229,7 @@ def _plans(job, pins, kinds, options, limits, result, families, progress=None,
 UNFOLDED_SOLVES = 3  # ILPs for the best-unfolded comparison (its top-1 only)
 
 
-def _compare_unfolded(job, pins, kinds, options, time_limit, plans, ordered, families,
+def _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, families,
                       result) -> None:
     """The best unfolded plan: among the plans already solved when one is unfolded (the
     branch and bound solved every layout that could beat them), else from the search's screened
@@ -230,7 +242,7 @@ def _compare_unfolded(job, pins, kinds, options, time_limit, plans, ordered, fam
     sub = SearchResult(plans=[], rejections=[])
     unfolded = [o for o in ordered if folding.is_unfolded(o[2])]
     if not solved:
-        solved, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, time_limit), sub,
+        solved, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, max_nodes), sub,
                            explain.Families(job), ordered=unfolded)
     alt = solved[0] if solved else None
     needs = [r.need for r in families.records.values()
@@ -283,8 +295,6 @@ def _candidate(lay: Layout, base: CostTable, base_problem: PartitionProblem) -> 
     return cand
 
 
-GENERAL_TIME_LIMIT = 0.75  # seconds per ILP for heterogeneous layer sequences
-
 # Screening keeps the meshes whose even-split estimate is within this factor of the best one
 # (at least MIN_MESHES of them); their floors must also beat the k-th best estimate so far.
 SCREEN_SLACK, MIN_MESHES = 1.10, 8
@@ -319,48 +329,55 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress, families)
     return cands
 
 
-def _solve(cands, top, max_solves, time_limit, families, result) -> list[ParallelPlan]:
-    """ILPs in order of the even-split estimate (an upper bound of each ILP), skipping candidates
-    whose lower bound cannot beat the k-th best plan or estimate (branch and bound)."""
+MAX_ILP_SOLVES = 4  # general-formulation ILPs per search (each bounded by ilp.MAX_NODES nodes)
+
+
+def _solve(cands, top, max_solves, max_nodes, families, result) -> list[ParallelPlan]:
+    """Exact partitions in order of the even-split estimate (an upper bound of each), skipping
+    candidates whose lower bound cannot beat the k-th best plan or estimate (branch and bound).
+    ``max_solves`` caps the solves (None: every candidate the bound keeps); ILPs (heterogeneous
+    units with vpp > 1) are capped at MAX_ILP_SOLVES."""
     plans: list[ParallelPlan] = []
     best_quick = sorted(c.quick for c in cands)
-    if cands and not cands[0].table.homogeneous:
-        # heterogeneous (hybrid) layer sequences use the big-M formulation: CBC rarely proves
-        # optimality fast, so fewer, shorter, warm-started solves
-        max_solves, time_limit = max(1, max_solves // 4), min(time_limit, GENERAL_TIME_LIMIT)
+    ilps = 0
     for cand in sorted(cands, key=lambda c: c.key):
         steps = sorted(p.prediction.step_time for p in plans)
         bound = min(steps[top - 1] if len(steps) >= top else INF,
                     best_quick[top - 1] if len(best_quick) >= top else INF)
-        if cand.lower > bound or result.solved >= max_solves:
+        needs_ilp = not cand.problem.tied and cand.problem.vpp > 1
+        if (cand.lower > bound or (max_solves is not None and result.solved >= max_solves)
+                or (needs_ilp and ilps >= MAX_ILP_SOLVES)):
             result.pruned += 1
             families.estimated(cand)
-            continue
-        if cand.quick <= cand.lower * (1 + 1e-9):  # the even split meets the lower bound
-            plan = make_plan(cand.table, even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
-                             (cand.quick_option,) * cand.problem.chunks)
-            families.solved(cand, plan)
-            plans.append(plan)
             continue
         start = None
         if cand.quick < INF:
             start = (even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
                      (cand.quick_option,) * cand.problem.chunks)
-        part = solve(cand.problem, time_limit=time_limit, start=start)
-        result.solved += 1
+        if cand.quick <= cand.lower * (1 + 1e-9):  # the even split meets the lower bound
+            part = Partition(sizes=start[0], options=start[1], z=0.0, status=OPTIMAL,
+                             method="even split meets the lower bound")
+        else:
+            part = solve(cand.problem, start=start, max_nodes=max_nodes)
+            result.solved += 1
+            ilps += needs_ilp
         if part is None:
             families.infeasible(cand)
             continue
-        notes = [] if part.status == "optimal" else ["ILP hit its time limit: best found, not proven"]
-        plan = make_plan(cand.table, part.sizes, part.options, notes)
+        plan = make_plan(cand.table, part.sizes, part.options, optimality=optimality_of(part))
         families.solved(cand, plan)
         plans.append(plan)
     return plans
 
 
-def estimate(job: TrainJob, layout_pins: dict, time_limit: float = 10.0) -> ParallelPlan:
+def optimality_of(part: Partition) -> Optimality:
+    return Optimality(proven=part.status == OPTIMAL, gap=part.gap, method=part.method,
+                      nodes=part.nodes)
+
+
+def estimate(job: TrainJob, layout_pins: dict) -> ParallelPlan:
     """The best plan with ``layout_pins`` fixed (searching only what they leave open)."""
-    res = search(job, layout_pins, top=3, time_limit=time_limit)
+    res = search(job, layout_pins, top=3)
     if res.best is None:
         raise LayoutError(explain.no_feasible(job, res))
     return res.best

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.ir.job import Optimizer as OptimizerSpec
+from plait.lowering.modules.norms import upcast
 
 from .data import BatchLoader
 from .optim import adamw, lr_at, param_groups, set_lr
@@ -39,12 +40,12 @@ class DistillLog:
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                  temperature: float = 1.0, lm_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, kl, lm) averaged over tokens; logits [b, s, vocab] are compared in fp32."""
+    """(loss, kl, lm) averaged over tokens; logits [b, s, vocab] are compared in (at least) fp32."""
     t = temperature
-    s_log = F.log_softmax(student_logits.float().flatten(0, 1) / t, dim=-1)
-    t_log = F.log_softmax(teacher_logits.float().flatten(0, 1) / t, dim=-1)
+    s_log = F.log_softmax(upcast(student_logits).flatten(0, 1) / t, dim=-1)
+    t_log = F.log_softmax(upcast(teacher_logits).flatten(0, 1) / t, dim=-1)
     kl = F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * (t * t)
-    lm = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten())
+    lm = F.cross_entropy(upcast(student_logits).flatten(0, 1), labels.flatten())
     return (1 - lm_weight) * kl + lm_weight * lm, kl.detach(), lm.detach()
 
 

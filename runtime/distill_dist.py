@@ -27,6 +27,7 @@ from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram, lower
+from plait.lowering.modules.norms import upcast
 
 from . import data as data_mod
 from .mesh import Mesh
@@ -85,7 +86,7 @@ class DistillRunner:
         self.last_kl = self.last_lm = 0.0  # this rank's means over the step's micro-batches
 
     def logits_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
-        kl = vocab_parallel_kl(logits.flatten(0, 1).float(), teacher_logits.flatten(0, 1).float(),
+        kl = vocab_parallel_kl(upcast(logits.flatten(0, 1)), upcast(teacher_logits.flatten(0, 1)),
                                self.temperature, "tp", self.tp)
         lm = self.student.loss(logits, labels)  # the compiled (vocab-parallel) cross entropy
         w = self.lm_weight
@@ -142,7 +143,11 @@ class PipelineDistillRunner(DistillRunner):
         with torch.no_grad(), cc.guard("teacher pipeline send/recv", "pp"):
             teacher_logits = self.teacher_steps.schedule.eval(*args, target=labels if last else None,
                                                               return_outputs=last)
-        target = torch.cat([teacher_logits.float(), labels.unsqueeze(-1).float()], -1) if last else None
+        if last:  # the teacher's logits (at least fp32) with the labels as one more column
+            teacher_logits = upcast(teacher_logits)
+            target = torch.cat([teacher_logits, labels.unsqueeze(-1).to(teacher_logits.dtype)], -1)
+        else:
+            target = None
         loss = self.student_steps.run(tokens, target if last else labels)  # labels: unused off the last stage
         if last:
             self.last_kl, self.last_lm = sum(self.kls) / len(self.kls), sum(self.lms) / len(self.lms)

@@ -8,7 +8,7 @@ records the step-0 distillation loss, its reduced gradients and the parameters a
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,8 @@ from .data import BatchLoader
 from .distill import Distiller, distill_loss
 from .distill_dist import DistillTrainer
 from .mesh import build_mesh, destroy, init_distributed
-from .parity import TIMEOUT_S, Case, Errors, Setup, compare, record_run, spawn_cases
+from .parity import (TIMEOUT_S, Case, Errors, Setup, compare_cases, one_thread, record_run,
+                     spawn_cases)
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,17 @@ class DistillSetup:
     temperature: float = 2.0
     lm_weight: float = 0.25
 
+    def for_case(self, case: Case) -> "DistillSetup":
+        """This setup in the case's dtype (``Case.dtype`` overrides the student's)."""
+        return replace(self, student=case.setup(self.student))
+
     def models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         s = self.student
         return (build_model(s.spec, dtype=s.dtype, seed=s.seed),
                 build_model(self.teacher, dtype=s.dtype, seed=self.teacher_seed))
 
 
+@one_thread()
 def reference(setup: DistillSetup) -> dict:
     """Step-0 loss and gradients of the Distiller's loss, and its parameters after fit()."""
     s = setup.student
@@ -61,11 +67,12 @@ def _worker(rank: int, world: int, setup: DistillSetup, cases: list[Case], out_d
     torch.set_num_threads(1)
     init_distributed("gloo", TIMEOUT_S, f"file://{out_dir}/rendezvous", rank, world)
     try:
-        s = setup.student
         for case in cases:
+            case_setup = setup.for_case(case)
+            s = case_setup.student
             plan = case.plan(s.spec, s.global_batch, s.seq)
             mesh = build_mesh(plan.layout, TIMEOUT_S)
-            student, teacher = setup.models()
+            student, teacher = case_setup.models()
             run = DistillTrainer(s.job(mesh.world), plan, mesh, setup.teacher, teacher, student,
                                  setup.temperature, setup.lm_weight, source=s.source(), dtype=s.dtype)
             record_run(run.trainer, s, case.name, rank, Path(out_dir))
@@ -74,7 +81,7 @@ def _worker(rank: int, world: int, setup: DistillSetup, cases: list[Case], out_d
 
 
 def run_distill_parity(setup: DistillSetup, cases: list[Case], out_dir: str | None = None) -> dict[str, Errors]:
-    """One spawn per world size; each case's errors against the single-process Distiller."""
-    ref = reference(setup)
-    return {name: compare(records, ref)
-            for name, records in spawn_cases(_worker, cases, out_dir, setup).items()}
+    """One spawn per world size; each case's errors against the single-process Distiller (in the
+    case's dtype: see parity.run_parity)."""
+    records = spawn_cases(_worker, cases, out_dir, setup)
+    return compare_cases(cases, records, setup.for_case, reference)

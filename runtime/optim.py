@@ -70,6 +70,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def accumulator_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """float32 for reductions and optimizer masters, float64 when the parameters are float64 (the
+    parity checks run whole steps in float64 to take rounding out of the comparison)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_'s factor."""
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
@@ -81,6 +90,7 @@ class DataParallel:
     def __init__(self, program: RankProgram, mesh: Mesh, spec: OptimizerSpec):
         self.program, self.mesh, self.spec = program, mesh, spec
         self.named = program.local_parameters()
+        self.acc_dtype = accumulator_dtype(self.named.values())
         self.tp_sum = [n for n in program.grad_sync.tp_sum if n in self.named]
         self.dp = mesh.size(GRAD_AXIS)  # every gradient is divided by dp * cp ...
         experts = set(program.experts.params)
@@ -191,11 +201,11 @@ class Replicated(DataParallel):
                 offset += p.numel()
 
     def owned_sq_sum(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
+        total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
         for name, p in self.named.items():
             if p.grad is not None and self.mesh.coord(self.axis_of[name]) == 0 \
                     and self._norm_owned(name):
-                total += p.grad.float().pow(2).sum()
+                total += p.grad.to(self.acc_dtype).pow(2).sum()
         return total
 
     def step(self, coef: torch.Tensor) -> None:
@@ -223,13 +233,14 @@ class _FlatShard:
         self.numel = sum(p.numel() for p in params)
         self.size = -(-self.numel // dp)  # ceil
         self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = accumulator_dtype(params)
         flat = self._flatten([p.detach() for p in params])
         self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
 
     def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.zeros(self.size * self.dp, dtype=torch.float32, device=self.device)
+        flat = torch.zeros(self.size * self.dp, dtype=self.dtype, device=self.device)
         if tensors:
-            flat[:self.numel] = torch.cat([t.flatten().float() for t in tensors])
+            flat[:self.numel] = torch.cat([t.flatten().to(self.dtype) for t in tensors])
         return flat
 
     def reduce_grad(self) -> None:
@@ -274,7 +285,7 @@ class ZeroOne(DataParallel):
 
     def owned_sq_sum(self) -> torch.Tensor:
         """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
-        total = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
+        total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
         for flat, mask in zip(self.flats, self.masks):
             total += (flat.master.grad.pow(2) * mask).sum()
         return total
@@ -337,11 +348,11 @@ class FullyShard(DataParallel):
         """FSDP has reduce-scattered during backward already."""
 
     def owned_sq_sum(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
+        total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
         for name, p in self.named.items():
             g = self._local_grad(p)
             if g is not None and self._norm_owned(name):
-                total += g.float().pow(2).sum()
+                total += g.to(self.acc_dtype).pow(2).sum()
         return total
 
     def step(self, coef: torch.Tensor) -> None:

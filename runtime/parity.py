@@ -4,14 +4,18 @@ For each case, every rank trains its compiled program on the same global batches
 single-device reference (`ReferenceTrainer`) and records the step-0 loss, the step-0 gradients
 (after the TP / DP reductions, before clipping) and the parameters after `steps` AdamW steps. The
 parent reassembles TP shards and reports the largest absolute difference of each. One process
-spawn per world size runs all of that size's cases in sequence (gloo, file:// rendezvous).
+spawn per world size runs all of that size's cases in sequence (gloo, file:// rendezvous). A case
+may run in float64 (`Case.dtype`, `in_fp32_and_fp64`): see `run_parity` for why parameters after
+Adam steps are compared in float64 only.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -35,6 +39,10 @@ class Case:
     layout: Layout
     stages: tuple[Stage, ...] = ()  # default: even_stages
     schedule: str = "1f1b"
+    dtype: torch.dtype | None = None  # overrides Setup.dtype (one spawn runs fp32 and fp64 cases)
+
+    def setup(self, setup: "Setup") -> "Setup":
+        return setup if self.dtype is None else replace(setup, dtype=self.dtype)
 
     def plan(self, spec: ModelSpec, global_batch: int, seq: int) -> ParallelPlan:
         stages = self.stages or even_stages(spec.num_layers, self.layout.pp, self.layout.vpp,
@@ -53,7 +61,7 @@ class Setup:
     optimizer: Optimizer = field(default_factory=lambda: Optimizer(
         lr=1e-3, min_lr=1e-4, warmup=1, weight_decay=0.1, grad_clip=0.5))
     seed: int = 0
-    dtype: torch.dtype = torch.float32  # float64: rounding out of the way (replicated / fsdp DP only)
+    dtype: torch.dtype = torch.float32  # float64: rounding out of the way (see run_parity)
 
     def job(self, world: int) -> TrainJob:
         return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
@@ -79,7 +87,30 @@ class Errors:
         return max(self.loss, self.grads, self.params, self.copies)
 
 
+FP64 = "fp64"  # the name suffix of a case's float64 twin
+
+
+def in_fp32_and_fp64(cases: list[Case]) -> list[Case]:
+    """Each case as it is (``Setup.dtype``) and its float64 twin named "NAME fp64"."""
+    return [c for case in cases
+            for c in (case, replace(case, name=f"{case.name} {FP64}", dtype=torch.float64))]
+
+
+@contextmanager
+def one_thread():
+    """Run a reference on one thread like every rank, so that its rounding does not depend on the
+    machine's (or OMP_NUM_THREADS') thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
 def reference(setup: Setup) -> dict:
+    """The single-device run: step-0 loss and gradients, parameters after ``setup.steps`` steps."""
     torch.manual_seed(0)
     model = build_model(setup.spec, dtype=setup.dtype, seed=setup.seed)
     trainer = ReferenceTrainer(model, setup.optimizer)
@@ -97,6 +128,7 @@ def reference(setup: Setup) -> dict:
 
 
 def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
+    setup = case.setup(setup)
     plan = case.plan(setup.spec, setup.global_batch, setup.seq)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
     trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.dtype)
@@ -202,7 +234,27 @@ def spawn_cases(worker, cases: list[Case], out_dir: str | None, *args) -> dict[s
 
 
 def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> dict[str, Errors]:
-    """Spawn one group of processes per world size; returns each case's errors."""
-    ref = reference(setup)
-    return {name: compare(records, ref)
-            for name, records in spawn_cases(_worker, cases, out_dir, setup).items()}
+    """Spawn one group of processes per world size; returns each case's errors.
+
+    In float32 the loss and the step-0 gradients are the meaningful comparison (~1e-7 apart: sums
+    reordered by the layout). Parameters after AdamW steps are not: Adam's update lr * m / (sqrt(v)
+    + eps) is nearly scale-free, so an entry with a tiny gradient moves by ~lr whatever its size,
+    and 1e-9 rounding differences of such a gradient shift its moves by up to ~1e-5 (more with the
+    thread count of the reference). A case in float64 (``Case.dtype`` / ``Setup.dtype``; every
+    DP kind) takes rounding out of the way: the whole step then agrees to ~1e-14."""
+    records = spawn_cases(_worker, cases, out_dir, setup)
+    return compare_cases(cases, records, lambda case: case.setup(setup), reference)
+
+
+def compare_cases(cases: list[Case], records: dict[str, list[dict]], setup_of: Callable,
+                  reference_of: Callable) -> dict[str, Errors]:
+    """Each case's errors against the reference run of its own setup (computed once per distinct
+    setup: every float32 case shares one, every float64 twin another)."""
+    refs: dict = {}
+    out = {}
+    for case in cases:
+        setup = setup_of(case)
+        if setup not in refs:
+            refs[setup] = reference_of(setup)
+        out[case.name] = compare(records[case.name], refs[setup])
+    return out

@@ -90,7 +90,7 @@ class StepRunner:
 
     def _accumulate(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         stage, loss_fn = self.program.stage(0), self.program.loss
-        total = torch.zeros((), device=self.mesh.device)
+        losses: list[torch.Tensor] = []
         micro_tokens = tokens.chunk(self.n_micro)
         micro_labels = labels.chunk(self.n_micro)
         for i, (tok, lab) in enumerate(zip(micro_tokens, micro_labels)):
@@ -101,8 +101,8 @@ class StepRunner:
             # (scale_grads): MoE aux losses attach a gradient of 1 per call, so scaling the loss
             # instead would leave them counted n_micro times.
             loss.backward()
-            total += loss.detach()
+            losses.append(loss.detach())
         for p in stage.parameters():
             if p.grad is not None:
                 p.grad.div_(self.n_micro)
-        return total / self.n_micro
+        return torch.stack(losses).mean()  # in the loss's dtype, as the pipeline path does

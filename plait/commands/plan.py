@@ -62,11 +62,15 @@ def _run_search(job, extra, top):
                                      help="how many candidate plans to list (default 5)"),
                       p.add_argument("--explain", action="store_true",
                                      help="list each rejected family with its reason"),
-                      p.add_argument("-o", "--output", help="write the best plan as JSON")))
+                      p.add_argument("-o", "--output", help="write the best plan as JSON"),
+                      p.add_argument("--report", metavar="DIR",
+                                     help="write pictures of the plan and an index.html to DIR")))
 def plan_cmd(args) -> int:
     inputs.at_least(args.top, 1, "--top")
     if args.output:  # checked before the search: never replace a file that is not a plan
         inputs.replaceable_file(args.output, "-o", _is_plan_json)
+    if args.report:
+        _check_report_dir(Path(args.report))
     job = load_job(args.job, args.name)
     res = _run_search(job, parse_layout(args.layout), args.top)
     console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
@@ -74,7 +78,7 @@ def plan_cmd(args) -> int:
     for line in res.best.explanation:
         console.print(f"  - {line}", markup=False, highlight=False)
     console.print(f"searched {res.enumerated} layouts: {res.pruned} pruned by bounds, {res.solved} "
-                  f"ILPs solved, in {res.seconds:.2f} s", highlight=False)
+                  f"stage partitions solved, in {res.seconds:.2f} s", highlight=False)
     if args.explain:
         t = Table(title="rejected families")
         t.add_column("family")
@@ -86,7 +90,22 @@ def plan_cmd(args) -> int:
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")
         console.print(f"wrote {args.output}")
+    if args.report:
+        from plait.report import write_report
+        write_report(job, res.best, res.plans, args.report, res.rejections)
+        console.print(f"wrote {Path(args.report) / 'index.html'}")
     return 0
+
+
+def _check_report_dir(out: Path) -> None:
+    """Before the search: the report directory is new, empty or an earlier report (its marker)."""
+    from plait.report import MARKER
+
+    if out.exists() and not out.is_dir():
+        raise PlaitError(f"--report {out} is a file, not a directory", hint="name a new directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise PlaitError(f"--report {out} is not empty and was not written by `plait plan --report`",
+                         hint="name a new or empty directory")
 
 
 def _is_plan_json(text: str) -> bool:

@@ -35,6 +35,9 @@ class Calibration:
     # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:
     # batched GEMMs, fused scale-mask-softmax, attention dropout)
     flash_attention: float = 1.0
+    # 1: the attention kernel repeats K/V to every query head before the core and keeps the
+    # copies for backward (PyTorch SDPA, plait's fallback); 0: flash attention reads grouped K/V
+    kv_expanded: float = 0.0
     reserve_gib: float = 3.0  # CUDA context, NCCL and allocator pools
     fragmentation: float = 0.08  # allocator fragmentation as a fraction of activations
 

@@ -111,3 +111,18 @@ def recompute_flops_per_token(table: CostTable, stages: tuple[Stage, ...]) -> fl
         if st.recompute == "full":
             out += sum(per_kind[k] for u in table.units_of(st) for k in u.kinds)
     return out
+
+
+def rank_tensor_bytes(table: CostTable, stages: tuple[Stage, ...], rank: int) -> dict[str, float]:
+    """What the memory model says pipeline rank ``rank`` holds, per tensor class
+    (counts.STATE_CLASSES) and ``saved``: the bytes its layers, and the head on the last stage,
+    keep for backward per micro-batch (one micro-batch in flight). The terms runtime/memory_probe.py
+    measures on the real runtime."""
+    rc = rank_cost(table, stages, rank)
+    out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params)
+    saved = rc.activations / table.inflight(rank)
+    if any(st.pp_rank == rank and st.virtual * table.layout.pp + rank == table.chunks - 1
+           for st in stages):
+        saved += memory.head_activations(table.ctx)
+    out["saved"] = saved
+    return out

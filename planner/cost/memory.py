@@ -1,13 +1,13 @@
 """Memory per rank: parameter state by data-parallel flavour, activations per block kind and
 recompute choice, in-flight micro-batches of the pipeline schedule, buffers and a reserve.
 
-Activations follow Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
-Models"), recounted tensor by tensor for today's kernels (flash attention stores q, k, v, its output
-and the log-sum-exp, never the s x s scores; no dropout) and extended to:
-  * MoE: router logits, the dispatched token copies, the experts' FFN tensors (etp-sharded width,
-    etp-gathered tokens: every etp rank sees the tokens its expert shard receives), the combine;
-  * Mamba2: in_proj output, conv output, scan output, gated-norm inputs and the chunk states.
-With sequence parallelism the residual stream and norm tensors are split over tp as well.
+Activations start from Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
+Models") and are recounted tensor by tensor for what plait's modules save (ir/counts.py, one
+formula per layer kind, checked against torch's saved-tensor hooks on the real runtime in
+tests/runtime/test_memory_truth.py): the fp32 norm statistics, the norm output each layer's
+projections read, RoPE tables, K/V as the attention kernel keeps them, the SwiGLU product; MoE
+and Mamba2 terms as counts.py documents them. With sequence parallelism the residual stream and
+norm tensors are split over tp as well.
 Dense parameters are sharded over the dense DP x CP group, expert parameters over EDP (MoE
 Parallel Folding), which is exactly what Megatron's own estimator leaves out.
 """
@@ -20,81 +20,41 @@ from .context import Context
 GiB = float(2**30)
 
 
-def _stream(ctx: Context) -> float:
-    """One residual-stream tensor held by a rank: tokens_sp x hidden."""
-    return ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
+def shape(ctx: Context) -> counts.ActivationShape:
+    """What one layer on this rank sees per micro-batch (counts.py's activation formulas)."""
+    lay = ctx.layout
+    return counts.ActivationShape(
+        tokens=ctx.tokens, seq=ctx.job.seq_len / lay.cp, tp=lay.tp, sp=lay.sp,
+        act_bytes=ctx.act_bytes, kv_expanded=ctx.cal.kv_expanded >= 0.5, etp=lay.etp,
+        routed_tokens=ctx.routed_tokens if ctx.model.is_moe else 0.0)
 
 
-def attention_activations(ctx: Context) -> tuple[float, float]:
-    """(stored with no recompute, stored with selective recompute) bytes per micro-batch."""
-    a, lay, t, b = ctx.model.attention, ctx.layout, ctx.tokens, ctx.act_bytes
-    x, norm_out = _stream(ctx), _stream(ctx)
-    qkv = t * (a.q_dim + 2 * a.kv_dim) / lay.tp * b
-    out = t * a.q_dim / lay.tp * b
-    lse = t * a.heads / lay.tp * 4
-    none = x + norm_out + qkv + out + lse
-    # selective recompute (as lowering/ implements it) re-runs the norm and the attention core:
-    # neither the norm output nor the core's output and log-sum-exp stay
-    if ctx.cal.flash_attention < 0.5:  # Korthikanti's 5as^2b: scores, softmax, dropout mask
-        scores = 5 * ctx.layout.mbs * a.heads / lay.tp * (ctx.job.seq_len / lay.cp) ** 2
-        return none + scores, none - norm_out - out - lse
-    return none, none - norm_out - out - lse
-
-
-def _ffn_activations(ctx: Context, tokens: float, width: float, gated: bool) -> tuple[float, float]:
-    """(fc1 output, activation output) bytes of one FFN."""
-    fc1 = tokens * width * (2 if gated else 1) * ctx.act_bytes
-    return fc1, tokens * width * ctx.act_bytes
-
-
-def mlp_activations(ctx: Context) -> tuple[float, float]:
-    mlp = ctx.model.mlp
-    fc1, act = _ffn_activations(ctx, ctx.tokens, mlp.ffn / ctx.layout.tp, mlp.gated)
-    x, norm_out = _stream(ctx), _stream(ctx)
-    none = x + norm_out + fc1 + act
-    return none, none - norm_out - act
-
-
-def moe_activations(ctx: Context) -> tuple[float, float]:
-    model, lay, b = ctx.model, ctx.layout, ctx.act_bytes
-    moe, h = model.moe, model.hidden
-    x, norm_out = _stream(ctx), _stream(ctx)
-    t_in = ctx.tokens / lay.tp
-    router = t_in * moe.experts * 4 * 2  # fp32 logits and probabilities
-    copies = ctx.routed_tokens
-    dispatched = copies * h * b  # permuted tokens = expert fc1 input
-    fc1, act = _ffn_activations(ctx, copies, moe.ffn / lay.etp, moe.gated)
-    expert_out = copies * h * b  # fc2 output, weighted by the probabilities in the combine
-    shared_fc1 = shared_act = 0.0
-    if moe.shared_ffn:
-        shared_fc1, shared_act = _ffn_activations(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated)
-    none = x + norm_out + router + dispatched + fc1 + act + expert_out + shared_fc1 + shared_act
-    return none, none - norm_out - act - shared_act
-
-
-def mamba_activations(ctx: Context) -> tuple[float, float]:
-    m, lay, t, b = ctx.model.mamba, ctx.layout, ctx.tokens, ctx.act_bytes
-    x, norm_out = _stream(ctx), _stream(ctx)
-    in_proj = t * m.in_proj_out / lay.tp * b
-    conv = t * m.conv_channels / lay.tp * b
-    scan_out = t * m.d_inner / lay.tp * b
-    gated_norm = 2 * t * m.d_inner / lay.tp * b  # its output feeds out_proj
-    states = (t / m.chunk) * (m.heads / lay.tp) * m.head_dim * m.state * 4
-    none = x + norm_out + in_proj + conv + scan_out + gated_norm + states
-    return none, none - norm_out - t * m.d_inner / lay.tp * b
-
-
-BLOCK_ACTIVATIONS = {"attention": attention_activations, "mlp": mlp_activations,
-                     "moe": moe_activations, "mamba": mamba_activations}
+def attention_scores(ctx: Context) -> float:
+    """Korthikanti's 5as^2b: scores, softmax and dropout mask of a stack without flash attention."""
+    if ctx.cal.flash_attention >= 0.5:
+        return 0.0
+    a, lay = ctx.model.attention, ctx.layout
+    return 5 * lay.mbs * a.heads / lay.tp * (ctx.job.seq_len / lay.cp) ** 2
 
 
 def block_activations(ctx: Context, kind: str) -> tuple[float, float]:
-    return BLOCK_ACTIVATIONS[kind](ctx)
+    """(stored with no recompute, stored with selective recompute) bytes per micro-batch."""
+    none, selective = counts.layer_saved_bytes(ctx.model, kind, shape(ctx))
+    if kind == "attention":  # selective re-runs the core: its scores never stay
+        none += attention_scores(ctx)
+    return none, selective
 
 
 def unit_input(ctx: Context) -> float:
-    """What full recompute keeps of a unit: its input on the residual stream."""
-    return _stream(ctx)
+    """What full recompute keeps of a layer: its input on the residual stream. plait's runtime
+    checkpoints every layer (attention and MLP of a decoder layer apart), so a unit of k layers
+    keeps k of these (measured: tests/runtime/test_memory_truth.py)."""
+    return counts.stream_bytes(ctx.model, shape(ctx))
+
+
+def head_activations(ctx: Context) -> float:
+    """What the last stage keeps for the final norm, head and loss per micro-batch."""
+    return counts.head_saved_bytes(ctx.model, shape(ctx))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,12 +84,22 @@ def head_params_on_rank(ctx: Context) -> float:
     return counts.final_norm_params(model) + head / ctx.layout.tp
 
 
-def state_bytes(ctx: Context, dense: float, expert: float) -> dict[str, float]:
-    """Weights, gradients and optimizer bytes of (dense, expert) parameters on one rank."""
+def state_tensors(ctx: Context, dense: float, expert: float) -> dict[str, float]:
+    """Bytes per tensor class (counts.STATE_CLASSES: weights, grads, master, master_grads,
+    moments) of (dense, expert) parameters on one rank: each class a function of the precision
+    policy and the data-parallel flavour (counts.state_tensor_bytes); dense parameters shard over
+    DP x CP, expert parameters over EDP."""
     lay, prec = ctx.layout, ctx.job.precision
-    d = counts.param_state_bytes(prec, lay.dp_kind, lay.dp * lay.cp)
-    e = counts.param_state_bytes(prec, lay.dp_kind, lay.edp)
-    return {key: dense * d[key] + expert * e[key] for key in ("weights", "grads", "optimizer")}
+    d = counts.state_tensor_bytes(prec, lay.dp_kind, lay.dp * lay.cp)
+    e = counts.state_tensor_bytes(prec, lay.dp_kind, lay.edp)
+    return {key: dense * d[key] + expert * e[key] for key in counts.STATE_CLASSES}
+
+
+def state_bytes(ctx: Context, dense: float, expert: float) -> dict[str, float]:
+    """Weights, gradients and optimizer-side bytes (master copy, its gradient, Adam moments)."""
+    t = state_tensors(ctx, dense, expert)
+    return {"weights": t["weights"], "grads": t["grads"],
+            "optimizer": t["master"] + t["master_grads"] + t["moments"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,9 +127,10 @@ def comm_buffers(ctx: Context, has_moe: bool) -> float:
 
 
 def logits_buffer(ctx: Context) -> float:
-    """Logits of one micro-batch on the last stage: bf16 output plus the fp32 softmax kept for
-    the cross-entropy backward."""
-    return ctx.tokens * ctx.model.vocab / ctx.layout.tp * (ctx.act_bytes + 4)
+    """The last stage per micro-batch: what the final norm, head and loss keep (the fp32
+    log-softmax above all, counts.head_saved_bytes) plus the logits in the activation dtype
+    before the loss upcasts them."""
+    return head_activations(ctx) + ctx.tokens * ctx.model.vocab / ctx.layout.tp * ctx.act_bytes
 
 
 def fsdp_buffers(ctx: Context, unit_dense: float, unit_expert: float) -> float:

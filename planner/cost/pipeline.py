@@ -106,7 +106,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
     total_comm = _add(dict(fwd_comm), bwd_comm.items())
     return UnitCost(
         kinds=kinds, fwd=fwd_t, bwd=(bwd_t, bwd_t + sel, bwd_t + refwd),
-        act=(act_none, act_sel, memory.unit_input(ctx)),
+        act=(act_none, act_sel, len(kinds) * memory.unit_input(ctx)),
         transient=(0.0, transient_sel, act_none),
         dense_params=dense, expert_params=expert,
         comm=tuple(sorted(total_comm.items())),
@@ -192,9 +192,13 @@ class CostTable:
     def buffer_bytes(self, rank: int) -> float:
         """Buffers on ``rank`` that do not depend on the partition: comm buffers, the largest FSDP
         gather, logits on the last rank."""
-        big = max(self.units, key=lambda u: u.dense_params + u.expert_params)
-        out = self.buffers + memory.fsdp_buffers(self.ctx, big.dense_params, big.expert_params)
+        out = self.buffers + self._fsdp_buffer
         return out + (self.last.buffer if rank == self.layout.pp - 1 else 0.0)
+
+    @cached_property
+    def _fsdp_buffer(self) -> float:
+        big = max(self.units, key=lambda u: u.dense_params + u.expert_params)
+        return memory.fsdp_buffers(self.ctx, big.dense_params, big.expert_params)
 
     @property
     def reserve_fixed(self) -> float:

@@ -14,25 +14,39 @@ FOLDING = Layout(tp=2, cp=1, dp=8, pp=8, etp=1, ep=8, edp=2, sp=True, mbs=1)
 
 def test_attention_activations_by_hand(mixtral_job):
     ctx = Context(mixtral_job(), FOLDING)
-    # tokens 4096, tp 2 with sequence parallel, bf16
-    x = 4096 / 2 * 6144 * 2  # residual input and norm output, sequence-parallel
-    qkv = 4096 * (6144 + 2 * 1024) / 2 * 2
-    out = 4096 * 6144 / 2 * 2
+    # tokens 4096, tp 2 with sequence parallel, bf16, flash attention (grouped K/V kept as is)
+    stream = 4096 / 2 * 6144
+    norm = stream * (4 + 2) + 4096 / 2 * 4  # fp32 input, bf16 normalised input, fp32 1/rms
+    gathered = 4096 * 6144 * 2  # the projections' input: all tokens of the rank
+    q, kv = 4096 * 6144 / 2 * 2, 4096 * 1024 / 2 * 2
+    rope = 2 * 4096 * 128 * 2
     lse = 4096 * 48 / 2 * 4
-    none, selective = memory.attention_activations(ctx)
-    assert none == pytest.approx(2 * x + qkv + out + lse)
-    assert selective == pytest.approx(x + qkv)  # norm output, core output and lse recomputed
+    none, selective = memory.block_activations(ctx, "attention")
+    assert none == pytest.approx(norm + gathered + q + 2 * kv + rope + lse + q)
+    # selective keeps the input, the matmul outputs (qkv, o_proj) and the collectives' outputs
+    assert selective == pytest.approx(stream * 2 + (q + 2 * kv) + 4096 * 6144 * 2
+                                      + gathered + gathered / 2)
 
 
 def test_moe_activations_by_hand(mixtral_job):
     ctx = Context(mixtral_job(), FOLDING)
-    # each rank pushes etp * tokens/tp * top_k = 1 * 2048 * 2 token copies through its expert
-    copies = 4096 / 2 * 2
+    # each rank pushes etp * tokens/tp * top_k * load copies through its experts
+    copies = 4096 / 2 * 2 * ctx.expert_load
     assert ctx.routed_tokens == pytest.approx(copies)
     h, f = 6144, 16384
-    expect = (2 * (2048 * h * 2) + 2048 * 8 * 4 * 2 + copies * h * 2 + copies * 2 * f * 2
-              + copies * f * 2 + copies * h * 2)
-    assert memory.moe_activations(ctx)[0] == pytest.approx(expect)
+    norm = 2048 * h * (4 + 2) + 2048 * 4
+    expect = (norm + 4096 * h * 2 + 2048 * 8 * 4 * 2 + copies * h * 2 + copies * 4 * f * 2
+              + copies * h * 2)
+    assert memory.block_activations(ctx, "moe")[0] == pytest.approx(expect)
+
+
+def test_fp32_zero1_keeps_a_master_shard_and_its_gradient():
+    """plait's ZeRO-1 in fp32: the flat fp32 shard the optimizer steps and its gradient are
+    separate tensors beside the model's weights and gradients (1/dp each), with Adam's m, v."""
+    t = counts.state_tensor_bytes("fp32", "zero1", 4)
+    assert t == {"weights": 4, "grads": 4, "master": 1, "master_grads": 1, "moments": 2}
+    assert counts.state_tensor_bytes("fp32", "replicated", 4)["master"] == 0
+    assert counts.param_state_bytes("bf16", "zero1", 4)["optimizer"] == 3
 
 
 def test_params_on_ranks_add_up(mixtral_job):

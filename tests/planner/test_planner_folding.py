@@ -1,5 +1,6 @@
 """Folded vs unfolded MoE layouts: the definition (Megatron-Core before MoE Parallel Folding: ETP = TP,
 EP inside DP), and the planner's explanation of what folding gains on the paper's two jobs."""
+import itertools
 import re
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 from plait.cli import main
 from plait.ir.dsl import load_job
 from plait.ir.plan import Layout
-from plait.planner.folding import ep_spans, is_unfolded, what_folds
+from plait.planner.folding import ep_inside_dp, ep_spans, is_unfolded, what_folds
+from plait.planner.groups import groups_over
 from plait.planner.layouts import validate_layout
 from plait.planner.search import search
 
@@ -29,6 +31,42 @@ MCORE = {"mixtral": (2, 4, 8, 2), "qwen2": (2, 4, 4, 2)}
 def test_unfolded_is_etp_equal_tp_and_ep_inside_dp(layout, unfolded):
     assert is_unfolded(layout) is unfolded
     assert (what_folds(layout) == []) is unfolded
+
+
+def _ep_inside_dp_by_groups(lay: Layout) -> bool:
+    """The definition, on the built groups: every EP group inside one dense DP group."""
+    dp_of = {r: i for i, g in enumerate(groups_over(lay, "dense", ("dp",))) for r in g}
+    return all(len({dp_of[r] for r in g}) == 1 for g in groups_over(lay, "expert", ("ep",)))
+
+
+def _small_layouts(world: int):
+    divs = [d for d in range(1, world + 1) if world % d == 0]
+    for tp, cp, pp in itertools.product(divs, repeat=3):
+        if world % (tp * cp * pp):
+            continue
+        dp = world // (tp * cp * pp)
+        inner = tp * cp * dp
+        for etp, ep in itertools.product(divs, repeat=2):
+            if inner % (etp * ep) == 0:
+                yield dict(tp=tp, cp=cp, dp=dp, pp=pp, etp=etp, ep=ep, edp=inner // (etp * ep))
+
+
+ORDERS = list(itertools.permutations(("tp", "cp", "ep", "dp", "pp")))
+
+
+@pytest.mark.parametrize("world, orders", [(4, ORDERS), (6, ORDERS), (8, ORDERS),
+                                           (12, ORDERS[::12]), (16, ORDERS[::12])])
+def test_ep_inside_dp_arithmetic_equals_the_groups(world, orders):
+    """Every layout of a small world under every rank order (every 12th on the larger worlds):
+    the stride arithmetic decides "EP inside DP" exactly as the built groups do."""
+    seen = set()
+    for sizes in _small_layouts(world):
+        for order in orders:
+            lay = Layout(**sizes, order="-".join(order))
+            expect = _ep_inside_dp_by_groups(lay)
+            assert ep_inside_dp(lay) is expect, lay
+            seen.add(expect)
+    assert seen == {True, False}
 
 
 def test_what_folds_names_the_spanned_dimensions():
@@ -70,7 +108,7 @@ def test_best_unfolded_is_no_worse_than_the_papers_mcore_layout(searched, key):
     job, res = searched[key]
     tp, ep, pp, etp = MCORE[key]
     pins = {"tp": tp, "ep": ep, "pp": pp, "etp": etp, "cp": 1}
-    mcore = search(job, pins, top=1, max_solves=2, time_limit=2.0, compare_unfolded=False).best
+    mcore = search(job, pins, top=1, max_solves=2, compare_unfolded=False).best
     assert is_unfolded(mcore.layout)
     assert res.unfolded.prediction.step_time <= mcore.prediction.step_time * (1 + 1e-9)
 
@@ -85,7 +123,7 @@ def test_no_rejected_family_claims_to_be_faster_than_the_winner(searched):
 
 def test_an_unfolded_winner_says_so(mixtral_job):
     pins = {"tp": 2, "etp": 2, "ep": 4, "cp": 1, "pp": 8, "mbs": 1, "vpp": 1}
-    res = search(mixtral_job(), pins, top=1, max_solves=1, time_limit=1.0)
+    res = search(mixtral_job(), pins, top=1, max_solves=1)
     assert is_unfolded(res.best.layout) and res.unfolded is None
     assert res.folding.startswith("the winner is unfolded") and res.folding in res.best.explanation
 
@@ -105,6 +143,6 @@ def test_plan_explain_prints_the_unfolded_alternative(capsys):
 
 def test_pins_that_forbid_unfolding_are_named(mixtral_job):
     pins = {"tp": 2, "etp": 1, "ep": 8, "cp": 1, "pp": 8, "mbs": 1, "vpp": 1}
-    res = search(mixtral_job(), pins, top=1, max_solves=1, time_limit=1.0)
+    res = search(mixtral_job(), pins, top=1, max_solves=1)
     assert res.unfolded is None
     assert res.folding.startswith("the rules and pinned dimensions leave no unfolded layout")
