@@ -236,6 +236,12 @@ def test_plan_output_never_replaces_a_file_that_is_not_a_plan(tmp_path, capsys):
     assert "is a directory" in refused(capsys, "plan", TINY, "-o", tmp_path)
 
 
+def test_plan_report_directory_is_checked_before_the_search(tmp_path, capsys):
+    err = refused(capsys, "plan", TINY, "--report", precious(tmp_path / "mine"))
+    assert "not written by `plait plan --report`" in err and untouched(tmp_path / "mine")
+    assert "searched" not in capsys.readouterr().out
+
+
 # --- help texts and wording -----------------------------------------------------------------------
 
 def _subparsers():
