@@ -237,9 +237,9 @@ def test_plan_output_never_replaces_a_file_that_is_not_a_plan(tmp_path, capsys):
 
 
 def test_plan_report_directory_is_checked_before_the_search(tmp_path, capsys):
-    err = refused(capsys, "plan", TINY, "--report", precious(tmp_path / "mine"))
-    assert "not written by `plait plan --report`" in err and untouched(tmp_path / "mine")
-    assert "searched" not in capsys.readouterr().out
+    code, out, err = run(capsys, "plan", TINY, "--report", precious(tmp_path / "mine"))
+    assert code == 2 and "not written by `plait plan --report`" in err and untouched(tmp_path / "mine")
+    assert "searched" not in out  # no search ran
 
 
 # --- help texts and wording -----------------------------------------------------------------------
