@@ -138,10 +138,10 @@ class _ShapeProp(ShapeProp):
 
 def record_shapes(gm: torch.fx.GraphModule, *example) -> None:
     """ShapeProp on fake tensors: every tensor node gets ``meta["tensor_meta"]`` (its local shape
-    in this graph as it is now)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    in this graph as it is now). An identical graph fake-run before (another rank's, another
+    compile's) replays its metadata instead (`trace_cache.shapes_recorded`)."""
     from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     def propagate() -> None:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
