@@ -27,7 +27,7 @@ from . import checkpoint
 from .data import open_source
 from .distill_dist import DistillTrainer, DistStepLog, check_distill_layout
 from .mesh import build_mesh, destroy, init_distributed
-from .parity import _assemble
+from .parity_compare import assemble, placement
 
 LAYOUT_FIELDS = {f.name for f in fields(Layout)}
 
@@ -99,8 +99,8 @@ def _worker(rank: int, world: int, run: DistillRun, student_state, teacher_state
         saver = checkpoint.Saver(str(saves), run.distill.checkpoint_every)
         logs = trainer.fit(run.steps, start, None if quiet or rank else _progress, saver)
         inner = trainer.trainer
-        torch.save({"params": inner.dp.full_parameters(), "shards": dict(inner.program.shards),
-                    "coords": inner.program.coords, "logs": [asdict(l) for l in logs]},
+        torch.save({"params": inner.dp.full_parameters(), "logs": [asdict(l) for l in logs],
+                    **placement(inner.program, inner.mesh)},
                    work / f"result.rank{rank}.pt")
     finally:
         destroy()
@@ -120,4 +120,4 @@ def distill_parallel(run: DistillRun, student_state: Mapping[str, torch.Tensor],
              nprocs=world, join=True)
     records = [torch.load(work / f"result.rank{r}.pt", weights_only=False) for r in range(world)]
     logs = [DistStepLog(**l) for l in records[0]["logs"]]
-    return logs, _assemble(records, "params")
+    return logs, assemble(records, "params")

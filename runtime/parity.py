@@ -35,7 +35,7 @@ from plait.lowering.build import build_model
 from . import moe_balance
 from .data import BatchLoader, SyntheticTokens
 from .mesh import build_mesh, destroy, init_distributed
-from .parity_compare import Errors, compare
+from .parity_compare import Errors, compare, placement
 from .train import ReferenceTrainer, Trainer
 
 TIMEOUT_S = 120
@@ -203,12 +203,9 @@ def record_run(trainer: Trainer, setup: Setup, name: str, rank: int, out_dir: Pa
     trainer.balance_experts()  # step 0's end, as in Trainer.train_step
     for step in range(1, setup.steps):
         trainer.train_step(step, setup.steps)
-    program, mesh = trainer.program, trainer.mesh
-    experts = program.experts
-    coords = dict(program.coords, edp=mesh.coord("edp") if experts.params else 0)
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
-                "biases": expert_biases(trainer.stage_modules), "shards": dict(program.shards),
-                "experts": experts, "coords": coords, "tied": trainer.dp.tied},
+                "biases": expert_biases(trainer.stage_modules), "tied": trainer.dp.tied,
+                **placement(trainer.program, trainer.mesh)},
                out_dir / f"{name}.rank{rank}.pt")
 
 

@@ -31,6 +31,14 @@ class Errors:
         return max(self.loss, self.grads, self.params, self.copies, self.biases)
 
 
+def placement(program, mesh) -> dict:
+    """Where a rank's tensors belong, saved next to them for `assemble`: its TP shard specs, its
+    expert coordinates and its dense (and EDP) coordinates."""
+    experts = program.experts
+    return {"shards": dict(program.shards), "experts": experts,
+            "coords": dict(program.coords, edp=mesh.coord("edp") if experts.params else 0)}
+
+
 def assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
     """Whole tensors of ``key`` ("grads" or "params"): TP shards from DP rank 0 reassembled by
     their ShardSpec (which knows segmented splits such as Mamba's in_proj), expert shards from EDP
