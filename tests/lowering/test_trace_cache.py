@@ -45,9 +45,10 @@ def _lower_all(spec, layout):
     return [lower(build_model(spec, seed=0), spec, p, r) for r in range(p.layout.world)]
 
 
-@pytest.mark.parametrize("kind,layout", [("dense", Layout(tp=2, dp=2)),
-                                         ("moe", Layout(dp=2, ep=2, pp=2)),
-                                         ("hybrid", Layout(tp=2))])
+# two ranks each (an uncached compile is the expensive part): TP peers, DP x EP peers, PP stages
+@pytest.mark.parametrize("kind,layout", [("dense", Layout(tp=2, sp=True)),
+                                         ("moe", Layout(dp=2, ep=2)),
+                                         ("hybrid", Layout(pp=2))])
 def test_cached_programs_equal_uncached_ones_rank_by_rank(kind, layout):
     spec = _tiny(kind)
     with trace_cache.disabled():
@@ -64,7 +65,7 @@ def test_cached_programs_equal_uncached_ones_rank_by_rank(kind, layout):
 
 
 def test_a_hit_runs_the_new_models_own_weights_and_computes_what_an_uncached_compile_does():
-    spec, layout = _tiny("hybrid"), Layout(pp=2)
+    spec, layout = SPEC, Layout(pp=2)
     tokens, labels = _batch(spec)
     first = lower(build_model(spec, seed=0), spec, plan(layout, spec=spec), 0)
     model = build_model(spec, seed=1)  # other weights, same structure: a hit
