@@ -14,6 +14,7 @@ from plait.ir.errors import PlaitError
 from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
+from plait.runtime.ckpt_integrity import check_model, read_meta
 from plait.runtime import mesh as mesh_mod
 from plait.runtime import resume_check
 from plait.runtime.parity import Case, Setup
@@ -107,14 +108,15 @@ def test_missing_and_empty_checkpoints_name_their_path(tmp_path):
         checkpoint.find(tmp_path)
 
 
-def test_a_checkpoint_of_another_layout_or_model_is_refused(saved_dir):
-    plan = Case("x", Layout(dp_kind="fsdp")).plan(SPEC, SETUP.global_batch, SETUP.seq)
-    with pytest.raises(PlaitError, match=r"step-000001 was written by layout tp1 .*: dp_kind zero1 there, fsdp here"):
-        checkpoint.check_compatible(saved_dir, plan, SPEC)
-    same = Case("x", Layout()).plan(SPEC, SETUP.global_batch, SETUP.seq)
-    assert checkpoint.check_compatible(saved_dir, same, SPEC)["step"] == 1
-    with pytest.raises(PlaitError, match="holds model 'ckpt-test' with another shape"):
-        checkpoint.check_compatible(saved_dir, same, replace(SPEC, hidden=64))
+def test_a_checkpoint_of_another_model_is_refused_naming_the_field(saved_dir):
+    where = checkpoint.find(saved_dir)
+    meta = read_meta(where)
+    check_model(where, meta, SPEC)  # the same model: any layout may load it
+    with pytest.raises(PlaitError, match=r"holds model 'ckpt-test', .* at hidden: 32 in the "
+                                         r"checkpoint, 64 here"):
+        check_model(where, meta, replace(SPEC, hidden=64))
+    with pytest.raises(PlaitError, match=r"at attention.kv_heads: 2 in the checkpoint, 4 here"):
+        check_model(where, meta, replace(SPEC, attention=replace(SPEC.attention, kv_heads=4)))
 
 
 def test_cli_resume_from_nothing_exits_2_naming_the_path(tmp_path, capsys):
