@@ -1,0 +1,182 @@
+"""Trusting a checkpoint: atomic step directories with a manifest written last, verification that
+names a missing, truncated, altered or foreign file, job changes refused by field, pickled
+metadata never loaded (nothing in it runs), non-finite steps stopping the run."""
+import json
+import os
+import pickle
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.cli import main
+from plait.ir.errors import PlaitError
+from plait.ir.model import MLP, Attention, ModelSpec, Rope
+from plait.ir.plan import Layout
+from plait.runtime import checkpoint
+from plait.runtime import mesh as mesh_mod
+from plait.runtime import resume_check
+from plait.runtime.ckpt_integrity import MANIFEST, check_job, read_meta, verify
+from plait.runtime.parity import Case, Setup
+from plait.runtime.train import NonFiniteStep
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
+SPEC = ModelSpec(name="ckpt-trust", vocab=64, hidden=32, layers=("attention", "mlp") * 2,
+                 attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()),
+                 mlp=MLP(ffn=48))
+SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Two one-rank checkpoints of SETUP (steps 1 and 2) and one of another seed (step 1)."""
+    tmp = tmp_path_factory.mktemp("trust")
+    mesh_mod.init_distributed("gloo", 60, f"file://{tmp}/rdzv", 0, 1)
+    try:
+        trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=0)
+        for step in range(2):
+            trainer.train_step(step, SETUP.steps)
+            checkpoint.save(trainer, tmp / "ckpt", step + 1, SETUP.steps)
+        other = resume_check._trainer(SETUP, Case("z", Layout()), seed=5)
+        other.train_step(0, SETUP.steps)
+        checkpoint.save(other, tmp / "other", 1, SETUP.steps)
+    finally:
+        mesh_mod.destroy()
+    return tmp
+
+
+def _copy(saved: Path, tmp: Path) -> Path:
+    shutil.copytree(saved / "ckpt" / "step-000001", tmp / "step-000001")
+    return tmp / "step-000001"
+
+
+def test_a_step_directory_is_complete_and_listed_in_its_manifest(saved):
+    root = saved / "ckpt"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001", "step-000002"]
+    assert (root / "latest").read_text().strip() == "step-000002"  # moved after the rename
+    step = root / "step-000002"
+    manifest = verify(step)
+    assert set(manifest["files"]) == {p.name for p in step.iterdir()} - {MANIFEST}
+    assert set(manifest["fingerprints"]) == {"model", "job", "plan"}
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "rank-00000.safetensors is missing"),
+    ("truncated", r"rank-00000.safetensors is truncated \(\d+ bytes, the manifest says \d+\)"),
+    ("altered", r"rank-00000.safetensors was altered"),
+    ("foreign", r"\.metadata is not in its manifest \(a foreign file\)"),
+    ("mixed", r"rank-00000.safetensors was altered"),  # a shard of another run
+])
+def test_verify_refuses_a_damaged_checkpoint_naming_the_file(saved, tmp_path, damage, message):
+    step = _copy(saved, tmp_path)
+    shard = step / "rank-00000.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "altered":  # one byte flipped in the data, same size
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "foreign":
+        (step / ".metadata").write_bytes(b"x")
+    else:
+        shutil.copy(saved / "other" / "step-000001" / shard.name, shard)
+    with pytest.raises(PlaitError, match=message):
+        verify(step)
+
+
+def test_saving_a_step_again_replaces_the_directory_whole(saved, tmp_path):
+    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
+    try:
+        root = tmp_path / "ckpt"
+        shutil.copytree(saved / "ckpt", root)
+        (root / "step-000001" / "stale").write_text("from an older run")
+        trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=3)
+        checkpoint.save(trainer, root, 1, SETUP.steps)
+    finally:
+        mesh_mod.destroy()
+    assert not (root / "step-000001" / "stale").exists()  # a new directory, not written over
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001", "step-000002"]
+    verify(root / "step-000001")
+
+
+def test_job_changes_that_alter_the_math_are_refused_by_field(saved):
+    step = saved / "ckpt" / "step-000001"
+    meta = read_meta(step)
+    job = SETUP.job(1)
+    check_job(step, meta, job, SETUP.steps, allow_change=False)
+    for changed, field in [(replace(job, seq_len=16), "seq_len: 8 in the checkpoint, 16 here"),
+                           (replace(job, global_batch=8), "global_batch: 4 in the checkpoint, 8"),
+                           (replace(job, data=replace(job.data, seed=9)), "data_seed"),
+                           (replace(job, optimizer=replace(job.optimizer, lr=1.0)), "optimizer.lr")]:
+        with pytest.raises(PlaitError, match=field):
+            check_job(step, meta, changed, SETUP.steps, allow_change=False)
+        check_job(step, meta, changed, SETUP.steps, allow_change=True)
+    with pytest.raises(PlaitError, match="steps: 4 in the checkpoint, 6 here"):
+        check_job(step, meta, job, 6, allow_change=False)
+
+
+class _Payload:
+    """What an attacker pickles: unpickling it would create MARKER."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _crafted(where: Path, marker: Path) -> Path:
+    where.mkdir()
+    (where / ".metadata").write_bytes(pickle.dumps(_Payload(str(marker))))
+    (where / "__0_0.distcp").write_bytes(pickle.dumps(_Payload(str(marker))))
+    return where
+
+
+def _resume(path: Path) -> list[str]:
+    return ["run", str(TINY), "--layout", "tp=2 pp=2", "--synthetic", "--steps", "2",
+            "--resume", str(path)]
+
+
+def test_resume_refuses_a_crafted_pickle_and_nothing_runs(saved, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    crafted = _crafted(tmp_path / "crafted", marker)
+    assert main(_resume(crafted)) == 2
+    err = capsys.readouterr().err
+    assert "pickled .metadata" in err and "Traceback" not in err
+    # a pickle dropped into a real checkpoint is a foreign file, refused before anything reads it
+    step = _copy(saved, tmp_path)
+    shutil.copy(crafted / "__0_0.distcp", step)
+    assert main(_resume(step)) == 2
+    err = capsys.readouterr().err
+    assert "__0_0.distcp is not in its manifest" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_a_non_finite_step_stops_the_run_or_is_skipped_when_allowed(tmp_path):
+    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
+    try:
+        for allowed in (0, 1):
+            setup = replace(SETUP, optimizer=replace(SETUP.optimizer, skip_bad_steps=allowed))
+            trainer = resume_check._trainer(setup, Case("z", Layout()), seed=0)
+            real = trainer.forward_backward
+            trainer.forward_backward = lambda step: real(step) * (float("nan") if step == 1 else 1)
+            seen = {}
+            def snapshot(t, completed, total):  # noqa: E306
+                seen[completed] = t.dp.full_parameters()
+            if allowed == 0:
+                with pytest.raises(NonFiniteStep, match="step 1: loss nan"):
+                    trainer.fit(4, after_step=snapshot)
+                assert sorted(seen) == [1]  # nothing saved after the bad step
+                continue
+            logs = trainer.fit(4, after_step=snapshot)
+            assert [l.skipped for l in logs] == [False, True, False, False]
+            assert all(torch.equal(seen[1][n], seen[2][n]) for n in seen[1])  # no update
+            assert any(not torch.equal(seen[2][n], seen[3][n]) for n in seen[2])
+    finally:
+        mesh_mod.destroy()
