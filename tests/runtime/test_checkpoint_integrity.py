@@ -16,11 +16,12 @@ from plait.ir.errors import PlaitError
 from plait.ir.model import MLP, Attention, ModelSpec, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
-from plait.runtime import mesh as mesh_mod
 from plait.runtime import resume_check
 from plait.runtime.ckpt_integrity import MANIFEST, check_job, read_meta, verify
 from plait.runtime.parity import Case, Setup
 from plait.runtime.train import NonFiniteStep
+
+from ckpt_util import single_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
@@ -34,8 +35,7 @@ SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
 def saved(tmp_path_factory):
     """Two one-rank checkpoints of SETUP (steps 1 and 2) and one of another seed (step 1)."""
     tmp = tmp_path_factory.mktemp("trust")
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp}/rdzv", 0, 1)
-    try:
+    with single_rank(tmp):
         trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=0)
         for step in range(2):
             trainer.train_step(step, SETUP.steps)
@@ -43,8 +43,6 @@ def saved(tmp_path_factory):
         other = resume_check._trainer(SETUP, Case("z", Layout()), seed=5)
         other.train_step(0, SETUP.steps)
         checkpoint.save(other, tmp / "other", 1, SETUP.steps)
-    finally:
-        mesh_mod.destroy()
     return tmp
 
 
@@ -91,15 +89,12 @@ def test_verify_refuses_a_damaged_checkpoint_naming_the_file(saved, tmp_path, da
 
 
 def test_saving_a_step_again_replaces_the_directory_whole(saved, tmp_path):
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
-    try:
+    with single_rank(tmp_path):
         root = tmp_path / "ckpt"
         shutil.copytree(saved / "ckpt", root)
         (root / "step-000001" / "stale").write_text("from an older run")
         trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=3)
         checkpoint.save(trainer, root, 1, SETUP.steps)
-    finally:
-        mesh_mod.destroy()
     assert not (root / "step-000001" / "stale").exists()  # a new directory, not written over
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001", "step-000002"]
     verify(root / "step-000001")
@@ -159,8 +154,7 @@ def test_resume_refuses_a_crafted_pickle_and_nothing_runs(saved, tmp_path, capsy
 
 
 def test_a_non_finite_step_stops_the_run_or_is_skipped_when_allowed(tmp_path):
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
-    try:
+    with single_rank(tmp_path):
         for allowed in (0, 1):
             setup = replace(SETUP, optimizer=replace(SETUP.optimizer, skip_bad_steps=allowed))
             trainer = resume_check._trainer(setup, Case("z", Layout()), seed=0)
@@ -178,5 +172,3 @@ def test_a_non_finite_step_stops_the_run_or_is_skipped_when_allowed(tmp_path):
             assert [l.skipped for l in logs] == [False, True, False, False]
             assert all(torch.equal(seen[1][n], seen[2][n]) for n in seen[1])  # no update
             assert any(not torch.equal(seen[2][n], seen[3][n]) for n in seen[2])
-    finally:
-        mesh_mod.destroy()

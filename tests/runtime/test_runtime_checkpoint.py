@@ -15,9 +15,10 @@ from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
 from plait.runtime.ckpt_integrity import check_model, read_meta
-from plait.runtime import mesh as mesh_mod
 from plait.runtime import resume_check
 from plait.runtime.parity import Case, Setup
+
+from ckpt_util import single_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
@@ -29,9 +30,8 @@ SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
 
 @pytest.fixture
 def one_rank(tmp_path):
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
-    yield tmp_path
-    mesh_mod.destroy()
+    with single_rank(tmp_path):
+        yield tmp_path
 
 
 @pytest.mark.parametrize("dp_kind", ["replicated", "zero1", "fsdp"])
@@ -91,13 +91,10 @@ def test_load_restores_parameters_optimizer_and_rng_from_another_seed(one_rank):
 def saved_dir(tmp_path_factory):
     """A real one-rank checkpoint of SETUP under Layout() (zero1), written once."""
     tmp = tmp_path_factory.mktemp("saved")
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp}/rdzv", 0, 1)
-    try:
+    with single_rank(tmp):
         trainer = resume_check._trainer(SETUP, Case("zero1", Layout()), seed=0)
         trainer.train_step(0, SETUP.steps)
         checkpoint.save(trainer, tmp / "ckpt", 1, SETUP.steps)
-    finally:
-        mesh_mod.destroy()
     return tmp / "ckpt"
 
 
