@@ -66,9 +66,11 @@ def _keep_local_children(program: RankProgram) -> None:
             delattr(program.pipe, name)
 
 
-def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
-    """Fill this rank's parameters from a Hugging Face checkpoint, reading only its TP slice of
-    each tensor and only the tensors of its own pipeline stages."""
+def load_sharded_weights(program: RankProgram, path: str, spec,
+                         buffers: frozenset = frozenset()) -> list[str]:
+    """Fill this rank's parameters, and the persistent buffers named in ``buffers`` (MoE expert
+    biases), from a Hugging Face checkpoint, reading only its TP slice of each tensor and only the
+    tensors of its own pipeline stages."""
     from plait.lowering.weights import load_hf_weights
 
     shards, experts = program.shards, program.experts
@@ -78,7 +80,16 @@ def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
             return experts.slices(name, full)
         s = shards.get(name)
         return None if s is None else s.slices(full)  # segmented splits: a list of slices
-    return load_hf_weights(program.local_parameters(), path, spec, shard=index)
+    targets = dict(program.local_parameters())
+    for _, stage in program.local_modules():
+        targets.update({n: b for n, b in stage.named_buffers() if n in buffers})
+    return load_hf_weights(targets, path, spec, shard=index)
+
+
+def state_buffer_names(model: torch.nn.Module) -> frozenset:
+    """The reference model's persistent buffers (state such as expert biases, not RoPE tables)."""
+    params = {n for n, _ in model.named_parameters()}
+    return frozenset(k for k in model.state_dict() if k not in params)
 
 
 class Trainer:
@@ -91,7 +102,7 @@ class Trainer:
         model = model if model is not None else build_model(job.model, dtype=dtype, seed=job.seed)
         self.program = lower(model, job.model, plan, mesh.rank)
         if weights:
-            load_sharded_weights(self.program, weights, job.model)
+            load_sharded_weights(self.program, weights, job.model, state_buffer_names(model))
         _keep_local_children(self.program)
         self.program.pipe.to(mesh.device)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)

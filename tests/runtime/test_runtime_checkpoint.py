@@ -155,3 +155,24 @@ def test_plait_run_save_then_resume_continues_the_same_run(tmp_path):
     resumed = json.loads((tmp_path / "b" / "log.json").read_text())
     assert [e["step"] for e in resumed] == [1]
     assert resumed[0]["loss"] == whole[1]["loss"]
+
+
+def test_asynchronous_saves_hold_the_state_of_their_step(one_rank):
+    """Written in the background while training goes on, each save still holds its own step."""
+    from plait.runtime.ckpt_integrity import verify
+
+    case = Case("zero1", Layout())
+    trainer = resume_check._trainer(SETUP, case, seed=0)
+    saver = checkpoint.Saver(str(one_rank / "async"), every=1, asynchronous=True)
+    at = {}
+    for step in range(3):
+        trainer.train_step(step, SETUP.steps)
+        at[step + 1] = trainer.dp.full_parameters()
+        assert saver(trainer, step + 1, SETUP.steps) is None  # pending, not finished
+    assert saver.close().name == "step-000003"
+    for step in (2, 3):
+        verify(checkpoint.step_dir(one_rank / "async", step))
+        fresh = resume_check._trainer(SETUP, case, seed=1)
+        assert checkpoint.load(fresh, checkpoint.step_dir(one_rank / "async", step)) == step
+        got = fresh.dp.full_parameters()
+        assert all(torch.equal(got[n], at[step][n]) for n in got)
