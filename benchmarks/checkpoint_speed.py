@@ -37,6 +37,7 @@ def _trainer(setup: Setup) -> Trainer:
 def run_mode(setup: Setup, mode: str, every: int, root: Path) -> dict:
     """Train ``setup.steps`` steps; returns per-step wall times (save time included)."""
     trainer = _trainer(setup)
+    root.mkdir(parents=True, exist_ok=True)
     saver = checkpoint.Saver(str(root / mode), every, asynchronous=mode == "async") \
         if mode != "none" else None
     times = []
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each mode runs once per round, in rotated order (medians reported)")
     args = parser.parse_args(argv)
     h = args.hidden
     spec = ModelSpec(name="ckpt-bench", vocab=4096, hidden=h, layers=("attention", "mlp") * 2,
@@ -69,18 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="plait-ckpt-bench-") as tmp:
         mesh_mod.init_distributed("gloo", 120, f"file://{tmp}/rdzv", 0, 1)
         try:
-            results = {m: run_mode(setup, m, args.every, Path(tmp)) for m in ("none", "sync", "async")}
+            results = _rounds(setup, args, Path(tmp))
         finally:
             mesh_mod.destroy()
     _print(results, args)
     return 0
 
 
+MODES = ("none", "sync", "async")
+
+
+def _rounds(setup: Setup, args, tmp: Path) -> dict:
+    """Median per mode over rounds that rotate the order (a busy machine's load drifts)."""
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        for mode in MODES[r % 3:] + MODES[:r % 3]:
+            runs[mode].append(run_mode(setup, mode, args.every, tmp / f"round{r}"))
+    return {m: sorted(rs, key=lambda x: x["total"])[len(rs) // 2] for m, rs in runs.items()}
+
+
 def _print(results: dict, args) -> None:
     saves = args.steps // args.every
     base = results["none"]
-    table = Table(title=f"checkpoint cost (CPU, 1 rank, {args.steps} steps, a save every "
-                        f"{args.every} = {saves} saves of {results['sync']['bytes'] / saves / 2**20:.1f} MiB)")
+    mib = results["sync"]["bytes"] / saves / 2**20
+    table = Table(title=f"checkpoint cost (CPU, 1 rank, {args.steps} steps, {saves} saves of "
+                        f"{mib:.1f} MiB, median of {args.rounds} rounds)")
     for col in ("mode", "median step ms", "total s", "cost per save ms", "total vs none",
                 "cost vs sync"):
         table.add_column(col, justify="right")

@@ -234,11 +234,11 @@ def save(trainer, root: str | Path, step: int, total_steps: int, asynchronous: b
                 **fingerprints(trainer.job, trainer.plan, total_steps)}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     dist.barrier()  # the directory exists for every rank
-    data = store.snapshot(owned)
     pending = Pending(trainer, root, step)
-    if not asynchronous:
-        pending.result = store.write(tmp, rank, recs, data)
+    if not asynchronous:  # training waits: the live tensors are written as they are
+        pending.result = store.write(tmp, rank, recs, store.views(owned))
         return pending.finish()
+    data = store.snapshot(owned)  # training goes on: the thread writes a copy
     import threading
 
     def write() -> None:

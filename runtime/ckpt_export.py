@@ -19,6 +19,7 @@ import torch
 from plait.ir.errors import PlaitError
 from plait.ir.hf_write import hf_config, infer_family
 from plait.ir.model import ModelSpec
+from plait.ir.outputs import output_kind
 from plait.ir.serde import from_dict
 from plait.lowering.weight_names import export_recipe, split_recipe
 
@@ -31,8 +32,9 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size
 
 
-def hf_tensors(reader: Reader, spec: ModelSpec, family: str, dtype: torch.dtype):
-    """(hf name, tensor) for every model parameter and persistent buffer in the checkpoint."""
+def checkpoint_tensors(reader: Reader):
+    """(reference name, global tensor) of every model parameter and persistent buffer, one at a
+    time from the checkpoint's chunks."""
     for key in reader.tensors:
         kind, _, name = key.partition("/")
         if kind not in ("model", "buffer"):
@@ -40,6 +42,12 @@ def hf_tensors(reader: Reader, spec: ModelSpec, family: str, dtype: torch.dtype)
         info = reader.tensors[key]
         full = torch.empty(info["shape"], dtype=getattr(torch, info["dtype"]))
         reader.fill(key, full, chunks(tuple(info["shape"])))
+        yield name, full
+
+
+def hf_tensors(named, spec: ModelSpec, family: str, dtype: torch.dtype):
+    """(hf name, tensor) for every (reference name, tensor) of ``named``."""
+    for name, full in named:
         for hf_name, t in split_recipe(export_recipe(family, spec, name), full).items():
             yield hf_name, t.to(dtype).contiguous()
 
@@ -81,22 +89,41 @@ def _tokenizer(meta: dict, out: Path) -> Optional[str]:
     return name
 
 
-def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", family: Optional[str] = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write the checkpoint at ``ckpt`` as a Hugging Face model directory ``out`` (which must not
-    hold files); returns a summary (family, files, tensors, tokenizer)."""
-    if dtype not in DTYPES:
-        raise PlaitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    where = find(ckpt)
+def _source(path: Path):
+    """(spec, named tensors, step, metadata) of a training checkpoint, or of a `plait prune` run
+    directory (its pruned student: model.plait and the distilled, else the sliced, weights)."""
+    if (path / PRUNE_SPEC).is_file() and output_kind(path) == PRUNE_KIND:
+        from plait.ir.dsl import load_model
+        from plait.lowering.prune.checkpoint import read_weights
+
+        spec = load_model(str(path / PRUNE_SPEC))
+        weights = next((path / w for w in PRUNE_WEIGHTS if (path / w).is_file()), None)
+        if weights is None:
+            raise PlaitError(f"prune run {path} has no weights yet ({' or '.join(PRUNE_WEIGHTS)})",
+                             hint="finish the run with `plait prune JOB`")
+        return spec, read_weights(spec, weights).items(), None, {}
+    where = find(path)
     meta = read_meta(where)
     verify(where)
-    spec = from_dict(ModelSpec, meta["model"])
+    return from_dict(ModelSpec, meta["model"]), checkpoint_tensors(Reader(where)), meta["step"], meta
+
+
+PRUNE_KIND, PRUNE_SPEC = "prune run", "model.plait"
+PRUNE_WEIGHTS = ("distilled.safetensors", "model.safetensors")
+
+
+def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", family: Optional[str] = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write the checkpoint (or prune run) at ``ckpt`` as a Hugging Face model directory ``out``;
+    returns a summary (family, step, files, tensors, tokenizer)."""
+    if dtype not in DTYPES:
+        raise PlaitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    spec, named, step, meta = _source(Path(ckpt))
     family = family or infer_family(spec)
     config = hf_config(spec, family, str(DTYPES[dtype]).removeprefix("torch."))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weight_map = _write_shards(out, hf_tensors(Reader(where), spec, family, DTYPES[dtype]),
-                               max_shard_bytes)
+    weight_map = _write_shards(out, hf_tensors(named, spec, family, DTYPES[dtype]), max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"family": family, "step": meta["step"], "tensors": len(weight_map),
+    return {"family": family, "step": step, "tensors": len(weight_map),
             "files": sorted(set(weight_map.values())), "tokenizer": _tokenizer(meta, out)}

@@ -39,6 +39,18 @@ def records(rank: int, owned: list[tuple[str, Chunk]]) -> list[dict]:
             for n, (name, c) in enumerate(owned)]
 
 
+def views(owned: list[tuple[str, Chunk, torch.Tensor]]) -> list[torch.Tensor]:
+    """The owned chunks as they are, copied only when strided or when they share storage with
+    another (ZeRO-1's gathered moments, segmented TP pieces): safetensors stores each once."""
+    out, seen = [], set()
+    for _, c, t in owned:
+        piece = t[c.local_index()].detach().contiguous()
+        storage = piece.untyped_storage().data_ptr()
+        out.append(piece.clone() if storage in seen else piece)
+        seen.add(storage)
+    return out
+
+
 def snapshot(owned: list[tuple[str, Chunk, torch.Tensor]]) -> list[torch.Tensor]:
     """Contiguous CPU copies of the owned chunks: what `write` may store later (async saving)
     while training changes the live tensors."""

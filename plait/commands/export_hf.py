@@ -1,4 +1,5 @@
-"""`plait export hf CKPT -o DIR`: a training checkpoint of any layout as a Hugging Face model."""
+"""`plait export hf CKPT -o DIR`: a training checkpoint of any layout (or a `plait prune` run's
+student) as a Hugging Face model."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,8 @@ def export_hf_command(args: argparse.Namespace) -> int:
     check_output_dir(args.output, EXPORT_KIND)
     claim_output_dir(args.output, EXPORT_KIND)
     done = export_hf(args.job, args.output, args.dtype, args.family, args.max_shard_mb << 20)
-    console.print(f"{args.output}: {done['family']} model after step {done['step']}, "
+    source = f"after step {done['step']}" if done["step"] is not None else "(pruned student)"
+    console.print(f"{args.output}: {done['family']} model {source}, "
                   f"{done['tensors']} tensors in {len(done['files'])} shard(s) ({args.dtype})"
                   + (f", tokenizer {done['tokenizer']}" if done["tokenizer"] else ""))
     return 0

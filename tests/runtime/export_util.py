@@ -55,26 +55,34 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def check_export(exported: Path, hub: Path, family: str) -> float:
-    """The export loads in transformers with no missing or unexpected keys, holds exactly the
-    hub checkpoint's tensors, and its logits equal plait's reference model's; returns the
-    largest logit difference."""
+    """The export is sharded, holds exactly the hub checkpoint's tensors, and loads in
+    transformers (see `logit_diff`); returns the largest logit difference."""
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2  # sharded
+    want, got = tensors(hub), tensors(exported)
+    assert set(got) == set(want), (family, set(got) ^ set(want))
+    assert all(torch.equal(got[k], want[k]) for k in want), family
+    return logit_diff(exported)
+
+
+def logit_diff(exported: Path, student=None) -> float:
+    """transformers loads the export with no missing or unexpected keys; the largest difference
+    between its logits and plait's reference model's (``student``, else one read from the
+    export)."""
     import transformers
 
     from plait.ir.hf import model_from_hf_file
     from plait.lowering.build import build_model
     from plait.lowering.weights import load_hf_weights
 
-    index = json.loads((exported / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) >= 2  # sharded
-    want, got = tensors(hub), tensors(exported)
-    assert set(got) == set(want), (family, set(got) ^ set(want))
-    assert all(torch.equal(got[k], want[k]) for k in want), family
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         str(exported), output_loading_info=True, experts_implementation="eager", dtype=torch.float32)
-    assert not info["missing_keys"] and not info["unexpected_keys"], (family, info)
-    spec = model_from_hf_file(str(exported))
-    ref = build_model(spec, seed=1).eval()
-    load_hf_weights(ref, str(exported), spec)
-    tokens = torch.randint(0, spec.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    if student is None:
+        spec = model_from_hf_file(str(exported))
+        student = build_model(spec, seed=1)
+        load_hf_weights(student, str(exported), spec)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16),
+                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return (model.eval()(tokens, use_cache=False).logits - ref(tokens)).abs().max().item()
+        return (model.eval()(tokens, use_cache=False).logits - student.eval()(tokens)).abs().max().item()

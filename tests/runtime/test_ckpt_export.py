@@ -21,7 +21,7 @@ from plait.runtime.parity import TIMEOUT_S, Case, Setup  # noqa: E402
 from plait.runtime.train import Trainer  # noqa: E402
 
 from ckpt_util import single_rank  # noqa: E402
-from export_util import FAMILIES, check_export, save_hub_model, tensors  # noqa: E402
+from export_util import FAMILIES, check_export, logit_diff, save_hub_model, tensors  # noqa: E402
 
 SHARD_BYTES = 16 << 10  # small shards: every tiny model spans several files
 
@@ -72,6 +72,36 @@ def test_bf16_by_default_and_refusals_named(llama, tmp_path, capsys):
     assert "not empty and plait did not create it" in capsys.readouterr().err
     assert main(["export", "hf", str(llama / "ckpt")]) == 2
     assert "needs -o DIR" in capsys.readouterr().err
+
+
+def test_a_pruned_student_exports_with_its_new_shapes(llama, tmp_path):
+    """A `plait prune` run directory (model.plait + distilled weights) exports like a checkpoint."""
+    from plait.ir.dsl.fmt import format_model
+    from plait.ir.job import AxisSearch, PruneJob
+    from plait.ir.outputs import claim_output_dir
+    from plait.lowering.build import build_model
+    from plait.lowering.prune.checkpoint import save_weights
+    from plait.lowering.prune.slicing import slice_state_dict
+    from plait.lowering.weights import load_hf_weights
+    from plait.planner.prune.plan import plan_prune
+
+    spec = model_from_hf_file(str(llama / "hub"))
+    teacher = build_model(spec, seed=0)
+    load_hf_weights(teacher, str(llama / "hub"), spec)
+    widths = {"ffn": 32, "attention_heads": 2}
+    plan = plan_prune(PruneJob(name="p", model=spec, axes=tuple(
+        AxisSearch(a, "fixed", value=v) for a, v in widths.items()))).plan
+    student_state = slice_state_dict(teacher.state_dict(), spec, plan)
+    run = claim_output_dir(tmp_path / "run", "prune run")
+    (run / "model.plait").write_text(format_model(plan.model))
+    save_weights(student_state, run / "distilled.safetensors")
+
+    assert main(["export", "hf", str(run), "-o", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_attention_heads"]) == (32, 2)
+    student = build_model(plan.model, seed=3)
+    student.load_state_dict(student_state)
+    assert logit_diff(tmp_path / "hf", student) <= 1e-5
 
 
 def _sharded_worker(rank: int, world: int, jobs: list, out: str) -> None:
