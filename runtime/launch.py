@@ -164,12 +164,18 @@ def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Option
     check_resume(job, plan, ckpt, steps)
     write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s,
                   weights=str(Path(weights).resolve()) if weights else None, **ckpt.options())
+    from .train import NON_FINITE_EXIT, STOPPED
+
+    (run_dir / STOPPED).unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
     if not quiet:
-        return subprocess.run(local_command(run_dir, plan.world), env=env).returncode
-    with open(run_dir / "ranks.log", "w") as log:
-        return subprocess.run(local_command(run_dir, plan.world), env=env, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(local_command(run_dir, plan.world), env=env).returncode
+    else:
+        with open(run_dir / "ranks.log", "w") as log:
+            status = subprocess.run(local_command(run_dir, plan.world), env=env, stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+    # torchrun reports any failing rank as 1; the ranks' own record says why they stopped
+    return NON_FINITE_EXIT if status != 0 and (run_dir / STOPPED).is_file() else status
 
 
 def multinode_command(job: TrainJob, plan: ParallelPlan, run_dir: str = "RUN_DIR") -> str:

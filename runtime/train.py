@@ -231,12 +231,15 @@ def run_worker(run_dir: str | Path) -> int:
         if mesh.rank == 0:
             print(f"error: {e}\n  last good checkpoint: {kept or 'none'}",
                   file=sys.stderr, flush=True)
-        return NON_FINITE_EXIT
+            (run_dir / STOPPED).write_text(json.dumps({"reason": str(e),
+                                                       "last_good": str(kept) if kept else None}))
+        return NON_FINITE_EXIT  # every rank: a scheduler (or torchrun) sees the run failed
     finally:
         destroy()
 
 
-NON_FINITE_EXIT = 3
+NON_FINITE_EXIT = 3  # what `launch_local` returns when the ranks stopped on a non-finite step
+STOPPED = "stopped.json"  # RUN_DIR file: why the ranks stopped early
 
 
 def _train(run_dir: Path, job: TrainJob, plan: ParallelPlan, mesh: Mesh, options: dict,

@@ -172,3 +172,27 @@ def test_a_non_finite_step_stops_the_run_or_is_skipped_when_allowed(tmp_path):
             assert [l.skipped for l in logs] == [False, True, False, False]
             assert all(torch.equal(seen[1][n], seen[2][n]) for n in seen[1])  # no update
             assert any(not torch.equal(seen[2][n], seen[3][n]) for n in seen[2])
+
+
+@pytest.mark.tier2
+def test_plait_run_stops_on_a_non_finite_loss_with_status_3_keeping_the_last_checkpoint(tmp_path):
+    from plait.ir.cluster import local_cpu
+    from plait.ir.dsl import load_job
+    from plait.runtime.launch import Checkpointing, check_plan, hand_plan, launch_local, resolve_data
+    from plait.runtime.train import NON_FINITE_EXIT
+
+    job = load_job(str(TINY))
+    job = replace(job, cluster=local_cpu(2), global_batch=4, seq_len=32,  # lr 1e30: activations overflow
+                  optimizer=replace(job.optimizer, lr=1e30, min_lr=1e30, warmup=0, grad_clip=0.0),
+                  data=replace(job.data, synthetic=True, path=None))
+    plan = check_plan(job, hand_plan(job, Layout(dp=2)))
+    job = resolve_data(job, tmp_path)
+    saves = tmp_path / "ckpt"
+    status = launch_local(job, plan, tmp_path / "run", steps=4, quiet=True,
+                          ckpt=Checkpointing(save=str(saves), every=1))
+    log = (tmp_path / "run" / "ranks.log").read_text()
+    assert status == NON_FINITE_EXIT, log
+    assert "non-finite step(s), the job allows skipping 0" in log
+    assert "last good checkpoint" in log and "step-000001" in log
+    assert sorted(p.name for p in saves.glob("step-*")) == ["step-000001"]
+    verify(saves / "step-000001")
