@@ -32,6 +32,8 @@ DENSE = {"dp2-replicated": Layout(dp=2, mbs=2, dp_kind="replicated"),
 NO_RECOMPUTE = [c for c, lay in DENSE.items() if lay.recompute == "none"]
 MOE = {"dp2-zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
        "dp2-ep2": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1")}
+HYBRID = {"dp2-zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
+          "tp2-sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1")}
 STATE = ("weights", "grads", "master", "master_grads", "moments")
 
 
@@ -62,6 +64,11 @@ def dense(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     return _compare("tiny-moe-local", MOE, tmp_path_factory.mktemp("moe"))
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    return _compare("tiny-hybrid-local", HYBRID, tmp_path_factory.mktemp("hybrid"))
 
 
 @pytest.mark.parametrize("term", STATE)
@@ -100,3 +107,12 @@ def test_saved_activations_match_the_runtime_moe(moe, case):
     for rank in (0, 1):
         got, pred = moe[case, rank]
         assert got["saved"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
+
+
+@pytest.mark.parametrize("case", list(HYBRID))
+def test_saved_activations_match_the_runtime_hybrid(hybrid, case):
+    """Mamba2 (the scan keeps only its inputs), attention without positions and relu2 MLPs."""
+    for rank in (0, 1):
+        got, pred = hybrid[case, rank]
+        assert got["saved"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
+        assert got["weights"] == pytest.approx(pred["weights"], rel=0.01, abs=64), (case, rank)
