@@ -517,10 +517,11 @@ def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
 
 
 def mamba_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
-    """Kept under selective recompute: the input, in_proj's and out_proj's outputs."""
+    """Kept under selective recompute: the input and the outputs of in_proj, the conv and out_proj
+    (the scan is one opaque kernel to it, recomputed whole)."""
     m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
     out = {"input": s.stream_tokens * model.hidden * b, "in_proj": t * m.in_proj_out / tp * b,
-           "out_proj": t * model.hidden * b}
+           "conv": t * m.conv_channels / tp * b, "out_proj": t * model.hidden * b}
     out.update(_tp_collectives(model, s))
     return out
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from plait.lowering.recompute import opaque_to_selective
+
 from .norms import upcast
 
 
@@ -92,4 +94,5 @@ def ssd_chunked_recomputed(x, dt, A, B, C, chunk: int):
     activations. Same values and gradients as ``ssd_chunked`` (the recompute repeats the same ops)."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, dt, A, B, C)):
         return ssd_chunked(x, dt, A, B, C, chunk)
-    return torch.utils.checkpoint.checkpoint(ssd_chunked, x, dt, A, B, C, chunk, use_reentrant=False)
+    with opaque_to_selective():
+        return torch.utils.checkpoint.checkpoint(ssd_chunked, x, dt, A, B, C, chunk, use_reentrant=False)
