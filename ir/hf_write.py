@@ -103,7 +103,8 @@ def _nemotron_h(spec: ModelSpec) -> dict:
         m = spec.mamba
         cfg.update(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, n_groups=m.groups,
                    ssm_state_size=m.state, conv_kernel=m.conv, chunk_size=m.chunk,
-                   use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_hidden_act="silu")
+                   use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_hidden_act="silu",
+                   time_step_min=m.dt_min)  # the dt floor the forward clamps at
     if spec.moe is not None:
         e = spec.moe
         cfg.update(n_routed_experts=e.experts, num_experts_per_tok=e.top_k,

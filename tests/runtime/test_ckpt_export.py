@@ -3,6 +3,7 @@ with no missing or unexpected keys and the same logits; HF -> --weights -> save 
 back the very tensors when no step was taken. The tier-2 test does every family from checkpoints
 sharded over TP and EP; the tier-1 ones a one-rank llama through the CLI."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ pytest.importorskip("transformers")
 from plait.cli import main  # noqa: E402
 from plait.ir.errors import PlaitError  # noqa: E402
 from plait.ir.hf import model_from_hf_file  # noqa: E402
+from plait.ir.model import MLP, Attention, ModelSpec  # noqa: E402
 from plait.ir.plan import Layout  # noqa: E402
 from plait.runtime import checkpoint  # noqa: E402
 from plait.runtime.ckpt_export import export_hf  # noqa: E402
@@ -24,6 +26,8 @@ from ckpt_util import single_rank  # noqa: E402
 from export_util import FAMILIES, check_export, logit_diff, save_hub_model, tensors  # noqa: E402
 
 SHARD_BYTES = 16 << 10  # small shards: every tiny model spans several files
+DATA_SPEC = ModelSpec(name="tok", vocab=16, hidden=16, layers=("attention", "mlp"),
+                      attention=Attention(heads=2, kv_heads=2, head_dim=8), mlp=MLP(ffn=16))
 
 
 def save_from_hub(hub: Path, layout: Layout, out: Path, step: int = 0) -> Path:
@@ -133,4 +137,33 @@ def test_every_family_exports_from_a_sharded_checkpoint(tmp_path):
         export_hf(tmp_path / f"ckpt-{family}", out, "fp32",
                   family="mistral" if family == "mistral" else None, max_shard_bytes=SHARD_BYTES)
         diffs[family] = check_export(out, tmp_path / f"hub-{family}", family)
+    print({f: f"{d:.1e}" for f, d in diffs.items()})  # measured (pytest -s)
     assert all(d <= 1e-5 for d in diffs.values()), diffs
+
+
+def test_the_runs_hf_tokenizer_is_exported_beside_the_weights(tmp_path):
+    """A dataset prepared with an HF tokenizer (a local one: no network) names it in the
+    checkpoint's job fields; the export saves its files so AutoTokenizer loads the model dir."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from plait.runtime.ckpt_export import _tokenizer
+    from plait.runtime.ckpt_integrity import job_fields
+    from plait.runtime.data import prepare
+
+    words = ["<unk>", "the", "cat", "sat", "on", "mat"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "tok"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tok_dir)
+    (tmp_path / "text.txt").write_text("the cat sat on the mat\n")
+    prepare([tmp_path / "text.txt"], tmp_path / "data", str(tok_dir))
+    job = Setup(DATA_SPEC, global_batch=4, seq=8).job(1)
+    job = replace(job, data=replace(job.data, synthetic=False, path=str(tmp_path / "data")))
+    fields = job_fields(job, 2)
+    assert fields["dataset"]["tokenizer"] == str(tok_dir)
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert _tokenizer({"job_fields": fields}, out) == str(tok_dir)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert loaded.encode("the cat", add_special_tokens=False) == [1, 2]
