@@ -25,6 +25,7 @@ class ResumeErrors:
     losses: float  # largest |loss_C - loss_A| over the resumed steps
     params: float  # largest |param_C - param_A| over this rank's parameters, all ranks
     resumed_from: int
+    replaced: float = 1.0  # fraction of a rank's parameters the load changed (fewest over ranks)
 
     @property
     def max(self) -> float:
@@ -100,16 +101,25 @@ def _run_move(case: Move, k: int, rank: int, out: Path) -> None:
     checkpoint.save(whole, out / move.name, k, total)
     losses += [float(whole.train_step(step, total).loss) for step in range(k, total)]
     moved = _trainer(setup, move.b, setup.seed + 1)
+    before = moved.dp.full_parameters()
     start = checkpoint.load(moved, out / move.name)
+    after = moved.dp.full_parameters()
+    # the load must be what makes B follow A: it replaced B's own (other-seed) parameters
+    replaced = sum(not torch.equal(before[n], after[n]) for n in before) / max(1, len(before))
     resumed = [float(log.loss) for log in moved.fit(total, start=start)]
-    torch.save({"start": start, "whole": losses[start:], "resumed": resumed, "params": 0.0},
-               out / f"{move.name}.rank{rank}.pt")
+    torch.save({"start": start, "whole": losses[start:], "resumed": resumed, "params": 0.0,
+                "replaced": replaced}, out / f"{move.name}.rank{rank}.pt")
 
 
 def run_moves(moves: list[Move], k: int, out_dir: str | None = None) -> dict[str, ResumeErrors]:
     """Each move's largest loss difference between the resumed run under B and the uninterrupted
     run under A, step by step (one spawn per world size)."""
-    return {name: ResumeErrors(
-                losses=max(abs(a - b) for r in recs for a, b in zip(r["whole"], r["resumed"])),
-                params=0.0, resumed_from=recs[0]["start"])
-            for name, recs in spawn_cases(_worker, moves, out_dir, partial(_run_move, k=k)).items()}
+    out = {}
+    for name, recs in spawn_cases(_worker, moves, out_dir, partial(_run_move, k=k)).items():
+        if any(len(r["whole"]) != len(r["resumed"]) for r in recs):
+            raise AssertionError(f"{name}: the resumed run took another number of steps")
+        out[name] = ResumeErrors(
+            losses=max(abs(a - b) for r in recs for a, b in zip(r["whole"], r["resumed"])),
+            params=0.0, resumed_from=recs[0]["start"],
+            replaced=min(r["replaced"] for r in recs))
+    return out

@@ -196,3 +196,12 @@ def test_plait_run_stops_on_a_non_finite_loss_with_status_3_keeping_the_last_che
     assert "last good checkpoint" in log and "step-000001" in log
     assert sorted(p.name for p in saves.glob("step-*")) == ["step-000001"]
     verify(saves / "step-000001")
+
+
+def test_cli_resume_of_another_model_is_refused_before_any_rank_starts(saved, tmp_path, capsys):
+    assert main(_resume(saved / "ckpt") + ["--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "holds model 'ckpt-trust', which differs from this job's" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "job.json").exists()  # nothing was launched
+    assert main(["run", str(TINY), "--synthetic", "--allow-job-change"]) == 2
+    assert "--allow-job-change needs --resume DIR" in capsys.readouterr().err

@@ -48,3 +48,4 @@ def test_a_run_resumed_under_another_plan_follows_the_uninterrupted_run(tmp_path
     for name, errors in results.items():
         assert errors.resumed_from == SAVED_AT, name
         assert errors.losses < 1e-5, (name, errors)
+        assert errors.replaced > 0.9, (name, errors)  # B's own init was overwritten by the load
