@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -204,9 +205,6 @@ class Pending:
         step directory into place and moves ``latest``."""
         if self.thread is not None:
             self.thread.join()
-        if self.result is None:
-            raise PlaitError(f"writing checkpoint step {self.step} failed on rank "
-                             f"{self.trainer.mesh.rank}; see the error above")
         return finalize(self.root, self.step, self.trainer.mesh.rank, self.result)
 
 
@@ -236,16 +234,27 @@ def save(trainer, root: str | Path, step: int, total_steps: int, asynchronous: b
     dist.barrier()  # the directory exists for every rank
     pending = Pending(trainer, root, step)
     if not asynchronous:  # training waits: the live tensors are written as they are
-        pending.result = store.write(tmp, rank, recs, store.views(owned))
+        pending.result = _write_or_report(tmp, rank, recs, store.views(owned))
         return pending.finish()
     data = store.snapshot(owned)  # training goes on: the thread writes a copy
     import threading
 
     def write() -> None:
-        pending.result = store.write(tmp, rank, recs, data)
+        pending.result = _write_or_report(tmp, rank, recs, data)
     pending.thread = threading.Thread(target=write, name=f"plait-ckpt-{step}", daemon=True)
     pending.thread.start()
     return pending
+
+
+def _write_or_report(tmp: Path, rank: int, recs: list[dict], data: list[torch.Tensor]):
+    """This rank's file written (size, hash), or None after printing why not: `finalize` then
+    raises on every rank instead of leaving the others waiting for this one."""
+    try:
+        return store.write(tmp, rank, recs, data)
+    except Exception as e:  # a full disk, a lost mount, ...: reported, then collective failure
+        print(f"rank {rank}: cannot write its checkpoint file in {tmp}: {e}", file=sys.stderr,
+              flush=True)
+        return None
 
 
 @dataclass

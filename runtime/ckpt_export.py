@@ -32,12 +32,12 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size
 
 
-def checkpoint_tensors(reader: Reader):
-    """(reference name, global tensor) of every model parameter and persistent buffer, one at a
-    time from the checkpoint's chunks."""
+def checkpoint_tensors(reader: Reader, kinds: tuple[str, ...] = ("model", "buffer")):
+    """(reference name, global tensor) of every model parameter and persistent buffer (``kinds``),
+    one at a time from the checkpoint's chunks."""
     for key in reader.tensors:
         kind, _, name = key.partition("/")
-        if kind not in ("model", "buffer"):
+        if kind not in kinds:
             continue
         info = reader.tensors[key]
         full = torch.empty(info["shape"], dtype=getattr(torch, info["dtype"]))

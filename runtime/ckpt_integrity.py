@@ -80,12 +80,16 @@ def fingerprints(job, plan, total_steps: int) -> dict:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def finalize(root: Path, step: int, rank: int, written: tuple[int, str]) -> Path:
-    """Collective: gather every rank's file size and hash; rank 0 writes the manifest last, renames
-    the step directory into place and moves ``latest``."""
+def finalize(root: Path, step: int, rank: int, written: Optional[tuple[int, str]]) -> Path:
+    """Collective: gather every rank's file size and hash (None: its write failed); rank 0 writes
+    the manifest last, renames the step directory into place and moves ``latest``."""
     tmp, target = temp_dir(root, step), step_dir(root, step)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (rank, *written))
+    dist.all_gather_object(everyone, (rank, *written) if written else (rank, None, None))
+    failed = [r for r, size, _ in everyone if size is None]
+    if failed:  # every rank raises: none waits for a checkpoint that will not complete
+        raise PlaitError(f"writing checkpoint step {step} failed on rank(s) {failed}; {tmp} is "
+                         "left incomplete (never resumed from); see the rank errors above")
     if rank == 0:
         from .ckpt_store import rank_file
 

@@ -205,3 +205,21 @@ def test_cli_resume_of_another_model_is_refused_before_any_rank_starts(saved, tm
     assert not (tmp_path / "run" / "job.json").exists()  # nothing was launched
     assert main(["run", str(TINY), "--synthetic", "--allow-job-change"]) == 2
     assert "--allow-job-change needs --resume DIR" in capsys.readouterr().err
+
+
+def test_a_failed_write_is_reported_and_leaves_no_step_directory(tmp_path, monkeypatch, capsys):
+    from plait.runtime import ckpt_store
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    with single_rank(tmp_path):
+        trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=0)
+        monkeypatch.setattr(ckpt_store, "write", full_disk)
+        for asynchronous in (False, True):
+            saver = checkpoint.Saver(str(tmp_path / "ckpt"), asynchronous=asynchronous)
+            with pytest.raises(PlaitError, match=r"writing checkpoint step 4 failed on rank\(s\) \[0\]"):
+                saver(trainer, 4, 4)
+                saver.close()
+            assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt" / "step-000004").exists()
+    assert not (tmp_path / "ckpt" / "latest").exists()
