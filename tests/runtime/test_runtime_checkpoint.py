@@ -176,3 +176,26 @@ def test_asynchronous_saves_hold_the_state_of_their_step(one_rank):
         assert checkpoint.load(fresh, checkpoint.step_dir(one_rank / "async", step)) == step
         got = fresh.dp.full_parameters()
         assert all(torch.equal(got[n], at[step][n]) for n in got)
+
+
+@pytest.mark.tier2
+def test_plait_run_resumes_a_checkpoint_under_another_plan(tmp_path):
+    """Saved by two ZeRO-1 replicas, continued under tensor parallelism: `plait run --resume` no
+    longer asks for the writer's layout, and the continued loss is the uninterrupted one."""
+    from plait.runtime.launch import Checkpointing, check_plan, hand_plan, launch_local, resolve_data
+
+    job = load_job(str(TINY))
+    job = replace(job, cluster=local_cpu(2), global_batch=4, seq_len=32,
+                  data=replace(job.data, synthetic=True, path=None))
+    job = resolve_data(job, tmp_path)
+    saves = tmp_path / "ckpt"
+    a = check_plan(job, hand_plan(job, Layout(dp=2, dp_kind="zero1")))
+    assert launch_local(job, a, tmp_path / "a", steps=2, quiet=True,
+                        ckpt=Checkpointing(save=str(saves), every=1)) == 0
+    b = check_plan(job, hand_plan(job, Layout(tp=2, sp=True)))
+    assert launch_local(job, b, tmp_path / "b", steps=2, quiet=True,
+                        ckpt=Checkpointing(resume=str(saves / "step-000001"))) == 0
+    whole = json.loads((tmp_path / "a" / "log.json").read_text())
+    resumed = json.loads((tmp_path / "b" / "log.json").read_text())
+    assert [e["step"] for e in resumed] == [1]
+    assert abs(resumed[0]["loss"] - whole[1]["loss"]) < 1e-5
