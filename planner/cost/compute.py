@@ -29,6 +29,7 @@ class Work:
     memory: float = 0.0  # memory-bound kernels
     selective: float = 0.0  # memory-bound work that selective recompute repeats (norms, activations)
     flops: float = 0.0  # forward FLOPs this rank executes (for checks)
+    core_bwd_rate: float = 1.0  # the backward core kernels' rate over the forward's
 
     @property
     def forward(self) -> float:
@@ -36,7 +37,8 @@ class Work:
 
     @property
     def backward(self) -> float:
-        return BWD_GEMM * self.gemm + BWD_CORE * self.core + BWD_MEMORY * self.memory
+        return (BWD_GEMM * self.gemm + BWD_CORE * self.core / self.core_bwd_rate
+                + BWD_MEMORY * self.memory)
 
 
 def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0) -> float:
@@ -48,6 +50,24 @@ def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0) ->
     compute = 2.0 * m * n * k / (ctx.peak * eff)
     memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.cluster.device.hbm * cal.hbm_eff)
     return count * max(compute, memory)
+
+
+def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: float) -> float:
+    """``groups`` GEMMs of [rows x k] @ [k x n] (the local experts, ``rows`` tokens each).
+
+    As one grouped GEMM kernel the GPU fills across groups, so the small-dimension knee sees the
+    rows of all groups together; the price is each group's rows padded to a whole tile. As a loop
+    (grouped_gemm = 0) every expert is its own GEMM and pays the knee on its own rows."""
+    cal = ctx.cal
+    if cal.grouped_gemm < 0.5 or groups <= 1 or rows <= 0:
+        return gemm_time(ctx, rows, n, k, groups)
+    padded = -(-rows // cal.gemm_tile) * cal.gemm_tile
+    total = padded * groups
+    eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / total + 1.0 / n + 1.0 / k))
+    compute = 2.0 * total * n * k / (ctx.peak * eff)
+    memory = ctx.act_bytes * groups * (rows * k + k * n + rows * n) / (
+        ctx.cluster.device.hbm * cal.hbm_eff)
+    return max(compute, memory)
 
 
 def memory_time(ctx: Context, nbytes: float) -> float:
@@ -80,7 +100,8 @@ def attention_work(ctx: Context) -> Work:
     core = core_time(ctx, core_flops)
     # selective recompute re-runs the norm and the attention core (see memory.py)
     return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope),
-                selective=core + memory_time(ctx, norm), flops=flops)
+                selective=core + memory_time(ctx, norm), flops=flops,
+                core_bwd_rate=ctx.cal.attn_bwd_ratio)
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element
@@ -96,11 +117,12 @@ def materialised_attention(ctx: Context) -> tuple[float, float]:
 
 
 def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0) -> Work:
-    """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each, with the
-    activation function."""
+    """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each (grouped
+    when count > 1: the local experts), with the activation function."""
     h = ctx.model.hidden
     up = width * (2 if gated else 1)
-    gemm = gemm_time(ctx, tokens, up, h, count) + gemm_time(ctx, tokens, h, width, count)
+    gemm = (grouped_gemm_time(ctx, tokens, up, h, count)
+            + grouped_gemm_time(ctx, tokens, h, width, count))
     act = memory_time(ctx, count * tokens * (up + width) * ctx.act_bytes)
     flops = count * tokens * 2 * h * (up + width)
     return Work(gemm=gemm, memory=act, selective=act, flops=flops)
@@ -123,8 +145,11 @@ def moe_work(ctx: Context) -> Work:
     shared = (_ffn_work(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated) if moe.shared_ffn
               else Work())
     norm, residual = _norm_and_residual(ctx)
-    # permute + unpermute + probability-weighted combine: read and write every routed copy
-    permute = 4 * ctx.routed_tokens / lay.etp * h * ctx.act_bytes
+    # permute + unpermute + probability-weighted combine: read and write every routed copy; with
+    # more than one local expert and EP > 1 the received chunks are sorted by expert after the
+    # all-to-all and unsorted before it (Megatron-Core's sort_chunks_by_idxs): twice the traffic
+    sorts = 2 if lay.ep > 1 and local > 1 and lay.dispatcher == "alltoall" else 1
+    permute = 4 * sorts * ctx.routed_tokens / lay.etp * h * ctx.act_bytes
     routing = t_in * moe.experts * 4 * 3  # fp32 logits, softmax, top-k
     flops = experts.flops + shared.flops + t_in * 2 * h * moe.experts
     return Work(gemm=experts.gemm + router + shared.gemm,

@@ -22,11 +22,22 @@ class Calibration:
 
     gemm_eff: float = 0.75  # achieved fraction of peak for large, well-shaped GEMMs
     gemm_knee: float = 128.0  # a GEMM dimension d scales efficiency by ~1/(1 + knee/d)
-    attn_eff: float = 0.50  # flash-attention core (and SSM scan) fraction of peak
+    attn_eff: float = 0.50  # flash-attention core (and SSM scan) fraction of peak, forward
+    # backward kernels of the attention core reach this fraction of the forward's rate
+    # (FlashAttention-2, Dao 2023: up to 73% of A100 peak forward, 63% backward -> 0.86)
+    attn_bwd_ratio: float = 0.86
+    # 1: the local experts run as one grouped GEMM (Megatron-Core --moe-grouped-gemm, plait's
+    # torch._grouped_mm): the GPU fills across experts, each expert's rows padded to a tile;
+    # 0: one GEMM per expert (plait's loop fallback), each paying the small-dimension knee
+    grouped_gemm: float = 1.0
+    gemm_tile: float = 128.0  # rows of a GEMM tile (CUTLASS / cuBLAS bf16 tiles are 128 rows)
     hbm_eff: float = 0.80  # fraction of HBM bandwidth memory-bound kernels reach
     intra_eff: float = 0.80  # fraction of NVLink bandwidth collectives reach
     inter_eff: float = 0.80  # fraction of the network bandwidth collectives reach
     a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links
+    # an all-to-all is one message per peer: each pays the link latency on top of its bytes, so
+    # small messages (fine-grained experts, short micro-batches) reach a smaller share of the link
+    a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
     fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
