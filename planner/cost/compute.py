@@ -48,7 +48,7 @@ def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0) ->
     cal = ctx.cal
     eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / m + 1.0 / n + 1.0 / k))
     compute = 2.0 * m * n * k / (ctx.peak * eff)
-    memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.cluster.device.hbm * cal.hbm_eff)
+    memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.hbm * cal.hbm_eff)
     return count * max(compute, memory)
 
 
@@ -66,16 +66,16 @@ def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: flo
     eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / total + 1.0 / n + 1.0 / k))
     compute = 2.0 * total * n * k / (ctx.peak * eff)
     memory = ctx.act_bytes * groups * (rows * k + k * n + rows * n) / (
-        ctx.cluster.device.hbm * cal.hbm_eff)
+        ctx.hbm * cal.hbm_eff)
     return max(compute, memory)
 
 
 def memory_time(ctx: Context, nbytes: float) -> float:
-    return nbytes / (ctx.cluster.device.hbm * ctx.cal.hbm_eff)
+    return nbytes / (ctx.hbm * ctx.cal.hbm_eff)
 
 
-def core_time(ctx: Context, flops: float) -> float:
-    return flops / (ctx.peak_bf16 * ctx.cal.attn_eff)
+def core_time(ctx: Context, flops: float, eff: float = 0.0) -> float:
+    return flops / (ctx.peak_bf16 * (eff or ctx.cal.attn_eff))
 
 
 def _norm_and_residual(ctx: Context) -> tuple[float, float]:
@@ -169,7 +169,7 @@ def mamba_work(ctx: Context) -> Work:
     gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
     norm, residual = _norm_and_residual(ctx)
     flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
-    return Work(gemm=gemm, core=core_time(ctx, scan_flops),
+    return Work(gemm=gemm, core=core_time(ctx, scan_flops, ctx.cal.scan_eff),
                 memory=memory_time(ctx, conv + gated_norm + norm + residual),
                 selective=memory_time(ctx, norm + gated_norm), flops=flops)
 

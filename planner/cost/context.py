@@ -26,6 +26,7 @@ class Calibration:
     # backward kernels of the attention core reach this fraction of the forward's rate
     # (FlashAttention-2, Dao 2023: up to 73% of A100 peak forward, 63% backward -> 0.86)
     attn_bwd_ratio: float = 0.86
+    scan_eff: float = 0.0  # Mamba2's SSD scan fraction of peak (0: as attn_eff)
     # 1: the local experts run as one grouped GEMM (Megatron-Core --moe-grouped-gemm, plait's
     # torch._grouped_mm): the GPU fills across experts, each expert's rows padded to a tile;
     # 0: one GEMM per expert (plait's loop fallback), each paying the small-dimension knee
@@ -43,6 +44,12 @@ class Calibration:
     fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
     moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
     kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
+    # ranks on one host that share its compute (CPU processes on a few cores): this many run at
+    # full rate, more divide it. 0: every rank owns its device (GPUs)
+    shared_cores: float = 0.0
+    # measured collective latencies replacing the cluster spec's (microseconds; 0: the spec's)
+    intra_latency_us: float = 0.0
+    inter_latency_us: float = 0.0
     # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:
     # batched GEMMs, fused scale-mask-softmax, attention dropout)
     flash_attention: float = 1.0
@@ -140,12 +147,26 @@ class Context:
 
     # -- device ----------------------------------------------------------------------------------
     @cached_property
+    def sharing(self) -> float:
+        """How many ranks share one rank's compute: ranks on a host over its shared_cores."""
+        cores = self.cal.shared_cores
+        if cores <= 0:
+            return 1.0
+        on_host = min(self.layout.world, self.cluster.gpus_per_node)
+        return max(1.0, on_host / cores)
+
+    @cached_property
     def peak(self) -> float:
-        return self.cluster.device.peak_flops(self.job.precision.kind)
+        return self.cluster.device.peak_flops(self.job.precision.kind) / self.sharing
 
     @cached_property
     def peak_bf16(self) -> float:
-        return self.cluster.device.peak_flops("bf16")
+        return self.cluster.device.peak_flops("bf16") / self.sharing
+
+    @cached_property
+    def hbm(self) -> float:
+        """Memory bandwidth one rank's memory-bound kernels see (bytes/s, before hbm_eff)."""
+        return self.cluster.device.hbm / self.sharing
 
     @cached_property
     def act_bytes(self) -> int:
@@ -168,5 +189,7 @@ class Context:
 
 def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:
     """(intra bandwidth, inter bandwidth, intra latency, inter latency) as collectives see them."""
+    a_in = cal.intra_latency_us * 1e-6 if cal.intra_latency_us > 0 else cluster.intra.latency
+    a_out = cal.inter_latency_us * 1e-6 if cal.inter_latency_us > 0 else cluster.inter.latency
     return (cluster.intra.bandwidth * cal.intra_eff, cluster.inter.bandwidth * cal.inter_eff,
-            cluster.intra.latency, cluster.inter.latency)
+            a_in, a_out)
