@@ -95,3 +95,21 @@ def write(path: str | Path, cluster: str, device: str, values: dict, sources: di
            "values": {k: float(v) for k, v in sorted(values.items())},
            "sources": dict(sorted(sources.items())), "measurements": measurements}
     Path(path).write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def calibrated(job: TrainJob, path: str | None) -> tuple[TrainJob, CalibrationFile | None]:
+    """``job`` with the file at ``path`` applied (unchanged without a path), and the file."""
+    if not path:
+        return job, None
+    cal = read(path)
+    return apply(job, cal), cal
+
+
+def note(plan, cal: CalibrationFile | None):
+    """A plan computed with ``cal``: its explanation names the measured values first, and its
+    fingerprints add the file's digest next to the calibration digest they already hold."""
+    if cal is None:
+        return plan
+    return dataclasses.replace(plan, explanation=(explanation(cal),) + tuple(plan.explanation),
+                               fingerprints=tuple(plan.fingerprints)
+                               + (("calibration_file", cal.digest),))
