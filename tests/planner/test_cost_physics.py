@@ -1,0 +1,105 @@
+"""The cost model's physics terms: monotonicity and limits (all-to-all vs message size and group
+shape, grouped expert GEMM vs tokens per expert, attention backward rate, shared cores, measured
+latencies)."""
+from dataclasses import replace
+
+import pytest
+
+from plait.ir.job import MoEOptions
+from plait.ir.plan import Layout
+from plait.planner.cost import comm, compute
+from plait.planner.cost.context import Context, GroupShape
+
+FOLDING = Layout(tp=2, dp=8, pp=8, etp=1, ep=8, edp=2, sp=True)
+
+
+def calibrated(job, **values):
+    dev = job.cluster.device
+    merged = {**dict(dev.calibration), **values}
+    dev = replace(dev, calibration=tuple(merged.items()))
+    return replace(job, cluster=replace(job.cluster, device=dev))
+
+
+@pytest.fixture
+def ctx(mixtral_job):
+    return Context(replace(mixtral_job(), moe=MoEOptions(capacity_factor=1.0)), FOLDING)
+
+
+def test_all_to_all_reaches_more_of_the_link_with_bigger_messages(ctx):
+    g = GroupShape(size=8, nodes=1)
+    sizes = [8 * 2**k for k in range(4, 28, 2)]
+    per_byte = [comm.all_to_all(ctx, g, s) / s for s in sizes]
+    assert all(a > b for a, b in zip(per_byte, per_byte[1:]))
+    # the limit: bandwidth alone, 7/8 of the bytes over NVLink at a2a_eff
+    b_in = ctx.cluster.intra.bandwidth * ctx.cal.intra_eff * ctx.cal.a2a_eff
+    assert per_byte[-1] == pytest.approx(7 / 8 / b_in, rel=1e-3)
+    # small messages: latency-bound, 7 peer messages + one sync
+    assert comm.all_to_all(ctx, g, 8) == pytest.approx(8 * ctx.cluster.intra.latency, rel=1e-3)
+
+
+def test_all_to_all_gets_slower_as_the_group_spreads_over_nodes(ctx):
+    nbytes = 64e6
+    times = [comm.all_to_all(ctx, GroupShape(size=8, nodes=n), nbytes) for n in (1, 2, 4, 8)]
+    assert all(a < b for a, b in zip(times, times[1:]))
+    # one rank per node: every peer's bytes behind the NIC
+    b_out = ctx.cluster.inter.bandwidth * ctx.cal.inter_eff * ctx.cal.a2a_eff
+    assert times[-1] == pytest.approx(7 / 8 * nbytes / b_out + 8 * ctx.cluster.inter.latency)
+
+
+def test_grouped_gemm_efficiency_grows_with_tokens_per_expert(ctx):
+    n, k, experts = 16384, 6144, 8
+    rates = [2 * r * experts * n * k / compute.grouped_gemm_time(ctx, r, n, k, experts)
+             for r in (128, 256, 512, 1024, 4096, 16384)]
+    assert all(a < b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] < ctx.peak * ctx.cal.gemm_eff  # never above the large-GEMM efficiency
+
+
+def test_grouped_gemm_pads_each_expert_to_a_tile(ctx):
+    # (compute-bound sizes: below ~300 rows reading the experts' weights takes longer)
+    tile = ctx.cal.gemm_tile
+    one_more_row = compute.grouped_gemm_time(ctx, 3 * tile + 1, 4096, 4096, 8)
+    full_tiles = compute.grouped_gemm_time(ctx, 4 * tile, 4096, 4096, 8)
+    assert one_more_row == pytest.approx(full_tiles)  # a row costs its whole tile
+    assert compute.grouped_gemm_time(ctx, 4 * tile + 1, 4096, 4096, 8) > full_tiles
+
+
+def test_grouped_gemm_beats_a_loop_of_small_gemms(ctx, mixtral_job):
+    loop = Context(calibrated(ctx.job, grouped_gemm=0.0), FOLDING)
+    for rows in (512, 1024, 2048):  # compute-bound: the knee on 16x the rows
+        assert compute.grouped_gemm_time(ctx, rows, 2560, 3584, 16) < \
+            compute.grouped_gemm_time(loop, rows, 2560, 3584, 16)
+    # memory-bound (reading the weights): the same either way
+    assert compute.grouped_gemm_time(ctx, 64, 2560, 3584, 16) == pytest.approx(
+        compute.grouped_gemm_time(loop, 64, 2560, 3584, 16))
+    # one expert: the same GEMM either way
+    assert compute.grouped_gemm_time(ctx, 512, 2560, 3584, 1) == \
+        pytest.approx(compute.gemm_time(ctx, 512, 2560, 3584))
+
+
+def test_attention_backward_rate(ctx):
+    work = compute.attention_work(ctx)
+    slow = compute.attention_work(Context(calibrated(ctx.job, attn_bwd_ratio=0.5), FOLDING))
+    assert slow.backward - work.backward == pytest.approx(
+        compute.BWD_CORE * work.core * (1 / 0.5 - 1 / ctx.cal.attn_bwd_ratio))
+    assert slow.forward == pytest.approx(work.forward)
+
+
+def test_shared_cores_divide_compute_not_gpus(ctx):
+    lay = Layout(dp=4)
+    job = ctx.job
+    own = Context(job, lay)
+    assert own.sharing == 1.0
+    shared = Context(calibrated(job, shared_cores=2.0), lay)
+    assert shared.sharing == pytest.approx(2.0)  # 4 ranks on the node's 2 cores
+    assert compute.gemm_time(shared, 4096, 4096, 4096) == pytest.approx(
+        2 * compute.gemm_time(own, 4096, 4096, 4096))
+    assert compute.memory_time(shared, 1e9) == pytest.approx(2 * compute.memory_time(own, 1e9))
+    more = Context(calibrated(job, shared_cores=8.0), lay)
+    assert more.sharing == 1.0  # more cores than ranks: no slow-down
+
+
+def test_measured_latency_replaces_the_spec(ctx):
+    g = GroupShape(size=8, nodes=1)
+    slow = Context(calibrated(ctx.job, intra_latency_us=100.0), FOLDING)
+    assert comm.all_gather(slow, g, 8) - comm.all_gather(ctx, g, 8) == pytest.approx(
+        7 * (100e-6 - ctx.cluster.intra.latency), rel=1e-3)
