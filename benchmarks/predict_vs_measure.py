@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -101,8 +102,9 @@ def run(cal, only: str | None) -> list[tuple]:
     return rows
 
 
-def show(rows, cal_path: str) -> None:
-    t = Table(title=f"predicted vs measured step time, rank 0 (calibration: {cal_path})")
+def show(rows, cal_path: str, load: tuple[float, float]) -> None:
+    t = Table(title=f"predicted vs measured step time, rank 0 (calibration: {cal_path}; load "
+                    f"average {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} cores)")
     for col in ("job", "layout", "predicted s", "measured s", "error", *STATE):
         t.add_column(col, justify="left" if col in ("job", "layout") else "right")
     errors = []
@@ -131,7 +133,9 @@ def main(argv=None) -> int:
             return 2
         print(f"calibrated in {time.perf_counter() - start:.0f} s")
     cal = calibration.read(path)
-    show(run(cal, args.only), path)
+    before = os.getloadavg()[0]
+    rows = run(cal, args.only)
+    show(rows, path, (before, os.getloadavg()[0]))
     return 0
 
 

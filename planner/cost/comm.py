@@ -158,6 +158,15 @@ def dp_sync(ctx: Context, dense_params: float, expert_params: float) -> tuple[fl
     return red, gather
 
 
+def step_reductions(ctx: Context) -> float:
+    """Every step every rank joins two all-reduces of one number over the whole world: the loss
+    (for the log) and the squared gradient norm (for clipping). Latency-bound; they wait for the
+    slowest rank, so nothing hides them."""
+    world, gpn = ctx.layout.world, ctx.cluster.gpus_per_node
+    g = GroupShape(size=world, nodes=-(-world // gpn))
+    return 2 * all_reduce(ctx, g, 4.0)
+
+
 def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
     """(forward, backward) seconds of FSDP traffic for one unit's parameters per micro-batch:
     all-gather bf16 weights before forward and again before backward, reduce-scatter fp32 gradients

@@ -103,3 +103,19 @@ def test_measured_latency_replaces_the_spec(ctx):
     slow = Context(calibrated(ctx.job, intra_latency_us=100.0), FOLDING)
     assert comm.all_gather(slow, g, 8) - comm.all_gather(ctx, g, 8) == pytest.approx(
         7 * (100e-6 - ctx.cluster.intra.latency), rel=1e-3)
+
+
+def test_interleaving_widens_the_data_parallel_overlap_window():
+    from plait.planner.cost.evaluate import overlap_passes
+    assert overlap_passes(8, 1, 32) == 1.0  # 1F1B: the last backward only
+    assert overlap_passes(4, 4, 32) == pytest.approx((3 * 4 + 1) / 4)
+    assert overlap_passes(4, 2, 32) < overlap_passes(4, 4, 32) < overlap_passes(8, 4, 32)
+    assert overlap_passes(8, 4, 2) == 2.0  # never more than the step's micro-batches
+
+
+def test_step_reductions_are_two_latency_bound_all_reduces(ctx):
+    world = FOLDING.world  # 128 ranks on 16 nodes: the NIC's latency, 127 hops, twice each
+    expected = 2 * 2 * (127 * ctx.cluster.inter.latency + 127 / 128 * 4 / (
+        ctx.cluster.inter.bandwidth * ctx.cal.inter_eff))
+    assert comm.step_reductions(ctx) == pytest.approx(expected)
+    assert world == 128
