@@ -98,10 +98,27 @@ def attention_work(ctx: Context) -> Work:
         return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
                     selective=scores + memory_time(ctx, norm + score_mem), flops=flops)
     core = core_time(ctx, core_flops)
+    merge = ring_merge_bytes(ctx)
     # selective recompute re-runs the norm and the attention core (see memory.py)
-    return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope),
+    return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope + merge),
                 selective=core + memory_time(ctx, norm), flops=flops,
                 core_bwd_rate=ctx.cal.attn_bwd_ratio)
+
+
+MERGE_BYTES = 4 + 2 + 4  # read the fp32 running output, read a step's partial, write it back
+
+
+def ring_merge_bytes(ctx: Context) -> float:
+    """Ring context parallelism computes attention one K/V block at a time and merges each
+    step's partial output into a running fp32 output rescaled by the log-sum-exps (Transformer
+    Engine's P2P CP, plait's lowering/cp_attention.py): cp - 1 merges of this rank's query
+    rows, memory-bound. Backward accumulates dq, dk, dv the same way (Work.backward's 2x). At
+    long context per step this is a sizeable share of the attention core; Ulysses all-to-all
+    computes whole heads and merges nothing."""
+    lay = ctx.layout
+    if lay.cp <= 1 or lay.cp_comm != "ring":
+        return 0.0
+    return (lay.cp - 1) * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element

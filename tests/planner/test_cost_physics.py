@@ -119,3 +119,23 @@ def test_step_reductions_are_two_latency_bound_all_reduces(ctx):
         ctx.cluster.inter.bandwidth * ctx.cal.inter_eff))
     assert comm.step_reductions(ctx) == pytest.approx(expected)
     assert world == 128
+
+
+def test_ring_attention_merges_partial_outputs(mixtral_job):
+    job = replace(mixtral_job(), seq_len=65536)
+    merges = {}
+    for cp in (1, 2, 4, 8):
+        ctx = Context(job, Layout(tp=8, cp=cp, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True))
+        merges[cp] = compute.ring_merge_bytes(ctx)
+    assert merges[1] == 0.0
+    # (cp - 1) merges of tokens / cp query rows: grows with cp, towards the rank's own queries x cp
+    assert merges[2] < merges[4] < merges[8]
+    ctx = Context(job, Layout(tp=8, cp=4, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True))
+    assert merges[4] == 3 * ctx.tokens * 6144 / 8 * compute.MERGE_BYTES
+    ulysses = Context(job, Layout(tp=8, cp=4, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True,
+                                  cp_comm="alltoall"))
+    assert compute.ring_merge_bytes(ulysses) == 0.0
+    # at 64K with cp 4 (16K keys per step) the merges cost a few percent of the attention core
+    work = compute.attention_work(ctx)
+    share = compute.memory_time(ctx, merges[4]) / work.core
+    assert 0.01 < share < 0.2
