@@ -18,6 +18,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,13 +128,15 @@ def show(rows, cal_path: str, load: tuple[float, float]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", help="a `plait calibrate local-cpu` file (default: "
-                        "calibrate now with --ranks 4 and keep it in calib-local-cpu.json)")
+                        "calibrate now, with 4 ranks, under the load the measurement will see)")
+    parser.add_argument("--save-calibration", metavar="PATH",
+                        help="where to keep the calibration made now (default: a temporary file)")
     parser.add_argument("--only", help="only jobs whose name contains this")
     args = parser.parse_args(argv)
     path = args.calibration
     if not path:
         from plait.cli import main as plait_main
-        path = "calib-local-cpu.json"
+        path = args.save_calibration or str(Path(tempfile.mkdtemp()) / "calib-local-cpu.json")
         start = time.perf_counter()
         if plait_main(["calibrate", "local-cpu", "--ranks", "4", "-o", path]):
             return 2

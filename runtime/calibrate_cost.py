@@ -36,7 +36,9 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs after ``warmup``."""
+    """Fastest of ``repeat`` runs of ``fn`` after ``warmup``, in seconds: what the machine can do
+    (other work on a shared machine only ever slows a run down, so the minimum is the estimate
+    that noise disturbs least)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -46,7 +48,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmu
         fn()
         _sync(device)
         out.append(time.perf_counter() - start)
-    return statistics.median(out)
+    return min(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,9 +70,10 @@ def fit_knee(points: list[tuple[int, int, int, float]], peak: float) -> tuple[fl
     var = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
     intercept = my - slope * mx
-    if intercept <= 0:  # the small shapes dominate: no asymptote to speak of
-        intercept, slope = min(ys), 0.0
-    return 1.0 / intercept, max(0.0, slope / intercept)
+    if intercept <= 0 or slope < 0:  # noise or no knee: the big shapes' efficiency, no knee
+        big = sorted(points, key=lambda p: p[0] * p[1] * p[2])[len(points) // 2:]
+        return statistics.median(rate for *_, rate in big) / peak, 0.0
+    return 1.0 / intercept, slope / intercept
 
 
 def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) -> list:

@@ -21,6 +21,14 @@ def test_fit_knee_recovers_efficiency_and_knee():
     assert got_knee == pytest.approx(knee, rel=1e-6)
 
 
+def test_fit_knee_without_a_knee_takes_the_big_shapes():
+    """Small shapes measured faster than big ones (noise, caches): no knee, the big shapes' rate."""
+    points = [(64, 64, 64, 0.5 * PEAK), (128, 128, 128, 0.45 * PEAK), (512, 512, 512, 0.4 * PEAK),
+              (1024, 1024, 1024, 0.42 * PEAK)]
+    eff, knee = fit_knee(points, PEAK)
+    assert knee == 0.0 and eff == pytest.approx(0.41)
+
+
 def test_fit_alpha_beta():
     xs = [1e3, 1e5, 1e6, 1e7]
     a, b = fit_alpha_beta(xs, [20e-6 + x / 2e9 for x in xs])
