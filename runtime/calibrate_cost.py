@@ -61,6 +61,20 @@ def gemm_rate(m: int, n: int, k: int, dtype, device, repeat: int = 5) -> float:
     return 2.0 * m * n * k / timed(lambda: a @ b, device, repeat)
 
 
+def sustained_gemm_rate(m: int, n: int, k: int, dtype, device, count: int = 20) -> float:
+    """FLOP/s of ``count`` GEMMs back to back, timed as one: ranks that start together after a
+    barrier overlap for the whole run (a fastest-of-repeats would catch moments alone)."""
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        a @ b
+    _sync(device)
+    return count * 2.0 * m * n * k / (time.perf_counter() - start)
+
+
 def fit_knee(points: list[tuple[int, int, int, float]], peak: float) -> tuple[float, float]:
     """(gemm_eff, gemm_knee) from (m, n, k, FLOP/s): least squares of 1/eff against
     1/m + 1/n + 1/k, whose intercept is 1/gemm_eff and slope gemm_knee/gemm_eff."""
@@ -195,7 +209,7 @@ def measure_compute(dtype, device) -> dict:
             "scan": scan_rate(*cfg["scan"], dtype, device),
             "copy": copy_bandwidth(cfg["copy"], device),
             "block_host_s": block_host_seconds(device, dtype),
-            "share_single": gemm_rate(*cfg["share"], dtype, device)}
+            "share_single": sustained_gemm_rate(*cfg["share"], dtype, device)}
 
 
 def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | None:
@@ -204,7 +218,7 @@ def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | Non
     if rank not in on_host:
         return None
     dist.barrier(group=group)
-    return gemm_rate(*CONFIG["share"], dtype, device)
+    return sustained_gemm_rate(*CONFIG["share"], dtype, device)
 
 
 def measure_network(rank: int, world: int, gpn: int, device) -> dict:
