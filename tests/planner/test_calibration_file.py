@@ -104,3 +104,15 @@ def test_cli_errors_without_traceback(tmp_path, capsys):
     assert "no calibration file" in capsys.readouterr().err
     assert main(["run", str(JOB), "--plan", str(tmp_path / "p.json"), "--calibration",
                  str(tmp_path / "c.json")]) == 2
+
+
+def test_run_plans_with_the_calibration(calib, capsys):
+    """`plait run --calibration`: the plan it would launch is made with the measured values."""
+    from plait.commands.run import resolve_plan
+
+    job = load_job(JOB)
+    plan = resolve_plan(job, None, "dp=2", str(calib))
+    assert plan.explanation[0].startswith("measured by `plait calibrate`")
+    assert dict(plan.fingerprints)["calibration_file"] == calibration.read(calib).digest
+    plain = resolve_plan(job, None, "dp=2")
+    assert plan.prediction.step_time > plain.prediction.step_time
