@@ -154,6 +154,36 @@ def block_host_seconds(device, dtype) -> float:
     return timed(block, device, repeat=50, warmup=10)
 
 
+def host_model():
+    """A narrow model of every block kind built by plait's own lowering (the modules the runtime
+    runs), so each block's time on a few tokens is its host cost: dispatch, launches, Python."""
+    from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope
+    from plait.lowering.build import build_model
+
+    spec = ModelSpec(name="host-probe", vocab=32, hidden=16, layers=HOST_KINDS, max_seq=64,
+                     attention=Attention(heads=2, kv_heads=1, head_dim=8, rope=Rope(theta=1e4)),
+                     mlp=MLP(ffn=32), moe=MoE(experts=4, top_k=2, ffn=16),
+                     mamba=Mamba2(heads=4, head_dim=8, groups=1, state=8, chunk=16))
+    return build_model(spec)
+
+
+HOST_KINDS = ("attention", "mlp", "moe", "mamba")
+
+
+def block_host_us(device, dtype, tokens: int = 4) -> dict[str, float]:
+    """{kind: microseconds of one block's forward + backward} (norm, mixer, residual)."""
+    model = host_model().to(device=device, dtype=dtype)
+    out = {}
+    for kind, layer in zip(HOST_KINDS, model.layers):
+        x = torch.randn(1, tokens, 16, dtype=dtype, device=device, requires_grad=True)
+
+        def step(layer=layer, x=x):
+            layer(x).sum().backward()
+
+        out[kind] = timed(step, device, repeat=20, warmup=5) * 1e6
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Collectives
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +239,7 @@ def measure_compute(dtype, device) -> dict:
             "scan": scan_rate(*cfg["scan"], dtype, device),
             "copy": copy_bandwidth(cfg["copy"], device),
             "block_host_s": block_host_seconds(device, dtype),
+            "host_us": block_host_us(device, dtype),
             "share_single": sustained_gemm_rate(*cfg["share"], dtype, device)}
 
 
@@ -319,6 +350,12 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     sources["hbm_eff"] = f"copy: {c['copy'] / 1e9:.1f} GB/s of {dev.hbm / 1e9:.0f} spec"
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"
+    for kind, us in c.get("host_us", {}).items():
+        values[f"host_us_{kind}"] = us
+        sources[f"host_us_{kind}"] = f"forward + backward of plait's {kind} block on 4 tokens"
+    values["host_sync"] = 1.0 if dev.name == "cpu" else 0.0
+    sources["host_sync"] = ("the CPU runs its kernels itself" if dev.name == "cpu" else
+                            "kernels run asynchronously on the accelerator")
     shared = measured.get("shared_rates") or []
     if dev.name == "cpu" and shared and c["share_single"] > 0:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])

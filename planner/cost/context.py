@@ -44,6 +44,15 @@ class Calibration:
     fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
     moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
     kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
+    # host (Python, dispatch, launch) microseconds of one block's forward + backward, per kind,
+    # measured by `plait calibrate` on plait's own modules (0: kernel_us x 3 instead)
+    host_us_attention: float = 0.0
+    host_us_mlp: float = 0.0
+    host_us_moe: float = 0.0
+    host_us_mamba: float = 0.0
+    # 1: the host runs the kernels itself (CPU): host time adds to compute. 0: an accelerator
+    # runs them asynchronously: a block takes the longer of its device time and its host time
+    host_sync: float = 1.0
     # ranks on one host that share its compute (CPU processes on a few cores): this many run at
     # full rate, more divide it. 0: every rank owns its device (GPUs)
     shared_cores: float = 0.0

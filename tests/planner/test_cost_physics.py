@@ -139,3 +139,19 @@ def test_ring_attention_merges_partial_outputs(mixtral_job):
     work = compute.attention_work(ctx)
     share = compute.memory_time(ctx, merges[4]) / work.core
     assert 0.01 < share < 0.2
+
+
+def test_host_cost_adds_on_a_cpu_and_hides_behind_an_accelerator(mixtral_job):
+    from plait.planner.cost.pipeline import build_unit, host_seconds
+    job = mixtral_job()
+    lay = FOLDING
+    base = build_unit(Context(job, lay), ("attention", "moe"))
+    sync = Context(calibrated(job, host_us_attention=300.0, host_us_moe=600.0), lay)
+    assert host_seconds(sync, ("attention", "moe")) == pytest.approx((300e-6, 600e-6))
+    assert build_unit(sync, ("attention", "moe")).fwd == pytest.approx(base.fwd + 300e-6)
+    # asynchronous: a block is as slow as the slower of device and host (here the device)
+    lazy = Context(calibrated(job, host_us_attention=300.0, host_us_moe=600.0, host_sync=0.0), lay)
+    assert build_unit(lazy, ("attention", "moe")).fwd == pytest.approx(base.fwd)
+    # kernel_us alone: a third forward, two thirds backward of 3 x kernel_us per block
+    old = Context(calibrated(job, kernel_us=50.0), lay)
+    assert host_seconds(old, ("attention", "moe")) == pytest.approx((100e-6, 200e-6))

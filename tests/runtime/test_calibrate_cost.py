@@ -50,7 +50,8 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
     gemm = [(m, m, m, PEAK * 0.5 / (1 + 3 * 32 / m)) for m in (64, 256, 1024)]
     compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention_fwd": 0.2 * PEAK,
                "attention_bwd_ratio": 0.8, "scan": 0.1 * PEAK, "copy": 10e9,
-               "block_host_s": 70e-6, "share_single": 30e9}
+               "block_host_s": 70e-6, "share_single": 30e9,
+               "host_us": {"attention": 600.0, "mlp": 250.0}}
     return {"compute": compute, "shared_rates": [20e9, 20e9, 20e9, 20e9], "network": {"intra": net}}
 
 
@@ -64,6 +65,8 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["scan_eff"] == pytest.approx(0.1)
     assert values["hbm_eff"] == pytest.approx(10e9 / cluster.device.hbm)
     assert values["kernel_us"] == pytest.approx(70)
+    assert (values["host_us_attention"], values["host_us_mlp"]) == (600.0, 250.0)
+    assert values["host_sync"] == 1.0  # the CPU runs its own kernels
     assert values["shared_cores"] == pytest.approx(80 / 30)  # 4 ranks reach 80 GFLOP/s, one 30
     assert values["intra_eff"] == pytest.approx(1e9 / cluster.intra.bandwidth, rel=1e-6)
     assert values["intra_latency_us"] == pytest.approx(50, rel=1e-6)
@@ -79,7 +82,8 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     cal = calibration.read(out)
     values = dict(cal.values)
     for key in ("gemm_eff", "hbm_eff", "attn_eff", "intra_eff", "intra_latency_us", "kernel_us",
-                "shared_cores", "a2a_eff"):
+                "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
+                "host_us_mamba"):
         assert values[key] > 0, key
     doc = json.loads(out.read_text())
     assert doc["measurements"]["network"]["intra"]["all_gather"]
