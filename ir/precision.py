@@ -43,6 +43,9 @@ class PrecisionPolicy:
 
     @classmethod
     def of(cls, job: TrainJob) -> "PrecisionPolicy":
+        """The job's policy; a job built in code with ``precision=None`` (numerics checks) is fp32."""
+        if job.precision is None:
+            return cls("fp32", job.model.num_layers)
         return cls.from_precision(job.precision, job.model.num_layers)
 
     @classmethod

@@ -36,6 +36,7 @@ class UnitCost:
     comm: tuple[tuple[str, float], ...]  # exposed seconds per kind, forward + backward, no recompute
     recompute_comm: tuple[tuple[str, float], ...]  # what a full recompute repeats
     flops: float  # forward FLOPs per micro-batch on this rank
+    fp32_params: float = 0.0  # of dense_params, those a bf16 / fp8 model keeps in fp32
 
     def time(self, option: int) -> float:
         return self.fwd + self.bwd[option]
@@ -82,7 +83,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
     fwd_comm: dict = {}
     bwd_comm: dict = {}
     act_none = act_sel = transient_sel = 0.0
-    dense = expert = 0.0
+    dense = expert = fp32_kept = 0.0
     for kind in kinds:
         work = compute.block_work(ctx, kind)
         f, b = _block_comm(ctx, kind, work)
@@ -94,6 +95,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         transient_sel = max(transient_sel, a_none - a_sel)
         d, e = memory.block_params_on_rank(ctx, kind)
         dense, expert = dense + d, expert + e
+        fp32_kept += memory.block_fp32_kept_on_rank(ctx, kind)
     overhead = ctx.cal.kernel_us * 1e-6 * len(kinds)
     g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
     window = ctx.cal.fsdp_overlap
@@ -111,7 +113,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         dense_params=dense, expert_params=expert,
         comm=tuple(sorted(total_comm.items())),
         recompute_comm=tuple(sorted((k, v) for k, v in fwd_comm.items() if k != "dp")),
-        flops=flops)
+        flops=flops, fp32_params=fp32_kept)
 
 
 class CostTable:
@@ -208,12 +210,12 @@ class CostTable:
     def fragmentation(self) -> float:
         return self.ctx.cal.fragmentation
 
-    def static_bytes(self, dense: float, expert: float) -> float:
-        s = memory.state_bytes(self.ctx, dense, expert)
+    def static_bytes(self, dense: float, expert: float, fp32_kept: float = 0.0) -> float:
+        s = memory.state_bytes(self.ctx, dense, expert, fp32_kept)
         return s["weights"] + s["grads"] + s["optimizer"]
 
     def unit_static(self, u: UnitCost) -> float:
-        return self.static_bytes(u.dense_params, u.expert_params)
+        return self.static_bytes(u.dense_params, u.expert_params, u.fp32_params)
 
 
 def even_sizes(n: int, chunks: int) -> tuple[int, ...]:
