@@ -223,6 +223,7 @@ def report(device="cpu", fp8: bool = False) -> list[Choice]:
 # ---- the seam: retarget a lowered graph's reference ops ------------------------------------------
 SEAMS = {ref_attention.causal_attention: "attention", ref_mamba.causal_conv1d: "causal_conv1d",
          ref_mamba.ssd_scan: "ssd_scan", fp8.fp8_linear: "fp8_linear"}
+SEAM_OPS = {op: fn for fn, op in SEAMS.items()}  # the reference function a graph calls per op
 
 
 def bind(gm: torch.fx.GraphModule, device="cpu", fp8: bool = False) -> dict[str, str]:
