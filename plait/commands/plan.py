@@ -11,6 +11,7 @@ from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
 from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.plan import Layout, ParallelPlan
+from plait.ir.precision import PrecisionPolicy
 from plait.planner import explain
 from plait.planner.groups import rank_groups
 from plait.planner.layouts import check_pins, job_pins, parse_layout, violations
@@ -41,6 +42,20 @@ def _plan_table(plans: list[ParallelPlan], title: str = "candidate plans (best f
         t.add_row(str(i), lay.short(), lay.dp_kind, recompute, seconds(p.step_time),
                   f"{p.tokens_per_s:,.0f}", flops_rate(p.tflops_per_gpu * 1e12), f"{p.mfu:.1%}",
                   f"{p.bubble:.1%}", f"{p.peak_memory / GiB:.1f}")
+    return t
+
+
+def _precision_table(job, plan: ParallelPlan) -> Table:
+    """What each pipeline stage computes in: the policy's dtype and, under fp8, which layers'
+    linears keep bf16 (what the cost model charged and what `plait run` lowers)."""
+    policy = PrecisionPolicy.of(job)
+    t = Table(title=f"precision per stage ({policy.kind}: fp32 main weights, grads, Adam)"
+              if policy.mixed else "precision per stage")
+    for col in ("stage", "layers", "precision"):
+        t.add_column(col)
+    for st in plan.stages:
+        t.add_row(f"pp{st.pp_rank}" + (f".v{st.virtual}" if plan.layout.vpp > 1 else ""),
+                  f"{st.first}-{st.last - 1}", policy.describe(st.first, st.last))
     return t
 
 
@@ -86,6 +101,7 @@ def plan_cmd(args) -> int:
         for rej in res.rejections:
             t.add_row(rej.family, rej.reason)
         console.print(t)
+        console.print(_precision_table(job, res.best))
         _print_folding(res)
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")

@@ -15,6 +15,7 @@ from functools import cached_property
 
 from plait.ir.job import TrainJob
 from plait.ir.plan import RECOMPUTE, Layout, Stage
+from plait.ir.precision import PrecisionPolicy
 
 from . import comm, compute, memory
 from .context import Context
@@ -78,14 +79,17 @@ def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict
     return fwd, bwd
 
 
-def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
+def build_unit(ctx: Context, kinds: tuple[str, ...],
+               bf16_linears: tuple[bool, ...] = ()) -> UnitCost:
+    """``bf16_linears[i]``: layer i of the unit keeps bf16 linears in an fp8 job (its ends)."""
     fwd_c = bwd_c = sel = fwd_t = bwd_t = flops = 0.0
     fwd_comm: dict = {}
     bwd_comm: dict = {}
     act_none = act_sel = transient_sel = 0.0
     dense = expert = fp32_kept = 0.0
-    for kind in kinds:
-        work = compute.block_work(ctx, kind)
+    bf16_ctx = ctx.with_bf16_linears() if any(bf16_linears) else ctx
+    for i, kind in enumerate(kinds):
+        work = compute.block_work(bf16_ctx if bf16_linears and bf16_linears[i] else ctx, kind)
         f, b = _block_comm(ctx, kind, work)
         _add(fwd_comm, f.items()), _add(bwd_comm, b.items())
         fwd_c, bwd_c, sel, flops = (fwd_c + work.forward, bwd_c + work.backward,
@@ -116,14 +120,28 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         flops=flops, fp32_params=fp32_kept)
 
 
+def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:
+    """(kinds, which of its layers keep bf16 linears) per unit: the fp8 recipe's bf16 ends cost
+    what they run (bf16 GEMMs); in other jobs the flags are all False."""
+    policy = PrecisionPolicy.of(job)
+    keys, layer = [], 0
+    for kinds in unit_kinds:
+        flags = tuple(policy.kind == "fp8" and policy.gemm_precision(layer + i) == "bf16"
+                      for i in range(len(kinds)))
+        keys.append((kinds, flags if any(flags) else ()))
+        layer += len(kinds)
+    return keys
+
+
 class CostTable:
     """Everything the stage partitioner and the evaluator need for one (job, layout)."""
 
     def __init__(self, job: TrainJob, layout: Layout, unit_kinds: tuple[tuple[str, ...], ...]):
         self.job, self.layout = job, layout
         self.ctx = ctx = Context(job, layout)
-        distinct = {k: build_unit(ctx, k) for k in dict.fromkeys(unit_kinds)}
-        self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in unit_kinds)
+        keys = _unit_keys(job, unit_kinds)
+        distinct = {k: build_unit(ctx, *k) for k in dict.fromkeys(keys)}
+        self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in keys)
         self.unit_index, offset = {}, 0  # first layer of a unit -> its index
         for i, kinds in enumerate(unit_kinds):
             self.unit_index[offset] = i
