@@ -2,7 +2,9 @@
 
 Each parameter's gradient is added into an fp32 buffer as soon as autograd has accumulated it
 (a post-accumulate-grad hook), and the bf16 gradient is dropped: micro-batches accumulate in fp32
-and the data-parallel reduction runs on fp32. ZeRO-1 hands in views of one flat buffer per
+and the data-parallel reduction runs on fp32. Each micro-batch's gradient is added times
+``scale`` = 1 / micro-batches: the step runner and the pipeline schedules divide the gradients
+they find in ``p.grad`` after the last micro-batch, and here they find none. ZeRO-1 hands in views of one flat buffer per
 parameter group, so its reduce-scatter writes the rank's shard in place (no second gradient
 tensor); plain DP gives each parameter its own buffer.
 """
@@ -15,15 +17,16 @@ from torch import nn
 
 
 class MainGrads:
-    def __init__(self, named: dict[str, nn.Parameter], buffers: dict[str, torch.Tensor]):
-        self.buffers = buffers
+    def __init__(self, named: dict[str, nn.Parameter], buffers: dict[str, torch.Tensor],
+                 scale: float = 1.0):
+        self.buffers, self.scale = buffers, scale
         self.touched: set[str] = set()
         for name, p in named.items():
             p.register_post_accumulate_grad_hook(self._accumulate_into(name))
 
     def _accumulate_into(self, name: str):
         def hook(p: torch.Tensor) -> None:
-            self.buffers[name].add_(p.grad)  # fp32 += bf16, exact upcast
+            self.buffers[name].add_(p.grad, alpha=self.scale)  # upcast to fp32, then scaled
             p.grad = None
             self.touched.add(name)
         return hook

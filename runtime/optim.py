@@ -216,7 +216,8 @@ class Replicated(DataParallel):
         super().__init__(program, mesh, spec, policy)
         self.masters = self.named  # fp32: the optimizer steps the model's own parameters
         if self.mixed:
-            self.main = MainGrads(self.named, own_buffers(self.named, reduce_dtype(self.policy)))
+            self.main = MainGrads(self.named, own_buffers(self.named, reduce_dtype(self.policy)),
+                                  1.0 / program.plan.num_microbatches)
             self.masters = masters_of(self.named, main_dtype(self.policy))
         self.optimizer = adamw(param_groups(self.masters.items(), spec.weight_decay), spec)
 
@@ -341,7 +342,7 @@ class ZeroOne(DataParallel):
                 if self.mixed:
                     views.update(flat.grad_views(group))
         if self.mixed:
-            self.main = MainGrads(self.named, views)
+            self.main = MainGrads(self.named, views, 1.0 / program.plan.num_microbatches)
         self.masks = [self._norm_owned_mask(f) for f in self.flats]
         self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
                                 for f, wd in zip(self.flats, decay)], spec)
