@@ -27,7 +27,7 @@ from . import checkpoint
 from .data import open_source
 from .distill_dist import DistillTrainer, DistStepLog, check_distill_layout
 from .mesh import build_mesh, destroy, init_distributed
-from .parity import _assemble
+from .parity import assemble
 
 LAYOUT_FIELDS = {f.name for f in fields(Layout)}
 
@@ -120,4 +120,4 @@ def distill_parallel(run: DistillRun, student_state: Mapping[str, torch.Tensor],
              nprocs=world, join=True)
     records = [torch.load(work / f"result.rank{r}.pt", weights_only=False) for r in range(world)]
     logs = [DistStepLog(**l) for l in records[0]["logs"]]
-    return logs, _assemble(records, "params")
+    return logs, assemble(records, "params")

@@ -153,9 +153,10 @@ def record_run(trainer: Trainer, setup: Setup, name: str, rank: int, out_dir: Pa
     for step in range(1, setup.steps):
         trainer.train_step(step, setup.steps)
     shards = dict(trainer.program.shards)  # name -> ShardSpec
+    coords = dict(trainer.program.coords, edp=trainer.mesh.coord("edp"))
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
-                "shards": shards, "coords": trainer.program.coords, "tied": trainer.dp.tied,
-                "experts": trainer.program.experts, "edp_rank": trainer.mesh.coord("edp")},
+                "shards": shards, "coords": coords, "tied": trainer.dp.tied,
+                "experts": trainer.program.experts},
                out_dir / f"{name}.rank{rank}.pt")
 
 
@@ -174,7 +175,7 @@ def _worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str
         destroy()
 
 
-def _assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
+def assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
     """Whole tensors from the DP-rank-0 records: TP shards reassembled in index order (by their
     ShardSpec, which knows segmented splits such as Mamba's in_proj); expert weights from the
     EDP-rank-0 records, one piece per (ep, etp) coordinate."""
@@ -185,7 +186,7 @@ def _assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
         sync = rec.get("experts")
         for name, tensor in rec[key].items():
             if sync is not None and name in sync.params:
-                if rec["edp_rank"] == 0:
+                if rec["coords"]["edp"] == 0:
                     experts.setdefault(name, {})[(sync.grid.ep_rank, sync.grid.etp_rank)] = tensor
                     syncs[name] = sync
             elif rec["coords"]["dp"] == 0:
@@ -223,8 +224,8 @@ def _max_diff(got: dict, want: dict) -> tuple[float, str]:
 
 def compare(records: list[dict], ref: dict) -> Errors:
     losses = [r["loss"] for r in records]
-    grad_err, worst = _max_diff(_assemble(records, "grads"), ref["grads"])
-    param_err, worst_param = _max_diff(_assemble(records, "params"), ref["params"])
+    grad_err, worst = _max_diff(assemble(records, "grads"), ref["grads"])
+    param_err, worst_param = _max_diff(assemble(records, "params"), ref["params"])
     return Errors(loss=max(abs(l - ref["loss"]) for l in losses), grads=grad_err,
                   params=param_err, worst_grad=worst, worst_param=worst_param,
                   copies=max(_copy_diff(records, "params"), _copy_diff(records, "grads")))

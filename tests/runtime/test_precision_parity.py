@@ -33,7 +33,7 @@ import torch
 from plait.ir.dsl import load_model
 from plait.ir.job import Precision
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, _assemble, _worker, reference, spawn_cases
+from plait.runtime.parity import Case, Setup, assemble, _worker, reference, spawn_cases
 
 pytestmark = pytest.mark.tier2
 
@@ -54,14 +54,14 @@ def _errors(name: str, cases: list[Case], tmp) -> dict:
     setup = Setup(load_model(MODELS / f"{name}.plait"), global_batch=4, seq=32, steps=2,
                   precision=BF16)
     records = spawn_cases(_worker, [SINGLE] + cases, str(tmp), setup)
-    ref_grads = _assemble(records["single"], "grads")
+    ref_grads = assemble(records["single"], "grads")
     ref_loss = records["single"][0]["loss"]
     fp32 = reference(replace(setup, precision=None))  # the fp32 reference module, torch AdamW
     out = {VS_FP32: _diff(ref_loss, ref_grads, [fp32["loss"]], fp32["grads"])}
     for case in cases:
-        grads = _assemble(records[case.name], "grads")
+        grads = assemble(records[case.name], "grads")
         out[case.name] = _diff([r["loss"] for r in records[case.name]], grads, ref_loss, ref_grads)
-        out[case.name]["param_dtypes"] = {p.dtype for p in _assemble(records[case.name], "params").values()}
+        out[case.name]["param_dtypes"] = {p.dtype for p in assemble(records[case.name], "params").values()}
     return out
 
 
