@@ -35,7 +35,8 @@ from plait.ir.errors import PlaitError
 from plait.ir.plan import ParallelPlan
 from plait.ir.serde import to_dict
 
-from .optim import DataParallel, ZeroOne
+from .optim import DataParallel
+from .zero1 import ZeroOne
 
 META = "plait.json"
 LATEST = "latest"
