@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import networkx as nx
+if TYPE_CHECKING:  # networkx costs ~0.15 s to import; only topology() needs it
+    import networkx as nx
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Cluster:
     def topology(self) -> nx.Graph:
         """Two-level topology: every device joins its node switch (NVLink), every node switch joins
         the network (InfiniBand). Edge attribute ``bandwidth`` in bytes/s per device."""
+        import networkx as nx
+
         g = nx.Graph()
         g.add_node("network", kind="network")
         for n in range(self.nodes):

@@ -10,10 +10,11 @@ BLOCK_TYPES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": 
                "attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 # Read, but they do not change the trained function: weight init (dt range, residual rescale),
+# transformers' unused `time_step_limit` (its mixer clamps at (time_step_min, inf) instead),
 # inference caches and kernels, and Mamba1's dt rank. transformers ignores `expand` (the inner
 # width is mamba_num_heads * mamba_head_dim) and `mamba_proj_bias` (use_bias sets the Mamba
 # projections' biases), and so does plait.
-_IGNORED = ("time_step_min", "time_step_max", "time_step_floor", "time_step_limit",
+_IGNORED = ("time_step_max", "time_step_floor", "time_step_limit",
             "time_step_rank", "rescale_prenorm_residual", "residual_in_fp32", "use_mamba_kernels",
             "mamba_ssm_cache_dtype", "num_logits_to_keep", "expand", "moe_shared_expert_overlap",
             "mtp_layers_block_type", "mtp_hybrid_override_pattern", "mamba_proj_bias")
@@ -58,7 +59,9 @@ def _mamba(c: HFConfig) -> Mamba2:
                   conv=int(c.first(("conv_kernel", "mamba_d_conv"), 4)),
                   chunk=int(c.first(("chunk_size", "mamba_chunk_size"), 128)),
                   conv_bias=bool(c.first(("use_conv_bias", "mamba_conv_bias"), True)),
-                  proj_bias=bool(c.get("use_bias", False)))
+                  proj_bias=bool(c.get("use_bias", False)),
+                  # transformers' default 0.001 when the config omits it; the forward clamps dt there
+                  dt_min=float(c.get("time_step_min", 0.001)))
 
 
 def _moe(c: HFConfig, activation: str) -> MoE:
@@ -124,7 +127,7 @@ def _ignore_unused_blocks(c: HFConfig, layers: tuple[str, ...]) -> None:
         "mlp": ("intermediate_size", "mlp_bias"),
         "mamba": ("mamba_num_heads", "mamba_head_dim", "n_groups", "mamba_n_groups", "ssm_state_size",
                   "conv_kernel", "mamba_d_conv", "chunk_size", "mamba_chunk_size", "use_conv_bias",
-                  "mamba_conv_bias", "use_bias", "mamba_hidden_act"),
+                  "mamba_conv_bias", "use_bias", "mamba_hidden_act", "time_step_min"),
     }
     for kind, keys in unused.items():
         if kind not in layers:

@@ -107,6 +107,9 @@ class Mamba2:
     chunk: int = 128
     conv_bias: bool = True
     proj_bias: bool = False
+    # The forward clamps dt = softplus(dt + dt_bias) from below at dt_min (transformers' Nemotron-H:
+    # time_step_limit = (time_step_min, inf)); 0 means no floor, as in mamba-ssm's default.
+    dt_min: float = 0.0
 
     @property
     def d_inner(self) -> int:

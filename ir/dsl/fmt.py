@@ -267,7 +267,7 @@ def _moe(m: MoE, spec: ModelSpec) -> list:
 def _mamba(m: Mamba2, spec: ModelSpec) -> list:
     entries = [("heads", number(m.heads)), ("head_dim", number(m.head_dim)), ("groups", number(m.groups)),
                ("state", number(m.state))]
-    entries += _changed(m, ("conv", "chunk", "conv_bias", "proj_bias"))
+    entries += _changed(m, ("conv", "chunk", "conv_bias", "proj_bias", "dt_min"))
     if m.d_inner % spec.hidden == 0:
         entries.append(("expand", number(m.d_inner // spec.hidden)))
     return entries

@@ -164,7 +164,8 @@ def _mamba(r: Optional[Reader], hidden: int) -> Optional[Mamba2]:
         return None
     spec = Mamba2(heads=r.int("heads"), head_dim=r.int("head_dim"), groups=r.int("groups", 1),
                   state=r.int("state"), conv=r.int("conv", 4), chunk=r.int("chunk", 128),
-                  conv_bias=r.bool("conv_bias", True), proj_bias=r.bool("proj_bias", False))
+                  conv_bias=r.bool("conv_bias", True), proj_bias=r.bool("proj_bias", False),
+                  dt_min=r.float("dt_min", 0.0, minimum=0.0))
     if spec.heads % spec.groups:
         raise r.ctx.error(f"mamba heads ({spec.heads}) must be divisible by groups ({spec.groups})",
                           r.entries["groups"].value.pos)

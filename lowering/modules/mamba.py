@@ -1,7 +1,7 @@
 """The Mamba2 mixer (Megatron / Nemotron-H layout):
 
     in_proj -> [z, x, B, C, dt];  xBC -> depthwise causal conv1d -> silu;
-    dt <- softplus(dt + dt_bias);  A = -exp(A_log);  y = SSD(x, dt, A, B, C) + D * x;
+    dt <- max(softplus(dt + dt_bias), dt_min);  A = -exp(A_log);  y = SSD(x, dt, A, B, C) + D * x;
     y <- gated RMSNorm(y, z) over groups of d_inner / groups channels;  out_proj(y)
 
 TP-friendly: the split sizes are read from the parameters (d_inner from out_proj, heads from
@@ -33,7 +33,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
 
 
 def ssd_scan(x, dt, A, B, C, chunk: int):
-    return ssd.ssd_chunked(x, dt, A, B, C, chunk)
+    return ssd.ssd_chunked_recomputed(x, dt, A, B, C, chunk)
 
 
 torch.fx.wrap("causal_conv1d")
@@ -46,6 +46,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, spec: Mamba2, hidden: int, norm_eps: float):
         super().__init__()
         self.head_dim, self.state, self.chunk = spec.head_dim, spec.state, spec.chunk
+        self.dt_min = spec.dt_min
         self.in_proj = nn.Linear(hidden, spec.in_proj_out, bias=spec.proj_bias)
         self.conv1d = nn.Conv1d(spec.conv_channels, spec.conv_channels, spec.conv, groups=spec.conv_channels,
                                 padding=spec.conv - 1, bias=spec.conv_bias)
@@ -75,6 +76,8 @@ class Mamba2Mixer(nn.Module):
         bc = (channels - d_inner) // 2
         xs, B, C = xbc[..., :d_inner], xbc[..., d_inner:d_inner + bc], xbc[..., d_inner + bc:]
         dt = F.softplus(upcast(dt) + self.dt_bias)
+        if self.dt_min > 0:  # a constant in the traced graph; elementwise, so TP/CP shards need nothing
+            dt = dt.clamp(min=self.dt_min)
         A = -torch.exp(upcast(self.A_log))
         xs = xs.reshape(b, s, -1, self.head_dim)
         y = ssd_scan(xs, dt, A, B.reshape(b, s, -1, self.state), C.reshape(b, s, -1, self.state), self.chunk)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import platform
 
-import torch
 from rich.table import Table
 
 from plait.cli import arguments, command, console
-from plait.runtime import kernels
 
 
 def _device_line() -> str:
+    import torch  # here, not at the top: every `plait` command imports this module
+
     if torch.cuda.is_available():
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
         return f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {', '.join(sorted(names))}"
@@ -25,6 +25,10 @@ def _device_line() -> str:
                       p.add_argument("--fp8", action="store_true",
                                      help="as for an fp8 job: which fp8 GEMM backend runs the linears")))
 def doctor(args) -> int:
+    import torch
+
+    from plait.runtime import kernels
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     console.print(f"python {platform.python_version()}, torch {torch.__version__}; {_device_line()}")
     table = Table(title=f"kernels on {device}{' with fp8' if args.fp8 else ''}")

@@ -201,6 +201,9 @@ def _mamba_args(model: ModelSpec, notes: list) -> list[str]:
     if (m.conv, m.chunk) != (4, 128):
         notes.append(f"Megatron's Mamba-2 mixer uses conv 4 and chunk 128; the model has conv {m.conv}, "
                      f"chunk {m.chunk}")
+    if m.dt_min > 0:
+        notes.append(f"the model floors dt at dt_min = {m.dt_min:g} in the forward (transformers' "
+                     f"time_step_min); Megatron-LM has no flag for that floor")
     return [f"--mamba-num-heads {m.heads}", f"--mamba-head-dim {m.head_dim}",
             f"--mamba-num-groups {m.groups}", f"--mamba-state-dim {m.state}"]
 

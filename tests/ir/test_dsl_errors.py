@@ -211,3 +211,11 @@ def test_errors_in_used_files_point_into_those_files(tmp_path):
     with pytest.raises(SpecError) as info:
         load_file(str(tmp_path / "j.plait"))
     assert info.value.file == str(tmp_path / "m.plait") and (info.value.line, info.value.col) == (5, 15)
+
+
+def test_negative_mamba_dt_min_points_at_it():
+    text = ('model "h" {\n  vocab = 64\n  hidden = 32\n'
+            '  mamba { heads = 4, head_dim = 8, groups = 1, state = 8, dt_min = -1e-3 }\n'
+            '  layers = 2 * [mamba]\n}\n')
+    e = spec_error(text)
+    assert "dt_min" in e.message and (e.line, e.col) == (4, 68), e.format()

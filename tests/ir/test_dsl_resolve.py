@@ -45,7 +45,7 @@ def test_every_model_field_reaches_the_ir():
             router = sigmoid, pre_softmax = true, norm_topk = false, expert_bias = true, groups = 4,
             topk_groups = 2, scaling_factor = 2.5, aux_loss = 1e-3, z_loss = 1e-4 }
       mamba { heads = 16, head_dim = 8, groups = 2, state = 16, conv = 3, chunk = 64, conv_bias = false,
-              proj_bias = true, expand = 2 }
+              proj_bias = true, dt_min = 1e-3, expand = 2 }
       layers = [mamba] + 2 * [attention, moe]
     }""").models["full"]
     assert m.norm == Norm("layernorm", 1e-6) and m.tie_embeddings and m.learned_positions
@@ -53,7 +53,7 @@ def test_every_model_field_reaches_the_ir():
     assert m.attention == Attention(8, 8, 16, True, True, True, Rope(1e6, RopeScaling(
         "llama3", 8.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0)))
     assert m.moe == MoE(16, 4, 32, "gelu", 64, True, "sigmoid", True, False, True, 4, 2, 2.5, 1e-3, 1e-4)
-    assert m.mamba == Mamba2(16, 8, 2, 16, 3, 64, False, True)
+    assert m.mamba == Mamba2(16, 8, 2, 16, 3, 64, False, True, dt_min=1e-3)
     assert m.layers == ("mamba", "attention", "moe", "attention", "moe")
 
 
