@@ -99,7 +99,10 @@ def _optimizer_state(dp: DataParallel, rank: int, keys: dict[str, str]) -> dict:
                 out[f"{prefix}/{what}"] = value
         return out
     for name, p in dp.named.items():
-        for what, value in _adam_state(dp.optimizer, p).items():
+        main = dp.optimizer_param(name)
+        if main is not p:  # bf16 / fp8: the fp32 main weight AdamW steps, and its state
+            out[f"optim/{keys[name]}/master"] = main.detach()
+        for what, value in _adam_state(dp.optimizer, main).items():
             out[f"optim/{keys[name]}/{what}"] = value
     return out
 

@@ -187,6 +187,11 @@ class DataParallel:
         if self.main is not None:
             self.main.zero()
 
+    def optimizer_param(self, name: str) -> torch.Tensor:
+        """The tensor AdamW steps for parameter ``name`` (its fp32 main weight under bf16 / fp8
+        with replicated DP; the parameter itself otherwise; ZeRO-1 steps flat shards)."""
+        return self.named[name]
+
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this rank holds per class (ir/counts.py STATE_CLASSES), for memory truth."""
         state = self.optimizer.state
@@ -261,6 +266,9 @@ class Replicated(DataParallel):
 
     def reduced_grads(self) -> dict[str, torch.Tensor]:
         return {n: self.grad(n).detach().clone() for n in self.named if self.grad(n) is not None}
+
+    def optimizer_param(self, name: str) -> torch.Tensor:
+        return self.masters[name]
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         out = super().state_tensors()
