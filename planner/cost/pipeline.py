@@ -140,14 +140,18 @@ class CostTable:
         self.job, self.layout = job, layout
         self.ctx = ctx = Context(job, layout)
         keys = _unit_keys(job, unit_kinds)
-        distinct = {k: build_unit(ctx, *k) for k in dict.fromkeys(keys)}
+        built = {k: build_unit(ctx, *k) for k in dict.fromkeys(keys)}
+        # one object per distinct cost (a bf16-end unit costs as much as an fp8 one where the
+        # device has no faster fp8): the partitioners index unit types by identity
+        canonical: dict = {}
+        distinct = {k: canonical.setdefault(u, u) for k, u in built.items()}
         self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in keys)
         self.unit_index, offset = {}, 0  # first layer of a unit -> its index
         for i, kinds in enumerate(unit_kinds):
             self.unit_index[offset] = i
             offset += len(kinds)
         self.unit_index[offset] = len(unit_kinds)
-        self.homogeneous = len(distinct) == 1
+        self.homogeneous = len(canonical) == 1
         self.first = self._embedding()
         self.last = self._head()
         self.p2p = 2 * comm.pp_send(ctx)  # activations forward, gradients backward, per chunk

@@ -63,3 +63,17 @@ def test_explain_shows_each_stage_precision():
     assert rows[0] == ["pp0", f"0-{stages[0].last - 1}", "fp8 (bf16 GEMMs: layers 0-1)"]
     assert rows[1] == ["pp1", f"{stages[1].first}-{last}", f"fp8 (bf16 GEMMs: layers {last - 2}-{last})"]
     assert "fp32 main weights" in _precision_table(j, plan).title
+
+
+def test_fp8_job_plans_where_fp8_is_no_faster():
+    """local-cpu has no fp8 peak: bf16-end units cost the same as fp8 ones and the partitioners
+    still see one unit type per distinct cost (it used to fail looking a unit up by identity)."""
+    from pathlib import Path
+
+    from plait.ir.dsl import load_job
+    from plait.planner.search import search
+
+    jobs = Path(__file__).resolve().parents[2] / "specs" / "jobs"
+    j = replace(load_job(jobs / "tiny-local.plait"), precision=Precision("fp8", "tensorwise", 1, 1))
+    res = search(j, {"tp": 2, "pp": 2}, top=1)
+    assert res.best is not None and res.best.layout.pp == 2
