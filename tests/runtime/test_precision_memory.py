@@ -54,6 +54,13 @@ def fp8_moe(tmp_path_factory):
                  tmp_path_factory.mktemp("fp8"))
 
 
+@pytest.fixture(scope="module")
+def fp8_dense(tmp_path_factory):  # fp8 linears under FSDP2 (gathered bf16 weights) and TP + SP
+    layouts = {k: LAYOUTS[k] for k in ("dp2-fsdp", "tp2-sp-zero1")}
+    return _rows("tiny-local", Precision("fp8", "tensorwise", 1, 1), layouts,
+                 tmp_path_factory.mktemp("fp8-dense"))
+
+
 @pytest.mark.parametrize("term", STATE)
 def test_bf16_state_bytes_equal_the_memory_model(bf16, term):
     for (case, rank), (got, pred) in bf16.items():
@@ -62,8 +69,8 @@ def test_bf16_state_bytes_equal_the_memory_model(bf16, term):
 
 
 @pytest.mark.parametrize("term", STATE)
-def test_fp8_moe_state_bytes_equal_the_memory_model(fp8_moe, term):
-    for (case, rank), (got, pred) in fp8_moe.items():
+def test_fp8_state_bytes_equal_the_memory_model(fp8_moe, fp8_dense, term):
+    for (case, rank), (got, pred) in {**fp8_moe, **fp8_dense}.items():
         assert got[term] == pytest.approx(pred[term], rel=0.002, abs=64), (case, rank, term)
 
 
