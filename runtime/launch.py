@@ -101,29 +101,36 @@ def local_command(run_dir: Path, nprocs: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """`plait run --save DIR --save-every N --resume DIR`."""
+    """`plait run --save DIR --save-every N --async-save --resume DIR --allow-job-change`."""
 
     save: Optional[str] = None
     every: int = 0
     resume: Optional[str] = None
+    asynchronous: bool = False
+    allow_job_change: bool = False
 
     def options(self) -> dict:
         absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
         return {"save": absolute(self.save), "save_every": self.every,
-                "resume": absolute(self.resume)}
+                "resume": absolute(self.resume), "async_save": self.asynchronous}
 
 
 def check_resume(job: TrainJob, plan: ParallelPlan, ckpt: Checkpointing,
                  steps: Optional[int]) -> Optional[int]:
-    """Before any process starts: the checkpoint exists, fits this plan, and leaves steps to run;
-    returns its step (None without --resume)."""
+    """Before any process starts: the checkpoint exists, every file matches its manifest, it holds
+    this model, the job's math and data order are unchanged (unless allowed), and steps are left
+    to run; returns its step (None without --resume). Any plan of the model may resume it."""
     if ckpt.every < 0:
         raise PlaitError(f"--save-every must be >= 0, got {ckpt.every}")
     if not ckpt.resume:
         return None
-    from .checkpoint import check_compatible
-    meta = check_compatible(ckpt.resume, plan, job.model)
+    from .ckpt_integrity import check_job, check_model, find, read_meta, verify
+    where = find(ckpt.resume)
+    meta = read_meta(where)  # refuses pickled (DCP) metadata before anything reads it
+    verify(where)
+    check_model(where, meta, job.model)
     total = steps or job.steps
+    check_job(where, meta, job, total, ckpt.allow_job_change)
     if meta["step"] >= total:
         raise PlaitError(f"checkpoint {ckpt.resume} has completed {meta['step']} steps; the run "
                          f"has {total}", hint="raise --steps to train further")
@@ -157,12 +164,18 @@ def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Option
     check_resume(job, plan, ckpt, steps)
     write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s,
                   weights=str(Path(weights).resolve()) if weights else None, **ckpt.options())
+    from .train import NON_FINITE_EXIT, STOPPED
+
+    (run_dir / STOPPED).unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
     if not quiet:
-        return subprocess.run(local_command(run_dir, plan.world), env=env).returncode
-    with open(run_dir / "ranks.log", "w") as log:
-        return subprocess.run(local_command(run_dir, plan.world), env=env, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(local_command(run_dir, plan.world), env=env).returncode
+    else:
+        with open(run_dir / "ranks.log", "w") as log:
+            status = subprocess.run(local_command(run_dir, plan.world), env=env, stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+    # torchrun reports any failing rank as 1; the ranks' own record says why they stopped
+    return NON_FINITE_EXIT if status != 0 and (run_dir / STOPPED).is_file() else status
 
 
 def multinode_command(job: TrainJob, plan: ParallelPlan, run_dir: str = "RUN_DIR") -> str:

@@ -89,8 +89,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", metavar="DIR", help="write training checkpoints (DCP) under DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps (and always after the last step)")
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (each completes by the next one)")
     p.add_argument("--resume", metavar="DIR", help="continue from the checkpoint in DIR "
-                   "(its latest step); --steps stays the run's total")
+                   "(its latest step, written under any plan of this model); --steps stays the "
+                   "run's total")
+    p.add_argument("--allow-job-change", action="store_true",
+                   help="resume although global batch, sequence length, seeds, dataset, optimizer "
+                        "or steps differ from the run that wrote the checkpoint")
     p.add_argument("--print-launch", action="store_true",
                    help="print the multi-node torchrun command instead of running")
 
@@ -120,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
         return 0
     console.print(plan_table(plan))
-    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume)
+    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
+                         asynchronous=args.async_save, allow_job_change=args.allow_job_change)
     if args.run_dir:
         claim_output_dir(args.run_dir, RUN_DIR_KIND)
     return train_locally(job, plan, args.steps, args.run_dir, args.weights, ckpt)
@@ -133,8 +140,10 @@ def check_run_args(args: argparse.Namespace) -> None:
     """Every path and number `plait run` was given, checked before planning or training."""
     inputs.at_least(args.steps, 1, "--steps")
     inputs.at_least(args.save_every, 0, "--save-every")
-    if args.save_every and not args.save:
-        raise PlaitError("--save-every needs --save DIR")
+    if (args.save_every or args.async_save) and not args.save:
+        raise PlaitError(f"{'--save-every' if args.save_every else '--async-save'} needs --save DIR")
+    if args.allow_job_change and not args.resume:
+        raise PlaitError("--allow-job-change needs --resume DIR")
     if args.plan and args.layout:
         raise PlaitError("--layout has no effect with --plan", hint="give one of them")
     if args.data and args.synthetic:
@@ -183,6 +192,7 @@ def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
                   run_dir: Optional[str], weights: Optional[str] = None,
                   ckpt: Optional["Checkpointing"] = None) -> int:
     from plait.runtime.launch import Checkpointing, launch_local, resolve_data
+    from plait.runtime.train import NON_FINITE_EXIT
 
     with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
         where = Path(run_dir) if run_dir else Path(tmp)
@@ -192,6 +202,9 @@ def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
                               ckpt=ckpt or Checkpointing())
         console.print(f"{plan.world} ranks finished with status {status} in "
                       f"{time.perf_counter() - start:.1f} s")
+        if status == NON_FINITE_EXIT:
+            raise PlaitError("training stopped: a step's loss or gradient norm was not finite "
+                             "(see the rank output above); checkpoints written before it are kept")
         if status != 0:
             raise PlaitError(f"training failed (exit status {status}); see the rank output above")
     return 0
