@@ -20,9 +20,10 @@ class Precision:
     kind: Literal["bf16", "fp8", "fp32"] = "bf16"
     # fp8 recipe (transformer-engine): "delayed" | "tensorwise" | "blockwise" | "mxfp8"
     fp8_recipe: Optional[str] = None
-    # Number of leading / trailing layers kept in bf16 under fp8 (Nemotron-H recipe).
-    fp8_skip_first: int = 0
-    fp8_skip_last: int = 0
+    # Leading / trailing layers whose GEMMs stay bf16 under fp8 (Nemotron-H keeps 4 at each end;
+    # `fp8(bf16_ends = N)` sets both). See ir/precision.py.
+    fp8_skip_first: int = 4
+    fp8_skip_last: int = 4
 
     @property
     def param_bytes(self) -> int:

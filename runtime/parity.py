@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from plait.ir.cluster import local_cpu
-from plait.ir.job import Data, Optimizer, TrainJob
+from plait.ir.job import Data, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan, Stage, even_stages
 from plait.lowering.build import build_model
@@ -62,10 +62,16 @@ class Setup:
         lr=1e-3, min_lr=1e-4, warmup=1, weight_decay=0.1, grad_clip=0.5))
     seed: int = 0
     dtype: torch.dtype = torch.float32  # float64: rounding out of the way (see run_parity)
+    # None: an fp32 job trained in ``dtype``; bf16 / fp8: the policy decides every dtype
+    precision: Precision | None = None
+
+    @property
+    def model_dtype(self) -> torch.dtype | None:
+        return self.dtype if self.precision is None else None
 
     def job(self, world: int) -> TrainJob:
         return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
-                        global_batch=self.global_batch, seq_len=self.seq, precision=None,
+                        global_batch=self.global_batch, seq_len=self.seq, precision=self.precision,
                         optimizer=self.optimizer, steps=self.steps,
                         data=Data(synthetic=True, seed=self.seed), seed=self.seed)
 
@@ -131,7 +137,7 @@ def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     setup = case.setup(setup)
     plan = case.plan(setup.spec, setup.global_batch, setup.seq)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
-    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.dtype)
+    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.model_dtype)
     record_run(trainer, setup, case.name, rank, out_dir)
 
 
@@ -147,8 +153,10 @@ def record_run(trainer: Trainer, setup: Setup, name: str, rank: int, out_dir: Pa
     for step in range(1, setup.steps):
         trainer.train_step(step, setup.steps)
     shards = dict(trainer.program.shards)  # name -> ShardSpec
+    coords = dict(trainer.program.coords, edp=trainer.mesh.coord("edp"))
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
-                "shards": shards, "coords": trainer.program.coords, "tied": trainer.dp.tied},
+                "shards": shards, "coords": coords, "tied": trainer.dp.tied,
+                "experts": trainer.program.experts},
                out_dir / f"{name}.rank{rank}.pt")
 
 
@@ -167,20 +175,28 @@ def _worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str
         destroy()
 
 
-def _assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
+def assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
     """Whole tensors from the DP-rank-0 records: TP shards reassembled in index order (by their
-    ShardSpec, which knows segmented splits such as Mamba's in_proj)."""
+    ShardSpec, which knows segmented splits such as Mamba's in_proj); expert weights from the
+    EDP-rank-0 records, one piece per (ep, etp) coordinate."""
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    specs: dict = {}
+    experts: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    specs, syncs = {}, {}
     for rec in records:
-        if rec["coords"]["dp"] != 0:
-            continue
+        sync = rec.get("experts")
         for name, tensor in rec[key].items():
-            spec = rec["shards"].get(name)
-            pieces.setdefault(name, {})[spec.index if spec else 0] = tensor
-            specs[name] = spec
-    return {n: specs[n].assemble([p[i] for i in sorted(p)]) if specs[n] else p[0]
-            for n, p in pieces.items()}
+            if sync is not None and name in sync.params:
+                if rec["coords"]["edp"] == 0:
+                    experts.setdefault(name, {})[(sync.grid.ep_rank, sync.grid.etp_rank)] = tensor
+                    syncs[name] = sync
+            elif rec["coords"]["dp"] == 0:
+                spec = rec["shards"].get(name)
+                pieces.setdefault(name, {})[spec.index if spec else 0] = tensor
+                specs[name] = spec
+    whole = {n: specs[n].assemble([p[i] for i in sorted(p)]) if specs[n] else p[0]
+             for n, p in pieces.items()}
+    whole.update({n: syncs[n].assemble(n, p) for n, p in experts.items()})
+    return whole
 
 
 def _copy_diff(records: list[dict], key: str) -> float:
@@ -208,8 +224,8 @@ def _max_diff(got: dict, want: dict) -> tuple[float, str]:
 
 def compare(records: list[dict], ref: dict) -> Errors:
     losses = [r["loss"] for r in records]
-    grad_err, worst = _max_diff(_assemble(records, "grads"), ref["grads"])
-    param_err, worst_param = _max_diff(_assemble(records, "params"), ref["params"])
+    grad_err, worst = _max_diff(assemble(records, "grads"), ref["grads"])
+    param_err, worst_param = _max_diff(assemble(records, "params"), ref["params"])
     return Errors(loss=max(abs(l - ref["loss"]) for l in losses), grads=grad_err,
                   params=param_err, worst_grad=worst, worst_param=worst_param,
                   copies=max(_copy_diff(records, "params"), _copy_diff(records, "grads")))

@@ -26,7 +26,9 @@ from plait.ir.plan import ParallelPlan
 from plait.ir.serde import from_json
 from plait.lowering import collectives as cc
 from plait.lowering.build import build_model
+from plait.ir.precision import PrecisionPolicy
 from plait.lowering.compile import RankProgram, lower
+from plait.lowering.precision import param_dtype
 
 from . import checkpoint
 from . import data as data_mod
@@ -95,21 +97,24 @@ def state_buffer_names(model: torch.nn.Module) -> frozenset:
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
                  source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None,
-                 dtype: torch.dtype = torch.float32, model: Optional[torch.nn.Module] = None):
+                 dtype: Optional[torch.dtype] = None, model: Optional[torch.nn.Module] = None):
         self.job, self.plan, self.mesh = job, plan, mesh
-        self.dtype = dtype  # float64 only for numerics checks (tests/runtime parity in fp64)
+        self.policy = PrecisionPolicy.of(job)  # the job's precision: dtypes, fp8 layers
+        self.policy.check_runnable()
+        # the model's dtype; float64 only for numerics checks (tests/runtime parity in fp64)
+        self.dtype = dtype if dtype is not None else param_dtype(self.policy)
+        self.loss_dtype = torch.promote_types(self.dtype, torch.float32)
         # `model`: a reference module with loaded weights (e.g. a pruned student) to lower instead
-        model = model if model is not None else build_model(job.model, dtype=dtype, seed=job.seed)
-        self.program = lower(model, job.model, plan, mesh.rank)
+        model = model if model is not None else build_model(job.model, dtype=self.dtype, seed=job.seed)
+        self.program = lower(model, job.model, plan, mesh.rank, precision=self.policy)
         if weights:
             load_sharded_weights(self.program, weights, job.model, state_buffer_names(model))
         _keep_local_children(self.program)
         self.program.pipe.to(mesh.device)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)
-        kernels.bind(self.program.pipe, mesh.device.type,
-                     fp8=job.precision is not None and job.precision.kind == "fp8")
+        self.kernels = kernels.bind(self.program.pipe, mesh.device.type, fp8=self.policy.kind == "fp8")
         self.stage_modules = [m for _, m in self.program.local_modules()]
-        self.dp = make_data_parallel(self.program, mesh, job.optimizer)
+        self.dp = make_data_parallel(self.program, mesh, job.optimizer, self.policy)
         self.runner = StepRunner(self.program, mesh, plan.num_microbatches)
         source = source or data_mod.open_source(job.data.path, job.model.vocab,
                                                 job.data.synthetic, job.data.seed)
@@ -123,8 +128,8 @@ class Trainer:
         batch = self.loader.local_batch(step)
         loss = self.runner.run(batch.tokens, batch.labels)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
-        value = loss.reshape(1).to(self.dtype) if (reporter and loss is not None) \
-            else torch.zeros(1, dtype=self.dtype, device=self.mesh.device)
+        value = loss.reshape(1).to(self.loss_dtype) if (reporter and loss is not None) \
+            else torch.zeros(1, dtype=self.loss_dtype, device=self.mesh.device)
         return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp-cp")  # DP x CP reporters
 
     def train_step(self, step: int, total_steps: int) -> StepLog:

@@ -285,7 +285,11 @@ def _precision(p: Precision) -> str:
     if p.kind != "fp8" or p == Precision(kind="fp8"):
         return p.kind
     args = [("recipe", p.fp8_recipe)] if p.fp8_recipe else []
-    args += [(k, number(v)) for k, v in (("skip_first", p.fp8_skip_first), ("skip_last", p.fp8_skip_last)) if v]
+    if p.fp8_skip_first == p.fp8_skip_last:
+        if p.fp8_skip_first != Precision().fp8_skip_first:
+            args.append(("bf16_ends", number(p.fp8_skip_first)))
+    else:
+        args += [("skip_first", number(p.fp8_skip_first)), ("skip_last", number(p.fp8_skip_last))]
     return _call("fp8", args)
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 from plait.ir.cluster import Cluster, local_cpu
 from plait.ir.job import LAYOUT_KEYS, Data, LayoutPins, MoEOptions, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
+from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
 from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
 
 from . import ast
@@ -40,7 +41,7 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
     job = TrainJob(
         name=decl.name, model=model, cluster=cluster,
         global_batch=r.int("global_batch"), seq_len=seq_len,
-        precision=_precision(ctx, r.value("precision", None)),
+        precision=_precision(ctx, r.value("precision", None), model),
         optimizer=_optimizer(ctx, r.value("optimizer", None)),
         moe=_moe_options(moe_block), layout=_layout(r.block("layout")),
         steps=r.int("steps", 100), data=_data(ctx, r.value("data", None), base_dir),
@@ -61,18 +62,32 @@ def _cluster(ctx: Context, r: Reader, find_cluster: Finder) -> Cluster:
     return cluster if gpus is None else resize(ctx, cluster, gpus, r.entries["gpus"].value.pos)
 
 
-def _precision(ctx: Context, value) -> Precision:
+def _precision(ctx: Context, value, model: ModelSpec) -> Precision:
     if value is None:
         return Precision()
     if isinstance(value, ast.Ident) and value.name in PRECISIONS:
-        return Precision(kind=value.name)
-    if not (isinstance(value, ast.Call) and value.name == "fp8"):
+        precision = Precision(kind=value.name)
+    elif isinstance(value, ast.Call) and value.name == "fp8":
+        precision = _fp8(Reader.of_call(ctx, value))
+    else:
         raise ctx.error(f"precision must be bf16, fp32, fp8 or fp8(recipe = ...), got {describe(value)}",
                         value.pos, hint=did_you_mean(getattr(value, "name", ""), PRECISIONS))
-    r = Reader.of_call(ctx, value)
+    problem = precision.kind == "fp8" and fp8_ends_problem(
+        model.num_layers, precision.fp8_skip_first, precision.fp8_skip_last)
+    if problem:
+        raise ctx.error(problem, value.pos, hint="fp8(bf16_ends = N) with 2 N below the layer count")
+    return precision
+
+
+def _fp8(r: Reader) -> Precision:
+    """fp8(recipe = ..., bf16_ends = N) or fp8(skip_first = A, skip_last = B); N, A, B in layers."""
+    ends = r.int("bf16_ends", None, minimum=0)
+    if ends is not None and (r.has("skip_first") or r.has("skip_last")):
+        raise r.ctx.error("give bf16_ends or skip_first / skip_last, not both", r.entries["bf16_ends"].pos)
+    default = DEFAULT_BF16_ENDS if ends is None else ends
     precision = Precision(kind="fp8", fp8_recipe=r.choice("recipe", FP8_RECIPES, None),
-                          fp8_skip_first=r.int("skip_first", 0, minimum=0),
-                          fp8_skip_last=r.int("skip_last", 0, minimum=0))
+                          fp8_skip_first=r.int("skip_first", default, minimum=0),
+                          fp8_skip_last=r.int("skip_last", default, minimum=0))
     r.finish()
     return precision
 

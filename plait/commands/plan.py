@@ -11,6 +11,7 @@ from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
 from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.plan import Layout, ParallelPlan
+from plait.ir.precision import PrecisionPolicy
 from plait.planner import calibration, explain
 from plait.planner.groups import rank_groups
 from plait.planner.layouts import check_pins, job_pins, parse_layout, violations
@@ -49,6 +50,20 @@ def calibration_arg(p) -> None:
     p.add_argument("--calibration", metavar="CALIB_JSON",
                    help="cost-model values measured by `plait calibrate` (override the device "
                         "spec's; the explanation names them)")
+
+
+def _precision_table(job, plan: ParallelPlan) -> Table:
+    """What each pipeline stage computes in: the policy's dtype and, under fp8, which layers'
+    linears keep bf16 (what the cost model charged and what `plait run` lowers)."""
+    policy = PrecisionPolicy.of(job)
+    t = Table(title=f"precision per stage ({policy.kind}: fp32 main weights, grads, Adam)"
+              if policy.mixed else "precision per stage")
+    for col in ("stage", "layers", "precision"):
+        t.add_column(col)
+    for st in plan.stages:
+        t.add_row(f"pp{st.pp_rank}" + (f".v{st.virtual}" if plan.layout.vpp > 1 else ""),
+                  f"{st.first}-{st.last - 1}", policy.describe(st.first, st.last))
+    return t
 
 
 def _run_search(job, extra, top, cal=None):
@@ -95,6 +110,7 @@ def plan_cmd(args) -> int:
         for rej in res.rejections:
             t.add_row(rej.family, rej.reason)
         console.print(t)
+        console.print(_precision_table(job, res.best))
         _print_folding(res)
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")

@@ -15,6 +15,7 @@ from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.outputs import check_output_dir, claim_output_dir
+from plait.ir.precision import PrecisionPolicy
 from plait.ir.plan import ParallelPlan
 
 from . import inputs
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_args(args)
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
+    PrecisionPolicy.of(job).check_runnable()  # an fp8 recipe only the export knows: say so now
     if job.data.path and not args.print_launch:
         _check_dataset(job)
     if args.weights and not args.print_launch:

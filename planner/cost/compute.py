@@ -41,18 +41,21 @@ class Work:
                 + BWD_MEMORY * self.memory)
 
 
-def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0) -> float:
-    """``count`` GEMMs of [m x k] @ [k x n]."""
+def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0,
+              peak: float | None = None) -> float:
+    """``count`` GEMMs of [m x k] @ [k x n] at ``peak`` (default: the linears' peak, fp8's in an
+    fp8 layer)."""
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
     cal = ctx.cal
     eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / m + 1.0 / n + 1.0 / k))
-    compute = 2.0 * m * n * k / (ctx.peak * eff)
+    compute = 2.0 * m * n * k / ((ctx.peak if peak is None else peak) * eff)
     memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.hbm * cal.hbm_eff)
     return count * max(compute, memory)
 
 
-def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: float) -> float:
+def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: float,
+                      peak: float | None = None) -> float:
     """``groups`` GEMMs of [rows x k] @ [k x n] (the local experts, ``rows`` tokens each).
 
     As one grouped GEMM kernel the GPU fills across groups, so the small-dimension knee sees the
@@ -60,11 +63,11 @@ def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: flo
     (grouped_gemm = 0) every expert is its own GEMM and pays the knee on its own rows."""
     cal = ctx.cal
     if cal.grouped_gemm < 0.5 or groups <= 1 or rows <= 0:
-        return gemm_time(ctx, rows, n, k, groups)
+        return gemm_time(ctx, rows, n, k, groups, peak)
     padded = -(-rows // cal.gemm_tile) * cal.gemm_tile
     total = padded * groups
     eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / total + 1.0 / n + 1.0 / k))
-    compute = 2.0 * total * n * k / (ctx.peak * eff)
+    compute = 2.0 * total * n * k / ((ctx.peak if peak is None else peak) * eff)
     memory = ctx.act_bytes * groups * (rows * k + k * n + rows * n) / (
         ctx.hbm * cal.hbm_eff)
     return max(compute, memory)
@@ -129,17 +132,20 @@ def materialised_attention(ctx: Context) -> tuple[float, float]:
     GEMMs over the full s x s square, then scale-mask-softmax and dropout on the scores."""
     a, lay, s = ctx.model.attention, ctx.layout, ctx.job.seq_len // ctx.layout.cp
     batch = ctx.layout.mbs * a.heads / lay.tp
-    gemms = gemm_time(ctx, s, s, a.head_dim, batch) + gemm_time(ctx, s, a.head_dim, s, batch)
+    gemms = (gemm_time(ctx, s, s, a.head_dim, batch, ctx.peak_high)
+             + gemm_time(ctx, s, a.head_dim, s, batch, ctx.peak_high))
     return gemms, batch * s * s * SCORE_BYTES_FWD
 
 
-def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0) -> Work:
+def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0,
+              peak: float | None = None) -> Work:
     """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each (grouped
-    when count > 1: the local experts), with the activation function."""
+    when count > 1: the local experts) at ``peak`` (default: the linears'), with the activation
+    function."""
     h = ctx.model.hidden
     up = width * (2 if gated else 1)
-    gemm = (grouped_gemm_time(ctx, tokens, up, h, count)
-            + grouped_gemm_time(ctx, tokens, h, width, count))
+    gemm = (grouped_gemm_time(ctx, tokens, up, h, count, peak)
+            + grouped_gemm_time(ctx, tokens, h, width, count, peak))
     act = memory_time(ctx, count * tokens * (up + width) * ctx.act_bytes)
     flops = count * tokens * 2 * h * (up + width)
     return Work(gemm=gemm, memory=act, selective=act, flops=flops)
@@ -157,8 +163,10 @@ def moe_work(ctx: Context) -> Work:
     moe, h = model.moe, model.hidden
     t_in = ctx.tokens / lay.tp
     local = moe.experts // lay.ep
-    experts = _ffn_work(ctx, ctx.routed_tokens / local, moe.ffn / lay.etp, moe.gated, local)
-    router = gemm_time(ctx, t_in, moe.experts, h)
+    # expert grouped GEMMs and the fp32 router never run in fp8 (ir/precision.py)
+    experts = _ffn_work(ctx, ctx.routed_tokens / local, moe.ffn / lay.etp, moe.gated, local,
+                        ctx.peak_high)
+    router = gemm_time(ctx, t_in, moe.experts, h, peak=ctx.peak_high)
     shared = (_ffn_work(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated) if moe.shared_ffn
               else Work())
     norm, residual = _norm_and_residual(ctx)
@@ -207,7 +215,7 @@ def head_work(ctx: Context) -> Work:
     """Final norm, output GEMM and vocab-parallel cross-entropy (fp32 softmax) on the last stage."""
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     vocab = model.vocab / lay.tp
-    gemm = gemm_time(ctx, t, vocab, model.hidden)
+    gemm = gemm_time(ctx, t, vocab, model.hidden, peak=ctx.peak_high)  # the head stays bf16
     loss = t * vocab * (ctx.act_bytes + 4 + 4)
     norm, _ = _norm_and_residual(ctx)
     return Work(gemm=gemm, memory=memory_time(ctx, loss + norm),

@@ -7,6 +7,7 @@ only for devices nobody calibrated (they are physically plausible, not fitted).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+import copy
 from functools import cached_property, lru_cache
 
 from plait.ir.cluster import Cluster, Device
@@ -176,6 +177,18 @@ class Context:
     def hbm(self) -> float:
         """Memory bandwidth one rank's memory-bound kernels see (bytes/s, before hbm_eff)."""
         return self.cluster.device.hbm / self.sharing
+
+    @cached_property
+    def peak_high(self) -> float:
+        """Peak of the GEMMs that never run in fp8 (ir/precision.py): expert grouped GEMMs, the
+        router, attention scores, the LM head: bf16 in an fp8 job, the job's own otherwise."""
+        return self.peak_bf16 if self.job.precision.kind == "fp8" else self.peak
+
+    def with_bf16_linears(self) -> "Context":
+        """This context for a layer whose linears stay bf16 under fp8 (the BF16-ends rule)."""
+        twin = copy.copy(self)
+        twin.__dict__["peak"] = self.peak_high
+        return twin
 
     @cached_property
     def act_bytes(self) -> int:

@@ -20,10 +20,11 @@ class RankCost:
     activations: float  # bytes at the schedule's peak (in-flight micro-batches)
     transient: float
     comm: dict
+    fp32_params: float = 0.0  # of dense_params, kept fp32 in a bf16 / fp8 model
 
 
 def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCost:
-    time = fwd = dense = expert = act = transient = 0.0
+    time = fwd = dense = expert = act = transient = fp32_kept = 0.0
     comm_acc: dict = {}
     last_chunk = table.chunks - 1
     for st in stages:
@@ -35,6 +36,7 @@ def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCos
             time += u.time(opt)
             fwd += u.fwd
             dense, expert = dense + u.dense_params, expert + u.expert_params
+            fp32_kept += u.fp32_params
             chunk_act += u.act[opt]
             transient = max(transient, u.transient[opt])
             for k, v in u.comm + (u.recompute_comm if opt == 2 else ()):
@@ -50,11 +52,12 @@ def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCos
                 for k, v in extra.comm:
                     comm_acc[k] = comm_acc.get(k, 0.0) + v
     return RankCost(time=time, fwd=fwd, dense_params=dense, expert_params=expert,
-                    activations=act * table.inflight(rank), transient=transient, comm=comm_acc)
+                    activations=act * table.inflight(rank), transient=transient, comm=comm_acc,
+                    fp32_params=fp32_kept)
 
 
 def rank_memory(table: CostTable, rc: RankCost, rank: int) -> MemoryBreakdown:
-    s = memory.state_bytes(table.ctx, rc.dense_params, rc.expert_params)
+    s = memory.state_bytes(table.ctx, rc.dense_params, rc.expert_params, rc.fp32_params)
     buffers = table.buffer_bytes(rank) + rc.transient
     frag = table.fragmentation * (rc.activations + buffers)
     return MemoryBreakdown(weights=s["weights"], gradients=s["grads"], optimizer=s["optimizer"],
@@ -134,7 +137,7 @@ def rank_tensor_bytes(table: CostTable, stages: tuple[Stage, ...], rank: int) ->
     keep for backward per micro-batch (one micro-batch in flight). The terms runtime/memory_probe.py
     measures on the real runtime."""
     rc = rank_cost(table, stages, rank)
-    out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params)
+    out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params, rc.fp32_params)
     saved = rc.activations / table.inflight(rank)
     if any(st.pp_rank == rank and st.virtual * table.layout.pp + rank == table.chunks - 1
            for st in stages):

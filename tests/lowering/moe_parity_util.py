@@ -25,6 +25,7 @@ from plait.lowering.build import build_model
 from plait.runtime.data import BatchLoader, SyntheticTokens
 from plait.runtime.moe_balance import bias_blocks, update_expert_biases
 from plait.runtime.optim import lr_at
+from plait.runtime.parity import assemble
 from plait.runtime.train import ReferenceTrainer, Trainer
 
 from moe_dist_util import bind_layout, max_err
@@ -148,29 +149,6 @@ def _reference_step(model, case: MoECase, step: int) -> tuple[float, dict]:
         p.grad /= calls
         grads[n] = p.grad.clone()
     return sum(losses) / calls, grads
-
-
-def assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
-    """Whole tensors: TP shards from DP rank 0 (ShardSpec), expert shards from EDP rank 0 (one
-    piece per (ep, etp) coordinate), whole replicated tensors from any holder."""
-    tp_pieces: dict[str, dict[int, torch.Tensor]] = {}
-    ex_pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    specs, syncs = {}, {}
-    for rec in records:
-        sync = rec["experts"]
-        for name, tensor in rec[key].items():
-            if name in sync.params:
-                if rec["coords"]["edp"] == 0:
-                    ex_pieces.setdefault(name, {})[(sync.grid.ep_rank, sync.grid.etp_rank)] = tensor
-                    syncs[name] = sync
-            elif rec["coords"]["dp"] == 0:
-                spec = rec["shards"].get(name)
-                tp_pieces.setdefault(name, {})[spec.index if spec else 0] = tensor
-                specs[name] = spec
-    whole = {n: specs[n].assemble([p[i] for i in sorted(p)]) if specs[n] else p[0]
-             for n, p in tp_pieces.items()}
-    whole.update({n: syncs[n].assemble(n, p) for n, p in ex_pieces.items()})
-    return whole
 
 
 def errors(records: list[dict], ref: dict) -> dict[str, float]:
