@@ -19,6 +19,7 @@ from plait.lowering import collectives
 from plait.lowering.compile import dense_layout
 from plait.planner.groups import rank_groups
 
+from . import stall
 from .device import CPU
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -93,7 +94,9 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S,
                 mesh.groups[axis], mesh.members[axis] = made[ranks], ranks
     _embedding_groups(mesh, table["pp"], timeout)
     mesh.groups["world"], mesh.members["world"] = dist.group.WORLD, tuple(range(world))
-    return bind(mesh)
+    bind(mesh)
+    stall.start(rank)  # a timed-out collective names the members that did not arrive
+    return mesh
 
 
 def bind(mesh: Mesh) -> Mesh:
@@ -118,6 +121,7 @@ def _embedding_groups(mesh: Mesh, pp_groups, timeout) -> None:
 
 
 def destroy() -> None:
+    stall.stop()
     collectives.unbind_all()
     if dist.is_initialized():
         dist.destroy_process_group()
