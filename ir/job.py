@@ -72,6 +72,10 @@ class Data:
     synthetic: bool = False
     tokenizer: str = "byte"
     seed: int = 1234
+    # Validation: every ``val_every`` steps, the loss over the held-out last ``val_fraction`` of
+    # the dataset's windows (which training then never reads). 0: no validation.
+    val_every: int = 0
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class TrainJob:
     steps: int = 100
     data: Data = field(default_factory=Data)
     seed: int = 0
+    timeout: float = 300.0  # seconds a collective may wait before the run reports who is missing
 
     @property
     def tokens_per_step(self) -> int:
