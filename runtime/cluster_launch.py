@@ -13,7 +13,7 @@ from pathlib import Path
 
 from plait.ir.job import TrainJob
 
-WORKER = "plait.runtime.train"
+WORKER = "plait.runtime.worker"
 RDZV_PORT = 29500
 SBATCH = "launch.sbatch"
 
