@@ -37,10 +37,8 @@ def check_dataset(job: TrainJob, weights: Optional[str] = None) -> None:
     from .validation import held_out
 
     root = Path(job.data.path)
-    source = MemmapTokens(root)  # PlaitError when the directory or its files are missing
+    source = MemmapTokens(root)  # PlaitError when it is missing, empty or its metadata unreadable
     tokens, vocab = source.tokens, job.model.vocab
-    if len(tokens) == 0:
-        raise PlaitError(f"dataset {root} is empty ({root / 'tokens.bin'} holds no tokens)")
     windows = source.num_windows(job.seq_len + 1)
     train = windows - held_out(windows, job.data.val_fraction if job.data.val_every else 0.0)
     if train < job.global_batch:
