@@ -72,10 +72,12 @@ class Data:
     synthetic: bool = False
     tokenizer: str = "byte"
     seed: int = 1234
-    # Validation: every ``val_every`` steps, the loss over the held-out last ``val_fraction`` of
-    # the dataset's windows (which training then never reads). 0: no validation.
+    # Validation: every ``val_every`` steps, the mean loss over ``val_batches`` global batches of
+    # the held-out last ``val_fraction`` of the dataset's windows (which training never reads; the
+    # same batches each time, as Megatron-LM's eval_iters). val_every = 0: no validation.
     val_every: int = 0
     val_fraction: float = 0.0
+    val_batches: int = 10
 
 
 @dataclass(frozen=True)

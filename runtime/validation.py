@@ -1,6 +1,6 @@
 """Validation loss on a held-out split: the job's `val_fraction` of the dataset's windows (the last
-ones) never reach training; every `val_every` steps the Trainer computes the loss over all of
-them in global batches, sharded over DP like training batches.
+ones) never reach training; every `val_every` steps the Trainer computes the mean loss over
+`val_batches` global batches of them (the same ones each time), sharded over DP like training.
 
 The loss is computed by the training step's own forward (the pipeline schedules run forward and
 backward together); the gradients it leaves are discarded, and so are the MoE expert loads it
@@ -31,7 +31,8 @@ class Part:
         self.source, self.vocab = source, source.vocab
         total = source.num_windows(length)
         held = held_out(total, fraction)
-        self.first, self.count, self.length = (0, total - held) if train else (total - held, held)
+        self.first, self.count = (0, total - held) if train else (total - held, held)
+        self.length = length
 
     def num_windows(self, length: int) -> int:
         if length != self.length:
@@ -62,9 +63,10 @@ def validation_loader(source: data_mod.TokenSource, data: Data, seq_len: int, gl
                                 dp_size=dp_size, device=device)
 
 
-def validation_loss(trainer, loader: data_mod.BatchLoader) -> tuple[float, int]:
-    """Mean loss over every full global batch of the held-out split, and the tokens it covered."""
-    batches = loader.windows // loader.global_batch
+def validation_loss(trainer, loader: data_mod.BatchLoader, batches: int) -> tuple[float, int]:
+    """Mean loss over the held-out split's first ``batches`` global batches (fewer when it holds
+    fewer), and the tokens they cover."""
+    batches = min(batches, loader.windows // loader.global_batch)
     total = 0.0
     for index in range(batches):
         trainer.dp.zero_grad()

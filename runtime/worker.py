@@ -95,7 +95,8 @@ class StepHooks:
         if self.saver is not None:
             self.saver(trainer, completed, total)
         if self.val_loader is not None and (completed % self.val_every == 0 or completed == total):
-            loss, tokens = validation.validation_loss(trainer, self.val_loader)
+            loss, tokens = validation.validation_loss(trainer, self.val_loader,
+                                                      trainer.job.data.val_batches)
             if self.lead:
                 self.metrics.validation(completed, loss, tokens)
                 self.out.print(f"validation after step {completed}: loss {loss:.4f} "

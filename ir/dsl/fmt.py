@@ -303,7 +303,7 @@ def _data(d: Data) -> str:
     if d == Data(path=d.path) and d.path is not None:
         return f'"{d.path}"'
     args = [("path", f'"{d.path}"')] if d.path is not None else []
-    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction"))
+    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches"))
     return _call("synthetic" if d.synthetic else "dataset", args)
 
 

@@ -210,7 +210,8 @@ def _validation(ctx: Context, r: Reader, value) -> dict:
     if fraction and not every:
         raise ctx.error("val_fraction needs val_every (how often to validate)", value.pos,
                         hint="e.g. val_every = 50")
-    return {"val_every": every, "val_fraction": fraction if every else 0.0}
+    batches = r.int("val_batches", Data.val_batches, minimum=1)
+    return {"val_every": every, "val_fraction": fraction if every else 0.0, "val_batches": batches}
 
 
 def _tokenizer(ctx: Context, value) -> str:
