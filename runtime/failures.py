@@ -90,9 +90,9 @@ def summary(run_dir: Path, world: int) -> str:
         lines.append(f"{lead}rank {first['rank']} failed first: {first['error']}")
         lines.append(f"  full log: {rank_log(run_dir, first['rank'])}")
         if len(failed) > 1:
-            lines.append(f"  ranks {', '.join(str(s['rank']) for s in failed[1:])} failed after it")
+            lines.append(f"  {_ranks([s['rank'] for s in failed[1:]])} failed after it")
     if never:
-        lines.append(f"ranks {_ranges(never)} never started (see {run_dir / 'torchrun.log'})")
+        lines.append(f"{_ranks(never)} never started (see {run_dir / 'torchrun.log'})")
     if not lines:
         lines.append(f"no rank reported an error; see {run_dir / 'torchrun.log'}")
     if last:
@@ -104,7 +104,7 @@ def _others(ranks: list[int]) -> str:
     return f" (also gone: ranks {', '.join(map(str, ranks[1:]))})" if len(ranks) > 1 else ""
 
 
-def _ranges(ranks: list[int]) -> str:
+def _ranks(ranks: list[int]) -> str:
     if len(ranks) > 4:
-        return f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
-    return ", ".join(map(str, ranks))
+        return f"ranks {ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
