@@ -496,20 +496,32 @@ def moe_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float
 
 
 def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
-    """in_proj output, conv output, scan output, gated-norm inputs and the chunk states."""
+    """Tensor by tensor (lowering/modules/mamba.py, no recompute): in_proj's input and output, the
+    conv's padded input, pre-activation and output (x, B, C are views of it), dt before and after
+    softplus (and the dt floor's output), fp32 upcasts where the activations are narrower, and the
+    gated norm's tensors: its fp32 input, silu(z), the product, the group statistics and the
+    normalised output before and after the scale (out_proj's input). The scan keeps only its inputs
+    (it recomputes its chunk matrices in backward, as mamba-ssm's fused scan does)."""
     m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
+    inner, channels, heads = m.d_inner / tp, m.conv_channels / tp, m.heads / tp
+    micro_batches = t / s.seq
+    widened = 0 if b == _FP32 else 1  # upcast() copies only narrower activations
     return {"norm": norm_saved_bytes(model, s), "input": t * model.hidden * b,
-            "in_proj": t * m.in_proj_out / tp * b, "conv": t * m.conv_channels / tp * b,
-            "scan": t * m.d_inner / tp * b, "gated_norm": 2 * t * m.d_inner / tp * b,
-            "states": (t / m.chunk) * (m.heads / tp) * m.head_dim * m.state * _FP32}
+            # kept through z (a view of it) only when upcast(z) is not a copy
+            "in_proj": (1 - widened) * t * m.in_proj_out / tp * b,
+            "conv": channels * (3 * t + (m.conv - 1) * micro_batches) * b,
+            "dt": (2 + (m.dt_min > 0)) * t * heads * _FP32 + 2 * heads * _FP32,
+            "skip": widened * t * inner * _FP32,
+            "gated_norm": t * inner * _FP32 * (3 + widened) + t * m.groups / tp * _LSE_BYTES
+            + 2 * t * inner * b}
 
 
 def mamba_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
-    """Kept under selective recompute: the input, in_proj's and out_proj's outputs, the states."""
+    """Kept under selective recompute: the input and the outputs of in_proj, the conv and out_proj
+    (the scan is one opaque kernel to it, recomputed whole)."""
     m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
     out = {"input": s.stream_tokens * model.hidden * b, "in_proj": t * m.in_proj_out / tp * b,
-           "out_proj": t * model.hidden * b,
-           "states": (t / m.chunk) * (m.heads / tp) * m.head_dim * m.state * _FP32}
+           "conv": t * m.conv_channels / tp * b, "out_proj": t * model.hidden * b}
     out.update(_tp_collectives(model, s))
     return out
 

@@ -40,6 +40,9 @@ class Optimizer:
     warmup: int = 0  # steps
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     grad_clip: float = 1.0
+    # steps whose loss or gradient norm is not finite that a run may skip (no update) before it
+    # stops; 0: the first one stops the run (Megatron-style skipping when > 0)
+    skip_bad_steps: int = 0
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def cp_ssd_scan(x, dt, A, B, C, chunk: int, axis: str, size: int, rank: int) -> 
     out = []
     for i, cid in enumerate(zigzag_chunks(size, rank)):
         xi, dti, Bi, Ci = (p[i] for p in parts)
-        y = ssd.ssd_chunked(xi, dti, A, Bi, Ci, chunk)
+        y = ssd.ssd_chunked_recomputed(xi, dti, A, Bi, Ci, chunk)
         decay_in = torch.exp((upcast(dti) * A).cumsum(1))  # [b, s, h]
         Ch = ssd.heads_from_groups(upcast(Ci), x.shape[2])
         y = y + torch.einsum("bshn,bhpn->bshp", Ch, entering[cid]) * decay_in[..., None]

@@ -19,6 +19,7 @@ KEPT_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.
 KEPT_NAMESPACES = {"plait", "_c10d_functional", "c10d_functional", "c10d"}
 
 _RECOMPUTING = [0]
+_OPAQUE = [0]
 
 
 def is_recomputing() -> bool:
@@ -35,8 +36,22 @@ def _recomputing():
         _RECOMPUTING[0] -= 1
 
 
+@contextmanager
+def opaque_to_selective():
+    """Ops run inside are one kernel to selective recompute: none of their outputs is kept (the
+    pure-PyTorch SSD scan's einsums would otherwise be kept as matmuls; mamba-ssm's fused scan is
+    a single op that selective recompute re-runs)."""
+    _OPAQUE[0] += 1
+    try:
+        yield
+    finally:
+        _OPAQUE[0] -= 1
+
+
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Keep matmul and collective outputs; recompute the cheap, memory-heavy rest."""
+    if _OPAQUE[0] > 0:
+        return CheckpointPolicy.PREFER_RECOMPUTE
     packet = getattr(op, "overloadpacket", op)
     if packet in KEPT_OPS or getattr(op, "namespace", "") in KEPT_NAMESPACES:
         return CheckpointPolicy.MUST_SAVE

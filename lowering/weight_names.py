@@ -137,3 +137,44 @@ def _nemotron_h(spec: ModelSpec, name: str, prefix: str) -> list:
     if local not in table:
         raise PlaitError(f"no checkpoint name for MoE parameter {local!r}")
     return table[local]
+
+
+# ---- export: reference tensors -> the checkpoint names a family's hub checkpoints use ------------
+def _hub_fits(model_type: str, names: list[str]) -> bool:
+    """Names in the layout transformers' save_pretrained writes for this family: Mixtral's
+    block_sparse_moe experts w1/w2/w3, Qwen-MoE's mlp.experts.{e}, Nemotron-H's backbone prefix."""
+    if model_type == "mixtral":
+        return not any(".mlp." in n for n in names)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        return not any("block_sparse_moe" in n for n in names)
+    if model_type in HYBRID:
+        return all(n.startswith("backbone.") or n == "lm_head.weight" for n in names)
+    return True
+
+
+def export_recipe(model_type: str, spec: ModelSpec, name: str) -> Recipe:
+    """The recipe to write reference tensor ``name`` as: the family's hub layout (per-expert
+    tensors rather than transformers' in-memory fused ones), which from_pretrained reads."""
+    candidates = [r for r in hf_candidates(model_type, spec, name) if _hub_fits(model_type, refs(r))]
+    if not candidates:
+        raise PlaitError(f"no {model_type} checkpoint name for {name!r}")
+    stacks = [r for r in candidates if isinstance(r, Stack)]
+    return (stacks or candidates)[0]
+
+
+def split_recipe(recipe: Recipe, tensor) -> dict:
+    """The checkpoint tensors that make up ``tensor`` under ``recipe`` (the inverse of reading it):
+    a Stack unbinds dim 0, a Cat splits into equal parts (gate and up rows)."""
+    if isinstance(recipe, Ref):
+        return {recipe.name: tensor}
+    if isinstance(recipe, Stack):
+        pieces = tensor.unbind(0)
+    else:
+        if tensor.shape[recipe.dim] % len(recipe.parts):
+            raise PlaitError(f"cannot split {tuple(tensor.shape)} into {len(recipe.parts)} equal "
+                             f"parts along dim {recipe.dim}")
+        pieces = tensor.chunk(len(recipe.parts), recipe.dim)
+    out = {}
+    for part, piece in zip(recipe.parts, pieces):
+        out.update(split_recipe(part, piece))
+    return out

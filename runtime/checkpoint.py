@@ -1,216 +1,313 @@
-"""Training checkpoints with torch.distributed.checkpoint (DCP): save every N steps, resume exactly.
+"""Training checkpoints in a canonical global form: save every N steps, resume under any layout.
 
-    SAVE_DIR/step-000004/   DCP files (.metadata, __<rank>_0.distcp) + plait.json (what wrote it)
+    SAVE_DIR/step-000004/   rank-*.safetensors (chunks), index.json (where each chunk lies in its
+                            global tensor), plait.json (what wrote it), manifest.json (written last)
     SAVE_DIR/latest         the newest complete step directory's name
 
-Every rank contributes its own state; DCP writes in parallel and keeps one copy of tensors that
-several ranks hold under the same key. Keys say what makes a tensor unique:
+Every tensor is stored in its global (reference-model) shape, as chunks with offsets (see
+ckpt_chunks), so a checkpoint written under one plan loads under any other plan of the same model:
+tp/sp, pp/vpp, dp/zero1/fsdp, cp, ep/etp/edp, other world sizes. Names say what a tensor is:
 
-    model/<name>[@tp<i>|@ep<e>.etp<t>]    parameters (TP pieces and expert shards tagged; DP
-                                          replicas and the tied-embedding copies share a key)
-    buffer/<name>                         persistent buffers (MoE expert biases: the same on
-                                          every rank of a stage)
-    optim/<param key>/<state>             AdamW state (replicated: per parameter; FSDP: DTensor
-                                          shards, DCP records their offsets)
-    optim/zero1/rank<r>/flat<k>/<state>   ZeRO-1: the rank's master shard and its AdamW state
-    rng/rank<r>/{cpu,cuda}                each rank's generators
-    trainer                               completed steps, LR horizon, data position
+    model/<name>                 parameters
+    buffer/<name>                persistent buffers (MoE expert biases)
+    optim/<name>/<state>         AdamW exp_avg, exp_avg_sq (parameter-shaped) and step; ZeRO-1
+                                 shards are gathered along DP into parameter shape first
+    rng/rank<r>/{cpu,cuda}       each rank's generators (restored on ranks that exist in both)
 
-The LR schedule and the data order are functions of the step (and the job's seeds), so the step is
-their whole state. A checkpoint resumes only under the layout that wrote it (same shards); anything
-else is refused with the path and both layouts.
+The LR schedule and the data order are functions of the step (and the job's seeds), so the step in
+plait.json is their whole state. A ZeRO-1 master copy equals its parameter (both are fp32 or both
+fp64), so it is rebuilt from the parameters rather than stored.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from plait.ir.errors import PlaitError
-from plait.ir.plan import ParallelPlan
-from plait.ir.serde import to_dict
+from plait.lowering import collectives as cc
 
-from .optim import DataParallel, ZeroOne
+from . import ckpt_store as store
+from .ckpt_chunks import Chunk, chunks, local_rows, local_tensor
+from .ckpt_integrity import (META, finalize, fingerprints, find, read_meta, check_model,
+                             step_dir, temp_dir)
+from .optim import ZeroOne
 
-META = "plait.json"
-LATEST = "latest"
-VERSION = 1
-# Layout fields that decide which tensors a rank holds (sp, mbs, recompute and schedule do not).
-STATE_FIELDS = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "dp_kind")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+Entry = tuple[str, torch.Tensor, list[Chunk]]  # global name, the rank's tensor, its chunks
 
-
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step-{step:06d}"
+__all__ = ["save", "load", "find", "step_dir", "Saver", "persistent_buffers", "META"]
 
 
-def state_signature(plan: ParallelPlan, model) -> dict:
-    """What must match for a checkpoint to load: the model, the state-bearing layout, the stages."""
-    layout = {k: getattr(plan.layout, k) for k in STATE_FIELDS}
-    stages = [[s.first, s.last] for s in sorted(plan.stages, key=lambda s: s.first)]
-    signature = {"model": to_dict(model), "layout": layout, "stages": stages, "world": plan.world}
-    return json.loads(json.dumps(signature))  # as plait.json will read back (lists, not tuples)
+@lru_cache(maxsize=8)
+def global_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """Every parameter's and buffer's global shape, from the reference model on the meta device."""
+    from plait.lowering.build import build_model
 
-
-# ---- state dict ---------------------------------------------------------------------------------
-def param_key(trainer, name: str) -> str:
-    program, mesh = trainer.program, trainer.mesh
-    if name in program.shards:
-        return f"{name}@tp{program.shards[name].index}"
-    if name in program.experts.params:
-        return f"{name}@ep{mesh.coord('ep')}.etp{mesh.coord('etp')}"
-    return name
+    with torch.device("meta"):
+        model = build_model(spec, device="meta", seed=0)
+    return {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
 
 
 def persistent_buffers(trainer) -> dict[str, torch.Tensor]:
-    """The local stages' buffers that are state (not RoPE tables and other derived ones)."""
-    out = {}
+    """The local stages' buffers that are state: the reference model's persistent buffers (not RoPE
+    tables and other derived ones, nor constants torch.fx lifted into buffers)."""
+    out, model = {}, global_shapes(trainer.job.model)
     for _, stage in trainer.program.local_modules():
         for name, buf in stage.named_buffers():
             owner, _, leaf = name.rpartition(".")
-            if leaf not in stage.get_submodule(owner)._non_persistent_buffers_set:
+            if name in model and leaf not in stage.get_submodule(owner)._non_persistent_buffers_set:
                 out[name] = buf
     return out
 
 
+def _full_shape(trainer, name: str) -> tuple[int, ...]:
+    shapes = global_shapes(trainer.job.model)
+    if name not in shapes:
+        raise PlaitError(f"parameter {name!r} is not in model {trainer.job.model.name!r}")
+    return shapes[name]
+
+
+def _param_chunks(trainer, name: str, p: torch.Tensor, fsdp_rows: bool = True) -> list[Chunk]:
+    """Where this rank's (TP / expert / FSDP shard of) parameter ``name`` lies in the global one."""
+    full, program = _full_shape(trainer, name), trainer.program
+    if name in program.experts.params:
+        index = program.experts.slices(name, full)
+    elif name in program.shards:
+        index = program.shards[name].slices(full)
+    else:
+        index = None
+    return chunks(full, index, local_rows(p) if fsdp_rows else None)
+
+
 def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
     """torch AdamW's per-parameter state, created as its first step would (zeros, step 0) when the
-    parameter has not stepped yet, so a fresh optimizer has every tensor DCP loads into."""
+    parameter has not stepped yet, so a fresh optimizer has every tensor a load fills."""
     state = optimizer.state[p]
     if not state:
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for what in MOMENTS:
+            state[what] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state
 
 
-def _optimizer_state(dp: DataParallel, rank: int, keys: dict[str, str]) -> dict:
-    out = {}
-    if isinstance(dp, ZeroOne):
-        for k, flat in enumerate(dp.flats):
-            prefix = f"optim/zero1/rank{rank}/flat{k}"
-            out[f"{prefix}/master"] = flat.master.detach()
-            for what, value in _adam_state(dp.optimizer, flat.master).items():
-                out[f"{prefix}/{what}"] = value
-        return out
-    for name, p in dp.named.items():
-        for what, value in _adam_state(dp.optimizer, p).items():
-            out[f"optim/{keys[name]}/{what}"] = value
+def _zero1_views(trainer, gather: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """ZeRO-1: name -> {exp_avg, exp_avg_sq: parameter-shaped (TP-local) tensors, step}. With
+    ``gather`` they hold the moments all-gathered over the flat's DP group (collective); else zeros
+    for a load to fill and `_zero1_scatter` to put back."""
+    dp, out = trainer.dp, {}
+    names = {id(p): n for n, p in dp.named.items()}
+    for flat in dp.flats:
+        state = _adam_state(dp.optimizer, flat.master)
+        full = {w: (cc.all_gather(state[w], 0, flat.axis) if flat.dp > 1 else state[w]) if gather
+                else torch.zeros(flat.size * flat.dp, dtype=flat.dtype, device=flat.device)
+                for w in MOMENTS}
+        offset = 0
+        for p in flat.params:
+            out[names[id(p)]] = {**{w: full[w][offset:offset + p.numel()].view_as(p) for w in MOMENTS},
+                                 "step": state["step"].clone() if gather else torch.tensor(0.0)}
+            offset += p.numel()
     return out
 
 
-def state_dict(trainer, step: int, total_steps: int) -> dict:
-    """This rank's share of the training state, tensors by reference (DCP loads in place)."""
-    rank = trainer.mesh.rank
-    keys = {name: param_key(trainer, name) for name in trainer.dp.named}
-    out = {f"model/{keys[n]}": p.detach() for n, p in trainer.dp.named.items()}
-    out.update({f"buffer/{n}": b for n, b in persistent_buffers(trainer).items()})
-    out.update(_optimizer_state(trainer.dp, rank, keys))
-    out[f"rng/rank{rank}/cpu"] = torch.get_rng_state()
+def _zero1_scatter(trainer, views: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put loaded parameter-shaped moments back into each rank's flat shard; masters from the
+    (loaded) parameters."""
+    dp = trainer.dp
+    names = {id(p): n for n, p in dp.named.items()}
+    for flat in dp.flats:
+        mine = slice(flat.dp_rank * flat.size, (flat.dp_rank + 1) * flat.size)
+        state = _adam_state(dp.optimizer, flat.master)
+        with torch.no_grad():
+            for w in MOMENTS:
+                state[w].copy_(flat._flatten([views[names[id(p)]][w] for p in flat.params])[mine])
+            flat.master.copy_(flat._flatten([p.detach() for p in flat.params])[mine])
+        if flat.params:
+            state["step"] = views[names[id(flat.params[0])]]["step"].clone()
+
+
+def entries(trainer, zero1_views: Optional[dict] = None) -> list[Entry]:
+    """This rank's share of the training state as global names, local tensors and chunks."""
+    out: list[Entry] = []
+    for name, p in trainer.dp.named.items():
+        where = _param_chunks(trainer, name, p)
+        out.append((f"model/{name}", local_tensor(p.detach()), where))
+        if zero1_views is not None:
+            state, where = zero1_views[name], _param_chunks(trainer, name, p, fsdp_rows=False)
+        else:
+            state = _adam_state(trainer.dp.optimizer, p)
+        out += [(f"optim/{name}/{w}", local_tensor(state[w]), where) for w in MOMENTS]
+        out.append((f"optim/{name}/step", state["step"], chunks(())))
+    for name, buf in persistent_buffers(trainer).items():
+        out.append((f"buffer/{name}", buf, chunks(_full_shape(trainer, name))))
+    return out
+
+
+def _rng_entries(trainer) -> list[Entry]:
+    rank, out = trainer.mesh.rank, []
+    cpu = torch.get_rng_state()
+    out.append((f"rng/rank{rank}/cpu", cpu, chunks(tuple(cpu.shape))))
     if trainer.mesh.device.type == "cuda":
-        out[f"rng/rank{rank}/cuda"] = torch.cuda.get_rng_state(trainer.mesh.device)
-    out["trainer"] = {"step": step, "total_steps": total_steps}
+        cuda = torch.cuda.get_rng_state(trainer.mesh.device)
+        out.append((f"rng/rank{rank}/cuda", cuda, chunks(tuple(cuda.shape))))
     return out
+
+
+def _owned(all_entries: list[Entry], rank: int) -> list[tuple[str, Chunk, torch.Tensor]]:
+    """The chunks this rank writes: each distinct (tensor, chunk) by the lowest rank holding it."""
+    mine = [(name, (c.offset, c.size)) for name, _, cs in all_entries for c in cs]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    first: dict = {}
+    for r, listed in enumerate(everyone):
+        for key in listed:
+            first.setdefault(key, r)
+    return [(name, c, t) for name, t, cs in all_entries for c in cs
+            if first[(name, (c.offset, c.size))] == rank]
+
+
+def _shape_of(trainer, name: str, t: torch.Tensor) -> list[int]:
+    """The global shape of state tensor ``name`` (``t`` is this rank's piece)."""
+    kind, _, rest = name.partition("/")
+    if kind == "rng":
+        return list(t.shape)
+    if kind == "optim":
+        base, _, what = rest.rpartition("/")
+        return [] if what == "step" else list(_full_shape(trainer, base))
+    return list(_full_shape(trainer, rest))
+
+
+def _shapes(all_entries: list[Entry], trainer) -> dict[str, tuple[list[int], str]]:
+    return {name: (_shape_of(trainer, name, t), str(t.dtype).removeprefix("torch."))
+            for name, t, _ in all_entries}
 
 
 # ---- save ---------------------------------------------------------------------------------------
-def save(trainer, root: str | Path, step: int, total_steps: int) -> Path:
-    """Collective: every rank writes its state for completed step ``step``; rank 0 then writes
-    plait.json and points ``latest`` at it."""
-    target = step_dir(root, step)
-    dcp.save(state_dict(trainer, step, total_steps), checkpoint_id=str(target))
-    if trainer.mesh.rank == 0:
-        meta = {"version": VERSION, "step": step, "total_steps": total_steps,
+@dataclass
+class Pending:
+    """A save whose rank files may still be being written (async); `finish` completes it."""
+
+    trainer: object
+    root: Path
+    step: int
+    thread: Optional[object] = None
+    result: Optional[tuple[int, str]] = None
+
+    def finish(self) -> Path:
+        """Collective: wait for this rank's file, then rank 0 writes the manifest, renames the
+        step directory into place and moves ``latest``."""
+        if self.thread is not None:
+            self.thread.join()
+        return finalize(self.root, self.step, self.trainer.mesh.rank, self.result)
+
+
+def save(trainer, root: str | Path, step: int, total_steps: int, asynchronous: bool = False):
+    """Collective: every rank writes its chunks of the state after ``step`` completed steps.
+    Synchronous: returns the step directory. Asynchronous: returns a `Pending` once the state is
+    copied to CPU memory; its ``finish()`` (collective) completes the checkpoint."""
+    root, rank = Path(root), trainer.mesh.rank
+    tmp = temp_dir(root, step)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way: never resumed from
+        tmp.mkdir(parents=True)
+    views = _zero1_views(trainer, gather=True) if isinstance(trainer.dp, ZeroOne) else None
+    state = entries(trainer, views) + _rng_entries(trainer)
+    owned = _owned(state, rank)
+    recs = store.records(rank, [(n, c) for n, c, _ in owned])
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (_shapes(state, trainer), recs))
+    if rank == 0:
+        shapes = {k: v for s, _ in everyone for k, v in s.items()}
+        store.write_index(tmp, shapes, [r for _, rs in everyone for r in rs])
+        meta = {"version": 2, "step": step, "total_steps": total_steps,
                 "job": trainer.job.name, "layout_text": trainer.plan.layout.short(),
-                "data": _data_position(trainer, step),
-                **state_signature(trainer.plan, trainer.job.model)}
-        (target / META).write_text(json.dumps(meta, indent=1) + "\n")
-        (Path(root) / LATEST).write_text(target.name + "\n")
-    dist.barrier()
-    return target
+                "data": {"next_step": step, "seed": trainer.loader.seed},
+                **fingerprints(trainer.job, trainer.plan, total_steps)}
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    dist.barrier()  # the directory exists for every rank
+    pending = Pending(trainer, root, step)
+    if not asynchronous:  # training waits: the live tensors are written as they are
+        pending.result = _write_or_report(tmp, rank, recs, store.views(owned))
+        return pending.finish()
+    data = store.snapshot(owned)  # training goes on: the thread writes a copy
+    import threading
+
+    def write() -> None:
+        pending.result = _write_or_report(tmp, rank, recs, data)
+    pending.thread = threading.Thread(target=write, name=f"plait-ckpt-{step}", daemon=True)
+    pending.thread.start()
+    return pending
 
 
-def _data_position(trainer, step: int) -> dict:
-    loader = trainer.loader
-    return {"next_step": step, "seed": loader.seed, "global_batch": loader.global_batch,
-            "seq_len": loader.seq_len}
+def _write_or_report(tmp: Path, rank: int, recs: list[dict], data: list[torch.Tensor]):
+    """This rank's file written (size, hash), or None after printing why not: `finalize` then
+    raises on every rank instead of leaving the others waiting for this one."""
+    try:
+        return store.write(tmp, rank, recs, data)
+    except Exception as e:  # a full disk, a lost mount, ...: reported, then collective failure
+        print(f"rank {rank}: cannot write its checkpoint file in {tmp}: {e}", file=sys.stderr,
+              flush=True)
+        return None
 
 
 @dataclass
 class Saver:
-    """Save every ``every`` steps and after the last one (``Trainer.fit``'s after-step hook)."""
+    """Save every ``every`` steps and after the last one (``Trainer.fit``'s after-step hook);
+    with ``asynchronous``, a save finishes at the next one or at `close`."""
 
     root: str
     every: int = 0
+    asynchronous: bool = False
+    pending: Optional[Pending] = None
+    last: Optional[Path] = None
 
     def __call__(self, trainer, completed: int, total_steps: int) -> Optional[Path]:
         if completed == total_steps or (self.every > 0 and completed % self.every == 0):
-            return save(trainer, self.root, completed, total_steps)
+            self.close()
+            done = save(trainer, self.root, completed, total_steps, self.asynchronous)
+            if isinstance(done, Pending):
+                self.pending = done
+                return None
+            self.last = done
+            return done
         return None
 
-
-# ---- find, check, load --------------------------------------------------------------------------
-def find(path: str | Path) -> Path:
-    """The checkpoint at ``path``: a step directory itself, else the one ``latest`` names, else
-    the newest step directory inside; PlaitError naming the path when there is none."""
-    root = Path(path)
-    if (root / ".metadata").is_file():
-        return root
-    if not root.is_dir():
-        raise PlaitError(f"no checkpoint at {root}: the directory does not exist")
-    latest = root / LATEST
-    if latest.is_file():
-        chosen = root / latest.read_text().strip()
-        if (chosen / ".metadata").is_file():
-            return chosen
-        raise PlaitError(f"{latest} names {chosen}, which holds no complete checkpoint")
-    steps = sorted(p for p in root.glob("step-*") if (p / ".metadata").is_file())
-    if not steps:
-        raise PlaitError(f"no checkpoint in {root} (expected step-NNNNNN/ directories written by "
-                         "`plait run --save`)")
-    return steps[-1]
+    def close(self) -> Optional[Path]:
+        if self.pending is not None:
+            self.last, self.pending = self.pending.finish(), None
+        return self.last
 
 
-def read_meta(path: Path) -> dict:
-    meta_file = path / META
-    if not meta_file.is_file():
-        raise PlaitError(f"checkpoint {path} has no {META}; it was not written by plait")
-    return json.loads(meta_file.read_text())
-
-
-def check_compatible(path: str | Path, plan: ParallelPlan, model) -> dict:
-    """The checkpoint's metadata if this plan and model can load it; else PlaitError saying what
-    differs, naming the path."""
+# ---- load ---------------------------------------------------------------------------------------
+def load(trainer, path: str | Path) -> int:
+    """Collective: restore this rank's state from the checkpoint at ``path`` (written under any
+    layout of this model); returns the number of completed steps (the step to run next)."""
     where = find(path)
     meta = read_meta(where)
-    want = state_signature(plan, model)
-    if meta.get("model") != want["model"]:
-        raise PlaitError(f"checkpoint {where} holds model {meta.get('model', {}).get('name')!r} "
-                         f"with another shape than this job's {model.name!r}")
-    differ = [f"{k} {meta.get('layout', {}).get(k)} there, {v} here"
-              for k, v in want["layout"].items() if meta.get("layout", {}).get(k) != v]
-    differ += [f"{k} {meta.get(k)} there, {want[k]} here" for k in ("stages", "world")
-               if meta.get(k) != want[k]]
-    if differ:
-        raise PlaitError(f"checkpoint {where} was written by layout {meta.get('layout_text')}: "
-                         + "; ".join(differ),
-                         hint="resume with the plan that wrote it (--plan), or start afresh")
-    return meta
-
-
-def load(trainer, path: str | Path) -> int:
-    """Collective: restore this rank's state from the checkpoint at ``path``; returns the number
-    of completed steps (the step to run next)."""
-    where = find(path)
-    check_compatible(where, trainer.plan, trainer.job.model)
-    state = state_dict(trainer, 0, 0)
-    dcp.load(state, checkpoint_id=str(where))
+    check_model(where, meta, trainer.job.model)
+    reader = store.Reader(where)
+    views = _zero1_views(trainer, gather=False) if isinstance(trainer.dp, ZeroOne) else None
+    for name, target, where_chunks in entries(trainer, views):
+        reader.fill(name, target, where_chunks)
+    if views is not None:
+        _zero1_scatter(trainer, views)
     rank = trainer.mesh.rank
-    torch.set_rng_state(state[f"rng/rank{rank}/cpu"])
-    if trainer.mesh.device.type == "cuda":
-        torch.cuda.set_rng_state(state[f"rng/rank{rank}/cuda"], trainer.mesh.device)
-    return int(state["trainer"]["step"])
+    if reader.has(f"rng/rank{rank}/cpu"):
+        torch.set_rng_state(_whole(reader, f"rng/rank{rank}/cpu"))
+    if trainer.mesh.device.type == "cuda" and reader.has(f"rng/rank{rank}/cuda"):
+        torch.cuda.set_rng_state(_whole(reader, f"rng/rank{rank}/cuda"), trainer.mesh.device)
+    return int(meta["step"])
+
+
+def _whole(reader: store.Reader, name: str) -> torch.Tensor:
+    shape = reader.shape(name)
+    out = torch.empty(shape, dtype=torch.uint8)
+    reader.fill(name, out, chunks(tuple(shape)))
+    return out

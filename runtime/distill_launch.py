@@ -2,9 +2,10 @@
 rendezvous in the work directory), each a DistillTrainer; the distilled student comes back whole.
 
     WORK/rendezvous            the process group's rendezvous file (removed before each start)
-    WORK/checkpoints/          the student's runtime state (DCP, runtime/checkpoint.py), every
-                               ``distill.checkpoint_every`` steps: a rerun resumes from the latest
-    WORK/result.rank<r>.pt     each rank's parameters and shard specs, reassembled by the parent
+    WORK/checkpoints/          the student's runtime state (runtime/checkpoint.py, global form),
+                               every ``distill.checkpoint_every`` steps and after the last: a rerun
+                               resumes from the latest; the parent reads the student from it
+    WORK/result.json           rank 0's step logs of this run
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from . import checkpoint
 from .data import open_source
 from .distill_dist import DistillTrainer, DistStepLog, check_distill_layout
 from .mesh import build_mesh, destroy, init_distributed
-from .parity import _assemble
 
 LAYOUT_FIELDS = {f.name for f in fields(Layout)}
 
@@ -98,10 +98,8 @@ def _worker(rank: int, world: int, run: DistillRun, student_state, teacher_state
             print(f"distill: resuming at step {start} of {run.steps}", flush=True)
         saver = checkpoint.Saver(str(saves), run.distill.checkpoint_every)
         logs = trainer.fit(run.steps, start, None if quiet or rank else _progress, saver)
-        inner = trainer.trainer
-        torch.save({"params": inner.dp.full_parameters(), "shards": dict(inner.program.shards),
-                    "coords": inner.program.coords, "logs": [asdict(l) for l in logs]},
-                   work / f"result.rank{rank}.pt")
+        if rank == 0:  # the student's weights are in the last checkpoint (global form)
+            (work / RESULT).write_text(json.dumps([asdict(l) for l in logs]))
     finally:
         destroy()
 
@@ -118,6 +116,18 @@ def distill_parallel(run: DistillRun, student_state: Mapping[str, torch.Tensor],
     world = run.layout.world
     mp.spawn(_worker, args=(world, run, dict(student_state), dict(teacher_state), quiet),
              nprocs=world, join=True)
-    records = [torch.load(work / f"result.rank{r}.pt", weights_only=False) for r in range(world)]
-    logs = [DistStepLog(**l) for l in records[0]["logs"]]
-    return logs, _assemble(records, "params")
+    logs = [DistStepLog(**l) for l in json.loads((work / RESULT).read_text())]
+    return logs, _student_parameters(work / "checkpoints")
+
+
+RESULT = "result.json"  # rank 0's step logs of this run (JSON: nothing in WORK is unpickled)
+
+
+def _student_parameters(saves: Path) -> dict[str, torch.Tensor]:
+    """The student's whole parameters by reference name, read from the distillation's last
+    checkpoint (every rank's shards in their global places)."""
+    from .ckpt_export import checkpoint_tensors
+    from .ckpt_integrity import find
+    from .ckpt_store import Reader
+
+    return dict(checkpoint_tensors(Reader(find(saves)), kinds=("model",)))

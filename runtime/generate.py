@@ -85,7 +85,7 @@ def from_run_dir(run_dir: Path, checkpoint: Optional[str]) -> tuple[torch.nn.Mod
     where = run_checkpoint(run_dir, checkpoint)
     job = replace(run_job, cluster=local_cpu(1),  # weights only: no dataset read
                   data=replace(run_job.data, synthetic=True, path=None, val_every=0))
-    plan = hand_plan(job, Layout(dp_kind=_writer_dp_kind(where)))
+    plan = hand_plan(job, Layout())  # checkpoints hold global tensors: any plan reads them
     with tempfile.TemporaryDirectory(prefix="plait-generate-") as tmp:
         init_distributed("gloo", 300, f"file://{tmp}/rdzv", 0, 1)
         try:
@@ -106,15 +106,6 @@ def _copy_parameters(trained: dict, model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(trained[name])
-
-
-def _writer_dp_kind(where: str) -> str:
-    """The optimizer layout of the writer (its state must be read into the same kind)."""
-    meta = Path(where) / "plait.json"
-    try:
-        return json.loads(meta.read_text())["layout"]["dp_kind"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "replicated"
 
 
 def _run_tokenizer(job: TrainJob) -> data_mod.Tokenizer:

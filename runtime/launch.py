@@ -102,29 +102,36 @@ def local_command(run_dir: Path, nprocs: int, max_restarts: int = 0) -> list[str
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """`plait run --save DIR --save-every N --resume DIR`."""
+    """`plait run --save DIR --save-every N --async-save --resume DIR --allow-job-change`."""
 
     save: Optional[str] = None
     every: int = 0
     resume: Optional[str] = None
+    asynchronous: bool = False
+    allow_job_change: bool = False
 
     def options(self) -> dict:
         absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
         return {"save": absolute(self.save), "save_every": self.every,
-                "resume": absolute(self.resume)}
+                "resume": absolute(self.resume), "async_save": self.asynchronous}
 
 
 def check_resume(job: TrainJob, plan: ParallelPlan, ckpt: Checkpointing,
                  steps: Optional[int]) -> Optional[int]:
-    """Before any process starts: the checkpoint exists, fits this plan, and leaves steps to run;
-    returns its step (None without --resume)."""
+    """Before any process starts: the checkpoint exists, every file matches its manifest, it holds
+    this model, the job's math and data order are unchanged (unless allowed), and steps are left
+    to run; returns its step (None without --resume). Any plan of the model may resume it."""
     if ckpt.every < 0:
         raise PlaitError(f"--save-every must be >= 0, got {ckpt.every}")
     if not ckpt.resume:
         return None
-    from .checkpoint import check_compatible
-    meta = check_compatible(ckpt.resume, plan, job.model)
+    from .ckpt_integrity import check_job, check_model, find, read_meta, verify
+    where = find(ckpt.resume)
+    meta = read_meta(where)  # refuses pickled (DCP) metadata before anything reads it
+    verify(where)
+    check_model(where, meta, job.model)
     total = steps or job.steps
+    check_job(where, meta, job, total, ckpt.allow_job_change)
     if meta["step"] >= total:
         raise PlaitError(f"checkpoint {ckpt.resume} has completed {meta['step']} steps; the run "
                          f"has {total}", hint="raise --steps to train further")
@@ -179,10 +186,16 @@ def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Option
     check_restarts(max_restarts, ckpt)
     write_run_dir(job, plan, run_dir, **run_options(job, steps, weights, ckpt, timeout_s,
                                                     max_restarts))
+    from .train import NON_FINITE_EXIT, STOPPED
+
+    (run_dir / STOPPED).unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
     command = local_command(run_dir, plan.world, max_restarts)
     with open(run_dir / "torchrun.log", "a") as agent_log, \
             open(run_dir / "ranks.log", "a") if quiet else open(os.devnull, "w") as quiet_log:
         out = supervise.supervise(command, env, stdout=quiet_log if quiet else None,
                                   stderr=agent_log)
-    return 128 + out.signal if out.signal else out.status
+    if out.signal:
+        return 128 + out.signal
+    # torchrun reports any failing rank as 1; the ranks' own record says why they stopped
+    return NON_FINITE_EXIT if out.status != 0 and (run_dir / STOPPED).is_file() else out.status

@@ -148,13 +148,17 @@ class DataParallel:
         self.sum_over_embedding_group()
         self.reduce_over_dp()
 
-    def finish_step(self) -> tuple[float, float]:
+    def finish_step(self, finite_loss: bool = True) -> tuple[float, float]:
         """Reduce gradients, clip by the global norm, step; returns (grad norm, clip factor)."""
         self.reduce()
-        return self.clip_and_step()
+        return self.clip_and_step(finite_loss)
 
-    def clip_and_step(self) -> tuple[float, float]:
+    def clip_and_step(self, finite_loss: bool = True) -> tuple[float, float]:
+        """As above; a non-finite loss or norm (the same on every rank: both are all-reduced)
+        leaves the parameters and optimizer state untouched and returns factor 0."""
         norm = self.global_norm()
+        if not (finite_loss and math.isfinite(float(norm))):
+            return float(norm), 0.0
         coef = clip_coefficient(norm, self.spec.grad_clip) if self.spec.grad_clip > 0 \
             else torch.tensor(1.0)
         self.step(coef)

@@ -8,7 +8,7 @@ step and the checkpoint is complete, as Megatron-LM's exit-signal handler does w
 from __future__ import annotations
 
 import signal
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -32,8 +32,8 @@ class GracefulStop:
     """An after-step hook for Trainer.fit (called after the saver's): stop every rank together
     once any of them got a signal."""
 
-    def __init__(self, save_root: Optional[str], saved_at: Callable[[int, int], bool]):
-        self.save_root, self.saved_at = save_root, saved_at
+    def __init__(self, saver=None):
+        self.saver = saver  # checkpoint.Saver of the run (None without --save)
         self.received: Optional[int] = None
         self.previous = {}
 
@@ -59,8 +59,8 @@ class GracefulStop:
         if not signum:
             return
         saved = None
-        if self.save_root:
-            saved = (checkpoint.step_dir(self.save_root, completed)
-                     if self.saved_at(completed, total_steps)
-                     else checkpoint.save(trainer, self.save_root, completed, total_steps))
+        if self.saver is not None:
+            saved = self.saver.close()  # a save of this step still in flight completes
+            if saved != checkpoint.step_dir(self.saver.root, completed):
+                saved = checkpoint.save(trainer, self.saver.root, completed, total_steps)
         raise Stopped(signum, completed, saved)

@@ -9,6 +9,7 @@ holds job.json and plan.json written by `plait run`.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from plait.ir.errors import PlaitError
 from plait.ir.job import Optimizer as OptimizerSpec
 from plait.ir.job import TrainJob
 from plait.ir.plan import ParallelPlan
@@ -46,6 +48,11 @@ class StepLog:
     step_time: float
     tokens_per_s: float
     peak_memory_mb: float
+    skipped: bool = False  # loss or gradient norm not finite: no update
+
+
+class NonFiniteStep(PlaitError):
+    """More steps with a non-finite loss or gradient norm than the job allows to skip."""
 
 
 def peak_rss_mb() -> float:
@@ -60,9 +67,11 @@ def _keep_local_children(program: RankProgram) -> None:
             delattr(program.pipe, name)
 
 
-def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
-    """Fill this rank's parameters from a Hugging Face checkpoint, reading only its TP slice of
-    each tensor and only the tensors of its own pipeline stages."""
+def load_sharded_weights(program: RankProgram, path: str, spec,
+                         buffers: frozenset = frozenset()) -> list[str]:
+    """Fill this rank's parameters, and the persistent buffers named in ``buffers`` (MoE expert
+    biases), from a Hugging Face checkpoint, reading only its TP slice of each tensor and only the
+    tensors of its own pipeline stages."""
     from plait.lowering.weights import load_hf_weights
 
     shards, experts = program.shards, program.experts
@@ -72,7 +81,16 @@ def load_sharded_weights(program: RankProgram, path: str, spec) -> list[str]:
             return experts.slices(name, full)
         s = shards.get(name)
         return None if s is None else s.slices(full)  # segmented splits: a list of slices
-    return load_hf_weights(program.local_parameters(), path, spec, shard=index)
+    targets = dict(program.local_parameters())
+    for _, stage in program.local_modules():
+        targets.update({n: b for n, b in stage.named_buffers() if n in buffers})
+    return load_hf_weights(targets, path, spec, shard=index)
+
+
+def state_buffer_names(model: torch.nn.Module) -> frozenset:
+    """The reference model's persistent buffers (state such as expert biases, not RoPE tables)."""
+    params = {n for n, _ in model.named_parameters()}
+    return frozenset(k for k in model.state_dict() if k not in params)
 
 
 class Trainer:
@@ -85,7 +103,7 @@ class Trainer:
         model = model if model is not None else build_model(job.model, dtype=dtype, seed=job.seed)
         self.program = lower(model, job.model, plan, mesh.rank)
         if weights:
-            load_sharded_weights(self.program, weights, job.model)
+            load_sharded_weights(self.program, weights, job.model, state_buffer_names(model))
         _keep_local_children(self.program)
         self.program.pipe.to(mesh.device)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)
@@ -118,24 +136,37 @@ class Trainer:
         loss = self.forward_backward(step)
         lr = lr_at(step, self.job.optimizer, total_steps)
         self.dp.set_lr(lr)
-        norm, _ = self.dp.finish_step()
-        moe_balance.update_expert_biases(self.stage_modules, self.job.moe.expert_bias_rate,
-                                         moe_balance.token_axes(self.mesh))
+        finite = math.isfinite(float(loss))
+        norm, _ = self.dp.finish_step(finite)
+        bad = not (finite and math.isfinite(norm))
+        if not bad:  # a skipped step leaves every piece of state as it was
+            moe_balance.update_expert_biases(self.stage_modules, self.job.moe.expert_bias_rate,
+                                             moe_balance.token_axes(self.mesh))
         elapsed = time.perf_counter() - start
         tokens = self.plan.global_batch * self.plan.seq_len
         return StepLog(step=step, loss=float(loss), grad_norm=norm, lr=lr, step_time=elapsed,
-                       tokens_per_s=tokens / elapsed, peak_memory_mb=peak_rss_mb())
+                       tokens_per_s=tokens / elapsed, peak_memory_mb=peak_rss_mb(), skipped=bad)
 
     def fit(self, steps: int, on_step: Optional[Callable[[StepLog], None]] = None, start: int = 0,
             after_step: Optional[Callable[["Trainer", int, int], object]] = None) -> list[StepLog]:
         """Steps ``start`` .. ``steps - 1`` of a ``steps``-step run (the LR horizon);
-        ``after_step(trainer, completed, steps)`` runs after each (checkpoint.Saver)."""
-        logs = []
+        ``after_step(trainer, completed, steps)`` runs after each (checkpoint.Saver). A step with a
+        non-finite loss or gradient norm is skipped (no update); one more than the job's
+        ``skip_bad_steps`` raises NonFiniteStep before anything is saved after it."""
+        logs, bad = [], 0
         for step in range(start, steps):
             log = self.train_step(step, steps)
             logs.append(log)
             if on_step:
                 on_step(log)
+            bad += log.skipped
+            if log.skipped and bad > self.job.optimizer.skip_bad_steps:
+                raise NonFiniteStep(
+                    f"step {step}: loss {log.loss} and gradient norm {log.grad_norm}; "
+                    f"{bad} non-finite step(s), the job allows skipping "
+                    f"{self.job.optimizer.skip_bad_steps}",
+                    hint="training stopped before updating; resume from the last checkpoint, "
+                         "lower the learning rate or set optimizer skip_bad_steps")
             if after_step:
                 after_step(self, step + 1, steps)
         return logs
@@ -167,8 +198,6 @@ class ReferenceTrainer:
 def run_worker(run_dir: str | Path, console=None) -> int:
     """One torchrun process's training (runtime.worker wraps it with logs and failure records);
     ``console``: where rank 0's progress goes (default: stdout)."""
-    from .worker import StepHooks, resume_source
-
     run_dir = Path(run_dir)
     job = from_json(TrainJob, (run_dir / "job.json").read_text())
     plan = ParallelPlan.from_json((run_dir / "plan.json").read_text())
@@ -178,19 +207,40 @@ def run_worker(run_dir: str | Path, console=None) -> int:
     placement = device_mod.activate(device_mod.choose(job.cluster.backend))
     init_distributed(placement.backend, timeout_s)
     mesh = build_mesh(plan.layout, timeout_s, device=placement.device)
+    saver = checkpoint.Saver(options["save"], options.get("save_every") or 0,
+                             options.get("async_save", False)) if options.get("save") else None
     try:
-        trainer = Trainer(job, plan, mesh, weights=options.get("weights"))
-        steps = options.get("steps") or job.steps
-        resume = resume_source(options)
-        start = checkpoint.load(trainer, resume) if resume else 0
-        saver = checkpoint.Saver(options["save"], options.get("save_every") or 0) \
-            if options.get("save") else None
-        with StepHooks(trainer, run_dir, options, saver, steps, start, console) as hooks:
-            logs = trainer.fit(steps, hooks.on_step, start, hooks.after_step)
+        return _train(run_dir, job, plan, mesh, options, saver, console)
+    except NonFiniteStep as e:  # every rank saw the same all-reduced loss and norm
+        kept = (saver.close() if saver else None) or options.get("resume")
         if mesh.rank == 0:
-            (run_dir / "log.json").write_text(json.dumps([asdict(l) for l in logs], indent=1))
+            print(f"error: {e}\n  last good checkpoint: {kept or 'none'}",
+                  file=sys.stderr, flush=True)
+            (run_dir / STOPPED).write_text(json.dumps({"reason": str(e),
+                                                       "last_good": str(kept) if kept else None}))
+        return NON_FINITE_EXIT  # every rank: a scheduler (or torchrun) sees the run failed
     finally:
         destroy()
+
+
+NON_FINITE_EXIT = 3  # what `launch_local` returns when the ranks stopped on a non-finite step
+STOPPED = "stopped.json"  # RUN_DIR file: why the ranks stopped early
+
+
+def _train(run_dir: Path, job: TrainJob, plan: ParallelPlan, mesh: Mesh, options: dict,
+           saver, console=None) -> int:
+    from .worker import StepHooks, resume_source
+
+    trainer = Trainer(job, plan, mesh, weights=options.get("weights"))
+    steps = options.get("steps") or job.steps
+    resume = resume_source(options)
+    start = checkpoint.load(trainer, resume) if resume else 0
+    with StepHooks(trainer, run_dir, options, saver, steps, start, console) as hooks:
+        logs = trainer.fit(steps, hooks.on_step, start, hooks.after_step)
+    if mesh.rank == 0:
+        (run_dir / "log.json").write_text(json.dumps([asdict(l) for l in logs], indent=1))
+    if saver is not None:
+        saver.close()  # an asynchronous save still in flight completes before the ranks exit
     return 0
 
 

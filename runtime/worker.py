@@ -66,9 +66,7 @@ class StepHooks:
         self.val_loader = validation.validation_loader(
             trainer.source, job.data, plan.seq_len, plan.global_batch, mesh.coord("dp"),
             mesh.size("dp"), mesh.device)
-        saved_at = lambda done, total: saver is not None and (  # noqa: E731
-            done == total or (saver.every > 0 and done % saver.every == 0))
-        self.stop = signals.GracefulStop(options.get("save"), saved_at)
+        self.stop = signals.GracefulStop(saver)
         self.metrics = self.progress = None
         if self.lead:
             self.metrics = MetricsWriter(run_dir, job, plan.seq_len, plan.global_batch, mesh.device)
@@ -106,13 +104,13 @@ class StepHooks:
 
 def main(run_dir: str) -> int:
     """One rank, start to end: output to its log, its state recorded, errors summarised."""
-    from .train import run_worker
+    from .train import STOPPED, run_worker
 
     run_dir_path, rank = Path(run_dir), int(os.environ.get("RANK", "0"))
     console = failures.capture_output(run_dir_path, rank)
     failures.mark(run_dir_path, rank, "started")
     try:
-        run_worker(run_dir_path, console=console)
+        status = run_worker(run_dir_path, console=console)
     except signals.Stopped as stop:
         failures.mark(run_dir_path, rank, "stopped", saved=str(stop.saved) if stop.saved else None)
         if rank == 0:
@@ -123,6 +121,10 @@ def main(run_dir: str) -> int:
         sys.stderr.flush()
         failures.mark(run_dir_path, rank, "failed", err)
         return 1
+    if status:  # stopped on its own (a non-finite step): the reason is in STOPPED
+        failures.mark(run_dir_path, rank, "failed", RuntimeError(
+            f"the ranks stopped early with status {status} (see {run_dir_path / STOPPED})"))
+        return status
     failures.mark(run_dir_path, rank, "finished")
     return 0
 

@@ -279,7 +279,8 @@ _BLOCKS = {"attention": _attention, "mlp": _mlp, "moe": _moe, "mamba": _mamba}
 
 # --- job options ------------------------------------------------------------------------------
 
-_OPTIMIZER_KEYS = ("lr", "min_lr", "betas", "eps", "weight_decay", "warmup", "schedule", "grad_clip")
+_OPTIMIZER_KEYS = ("lr", "min_lr", "betas", "eps", "weight_decay", "warmup", "schedule", "grad_clip",
+                   "skip_bad_steps")
 
 
 def _precision(p: Precision) -> str:

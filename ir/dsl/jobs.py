@@ -92,6 +92,7 @@ def _optimizer(ctx: Context, value) -> Optimizer:
         weight_decay=r.float("weight_decay", d.weight_decay, minimum=0.0),
         warmup=r.int("warmup", d.warmup, minimum=0), schedule=r.choice("schedule", SCHEDULES, d.schedule),
         grad_clip=r.float("grad_clip", d.grad_clip, minimum=0.0),
+        skip_bad_steps=r.int("skip_bad_steps", d.skip_bad_steps, minimum=0),
     )
     r.finish()
     return optimizer

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from plait.lowering.recompute import opaque_to_selective
 
 from .norms import upcast
 
@@ -82,3 +85,14 @@ def ssd_chunked(x, dt, A, B, C, chunk: int):
     # 4. each position reads the entering state, decayed to its position
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(a_cum))
     return (y_diag + y_off).reshape(b, -1, h, p)[:, :s]
+
+
+def ssd_chunked_recomputed(x, dt, A, B, C, chunk: int):
+    """``ssd_chunked`` keeping only its inputs for backward and recomputing the rest there, as
+    mamba-ssm's fused scan does: the intra-chunk decay and score matrices ([b, h, c, l, l] each)
+    and einsum's copies would otherwise be kept, about three times the rest of the layer's
+    activations. Same values and gradients as ``ssd_chunked`` (the recompute repeats the same ops)."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, dt, A, B, C)):
+        return ssd_chunked(x, dt, A, B, C, chunk)
+    with opaque_to_selective():
+        return torch.utils.checkpoint.checkpoint(ssd_chunked, x, dt, A, B, C, chunk, use_reentrant=False)

@@ -77,9 +77,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "`plait run --save` (its newest checkpoint)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--checkpoint", help="with a run directory: this checkpoint instead")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate (default 64)")
     p.add_argument("--top-p", type=float, help="sample from the top-p nucleus (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divide the logits by this before top-p sampling (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --top-p)")
 
 

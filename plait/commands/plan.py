@@ -18,6 +18,7 @@ from plait.planner.search import search
 from plait.planner.wording import device_word, flops_rate, seconds
 
 from . import inputs
+from .export_hf import export_hf_command, hf_args
 from .megatron import megatron_command
 
 GiB = float(2**30)
@@ -171,18 +172,23 @@ def groups_cmd(args) -> int:
 
 
 def _export_args(p) -> None:
-    p.add_argument("format", choices=["megatron"],
-                   help="megatron: a Megatron-LM pretrain_gpt.py / pretrain_hybrid.py command")
+    p.add_argument("format", choices=["megatron", "hf"],
+                   help="megatron: a Megatron-LM pretrain_gpt.py / pretrain_hybrid.py command; "
+                        "hf: a training checkpoint (JOB = CKPT) as a Hugging Face model directory")
     _job_args(p)
+    hf_args(p)
     p.add_argument("--plan", help="a plan JSON from `plait plan JOB -o plan.json` (default: plan now)")
     p.add_argument("--layout", help='pins for planning now, e.g. "tp=2 pp=4" (not with --plan)')
 
 
-@command("export", help="print the command that trains a job under a plan in another framework")
+@command("export", help="megatron: the command that trains a job under a plan in Megatron-LM; "
+                         "hf: a checkpoint as a Hugging Face model")
 @arguments(_export_args)
 def export_cmd(args) -> int:
     from .run import read_plan
 
+    if args.format == "hf":
+        return export_hf_command(args)
     if args.job.endswith(".json"):
         raise PlaitError(f"{args.job} looks like a plan; the export also needs the job spec (the model's "
                          "dimensions, the optimizer, the data)",

@@ -91,8 +91,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", metavar="DIR", help="write training checkpoints (DCP) under DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps (and always after the last step)")
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (each completes by the next one)")
     p.add_argument("--resume", metavar="DIR", help="continue from the checkpoint in DIR "
-                   "(its latest step); --steps stays the run's total")
+                   "(its latest step, written under any plan of this model); --steps stays the "
+                   "run's total")
+    p.add_argument("--allow-job-change", action="store_true",
+                   help="resume although global batch, sequence length, seeds, dataset, optimizer "
+                        "or steps differ from the run that wrote the checkpoint")
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart the ranks up to N times after a failure (torchrun elastic), "
                         "each time from the newest checkpoint under --save")
@@ -122,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_args(args)
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
-    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume)
+    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
+                         asynchronous=args.async_save, allow_job_change=args.allow_job_change)
     check_restarts(args.max_restarts, ckpt)
     check_inputs(job, args.weights, bundled=args.data == BUNDLED)
     plan = resolve_plan(job, args.plan, args.layout)
@@ -142,8 +149,9 @@ def default_run_dir(job: TrainJob) -> Path:
 def print_launch(job: TrainJob, plan: ParallelPlan, run_dir: Path, args, ckpt) -> int:
     """Write the run directory a cluster launch reads and print how to start it on every node."""
     from plait.runtime.cluster_launch import SBATCH, node_instructions, slurm_script
-    from plait.runtime.launch import resolve_data, run_options, write_run_dir
+    from plait.runtime.launch import check_resume, resolve_data, run_options, write_run_dir
 
+    check_resume(job, plan, ckpt, args.steps)
     check_output_dir(run_dir, RUN_DIR_KIND)
     claim_output_dir(run_dir, RUN_DIR_KIND)
     job = resolve_data(job, run_dir.resolve())
@@ -168,8 +176,10 @@ def check_run_args(args: argparse.Namespace) -> None:
     """Every path and number `plait run` was given, checked before planning or training."""
     inputs.at_least(args.steps, 1, "--steps")
     inputs.at_least(args.save_every, 0, "--save-every")
-    if args.save_every and not args.save:
-        raise PlaitError("--save-every needs --save DIR")
+    if (args.save_every or args.async_save) and not args.save:
+        raise PlaitError(f"{'--save-every' if args.save_every else '--async-save'} needs --save DIR")
+    if args.allow_job_change and not args.resume:
+        raise PlaitError("--allow-job-change needs --resume DIR")
     if args.plan and args.layout:
         raise PlaitError("--layout has no effect with --plan", hint="give one of them")
     if args.data and args.synthetic:
@@ -190,6 +200,7 @@ def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
     """Start the ranks here; on failure, one summary (first failing rank, its error, its log)
     instead of every traceback. Without ``run_dir`` (the demo), a temporary one."""
     from plait.runtime.launch import Checkpointing, launch_local, resolve_data
+    from plait.runtime.train import NON_FINITE_EXIT
 
     with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
         where = Path(run_dir) if run_dir else Path(tmp)
@@ -200,6 +211,10 @@ def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
         status = launch_local(job, plan, where, steps, weights=weights,
                               ckpt=ckpt or Checkpointing(), max_restarts=max_restarts)
         took = time.perf_counter() - start
+        if status == NON_FINITE_EXIT:
+            raise PlaitError("training stopped: a step's loss or gradient norm was not finite "
+                             f"(see {where / 'rank-0.log'}); checkpoints written before it are "
+                             "kept")
         if status > 128 and status - 128 in (signal.SIGINT, signal.SIGTERM):
             raise PlaitError(f"stopped by {signal.Signals(status - 128).name} after {took:.1f} s; "
                              "every rank and torchrun ended" + _saved_note(where))

@@ -197,3 +197,14 @@ def test_load_job_and_model_pick_by_name(tmp_path):
 def test_root_file_not_found_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_file(os.path.join(tmp_path, "missing.plait"))
+
+
+def test_optimizer_skip_bad_steps_reads_and_formats_back():
+    from plait.ir.dsl.fmt import format_file
+
+    text = TINY + 'train "t" { model = "m", global_batch = 8, seq_len = 64, optimizer = adamw(skip_bad_steps = 2) }'
+    lib = parse_text(text)
+    assert lib.jobs["t"].optimizer.skip_bad_steps == 2
+    assert parse_text(format_file(lib)).jobs["t"].optimizer.skip_bad_steps == 2
+    assert parse_text(TINY + 'train "t" { model = "m", global_batch = 8, seq_len = 64 }').jobs["t"] \
+        .optimizer.skip_bad_steps == 0

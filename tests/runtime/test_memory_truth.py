@@ -32,6 +32,9 @@ DENSE = {"dp2-replicated": Layout(dp=2, mbs=2, dp_kind="replicated"),
 NO_RECOMPUTE = [c for c, lay in DENSE.items() if lay.recompute == "none"]
 MOE = {"dp2-zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
        "dp2-ep2": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1")}
+HYBRID = {"dp2-zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
+          "tp2-sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+          "dp2-selective": Layout(dp=2, mbs=2, dp_kind="zero1", recompute="selective")}
 STATE = ("weights", "grads", "master", "master_grads", "moments")
 
 
@@ -62,6 +65,11 @@ def dense(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     return _compare("tiny-moe-local", MOE, tmp_path_factory.mktemp("moe"))
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    return _compare("tiny-hybrid-local", HYBRID, tmp_path_factory.mktemp("hybrid"))
 
 
 @pytest.mark.parametrize("term", STATE)
@@ -100,3 +108,16 @@ def test_saved_activations_match_the_runtime_moe(moe, case):
     for rank in (0, 1):
         got, pred = moe[case, rank]
         assert got["saved"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
+
+
+@pytest.mark.parametrize("case", list(HYBRID))
+def test_activations_match_the_runtime_hybrid(hybrid, case):
+    """Mamba2 (the scan keeps only its inputs and is one opaque kernel to selective recompute),
+    attention without positions and relu2 MLPs: live activations always, saved ones without
+    recompute, and the weights."""
+    for rank in (0, 1):
+        got, pred = hybrid[case, rank]
+        assert got["live"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
+        if HYBRID[case].recompute == "none":
+            assert got["saved"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
+        assert got["weights"] == pytest.approx(pred["weights"], rel=0.01, abs=64), (case, rank)

@@ -14,9 +14,11 @@ from plait.ir.errors import PlaitError
 from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
-from plait.runtime import mesh as mesh_mod
+from plait.runtime.ckpt_integrity import check_model, read_meta
 from plait.runtime import resume_check
 from plait.runtime.parity import Case, Setup
+
+from ckpt_util import single_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
@@ -28,9 +30,8 @@ SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
 
 @pytest.fixture
 def one_rank(tmp_path):
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
-    yield tmp_path
-    mesh_mod.destroy()
+    with single_rank(tmp_path):
+        yield tmp_path
 
 
 @pytest.mark.parametrize("dp_kind", ["replicated", "zero1", "fsdp"])
@@ -90,13 +91,10 @@ def test_load_restores_parameters_optimizer_and_rng_from_another_seed(one_rank):
 def saved_dir(tmp_path_factory):
     """A real one-rank checkpoint of SETUP under Layout() (zero1), written once."""
     tmp = tmp_path_factory.mktemp("saved")
-    mesh_mod.init_distributed("gloo", 60, f"file://{tmp}/rdzv", 0, 1)
-    try:
+    with single_rank(tmp):
         trainer = resume_check._trainer(SETUP, Case("zero1", Layout()), seed=0)
         trainer.train_step(0, SETUP.steps)
         checkpoint.save(trainer, tmp / "ckpt", 1, SETUP.steps)
-    finally:
-        mesh_mod.destroy()
     return tmp / "ckpt"
 
 
@@ -107,14 +105,15 @@ def test_missing_and_empty_checkpoints_name_their_path(tmp_path):
         checkpoint.find(tmp_path)
 
 
-def test_a_checkpoint_of_another_layout_or_model_is_refused(saved_dir):
-    plan = Case("x", Layout(dp_kind="fsdp")).plan(SPEC, SETUP.global_batch, SETUP.seq)
-    with pytest.raises(PlaitError, match=r"step-000001 was written by layout tp1 .*: dp_kind zero1 there, fsdp here"):
-        checkpoint.check_compatible(saved_dir, plan, SPEC)
-    same = Case("x", Layout()).plan(SPEC, SETUP.global_batch, SETUP.seq)
-    assert checkpoint.check_compatible(saved_dir, same, SPEC)["step"] == 1
-    with pytest.raises(PlaitError, match="holds model 'ckpt-test' with another shape"):
-        checkpoint.check_compatible(saved_dir, same, replace(SPEC, hidden=64))
+def test_a_checkpoint_of_another_model_is_refused_naming_the_field(saved_dir):
+    where = checkpoint.find(saved_dir)
+    meta = read_meta(where)
+    check_model(where, meta, SPEC)  # the same model: any layout may load it
+    with pytest.raises(PlaitError, match=r"holds model 'ckpt-test', .* at hidden: 32 in the "
+                                         r"checkpoint, 64 here"):
+        check_model(where, meta, replace(SPEC, hidden=64))
+    with pytest.raises(PlaitError, match=r"at attention.kv_heads: 2 in the checkpoint, 4 here"):
+        check_model(where, meta, replace(SPEC, attention=replace(SPEC.attention, kv_heads=4)))
 
 
 def test_cli_resume_from_nothing_exits_2_naming_the_path(tmp_path, capsys):
@@ -156,3 +155,47 @@ def test_plait_run_save_then_resume_continues_the_same_run(tmp_path):
     resumed = json.loads((tmp_path / "b" / "log.json").read_text())
     assert [e["step"] for e in resumed] == [1]
     assert resumed[0]["loss"] == whole[1]["loss"]
+
+
+def test_asynchronous_saves_hold_the_state_of_their_step(one_rank):
+    """Written in the background while training goes on, each save still holds its own step."""
+    from plait.runtime.ckpt_integrity import verify
+
+    case = Case("zero1", Layout())
+    trainer = resume_check._trainer(SETUP, case, seed=0)
+    saver = checkpoint.Saver(str(one_rank / "async"), every=1, asynchronous=True)
+    at = {}
+    for step in range(3):
+        trainer.train_step(step, SETUP.steps)
+        at[step + 1] = trainer.dp.full_parameters()
+        assert saver(trainer, step + 1, SETUP.steps) is None  # pending, not finished
+    assert saver.close().name == "step-000003"
+    for step in (2, 3):
+        verify(checkpoint.step_dir(one_rank / "async", step))
+        fresh = resume_check._trainer(SETUP, case, seed=1)
+        assert checkpoint.load(fresh, checkpoint.step_dir(one_rank / "async", step)) == step
+        got = fresh.dp.full_parameters()
+        assert all(torch.equal(got[n], at[step][n]) for n in got)
+
+
+@pytest.mark.tier2
+def test_plait_run_resumes_a_checkpoint_under_another_plan(tmp_path):
+    """Saved by two ZeRO-1 replicas, continued under tensor parallelism: `plait run --resume` no
+    longer asks for the writer's layout, and the continued loss is the uninterrupted one."""
+    from plait.runtime.launch import Checkpointing, check_plan, hand_plan, launch_local, resolve_data
+
+    job = load_job(str(TINY))
+    job = replace(job, cluster=local_cpu(2), global_batch=4, seq_len=32,
+                  data=replace(job.data, synthetic=True, path=None))
+    job = resolve_data(job, tmp_path)
+    saves = tmp_path / "ckpt"
+    a = check_plan(job, hand_plan(job, Layout(dp=2, dp_kind="zero1")))
+    assert launch_local(job, a, tmp_path / "a", steps=2, quiet=True,
+                        ckpt=Checkpointing(save=str(saves), every=1)) == 0
+    b = check_plan(job, hand_plan(job, Layout(tp=2, sp=True)))
+    assert launch_local(job, b, tmp_path / "b", steps=2, quiet=True,
+                        ckpt=Checkpointing(resume=str(saves / "step-000001"))) == 0
+    whole = json.loads((tmp_path / "a" / "log.json").read_text())
+    resumed = json.loads((tmp_path / "b" / "log.json").read_text())
+    assert [e["step"] for e in resumed] == [1]
+    assert abs(resumed[0]["loss"] - whole[1]["loss"]) < 1e-5

@@ -1,0 +1,145 @@
+"""ModelSpec -> Hugging Face ``config.json`` (the inverse of ir/hf.py), for `plait export hf`.
+
+The family is named by the user or inferred from the spec's features. Whatever is written is read
+back through `model_from_hf_config` and must give the same spec (up to its name): a model a family
+cannot express (say, qkv biases in Mixtral) is a PlaitError naming the field, never a config that
+silently builds another model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Optional
+
+from .errors import PlaitError
+from .hf import SUPPORTED_TYPES, model_from_hf_config
+from .model import ModelSpec, Rope
+from .serde import to_dict
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+DEFAULT_MAX_POSITIONS = 4096  # written when the spec leaves max_seq open (no effect without yarn)
+
+
+def infer_family(spec: ModelSpec) -> str:
+    """The Hugging Face model_type whose architecture matches the spec's features."""
+    a = spec.attention
+    if spec.mamba is not None or spec.layers[:1] != ("attention",):
+        return "nemotron_h"
+    if spec.moe is not None:
+        if spec.moe.shared_ffn:
+            return "qwen2_moe"
+        return "qwen3_moe" if a.qk_norm else "mixtral"
+    if a.qk_norm:
+        return "qwen3"
+    return "qwen2" if a.qkv_bias and not a.out_bias else "llama"
+
+
+def _rope(rope: Optional[Rope]) -> dict:
+    if rope is None:
+        raise PlaitError("the model's attention has no RoPE; llama-family configs always rotate",
+                         hint="export it as nemotron_h (attention without positions)")
+    params = {"rope_type": "default", "rope_theta": rope.theta}
+    s = rope.scaling
+    if s is not None:
+        params.update(rope_type=s.kind, factor=s.factor)
+        if s.kind in ("yarn", "llama3"):
+            params["original_max_position_embeddings"] = s.original_max_positions
+        if s.kind == "yarn":
+            params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+        if s.kind == "llama3":
+            params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    return {"rope_parameters": params}
+
+
+def _llama_like(spec: ModelSpec, family: str) -> dict:
+    a, decoders = spec.attention, spec.num_layers // 2
+    cfg = {"num_hidden_layers": decoders, "num_attention_heads": a.heads,
+           "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "hidden_act": "silu",
+           "rms_norm_eps": spec.norm.eps, "attention_dropout": 0.0, **_rope(a.rope)}
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        cfg["attention_bias"] = a.qkv_bias
+    if family == "qwen2_moe":
+        cfg["qkv_bias"] = a.qkv_bias
+    if family == "llama":
+        cfg["mlp_bias"] = spec.mlp.bias if spec.mlp else False
+    if family.startswith("qwen"):
+        cfg["use_sliding_window"] = False
+    else:  # explicit null: mistral's config class would default to a 4096-token window
+        cfg["sliding_window"] = None
+    if spec.mlp is not None:
+        cfg["intermediate_size"] = spec.mlp.ffn
+    if spec.moe is not None:
+        cfg.update(_llama_moe(spec, family))
+    return cfg
+
+
+def _llama_moe(spec: ModelSpec, family: str) -> dict:
+    m = spec.moe
+    common = {"num_experts_per_tok": m.top_k, "router_aux_loss_coef": m.aux_loss}
+    if family == "mixtral":
+        return {**common, "num_local_experts": m.experts, "intermediate_size": m.ffn,
+                "router_jitter_noise": 0.0}
+    dense = [i // 2 for i in range(1, spec.num_layers, 2) if spec.layers[i] == "mlp"]
+    out = {**common, "num_experts": m.experts, "moe_intermediate_size": m.ffn,
+           "norm_topk_prob": m.norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": dense}
+    if family == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = m.shared_ffn
+    return out
+
+
+def _nemotron_h(spec: ModelSpec) -> dict:
+    cfg = {"hybrid_override_pattern": spec.pattern, "num_hidden_layers": spec.num_layers,
+           "layer_norm_epsilon": spec.norm.eps, "attention_dropout": 0.0, "hidden_dropout": 0.0}
+    if spec.attention is not None:
+        a = spec.attention
+        cfg.update(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
+                   attention_bias=False)
+    if spec.mlp is not None:
+        cfg.update(intermediate_size=spec.mlp.ffn, mlp_hidden_act="relu2", mlp_bias=spec.mlp.bias)
+    if spec.mamba is not None:
+        m = spec.mamba
+        cfg.update(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, n_groups=m.groups,
+                   ssm_state_size=m.state, conv_kernel=m.conv, chunk_size=m.chunk,
+                   use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_hidden_act="silu",
+                   time_step_min=m.dt_min)  # the dt floor the forward clamps at
+    if spec.moe is not None:
+        e = spec.moe
+        cfg.update(n_routed_experts=e.experts, num_experts_per_tok=e.top_k,
+                   moe_intermediate_size=e.ffn, moe_shared_expert_intermediate_size=e.shared_ffn,
+                   n_shared_experts=1, norm_topk_prob=e.norm_topk, n_group=e.groups,
+                   topk_group=e.topk_groups, routed_scaling_factor=e.scaling_factor,
+                   router_aux_loss_coef=e.aux_loss)
+    return cfg
+
+
+def hf_config(spec: ModelSpec, family: Optional[str] = None, dtype: str = "bfloat16") -> dict:
+    """The config.json of ``spec`` as ``family`` (default: inferred), checked by reading it back."""
+    family = family or infer_family(spec)
+    if family not in SUPPORTED_TYPES:
+        raise PlaitError(f"cannot export to model_type {family!r}",
+                         hint=f"plait exports {', '.join(SUPPORTED_TYPES)}")
+    body = _nemotron_h(spec) if family == "nemotron_h" else _llama_like(spec, family)
+    cfg = {"model_type": family, "architectures": [ARCHITECTURES[family]],
+           "vocab_size": spec.vocab, "hidden_size": spec.hidden,
+           "tie_word_embeddings": spec.tie_embeddings,
+           "max_position_embeddings": spec.max_seq or DEFAULT_MAX_POSITIONS, **body, "dtype": dtype}
+    _check_round_trip(spec, cfg, family)
+    return cfg
+
+
+def _check_round_trip(spec: ModelSpec, cfg: dict, family: str) -> None:
+    try:
+        back = model_from_hf_config(json.loads(json.dumps(cfg)), spec.name)
+    except PlaitError as e:
+        raise PlaitError(f"model {spec.name!r} cannot be written as a {family} config: {e.message}",
+                         hint="pass another --family, or check the model spec") from None
+    want = spec if spec.max_seq else replace(spec, max_seq=cfg["max_position_embeddings"])
+    got, want = to_dict(back), to_dict(want)
+    for key in want:
+        if got.get(key) != want[key]:
+            raise PlaitError(f"model {spec.name!r} cannot be written as a {family} config: its "
+                             f"{key} would read back as {got.get(key)!r}, not {want[key]!r}",
+                             hint="pass another --family (plait export hf --family)")
