@@ -168,3 +168,15 @@ def test_planning_a_run_takes_a_layout_the_runtime_executes():
     lay = plan.layout
     assert (lay.cp, lay.ep) == (2, 2)
     assert lay.dp_kind != "fsdp" or lay.edp == lay.dp * lay.cp
+
+
+def test_run_options_hold_every_path_absolute(job, tmp_path, monkeypatch):
+    from plait.runtime.launch import Checkpointing, run_options
+
+    monkeypatch.chdir(tmp_path)
+    options = run_options(job, steps=7, weights="hf/model.safetensors", max_restarts=2,
+                          ckpt=Checkpointing(save="ck", every=3, resume="old/step-000004"))
+    assert options == {"steps": 7, "timeout_s": job.timeout, "max_restarts": 2,
+                       "weights": str(tmp_path / "hf" / "model.safetensors"),
+                       "save": str(tmp_path / "ck"), "save_every": 3,
+                       "resume": str(tmp_path / "old" / "step-000004"), "async_save": False}
