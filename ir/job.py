@@ -76,6 +76,12 @@ class Data:
     synthetic: bool = False
     tokenizer: str = "byte"
     seed: int = 1234
+    # Validation: every ``val_every`` steps, the mean loss over ``val_batches`` global batches of
+    # the held-out last ``val_fraction`` of the dataset's windows (which training never reads; the
+    # same batches each time, as Megatron-LM's eval_iters). val_every = 0: no validation.
+    val_every: int = 0
+    val_fraction: float = 0.0
+    val_batches: int = 10
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class TrainJob:
     steps: int = 100
     data: Data = field(default_factory=Data)
     seed: int = 0
+    timeout: float = 300.0  # seconds a collective may wait before the run reports who is missing
 
     @property
     def tokens_per_step(self) -> int:

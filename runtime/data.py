@@ -32,6 +32,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary 256, no unknowns, nothing to download."""
@@ -40,6 +42,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -56,6 +61,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
 
 
 def bundled_corpus() -> Path:
@@ -133,9 +141,15 @@ class MemmapTokens:
         if not (root / META).is_file() or not (root / TOKENS).is_file():
             raise PlaitError(f"no dataset at {root} (expected {META} and {TOKENS})",
                              hint="build one with `plait data prepare FILES -o DIR`")
-        self.meta = json.loads((root / META).read_text())
-        self.vocab = int(self.meta["vocab"])
-        self.tokens = np.memmap(root / TOKENS, dtype=self.meta["dtype"], mode="r")
+        try:
+            self.meta = json.loads((root / META).read_text())
+            self.vocab, dtype = int(self.meta["vocab"]), np.dtype(self.meta["dtype"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise PlaitError(f"{root / META} is not a dataset's metadata ({type(e).__name__}: {e})",
+                             hint="rebuild it with `plait data prepare FILES -o DIR`") from None
+        if (root / TOKENS).stat().st_size < dtype.itemsize:  # np.memmap cannot map empty files
+            raise PlaitError(f"dataset {root} is empty ({root / TOKENS} holds no tokens)")
+        self.tokens = np.memmap(root / TOKENS, dtype=dtype, mode="r")
 
     def num_windows(self, length: int) -> int:
         return (len(self.tokens) - 1) // (length - 1)

@@ -121,7 +121,7 @@ def _tiny_hf_checkpoint(path: Path, ffn: int) -> Path:
 
 
 def test_run_weights_of_another_model_are_refused_before_any_rank_starts(tmp_path, capsys):
-    from plait.commands.run import check_weights
+    from plait.runtime.prelaunch import check_weights
     from plait.ir.dsl import load_job
 
     job = load_job(TINY)

@@ -83,6 +83,8 @@ def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None, notes: Opt
     if job.data != Data():
         entries.append(("data", _data(job.data)))
     entries += _changed(job, ("seed",))
+    if job.timeout != TrainJob.timeout:
+        entries.append(("timeout", quantity(job.timeout, "time")))
     return _decl("train", job.name, entries, notes)
 
 
@@ -306,7 +308,7 @@ def _data(d: Data) -> str:
     if d == Data(path=d.path) and d.path is not None:
         return f'"{d.path}"'
     args = [("path", f'"{d.path}"')] if d.path is not None else []
-    args += _changed(d, ("tokenizer", "seed"))
+    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches"))
     return _call("synthetic" if d.synthetic else "dataset", args)
 
 

@@ -45,7 +45,7 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
         optimizer=_optimizer(ctx, r.value("optimizer", None)),
         moe=_moe_options(moe_block), layout=_layout(r.block("layout")),
         steps=r.int("steps", 100), data=_data(ctx, r.value("data", None), base_dir),
-        seed=r.int("seed", 0, minimum=0),
+        seed=r.int("seed", 0, minimum=0), timeout=_timeout(ctx, r),
     )
     r.finish()
     return job
@@ -201,9 +201,33 @@ def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
     path = None if path is None else _data_path(path, base_dir)
     tokenizer = r.value("tokenizer", None)
     data = Data(path=path, synthetic=synthetic, seed=r.int("seed", Data.seed, minimum=0),
-                tokenizer=Data.tokenizer if tokenizer is None else _tokenizer(ctx, tokenizer))
+                tokenizer=Data.tokenizer if tokenizer is None else _tokenizer(ctx, tokenizer),
+                **_validation(ctx, r, value))
     r.finish()
     return data
+
+
+def _timeout(ctx: Context, r: Reader) -> float:
+    if not r.has("timeout"):
+        return TrainJob.timeout
+    seconds = r.quantity("timeout", "time")
+    if seconds < 1:
+        raise ctx.error(f"timeout must be at least 1 s, got {seconds:g} s",
+                        r.entries["timeout"].value.pos, hint="e.g. timeout = 120 s")
+    return seconds
+
+
+def _validation(ctx: Context, r: Reader, value) -> dict:
+    every = r.int("val_every", 0, minimum=0)
+    fraction = r.float("val_fraction", 0.05 if every else 0.0, minimum=0.0)
+    if every and not 0 < fraction < 1:
+        raise ctx.error(f"val_fraction must be between 0 and 1 (exclusive), got {fraction:g}",
+                        value.pos, hint="e.g. val_fraction = 0.05")
+    if fraction and not every:
+        raise ctx.error("val_fraction needs val_every (how often to validate)", value.pos,
+                        hint="e.g. val_every = 50")
+    batches = r.int("val_batches", Data.val_batches, minimum=1)
+    return {"val_every": every, "val_fraction": fraction if every else 0.0, "val_batches": batches}
 
 
 def _tokenizer(ctx: Context, value) -> str:

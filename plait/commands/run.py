@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import tempfile
 import time
 from dataclasses import replace
@@ -91,10 +92,12 @@ def plan_table(plan: ParallelPlan) -> Table:
 def _run_args(p: argparse.ArgumentParser) -> None:
     _plan_args(p)
     p.add_argument("--steps", type=int, help="optimizer steps (default: the job's)")
-    p.add_argument("--data", help="a dataset directory from `plait data prepare`")
+    p.add_argument("--data", help="a dataset directory from `plait data prepare` (\"bundled\": "
+                   "the small English corpus shipped with plait, byte tokens)")
     p.add_argument("--synthetic", action="store_true", help="train on seeded random tokens")
     p.add_argument("--weights", help="start from a Hugging Face checkpoint (safetensors file or dir)")
-    p.add_argument("--run-dir", help="where job/plan/log files go (default: a temporary dir)")
+    p.add_argument("--run-dir", help="the run directory: job, plan, options, metrics.jsonl, rank "
+                   "logs (default: runs/JOB-TIMESTAMP/)")
     p.add_argument("--save", metavar="DIR", help="write training checkpoints (DCP) under DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps (and always after the last step)")
@@ -106,13 +109,22 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-job-change", action="store_true",
                    help="resume although global batch, sequence length, seeds, dataset, optimizer "
                         "or steps differ from the run that wrote the checkpoint")
-    p.add_argument("--print-launch", action="store_true",
-                   help="print the multi-node torchrun command instead of running")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="restart the ranks up to N times after a failure (torchrun elastic), "
+                        "each time from the newest checkpoint under --save")
+    p.add_argument("--print-launch", nargs="?", const="torchrun", choices=["torchrun", "slurm"],
+                   help="write the run directory and print the command each node runs "
+                        "(torchrun), or write RUN_DIR/launch.sbatch (slurm), instead of running")
+
+
+BUNDLED = "bundled"  # --data bundled: the corpus shipped with plait, asked for by name
 
 
 def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
     if synthetic:
         return replace(job, data=replace(job.data, synthetic=True, path=None))
+    if data == BUNDLED:  # resolve_data prepares it into the run directory
+        return replace(job, data=replace(job.data, synthetic=False, path=None))
     if data:
         return replace(job, data=replace(job.data, synthetic=False, path=data))
     return job
@@ -121,27 +133,53 @@ def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
 @command("run", help="train a job: plan (or read --plan), compile per rank, start the ranks")
 @arguments(_run_args)
 def run(args: argparse.Namespace) -> int:
-    from plait.runtime.launch import Checkpointing, multinode_command
+    from plait.runtime.launch import Checkpointing, check_restarts
+    from plait.runtime.prelaunch import check_inputs
 
     check_run_args(args)
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
     PrecisionPolicy.of(job).check_runnable()  # an fp8 recipe only the export knows: say so now
-    if job.data.path and not args.print_launch:
-        _check_dataset(job)
-    if args.weights and not args.print_launch:
-        check_weights(job, args.weights)
+    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
+                         asynchronous=args.async_save, allow_job_change=args.allow_job_change)
+    check_restarts(args.max_restarts, ckpt)
+    check_inputs(job, args.weights, bundled=args.data == BUNDLED)
     plan = resolve_plan(job, args.plan, args.layout, args.calibration)
-    if args.print_launch:
-        print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
-        return 0
+    run_dir = Path(args.run_dir or default_run_dir(job))
+    if args.print_launch or job.cluster.nodes > 1:
+        return print_launch(job, plan, run_dir, args, ckpt)
     console.print(plan_table(plan))
     if args.calibration:
         console.print(plan.explanation[0], markup=False, highlight=False)
-    ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
-                         asynchronous=args.async_save, allow_job_change=args.allow_job_change)
-    if args.run_dir:
-        claim_output_dir(args.run_dir, RUN_DIR_KIND)
-    return train_locally(job, plan, args.steps, args.run_dir, args.weights, ckpt)
+    claim_output_dir(run_dir, RUN_DIR_KIND)
+    return train_locally(job, plan, args.steps, run_dir, args.weights, ckpt, args.max_restarts)
+
+
+def default_run_dir(job: TrainJob) -> Path:
+    """runs/<job>-<timestamp>/ under the working directory (kept: it is the run's record)."""
+    return Path("runs") / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_launch(job: TrainJob, plan: ParallelPlan, run_dir: Path, args, ckpt) -> int:
+    """Write the run directory a cluster launch reads and print how to start it on every node."""
+    from plait.runtime.cluster_launch import SBATCH, node_instructions, slurm_script
+    from plait.runtime.launch import check_resume, resolve_data, run_options, write_run_dir
+
+    check_resume(job, plan, ckpt, args.steps)
+    check_output_dir(run_dir, RUN_DIR_KIND)
+    claim_output_dir(run_dir, RUN_DIR_KIND)
+    job = resolve_data(job, run_dir.resolve())
+    write_run_dir(job, plan, run_dir, **run_options(job, args.steps, args.weights, ckpt,
+                                                    max_restarts=args.max_restarts))
+    if args.print_launch == "slurm":
+        script = run_dir / SBATCH
+        script.write_text(slurm_script(job, run_dir, args.max_restarts))
+        print(f"# wrote {script}: submit it with `sbatch {script}`\n" + script.read_text())
+        return 0
+    if not args.print_launch:
+        console.print(f"cluster {job.cluster.name!r} has {job.cluster.nodes} nodes: start the run "
+                      "on each of them (or `--print-launch slurm` for an sbatch script)")
+    print(node_instructions(job, run_dir.resolve(), run_dir.name, args.max_restarts))
+    return 0
 
 
 RUN_DIR_KIND = "run directory"
@@ -159,8 +197,6 @@ def check_run_args(args: argparse.Namespace) -> None:
         raise PlaitError("--layout has no effect with --plan", hint="give one of them")
     if args.data and args.synthetic:
         raise PlaitError("--data and --synthetic exclude each other", hint="give one of them")
-    if args.print_launch:
-        return
     if args.save:
         inputs.writable_dir(args.save, "--save")
     if args.resume:
@@ -171,54 +207,43 @@ def check_run_args(args: argparse.Namespace) -> None:
         check_output_dir(args.run_dir, RUN_DIR_KIND)
 
 
-def check_weights(job: TrainJob, path: str) -> None:
-    """Every tensor the model needs is in the checkpoint with its full shape (read from the
-    safetensors headers against the model built on the meta device): a wrong checkpoint is one
-    error here, not a traceback from every rank."""
-    import torch
-
-    from plait.lowering.build import build_model
-    from plait.lowering.weights import hf_candidates, model_type_of, open_source, recipe_shape, resolve_recipe
-
-    model_type, source = model_type_of(path), open_source(path)
-    with torch.device("meta"):
-        model = build_model(job.model, device="meta", seed=job.seed)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for name in dict(model.named_parameters()):
-        full = recipe_shape(source, resolve_recipe(source, name, hf_candidates(model_type, job.model, name)))
-        if tuple(full) != tuple(expected[name]):
-            raise PlaitError(f"--weights {path}: {name!r} is {tuple(full)} in the checkpoint, model "
-                             f"{job.model.name!r} needs {tuple(expected[name])}",
-                             hint="check that the checkpoint belongs to this model spec")
-
-
-def _check_dataset(job: TrainJob) -> None:
-    """The job's dataset opens and fits the model's vocabulary (each rank would fail otherwise)."""
-    from plait.runtime.data import open_source
-
-    open_source(job.data.path, job.model.vocab)
-
-
 def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
-                  run_dir: Optional[str], weights: Optional[str] = None,
-                  ckpt: Optional["Checkpointing"] = None) -> int:
+                  run_dir: Optional[str | Path], weights: Optional[str] = None,
+                  ckpt: Optional["Checkpointing"] = None, max_restarts: int = 0) -> int:
+    """Start the ranks here; on failure, one summary (first failing rank, its error, its log)
+    instead of every traceback. Without ``run_dir`` (the demo), a temporary one."""
     from plait.runtime.launch import Checkpointing, launch_local, resolve_data
     from plait.runtime.train import NON_FINITE_EXIT
 
     with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
         where = Path(run_dir) if run_dir else Path(tmp)
         job = resolve_data(job, where)
+        if run_dir:
+            console.print(f"run directory {where}/ (metrics.jsonl, rank-N.log)")
         start = time.perf_counter()
         status = launch_local(job, plan, where, steps, weights=weights,
-                              ckpt=ckpt or Checkpointing())
-        console.print(f"{plan.world} ranks finished with status {status} in "
-                      f"{time.perf_counter() - start:.1f} s")
+                              ckpt=ckpt or Checkpointing(), max_restarts=max_restarts)
+        took = time.perf_counter() - start
         if status == NON_FINITE_EXIT:
             raise PlaitError("training stopped: a step's loss or gradient norm was not finite "
-                             "(see the rank output above); checkpoints written before it are kept")
+                             f"(see {where / 'rank-0.log'}); checkpoints written before it are "
+                             "kept")
+        if status > 128 and status - 128 in (signal.SIGINT, signal.SIGTERM):
+            raise PlaitError(f"stopped by {signal.Signals(status - 128).name} after {took:.1f} s; "
+                             "every rank and torchrun ended" + _saved_note(where))
         if status != 0:
-            raise PlaitError(f"training failed (exit status {status}); see the rank output above")
+            from plait.runtime.failures import summary
+            raise PlaitError(f"training failed after {took:.1f} s (torchrun exit status "
+                             f"{status}):\n{summary(where, plan.world)}")
+        console.print(f"{plan.world} ranks finished in {took:.1f} s")
     return 0
+
+
+def _saved_note(run_dir: Path) -> str:
+    from plait.runtime.failures import read_states
+
+    saved = {s.get("saved") for s in read_states(run_dir) if s.get("saved")}
+    return f"; checkpoint {saved.pop()}" if len(saved) == 1 else ""
 
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
