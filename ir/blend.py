@@ -1,0 +1,116 @@
+"""Blended, phased sampling: which source each global sample comes from, exactly and in O(batch).
+
+Within a phase with weights w_k, source k's j-th sample "arrives" at time (j + 1/2) / w_k, and the
+phase's samples are the arrivals in order of (time, source index). This is the Sainte-Lague /
+Webster sequence of apportionment: after n samples source k has round(w_k * T) of them for the
+time T the n-th arrival happened, so its count stays within about one sample of w_k * n at every
+prefix (tests/ir/test_blend.py measures the bound), like Megatron's BlendedDataset
+(which picks the source with the largest deficit w_k * (n + 1) - count_k, sequentially, in C++).
+Unlike the greedy rule, the n-th sample is found without replaying the n - 1 before it: a step's
+batch, or a resume at any step, costs O(global batch + sources).
+
+A source's draws continue across phases (phase 2 takes the samples after those phase 1 took), and
+its j-th draw is window perm_e[j mod W] of epoch e = j // W, with a seeded permutation per source
+and epoch. Nothing depends on the data-parallel size or the layout: ranks slice the global order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Phase:
+    start: int  # first global sample of the phase
+    weights: tuple[float, ...]  # one per source (zero: not drawn in this phase), summing to 1
+
+
+def _times(w: float, j: np.ndarray) -> np.ndarray:
+    return (j + 0.5) / w
+
+
+def _count_before(w: float, t: float) -> int:
+    """#{j >= 0 : (j + 1/2) / w < t}, computed with the same float expression as the arrival
+    times themselves so that counts and sorted arrivals always agree."""
+    if w <= 0 or t <= 0:
+        return 0
+    j = max(0, int(np.ceil(w * t - 0.5)) - 1)
+    while j > 0 and _times(w, np.float64(j - 1)) >= t:
+        j -= 1
+    while _times(w, np.float64(j)) < t:
+        j += 1
+    return j
+
+
+def arrivals(weights: Sequence[float], first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, draw index within the phase) of the phase's samples first .. first + count - 1."""
+    k_all = len(weights)
+    t0 = max(0.0, float(first - k_all - 1))  # at most `first` arrivals happen before t0
+    t1 = float(first + count + k_all + 1)  # at least first + count arrivals happen before t1
+    srcs, draws, times = [], [], []
+    before = 0
+    for k, w in enumerate(weights):
+        lo, hi = _count_before(w, t0), _count_before(w, t1)
+        before += lo
+        j = np.arange(lo, hi, dtype=np.int64)
+        srcs.append(np.full(len(j), k, dtype=np.int64))
+        draws.append(j)
+        times.append(_times(w, j.astype(np.float64)))
+    src, draw, t = (np.concatenate(a) for a in (srcs, draws, times))
+    order = np.lexsort((src, t))  # by time, ties by source index
+    pick = order[first - before:first - before + count]
+    return src[pick], draw[pick]
+
+
+def counts(weights: Sequence[float], n: int) -> np.ndarray:
+    """Samples each source contributes among a phase's first n samples."""
+    out = np.zeros(len(weights), dtype=np.int64)
+    if n <= 0:
+        return out
+    t = float(max(0, n - len(weights) - 1))
+    for k, w in enumerate(weights):
+        out[k] = _count_before(w, t)
+    src, _ = arrivals(weights, int(out.sum()), n - int(out.sum()))
+    np.add.at(out, src, 1)
+    return out
+
+
+class BlendSchedule:
+    """The global sample order of a phased blend: sample n -> (source, draw of that source)."""
+
+    def __init__(self, phases: Sequence[Phase], num_sources: int):
+        self.phases = sorted(phases, key=lambda p: p.start)
+        if not self.phases or self.phases[0].start != 0:
+            raise ValueError("the first phase starts at sample 0")
+        self.num_sources = num_sources
+        # draws of each source before each phase (sources continue across phases)
+        self.offsets = [np.zeros(num_sources, dtype=np.int64)]
+        for p, nxt in zip(self.phases, self.phases[1:]):
+            self.offsets.append(self.offsets[-1] + counts(p.weights, nxt.start - p.start))
+
+    def draws_until(self, n: int) -> np.ndarray:
+        """Draws of each source among global samples 0 .. n - 1 (epoch caps check this)."""
+        i = self._phase_of(n - 1) if n > 0 else 0
+        p = self.phases[i]
+        return self.offsets[i] + counts(p.weights, max(0, n - p.start))
+
+    def _phase_of(self, n: int) -> int:
+        starts = [p.start for p in self.phases]
+        return int(np.searchsorted(starts, n, side="right")) - 1
+
+    def samples(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, draw index of that source) for global samples first .. first + count - 1,
+        split at phase boundaries."""
+        srcs, draws = [], []
+        n, end = first, first + count
+        while n < end:
+            i = self._phase_of(n)
+            p = self.phases[i]
+            stop = min(end, self.phases[i + 1].start) if i + 1 < len(self.phases) else end
+            s, d = arrivals(p.weights, n - p.start, stop - n)
+            srcs.append(s)
+            draws.append(d + self.offsets[i][s])
+            n = stop
+        return np.concatenate(srcs), np.concatenate(draws)
