@@ -115,10 +115,15 @@ class BatchLoader:
         share = self.global_batch // self.dp_size
         idx = self.global_indices(step)[self.dp_rank * share:(self.dp_rank + 1) * share]
         rows = np.stack([self.source.window(int(i), self.seq_len + 1) for i in idx])
-        data = torch.from_numpy(rows)
-        if self.device.type == "cuda":  # one pinned host-to-device copy per step
-            data = data.pin_memory().to(self.device, non_blocking=True)
-        return Batch(tokens=data[:, :-1].contiguous(), labels=data[:, 1:].contiguous())
+        return deliver(rows, self.device)
+
+
+def deliver(rows: np.ndarray, device: torch.device) -> Batch:
+    """Windows of seq_len + 1 tokens -> inputs and next-token labels on the mesh's device."""
+    data = torch.from_numpy(rows)
+    if device.type == "cuda":  # one pinned host-to-device copy per step
+        data = data.pin_memory().to(device, non_blocking=True)
+    return Batch(tokens=data[:, :-1].contiguous(), labels=data[:, 1:].contiguous())
 
 
 class VocabChecked:

@@ -30,6 +30,7 @@ from plait.lowering.compile import RankProgram, lower
 
 from . import checkpoint
 from . import data as data_mod
+from .data_blend import blended_loader
 from . import device as device_mod
 from . import kernels
 from . import moe_balance
@@ -92,6 +93,16 @@ def state_buffer_names(model: torch.nn.Module) -> frozenset:
     return frozenset(k for k in model.state_dict() if k not in params)
 
 
+def _loader(job: TrainJob, plan: ParallelPlan, mesh: Mesh, source):
+    """The job's data: a blend of named sources, or one dataset (or synthetic tokens)."""
+    where = dict(dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"), device=mesh.device)
+    if job.data.sources and source is None:
+        return blended_loader(job, plan.seq_len, plan.global_batch, **where)
+    source = source or data_mod.open_source(job.data.path, job.model.vocab,
+                                            job.data.synthetic, job.data.seed)
+    return data_mod.BatchLoader(source, plan.seq_len, plan.global_batch, job.data.seed, **where)
+
+
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
                  source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None,
@@ -111,11 +122,7 @@ class Trainer:
         self.stage_modules = [m for _, m in self.program.local_modules()]
         self.dp = make_data_parallel(self.program, mesh, job.optimizer)
         self.runner = StepRunner(self.program, mesh, plan.num_microbatches)
-        source = source or data_mod.open_source(job.data.path, job.model.vocab,
-                                                job.data.synthetic, job.data.seed)
-        self.loader = data_mod.BatchLoader(source, plan.seq_len, plan.global_batch, job.data.seed,
-                                           dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"),
-                                           device=mesh.device)
+        self.loader = _loader(job, plan, mesh, source)
 
     def forward_backward(self, step: int) -> torch.Tensor:
         """Loss of step `step` averaged over micro-batches and DP (on every rank), gradients left

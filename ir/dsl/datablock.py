@@ -81,7 +81,7 @@ def _sources(ctx: Context, r: Reader, base_dir) -> tuple[tuple[DataSource, ...],
         if weight is not None:
             weights[name] = to_float(ctx, weight, "weight", minimum=0.0)
         epochs = c.value("epochs", None)
-        sources.append(DataSource(name, data_path(c.string("path", example='"DIR"'), base_dir),
+        sources.append(DataSource(name, data_path(c.string("path"), base_dir),
                                   None if epochs is None else to_float(ctx, epochs, "epochs",
                                                                        positive=True)))
         c.finish()

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_args(args)
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
-    if job.data.path and not args.print_launch:
+    if (job.data.path or job.data.sources) and not args.print_launch:
         _check_dataset(job)
     if args.weights and not args.print_launch:
         check_weights(job, args.weights)
@@ -183,6 +183,13 @@ def _check_dataset(job: TrainJob) -> None:
     """The job's dataset opens and fits the model's vocabulary (each rank would fail otherwise)."""
     from plait.runtime.data import open_source
 
+    if job.data.sources:  # sources exist, fit the vocabulary, and keep their epoch caps
+        from plait.ir.datarecipe import check_sources_exist
+        from plait.runtime.data_blend import blended_loader
+
+        check_sources_exist(job)
+        blended_loader(job, job.seq_len, job.global_batch)
+        return
     open_source(job.data.path, job.model.vocab)
 
 

@@ -171,7 +171,28 @@ def check(args) -> int:
     for path in args.files:
         lib = load_file(path)
         print(f"ok: {lib.summary()} ({path})")
+        for job in lib.jobs.values():
+            if job.data.sources:
+                console.print(blend_table(job))
     return 0
+
+
+def blend_table(job) -> Table:
+    """The resolved data recipe: per phase and source, the samples, tokens and epochs it draws."""
+    from plait.ir.datarecipe import blend_rows, source_windows
+
+    windows = source_windows(job)
+    table = Table(title=f"job {job.name}: data blend over {job.steps} steps x {job.global_batch} "
+                  f"x {job.seq_len} tokens", title_justify="left")
+    for col in ("phase", "source", "weight", "samples", "tokens", "epochs", "cap"):
+        table.add_column(col, justify="left" if col in ("phase", "source") else "right")
+    caps = {s.name: s.epochs for s in job.data.sources}
+    for row in blend_rows(job, windows):
+        epochs = "(not prepared)" if windows[row.source] is None else f"{row.epochs:.3f}"
+        cap = "-" if caps[row.source] is None else f"{caps[row.source]:g}"
+        table.add_row(row.phase, row.source, f"{row.weight:g}", f"{row.samples:,}",
+                      f"{row.tokens:,}", epochs, cap)
+    return table
 
 
 @command("demo", help="the main job on the embedded default: specs/jobs/tiny-local.plait")
