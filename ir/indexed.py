@@ -20,8 +20,9 @@ resolution can size sources (epoch caps) without importing the runtime.
 from __future__ import annotations
 
 import struct
+from array import array
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -125,16 +126,22 @@ class IndexedWriter:
         if self.dtype not in CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no Megatron code")
         self._bin = open(str(prefix) + ".bin", "wb")
-        self.lengths: list[int] = []
+        self.lengths = array("i")  # int32 per document, 4 bytes each (not a Python int each)
 
     def add_document(self, ids: Iterable[int] | np.ndarray) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
         self._bin.write(arr.tobytes())
         self.lengths.append(len(arr))
 
+    def add_documents(self, ids: np.ndarray, lengths: Sequence[int]) -> None:
+        """Several documents at once: their tokens back to back and each one's length."""
+        self._bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.lengths.frombytes(np.asarray(lengths, dtype=np.int32).tobytes())
+
     def close(self) -> None:
         self._bin.close()
-        lengths = np.asarray(self.lengths, dtype=np.int32)
+        lengths = np.frombuffer(self.lengths, dtype=np.int32) if self.lengths else \
+            np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         documents = np.arange(len(lengths) + 1, dtype=np.int64)

@@ -152,9 +152,15 @@ def _init_worker(name: str) -> None:
     _WORKER_TOKENIZER = get_tokenizer(name)
 
 
-def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of documents as one token array (each document followed by EOS) and its document
+    lengths: one array each way between processes, not one per document."""
     tok = _WORKER_TOKENIZER
-    return [np.asarray(tok.encode(t) + [tok.eos], dtype=np.int64) for t in texts]
+    if isinstance(tok, ByteTokenizer):  # the bytes are the ids: no Python list per character
+        docs = [np.frombuffer(t.encode("utf-8") + bytes([tok.eos]), dtype=np.uint8) for t in texts]
+    else:
+        docs = [np.asarray(tok.encode(t) + [tok.eos], dtype=np.int64) for t in texts]
+    return np.concatenate(docs), np.fromiter(map(len, docs), np.int64, len(docs))
 
 
 def _batches(docs: Iterable[tuple[str, int]], progress) -> Iterator[list[str]]:
@@ -169,7 +175,7 @@ def _batches(docs: Iterable[tuple[str, int]], progress) -> Iterator[list[str]]:
             yield texts
 
 
-def _encoded(docs, tokenizer: str, workers: int, progress) -> Iterator[list[np.ndarray]]:
+def _encoded(docs, tokenizer: str, workers: int, progress) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     batches = _batches(docs, progress)
     if workers <= 1:
         _init_worker(tokenizer)
@@ -220,9 +226,8 @@ def _write(paths, out: Path, tok: Tokenizer, dtype, field: str, workers: int, sh
     with Progress(transient=True, disable=not show) as bar:
         task = bar.add_task("tokenizing", total=total)
         docs = (doc for path in paths for doc in documents(path, field))
-        for batch in _encoded(docs, tok.name, workers, lambda n: bar.advance(task, n)):
-            for ids in batch:
-                writer.add_document(ids)
+        for ids, lengths in _encoded(docs, tok.name, workers, lambda n: bar.advance(task, n)):
+            writer.add_documents(ids, lengths)
     writer.close()
     if not writer.lengths:
         raise PlaitError("the inputs hold no documents (only blank lines)"
@@ -230,7 +235,7 @@ def _write(paths, out: Path, tok: Tokenizer, dtype, field: str, workers: int, sh
                                                                    for p in paths) else ""))
     meta = {"format": "megatron-indexed", "prefix": PREFIX, "tokenizer": tok.name,
             "vocab": tok.vocab, "eos": tok.eos, "dtype": np.dtype(dtype).name,
-            "num_tokens": int(sum(writer.lengths)), "documents": len(writer.lengths),
+            "num_tokens": int(np.sum(writer.lengths, dtype=np.int64)), "documents": len(writer.lengths),
             "files": [str(p) for p in paths]}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
