@@ -101,10 +101,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
-    if synthetic:
-        return replace(job, data=replace(job.data, synthetic=True, path=None))
+    if synthetic:  # a flag replaces the job's data, a blend included
+        return replace(job, data=replace(job.data, synthetic=True, path=None, sources=(), phases=()))
     if data:
-        return replace(job, data=replace(job.data, synthetic=False, path=data))
+        return replace(job, data=replace(job.data, synthetic=False, path=data, sources=(), phases=()))
     return job
 
 

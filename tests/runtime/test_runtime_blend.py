@@ -143,3 +143,21 @@ def test_plait_run_trains_on_the_blend_under_any_layout_and_resumes(sources, tmp
                         ckpt=Checkpointing(resume=str(tmp_path / "ckpt-dp2" / "step-000001"))) == 0
     resumed = [e["loss"] for e in json.loads((tmp_path / "resumed" / "log.json").read_text())]
     assert resumed == logs["dp2"][1:]
+
+
+def test_a_checkpoint_names_the_recipe_so_a_changed_blend_is_a_different_job(sources):
+    from plait.runtime.ckpt_integrity import dataset_identity
+
+    job = _job(sources, PHASES)
+    identity = dataset_identity(job.data)
+    assert identity["sources"]["web"]["tokens"] == 400 * SEQ + 1
+    other = replace(job.data, phases=(PHASES[0], replace(PHASES[1], at=0.4)))
+    assert dataset_identity(other) != identity and dataset_identity(job.data) == identity
+
+
+def test_a_data_flag_replaces_the_jobs_blend(sources):
+    from plait.commands.run import _with_data
+
+    job = _job(sources, PHASES)
+    assert _with_data(job, "/some/dir", False).data.sources == ()
+    assert _with_data(job, None, True).data.phases == () and _with_data(job, None, False) == job
