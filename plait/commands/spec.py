@@ -187,11 +187,21 @@ def blend_table(job) -> Table:
     for col in ("phase", "source", "weight", "samples", "tokens", "epochs", "cap"):
         table.add_column(col, justify="left" if col in ("phase", "source") else "right")
     caps = {s.name: s.epochs for s in job.data.sources}
-    for row in blend_rows(job, windows):
-        epochs = "(not prepared)" if windows[row.source] is None else f"{row.epochs:.3f}"
-        cap = "-" if caps[row.source] is None else f"{caps[row.source]:g}"
-        table.add_row(row.phase, row.source, f"{row.weight:g}", f"{row.samples:,}",
-                      f"{row.tokens:,}", epochs, cap)
+    rows = blend_rows(job, windows)
+    totals = {name: sum(r.samples for r in rows if r.source == name) for name in caps}
+
+    def add(phase, source, weight, samples):
+        size = windows[source]
+        epochs = "(not prepared)" if size is None else f"{samples / size:.3f}" if size else "(empty)"
+        cap = "-" if caps[source] is None else f"{caps[source]:g}"
+        table.add_row(phase, source, weight, f"{samples:,}", f"{samples * job.seq_len:,}", epochs, cap)
+
+    for row in rows:
+        if row.weight > 0:  # a source a phase does not draw from is left out of its rows
+            add(row.phase, row.source, f"{row.weight:g}", row.samples)
+    table.add_section()
+    for name, samples in totals.items():
+        add("whole job", name, "", samples)
     return table
 
 
