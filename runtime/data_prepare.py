@@ -208,12 +208,15 @@ def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "
         check_input(path)
     tok = get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab <= 2 ** 16 else np.int32  # Megatron's codes: no uint32
+    created = not out.exists()
     claim_output_dir(out, DATASET_KIND)
     try:
         meta = _write(paths, out, tok, dtype, field, workers, show_progress)
     except BaseException:
         for f in out.iterdir():  # what this call wrote, in a directory it claimed empty
             f.unlink() if f.is_file() else shutil.rmtree(f)
+        if created:
+            out.rmdir()
         raise
     return meta
 

@@ -202,3 +202,28 @@ def test_cli_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Megatron indexed" in out and "15" in out  # 4 + 2 + 6 characters + 3 EOS
     assert "3 / 5.0 / 7" in out  # document lengths with their EOS
+
+
+def _local_hf_tokenizer(root, eos):
+    """A word-level HF tokenizer saved locally (no network)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "the", "cat", "sat", "</s>"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"eos_token": "</s>"} if eos else {}
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>",
+                                         **extra).save_pretrained(root)
+    return str(root)
+
+
+def test_prepare_with_a_hugging_face_tokenizer_ends_documents_with_its_eos(tmp_path):
+    tok = _local_hf_tokenizer(tmp_path / "tok", eos=True)
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "the cat"}\n{"text": "cat sat the"}\n')
+    meta = prepare([src], tmp_path / "ds", tok)
+    assert (meta["eos"], meta["vocab"], meta["documents"]) == (4, 5, 2)
+    assert MemmapTokens(tmp_path / "ds").tokens.tolist() == [1, 2, 4, 2, 3, 1, 4]
+    with pytest.raises(PlaitError, match="has no EOS token"):
+        prepare([src], tmp_path / "ds2", _local_hf_tokenizer(tmp_path / "tok2", eos=False))
