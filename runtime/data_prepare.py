@@ -207,7 +207,8 @@ def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "
     for path in paths:
         check_input(path)
     tok = get_tokenizer(tokenizer)
-    dtype = np.uint16 if tok.vocab <= 2 ** 16 else np.int32  # Megatron's codes: no uint32
+    # Megatron's choice (DType.optimal_dtype): uint16 below 65500 ids, else int32 (it has no uint32)
+    dtype = np.uint16 if tok.vocab < 65500 else np.int32
     created = not out.exists()
     claim_output_dir(out, DATASET_KIND)
     try:

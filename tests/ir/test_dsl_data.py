@@ -57,6 +57,15 @@ def test_sources_and_phases_resolve_to_absolute_paths_and_sample_starts(specdir)
     assert [p.start for p in schedule(job).phases] == [0, 480]  # 60% of 100 steps x 8 samples
 
 
+def test_a_phase_may_start_at_a_token_count(specdir):
+    job = _load(specdir, JOB.replace("EPOCHS", "3").replace("at = 0.6", "at = 16K")).jobs["blend"]
+    assert job.data.phases[1].at_tokens == 16384
+    assert [p.start for p in schedule(job).phases] == [0, 256]  # 16384 tokens / seq 64
+    lib = _load(specdir, JOB.replace("EPOCHS", "3").replace("at = 0.6", "at = 16K"))
+    again = parse_text(format_file(lib), file=str(specdir / "j.plait"), base_dir=str(specdir))
+    assert again.jobs["blend"] == job
+
+
 def test_resolved_blend_counts_tokens_and_epochs(specdir):
     job = _load(specdir, JOB.replace("EPOCHS", "3")).jobs["blend"]
     rows = {(r.phase, r.source): r for r in blend_rows(job, source_windows(job))}
