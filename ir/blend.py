@@ -114,3 +114,41 @@ class BlendSchedule:
             draws.append(d + self.offsets[i][s])
             n = stop
         return np.concatenate(srcs), np.concatenate(draws)
+
+
+# ---- a permutation of [0, n) without an array of n entries ---------------------------------------
+
+_ROUNDS = 6  # rounds of the Feistel network (4 make a strong pseudo-random permutation; 2 spare)
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed bijective scramble of 64-bit words (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def round_keys(*key: int) -> np.ndarray:
+    """Keys of the shuffle of one source in one epoch: (seed, source, epoch) -> one word per round."""
+    return np.random.SeedSequence(list(key)).generate_state(_ROUNDS, dtype=np.uint64)
+
+
+def permute(index: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """Positions 0..n-1 -> a keyed pseudo-random permutation of 0..n-1, one index at a time: a
+    balanced Feistel network over the smallest even number of bits holding n, walked again while
+    it lands past n (a bijection on the larger range stays one on [0, n)). A source of 10^9
+    windows needs no 8 GB shuffle array on every rank, and any draw is found directly."""
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    low = np.uint64((1 << half) - 1)
+    x = np.asarray(index, dtype=np.uint64).copy()
+    todo = np.ones(len(x), dtype=bool)
+    with np.errstate(over="ignore"):
+        while todo.any():
+            v = x[todo]
+            left, right = v >> np.uint64(half), v & low
+            for k in keys:
+                left, right = right, left ^ (_mix(right ^ k) & low)
+            x[todo] = (left << np.uint64(half)) | right
+            todo = x >= np.uint64(n)
+    return x.astype(np.int64)

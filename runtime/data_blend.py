@@ -1,7 +1,7 @@
 """The loader of a blended, phased data recipe (`data { sources { ... } phase ... }`).
 
-The global sample order comes from ir/blend.py (which source, which draw of it) and a seeded
-permutation of each source's windows per epoch (which window): a function of the step and the
+The global sample order comes from ir/blend.py (which source, which draw of it, and a keyed
+permutation of the source's windows per epoch: which window, computed per draw, never stored): a function of the step and the
 seed only, so any DP size and any layout read the same global batches (DP rank d takes the d-th
 contiguous share, as BatchLoader does), and a resumed run continues at the checkpoint's step with
 nothing else to restore.
@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from plait.ir.blend import BlendSchedule
+from plait.ir.blend import BlendSchedule, permute, round_keys
 from plait.ir.datarecipe import epoch_overruns, schedule
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
@@ -31,14 +31,6 @@ class BlendedLoader:
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)
         self.windows = [s.num_windows(seq_len + 1) for s in self.sources]
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
-
-    def _permutation(self, k: int, epoch: int) -> np.ndarray:
-        cached = self._perms.get(k)
-        if cached is None or cached[0] != epoch:
-            perm = np.random.default_rng((self.seed, k, epoch)).permutation(self.windows[k])
-            self._perms[k] = cached = (epoch, perm)
-        return cached[1]
 
     def global_samples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(source index, window of that source) for each sample of step `step`'s global batch."""
@@ -50,7 +42,11 @@ class BlendedLoader:
                 raise PlaitError(f"data source {self.names[k]!r} holds no window of "
                                  f"{self.seq_len + 1} tokens")
             epoch, within = np.divmod(draw[mine], self.windows[k])
-            window[mine] = [self._permutation(int(k), int(e))[w] for e, w in zip(epoch, within)]
+            shuffled = np.empty_like(within)
+            for e in np.unique(epoch):  # a fresh shuffle of the source each epoch
+                at = epoch == e
+                shuffled[at] = permute(within[at], self.windows[k], round_keys(self.seed, int(k), int(e)))
+            window[mine] = shuffled
         return src, window
 
     def local_batch(self, step: int) -> Batch:

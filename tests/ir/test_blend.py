@@ -63,3 +63,24 @@ def test_phases_switch_at_their_start_and_sources_continue():
     tail_src, tail_draw = src[60:], draw[60:]
     assert sorted(tail_draw[tail_src == 0]) == list(range(100, 110))  # source 0 continues at 100
     assert list(sched.draws_until(170)) == [110, 60]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 20, 1000, 4097, 65536])
+def test_the_window_shuffle_is_a_keyed_permutation(n):
+    from plait.ir.blend import permute, round_keys
+
+    p = permute(np.arange(n), n, round_keys(1, 2, 3))
+    assert sorted(p.tolist()) == list(range(n))
+    assert np.array_equal(permute(np.arange(n)[::-1], n, round_keys(1, 2, 3)), p[::-1])  # per index
+    if n >= 20:
+        other = permute(np.arange(n), n, round_keys(1, 2, 4))
+        assert not np.array_equal(p, other) and not np.array_equal(p, np.arange(n))
+        assert np.mean(p == other) < 0.2  # another epoch: a different order, not a shifted one
+
+
+def test_the_shuffle_of_a_billion_windows_needs_no_array_of_a_billion():
+    from plait.ir.blend import permute, round_keys
+
+    n = 10 ** 9
+    picks = permute(np.arange(n - 64, n), n, round_keys(7, 0, 0))
+    assert len(set(picks.tolist())) == 64 and picks.min() >= 0 and picks.max() < n
