@@ -129,6 +129,28 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+SMALL = 64
+_C1, _C2, _M = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, (1 << 64) - 1
+
+
+def _mix_int(x: int) -> int:
+    """_mix on one Python int (the same bits)."""
+    x = ((x ^ (x >> 30)) * _C1) & _M
+    x = ((x ^ (x >> 27)) * _C2) & _M
+    return x ^ (x >> 31)
+
+
+def _permute_one(x: int, n: int, half: int, ks: list[int]) -> int:
+    low = (1 << half) - 1
+    while True:
+        left, right = x >> half, x & low
+        for k in ks:
+            left, right = right, left ^ (_mix_int(right ^ k) & low)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
 def round_keys(*key: int) -> np.ndarray:
     """Keys of the shuffle of one source in one epoch: (seed, source, epoch) -> one word per round."""
     return np.random.SeedSequence(list(key)).generate_state(_ROUNDS, dtype=np.uint64)
@@ -140,6 +162,9 @@ def permute(index: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     it lands past n (a bijection on the larger range stays one on [0, n)). A source of 10^9
     windows needs no 8 GB shuffle array on every rank, and any draw is found directly."""
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    if len(index) <= SMALL:  # a step's draws of one source: Python ints beat numpy's call overhead
+        ks = [int(k) for k in keys]
+        return np.fromiter((_permute_one(int(i), n, half, ks) for i in index), np.int64, len(index))
     low = np.uint64((1 << half) - 1)
     x = np.asarray(index, dtype=np.uint64).copy()
     todo = np.ones(len(x), dtype=bool)

@@ -31,6 +31,13 @@ class BlendedLoader:
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)
         self.windows = [s.num_windows(seq_len + 1) for s in self.sources]
+        self._key_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _keys(self, k: int, epoch: int) -> np.ndarray:
+        keys = self._key_cache.get((k, epoch))
+        if keys is None:
+            keys = self._key_cache[(k, epoch)] = round_keys(self.seed, k, epoch)
+        return keys
 
     def global_samples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(source index, window of that source) for each sample of step `step`'s global batch."""
@@ -45,7 +52,7 @@ class BlendedLoader:
             shuffled = np.empty_like(within)
             for e in np.unique(epoch):  # a fresh shuffle of the source each epoch
                 at = epoch == e
-                shuffled[at] = permute(within[at], self.windows[k], round_keys(self.seed, int(k), int(e)))
+                shuffled[at] = permute(within[at], self.windows[k], self._keys(int(k), int(e)))
             window[mine] = shuffled
         return src, window
 

@@ -84,3 +84,14 @@ def test_the_shuffle_of_a_billion_windows_needs_no_array_of_a_billion():
     n = 10 ** 9
     picks = permute(np.arange(n - 64, n), n, round_keys(7, 0, 0))
     assert len(set(picks.tolist())) == 64 and picks.min() >= 0 and picks.max() < n
+
+
+def test_the_small_and_the_vectorised_shuffles_agree():
+    from plait.ir.blend import SMALL, permute, round_keys
+
+    keys = round_keys(3, 1, 4)
+    for n in (5, 1000, 10 ** 9):
+        big = permute(np.arange(SMALL + 40) % n, n, keys)  # the numpy path
+        small = np.concatenate([permute(np.arange(i, min(i + 8, SMALL + 40)) % n, n, keys)
+                                for i in range(0, SMALL + 40, 8)])
+        assert np.array_equal(big, small)
