@@ -25,17 +25,26 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the train job to use when the file declares several")
     p.add_argument("--plan", help="a plan JSON (`plait plan JOB -o plan.json`); default: plan now")
     p.add_argument("--layout", help='pins for planning, e.g. "tp=2 pp=2" (ignored with --plan)')
+    p.add_argument("--calibration", metavar="CALIB_JSON",
+                   help="plan with cost-model values measured by `plait calibrate`")
 
 
-def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str]) -> ParallelPlan:
-    """The plan from a file, else the planner's best (pins from the job and --layout), checked
-    against the job before anything starts."""
+def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str],
+                 calibration_path: Optional[str] = None) -> ParallelPlan:
+    """The plan from a file, else the planner's best (pins from the job and --layout, costs from
+    the device spec or a `plait calibrate` file), checked against the job before anything
+    starts."""
+    from plait.planner import calibration
     from plait.runtime.launch import check_plan
 
     if plan_path:
+        if calibration_path:
+            raise PlaitError("--calibration has no effect with --plan (the plan is already made)",
+                             hint="give one of them")
         plan = read_plan(plan_path, job)
     else:
-        plan = _search(job, layout)
+        planning_job, cal = calibration.calibrated(job, calibration_path)
+        plan = calibration.note(_search(planning_job, layout), cal)
     return check_plan(job, plan)
 
 
@@ -119,11 +128,13 @@ def run(args: argparse.Namespace) -> int:
         _check_dataset(job)
     if args.weights and not args.print_launch:
         check_weights(job, args.weights)
-    plan = resolve_plan(job, args.plan, args.layout)
+    plan = resolve_plan(job, args.plan, args.layout, args.calibration)
     if args.print_launch:
         print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
         return 0
     console.print(plan_table(plan))
+    if args.calibration:
+        console.print(plan.explanation[0], markup=False, highlight=False)
     ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
                          asynchronous=args.async_save, allow_job_change=args.allow_job_change)
     if args.run_dir:
@@ -230,7 +241,7 @@ def compile_command(args: argparse.Namespace) -> int:
         raise PlaitError("--layout has no effect with --plan", hint="give one of them")
     check_output_dir(args.output, COMPILED_KIND)
     job = load_job(args.job, args.name)
-    plan = resolve_plan(job, args.plan, args.layout)
+    plan = resolve_plan(job, args.plan, args.layout, args.calibration)
     ranks = _ranks(args.ranks, plan.world)
     programs = [lower(_meta_model(job), job.model, plan, r) for r in ranks]
     claim_output_dir(args.output, COMPILED_KIND)

@@ -62,13 +62,25 @@ def rank_memory(table: CostTable, rc: RankCost, rank: int) -> MemoryBreakdown:
                            reserve=table.reserve_fixed + frag)
 
 
+def overlap_passes(pp: int, vpp: int, microbatches: int) -> float:
+    """How many micro-batch passes (all of a rank's chunks) the data-parallel traffic can hide
+    behind (Megatron's overlap_grad_reduce / overlap_param_gather). 1F1B: a model chunk's
+    gradients are complete only in the last backward, so its reduction overlaps that one pass
+    (and the parameter all-gather the next step's first forward). Interleaved: the cool-down runs
+    the chunks' last backwards one chunk after the other, pp micro-batches each, so chunk c's
+    reduction hides behind the c chunks still to finish: (vpp - 1) pp + 1 chunk passes in all,
+    each 1/vpp of a micro-batch pass; the warm-up gives the all-gathers the same in forward."""
+    if vpp <= 1:
+        return 1.0
+    return min(float(microbatches), ((vpp - 1) * pp + 1) / vpp)
+
+
 def sync_time(table: CostTable, rc: RankCost) -> tuple[float, float]:
-    """(exposed data-parallel seconds, optimizer seconds) per step for one rank. Gradient
-    reduction overlaps the last micro-batch's backward, the parameter all-gather the next step's
-    first forward (Megatron's overlap_grad_reduce / overlap_param_gather)."""
+    """(exposed data-parallel seconds, optimizer seconds) per step for one rank: the gradient
+    reduction and parameter all-gather less what overlap_passes hides of them."""
     ctx, lay = table.ctx, table.layout
     red, gather = comm.dp_sync(ctx, rc.dense_params, rc.expert_params)
-    window = ctx.cal.overlap
+    window = ctx.cal.overlap * overlap_passes(lay.pp, lay.vpp, table.microbatches)
     exposed = max(0.0, red - window * (rc.time - rc.fwd)) + max(0.0, gather - window * rc.fwd)
     sharded = lay.dp_kind != "replicated"
     opt = (compute.optimizer_time(ctx, rc.dense_params, lay.dp * lay.cp if sharded else 1)
@@ -82,7 +94,8 @@ def evaluate(table: CostTable, stages: tuple[Stage, ...]) -> Prediction:
     t_max = max(rc.time for rc in ranks)
     syncs = [sync_time(table, rc) for rc in ranks]
     dp_exposed = max(s[0] for s in syncs)
-    step = table.schedule_factor * t_max + max(s[0] + s[1] for s in syncs)
+    world_sync = comm.step_reductions(table.ctx)
+    step = table.schedule_factor * t_max + max(s[0] + s[1] for s in syncs) + world_sync
     tokens = job.global_batch * job.seq_len
     world = job.cluster.world
     model_flops = tokens * counts.flops_per_token(job.model, job.seq_len)
@@ -92,6 +105,8 @@ def evaluate(table: CostTable, stages: tuple[Stage, ...]) -> Prediction:
     exposed = {k: v * table.microbatches for k, v in busiest.comm.items() if v > 0}
     if dp_exposed > 0:
         exposed["dp"] = exposed.get("dp", 0.0) + dp_exposed
+    if world_sync > 0:
+        exposed["world"] = world_sync
     return Prediction(
         step_time=step, tokens_per_s=tokens / step, mfu=model_flops / (step * world * peak),
         tflops_per_gpu=model_flops / (step * world) / 1e12,

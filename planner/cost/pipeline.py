@@ -77,6 +77,18 @@ def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict
     return fwd, bwd
 
 
+def host_seconds(ctx: Context, kinds: tuple[str, ...]) -> tuple[float, float]:
+    """(forward, backward) host seconds of a unit's blocks: the measured forward + backward of
+    each kind (host_us_KIND), a third of it forward, else kernel_us per block and pass."""
+    fwd = bwd = 0.0
+    for kind in kinds:
+        total = getattr(ctx.cal, f"host_us_{kind}", 0.0) * 1e-6
+        if total <= 0:
+            total = 3 * ctx.cal.kernel_us * 1e-6
+        fwd, bwd = fwd + total / 3, bwd + 2 * total / 3
+    return fwd, bwd
+
+
 def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
     fwd_c = bwd_c = sel = fwd_t = bwd_t = flops = 0.0
     fwd_comm: dict = {}
@@ -94,14 +106,18 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         transient_sel = max(transient_sel, a_none - a_sel)
         d, e = memory.block_params_on_rank(ctx, kind)
         dense, expert = dense + d, expert + e
-    overhead = ctx.cal.kernel_us * 1e-6 * len(kinds)
+    host_f, host_b = host_seconds(ctx, kinds)
+    if ctx.cal.host_sync >= 0.5:
+        fwd_c, bwd_c = fwd_c + host_f, bwd_c + host_b
+    else:
+        fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
     g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
     window = ctx.cal.fsdp_overlap
     fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
     if fsdp_f or fsdp_b:
         _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
-    fwd_t = fwd_c + sum(fwd_comm.values()) + overhead
-    bwd_t = bwd_c + sum(bwd_comm.values()) + 2 * overhead
+    fwd_t = fwd_c + sum(fwd_comm.values())
+    bwd_t = bwd_c + sum(bwd_comm.values())
     refwd = fwd_t - fsdp_f  # a recomputed forward reuses the weights gathered for backward
     total_comm = _add(dict(fwd_comm), bwd_comm.items())
     return UnitCost(
