@@ -71,6 +71,27 @@ class LayoutPins:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """One named dataset of a blend. ``epochs``: the most passes the job may make over it."""
+
+    name: str
+    path: str  # absolute: a `plait data prepare` directory or a Megatron PREFIX (.bin/.idx)
+    epochs: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class DataPhase:
+    """A blend in force from ``at`` on: a fraction of the job's tokens (0 <= at < 1) when
+    ``at_tokens`` is None, else from token ``at_tokens``. Weights sum to 1; a source a phase does
+    not name is not drawn in it."""
+
+    name: str
+    weights: tuple[tuple[str, float], ...]
+    at: float = 0.0
+    at_tokens: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class Data:
     path: Optional[str] = None  # a dataset built by `plait data prepare`; None with synthetic
     synthetic: bool = False
@@ -82,6 +103,9 @@ class Data:
     val_every: int = 0
     val_fraction: float = 0.0
     val_batches: int = 10
+    # a blend (`data { sources { ... } ... }`): named sources and phases in order; empty: `path`
+    sources: tuple[DataSource, ...] = ()
+    phases: tuple[DataPhase, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from plait.ir.datarecipe import check_sources_exist
 from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan, even_stages
@@ -72,6 +73,9 @@ def hand_plan(job: TrainJob, layout: Layout) -> ParallelPlan:
 
 def resolve_data(job: TrainJob, cache: Path) -> TrainJob:
     """A job that names no dataset (and is not synthetic) trains on the bundled corpus."""
+    if job.data.sources:  # a blend: every source must be there before ranks start
+        check_sources_exist(job)
+        return job
     if job.data.synthetic or job.data.path:
         if job.data.path and not Path(job.data.path).exists():
             raise PlaitError(f"dataset {job.data.path} does not exist",

@@ -21,15 +21,28 @@ CHUNK = 1 << 26  # tokens per read while scanning for the largest id
 
 
 def check_inputs(job: TrainJob, weights: Optional[str], bundled: bool = False) -> None:
-    if not (job.data.synthetic or job.data.path or bundled):
+    if not (job.data.synthetic or job.data.path or job.data.sources or bundled):
         raise PlaitError(f"job {job.name!r} names no dataset",
                          hint='set data = "DIR" (from `plait data prepare`) or data = synthetic '
                               "in the job, or pass --data DIR; --data bundled trains on the small "
                               "corpus shipped with plait (byte tokens)")
-    if job.data.path:
+    if job.data.sources:
+        check_blend(job)
+    elif job.data.path:
         check_dataset(job, weights)
     if weights:
         check_weights(job, weights)
+
+
+def check_blend(job: TrainJob) -> None:
+    """A blend's sources exist, fit the model's vocabulary and keep their epoch caps (building the
+    loader checks all three)."""
+    from plait.ir.datarecipe import check_sources_exist
+
+    from .data_blend import blended_loader
+
+    check_sources_exist(job)
+    blended_loader(job, job.seq_len, job.global_batch)
 
 
 def check_dataset(job: TrainJob, weights: Optional[str] = None) -> None:

@@ -32,6 +32,7 @@ from plait.lowering.precision import param_dtype
 
 from . import checkpoint
 from . import data as data_mod
+from .data_blend import blended_loader
 from . import device as device_mod
 from . import kernels
 from . import moe_balance
@@ -95,6 +96,18 @@ def state_buffer_names(model: torch.nn.Module) -> frozenset:
     return frozenset(k for k in model.state_dict() if k not in params)
 
 
+def _loader(job: TrainJob, plan: ParallelPlan, mesh: Mesh, source):
+    """(the whole dataset or None for a blend, the training loader): a blend of named sources, or
+    one dataset (or synthetic tokens) of which training reads all but the validation split."""
+    where = dict(dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"), device=mesh.device)
+    if job.data.sources and source is None:
+        return None, blended_loader(job, plan.seq_len, plan.global_batch, **where)
+    source = source or data_mod.open_source(job.data.path, job.model.vocab,
+                                            job.data.synthetic, job.data.seed)
+    train = validation.training_part(source, job.data, plan.seq_len)
+    return source, data_mod.BatchLoader(train, plan.seq_len, plan.global_batch, job.data.seed, **where)
+
+
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
                  source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None,
@@ -117,13 +130,7 @@ class Trainer:
         self.stage_modules = [m for _, m in self.program.local_modules()]
         self.dp = make_data_parallel(self.program, mesh, job.optimizer, self.policy)
         self.runner = StepRunner(self.program, mesh, plan.num_microbatches)
-        source = source or data_mod.open_source(job.data.path, job.model.vocab,
-                                                job.data.synthetic, job.data.seed)
-        self.source = source  # the whole dataset; training reads all but a validation split
-        source = validation.training_part(source, job.data, plan.seq_len)
-        self.loader = data_mod.BatchLoader(source, plan.seq_len, plan.global_batch, job.data.seed,
-                                           dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"),
-                                           device=mesh.device)
+        self.source, self.loader = _loader(job, plan, mesh, source)
 
     def forward_backward(self, step: int, batch: Optional[data_mod.Batch] = None) -> torch.Tensor:
         """Loss of step `step` (or of ``batch``) averaged over micro-batches and DP (on every

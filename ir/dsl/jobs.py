@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Callable, Optional
 
 from plait.ir.cluster import Cluster, local_cpu
@@ -11,6 +12,7 @@ from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
 from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
 
 from . import ast
+from .datablock import check_blend, data_path, resolve_data_block, tokenizer_name
 from .hardware import resize
 from .reader import Context, Reader, describe, did_you_mean, to_float, to_string
 
@@ -44,9 +46,14 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
         precision=_precision(ctx, r.value("precision", None), model),
         optimizer=_optimizer(ctx, r.value("optimizer", None)),
         moe=_moe_options(moe_block), layout=_layout(r.block("layout")),
-        steps=r.int("steps", 100), data=_data(ctx, r.value("data", None), base_dir),
-        seed=r.int("seed", 0, minimum=0), timeout=_timeout(ctx, r),
+        steps=r.int("steps", 100), seed=r.int("seed", 0, minimum=0), timeout=_timeout(ctx, r),
     )
+    data = r.raw("data", None)
+    if isinstance(data, ast.Block):
+        job = replace(job, data=resolve_data_block(ctx, data, r.entries["data"].pos, base_dir))
+        check_blend(ctx, job, data)
+    else:
+        job = replace(job, data=_data(ctx, data, base_dir))
     r.finish()
     return job
 
@@ -191,17 +198,17 @@ def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
     if isinstance(value, ast.Ident) and value.name == "synthetic":
         return Data(synthetic=True)
     if isinstance(value, ast.String):
-        return Data(path=_data_path(value.value, base_dir))
+        return Data(path=data_path(value.value, base_dir))
     if not (isinstance(value, ast.Call) and value.name in ("synthetic", "dataset")):
         raise ctx.error(f'data must be "path", synthetic or dataset(path = ...), got {describe(value)}',
                         value.pos)
     r = Reader.of_call(ctx, value)
     synthetic = value.name == "synthetic"
     path = None if synthetic else r.string("path", None)
-    path = None if path is None else _data_path(path, base_dir)
+    path = None if path is None else data_path(path, base_dir)
     tokenizer = r.value("tokenizer", None)
     data = Data(path=path, synthetic=synthetic, seed=r.int("seed", Data.seed, minimum=0),
-                tokenizer=Data.tokenizer if tokenizer is None else _tokenizer(ctx, tokenizer),
+                tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer),
                 **_validation(ctx, r, value))
     r.finish()
     return data
@@ -228,16 +235,3 @@ def _validation(ctx: Context, r: Reader, value) -> dict:
                         hint="e.g. val_every = 50")
     batches = r.int("val_batches", Data.val_batches, minimum=1)
     return {"val_every": every, "val_fraction": fraction if every else 0.0, "val_batches": batches}
-
-
-def _tokenizer(ctx: Context, value) -> str:
-    if isinstance(value, ast.Ident):
-        return value.name
-    return to_string(ctx, value, "tokenizer")
-
-
-def _data_path(path: str, base_dir: Optional[str]) -> str:
-    """Data paths, like `use` paths, are relative to the spec file; the IR holds them absolute."""
-    if base_dir is None or os.path.isabs(path):
-        return path
-    return os.path.abspath(os.path.join(base_dir, path))

@@ -121,12 +121,12 @@ BUNDLED = "bundled"  # --data bundled: the corpus shipped with plait, asked for 
 
 
 def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
-    if synthetic:
-        return replace(job, data=replace(job.data, synthetic=True, path=None))
+    if synthetic:  # a flag replaces the job's data, a blend included
+        return replace(job, data=replace(job.data, synthetic=True, path=None, sources=(), phases=()))
     if data == BUNDLED:  # resolve_data prepares it into the run directory
-        return replace(job, data=replace(job.data, synthetic=False, path=None))
+        return replace(job, data=replace(job.data, synthetic=False, path=None, sources=(), phases=()))
     if data:
-        return replace(job, data=replace(job.data, synthetic=False, path=data))
+        return replace(job, data=replace(job.data, synthetic=False, path=data, sources=(), phases=()))
     return job
 
 
@@ -300,21 +300,33 @@ def _meta_model(job: TrainJob):
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["prepare"], help="prepare: tokenize text files")
-    p.add_argument("files", nargs="+", help="text files (\"bundled\" = the shipped corpus)")
-    p.add_argument("-o", "--output", required=True, help="dataset directory to write")
+    p.add_argument("action", choices=["prepare", "inspect"],
+                   help="prepare: tokenize text / JSONL files; inspect: describe a dataset")
+    p.add_argument("files", nargs="+", help="prepare: text or JSONL files (\"bundled\" = the "
+                   "shipped corpus); inspect: a dataset directory or Megatron PREFIX")
+    p.add_argument("-o", "--output", help="dataset directory to write (prepare)")
     p.add_argument("--tokenizer", default="byte", help="byte (default) or a HF tokenizer name/path")
+    p.add_argument("--field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
 
 
-@command("data", help="datasets: `plait data prepare FILES -o DATASET`")
+@command("data", help="datasets: `plait data prepare FILES -o DATASET`, `plait data inspect DATASET`")
 @arguments(_data_args)
 def data(args: argparse.Namespace) -> int:
     from plait.runtime.data import bundled_corpus, prepare
+    from plait.runtime.data_inspect import inspect_table
 
+    if args.action == "inspect":
+        for path in args.files:
+            console.print(inspect_table(path))
+        return 0
+    if not args.output:
+        raise PlaitError("prepare needs an output directory", hint="add -o DIR")
     files = [bundled_corpus() if f == "bundled" else Path(f) for f in args.files]
-    meta = prepare(files, args.output, args.tokenizer)
-    console.print(f"{args.output}: {meta['num_tokens']:,} tokens ({meta['tokenizer']} tokenizer, "
-                  f"vocab {meta['vocab']}, {meta['dtype']})")
+    meta = prepare(files, args.output, args.tokenizer, args.field, max(1, args.workers),
+                   show_progress=console.is_terminal)
+    console.print(f"{args.output}: {meta['num_tokens']:,} tokens in {meta['documents']:,} documents "
+                  f"({meta['tokenizer']} tokenizer, vocab {meta['vocab']}, {meta['dtype']})")
     return 0
 
 
