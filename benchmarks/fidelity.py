@@ -26,6 +26,9 @@ from plait.ir.job import Precision, TrainJob
 from plait.planner.search import estimate
 from plait.reference import reference_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibrate  # noqa: E402  (benchmarks/calibrate.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
 GPT_NAMES = {1.7: "gpt-1.7b", 3.6: "gpt-3.6b", 7.5: "gpt-7.5b", 18.4: "gpt-18.4b", 39.1: "gpt-39.1b",
@@ -107,15 +110,13 @@ def folding_rows() -> list[Row]:
 
 
 def with_calibration(job: TrainJob, values: dict) -> TrainJob:
-    dev = job.cluster.device
-    merged = dict(dev.calibration)
-    merged.update(values)
-    dev = dataclasses.replace(dev, calibration=tuple(sorted(merged.items())))
+    """``job`` on a device whose calibration is exactly ``values`` (the rest: defaults)."""
+    dev = dataclasses.replace(job.cluster.device, calibration=tuple(sorted(values.items())))
     return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, device=dev))
 
 
 def predict(row: Row, calibration: dict | None = None):
-    job = with_calibration(row.job, calibration) if calibration else row.job
+    job = with_calibration(row.job, calibration) if calibration is not None else row.job
     plans = []
     for pins in row.pins:
         try:
@@ -149,36 +150,91 @@ def order_ok(results) -> dict:
 
 def summarize(results) -> tuple[float, float]:
     errors = [abs(p / r.published - 1) for r, p, _ in results]
+    if not errors:
+        return 0.0, 0.0
     return sum(errors) / len(errors), max(errors)
 
 
-def show(results) -> None:
-    t = Table(title="cost-model fidelity (published layouts; unstated knobs searched)")
-    for col in ("table", "row", "published", "predicted", "error", "plait layout"):
-        t.add_column(col, justify="right" if col in ("published", "predicted", "error") else "left")
-    for r, p, lay in results:
-        unit = "%" if r.metric == "mfu" else " TF"
-        t.add_row(r.table, r.label, f"{r.published:.1f}{unit}", f"{p:.1f}{unit}",
-                  f"{(p / r.published - 1) * 100:+.1f}%", lay.short() if lay else "none fits")
-    mean, worst = summarize(results)
+# ------------------------------------------------------------------------------------------------
+# Cross-validation: values fitted on some rows, predictions for rows the fit never saw
+# ------------------------------------------------------------------------------------------------
+
+def held_out(train: list[Row], test: list[Row], log) -> list:
+    """Fit on ``train`` from the physical defaults (plus its stack facts), predict ``test`` with
+    what transfers to its device (calibrate.transfer)."""
+    fitted = calibrate.fit_values(train, run_rows, summarize, calibrate.stack_facts(train), log=log)
+    return run_rows(test, calibrate.transfer(fitted, test) if test[0].job.cluster.device.name
+                    != train[0].job.cluster.device.name else fitted)
+
+
+def leave_one_table_out(sc21: list[Row], folding: list[Row], log) -> list:
+    """Fit on the dense A100 table, predict the MoE H100 table, and the other way round."""
+    return held_out(folding, sc21, log) + held_out(sc21, folding, log)
+
+
+def leave_one_model_out(folding: list[Row], log) -> list:
+    """Within the MoE table: fit on one model's rows, predict the other model's."""
+    out = []
+    for group in sorted({r.group for r in folding}):
+        test = [r for r in folding if r.group == group]
+        out += held_out([r for r in folding if r.group != group], test, log)
+    return out
+
+
+def _cell(r: Row, p: float) -> str:
+    return f"{p:.1f} ({(p / r.published - 1) * 100:+.1f}%)"
+
+
+def _caption(name: str, results) -> str:
+    dense = [x for x in results if x[0].metric != "mfu"]
+    moe = [x for x in results if x[0].metric == "mfu"]
+    parts = []
+    for label, part in (("dense", dense), ("moe", moe)):
+        if part:
+            mean, worst = summarize(part)
+            parts.append(f"{label} {mean:.1%}/{worst:.1%}")
     orders = order_ok(results)
-    t.caption = (f"mean |error| {mean:.1%}, max {worst:.1%} (target <= 10% / <= 20%); order of "
-                 f"methods: " + ", ".join(f"{g} {'ok' if ok else 'WRONG ' + str(pred)}"
-                                          for g, (ok, _, pred) in orders.items()))
-    Console(width=180).print(t)
+    order = ", ".join(f"{g.split('-')[0]} {'ok' if ok else 'WRONG'}" for g, (ok, _, _) in
+                      orders.items())
+    return f"{name}: mean/max |error| " + ", ".join(parts) + (f"; order {order}" if order else "")
+
+
+def show(columns: dict[str, list]) -> None:
+    """One row per published layout; one column per way of calibrating (same row order)."""
+    t = Table(title="cost-model fidelity (published layouts; unstated knobs searched)")
+    for col in ("table", "row", "published", *columns, "plait layout (calibrated)"):
+        t.add_column(col, justify="right" if col == "published" or col in columns else "left")
+    first = next(iter(columns.values()))
+    by_label = {name: {r.label: (r, p) for r, p, _ in res} for name, res in columns.items()}
+    for r, _, lay in first:
+        unit = "%" if r.metric == "mfu" else " TF"
+        cells = [_cell(*by_label[name][r.label]) if r.label in by_label[name] else "-"
+                 for name in columns]
+        t.add_row(r.table, r.label, f"{r.published:.1f}{unit}", *cells,
+                  lay.short() if lay else "none fits")
+    t.caption = ("\n".join(_caption(name, res) for name, res in columns.items())
+                 + "\n(goal <= 5% mean / <= 10% max in every column)")
+    Console(width=220).print(t)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", help="device name whose calibration to re-fit (prints the values)")
+    parser.add_argument("--no-cv", action="store_true", help="only the calibrated column")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the fits' progress")
     args = parser.parse_args(argv)
-    rows = sc21_rows() + folding_rows()
+    sc21, folding = sc21_rows(), folding_rows()
+    rows = sc21 + folding
     if args.fit:
-        from calibrate import fit  # benchmarks/calibrate.py
-        fit(args.fit, [r for r in rows if r.job.cluster.device.name == args.fit], run_rows,
-            summarize, order_ok)
+        calibrate.fit(args.fit, [r for r in rows if r.job.cluster.device.name == args.fit],
+                      run_rows, summarize, order_ok)
         return 0
-    show(run_rows(rows))
+    log = print if args.verbose else (lambda *a: None)
+    columns = {"calibrated": run_rows(rows)}
+    if not args.no_cv:
+        columns["leave-one-table-out"] = leave_one_table_out(sc21, folding, log)
+        columns["leave-one-model-out"] = leave_one_model_out(folding, log)
+    show(columns)
     return 0
 
 

@@ -100,6 +100,17 @@ def mamba_params(model: ModelSpec, m: Mamba2) -> int:
     return in_proj + conv + per_head + gated_norm + out_proj
 
 
+def fp32_kept_params(model: ModelSpec, kind: str, tp: int = 1) -> float:
+    """Parameters of one ``kind`` block a bf16 / fp8 model keeps in fp32 on one rank (as Megatron
+    does): the MoE router (replicated over TP), Mamba's per-head A_log, D and dt_bias (split by TP
+    with the heads)."""
+    if kind == "moe":
+        return model.hidden * model.block("moe").experts
+    if kind == "mamba":
+        return 3 * model.block("mamba").heads / tp
+    return 0.0
+
+
 def block_params(model: ModelSpec, kind: str) -> int:
     """One block of that kind, without its pre-norm."""
     spec = model.block(kind)
@@ -291,9 +302,8 @@ def flops_per_token(model: ModelSpec, seq_len: int, training: bool = True,
 
 _FP32 = 4
 _BF16 = 2
-# Under fp8, Transformer Engine computes with fp8 casts of the bf16 weights and caches the cast
-# and its transpose for the whole step (reused by every micro-batch): 1 + 1 bytes.
-_FP8_WEIGHT_CACHE = 2
+# Under fp8 the linears cast the bf16 weights to fp8 on every use (torchao's tensorwise dynamic
+# scaling, and plait's emulation of it): no fp8 copy of the weights outlives a GEMM.
 
 
 STATE_CLASSES = ("weights", "grads", "master", "master_grads", "moments")
@@ -303,7 +313,7 @@ def state_tensor_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
                        shards: int = 1) -> dict[str, float]:
     """Bytes per model parameter held on ONE rank, per tensor class (STATE_CLASSES), for Adam:
 
-      weights       the model's parameters (bf16 / fp8 runs: bf16, plus fp8's cached casts)
+      weights       the model's parameters (bf16 / fp8 runs: bf16; fp8 casts live only per GEMM)
       grads         their gradients (fp32 main grads under bf16 / fp8, as Megatron keeps them)
       master        an fp32 copy the optimizer updates: always under bf16 / fp8; under fp32 only
                     ZeRO-1, whose flat shard is a separate fp32 tensor in plait's runtime
@@ -311,7 +321,9 @@ def state_tensor_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
                     one (bf16 / fp8 reduce-scatter into the grad buffer's shard: no extra bytes)
       moments       Adam's m and v, fp32
     replicated: nothing sharded; zero1: master, master_grads, moments / shards; fsdp: every
-    class / shards (the transiently gathered layer is the memory model's FSDP buffer).
+    class / shards (the transiently gathered layer is the memory model's FSDP buffer). FSDP2's
+    mixed precision keeps only the fp32 shards (the master) and casts a bf16 copy of the gathered
+    layer for compute: no resident bf16 weights.
     """
     kind = precision.kind if isinstance(precision, Precision) else precision
     if shards < 1:
@@ -322,7 +334,7 @@ def state_tensor_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
         raise PlaitError(f"unknown data-parallel kind {dp_kind!r}",
                          hint="one of replicated, zero1, fsdp")
     mixed = kind != "fp32"
-    full = {"weights": _BF16 + (_FP8_WEIGHT_CACHE if kind == "fp8" else 0) if mixed else _FP32,
+    full = {"weights": (0 if dp_kind == "fsdp" else _BF16) if mixed else _FP32,
             "grads": _FP32,
             "master": _FP32 if mixed or dp_kind == "zero1" else 0,
             "master_grads": _FP32 if not mixed and dp_kind == "zero1" else 0,

@@ -20,9 +20,10 @@ class Precision:
     kind: Literal["bf16", "fp8", "fp32"] = "bf16"
     # fp8 recipe (transformer-engine): "delayed" | "tensorwise" | "blockwise" | "mxfp8"
     fp8_recipe: Optional[str] = None
-    # Number of leading / trailing layers kept in bf16 under fp8 (Nemotron-H recipe).
-    fp8_skip_first: int = 0
-    fp8_skip_last: int = 0
+    # Leading / trailing layers whose GEMMs stay bf16 under fp8 (Nemotron-H keeps 4 at each end;
+    # `fp8(bf16_ends = N)` sets both). See ir/precision.py.
+    fp8_skip_first: int = 4
+    fp8_skip_last: int = 4
 
     @property
     def param_bytes(self) -> int:
@@ -70,11 +71,41 @@ class LayoutPins:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """One named dataset of a blend. ``epochs``: the most passes the job may make over it."""
+
+    name: str
+    path: str  # absolute: a `plait data prepare` directory or a Megatron PREFIX (.bin/.idx)
+    epochs: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class DataPhase:
+    """A blend in force from ``at`` on: a fraction of the job's tokens (0 <= at < 1) when
+    ``at_tokens`` is None, else from token ``at_tokens``. Weights sum to 1; a source a phase does
+    not name is not drawn in it."""
+
+    name: str
+    weights: tuple[tuple[str, float], ...]
+    at: float = 0.0
+    at_tokens: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class Data:
     path: Optional[str] = None  # a dataset built by `plait data prepare`; None with synthetic
     synthetic: bool = False
     tokenizer: str = "byte"
     seed: int = 1234
+    # Validation: every ``val_every`` steps, the mean loss over ``val_batches`` global batches of
+    # the held-out last ``val_fraction`` of the dataset's windows (which training never reads; the
+    # same batches each time, as Megatron-LM's eval_iters). val_every = 0: no validation.
+    val_every: int = 0
+    val_fraction: float = 0.0
+    val_batches: int = 10
+    # a blend (`data { sources { ... } ... }`): named sources and phases in order; empty: `path`
+    sources: tuple[DataSource, ...] = ()
+    phases: tuple[DataPhase, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,7 @@ class TrainJob:
     steps: int = 100
     data: Data = field(default_factory=Data)
     seed: int = 0
+    timeout: float = 300.0  # seconds a collective may wait before the run reports who is missing
 
     @property
     def tokens_per_step(self) -> int:

@@ -20,6 +20,7 @@ Every call runs inside `guard(op, axis)`, so a timeout names its group and opera
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,12 @@ import torch.distributed._functional_collectives as funcol
 
 _AXES: dict[str, dist.ProcessGroup] = {}
 _AXIS_RANKS: dict[str, tuple[int, ...]] = {}
+# Where this rank is: guarded calls entered per axis, and the one it is inside (op, axis, number).
+# Peers of a group enter the same calls in the same order, so on a timeout the runtime
+# (runtime.stall) compares counts to name the members that never arrived.
+_CALLS: dict[str, int] = {}
+_INSIDE: list = [None]
+_TIMEOUT_NOTE: list[Optional[Callable[[str, str, int, tuple[int, ...]], str]]] = [None]
 
 
 class CollectiveTimeout(RuntimeError):
@@ -41,6 +48,17 @@ def bind_axis(axis: str, group: dist.ProcessGroup, ranks: tuple[int, ...]) -> No
 def unbind_all() -> None:
     _AXES.clear()
     _AXIS_RANKS.clear()
+    _CALLS.clear()
+
+
+def position() -> dict:
+    """Guarded calls entered per axis, and the one in progress (None between collectives)."""
+    return {"calls": dict(_CALLS), "inside": _INSIDE[0]}
+
+
+def on_timeout(note: Optional[Callable[[str, str, int, tuple[int, ...]], str]]) -> None:
+    """``note(op, axis, call_number, members)``: text added to a CollectiveTimeout (who is missing)."""
+    _TIMEOUT_NOTE[0] = note
 
 
 def axis_group(axis: str) -> dist.ProcessGroup:
@@ -61,7 +79,10 @@ def _is_timeout(err: BaseException) -> bool:
 
 @contextmanager
 def guard(op: str, axis: str):
-    """Re-raise a timeout inside a collective as CollectiveTimeout naming the op and the group."""
+    """Re-raise a timeout inside a collective as CollectiveTimeout naming the op, the group and
+    (when the runtime can tell) the members that did not arrive."""
+    number = _CALLS[axis] = _CALLS.get(axis, 0) + 1
+    outer, _INSIDE[0] = _INSIDE[0], (op, axis, number)
     try:
         yield
     except CollectiveTimeout:
@@ -69,7 +90,11 @@ def guard(op: str, axis: str):
     except RuntimeError as err:
         if not _is_timeout(err):
             raise
-        raise CollectiveTimeout(f"{op} on {describe(axis)} timed out: {err}") from err
+        note = _TIMEOUT_NOTE[0]
+        missing = note(op, axis, number, _AXIS_RANKS.get(axis, ())) if note else ""
+        raise CollectiveTimeout(f"{op} on {describe(axis)} timed out{missing}: {err}") from err
+    finally:
+        _INSIDE[0] = outer
 
 
 # ---- plain guarded collectives (no autograd): the runtime's gradient and optimizer traffic ----

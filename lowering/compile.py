@@ -16,12 +16,14 @@ import torch.fx
 from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan
+from plait.ir.precision import PrecisionPolicy
 from plait.planner.groups import group_of
 
 from .passes.base import Pass, Target, run_passes
 from .passes.context_parallel import CONTEXT_PARALLEL
 from .passes.data_parallel import DATA_PARALLEL, GRAD_SYNC, GradSync
 from .passes.dispatch_experts import DISPATCH_EXPERTS
+from .passes.fp8_linears import FP8_LINEARS
 from .passes.recompute import RECOMPUTE_PASS, regions
 from .passes.sequence_parallel import SEQUENCE_PARALLEL
 from .passes.shard_tensor_parallel import SHARD_TENSOR_PARALLEL, SHARDS, ShardSpec
@@ -35,6 +37,7 @@ PASSES: list[Pass] = [
     SEQUENCE_PARALLEL,      # all-gather / reduce-scatter along the sequence around TP regions
     CONTEXT_PARALLEL,       # zigzag sequence split over CP: ring / all-to-all attention, Mamba states
     DATA_PARALLEL,          # which gradients are averaged over DP and summed over TP
+    FP8_LINEARS,            # fp8 GEMMs for the linears of the policy's fp8 layers (bf16 ends kept)
     SPLIT_PIPELINE,         # fx split_module by the plan's stages; the loss as its own child
     RECOMPUTE_PASS,         # layers of recomputing stages run under checkpoint (full / selective)
 ]
@@ -115,11 +118,14 @@ class RankProgram:
 
 
 def lower(model: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan, rank: int,
-          log: Optional[Callable[[str], None]] = None) -> RankProgram:
-    """Lower the reference ``model`` (its weights become this rank's shards) for ``rank``."""
+          log: Optional[Callable[[str], None]] = None,
+          precision: Optional[PrecisionPolicy] = None) -> RankProgram:
+    """Lower the reference ``model`` (its weights become this rank's shards) for ``rank``;
+    ``precision`` (default fp32) says which layers' linears run in fp8."""
     plan = replace(plan, layout=dense_layout(plan.layout))
     c = coords(plan.layout, rank)
-    target = Target(spec=spec, plan=plan, tp_rank=c["tp"], pp_rank=c["pp"], rank=rank, cp_rank=c["cp"])
+    target = Target(spec=spec, plan=plan, tp_rank=c["tp"], pp_rank=c["pp"], rank=rank, cp_rank=c["cp"],
+                    precision=precision or PrecisionPolicy("fp32", spec.num_layers))
     gm = trace_model(model, spec, batch=plan.layout.mbs, seq=plan.seq_len)
     pipe = run_passes(gm, PASSES, target, log)
     return RankProgram(rank=rank, coords=c, plan=plan, pipe=pipe)

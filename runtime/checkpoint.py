@@ -38,7 +38,8 @@ from . import ckpt_store as store
 from .ckpt_chunks import Chunk, chunks, local_rows, local_tensor
 from .ckpt_integrity import (META, finalize, fingerprints, find, read_meta, check_model,
                              step_dir, temp_dir)
-from .optim import ZeroOne
+from .optim import FullyShard
+from .zero1 import ZeroOne
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 Entry = tuple[str, torch.Tensor, list[Chunk]]  # global name, the rank's tensor, its chunks
@@ -99,19 +100,21 @@ def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
 
 
 def _zero1_views(trainer, gather: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """ZeRO-1: name -> {exp_avg, exp_avg_sq: parameter-shaped (TP-local) tensors, step}. With
-    ``gather`` they hold the moments all-gathered over the flat's DP group (collective); else zeros
-    for a load to fill and `_zero1_scatter` to put back."""
+    """ZeRO-1: name -> {exp_avg, exp_avg_sq (and under bf16 / fp8 the fp32 master):
+    parameter-shaped (TP-local) tensors, step}. With ``gather`` they hold the moments all-gathered
+    over the flat's DP group (collective); else zeros for a load to fill and `_zero1_scatter` to
+    put back."""
     dp, out = trainer.dp, {}
     names = {id(p): n for n, p in dp.named.items()}
+    kept = _kept(dp)
     for flat in dp.flats:
-        state = _adam_state(dp.optimizer, flat.master)
+        state = dict(_adam_state(dp.optimizer, flat.master), master=flat.master.detach())
         full = {w: (cc.all_gather(state[w], 0, flat.axis) if flat.dp > 1 else state[w]) if gather
                 else torch.zeros(flat.size * flat.dp, dtype=flat.dtype, device=flat.device)
-                for w in MOMENTS}
+                for w in kept}
         offset = 0
         for p in flat.params:
-            out[names[id(p)]] = {**{w: full[w][offset:offset + p.numel()].view_as(p) for w in MOMENTS},
+            out[names[id(p)]] = {**{w: full[w][offset:offset + p.numel()].view_as(p) for w in kept},
                                  "step": state["step"].clone() if gather else torch.tensor(0.0)}
             offset += p.numel()
     return out
@@ -128,22 +131,34 @@ def _zero1_scatter(trainer, views: dict[str, dict[str, torch.Tensor]]) -> None:
         with torch.no_grad():
             for w in MOMENTS:
                 state[w].copy_(flat._flatten([views[names[id(p)]][w] for p in flat.params])[mine])
-            flat.master.copy_(flat._flatten([p.detach() for p in flat.params])[mine])
+            # bf16 / fp8: the saved fp32 master (the bf16 parameters lost its low digits)
+            source = [views[names[id(p)]]["master"] if dp.mixed else p.detach() for p in flat.params]
+            flat.master.copy_(flat._flatten(source)[mine])
         if flat.params:
             state["step"] = views[names[id(flat.params[0])]]["step"].clone()
+
+
+def _kept(dp) -> tuple[str, ...]:
+    """Optimizer tensors saved per parameter: Adam's moments, and the fp32 main weight where it is
+    not the parameter itself (bf16 / fp8 with replicated DP or ZeRO-1)."""
+    return MOMENTS + (("master",) if dp.mixed and not isinstance(dp, FullyShard) else ())
 
 
 def entries(trainer, zero1_views: Optional[dict] = None) -> list[Entry]:
     """This rank's share of the training state as global names, local tensors and chunks."""
     out: list[Entry] = []
-    for name, p in trainer.dp.named.items():
+    dp = trainer.dp
+    for name, p in dp.named.items():
         where = _param_chunks(trainer, name, p)
         out.append((f"model/{name}", local_tensor(p.detach()), where))
         if zero1_views is not None:
             state, where = zero1_views[name], _param_chunks(trainer, name, p, fsdp_rows=False)
         else:
-            state = _adam_state(trainer.dp.optimizer, p)
-        out += [(f"optim/{name}/{w}", local_tensor(state[w]), where) for w in MOMENTS]
+            main = dp.optimizer_param(name)
+            state = _adam_state(dp.optimizer, main)
+            if main is not p:
+                state = dict(state, master=main.detach())
+        out += [(f"optim/{name}/{w}", local_tensor(state[w]), where) for w in _kept(dp)]
         out.append((f"optim/{name}/step", state["step"], chunks(())))
     for name, buf in persistent_buffers(trainer).items():
         out.append((f"buffer/{name}", buf, chunks(_full_shape(trainer, name))))

@@ -48,7 +48,15 @@ def _digest(value) -> str:
 
 def dataset_identity(data) -> dict:
     """What names the token stream: synthetic (and its seed below), or the prepared dataset's
-    tokenizer and size (its path may move between runs)."""
+    tokenizer and size (its path may move between runs); a blend: each source's size and epoch
+    cap and each phase's start and weights (a changed recipe changes the sample order)."""
+    if data.sources:
+        from plait.ir.datarecipe import dataset_tokens
+
+        return {"sources": {s.name: {"tokens": dataset_tokens(s.path), "epochs": s.epochs}
+                            for s in data.sources},
+                "phases": [[p.name, [list(w) for w in p.weights], p.at, p.at_tokens]
+                           for p in data.phases]}
     if data.synthetic or not data.path:
         return {"synthetic": True}
     try:

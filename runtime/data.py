@@ -1,7 +1,8 @@
 """Token datasets: `plait data prepare` writes one, jobs read it memory-mapped.
 
-A dataset is a directory with `tokens.bin` (a flat array of token ids, uint16 or uint32) and
-`meta.json`. Training samples are non-overlapping windows of seq_len + 1 tokens (inputs and the
+A dataset is a Megatron indexed dataset (`.bin` + `.idx`, see ir/indexed.py; `plait data prepare`
+writes one with `meta.json` naming its tokenizer); plait's older flat `tokens.bin` directories
+still read. Documents lie back to back with EOS between them (Megatron's packing). Training samples are non-overlapping windows of seq_len + 1 tokens (inputs and the
 next-token labels). Step t's global batch is a fixed slice of a seeded permutation of all windows
 (a new permutation each epoch), and data-parallel rank d reads the d-th contiguous share of it, so
 the union over DP is exactly the global batch a single device would see: the basis of the parity
@@ -10,105 +11,20 @@ tests. The byte-level tokenizer is the default; a Hugging Face tokenizer is used
 from __future__ import annotations
 
 import json
-from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
 
 from plait.ir.errors import PlaitError
-from plait.ir.outputs import check_output_dir, claim_output_dir
+from plait.ir.indexed import IndexedDataset, prefix_of
 
-META = "meta.json"
-TOKENS = "tokens.bin"
-DOC_SEPARATOR = "\n\n"
+from .data_prepare import (DATASET_KIND, META, PREFIX, ByteTokenizer, HFTokenizer,  # noqa: F401
+                           Tokenizer, bundled_corpus, get_tokenizer, prepare)
 
-
-class Tokenizer(Protocol):
-    name: str
-    vocab: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, no unknowns, nothing to download."""
-
-    name, vocab = "byte", 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer by name or local path (offline machines need a local path)."""
-
-    def __init__(self, name: str):
-        try:
-            from transformers import AutoTokenizer
-            self._tok = AutoTokenizer.from_pretrained(name)
-        except Exception as err:  # missing package, unknown name, no network
-            raise PlaitError(f"cannot load tokenizer {name!r}: {err}",
-                             hint="use the byte tokenizer (default) or a local tokenizer path")
-        self.name, self.vocab = name, len(self._tok)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
-
-
-def bundled_corpus() -> Path:
-    """The small English corpus shipped in the package (plait/data/corpus.txt)."""
-    return Path(str(resources.files("plait") / "data" / "corpus.txt"))
-
-
-def get_tokenizer(name: str = "byte") -> Tokenizer:
-    return ByteTokenizer() if name in ("byte", "bytes", None) else HFTokenizer(name)
-
-
-DATASET_KIND = "dataset"
-
-
-def read_text_file(path: Path) -> str:
-    """A text file's contents; binary, non-UTF-8 and empty files are errors naming the file (a
-    replacement character per bad byte would train on noise)."""
-    if not path.exists():
-        raise PlaitError(f"no such text file: {path}")
-    if not path.is_file():
-        raise PlaitError(f"{path} is not a regular file", hint="pass text files")
-    data = path.read_bytes()
-    if b"\0" in data:
-        raise PlaitError(f"{path} is a binary file (a NUL byte at offset {data.index(0)}), not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PlaitError(f"{path} is not UTF-8 text (byte {e.start} is invalid)",
-                         hint="convert it first, e.g. `iconv -t UTF-8`") from None
-    if not text.strip():
-        raise PlaitError(f"{path} holds no text" + (" (it is empty)" if not data else ""))
-    return text
-
-
-def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "byte") -> dict:
-    """Tokenize text files into a memory-mappable dataset directory; returns its metadata. The
-    output directory and every input are checked before anything is written."""
-    paths = [Path(f) for f in files]
-    if not paths:
-        raise PlaitError("no input files to prepare")
-    out = check_output_dir(out_dir, DATASET_KIND)
-    texts = [read_text_file(path) for path in paths]
-    tok = get_tokenizer(tokenizer)
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tok.encode(text + DOC_SEPARATOR))
-    dtype = np.uint16 if tok.vocab <= 2**16 else np.uint32
-    claim_output_dir(out, DATASET_KIND)
-    np.asarray(ids, dtype=dtype).tofile(out / TOKENS)
-    meta = {"tokenizer": tok.name, "vocab": tok.vocab, "dtype": np.dtype(dtype).name,
-            "num_tokens": len(ids), "files": [str(p) for p in paths]}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+LEGACY_TOKENS = "tokens.bin"  # plait's first format: a flat token file + meta.json, no index
 
 
 @dataclass(frozen=True)
@@ -126,16 +42,30 @@ class TokenSource(Protocol):
 
 
 class MemmapTokens:
-    """A prepared dataset read through np.memmap (pages come in as windows are touched)."""
+    """A dataset read through np.memmap (pages come in as windows are touched): a Megatron indexed
+    dataset (a `plait data prepare` directory, or any PREFIX.bin/.idx pair), or plait's older flat
+    `tokens.bin` directory. ``vocab`` is None for Megatron datasets without plait's meta.json:
+    windows are then checked against the model's vocabulary as they are read."""
 
     def __init__(self, path: str | Path):
         root = Path(path)
-        if not (root / META).is_file() or not (root / TOKENS).is_file():
-            raise PlaitError(f"no dataset at {root} (expected {META} and {TOKENS})",
+        prefix = prefix_of(root)
+        meta_file = (prefix.parent if prefix else root) / META
+        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if prefix is not None:
+            self.indexed: Optional[IndexedDataset] = IndexedDataset(prefix)
+            self.tokens = self.indexed.tokens
+        elif self.meta and (root / LEGACY_TOKENS).is_file():
+            self.indexed = None
+            dtype = np.dtype(self.meta["dtype"])
+            if (root / LEGACY_TOKENS).stat().st_size < dtype.itemsize:  # np.memmap cannot map empty files
+                raise PlaitError(f"dataset {root} is empty ({root / LEGACY_TOKENS} holds no tokens)")
+            self.tokens = np.memmap(root / LEGACY_TOKENS, dtype=dtype, mode="r")
+        else:
+            raise PlaitError(f"no dataset at {root} (expected a Megatron PREFIX.bin/.idx pair or a "
+                             f"directory from `plait data prepare`)",
                              hint="build one with `plait data prepare FILES -o DIR`")
-        self.meta = json.loads((root / META).read_text())
-        self.vocab = int(self.meta["vocab"])
-        self.tokens = np.memmap(root / TOKENS, dtype=self.meta["dtype"], mode="r")
+        self.vocab = int(self.meta["vocab"]) if "vocab" in self.meta else None
 
     def num_windows(self, length: int) -> int:
         return (len(self.tokens) - 1) // (length - 1)
@@ -188,10 +118,34 @@ class BatchLoader:
         share = self.global_batch // self.dp_size
         idx = self.global_indices(step)[self.dp_rank * share:(self.dp_rank + 1) * share]
         rows = np.stack([self.source.window(int(i), self.seq_len + 1) for i in idx])
-        data = torch.from_numpy(rows)
-        if self.device.type == "cuda":  # one pinned host-to-device copy per step
-            data = data.pin_memory().to(self.device, non_blocking=True)
-        return Batch(tokens=data[:, :-1].contiguous(), labels=data[:, 1:].contiguous())
+        return deliver(rows, self.device)
+
+
+def deliver(rows: np.ndarray, device: torch.device) -> Batch:
+    """Windows of seq_len + 1 tokens -> inputs and next-token labels on the mesh's device."""
+    data = torch.from_numpy(rows)
+    if device.type == "cuda":  # one pinned host-to-device copy per step
+        data = data.pin_memory().to(device, non_blocking=True)
+    return Batch(tokens=data[:, :-1].contiguous(), labels=data[:, 1:].contiguous())
+
+
+class VocabChecked:
+    """A source whose token ids are checked against the model's vocabulary window by window (a
+    Megatron corpus carries no tokenizer metadata; an id past the embedding would crash a rank)."""
+
+    def __init__(self, source: TokenSource, vocab: int, path: str):
+        self.source, self.vocab, self.path = source, vocab, path
+
+    def num_windows(self, length: int) -> int:
+        return self.source.num_windows(length)
+
+    def window(self, index: int, length: int) -> np.ndarray:
+        rows = self.source.window(index, length)
+        if len(rows) and int(rows.max()) >= self.vocab:
+            raise PlaitError(f"dataset {self.path} holds token id {int(rows.max())}, beyond the "
+                             f"model's vocabulary of {self.vocab}", hint="was it tokenized for "
+                             "another model?")
+        return rows
 
 
 def open_source(path: Optional[str], vocab: int, synthetic: bool = False,
@@ -202,6 +156,8 @@ def open_source(path: Optional[str], vocab: int, synthetic: bool = False,
         raise PlaitError("the job names no dataset", hint="set data = \"DIR\" (from `plait data "
                          "prepare`) or use synthetic data")
     source = MemmapTokens(path)
+    if source.vocab is None:  # a Megatron dataset from elsewhere: check the ids as they are read
+        return VocabChecked(source, vocab, path)
     if source.vocab > vocab:
         raise PlaitError(f"dataset {path} uses a vocabulary of {source.vocab} tokens, more than "
                          f"the model's {vocab}")

@@ -6,7 +6,7 @@ imports and the hardware suits it, else the pure-PyTorch implementation the refe
   attention_varlen  flash_attn.flash_attn_varlen_func               SDPA per packed sequence
   ssd_scan          mamba_ssm mamba_chunk_scan_combined             plait SSD chunked scan
   causal_conv1d     causal_conv1d.causal_conv1d_fn                  torch conv1d + silu
-  linear, norm      transformer_engine.pytorch (only with fp8)      torch.nn / plait norms
+  fp8_linear        torchao Float8 tensorwise GEMM (fp8 jobs)       plait's fp8 emulation (lowering/fp8.py)
 
 Every op has one signature whatever runs it (see the fallbacks below). Causal attention is
 aligned to the bottom right when query and key lengths differ (query i sees keys up to
@@ -15,7 +15,8 @@ builds that mask itself. Imports are lazy and guarded with ``except Exception`` 
 extension raises OSError or RuntimeError, not ImportError). Each choice is logged once.
 
 The seam with lowering (which never imports runtime): compiled graphs call the reference ops
-(`causal_attention`, `causal_conv1d`, `ssd_scan`) as single fx nodes; `bind` retargets those nodes
+(`causal_attention`, `causal_conv1d`, `ssd_scan`, `fp8_linear` in an fp8 job's fp8 layers) as single
+fx nodes; `bind` retargets those nodes
 to the chosen fused kernels after lowering, on the rank that runs the program. With no fused kernel
 the graph is left exactly as lowered.
 """
@@ -31,16 +32,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from plait.lowering import fp8
 from plait.lowering.modules import attention as ref_attention
 from plait.lowering.modules import mamba as ref_mamba
 from plait.lowering.modules import ssd
-from plait.lowering.modules.norms import RMSNorm
 
 log = logging.getLogger("plait.kernels")
 
-OPS = ("attention", "attention_varlen", "ssd_scan", "causal_conv1d", "linear", "norm")
+OPS = ("attention", "attention_varlen", "ssd_scan", "causal_conv1d", "fp8_linear")
 MODULES = {"flash-attn": "flash_attn", "mamba-ssm": "mamba_ssm.ops.triton.ssd_combined",
-           "causal-conv1d": "causal_conv1d", "transformer-engine": "transformer_engine.pytorch"}
+           "causal-conv1d": "causal_conv1d", "torchao": "torchao.float8.float8_linear"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def reset() -> None:
     """Forget probes and logged choices (tests, or after installing a package)."""
     _PROBES.clear()
     _LOGGED.clear()
+    _CHOICES.clear()
 
 
 # ---- the fallbacks (the reference implementations, one signature per op) -----------------------
@@ -113,14 +115,6 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     return torch.cat(out, dim=0)
 
 
-def torch_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias)
-
-
-def torch_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
-
-
 # ---- the fused kernels, adapted to the same signatures -----------------------------------------
 def _flash(module):
     def attention(q, k, v, scale: float):
@@ -148,14 +142,18 @@ def _conv(module):
     return causal_conv1d
 
 
-def _te_linear(module):
-    return lambda in_features, out_features, bias=True: module.Linear(in_features, out_features, bias=bias)
+def _torchao_fp8(module):
+    """torchao's Float8Linear GEMM (tensorwise dynamic scaling, E4M3 forward / E5M2 gradients) as
+    a function of (x, weight, bias): the module's autograd function with its default config."""
+    from torchao.float8 import Float8LinearConfig
 
+    config = Float8LinearConfig()
+    mm_config = module.Float8Linear(1, 1, bias=False, config=config, device="meta").linear_mm_config
 
-def _te_norm(module):
-    def norm(kind: str, dim: int, eps: float):
-        return module.RMSNorm(dim, eps=eps) if kind == "rmsnorm" else module.LayerNorm(dim, eps=eps)
-    return norm
+    def fp8_linear(x, weight, bias=None):
+        out = module.matmul_with_hp_or_float8_args.apply(x, weight.t(), mm_config, config)
+        return out if bias is None else out + bias.to(out.dtype)
+    return fp8_linear
 
 
 @dataclass(frozen=True)
@@ -177,17 +175,16 @@ RULES = {
                      "plait SSD chunked scan (PyTorch)", ssd.ssd_chunked),
     "causal_conv1d": Rule("causal-conv1d", "causal_conv1d_fn", _conv,
                           "torch conv1d + silu", ref_mamba.causal_conv1d),
-    "linear": Rule("transformer-engine", "transformer_engine Linear (fp8)", _te_linear,
-                   "torch.nn.Linear", torch_linear, fp8_only=True),
-    "norm": Rule("transformer-engine", "transformer_engine RMSNorm / LayerNorm", _te_norm,
-                 "plait RMSNorm / torch LayerNorm", torch_norm, fp8_only=True),
+    "fp8_linear": Rule("torchao", "torchao Float8 GEMM (tensorwise, dynamic)", _torchao_fp8,
+                       "plait fp8 emulation (float8_e4m3fn / e5m2 quantise-dequantise)",
+                       fp8.fp8_linear, fp8_only=True),
 }
 
 
 def _decide(op: str, device, fp8: bool) -> Choice:
     rule = RULES[op]
     if rule.fp8_only and not fp8:
-        return Choice(op, rule.fallback_name, False, "fp8 not requested", rule.fallback)
+        return Choice(op, "(not used)", False, "the job does not train in fp8", rule.fallback)
     ok, why = cuda_ready(device)
     module, missing = probe(rule.package)
     if not ok:
@@ -202,15 +199,21 @@ def _decide(op: str, device, fp8: bool) -> Choice:
     return Choice(op, rule.fused_name, True, f"{rule.package} imports and CUDA is available", fn)
 
 
+_CHOICES: dict[tuple[str, str, bool], Choice] = {}
+
+
 def select(op: str, device="cpu", fp8: bool = False) -> Choice:
-    """The kernel for ``op`` on ``device``; the first time a choice is made it is logged."""
+    """The kernel for ``op`` on ``device`` (decided once per process: every caller, doctor and
+    bind alike, gets the same function); the first time a choice is made it is logged."""
     if op not in RULES:
         raise KeyError(f"unknown op {op!r}; known: {', '.join(OPS)}")
-    choice = _decide(op, device, fp8)
-    if (op, choice.kernel) not in _LOGGED:
-        _LOGGED.add((op, choice.kernel))
-        log.info("kernel %s: %s (%s)", op, choice.kernel, choice.reason)
-    return choice
+    key = (op, torch.device(device).type, fp8)
+    if key not in _CHOICES:
+        _CHOICES[key] = choice = _decide(op, device, fp8)
+        if (op, choice.kernel) not in _LOGGED:
+            _LOGGED.add((op, choice.kernel))
+            log.info("kernel %s: %s (%s)", op, choice.kernel, choice.reason)
+    return _CHOICES[key]
 
 
 def report(device="cpu", fp8: bool = False) -> list[Choice]:
@@ -219,22 +222,44 @@ def report(device="cpu", fp8: bool = False) -> list[Choice]:
 
 # ---- the seam: retarget a lowered graph's reference ops ------------------------------------------
 SEAMS = {ref_attention.causal_attention: "attention", ref_mamba.causal_conv1d: "causal_conv1d",
-         ref_mamba.ssd_scan: "ssd_scan"}
+         ref_mamba.ssd_scan: "ssd_scan", fp8.fp8_linear: "fp8_linear"}
+SEAM_OPS = {op: fn for fn, op in SEAMS.items()}  # the reference function a graph calls per op
 
 
 def bind(gm: torch.fx.GraphModule, device="cpu", fp8: bool = False) -> dict[str, str]:
-    """Point every reference-op node of ``gm`` (and its child graphs) at the chosen fused kernel;
-    returns {node name: kernel}. Nodes keep their reference op when no fused kernel applies."""
-    swapped = {}
+    """Point every reference-op node of ``gm`` (and its child graphs) at the kernel ``select``
+    (and so `plait doctor`) reports for it; returns {node name: kernel} for every such node, fused
+    or not. A node whose op has no fused kernel keeps its reference function."""
+    bound = {}
     for module in gm.modules():
         if not isinstance(module, torch.fx.GraphModule):
             continue
+        changed = False
         for node in module.graph.nodes:
             op = SEAMS.get(node.target) if node.op == "call_function" else None
-            choice = select(op, device, fp8) if op else None
-            if choice is not None and choice.fused:
-                node.target = choice.fn
-                swapped[node.name] = choice.kernel
-        if swapped:
+            if op is None:
+                continue
+            choice = select(op, device, fp8)
+            bound[node.name] = choice.kernel
+            if choice.fused:
+                node.target, changed = choice.fn, True
+                node.meta[KERNEL] = op
+        if changed:
             module.recompile()
-    return swapped
+    return bound
+
+
+KERNEL = "plait.kernel"  # node meta: the op a fused kernel was bound for
+
+
+def bound_ops(gm: torch.fx.GraphModule) -> dict[str, tuple[str, Callable]]:
+    """{node name: (op, function it calls)} for every kernel-op node of a compiled program, before
+    or after ``bind`` (what a test compares with ``report``)."""
+    out = {}
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                op = node.meta.get(KERNEL) or (SEAMS.get(node.target) if node.op == "call_function" else None)
+                if op is not None:
+                    out[node.name] = (op, node.target)
+    return out

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from plait.ir.datarecipe import check_sources_exist
 from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan, even_stages
@@ -25,9 +24,8 @@ from plait.lowering.passes.shard_tensor_parallel import check_divisible
 from plait.lowering.passes.split_pipeline import ordered_chunks
 
 from . import data as data_mod
-
-WORKER = "plait.runtime.train"
-RDZV_PORT = 29500
+from . import supervise
+from .cluster_launch import WORKER
 
 
 def check_plan(job: TrainJob, plan: ParallelPlan) -> ParallelPlan:
@@ -75,6 +73,9 @@ def hand_plan(job: TrainJob, layout: Layout) -> ParallelPlan:
 
 def resolve_data(job: TrainJob, cache: Path) -> TrainJob:
     """A job that names no dataset (and is not synthetic) trains on the bundled corpus."""
+    if job.data.sources:  # a blend: every source must be there before ranks start
+        check_sources_exist(job)
+        return job
     if job.data.synthetic or job.data.path:
         if job.data.path and not Path(job.data.path).exists():
             raise PlaitError(f"dataset {job.data.path} does not exist",
@@ -87,16 +88,20 @@ def resolve_data(job: TrainJob, cache: Path) -> TrainJob:
 
 
 def write_run_dir(job: TrainJob, plan: ParallelPlan, run_dir: Path, **options) -> Path:
+    """RUN_DIR/{job,plan,options}.json: everything a rank needs (the job holds the dataset path;
+    options: steps, timeout, weights, checkpointing, restarts), so a run directory is the whole
+    launch, here or on a cluster."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(to_json(job) + "\n")
     (run_dir / "plan.json").write_text(plan.to_json() + "\n")
-    (run_dir / "options.json").write_text(json.dumps(options) + "\n")
+    (run_dir / "options.json").write_text(json.dumps(options, indent=1) + "\n")
     return run_dir
 
 
-def local_command(run_dir: Path, nprocs: int) -> list[str]:
+def local_command(run_dir: Path, nprocs: int, max_restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc-per-node={nprocs}", "--monitor-interval=1", "-m", WORKER, str(run_dir)]
+            f"--nproc-per-node={nprocs}", f"--max-restarts={max_restarts}", "--monitor-interval=1",
+            "-m", WORKER, str(run_dir)]
 
 
 @dataclass(frozen=True)
@@ -149,12 +154,32 @@ def check_local_devices(job: TrainJob, plan: ParallelPlan) -> None:
                          hint="run on a GPU node, or use a gloo cluster such as local-cpu")
 
 
+def run_options(job: TrainJob, steps: Optional[int] = None, weights: Optional[str] = None,
+                ckpt: Checkpointing = Checkpointing(), timeout_s: Optional[float] = None,
+                max_restarts: int = 0) -> dict:
+    """options.json: what `plait run` was told beyond the job (paths absolute: ranks may start
+    elsewhere)."""
+    return {"steps": steps, "timeout_s": timeout_s or job.timeout,
+            "weights": str(Path(weights).resolve()) if weights else None,
+            "max_restarts": max_restarts, **ckpt.options()}
+
+
+def check_restarts(max_restarts: int, ckpt: Checkpointing) -> None:
+    if max_restarts < 0:
+        raise PlaitError(f"--max-restarts must be >= 0, got {max_restarts}")
+    if max_restarts and not ckpt.save:
+        raise PlaitError("--max-restarts needs --save DIR",
+                         hint="restarted ranks continue from the newest checkpoint under --save")
+
+
 def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Optional[int] = None,
-                 timeout_s: float = 300, quiet: bool = False, weights: Optional[str] = None,
-                 ckpt: Checkpointing = Checkpointing()) -> int:
+                 timeout_s: Optional[float] = None, quiet: bool = False,
+                 weights: Optional[str] = None, ckpt: Checkpointing = Checkpointing(),
+                 max_restarts: int = 0) -> int:
     """Run all ranks on this machine with torchrun (each rank picks NCCL + its GPU or gloo + CPU,
-    runtime.device); returns the exit status. With quiet, the ranks' output goes to
-    RUN_DIR/ranks.log instead of the terminal."""
+    runtime.device); returns the exit status (128 + N when `plait run` got signal N). Rank N's
+    output is in RUN_DIR/rank-N.log, rank 0's progress also on the terminal (with quiet, in
+    RUN_DIR/ranks.log); torchrun's own in RUN_DIR/torchrun.log."""
     if job.cluster.nodes != 1:
         raise PlaitError(f"cluster {job.cluster.name!r} is not local ({job.cluster.nodes} nodes)",
                          hint="print its launch command with `plait run --print-launch`")
@@ -162,31 +187,19 @@ def launch_local(job: TrainJob, plan: ParallelPlan, run_dir: Path, steps: Option
     if weights and not Path(weights).exists():
         raise PlaitError(f"weight file not found: {weights}")
     check_resume(job, plan, ckpt, steps)
-    write_run_dir(job, plan, run_dir, steps=steps, timeout_s=timeout_s,
-                  weights=str(Path(weights).resolve()) if weights else None, **ckpt.options())
+    check_restarts(max_restarts, ckpt)
+    write_run_dir(job, plan, run_dir, **run_options(job, steps, weights, ckpt, timeout_s,
+                                                    max_restarts))
     from .train import NON_FINITE_EXIT, STOPPED
 
     (run_dir / STOPPED).unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PLAIT_THREADS="1", PYTHONUNBUFFERED="1")
-    if not quiet:
-        status = subprocess.run(local_command(run_dir, plan.world), env=env).returncode
-    else:
-        with open(run_dir / "ranks.log", "w") as log:
-            status = subprocess.run(local_command(run_dir, plan.world), env=env, stdout=log,
-                                    stderr=subprocess.STDOUT).returncode
+    command = local_command(run_dir, plan.world, max_restarts)
+    with open(run_dir / "torchrun.log", "a") as agent_log, \
+            open(run_dir / "ranks.log", "a") if quiet else open(os.devnull, "w") as quiet_log:
+        out = supervise.supervise(command, env, stdout=quiet_log if quiet else None,
+                                  stderr=agent_log)
+    if out.signal:
+        return 128 + out.signal
     # torchrun reports any failing rank as 1; the ranks' own record says why they stopped
-    return NON_FINITE_EXIT if status != 0 and (run_dir / STOPPED).is_file() else status
-
-
-def multinode_command(job: TrainJob, plan: ParallelPlan, run_dir: str = "RUN_DIR") -> str:
-    """The command each node runs on a real cluster: torchrun with c10d rendezvous and NCCL."""
-    cluster = job.cluster
-    env = ["NCCL_IB_DISABLE=0", "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-eth0}",
-           "NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-           f"OMP_NUM_THREADS={max(1, 8 // cluster.gpus_per_node)}"]
-    args = ["torchrun", f"--nnodes={cluster.nodes}", f"--nproc-per-node={cluster.gpus_per_node}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=${{MASTER_ADDR}}:{RDZV_PORT}",
-            f"--rdzv-id={shlex.quote(job.name)}", "--max-restarts=0", "-m", WORKER, run_dir]
-    return (f"# on each of the {cluster.nodes} nodes of {cluster.name} (MASTER_ADDR = node 0), "
-            f"after copying {run_dir}/ (job.json, plan.json, options.json) to every node:\n"
-            + " \\\n  ".join([" ".join(env)] + [" ".join(args[:5])] + args[5:]))
+    return NON_FINITE_EXIT if out.status != 0 and (run_dir / STOPPED).is_file() else out.status

@@ -106,16 +106,16 @@ def live_after_forward(trainer: Trainer, step: int = 0) -> int:
 
 
 def state_bytes(trainer: Trainer) -> dict[str, int]:
-    """Per tensor class after a full step (gradients still in place)."""
-    dp = trainer.dp
-    flats = getattr(dp, "flats", [])
-    state = dp.optimizer.state
-    moments = [s[k] for s in state.values() for k in ("exp_avg", "exp_avg_sq") if k in s]
-    return {"weights": _bytes(dp.named.values()),
-            "grads": _bytes(p.grad for p in dp.named.values()),
-            "master": _bytes(f.master for f in flats),
-            "master_grads": _bytes(f.master.grad for f in flats),
-            "moments": _bytes(moments)}
+    """Per tensor class after a full step (gradients still in place): the tensors the data-parallel
+    wrapper holds; a tensor whose storage an earlier class already holds costs nothing more (a
+    ZeRO-1 master gradient that is a view of the fp32 gradient buffer)."""
+    earlier: set[int] = set()
+    out = {}
+    for cls, tensors in trainer.dp.state_tensors().items():
+        tensors = [_local(t) for t in tensors if t is not None]
+        out[cls] = _bytes(t for t in tensors if t.untyped_storage().data_ptr() not in earlier)
+        earlier |= {t.untyped_storage().data_ptr() for t in tensors}
+    return out
 
 
 def probe(trainer: Trainer) -> dict:

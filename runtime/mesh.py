@@ -19,6 +19,7 @@ from plait.lowering import collectives
 from plait.lowering.compile import dense_layout
 from plait.planner.groups import rank_groups
 
+from . import stall
 from .device import CPU
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -61,8 +62,25 @@ def init_distributed(backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S
         return
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _attempt_store(rank, world, timeout) if init_method is None else None
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        return
     dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+                            world_size=world, timeout=timeout)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
+    """Under torchrun, the job's store with keys of this attempt only: after an elastic restart the
+    agent's store still holds the dead attempt's process-group addresses, and ranks that read
+    them connect to nothing (seen with torch 2.13). None outside torchrun."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=timeout)
+    return dist.PrefixStore(f"plait/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -93,7 +111,9 @@ def build_mesh(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S,
                 mesh.groups[axis], mesh.members[axis] = made[ranks], ranks
     _embedding_groups(mesh, table["pp"], timeout)
     mesh.groups["world"], mesh.members["world"] = dist.group.WORLD, tuple(range(world))
-    return bind(mesh)
+    bind(mesh)
+    stall.start(rank)  # a timed-out collective names the members that did not arrive
+    return mesh
 
 
 def bind(mesh: Mesh) -> Mesh:
@@ -118,6 +138,7 @@ def _embedding_groups(mesh: Mesh, pp_groups, timeout) -> None:
 
 
 def destroy() -> None:
+    stall.stop()
     collectives.unbind_all()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,7 +5,11 @@
               DP rank runs AdamW on its shard only, updated shards are all-gathered back
   fsdp        torch's fully_shard (FSDP2) over the DP group shards parameters, gradients and state
 
-All use torch.optim.AdamW for the arithmetic. Gradients listed in the program's grad_sync.tp_sum
+All use torch.optim.AdamW for the arithmetic. Under a mixed precision policy (bf16 / fp8) the
+model's parameters are bf16 while gradients accumulate and reduce in fp32 main-gradient buffers
+(runtime/main_grads.py) and AdamW steps fp32 main weights: full copies (replicated), the flat fp32
+shards (zero1, runtime/zero1.py), or FSDP2's fp32 sharded parameters with MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32) (fsdp). Gradients listed in the program's grad_sync.tp_sum
 are summed over TP first (replicated weights used in TP / sequence-parallel regions). The global
 gradient norm counts every parameter element exactly once across all groups: TP-replicated ones on
 TP rank 0, DP-replicated ones on DP rank 0, shards on their owners, then one all-reduce over the world.
@@ -24,9 +28,12 @@ from torch import nn
 
 from plait.ir.errors import LayoutError
 from plait.ir.job import Optimizer as OptimizerSpec
+from plait.ir.precision import PrecisionPolicy
 from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram
+from plait.lowering.precision import main_dtype, param_dtype, reduce_dtype
 
+from .main_grads import MainGrads, masters_of, own_buffers, publish
 from .mesh import EMBEDDING_AXIS, Mesh
 
 # Dense gradients are averaged over DP x CP: context-parallel ranks hold different tokens of the same
@@ -87,8 +94,12 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 class DataParallel:
     """Base: this rank's parameters, TP sums, norm ownership. Subclasses reduce over DP and step."""
 
-    def __init__(self, program: RankProgram, mesh: Mesh, spec: OptimizerSpec):
+    def __init__(self, program: RankProgram, mesh: Mesh, spec: OptimizerSpec,
+                 policy: PrecisionPolicy | None = None):
         self.program, self.mesh, self.spec = program, mesh, spec
+        self.policy = policy or PrecisionPolicy("fp32", 0)
+        self.mixed = self.policy.mixed
+        self.main: MainGrads | None = None  # fp32 main gradients (replicated / zero1 under bf16)
         self.named = program.local_parameters()
         self.acc_dtype = accumulator_dtype(self.named.values())
         self.tp_sum = [n for n in program.grad_sync.tp_sum if n in self.named]
@@ -103,9 +114,16 @@ class DataParallel:
     def wrap(self, modules: list[nn.Module]) -> None:
         """Hook the stage modules before the pipeline is built (FSDP shards them here)."""
 
+    def grad(self, name: str):
+        """This rank's accumulated gradient of ``name`` (the fp32 main gradient under bf16 / fp8);
+        None when the parameter took no part in the loss."""
+        if self.main is not None:
+            return self.main.get(name)
+        return self._local_grad(self.named[name])
+
     def sum_over_tp(self) -> None:
         for name in self.tp_sum:
-            grad = self._local_grad(self.named[name])
+            grad = self.grad(name)
             if grad is not None:
                 grad.copy_(cc.all_reduce(grad, "sum", "tp"))
 
@@ -118,9 +136,12 @@ class DataParallel:
         shards, which line up: same shape, same DP coordinate)."""
         for name in self.tied:
             p = self.named[name]
-            if p.grad is None:  # this copy took no part in the loss; its peer still waits
-                p.grad = torch.zeros_like(p)
-            grad = self._local_grad(p)
+            if self.main is not None:
+                grad = self.main.ensure(name)
+            else:
+                if p.grad is None:  # this copy took no part in the loss; its peer still waits
+                    p.grad = torch.zeros_like(p)
+                grad = self._local_grad(p)
             grad.copy_(cc.all_reduce(grad, "sum", EMBEDDING_AXIS))
 
     def _norm_owned(self, name: str) -> bool:
@@ -167,6 +188,21 @@ class DataParallel:
     def zero_grad(self) -> None:
         for p in self.named.values():
             p.grad = None
+        if self.main is not None:
+            self.main.zero()
+
+    def optimizer_param(self, name: str) -> torch.Tensor:
+        """The tensor AdamW steps for parameter ``name`` (its fp32 main weight under bf16 / fp8
+        with replicated DP; the parameter itself otherwise; ZeRO-1 steps flat shards)."""
+        return self.named[name]
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this rank holds per class (ir/counts.py STATE_CLASSES), for memory truth."""
+        state = self.optimizer.state
+        return {"weights": list(self.named.values()),
+                "grads": [self.grad(n) for n in self.named],
+                "master": [], "master_grads": [],
+                "moments": [s[k] for s in state.values() for k in ("exp_avg", "exp_avg_sq") if k in s]}
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """name -> this rank's (TP-local) parameter, whole along DP (for tests, checkpoints)."""
@@ -185,144 +221,63 @@ class DataParallel:
 class Replicated(DataParallel):
     """Plain data parallelism: one flat all-reduce of all gradients, full AdamW everywhere."""
 
-    def __init__(self, program, mesh, spec):
-        super().__init__(program, mesh, spec)
-        self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
+    def __init__(self, program, mesh, spec, policy=None):
+        super().__init__(program, mesh, spec, policy)
+        self.masters = self.named  # fp32: the optimizer steps the model's own parameters
+        if self.mixed:
+            self.main = MainGrads(self.named, own_buffers(self.named, reduce_dtype(self.policy)),
+                                  1.0 / program.plan.num_microbatches)
+            self.masters = masters_of(self.named, main_dtype(self.policy))
+        self.optimizer = adamw(param_groups(self.masters.items(), spec.weight_decay), spec)
 
     def reduce_over_dp(self) -> None:
-        with_grad = [n for n, p in self.named.items() if p.grad is not None]
+        with_grad = [n for n in self.named if self.grad(n) is not None]
         for axis, names in self.by_axis(with_grad):
-            params = [self.named[n] for n in names]
+            grads = [self.grad(n) for n in names]
             if self.dp == 1 and self.mesh.size(axis) == 1:
                 continue
-            flat = torch.cat([p.grad.flatten() for p in params])
+            flat = torch.cat([g.flatten() for g in grads])
             if self.mesh.size(axis) > 1:
                 flat = cc.all_reduce(flat, "sum", axis)
             flat = flat / self.dp
             offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def owned_sq_sum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
-        for name, p in self.named.items():
-            if p.grad is not None and self.mesh.coord(self.axis_of[name]) == 0 \
+        for name in self.named:
+            grad = self.grad(name)
+            if grad is not None and self.mesh.coord(self.axis_of[name]) == 0 \
                     and self._norm_owned(name):
-                total += p.grad.to(self.acc_dtype).pow(2).sum()
+                total += grad.to(self.acc_dtype).pow(2).sum()
         return total
 
     def step(self, coef: torch.Tensor) -> None:
-        for p in self.named.values():
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        for name, master in self.masters.items():
+            grad = self.grad(name)
+            if grad is not None:
+                grad.mul_(coef)
+            if self.mixed:
+                master.grad = grad  # the fp32 main gradient itself, no copy
         self.optimizer.step()
+        if self.mixed:
+            publish(self.masters, self.named)
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
     def reduced_grads(self) -> dict[str, torch.Tensor]:
-        return {n: p.grad.detach().clone() for n, p in self.named.items() if p.grad is not None}
+        return {n: self.grad(n).detach().clone() for n in self.named if self.grad(n) is not None}
 
+    def optimizer_param(self, name: str) -> torch.Tensor:
+        return self.masters[name]
 
-class _FlatShard:
-    """One parameter group flattened, padded to a multiple of the replica count ``dp`` of mesh
-    axis ``axis``, and this rank's 1/dp of it; gradients are summed over the axis and divided by
-    ``divisor`` (dp * cp)."""
-
-    def __init__(self, params: list[nn.Parameter], dp: int, dp_rank: int, axis: str = GRAD_AXIS,
-                 divisor: int | None = None):
-        self.params, self.dp, self.dp_rank = params, dp, dp_rank
-        self.axis, self.divisor = axis, dp if divisor is None else divisor
-        self.numel = sum(p.numel() for p in params)
-        self.size = -(-self.numel // dp)  # ceil
-        self.device = params[0].device if params else torch.device("cpu")
-        self.dtype = accumulator_dtype(params)
-        flat = self._flatten([p.detach() for p in params])
-        self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
-
-    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.zeros(self.size * self.dp, dtype=self.dtype, device=self.device)
-        if tensors:
-            flat[:self.numel] = torch.cat([t.flatten().to(self.dtype) for t in tensors])
-        return flat
-
-    def reduce_grad(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self._flatten(grads)
-        mine = cc.reduce_scatter(flat, 0, self.axis) if self.dp > 1 else flat
-        self.master.grad = mine / self.divisor
-
-    def publish(self) -> None:
-        """All-gather the updated shards and write them into the model's parameters."""
-        full = cc.all_gather(self.master.detach(), 0, self.axis) if self.dp > 1 else self.master.detach()
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-
-    def full_grad(self) -> torch.Tensor:
-        g = self.master.grad.detach()
-        return cc.all_gather(g, 0, self.axis) if self.dp > 1 else g
-
-
-class ZeroOne(DataParallel):
-    """Distributed optimizer (ZeRO stage 1): AdamW state for 1/dp of every parameter group."""
-
-    def __init__(self, program, mesh, spec):
-        super().__init__(program, mesh, spec)
-        names = {id(p): n for n, p in self.named.items()}
-        self.flats, decay = [], []
-        for g in param_groups(self.named.items(), spec.weight_decay):
-            for axis, group in self.by_axis(names[id(p)] for p in g["params"]):
-                params = [self.named[n] for n in group]
-                self.flats.append(_FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp))
-                decay.append(g["weight_decay"])
-        self.masks = [self._norm_owned_mask(f) for f in self.flats]
-        self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
-                                for f, wd in zip(self.flats, decay)], spec)
-
-    def reduce_over_dp(self) -> None:
-        for flat in self.flats:
-            flat.reduce_grad()
-
-    def owned_sq_sum(self) -> torch.Tensor:
-        """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
-        total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
-        for flat, mask in zip(self.flats, self.masks):
-            total += (flat.master.grad.pow(2) * mask).sum()
-        return total
-
-    def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
-        names = {id(p): n for n, p in self.named.items()}
-        owned = flat._flatten([torch.full_like(p, float(self._norm_owned(names[id(p)])))
-                               for p in flat.params])
-        return owned[flat.dp_rank * flat.size:(flat.dp_rank + 1) * flat.size]
-
-    def step(self, coef: torch.Tensor) -> None:
-        for flat in self.flats:
-            flat.master.grad.mul_(coef)
-        self.optimizer.step()
-        for flat in self.flats:
-            flat.publish()
-
-    def zero_grad(self) -> None:
-        super().zero_grad()
-        for flat in self.flats:
-            flat.master.grad = None
-
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
-
-    def reduced_grads(self) -> dict[str, torch.Tensor]:
-        out = {}
-        names = {id(p): n for n, p in self.named.items()}
-        for flat in self.flats:
-            full, offset = flat.full_grad(), 0
-            for p in flat.params:
-                out[names[id(p)]] = full[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        out = super().state_tensors()
+        if self.mixed:
+            out["master"] = list(self.masters.values())
         return out
 
 
@@ -330,9 +285,9 @@ class FullyShard(DataParallel):
     """FSDP2 (torch fully_shard) over the DP group, one unit per pipeline stage module. gloo has
     neither AVG nor PREMUL_SUM, so reductions are forced to SUM with a post-division by dp."""
 
-    def __init__(self, program, mesh, spec):
+    def __init__(self, program, mesh, spec, policy=None):
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if program.experts.params and mesh.members[EXPERT_AXIS] != mesh.members[GRAD_AXIS]:
             raise LayoutError("fsdp shards every weight over dp x cp, but expert weights replicate "
@@ -340,12 +295,18 @@ class FullyShard(DataParallel):
                               hint="use dp_kind = zero1 (or replicated) with expert parallelism")
         dp_mesh = DeviceMesh.from_group(mesh.groups[GRAD_AXIS], mesh.device.type,
                                         mesh_dim_names=("dp-cp",))
+        policy = policy or PrecisionPolicy("fp32", 0)
+        mp = MixedPrecisionPolicy()
+        if policy.mixed:  # FSDP keeps the fp32 shards (the main weights) and casts for compute
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype(policy), reduce_dtype=reduce_dtype(policy))
         self.units = []
         for _, module in program.local_modules():
-            fully_shard(module, mesh=dp_mesh, reshard_after_forward=True)
+            if policy.mixed:
+                module.to(main_dtype(policy))
+            fully_shard(module, mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp)
             module.set_force_sum_reduction_for_comms(True)
             self.units.append(module)
-        super().__init__(program, mesh, spec)  # parameters are DTensors now
+        super().__init__(program, mesh, spec, policy)  # parameters are DTensors now
         self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
 
     def reduce_over_dp(self) -> None:
@@ -375,9 +336,16 @@ class FullyShard(DataParallel):
     def full_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.full_tensor().detach().clone() for n, p in self.named.items()}
 
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        out = super().state_tensors()
+        if self.mixed:  # the fp32 shards are the main weights; bf16 copies live only gathered
+            out["master"], out["weights"] = out["weights"], []
+        return out
 
-STRATEGIES = {"replicated": Replicated, "zero1": ZeroOne, "fsdp": FullyShard}
 
+def make_data_parallel(program: RankProgram, mesh: Mesh, spec: OptimizerSpec,
+                       policy: PrecisionPolicy | None = None) -> DataParallel:
+    from .zero1 import ZeroOne  # it builds on DataParallel above
 
-def make_data_parallel(program: RankProgram, mesh: Mesh, spec: OptimizerSpec) -> DataParallel:
-    return STRATEGIES[program.grad_sync.dp_kind](program, mesh, spec)
+    strategies = {"replicated": Replicated, "zero1": ZeroOne, "fsdp": FullyShard}
+    return strategies[program.grad_sync.dp_kind](program, mesh, spec, policy)

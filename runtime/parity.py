@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from plait.ir.cluster import local_cpu
-from plait.ir.job import Data, MoEOptions, Optimizer, TrainJob
+from plait.ir.job import Data, MoEOptions, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan, Stage, even_stages
 from plait.lowering.build import build_model
@@ -35,7 +35,7 @@ from plait.lowering.build import build_model
 from . import moe_balance
 from .data import BatchLoader, SyntheticTokens
 from .mesh import build_mesh, destroy, init_distributed
-from .parity_compare import Errors, compare, placement
+from .parity_compare import Errors, assemble, compare, placement  # noqa: F401 (assemble: API)
 from .train import ReferenceTrainer, Trainer
 
 TIMEOUT_S = 120
@@ -80,10 +80,16 @@ class Setup:
     seed: int = 0
     dtype: torch.dtype = torch.float32  # float64: rounding out of the way (see run_parity)
     moe: MoEOptions = field(default_factory=MoEOptions)  # MoE models: routing (default dropless)
+    # None: an fp32 job trained in ``dtype``; bf16 / fp8: the policy decides every dtype
+    precision: Precision | None = None
+
+    @property
+    def model_dtype(self) -> torch.dtype | None:
+        return self.dtype if self.precision is None else None
 
     def job(self, world: int) -> TrainJob:
         return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
-                        global_batch=self.global_batch, seq_len=self.seq, precision=None,
+                        global_batch=self.global_batch, seq_len=self.seq, precision=self.precision,
                         optimizer=self.optimizer, moe=self.moe, steps=self.steps,
                         data=Data(synthetic=True, seed=self.seed), seed=self.seed)
 
@@ -186,7 +192,8 @@ def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     setup = case.setup(setup)
     plan = setup.plan(case)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
-    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.dtype)
+    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(),
+                      dtype=setup.model_dtype)
     record_run(trainer, setup, case.name, rank, out_dir)
 
 

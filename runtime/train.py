@@ -26,13 +26,17 @@ from plait.ir.plan import ParallelPlan
 from plait.ir.serde import from_json
 from plait.lowering import collectives as cc
 from plait.lowering.build import build_model
+from plait.ir.precision import PrecisionPolicy
 from plait.lowering.compile import RankProgram, lower
+from plait.lowering.precision import param_dtype
 
 from . import checkpoint
 from . import data as data_mod
+from .data_blend import blended_loader
 from . import device as device_mod
 from . import kernels
 from . import moe_balance
+from . import validation
 from .mesh import Mesh, build_mesh, destroy, init_distributed, set_threads
 from .optim import adamw, clip_coefficient, lr_at, make_data_parallel, param_groups, set_lr
 from .schedule import StepRunner
@@ -92,39 +96,50 @@ def state_buffer_names(model: torch.nn.Module) -> frozenset:
     return frozenset(k for k in model.state_dict() if k not in params)
 
 
+def _loader(job: TrainJob, plan: ParallelPlan, mesh: Mesh, source):
+    """(the whole dataset or None for a blend, the training loader): a blend of named sources, or
+    one dataset (or synthetic tokens) of which training reads all but the validation split."""
+    where = dict(dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"), device=mesh.device)
+    if job.data.sources and source is None:
+        return None, blended_loader(job, plan.seq_len, plan.global_batch, **where)
+    source = source or data_mod.open_source(job.data.path, job.model.vocab,
+                                            job.data.synthetic, job.data.seed)
+    train = validation.training_part(source, job.data, plan.seq_len)
+    return source, data_mod.BatchLoader(train, plan.seq_len, plan.global_batch, job.data.seed, **where)
+
+
 class Trainer:
     def __init__(self, job: TrainJob, plan: ParallelPlan, mesh: Mesh,
                  source: Optional[data_mod.TokenSource] = None, weights: Optional[str] = None,
-                 dtype: torch.dtype = torch.float32, model: Optional[torch.nn.Module] = None):
+                 dtype: Optional[torch.dtype] = None, model: Optional[torch.nn.Module] = None):
         self.job, self.plan, self.mesh = job, plan, mesh
-        self.dtype = dtype  # float64 only for numerics checks (tests/runtime parity in fp64)
+        self.policy = PrecisionPolicy.of(job)  # the job's precision: dtypes, fp8 layers
+        self.policy.check_runnable()
+        # the model's dtype; float64 only for numerics checks (tests/runtime parity in fp64)
+        self.dtype = dtype if dtype is not None else param_dtype(self.policy)
+        self.loss_dtype = torch.promote_types(self.dtype, torch.float32)
         # `model`: a reference module with loaded weights (e.g. a pruned student) to lower instead
-        model = model if model is not None else build_model(job.model, dtype=dtype, seed=job.seed)
-        self.program = lower(model, job.model, plan, mesh.rank)
+        model = model if model is not None else build_model(job.model, dtype=self.dtype, seed=job.seed)
+        self.program = lower(model, job.model, plan, mesh.rank, precision=self.policy)
         if weights:
             load_sharded_weights(self.program, weights, job.model, state_buffer_names(model))
         _keep_local_children(self.program)
         self.program.pipe.to(mesh.device)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)
-        kernels.bind(self.program.pipe, mesh.device.type,
-                     fp8=job.precision is not None and job.precision.kind == "fp8")
+        self.kernels = kernels.bind(self.program.pipe, mesh.device.type, fp8=self.policy.kind == "fp8")
         self.stage_modules = [m for _, m in self.program.local_modules()]
-        self.dp = make_data_parallel(self.program, mesh, job.optimizer)
+        self.dp = make_data_parallel(self.program, mesh, job.optimizer, self.policy)
         self.runner = StepRunner(self.program, mesh, plan.num_microbatches)
-        source = source or data_mod.open_source(job.data.path, job.model.vocab,
-                                                job.data.synthetic, job.data.seed)
-        self.loader = data_mod.BatchLoader(source, plan.seq_len, plan.global_batch, job.data.seed,
-                                           dp_rank=mesh.coord("dp"), dp_size=mesh.size("dp"),
-                                           device=mesh.device)
+        self.source, self.loader = _loader(job, plan, mesh, source)
 
-    def forward_backward(self, step: int) -> torch.Tensor:
-        """Loss of step `step` averaged over micro-batches and DP (on every rank), gradients left
-        in place (not yet reduced)."""
-        batch = self.loader.local_batch(step)
+    def forward_backward(self, step: int, batch: Optional[data_mod.Batch] = None) -> torch.Tensor:
+        """Loss of step `step` (or of ``batch``) averaged over micro-batches and DP (on every
+        rank), gradients left in place (not yet reduced)."""
+        batch = batch if batch is not None else self.loader.local_batch(step)
         loss = self.runner.run(batch.tokens, batch.labels)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
-        value = loss.reshape(1).to(self.dtype) if (reporter and loss is not None) \
-            else torch.zeros(1, dtype=self.dtype, device=self.mesh.device)
+        value = loss.reshape(1).to(self.loss_dtype) if (reporter and loss is not None) \
+            else torch.zeros(1, dtype=self.loss_dtype, device=self.mesh.device)
         return cc.all_reduce(value, "sum", "world")[0] / self.mesh.size("dp-cp")  # DP x CP reporters
 
     def train_step(self, step: int, total_steps: int) -> StepLog:
@@ -196,40 +211,22 @@ class ReferenceTrainer:
         return float(norm)
 
 
-def _progress_printer(steps: int, mesh: Mesh, start: int = 0):
-    """A rich progress bar on rank 0 (plain lines when the output is not a terminal)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=False)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console,
-                        transient=False)
-    task = progress.add_task("train", total=steps, completed=start, stats="")
-
-    def on_step(log: StepLog) -> None:
-        stats = (f"loss {log.loss:.4f}  |g| {log.grad_norm:.3f}  lr {log.lr:.2e}  "
-                 f"{log.tokens_per_s:,.0f} tok/s  {log.peak_memory_mb:,.0f} MB")
-        progress.update(task, advance=1, stats=stats)
-        if not console.is_terminal or log.step % 10 == 0 or log.step == steps - 1:
-            console.print(f"step {log.step:4d}  {stats}", highlight=False)
-    return progress, on_step
-
-
-def run_worker(run_dir: str | Path) -> int:
-    """Entry point of one torchrun process."""
+def run_worker(run_dir: str | Path, console=None) -> int:
+    """One torchrun process's training (runtime.worker wraps it with logs and failure records);
+    ``console``: where rank 0's progress goes (default: stdout)."""
     run_dir = Path(run_dir)
     job = from_json(TrainJob, (run_dir / "job.json").read_text())
     plan = ParallelPlan.from_json((run_dir / "plan.json").read_text())
     options = json.loads((run_dir / "options.json").read_text())
+    timeout_s = options.get("timeout_s") or job.timeout
     set_threads()
     placement = device_mod.activate(device_mod.choose(job.cluster.backend))
-    init_distributed(placement.backend, options.get("timeout_s", 300))
-    mesh = build_mesh(plan.layout, options.get("timeout_s", 300), device=placement.device)
+    init_distributed(placement.backend, timeout_s)
+    mesh = build_mesh(plan.layout, timeout_s, device=placement.device)
     saver = checkpoint.Saver(options["save"], options.get("save_every") or 0,
                              options.get("async_save", False)) if options.get("save") else None
     try:
-        return _train(run_dir, job, plan, mesh, options, saver)
+        return _train(run_dir, job, plan, mesh, options, saver, console)
     except NonFiniteStep as e:  # every rank saw the same all-reduced loss and norm
         kept = (saver.close() if saver else None) or options.get("resume")
         if mesh.rank == 0:
@@ -247,21 +244,22 @@ STOPPED = "stopped.json"  # RUN_DIR file: why the ranks stopped early
 
 
 def _train(run_dir: Path, job: TrainJob, plan: ParallelPlan, mesh: Mesh, options: dict,
-           saver) -> int:
+           saver, console=None) -> int:
+    from .worker import StepHooks, resume_source
+
     trainer = Trainer(job, plan, mesh, weights=options.get("weights"))
     steps = options.get("steps") or job.steps
-    start = checkpoint.load(trainer, options["resume"]) if options.get("resume") else 0
+    resume = resume_source(options)
+    start = checkpoint.load(trainer, resume) if resume else 0
+    with StepHooks(trainer, run_dir, options, saver, steps, start, console) as hooks:
+        logs = trainer.fit(steps, hooks.on_step, start, hooks.after_step)
     if mesh.rank == 0:
-        progress, on_step = _progress_printer(steps, mesh, start)
-        with progress:
-            logs = trainer.fit(steps, on_step, start, saver)
         (run_dir / "log.json").write_text(json.dumps([asdict(l) for l in logs], indent=1))
-    else:
-        trainer.fit(steps, None, start, saver)
     if saver is not None:
         saver.close()  # an asynchronous save still in flight completes before the ranks exit
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_worker(sys.argv[1]))
+    from .worker import main
+    sys.exit(main(sys.argv[1]))

@@ -59,7 +59,8 @@ def test_prepare_refuses_binary_and_non_utf8_files(tmp_path, capsys):
     assert "a.bin is a binary file" in refused(capsys, "data", "prepare", tmp_path / "a.bin", "-o", tmp_path / "ds")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     err = refused(capsys, "data", "prepare", "bundled", tmp_path / "latin1.txt", "-o", tmp_path / "ds")
-    assert "latin1.txt is not UTF-8 text (byte 3 is invalid)" in err and not (tmp_path / "ds").exists()
+    # found while streaming (after the bundled corpus was written): nothing is left behind
+    assert "latin1.txt:1: not UTF-8 text (byte 3 of the line)" in err and not (tmp_path / "ds").exists()
 
 
 def test_prepare_refuses_an_existing_file_as_output(tmp_path, capsys):
@@ -72,8 +73,10 @@ def test_prepare_writes_only_into_new_empty_or_its_own_directories(tmp_path, cap
     err = refused(capsys, "data", "prepare", "bundled", "-o", precious(tmp_path / "mine"))
     assert "not empty and plait did not create it" in err and untouched(tmp_path / "mine")
     (tmp_path / "empty").mkdir()
-    for out in ("ds", "ds", "empty"):  # new, plait's own (again), empty
+    for out in ("ds", "empty"):  # new, empty
         assert run(capsys, "data", "prepare", "bundled", "-o", tmp_path / out)[0] == 0
+    err = refused(capsys, "data", "prepare", "bundled", "-o", tmp_path / "ds")  # a dataset: kept
+    assert "already holds a dataset" in err and (tmp_path / "ds" / "text_document.idx").is_file()
     assert json.loads((tmp_path / "ds" / MARKER).read_text())["kind"] == "dataset"
 
 
@@ -121,7 +124,7 @@ def _tiny_hf_checkpoint(path: Path, ffn: int) -> Path:
 
 
 def test_run_weights_of_another_model_are_refused_before_any_rank_starts(tmp_path, capsys):
-    from plait.commands.run import check_weights
+    from plait.runtime.prelaunch import check_weights
     from plait.ir.dsl import load_job
 
     job = load_job(TINY)

@@ -83,6 +83,8 @@ def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None, notes: Opt
     if job.data != Data():
         entries.append(("data", _data(job.data)))
     entries += _changed(job, ("seed",))
+    if job.timeout != TrainJob.timeout:
+        entries.append(("timeout", quantity(job.timeout, "time")))
     return _decl("train", job.name, entries, notes)
 
 
@@ -285,7 +287,11 @@ def _precision(p: Precision) -> str:
     if p.kind != "fp8" or p == Precision(kind="fp8"):
         return p.kind
     args = [("recipe", p.fp8_recipe)] if p.fp8_recipe else []
-    args += [(k, number(v)) for k, v in (("skip_first", p.fp8_skip_first), ("skip_last", p.fp8_skip_last)) if v]
+    if p.fp8_skip_first == p.fp8_skip_last:
+        if p.fp8_skip_first != Precision().fp8_skip_first:
+            args.append(("bf16_ends", number(p.fp8_skip_first)))
+    else:
+        args += [("skip_first", number(p.fp8_skip_first)), ("skip_last", number(p.fp8_skip_last))]
     return _call("fp8", args)
 
 
@@ -296,14 +302,33 @@ def _moe_options(m: MoEOptions) -> list:
     return entries + _changed(m, ("drop_policy", "pad_to_capacity", "expert_bias_rate"))
 
 
-def _data(d: Data) -> str:
+def _data(d: Data):
+    if d.sources:
+        return _data_block(d)
     if d == Data(synthetic=True):
         return "synthetic"
     if d == Data(path=d.path) and d.path is not None:
         return f'"{d.path}"'
     args = [("path", f'"{d.path}"')] if d.path is not None else []
-    args += _changed(d, ("tokenizer", "seed"))
+    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches"))
     return _call("synthetic" if d.synthetic else "dataset", args)
+
+
+def _data_block(d: Data) -> list:
+    """`data { sources { ... } phase { ... } }`; one blend from the start: weights on the sources."""
+    single = len(d.phases) == 1 and d.phases[0].name == "blend"
+    weights = dict(d.phases[0].weights) if single else {}
+    sources = []
+    for s in d.sources:
+        args = [("path", f'"{s.path}"')]
+        args += [("weight", number(weights[s.name]))] if s.name in weights else []
+        args += [("epochs", number(s.epochs))] if s.epochs is not None else []
+        sources.append((s.name, _call("dataset", args) if len(args) > 1 else f'"{s.path}"'))
+    entries = _changed(d, ("seed", "tokenizer")) + [("sources", sources)]
+    for i, p in enumerate([] if single else d.phases):
+        at = [] if i == 0 else [("at", number(p.at_tokens if p.at_tokens is not None else p.at))]
+        entries.append((p.name, at + [(n, number(w)) for n, w in p.weights]))
+    return entries
 
 
 # --- text helpers -----------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Callable, Optional
 
 from plait.ir.cluster import Cluster, local_cpu
 from plait.ir.job import LAYOUT_KEYS, Data, LayoutPins, MoEOptions, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
+from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
 from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
 
 from . import ast
+from .datablock import check_blend, data_path, resolve_data_block, tokenizer_name
 from .hardware import resize
 from .reader import Context, Reader, describe, did_you_mean, to_float, to_string
 
@@ -40,12 +43,17 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
     job = TrainJob(
         name=decl.name, model=model, cluster=cluster,
         global_batch=r.int("global_batch"), seq_len=seq_len,
-        precision=_precision(ctx, r.value("precision", None)),
+        precision=_precision(ctx, r.value("precision", None), model),
         optimizer=_optimizer(ctx, r.value("optimizer", None)),
         moe=_moe_options(moe_block), layout=_layout(r.block("layout")),
-        steps=r.int("steps", 100), data=_data(ctx, r.value("data", None), base_dir),
-        seed=r.int("seed", 0, minimum=0),
+        steps=r.int("steps", 100), seed=r.int("seed", 0, minimum=0), timeout=_timeout(ctx, r),
     )
+    data = r.raw("data", None)
+    if isinstance(data, ast.Block):
+        job = replace(job, data=resolve_data_block(ctx, data, r.entries["data"].pos, base_dir))
+        check_blend(ctx, job, data)
+    else:
+        job = replace(job, data=_data(ctx, data, base_dir))
     r.finish()
     return job
 
@@ -61,18 +69,32 @@ def _cluster(ctx: Context, r: Reader, find_cluster: Finder) -> Cluster:
     return cluster if gpus is None else resize(ctx, cluster, gpus, r.entries["gpus"].value.pos)
 
 
-def _precision(ctx: Context, value) -> Precision:
+def _precision(ctx: Context, value, model: ModelSpec) -> Precision:
     if value is None:
         return Precision()
     if isinstance(value, ast.Ident) and value.name in PRECISIONS:
-        return Precision(kind=value.name)
-    if not (isinstance(value, ast.Call) and value.name == "fp8"):
+        precision = Precision(kind=value.name)
+    elif isinstance(value, ast.Call) and value.name == "fp8":
+        precision = _fp8(Reader.of_call(ctx, value))
+    else:
         raise ctx.error(f"precision must be bf16, fp32, fp8 or fp8(recipe = ...), got {describe(value)}",
                         value.pos, hint=did_you_mean(getattr(value, "name", ""), PRECISIONS))
-    r = Reader.of_call(ctx, value)
+    problem = precision.kind == "fp8" and fp8_ends_problem(
+        model.num_layers, precision.fp8_skip_first, precision.fp8_skip_last)
+    if problem:
+        raise ctx.error(problem, value.pos, hint="fp8(bf16_ends = N) with 2 N below the layer count")
+    return precision
+
+
+def _fp8(r: Reader) -> Precision:
+    """fp8(recipe = ..., bf16_ends = N) or fp8(skip_first = A, skip_last = B); N, A, B in layers."""
+    ends = r.int("bf16_ends", None, minimum=0)
+    if ends is not None and (r.has("skip_first") or r.has("skip_last")):
+        raise r.ctx.error("give bf16_ends or skip_first / skip_last, not both", r.entries["bf16_ends"].pos)
+    default = DEFAULT_BF16_ENDS if ends is None else ends
     precision = Precision(kind="fp8", fp8_recipe=r.choice("recipe", FP8_RECIPES, None),
-                          fp8_skip_first=r.int("skip_first", 0, minimum=0),
-                          fp8_skip_last=r.int("skip_last", 0, minimum=0))
+                          fp8_skip_first=r.int("skip_first", default, minimum=0),
+                          fp8_skip_last=r.int("skip_last", default, minimum=0))
     r.finish()
     return precision
 
@@ -176,29 +198,40 @@ def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
     if isinstance(value, ast.Ident) and value.name == "synthetic":
         return Data(synthetic=True)
     if isinstance(value, ast.String):
-        return Data(path=_data_path(value.value, base_dir))
+        return Data(path=data_path(value.value, base_dir))
     if not (isinstance(value, ast.Call) and value.name in ("synthetic", "dataset")):
         raise ctx.error(f'data must be "path", synthetic or dataset(path = ...), got {describe(value)}',
                         value.pos)
     r = Reader.of_call(ctx, value)
     synthetic = value.name == "synthetic"
     path = None if synthetic else r.string("path", None)
-    path = None if path is None else _data_path(path, base_dir)
+    path = None if path is None else data_path(path, base_dir)
     tokenizer = r.value("tokenizer", None)
     data = Data(path=path, synthetic=synthetic, seed=r.int("seed", Data.seed, minimum=0),
-                tokenizer=Data.tokenizer if tokenizer is None else _tokenizer(ctx, tokenizer))
+                tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer),
+                **_validation(ctx, r, value))
     r.finish()
     return data
 
 
-def _tokenizer(ctx: Context, value) -> str:
-    if isinstance(value, ast.Ident):
-        return value.name
-    return to_string(ctx, value, "tokenizer")
+def _timeout(ctx: Context, r: Reader) -> float:
+    if not r.has("timeout"):
+        return TrainJob.timeout
+    seconds = r.quantity("timeout", "time")
+    if seconds < 1:
+        raise ctx.error(f"timeout must be at least 1 s, got {seconds:g} s",
+                        r.entries["timeout"].value.pos, hint="e.g. timeout = 120 s")
+    return seconds
 
 
-def _data_path(path: str, base_dir: Optional[str]) -> str:
-    """Data paths, like `use` paths, are relative to the spec file; the IR holds them absolute."""
-    if base_dir is None or os.path.isabs(path):
-        return path
-    return os.path.abspath(os.path.join(base_dir, path))
+def _validation(ctx: Context, r: Reader, value) -> dict:
+    every = r.int("val_every", 0, minimum=0)
+    fraction = r.float("val_fraction", 0.05 if every else 0.0, minimum=0.0)
+    if every and not 0 < fraction < 1:
+        raise ctx.error(f"val_fraction must be between 0 and 1 (exclusive), got {fraction:g}",
+                        value.pos, hint="e.g. val_fraction = 0.05")
+    if fraction and not every:
+        raise ctx.error("val_fraction needs val_every (how often to validate)", value.pos,
+                        hint="e.g. val_every = 50")
+    batches = r.int("val_batches", Data.val_batches, minimum=1)
+    return {"val_every": every, "val_fraction": fraction if every else 0.0, "val_batches": batches}

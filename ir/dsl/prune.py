@@ -24,7 +24,8 @@ from plait.ir.job import PRUNE_AXES, AxisSearch, Calibration, Distill, PruneJob,
 from plait.ir.model import BLOCK_KINDS, ModelSpec
 
 from . import ast
-from .jobs import PRECISIONS, _data_path, _layout, _optimizer
+from .datablock import data_path
+from .jobs import PRECISIONS, _layout, _optimizer
 from .reader import Context, Reader, describe, did_you_mean, to_int
 
 METHODS = ("activation", "magnitude", "random")
@@ -67,7 +68,7 @@ def _string(ctx: Context, value, what: str) -> str:
 
 def _path(r: Reader, key: str, base_dir: Optional[str]) -> Optional[str]:
     text = r.string(key, None)
-    return None if text is None else _data_path(text, base_dir)
+    return None if text is None else data_path(text, base_dir)
 
 
 # --- target ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from plait.ir.job import MoEOptions
@@ -27,6 +28,7 @@ from plait.ir.model import MoE
 from . import routing
 from .experts import GroupedExperts
 from .mlp import FeedForward
+from .norms import upcast
 
 
 def route(logits, expert_bias, top_k, router, pre_softmax, norm_topk, groups, topk_groups,
@@ -90,6 +92,12 @@ for _fn in ("route", "capacity", "permute_tokens", "unpermute_tokens", "attach_a
     torch.fx.wrap(_fn)
 
 
+def router_logits(router: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
+    """Router logits in fp32 whatever the model's dtype (Megatron-Core / HF do the same): the
+    weight is upcast too, since FSDP2's mixed precision hands the forward a bf16 copy of it."""
+    return F.linear(upcast(flat), upcast(router.weight))
+
+
 def add_moe_parts(block: nn.Module, spec: MoE, hidden: int, experts: nn.Module) -> None:
     """Register an MoE layer's parts in one order (initialisation draws in this order): the
     router, the (possibly sharded) ``experts``, the aux-loss-free expert bias with its load
@@ -132,7 +140,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.router(flat.to(self.router.weight.dtype))  # fp32 router (build keeps it fp32)
+        logits = router_logits(self.router, flat)
         bias = self.expert_bias if s.expert_bias else None
         weights, indices, aux, counts = route(
             logits, bias, s.top_k, s.router, s.pre_softmax, s.norm_topk, s.groups, s.topk_groups,

@@ -29,7 +29,7 @@ from plait.ir.job import MoEOptions
 from plait.ir.model import MoE
 from plait.lowering.modules import routing
 from plait.lowering.modules.experts import GroupedExperts, expert_mlp
-from plait.lowering.modules.moe import MoEBlock, add_moe_parts, add_shared_expert, attach_aux_loss
+from plait.lowering.modules.moe import MoEBlock, add_moe_parts, router_logits, add_shared_expert, attach_aux_loss
 from plait.lowering.recompute import is_recomputing
 
 from . import comm
@@ -101,7 +101,7 @@ class ExpertParallelMoE(nn.Module):
             return torch.empty_like(x)
         s = self.spec
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.router(flat.float())
+        logits = router_logits(self.router, flat)
         weights, indices, aux_scores = routing.route(
             logits, self.expert_bias if s.expert_bias else None, top_k=s.top_k, router=s.router,
             pre_softmax=s.pre_softmax, norm_topk=s.norm_topk, groups=s.groups,

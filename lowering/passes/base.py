@@ -10,6 +10,7 @@ import torch.fx
 from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan
+from plait.ir.precision import PrecisionPolicy
 
 FACTS = "plait.facts"
 
@@ -28,6 +29,7 @@ class Target:
     cp_rank: int = 0  # index in the context-parallel group (the zigzag chunks this rank holds)
     pp_rank: int = 0
     rank: int = 0  # global rank (the expert-side coordinates come from it)
+    precision: PrecisionPolicy = PrecisionPolicy("fp32", 0)  # which GEMMs run in fp8
 
     @property
     def layout(self) -> Layout:

@@ -1,5 +1,6 @@
 """`plait doctor`: what this machine would run — torch, devices, and the kernel chosen for each op
-(runtime/kernels.py) with the reason."""
+(runtime/kernels.py) with the reason: the same choice `plait run` binds into the compiled program.
+With --fp8 it also names the fp8 GEMM backend (torchao on CUDA, plait's emulation elsewhere)."""
 from __future__ import annotations
 
 import platform
@@ -22,7 +23,7 @@ def _device_line() -> str:
 @arguments(lambda p: (p.add_argument("--device", default=None,
                                      help="cuda or cpu (default: cuda when available)"),
                       p.add_argument("--fp8", action="store_true",
-                                     help="as for an fp8 job (transformer-engine linear / norm)")))
+                                     help="as for an fp8 job: which fp8 GEMM backend runs the linears")))
 def doctor(args) -> int:
     import torch
 
@@ -36,4 +37,8 @@ def doctor(args) -> int:
     for choice in kernels.report(device, args.fp8):
         table.add_row(choice.op, choice.kernel, "yes" if choice.fused else "no", choice.reason)
     console.print(table)
+    if args.fp8:
+        fp8 = kernels.select("fp8_linear", device, True)
+        console.print(f"fp8 backend: {fp8.kernel} ({fp8.reason}); tensorwise current scaling, E4M3 "
+                      "inputs and weights, E5M2 gradients, first / last bf16_ends layers in bf16")
     return 0

@@ -18,6 +18,7 @@ from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.plan import ParallelPlan
+from plait.ir.precision import RUNTIME_FP8_RECIPE
 
 VERIFIED_AGAINST = "Megatron-LM core 0.20 (NVIDIA/Megatron-LM d98e8a6)"
 GPT_SCRIPT = "pretrain_gpt.py"
@@ -342,10 +343,12 @@ def _precision_args(job: TrainJob, plan: ParallelPlan, notes: list) -> list[str]
         return []
     if p.kind == "bf16":
         return ["--bf16"]
-    args = ["--bf16", "--fp8-format hybrid"] + ([f"--fp8-recipe {p.fp8_recipe}"] if p.fp8_recipe else [])
+    # no recipe in the job: the one plait's runtime trains with (Megatron's default is delayed)
+    recipe = p.fp8_recipe or RUNTIME_FP8_RECIPE
+    args = ["--bf16", "--fp8-format hybrid", f"--fp8-recipe {recipe}"]
     if not (p.fp8_skip_first or p.fp8_skip_last):
         return args
-    if p.fp8_recipe in (None, "delayed"):  # Megatron's default recipe is delayed scaling
+    if recipe == "delayed":
         notes.append("Megatron keeps the first / last layers in bf16 only with a recipe other than delayed "
                      "scaling: exported with every layer in fp8 (set recipe = tensorwise to keep them)")
         return args
@@ -387,7 +390,7 @@ def _recompute_args(plan: ParallelPlan, model: ModelSpec, job: TrainJob, notes: 
                      "selectively on every stage")
     # plait's selective recompute keeps GEMM outputs and re-runs attention, norms and activations
     modules = ["core_attn"]
-    if job.precision.kind != "fp8" or job.precision.fp8_recipe not in (None, "delayed"):
+    if job.precision.kind != "fp8" or (job.precision.fp8_recipe or RUNTIME_FP8_RECIPE) != "delayed":
         modules.append("layernorm")  # Megatron: no layernorm / moe_act recompute with delayed fp8
         if model.is_moe:
             modules.append("moe_act")  # needs --moe-grouped-gemm, which _moe_args sets

@@ -11,7 +11,8 @@ from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
 from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.plan import Layout, ParallelPlan
-from plait.planner import explain
+from plait.ir.precision import PrecisionPolicy
+from plait.planner import calibration, explain
 from plait.planner.groups import rank_groups
 from plait.planner.layouts import check_pins, job_pins, parse_layout, violations
 from plait.planner.search import search
@@ -45,7 +46,27 @@ def _plan_table(plans: list[ParallelPlan], title: str = "candidate plans (best f
     return t
 
 
-def _run_search(job, extra, top):
+def calibration_arg(p) -> None:
+    p.add_argument("--calibration", metavar="CALIB_JSON",
+                   help="cost-model values measured by `plait calibrate` (override the device "
+                        "spec's; the explanation names them)")
+
+
+def _precision_table(job, plan: ParallelPlan) -> Table:
+    """What each pipeline stage computes in: the policy's dtype and, under fp8, which layers'
+    linears keep bf16 (what the cost model charged and what `plait run` lowers)."""
+    policy = PrecisionPolicy.of(job)
+    t = Table(title=f"precision per stage ({policy.kind}: fp32 main weights, grads, Adam)"
+              if policy.mixed else "precision per stage")
+    for col in ("stage", "layers", "precision"):
+        t.add_column(col)
+    for st in plan.stages:
+        t.add_row(f"pp{st.pp_rank}" + (f".v{st.virtual}" if plan.layout.vpp > 1 else ""),
+                  f"{st.first}-{st.last - 1}", policy.describe(st.first, st.last))
+    return t
+
+
+def _run_search(job, extra, top, cal=None):
     with Progress(TextColumn("searching meshes"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("search", total=None)
@@ -53,6 +74,7 @@ def _run_search(job, extra, top):
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     if res.best is None:
         raise LayoutError(explain.no_feasible(job, res))
+    res.plans = [calibration.note(p, cal) for p in res.plans]
     return res
 
 
@@ -65,15 +87,16 @@ def _run_search(job, extra, top):
                                      help="list each rejected family with its reason"),
                       p.add_argument("-o", "--output", help="write the best plan as JSON"),
                       p.add_argument("--report", metavar="DIR",
-                                     help="write pictures of the plan and an index.html to DIR")))
+                                     help="write pictures of the plan and an index.html to DIR"),
+                      calibration_arg(p)))
 def plan_cmd(args) -> int:
     inputs.at_least(args.top, 1, "--top")
     if args.output:  # checked before the search: never replace a file that is not a plan
         inputs.replaceable_file(args.output, "-o", _is_plan_json)
     if args.report:
         _check_report_dir(Path(args.report))
-    job = load_job(args.job, args.name)
-    res = _run_search(job, parse_layout(args.layout), args.top)
+    job, cal = calibration.calibrated(load_job(args.job, args.name), args.calibration)
+    res = _run_search(job, parse_layout(args.layout), args.top, cal)
     console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
     console.print(f"[bold]why {res.best.layout.short()} wins:[/bold]")
     for line in res.best.explanation:
@@ -87,6 +110,7 @@ def plan_cmd(args) -> int:
         for rej in res.rejections:
             t.add_row(rej.family, rej.reason)
         console.print(t)
+        console.print(_precision_table(job, res.best))
         _print_folding(res)
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")
@@ -131,14 +155,17 @@ def _print_folding(res) -> None:
 @arguments(lambda p: (_job_args(p),
                       p.add_argument("--layout", required=True,
                                      help='e.g. "tp=2 pp=8 ep=8 etp=1 mbs=1 recompute=selective"'),
-                      p.add_argument("--json", action="store_true", help="print the plan JSON")))
+                      p.add_argument("--json", action="store_true", help="print the plan JSON"),
+                      calibration_arg(p)))
 def estimate_cmd(args) -> int:
-    job = load_job(args.job, args.name)
-    res = _run_search(job, parse_layout(args.layout), 1)
+    job, cal = calibration.calibrated(load_job(args.job, args.name), args.calibration)
+    res = _run_search(job, parse_layout(args.layout), 1, cal)
     if args.json:
         print(res.best.to_json())
     else:
         console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
+        if cal:
+            console.print(calibration.explanation(cal), markup=False, highlight=False)
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import tempfile
 import time
 from dataclasses import replace
@@ -15,6 +16,7 @@ from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.outputs import check_output_dir, claim_output_dir
+from plait.ir.precision import PrecisionPolicy
 from plait.ir.plan import ParallelPlan
 
 from . import inputs
@@ -25,17 +27,26 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the train job to use when the file declares several")
     p.add_argument("--plan", help="a plan JSON (`plait plan JOB -o plan.json`); default: plan now")
     p.add_argument("--layout", help='pins for planning, e.g. "tp=2 pp=2" (ignored with --plan)')
+    p.add_argument("--calibration", metavar="CALIB_JSON",
+                   help="plan with cost-model values measured by `plait calibrate`")
 
 
-def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str]) -> ParallelPlan:
-    """The plan from a file, else the planner's best (pins from the job and --layout), checked
-    against the job before anything starts."""
+def resolve_plan(job: TrainJob, plan_path: Optional[str], layout: Optional[str],
+                 calibration_path: Optional[str] = None) -> ParallelPlan:
+    """The plan from a file, else the planner's best (pins from the job and --layout, costs from
+    the device spec or a `plait calibrate` file), checked against the job before anything
+    starts."""
+    from plait.planner import calibration
     from plait.runtime.launch import check_plan
 
     if plan_path:
+        if calibration_path:
+            raise PlaitError("--calibration has no effect with --plan (the plan is already made)",
+                             hint="give one of them")
         plan = read_plan(plan_path, job)
     else:
-        plan = _search(job, layout)
+        planning_job, cal = calibration.calibrated(job, calibration_path)
+        plan = calibration.note(_search(planning_job, layout), cal)
     return check_plan(job, plan)
 
 
@@ -81,10 +92,12 @@ def plan_table(plan: ParallelPlan) -> Table:
 def _run_args(p: argparse.ArgumentParser) -> None:
     _plan_args(p)
     p.add_argument("--steps", type=int, help="optimizer steps (default: the job's)")
-    p.add_argument("--data", help="a dataset directory from `plait data prepare`")
+    p.add_argument("--data", help="a dataset directory from `plait data prepare` (\"bundled\": "
+                   "the small English corpus shipped with plait, byte tokens)")
     p.add_argument("--synthetic", action="store_true", help="train on seeded random tokens")
     p.add_argument("--weights", help="start from a Hugging Face checkpoint (safetensors file or dir)")
-    p.add_argument("--run-dir", help="where job/plan/log files go (default: a temporary dir)")
+    p.add_argument("--run-dir", help="the run directory: job, plan, options, metrics.jsonl, rank "
+                   "logs (default: runs/JOB-TIMESTAMP/)")
     p.add_argument("--save", metavar="DIR", help="write training checkpoints (DCP) under DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps (and always after the last step)")
@@ -96,39 +109,77 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-job-change", action="store_true",
                    help="resume although global batch, sequence length, seeds, dataset, optimizer "
                         "or steps differ from the run that wrote the checkpoint")
-    p.add_argument("--print-launch", action="store_true",
-                   help="print the multi-node torchrun command instead of running")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="restart the ranks up to N times after a failure (torchrun elastic), "
+                        "each time from the newest checkpoint under --save")
+    p.add_argument("--print-launch", nargs="?", const="torchrun", choices=["torchrun", "slurm"],
+                   help="write the run directory and print the command each node runs "
+                        "(torchrun), or write RUN_DIR/launch.sbatch (slurm), instead of running")
+
+
+BUNDLED = "bundled"  # --data bundled: the corpus shipped with plait, asked for by name
 
 
 def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
-    if synthetic:
-        return replace(job, data=replace(job.data, synthetic=True, path=None))
+    if synthetic:  # a flag replaces the job's data, a blend included
+        return replace(job, data=replace(job.data, synthetic=True, path=None, sources=(), phases=()))
+    if data == BUNDLED:  # resolve_data prepares it into the run directory
+        return replace(job, data=replace(job.data, synthetic=False, path=None, sources=(), phases=()))
     if data:
-        return replace(job, data=replace(job.data, synthetic=False, path=data))
+        return replace(job, data=replace(job.data, synthetic=False, path=data, sources=(), phases=()))
     return job
 
 
 @command("run", help="train a job: plan (or read --plan), compile per rank, start the ranks")
 @arguments(_run_args)
 def run(args: argparse.Namespace) -> int:
-    from plait.runtime.launch import Checkpointing, multinode_command
+    from plait.runtime.launch import Checkpointing, check_restarts
+    from plait.runtime.prelaunch import check_inputs
 
     check_run_args(args)
     job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
-    if job.data.path and not args.print_launch:
-        _check_dataset(job)
-    if args.weights and not args.print_launch:
-        check_weights(job, args.weights)
-    plan = resolve_plan(job, args.plan, args.layout)
-    if args.print_launch:
-        print(multinode_command(job, plan, args.run_dir or "RUN_DIR"))
-        return 0
-    console.print(plan_table(plan))
+    PrecisionPolicy.of(job).check_runnable()  # an fp8 recipe only the export knows: say so now
     ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
                          asynchronous=args.async_save, allow_job_change=args.allow_job_change)
-    if args.run_dir:
-        claim_output_dir(args.run_dir, RUN_DIR_KIND)
-    return train_locally(job, plan, args.steps, args.run_dir, args.weights, ckpt)
+    check_restarts(args.max_restarts, ckpt)
+    check_inputs(job, args.weights, bundled=args.data == BUNDLED)
+    plan = resolve_plan(job, args.plan, args.layout, args.calibration)
+    run_dir = Path(args.run_dir or default_run_dir(job))
+    if args.print_launch or job.cluster.nodes > 1:
+        return print_launch(job, plan, run_dir, args, ckpt)
+    console.print(plan_table(plan))
+    if args.calibration:
+        console.print(plan.explanation[0], markup=False, highlight=False)
+    claim_output_dir(run_dir, RUN_DIR_KIND)
+    return train_locally(job, plan, args.steps, run_dir, args.weights, ckpt, args.max_restarts)
+
+
+def default_run_dir(job: TrainJob) -> Path:
+    """runs/<job>-<timestamp>/ under the working directory (kept: it is the run's record)."""
+    return Path("runs") / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_launch(job: TrainJob, plan: ParallelPlan, run_dir: Path, args, ckpt) -> int:
+    """Write the run directory a cluster launch reads and print how to start it on every node."""
+    from plait.runtime.cluster_launch import SBATCH, node_instructions, slurm_script
+    from plait.runtime.launch import check_resume, resolve_data, run_options, write_run_dir
+
+    check_resume(job, plan, ckpt, args.steps)
+    check_output_dir(run_dir, RUN_DIR_KIND)
+    claim_output_dir(run_dir, RUN_DIR_KIND)
+    job = resolve_data(job, run_dir.resolve())
+    write_run_dir(job, plan, run_dir, **run_options(job, args.steps, args.weights, ckpt,
+                                                    max_restarts=args.max_restarts))
+    if args.print_launch == "slurm":
+        script = run_dir / SBATCH
+        script.write_text(slurm_script(job, run_dir, args.max_restarts))
+        print(f"# wrote {script}: submit it with `sbatch {script}`\n" + script.read_text())
+        return 0
+    if not args.print_launch:
+        console.print(f"cluster {job.cluster.name!r} has {job.cluster.nodes} nodes: start the run "
+                      "on each of them (or `--print-launch slurm` for an sbatch script)")
+    print(node_instructions(job, run_dir.resolve(), run_dir.name, args.max_restarts))
+    return 0
 
 
 RUN_DIR_KIND = "run directory"
@@ -146,8 +197,6 @@ def check_run_args(args: argparse.Namespace) -> None:
         raise PlaitError("--layout has no effect with --plan", hint="give one of them")
     if args.data and args.synthetic:
         raise PlaitError("--data and --synthetic exclude each other", hint="give one of them")
-    if args.print_launch:
-        return
     if args.save:
         inputs.writable_dir(args.save, "--save")
     if args.resume:
@@ -158,54 +207,43 @@ def check_run_args(args: argparse.Namespace) -> None:
         check_output_dir(args.run_dir, RUN_DIR_KIND)
 
 
-def check_weights(job: TrainJob, path: str) -> None:
-    """Every tensor the model needs is in the checkpoint with its full shape (read from the
-    safetensors headers against the model built on the meta device): a wrong checkpoint is one
-    error here, not a traceback from every rank."""
-    import torch
-
-    from plait.lowering.build import build_model
-    from plait.lowering.weights import hf_candidates, model_type_of, open_source, recipe_shape, resolve_recipe
-
-    model_type, source = model_type_of(path), open_source(path)
-    with torch.device("meta"):
-        model = build_model(job.model, device="meta", seed=job.seed)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for name in dict(model.named_parameters()):
-        full = recipe_shape(source, resolve_recipe(source, name, hf_candidates(model_type, job.model, name)))
-        if tuple(full) != tuple(expected[name]):
-            raise PlaitError(f"--weights {path}: {name!r} is {tuple(full)} in the checkpoint, model "
-                             f"{job.model.name!r} needs {tuple(expected[name])}",
-                             hint="check that the checkpoint belongs to this model spec")
-
-
-def _check_dataset(job: TrainJob) -> None:
-    """The job's dataset opens and fits the model's vocabulary (each rank would fail otherwise)."""
-    from plait.runtime.data import open_source
-
-    open_source(job.data.path, job.model.vocab)
-
-
 def train_locally(job: TrainJob, plan: ParallelPlan, steps: Optional[int],
-                  run_dir: Optional[str], weights: Optional[str] = None,
-                  ckpt: Optional["Checkpointing"] = None) -> int:
+                  run_dir: Optional[str | Path], weights: Optional[str] = None,
+                  ckpt: Optional["Checkpointing"] = None, max_restarts: int = 0) -> int:
+    """Start the ranks here; on failure, one summary (first failing rank, its error, its log)
+    instead of every traceback. Without ``run_dir`` (the demo), a temporary one."""
     from plait.runtime.launch import Checkpointing, launch_local, resolve_data
     from plait.runtime.train import NON_FINITE_EXIT
 
     with tempfile.TemporaryDirectory(prefix="plait-run-") as tmp:
         where = Path(run_dir) if run_dir else Path(tmp)
         job = resolve_data(job, where)
+        if run_dir:
+            console.print(f"run directory {where}/ (metrics.jsonl, rank-N.log)")
         start = time.perf_counter()
         status = launch_local(job, plan, where, steps, weights=weights,
-                              ckpt=ckpt or Checkpointing())
-        console.print(f"{plan.world} ranks finished with status {status} in "
-                      f"{time.perf_counter() - start:.1f} s")
+                              ckpt=ckpt or Checkpointing(), max_restarts=max_restarts)
+        took = time.perf_counter() - start
         if status == NON_FINITE_EXIT:
             raise PlaitError("training stopped: a step's loss or gradient norm was not finite "
-                             "(see the rank output above); checkpoints written before it are kept")
+                             f"(see {where / 'rank-0.log'}); checkpoints written before it are "
+                             "kept")
+        if status > 128 and status - 128 in (signal.SIGINT, signal.SIGTERM):
+            raise PlaitError(f"stopped by {signal.Signals(status - 128).name} after {took:.1f} s; "
+                             "every rank and torchrun ended" + _saved_note(where))
         if status != 0:
-            raise PlaitError(f"training failed (exit status {status}); see the rank output above")
+            from plait.runtime.failures import summary
+            raise PlaitError(f"training failed after {took:.1f} s (torchrun exit status "
+                             f"{status}):\n{summary(where, plan.world)}")
+        console.print(f"{plan.world} ranks finished in {took:.1f} s")
     return 0
+
+
+def _saved_note(run_dir: Path) -> str:
+    from plait.runtime.failures import read_states
+
+    saved = {s.get("saved") for s in read_states(run_dir) if s.get("saved")}
+    return f"; checkpoint {saved.pop()}" if len(saved) == 1 else ""
 
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
@@ -223,7 +261,7 @@ def compile_command(args: argparse.Namespace) -> int:
         raise PlaitError("--layout has no effect with --plan", hint="give one of them")
     check_output_dir(args.output, COMPILED_KIND)
     job = load_job(args.job, args.name)
-    plan = resolve_plan(job, args.plan, args.layout)
+    plan = resolve_plan(job, args.plan, args.layout, args.calibration)
     ranks = _ranks(args.ranks, plan.world)
     programs = [lower(_meta_model(job), job.model, plan, r) for r in ranks]
     claim_output_dir(args.output, COMPILED_KIND)
@@ -262,21 +300,33 @@ def _meta_model(job: TrainJob):
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["prepare"], help="prepare: tokenize text files")
-    p.add_argument("files", nargs="+", help="text files (\"bundled\" = the shipped corpus)")
-    p.add_argument("-o", "--output", required=True, help="dataset directory to write")
+    p.add_argument("action", choices=["prepare", "inspect"],
+                   help="prepare: tokenize text / JSONL files; inspect: describe a dataset")
+    p.add_argument("files", nargs="+", help="prepare: text or JSONL files (\"bundled\" = the "
+                   "shipped corpus); inspect: a dataset directory or Megatron PREFIX")
+    p.add_argument("-o", "--output", help="dataset directory to write (prepare)")
     p.add_argument("--tokenizer", default="byte", help="byte (default) or a HF tokenizer name/path")
+    p.add_argument("--field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
 
 
-@command("data", help="datasets: `plait data prepare FILES -o DATASET`")
+@command("data", help="datasets: `plait data prepare FILES -o DATASET`, `plait data inspect DATASET`")
 @arguments(_data_args)
 def data(args: argparse.Namespace) -> int:
     from plait.runtime.data import bundled_corpus, prepare
+    from plait.runtime.data_inspect import inspect_table
 
+    if args.action == "inspect":
+        for path in args.files:
+            console.print(inspect_table(path))
+        return 0
+    if not args.output:
+        raise PlaitError("prepare needs an output directory", hint="add -o DIR")
     files = [bundled_corpus() if f == "bundled" else Path(f) for f in args.files]
-    meta = prepare(files, args.output, args.tokenizer)
-    console.print(f"{args.output}: {meta['num_tokens']:,} tokens ({meta['tokenizer']} tokenizer, "
-                  f"vocab {meta['vocab']}, {meta['dtype']})")
+    meta = prepare(files, args.output, args.tokenizer, args.field, max(1, args.workers),
+                   show_progress=console.is_terminal)
+    console.print(f"{args.output}: {meta['num_tokens']:,} tokens in {meta['documents']:,} documents "
+                  f"({meta['tokenizer']} tokenizer, vocab {meta['vocab']}, {meta['dtype']})")
     return 0
 
 

@@ -171,7 +171,38 @@ def check(args) -> int:
     for path in args.files:
         lib = load_file(path)
         print(f"ok: {lib.summary()} ({path})")
+        for job in lib.jobs.values():
+            if job.data.sources:
+                console.print(blend_table(job))
     return 0
+
+
+def blend_table(job) -> Table:
+    """The resolved data recipe: per phase and source, the samples, tokens and epochs it draws."""
+    from plait.ir.datarecipe import blend_rows, source_windows
+
+    windows = source_windows(job)
+    table = Table(title=f"job {job.name}: data blend over {job.steps} steps x {job.global_batch} "
+                  f"x {job.seq_len} tokens", title_justify="left")
+    for col in ("phase", "source", "weight", "samples", "tokens", "epochs", "cap"):
+        table.add_column(col, justify="left" if col in ("phase", "source") else "right")
+    caps = {s.name: s.epochs for s in job.data.sources}
+    rows = blend_rows(job, windows)
+    totals = {name: sum(r.samples for r in rows if r.source == name) for name in caps}
+
+    def add(phase, source, weight, samples):
+        size = windows[source]
+        epochs = "(not prepared)" if size is None else f"{samples / size:.3f}" if size else "(empty)"
+        cap = "-" if caps[source] is None else f"{caps[source]:g}"
+        table.add_row(phase, source, weight, f"{samples:,}", f"{samples * job.seq_len:,}", epochs, cap)
+
+    for row in rows:
+        if row.weight > 0:  # a source a phase does not draw from is left out of its rows
+            add(row.phase, row.source, f"{row.weight:g}", row.samples)
+    table.add_section()
+    for name, samples in totals.items():
+        add("whole job", name, "", samples)
+    return table
 
 
 @command("demo", help="the main job on the embedded default: specs/jobs/tiny-local.plait")

@@ -36,14 +36,17 @@ def all_reduce(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> 
 
 
 def all_to_all(ctx: Context, g: GroupShape, nbytes: float) -> float:
-    """Every rank scatters ``nbytes`` evenly over the group (its own share stays local)."""
+    """Every rank scatters ``nbytes`` evenly over the group (its own share stays local): one
+    message of nbytes / n per peer, the node's peers over NVLink and the others over the NIC at
+    the same time. Each message pays the link's latency before its bytes, so the achieved share
+    of a link falls with the message size: m / (m + latency x bandwidth) per peer."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
-    n, r = g.size, g.per_node
-    intra = (r - 1) / n * nbytes / (b_in * ctx.cal.a2a_eff)
-    inter = (n - r) / n * nbytes / (b_out * ctx.cal.a2a_eff)
-    return max(intra, inter) + (a_out if g.crosses_nodes else a_in) * 2
+    n, r, cal = g.size, g.per_node, ctx.cal
+    intra = (r - 1) * (nbytes / n / (b_in * cal.a2a_eff) + cal.a2a_peer_latency * a_in)
+    inter = (n - r) * (nbytes / n / (b_out * cal.a2a_eff) + cal.a2a_peer_latency * a_out)
+    return max(intra, inter) + (a_out if g.crosses_nodes else a_in)
 
 
 def p2p(ctx: Context, g: GroupShape, nbytes: float) -> float:
@@ -153,6 +156,15 @@ def dp_sync(ctx: Context, dense_params: float, expert_params: float) -> tuple[fl
     gather = all_gather(ctx, dense_g, dense_params * param_b) + all_gather(
         ctx, expert_g, expert_params * param_b)
     return red, gather
+
+
+def step_reductions(ctx: Context) -> float:
+    """Every step every rank joins two all-reduces of one number over the whole world: the loss
+    (for the log) and the squared gradient norm (for clipping). Latency-bound; they wait for the
+    slowest rank, so nothing hides them."""
+    world, gpn = ctx.layout.world, ctx.cluster.gpus_per_node
+    g = GroupShape(size=world, nodes=-(-world // gpn))
+    return 2 * all_reduce(ctx, g, 4.0)
 
 
 def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:

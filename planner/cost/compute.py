@@ -29,6 +29,7 @@ class Work:
     memory: float = 0.0  # memory-bound kernels
     selective: float = 0.0  # memory-bound work that selective recompute repeats (norms, activations)
     flops: float = 0.0  # forward FLOPs this rank executes (for checks)
+    core_bwd_rate: float = 1.0  # the backward core kernels' rate over the forward's
 
     @property
     def forward(self) -> float:
@@ -36,26 +37,48 @@ class Work:
 
     @property
     def backward(self) -> float:
-        return BWD_GEMM * self.gemm + BWD_CORE * self.core + BWD_MEMORY * self.memory
+        return (BWD_GEMM * self.gemm + BWD_CORE * self.core / self.core_bwd_rate
+                + BWD_MEMORY * self.memory)
 
 
-def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0) -> float:
-    """``count`` GEMMs of [m x k] @ [k x n]."""
+def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0,
+              peak: float | None = None) -> float:
+    """``count`` GEMMs of [m x k] @ [k x n] at ``peak`` (default: the linears' peak, fp8's in an
+    fp8 layer)."""
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
     cal = ctx.cal
     eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / m + 1.0 / n + 1.0 / k))
-    compute = 2.0 * m * n * k / (ctx.peak * eff)
-    memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.cluster.device.hbm * cal.hbm_eff)
+    compute = 2.0 * m * n * k / ((ctx.peak if peak is None else peak) * eff)
+    memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.hbm * cal.hbm_eff)
     return count * max(compute, memory)
 
 
+def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: float,
+                      peak: float | None = None) -> float:
+    """``groups`` GEMMs of [rows x k] @ [k x n] (the local experts, ``rows`` tokens each).
+
+    As one grouped GEMM kernel the GPU fills across groups, so the small-dimension knee sees the
+    rows of all groups together; the price is each group's rows padded to a whole tile. As a loop
+    (grouped_gemm = 0) every expert is its own GEMM and pays the knee on its own rows."""
+    cal = ctx.cal
+    if cal.grouped_gemm < 0.5 or groups <= 1 or rows <= 0:
+        return gemm_time(ctx, rows, n, k, groups, peak)
+    padded = -(-rows // cal.gemm_tile) * cal.gemm_tile
+    total = padded * groups
+    eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / total + 1.0 / n + 1.0 / k))
+    compute = 2.0 * total * n * k / ((ctx.peak if peak is None else peak) * eff)
+    memory = ctx.act_bytes * groups * (rows * k + k * n + rows * n) / (
+        ctx.hbm * cal.hbm_eff)
+    return max(compute, memory)
+
+
 def memory_time(ctx: Context, nbytes: float) -> float:
-    return nbytes / (ctx.cluster.device.hbm * ctx.cal.hbm_eff)
+    return nbytes / (ctx.hbm * ctx.cal.hbm_eff)
 
 
-def core_time(ctx: Context, flops: float) -> float:
-    return flops / (ctx.peak_bf16 * ctx.cal.attn_eff)
+def core_time(ctx: Context, flops: float, eff: float = 0.0) -> float:
+    return flops / (ctx.peak_bf16 * (eff or ctx.cal.attn_eff))
 
 
 def _norm_and_residual(ctx: Context) -> tuple[float, float]:
@@ -78,9 +101,27 @@ def attention_work(ctx: Context) -> Work:
         return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
                     selective=scores + memory_time(ctx, norm + score_mem), flops=flops)
     core = core_time(ctx, core_flops)
+    merge = ring_merge_bytes(ctx)
     # selective recompute re-runs the norm and the attention core (see memory.py)
-    return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope),
-                selective=core + memory_time(ctx, norm), flops=flops)
+    return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope + merge),
+                selective=core + memory_time(ctx, norm), flops=flops,
+                core_bwd_rate=ctx.cal.attn_bwd_ratio)
+
+
+MERGE_BYTES = 4 + 2 + 4  # read the fp32 running output, read a step's partial, write it back
+
+
+def ring_merge_bytes(ctx: Context) -> float:
+    """Ring context parallelism computes attention one K/V block at a time and merges each
+    step's partial output into a running fp32 output rescaled by the log-sum-exps (Transformer
+    Engine's P2P CP, plait's lowering/cp_attention.py): cp - 1 merges of this rank's query
+    rows, memory-bound. Backward accumulates dq, dk, dv the same way (Work.backward's 2x). At
+    long context per step this is a sizeable share of the attention core; Ulysses all-to-all
+    computes whole heads and merges nothing."""
+    lay = ctx.layout
+    if lay.cp <= 1 or lay.cp_comm != "ring":
+        return 0.0
+    return (lay.cp - 1) * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element
@@ -91,16 +132,20 @@ def materialised_attention(ctx: Context) -> tuple[float, float]:
     GEMMs over the full s x s square, then scale-mask-softmax and dropout on the scores."""
     a, lay, s = ctx.model.attention, ctx.layout, ctx.job.seq_len // ctx.layout.cp
     batch = ctx.layout.mbs * a.heads / lay.tp
-    gemms = gemm_time(ctx, s, s, a.head_dim, batch) + gemm_time(ctx, s, a.head_dim, s, batch)
+    gemms = (gemm_time(ctx, s, s, a.head_dim, batch, ctx.peak_high)
+             + gemm_time(ctx, s, a.head_dim, s, batch, ctx.peak_high))
     return gemms, batch * s * s * SCORE_BYTES_FWD
 
 
-def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0) -> Work:
-    """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each, with the
-    activation function."""
+def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0,
+              peak: float | None = None) -> Work:
+    """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each (grouped
+    when count > 1: the local experts) at ``peak`` (default: the linears'), with the activation
+    function."""
     h = ctx.model.hidden
     up = width * (2 if gated else 1)
-    gemm = gemm_time(ctx, tokens, up, h, count) + gemm_time(ctx, tokens, h, width, count)
+    gemm = (grouped_gemm_time(ctx, tokens, up, h, count, peak)
+            + grouped_gemm_time(ctx, tokens, h, width, count, peak))
     act = memory_time(ctx, count * tokens * (up + width) * ctx.act_bytes)
     flops = count * tokens * 2 * h * (up + width)
     return Work(gemm=gemm, memory=act, selective=act, flops=flops)
@@ -118,13 +163,18 @@ def moe_work(ctx: Context) -> Work:
     moe, h = model.moe, model.hidden
     t_in = ctx.tokens / lay.tp
     local = moe.experts // lay.ep
-    experts = _ffn_work(ctx, ctx.routed_tokens / local, moe.ffn / lay.etp, moe.gated, local)
-    router = gemm_time(ctx, t_in, moe.experts, h)
+    # expert grouped GEMMs and the fp32 router never run in fp8 (ir/precision.py)
+    experts = _ffn_work(ctx, ctx.routed_tokens / local, moe.ffn / lay.etp, moe.gated, local,
+                        ctx.peak_high)
+    router = gemm_time(ctx, t_in, moe.experts, h, peak=ctx.peak_high)
     shared = (_ffn_work(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated) if moe.shared_ffn
               else Work())
     norm, residual = _norm_and_residual(ctx)
-    # permute + unpermute + probability-weighted combine: read and write every routed copy
-    permute = 4 * ctx.routed_tokens / lay.etp * h * ctx.act_bytes
+    # permute + unpermute + probability-weighted combine: read and write every routed copy; with
+    # more than one local expert and EP > 1 the received chunks are sorted by expert after the
+    # all-to-all and unsorted before it (Megatron-Core's sort_chunks_by_idxs): twice the traffic
+    sorts = 2 if lay.ep > 1 and local > 1 and lay.dispatcher == "alltoall" else 1
+    permute = 4 * sorts * ctx.routed_tokens / lay.etp * h * ctx.act_bytes
     routing = t_in * moe.experts * 4 * 3  # fp32 logits, softmax, top-k
     flops = experts.flops + shared.flops + t_in * 2 * h * moe.experts
     return Work(gemm=experts.gemm + router + shared.gemm,
@@ -144,7 +194,7 @@ def mamba_work(ctx: Context) -> Work:
     gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
     norm, residual = _norm_and_residual(ctx)
     flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
-    return Work(gemm=gemm, core=core_time(ctx, scan_flops),
+    return Work(gemm=gemm, core=core_time(ctx, scan_flops, ctx.cal.scan_eff),
                 memory=memory_time(ctx, conv + gated_norm + norm + residual),
                 selective=memory_time(ctx, norm + gated_norm), flops=flops)
 
@@ -165,7 +215,7 @@ def head_work(ctx: Context) -> Work:
     """Final norm, output GEMM and vocab-parallel cross-entropy (fp32 softmax) on the last stage."""
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     vocab = model.vocab / lay.tp
-    gemm = gemm_time(ctx, t, vocab, model.hidden)
+    gemm = gemm_time(ctx, t, vocab, model.hidden, peak=ctx.peak_high)  # the head stays bf16
     loss = t * vocab * (ctx.act_bytes + 4 + 4)
     norm, _ = _norm_and_residual(ctx)
     return Work(gemm=gemm, memory=memory_time(ctx, loss + norm),

@@ -7,6 +7,7 @@ only for devices nobody calibrated (they are physically plausible, not fitted).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+import copy
 from functools import cached_property, lru_cache
 
 from plait.ir.cluster import Cluster, Device
@@ -22,16 +23,43 @@ class Calibration:
 
     gemm_eff: float = 0.75  # achieved fraction of peak for large, well-shaped GEMMs
     gemm_knee: float = 128.0  # a GEMM dimension d scales efficiency by ~1/(1 + knee/d)
-    attn_eff: float = 0.50  # flash-attention core (and SSM scan) fraction of peak
+    attn_eff: float = 0.50  # flash-attention core (and SSM scan) fraction of peak, forward
+    # backward kernels of the attention core reach this fraction of the forward's rate
+    # (FlashAttention-2, Dao 2023: up to 73% of A100 peak forward, 63% backward -> 0.86)
+    attn_bwd_ratio: float = 0.86
+    scan_eff: float = 0.0  # Mamba2's SSD scan fraction of peak (0: as attn_eff)
+    # 1: the local experts run as one grouped GEMM (Megatron-Core --moe-grouped-gemm, plait's
+    # torch._grouped_mm): the GPU fills across experts, each expert's rows padded to a tile;
+    # 0: one GEMM per expert (plait's loop fallback), each paying the small-dimension knee
+    grouped_gemm: float = 1.0
+    gemm_tile: float = 128.0  # rows of a GEMM tile (CUTLASS / cuBLAS bf16 tiles are 128 rows)
     hbm_eff: float = 0.80  # fraction of HBM bandwidth memory-bound kernels reach
     intra_eff: float = 0.80  # fraction of NVLink bandwidth collectives reach
     inter_eff: float = 0.80  # fraction of the network bandwidth collectives reach
     a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links
+    # an all-to-all is one message per peer: each pays the link latency on top of its bytes, so
+    # small messages (fine-grained experts, short micro-batches) reach a smaller share of the link
+    a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
     fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
     moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
     kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
+    # host (Python, dispatch, launch) microseconds of one block's forward + backward, per kind,
+    # measured by `plait calibrate` on plait's own modules (0: kernel_us x 3 instead)
+    host_us_attention: float = 0.0
+    host_us_mlp: float = 0.0
+    host_us_moe: float = 0.0
+    host_us_mamba: float = 0.0
+    # 1: the host runs the kernels itself (CPU): host time adds to compute. 0: an accelerator
+    # runs them asynchronously: a block takes the longer of its device time and its host time
+    host_sync: float = 1.0
+    # ranks on one host that share its compute (CPU processes on a few cores): this many run at
+    # full rate, more divide it. 0: every rank owns its device (GPUs)
+    shared_cores: float = 0.0
+    # measured collective latencies replacing the cluster spec's (microseconds; 0: the spec's)
+    intra_latency_us: float = 0.0
+    inter_latency_us: float = 0.0
     # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:
     # batched GEMMs, fused scale-mask-softmax, attention dropout)
     flash_attention: float = 1.0
@@ -129,12 +157,38 @@ class Context:
 
     # -- device ----------------------------------------------------------------------------------
     @cached_property
+    def sharing(self) -> float:
+        """How many ranks share one rank's compute: ranks on a host over its shared_cores."""
+        cores = self.cal.shared_cores
+        if cores <= 0:
+            return 1.0
+        on_host = min(self.layout.world, self.cluster.gpus_per_node)
+        return max(1.0, on_host / cores)
+
+    @cached_property
     def peak(self) -> float:
-        return self.cluster.device.peak_flops(self.job.precision.kind)
+        return self.cluster.device.peak_flops(self.job.precision.kind) / self.sharing
 
     @cached_property
     def peak_bf16(self) -> float:
-        return self.cluster.device.peak_flops("bf16")
+        return self.cluster.device.peak_flops("bf16") / self.sharing
+
+    @cached_property
+    def hbm(self) -> float:
+        """Memory bandwidth one rank's memory-bound kernels see (bytes/s, before hbm_eff)."""
+        return self.cluster.device.hbm / self.sharing
+
+    @cached_property
+    def peak_high(self) -> float:
+        """Peak of the GEMMs that never run in fp8 (ir/precision.py): expert grouped GEMMs, the
+        router, attention scores, the LM head: bf16 in an fp8 job, the job's own otherwise."""
+        return self.peak_bf16 if self.job.precision.kind == "fp8" else self.peak
+
+    def with_bf16_linears(self) -> "Context":
+        """This context for a layer whose linears stay bf16 under fp8 (the BF16-ends rule)."""
+        twin = copy.copy(self)
+        twin.__dict__["peak"] = self.peak_high
+        return twin
 
     @cached_property
     def act_bytes(self) -> int:
@@ -157,5 +211,7 @@ class Context:
 
 def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:
     """(intra bandwidth, inter bandwidth, intra latency, inter latency) as collectives see them."""
+    a_in = cal.intra_latency_us * 1e-6 if cal.intra_latency_us > 0 else cluster.intra.latency
+    a_out = cal.inter_latency_us * 1e-6 if cal.inter_latency_us > 0 else cluster.inter.latency
     return (cluster.intra.bandwidth * cal.intra_eff, cluster.inter.bandwidth * cal.inter_eff,
-            cluster.intra.latency, cluster.inter.latency)
+            a_in, a_out)

@@ -20,10 +20,11 @@ class RankCost:
     activations: float  # bytes at the schedule's peak (in-flight micro-batches)
     transient: float
     comm: dict
+    fp32_params: float = 0.0  # of dense_params, kept fp32 in a bf16 / fp8 model
 
 
 def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCost:
-    time = fwd = dense = expert = act = transient = 0.0
+    time = fwd = dense = expert = act = transient = fp32_kept = 0.0
     comm_acc: dict = {}
     last_chunk = table.chunks - 1
     for st in stages:
@@ -35,6 +36,7 @@ def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCos
             time += u.time(opt)
             fwd += u.fwd
             dense, expert = dense + u.dense_params, expert + u.expert_params
+            fp32_kept += u.fp32_params
             chunk_act += u.act[opt]
             transient = max(transient, u.transient[opt])
             for k, v in u.comm + (u.recompute_comm if opt == 2 else ()):
@@ -50,11 +52,12 @@ def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCos
                 for k, v in extra.comm:
                     comm_acc[k] = comm_acc.get(k, 0.0) + v
     return RankCost(time=time, fwd=fwd, dense_params=dense, expert_params=expert,
-                    activations=act * table.inflight(rank), transient=transient, comm=comm_acc)
+                    activations=act * table.inflight(rank), transient=transient, comm=comm_acc,
+                    fp32_params=fp32_kept)
 
 
 def rank_memory(table: CostTable, rc: RankCost, rank: int) -> MemoryBreakdown:
-    s = memory.state_bytes(table.ctx, rc.dense_params, rc.expert_params)
+    s = memory.state_bytes(table.ctx, rc.dense_params, rc.expert_params, rc.fp32_params)
     buffers = table.buffer_bytes(rank) + rc.transient
     frag = table.fragmentation * (rc.activations + buffers)
     return MemoryBreakdown(weights=s["weights"], gradients=s["grads"], optimizer=s["optimizer"],
@@ -62,13 +65,25 @@ def rank_memory(table: CostTable, rc: RankCost, rank: int) -> MemoryBreakdown:
                            reserve=table.reserve_fixed + frag)
 
 
+def overlap_passes(pp: int, vpp: int, microbatches: int) -> float:
+    """How many micro-batch passes (all of a rank's chunks) the data-parallel traffic can hide
+    behind (Megatron's overlap_grad_reduce / overlap_param_gather). 1F1B: a model chunk's
+    gradients are complete only in the last backward, so its reduction overlaps that one pass
+    (and the parameter all-gather the next step's first forward). Interleaved: the cool-down runs
+    the chunks' last backwards one chunk after the other, pp micro-batches each, so chunk c's
+    reduction hides behind the c chunks still to finish: (vpp - 1) pp + 1 chunk passes in all,
+    each 1/vpp of a micro-batch pass; the warm-up gives the all-gathers the same in forward."""
+    if vpp <= 1:
+        return 1.0
+    return min(float(microbatches), ((vpp - 1) * pp + 1) / vpp)
+
+
 def sync_time(table: CostTable, rc: RankCost) -> tuple[float, float]:
-    """(exposed data-parallel seconds, optimizer seconds) per step for one rank. Gradient
-    reduction overlaps the last micro-batch's backward, the parameter all-gather the next step's
-    first forward (Megatron's overlap_grad_reduce / overlap_param_gather)."""
+    """(exposed data-parallel seconds, optimizer seconds) per step for one rank: the gradient
+    reduction and parameter all-gather less what overlap_passes hides of them."""
     ctx, lay = table.ctx, table.layout
     red, gather = comm.dp_sync(ctx, rc.dense_params, rc.expert_params)
-    window = ctx.cal.overlap
+    window = ctx.cal.overlap * overlap_passes(lay.pp, lay.vpp, table.microbatches)
     exposed = max(0.0, red - window * (rc.time - rc.fwd)) + max(0.0, gather - window * rc.fwd)
     sharded = lay.dp_kind != "replicated"
     opt = (compute.optimizer_time(ctx, rc.dense_params, lay.dp * lay.cp if sharded else 1)
@@ -82,7 +97,8 @@ def evaluate(table: CostTable, stages: tuple[Stage, ...]) -> Prediction:
     t_max = max(rc.time for rc in ranks)
     syncs = [sync_time(table, rc) for rc in ranks]
     dp_exposed = max(s[0] for s in syncs)
-    step = table.schedule_factor * t_max + max(s[0] + s[1] for s in syncs)
+    world_sync = comm.step_reductions(table.ctx)
+    step = table.schedule_factor * t_max + max(s[0] + s[1] for s in syncs) + world_sync
     tokens = job.global_batch * job.seq_len
     world = job.cluster.world
     model_flops = tokens * counts.flops_per_token(job.model, job.seq_len)
@@ -92,6 +108,8 @@ def evaluate(table: CostTable, stages: tuple[Stage, ...]) -> Prediction:
     exposed = {k: v * table.microbatches for k, v in busiest.comm.items() if v > 0}
     if dp_exposed > 0:
         exposed["dp"] = exposed.get("dp", 0.0) + dp_exposed
+    if world_sync > 0:
+        exposed["world"] = world_sync
     return Prediction(
         step_time=step, tokens_per_s=tokens / step, mfu=model_flops / (step * world * peak),
         tflops_per_gpu=model_flops / (step * world) / 1e12,
@@ -119,7 +137,7 @@ def rank_tensor_bytes(table: CostTable, stages: tuple[Stage, ...], rank: int) ->
     keep for backward per micro-batch (one micro-batch in flight). The terms runtime/memory_probe.py
     measures on the real runtime."""
     rc = rank_cost(table, stages, rank)
-    out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params)
+    out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params, rc.fp32_params)
     saved = rc.activations / table.inflight(rank)
     if any(st.pp_rank == rank and st.virtual * table.layout.pp + rank == table.chunks - 1
            for st in stages):

@@ -14,6 +14,7 @@ Parallel Folding), which is exactly what Megatron's own estimator leaves out.
 from __future__ import annotations
 
 from plait.ir import counts
+from plait.ir.job import Precision
 
 from .context import Context
 
@@ -61,6 +62,10 @@ def head_activations(ctx: Context) -> float:
 # Parameters
 # ------------------------------------------------------------------------------------------------
 
+def block_fp32_kept_on_rank(ctx: Context, kind: str) -> float:
+    return counts.fp32_kept_params(ctx.model, kind, ctx.layout.tp)
+
+
 def block_params_on_rank(ctx: Context, kind: str) -> tuple[float, float]:
     """(dense, expert) parameters of one layer of ``kind`` held by one rank."""
     model, lay = ctx.model, ctx.layout
@@ -84,20 +89,25 @@ def head_params_on_rank(ctx: Context) -> float:
     return counts.final_norm_params(model) + head / ctx.layout.tp
 
 
-def state_tensors(ctx: Context, dense: float, expert: float) -> dict[str, float]:
+def state_tensors(ctx: Context, dense: float, expert: float, fp32_kept: float = 0.0) -> dict[str, float]:
     """Bytes per tensor class (counts.STATE_CLASSES: weights, grads, master, master_grads,
     moments) of (dense, expert) parameters on one rank: each class a function of the precision
     policy and the data-parallel flavour (counts.state_tensor_bytes); dense parameters shard over
-    DP x CP, expert parameters over EDP."""
-    lay, prec = ctx.layout, ctx.job.precision
+    DP x CP, expert parameters over EDP. ``fp32_kept`` of the dense parameters stay fp32 in a
+    bf16 / fp8 model (counts.fp32_kept_params): 2 more bytes each, except under FSDP2, whose
+    resident weights are all fp32 shards anyway."""
+    lay, prec = ctx.layout, ctx.job.precision or Precision("fp32")
     d = counts.state_tensor_bytes(prec, lay.dp_kind, lay.dp * lay.cp)
     e = counts.state_tensor_bytes(prec, lay.dp_kind, lay.edp)
-    return {key: dense * d[key] + expert * e[key] for key in counts.STATE_CLASSES}
+    out = {key: dense * d[key] + expert * e[key] for key in counts.STATE_CLASSES}
+    if prec.kind != "fp32" and lay.dp_kind != "fsdp":
+        out["weights"] += fp32_kept * 2
+    return out
 
 
-def state_bytes(ctx: Context, dense: float, expert: float) -> dict[str, float]:
+def state_bytes(ctx: Context, dense: float, expert: float, fp32_kept: float = 0.0) -> dict[str, float]:
     """Weights, gradients and optimizer-side bytes (master copy, its gradient, Adam moments)."""
-    t = state_tensors(ctx, dense, expert)
+    t = state_tensors(ctx, dense, expert, fp32_kept)
     return {"weights": t["weights"], "grads": t["grads"],
             "optimizer": t["master"] + t["master_grads"] + t["moments"]}
 

@@ -15,6 +15,7 @@ from functools import cached_property
 
 from plait.ir.job import TrainJob
 from plait.ir.plan import RECOMPUTE, Layout, Stage
+from plait.ir.precision import PrecisionPolicy
 
 from . import comm, compute, memory
 from .context import Context
@@ -36,6 +37,7 @@ class UnitCost:
     comm: tuple[tuple[str, float], ...]  # exposed seconds per kind, forward + backward, no recompute
     recompute_comm: tuple[tuple[str, float], ...]  # what a full recompute repeats
     flops: float  # forward FLOPs per micro-batch on this rank
+    fp32_params: float = 0.0  # of dense_params, those a bf16 / fp8 model keeps in fp32
 
     def time(self, option: int) -> float:
         return self.fwd + self.bwd[option]
@@ -77,14 +79,29 @@ def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict
     return fwd, bwd
 
 
-def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
+def host_seconds(ctx: Context, kinds: tuple[str, ...]) -> tuple[float, float]:
+    """(forward, backward) host seconds of a unit's blocks: the measured forward + backward of
+    each kind (host_us_KIND), a third of it forward, else kernel_us per block and pass."""
+    fwd = bwd = 0.0
+    for kind in kinds:
+        total = getattr(ctx.cal, f"host_us_{kind}", 0.0) * 1e-6
+        if total <= 0:
+            total = 3 * ctx.cal.kernel_us * 1e-6
+        fwd, bwd = fwd + total / 3, bwd + 2 * total / 3
+    return fwd, bwd
+
+
+def build_unit(ctx: Context, kinds: tuple[str, ...],
+               bf16_linears: tuple[bool, ...] = ()) -> UnitCost:
+    """``bf16_linears[i]``: layer i of the unit keeps bf16 linears in an fp8 job (its ends)."""
     fwd_c = bwd_c = sel = fwd_t = bwd_t = flops = 0.0
     fwd_comm: dict = {}
     bwd_comm: dict = {}
     act_none = act_sel = transient_sel = 0.0
-    dense = expert = 0.0
-    for kind in kinds:
-        work = compute.block_work(ctx, kind)
+    dense = expert = fp32_kept = 0.0
+    bf16_ctx = ctx.with_bf16_linears() if any(bf16_linears) else ctx
+    for i, kind in enumerate(kinds):
+        work = compute.block_work(bf16_ctx if bf16_linears and bf16_linears[i] else ctx, kind)
         f, b = _block_comm(ctx, kind, work)
         _add(fwd_comm, f.items()), _add(bwd_comm, b.items())
         fwd_c, bwd_c, sel, flops = (fwd_c + work.forward, bwd_c + work.backward,
@@ -94,14 +111,19 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         transient_sel = max(transient_sel, a_none - a_sel)
         d, e = memory.block_params_on_rank(ctx, kind)
         dense, expert = dense + d, expert + e
-    overhead = ctx.cal.kernel_us * 1e-6 * len(kinds)
+        fp32_kept += memory.block_fp32_kept_on_rank(ctx, kind)
+    host_f, host_b = host_seconds(ctx, kinds)
+    if ctx.cal.host_sync >= 0.5:
+        fwd_c, bwd_c = fwd_c + host_f, bwd_c + host_b
+    else:
+        fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
     g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
     window = ctx.cal.fsdp_overlap
     fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
     if fsdp_f or fsdp_b:
         _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
-    fwd_t = fwd_c + sum(fwd_comm.values()) + overhead
-    bwd_t = bwd_c + sum(bwd_comm.values()) + 2 * overhead
+    fwd_t = fwd_c + sum(fwd_comm.values())
+    bwd_t = bwd_c + sum(bwd_comm.values())
     refwd = fwd_t - fsdp_f  # a recomputed forward reuses the weights gathered for backward
     total_comm = _add(dict(fwd_comm), bwd_comm.items())
     return UnitCost(
@@ -111,7 +133,20 @@ def build_unit(ctx: Context, kinds: tuple[str, ...]) -> UnitCost:
         dense_params=dense, expert_params=expert,
         comm=tuple(sorted(total_comm.items())),
         recompute_comm=tuple(sorted((k, v) for k, v in fwd_comm.items() if k != "dp")),
-        flops=flops)
+        flops=flops, fp32_params=fp32_kept)
+
+
+def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:
+    """(kinds, which of its layers keep bf16 linears) per unit: the fp8 recipe's bf16 ends cost
+    what they run (bf16 GEMMs); in other jobs the flags are all False."""
+    policy = PrecisionPolicy.of(job)
+    keys, layer = [], 0
+    for kinds in unit_kinds:
+        flags = tuple(policy.kind == "fp8" and policy.gemm_precision(layer + i) == "bf16"
+                      for i in range(len(kinds)))
+        keys.append((kinds, flags if any(flags) else ()))
+        layer += len(kinds)
+    return keys
 
 
 class CostTable:
@@ -120,14 +155,19 @@ class CostTable:
     def __init__(self, job: TrainJob, layout: Layout, unit_kinds: tuple[tuple[str, ...], ...]):
         self.job, self.layout = job, layout
         self.ctx = ctx = Context(job, layout)
-        distinct = {k: build_unit(ctx, k) for k in dict.fromkeys(unit_kinds)}
-        self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in unit_kinds)
+        keys = _unit_keys(job, unit_kinds)
+        built = {k: build_unit(ctx, *k) for k in dict.fromkeys(keys)}
+        # one object per distinct cost (a bf16-end unit costs as much as an fp8 one where the
+        # device has no faster fp8): the partitioners index unit types by identity
+        canonical: dict = {}
+        distinct = {k: canonical.setdefault(u, u) for k, u in built.items()}
+        self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in keys)
         self.unit_index, offset = {}, 0  # first layer of a unit -> its index
         for i, kinds in enumerate(unit_kinds):
             self.unit_index[offset] = i
             offset += len(kinds)
         self.unit_index[offset] = len(unit_kinds)
-        self.homogeneous = len(distinct) == 1
+        self.homogeneous = len(canonical) == 1
         self.first = self._embedding()
         self.last = self._head()
         self.p2p = 2 * comm.pp_send(ctx)  # activations forward, gradients backward, per chunk
@@ -208,12 +248,12 @@ class CostTable:
     def fragmentation(self) -> float:
         return self.ctx.cal.fragmentation
 
-    def static_bytes(self, dense: float, expert: float) -> float:
-        s = memory.state_bytes(self.ctx, dense, expert)
+    def static_bytes(self, dense: float, expert: float, fp32_kept: float = 0.0) -> float:
+        s = memory.state_bytes(self.ctx, dense, expert, fp32_kept)
         return s["weights"] + s["grads"] + s["optimizer"]
 
     def unit_static(self, u: UnitCost) -> float:
-        return self.static_bytes(u.dense_params, u.expert_params)
+        return self.static_bytes(u.dense_params, u.expert_params, u.fp32_params)
 
 
 def even_sizes(n: int, chunks: int) -> tuple[int, ...]:

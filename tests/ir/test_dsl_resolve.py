@@ -129,6 +129,27 @@ def test_job_defaults_to_the_embedded_local_cpu_cluster():
     assert (small.cluster.nodes, small.cluster.gpus_per_node) == (1, 4) and small.data.synthetic
 
 
+def test_job_timeout_and_validation_options():
+    base = TINY + 'train "t" { model = "m", global_batch = 8, seq_len = 64, '
+    job = parse_text(base + 'timeout = 90 s, data = dataset(path = "/d", val_every = 20, '
+                            'val_fraction = 0.1, val_batches = 4) }').jobs["t"]
+    assert job.timeout == 90.0
+    assert job.data == Data(path="/d", val_every=20, val_fraction=0.1, val_batches=4)
+    default = parse_text(base + 'data = dataset(path = "/d", val_every = 5) }').jobs["t"]
+    assert (default.timeout, default.data.val_fraction, default.data.val_batches) == (300.0, 0.05, 10)
+    from plait.ir.dsl.fmt import format_library
+    again = parse_text(format_library(parse_text(base + 'timeout = 90 s, data = dataset(path = '
+                                                 '"/d", val_every = 20, val_batches = 4) }')))
+    assert again.jobs["t"].timeout == 90.0 and again.jobs["t"].data.val_batches == 4
+    for bad, message in [('timeout = 500 ms }', "timeout must be at least 1 s"),
+                         ('data = dataset(path = "/d", val_every = 5, val_fraction = 1) }',
+                          "val_fraction must be between 0 and 1"),
+                         ('data = dataset(path = "/d", val_fraction = 0.1) }',
+                          "val_fraction needs val_every")]:
+        with pytest.raises(SpecError, match=message):
+            parse_text(base + bad)
+
+
 @pytest.mark.parametrize("block, expected", [
     ("moe { capacity_factor = 1.25, drop_policy = position, pad_to_capacity = true }",
      MoEOptions("alltoall", 1.25, "position", True)),

@@ -190,7 +190,7 @@ def test_plait_run_stops_on_a_non_finite_loss_with_status_3_keeping_the_last_che
     saves = tmp_path / "ckpt"
     status = launch_local(job, plan, tmp_path / "run", steps=4, quiet=True,
                           ckpt=Checkpointing(save=str(saves), every=1))
-    log = (tmp_path / "run" / "ranks.log").read_text()
+    log = (tmp_path / "run" / "rank-0.log").read_text()
     assert status == NON_FINITE_EXIT, log
     assert "non-finite step(s), the job allows skipping 0" in log
     assert "last good checkpoint" in log and "step-000001" in log

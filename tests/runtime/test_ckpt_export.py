@@ -151,11 +151,12 @@ def test_the_runs_hf_tokenizer_is_exported_beside_the_weights(tmp_path):
     from plait.runtime.ckpt_integrity import job_fields
     from plait.runtime.data import prepare
 
-    words = ["<unk>", "the", "cat", "sat", "on", "mat"]
+    words = ["<unk>", "the", "cat", "sat", "on", "mat", "</s>"]  # </s>: EOS between documents
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok_dir = tmp_path / "tok"
-    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tok_dir)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>",
+                                         eos_token="</s>").save_pretrained(tok_dir)
     (tmp_path / "text.txt").write_text("the cat sat on the mat\n")
     prepare([tmp_path / "text.txt"], tmp_path / "data", str(tok_dir))
     job = Setup(DATA_SPEC, global_batch=4, seq=8).job(1)

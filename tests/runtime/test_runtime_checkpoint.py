@@ -11,6 +11,7 @@ from plait.cli import main
 from plait.ir.cluster import local_cpu
 from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
+from plait.ir.job import Precision
 from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
@@ -40,6 +41,16 @@ def test_one_rank_resume_equals_the_uninterrupted_run(dp_kind, one_rank):
     resume_check._run_case(SETUP, case, 2, 0, one_rank)
     record = torch.load(one_rank / f"{dp_kind}.rank0.pt")
     assert record["start"] == 2 and len(record["resumed"]) == 2
+    assert record["resumed"] == record["whole"] and record["params"] == 0.0
+
+
+@pytest.mark.parametrize("dp_kind", ["replicated", "zero1", "fsdp"])
+def test_bf16_resume_keeps_fp32_main_weights_and_adam_state(dp_kind, one_rank):
+    """Mixed precision: the fp32 main weights and their AdamW state are part of the checkpoint, so
+    a resumed bf16 run continues bit for bit (bf16 weights alone would lose the fp32 digits)."""
+    case = Case(dp_kind, Layout(dp_kind=dp_kind))
+    resume_check._run_case(replace(SETUP, precision=Precision("bf16")), case, 2, 0, one_rank)
+    record = torch.load(one_rank / f"{dp_kind}.rank0.pt")
     assert record["resumed"] == record["whole"] and record["params"] == 0.0
 
 

@@ -1,6 +1,6 @@
 """The fused-kernel registry: what runs here (the fallbacks, checked numerically), the selection
 logic with availability monkeypatched (fake flash-attn / mamba-ssm / causal-conv1d / TE modules),
-guarded imports, log-once, the graph seam, and `plait doctor`."""
+guarded imports, log-once, the graph seam, and `plait doctor`. fp8 numerics: tests/lowering/test_fp8.py."""
 import logging
 import types
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from plait.cli import main
+from plait.lowering.fp8 import fp8_linear
 from plait.lowering.modules import ssd
 from plait.lowering.modules.attention import causal_attention
 from plait.lowering.modules.mamba import causal_conv1d
@@ -43,7 +44,8 @@ def test_this_machine_runs_every_fallback_and_says_why():
     assert kernels.select("attention").fn is kernels.sdpa_attention
     assert kernels.select("ssd_scan").fn is ssd.ssd_chunked
     assert kernels.select("causal_conv1d").fn is causal_conv1d
-    assert "fp8 not requested" in kernels.select("linear", "cuda").reason
+    assert "does not train in fp8" in kernels.select("fp8_linear", "cuda").reason
+    assert kernels.select("fp8_linear", "cpu", fp8=True).fn is fp8_linear  # the emulation
 
 
 @pytest.mark.parametrize("sq, sk", [(7, 7), (3, 7), (1, 5)])
@@ -109,14 +111,26 @@ def test_causal_conv1d_adapter_passes_channels_first_and_silu(monkeypatch):
     assert seen == {"x": (2, 3, 5), "weight": (3, 4), "activation": "silu"} and out.shape == (2, 5, 3)
 
 
-def test_transformer_engine_only_with_fp8(monkeypatch):
-    te = types.SimpleNamespace(Linear=lambda i, o, bias: ("te.Linear", i, o, bias),
-                               RMSNorm=lambda d, eps: ("te.RMSNorm", d), LayerNorm=lambda d, eps: ("te.LN", d))
-    _fake_cuda(monkeypatch, transformer_engine=te)
-    assert not kernels.select("linear", "cuda", fp8=False).fused
-    assert kernels.select("linear", "cuda", fp8=True).fn(8, 16) == ("te.Linear", 8, 16, True)
-    assert kernels.select("norm", "cuda", fp8=True).fn("rmsnorm", 8, 1e-5) == ("te.RMSNorm", 8)
-    assert isinstance(kernels.select("linear", "cpu", fp8=True).fn(8, 16), torch.nn.Linear)
+def test_torchao_fp8_gemm_only_for_fp8_jobs_on_cuda(monkeypatch):
+    calls = []
+
+    class Float8Linear:
+        def __init__(self, *a, config, device, bias):
+            self.linear_mm_config = ("mm", config)
+
+    class Matmul:
+        @staticmethod
+        def apply(x, w_t, mm_config, config):
+            calls.append((tuple(x.shape), tuple(w_t.shape), mm_config[0]))
+            return x @ w_t
+    _fake_cuda(monkeypatch, torchao=types.SimpleNamespace(Float8Linear=Float8Linear,
+                                                         matmul_with_hp_or_float8_args=Matmul))
+    assert not kernels.select("fp8_linear", "cuda", fp8=False).fused
+    choice = kernels.select("fp8_linear", "cuda", fp8=True)
+    assert choice.fused and choice.kernel.startswith("torchao")
+    out = choice.fn(torch.ones(2, 3), torch.ones(4, 3), torch.ones(4))
+    assert calls == [((2, 3), (3, 4), "mm")] and torch.equal(out, torch.full((2, 4), 4.0))
+    assert not kernels.select("fp8_linear", "cpu", fp8=True).fused
 
 
 def test_a_broken_package_falls_back_with_its_error(monkeypatch):
@@ -140,10 +154,12 @@ def test_bind_retargets_reference_nodes_only_for_fused_choices(monkeypatch):
         def forward(self, q):
             return causal_attention(q, q, q, 0.5)
     gm = torch.fx.symbolic_trace(Tiny())
-    assert kernels.bind(gm, "cpu") == {}  # fallback: the graph stays as lowered
-    assert "causal_attention" in gm.code
+    before = gm.code
+    assert list(kernels.bind(gm, "cpu").values()) == ["torch SDPA (bottom-right causal)"]
+    assert gm.code == before  # fallback: the graph stays as lowered
     flash = types.SimpleNamespace(flash_attn_func=lambda q, k, v, softmax_scale, causal: q * 0)
     _fake_cuda(monkeypatch, flash_attn=flash)
+    kernels.reset()
     swapped = kernels.bind(gm, "cuda")
     assert list(swapped.values()) == ["flash-attn flash_attn_func"]
     assert torch.equal(gm(torch.ones(1, 2, 1, 4)), torch.zeros(1, 2, 1, 4))

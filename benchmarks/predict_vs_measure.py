@@ -1,0 +1,152 @@
+"""Predicted = measured on the machine we have: plait's predicted step time of the tiny dense,
+MoE and hybrid jobs (cost model calibrated by `plait calibrate local-cpu`) next to the step time
+plait's own runtime measures for the same plan (median of steps 3-12, rank 0), over layouts that
+exercise TP, SP, PP/VPP, DP (ZeRO-1, FSDP), EP/ETP and CP; and the predicted per-rank tensor
+bytes (weights, gradients, optimizer state) next to what the rank holds.
+
+    .venv/bin/python benchmarks/predict_vs_measure.py                      # calibrates first
+    .venv/bin/python benchmarks/predict_vs_measure.py --calibration calib.json
+
+CPU timings on a shared machine are noisy: run it when `uptime` shows a low load. On a GPU node
+the same script runs with --device-cluster (a cluster spec whose backend is nccl) — prepared, not
+yet run there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from plait.ir.dsl import load_job
+from plait.ir.plan import Layout
+from plait.planner import calibration
+from plait.planner.cost.evaluate import evaluate, rank_tensor_bytes
+from plait.planner.cost.pipeline import CostTable
+from plait.planner.layouts import units
+from plait.runtime.step_probe import measure_steps, step_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 13  # steps 3..12 are timed (0-2 warm up allocators, caches and the gloo rings)
+STATE = ("weights", "grads", "optimizer")
+CASES = {
+    "tiny-local": {
+        "dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
+        "dp2 fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp"),
+        "tp2 sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+        "tp2 no-sp": Layout(tp=2, etp=2, sp=False, mbs=2, dp_kind="zero1"),
+        "pp2 1f1b": Layout(pp=2, mbs=2, dp_kind="zero1"),
+        "pp2 vpp2": Layout(pp=2, vpp=2, mbs=2, dp_kind="zero1"),
+        "cp2 ring": Layout(cp=2, mbs=2, dp_kind="zero1"),
+        "tp2 dp2": Layout(tp=2, etp=2, dp=2, sp=True, mbs=2, dp_kind="zero1"),
+    },
+    "tiny-moe-local": {
+        "dp2 ep2": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1"),
+        "tp2 etp1 ep2": Layout(tp=2, etp=1, ep=2, edp=1, sp=True, mbs=2, dp_kind="zero1"),
+        "dp2 fsdp": Layout(dp=2, edp=2, mbs=2, dp_kind="fsdp"),
+        "tp2 etp2": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+    },
+    "tiny-hybrid-local": {
+        "dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
+        "tp2 sp": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+        "cp2": Layout(cp=2, mbs=2, dp_kind="zero1"),
+    },
+}
+
+
+def local_job(name: str, world: int, cal):
+    """The job on a one-node local cluster of ``world`` ranks, with the measured calibration."""
+    job = load_job(ROOT / "specs" / "jobs" / f"{name}.plait")
+    job = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, gpus_per_node=world))
+    return calibration.apply(job, cal) if cal else job
+
+
+def predicted(job, lay: Layout) -> tuple[float, dict]:
+    """(step seconds, rank 0's state bytes by STATE) of the layout with even stages."""
+    table = CostTable(job, lay, units(job.model))
+    stages = step_plan(job, lay).stages
+    b = rank_tensor_bytes(table, stages, 0)
+    state = {"weights": b["weights"], "grads": b["grads"],
+             "optimizer": b["master"] + b["master_grads"] + b["moments"]}
+    return evaluate(table, stages).step_time, state
+
+
+def measured(record: dict) -> tuple[float, float, dict]:
+    """(median of steps 3-12, their minimum: the step a busy machine disturbed least, state)."""
+    timed = record["times"][3:STEPS]
+    state = {"weights": record["weights"], "grads": record["grads"],
+             "optimizer": record["master"] + record["master_grads"] + record["moments"]}
+    return statistics.median(timed), min(timed), state
+
+
+def run(cal, only: str | None) -> list[tuple]:
+    rows = []
+    for name, layouts in CASES.items():
+        if only and only not in name:
+            continue
+        by_world: dict[int, dict] = {}
+        for case, lay in layouts.items():
+            by_world.setdefault(lay.world, {})[case] = lay
+        for world, group in by_world.items():
+            job = local_job(name, world, cal)
+            records = measure_steps(job, group, STEPS)
+            for case, lay in group.items():
+                p_step, p_state = predicted(job, lay)
+                m_step, m_min, m_state = measured(records[case][0])
+                rows.append((name, case, p_step, m_step, m_min, p_state, m_state))
+    return rows
+
+
+def show(rows, cal_path: str, load: tuple[float, float]) -> None:
+    t = Table(title=f"predicted vs measured step time, rank 0 (calibration: {cal_path}; load "
+                    f"average {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} cores)")
+    for col in ("job", "layout", "predicted s", "measured s", "error", "fastest step s", "error",
+                *STATE):
+        t.add_column(col, justify="left" if col in ("job", "layout") else "right")
+    errors, fastest = [], []
+    for name, case, p, m, m_min, ps, ms in rows:
+        errors.append(abs(p / m - 1))
+        fastest.append(abs(p / m_min - 1))
+        state = ["exact" if ps[k] == ms[k] else f"{ms[k]:,} / {ps[k]:,.0f}" for k in STATE]
+        t.add_row(name, case, f"{p:.4f}", f"{m:.4f}", f"{(p / m - 1) * 100:+.1f}%", f"{m_min:.4f}",
+                  f"{(p / m_min - 1) * 100:+.1f}%", *state)
+    if errors:
+        t.caption = (f"{len(rows)} layouts: mean |error| {statistics.fmean(errors):.1%}, max "
+                     f"{max(errors):.1%} vs the median step (goal <= 15% / <= 30%); vs the fastest "
+                     f"step {statistics.fmean(fastest):.1%} / {max(fastest):.1%}; state: measured / "
+                     "predicted bytes")
+    Console(width=200).print(t)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", help="a `plait calibrate local-cpu` file (default: "
+                        "calibrate now, with 4 ranks, under the load the measurement will see)")
+    parser.add_argument("--save-calibration", metavar="PATH",
+                        help="where to keep the calibration made now (default: a temporary file)")
+    parser.add_argument("--only", help="only jobs whose name contains this")
+    args = parser.parse_args(argv)
+    path = args.calibration
+    if not path:
+        from plait.cli import main as plait_main
+        path = args.save_calibration or str(Path(tempfile.mkdtemp()) / "calib-local-cpu.json")
+        start = time.perf_counter()
+        if plait_main(["calibrate", "local-cpu", "--ranks", "4", "-o", path]):
+            return 2
+        print(f"calibrated in {time.perf_counter() - start:.0f} s")
+    cal = calibration.read(path)
+    before = os.getloadavg()[0]
+    rows = run(cal, args.only)
+    show(rows, path, (before, os.getloadavg()[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

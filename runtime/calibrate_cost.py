@@ -1,0 +1,377 @@
+"""Micro-benchmarks behind `plait calibrate CLUSTER`: the cost model's efficiencies measured on the
+machines themselves, through the same kernels and torch.distributed collectives the runtime uses.
+
+Every rank of the cluster runs this (spawned locally, or under torchrun on real nodes):
+
+  compute   GEMMs over a grid of shapes (fit: efficiency = e / (1 + knee (1/m + 1/n + 1/k))),
+            the experts' grouped GEMM (torch._grouped_mm, or the loop where it does not run),
+            causal SDPA forward and backward, the SSD chunked scan, a large copy (memory
+            bandwidth), the host cost of one small block (launch / dispatch overhead);
+  sharing   the same GEMM on one rank, then on all ranks of a host at once: how many ranks the
+            host runs at full rate (CPU processes sharing cores; GPUs own their device);
+  network   all-gather, all-reduce and all-to-all per group size, inside a node and (with more
+            than one node) one rank per node, fitted to alpha-beta: latency, bandwidth, and the
+            all-to-all's bandwidth relative to the ring collectives'.
+
+Rank 0 turns the medians into cost-model values (planner/cost/context.py Calibration keys) with
+the measurement behind each; planner/calibration.py writes and reads the file.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
+from plait.lowering.modules.ssd import ssd_chunked
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 2) -> float:
+    """Fastest of ``repeat`` runs of ``fn`` after ``warmup``, in seconds: what the machine can do
+    (other work on a shared machine only ever slows a run down, so the minimum is the estimate
+    that noise disturbs least)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - start)
+    return min(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compute on one rank
+# ------------------------------------------------------------------------------------------------
+
+def gemm_rate(m: int, n: int, k: int, dtype, device, repeat: int = 5) -> float:
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    return 2.0 * m * n * k / timed(lambda: a @ b, device, repeat)
+
+
+def sustained_gemm_rate(m: int, n: int, k: int, dtype, device, count: int = 20) -> float:
+    """FLOP/s of ``count`` GEMMs back to back, timed as one: ranks that start together after a
+    barrier overlap for the whole run (a fastest-of-repeats would catch moments alone)."""
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        a @ b
+    _sync(device)
+    return count * 2.0 * m * n * k / (time.perf_counter() - start)
+
+
+def fit_knee(points: list[tuple[int, int, int, float]], peak: float) -> tuple[float, float]:
+    """(gemm_eff, gemm_knee) from (m, n, k, FLOP/s): least squares of 1/eff against
+    1/m + 1/n + 1/k, whose intercept is 1/gemm_eff and slope gemm_knee/gemm_eff."""
+    xs = [1 / m + 1 / n + 1 / k for m, n, k, _ in points]
+    ys = [peak / rate for *_, rate in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    intercept = my - slope * mx
+    if intercept <= 0 or slope < 0:  # noise or no knee: the big shapes' efficiency, no knee
+        big = sorted(points, key=lambda p: p[0] * p[1] * p[2])[len(points) // 2:]
+        return statistics.median(rate for *_, rate in big) / peak, 0.0
+    return 1.0 / intercept, slope / intercept
+
+
+def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) -> list:
+    """(rows per expert, FLOP/s) of the experts' GEMM as the runtime runs it."""
+    out = []
+    w = torch.randn(experts, n, k, dtype=dtype, device=device)
+    for r in rows:
+        x = torch.randn(experts * r, k, dtype=dtype, device=device)
+        counts = torch.full((experts,), r, dtype=torch.int64, device=device)
+        t = timed(lambda: grouped_linear(x, counts, w), device)
+        out.append((r, 2.0 * experts * r * n * k / t))
+    return out
+
+
+def attention_rates(seq: int, heads: int, head_dim: int, dtype, device) -> tuple[float, float]:
+    """(forward FLOP/s, backward rate over forward) of causal SDPA; FLOPs counted causally as
+    ir/counts.py does (half the square): forward 2 * 2 * s^2/2 * d per head, backward 2.5x."""
+    q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
+               for _ in range(3))
+    flops = 2 * 2 * seq * seq / 2 * head_dim * heads
+    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+
+    def both():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    total = timed(both, device)
+    bwd = max(total - fwd, 1e-9)
+    return flops / fwd, (fwd * 2.5) / bwd
+
+
+def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype, device) -> float:
+    """FLOP/s of the SSD chunked scan, counted as planner/cost/compute.py does:
+    2 * d_inner * (2 * chunk + 2 * state) per token."""
+    x = torch.randn(1, seq, heads, head_dim, dtype=dtype, device=device)
+    dt = torch.rand(1, seq, heads, dtype=dtype, device=device) * 0.1
+    a = -torch.rand(heads, dtype=dtype, device=device)
+    b = torch.randn(1, seq, 1, state, dtype=dtype, device=device)
+    c = torch.randn(1, seq, 1, state, dtype=dtype, device=device)
+    t = timed(lambda: ssd_chunked(x, dt, a, b, c, chunk), device, repeat=3)
+    return seq * 2 * heads * head_dim * (2 * chunk + 2 * state) / t
+
+
+def copy_bandwidth(nbytes: int, device) -> float:
+    """Bytes/s read + written by a large copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device)
+
+
+def block_host_seconds(device, dtype) -> float:
+    """One tiny decoder block's forward (norm, q/k/v/o, SDPA, norm, gated MLP, two residual adds)
+    on one token of width 8: all overhead, no arithmetic to speak of."""
+    x = torch.randn(1, 1, 8, dtype=dtype, device=device)
+    ws = [torch.randn(8, 8, dtype=dtype, device=device) for _ in range(7)]
+
+    def block():
+        h = F.rms_norm(x, (8,))
+        q, k, v = (F.linear(h, w).view(1, 1, 2, 4).transpose(1, 2) for w in ws[:3])
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 1, 8)
+        y = x + F.linear(a, ws[3])
+        h = F.rms_norm(y, (8,))
+        return y + F.linear(F.silu(F.linear(h, ws[4])) * F.linear(h, ws[5]), ws[6])
+
+    return timed(block, device, repeat=50, warmup=10)
+
+
+def host_model():
+    """A narrow model of every block kind built by plait's own lowering (the modules the runtime
+    runs), so each block's time on a few tokens is its host cost: dispatch, launches, Python."""
+    from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope
+    from plait.lowering.build import build_model
+
+    spec = ModelSpec(name="host-probe", vocab=32, hidden=16, layers=HOST_KINDS, max_seq=64,
+                     attention=Attention(heads=2, kv_heads=1, head_dim=8, rope=Rope(theta=1e4)),
+                     mlp=MLP(ffn=32), moe=MoE(experts=4, top_k=2, ffn=16),
+                     mamba=Mamba2(heads=4, head_dim=8, groups=1, state=8, chunk=16))
+    return build_model(spec)
+
+
+HOST_KINDS = ("attention", "mlp", "moe", "mamba")
+
+
+def block_host_us(device, dtype, tokens: int = 4) -> dict[str, float]:
+    """{kind: microseconds of one block's forward + backward} (norm, mixer, residual)."""
+    model = host_model().to(device=device, dtype=dtype)
+    out = {}
+    for kind, layer in zip(HOST_KINDS, model.layers):
+        x = torch.randn(1, tokens, 16, dtype=dtype, device=device, requires_grad=True)
+
+        def step(layer=layer, x=x):
+            layer(x).sum().backward()
+
+        out[kind] = timed(step, device, repeat=20, warmup=5) * 1e6
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives
+# ------------------------------------------------------------------------------------------------
+
+def collective_seconds(op: str, group, n: int, nbytes: int, device, repeat: int = 5) -> float:
+    """Median seconds of one collective whose full (gathered / reduced / scattered) tensor holds
+    ``nbytes`` (fp32), on ``group`` of ``n`` ranks; every rank of the group must call it."""
+    elems = max(n, nbytes // 4 // n * n)
+    full = torch.randn(elems, device=device)
+    shard = torch.randn(elems // n, device=device)
+    fns = {"all_gather": lambda: dist.all_gather_into_tensor(full, shard, group=group),
+           "all_reduce": lambda: dist.all_reduce(full, group=group),
+           "all_to_all": lambda: dist.all_to_all_single(shard.clone(), shard, group=group)}
+    if op == "all_to_all":  # every rank scatters ``nbytes``
+        send = torch.randn(elems, device=device)
+        recv = torch.empty_like(send)
+        fns["all_to_all"] = lambda: dist.all_to_all_single(recv, send, group=group)
+    dist.barrier(group=group)
+    return timed(fns[op], device, repeat=repeat, warmup=1)
+
+
+def fit_alpha_beta(xs: list[float], ts: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of t = a + b x by least squares, both kept >= 0."""
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = max(1e-15, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / var) if var else 1e-15
+    return max(0.0, mt - slope * mx), slope
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: every rank calls measure(); rank 0 derives the values
+# ------------------------------------------------------------------------------------------------
+
+QUICK = {"gemm": [(64, 64, 64), (128, 256, 128), (256, 256, 512), (512, 512, 512),
+                  (1024, 512, 512), (32, 512, 512)],
+         "grouped": (8, [8, 32, 128], 256, 256), "attention": (512, 4, 32),
+         "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "sizes": [64 << 10, 1 << 20, 4 << 20],
+         "share": (512, 512, 512)}
+FULL = {"gemm": [(m, n, k) for m in (32, 128, 512, 2048) for n, k in ((512, 512), (2048, 1024))],
+        "grouped": (8, [8, 32, 128, 512], 512, 512), "attention": (2048, 8, 64),
+        "scan": (2048, 8, 64, 64, 128), "copy": 256 << 20,
+        "sizes": [64 << 10, 1 << 20, 8 << 20, 32 << 20], "share": (1024, 1024, 1024)}
+
+
+def measure_compute(dtype, device) -> dict:
+    """One rank alone on its host (the others wait at a barrier)."""
+    cfg = CONFIG
+    experts, rows, n, k = cfg["grouped"]
+    fwd, bwd_ratio = attention_rates(*cfg["attention"], dtype, device)
+    return {"grouped_kernel": grouped_mm_works(device.type, dtype),"gemm": [(m, n_, k_, gemm_rate(m, n_, k_, dtype, device)) for m, n_, k_ in cfg["gemm"]],
+            "grouped": grouped_rates(experts, rows, n, k, dtype, device),
+            "attention_fwd": fwd, "attention_bwd_ratio": bwd_ratio,
+            "scan": scan_rate(*cfg["scan"], dtype, device),
+            "copy": copy_bandwidth(cfg["copy"], device),
+            "block_host_s": block_host_seconds(device, dtype),
+            "host_us": block_host_us(device, dtype),
+            "share_single": sustained_gemm_rate(*cfg["share"], dtype, device)}
+
+
+def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | None:
+    """FLOP/s of the largest GEMM with every rank of ``on_host`` running it at once."""
+    group = dist.new_group(on_host)
+    if rank not in on_host:
+        return None
+    dist.barrier(group=group)
+    return sustained_gemm_rate(*CONFIG["share"], dtype, device)
+
+
+def measure_network(rank: int, world: int, gpn: int, device) -> dict:
+    """{level: {op: [(n, bytes, seconds)]}} for groups of 2, 4, ... ranks on node 0 (intra) and
+    one rank per node (inter). Every rank creates every group (torch.distributed's rule)."""
+    levels = {"intra": [list(range(n)) for n in _sizes(min(world, gpn))]}
+    nodes = world // gpn
+    if nodes > 1:
+        levels["inter"] = [[i * gpn for i in range(n)] for n in _sizes(nodes)]
+    out: dict = {}
+    for level, groups in levels.items():
+        for ranks in groups:
+            group = dist.new_group(ranks)
+            if rank not in ranks:
+                continue
+            for op in ("all_gather", "all_reduce", "all_to_all"):
+                for nbytes in CONFIG["sizes"]:
+                    t = collective_seconds(op, group, len(ranks), nbytes, device)
+                    out.setdefault(level, {}).setdefault(op, []).append((len(ranks), nbytes, t))
+    return out
+
+
+def _sizes(n: int) -> list[int]:
+    out, s = [], 2
+    while s <= n:
+        out.append(s)
+        s *= 2
+    if n > 1 and n not in out:
+        out.append(n)
+    return out
+
+
+CONFIG = QUICK
+
+
+def measure(rank: int, world: int, gpn: int, dtype, device, full: bool = False) -> dict:
+    """Everything, on every rank; rank 0's dict holds the compute and sharing measurements."""
+    global CONFIG
+    CONFIG = FULL if full else QUICK
+    out: dict = {}
+    if rank == 0:
+        out["compute"] = measure_compute(dtype, device)
+    dist.barrier()
+    rates = [None] * world
+    dist.all_gather_object(rates, measure_sharing(rank, list(range(min(world, gpn))), dtype, device))
+    out["shared_rates"] = [r for r in rates if r is not None]
+    dist.barrier()
+    net = measure_network(rank, world, gpn, device)
+    nets = [None] * world
+    dist.all_gather_object(nets, net)
+    out["network"] = nets[0]
+    for other in nets[1:]:  # the inter-node groups hold rank 0 as well; keep rank 0's view
+        for level, ops in (other or {}).items():
+            out["network"].setdefault(level, ops)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements -> cost-model values
+# ------------------------------------------------------------------------------------------------
+
+def _link(points: list, op: str) -> tuple[float, float] | None:
+    """(bandwidth bytes/s, latency s) of one level from (n, bytes, seconds) of a ring all-gather
+    (t = (n-1) alpha + (n-1)/n S / B) or an all-to-all (t = (n-1)(S/n / B + alpha) + alpha)."""
+    by_n: dict = {}
+    for n, nbytes, t in points:
+        by_n.setdefault(n, []).append(((n - 1) / n * nbytes, t))
+    bws, alphas = [], []
+    for n, pts in by_n.items():
+        a, b = fit_alpha_beta([x for x, _ in pts], [t for _, t in pts])
+        bws.append(1.0 / b)
+        alphas.append(a / (n - 1) if op == "all_gather" else a / n)
+    if not bws:
+        return None
+    return statistics.median(bws), statistics.median(alphas)
+
+
+def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
+    """(Calibration values, how each was measured) from rank 0's measurements."""
+    dev, c = cluster.device, measured["compute"]
+    peak, peak_bf16 = dev.peak_flops(precision), dev.peak_flops("bf16")
+    values, sources = {}, {}
+    eff, knee = fit_knee(c["gemm"], peak)
+    values.update(gemm_eff=eff, gemm_knee=knee)
+    sources["gemm_eff"] = sources["gemm_knee"] = (
+        f"{len(c['gemm'])} GEMM shapes, {precision}: best {max(r for *_, r in c['gemm']) / 1e9:.1f}"
+        f" GFLOP/s of {peak / 1e9:.0f} peak; 1/eff fitted linear in 1/m + 1/n + 1/k")
+    grouped_ok = c.get("grouped_kernel", True)
+    values["grouped_gemm"] = 1.0 if grouped_ok else 0.0
+    sources["grouped_gemm"] = "torch._grouped_mm " + ("runs here" if grouped_ok else
+                                                      "does not run here: a loop per expert")
+    values["attn_eff"] = c["attention_fwd"] / peak_bf16
+    values["attn_bwd_ratio"] = c["attention_bwd_ratio"]
+    sources["attn_eff"] = sources["attn_bwd_ratio"] = "causal SDPA forward and backward"
+    values["scan_eff"] = c["scan"] / peak_bf16
+    sources["scan_eff"] = "SSD chunked scan (lowering/modules/ssd.py)"
+    values["hbm_eff"] = c["copy"] / dev.hbm
+    sources["hbm_eff"] = f"copy: {c['copy'] / 1e9:.1f} GB/s of {dev.hbm / 1e9:.0f} spec"
+    values["kernel_us"] = c["block_host_s"] * 1e6
+    sources["kernel_us"] = "forward of one width-8 decoder block on one token"
+    for kind, us in c.get("host_us", {}).items():
+        values[f"host_us_{kind}"] = us
+        sources[f"host_us_{kind}"] = f"forward + backward of plait's {kind} block on 4 tokens"
+    values["host_sync"] = 1.0 if dev.name == "cpu" else 0.0
+    sources["host_sync"] = ("the CPU runs its kernels itself" if dev.name == "cpu" else
+                            "kernels run asynchronously on the accelerator")
+    shared = measured.get("shared_rates") or []
+    if dev.name == "cpu" and shared and c["share_single"] > 0:
+        values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])
+        sources["shared_cores"] = (f"{len(shared)} ranks at once reach {sum(shared) / 1e9:.1f} "
+                                   f"GFLOP/s, one alone {c['share_single'] / 1e9:.1f}")
+    for level, spec in (("intra", cluster.intra), ("inter", cluster.inter)):
+        ops = measured.get("network", {}).get(level)
+        if not ops:
+            continue
+        ring, a2a = _link(ops["all_gather"], "all_gather"), _link(ops["all_to_all"], "all_to_all")
+        values[f"{level}_eff"] = ring[0] / spec.bandwidth
+        values[f"{level}_latency_us"] = max(0.1, ring[1] * 1e6)
+        sources[f"{level}_eff"] = sources[f"{level}_latency_us"] = (
+            f"all-gather alpha-beta over {sorted({n for n, *_ in ops['all_gather']})} ranks: "
+            f"{ring[0] / 1e9:.2f} GB/s, {ring[1] * 1e6:.1f} us")
+        if level == "intra" and a2a:
+            values["a2a_eff"] = min(2.0, a2a[0] / ring[0])
+            sources["a2a_eff"] = f"all-to-all {a2a[0] / 1e9:.2f} GB/s over the all-gather's"
+    return values, sources

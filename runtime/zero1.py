@@ -1,0 +1,144 @@
+"""ZeRO-1 (Megatron's distributed optimizer): gradients reduce-scattered into flat per-rank shards,
+AdamW on this rank's fp32 shard of every parameter group, updated shards all-gathered back into the
+parameters. Under bf16 / fp8 the gradients accumulate in one fp32 buffer per group and the
+reduce-scatter writes the rank's shard into it (see runtime/optim.py for the common parts)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.lowering import collectives as cc
+
+from .main_grads import MainGrads
+from .optim import GRAD_AXIS, DataParallel, accumulator_dtype, adamw, param_groups, set_lr
+
+
+class _FlatShard:
+    """One parameter group flattened, padded to a multiple of the replica count ``dp`` of mesh
+    axis ``axis``, and this rank's 1/dp of it; gradients are summed over the axis and divided by
+    ``divisor`` (dp * cp)."""
+
+    def __init__(self, params: list[nn.Parameter], dp: int, dp_rank: int, axis: str = GRAD_AXIS,
+                 divisor: int | None = None, main_grads: bool = False):
+        self.params, self.dp, self.dp_rank = params, dp, dp_rank
+        self.axis, self.divisor = axis, dp if divisor is None else divisor
+        self.numel = sum(p.numel() for p in params)
+        self.size = -(-self.numel // dp)  # ceil
+        self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = accumulator_dtype(params)
+        flat = self._flatten([p.detach() for p in params])
+        self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
+        # mixed precision: one fp32 buffer holds every parameter's main gradient (views below)
+        self.grad_buffer = self._flatten([]) if main_grads else None
+
+    def grad_views(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, p in zip(names, self.params):
+            out[name] = self.grad_buffer[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        return out
+
+    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.zeros(self.size * self.dp, dtype=self.dtype, device=self.device)
+        if tensors:
+            flat[:self.numel] = torch.cat([t.flatten().to(self.dtype) for t in tensors])
+        return flat
+
+    def reduce_grad(self) -> None:
+        if self.grad_buffer is not None:  # reduce-scatter the fp32 buffer into its own shard
+            mine = cc.reduce_scatter(self.grad_buffer, 0, self.axis) if self.dp > 1 else self.grad_buffer
+            shard = self.grad_buffer[self.dp_rank * self.size:(self.dp_rank + 1) * self.size]
+            shard.copy_(mine / self.divisor)
+            self.master.grad = shard
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self._flatten(grads)
+        mine = cc.reduce_scatter(flat, 0, self.axis) if self.dp > 1 else flat
+        self.master.grad = mine / self.divisor
+
+    def publish(self) -> None:
+        """All-gather the updated shards and write them into the model's parameters."""
+        full = cc.all_gather(self.master.detach(), 0, self.axis) if self.dp > 1 else self.master.detach()
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(full[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def full_grad(self) -> torch.Tensor:
+        g = self.master.grad.detach()
+        return cc.all_gather(g, 0, self.axis) if self.dp > 1 else g
+
+
+class ZeroOne(DataParallel):
+    """Distributed optimizer (ZeRO stage 1): AdamW state for 1/dp of every parameter group."""
+
+    def __init__(self, program, mesh, spec, policy=None):
+        super().__init__(program, mesh, spec, policy)
+        names = {id(p): n for n, p in self.named.items()}
+        self.flats, decay, views = [], [], {}
+        for g in param_groups(self.named.items(), spec.weight_decay):
+            for axis, group in self.by_axis(names[id(p)] for p in g["params"]):
+                params = [self.named[n] for n in group]
+                flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp, self.mixed)
+                self.flats.append(flat)
+                decay.append(g["weight_decay"])
+                if self.mixed:
+                    views.update(flat.grad_views(group))
+        if self.mixed:
+            self.main = MainGrads(self.named, views, 1.0 / program.plan.num_microbatches)
+        self.masks = [self._norm_owned_mask(f) for f in self.flats]
+        self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
+                                for f, wd in zip(self.flats, decay)], spec)
+
+    def reduce_over_dp(self) -> None:
+        for flat in self.flats:
+            flat.reduce_grad()
+
+    def owned_sq_sum(self) -> torch.Tensor:
+        """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
+        total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
+        for flat, mask in zip(self.flats, self.masks):
+            total += (flat.master.grad.pow(2) * mask).sum()
+        return total
+
+    def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
+        names = {id(p): n for n, p in self.named.items()}
+        owned = flat._flatten([torch.full_like(p, float(self._norm_owned(names[id(p)])))
+                               for p in flat.params])
+        return owned[flat.dp_rank * flat.size:(flat.dp_rank + 1) * flat.size]
+
+    def step(self, coef: torch.Tensor) -> None:
+        for flat in self.flats:
+            flat.master.grad.mul_(coef)
+        self.optimizer.step()
+        for flat in self.flats:
+            flat.publish()
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for flat in self.flats:
+            flat.master.grad = None
+            if flat.grad_buffer is not None:  # the reduced shard was written into it too
+                flat.grad_buffer.zero_()
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        out = super().state_tensors()
+        if self.mixed:  # every main gradient is a view of its group's buffer: count the buffers
+            out["grads"] = [f.grad_buffer for f in self.flats]
+        out["master"] = [f.master for f in self.flats]
+        out["master_grads"] = [f.master.grad for f in self.flats]
+        return out
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def reduced_grads(self) -> dict[str, torch.Tensor]:
+        out = {}
+        names = {id(p): n for n, p in self.named.items()}
+        for flat in self.flats:
+            full, offset = flat.full_grad(), 0
+            for p in flat.params:
+                out[names[id(p)]] = full[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        return out

@@ -1,0 +1,157 @@
+"""The cost model's physics terms: monotonicity and limits (all-to-all vs message size and group
+shape, grouped expert GEMM vs tokens per expert, attention backward rate, shared cores, measured
+latencies)."""
+from dataclasses import replace
+
+import pytest
+
+from plait.ir.job import MoEOptions
+from plait.ir.plan import Layout
+from plait.planner.cost import comm, compute
+from plait.planner.cost.context import Context, GroupShape
+
+FOLDING = Layout(tp=2, dp=8, pp=8, etp=1, ep=8, edp=2, sp=True)
+
+
+def calibrated(job, **values):
+    dev = job.cluster.device
+    merged = {**dict(dev.calibration), **values}
+    dev = replace(dev, calibration=tuple(merged.items()))
+    return replace(job, cluster=replace(job.cluster, device=dev))
+
+
+@pytest.fixture
+def ctx(mixtral_job):
+    return Context(replace(mixtral_job(), moe=MoEOptions(capacity_factor=1.0)), FOLDING)
+
+
+def test_all_to_all_reaches_more_of_the_link_with_bigger_messages(ctx):
+    g = GroupShape(size=8, nodes=1)
+    sizes = [8 * 2**k for k in range(4, 28, 2)]
+    per_byte = [comm.all_to_all(ctx, g, s) / s for s in sizes]
+    assert all(a > b for a, b in zip(per_byte, per_byte[1:]))
+    # the limit: bandwidth alone, 7/8 of the bytes over NVLink at a2a_eff
+    b_in = ctx.cluster.intra.bandwidth * ctx.cal.intra_eff * ctx.cal.a2a_eff
+    assert per_byte[-1] == pytest.approx(7 / 8 / b_in, rel=1e-3)
+    # small messages: latency-bound, 7 peer messages + one sync
+    assert comm.all_to_all(ctx, g, 8) == pytest.approx(8 * ctx.cluster.intra.latency, rel=1e-3)
+
+
+def test_all_to_all_gets_slower_as_the_group_spreads_over_nodes(ctx):
+    nbytes = 64e6
+    times = [comm.all_to_all(ctx, GroupShape(size=8, nodes=n), nbytes) for n in (1, 2, 4, 8)]
+    assert all(a < b for a, b in zip(times, times[1:]))
+    # one rank per node: every peer's bytes behind the NIC
+    b_out = ctx.cluster.inter.bandwidth * ctx.cal.inter_eff * ctx.cal.a2a_eff
+    assert times[-1] == pytest.approx(7 / 8 * nbytes / b_out + 8 * ctx.cluster.inter.latency)
+
+
+def test_grouped_gemm_efficiency_grows_with_tokens_per_expert(ctx):
+    n, k, experts = 16384, 6144, 8
+    rates = [2 * r * experts * n * k / compute.grouped_gemm_time(ctx, r, n, k, experts)
+             for r in (128, 256, 512, 1024, 4096, 16384)]
+    assert all(a < b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] < ctx.peak * ctx.cal.gemm_eff  # never above the large-GEMM efficiency
+
+
+def test_grouped_gemm_pads_each_expert_to_a_tile(ctx):
+    # (compute-bound sizes: below ~300 rows reading the experts' weights takes longer)
+    tile = ctx.cal.gemm_tile
+    one_more_row = compute.grouped_gemm_time(ctx, 3 * tile + 1, 4096, 4096, 8)
+    full_tiles = compute.grouped_gemm_time(ctx, 4 * tile, 4096, 4096, 8)
+    assert one_more_row == pytest.approx(full_tiles)  # a row costs its whole tile
+    assert compute.grouped_gemm_time(ctx, 4 * tile + 1, 4096, 4096, 8) > full_tiles
+
+
+def test_grouped_gemm_beats_a_loop_of_small_gemms(ctx, mixtral_job):
+    loop = Context(calibrated(ctx.job, grouped_gemm=0.0), FOLDING)
+    for rows in (512, 1024, 2048):  # compute-bound: the knee on 16x the rows
+        assert compute.grouped_gemm_time(ctx, rows, 2560, 3584, 16) < \
+            compute.grouped_gemm_time(loop, rows, 2560, 3584, 16)
+    # memory-bound (reading the weights): the same either way
+    assert compute.grouped_gemm_time(ctx, 64, 2560, 3584, 16) == pytest.approx(
+        compute.grouped_gemm_time(loop, 64, 2560, 3584, 16))
+    # one expert: the same GEMM either way
+    assert compute.grouped_gemm_time(ctx, 512, 2560, 3584, 1) == \
+        pytest.approx(compute.gemm_time(ctx, 512, 2560, 3584))
+
+
+def test_attention_backward_rate(ctx):
+    work = compute.attention_work(ctx)
+    slow = compute.attention_work(Context(calibrated(ctx.job, attn_bwd_ratio=0.5), FOLDING))
+    assert slow.backward - work.backward == pytest.approx(
+        compute.BWD_CORE * work.core * (1 / 0.5 - 1 / ctx.cal.attn_bwd_ratio))
+    assert slow.forward == pytest.approx(work.forward)
+
+
+def test_shared_cores_divide_compute_not_gpus(ctx):
+    lay = Layout(dp=4)
+    job = ctx.job
+    own = Context(job, lay)
+    assert own.sharing == 1.0
+    shared = Context(calibrated(job, shared_cores=2.0), lay)
+    assert shared.sharing == pytest.approx(2.0)  # 4 ranks on the node's 2 cores
+    assert compute.gemm_time(shared, 4096, 4096, 4096) == pytest.approx(
+        2 * compute.gemm_time(own, 4096, 4096, 4096))
+    assert compute.memory_time(shared, 1e9) == pytest.approx(2 * compute.memory_time(own, 1e9))
+    more = Context(calibrated(job, shared_cores=8.0), lay)
+    assert more.sharing == 1.0  # more cores than ranks: no slow-down
+
+
+def test_measured_latency_replaces_the_spec(ctx):
+    g = GroupShape(size=8, nodes=1)
+    slow = Context(calibrated(ctx.job, intra_latency_us=100.0), FOLDING)
+    assert comm.all_gather(slow, g, 8) - comm.all_gather(ctx, g, 8) == pytest.approx(
+        7 * (100e-6 - ctx.cluster.intra.latency), rel=1e-3)
+
+
+def test_interleaving_widens_the_data_parallel_overlap_window():
+    from plait.planner.cost.evaluate import overlap_passes
+    assert overlap_passes(8, 1, 32) == 1.0  # 1F1B: the last backward only
+    assert overlap_passes(4, 4, 32) == pytest.approx((3 * 4 + 1) / 4)
+    assert overlap_passes(4, 2, 32) < overlap_passes(4, 4, 32) < overlap_passes(8, 4, 32)
+    assert overlap_passes(8, 4, 2) == 2.0  # never more than the step's micro-batches
+
+
+def test_step_reductions_are_two_latency_bound_all_reduces(ctx):
+    world = FOLDING.world  # 128 ranks on 16 nodes: the NIC's latency, 127 hops, twice each
+    expected = 2 * 2 * (127 * ctx.cluster.inter.latency + 127 / 128 * 4 / (
+        ctx.cluster.inter.bandwidth * ctx.cal.inter_eff))
+    assert comm.step_reductions(ctx) == pytest.approx(expected)
+    assert world == 128
+
+
+def test_ring_attention_merges_partial_outputs(mixtral_job):
+    job = replace(mixtral_job(), seq_len=65536)
+    merges = {}
+    for cp in (1, 2, 4, 8):
+        ctx = Context(job, Layout(tp=8, cp=cp, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True))
+        merges[cp] = compute.ring_merge_bytes(ctx)
+    assert merges[1] == 0.0
+    # (cp - 1) merges of tokens / cp query rows: grows with cp, towards the rank's own queries x cp
+    assert merges[2] < merges[4] < merges[8]
+    ctx = Context(job, Layout(tp=8, cp=4, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True))
+    assert merges[4] == 3 * ctx.tokens * 6144 / 8 * compute.MERGE_BYTES
+    ulysses = Context(job, Layout(tp=8, cp=4, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True,
+                                  cp_comm="alltoall"))
+    assert compute.ring_merge_bytes(ulysses) == 0.0
+    # at 64K with cp 4 (16K keys per step) the merges cost a few percent of the attention core
+    work = compute.attention_work(ctx)
+    share = compute.memory_time(ctx, merges[4]) / work.core
+    assert 0.01 < share < 0.2
+
+
+def test_host_cost_adds_on_a_cpu_and_hides_behind_an_accelerator(mixtral_job):
+    from plait.planner.cost.pipeline import build_unit, host_seconds
+    job = mixtral_job()
+    lay = FOLDING
+    base = build_unit(Context(job, lay), ("attention", "moe"))
+    sync = Context(calibrated(job, host_us_attention=300.0, host_us_moe=600.0), lay)
+    assert host_seconds(sync, ("attention", "moe")) == pytest.approx((300e-6, 600e-6))
+    assert build_unit(sync, ("attention", "moe")).fwd == pytest.approx(base.fwd + 300e-6)
+    # asynchronous: a block is as slow as the slower of device and host (here the device)
+    lazy = Context(calibrated(job, host_us_attention=300.0, host_us_moe=600.0, host_sync=0.0), lay)
+    assert build_unit(lazy, ("attention", "moe")).fwd == pytest.approx(base.fwd)
+    # kernel_us alone: a third forward, two thirds backward of 3 x kernel_us per block
+    old = Context(calibrated(job, kernel_us=50.0), lay)
+    assert host_seconds(old, ("attention", "moe")) == pytest.approx((100e-6, 200e-6))

@@ -1,0 +1,93 @@
+"""`plait calibrate`'s fits and derivation (tier 1, synthetic measurements with known answers),
+and the command end to end on two local gloo ranks (tier 2)."""
+import json
+
+import pytest
+
+from plait.cli import main
+from plait.ir.cluster import local_cpu
+from plait.planner import calibration
+from plait.runtime.calibrate_cost import derive, fit_alpha_beta, fit_knee
+
+PEAK = 1e11
+
+
+def test_fit_knee_recovers_efficiency_and_knee():
+    eff, knee = 0.6, 48.0
+    shapes = [(32, 512, 512), (128, 256, 128), (512, 512, 512), (2048, 1024, 2048), (64, 64, 64)]
+    points = [(m, n, k, PEAK * eff / (1 + knee * (1 / m + 1 / n + 1 / k))) for m, n, k in shapes]
+    got_eff, got_knee = fit_knee(points, PEAK)
+    assert got_eff == pytest.approx(eff, rel=1e-6)
+    assert got_knee == pytest.approx(knee, rel=1e-6)
+
+
+def test_fit_knee_without_a_knee_takes_the_big_shapes():
+    """Small shapes measured faster than big ones (noise, caches): no knee, the big shapes' rate."""
+    points = [(64, 64, 64, 0.5 * PEAK), (128, 128, 128, 0.45 * PEAK), (512, 512, 512, 0.4 * PEAK),
+              (1024, 1024, 1024, 0.42 * PEAK)]
+    eff, knee = fit_knee(points, PEAK)
+    assert knee == 0.0 and eff == pytest.approx(0.41)
+
+
+def test_fit_alpha_beta():
+    xs = [1e3, 1e5, 1e6, 1e7]
+    a, b = fit_alpha_beta(xs, [20e-6 + x / 2e9 for x in xs])
+    assert a == pytest.approx(20e-6, rel=1e-6) and b == pytest.approx(1 / 2e9, rel=1e-6)
+
+
+def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
+    """Measurements a machine with these links would give (rank 0's view)."""
+    def ring(n, s):
+        return (n - 1) * alpha + (n - 1) / n * s / bw
+
+    def a2a(n, s):
+        return (n - 1) * (s / n / a2a_bw + alpha) + alpha
+
+    sizes = [1 << 16, 1 << 20, 1 << 22]
+    net = {"all_gather": [(n, s, ring(n, s)) for n in (2, 4) for s in sizes],
+           "all_reduce": [(n, s, 2 * ring(n, s)) for n in (2, 4) for s in sizes],
+           "all_to_all": [(n, s, a2a(n, s)) for n in (2, 4) for s in sizes]}
+    gemm = [(m, m, m, PEAK * 0.5 / (1 + 3 * 32 / m)) for m in (64, 256, 1024)]
+    compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention_fwd": 0.2 * PEAK,
+               "attention_bwd_ratio": 0.8, "scan": 0.1 * PEAK, "copy": 10e9,
+               "block_host_s": 70e-6, "share_single": 30e9,
+               "host_us": {"attention": 600.0, "mlp": 250.0}}
+    return {"compute": compute, "shared_rates": [20e9, 20e9, 20e9, 20e9], "network": {"intra": net}}
+
+
+def test_derive_gives_the_values_the_cost_model_reads():
+    cluster = local_cpu(4)
+    values, sources = derive(synthetic(), cluster, "fp32")
+    assert values["gemm_eff"] == pytest.approx(0.5, rel=1e-6)
+    assert values["gemm_knee"] == pytest.approx(32, rel=1e-6)
+    assert values["grouped_gemm"] == 0.0
+    assert values["attn_eff"] == pytest.approx(0.2) and values["attn_bwd_ratio"] == 0.8
+    assert values["scan_eff"] == pytest.approx(0.1)
+    assert values["hbm_eff"] == pytest.approx(10e9 / cluster.device.hbm)
+    assert values["kernel_us"] == pytest.approx(70)
+    assert (values["host_us_attention"], values["host_us_mlp"]) == (600.0, 250.0)
+    assert values["host_sync"] == 1.0  # the CPU runs its own kernels
+    assert values["shared_cores"] == pytest.approx(80 / 30)  # 4 ranks reach 80 GFLOP/s, one 30
+    assert values["intra_eff"] == pytest.approx(1e9 / cluster.intra.bandwidth, rel=1e-6)
+    assert values["intra_latency_us"] == pytest.approx(50, rel=1e-6)
+    assert values["a2a_eff"] == pytest.approx(0.5, rel=1e-6)
+    assert set(sources) == set(values)
+    assert all(k in calibration.KEYS for k in values)
+
+
+@pytest.mark.tier2
+def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "local-cpu", "--ranks", "2", "-o", str(out)]) == 0
+    cal = calibration.read(out)
+    values = dict(cal.values)
+    for key in ("gemm_eff", "hbm_eff", "attn_eff", "intra_eff", "intra_latency_us", "kernel_us",
+                "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
+                "host_us_mamba"):
+        assert values[key] > 0, key
+    doc = json.loads(out.read_text())
+    assert doc["measurements"]["network"]["intra"]["all_gather"]
+    # a second run refuses to overwrite a file that is not a calibration
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    assert main(["calibrate", "local-cpu", "--ranks", "2", "-o", str(other)]) == 2
