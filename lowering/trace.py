@@ -20,6 +20,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from plait.ir.model import ModelSpec
 
+from . import trace_cache
+
 META = "plait"
 EMBED, HEAD, LOSS = "embed", "head", "loss"
 
@@ -117,7 +119,11 @@ def _is_moe(module: torch.nn.Module) -> bool:
 class _Tracer(torch.fx.Tracer):
     """Keeps each reference MoE mixer one call_module node: its routing is data-dependent (token
     counts decide shapes), so it can neither be fake-run nor sharded node by node; the
-    dispatch_experts pass replaces the whole node."""
+    dispatch_experts pass replaces the whole node. Buffers (RoPE's inv_freq) are read as
+    attributes, not baked into the graph as constants computed at trace time: the graph then
+    depends on the model's structure only, and a cached trace can be re-bound to another model."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return _is_moe(m) or super().is_leaf_module(m, qualname)
@@ -132,14 +138,23 @@ class _ShapeProp(ShapeProp):
 
 def record_shapes(gm: torch.fx.GraphModule, *example) -> None:
     """ShapeProp on fake tensors: every tensor node gets ``meta["tensor_meta"]`` (its local shape
-    in this graph as it is now)."""
+    in this graph as it is now). An identical graph fake-run before (another rank's, another
+    compile's) replays its metadata instead (`trace_cache.shapes_recorded`)."""
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # Inputs live where the weights do (the meta device when compiling without storage).
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    fakes = [mode.from_tensor(t.to(device)) for t in example]
-    _ShapeProp(gm, fake_mode=mode).propagate(*fakes)
+    def propagate() -> None:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # Inputs live where the weights do (the meta device when compiling without storage).
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        fakes = [mode.from_tensor(t.to(device)) for t in example]
+        # Built outside the mode: given a fake mode, ShapeProp deep-copies the whole module into
+        # fake tensors first; inside the mode the real weights are faked as ops read them.
+        prop = _ShapeProp(gm)
+        with mode, enable_python_dispatcher():
+            prop.propagate(*fakes)
+
+    trace_cache.shapes_recorded(gm, example, propagate)
 
 
 def local_shape(node: torch.fx.Node) -> Optional[tuple[int, ...]]:
@@ -168,6 +183,10 @@ def trace_model(model: torch.nn.Module, spec: ModelSpec, batch: int = 1,
                 seq: int = 8) -> torch.fx.GraphModule:
     """Trace ``model(tokens, labels) -> loss`` and annotate it (scopes, positions, kinds, shapes
     for a [batch, seq] micro-batch)."""
+    return trace_cache.traced(model, (spec, batch, seq), lambda: _trace(model, spec, batch, seq))
+
+
+def _trace(model: torch.nn.Module, spec: ModelSpec, batch: int, seq: int) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -2,15 +2,21 @@
 
 For each case, every rank trains its compiled program on the same global batches as the
 single-device reference (`ReferenceTrainer`) and records the step-0 loss, the step-0 gradients
-(after the TP / DP reductions, before clipping) and the parameters after `steps` AdamW steps. The
-parent reassembles TP shards and reports the largest absolute difference of each. One process
-spawn per world size runs all of that size's cases in sequence (gloo, file:// rendezvous). A case
-may run in float64 (`Case.dtype`, `in_fp32_and_fp64`): see `run_parity` for why parameters after
-Adam steps are compared in float64 only.
+(after the TP / DP reductions, before clipping), the parameters after `steps` AdamW steps and the
+MoE expert biases. The parent reassembles TP and expert (EP x ETP) shards (`parity_compare`) and
+reports the largest difference of each. One process spawn per world size runs all of that size's
+cases in sequence (gloo, file:// rendezvous). A case may run in float64 (`Case.dtype`,
+`in_fp32_and_fp64`): see `run_parity` for why parameters after Adam steps are compared in float64
+only. Dense and MoE models share this one harness.
+
+The reference calls the model once per (DP rank, micro-batch), as the runtime does (`Calls`): for
+a dense model that only reorders sums; for MoE it is the semantics itself (each call routes its own
+tokens, with its own capacity per sequence-parallel / context-parallel segment and its own aux
+loss), and gradients are averaged over the calls.
 """
 from __future__ import annotations
 
-import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -21,13 +27,15 @@ import torch
 import torch.multiprocessing as mp
 
 from plait.ir.cluster import local_cpu
-from plait.ir.job import Data, Optimizer, Precision, TrainJob
+from plait.ir.job import Data, MoEOptions, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan, Stage, even_stages
 from plait.lowering.build import build_model
 
+from . import moe_balance
 from .data import BatchLoader, SyntheticTokens
 from .mesh import build_mesh, destroy, init_distributed
+from .parity_compare import Errors, assemble, compare, placement  # noqa: F401 (assemble: API)
 from .train import ReferenceTrainer, Trainer
 
 TIMEOUT_S = 120
@@ -39,17 +47,26 @@ class Case:
     layout: Layout
     stages: tuple[Stage, ...] = ()  # default: even_stages
     schedule: str = "1f1b"
-    dtype: torch.dtype | None = None  # overrides Setup.dtype (one spawn runs fp32 and fp64 cases)
+    # Each overrides the Setup's field of the same name (one spawn runs cases of several setups:
+    # fp32 and fp64 twins, dropless and capacity MoE options, model variants, batch sizes).
+    dtype: torch.dtype | None = None
+    moe: MoEOptions | None = None
+    spec: ModelSpec | None = None
+    global_batch: int | None = None
+    steps: int | None = None
 
     def setup(self, setup: "Setup") -> "Setup":
-        return setup if self.dtype is None else replace(setup, dtype=self.dtype)
+        changes = {k: getattr(self, k) for k in ("dtype", "moe", "spec", "global_batch", "steps")
+                   if getattr(self, k) is not None}
+        return replace(setup, **changes) if changes else setup
 
-    def plan(self, spec: ModelSpec, global_batch: int, seq: int) -> ParallelPlan:
+    def plan(self, spec: ModelSpec, global_batch: int, seq: int,
+             moe: MoEOptions | None = None) -> ParallelPlan:
         stages = self.stages or even_stages(spec.num_layers, self.layout.pp, self.layout.vpp,
                                             recompute=self.layout.recompute)
         return ParallelPlan(job="parity", model=spec.name, cluster="local-cpu",
                             world=self.layout.world, layout=self.layout, stages=stages,
-                            global_batch=global_batch, seq_len=seq, schedule=self.schedule)
+                            global_batch=global_batch, seq_len=seq, schedule=self.schedule, moe=moe)
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,7 @@ class Setup:
         lr=1e-3, min_lr=1e-4, warmup=1, weight_decay=0.1, grad_clip=0.5))
     seed: int = 0
     dtype: torch.dtype = torch.float32  # float64: rounding out of the way (see run_parity)
+    moe: MoEOptions = field(default_factory=MoEOptions)  # MoE models: routing (default dropless)
     # None: an fp32 job trained in ``dtype``; bf16 / fp8: the policy decides every dtype
     precision: Precision | None = None
 
@@ -72,25 +90,14 @@ class Setup:
     def job(self, world: int) -> TrainJob:
         return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
                         global_batch=self.global_batch, seq_len=self.seq, precision=self.precision,
-                        optimizer=self.optimizer, steps=self.steps,
+                        optimizer=self.optimizer, moe=self.moe, steps=self.steps,
                         data=Data(synthetic=True, seed=self.seed), seed=self.seed)
+
+    def plan(self, case: Case) -> ParallelPlan:
+        return case.plan(self.spec, self.global_batch, self.seq, self.moe)
 
     def source(self) -> SyntheticTokens:
         return SyntheticTokens(self.spec.vocab, seed=self.seed)
-
-
-@dataclass(frozen=True)
-class Errors:
-    loss: float
-    grads: float
-    params: float
-    worst_grad: str = ""
-    worst_param: str = ""
-    copies: float = 0.0  # largest difference between copies of one tensor (tied embeddings)
-
-    @property
-    def max(self) -> float:
-        return max(self.loss, self.grads, self.params, self.copies)
 
 
 FP64 = "fp64"  # the name suffix of a case's float64 twin
@@ -114,49 +121,98 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class Calls:
+    """How the runtime splits a step's global batch into model calls: ``dp`` ranks x ``micro``
+    micro-batches, each call's tokens in ``segments`` capacity segments (the SP / CP ranks that
+    route them) in the zigzag order of ``cp`` context-parallel ranks."""
+    dp: int = 1
+    micro: int = 1
+    segments: int = 1
+    cp: int = 1
+
+    @staticmethod
+    def of(layout: Layout, global_batch: int) -> "Calls":
+        return Calls(dp=layout.dp, micro=global_batch // (layout.dp * layout.mbs),
+                     segments=(layout.tp if layout.sp else 1) * layout.cp, cp=layout.cp)
+
+
 @one_thread()
-def reference(setup: Setup) -> dict:
-    """The single-device run: step-0 loss and gradients, parameters after ``setup.steps`` steps."""
+def reference(setup: Setup, calls: Calls = Calls()) -> dict:
+    """The single-device run: step-0 loss and gradients, parameters and expert biases after
+    ``setup.steps`` steps, the model called as ``calls`` says."""
     torch.manual_seed(0)
-    model = build_model(setup.spec, dtype=setup.dtype, seed=setup.seed)
+    model = build_model(setup.spec, dtype=setup.dtype, seed=setup.seed, moe_options=setup.moe,
+                        capacity_segments=calls.segments, capacity_cp=calls.cp)
     trainer = ReferenceTrainer(model, setup.optimizer)
-    loader = BatchLoader(setup.source(), setup.seq, setup.global_batch, setup.seed)
     out = {}
     for step in range(setup.steps):
-        batch = loader.local_batch(step)
-        loss = trainer.forward_backward(batch.tokens, batch.labels)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = _reference_step(model, setup, calls, step)
         if step == 0:
-            out["loss"] = float(loss)
+            out["loss"] = loss
             out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         trainer.step(step, setup.steps)
+        moe_balance.update_expert_biases([model], setup.moe.expert_bias_rate)  # its load is global
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["biases"] = expert_biases([model])
+    return out
+
+
+def _reference_step(model: torch.nn.Module, setup: Setup, calls: Calls, step: int) -> float:
+    """Forward + backward of every (DP rank, micro-batch) call of ``step``, gradients averaged
+    over the calls; -> the mean loss."""
+    losses = []
+    for d in range(calls.dp):
+        batch = BatchLoader(setup.source(), setup.seq, setup.global_batch, setup.seed, dp_rank=d,
+                            dp_size=calls.dp).local_batch(step)
+        for tokens, labels in zip(batch.tokens.chunk(calls.micro), batch.labels.chunk(calls.micro)):
+            loss = model(tokens, labels)
+            loss.backward()
+            losses.append(float(loss.detach()))
+    n = calls.dp * calls.micro
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad /= n
+    return sum(losses) / n
+
+
+def expert_biases(modules) -> dict[int, torch.Tensor]:
+    """Expert bias of every MoE layer, by layer index (module paths differ per program)."""
+    out = {}
+    for module in modules:
+        for path, m in module.named_modules():
+            found = re.search(r"(?:^|\.)layers\.(\d+)\.mixer$", path)
+            if found and m in moe_balance.bias_blocks([m]):
+                out[int(found.group(1))] = m.expert_bias.detach().clone()
     return out
 
 
 def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
     setup = case.setup(setup)
-    plan = case.plan(setup.spec, setup.global_batch, setup.seq)
+    plan = setup.plan(case)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
-    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(), dtype=setup.model_dtype)
+    trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source(),
+                      dtype=setup.model_dtype)
     record_run(trainer, setup, case.name, rank, out_dir)
 
 
 def record_run(trainer: Trainer, setup: Setup, name: str, rank: int, out_dir: Path) -> None:
-    """Train ``setup.steps`` steps, saving the step-0 loss and reduced gradients and the final
-    parameters of this rank to ``{name}.rank{rank}.pt`` (what ``compare`` reads)."""
+    """Train ``setup.steps`` steps, saving the step-0 loss and reduced gradients, the final
+    parameters and expert biases of this rank, and where its pieces belong, to
+    ``{name}.rank{rank}.pt`` (what ``parity_compare.compare`` reads)."""
     trainer.dp.zero_grad()
     loss = trainer.forward_backward(0)
     trainer.dp.reduce()
     grads = trainer.dp.reduced_grads()
     trainer.dp.set_lr(_lr(setup, 0))
     trainer.dp.clip_and_step()
+    trainer.balance_experts()  # step 0's end, as in Trainer.train_step
     for step in range(1, setup.steps):
         trainer.train_step(step, setup.steps)
-    shards = dict(trainer.program.shards)  # name -> ShardSpec
-    coords = dict(trainer.program.coords, edp=trainer.mesh.coord("edp"))
     torch.save({"loss": float(loss), "grads": grads, "params": trainer.dp.full_parameters(),
-                "shards": shards, "coords": coords, "tied": trainer.dp.tied,
-                "experts": trainer.program.experts},
+                "biases": expert_biases(trainer.stage_modules), "tied": trainer.dp.tied,
+                **placement(trainer.program, trainer.mesh)},
                out_dir / f"{name}.rank{rank}.pt")
 
 
@@ -173,62 +229,6 @@ def _worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str
             _run_case(setup, case, rank, Path(out_dir))
     finally:
         destroy()
-
-
-def assemble(records: list[dict], key: str) -> dict[str, torch.Tensor]:
-    """Whole tensors from the DP-rank-0 records: TP shards reassembled in index order (by their
-    ShardSpec, which knows segmented splits such as Mamba's in_proj); expert weights from the
-    EDP-rank-0 records, one piece per (ep, etp) coordinate."""
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    experts: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    specs, syncs = {}, {}
-    for rec in records:
-        sync = rec.get("experts")
-        for name, tensor in rec[key].items():
-            if sync is not None and name in sync.params:
-                if rec["coords"]["edp"] == 0:
-                    experts.setdefault(name, {})[(sync.grid.ep_rank, sync.grid.etp_rank)] = tensor
-                    syncs[name] = sync
-            elif rec["coords"]["dp"] == 0:
-                spec = rec["shards"].get(name)
-                pieces.setdefault(name, {})[spec.index if spec else 0] = tensor
-                specs[name] = spec
-    whole = {n: specs[n].assemble([p[i] for i in sorted(p)]) if specs[n] else p[0]
-             for n, p in pieces.items()}
-    whole.update({n: syncs[n].assemble(n, p) for n, p in experts.items()})
-    return whole
-
-
-def _copy_diff(records: list[dict], key: str) -> float:
-    """The first and last stage's copies of a tied embedding (each TP piece) must agree."""
-    seen: dict[tuple[str, int], torch.Tensor] = {}
-    worst = 0.0
-    for rec in records:
-        for name in rec.get("tied", ()):
-            tensor = rec[key][name]
-            spec = rec["shards"].get(name)
-            piece = (name, spec.index if spec else 0)
-            if piece in seen:
-                worst = max(worst, (seen[piece] - tensor).abs().max().item())
-            seen.setdefault(piece, tensor)
-    return worst
-
-
-def _max_diff(got: dict, want: dict) -> tuple[float, str]:
-    missing = sorted(set(want) - set(got))
-    if missing:
-        raise AssertionError(f"parameters missing from the parallel run: {missing}")
-    worst = max(want, key=lambda n: (got[n] - want[n]).abs().max().item())
-    return (got[worst] - want[worst]).abs().max().item(), worst
-
-
-def compare(records: list[dict], ref: dict) -> Errors:
-    losses = [r["loss"] for r in records]
-    grad_err, worst = _max_diff(assemble(records, "grads"), ref["grads"])
-    param_err, worst_param = _max_diff(assemble(records, "params"), ref["params"])
-    return Errors(loss=max(abs(l - ref["loss"]) for l in losses), grads=grad_err,
-                  params=param_err, worst_grad=worst, worst_param=worst_param,
-                  copies=max(_copy_diff(records, "params"), _copy_diff(records, "grads")))
 
 
 def spawn_cases(worker, cases: list[Case], out_dir: str | None, *args) -> dict[str, list[dict]]:
@@ -259,7 +259,14 @@ def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> d
     thread count of the reference). A case in float64 (``Case.dtype`` / ``Setup.dtype``; every
     DP kind) takes rounding out of the way: the whole step then agrees to ~1e-14."""
     records = spawn_cases(_worker, cases, out_dir, setup)
-    return compare_cases(cases, records, lambda case: case.setup(setup), reference)
+    return compare_cases(cases, records, lambda case: reference_key(setup, case),
+                         lambda key: reference(*key))
+
+
+def reference_key(setup: Setup, case: Case) -> tuple[Setup, Calls]:
+    """The reference a case compares with: its setup, called as its layout calls the model."""
+    setup = case.setup(setup)
+    return setup, Calls.of(case.layout, setup.global_batch)
 
 
 def compare_cases(cases: list[Case], records: dict[str, list[dict]], setup_of: Callable,

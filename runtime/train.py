@@ -152,12 +152,16 @@ class Trainer:
         norm, _ = self.dp.finish_step(finite)
         bad = not (finite and math.isfinite(norm))
         if not bad:  # a skipped step leaves every piece of state as it was
-            moe_balance.update_expert_biases(self.stage_modules, self.job.moe.expert_bias_rate,
-                                             moe_balance.token_axes(self.mesh))
+            self.balance_experts()
         elapsed = time.perf_counter() - start
         tokens = self.plan.global_batch * self.plan.seq_len
         return StepLog(step=step, loss=float(loss), grad_norm=norm, lr=lr, step_time=elapsed,
                        tokens_per_s=tokens / elapsed, peak_memory_mb=peak_rss_mb(), skipped=bad)
+
+    def balance_experts(self) -> None:
+        """The once-per-step expert-bias update of MoE layers that have one (a no-op otherwise)."""
+        moe_balance.update_expert_biases(self.stage_modules, self.job.moe.expert_bias_rate,
+                                         moe_balance.token_axes(self.mesh))
 
     def fit(self, steps: int, on_step: Optional[Callable[[StepLog], None]] = None, start: int = 0,
             after_step: Optional[Callable[["Trainer", int, int], object]] = None) -> list[StepLog]:

@@ -80,7 +80,7 @@ def to_int(ctx: Context, value: ast.Value, what: str, minimum: Optional[int] = 1
     if not isinstance(value, ast.Quantity) or (value.unit and UNITS[value.unit][0] != "count"):
         raise ctx.error(f"{what} must be an integer, got {describe(value)}", _pos(value))
     exact = _scaled(value.number, UNITS[value.unit][1] if value.unit else Decimal(1))
-    if abs(exact) >= MAX_INT:
+    if exact.copy_abs() >= MAX_INT:  # copy_abs, not abs(): no rounding, so 1e999999K cannot overflow
         raise ctx.error(f"{what} = {value.text} is too large", value.pos)
     if exact != exact.to_integral_value():
         raise ctx.error(f"{what} must be an integer, got {value.text}", value.pos)

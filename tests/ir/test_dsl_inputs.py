@@ -22,6 +22,15 @@ def test_numbers_are_ascii_digits_only(vocab, col):
     assert "ASCII digits 0-9" in e.hint
 
 
+@pytest.mark.parametrize("vocab", ["1e999999K", "-1e999999M", "1e999999"])
+def test_integers_beyond_any_range_are_a_located_error(vocab):
+    """Found by the spec fuzzer: `abs()` of 1e999999K rounded in decimal's default context and
+    raised decimal.Overflow."""
+    with pytest.raises(SpecError) as err:
+        parse_text(TINY.format(vocab=vocab), file="m.plait")
+    assert (err.value.line, err.value.col) == (1, 21) and "too large" in str(err.value)
+
+
 def write(path, text: str) -> str:
     path.write_text(text)
     return str(path)
