@@ -49,7 +49,7 @@ def _progress(steps: int, start: int, console):
                  f"{log.tokens_per_s:,.0f} tok/s  MFU {record['mfu']:.1%}  {memory_text(record)}")
         progress.update(task, advance=1, stats=stats)
         if not out.is_terminal or log.step % 10 == 0 or log.step == steps - 1:
-            out.print(f"step {log.step:4d}  {stats}", highlight=False)
+            out.print(f"step {log.step:4d}  {stats}", highlight=False, soft_wrap=True)  # one line per step in logs
     return progress, out, show
 
 
