@@ -104,7 +104,7 @@ def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) 
 
 def attention_rates(seq: int, heads: int, head_dim: int, dtype, device) -> tuple[float, float]:
     """(forward FLOP/s, backward rate over forward) of causal SDPA; FLOPs counted causally as
-    ir/counts.py does (half the square): forward 2 * 2 * s^2/2 * d per head, backward 2.5x."""
+    ir/counts does (half the square): forward 2 * 2 * s^2/2 * d per head, backward 2.5x."""
     q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
                for _ in range(3))
     flops = 2 * 2 * seq * seq / 2 * head_dim * heads

@@ -3,7 +3,7 @@ flushed each step, so `tail -f` and `plait plot` see a live run) and to TensorBo
 RUN_DIR/tensorboard when the `tensorboard` package is installed.
 
 Each step: loss, gradient norm, learning rate, step time, tokens/s, MFU and memory. MFU uses the
-cost model's model FLOPs (ir/counts.py, no recompute) over the cluster's bf16 peak, the definition
+cost model's model FLOPs (ir/counts, no recompute) over the cluster's bf16 peak, the definition
 `plait plan` predicts with, so the two compare directly. Memory says what it measured: the CUDA
 caching allocator's peak on GPUs, the process's peak resident set on CPUs.
 """

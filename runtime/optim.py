@@ -197,7 +197,7 @@ class DataParallel:
         return self.named[name]
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """The tensors this rank holds per class (ir/counts.py STATE_CLASSES), for memory truth."""
+        """The tensors this rank holds per class (ir/counts STATE_CLASSES), for memory truth."""
         state = self.optimizer.state
         return {"weights": list(self.named.values()),
                 "grads": [self.grad(n) for n in self.named],

@@ -6,7 +6,7 @@ attention) and Mamba's chunked scan run at their own efficiency. Norms, activati
 residual adds, softmax-top-k and token permutation are memory-bound: bytes over HBM bandwidth.
 
 Backward: GEMMs twice the forward (data and weight gradients), the flash-attention core 2.5x (it
-recomputes the scores), memory-bound kernels twice. FLOP totals agree with ir/counts.py (the tests
+recomputes the scores), memory-bound kernels twice. FLOP totals agree with ir/counts (the tests
 check it); this module only decides how fast they run.
 """
 from __future__ import annotations

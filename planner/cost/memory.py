@@ -2,11 +2,11 @@
 recompute choice, in-flight micro-batches of the pipeline schedule, buffers and a reserve.
 
 Activations start from Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer
-Models") and are recounted tensor by tensor for what plait's modules save (ir/counts.py, one
+Models") and are recounted tensor by tensor for what plait's modules save (ir/counts/activations.py, one
 formula per layer kind, checked against torch's saved-tensor hooks on the real runtime in
 tests/runtime/test_memory_truth.py): the fp32 norm statistics, the norm output each layer's
 projections read, RoPE tables, K/V as the attention kernel keeps them, the SwiGLU product; MoE
-and Mamba2 terms as counts.py documents them. With sequence parallelism the residual stream and
+and Mamba2 terms as ir/counts/activations.py documents them. With sequence parallelism the residual stream and
 norm tensors are split over tp as well.
 Dense parameters are sharded over the dense DP x CP group, expert parameters over EDP (MoE
 Parallel Folding), which is exactly what Megatron's own estimator leaves out.
@@ -22,7 +22,7 @@ GiB = float(2**30)
 
 
 def shape(ctx: Context) -> counts.ActivationShape:
-    """What one layer on this rank sees per micro-batch (counts.py's activation formulas)."""
+    """What one layer on this rank sees per micro-batch (ir/counts/activations.py's formulas)."""
     lay = ctx.layout
     return counts.ActivationShape(
         tokens=ctx.tokens, seq=ctx.job.seq_len / lay.cp, tp=lay.tp, sp=lay.sp,

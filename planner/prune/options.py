@@ -6,7 +6,7 @@ one option (its widths, how many of its layers stay). Given h the costs add up o
 
     params(model) = fixed(h) + sum_k count_k * layer_params_k(h, widths_k)
 
-with fixed(h) the embedding, head and final norm. Every number comes from ir/counts.py evaluated on
+with fixed(h) the embedding, head and final norm. Every number comes from ir/counts evaluated on
 the pruned spec, never from a formula here. Options dominated on every budget (costlier or equal
 everywhere, no more importance) are dropped before the ILP sees them.
 """
@@ -85,7 +85,7 @@ ExtraTime = Callable[[ModelSpec], float]  # spec -> embedding + head seconds
 
 
 def layer_costs(spec: ModelSpec, kind: str, bytes_per_param: int, layer_time: Optional[LayerTime]) -> Costs:
-    """One layer of ``kind`` in ``spec`` (pre-norm included), exactly as ir/counts.py counts it."""
+    """One layer of ``kind`` in ``spec`` (pre-norm included), exactly as ir/counts counts it."""
     one = replace(spec, layers=(kind,))
     total = counts.layer_params(one, kind)
     active = total - counts.inactive_expert_params(one)
