@@ -13,22 +13,15 @@ import torch
 
 from plait.cli import main
 from plait.ir.errors import PlaitError
-from plait.ir.model import MLP, Attention, ModelSpec, Rope
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
 from plait.runtime import resume_check
 from plait.runtime.ckpt_integrity import MANIFEST, check_job, read_meta, verify
-from plait.runtime.parity import Case, Setup
+from plait.runtime.parity import Case
 from plait.runtime.train import NonFiniteStep
 
-from ckpt_util import single_rank
+from ckpt_util import SETUP, SPEC, TINY, single_rank
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
-SPEC = ModelSpec(name="ckpt-trust", vocab=64, hidden=32, layers=("attention", "mlp") * 2,
-                 attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()),
-                 mlp=MLP(ffn=48))
-SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +194,7 @@ def test_plait_run_stops_on_a_non_finite_loss_with_status_3_keeping_the_last_che
 def test_cli_resume_of_another_model_is_refused_before_any_rank_starts(saved, tmp_path, capsys):
     assert main(_resume(saved / "ckpt") + ["--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "holds model 'ckpt-trust', which differs from this job's" in err and "Traceback" not in err
+    assert "holds model 'ckpt-test', which differs from this job's" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "job.json").exists()  # nothing was launched
     assert main(["run", str(TINY), "--synthetic", "--allow-job-change"]) == 2
     assert "--allow-job-change needs --resume DIR" in capsys.readouterr().err

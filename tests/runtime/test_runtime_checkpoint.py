@@ -12,21 +12,15 @@ from plait.ir.cluster import local_cpu
 from plait.ir.dsl import load_job
 from plait.ir.errors import PlaitError
 from plait.ir.job import Precision
-from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
+from plait.ir.model import Attention, ModelSpec, MoE
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
 from plait.runtime.ckpt_integrity import check_model, read_meta
 from plait.runtime import resume_check
-from plait.runtime.parity import Case, Setup
+from plait.runtime.parity import Case
 
-from ckpt_util import single_rank
+from ckpt_util import SETUP, SPEC, TINY, single_rank
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"
-SPEC = ModelSpec(name="ckpt-test", vocab=64, hidden=32, layers=("attention", "mlp") * 2,
-                 attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()),
-                 mlp=MLP(ffn=48))
-SETUP = Setup(SPEC, global_batch=4, seq=8, steps=4)
 
 
 @pytest.fixture
