@@ -116,12 +116,16 @@ def finalize(root: Path, step: int, rank: int, written: Optional[tuple[int, str]
 
 
 def _rename_into_place(tmp: Path, target: Path) -> None:
-    aside = target.with_name(f".{target.name}.replaced")
+    """``tmp`` becomes ``target``; a step directory already there is moved aside first and deleted
+    only when it is a checkpoint plait wrote (it has a manifest): anything else is kept beside it."""
+    aside = None
     if target.exists():
-        shutil.rmtree(aside, ignore_errors=True)
+        aside = next(p for k in range(1 << 20)
+                     if not (p := target.with_name(f".{target.name}.replaced{k or ''}")).exists())
         target.rename(aside)
     tmp.rename(target)
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside is not None and (aside / MANIFEST).is_file():
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---- finding and checking -----------------------------------------------------------------------

@@ -216,3 +216,20 @@ def test_a_failed_write_is_reported_and_leaves_no_step_directory(tmp_path, monke
             assert "No space left on device" in capsys.readouterr().err
     assert not (tmp_path / "ckpt" / "step-000004").exists()
     assert not (tmp_path / "ckpt" / "latest").exists()
+
+
+def test_replacing_a_step_directory_keeps_one_plait_did_not_write(tmp_path):
+    """A re-run replaces an old checkpoint of the same step, but never deletes a directory of that
+    name that holds no manifest (plait did not write it)."""
+    from plait.runtime.ckpt_integrity import _rename_into_place
+
+    for name, theirs in (("step-3", True), ("step-4", False)):
+        target, tmp = tmp_path / name, tmp_path / f".{name}.tmp"
+        target.mkdir()
+        (target / ("notes.txt" if theirs else MANIFEST)).write_text("old")
+        tmp.mkdir()
+        (tmp / MANIFEST).write_text("new")
+        _rename_into_place(tmp, target)
+        assert (target / MANIFEST).read_text() == "new" and not tmp.exists()
+        kept = [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.replaced")]
+        assert [(p / "notes.txt").read_text() for p in kept] == (["old"] if theirs else [])
