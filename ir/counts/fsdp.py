@@ -10,6 +10,12 @@ group holds ``(params + padding) / shards`` parameters, with
 for the rank's (TP / EP / ETP-local) tensors. A Qwen2-MoE shared-expert gate [1, hidden] over 2
 ranks pads one row of ``hidden``; tensors whose rows divide by ``shards`` pad nothing.
 
+The planner adds this padding for the dense tensors. Grouped expert tensors [experts / ep, ...]
+are costed as Megatron-FSDP shards them (flat buffers over EDP, no per-tensor padding): plait's
+runtime pads their dim 0 too, which costs nothing while dp * cp divides experts / ep (the runtime
+runs FSDP with experts only when edp = dp * cp) but up to a whole expert per rank otherwise (e.g.
+8 experts over 128 ranks); sharding them along a divisible dim is the runtime's open fix.
+
 The tensors are listed here per layer kind, as (rows, elements per row) on one rank: the same
 modules lowering/build.py instantiates and the TP / EP splits lowering/passes apply. The test
 tests/ir/test_counts_fsdp.py checks that they add up to the parameter counts of counts/__init__.py

@@ -73,17 +73,19 @@ def _fsdp_padding(ctx: Context, rows, shards: int) -> float:
 
 
 def block_params_on_rank(ctx: Context, kind: str) -> tuple[float, float]:
-    """(dense, expert) parameters of one layer of ``kind`` held by one rank, FSDP's padding
-    included."""
+    """(dense, expert) parameters of one layer of ``kind`` held by one rank, FSDP2's padding of
+    the dense tensors included. Expert tensors are costed as Megatron-FSDP shards them over EDP
+    (flat buffers, no per-tensor padding); plait's FSDP2 runtime pads their dim 0 (experts / ep)
+    instead, which is no padding when dp * cp divides experts / ep (tiny-moe: 8 over 2) and more
+    otherwise -- see counts/fsdp.py."""
     model, lay = ctx.model, ctx.layout
     norm = counts.norm_params(model)
-    dense_rows, expert_rows = counts.layer_rows(model, kind, lay.tp, lay.ep, lay.etp)
-    dense_pad = _fsdp_padding(ctx, dense_rows, lay.dp * lay.cp)
+    dense_pad = _fsdp_padding(ctx, counts.layer_rows(model, kind, lay.tp)[0], lay.dp * lay.cp)
     if kind != "moe":
         return norm + counts.block_params(model, kind) / lay.tp + dense_pad, 0.0
     dense = norm + counts.router_params(model) + counts.shared_expert_params(model) / lay.tp
     expert = counts.expert_params(model) / (lay.ep * lay.etp)
-    return dense + dense_pad, expert + _fsdp_padding(ctx, expert_rows, lay.edp)
+    return dense + dense_pad, expert
 
 
 def embedding_params_on_rank(ctx: Context) -> float:
