@@ -36,7 +36,10 @@ class Calibration:
     hbm_eff: float = 0.80  # fraction of HBM bandwidth memory-bound kernels reach
     intra_eff: float = 0.80  # fraction of NVLink bandwidth collectives reach
     inter_eff: float = 0.80  # fraction of the network bandwidth collectives reach
-    a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links
+    a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links (NVLink)
+    # the same for the all-to-all's share that crosses the network (0: a2a_eff). `plait
+    # calibrate` measures both levels; they differ (NVSwitch vs NICs, PXN routing, RDMA)
+    a2a_inter_eff: float = 0.0
     # an all-to-all is one message per peer: each pays the link latency on top of its bytes, so
     # small messages (fine-grained experts, short micro-batches) reach a smaller share of the link
     a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)

@@ -46,6 +46,17 @@ def test_all_to_all_gets_slower_as_the_group_spreads_over_nodes(ctx):
     assert times[-1] == pytest.approx(7 / 8 * nbytes / b_out + 8 * ctx.cluster.inter.latency)
 
 
+def test_all_to_all_levels_use_their_own_efficiency(ctx):
+    """Inside a node only NVLink's a2a_eff counts; spread over nodes, the NIC's share runs at
+    a2a_inter_eff (unset: a2a_eff)."""
+    nbytes, spread, inside = 64e6, GroupShape(size=8, nodes=8), GroupShape(size=8, nodes=1)
+    slow_net = Context(calibrated(ctx.job, a2a_inter_eff=ctx.cal.a2a_eff / 2), FOLDING)
+    assert comm.all_to_all(slow_net, inside, nbytes) == comm.all_to_all(ctx, inside, nbytes)
+    bw_part = 7 / 8 * nbytes / (ctx.cluster.inter.bandwidth * ctx.cal.inter_eff * ctx.cal.a2a_eff)
+    assert comm.all_to_all(slow_net, spread, nbytes) - comm.all_to_all(ctx, spread, nbytes) == \
+        pytest.approx(bw_part)  # twice the bandwidth term, the latencies unchanged
+
+
 def test_grouped_gemm_efficiency_grows_with_tokens_per_expert(ctx):
     n, k, experts = 16384, 6144, 8
     rates = [2 * r * experts * n * k / compute.grouped_gemm_time(ctx, r, n, k, experts)
