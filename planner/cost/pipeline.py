@@ -70,10 +70,12 @@ def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict
     bwd = dict(fwd)
     if kind == "attention" and ctx.layout.cp > 1:
         ring = comm.cp_comm(ctx)
-        # ring steps overlap the attention core; the all-to-all variant waits for its exchange
+        # ring steps overlap the attention core (backward: the backward kernels, at their own
+        # rate); the all-to-all variant waits for its exchange
         window = ctx.cal.overlap if ctx.layout.cp_comm == "ring" else 0.0
         fwd["cp"] = max(0.0, ring - window * work.core)
-        bwd["cp"] = max(0.0, 2 * ring - window * compute.BWD_CORE * work.core)
+        bwd_core = compute.BWD_CORE * work.core / work.core_bwd_rate
+        bwd["cp"] = max(0.0, 2 * ring - window * bwd_core)
     if kind == "mamba" and ctx.layout.cp > 1:
         fwd["cp"] = bwd["cp"] = comm.mamba_cp_comm(ctx)  # all-gather; reduce-scatter backward
     return fwd, bwd

@@ -232,3 +232,19 @@ def test_measured_imbalance_replaces_random_routing(ctx):
     # a capacity factor caps the busiest rank at cf x its share
     capped = replace(ctx.job, moe=MoEOptions(capacity_factor=1.1))
     assert Context(calibrated(capped, moe_imbalance=1.3), FOLDING).expert_load == 1.1
+
+
+def test_ring_backward_hides_behind_the_backward_core_at_its_rate(mixtral_job):
+    """Ring CP: each step's K/V exchange runs under that step's attention kernels. Backward sends
+    twice the forward's bytes under the backward kernels, which take 2.5x the forward core over
+    attn_bwd_ratio: a slower backward core hides more."""
+    from plait.planner.cost.pipeline import _block_comm
+    lay = Layout(tp=1, cp=8, dp=16, mbs=1, cp_comm="ring")
+    ctx = Context(mixtral_job(), lay)
+    ring = comm.cp_comm(ctx)
+    for rate in (1.0, 0.86, 0.5):
+        work = compute.Work(core=0.5 * ring, core_bwd_rate=rate)
+        fwd, bwd = _block_comm(ctx, "attention", work)
+        window = ctx.cal.overlap
+        assert fwd["cp"] == pytest.approx(ring - window * 0.5 * ring)
+        assert bwd["cp"] == pytest.approx(max(0.0, 2 * ring - window * 2.5 * 0.5 * ring / rate))
