@@ -197,7 +197,8 @@ def _random_routing_max(tokens, top_k, experts, ranks, trials, seed=0):
     import torch
     gen = torch.Generator().manual_seed(seed)
     picks = torch.rand(trials, tokens, experts, generator=gen).topk(top_k, dim=-1).indices
-    per_expert = torch.nn.functional.one_hot(picks, experts).sum(dim=(1, 2))
+    per_expert = torch.zeros(trials, experts, dtype=torch.int64).scatter_add_(
+        1, picks.view(trials, -1), torch.ones(trials, tokens * top_k, dtype=torch.int64))
     per_rank = per_expert.view(trials, ranks, experts // ranks).sum(-1).double()
     return (per_rank.max(-1).values.mean() / (tokens * top_k / ranks)).item()
 
