@@ -137,7 +137,8 @@ def attention_work(ctx: Context) -> Work:
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     a, h = model.attention, model.hidden
     qkv_out = (a.q_dim + 2 * a.kv_dim) / lay.tp
-    gemm, gemm_bwd = _sum(gemm_times(ctx, t, qkv_out, h), gemm_times(ctx, t, h, a.q_dim / lay.tp))
+    gemm, gemm_bwd = _sum(gemm_times(ctx, t, qkv_out, h),
+                          gemm_times(ctx, t, h, a.q_dim / lay.tp))
     core_flops = t * counts.attention_core_flops(model, ctx.job.seq_len) / lay.tp
     norm, residual = _norm_and_residual(ctx)
     rope = 2 * t * (a.q_dim + a.kv_dim) / lay.tp * ctx.act_bytes if a.rope else 0.0

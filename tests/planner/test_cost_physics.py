@@ -249,3 +249,24 @@ def test_ring_backward_hides_behind_the_backward_core_at_its_rate(mixtral_job):
         window = ctx.cal.overlap
         assert fwd["cp"] == pytest.approx(ring - window * 0.5 * ring)
         assert bwd["cp"] == pytest.approx(max(0.0, 2 * ring - window * 2.5 * 0.5 * ring / rate))
+
+
+def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
+    """Per unit, the next unit's gather hides behind this one's compute; the chunk's first
+    gather and its last gradient scatter have nothing to hide behind. The chunk pays, per
+    micro-batch, what its first unit's own compute was credited with hiding."""
+    from plait.planner.cost.pipeline import CostTable
+    from plait.planner.layouts import units
+    job = replace(mixtral_job(), moe=MoEOptions(capacity_factor=1.0))
+    fsdp = Layout(tp=1, dp=128, etp=1, ep=8, edp=16, dp_kind="fsdp")
+    table = CostTable(job, fsdp, units(job.model))
+    ctx, unit = table.ctx, table.units[0]
+    gather, backward = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
+    assert 0 < unit.fsdp_edge <= backward  # at most one gather and one scatter
+    assert table.chunk_time == pytest.approx(table.p2p + unit.fsdp_edge)
+    # no FSDP, no edge
+    zero1 = CostTable(job, replace(fsdp, dp_kind="zero1"), units(job.model))
+    assert zero1.fsdp_edge == 0.0 and zero1.chunk_time == zero1.p2p
+    # communication-bound (no overlap window): the per-unit terms already expose it all
+    none = CostTable(calibrated(job, fsdp_overlap=0.0), fsdp, units(job.model))
+    assert none.fsdp_edge == 0.0

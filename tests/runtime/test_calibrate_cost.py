@@ -78,7 +78,8 @@ def test_derive_gives_the_values_the_cost_model_reads():
 def test_derive_measures_each_level_s_all_to_all_on_its_own():
     """Two nodes: the network level's all-to-all efficiency comes from its own measurement."""
     measured = synthetic()
-    measured["network"]["inter"] = synthetic(bw=0.2e9, alpha=80e-6, a2a_bw=0.15e9)["network"]["intra"]
+    network = synthetic(bw=0.2e9, alpha=80e-6, a2a_bw=0.15e9)["network"]
+    measured["network"]["inter"] = network["intra"]
     values, sources = derive(measured, local_cpu(4), "fp32")
     assert values["a2a_eff"] == pytest.approx(0.5, rel=1e-6)
     assert values["a2a_inter_eff"] == pytest.approx(0.75, rel=1e-6)
