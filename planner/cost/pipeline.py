@@ -123,6 +123,9 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
     else:
         fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
     g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
+    # the backward's window leaves out a full recompute's re-forward, which the prefetch model
+    # would let hide the gathers too: kept out because measured stacks overlap FSDP traffic less
+    # than that model (benchmarks/fidelity.py, physics-only column: FSDP rows too fast)
     window = ctx.cal.fsdp_overlap
     fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
     scatter = g_bwd - g_fwd  # the backward moves the gather again, then the gradients
