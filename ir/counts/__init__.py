@@ -386,5 +386,6 @@ from .activations import (SAVED_BYTES, ActivationShape, attention_saved_bytes,  
                           mamba_saved_bytes, mamba_selective_bytes, mlp_saved_bytes,
                           mlp_selective_bytes, moe_saved_bytes, moe_selective_bytes,
                           norm_saved_bytes, stream_bytes)
-# FSDP2's shard padding (per-tensor rows of each layer kind on one rank) lives in counts/fsdp.py.
-from .fsdp import embedding_rows, fsdp_padding, head_rows, layer_rows, params_of  # noqa: E402,F401
+# FSDP's shard dim and padding (per-tensor shapes of each layer kind on one rank): counts/fsdp.py.
+from .fsdp import (embedding_shapes, fsdp_padding, fsdp_shard_dim, head_shapes,  # noqa: E402,F401
+                   layer_shapes, params_of)
