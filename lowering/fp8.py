@@ -15,55 +15,94 @@ GEMM to the same graph nodes (runtime/kernels.py); tests check both give the sam
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.fx
+
+from . import collectives  # noqa: F401  (registers torch.ops.plait.max_over)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 AMAX_EPS = 1e-12  # torchao's floor on amax: an all-zero tensor gets a finite scale
 
 
-def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """max(dtype) / amax(t) in fp32 (computed in fp64 first, as torchao does)."""
-    amax = t.detach().abs().max().to(torch.float64)
-    return (torch.finfo(dtype).max / torch.clamp(amax, min=AMAX_EPS)).to(torch.float32)
+Reducer = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
-def quantise(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype, reduce: Reducer = None) -> torch.Tensor:
+    """max(dtype) / amax(t) in fp32 (computed in fp64 first, as torchao does). ``reduce`` turns a
+    shard's amax into the whole logical tensor's (an all-reduce MAX over the TP group)."""
+    amax = t.detach().abs().max().to(torch.float32)  # exact: a max of bf16 / fp32 values
+    if reduce is not None:
+        amax = reduce(amax)
+    return (torch.finfo(dtype).max / torch.clamp(amax.to(torch.float64), min=AMAX_EPS)).to(torch.float32)
+
+
+def quantise(t: torch.Tensor, dtype: torch.dtype,
+             reduce: Reducer = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(t in ``dtype``, its scale): saturating cast of t * scale."""
-    scale = tensorwise_scale(t, dtype)
+    scale = tensorwise_scale(t, dtype, reduce)
     limit = torch.finfo(dtype).max
     return (t.detach().to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale
 
 
 def scaled_mm(a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, reduce_a: Reducer = None, reduce_b: Reducer = None) -> torch.Tensor:
     """a [m, k] @ b [k, n] with both operands quantised per tensor; fp32 accumulation."""
-    qa, sa = quantise(a, a_dtype)
-    qb, sb = quantise(b, b_dtype)
+    qa, sa = quantise(a, a_dtype, reduce_a)
+    qb, sb = quantise(b, b_dtype, reduce_b)
     out = (qa.to(torch.float32) @ qb.to(torch.float32)) * (sa.reciprocal() * sb.reciprocal())
     return out.to(out_dtype)
 
 
+@dataclass(frozen=True)
+class Scales:
+    """Where each operand's amax comes from: this rank's tensor (None) or the whole logical tensor
+    over a TP group (all-reduce MAX). torchao's Float8 TP (DTensor) and Transformer Engine's
+    amax reduction do the same, so a TP-sharded GEMM quantises on the single-device grid:
+      column-parallel  weight rows and output-gradient columns are shards; the input is whole
+      row-parallel     input columns and weight columns are shards; the output gradient is whole
+    """
+    x: Reducer = None
+    weight: Reducer = None
+    grad: Reducer = None
+
+    @staticmethod
+    def of(axis: Optional[str], size: int, role: Optional[str]) -> "Scales":
+        if axis is None or size == 1 or role not in ("column", "row"):
+            return Scales()
+        over = functools.partial(torch.ops.plait.max_over, axis=axis, size=size)
+        return Scales(x=over if role == "row" else None, weight=over,
+                      grad=over if role == "column" else None)
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: Scales) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.scales = scales
         flat = x.reshape(-1, x.shape[-1])
-        out = scaled_mm(flat, E4M3, weight.t(), E4M3, x.dtype)
+        out = scaled_mm(flat, E4M3, weight.t(), E4M3, x.dtype, scales.x, scales.weight)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
+        s = ctx.scales
         go = grad.reshape(-1, grad.shape[-1])
-        grad_x = scaled_mm(go, E5M2, weight, E4M3, x.dtype).reshape(x.shape)
-        grad_w = scaled_mm(go.t(), E5M2, x.reshape(-1, x.shape[-1]), E4M3, weight.dtype)
-        return grad_x, grad_w
+        grad_x = scaled_mm(go, E5M2, weight, E4M3, x.dtype, s.grad, s.weight).reshape(x.shape)
+        grad_w = scaled_mm(go.t(), E5M2, x.reshape(-1, x.shape[-1]), E4M3, weight.dtype, s.grad, s.x)
+        return grad_x, grad_w, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear with fp8 GEMMs (emulated); the bias is added in the output's precision."""
-    out = _Fp8Linear.apply(x, weight)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               tp_axis: str | None = None, tp_size: int = 1, tp_role: str | None = None) -> torch.Tensor:
+    """F.linear with fp8 GEMMs (emulated); the bias is added in the output's precision. A
+    TP-sharded linear names its axis, size and role ("column" / "row"): its scales are then the
+    whole logical tensors' (see Scales)."""
+    out = _Fp8Linear.apply(x, weight, Scales.of(tp_axis, tp_size, tp_role))
     return out if bias is None else out + bias.to(out.dtype)
 
 
