@@ -11,7 +11,10 @@ format. Like torchao, the high-precision x and weight are saved for backward and
 This module is the CPU emulation: operands are quantised through torch.float8_e4m3fn /
 float8_e5m2 with the scales above, the products summed in fp32 and scaled back, the result rounded
 to the input dtype, i.e. what torch._scaled_mm computes. On CUDA the runtime binds torchao's fp8
-GEMM to the same graph nodes (runtime/kernels.py); tests check both give the same numbers.
+cast and GEMM to the same graph nodes (runtime/kernels.py: the same autograd function and scales
+with another GEMM backend); tests check both give torchao Float8Linear's numbers.
+
+Under TP an operand may be a shard; its scale is then the whole logical tensor's (Scales).
 """
 from __future__ import annotations
 
@@ -43,18 +46,35 @@ def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype, reduce: Reducer = None
 def quantise(t: torch.Tensor, dtype: torch.dtype,
              reduce: Reducer = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(t in ``dtype``, its scale): saturating cast of t * scale."""
-    scale = tensorwise_scale(t, dtype, reduce)
-    limit = torch.finfo(dtype).max
-    return (t.detach().to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale
+    return Emulated.cast(t, tensorwise_scale(t, dtype, reduce), dtype, "")
+
+
+class Emulated:
+    """The GEMM backend on CPU: operands through torch.float8_e4m3fn / e5m2, products summed in fp32
+    and scaled back (what torch._scaled_mm computes). A backend has two functions:
+      cast(t, scale, dtype, role) -> an fp8 operand (role: "input" | "weight" | "grad_output")
+      mm(a, b, out_dtype)         -> a @ b of two fp8 operands, in out_dtype
+    runtime/kernels.py binds torchao's cast and GEMM (Float8TrainingTensor, torch._scaled_mm) in
+    its place on CUDA; the scales, and so the numerics, are decided here for both."""
+
+    @staticmethod
+    def cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, role: str):
+        limit = torch.finfo(dtype).max
+        return (t.detach().to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale
+
+    @staticmethod
+    def mm(a, b, out_dtype: torch.dtype) -> torch.Tensor:
+        (qa, sa), (qb, sb) = a, b
+        return ((qa.to(torch.float32) @ qb.to(torch.float32)) * (sa.reciprocal() * sb.reciprocal())).to(out_dtype)
 
 
 def scaled_mm(a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype,
-              out_dtype: torch.dtype, reduce_a: Reducer = None, reduce_b: Reducer = None) -> torch.Tensor:
+              out_dtype: torch.dtype, reduce_a: Reducer = None, reduce_b: Reducer = None,
+              roles: tuple[str, str] = ("input", "weight"), backend=Emulated) -> torch.Tensor:
     """a [m, k] @ b [k, n] with both operands quantised per tensor; fp32 accumulation."""
-    qa, sa = quantise(a, a_dtype, reduce_a)
-    qb, sb = quantise(b, b_dtype, reduce_b)
-    out = (qa.to(torch.float32) @ qb.to(torch.float32)) * (sa.reciprocal() * sb.reciprocal())
-    return out.to(out_dtype)
+    qa = backend.cast(a, tensorwise_scale(a, a_dtype, reduce_a), a_dtype, roles[0])
+    qb = backend.cast(b, tensorwise_scale(b, b_dtype, reduce_b), b_dtype, roles[1])
+    return backend.mm(qa, qb, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -79,22 +99,39 @@ class Scales:
 
 
 class _Fp8Linear(torch.autograd.Function):
+    """The three GEMMs of a linear layer in fp8 (E4M3 forward operands, E5M2 output gradient)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: Scales) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: Scales, backend) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.scales = scales
+        ctx.scales, ctx.backend = scales, backend
         flat = x.reshape(-1, x.shape[-1])
-        out = scaled_mm(flat, E4M3, weight.t(), E4M3, x.dtype, scales.x, scales.weight)
+        out = scaled_mm(flat, E4M3, weight.t(), E4M3, x.dtype, scales.x, scales.weight,
+                        ("input", "weight"), backend)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        s = ctx.scales
+        s, backend = ctx.scales, ctx.backend
         go = grad.reshape(-1, grad.shape[-1])
-        grad_x = scaled_mm(go, E5M2, weight, E4M3, x.dtype, s.grad, s.weight).reshape(x.shape)
-        grad_w = scaled_mm(go.t(), E5M2, x.reshape(-1, x.shape[-1]), E4M3, weight.dtype, s.grad, s.x)
-        return grad_x, grad_w, None
+        grad_x = scaled_mm(go, E5M2, weight, E4M3, x.dtype, s.grad, s.weight,
+                           ("grad_output", "weight"), backend).reshape(x.shape)
+        grad_w = scaled_mm(go.t(), E5M2, x.reshape(-1, x.shape[-1]), E4M3, weight.dtype, s.grad, s.x,
+                           ("grad_output", "input"), backend)
+        return grad_x, grad_w, None, None
+
+
+def linear_with(backend):
+    """fp8_linear computing its GEMMs with ``backend`` (see Emulated): what kernels.bind binds."""
+    def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   tp_axis: str | None = None, tp_size: int = 1, tp_role: str | None = None) -> torch.Tensor:
+        out = _Fp8Linear.apply(x, weight, Scales.of(tp_axis, tp_size, tp_role), backend)
+        return out if bias is None else out + bias.to(out.dtype)
+    return fp8_linear
+
+
+_emulated_linear = linear_with(Emulated)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -102,8 +139,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """F.linear with fp8 GEMMs (emulated); the bias is added in the output's precision. A
     TP-sharded linear names its axis, size and role ("column" / "row"): its scales are then the
     whole logical tensors' (see Scales)."""
-    out = _Fp8Linear.apply(x, weight, Scales.of(tp_axis, tp_size, tp_role))
-    return out if bias is None else out + bias.to(out.dtype)
+    return _emulated_linear(x, weight, bias, tp_axis, tp_size, tp_role)
 
 
 torch.fx.wrap("fp8_linear")

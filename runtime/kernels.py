@@ -41,7 +41,7 @@ log = logging.getLogger("plait.kernels")
 
 OPS = ("attention", "attention_varlen", "ssd_scan", "causal_conv1d", "fp8_linear")
 MODULES = {"flash-attn": "flash_attn", "mamba-ssm": "mamba_ssm.ops.triton.ssd_combined",
-           "causal-conv1d": "causal_conv1d", "torchao": "torchao.float8.float8_linear"}
+           "causal-conv1d": "causal_conv1d", "torchao": "torchao.float8"}
 
 
 @dataclass(frozen=True)
@@ -143,17 +143,33 @@ def _conv(module):
 
 
 def _torchao_fp8(module):
-    """torchao's Float8Linear GEMM (tensorwise dynamic scaling, E4M3 forward / E5M2 gradients) as
-    a function of (x, weight, bias): the module's autograd function with its default config."""
-    from torchao.float8 import Float8LinearConfig
+    """torchao's fp8 cast (Float8TrainingTensor, tensorwise) and GEMM (torch._scaled_mm behind its
+    torch.mm) as the backend of plait's fp8 linear (lowering/fp8.py), configured as torchao's
+    Float8Linear defaults configure them. plait's autograd function decides the scales, so a
+    TP-sharded linear takes them from the whole logical tensor as on CPU; unsharded, the numbers
+    are torchao Float8Linear's own (tests/lowering/test_fp8.py)."""
+    config = module.Float8LinearConfig()
 
-    config = Float8LinearConfig()
-    mm_config = module.Float8Linear(1, 1, bias=False, config=config, device="meta").linear_mm_config
+    def mm_config(gemm):
+        return module.ScaledMMConfig(config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
 
-    def fp8_linear(x, weight, bias=None):
-        out = module.matmul_with_hp_or_float8_args.apply(x, weight.t(), mm_config, config)
-        return out if bias is None else out + bias.to(out.dtype)
-    return fp8_linear
+    linear_mm = module.LinearMMConfig(mm_config(config.gemm_config_output),
+                                      mm_config(config.gemm_config_grad_input),
+                                      mm_config(config.gemm_config_grad_weight))
+    roles = {"input": module.GemmInputRole.INPUT, "weight": module.GemmInputRole.WEIGHT,
+             "grad_output": module.GemmInputRole.GRAD_OUTPUT}
+    to_float8 = module.float8_training_tensor.hp_tensor_and_scale_to_float8
+
+    class Torchao:
+        @staticmethod
+        def cast(t, scale, dtype, role):
+            return to_float8(t.detach(), scale, dtype, linear_mm, roles[role])
+
+        @staticmethod
+        def mm(a, b, out_dtype):
+            return torch.mm(a, b).to(out_dtype)
+
+    return fp8.linear_with(Torchao)
 
 
 @dataclass(frozen=True)

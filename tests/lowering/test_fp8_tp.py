@@ -4,12 +4,15 @@ over the TP group), as torchao's Float8 TP and Transformer Engine do, so the col
 gives the single device's numbers and the whole MLP differs only by where bf16 rounds the
 row-parallel partial sums. With each shard's own amax (``tp_axis=None``) the grids differ and the
 results move by fp8 rounding steps. Measured and stated per tensor below."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from plait.ir.plan import Layout
 from plait.lowering import fp8
+from plait.runtime import kernels
 
 from moe_dist_util import bind_layout, spawn
 
@@ -34,10 +37,11 @@ def _operands():
     return x, w1, w2, grad
 
 
-def _mlp(x, w1, w2, grad, column=(), row=(), reduce=lambda t: t, enter=lambda t: t):
+def _mlp(x, w1, w2, grad, column=(), row=(), reduce=lambda t: t, enter=lambda t: t,
+         linear=fp8.fp8_linear):
     x, w1, w2 = (t.clone().requires_grad_() for t in (x, w1, w2))
-    h = F.gelu(fp8.fp8_linear(enter(x), w1, None, *column))
-    out = reduce(fp8.fp8_linear(h, w2, None, *row))
+    h = F.gelu(linear(enter(x), w1, None, *column))
+    out = reduce(linear(h, w2, None, *row))
     out.backward(grad)
     return {"h": h.detach(), "out": out.detach(), "x": x.grad, "w1": w1.grad, "w2": w2.grad}
 
@@ -48,8 +52,14 @@ def _sharded(rank: int, world: int) -> dict:
     w1s, w2s = w1.chunk(TP, 0)[rank], w2.chunk(TP, 1)[rank]
     tp = dict(reduce=lambda t: torch.ops.plait.reduce_from_tp(t, "tp", TP),
               enter=lambda t: torch.ops.plait.copy_to_tp(t, "tp", TP))
-    return {"shared": _mlp(x, w1s, w2s, grad, ("tp", TP, "column"), ("tp", TP, "row"), **tp),
-            "local": _mlp(x, w1s, w2s, grad, **tp)}
+    shards = ("tp", TP, "column"), ("tp", TP, "row")
+    return {"shared": _mlp(x, w1s, w2s, grad, *shards, **tp), "local": _mlp(x, w1s, w2s, grad, **tp),
+            "torchao": _mlp(x, w1s, w2s, grad, *shards, **tp, linear=_torchao())}
+
+
+def _torchao():
+    """The fp8 linear kernels.bind binds on CUDA (torchao's cast and GEMM; they run on CPU too)."""
+    return kernels._torchao_fp8(importlib.import_module("torchao.float8"))
 
 
 def _assembled(ranks: list[dict], kind: str) -> dict:
@@ -64,14 +74,19 @@ def _rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def errors():
+    pytest.importorskip("torchao.float8")
     ranks = spawn(_sharded, TP)
-    single = _mlp(*_operands())
-    return {kind: {k: _rel(v, single[k]) for k, v in _assembled(ranks, kind).items()}
-            for kind in ("shared", "local")}
+    single = {"shared": _mlp(*_operands()), "torchao": _mlp(*_operands(), linear=_torchao())}
+    single["local"] = single["shared"]
+    return {kind: {k: _rel(v, single[kind][k]) for k, v in _assembled(ranks, kind).items()}
+            for kind in ("shared", "local", "torchao")}
 
 
-def test_tp_fp8_with_whole_tensor_scales_matches_one_device(errors):
-    shared = errors["shared"]
+@pytest.mark.parametrize("backend", ["shared", "torchao"])
+def test_tp_fp8_with_whole_tensor_scales_matches_one_device(errors, backend):
+    """The emulation, and torchao's cast and GEMM as bound on CUDA, each against itself on one
+    device."""
+    shared = errors[backend]
     for exact in ("h", "w1", "w2"):  # the same fp8 operands, the same fp32 sums
         assert shared[exact] < 1e-6, (exact, shared[exact])
     for name, err in shared.items():
