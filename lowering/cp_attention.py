@@ -12,20 +12,20 @@ All-to-all (Ulysses, Jacobs et al. 2023; Megatron-Core's "a2a" CP): q, k, v are 
 sequence-sharded to head-sharded, every rank runs plain causal attention over the whole sequence
 for heads / cp heads, and the output goes back. Needs the (TP-local) heads to divide by cp.
 
-Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype. Each chunk pair runs
-PyTorch's CPU flash-attention kernels (`aten::_scaled_dot_product_flash_attention_for_cpu` and its
-backward, which return / take the log-sum-exp) on CPU, and explicit scores elsewhere (correct but
-materialising the pair's scores; a flash-attn pair kernel is the CUDA upgrade).
+K/V travel in their own dtype. Each chunk pair runs a pair kernel (cp_pairs.py): by default
+PyTorch's CPU flash-attention kernels on CPU and explicit scores elsewhere, both in fp32 (fp64
+stays fp64); on CUDA runtime/kernels.py binds SDPA's flash backend, which computes on the bf16 /
+fp16 activations. Partial outputs merge, and gradients accumulate, in fp32 either way.
 """
 from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
+from . import cp_pairs
 from .cp_ops import RingShift, natural_from_gathered, zigzag_chunks
 from .modules.attention import causal_attention
-from .modules.norms import upcast
-
-NEG_INF = float("-inf")
 
 
 def chunk_pairs(size: int, rank: int, src: int) -> list[tuple[int, int, bool]]:
@@ -39,9 +39,14 @@ def chunk_pairs(size: int, rank: int, src: int) -> list[tuple[int, int, bool]]:
     return pairs
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """[b, s, h, d] -> [b, h, s, d] at least fp32."""
-    return upcast(t).transpose(1, 2)
+def _heads_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, s, h, d] -> [b, h, s, d] in the pair kernel's operand dtype."""
+    return t.to(dtype).transpose(1, 2)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs merge, and gradients accumulate, in at least fp32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -54,48 +59,19 @@ def _sum_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.view(b, kv_heads, h // kv_heads, s, d).sum(2) if h != kv_heads else t
 
 
-def _scores(q, k, scale: float, causal: bool) -> torch.Tensor:
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(mask, NEG_INF)
-    return s
-
-
-def _pair_forward_math(q, k, v, scale: float, causal: bool):
-    s = _scores(q, k, scale, causal)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
-
-
-def _pair_backward_math(do, q, k, v, out, lse, scale: float, causal: bool):
-    """Flash-attention backward of one chunk pair given the merged output and log-sum-exp."""
-    p = torch.exp(_scores(q, k, scale, causal) - lse[..., None])
-    delta = (do * out).sum(-1)
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
-
-
-def pair_forward(q, k, v, scale: float, causal: bool):
+def pair_forward(q, k, v, scale: float, causal: bool, kernel: str = "auto"):
     """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] (causal: same chunk)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    return _pair_forward_math(q, k, v, scale, causal)
+    return cp_pairs.resolve(kernel, q).forward(q, k, v, scale, causal)
 
 
-def pair_backward(do, q, k, v, out, lse, scale: float, causal: bool):
+def pair_backward(do, q, k, v, out, lse, scale: float, causal: bool, kernel: str = "auto"):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse, 0.0, causal, scale=scale)
-    return _pair_backward_math(do, q, k, v, out, lse, scale, causal)
+    return cp_pairs.resolve(kernel, q).backward(do, q, k, v, out, lse, scale, causal)
 
 
 def _merge(acc, out, lse):
     """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
+    out = out.to(_accumulator(out.dtype))
     if acc is None:
         return out, lse
     acc_out, acc_lse = acc
@@ -104,9 +80,11 @@ def _merge(acc, out, lse):
             + out * torch.exp(lse - new_lse)[..., None]), new_lse
 
 
-def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int):
+def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int, kernel: str = "auto"):
     """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries."""
-    qh = _heads_first(q).chunk(2, dim=2)
+    kernel = cp_pairs.resolve(kernel, q)
+    dtype = kernel.operand_dtype(q.dtype)
+    qh = _heads_first(q, dtype).chunk(2, dim=2)
     heads = q.shape[2]
     acc = [None, None]
     ring = RingShift(axis, size, rank) if size > 1 else None
@@ -114,32 +92,38 @@ def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int):
     for step in range(size):
         pending = ring.start([k_cur, v_cur]) if step < size - 1 else None
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
+        kh = _repeat_heads(_heads_first(k_cur, dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(v_cur, dtype), heads).chunk(2, dim=2)
         for qi, ki, causal in chunk_pairs(size, rank, src):
-            acc[qi] = _merge(acc[qi], *pair_forward(qh[qi], kh[ki], vh[ki], scale, causal))
+            acc[qi] = _merge(acc[qi], *kernel.forward(qh[qi], kh[ki], vh[ki], scale, causal))
         if pending is not None:
             k_cur, v_cur = ring.wait(pending)
     out = torch.cat([a[0] for a in acc], dim=2).transpose(1, 2).to(q.dtype)
     return out.contiguous(), torch.cat([a[1] for a in acc], dim=2).contiguous()
 
 
-def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, rank: int):
+def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, rank: int,
+                  kernel: str = "auto"):
+    kernel = cp_pairs.resolve(kernel, q)
+    dtype = kernel.operand_dtype(q.dtype)
+    acc = _accumulator(dtype)
     heads, kv_heads = q.shape[2], k.shape[2]
-    qh, do = _heads_first(q).chunk(2, dim=2), _heads_first(dout).chunk(2, dim=2)
-    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out).chunk(2, dim=2)
-    dq = [torch.zeros_like(t) for t in qh]
+    qh, do = _heads_first(q, dtype).chunk(2, dim=2), _heads_first(dout, dtype).chunk(2, dim=2)
+    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out, dtype).chunk(2, dim=2)
+    dq = [torch.zeros_like(t, dtype=acc) for t in qh]
     ring = RingShift(axis, size, rank) if size > 1 else None
     k_cur, v_cur = k, v
-    dk_cur, dv_cur = torch.zeros_like(_heads_first(k)), torch.zeros_like(_heads_first(v))
+    dk_cur = torch.zeros_like(_heads_first(k, acc))
+    dv_cur = torch.zeros_like(_heads_first(v, acc))
     for step in range(size):
         pending = ring.start([k_cur, v_cur]) if step < size - 1 else None
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
-        dk, dv = [torch.zeros_like(t) for t in kh], [torch.zeros_like(t) for t in vh]
+        kh = _repeat_heads(_heads_first(k_cur, dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(v_cur, dtype), heads).chunk(2, dim=2)
+        dk = [torch.zeros_like(t, dtype=acc) for t in kh]
+        dv = [torch.zeros_like(t, dtype=acc) for t in vh]
         for qi, ki, causal in chunk_pairs(size, rank, src):
-            g = pair_backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, causal)
+            g = kernel.backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, causal)
             dq[qi], dk[ki], dv[ki] = dq[qi] + g[0], dk[ki] + g[1], dv[ki] + g[2]
         dk_cur = dk_cur + _sum_heads(torch.cat(dk, dim=2), kv_heads)
         dv_cur = dv_cur + _sum_heads(torch.cat(dv, dim=2), kv_heads)
@@ -155,12 +139,12 @@ def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, r
 # ---- custom ops ------------------------------------------------------------------------------
 @torch.library.custom_op("plait::ring_attention", mutates_args=())
 def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, axis: str,
-                      size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return ring_forward(q, k, v, scale, axis, size, rank)
+                      size: int, rank: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return ring_forward(q, k, v, scale, axis, size, rank, kernel)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, scale, axis, size, rank):
+def _(q, k, v, scale, axis, size, rank, kernel):
     b, s, h, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32))
 
@@ -168,13 +152,13 @@ def _(q, k, v, scale, axis, size, rank):
 @torch.library.custom_op("plait::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
-                               axis: str, size: int, rank: int
+                               axis: str, size: int, rank: int, kernel: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ring_backward(dout, q, k, v, out, lse, scale, axis, size, rank)
+    return ring_backward(dout, q, k, v, out, lse, scale, axis, size, rank, kernel)
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, scale, axis, size, rank):
+def _(dout, q, k, v, out, lse, scale, axis, size, rank, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -186,7 +170,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):  # lse is an internal output: it carries no gradient
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.plait.ring_attention_backward(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -194,8 +178,19 @@ ring_attention_op.register_autograd(_backward, setup_context=_setup)
 
 # ---- what lowered graphs call ------------------------------------------------------------------
 def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int) -> torch.Tensor:
-    """Drop-in for causal_attention on zigzag-sharded q, k, v [b, s/cp, h, d]."""
-    return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank)[0]
+    """Drop-in for causal_attention on zigzag-sharded q, k, v [b, s/cp, h, d]; the chunk pairs run
+    the default kernels ("auto", cp_pairs.py)."""
+    return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, "auto")[0]
+
+
+def ring_attention_with(kernel: str) -> Callable:
+    """ring_attention whose chunk pairs run ``kernel`` (cp_pairs.KERNELS): what kernels.bind binds."""
+    cp_pairs.KERNELS[kernel]  # noqa: B018  (an unknown name fails here, not mid-training)
+
+    def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int) -> torch.Tensor:
+        return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, kernel)[0]
+    ring_attention.pair_kernel = kernel
+    return ring_attention
 
 
 def ulysses_attention(q, k, v, scale: float, axis: str, size: int, rank: int) -> torch.Tensor:

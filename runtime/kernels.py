@@ -4,6 +4,7 @@ imports and the hardware suits it, else the pure-PyTorch implementation the refe
   op                fused (CUDA)                                    fallback
   attention         flash_attn.flash_attn_func                      torch SDPA
   attention_varlen  flash_attn.flash_attn_varlen_func               SDPA per packed sequence
+  ring_attention    SDPA flash backend per chunk pair (CP ring)     CPU flash / explicit-score pairs
   ssd_scan          mamba_ssm mamba_chunk_scan_combined             plait SSD chunked scan
   causal_conv1d     causal_conv1d.causal_conv1d_fn                  torch conv1d + silu
   fp8_linear        torchao Float8 tensorwise GEMM (fp8 jobs)       plait's fp8 emulation (lowering/fp8.py)
@@ -15,7 +16,8 @@ builds that mask itself. Imports are lazy and guarded with ``except Exception`` 
 extension raises OSError or RuntimeError, not ImportError). Each choice is logged once.
 
 The seam with lowering (which never imports runtime): compiled graphs call the reference ops
-(`causal_attention`, `causal_conv1d`, `ssd_scan`, `fp8_linear` in an fp8 job's fp8 layers) as single
+(`causal_attention`, `ring_attention` under context parallelism, `causal_conv1d`, `ssd_scan`,
+`fp8_linear` in an fp8 job's fp8 layers) as single
 fx nodes; `bind` retargets those nodes
 to the chosen fused kernels after lowering, on the rank that runs the program. With no fused kernel
 the graph is left exactly as lowered.
@@ -32,16 +34,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from plait.lowering import fp8
+from plait.lowering import cp_attention, cp_pairs, fp8
 from plait.lowering.modules import attention as ref_attention
 from plait.lowering.modules import mamba as ref_mamba
 from plait.lowering.modules import ssd
 
 log = logging.getLogger("plait.kernels")
 
-OPS = ("attention", "attention_varlen", "ssd_scan", "causal_conv1d", "fp8_linear")
+OPS = ("attention", "attention_varlen", "ring_attention", "ssd_scan", "causal_conv1d", "fp8_linear")
 MODULES = {"flash-attn": "flash_attn", "mamba-ssm": "mamba_ssm.ops.triton.ssd_combined",
-           "causal-conv1d": "causal_conv1d", "torchao": "torchao.float8"}
+           "causal-conv1d": "causal_conv1d", "torchao": "torchao.float8",
+           "torch-flash": "torch.backends.cuda"}  # PyTorch's built-in flash backend
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,17 @@ def _torchao_fp8(module):
     return fp8.linear_with(Torchao)
 
 
+def _ring_flash(module):
+    """The context-parallel ring with SDPA's flash backend per chunk pair (lowering/cp_pairs.py),
+    once this torch build has it and, on a real device, it passes a self-check against the math
+    kernel (an API or build problem falls back, with the reason, instead of failing mid-run)."""
+    if not module.is_flash_attention_available():
+        raise RuntimeError("this PyTorch build has no flash attention backend")
+    if torch.cuda.is_available():
+        cp_pairs.self_check("sdpa-flash", "cuda")
+    return cp_attention.ring_attention_with("sdpa-flash")
+
+
 @dataclass(frozen=True)
 class Rule:
     package: str
@@ -187,6 +201,9 @@ RULES = {
                       "torch SDPA (bottom-right causal)", sdpa_attention),
     "attention_varlen": Rule("flash-attn", "flash-attn flash_attn_varlen_func", _flash_varlen,
                              "torch SDPA per packed sequence", sdpa_varlen_attention),
+    "ring_attention": Rule("torch-flash", "SDPA flash backend per ring chunk pair (bf16/fp16; LSE merge)",
+                           _ring_flash, "PyTorch ring chunk pairs (CPU flash kernel on CPU, explicit "
+                           "scores elsewhere)", cp_attention.ring_attention),
     "ssd_scan": Rule("mamba-ssm", "mamba_ssm mamba_chunk_scan_combined", _mamba_scan,
                      "plait SSD chunked scan (PyTorch)", ssd.ssd_chunked),
     "causal_conv1d": Rule("causal-conv1d", "causal_conv1d_fn", _conv,
@@ -238,7 +255,8 @@ def report(device="cpu", fp8: bool = False) -> list[Choice]:
 
 # ---- the seam: retarget a lowered graph's reference ops ------------------------------------------
 SEAMS = {ref_attention.causal_attention: "attention", ref_mamba.causal_conv1d: "causal_conv1d",
-         ref_mamba.ssd_scan: "ssd_scan", fp8.fp8_linear: "fp8_linear"}
+         ref_mamba.ssd_scan: "ssd_scan", fp8.fp8_linear: "fp8_linear",
+         cp_attention.ring_attention: "ring_attention"}
 SEAM_OPS = {op: fn for fn, op in SEAMS.items()}  # the reference function a graph calls per op
 
 

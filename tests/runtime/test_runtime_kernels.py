@@ -3,18 +3,26 @@ logic with availability monkeypatched (fake flash-attn / mamba-ssm / causal-conv
 guarded imports, log-once, the graph seam, and `plait doctor`. fp8 numerics: tests/lowering/test_fp8.py."""
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from plait.cli import main
+from plait.ir.dsl import load_model
+from plait.ir.plan import Layout
+from plait.lowering import cp_attention
+from plait.lowering.build import build_model
+from plait.lowering.compile import lower
 from plait.lowering.fp8 import fp8_linear
 from plait.lowering.modules import ssd
 from plait.lowering.modules.attention import causal_attention
 from plait.lowering.modules.mamba import causal_conv1d
 from plait.runtime import kernels
+from plait.runtime.parity import Case
 
 torch.set_num_threads(1)
+MODELS = Path(__file__).resolve().parents[2] / "specs" / "models"
 torch.fx.wrap("causal_attention")  # one node when traced from this module too, as in the model
 
 
@@ -154,6 +162,41 @@ def test_bind_retargets_reference_nodes_only_for_fused_choices(monkeypatch):
     swapped = kernels.bind(gm, "cuda")
     assert list(swapped.values()) == ["flash-attn flash_attn_func"]
     assert torch.equal(gm(torch.ones(1, 2, 1, 4)), torch.zeros(1, 2, 1, 4))
+
+
+def _cp_program():
+    """tiny-dense lowered for CP rank 0 of a cp = 2 ring layout (every attention is a ring node)."""
+    spec = load_model(MODELS / "tiny-dense.plait")
+    plan = Case("cp2", Layout(cp=2)).plan(spec, global_batch=2, seq=32)
+    return lower(build_model(spec, dtype=torch.bfloat16, seed=0), spec, plan, 0), spec
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_ring_attention_binds_the_flash_ring_exactly_when_doctor_reports_it(monkeypatch, flash):
+    """CUDA 'available' (stub), torch's flash backend present or not: every ring-attention node
+    of a compiled CP program calls what `plait doctor` reports for ring_attention."""
+    _fake_cuda(monkeypatch, torch_flash=types.SimpleNamespace(is_flash_attention_available=lambda: flash))
+    program, spec = _cp_program()
+    bound = kernels.bind(program.pipe, "cuda")
+    choice = {c.op: c for c in kernels.report("cuda")}["ring_attention"]
+    assert choice.fused is flash
+    rings = {n: fn for n, (op, fn) in kernels.bound_ops(program.pipe).items() if op == "ring_attention"}
+    assert len(rings) == spec.layers.count("attention")
+    for name, fn in rings.items():
+        assert bound[name] == choice.kernel
+        assert fn is (choice.fn if flash else cp_attention.ring_attention)
+    if flash:
+        assert choice.fn.pair_kernel == "sdpa-flash"
+    else:
+        assert "no flash attention backend" in choice.reason
+
+
+def test_the_bound_flash_ring_keeps_fp32_rings_on_the_math_pairs():
+    """SDPA's flash kernel has no fp32: the bound ring runs fp32 activations through the math pairs
+    (here on one rank, so no process group), equal to causal attention."""
+    ring = cp_attention.ring_attention_with("sdpa-flash")
+    q, k, v = _qkv(8, 8)
+    torch.testing.assert_close(ring(q, k, v, 0.4, "cp", 1, 0), causal_attention(q, k, v, 0.4))
 
 
 def test_plait_doctor_prints_the_kernel_per_op(capsys):
