@@ -7,7 +7,8 @@ imports and the hardware suits it, else the pure-PyTorch implementation the refe
   ring_attention    SDPA flash backend per chunk pair (CP ring)     CPU flash / explicit-score pairs
   ssd_scan          mamba_ssm mamba_chunk_scan_combined             plait SSD chunked scan
   causal_conv1d     causal_conv1d.causal_conv1d_fn                  torch conv1d + silu
-  fp8_linear        torchao Float8 tensorwise GEMM (fp8 jobs)       plait's fp8 emulation (lowering/fp8.py)
+  fp8_linear        torchao Float8 tensorwise GEMM (fp8 jobs), or   plait's fp8 emulation (lowering/fp8.py)
+                    transformer-engine's (runtime/fp8_backends.py)
 
 Every op has one signature whatever runs it (see the fallbacks below). Causal attention is
 aligned to the bottom right when query and key lengths differ (query i sees keys up to
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.lowering import cp_attention, cp_pairs, fp8
+
+from . import fp8_backends
 from plait.lowering.modules import attention as ref_attention
 from plait.lowering.modules import mamba as ref_mamba
 from plait.lowering.modules import ssd
@@ -43,8 +46,8 @@ log = logging.getLogger("plait.kernels")
 
 OPS = ("attention", "attention_varlen", "ring_attention", "ssd_scan", "causal_conv1d", "fp8_linear")
 MODULES = {"flash-attn": "flash_attn", "mamba-ssm": "mamba_ssm.ops.triton.ssd_combined",
-           "causal-conv1d": "causal_conv1d", "torchao": "torchao.float8",
-           "torch-flash": "torch.backends.cuda"}  # PyTorch's built-in flash backend
+           "causal-conv1d": "causal_conv1d", "torch-flash": "torch.backends.cuda",  # PyTorch's own
+           **fp8_backends.PACKAGES}
 
 
 @dataclass(frozen=True)
@@ -145,36 +148,6 @@ def _conv(module):
     return causal_conv1d
 
 
-def _torchao_fp8(module):
-    """torchao's fp8 cast (Float8TrainingTensor, tensorwise) and GEMM (torch._scaled_mm behind its
-    torch.mm) as the backend of plait's fp8 linear (lowering/fp8.py), configured as torchao's
-    Float8Linear defaults configure them. plait's autograd function decides the scales, so a
-    TP-sharded linear takes them from the whole logical tensor as on CPU; unsharded, the numbers
-    are torchao Float8Linear's own (tests/lowering/test_fp8.py)."""
-    config = module.Float8LinearConfig()
-
-    def mm_config(gemm):
-        return module.ScaledMMConfig(config.emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
-
-    linear_mm = module.LinearMMConfig(mm_config(config.gemm_config_output),
-                                      mm_config(config.gemm_config_grad_input),
-                                      mm_config(config.gemm_config_grad_weight))
-    roles = {"input": module.GemmInputRole.INPUT, "weight": module.GemmInputRole.WEIGHT,
-             "grad_output": module.GemmInputRole.GRAD_OUTPUT}
-    to_float8 = module.float8_training_tensor.hp_tensor_and_scale_to_float8
-
-    class Torchao:
-        @staticmethod
-        def cast(t, scale, dtype, role):
-            return to_float8(t.detach(), scale, dtype, linear_mm, roles[role])
-
-        @staticmethod
-        def mm(a, b, out_dtype):
-            return torch.mm(a, b).to(out_dtype)
-
-    return fp8.linear_with(Torchao)
-
-
 def _ring_flash(module):
     """The context-parallel ring with SDPA's flash backend per chunk pair (lowering/cp_pairs.py),
     once this torch build has it and, on a real device, it passes a self-check against the math
@@ -187,30 +160,49 @@ def _ring_flash(module):
 
 
 @dataclass(frozen=True)
-class Rule:
+class Fused:
     package: str
-    fused_name: str
+    name: str
     build: Callable
+
+
+@dataclass(frozen=True)
+class Rule:
+    fused: tuple[Fused, ...]  # tried in order (fp8_linear: in the order PLAIT_FP8_BACKEND asks)
     fallback_name: str
     fallback: Callable
     fp8_only: bool = False
 
+    def candidates(self) -> tuple[Fused, ...]:
+        if not self.fp8_only:
+            return self.fused
+        by_name = {f.package: f for f in self.fused}
+        return tuple(by_name[name] for name in fp8_backends.order())
+
+
+def _rule(package, fused_name, build, fallback_name, fallback, fp8_only=False) -> Rule:
+    return Rule((Fused(package, fused_name, build),), fallback_name, fallback, fp8_only)
+
 
 RULES = {
-    "attention": Rule("flash-attn", "flash-attn flash_attn_func", _flash,
+    "attention": _rule("flash-attn", "flash-attn flash_attn_func", _flash,
                       "torch SDPA (bottom-right causal)", sdpa_attention),
-    "attention_varlen": Rule("flash-attn", "flash-attn flash_attn_varlen_func", _flash_varlen,
+    "attention_varlen": _rule("flash-attn", "flash-attn flash_attn_varlen_func", _flash_varlen,
                              "torch SDPA per packed sequence", sdpa_varlen_attention),
-    "ring_attention": Rule("torch-flash", "SDPA flash backend per ring chunk pair (bf16/fp16; LSE merge)",
+    "ring_attention": _rule("torch-flash", "SDPA flash backend per ring chunk pair (bf16/fp16; LSE merge)",
                            _ring_flash, "PyTorch ring chunk pairs (CPU flash kernel on CPU, explicit "
                            "scores elsewhere)", cp_attention.ring_attention),
-    "ssd_scan": Rule("mamba-ssm", "mamba_ssm mamba_chunk_scan_combined", _mamba_scan,
+    "ssd_scan": _rule("mamba-ssm", "mamba_ssm mamba_chunk_scan_combined", _mamba_scan,
                      "plait SSD chunked scan (PyTorch)", ssd.ssd_chunked),
-    "causal_conv1d": Rule("causal-conv1d", "causal_conv1d_fn", _conv,
+    "causal_conv1d": _rule("causal-conv1d", "causal_conv1d_fn", _conv,
                           "torch conv1d + silu", ref_mamba.causal_conv1d),
-    "fp8_linear": Rule("torchao", "torchao Float8 GEMM (tensorwise, dynamic)", _torchao_fp8,
-                       "plait fp8 emulation (float8_e4m3fn / e5m2 quantise-dequantise)",
-                       fp8.fp8_linear, fp8_only=True),
+    "fp8_linear": Rule(
+        (Fused("torchao", "torchao Float8 GEMM (tensorwise, dynamic)",
+               fp8_backends.checked(fp8_backends.torchao_linear)),
+         Fused("transformer-engine", "transformer-engine fp8 GEMM (per-tensor current scaling)",
+               fp8_backends.checked(fp8_backends.te_linear))),
+        "plait fp8 emulation (float8_e4m3fn / e5m2 quantise-dequantise)", fp8.fp8_linear,
+        fp8_only=True),
 }
 
 
@@ -219,17 +211,24 @@ def _decide(op: str, device, fp8: bool) -> Choice:
     if rule.fp8_only and not fp8:
         return Choice(op, "(not used)", False, "the job does not train in fp8", rule.fallback)
     ok, why = cuda_ready(device)
-    module, missing = probe(rule.package)
-    if not ok:
-        installed = missing or f"{rule.package} is installed"
-        return Choice(op, rule.fallback_name, False, f"{why}; {installed}", rule.fallback)
-    if module is None:
-        return Choice(op, rule.fallback_name, False, missing, rule.fallback)
-    try:
-        fn = rule.build(module)
-    except Exception as err:  # an API the adapter does not know
-        return Choice(op, rule.fallback_name, False, f"{rule.package}: {err}", rule.fallback)
-    return Choice(op, rule.fused_name, True, f"{rule.package} imports and CUDA is available", fn)
+    candidates = rule.candidates()
+    if not candidates:  # fp8 with PLAIT_FP8_BACKEND=emulation
+        return Choice(op, rule.fallback_name, False, f"{fp8_backends.ENV}=emulation", rule.fallback)
+    reasons = []
+    for fused in candidates:
+        module, missing = probe(fused.package)
+        if not ok or module is None:
+            reasons.append(missing or f"{fused.package} is installed")
+            continue
+        try:
+            fn = fused.build(module)
+        except Exception as err:  # an API the adapter does not know, a failed self-check
+            reasons.append(f"{fused.package}: {err}")
+            continue
+        reasons.append(f"{fused.package} imports and CUDA is available")
+        return Choice(op, fused.name, True, "; ".join(reasons), fn)
+    return Choice(op, rule.fallback_name, False, "; ".join(([] if ok else [why]) + reasons),
+                  rule.fallback)
 
 
 _CHOICES: dict[tuple[str, str, bool], Choice] = {}

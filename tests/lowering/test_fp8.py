@@ -13,7 +13,7 @@ from plait.lowering import fp8
 from plait.lowering.build import build_model
 from plait.lowering.compile import lower
 from plait.lowering.trace import info
-from plait.runtime import kernels
+from plait.runtime import fp8_backends, kernels
 
 from passes_util import SPEC, plan
 
@@ -85,7 +85,7 @@ def test_emulation_equals_torchao_float8_linear_on_cpu():
 def test_bound_torchao_backend_is_torchao_float8_linear():
     """What kernels.bind binds on CUDA (torchao's cast and GEMM under plait's fp8 autograd, so TP
     shards can take whole-tensor scales) computes torchao Float8Linear's numbers bit for bit."""
-    torchao_linear = kernels._torchao_fp8(pytest.importorskip("torchao.float8"))
+    torchao_linear = fp8_backends.torchao_linear(pytest.importorskip("torchao.float8"))
     x, w, b = _operands(bias=True)
     for got, want in zip(_run(torchao_linear, x, w, b), _run(_torchao_float8_linear(), x, w, b)):
         assert torch.equal(got, want)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from plait.ir.plan import Layout
 from plait.lowering import fp8
-from plait.runtime import kernels
+from plait.runtime import fp8_backends
 
 from moe_dist_util import bind_layout, spawn
 
@@ -59,7 +59,7 @@ def _sharded(rank: int, world: int) -> dict:
 
 def _torchao():
     """The fp8 linear kernels.bind binds on CUDA (torchao's cast and GEMM; they run on CPU too)."""
-    return kernels._torchao_fp8(importlib.import_module("torchao.float8"))
+    return fp8_backends.torchao_linear(importlib.import_module("torchao.float8"))
 
 
 def _assembled(ranks: list[dict], kind: str) -> dict:

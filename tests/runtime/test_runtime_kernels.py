@@ -18,7 +18,7 @@ from plait.lowering.fp8 import fp8_linear
 from plait.lowering.modules import ssd
 from plait.lowering.modules.attention import causal_attention
 from plait.lowering.modules.mamba import causal_conv1d
-from plait.runtime import kernels
+from plait.runtime import fp8_backends, kernels
 from plait.runtime.parity import Case
 
 torch.set_num_threads(1)
@@ -130,6 +130,73 @@ def test_torchao_fp8_gemm_only_for_fp8_jobs_on_cuda(monkeypatch):
     out = choice.fn(ones, torch.ones(4, 3, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16))
     assert torch.equal(out, torch.full((2, 4), 4.0, dtype=torch.bfloat16))  # 1.0 is exact in fp8
     assert not kernels.select("fp8_linear", "cpu", fp8=True).fused
+
+
+def _tail():
+    rule = kernels.RULES["fp8_linear"]
+    return rule.fallback_name, rule.fallback, rule.fp8_only
+
+
+@pytest.mark.parametrize("env, installed, want", [
+    (None, ("torchao", "transformer-engine"), "torchao"),  # auto: torchao first
+    (None, ("transformer-engine",), "transformer-engine"),  # auto: TE when torchao is missing
+    ("transformer-engine", ("torchao", "transformer-engine"), "transformer-engine"),
+    ("te", ("torchao", "transformer-engine"), "transformer-engine"),
+    ("torchao", ("transformer-engine",), None),  # asked for torchao, not there: emulation
+    ("emulation", ("torchao", "transformer-engine"), None),
+    (None, (), None),
+])
+def test_fp8_backend_selection(monkeypatch, env, installed, want):
+    """Which fp8 GEMM backend a CUDA fp8 run binds: PLAIT_FP8_BACKEND, else torchao, else TE, else
+    the emulation; the reason names every candidate that was passed over."""
+    if env is None:
+        monkeypatch.delenv(fp8_backends.ENV, raising=False)
+    else:
+        monkeypatch.setenv(fp8_backends.ENV, env)
+    fused = kernels.RULES["fp8_linear"].fused
+    doubles = tuple(kernels.Fused(f.package, f.name, lambda module, f=f: _double(f.package)) for f in fused)
+    monkeypatch.setitem(kernels.RULES, "fp8_linear", kernels.Rule(doubles, *_tail()))
+    _fake_cuda(monkeypatch, **{p.replace("-", "_"): types.SimpleNamespace() for p in installed})
+    choice = kernels.select("fp8_linear", "cuda", fp8=True)
+    if want is None:
+        assert not choice.fused and choice.fn is fp8_linear
+        if env == "emulation":
+            assert choice.reason == "PLAIT_FP8_BACKEND=emulation"
+    else:
+        assert choice.fused and choice.fn.backend == want and choice.kernel.startswith(want)
+        if want == "transformer-engine" and env is None:
+            assert choice.reason.startswith("torchao is not installed")
+
+
+def _double(package: str):
+    """The adapter a backend would build (here the emulation, tagged with the backend's name)."""
+    def linear(x, weight, bias=None):
+        return fp8_linear(x, weight, bias)
+    linear.backend = package
+    return linear
+
+
+def test_a_backend_that_fails_to_build_falls_through_with_its_reason(monkeypatch):
+    """TE raises RuntimeError without CUDA, and an adapter can fail its on-device self-check: the
+    next backend (or the emulation) runs and the reason says why."""
+    monkeypatch.delenv(fp8_backends.ENV, raising=False)
+
+    def broken(module):
+        raise RuntimeError("self-check: output 0.5 away from plait's fp8 emulation")
+    fused = kernels.RULES["fp8_linear"].fused
+    rule = kernels.Rule((kernels.Fused(fused[0].package, fused[0].name, broken),
+                         kernels.Fused(fused[1].package, fused[1].name, lambda m: _double("te"))), *_tail())
+    monkeypatch.setitem(kernels.RULES, "fp8_linear", rule)
+    _fake_cuda(monkeypatch, torchao=types.SimpleNamespace(), transformer_engine=types.SimpleNamespace())
+    choice = kernels.select("fp8_linear", "cuda", fp8=True)
+    assert choice.fused and choice.fn.backend == "te"
+    assert "torchao: self-check: output 0.5" in choice.reason
+
+
+def test_an_unknown_fp8_backend_is_an_error_that_lists_the_choices(monkeypatch):
+    monkeypatch.setenv(fp8_backends.ENV, "cutlass")
+    with pytest.raises(ValueError, match="auto, torchao, transformer-engine, emulation"):
+        kernels.select("fp8_linear", "cuda", fp8=True)
 
 
 def test_a_broken_package_falls_back_with_its_error(monkeypatch):
