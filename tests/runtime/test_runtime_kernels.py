@@ -272,3 +272,10 @@ def test_plait_doctor_prints_the_kernel_per_op(capsys):
     for op in kernels.OPS:
         assert op in out
     assert "torch SDPA" in out and "need CUDA" in out
+
+
+def test_plait_doctor_says_which_fp8_backend_and_why(capsys, monkeypatch):
+    monkeypatch.setenv(fp8_backends.ENV, "auto")  # restored after the test; doctor overrides it
+    assert main(["doctor", "--device", "cuda", "--fp8", "--fp8-backend", "emulation"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fp8 backend: plait fp8 emulation" in out and "(PLAIT_FP8_BACKEND=emulation: " in out
