@@ -68,12 +68,12 @@ class Emulated:
         return ((qa.to(torch.float32) @ qb.to(torch.float32)) * (sa.reciprocal() * sb.reciprocal())).to(out_dtype)
 
 
-def scaled_mm(a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype,
-              out_dtype: torch.dtype, reduce_a: Reducer = None, reduce_b: Reducer = None,
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor,
+              b_scale: torch.Tensor, b_dtype: torch.dtype, out_dtype: torch.dtype,
               roles: tuple[str, str] = ("input", "weight"), backend=Emulated) -> torch.Tensor:
-    """a [m, k] @ b [k, n] with both operands quantised per tensor; fp32 accumulation."""
-    qa = backend.cast(a, tensorwise_scale(a, a_dtype, reduce_a), a_dtype, roles[0])
-    qb = backend.cast(b, tensorwise_scale(b, b_dtype, reduce_b), b_dtype, roles[1])
+    """a [m, k] @ b [k, n], each operand cast to fp8 with its per-tensor scale; fp32 accumulation."""
+    qa = backend.cast(a, a_scale, a_dtype, roles[0])
+    qb = backend.cast(b, b_scale, b_dtype, roles[1])
     return backend.mm(qa, qb, out_dtype)
 
 
@@ -99,25 +99,30 @@ class Scales:
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """The three GEMMs of a linear layer in fp8 (E4M3 forward operands, E5M2 output gradient)."""
+    """The three GEMMs of a linear layer in fp8 (E4M3 forward operands, E5M2 output gradient).
+    Each operand's scale is computed once: the input's and the weight's in the forward, kept for
+    the backward (the same tensors, so the same scales torchao recomputes there), the output
+    gradient's once for both backward GEMMs; under TP that is one amax all-reduce per sharded
+    operand (column-parallel: weight, output gradient; row-parallel: input, weight)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: Scales, backend) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        sx, sw = tensorwise_scale(x, E4M3, scales.x), tensorwise_scale(weight, E4M3, scales.weight)
+        ctx.save_for_backward(x, weight, sx, sw)
         ctx.scales, ctx.backend = scales, backend
         flat = x.reshape(-1, x.shape[-1])
-        out = scaled_mm(flat, E4M3, weight.t(), E4M3, x.dtype, scales.x, scales.weight,
-                        ("input", "weight"), backend)
+        out = scaled_mm(flat, sx, E4M3, weight.t(), sw, E4M3, x.dtype, ("input", "weight"), backend)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        s, backend = ctx.scales, ctx.backend
+        x, weight, sx, sw = ctx.saved_tensors
+        backend = ctx.backend
         go = grad.reshape(-1, grad.shape[-1])
-        grad_x = scaled_mm(go, E5M2, weight, E4M3, x.dtype, s.grad, s.weight,
-                           ("grad_output", "weight"), backend).reshape(x.shape)
-        grad_w = scaled_mm(go.t(), E5M2, x.reshape(-1, x.shape[-1]), E4M3, weight.dtype, s.grad, s.x,
+        sg = tensorwise_scale(go, E5M2, ctx.scales.grad)
+        grad_x = scaled_mm(go, sg, E5M2, weight, sw, E4M3, x.dtype, ("grad_output", "weight"),
+                           backend).reshape(x.shape)
+        grad_w = scaled_mm(go.t(), sg, E5M2, x.reshape(-1, x.shape[-1]), sx, E4M3, weight.dtype,
                            ("grad_output", "input"), backend)
         return grad_x, grad_w, None, None
 
