@@ -112,6 +112,23 @@ def test_fp8_linears_follow_the_bf16_ends_rule(ends):
     assert all(per_layer[l] == (4 if SPEC.layers[l] == "attention" else 3) for l in layers)
 
 
+def test_tp_sharded_fp8_linears_take_whole_tensor_scales():
+    """Under TP every fp8 linear names the TP axis and its role (column: q/k/v, gate/up; row: o,
+    down), so its scales are the whole tensors' (tests/lowering/test_fp8_tp.py runs it); without TP
+    none does."""
+    program, _ = _fp8_program(1, Layout(tp=2, etp=2, sp=True))
+    roles = set()
+    for node in _fp8_nodes(program.pipe):
+        axis, size, role = node.args[3:]
+        assert (axis, size) == ("tp", 2)
+        want = "row" if any(k in str(node.args[1]) for k in ("o_proj", "down_proj")) else "column"
+        assert role == want, (node.name, node.args[1], role)
+        roles.add(role)
+    assert roles == {"column", "row"}
+    single, _ = _fp8_program(1, Layout())
+    assert all(len(n.args) == 3 for n in _fp8_nodes(single.pipe))
+
+
 def test_fp32_and_bf16_programs_have_no_fp8_gemm():
     for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         policy = PrecisionPolicy(kind, SPEC.num_layers)
