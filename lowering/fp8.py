@@ -10,9 +10,10 @@ format. Like torchao, the high-precision x and weight are saved for backward and
 
 This module is the CPU emulation: operands are quantised through torch.float8_e4m3fn /
 float8_e5m2 with the scales above, the products summed in fp32 and scaled back, the result rounded
-to the input dtype, i.e. what torch._scaled_mm computes. On CUDA the runtime binds torchao's fp8
-cast and GEMM to the same graph nodes (runtime/kernels.py: the same autograd function and scales
-with another GEMM backend); tests check both give torchao Float8Linear's numbers.
+to the input dtype, i.e. what torch._scaled_mm computes. On CUDA the runtime binds torchao's (or
+Transformer Engine's) fp8 cast and GEMM to the same graph nodes (runtime/kernels.py,
+runtime/fp8_backends.py: the same autograd function and scales with another GEMM backend); tests
+check the emulation and the torchao backend give torchao Float8Linear's numbers.
 
 Under TP an operand may be a shard; its scale is then the whole logical tensor's (Scales).
 """
@@ -37,7 +38,8 @@ Reducer = Optional[Callable[[torch.Tensor], torch.Tensor]]
 def tensorwise_scale(t: torch.Tensor, dtype: torch.dtype, reduce: Reducer = None) -> torch.Tensor:
     """max(dtype) / amax(t) in fp32 (computed in fp64 first, as torchao does). ``reduce`` turns a
     shard's amax into the whole logical tensor's (an all-reduce MAX over the TP group)."""
-    amax = t.detach().abs().max().to(torch.float32)  # exact: a max of bf16 / fp32 values
+    # exact: a max of the tensor's own values, in at least fp32 (what a TP group all-reduces)
+    amax = t.detach().abs().max().to(torch.promote_types(t.dtype, torch.float32))
     if reduce is not None:
         amax = reduce(amax)
     return (torch.finfo(dtype).max / torch.clamp(amax.to(torch.float64), min=AMAX_EPS)).to(torch.float32)
@@ -54,8 +56,8 @@ class Emulated:
     and scaled back (what torch._scaled_mm computes). A backend has two functions:
       cast(t, scale, dtype, role) -> an fp8 operand (role: "input" | "weight" | "grad_output")
       mm(a, b, out_dtype)         -> a @ b of two fp8 operands, in out_dtype
-    runtime/kernels.py binds torchao's cast and GEMM (Float8TrainingTensor, torch._scaled_mm) in
-    its place on CUDA; the scales, and so the numerics, are decided here for both."""
+    On CUDA runtime/fp8_backends.py puts torchao's (Float8TrainingTensor, torch._scaled_mm) or
+    Transformer Engine's cast and GEMM in its place; the scales are decided here for all."""
 
     @staticmethod
     def cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, role: str):

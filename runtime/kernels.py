@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.lowering import cp_attention, cp_pairs, fp8
-
-from . import fp8_backends
 from plait.lowering.modules import attention as ref_attention
 from plait.lowering.modules import mamba as ref_mamba
 from plait.lowering.modules import ssd
+
+from . import fp8_backends
 
 log = logging.getLogger("plait.kernels")
 
@@ -174,6 +174,7 @@ class Rule:
     fp8_only: bool = False
 
     def candidates(self) -> tuple[Fused, ...]:
+        """The fused kernels to try; the fp8 GEMM's are the user's choice (fp8_backends.order)."""
         if not self.fp8_only:
             return self.fused
         by_name = {f.package: f for f in self.fused}
