@@ -11,7 +11,7 @@ by LSE and runs each pair's backward independently, as PyTorch's own ring attent
 A lowered graph asks for "auto": cpu-flash on CPU, math elsewhere. runtime/kernels.py binds
 "sdpa-flash" on CUDA when `plait doctor` reports it (torch's flash backend is built in and passes
 a self-check on the device: `self_check`). A ring running sdpa-flash on fp32 activations (an fp32
-job) uses math: its arithmetic stays fp32.
+job) or head dimensions flash does not take (not a multiple of 8, or above 256) uses math.
 """
 from __future__ import annotations
 
@@ -98,9 +98,16 @@ def resolve(name: str, q: torch.Tensor) -> PairKernel:
     if name == "auto":
         return KERNELS["cpu-flash" if q.device.type == "cpu" else "math"]
     kernel = KERNELS[name]
-    if kernel.low_precision and q.dtype not in LOW_PRECISION:
+    if kernel.low_precision and not flash_shapes(q):
         return KERNELS["math"]
     return kernel
+
+
+def flash_shapes(q: torch.Tensor) -> bool:
+    """Can SDPA's flash kernel take activations like ``q`` ([b, s, h, d]): bf16 / fp16, a head
+    dimension that is a multiple of 8 and at most 256?"""
+    d = q.shape[-1]
+    return q.dtype in LOW_PRECISION and d % 8 == 0 and d <= 256
 
 
 def self_check(name: str, device, dtype=torch.bfloat16) -> None:

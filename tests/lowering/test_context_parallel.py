@@ -94,8 +94,10 @@ def test_a_low_precision_pair_kernel_gets_bf16_operands_and_merges_in_fp32(monke
     for got, exp in [(out, want)] + list(zip(grads, wanted)):
         assert got.dtype == torch.bfloat16
         assert ((got.float() - exp).norm() / exp.norm()).item() < 2e-2
-    # an fp32 ring asking for a low-precision kernel runs the math pairs (flash has no fp32)
+    # an fp32 ring asking for a low-precision kernel runs the math pairs (flash has no fp32), as
+    # does a head dimension flash does not take
     assert cp_pairs.resolve("bf16-flash", q.float()).name == "math"
+    assert cp_pairs.resolve("bf16-flash", torch.zeros(1, 2, 2, 12, dtype=torch.bfloat16)).name == "math"
 
 
 @pytest.mark.parametrize("causal", [True, False])
