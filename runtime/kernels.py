@@ -127,8 +127,9 @@ def flash_window_size(window: Optional[int]) -> tuple[int, int]:
 
 def _flash(module):
     def attention(q, k, v, scale: float, window: Optional[int] = None):
-        return module.flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
-                                      window_size=flash_window_size(window))
+        # window_size only with a window: flash-attn before 2.3 has no such argument
+        extra = {} if window is None else {"window_size": flash_window_size(window)}
+        return module.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, **extra)
     return attention
 
 

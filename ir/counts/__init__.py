@@ -246,6 +246,7 @@ def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True,
     return projections + attention_core_flops(model, seq_len, causal, index)
 
 
+@lru_cache(maxsize=1024)  # the planner's CP cost asks per plan; the geometry is O(cp^2)
 def ring_steps(cp: int, seq_len: int, window: Optional[int] = None) -> tuple[int, ...]:
     """Ring distances t (0 = a rank's own block) whose K/V block some rank's queries see, under
     context parallelism's zigzag layout (2*cp chunks of c = s / (2 cp) tokens, rank r holding
