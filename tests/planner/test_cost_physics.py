@@ -155,3 +155,18 @@ def test_host_cost_adds_on_a_cpu_and_hides_behind_an_accelerator(mixtral_job):
     # kernel_us alone: a third forward, two thirds backward of 3 x kernel_us per block
     old = Context(calibrated(job, kernel_us=50.0), lay)
     assert host_seconds(old, ("attention", "moe")) == pytest.approx((100e-6, 200e-6))
+
+
+def test_a_sliding_window_cuts_attention_core_and_ring_exchanges():
+    """Mistral-7B-v0.1 at 32K on cp 4 (zigzag chunks of 4K, window 4096): each query sees ~4K keys
+    instead of ~16K, and the ring skips the exchange whose K/V block no query sees (2 of 3)."""
+    from plait.ir.dsl import load_job
+    job = load_job("specs/jobs/mistral-7b-v0.1-32k.plait")
+    full = replace(job, model=replace(job.model, attention=replace(job.model.attention, window=None)))
+    layout = Layout(tp=1, cp=4, dp=4, pp=2)
+    windowed, causal = Context(job, layout), Context(full, layout)
+    # s w - w^2 / 2 of the s^2 / 2 triangle: (32K * 4K - 8M) / 512M = 15/64
+    assert compute.attention_work(windowed).core == pytest.approx(
+        compute.attention_work(causal).core * 15 / 64, rel=1e-12)
+    assert comm.cp_comm(windowed) == pytest.approx(comm.cp_comm(causal) * 2 / 3, rel=1e-12)
+    assert compute.ring_merge_bytes(windowed) == pytest.approx(compute.ring_merge_bytes(causal) * 2 / 3)
