@@ -15,10 +15,10 @@ All-to-all (Ulysses, Jacobs et al. 2023; Megatron-Core's "a2a" CP): q, k, v are 
 sequence-sharded to head-sharded, every rank runs plain causal attention over the whole sequence
 for heads / cp heads, and the output goes back. Needs the (TP-local) heads to divide by cp.
 
-Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype. Each whole or causal chunk
-pair runs PyTorch's CPU flash-attention kernels (`aten::_scaled_dot_product_flash_attention_for_cpu`
-and its backward, which return / take the log-sum-exp) on CPU, and explicit scores elsewhere and
-for banded pairs (correct but materialising the pair's scores; a flash-attn pair kernel with
+Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype. Each chunk pair runs
+PyTorch's CPU flash-attention kernels (`aten::_scaled_dot_product_flash_attention_for_cpu` and its
+backward, which return / take the log-sum-exp; a banded pair passes its mask) on CPU, and explicit
+scores elsewhere (correct but materialising the pair's scores; a flash-attn pair kernel with
 window_size is the CUDA upgrade).
 """
 from __future__ import annotations
@@ -104,30 +104,35 @@ def _pair_backward_math(do, q, k, v, out, lse, scale: float, offset: int, window
     return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
 
 
-def _cpu_flash(q, offset: int, window: Optional[int]) -> Optional[bool]:
-    """The causal flag of PyTorch's CPU flash kernel for this pair, None when it cannot run it."""
+def _cpu_flash_args(q, offset: int, window: Optional[int]):
+    """(is_causal, additive mask or None) for PyTorch's CPU flash kernels on this pair."""
     kind = pair_visibility(q.shape[2], offset, window)
-    return None if q.device.type != "cpu" or kind == "band" else kind == "causal"
+    if kind != "band":
+        return kind == "causal", None
+    visible = band_mask(q.shape[2], q.shape[2], offset, window, q.device)
+    return False, torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, NEG_INF)
 
 
 def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None):
     """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] ``offset`` positions
     before them (0: the same chunk), within ``window``."""
-    causal = _cpu_flash(q, offset, window)
-    if causal is not None:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    return _pair_forward_math(q, k, v, scale, offset, window)
+    if q.device.type != "cpu":
+        return _pair_forward_math(q, k, v, scale, offset, window)
+    causal, mask = _cpu_flash_args(q, offset, window)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    if mask is not None:  # the kernel gives a row that sees no key lse 0; it weighs nothing: -inf
+        lse = lse.masked_fill(mask.isinf().all(-1), NEG_INF)
+    return out, lse
 
 
 def pair_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
-    causal = _cpu_flash(q, offset, window)
-    if causal is not None:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse, 0.0, causal, scale=scale)
-    return _pair_backward_math(do, q, k, v, out, lse, scale, offset, window)
+    if q.device.type != "cpu":
+        return _pair_backward_math(do, q, k, v, out, lse, scale, offset, window)
+    causal, mask = _cpu_flash_args(q, offset, window)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def _merge(acc, out, lse):

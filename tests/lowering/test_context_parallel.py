@@ -73,15 +73,20 @@ def test_ring_math_on_one_rank_equals_causal_sdpa(kv_heads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("offset, window", [(0, None), (6, None), (0, 6), (6, 12)])
-def test_cpu_flash_pair_kernels_equal_the_explicit_math(offset, window):
-    """Same chunk (causal) and an earlier chunk wholly inside the window: the kernels' cases."""
+@pytest.mark.parametrize("offset, window, kind", [(0, None, "causal"), (6, None, "all"), (0, 6, "causal"),
+                                                (6, 12, "all"), (0, 3, "band"), (6, 6, "band"),
+                                                (12, 8, "band")])
+def test_cpu_flash_pair_kernels_equal_the_explicit_math(offset, window, kind):
+    """Same chunk (causal), an earlier chunk wholly inside the window, and banded pairs (the kernel
+    with a mask), rows that see no key included (offset 6, window 6: the last query sees none; its
+    lse is -inf). The backward takes a merged, finite lse, as the ring's (a query sees itself)."""
     gen = torch.Generator().manual_seed(2)
     q, k, v, do = (torch.randn(2, 3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(4))
-    assert cp_attention.pair_visibility(6, offset, window) in ("causal", "all")
+    assert cp_attention.pair_visibility(6, offset, window) == kind
     out, lse = cp_attention.pair_forward(q, k, v, 0.5, offset, window)
     out_m, lse_m = cp_attention._pair_forward_math(q, k, v, 0.5, offset, window)
     torch.testing.assert_close((out, lse), (out_m, lse_m))
+    lse = torch.logaddexp(lse, cp_attention._pair_forward_math(q, k, v, 0.5, 0, None)[1])
     for a, b in zip(cp_attention.pair_backward(do, q, k, v, out, lse, 0.5, offset, window),
                     cp_attention._pair_backward_math(do, q, k, v, out, lse, 0.5, offset, window)):
         torch.testing.assert_close(a, b)
