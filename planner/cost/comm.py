@@ -41,13 +41,15 @@ def all_to_all(ctx: Context, g: GroupShape, nbytes: float) -> float:
     """Every rank scatters ``nbytes`` evenly over the group (its own share stays local): one
     message of nbytes / n per peer, the node's peers over NVLink and the others over the NIC at
     the same time. Each message pays the link's latency before its bytes, so the achieved share
-    of a link falls with the message size: m / (m + latency x bandwidth) per peer."""
+    of a link falls with the message size: m / (m + latency x bandwidth) per peer. Each level
+    runs at its own all-to-all efficiency (a2a_eff over NVLink, a2a_inter_eff over the NIC)."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
     n, r, cal = g.size, g.per_node, ctx.cal
+    eff_out = cal.a2a_inter_eff or cal.a2a_eff
     intra = (r - 1) * (nbytes / n / (b_in * cal.a2a_eff) + cal.a2a_peer_latency * a_in)
-    inter = (n - r) * (nbytes / n / (b_out * cal.a2a_eff) + cal.a2a_peer_latency * a_out)
+    inter = (n - r) * (nbytes / n / (b_out * eff_out) + cal.a2a_peer_latency * a_out)
     return max(intra, inter) + (a_out if g.crosses_nodes else a_in)
 
 
