@@ -14,6 +14,8 @@ NIC, both at once.
 """
 from __future__ import annotations
 
+from plait.ir import counts
+
 from .context import Context, GroupShape, cluster_links
 
 
@@ -80,7 +82,7 @@ def tp_comm(ctx: Context) -> float:
 
 def cp_comm(ctx: Context) -> float:
     """Attention under context parallelism (forward). Ring: cp-1 exchanges of this rank's K and V
-    chunk. All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
+    chunk, fewer with a sliding window shorter than the zigzag chunks (counts.ring_steps). All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
     output back, each rank scattering its local tensors."""
     lay = ctx.layout
     if lay.cp <= 1:
@@ -90,7 +92,9 @@ def cp_comm(ctx: Context) -> float:
         local = ctx.tokens * (2 * attn.q_dim + 2 * attn.kv_dim) / lay.tp * ctx.act_bytes
         return all_to_all(ctx, ctx.group("dense", "cp"), local)
     kv = ctx.tokens * 2 * attn.kv_dim / lay.tp * ctx.act_bytes
-    return (lay.cp - 1) * p2p(ctx, ctx.group("dense", "cp"), kv)
+    # a sliding window skips the steps whose K/V block no query sees (mean over attention layers)
+    steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)
+    return steps * p2p(ctx, ctx.group("dense", "cp"), kv)
 
 
 def mamba_cp_comm(ctx: Context) -> float:

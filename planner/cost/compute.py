@@ -169,7 +169,8 @@ def ring_merge_bytes(ctx: Context) -> float:
     lay = ctx.layout
     if lay.cp <= 1 or lay.cp_comm != "ring":
         return 0.0
-    return (lay.cp - 1) * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
+    merges = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)  # cp - 1 without a window
+    return merges * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element
