@@ -107,17 +107,27 @@ def mlp_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float
 
 
 def moe_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
-    """Router logits and probabilities (fp32), the dispatched token copies (= the experts' fc1
-    input), the experts' FFN tensors (etp-sharded width over the tokens their shard receives),
-    the experts' output (weighted in the combine), the shared expert."""
+    """Router logits and probabilities (fp32); the router's input (this rank's tokens: the MoE
+    input is sequence-parallel over tp); the dispatched token copies (= the experts' fc1 input)
+    and the experts' FFN tensors (etp-sharded width over the copies their shard receives, load
+    included); the combine on the token owner: its own token copies back from the experts, kept
+    twice (the weighting product keeps the rows for the weights' gradient, index_add keeps the
+    weighted rows, its source); the shared expert, its gathered input when it is a TP shard, and
+    its output kept for the sigmoid gate's product. Measured tensor by tensor on tiny-moe (dp2,
+    dp2 ep2, tp2 sp ep2: tests/runtime/test_memory_truth.py)."""
     moe, h, b = model.block("moe"), model.hidden, s.act_bytes
+    own = s.tokens / s.tp  # this rank's tokens
     copies = s.routed_tokens
-    out = {"norm": norm_saved_bytes(model, s), "input": s.tokens * h * b,
-           "router": s.tokens / s.tp * moe.experts * _FP32 * 2, "dispatched": copies * h * b,
+    out = {"norm": norm_saved_bytes(model, s), "input": own * h * b,
+           "router": own * moe.experts * _FP32 * 2, "dispatched": copies * h * b,
            "experts": _ffn_saved(copies, moe.ffn / s.etp, moe.gated, b),
-           "expert_out": copies * h * b}
+           "combine": 2 * own * moe.top_k * h * b}
     if moe.shared_ffn:
         out["shared"] = _ffn_saved(s.tokens, moe.shared_ffn / s.tp, moe.gated, b)
+        if s.tp > 1:  # the TP shard runs on the group's gathered tokens
+            out["shared_input"] = s.tokens * h * b
+        if moe.shared_gate:
+            out["shared_out"] = own * h * b
     return out
 
 

@@ -112,13 +112,7 @@ def test_live_activations_match_the_runtime_dense(dense, case):
         assert got["live"] == pytest.approx(pred["saved"], rel=0.10), (case, rank)
 
 
-# tp2-sp-ep2's routed-token share on rank 0 measures 1.11x the prediction since the planner sizes
-# dropless dispatch by the expected busiest rank of random routing (routing_imbalance) instead
-# of a fixed 1.10 margin: its state terms are checked above, its activations not yet
-MOE_ACTIVATIONS = [c for c in MOE if c != "tp2-sp-ep2"]
-
-
-@pytest.mark.parametrize("case", MOE_ACTIVATIONS)
+@pytest.mark.parametrize("case", list(MOE))
 def test_saved_activations_match_the_runtime_moe(moe, case):
     for rank in (0, 1):
         got, pred = moe[case, rank]
