@@ -21,6 +21,7 @@ from plait.ir.job import MoEOptions
 from plait.ir.model import ModelSpec
 
 from .modules.attention import SelfAttention
+from .modules.latent_attention import LatentAttention
 from .modules.mamba import Mamba2Mixer
 from .modules.mlp import FeedForward
 from .modules.model import CausalLM
@@ -56,7 +57,8 @@ def _mixer(spec: ModelSpec, layer: int, moe_options: Optional[MoEOptions],
     except KeyError as e:
         raise PlaitError(f"model {spec.name!r} uses {kind!r} layers but defines no {kind} block") from e
     if kind == "attention":
-        return SelfAttention(block, spec.hidden, spec.norm.eps, spec.max_seq)
+        attention = SelfAttention if block.latent is None else LatentAttention
+        return attention(block, spec.hidden, spec.norm.eps, spec.max_seq)
     if kind == "mlp":
         return FeedForward.from_spec(block, spec.hidden)
     if kind == "moe":

@@ -35,8 +35,14 @@ def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling, original: int) -> tup
     keep = 1 - ramp  # weight of the extrapolated (unscaled) frequency
     base = _plain_inv_freq(dim, theta)
     inv_freq = (base / s.factor) * (1 - keep) + base * keep
-    mscale = 1.0 if s.factor <= 1 else 0.1 * math.log(s.factor) + 1.0
-    return inv_freq, mscale
+    if s.mscale and s.mscale_all_dim:  # DeepSeek's pair of magnitude terms (transformers' rule)
+        return inv_freq, yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return inv_freq, yarn_mscale(s.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _llama3_inv_freq(dim: int, theta: float, s: RopeScaling, original: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ SPEC_FILES = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.plai
 MODELS = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "gpt-1.7b", "gpt-3.6b", "gpt-7.5b", "gpt-18.4b",
           "gpt-39.1b", "gpt-76.1b", "gpt-145.6b", "gpt-310.1b", "gpt-529.6b", "gpt-1t", "gpt3-175b",
           "mixtral-8x7b", "mixtral-8x22b", "qwen2-57b-a14b", "qwen3-30b-a3b", "nemotron-h-8b", "nemotron-h-4b",
-          "nemotron-h-56b", "nemotron-h-47b", "mistral-7b-v0.1", "tiny-dense", "tiny-moe", "tiny-hybrid"]
+          "nemotron-h-56b", "nemotron-h-47b", "mistral-7b-v0.1", "deepseek-v3", "tiny-dense", "tiny-moe", "tiny-hybrid"]
 CLUSTERS = ["dgx-a100", "dgx-h100", "dgx-h200", "h800", "local-cpu"]
 JOBS = ["mixtral-8x22b-128gpu", "mixtral-8x22b-1024gpu", "qwen2-57b-a14b-64gpu", "llama-3.1-405b-16384gpu-8k",
         "llama-3.1-405b-16384gpu-128k", "nemotron-h-56b-pretrain", "tiny-local", "tiny-moe-local",
