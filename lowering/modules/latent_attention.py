@@ -14,6 +14,7 @@ the latent down-projections (q_a, kv_a) and their norms replicated, needs no oth
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
 from plait.ir.model import Attention
@@ -21,6 +22,10 @@ from plait.ir.model import Attention
 from .attention import causal_attention, sequence_positions
 from .norms import RMSNorm
 from .rotary import apply_rotary, rope_inv_freq, rotary_cos_sin, yarn_mscale
+
+# The same fx seams as GQA (fx.wrap patches the globals of the module that calls it, so this one too).
+torch.fx.wrap("sequence_positions")
+torch.fx.wrap("causal_attention")
 
 # transformers' DeepSeek-V3 builds q_a_layernorm / kv_a_layernorm with its RMSNorm's default eps,
 # not the config's rms_norm_eps.

@@ -24,7 +24,10 @@ from plait.lowering.trace import META, example_inputs, info, local_shape, record
 from .base import Pass, Target, VerifyError
 from .shard_mamba import mamba_sizes, mamba_splits
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# q_b_proj / kv_b_proj: multi-head latent attention's per-head up-projections (split by heads, as
+# Megatron-Core's MLA does); its latent down-projections q_a_proj / kv_a_proj_with_mqa and their
+# norms stay replicated, their gradients summed over TP (sharding.partial_grad_params).
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj")
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj")
 SHARDS = "plait.shards"
 AXIS = "tp"
