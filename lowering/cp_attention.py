@@ -113,10 +113,15 @@ def _cpu_flash_args(q, offset: int, window: Optional[int]):
     return False, torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, NEG_INF)
 
 
+def _cpu_flash_fits(q, v) -> bool:
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+
+
 def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None):
     """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] ``offset`` positions
-    before them (0: the same chunk), within ``window``."""
-    if q.device.type != "cpu":
+    before them (0: the same chunk), within ``window``. PyTorch's CPU flash kernels need one head
+    width for q, k and v; multi-head latent attention's narrower v heads take the math path."""
+    if not _cpu_flash_fits(q, v):
         return _pair_forward_math(q, k, v, scale, offset, window)
     causal, mask = _cpu_flash_args(q, offset, window)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -128,7 +133,7 @@ def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = Non
 
 def pair_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
-    if q.device.type != "cpu":
+    if not _cpu_flash_fits(q, v):
         return _pair_backward_math(do, q, k, v, out, lse, scale, offset, window)
     causal, mask = _cpu_flash_args(q, offset, window)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -211,8 +216,9 @@ def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 @ring_attention_op.register_fake
 def _(q, k, v, scale, axis, size, rank, window):
-    b, s, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32))
+    b, s, h, _ = q.shape  # out has v's head width (multi-head latent attention: narrower than q's)
+    return (q.new_empty((b, s, h, v.shape[-1])),
+            q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32)))
 
 
 @torch.library.custom_op("plait::ring_attention_backward", mutates_args=())

@@ -2,8 +2,9 @@
 YaRN, one dense layer then a sigmoid-routed MoE with expert bias, group-limited top-k and a shared
 expert) reproduces one device under TP2 with sequence parallelism (the heads of q_b_proj /
 kv_b_proj / o_proj split, the latent down-projections replicated with TP-summed gradients), TP2 x
-EP2 folded onto the same two ranks, PP2 and EP2, and its dense twin under plain TP2 (MoE layers
-need SP under TP) (gloo, world 2, one spawn). Tolerance as test_runtime_parity: loss and every gradient of
+EP2 folded onto the same two ranks, PP2, ring CP2 (per-head K and V exchanged; v heads narrower
+than q/k heads take the math kernels), and its dense twin under plain TP2 (MoE layers need SP
+under TP) and all-to-all CP2 (gloo, world 2, one spawn). Tolerance as test_runtime_parity: loss and every gradient of
 the first step within 1e-5 in fp32 (sums reordered by the layout, ~1e-7 apart)."""
 import pytest
 
@@ -40,7 +41,8 @@ CASES = [
     Case("tp2_sp", Layout(tp=2, sp=True)),
     Case("tp2_sp_ep2", Layout(tp=2, sp=True, ep=2)),
     Case("pp2", Layout(pp=2)),
-    Case("ep2", Layout(dp=2, ep=2, dp_kind="replicated")),
+    Case("cp2_ring", Layout(cp=2, dp_kind="replicated")),
+    Case("cp2_alltoall_dense", Layout(cp=2, cp_comm="alltoall", dp_kind="replicated"), spec=MLA_DENSE),
 ]
 
 
