@@ -104,6 +104,16 @@ class Attention:
         return self.kv_heads * self.head_dim
 
     @property
+    def v_dim(self) -> int:
+        """Width of the values per token (MLA: one v head per query head, v_head_dim wide)."""
+        return self.kv_heads * self.v_head_dim
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the attention core's output per token (o_proj's input)."""
+        return self.heads * self.v_head_dim
+
+    @property
     def v_head_dim(self) -> int:
         return self.head_dim if self.latent is None else self.latent.v_head_dim
 

@@ -30,7 +30,7 @@ from typing import Optional, Union
 from ..errors import PlaitError
 from ..job import Precision
 from ..model import Attention, Mamba2, MLP, ModelSpec, MoE
-from .latent import latent_gemm_weights, latent_norm_params
+from .latent import latent_gemms, latent_norm_params, latent_widths  # noqa: F401
 from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
@@ -48,12 +48,26 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
 
 
-def attention_gemm_weights(attn: Attention, hidden: int) -> int:
-    """Weights of attention's projection GEMMs (one multiply-add each per token): GQA's q, k, v, o,
-    or multi-head latent attention's down / up projections (counts/latent.py)."""
+def attention_gemms(attn: Attention, hidden: int, tp: int = 1) -> tuple[tuple[float, float], ...]:
+    """(out, in) widths of attention's projection GEMMs per token on one of ``tp`` ranks, o_proj
+    last: GQA's fused q/k/v and o, or multi-head latent attention's down / up projections
+    (counts/latent.py). The cost model times these same GEMMs."""
     if attn.latent is not None:
-        return latent_gemm_weights(attn, hidden)
-    return hidden * (attn.q_dim + 2 * attn.kv_dim) + attn.q_dim * hidden
+        return latent_gemms(attn, hidden, tp)
+    return ((attn.q_dim + 2 * attn.kv_dim) / tp, hidden), (hidden, attn.q_dim / tp)
+
+
+def rotated_width(attn: Attention, tp: int = 1) -> float:
+    """Channels RoPE rotates per token on one of ``tp`` ranks: every q and k head (GQA), or MLA's
+    rotary part of each q head plus its one rotary key shared by all heads (replicated)."""
+    if attn.latent is not None:
+        return attn.heads / tp * attn.rope_dim + attn.rope_dim
+    return (attn.q_dim + attn.kv_dim) / tp
+
+
+def attention_gemm_weights(attn: Attention, hidden: int) -> int:
+    """Weights of attention's projection GEMMs (one multiply-add each per token)."""
+    return int(sum(n_out * n_in for n_out, n_in in attention_gemms(attn, hidden)))
 
 
 def attention_params(model: ModelSpec, attn: Attention) -> int:

@@ -16,13 +16,23 @@ from __future__ import annotations
 from ..model import Attention
 
 
-def latent_gemm_weights(attn: Attention, hidden: int) -> int:
-    lat, heads = attn.latent, attn.heads
-    q_out = heads * lat.qk_head_dim
-    q = hidden * q_out if lat.q_lora_rank is None else lat.q_lora_rank * (hidden + q_out)
-    kv = hidden * (lat.kv_lora_rank + lat.qk_rope_head_dim)
-    kv += lat.kv_lora_rank * heads * (lat.qk_nope_head_dim + lat.v_head_dim)
-    return q + kv + heads * lat.v_head_dim * hidden
+def latent_gemms(attn: Attention, hidden: int, tp: int = 1) -> tuple[tuple[float, float], ...]:
+    """(out, in) widths of each projection GEMM on one of ``tp`` ranks: the per-head up-projections
+    and o_proj split by heads, the latent down-projections replicated (Megatron-Core's MLA)."""
+    lat, heads = attn.latent, attn.heads / tp
+    if lat.q_lora_rank is None:
+        q = ((heads * lat.qk_head_dim, hidden),)
+    else:
+        q = ((lat.q_lora_rank, hidden), (heads * lat.qk_head_dim, lat.q_lora_rank))
+    kv = ((lat.kv_lora_rank + lat.qk_rope_head_dim, hidden),
+          (heads * (lat.qk_nope_head_dim + lat.v_head_dim), lat.kv_lora_rank))
+    return q + kv + ((hidden, heads * lat.v_head_dim),)
+
+
+def latent_widths(attn: Attention) -> tuple[int, ...]:
+    """The normalised latents per token: q's (when it has a LoRA rank) and kv's."""
+    lat = attn.latent
+    return (lat.kv_lora_rank,) if lat.q_lora_rank is None else (lat.q_lora_rank, lat.kv_lora_rank)
 
 
 def latent_norm_params(attn: Attention) -> int:
