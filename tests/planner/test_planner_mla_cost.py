@@ -36,3 +36,12 @@ def test_context_parallel_exchanges_mla_k_and_v_widths(mixtral_job):
     as_gqa = Context(replace(ring.job, model=replace(DEEPSEEK_V3, attention=replace(
         a, latent=None, head_dim=192))), ring.layout)  # v heads as wide as q/k heads
     assert comm.cp_comm(ring) < comm.cp_comm(as_gqa)
+
+
+def test_pruning_an_mla_model_is_refused_in_words():
+    import pytest
+
+    from plait.ir.errors import PlaitError
+    from plait.planner.prune.options import pruned_spec
+    with pytest.raises(PlaitError, match="pruning multi-head latent attention"):
+        pruned_spec(DEEPSEEK_V3, DEEPSEEK_V3.hidden, {"attention_heads": 64}, DEEPSEEK_V3.layers)
