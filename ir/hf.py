@@ -318,5 +318,14 @@ def load_hf_config(path: str) -> dict:
     return config
 
 
+def import_notes(cfg: dict) -> list[str]:
+    """What importing ``cfg`` leaves out on purpose (DeepSeek-V3's multi-token prediction), in
+    words for `plait import` to print beside the spec."""
+    if cfg.get("model_type") == "deepseek_v3":
+        from .hf_deepseek import import_notes as deepseek_notes
+        return deepseek_notes(cfg)
+    return []
+
+
 def model_from_hf_file(path: str, name: Optional[str] = None) -> ModelSpec:
     return model_from_hf_config(load_hf_config(path), name)

@@ -21,6 +21,15 @@ from .model import MLP, Attention, LatentKV, ModelSpec, MoE, Norm
 _IGNORED = ("num_nextn_predict_layers", "ep_size", "quantization_config", "aux_loss_alpha", "seq_aux")
 
 
+def import_notes(cfg: dict) -> list[str]:
+    """What the import leaves out on purpose, in words."""
+    mtp = cfg.get("num_nextn_predict_layers") or 0
+    if not mtp:
+        return []
+    return [f"{mtp} multi-token-prediction layer(s) (num_nextn_predict_layers) not imported: "
+            "transformers' DeepseekV3ForCausalLM has none; the count above is the main model"]
+
+
 def _latent_attention(c: HFConfig) -> Attention:
     c.expect("attention_bias", (False,), False, "plait's latent attention has no projection biases")
     heads = int(c.required("num_attention_heads"))
