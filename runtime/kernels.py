@@ -133,6 +133,8 @@ def flash_window_size(window: Optional[int]) -> tuple[int, int]:
 
 def _flash(module):
     def attention(q, k, v, scale: float, window: Optional[int] = None):
+        if v.shape[-1] != q.shape[-1]:  # flash-attn 2 checks v's head width against q's: MLA's
+            return sdpa_attention(q, k, v, scale, window)  # narrower v heads run SDPA
         # window_size only with a window: flash-attn before 2.3 has no such argument
         extra = {} if window is None else {"window_size": flash_window_size(window)}
         return module.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, **extra)
