@@ -94,6 +94,11 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 
+    def document_starts(self) -> np.ndarray:
+        """Token offset of each document's first token, ascending (int64, in memory)."""
+        ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
+        return ends[np.asarray(self.document_indices[:-1])]
+
     def document_lengths(self) -> np.ndarray:
         """Tokens per document (a document may span several sequences in Megatron datasets)."""
         ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])

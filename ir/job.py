@@ -106,6 +106,11 @@ class Data:
     # a blend (`data { sources { ... } ... }`): named sources and phases in order; empty: `path`
     sources: tuple[DataSource, ...] = ()
     phases: tuple[DataPhase, ...] = ()
+    # Packing (runtime/packing.py): attend within each packed document only, positions restarting
+    # per document; and the objective: "sft" counts only the tokens the datasets' loss masks keep
+    # (assistant turns, from `plait data prepare --chat`).
+    document_mask: bool = False
+    objective: str = "pretrain"
 
 
 @dataclass(frozen=True)

@@ -35,16 +35,38 @@ NORMS = (RMSNorm, GatedRMSNorm, nn.LayerNorm)
 
 def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
                 moe_options: Optional[MoEOptions] = None, capacity_segments: int = 1,
-                capacity_cp: int = 1) -> CausalLM:
+                capacity_cp: int = 1, document_mask: bool = False,
+                loss_mask: bool = False) -> CausalLM:
     """The reference model of ``spec``. ``moe_options`` (capacity factor, drop policy) only matter
     for MoE layers (default: dropless); with a capacity factor, ``capacity_segments`` sequence
     chunks each get their own capacity (the tokens one SP / CP rank routes), taken in the zigzag
-    order of ``capacity_cp`` context-parallel ranks (`routing.capacity_keep_segments`)."""
+    order of ``capacity_cp`` context-parallel ranks (`routing.capacity_keep_segments`).
+    ``document_mask`` / ``loss_mask``: see CausalLM (packed documents, SFT loss masks)."""
+    if document_mask:
+        check_document_mask(spec)
     mixers = [_mixer(spec, kind, moe_options, (capacity_segments, capacity_cp)) for kind in spec.layers]
-    model = CausalLM(spec, mixers)
+    model = CausalLM(spec, mixers, document_mask=document_mask, loss_mask=loss_mask)
     init_weights(model, seed)
     _cast(model, dtype, device)
     return model
+
+
+def document_mask_problem(spec: ModelSpec) -> Optional[str]:
+    """Why ``spec`` cannot keep packed documents apart, or None. Attention reads a block-diagonal
+    mask; a Mamba layer would need its scan state and conv window reset at every document start,
+    which plait does not lower (yet): such a model is refused rather than silently mixing
+    documents."""
+    if "mamba" in spec.layers:
+        return (f"model {spec.name!r} has Mamba layers; document masking resets attention only "
+                "(the Mamba state is not reset at document boundaries)")
+    return None
+
+
+def check_document_mask(spec: ModelSpec) -> None:
+    problem = document_mask_problem(spec)
+    if problem:
+        raise PlaitError(problem, hint="train it with document_mask = false (documents packed "
+                         "with EOS between them)")
 
 
 def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions],

@@ -54,31 +54,44 @@ def _sum_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.view(b, kv_heads, h // kv_heads, s, d).sum(2) if h != kv_heads else t
 
 
-def _scores(q, k, scale: float, causal: bool) -> torch.Tensor:
+def _scores(q, k, scale: float, causal: bool, allowed=None) -> torch.Tensor:
+    """Scaled scores of a chunk pair, -inf where the causal mask (same chunk) or the document
+    mask ``allowed`` [b, l, l] (packed documents) forbids."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(mask, NEG_INF)
+    if allowed is not None:
+        s = s.masked_fill(~allowed[:, None], NEG_INF)
     return s
 
 
-def _pair_forward_math(q, k, v, scale: float, causal: bool):
-    s = _scores(q, k, scale, causal)
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (a query that sees no key of this pair: documents) read as 0, so that
+    exp(s - lse) is 0, not NaN, for it."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+def _pair_forward_math(q, k, v, scale: float, causal: bool, allowed=None):
+    s = _scores(q, k, scale, causal, allowed)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+    return torch.matmul(torch.exp(s - _finite(lse)[..., None]), v), lse
 
 
-def _pair_backward_math(do, q, k, v, out, lse, scale: float, causal: bool):
+def _pair_backward_math(do, q, k, v, out, lse, scale: float, causal: bool, allowed=None):
     """Flash-attention backward of one chunk pair given the merged output and log-sum-exp."""
-    p = torch.exp(_scores(q, k, scale, causal) - lse[..., None])
+    p = torch.exp(_scores(q, k, scale, causal, allowed) - lse[..., None])
     delta = (do * out).sum(-1)
     dv = torch.matmul(p.transpose(-1, -2), do)
     ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
     return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
 
 
-def pair_forward(q, k, v, scale: float, causal: bool):
-    """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] (causal: same chunk)."""
+def pair_forward(q, k, v, scale: float, causal: bool, allowed=None):
+    """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] (causal: same chunk;
+    ``allowed``: the document mask of the pair, computed with explicit scores)."""
+    if allowed is not None:
+        return _pair_forward_math(q, k, v, scale, causal, allowed)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
@@ -86,8 +99,10 @@ def pair_forward(q, k, v, scale: float, causal: bool):
     return _pair_forward_math(q, k, v, scale, causal)
 
 
-def pair_backward(do, q, k, v, out, lse, scale: float, causal: bool):
+def pair_backward(do, q, k, v, out, lse, scale: float, causal: bool, allowed=None):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
+    if allowed is not None:
+        return _pair_backward_math(do, q, k, v, out, lse, scale, causal, allowed)
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, out, lse, 0.0, causal, scale=scale)
@@ -100,51 +115,66 @@ def _merge(acc, out, lse):
         return out, lse
     acc_out, acc_lse = acc
     new_lse = torch.logaddexp(acc_lse, lse)
-    return (acc_out * torch.exp(acc_lse - new_lse)[..., None]
-            + out * torch.exp(lse - new_lse)[..., None]), new_lse
+    ref = _finite(new_lse)  # both -inf (no key seen yet under a document mask): weights 0
+    return (acc_out * torch.exp(acc_lse - ref)[..., None]
+            + out * torch.exp(lse - ref)[..., None]), new_lse
 
 
-def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int):
-    """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries."""
+def _allowed(documents, docs_cur, qi: int, ki: int):
+    """The document mask [b, l, l] of chunk pair (qi, ki), or None without documents."""
+    if documents is None:
+        return None
+    dq, dk = documents.chunk(2, dim=1)[qi], docs_cur.chunk(2, dim=1)[ki]
+    return dq[:, :, None] == dk[:, None, :]
+
+
+def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int, documents=None):
+    """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries.
+    ``documents`` [b, s] (this rank's document keys) travel the ring with their K/V block."""
     qh = _heads_first(q).chunk(2, dim=2)
     heads = q.shape[2]
     acc = [None, None]
     ring = RingShift(axis, size, rank) if size > 1 else None
-    k_cur, v_cur = k, v
+    block = [k, v] if documents is None else [k, v, documents]
     for step in range(size):
-        pending = ring.start([k_cur, v_cur]) if step < size - 1 else None
+        pending = ring.start(block) if step < size - 1 else None
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
+        kh = _repeat_heads(_heads_first(block[0]), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1]), heads).chunk(2, dim=2)
+        docs_cur = block[2] if documents is not None else None
         for qi, ki, causal in chunk_pairs(size, rank, src):
-            acc[qi] = _merge(acc[qi], *pair_forward(qh[qi], kh[ki], vh[ki], scale, causal))
+            allowed = _allowed(documents, docs_cur, qi, ki)
+            acc[qi] = _merge(acc[qi], *pair_forward(qh[qi], kh[ki], vh[ki], scale, causal, allowed))
         if pending is not None:
-            k_cur, v_cur = ring.wait(pending)
+            block = ring.wait(pending)
     out = torch.cat([a[0] for a in acc], dim=2).transpose(1, 2).to(q.dtype)
     return out.contiguous(), torch.cat([a[1] for a in acc], dim=2).contiguous()
 
 
-def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, rank: int):
+def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, rank: int,
+                  documents=None):
     heads, kv_heads = q.shape[2], k.shape[2]
     qh, do = _heads_first(q).chunk(2, dim=2), _heads_first(dout).chunk(2, dim=2)
     lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out).chunk(2, dim=2)
     dq = [torch.zeros_like(t) for t in qh]
     ring = RingShift(axis, size, rank) if size > 1 else None
-    k_cur, v_cur = k, v
+    block = [k, v] if documents is None else [k, v, documents]
     dk_cur, dv_cur = torch.zeros_like(_heads_first(k)), torch.zeros_like(_heads_first(v))
     for step in range(size):
-        pending = ring.start([k_cur, v_cur]) if step < size - 1 else None
+        pending = ring.start(block) if step < size - 1 else None
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
+        kh = _repeat_heads(_heads_first(block[0]), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1]), heads).chunk(2, dim=2)
+        docs_cur = block[2] if documents is not None else None
         dk, dv = [torch.zeros_like(t) for t in kh], [torch.zeros_like(t) for t in vh]
         for qi, ki, causal in chunk_pairs(size, rank, src):
-            g = pair_backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, causal)
+            g = pair_backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, causal,
+                              _allowed(documents, docs_cur, qi, ki))
             dq[qi], dk[ki], dv[ki] = dq[qi] + g[0], dk[ki] + g[1], dv[ki] + g[2]
         dk_cur = dk_cur + _sum_heads(torch.cat(dk, dim=2), kv_heads)
         dv_cur = dv_cur + _sum_heads(torch.cat(dv, dim=2), kv_heads)
         if pending is not None:
-            k_cur, v_cur = ring.wait(pending)
+            block = ring.wait(pending)
         if ring is not None:  # the accumulators follow their block; after cp hops they are home
             dk_cur, dv_cur = ring.wait(ring.start([dk_cur, dv_cur]))
     dq_out = torch.cat(dq, dim=2).transpose(1, 2).to(q.dtype).contiguous()

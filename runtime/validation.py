@@ -42,6 +42,12 @@ class Part:
     def window(self, index: int, length: int) -> np.ndarray:
         return self.source.window(self.first + index, length)
 
+    def positions(self, index: int, length: int) -> np.ndarray:
+        return data_mod.window_positions(self.source, self.first + index, length)
+
+    def loss_mask(self, index: int, length: int) -> np.ndarray:
+        return data_mod.window_loss_mask(self.source, self.first + index, length)
+
 
 def training_part(source: data_mod.TokenSource, data: Data, seq_len: int) -> data_mod.TokenSource:
     """What training may read: everything without validation, else all but the held-out tail."""
@@ -60,7 +66,7 @@ def validation_loader(source: data_mod.TokenSource, data: Data, seq_len: int, gl
                          f"windows of {seq_len + 1} tokens) is smaller than one global batch of "
                          f"{global_batch}", hint="raise val_fraction or use a larger dataset")
     return data_mod.BatchLoader(part, seq_len, global_batch, data.seed, dp_rank=dp_rank,
-                                dp_size=dp_size, device=device)
+                                dp_size=dp_size, device=device, packing=data_mod.Packing.of(data))
 
 
 def validation_loss(trainer, loader: data_mod.BatchLoader, batches: int) -> tuple[float, int]:

@@ -7,6 +7,7 @@ a single fx node for this reason):
   tokens, labels        -> zigzag_shard(., cp, rank)        this rank's chunks of the micro-batch
   sequence_positions    -> zigzag_positions(., cp, rank)    global RoPE positions of the chunks
   causal_attention      -> ring_attention (layout cp_comm = "ring") or ulysses_attention ("alltoall")
+  document_attention    -> ring_ / ulysses_document_attention   (packed documents, cp_documents.py)
   causal_conv1d         -> cp_causal_conv1d                 with the predecessor chunks' halos
   ssd_scan              -> cp_ssd_scan                       states passed across chunks
 
@@ -23,6 +24,7 @@ import torch.fx
 from plait.ir.errors import LayoutError
 from plait.lowering import cp_ops
 from plait.lowering.cp_attention import ring_attention, ulysses_attention
+from plait.lowering.cp_documents import ring_document_attention, ulysses_document_attention
 from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules import attention as attention_module
 from plait.lowering.modules import mamba as mamba_module
@@ -33,8 +35,10 @@ from .shard_tensor_parallel import check_stream_shapes
 
 AXIS = cp_ops.CP_AXIS
 CP_COMMS = {"ring": ring_attention, "alltoall": ulysses_attention}
+CP_DOCUMENT_COMMS = {"ring": ring_document_attention, "alltoall": ulysses_document_attention}
 SEQUENCE_OPS = (attention_module.sequence_positions, attention_module.causal_attention,
-                mamba_module.causal_conv1d, mamba_module.ssd_scan)
+                attention_module.document_attention, mamba_module.causal_conv1d,
+                mamba_module.ssd_scan)
 
 
 def cp_comm(t: Target) -> str:
@@ -92,6 +96,8 @@ def _rewrite(gm, node, t: Target) -> None:
         _replace(gm, node, cp_ops.zigzag_positions, (node.args[0], cp, rank))
     elif node.target is attention_module.causal_attention:
         _replace(gm, node, CP_COMMS[cp_comm(t)], (*node.args, *ring))
+    elif node.target is attention_module.document_attention:
+        _replace(gm, node, CP_DOCUMENT_COMMS[cp_comm(t)], (*node.args, *ring))
     elif node.target is mamba_module.causal_conv1d:
         _replace(gm, node, cp_causal_conv1d, (*node.args, *ring))
     elif node.target is mamba_module.ssd_scan:
@@ -125,8 +131,10 @@ def verify_context_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
         raise VerifyError(f"{left[0].format_node()} still reads the whole sequence under cp = "
                           f"{t.layout.cp}")
     shards = [n for n in gm.graph.nodes if n.target is cp_ops.zigzag_shard]
-    if len(shards) != 2:
-        raise VerifyError(f"expected the tokens and labels to be zigzag-sharded, found {len(shards)}")
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(shards) != len(inputs):  # tokens, labels (and a packed batch's positions)
+        raise VerifyError(f"expected the {len(inputs)} inputs to be zigzag-sharded, found "
+                          f"{len(shards)}")
     seq_parts = t.layout.cp * (t.layout.tp if t.layout.sp else 1)
     check_stream_shapes(gm, t, seq_parts=seq_parts)
 
