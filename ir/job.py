@@ -113,6 +113,19 @@ class Data:
     objective: str = "pretrain"
 
 
+OBJECTIVES = ("pretrain", "sft")
+
+
+def document_mask_problem(model: ModelSpec) -> Optional[str]:
+    """Why ``model`` cannot keep packed documents apart, or None. Attention reads a block-diagonal
+    mask; a Mamba layer would need its scan state and conv window reset at every document start,
+    which plait does not lower: such a model is refused rather than silently mixing documents."""
+    if "mamba" in model.layers:
+        return (f"model {model.name!r} has Mamba layers; document masking resets attention only "
+                "(the Mamba state is not reset at document boundaries)")
+    return None
+
+
 @dataclass(frozen=True)
 class TrainJob:
     name: str

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from plait.ir.errors import PlaitError
-from plait.ir.job import MoEOptions
+from plait.ir.job import MoEOptions, document_mask_problem
 from plait.ir.model import ModelSpec
 
 from .modules.attention import SelfAttention
@@ -49,17 +49,6 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu
     init_weights(model, seed)
     _cast(model, dtype, device)
     return model
-
-
-def document_mask_problem(spec: ModelSpec) -> Optional[str]:
-    """Why ``spec`` cannot keep packed documents apart, or None. Attention reads a block-diagonal
-    mask; a Mamba layer would need its scan state and conv window reset at every document start,
-    which plait does not lower (yet): such a model is refused rather than silently mixing
-    documents."""
-    if "mamba" in spec.layers:
-        return (f"model {spec.name!r} has Mamba layers; document masking resets attention only "
-                "(the Mamba state is not reset at document boundaries)")
-    return None
 
 
 def check_document_mask(spec: ModelSpec) -> None:

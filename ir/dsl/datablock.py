@@ -8,6 +8,8 @@
       }
       phase1 { web = 0.8, math = 0.2 }             # from the first token
       phase2 { at = 0.6, web = 0.5, math = 0.5 }   # from 60% of the job's tokens (or a count: 6e9)
+      document_mask = true                         # optional: no attention across packed documents
+      objective = sft                              # optional: loss on the loss-masked tokens only
     }
 
 With one blend the weights may sit on the sources instead: `web = dataset(path = "...", weight = 0.8)`.
@@ -19,7 +21,8 @@ import os
 from typing import Optional
 
 from plait.ir.datarecipe import epoch_overruns, phase_starts, source_windows
-from plait.ir.job import Data, DataPhase, DataSource, TrainJob
+from plait.ir.job import OBJECTIVES, Data, DataPhase, DataSource, TrainJob, document_mask_problem
+from plait.ir.model import ModelSpec
 
 from . import ast
 from .reader import Context, Reader, describe, did_you_mean, to_float, to_int, to_string
@@ -40,7 +43,20 @@ def tokenizer_name(ctx: Context, value) -> str:
     return to_string(ctx, value, "tokenizer")
 
 
-def resolve_data_block(ctx: Context, block: ast.Block, pos: ast.Pos, base_dir: Optional[str]) -> Data:
+def packing_options(ctx: Context, r: Reader, model: ModelSpec) -> dict:
+    """document_mask = true | false and objective = pretrain | sft (of a dataset(...) call or a
+    data block); a model that cannot honour the document mask is an error at the key."""
+    document_mask = r.bool("document_mask", False)
+    problem = document_mask_problem(model) if document_mask else None
+    if problem:
+        raise ctx.error(problem, r.entries["document_mask"].value.pos,
+                        hint="remove document_mask (documents stay packed with EOS between them)")
+    return {"document_mask": document_mask, "objective": r.choice("objective", OBJECTIVES,
+                                                                  Data.objective)}
+
+
+def resolve_data_block(ctx: Context, block: ast.Block, pos: ast.Pos, base_dir: Optional[str],
+                       model: ModelSpec) -> Data:
     r = Reader(ctx, block.entries, "data block", pos)
     sources_block = r.block("sources")
     if sources_block is None:
@@ -57,7 +73,8 @@ def resolve_data_block(ctx: Context, block: ast.Block, pos: ast.Pos, base_dir: O
         phases = (_single_blend(ctx, sources_block, source_weights, names),)
     tokenizer = r.value("tokenizer", None)
     data = Data(sources=sources, phases=phases, seed=r.int("seed", Data.seed, minimum=0),
-                tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer))
+                tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer),
+                **packing_options(ctx, r, model))
     for e in phase_entries:
         r.has(e.key)  # phases are known keys
     r.finish()

@@ -12,7 +12,7 @@ from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
 from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
 
 from . import ast
-from .datablock import check_blend, data_path, resolve_data_block, tokenizer_name
+from .datablock import check_blend, data_path, packing_options, resolve_data_block, tokenizer_name
 from .hardware import resize
 from .reader import Context, Reader, describe, did_you_mean, to_float, to_string
 
@@ -50,10 +50,11 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
     )
     data = r.raw("data", None)
     if isinstance(data, ast.Block):
-        job = replace(job, data=resolve_data_block(ctx, data, r.entries["data"].pos, base_dir))
+        job = replace(job, data=resolve_data_block(ctx, data, r.entries["data"].pos, base_dir,
+                                                   model))
         check_blend(ctx, job, data)
     else:
-        job = replace(job, data=_data(ctx, data, base_dir))
+        job = replace(job, data=_data(ctx, data, base_dir, model))
     r.finish()
     return job
 
@@ -192,7 +193,7 @@ def _pin(r: Reader, key: str, value):
     return order
 
 
-def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
+def _data(ctx: Context, value, base_dir: Optional[str], model: ModelSpec) -> Data:
     if value is None:
         return Data()
     if isinstance(value, ast.Ident) and value.name == "synthetic":
@@ -209,7 +210,7 @@ def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
     tokenizer = r.value("tokenizer", None)
     data = Data(path=path, synthetic=synthetic, seed=r.int("seed", Data.seed, minimum=0),
                 tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer),
-                **_validation(ctx, r, value))
+                **_validation(ctx, r, value), **packing_options(ctx, r, model))
     r.finish()
     return data
 

@@ -1,5 +1,5 @@
-"""Tier 2: packed documents with document-masked attention, and the SFT loss mask, reproduce one
-device under every layout kind (gloo; one spawn per world size).
+"""Tier 2: packed documents with document-masked attention and the SFT loss mask reproduce one
+device under every layout kind (gloo; one spawn).
 
 The data are seeded synthetic windows cut into random documents (mean length 5 of a 16-token
 window, so most windows hold 3-4 documents and many chunk pairs of the CP ring mix documents) and,
@@ -29,23 +29,17 @@ TOL = 1e-5
 CASES = [
     Case("cp2_ring", Layout(cp=2, cp_comm="ring")),
     Case("cp2_alltoall", Layout(cp=2, cp_comm="alltoall")),
+    Case("tp2", Layout(tp=2, dp_kind="replicated")),
     Case("tp2_sp", Layout(tp=2, sp=True)),
     Case("pp2", Layout(pp=2)),
     Case("dp2", Layout(dp=2, dp_kind="replicated")),
 ]
 
 
-def _check(errors):
-    for name, e in errors.items():
-        assert e.loss < TOL and e.grads < TOL, (name, e)
-
-
 @pytest.mark.tier2
-def test_document_mask_layouts_match_one_device(tmp_path):
-    _check(run_parity(DOCS, CASES, str(tmp_path)))
-
-
-@pytest.mark.tier2
-def test_sft_loss_mask_layouts_match_one_device(tmp_path):
+def test_packed_sft_layouts_match_one_device(tmp_path):
+    """Document mask and loss mask together (one spawn): CP ring and all-to-all, TP (+SP), PP,
+    DP and EP each equal the single-device reference."""
     cases = CASES + [Case("ep2", Layout(dp=2, ep=2, dp_kind="replicated"), spec=MOE_SPEC)]
-    _check(run_parity(SFT, cases, str(tmp_path)))
+    for name, e in run_parity(SFT, cases, str(tmp_path)).items():
+        assert e.loss < TOL and e.grads < TOL, (name, e)
