@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from plait.ir.errors import PlaitError
-from plait.ir.indexed import IndexedDataset, prefix_of
+from plait.ir.indexed import LOSS_MASK_SUFFIX, IndexedDataset, prefix_of
 
 from .data_prepare import (DATASET_KIND, META, PREFIX, ByteTokenizer, HFTokenizer,  # noqa: F401
                            Tokenizer, bundled_corpus, get_tokenizer, prepare)
@@ -26,7 +26,6 @@ from .packing import (Batch, Packing, deliver, packed_batch, positions_after_eos
                       positions_from_starts, window_loss_mask, window_positions)
 
 LEGACY_TOKENS = "tokens.bin"  # plait's first format: a flat token file + meta.json, no index
-LOSS_MASK_SUFFIX = "_loss_mask"  # PREFIX_loss_mask.bin/.idx: an SFT dataset's per-token loss mask
 
 
 class TokenSource(Protocol):

@@ -1,0 +1,114 @@
+"""`plait data prepare --chat`: JSONL conversations -> tokens and an SFT loss mask, both Megatron
+indexed datasets.
+
+Each JSONL line holds a conversation under ``--field`` (default "messages"): a list of
+{"role": ..., "content": ...} turns. It is rendered with the Hugging Face tokenizer's own chat
+template (``apply_chat_template``), followed by the tokenizer's EOS as every document is. The loss
+mask (`PREFIX_loss_mask.bin/.idx`, uint8, the same document lengths) is 1 on the tokens of the
+assistant turns and 0 elsewhere (system and user turns, the template's role headers, the EOS
+separator). An assistant turn's tokens are found by rendering prefixes: the conversation up to the
+turn with the generation prompt, then up to and including the turn; the difference is what the
+assistant says (with the template's end-of-turn token, so the model learns to stop). A template
+whose renderings are not prefixes of one another (one that rewrites earlier turns) is refused
+rather than guessed at.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from plait.ir.errors import PlaitError
+from plait.ir.indexed import LOSS_MASK_SUFFIX, IndexedWriter
+
+CHAT_FIELD = "messages"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatRenderer:
+    """A HF tokenizer with a chat template: conversation -> (token ids, assistant mask)."""
+
+    def __init__(self, name: str):
+        from .data_prepare import HFTokenizer
+
+        if name in ("byte", "bytes"):
+            raise PlaitError("--chat needs a Hugging Face tokenizer with a chat template",
+                             hint="pass --tokenizer NAME_OR_PATH")
+        self.base = HFTokenizer(name)
+        self.tok = self.base._tok
+        if not getattr(self.tok, "chat_template", None):
+            raise PlaitError(f"tokenizer {name!r} has no chat template",
+                             hint="use a chat / instruct model's tokenizer")
+        self.name, self.vocab, self.eos = self.base.name, self.base.vocab, self.base.eos
+
+    def _ids(self, messages: list[dict], prompt: bool) -> list[int]:
+        return list(self.tok.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                 add_generation_prompt=prompt))
+
+    def render(self, messages: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = self._ids(messages, prompt=False)
+        mask = np.zeros(len(ids) + 1, dtype=np.uint8)  # + the EOS separator (never counted)
+        for i, turn in enumerate(messages):
+            if turn["role"] != "assistant":
+                continue
+            before = self._ids(messages[:i], prompt=True) if i else []
+            through = self._ids(messages[:i + 1], prompt=False)
+            start = len(before)
+            if ids[:start] != before or ids[:len(through)] != through or start > len(through):
+                raise PlaitError(f"{where}: the chat template of {self.name!r} does not render "
+                                 f"turn {i + 1} as an extension of the turns before it",
+                                 hint="the loss mask needs a prefix-stable chat template")
+            mask[start:len(through)] = 1
+        return np.asarray(ids + [self.eos], dtype=np.int64), mask
+
+
+def conversations(path: Path, field: str) -> Iterator[tuple[Optional[list[dict]], int, str]]:
+    """(messages or None for a blank line, bytes consumed, "file:line") per JSONL line."""
+    from .data_prepare import _lines
+
+    for number, line, size in _lines(path):
+        where = f"{path}:{number}"
+        if not line.strip():
+            yield None, size, where
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise PlaitError(f"{where}: not a JSON object: {e}") from None
+        messages = record.get(field) if isinstance(record, dict) else None
+        yield _checked(messages, field, where), size, where
+
+
+def _checked(messages, field: str, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise PlaitError(f"{where}: no conversation under {field!r} (a list of "
+                         '{"role": ..., "content": ...} turns)', hint="name the field with --field")
+    for i, turn in enumerate(messages, 1):
+        if not (isinstance(turn, dict) and turn.get("role") in ROLES
+                and isinstance(turn.get("content"), str)):
+            raise PlaitError(f"{where}: turn {i} is not {{\"role\": {' | '.join(ROLES)}, "
+                             f"\"content\": \"...\"}}: {str(turn)[:80]}")
+    if not any(t["role"] == "assistant" for t in messages):
+        raise PlaitError(f"{where}: the conversation has no assistant turn (nothing to learn)")
+    return messages
+
+
+def write_chat(paths: list[Path], prefix: Path, renderer: ChatRenderer, dtype, field: str,
+               progress) -> np.ndarray:
+    """Tokens to PREFIX.bin/.idx and the loss mask to PREFIX_loss_mask.bin/.idx, streamed;
+    returns the document lengths."""
+    tokens = IndexedWriter(prefix, dtype)
+    masks = IndexedWriter(Path(str(prefix) + LOSS_MASK_SUFFIX), np.uint8)
+    for path in paths:
+        for messages, size, where in conversations(path, field):
+            progress(size)
+            if messages is None:
+                continue
+            ids, mask = renderer.render(messages, where)
+            tokens.add_document(ids)
+            masks.add_document(mask)
+    tokens.close()
+    masks.close()
+    return np.asarray(tokens.lengths, dtype=np.int64)
