@@ -69,8 +69,12 @@ class BlendedLoader:
 def blended_loader(job: TrainJob, seq_len: int, global_batch: int, dp_rank: int = 0,
                    dp_size: int = 1, device: torch.device = torch.device("cpu"),
                    sources: Optional[Sequence[TokenSource]] = None) -> BlendedLoader:
-    """The job's blend, its sources opened, its epoch caps checked against the job's steps."""
+    """The job's blend, its sources opened (each without its held-out validation split), its
+    epoch caps checked against the job's steps."""
+    from .validation import training_part
+
     sources = sources or [open_source(s.path, job.model.vocab) for s in job.data.sources]
+    sources = [training_part(s, job.data, seq_len) for s in sources]
     names = [s.name for s in job.data.sources]
     loader = BlendedLoader(sources, names, schedule(job), seq_len, global_batch, job.data.seed,
                            dp_rank, dp_size, device, Packing.of(job.data))

@@ -159,3 +159,19 @@ def test_packing_option_errors_point_at_the_spec(specdir, edit, where, message):
     with pytest.raises(SpecError) as err:
         _load(specdir, text)
     assert (err.value.line, err.value.col) == where and message in err.value.message
+
+
+def test_a_blend_holds_out_a_validation_split_per_source(specdir):
+    """val_every / val_fraction in a data block: every source keeps its tail for validation
+    (training windows shrink, epochs grow), fmt writes them back; a source whose split is
+    smaller than one global batch is an error at the source."""
+    text = JOB.replace("EPOCHS", "3").replace("    seed = 7\n", "    seed = 7\n    val_every = 10, val_fraction = 0.2\n")
+    lib = _load(specdir, text)
+    job = lib.jobs["blend"]
+    assert (job.data.val_every, job.data.val_fraction) == (10, 0.2)
+    assert source_windows(job) == {"web": 240, "math": 400, "code": 40}  # 300, 500, 50 less 20%
+    assert parse_text(format_file(lib), file=str(specdir / "j.plait"),
+                      base_dir=str(specdir)).jobs["blend"] == job
+    with pytest.raises(SpecError) as err:
+        _load(specdir, text.replace("val_fraction = 0.2", "val_fraction = 0.1"))
+    assert (err.value.line, err.value.col) == (14, 7) and "holds out 5 of its 50" in err.value.message

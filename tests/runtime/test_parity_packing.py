@@ -29,7 +29,6 @@ TOL = 1e-5
 CASES = [
     Case("cp2_ring", Layout(cp=2, cp_comm="ring")),
     Case("cp2_alltoall", Layout(cp=2, cp_comm="alltoall")),
-    Case("tp2", Layout(tp=2, dp_kind="replicated")),
     Case("tp2_sp", Layout(tp=2, sp=True)),
     Case("pp2", Layout(pp=2)),
     Case("dp2", Layout(dp=2, dp_kind="replicated")),
