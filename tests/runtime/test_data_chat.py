@@ -106,3 +106,34 @@ def test_chat_needs_a_tokenizer_with_a_template(chat_data, tmp_path):
         "{% for m in messages %}", "{% for m in messages %}{% if loop.length > 1 %}you {% endif %}"))
     with pytest.raises(PlaitError, match="does not render turn 2 as an extension"):
         prepare([src], tmp_path / "c", rewriting, "messages", chat=True)
+
+
+def test_a_packed_sft_job_trains_on_the_chat_dataset(chat_data, tmp_path):
+    """The Trainer (one in-process rank) reads positions and the loss mask from the prepared
+    dataset: its step-0 loss is the reference's mean over the counted tokens."""
+    from plait.ir.cluster import local_cpu
+    from plait.ir.job import Data, Optimizer, TrainJob
+    from plait.ir.plan import Layout
+    from plait.runtime import mesh as mesh_mod
+    from plait.runtime.launch import hand_plan
+    from plait.runtime.train import Trainer
+
+    root, _ = chat_data
+    spec = ModelSpec(name="chat", vocab=len(WORDS), hidden=16, layers=("attention", "mlp"),
+                     attention=Attention(heads=2, kv_heads=1, head_dim=8, rope=Rope()), mlp=MLP(ffn=32))
+    job = TrainJob(name="sft", model=spec, cluster=local_cpu(1), global_batch=4, seq_len=16,
+                   precision=None, optimizer=Optimizer(lr=1e-3, warmup=1), steps=2,
+                   data=Data(path=str(root / "ds"), document_mask=True, objective="sft"))
+    mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
+    try:
+        plan = hand_plan(job, Layout())
+        trainer = Trainer(job, plan, mesh_mod.build_mesh(plan.layout, 60))
+        loss = float(trainer.forward_backward(0))
+    finally:
+        mesh_mod.destroy()
+    batch = trainer.loader.local_batch(0)
+    reference = build_model(spec, seed=job.seed, document_mask=True)
+    logits = reference(batch.tokens, None, batch.positions)
+    want = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert loss == pytest.approx(float(want.detach()), rel=1e-5)
+    assert not torch.equal(batch.positions, torch.arange(16).expand(4, 16))  # documents restart
