@@ -15,6 +15,7 @@ rather than guessed at.
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -95,20 +96,58 @@ def _checked(messages, field: str, where: str) -> list[dict]:
     return messages
 
 
-def write_chat(paths: list[Path], prefix: Path, renderer: ChatRenderer, dtype, field: str,
-               progress) -> np.ndarray:
-    """Tokens to PREFIX.bin/.idx and the loss mask to PREFIX_loss_mask.bin/.idx, streamed;
-    returns the document lengths."""
-    tokens = IndexedWriter(prefix, dtype)
-    masks = IndexedWriter(Path(str(prefix) + LOSS_MASK_SUFFIX), np.uint8)
+_WORKER: Optional[ChatRenderer] = None
+
+
+def _init_worker(name: str) -> None:
+    global _WORKER
+    _WORKER = ChatRenderer(name)
+
+
+def _render_batch(batch: list[tuple[list[dict], str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, masks, lengths) of a batch of conversations: three arrays between processes."""
+    pairs = [_WORKER.render(messages, where) for messages, where in batch]
+    return (np.concatenate([ids for ids, _ in pairs]), np.concatenate([m for _, m in pairs]),
+            np.fromiter((len(ids) for ids, _ in pairs), np.int64, len(pairs)))
+
+
+def _batches(paths: list[Path], field: str, progress) -> Iterator[list[tuple[list[dict], str]]]:
+    from .data_prepare import BATCH_DOCS
+
+    batch = []
     for path in paths:
         for messages, size, where in conversations(path, field):
             progress(size)
-            if messages is None:
-                continue
-            ids, mask = renderer.render(messages, where)
-            tokens.add_document(ids)
-            masks.add_document(mask)
+            if messages is not None:
+                batch.append((messages, where))
+            if len(batch) == BATCH_DOCS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _rendered(paths, renderer: ChatRenderer, field: str, workers: int, progress):
+    batches = _batches(paths, field, progress)
+    if workers <= 1:
+        global _WORKER
+        _WORKER = renderer
+        yield from map(_render_batch, batches)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(renderer.name,)) as pool:
+        yield from pool.imap(_render_batch, batches, chunksize=1)  # imap keeps the order
+
+
+def write_chat(paths: list[Path], prefix: Path, renderer: ChatRenderer, dtype, field: str,
+               progress, workers: int = 1) -> np.ndarray:
+    """Tokens to PREFIX.bin/.idx and the loss mask to PREFIX_loss_mask.bin/.idx, streamed
+    (rendered in ``workers`` processes); returns the document lengths."""
+    tokens = IndexedWriter(prefix, dtype)
+    masks = IndexedWriter(Path(str(prefix) + LOSS_MASK_SUFFIX), np.uint8)
+    for ids, mask, lengths in _rendered(paths, renderer, field, workers, progress):
+        tokens.add_documents(ids, lengths)
+        masks.add_documents(mask, lengths)
     tokens.close()
     masks.close()
-    return np.asarray(tokens.lengths, dtype=np.int64)
+    return np.frombuffer(tokens.lengths, dtype=np.int32) if tokens.lengths else np.zeros(0, np.int32)

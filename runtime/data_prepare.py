@@ -217,7 +217,7 @@ def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "
     """Tokenize text / JSONL files into a Megatron indexed dataset directory; returns its metadata.
     The output path and every input are checked before anything is written. ``chat``: JSONL
     conversations rendered with the tokenizer's chat template, with an SFT loss mask beside the
-    tokens (runtime/data_chat.py; one process)."""
+    tokens (runtime/data_chat.py)."""
     from .data_chat import ChatRenderer
 
     paths = [Path(f) for f in files]
@@ -264,7 +264,7 @@ def _write(paths, out: Path, tok: Tokenizer, dtype, field: str, workers: int, sh
     with Progress(transient=True, disable=not show) as bar:
         task = bar.add_task("rendering chats" if chat else "tokenizing", total=total)
         advance = lambda n: bar.advance(task, n)  # noqa: E731
-        lengths = write_chat(paths, out / PREFIX, tok, dtype, field, advance) if chat else \
+        lengths = write_chat(paths, out / PREFIX, tok, dtype, field, advance, workers) if chat else \
             _write_text(paths, out / PREFIX, tok, dtype, field, workers, advance)
     if not len(lengths):
         raise PlaitError("the inputs hold no documents (only blank lines)"
