@@ -24,6 +24,7 @@ from . import trace_cache
 
 META = "plait"
 EMBED, HEAD, LOSS = "embed", "head", "loss"
+POSITIONS = "positions"  # a document-masked model's third input (per-document positions)
 
 
 @dataclass(frozen=True)

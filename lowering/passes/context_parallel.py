@@ -18,6 +18,8 @@ averages over DP x CP: the runtime reduces dense gradients over the "dp-cp" grou
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx
 
@@ -28,7 +30,7 @@ from plait.lowering.cp_documents import ring_document_attention, ulysses_documen
 from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules import attention as attention_module
 from plait.lowering.modules import mamba as mamba_module
-from plait.lowering.trace import META, info
+from plait.lowering.trace import META, POSITIONS, info
 
 from .base import Pass, Target, VerifyError
 from .shard_tensor_parallel import check_stream_shapes
@@ -83,10 +85,29 @@ def _shard_input(gm, placeholder: torch.fx.Node, t: Target) -> None:
     users = [n for n in gm.graph.nodes if n in placeholder.users]
     if not users:
         return
+    if placeholder.target == POSITIONS:
+        _shard_per_user(gm, placeholder, users, t)
+        return
     with gm.graph.inserting_before(users[0]):
         local = gm.graph.call_function(cp_ops.zigzag_shard, (placeholder, t.layout.cp, t.cp_rank, 1))
     local.meta[META] = info(placeholder)
     placeholder.replace_all_uses_with(local, delete_user_cb=lambda user: user is not local)
+
+
+def _shard_per_user(gm, placeholder: torch.fx.Node, users: list, t: Target) -> None:
+    """A packed batch's positions are read by every attention layer, in every pipeline stage:
+    each layer slices its own share (before its first reader, at its position), so no stage hands
+    a slice to the next."""
+    slices: dict[int, torch.fx.Node] = {}
+    for user in users:
+        layer = info(user).position
+        if layer not in slices:
+            with gm.graph.inserting_before(user):
+                slices[layer] = gm.graph.call_function(
+                    cp_ops.zigzag_shard, (placeholder, t.layout.cp, t.cp_rank, 1))
+            slices[layer].meta[META] = replace(info(user), shape=info(placeholder).shape,
+                                               dtype=info(placeholder).dtype)
+        user.replace_input_with(placeholder, slices[layer])
 
 
 def _rewrite(gm, node, t: Target) -> None:
@@ -130,11 +151,9 @@ def verify_context_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
     if left:
         raise VerifyError(f"{left[0].format_node()} still reads the whole sequence under cp = "
                           f"{t.layout.cp}")
-    shards = [n for n in gm.graph.nodes if n.target is cp_ops.zigzag_shard]
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(shards) != len(inputs):  # tokens, labels (and a packed batch's positions)
-        raise VerifyError(f"expected the {len(inputs)} inputs to be zigzag-sharded, found "
-                          f"{len(shards)}")
+    for node in gm.graph.nodes:  # tokens, labels (and a packed batch's positions)
+        if node.op == "placeholder" and any(u.target is not cp_ops.zigzag_shard for u in node.users):
+            raise VerifyError(f"input {node.name} is read whole under cp = {t.layout.cp}")
     seq_parts = t.layout.cp * (t.layout.tp if t.layout.sp else 1)
     check_stream_shapes(gm, t, seq_parts=seq_parts)
 

@@ -19,7 +19,7 @@ from torch.fx.passes.split_module import split_module
 
 from plait.ir.errors import LayoutError
 from plait.ir.plan import Stage
-from plait.lowering.trace import example_inputs, info, local_shape, record_shapes
+from plait.lowering.trace import POSITIONS, example_inputs, info, local_shape, record_shapes
 
 from .base import Pass, Target, VerifyError
 from .data_parallel import GRAD_SYNC, GradSync
@@ -28,9 +28,9 @@ TIED_WEIGHT = "embed.weight"  # the input embedding, the LM head's weight when t
 
 STAGE_IO = "plait.stage_io"
 LOSS = "loss"
-POSITIONS = "positions"  # a document-masked program's input, read by every stage (a kwarg)
 # A child's inputs in this order: the activation it receives (or the tokens), then the model
-# inputs every stage may read by name, the labels last: loss_fn(output, target).
+# inputs every stage may read by name (a document-masked program's positions, a kwarg of every
+# stage), the labels last: loss_fn(output, target).
 _INPUT_ORDER = {"tokens": 1, POSITIONS: 2, "labels": 3}
 
 

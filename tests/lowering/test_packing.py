@@ -110,3 +110,25 @@ def test_a_model_with_mamba_layers_refuses_document_masking():
     hybrid = load_model("specs/models/tiny-hybrid.plait")
     with pytest.raises(PlaitError, match="Mamba state is not reset"):
         build_model(hybrid, document_mask=True)
+
+
+def test_every_stage_of_a_cp_pp_program_reads_its_own_positions_slice():
+    """cp2 x pp2 x tp2 (sp): each stage takes the positions as an input (a kwarg of the pipeline
+    schedule) and slices its own zigzag share; no stage hands positions to the next."""
+    from plait.ir.plan import Layout, ParallelPlan, even_stages
+    from plait.lowering import cp_ops
+    from plait.lowering.compile import dense_layout, lower
+
+    layout = dense_layout(Layout(cp=2, pp=2, tp=2, sp=True))
+    plan = ParallelPlan(job="t", model=SPEC.name, cluster="local-cpu", world=layout.world,
+                        layout=layout, stages=even_stages(SPEC.num_layers, 2), global_batch=2,
+                        seq_len=16)
+    for rank in (0, 7):  # a fresh model each: lowering makes its weights the rank's shards
+        program = lower(build_model(SPEC, document_mask=True), SPEC, plan, rank)
+        for chunk, stage in program.local_modules():
+            inputs = [n.target for n in stage.graph.nodes if n.op == "placeholder"]
+            assert inputs[-1] == "positions" and len(inputs) == 2, inputs
+            slices = [n for n in stage.graph.nodes if n.target is cp_ops.zigzag_shard]
+            assert len(slices) == 1 + (chunk == 0)  # one per attention layer (+ the tokens)
+        # the boundary is the activation alone: [mbs, seq / cp / tp (SP), hidden]
+        assert program.stage_io["stage0"][2] == (1, 16 // 2 // 2, SPEC.hidden)
