@@ -61,6 +61,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns(chat_data):
     assert kept == ["four", ".", "<|im_end|>", "you", "are", "welcome", ".", "<|im_end|>"]
     assert WORDS[ids[-1]] == "<eos>" and mask[-1] == 0  # the packing separator is not learned
     assert data.meta["objective"] == "sft" and data.indexed.num_documents == 40
+    assert main(["data", "inspect", str(root / "ds")]) == 0  # one dataset (the mask rides along)
 
 
 def test_the_loader_ignores_masked_labels_and_the_loss_is_the_mean_over_counted_tokens(chat_data):
