@@ -6,11 +6,13 @@ Each JSONL line holds a conversation under ``--field`` (default "messages"): a l
 template (``apply_chat_template``), followed by the tokenizer's EOS as every document is. The loss
 mask (`PREFIX_loss_mask.bin/.idx`, uint8, the same document lengths) is 1 on the tokens of the
 assistant turns and 0 elsewhere (system and user turns, the template's role headers, the EOS
-separator). An assistant turn's tokens are found by rendering prefixes: the conversation up to the
-turn with the generation prompt, then up to and including the turn; the difference is what the
-assistant says (with the template's end-of-turn token, so the model learns to stop). A template
-whose renderings are not prefixes of one another (one that rewrites earlier turns) is refused
-rather than guessed at.
+separator). An assistant turn is found in the rendered text by rendering prefixes: the
+conversation up to the turn with the generation prompt, then up to and including the turn; the
+characters between are what the assistant says (with the template's end-of-turn token, so the
+model learns to stop), and a token counts when it starts there (the fast tokenizer's offsets; the
+text is tokenized once, as apply_chat_template(tokenize=True) does). A template whose renderings
+are not prefixes of one another (one that rewrites earlier turns) is refused rather than guessed
+at.
 """
 from __future__ import annotations
 
@@ -42,27 +44,40 @@ class ChatRenderer:
         if not getattr(self.tok, "chat_template", None):
             raise PlaitError(f"tokenizer {name!r} has no chat template",
                              hint="use a chat / instruct model's tokenizer")
+        if not getattr(self.tok, "is_fast", False):
+            raise PlaitError(f"tokenizer {name!r} is not a fast (Rust) tokenizer: the loss mask "
+                             "needs its token offsets", hint="save it with tokenizer.json")
         self.name, self.vocab, self.eos = self.base.name, self.base.vocab, self.base.eos
 
-    def _ids(self, messages: list[dict], prompt: bool) -> list[int]:
-        return list(self.tok.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                 add_generation_prompt=prompt))
+    def _text(self, messages: list[dict], prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
-    def render(self, messages: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = self._ids(messages, prompt=False)
-        mask = np.zeros(len(ids) + 1, dtype=np.uint8)  # + the EOS separator (never counted)
+    def assistant_spans(self, messages: list[dict], text: str, where: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in the rendered ``text``."""
+        spans = []
         for i, turn in enumerate(messages):
             if turn["role"] != "assistant":
                 continue
-            before = self._ids(messages[:i], prompt=True) if i else []
-            through = self._ids(messages[:i + 1], prompt=False)
-            start = len(before)
-            if ids[:start] != before or ids[:len(through)] != through or start > len(through):
+            before = self._text(messages[:i], prompt=True) if i else ""
+            through = self._text(messages[:i + 1], prompt=False)
+            if not (text.startswith(through) and through.startswith(before)):
                 raise PlaitError(f"{where}: the chat template of {self.name!r} does not render "
                                  f"turn {i + 1} as an extension of the turns before it",
                                  hint="the loss mask needs a prefix-stable chat template")
-            mask[start:len(through)] = 1
-        return np.asarray(ids + [self.eos], dtype=np.int64), mask
+            spans.append((len(before), len(through)))
+        return spans
+
+    def render(self, messages: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
+        """The conversation's tokens (as apply_chat_template(tokenize=True) gives them) + EOS,
+        and 1 for each token that starts inside an assistant turn."""
+        text = self._text(messages, prompt=False)
+        spans = self.assistant_spans(messages, text, where)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+        mask = np.zeros(len(starts) + 1, dtype=np.uint8)  # + the EOS separator (never counted)
+        for a, b in spans:
+            mask[:-1] |= ((starts >= a) & (starts < b)).astype(np.uint8)
+        return np.asarray(list(enc["input_ids"]) + [self.eos], dtype=np.int64), mask
 
 
 def conversations(path: Path, field: str) -> Iterator[tuple[Optional[list[dict]], int, str]]:

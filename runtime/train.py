@@ -144,7 +144,10 @@ class Trainer:
         """Loss of step `step` (or of ``batch``) averaged over micro-batches and DP (on every
         rank), gradients left in place (not yet reduced)."""
         batch = batch if batch is not None else self.loader.local_batch(step)
-        loss = self.runner.run(batch.tokens, batch.labels, batch.positions, batch.loss_scale)
+        packed = {} if batch.positions is None else {"positions": batch.positions}
+        if batch.loss_scale != 1.0:  # a loss-masked batch (the distillation runners take neither)
+            packed["loss_scale"] = batch.loss_scale
+        loss = self.runner.run(batch.tokens, batch.labels, **packed)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
         value = loss.reshape(1).to(self.loss_dtype) if (reporter and loss is not None) \
             else torch.zeros(1, dtype=self.loss_dtype, device=self.mesh.device)

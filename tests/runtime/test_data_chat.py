@@ -60,6 +60,10 @@ def test_loss_mask_covers_exactly_the_assistant_turns(chat_data):
     kept = [WORDS[i] for i, m in zip(ids, mask) if m]
     assert kept == ["four", ".", "<|im_end|>", "you", "are", "welcome", ".", "<|im_end|>"]
     assert WORDS[ids[-1]] == "<eos>" and mask[-1] == 0  # the packing separator is not learned
+    from transformers import AutoTokenizer
+    want = AutoTokenizer.from_pretrained(chat_data[1]).apply_chat_template(
+        CHATS[0], tokenize=True, return_dict=False)
+    assert list(ids[:-1]) == list(want)  # the tokens the template itself gives
     assert data.meta["objective"] == "sft" and data.indexed.num_documents == 40
     assert main(["data", "inspect", str(root / "ds")]) == 0  # one dataset (the mask rides along)
 
