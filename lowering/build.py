@@ -44,7 +44,8 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu
     ``document_mask`` / ``loss_mask``: see CausalLM (packed documents, SFT loss masks)."""
     if document_mask:
         check_document_mask(spec)
-    mixers = [_mixer(spec, kind, moe_options, (capacity_segments, capacity_cp)) for kind in spec.layers]
+    mixers = [_mixer(spec, i, moe_options, (capacity_segments, capacity_cp))
+              for i in range(spec.num_layers)]
     model = CausalLM(spec, mixers, document_mask=document_mask, loss_mask=loss_mask)
     init_weights(model, seed)
     _cast(model, dtype, device)
@@ -58,10 +59,11 @@ def check_document_mask(spec: ModelSpec) -> None:
                          "with EOS between them)")
 
 
-def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions],
+def _mixer(spec: ModelSpec, layer: int, moe_options: Optional[MoEOptions],
            segments: tuple[int, int]) -> nn.Module:
+    kind = spec.layers[layer]
     try:
-        block = spec.block(kind)
+        block = spec.layer_block(layer)
     except KeyError as e:
         raise PlaitError(f"model {spec.name!r} uses {kind!r} layers but defines no {kind} block") from e
     if kind == "attention":

@@ -2,7 +2,7 @@
 imports and the hardware suits it, else the pure-PyTorch implementation the reference model uses.
 
   op                fused (CUDA)                                    fallback
-  attention         flash_attn.flash_attn_func                      torch SDPA
+  attention         flash_attn.flash_attn_func (window_size)        torch SDPA (banded mask)
   attention_varlen  flash_attn.flash_attn_varlen_func               SDPA per packed sequence
   document_attention flash_attn_varlen_func on the packed documents SDPA with a block-diagonal mask
   ssd_scan          mamba_ssm mamba_chunk_scan_combined             plait SSD chunked scan
@@ -88,20 +88,22 @@ def reset() -> None:
 
 
 # ---- the fallbacks (the reference implementations, one signature per op) -----------------------
-def bottom_right_causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
-    """[sq, sk] bool, True where query i may see key j: j <= i + (sk - sq)."""
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+def bottom_right_causal_mask(sq: int, sk: int, device=None, window: Optional[int] = None) -> torch.Tensor:
+    """[sq, sk] bool, True where query i may see key j: j <= i + (sk - sq), and within ``window``
+    keys of it (0 <= i + (sk - sq) - j < window) when given."""
+    return ref_attention.band_mask(sq, sk, sk - sq, window, device)
 
 
-def sdpa_attention(q, k, v, scale: float) -> torch.Tensor:
-    """q [b, sq, hq, d], k/v [b, sk, hkv, d] -> [b, sq, hq, d]; causal, bottom-right aligned."""
+def sdpa_attention(q, k, v, scale: float, window: Optional[int] = None) -> torch.Tensor:
+    """q [b, sq, hq, d], k/v [b, sk, hkv, d] -> [b, sq, hq, d]; causal, bottom-right aligned,
+    within ``window`` keys when given."""
     sq, sk = q.shape[1], k.shape[1]
     if sq == sk:
-        return ref_attention.causal_attention(q, k, v, scale)
+        return ref_attention.causal_attention(q, k, v, scale, window)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    mask = bottom_right_causal_mask(sq, sk, q.device)
+    mask = bottom_right_causal_mask(sq, sk, q.device, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
@@ -118,9 +120,18 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
 
 
 # ---- the fused kernels, adapted to the same signatures -----------------------------------------
+def flash_window_size(window: Optional[int]) -> tuple[int, int]:
+    """flash-attn's (left, right) window: query i sees keys i - left .. i + right, -1 unbounded;
+    causal masks the right side, and ``window`` keys counting the query's own is left = window - 1
+    (what transformers passes for sliding_window)."""
+    return (-1, -1) if window is None else (window - 1, 0)
+
+
 def _flash(module):
-    def attention(q, k, v, scale: float):
-        return module.flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+    def attention(q, k, v, scale: float, window: Optional[int] = None):
+        # window_size only with a window: flash-attn before 2.3 has no such argument
+        extra = {} if window is None else {"window_size": flash_window_size(window)}
+        return module.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, **extra)
     return attention
 
 
@@ -142,11 +153,12 @@ def document_segments(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _flash_documents(module):
-    def document_attention(q, k, v, scale: float, documents):
+    def document_attention(q, k, v, scale: float, documents, window: Optional[int] = None):
         cu, longest = document_segments(documents)
+        extra = {} if window is None else {"window_size": flash_window_size(window)}
         out = module.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
                                             cu, cu, longest, longest, softmax_scale=scale,
-                                            causal=True)
+                                            causal=True, **extra)
         return out.view(q.shape)
     return document_attention
 

@@ -47,9 +47,9 @@ def test_ring_computes_every_causal_chunk_pair_once_with_balanced_work(cp):
     for rank in range(cp):
         seen = []
         for src in range(cp):
-            for qi, ki, causal in chunk_pairs(cp, rank, src):
+            for qi, ki, offset in chunk_pairs(cp, rank, src):
                 qa, kb = cp_ops.zigzag_chunks(cp, rank)[qi], cp_ops.zigzag_chunks(cp, src)[ki]
-                assert qa >= kb and causal == (qa == kb)
+                assert qa >= kb and offset == qa - kb
                 seen.append((qa, kb))
         want = [(qa, kb) for qa in cp_ops.zigzag_chunks(cp, rank) for kb in range(qa + 1)]
         assert sorted(seen) == sorted(want)
@@ -64,24 +64,31 @@ def test_ring_math_on_one_rank_equals_causal_sdpa(kv_heads):
     k = torch.randn(2, 12, kv_heads, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 12, kv_heads, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     want = causal_attention(q, k, v, 0.3)
-    out, lse = ring_forward(q, k, v, 0.3, "cp", 1, 0)
+    out, lse = ring_forward(q, k, v, 0.3, cp_ops.PeerExchange("cp", 1, 0))
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     dout = torch.randn_like(want)
     grads = torch.autograd.grad(want, (q, k, v), dout)
-    mine = ring_backward(dout, q, k, v, out, lse, 0.3, "cp", 1, 0)
+    mine = ring_backward(dout, q, k, v, out, lse, 0.3, cp_ops.PeerExchange("cp", 1, 0))
     for a, b in zip(mine, grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_cpu_flash_pair_kernels_equal_the_explicit_math(causal):
+@pytest.mark.parametrize("offset, window, kind", [(0, None, "causal"), (6, None, "all"), (0, 6, "causal"),
+                                                (6, 12, "all"), (0, 3, "band"), (6, 6, "band"),
+                                                (12, 8, "band")])
+def test_cpu_flash_pair_kernels_equal_the_explicit_math(offset, window, kind):
+    """Same chunk (causal), an earlier chunk wholly inside the window, and banded pairs (the kernel
+    with a mask), rows that see no key included (offset 6, window 6: the last query sees none; its
+    lse is -inf). The backward takes a merged, finite lse, as the ring's (a query sees itself)."""
     gen = torch.Generator().manual_seed(2)
     q, k, v, do = (torch.randn(2, 3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(4))
-    out, lse = cp_attention.pair_forward(q, k, v, 0.5, causal)
-    out_m, lse_m = cp_attention._pair_forward_math(q, k, v, 0.5, causal)
+    assert cp_attention.pair_visibility(6, offset, window) == kind
+    out, lse = cp_attention.pair_forward(q, k, v, 0.5, offset, window)
+    out_m, lse_m = cp_attention._pair_forward_math(q, k, v, 0.5, offset, window)
     torch.testing.assert_close((out, lse), (out_m, lse_m))
-    for a, b in zip(cp_attention.pair_backward(do, q, k, v, out, lse, 0.5, causal),
-                    cp_attention._pair_backward_math(do, q, k, v, out, lse, 0.5, causal)):
+    lse = torch.logaddexp(lse, cp_attention._pair_forward_math(q, k, v, 0.5, 0, None)[1])
+    for a, b in zip(cp_attention.pair_backward(do, q, k, v, out, lse, 0.5, offset, window),
+                    cp_attention._pair_backward_math(do, q, k, v, out, lse, 0.5, offset, window)):
         torch.testing.assert_close(a, b)
 
 

@@ -60,6 +60,15 @@ def test_sdpa_fallback_aligns_the_causal_mask_bottom_right(sq, sk):
                                                                 [True, True, True, True]]
 
 
+@pytest.mark.parametrize("sq, sk", [(10, 10), (4, 10)])
+def test_sdpa_fallback_windows_bottom_right(sq, sk):
+    """A sliding window of 3: query i (at position i + sk - sq) sees keys 0 <= i + sk - sq - j < 3."""
+    q, k, v = _qkv(sq, sk)
+    mask = torch.tensor([[0 <= i + sk - sq - j < 3 for j in range(sk)] for i in range(sq)])
+    torch.testing.assert_close(kernels.sdpa_attention(q, k, v, 0.4, window=3),
+                               _explicit_attention(q, k, v, 0.4, mask))
+
+
 def test_varlen_fallback_attends_within_each_packed_sequence():
     q, k, v = _qkv(9, 9)
     lengths = [4, 2, 3]
@@ -85,7 +94,8 @@ def _fake_cuda(monkeypatch, **modules):
 def test_selection_prefers_fused_kernels_when_cuda_and_the_package_are_there(monkeypatch):
     calls = []
     flash = types.SimpleNamespace(
-        flash_attn_func=lambda q, k, v, softmax_scale, causal: calls.append(("flash", causal)) or q,
+        flash_attn_func=lambda q, k, v, softmax_scale, causal, window_size=(-1, -1): calls.append(
+            ("flash", causal, window_size)) or q,
         flash_attn_varlen_func=lambda *a, softmax_scale, causal: calls.append(("varlen", causal)) or a[0])
     scan = types.SimpleNamespace(mamba_chunk_scan_combined=lambda x, dt, A, B, C, chunk: calls.append(("scan", chunk)) or x)
     _fake_cuda(monkeypatch, flash_attn=flash, mamba_ssm=scan)
@@ -93,9 +103,11 @@ def test_selection_prefers_fused_kernels_when_cuda_and_the_package_are_there(mon
     assert attention.fused and attention.kernel.startswith("flash-attn")
     q = torch.zeros(1, 2, 1, 4)
     attention.fn(q, q, q, 0.5)
+    attention.fn(q, q, q, 0.5, window=4096)  # the query and 4095 keys before it (transformers' rule)
     kernels.select("attention_varlen", "cuda").fn(q[0], q[0], q[0], None, None, 2, 2, 0.5)
     kernels.select("ssd_scan", "cuda").fn(q, None, None, None, None, 64)
-    assert calls == [("flash", True), ("varlen", True), ("scan", 64)]
+    assert calls == [("flash", True, (-1, -1)), ("flash", True, (4095, 0)), ("varlen", True),
+                     ("scan", 64)]
     conv = kernels.select("causal_conv1d", "cuda")
     assert not conv.fused and conv.reason == "causal-conv1d is not installed"
 
