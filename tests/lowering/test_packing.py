@@ -3,6 +3,8 @@
 fp64 throughout: "equal" below means within 1e-12 (rounding of reordered sums), while a missing
 mask moves the loss of the tiny random model by ~5e-4 (> 1e-6 asserted); the loss-mask test
 compares gradients bit for bit."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -36,12 +38,15 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_packed_with_document_mask_equals_each_document_alone():
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_with_document_mask_equals_each_document_alone(window):
+    """With a sliding window too: the window applies inside each document."""
+    spec = SPEC if window is None else replace(SPEC, attention=replace(SPEC.attention, window=window))
     tokens, labels, positions = packed_batch()
-    packed = build_model(SPEC, dtype=torch.float64, document_mask=True)
+    packed = build_model(spec, dtype=torch.float64, document_mask=True)
     loss = packed(tokens, labels, positions)
     loss.backward()
-    alone = build_model(SPEC, dtype=torch.float64)  # the plain model, one document per call
+    alone = build_model(spec, dtype=torch.float64)  # the plain model, one document per call
     total = torch.zeros((), dtype=torch.float64)
     for r, row in enumerate(LENGTHS):
         start = 0
@@ -56,7 +61,7 @@ def test_packed_with_document_mask_equals_each_document_alone():
     for name, g in grads(packed).items():
         assert (g - want[name]).abs().max() < TOL, name
     # the mask matters: the same packed rows without it attend across documents
-    unmasked = build_model(SPEC, dtype=torch.float64)(tokens, labels)
+    unmasked = build_model(spec, dtype=torch.float64)(tokens, labels)
     assert abs(float(unmasked.detach()) - float(total.detach())) > 1e-6
 
 

@@ -22,6 +22,8 @@ SPEC = ModelSpec(
     attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()), mlp=MLP(ffn=48))
 MOE_SPEC = replace(SPEC, name="packing-moe", layers=("attention", "moe") * 2,
                    moe=MoE(experts=4, top_k=2, ffn=24))
+WINDOW_SPEC = replace(SPEC, name="packing-window",
+                      attention=replace(SPEC.attention, window=3))  # a sliding window inside documents
 DOCS = Setup(SPEC, global_batch=4, seq=16, steps=1, document_length=5, document_mask=True)
 SFT = replace(DOCS, objective="sft", masked_fraction=0.25)
 TOL = 1e-5
@@ -40,8 +42,10 @@ CASES = [
 
 @pytest.mark.tier2
 def test_packed_sft_layouts_match_one_device(tmp_path):
-    """Document mask and loss mask together: CP ring and all-to-all, TP + SP, PP, DP and EP each
-    equal the single-device reference."""
-    cases = CASES + [Case("ep2", Layout(dp=2, ep=2, dp_kind="replicated"), spec=MOE_SPEC)]
+    """Document mask and loss mask together: CP ring and all-to-all (also with a sliding window),
+    TP + SP, PP, DP and EP each equal the single-device reference."""
+    cases = CASES + [Case("ep2", Layout(dp=2, ep=2, dp_kind="replicated"), spec=MOE_SPEC),
+                     Case("cp2_ring_window", Layout(cp=2), spec=WINDOW_SPEC),
+                     Case("cp2_alltoall_window", Layout(cp=2, cp_comm="alltoall"), spec=WINDOW_SPEC)]
     for name, e in run_parity(SFT, cases, str(tmp_path)).items():
         assert e.loss < TOL and e.grads < TOL, (name, e)
