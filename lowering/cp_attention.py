@@ -15,25 +15,25 @@ All-to-all (Ulysses, Jacobs et al. 2023; Megatron-Core's "a2a" CP): q, k, v are 
 sequence-sharded to head-sharded, every rank runs plain causal attention over the whole sequence
 for heads / cp heads, and the output goes back. Needs the (TP-local) heads to divide by cp.
 
-Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype. Each chunk pair runs
-PyTorch's CPU flash-attention kernels (`aten::_scaled_dot_product_flash_attention_for_cpu` and its
-backward, which return / take the log-sum-exp; a banded pair passes its mask) on CPU, and explicit
-scores elsewhere (correct but materialising the pair's scores; a flash-attn pair kernel with
-window_size is the CUDA upgrade).
+K/V travel in their own dtype. Each chunk pair runs a pair kernel (cp_pairs.py): by default
+PyTorch's CPU flash-attention kernels on CPU (a banded pair passes its mask) and explicit scores
+elsewhere, both in fp32 (fp64 stays fp64); on CUDA runtime/kernels.py binds SDPA's flash backend,
+which computes on the bf16 / fp16 activations (band pairs of a sliding window: the math, fp32).
+Partial outputs merge, and gradients accumulate, in fp32 either way.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from plait.ir.counts import ring_steps
 
+from . import cp_pairs
 from .cp_ops import PeerExchange, natural_from_gathered, zigzag_chunks
-from .modules.attention import band_mask, causal_attention
-from .modules.norms import upcast
-
-NEG_INF = float("-inf")
+from .cp_pairs import finite as _finite
+from .cp_pairs import pair_visibility  # noqa: F401  (part of this module's vocabulary)
+from .modules.attention import causal_attention
 
 
 def _sees(offset: int, chunk: int, window: Optional[int]) -> bool:
@@ -54,18 +54,14 @@ def chunk_pairs(size: int, rank: int, src: int, chunk: int = 1,
     return pairs
 
 
-def pair_visibility(chunk: int, offset: int, window: Optional[int]) -> str:
-    """"causal" (the same chunk, no window inside it), "all" (an earlier chunk wholly inside the
-    window) or "band" (anything else: a mask the flash kernels cannot express)."""
-    inside = window is None or offset + chunk - 1 < window
-    if offset == 0 and (window is None or chunk <= window):
-        return "causal"
-    return "all" if offset >= chunk and inside else "band"
+def _heads_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, s, h, d] -> [b, h, s, d] in the pair kernel's operand dtype."""
+    return t.to(dtype).transpose(1, 2)
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """[b, s, h, d] -> [b, h, s, d] at least fp32."""
-    return upcast(t).transpose(1, 2)
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs merge, and gradients accumulate, in at least fp32."""
+    return cp_pairs.upcast_dtype(dtype)
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -78,73 +74,23 @@ def _sum_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.view(b, kv_heads, h // kv_heads, s, d).sum(2) if h != kv_heads else t
 
 
-def _scores(q, k, scale: float, offset: int, window: Optional[int], allowed=None) -> torch.Tensor:
-    """Scaled scores of a chunk pair, -inf where the causal band or the document mask
-    ``allowed`` [b, l, l] (packed documents, cp_documents.py) hides a key."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    visible = band_mask(s.shape[-2], s.shape[-1], offset, window, s.device)
-    if allowed is not None:
-        visible = visible & allowed[:, None]
-    return s.masked_fill(~visible, NEG_INF)
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with the -inf of rows that see no key (a band pair's corner) as 0: exp(-inf - 0) = 0."""
-    return lse.masked_fill(lse == NEG_INF, 0.0)
-
-
-def _pair_forward_math(q, k, v, scale: float, offset: int, window: Optional[int], allowed=None):
-    s = _scores(q, k, scale, offset, window, allowed)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - _finite(lse)[..., None]), v), lse
-
-
-def _pair_backward_math(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int],
-                        allowed=None):
-    """Flash-attention backward of one chunk pair given the merged output and log-sum-exp."""
-    p = torch.exp(_scores(q, k, scale, offset, window, allowed) - lse[..., None])
-    delta = (do * out).sum(-1)
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
-
-
-def _cpu_flash_args(q, offset: int, window: Optional[int]):
-    """(is_causal, additive mask or None) for PyTorch's CPU flash kernels on this pair."""
-    kind = pair_visibility(q.shape[2], offset, window)
-    if kind != "band":
-        return kind == "causal", None
-    visible = band_mask(q.shape[2], q.shape[2], offset, window, q.device)
-    return False, torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, NEG_INF)
-
-
-def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None, allowed=None):
+def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None,
+                 kernel: str = "auto"):
     """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] ``offset`` positions
-    before them (0: the same chunk), within ``window``; ``allowed``: the pair's document mask
-    (explicit scores)."""
-    if q.device.type != "cpu" or allowed is not None:
-        return _pair_forward_math(q, k, v, scale, offset, window, allowed)
-    causal, mask = _cpu_flash_args(q, offset, window)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-    if mask is not None:  # the kernel gives a row that sees no key lse 0; it weighs nothing: -inf
-        lse = lse.masked_fill(mask.isinf().all(-1), NEG_INF)
-    return out, lse
+    before them (0: the same chunk), within ``window``."""
+    return cp_pairs.resolve(kernel, q).forward(q, k, v, scale, offset, window)
 
 
 def pair_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None,
-                  allowed=None):
+                  kernel: str = "auto"):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
-    if q.device.type != "cpu" or allowed is not None:
-        return _pair_backward_math(do, q, k, v, out, lse, scale, offset, window, allowed)
-    causal, mask = _cpu_flash_args(q, offset, window)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    return cp_pairs.resolve(kernel, q).backward(do, q, k, v, out, lse, scale, offset, window)
 
 
 def _merge(acc, out, lse):
     """Combine two partial attentions over disjoint key sets by their log-sum-exp (a row that
     has seen no key yet carries lse = -inf and weighs nothing)."""
+    out = out.to(_accumulator(out.dtype))
     if acc is None:
         return out, lse
     acc_out, acc_lse = acc
@@ -177,43 +123,67 @@ def _allowed(documents, block: list, qi: int, ki: int):
     return dq[:, :, None] == dk[:, None, :]
 
 
-def ring_forward(q, k, v, scale: float, exchange, window: Optional[int] = None, documents=None):
+def _pair_forward(kernel, allowed, q, k, v, scale: float, offset: int, window: Optional[int]):
+    """A pair with a document mask runs the explicit scores (at least fp32): no pair kernel
+    takes a per-batch mask."""
+    if allowed is None:
+        return kernel.forward(q, k, v, scale, offset, window)
+    return cp_pairs.math_forward(*cp_pairs.upcast_all(q, k, v), scale, offset, window, allowed)
+
+
+def _pair_backward(kernel, allowed, do, q, k, v, out, lse, scale: float, offset: int,
+                   window: Optional[int]):
+    if allowed is None:
+        return kernel.backward(do, q, k, v, out, lse, scale, offset, window)
+    return cp_pairs.math_backward(*cp_pairs.upcast_all(do, q, k, v, out), lse, scale, offset,
+                                  window, allowed)
+
+
+def ring_forward(q, k, v, scale: float, exchange, window: Optional[int] = None,
+                 kernel: str = "auto", documents=None):
     """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries; ``exchange``
-    (cp_ops.PeerExchange) knows the CP size and this rank. ``documents`` [b, s]: this rank's
-    document keys (packed documents), sent along with K/V."""
+    (cp_ops.PeerExchange) knows the CP size and this rank; ``kernel`` names the pair kernel.
+    ``documents`` [b, s]: this rank's document keys (packed documents), sent along with K/V."""
     size, rank, chunk = exchange.size, exchange.rank, q.shape[1] // 2
-    qh = _heads_first(q).chunk(2, dim=2)
+    kernel = cp_pairs.resolve(kernel, q)
+    dtype = kernel.operand_dtype(q.dtype)
+    qh = _heads_first(q, dtype).chunk(2, dim=2)
     heads = q.shape[2]
     acc = [None, None]
     own = [k, v] if documents is None else [k, v, documents]
     for step, block in _blocks_by_step(exchange, _steps(exchange, q, window), own):
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(block[0]), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(block[1]), heads).chunk(2, dim=2)
+        kh = _repeat_heads(_heads_first(block[0], dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1], dtype), heads).chunk(2, dim=2)
         for qi, ki, offset in chunk_pairs(size, rank, src, chunk, window):
-            acc[qi] = _merge(acc[qi], *pair_forward(qh[qi], kh[ki], vh[ki], scale, offset, window,
-                                                    _allowed(documents, block, qi, ki)))
+            part = _pair_forward(kernel, _allowed(documents, block, qi, ki), qh[qi], kh[ki],
+                                 vh[ki], scale, offset, window)
+            acc[qi] = _merge(acc[qi], *part)
     out = torch.cat([a[0] for a in acc], dim=2).transpose(1, 2).to(q.dtype)
     return out.contiguous(), torch.cat([a[1] for a in acc], dim=2).contiguous()
 
 
 def ring_backward(dout, q, k, v, out, lse, scale: float, exchange, window: Optional[int] = None,
-                  documents=None):
+                  kernel: str = "auto", documents=None):
     size, rank, chunk = exchange.size, exchange.rank, q.shape[1] // 2
+    kernel = cp_pairs.resolve(kernel, q)
+    dtype = kernel.operand_dtype(q.dtype)
+    acc = _accumulator(dtype)
     heads, kv_heads = q.shape[2], k.shape[2]
-    qh, do = _heads_first(q).chunk(2, dim=2), _heads_first(dout).chunk(2, dim=2)
-    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out).chunk(2, dim=2)
-    dq = [torch.zeros_like(t) for t in qh]
-    dk_own, dv_own = torch.zeros_like(_heads_first(k)), torch.zeros_like(_heads_first(v))
+    qh, do = _heads_first(q, dtype).chunk(2, dim=2), _heads_first(dout, dtype).chunk(2, dim=2)
+    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out, dtype).chunk(2, dim=2)
+    dq = [torch.zeros_like(t, dtype=acc) for t in qh]
+    dk_own, dv_own = torch.zeros_like(_heads_first(k, acc)), torch.zeros_like(_heads_first(v, acc))
     own = [k, v] if documents is None else [k, v, documents]
     for step, block in _blocks_by_step(exchange, _steps(exchange, q, window), own):
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(block[0]), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(block[1]), heads).chunk(2, dim=2)
-        dk, dv = [torch.zeros_like(t) for t in kh], [torch.zeros_like(t) for t in vh]
+        kh = _repeat_heads(_heads_first(block[0], dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1], dtype), heads).chunk(2, dim=2)
+        dk = [torch.zeros_like(t, dtype=acc) for t in kh]
+        dv = [torch.zeros_like(t, dtype=acc) for t in vh]
         for qi, ki, offset in chunk_pairs(size, rank, src, chunk, window):
-            g = pair_backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, offset,
-                              window, _allowed(documents, block, qi, ki))
+            g = _pair_backward(kernel, _allowed(documents, block, qi, ki), do[qi], qh[qi], kh[ki],
+                               vh[ki], out_c[qi], lse_c[qi], scale, offset, window)
             dq[qi], dk[ki], dv[ki] = dq[qi] + g[0], dk[ki] + g[1], dv[ki] + g[2]
         grads = [_sum_heads(torch.cat(dk, dim=2), kv_heads), _sum_heads(torch.cat(dv, dim=2), kv_heads)]
         if step:  # dK/dV of rank src's block go back to it; this rank's come from rank + step
@@ -227,12 +197,13 @@ def ring_backward(dout, q, k, v, out, lse, scale: float, exchange, window: Optio
 # ---- custom ops ------------------------------------------------------------------------------
 @torch.library.custom_op("plait::ring_attention", mutates_args=())
 def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, axis: str,
-                      size: int, rank: int, window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return ring_forward(q, k, v, scale, PeerExchange(axis, size, rank), window)
+                      size: int, rank: int, window: Optional[int],
+                      kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return ring_forward(q, k, v, scale, PeerExchange(axis, size, rank), window, kernel)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, scale, axis, size, rank, window):
+def _(q, k, v, scale, axis, size, rank, window, kernel):
     b, s, h, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32))
 
@@ -240,13 +211,14 @@ def _(q, k, v, scale, axis, size, rank, window):
 @torch.library.custom_op("plait::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
-                               axis: str, size: int, rank: int, window: Optional[int]
+                               axis: str, size: int, rank: int, window: Optional[int], kernel: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ring_backward(dout, q, k, v, out, lse, scale, PeerExchange(axis, size, rank), window)
+    return ring_backward(dout, q, k, v, out, lse, scale, PeerExchange(axis, size, rank), window,
+                         kernel)
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, scale, axis, size, rank, window):
+def _(dout, q, k, v, out, lse, scale, axis, size, rank, window, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -258,7 +230,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):  # lse is an internal output: it carries no gradient
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.plait.ring_attention_backward(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -267,8 +239,20 @@ ring_attention_op.register_autograd(_backward, setup_context=_setup)
 # ---- what lowered graphs call ------------------------------------------------------------------
 def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int,
                    window: Optional[int] = None) -> torch.Tensor:
-    """Drop-in for causal_attention on zigzag-sharded q, k, v [b, s/cp, h, d]."""
-    return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, window)[0]
+    """Drop-in for causal_attention on zigzag-sharded q, k, v [b, s/cp, h, d]; the chunk pairs run
+    the default kernels ("auto", cp_pairs.py)."""
+    return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, window, "auto")[0]
+
+
+def ring_attention_with(kernel: str) -> Callable:
+    """ring_attention whose chunk pairs run ``kernel`` (cp_pairs.KERNELS): what kernels.bind binds."""
+    cp_pairs.KERNELS[kernel]  # noqa: B018  (an unknown name fails here, not mid-training)
+
+    def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int,
+                       window: Optional[int] = None) -> torch.Tensor:
+        return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, window, kernel)[0]
+    ring_attention.pair_kernel = kernel
+    return ring_attention
 
 
 def ulysses_attention(q, k, v, scale: float, axis: str, size: int, rank: int,

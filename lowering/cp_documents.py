@@ -28,7 +28,7 @@ from .modules.attention import document_attention
 def ring_document_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                documents: torch.Tensor, scale: float, axis: str, size: int,
                                rank: int, window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return ring_forward(q, k, v, scale, PeerExchange(axis, size, rank), window, documents)
+    return ring_forward(q, k, v, scale, PeerExchange(axis, size, rank), window, documents=documents)
 
 
 @ring_document_attention_op.register_fake
@@ -44,7 +44,7 @@ def ring_document_attention_backward_op(
         size: int, rank: int, window: Optional[int]
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ring_backward(dout, q, k, v, out, lse, scale, PeerExchange(axis, size, rank), window,
-                         documents)
+                         documents=documents)
 
 
 @ring_document_attention_backward_op.register_fake

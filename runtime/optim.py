@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from plait.ir import counts
 from plait.ir.errors import LayoutError
 from plait.ir.job import Optimizer as OptimizerSpec
 from plait.ir.precision import PrecisionPolicy
@@ -281,6 +282,15 @@ class Replicated(DataParallel):
         return out
 
 
+def _even_shard(shards: int):
+    """FSDP2's placement of each parameter: the first dim that divides by ``shards``
+    (counts.fsdp_shard_dim, which the memory model reads too), so a grouped expert tensor with
+    fewer local experts than ranks splits its ffn rows instead of padding whole experts."""
+    from torch.distributed.tensor import Shard
+
+    return lambda p: Shard(counts.fsdp_shard_dim(tuple(p.shape), shards))
+
+
 class FullyShard(DataParallel):
     """FSDP2 (torch fully_shard) over the DP group, one unit per pipeline stage module. gloo has
     neither AVG nor PREMUL_SUM, so reductions are forced to SUM with a post-division by dp."""
@@ -303,7 +313,8 @@ class FullyShard(DataParallel):
         for _, module in program.local_modules():
             if policy.mixed:
                 module.to(main_dtype(policy))
-            fully_shard(module, mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp)
+            fully_shard(module, mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp,
+                        shard_placement_fn=_even_shard(dp_mesh.size()))
             module.set_force_sum_reduction_for_comms(True)
             self.units.append(module)
         super().__init__(program, mesh, spec, policy)  # parameters are DTensors now

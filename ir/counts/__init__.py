@@ -405,3 +405,6 @@ from .activations import (SAVED_BYTES, ActivationShape, attention_saved_bytes,  
                           mamba_saved_bytes, mamba_selective_bytes, mlp_saved_bytes,
                           mlp_selective_bytes, moe_saved_bytes, moe_selective_bytes,
                           norm_saved_bytes, stream_bytes)
+# FSDP's shard dim and padding (per-tensor shapes of each layer kind on one rank): counts/fsdp.py.
+from .fsdp import (embedding_shapes, fsdp_padding, fsdp_shard_dim, head_shapes,  # noqa: E402,F401
+                   layer_shapes, params_of)

@@ -113,12 +113,14 @@ def add_moe_parts(block: nn.Module, spec: MoE, hidden: int, experts: nn.Module) 
         block.shared_gate = nn.Linear(hidden, 1, bias=False)
 
 
-def add_shared_expert(block: nn.Module, spec: MoE, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def add_shared_expert(block: nn.Module, spec: MoE, flat: torch.Tensor, out: torch.Tensor,
+                      expert=None) -> torch.Tensor:
     """``out`` plus the shared expert's output on the same tokens, sigmoid-gated when the spec
-    says so (Qwen2-MoE)."""
+    says so (Qwen2-MoE). ``expert`` computes the shared expert's output of ``flat`` when that is
+    not simply ``block.shared(flat)`` (a tensor-parallel shard, `ExpertParallelMoE`)."""
     if not spec.shared_ffn:
         return out
-    shared = block.shared(flat)
+    shared = (expert or block.shared)(flat)
     if spec.shared_gate:
         shared = torch.sigmoid(block.shared_gate(flat)) * shared
     return out + shared
