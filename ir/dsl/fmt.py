@@ -328,7 +328,8 @@ def _data(d: Data):
     if d == Data(path=d.path) and d.path is not None:
         return f'"{d.path}"'
     args = [("path", f'"{d.path}"')] if d.path is not None else []
-    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches"))
+    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches",
+                         "document_mask", "objective"))
     return _call("synthetic" if d.synthetic else "dataset", args)
 
 
@@ -342,7 +343,8 @@ def _data_block(d: Data) -> list:
         args += [("weight", number(weights[s.name]))] if s.name in weights else []
         args += [("epochs", number(s.epochs))] if s.epochs is not None else []
         sources.append((s.name, _call("dataset", args) if len(args) > 1 else f'"{s.path}"'))
-    entries = _changed(d, ("seed", "tokenizer")) + [("sources", sources)]
+    entries = _changed(d, ("seed", "tokenizer", "document_mask", "objective", "val_every",
+                           "val_fraction", "val_batches")) + [("sources", sources)]
     for i, p in enumerate([] if single else d.phases):
         at = [] if i == 0 else [("at", number(p.at_tokens if p.at_tokens is not None else p.at))]
         entries.append((p.name, at + [(n, number(w)) for n, w in p.weights]))

@@ -76,9 +76,10 @@ def rope_inv_freq(rope: Rope, head_dim: int, max_seq: Optional[int]) -> tuple[to
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [s, head_dim] (the half-frequencies repeated, rotate-half layout)."""
+    """cos, sin of shape [s, head_dim] for positions [s] (or [b, s, head_dim] for per-row positions
+    [b, s]: packed documents), the half-frequencies repeated (rotate-half layout)."""
     inv_freq = upcast(inv_freq)  # fp32 (fp64 in a float64 model), never the model's bf16
-    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
+    freqs = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
@@ -89,6 +90,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, s, heads, head_dim]; cos/sin: [s, head_dim]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """x: [b, s, heads, head_dim]; cos/sin: [s, head_dim] or [b, s, head_dim]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
