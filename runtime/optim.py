@@ -311,7 +311,10 @@ class FullyShard(DataParallel):
         for _, module in program.local_modules():
             if policy.mixed:
                 module.to(main_dtype(policy))
-            fully_shard(module, mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp)
+            # FSDP2's default resharding: a root unit (each stage module is one) keeps its
+            # gathered weights from forward to backward, where they are needed at once; forcing
+            # reshard_after_forward=True cost one more all-gather of the whole stage per step
+            fully_shard(module, mesh=dp_mesh, mp_policy=mp)
             module.set_force_sum_reduction_for_comms(True)
             self.units.append(module)
         super().__init__(program, mesh, spec, policy)  # parameters are DTensors now
