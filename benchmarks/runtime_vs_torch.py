@@ -5,8 +5,9 @@ them on the same global batches: plait's compiled program (`Trainer.train_step`)
 implementation of the layout (torch_layouts.py: DTensor TP, torch.distributed.pipelining, DDP,
 FSDP2). Steps alternate plait / torch / plait / torch ... so that the load of a shared machine
 falls on both alike; each step is timed between two barriers of all ranks. Reported: the median
-step time of each after warm-up and their ratio as throughput (torch time / plait time: 1.0 = level,
-above 1 = plait faster). The step-0 losses of both are printed too (same model, same batch: they
+step time of each after warm-up, and the speed ratio torch time / plait time (1.0 = level, above 1 =
+plait faster) as the median over adjacent step pairs, with its quartiles: on a machine whose load
+drifts, a pair of neighbouring steps sees the same load, so the paired ratio is the steadier one. The step-0 losses of both are printed too (same model, same batch: they
 agree to rounding).
 
     .venv/bin/python benchmarks/runtime_vs_torch.py [--steps 12] [--warmup 3] [--only NAME ...]
@@ -133,14 +134,16 @@ def main(argv=None) -> int:
     table = Table(title=f"plait vs PyTorch's own parallelism (CPU gloo, fp32, {job.model.name}, "
                         f"batch {job.global_batch} x {job.seq_len}, median of {args.steps} steps)")
     for col in ("layout (plait vs torch)", "ranks", "plait ms/step", "torch ms/step",
-                "plait / torch speed", "step-0 loss plait / torch"):
+                "plait / torch speed", "quartiles", "step-0 loss plait / torch"):
         table.add_column(col)
     for case in chosen:
         rank0 = records[case.name][0]
         ms = {k: statistics.median(v) * 1e3 for k, v in rank0["times"].items()}
+        paired = [t / p for p, t in zip(rank0["times"]["plait"], rank0["times"]["torch"])]
+        q1, q2, q3 = statistics.quantiles(paired, n=4)
         last = rank0["losses"]  # both: averaged over DP, from the last stage, on every rank
         table.add_row(case.name, str(case.layout.world), f"{ms['plait']:.0f}", f"{ms['torch']:.0f}",
-                      f"{ms['torch'] / ms['plait']:.2f}x",
+                      f"{q2:.2f}x", f"{q1:.2f} - {q3:.2f}",
                       f"{last['plait']:.5f} / {last['torch']:.5f}")
     Console(width=160).print(table)
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} "
