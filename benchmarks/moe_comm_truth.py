@@ -7,8 +7,9 @@ all-to-all of S bytes sends (n-1)/n S, an all-gather / reduce-scatter of a full 
 
 "mean" is the mean over ranks of the bytes each rank sent; "busiest" the largest of any rank's sent
 or received bytes (the cost model sizes the all-to-all by the busiest expert rank: dropless it
-assumes `moe_imbalance` = 1.10 x the mean, with a capacity factor min(cf, 1.10), padded cf; the
-table's caption states it, "model load" is the factor each row assumes).
+assumes the expected busiest rank of balanced random routing (planner/cost/context.py
+expected_max_load; a calibrated `moe_imbalance` replaces it), with a capacity factor the smaller
+of cf and that, padded cf; "model load" is the factor each row assumes).
 
     .venv/bin/python benchmarks/moe_comm_truth.py
 """
@@ -133,10 +134,11 @@ def main() -> None:
 
 CAPTION = (
     "cost model assumption (planner/cost/context.py expert_load): the all-to-all is sized by the "
-    "busiest expert rank = 'model load' x the balanced volume. Dropless: the calibration's "
-    "moe_imbalance, 1.10 by default (a planning margin over balanced routing: the measured mean "
-    "then reads 1/1.10 = 0.909 of the model); capacity factor cf: min(cf, 1.10), tokens over capacity dropped (measured "
-    "below the model when some experts get fewer than cf x their share); padded to capacity: cf, "
+    "busiest expert rank = 'model load' x the balanced volume. Dropless: the expected busiest rank "
+    "of balanced random routing (expected_max_load; the least imbalance a router shows), or the "
+    "calibration's measured moe_imbalance; capacity factor cf: the smaller of cf and that, tokens "
+    "over capacity dropped (measured below the model when some experts get fewer than cf x their "
+    "share); padded to capacity: cf, "
     "exact. The allgather dispatcher moves every token: exact. 'busiest / mean' is the imbalance "
     "measured on tiny-moe's untrained router.")
 

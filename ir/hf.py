@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable, Optional
 
 from .errors import PlaitError
+from .hf_window import read_window
 from .model import MLP, Attention, ModelSpec, MoE, Norm, Rope, RopeScaling
 
 # Keys of a config (or of PretrainedConfig.to_dict()) that do not change the trained function:
@@ -158,19 +159,6 @@ def read_no_dropout(c: HFConfig, *keys: str) -> None:
         c.expect(key, (0, 0.0), 0.0, "plait trains without dropout")
 
 
-def check_full_attention(c: HFConfig) -> None:
-    """Sliding-window attention (Mistral's sliding_window, Qwen's use_sliding_window /
-    layer_types) cannot be represented; a window the model does not use is fine."""
-    if c.model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
-        c.expect("use_sliding_window", (False,), False, "plait has no sliding-window attention")
-        c.ignore("sliding_window", "max_window_layers")  # only read when use_sliding_window
-    else:
-        c.expect("sliding_window", (None,), None, "plait has no sliding-window attention")
-    kinds = set(c.get("layer_types") or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise c.error("layer_types", sorted(kinds), "plait has full (global) attention only")
-
-
 def swiglu_activation(c: HFConfig, key: str = "hidden_act") -> str:
     c.expect(key, ("silu",), "silu", "plait's gated MLP is SwiGLU (silu gate)")
     return "swiglu"
@@ -196,7 +184,7 @@ def checked(c: HFConfig, spec: ModelSpec) -> ModelSpec:
 # Llama-like families: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 # ----------------------------------------------------------------------------------------------
 
-def _attention(c: HFConfig) -> Attention:
+def _attention(c: HFConfig, num_layers: int) -> Attention:
     t = c.model_type
     if t == "qwen2":
         qkv_bias, out_bias = True, False  # Qwen2 hard-codes q/k/v biases, none on o_proj
@@ -207,9 +195,11 @@ def _attention(c: HFConfig) -> Attention:
     else:  # llama, qwen3, qwen3_moe: attention_bias puts biases on q, k, v and o
         qkv_bias = out_bias = bool(c.get("attention_bias", False))
     heads = int(c.required("num_attention_heads"))
+    window, full_layers = read_window(c, num_layers)  # every decoder layer has one attention layer
     return Attention(
         heads=heads, kv_heads=int(c.get("num_key_value_heads", heads)), head_dim=read_head_dim(c),
-        qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=t in ("qwen3", "qwen3_moe"), rope=read_rope(c))
+        qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=t in ("qwen3", "qwen3_moe"), rope=read_rope(c),
+        window=window, full_layers=full_layers)
 
 
 def _moe_layer_flags(c: HFConfig, num_layers: int) -> list[bool]:
@@ -240,7 +230,6 @@ def _moe(c: HFConfig) -> MoE:
 
 
 def llama_like(c: HFConfig, name: str) -> ModelSpec:
-    check_full_attention(c)
     read_no_dropout(c, "attention_dropout")
     activation = swiglu_activation(c)
     num_layers = int(c.required("num_hidden_layers"))
@@ -256,7 +245,7 @@ def llama_like(c: HFConfig, name: str) -> ModelSpec:
         name=name, vocab=int(c.required("vocab_size")), hidden=int(c.required("hidden_size")),
         layers=layers, norm=Norm("rmsnorm", float(c.get("rms_norm_eps", 1e-6))),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        max_seq=c.get("max_position_embeddings"), attention=_attention(c), mlp=mlp,
+        max_seq=c.get("max_position_embeddings"), attention=_attention(c, num_layers), mlp=mlp,
         moe=_moe(c) if any(moe_flags) else None))
 
 

@@ -6,7 +6,7 @@ therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Union
 
 BlockKind = Literal["attention", "mlp", "moe", "mamba"]
@@ -53,6 +53,20 @@ class Attention:
     out_bias: bool = False  # bias on the output projection (GPT-style models)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     rope: Optional[Rope] = None  # None: no positional encoding (Nemotron-H attention layers)
+    # Sliding window (Mistral, Qwen2): a query attends to itself and the window - 1 keys before it,
+    # key j visible from query i when 0 <= i - j < window (transformers' sliding_window_overlay).
+    window: Optional[int] = None
+    # Attention layers (counted among the model's attention layers, from 0) that keep full causal
+    # attention although the model has a window: Qwen2's bottom max_window_layers.
+    full_layers: tuple[int, ...] = ()
+
+    def window_of(self, index: int) -> Optional[int]:
+        """The window of the model's ``index``-th attention layer; None: full causal attention."""
+        return None if index in self.full_layers else self.window
+
+    def at(self, index: int) -> "Attention":
+        """This block as the ``index``-th attention layer has it: its own window, nothing per-layer."""
+        return replace(self, window=self.window_of(index), full_layers=())
 
     @property
     def q_dim(self) -> int:
@@ -149,6 +163,15 @@ class ModelSpec:
         if spec is None:
             raise KeyError(f"model {self.name!r} has no {kind!r} block")
         return spec
+
+    def layer_block(self, layer: int) -> Block:
+        """The block of layer ``layer`` with what may vary between layers of one kind resolved (an
+        attention layer's window): a block with an ``at(index)`` gets the layer's index among the
+        layers of its kind."""
+        kind = self.layers[layer]
+        block = self.block(kind)
+        at = getattr(block, "at", None)
+        return block if at is None else at(self.layers[:layer].count(kind))
 
     def count(self, kind: str) -> int:
         return sum(1 for k in self.layers if k == kind)

@@ -40,17 +40,19 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu
     for MoE layers (default: dropless); with a capacity factor, ``capacity_segments`` sequence
     chunks each get their own capacity (the tokens one SP / CP rank routes), taken in the zigzag
     order of ``capacity_cp`` context-parallel ranks (`routing.capacity_keep_segments`)."""
-    mixers = [_mixer(spec, kind, moe_options, (capacity_segments, capacity_cp)) for kind in spec.layers]
+    mixers = [_mixer(spec, i, moe_options, (capacity_segments, capacity_cp))
+              for i in range(spec.num_layers)]
     model = CausalLM(spec, mixers)
     init_weights(model, seed)
     _cast(model, dtype, device)
     return model
 
 
-def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions],
+def _mixer(spec: ModelSpec, layer: int, moe_options: Optional[MoEOptions],
            segments: tuple[int, int]) -> nn.Module:
+    kind = spec.layers[layer]
     try:
-        block = spec.block(kind)
+        block = spec.layer_block(layer)
     except KeyError as e:
         raise PlaitError(f"model {spec.name!r} uses {kind!r} layers but defines no {kind} block") from e
     if kind == "attention":

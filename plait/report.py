@@ -62,7 +62,7 @@ def chunk_parts(table: CostTable, plan: ParallelPlan) -> dict[int, dict[str, tup
         f, b = f + extra / 3, b + 2 * extra / 3
         out[c] = {"forward": (("forward", max(0.0, f - comm_f)), ("communication", comm_f)),
                   "backward": (("backward", max(0.0, b - comm_b)), ("recompute", rec),
-                               ("communication", comm_b + table.p2p))}
+                               ("communication", comm_b + table.chunk_time))}
     return out
 
 

@@ -87,7 +87,7 @@ def problem_of(table: CostTable, options: tuple[int, ...]) -> PartitionProblem:
         static=tuple(table.unit_static(u) for u in distinct), pp=lay.pp, vpp=lay.vpp,
         inflight=tuple(table.inflight(r) for r in range(lay.pp)),
         buffers=tuple(table.buffer_bytes(r) for r in range(lay.pp)),
-        chunk_time=table.p2p, first_time=table.first.time,
+        chunk_time=table.chunk_time, first_time=table.first.time,
         first_static=table.static_bytes(table.first.params, 0.0),
         last_time=table.last.time, last_static=table.static_bytes(table.last.params, 0.0),
         fragmentation=table.fragmentation, reserve=table.reserve_fixed, capacity=table.capacity,
@@ -146,7 +146,8 @@ def candidate_lower(table: CostTable, problem: PartitionProblem) -> float:
     counts_by_type = _type_counts(problem.unit_types)
     cheapest = [min(problem.time[t][o] for o in problem.options) for t in range(len(problem.time))]
     work = sum(n * cheapest[t] for t, n in counts_by_type.items())
-    per_rank = (work + table.first.time + table.last.time + table.chunks * table.p2p) / table.layout.pp
+    per_rank = (work + table.first.time + table.last.time
+                + table.chunks * table.chunk_time) / table.layout.pp
     return table.schedule_factor * max(per_rank, max(cheapest))
 
 

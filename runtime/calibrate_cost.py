@@ -371,7 +371,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
         sources[f"{level}_eff"] = sources[f"{level}_latency_us"] = (
             f"all-gather alpha-beta over {sorted({n for n, *_ in ops['all_gather']})} ranks: "
             f"{ring[0] / 1e9:.2f} GB/s, {ring[1] * 1e6:.1f} us")
-        if level == "intra" and a2a:
-            values["a2a_eff"] = min(2.0, a2a[0] / ring[0])
-            sources["a2a_eff"] = f"all-to-all {a2a[0] / 1e9:.2f} GB/s over the all-gather's"
+        if a2a:  # each level's all-to-all against that level's ring collective
+            key = "a2a_eff" if level == "intra" else "a2a_inter_eff"
+            values[key] = min(2.0, a2a[0] / ring[0])
+            sources[key] = (f"{level}-node all-to-all {a2a[0] / 1e9:.2f} GB/s over the "
+                            f"all-gather's {ring[0] / 1e9:.2f} GB/s")
     return values, sources

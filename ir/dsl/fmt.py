@@ -233,7 +233,12 @@ def _norm(spec: ModelSpec) -> str:
 def _attention(a: Attention, spec: ModelSpec) -> list:
     entries = [("heads", number(a.heads)), ("kv_heads", number(a.kv_heads)), ("head_dim", number(a.head_dim))]
     entries += _changed(a, ("qkv_bias", "out_bias", "qk_norm"))
-    return entries + [("rope", _rope(a.rope))]
+    entries.append(("rope", _rope(a.rope)))
+    if a.window is not None:
+        entries.append(("window", number(a.window, tokens=True)))
+    if a.full_layers:
+        entries.append(("full_layers", "[" + ", ".join(map(number, a.full_layers)) + "]"))
+    return entries
 
 
 def _rope(rope: Optional[Rope]) -> str:

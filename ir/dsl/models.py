@@ -16,13 +16,16 @@ ROPE_SCALINGS = ("linear", "yarn", "llama3")
 def resolve_model(ctx: Context, decl: ast.Decl) -> ModelSpec:
     r = Reader(ctx, decl.block.entries, f'model "{decl.name}"', decl.pos)
     vocab, hidden = r.int("vocab"), r.int("hidden")
+    attention = r.block("attention")
     blocks = {
-        "attention": _attention(r.block("attention"), hidden),
+        "attention": _attention(attention, hidden),
         "mlp": _mlp(r.block("mlp")),
         "moe": _moe(r.block("moe")),
         "mamba": _mamba(r.block("mamba"), hidden),
     }
     layers = _layers(ctx, r, blocks)
+    if blocks["attention"] is not None:
+        _check_full_layers(attention, blocks["attention"], layers.count("attention"))
     spec = ModelSpec(
         name=decl.name, vocab=vocab, hidden=hidden, layers=layers,
         norm=_norm(ctx, r.value("norm", None)) or Norm(),
@@ -72,9 +75,43 @@ def _attention(r: Optional[Reader], hidden: int) -> Optional[Attention]:
     spec = Attention(heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      qkv_bias=r.bool("qkv_bias", False), out_bias=r.bool("out_bias", False),
                      qk_norm=r.bool("qk_norm", False),
-                     rope=_rope(r.ctx, r.value("rope", example="rope(theta = 10000) or rope = none")))
+                     rope=_rope(r.ctx, r.value("rope", example="rope(theta = 10000) or rope = none")),
+                     window=r.int("window", None), full_layers=_full_layers(r))
     r.finish()
     return spec
+
+
+def _full_layers(r: Reader) -> tuple[int, ...]:
+    """``full_layers = [0, 1]``: attention layers (counted from 0 among attention layers) that keep
+    full causal attention in a model with a sliding window."""
+    value = r.value("full_layers", None)
+    if value is None:
+        return ()
+    if not isinstance(value, ast.ListValue):
+        raise r.ctx.error(f"full_layers must be a list of attention layer indices such as [0, 1], got "
+                          f"{describe(value)}", value.pos)
+    indices = tuple(to_int(r.ctx, item, "an attention layer index", minimum=0) for item in value.items)
+    for i, index in enumerate(indices):
+        if index in indices[:i]:
+            raise r.ctx.error(f"attention layer {index} is listed twice in full_layers", value.items[i].pos)
+    if "window" not in r.entries:
+        raise r.ctx.error("full_layers without a window: every attention layer is already full",
+                          r.entries["full_layers"].pos, hint="add window = 4096, or drop full_layers")
+    return tuple(sorted(indices))
+
+
+def _check_full_layers(r: Reader, spec: Attention, count: int) -> None:
+    """Indices must name attention layers, and a window must be used by some layer."""
+    if not spec.full_layers:
+        return
+    entry = r.entries["full_layers"]
+    too_big = [i for i in spec.full_layers if i >= count]
+    if too_big:
+        raise r.ctx.error(f"full_layers names attention layer {too_big[0]}, but the model has {count} "
+                          f"attention layers (0 to {count - 1})", entry.value.pos)
+    if len(spec.full_layers) == count:
+        raise r.ctx.error(f"full_layers lists all {count} attention layers: the window is never used",
+                          entry.pos, hint="drop window and full_layers for full attention everywhere")
 
 
 def _rope(ctx: Context, value) -> Optional[Rope]:

@@ -1,10 +1,13 @@
-"""Self-attention mixer: GQA with optional RoPE, qkv / out biases and Qwen3's per-head q/k RMSNorm.
+"""Self-attention mixer: GQA with optional RoPE, qkv / out biases, Qwen3's per-head q/k RMSNorm and
+an optional sliding window (Mistral, Qwen2: query i sees keys j with 0 <= i - j < window).
 
 TP-friendly by construction: head counts are never stored; projections are reshaped with -1 heads
 of ``head_dim`` and the GQA repetition is derived from tensor shapes inside ``causal_attention``, so a
 pass that shards q/k/v_proj column-wise and o_proj row-wise needs no other rewrite.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.fx
@@ -23,16 +26,31 @@ def sequence_positions(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[1], device=x.device)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [b, s, hq, d], k/v: [b, s, hkv, d] -> [b, s, hq, d]. Causal SDPA; each kv head serves
-    hq // hkv query heads (read from the shapes, so it holds for any TP shard). One fx node, so the
-    kernel registry or a ring-attention pass can swap the implementation."""
+def band_mask(sq: int, sk: int, offset: int, window: Optional[int], device=None) -> torch.Tensor:
+    """[sq, sk] bool, True where query i sees key j: 0 <= offset + i - j < window (no upper
+    bound without a window). ``offset`` is the first query's position minus the first key's."""
+    distance = (offset + torch.arange(sq, device=device)[:, None]) - torch.arange(sk, device=device)
+    visible = distance >= 0
+    return visible if window is None else visible & (distance < window)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     window: Optional[int] = None) -> torch.Tensor:
+    """q: [b, s, hq, d], k/v: [b, s, hkv, d] -> [b, s, hq, d]. Causal SDPA, within ``window`` keys
+    when given (a banded boolean mask); each kv head serves hq // hkv query heads (read from the
+    shapes, so it holds for any TP shard). One fx node, so the kernel registry or a
+    context-parallel pass can swap the implementation."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     repeat = q.shape[1] // k.shape[1]
     if repeat > 1:
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    s = q.shape[2]
+    if window is None or window >= s:  # the window covers every causal key: plain causal
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        mask = band_mask(s, s, 0, window, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -55,6 +73,9 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(spec.head_dim, norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, norm_eps)
         self.qk_norm = spec.qk_norm
+        if spec.full_layers:
+            raise ValueError("build each attention layer from spec.layer_block(i): its own window")
+        self.window = spec.window
         self.has_rope = spec.rope is not None
         if self.has_rope:
             inv_freq, self.attention_scaling = rope_inv_freq(spec.rope, spec.head_dim, max_seq)
@@ -70,5 +91,8 @@ class SelfAttention(nn.Module):
         if self.has_rope:
             cos, sin = rotary_cos_sin(sequence_positions(x), self.inv_freq, self.attention_scaling, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, self.scale)
+        if self.window is None:
+            out = causal_attention(q, k, v, self.scale)
+        else:  # a keyword, so a pass that swaps the node keeps it whatever the positional arguments
+            out = causal_attention(q, k, v, self.scale, window=self.window)
         return self.o_proj(out.reshape(b, s, -1))

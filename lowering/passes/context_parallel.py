@@ -6,7 +6,8 @@ a single fx node for this reason):
 
   tokens, labels        -> zigzag_shard(., cp, rank)        this rank's chunks of the micro-batch
   sequence_positions    -> zigzag_positions(., cp, rank)    global RoPE positions of the chunks
-  causal_attention      -> ring_attention (layout cp_comm = "ring") or ulysses_attention ("alltoall")
+  causal_attention      -> ring_attention (layout cp_comm = "ring") or ulysses_attention ("alltoall"),
+                           with the layer's sliding window when it has one
   causal_conv1d         -> cp_causal_conv1d                 with the predecessor chunks' halos
   ssd_scan              -> cp_ssd_scan                       states passed across chunks
 
@@ -65,8 +66,10 @@ def check_context_parallel(t: Target) -> None:
 
 
 def _replace(gm, node, target, args) -> torch.fx.Node:
+    """``target(*args, **node.kwargs)`` in place of ``node`` (keyword arguments such as an
+    attention window carry over)."""
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, args)
+        new = gm.graph.call_function(target, args, dict(node.kwargs))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)

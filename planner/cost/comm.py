@@ -14,6 +14,8 @@ NIC, both at once.
 """
 from __future__ import annotations
 
+from plait.ir import counts
+
 from .context import Context, GroupShape, cluster_links
 
 
@@ -39,13 +41,15 @@ def all_to_all(ctx: Context, g: GroupShape, nbytes: float) -> float:
     """Every rank scatters ``nbytes`` evenly over the group (its own share stays local): one
     message of nbytes / n per peer, the node's peers over NVLink and the others over the NIC at
     the same time. Each message pays the link's latency before its bytes, so the achieved share
-    of a link falls with the message size: m / (m + latency x bandwidth) per peer."""
+    of a link falls with the message size: m / (m + latency x bandwidth) per peer. Each level
+    runs at its own all-to-all efficiency (a2a_eff over NVLink, a2a_inter_eff over the NIC)."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
     n, r, cal = g.size, g.per_node, ctx.cal
+    eff_out = cal.a2a_inter_eff or cal.a2a_eff
     intra = (r - 1) * (nbytes / n / (b_in * cal.a2a_eff) + cal.a2a_peer_latency * a_in)
-    inter = (n - r) * (nbytes / n / (b_out * cal.a2a_eff) + cal.a2a_peer_latency * a_out)
+    inter = (n - r) * (nbytes / n / (b_out * eff_out) + cal.a2a_peer_latency * a_out)
     return max(intra, inter) + (a_out if g.crosses_nodes else a_in)
 
 
@@ -78,7 +82,7 @@ def tp_comm(ctx: Context) -> float:
 
 def cp_comm(ctx: Context) -> float:
     """Attention under context parallelism (forward). Ring: cp-1 exchanges of this rank's K and V
-    chunk. All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
+    chunk, fewer with a sliding window shorter than the zigzag chunks (counts.ring_steps). All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
     output back, each rank scattering its local tensors."""
     lay = ctx.layout
     if lay.cp <= 1:
@@ -88,7 +92,9 @@ def cp_comm(ctx: Context) -> float:
         local = ctx.tokens * (2 * attn.q_dim + 2 * attn.kv_dim) / lay.tp * ctx.act_bytes
         return all_to_all(ctx, ctx.group("dense", "cp"), local)
     kv = ctx.tokens * 2 * attn.kv_dim / lay.tp * ctx.act_bytes
-    return (lay.cp - 1) * p2p(ctx, ctx.group("dense", "cp"), kv)
+    # a sliding window skips the steps whose K/V block no query sees (mean over attention layers)
+    steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)
+    return steps * p2p(ctx, ctx.group("dense", "cp"), kv)
 
 
 def mamba_cp_comm(ctx: Context) -> float:

@@ -5,8 +5,9 @@ low arithmetic intensity), floored by the roofline's memory time. The attention 
 attention) and Mamba's chunked scan run at their own efficiency. Norms, activations, RoPE,
 residual adds, softmax-top-k and token permutation are memory-bound: bytes over HBM bandwidth.
 
-Backward: GEMMs twice the forward (data and weight gradients), the flash-attention core 2.5x (it
-recomputes the scores), memory-bound kernels twice. FLOP totals agree with ir/counts (the tests
+Backward: GEMMs twice the forward's arithmetic (data and weight gradients), the weight gradient
+with its fp32 accumulation on the memory side; the flash-attention core 2.5x (it recomputes the
+scores), memory-bound kernels twice. FLOP totals agree with ir/counts (the tests
 check it); this module only decides how fast they run.
 """
 from __future__ import annotations
@@ -30,6 +31,11 @@ class Work:
     selective: float = 0.0  # memory-bound work that selective recompute repeats (norms, activations)
     flops: float = 0.0  # forward FLOPs this rank executes (for checks)
     core_bwd_rate: float = 1.0  # the backward core kernels' rate over the forward's
+    gemm_bwd: float = -1.0  # backward seconds of the GEMMs (dgrad + wgrad); < 0: BWD_GEMM x gemm
+
+    @property
+    def backward_gemm(self) -> float:
+        return self.gemm_bwd if self.gemm_bwd >= 0 else BWD_GEMM * self.gemm
 
     @property
     def forward(self) -> float:
@@ -37,40 +43,80 @@ class Work:
 
     @property
     def backward(self) -> float:
-        return (BWD_GEMM * self.gemm + BWD_CORE * self.core / self.core_bwd_rate
-                + BWD_MEMORY * self.memory)
+        return self.backward_gemm + BWD_CORE * self.core / self.core_bwd_rate + BWD_MEMORY * self.memory
+
+
+# Every weight gradient is accumulated into an fp32 main-gradient buffer (Megatron-Core's
+# gradient_accumulation_fusion writes the wgrad GEMM's output straight into main_grad; without it
+# a separate add does the same and more): the wgrad GEMM reads and writes 4 + 4 bytes per weight.
+# With few rows per weight (small micro-batches, fine-grained experts) that traffic, not the
+# arithmetic, sets the backward's time.
+WGRAD_ACCUM_BYTES = 8
+
+
+def _efficiency(ctx: Context, m: float, n: float, k: float) -> float:
+    cal = ctx.cal
+    return cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / m + 1.0 / n + 1.0 / k))
+
+
+def _roofline(ctx: Context, flops: float, eff: float, nbytes: float, peak: float | None) -> float:
+    compute = flops / ((ctx.peak if peak is None else peak) * eff)
+    return max(compute, nbytes / (ctx.hbm * ctx.cal.hbm_eff))
+
+
+def _pass_bytes(ctx: Context, rows: float, n: float, k: float) -> tuple[float, float]:
+    """(forward or dgrad bytes, wgrad bytes) of one [rows x k] @ [k x n] and its backward:
+    forward reads X and W and writes Y; dgrad reads dY and W and writes dX (the same sizes);
+    wgrad reads X and dY and accumulates dW into fp32."""
+    b = ctx.act_bytes
+    return (b * (rows * k + k * n + rows * n),
+            b * (rows * k + rows * n) + WGRAD_ACCUM_BYTES * k * n)
+
+
+def gemm_times(ctx: Context, m: float, n: float, k: float, count: float = 1.0,
+               peak: float | None = None) -> tuple[float, float]:
+    """(forward, backward) seconds of ``count`` GEMMs of [m x k] @ [k x n] with a weight
+    [k x n] at ``peak`` (default: the linears' peak, fp8's in an fp8 layer). Each pass is
+    the longer of its arithmetic (efficiency falling with small dimensions) and its memory
+    traffic; backward is dgrad + wgrad."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0, 0.0
+    flops, eff = 2.0 * m * n * k, _efficiency(ctx, m, n, k)
+    fwd_bytes, wgrad_bytes = _pass_bytes(ctx, m, n, k)
+    fwd = _roofline(ctx, flops, eff, fwd_bytes, peak)
+    return count * fwd, count * (fwd + _roofline(ctx, flops, eff, wgrad_bytes, peak))
 
 
 def gemm_time(ctx: Context, m: float, n: float, k: float, count: float = 1.0,
               peak: float | None = None) -> float:
-    """``count`` GEMMs of [m x k] @ [k x n] at ``peak`` (default: the linears' peak, fp8's in an
-    fp8 layer)."""
-    if m <= 0 or n <= 0 or k <= 0:
-        return 0.0
+    """Forward seconds of ``count`` GEMMs of [m x k] @ [k x n] (see gemm_times)."""
+    return gemm_times(ctx, m, n, k, count, peak)[0]
+
+
+def grouped_gemm_times(ctx: Context, rows: float, n: float, k: float, groups: float,
+                       peak: float | None = None) -> tuple[float, float]:
+    """(forward, backward) seconds of ``groups`` GEMMs of [rows x k] @ [k x n] (the local
+    experts, ``rows`` tokens each, a weight each).
+
+    As one grouped GEMM kernel the GPU fills across groups, so the small-dimension knee sees the
+    rows of all groups together; the price is each group's rows padded to a whole tile. As a loop
+    (grouped_gemm = 0) every expert is its own GEMM and pays the knee on its own rows. The
+    memory side reads every expert's weight (and accumulates its fp32 gradient) whatever the
+    rows: with few tokens per expert the experts' GEMMs are memory-bound."""
     cal = ctx.cal
-    eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / m + 1.0 / n + 1.0 / k))
-    compute = 2.0 * m * n * k / ((ctx.peak if peak is None else peak) * eff)
-    memory = ctx.act_bytes * (m * k + k * n + m * n) / (ctx.hbm * cal.hbm_eff)
-    return count * max(compute, memory)
+    if cal.grouped_gemm < 0.5 or groups <= 1 or rows <= 0:
+        return gemm_times(ctx, rows, n, k, groups, peak)
+    total = -(-rows // cal.gemm_tile) * cal.gemm_tile * groups
+    flops, eff = 2.0 * total * n * k, _efficiency(ctx, total, n, k)
+    fwd_bytes, wgrad_bytes = _pass_bytes(ctx, rows, n, k)
+    fwd = _roofline(ctx, flops, eff, groups * fwd_bytes, peak)
+    return fwd, fwd + _roofline(ctx, flops, eff, groups * wgrad_bytes, peak)
 
 
 def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: float,
                       peak: float | None = None) -> float:
-    """``groups`` GEMMs of [rows x k] @ [k x n] (the local experts, ``rows`` tokens each).
-
-    As one grouped GEMM kernel the GPU fills across groups, so the small-dimension knee sees the
-    rows of all groups together; the price is each group's rows padded to a whole tile. As a loop
-    (grouped_gemm = 0) every expert is its own GEMM and pays the knee on its own rows."""
-    cal = ctx.cal
-    if cal.grouped_gemm < 0.5 or groups <= 1 or rows <= 0:
-        return gemm_time(ctx, rows, n, k, groups, peak)
-    padded = -(-rows // cal.gemm_tile) * cal.gemm_tile
-    total = padded * groups
-    eff = cal.gemm_eff / (1.0 + cal.gemm_knee * (1.0 / total + 1.0 / n + 1.0 / k))
-    compute = 2.0 * total * n * k / ((ctx.peak if peak is None else peak) * eff)
-    memory = ctx.act_bytes * groups * (rows * k + k * n + rows * n) / (
-        ctx.hbm * cal.hbm_eff)
-    return max(compute, memory)
+    """Forward seconds of the local experts' grouped GEMM (see grouped_gemm_times)."""
+    return grouped_gemm_times(ctx, rows, n, k, groups, peak)[0]
 
 
 def memory_time(ctx: Context, nbytes: float) -> float:
@@ -91,7 +137,8 @@ def attention_work(ctx: Context) -> Work:
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     a, h = model.attention, model.hidden
     qkv_out = (a.q_dim + 2 * a.kv_dim) / lay.tp
-    gemm = gemm_time(ctx, t, qkv_out, h) + gemm_time(ctx, t, h, a.q_dim / lay.tp)
+    gemm, gemm_bwd = _sum(gemm_times(ctx, t, qkv_out, h),
+                          gemm_times(ctx, t, h, a.q_dim / lay.tp))
     core_flops = t * counts.attention_core_flops(model, ctx.job.seq_len) / lay.tp
     norm, residual = _norm_and_residual(ctx)
     rope = 2 * t * (a.q_dim + a.kv_dim) / lay.tp * ctx.act_bytes if a.rope else 0.0
@@ -99,13 +146,14 @@ def attention_work(ctx: Context) -> Work:
     if ctx.cal.flash_attention < 0.5:
         scores, score_mem = materialised_attention(ctx)
         return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
-                    selective=scores + memory_time(ctx, norm + score_mem), flops=flops)
+                    selective=scores + memory_time(ctx, norm + score_mem), flops=flops,
+                    gemm_bwd=gemm_bwd + BWD_GEMM * scores)
     core = core_time(ctx, core_flops)
     merge = ring_merge_bytes(ctx)
     # selective recompute re-runs the norm and the attention core (see memory.py)
     return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope + merge),
                 selective=core + memory_time(ctx, norm), flops=flops,
-                core_bwd_rate=ctx.cal.attn_bwd_ratio)
+                core_bwd_rate=ctx.cal.attn_bwd_ratio, gemm_bwd=gemm_bwd)
 
 
 MERGE_BYTES = 4 + 2 + 4  # read the fp32 running output, read a step's partial, write it back
@@ -121,7 +169,8 @@ def ring_merge_bytes(ctx: Context) -> float:
     lay = ctx.layout
     if lay.cp <= 1 or lay.cp_comm != "ring":
         return 0.0
-    return (lay.cp - 1) * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
+    merges = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)  # cp - 1 without a window
+    return merges * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element
@@ -144,11 +193,11 @@ def _ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: flo
     function."""
     h = ctx.model.hidden
     up = width * (2 if gated else 1)
-    gemm = (grouped_gemm_time(ctx, tokens, up, h, count, peak)
-            + grouped_gemm_time(ctx, tokens, h, width, count, peak))
+    gemm, gemm_bwd = _sum(grouped_gemm_times(ctx, tokens, up, h, count, peak),
+                          grouped_gemm_times(ctx, tokens, h, width, count, peak))
     act = memory_time(ctx, count * tokens * (up + width) * ctx.act_bytes)
     flops = count * tokens * 2 * h * (up + width)
-    return Work(gemm=gemm, memory=act, selective=act, flops=flops)
+    return Work(gemm=gemm, memory=act, selective=act, flops=flops, gemm_bwd=gemm_bwd)
 
 
 def mlp_work(ctx: Context) -> Work:
@@ -166,7 +215,7 @@ def moe_work(ctx: Context) -> Work:
     # expert grouped GEMMs and the fp32 router never run in fp8 (ir/precision.py)
     experts = _ffn_work(ctx, ctx.routed_tokens / local, moe.ffn / lay.etp, moe.gated, local,
                         ctx.peak_high)
-    router = gemm_time(ctx, t_in, moe.experts, h, peak=ctx.peak_high)
+    router = gemm_times(ctx, t_in, moe.experts, h, peak=ctx.peak_high)
     shared = (_ffn_work(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated) if moe.shared_ffn
               else Work())
     norm, residual = _norm_and_residual(ctx)
@@ -177,7 +226,8 @@ def moe_work(ctx: Context) -> Work:
     permute = 4 * sorts * ctx.routed_tokens / lay.etp * h * ctx.act_bytes
     routing = t_in * moe.experts * 4 * 3  # fp32 logits, softmax, top-k
     flops = experts.flops + shared.flops + t_in * 2 * h * moe.experts
-    return Work(gemm=experts.gemm + router + shared.gemm,
+    return Work(gemm=experts.gemm + router[0] + shared.gemm,
+                gemm_bwd=experts.backward_gemm + router[1] + shared.backward_gemm,
                 memory=experts.memory + shared.memory + memory_time(
                     ctx, norm + residual + permute + routing),
                 selective=experts.selective + shared.selective + memory_time(ctx, norm),
@@ -187,14 +237,15 @@ def moe_work(ctx: Context) -> Work:
 def mamba_work(ctx: Context) -> Work:
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     m, h = model.mamba, model.hidden
-    gemm = gemm_time(ctx, t, m.in_proj_out / lay.tp, h) + gemm_time(ctx, t, h, m.d_inner / lay.tp)
+    gemm, gemm_bwd = _sum(gemm_times(ctx, t, m.in_proj_out / lay.tp, h),
+                          gemm_times(ctx, t, h, m.d_inner / lay.tp))
     # SSD chunked scan: intra-chunk (chunk-length "attention") and inter-chunk state products
     scan_flops = t * 2 * (m.d_inner / lay.tp) * (2 * m.chunk + 2 * m.state)
     conv = 2 * t * m.conv_channels / lay.tp * ctx.act_bytes
     gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
     norm, residual = _norm_and_residual(ctx)
     flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
-    return Work(gemm=gemm, core=core_time(ctx, scan_flops, ctx.cal.scan_eff),
+    return Work(gemm=gemm, gemm_bwd=gemm_bwd, core=core_time(ctx, scan_flops, ctx.cal.scan_eff),
                 memory=memory_time(ctx, conv + gated_norm + norm + residual),
                 selective=memory_time(ctx, norm + gated_norm), flops=flops)
 
@@ -215,10 +266,10 @@ def head_work(ctx: Context) -> Work:
     """Final norm, output GEMM and vocab-parallel cross-entropy (fp32 softmax) on the last stage."""
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     vocab = model.vocab / lay.tp
-    gemm = gemm_time(ctx, t, vocab, model.hidden, peak=ctx.peak_high)  # the head stays bf16
+    gemm, gemm_bwd = gemm_times(ctx, t, vocab, model.hidden, peak=ctx.peak_high)  # stays bf16
     loss = t * vocab * (ctx.act_bytes + 4 + 4)
     norm, _ = _norm_and_residual(ctx)
-    return Work(gemm=gemm, memory=memory_time(ctx, loss + norm),
+    return Work(gemm=gemm, gemm_bwd=gemm_bwd, memory=memory_time(ctx, loss + norm),
                 flops=2 * t * vocab * model.hidden)
 
 
@@ -230,4 +281,9 @@ def optimizer_time(ctx: Context, params_on_rank: float, shards: float) -> float:
 
 def _plus(w: Work, memory: float = 0.0, selective: float = 0.0) -> Work:
     return Work(gemm=w.gemm, core=w.core, memory=w.memory + memory,
-                selective=w.selective + selective, flops=w.flops)
+                selective=w.selective + selective, flops=w.flops, gemm_bwd=w.gemm_bwd)
+
+
+def _sum(*passes: tuple[float, float]) -> tuple[float, float]:
+    """(forward, backward) seconds of several GEMMs together."""
+    return sum(p[0] for p in passes), sum(p[1] for p in passes)

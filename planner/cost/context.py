@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 import copy
+import math
 from functools import cached_property, lru_cache
+from statistics import NormalDist
 
 from plait.ir.cluster import Cluster, Device
 from plait.ir.job import TrainJob
@@ -36,14 +38,19 @@ class Calibration:
     hbm_eff: float = 0.80  # fraction of HBM bandwidth memory-bound kernels reach
     intra_eff: float = 0.80  # fraction of NVLink bandwidth collectives reach
     inter_eff: float = 0.80  # fraction of the network bandwidth collectives reach
-    a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links
+    a2a_eff: float = 0.60  # all-to-all relative to a ring collective on the same links (NVLink)
+    # the same for the all-to-all's share that crosses the network (0: a2a_eff). `plait
+    # calibrate` measures both levels; they differ (NVSwitch vs NICs, PXN routing, RDMA)
+    a2a_inter_eff: float = 0.0
     # an all-to-all is one message per peer: each pays the link latency on top of its bytes, so
     # small messages (fine-grained experts, short micro-batches) reach a smaller share of the link
     a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
     fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
-    moe_imbalance: float = 1.10  # busiest expert rank over the mean, dropless routing
+    # busiest expert rank over the mean as measured on a trained router (per micro-batch and
+    # layer); 0: the expected maximum under balanced random routing (routing_imbalance)
+    moe_imbalance: float = 0.0
     kernel_us: float = 0.0  # fixed launch cost per block and pass, microseconds
     # host (Python, dispatch, launch) microseconds of one block's forward + backward, per kind,
     # measured by `plait calibrate` on plait's own modules (0: kernel_us x 3 instead)
@@ -143,17 +150,28 @@ class Context:
         per expert). The MoE costs (dispatch volume, expert GEMMs, permutation, buffers) are
         sized by that rank, since the all-to-all and the step wait for it. Assumptions:
 
-          dropless            moe_imbalance (calibration key; default 1.10, a planning margin, not
-                              fitted: benchmarks/moe_comm_truth.py measures busiest / mean ~1.04
-                              on tiny-moe's untrained router, where mean / model = 1 / 1.10)
-          capacity factor cf  min(cf, moe_imbalance): no expert keeps more than cf x its share,
-                              tokens over it are dropped (drop policy does not change volumes)
+          dropless            routing_imbalance: the measured moe_imbalance when calibrated,
+                              else the expected busiest rank of balanced random routing
+          capacity factor cf  min(cf, routing_imbalance): no expert keeps more than cf x its
+                              share, tokens over it are dropped (drop policy does not change
+                              volumes)
           cf + pad            cf: every expert is padded to its capacity
         """
         cf = self.job.moe.capacity_factor
         if cf is None:
+            return self.routing_imbalance
+        return cf if self.job.moe.pad_to_capacity else min(cf, self.routing_imbalance)
+
+    @cached_property
+    def routing_imbalance(self) -> float:
+        """Busiest expert rank over the mean, one micro-batch through one MoE layer: the
+        calibration's measured moe_imbalance, else expected_max_load of the EP group's tokens
+        (each EP rank routes its own tokens / tp) under a balanced router."""
+        if self.cal.moe_imbalance > 0:
             return self.cal.moe_imbalance
-        return cf if self.job.moe.pad_to_capacity else min(cf, self.cal.moe_imbalance)
+        moe, lay = self.model.moe, self.layout
+        tokens = lay.ep * self.tokens / lay.tp
+        return expected_max_load(tokens, moe.top_k, moe.experts, lay.ep)
 
     # -- device ----------------------------------------------------------------------------------
     @cached_property
@@ -207,6 +225,25 @@ class Context:
         names = parse_order(lay.order)
         return _first_group_shape(tuple(size_of[n] for n in names), tuple(n in dims for n in names),
                                   self.cluster.gpus_per_node)
+
+
+def expected_max_load(tokens: float, top_k: int, experts: int, ranks: int) -> float:
+    """Expected busiest of ``ranks`` expert ranks (experts / ranks experts each) over the mean
+    when ``tokens`` tokens each pick ``top_k`` distinct experts uniformly at random: the least
+    imbalance any router shows (a trained one with its balancing loss is at best this even).
+
+    Per token, the copies landing on one rank's L = experts / ranks experts are hypergeometric:
+    mean k L / E, variance k (L/E) (1 - L/E) (E - k) / (E - 1); over T tokens the rank's load is
+    close to normal. The ranks' loads add up to T k, so they are correlated -1 / (n - 1): their
+    largest is sqrt(n / (n - 1)) x the expected largest of n independent standard normals (Blom's
+    score Phi^-1((n - 0.375) / (n + 0.25))) standard deviations above the mean."""
+    if ranks <= 1 or tokens <= 0 or experts <= top_k:
+        return 1.0
+    share = 1.0 / ranks
+    mean = tokens * top_k * share
+    var = tokens * top_k * share * (1 - share) * (experts - top_k) / (experts - 1)
+    z = NormalDist().inv_cdf((ranks - 0.375) / (ranks + 0.25)) * math.sqrt(ranks / (ranks - 1))
+    return 1.0 + z * math.sqrt(var) / mean
 
 
 def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:

@@ -43,8 +43,10 @@ def rank_cost(table: CostTable, stages: tuple[Stage, ...], rank: int) -> RankCos
                 comm_acc[k] = comm_acc.get(k, 0.0) + v
         act += chunk_act
         chunk = st.virtual * table.layout.pp + st.pp_rank
-        time += table.p2p
+        time += table.chunk_time
         comm_acc["pp"] = comm_acc.get("pp", 0.0) + table.p2p
+        if table.fsdp_edge > 0:
+            comm_acc["dp"] = comm_acc.get("dp", 0.0) + table.fsdp_edge
         for extra, present in ((table.first, chunk == 0), (table.last, chunk == last_chunk)):
             if present:
                 time += extra.time

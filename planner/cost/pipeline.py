@@ -38,6 +38,9 @@ class UnitCost:
     recompute_comm: tuple[tuple[str, float], ...]  # what a full recompute repeats
     flops: float  # forward FLOPs per micro-batch on this rank
     fp32_params: float = 0.0  # of dense_params, those a bf16 / fp8 model keeps in fp32
+    # FSDP seconds this unit's own compute hides of its forward gather and its gradient
+    # reduce-scatter: exposed when it opens (gather) or closes (scatter) a chunk (CostTable)
+    fsdp_edge: float = 0.0
 
     def time(self, option: int) -> float:
         return self.fwd + self.bwd[option]
@@ -70,10 +73,12 @@ def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict
     bwd = dict(fwd)
     if kind == "attention" and ctx.layout.cp > 1:
         ring = comm.cp_comm(ctx)
-        # ring steps overlap the attention core; the all-to-all variant waits for its exchange
+        # ring steps overlap the attention core (backward: the backward kernels, at their own
+        # rate); the all-to-all variant waits for its exchange
         window = ctx.cal.overlap if ctx.layout.cp_comm == "ring" else 0.0
         fwd["cp"] = max(0.0, ring - window * work.core)
-        bwd["cp"] = max(0.0, 2 * ring - window * compute.BWD_CORE * work.core)
+        bwd_core = compute.BWD_CORE * work.core / work.core_bwd_rate
+        bwd["cp"] = max(0.0, 2 * ring - window * bwd_core)
     if kind == "mamba" and ctx.layout.cp > 1:
         fwd["cp"] = bwd["cp"] = comm.mamba_cp_comm(ctx)  # all-gather; reduce-scatter backward
     return fwd, bwd
@@ -118,8 +123,13 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
     else:
         fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
     g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
+    # the backward's window leaves out a full recompute's re-forward, which the prefetch model
+    # would let hide the gathers too: kept out because measured stacks overlap FSDP traffic less
+    # than that model (benchmarks/fidelity.py, physics-only column: FSDP rows too fast)
     window = ctx.cal.fsdp_overlap
     fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
+    scatter = g_bwd - g_fwd  # the backward moves the gather again, then the gradients
+    edge = min(g_fwd, window * fwd_c) + min(scatter, window * bwd_c)
     if fsdp_f or fsdp_b:
         _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
     fwd_t = fwd_c + sum(fwd_comm.values())
@@ -133,7 +143,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
         dense_params=dense, expert_params=expert,
         comm=tuple(sorted(total_comm.items())),
         recompute_comm=tuple(sorted((k, v) for k, v in fwd_comm.items() if k != "dp")),
-        flops=flops, fp32_params=fp32_kept)
+        flops=flops, fp32_params=fp32_kept, fsdp_edge=edge)
 
 
 def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:
@@ -171,6 +181,13 @@ class CostTable:
         self.first = self._embedding()
         self.last = self._head()
         self.p2p = 2 * comm.pp_send(ctx)  # activations forward, gradients backward, per chunk
+        self.fsdp_edge = max(u.fsdp_edge for u in self.units)
+        # per chunk and micro-batch: the stage send / receive, and FSDP's first gather and last
+        # reduce-scatter, which no compute of the chunk hides (PyTorch's FSDP notes: "the 1st
+        # all-gather will not be able to overlap with anything"; the gradients of the chunk's
+        # first unit are complete only at the end of its backward, and NCCL runs one
+        # collective at a time, so the next forward's gather waits for that scatter)
+        self.chunk_time = self.p2p + self.fsdp_edge
         self.capacity = job.cluster.device.memory
         self.microbatches = ctx.microbatches
         self.buffers = memory.comm_buffers(ctx, job.model.is_moe)

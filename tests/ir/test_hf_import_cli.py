@@ -27,8 +27,7 @@ def test_prints_to_stdout_without_output(capsys):
 
 
 def test_unsupported_field_exits_2_naming_it(tmp_path, capsys):
-    cfg = json.loads((SPECS / "llama-3.1-8b.json").read_text()) | {"sliding_window": 4096,
-                                                                    "model_type": "mistral"}
+    cfg = json.loads((SPECS / "llama-3.1-8b.json").read_text()) | {"sliding_window": 4096}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     assert main(["import", "hf", str(path)]) == 2

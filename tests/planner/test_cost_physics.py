@@ -8,7 +8,7 @@ import pytest
 from plait.ir.job import MoEOptions
 from plait.ir.plan import Layout
 from plait.planner.cost import comm, compute
-from plait.planner.cost.context import Context, GroupShape
+from plait.planner.cost.context import Context, GroupShape, expected_max_load
 
 FOLDING = Layout(tp=2, dp=8, pp=8, etp=1, ep=8, edp=2, sp=True)
 
@@ -44,6 +44,17 @@ def test_all_to_all_gets_slower_as_the_group_spreads_over_nodes(ctx):
     # one rank per node: every peer's bytes behind the NIC
     b_out = ctx.cluster.inter.bandwidth * ctx.cal.inter_eff * ctx.cal.a2a_eff
     assert times[-1] == pytest.approx(7 / 8 * nbytes / b_out + 8 * ctx.cluster.inter.latency)
+
+
+def test_all_to_all_levels_use_their_own_efficiency(ctx):
+    """Inside a node only NVLink's a2a_eff counts; spread over nodes, the NIC's share runs at
+    a2a_inter_eff (unset: a2a_eff)."""
+    nbytes, spread, inside = 64e6, GroupShape(size=8, nodes=8), GroupShape(size=8, nodes=1)
+    slow_net = Context(calibrated(ctx.job, a2a_inter_eff=ctx.cal.a2a_eff / 2), FOLDING)
+    assert comm.all_to_all(slow_net, inside, nbytes) == comm.all_to_all(ctx, inside, nbytes)
+    bw_part = 7 / 8 * nbytes / (ctx.cluster.inter.bandwidth * ctx.cal.inter_eff * ctx.cal.a2a_eff)
+    assert comm.all_to_all(slow_net, spread, nbytes) - comm.all_to_all(ctx, spread, nbytes) == \
+        pytest.approx(bw_part)  # twice the bandwidth term, the latencies unchanged
 
 
 def test_grouped_gemm_efficiency_grows_with_tokens_per_expert(ctx):
@@ -155,3 +166,122 @@ def test_host_cost_adds_on_a_cpu_and_hides_behind_an_accelerator(mixtral_job):
     # kernel_us alone: a third forward, two thirds backward of 3 x kernel_us per block
     old = Context(calibrated(job, kernel_us=50.0), lay)
     assert host_seconds(old, ("attention", "moe")) == pytest.approx((100e-6, 200e-6))
+
+
+def test_weight_gradient_accumulates_in_fp32_on_the_memory_side(ctx):
+    """Backward = dgrad + wgrad. Compute-bound, twice the forward; with few rows per weight the
+    wgrad's read-modify-write of the fp32 main gradient (8 bytes per weight) sets its time."""
+    big_f, big_b = compute.gemm_times(ctx, 8192, 8192, 8192)
+    assert big_b == pytest.approx(2 * big_f)
+    rows, n, k = 16, 4096, 4096
+    fwd, bwd = compute.gemm_times(ctx, rows, n, k)
+    hbm = ctx.hbm * ctx.cal.hbm_eff
+    assert fwd == pytest.approx(2 * (rows * k + k * n + rows * n) / hbm)  # reads the weight
+    assert bwd - fwd == pytest.approx((2 * (rows * k + rows * n) + 8 * k * n) / hbm)
+    assert bwd > 4 * fwd  # the weight's fp32 gradient outweighs the rows by far
+    # the experts' grouped GEMM: every expert's weight gradient, whatever its rows
+    g_f, g_b = compute.grouped_gemm_times(ctx, rows, n, k, 8)
+    assert g_b - g_f == pytest.approx(8 * (bwd - fwd))
+
+
+def test_mlp_backward_reads_its_gemms_backward(ctx):
+    work = compute.mlp_work(ctx) if ctx.model.mlp else compute.block_work(ctx, "moe")
+    assert work.backward_gemm >= 2 * work.gemm * (1 - 1e-12)
+    assert work.backward == pytest.approx(
+        work.backward_gemm + compute.BWD_MEMORY * work.memory)
+
+
+def _random_routing_max(tokens, top_k, experts, ranks, trials, seed=0):
+    """Mean over trials of the busiest rank's copies over the mean, every token picking top_k
+    distinct experts uniformly (the top-k of iid uniform scores)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.rand(trials, tokens, experts, generator=gen).topk(top_k, dim=-1).indices
+    per_expert = torch.zeros(trials, experts, dtype=torch.int64).scatter_add_(
+        1, picks.view(trials, -1), torch.ones(trials, tokens * top_k, dtype=torch.int64))
+    per_rank = per_expert.view(trials, ranks, experts // ranks).sum(-1).double()
+    return (per_rank.max(-1).values.mean() / (tokens * top_k / ranks)).item()
+
+
+@pytest.mark.parametrize("tokens, top_k, experts, ranks", [
+    (2048, 2, 8, 8),  # Mixtral-like: one expert per rank
+    (1024, 8, 64, 4),  # Qwen2-like: fine-grained, 16 experts per rank
+    (256, 2, 8, 2),  # few tokens: the largest imbalance
+])
+def test_expected_max_load_matches_random_routing(tokens, top_k, experts, ranks):
+    """The closed form against a seeded simulation of the same router. Tolerance on the excess
+    over 1: 10%, about five standard errors of a 300-trial mean of the maximum plus Blom's
+    approximation error (4% at n = 2, under 1% from n = 4)."""
+    want = _random_routing_max(tokens, top_k, experts, ranks, trials=300)
+    got = expected_max_load(tokens, top_k, experts, ranks)
+    assert got - 1 == pytest.approx(want - 1, rel=0.10)
+
+
+def test_routing_imbalance_shrinks_with_tokens_and_grows_with_ranks():
+    by_tokens = [expected_max_load(t, 2, 64, 8) for t in (512, 4096, 32768)]
+    assert by_tokens[0] > by_tokens[1] > by_tokens[2] > 1.0
+    by_ranks = [expected_max_load(8192, 2, 64, r) for r in (2, 8, 64)]
+    assert by_ranks[0] < by_ranks[1] < by_ranks[2]
+    assert expected_max_load(8192, 2, 64, 1) == 1.0  # one rank holds every expert
+
+
+def test_measured_imbalance_replaces_random_routing(ctx):
+    dropless = replace(ctx.job, moe=MoEOptions())
+    assert Context(dropless, FOLDING).expert_load == pytest.approx(
+        expected_max_load(FOLDING.ep * ctx.tokens / FOLDING.tp, 2, 8, FOLDING.ep))
+    assert Context(calibrated(dropless, moe_imbalance=1.3), FOLDING).expert_load == 1.3
+    # a capacity factor caps the busiest rank at cf x its share
+    capped = replace(ctx.job, moe=MoEOptions(capacity_factor=1.1))
+    assert Context(calibrated(capped, moe_imbalance=1.3), FOLDING).expert_load == 1.1
+
+
+def test_ring_backward_hides_behind_the_backward_core_at_its_rate(mixtral_job):
+    """Ring CP: each step's K/V exchange runs under that step's attention kernels. Backward sends
+    twice the forward's bytes under the backward kernels, which take 2.5x the forward core over
+    attn_bwd_ratio: a slower backward core hides more."""
+    from plait.planner.cost.pipeline import _block_comm
+    lay = Layout(tp=1, cp=8, dp=16, mbs=1, cp_comm="ring")
+    ctx = Context(mixtral_job(), lay)
+    ring = comm.cp_comm(ctx)
+    for rate in (1.0, 0.86, 0.5):
+        work = compute.Work(core=0.5 * ring, core_bwd_rate=rate)
+        fwd, bwd = _block_comm(ctx, "attention", work)
+        window = ctx.cal.overlap
+        assert fwd["cp"] == pytest.approx(ring - window * 0.5 * ring)
+        assert bwd["cp"] == pytest.approx(max(0.0, 2 * ring - window * 2.5 * 0.5 * ring / rate))
+
+
+def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
+    """Per unit, the next unit's gather hides behind this one's compute; the chunk's first
+    gather and its last gradient scatter have nothing to hide behind. The chunk pays, per
+    micro-batch, what its first unit's own compute was credited with hiding."""
+    from plait.planner.cost.pipeline import CostTable
+    from plait.planner.layouts import units
+    job = replace(mixtral_job(), moe=MoEOptions(capacity_factor=1.0))
+    fsdp = Layout(tp=1, dp=128, etp=1, ep=8, edp=16, dp_kind="fsdp")
+    table = CostTable(job, fsdp, units(job.model))
+    ctx, unit = table.ctx, table.units[0]
+    gather, backward = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
+    assert 0 < unit.fsdp_edge <= backward  # at most one gather and one scatter
+    assert table.chunk_time == pytest.approx(table.p2p + unit.fsdp_edge)
+    # no FSDP, no edge
+    zero1 = CostTable(job, replace(fsdp, dp_kind="zero1"), units(job.model))
+    assert zero1.fsdp_edge == 0.0 and zero1.chunk_time == zero1.p2p
+    # communication-bound (no overlap window): the per-unit terms already expose it all
+    none = CostTable(calibrated(job, fsdp_overlap=0.0), fsdp, units(job.model))
+    assert none.fsdp_edge == 0.0
+
+
+def test_a_sliding_window_cuts_attention_core_and_ring_exchanges():
+    """Mistral-7B-v0.1 at 32K on cp 4 (zigzag chunks of 4K, window 4096): each query sees ~4K keys
+    instead of ~16K, and the ring skips the exchange whose K/V block no query sees (2 of 3)."""
+    from plait.ir.dsl import load_job
+    job = load_job("specs/jobs/mistral-7b-v0.1-32k.plait")
+    full = replace(job, model=replace(job.model, attention=replace(job.model.attention, window=None)))
+    layout = Layout(tp=1, cp=4, dp=4, pp=2)
+    windowed, causal = Context(job, layout), Context(full, layout)
+    # s w - w^2 / 2 of the s^2 / 2 triangle: (32K * 4K - 8M) / 512M = 15/64
+    assert compute.attention_work(windowed).core == pytest.approx(
+        compute.attention_work(causal).core * 15 / 64, rel=1e-12)
+    assert comm.cp_comm(windowed) == pytest.approx(comm.cp_comm(causal) * 2 / 3, rel=1e-12)
+    assert compute.ring_merge_bytes(windowed) == pytest.approx(compute.ring_merge_bytes(causal) * 2 / 3)

@@ -25,26 +25,33 @@ def moe_job(mixtral_job, **options):
     return replace(job, moe=MoEOptions(**options))
 
 
+# balanced random routing of EP8 x 2048 tokens, top-2 of 8 experts, one expert per rank: the
+# busiest rank is Blom's score for 8 draws (1.4342) x sqrt(8 / 7) (the loads sum to a constant)
+# standard deviations above the mean 4096
+RANDOM = 1 + 1.4342 * (8 / 7) ** 0.5 * (16384 * 2 / 8 * 7 / 8 * 6 / 7) ** 0.5 / 4096
+
+
 @pytest.mark.parametrize("options, load", [
-    ({}, 1.10),  # dropless: the calibration's moe_imbalance
+    ({}, RANDOM),  # dropless: the busiest rank of random routing
     ({"capacity_factor": 1.0}, 1.0),  # capacity caps the busiest expert
-    ({"capacity_factor": 1.5}, 1.10),  # a loose capacity drops nothing: imbalance again
+    ({"capacity_factor": 1.5}, RANDOM),  # a loose capacity drops nothing: imbalance again
     ({"capacity_factor": 1.5, "pad_to_capacity": True}, 1.5),  # every expert padded to cf
 ])
 def test_expert_load_assumption(mixtral_job, options, load):
     ctx = Context(moe_job(mixtral_job, **options), FOLDING)
-    assert ctx.expert_load == pytest.approx(load)
-    assert ctx.routed_tokens == pytest.approx(FOLDING.etp * TOKENS / FOLDING.tp * TOP_K * load)
+    assert ctx.expert_load == pytest.approx(load, rel=1e-4)
+    assert ctx.routed_tokens == pytest.approx(FOLDING.etp * TOKENS / FOLDING.tp * TOP_K * load,
+                                              rel=1e-4)
 
 
 def test_alltoall_dispatch_inside_a_node_by_hand(mixtral_job):
     ctx = Context(moe_job(mixtral_job), FOLDING)
     g = ctx.group("expert", "ep")
     assert (g.size, g.nodes) == (8, 1)
-    sent = TOKENS / 2 * TOP_K * 1.10 * H * BF16  # tokens/tp, k copies, busiest rank, bf16
+    sent = TOKENS / 2 * TOP_K * RANDOM * H * BF16  # tokens/tp, k copies, busiest rank, bf16
     # 7 of 8 peers over NVLink, one message each paying the link latency, then one sync
     a2a = 7 * (sent / 8 / (B_IN * A2A_EFF) + A_IN) + A_IN
-    assert comm.moe_dispatch_comm(ctx) == pytest.approx(2 * a2a)  # dispatch + combine; ETP1: none
+    assert comm.moe_dispatch_comm(ctx) == pytest.approx(2 * a2a, rel=1e-4)  # ETP1: no gather
 
 
 def test_alltoall_dispatch_across_nodes_by_hand(mixtral_job):
@@ -71,7 +78,7 @@ def test_allgather_dispatcher_moves_every_token_by_hand(mixtral_job):
 
 def test_permutation_buffers_by_hand(mixtral_job):
     ctx = Context(moe_job(mixtral_job), FOLDING)
-    routed = 1 * TOKENS / 2 * TOP_K * 1.10  # token copies this rank's experts see
+    routed = 1 * TOKENS / 2 * TOP_K * RANDOM  # token copies this rank's experts see
     sp_gather = TOKENS * H * BF16  # the sequence-parallel all-gather output (tp 2)
     send_recv = 2 * routed * H * BF16  # dispatch send + receive buffers of the permuted rows
     assert memory.comm_buffers(ctx, has_moe=True) == pytest.approx(sp_gather + send_recv)

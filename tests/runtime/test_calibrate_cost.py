@@ -75,6 +75,18 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert all(k in calibration.KEYS for k in values)
 
 
+def test_derive_measures_each_level_s_all_to_all_on_its_own():
+    """Two nodes: the network level's all-to-all efficiency comes from its own measurement."""
+    measured = synthetic()
+    network = synthetic(bw=0.2e9, alpha=80e-6, a2a_bw=0.15e9)["network"]
+    measured["network"]["inter"] = network["intra"]
+    values, sources = derive(measured, local_cpu(4), "fp32")
+    assert values["a2a_eff"] == pytest.approx(0.5, rel=1e-6)
+    assert values["a2a_inter_eff"] == pytest.approx(0.75, rel=1e-6)
+    assert values["inter_latency_us"] == pytest.approx(80, rel=1e-6)
+    assert "inter-node" in sources["a2a_inter_eff"]
+
+
 @pytest.mark.tier2
 def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     out = tmp_path / "calib.json"
