@@ -56,7 +56,9 @@ def cases(only: list[str] | None):
         Case("tp2 sp vs DTensor TP+SP", Layout(tp=2, mbs=gb, sp=True, dp_kind="replicated")),
         Case("tp2 vs DTensor TP", Layout(tp=2, mbs=gb, dp_kind="replicated")),
         Case("pp2 1f1b vs pipelining", Layout(pp=2, mbs=gb // 4, dp_kind="replicated")),
-        Case(f"demo {demo.layout.short()} {demo.layout.dp_kind}{' sp' if demo.layout.sp else ''}",
+        Case("dp2 zero1 vs DDP+ZeroRedundancyOptimizer", Layout(dp=2, mbs=gb // 2, dp_kind="zero1")),
+        Case(f"demo {demo.layout.short()} {demo.layout.dp_kind}{' sp' if demo.layout.sp else ''}"
+             + (" (torch: FSDP2)" if demo.layout.dp_kind == "zero1" else ""),
              demo.layout, demo.stages, demo.schedule),
         Case(f"auto {auto.layout.short()} {auto.layout.dp_kind}", auto.layout, auto.stages,
              auto.schedule),

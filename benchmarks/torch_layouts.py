@@ -7,7 +7,8 @@ The same reference model (`build_model`, same seed) parallelised the way a torch
        PrepareModuleInput gathering the sequence before each mixer.
   PP   `torch.distributed.pipelining`: the model split by hand into the plan's chunks, one
        PipelineStage each, the plan's schedule and micro-batches.
-  DP   DistributedDataParallel (replicated) or FSDP2 `fully_shard`, one unit per chunk as plait.
+  DP   DistributedDataParallel (replicated), DDP + ZeroRedundancyOptimizer (zero1 without TP / PP)
+       or FSDP2 `fully_shard`, one unit per chunk as plait (fsdp; zero1 with TP or PP).
 Then torch's clip_grad_norm_ arithmetic (norm over every group, as torchtitan does it with PP)
 and the same AdamW. The mesh is (pp, dp, tp), tp fastest: the ranks plait's "tp-cp-ep-dp-pp" order
 gives the same coordinates.
@@ -107,8 +108,11 @@ class TorchLayout:
         self.params = [p for c in self.chunks for p in c.parameters()]
         named = [(n, p) for c in self.chunks for n, p in c.named_parameters()]
         self.optimizer = adamw(param_groups(named, optimizer_spec.weight_decay), optimizer_spec)
-        if layout.dp > 1 and layout.dp_kind != "fsdp":
+        if layout.dp > 1 and not self._sharded():
             self._wrap_ddp()
+            if layout.dp_kind == "zero1":  # ZeRO-1: torch's ZeroRedundancyOptimizer over DDP
+                self.optimizer = self._zero1(param_groups(named, optimizer_spec.weight_decay),
+                                             optimizer_spec)
         self.schedule = self._pipeline(plan) if layout.pp > 1 else None
         self.last = len(bounds) - 1 in self.chunk_ids
         self.first = 0 in self.chunk_ids
@@ -119,7 +123,7 @@ class TorchLayout:
 
         if self.layout.tp > 1:
             parallelize_module(chunk, self.mesh["tp"], tp_plan(chunk, self.layout.sp))
-        if self.layout.dp > 1 and self.layout.dp_kind == "fsdp":
+        if self.layout.dp > 1 and self._sharded():
             # one FSDP unit per chunk, as plait shards (torchtitan's one unit per block would
             # issue 8x the collectives on this model: a different recipe, not the same layout);
             # gloo has no AVG: sum, then FSDP divides
@@ -137,6 +141,22 @@ class TorchLayout:
             return ScheduleInterleaved1F1B(stages, self.n_micro, loss_fn=cross_entropy, scale_grads=True)
         cls = ScheduleGPipe if plan.schedule == "gpipe" else Schedule1F1B
         return cls(stages[0], self.n_micro, loss_fn=cross_entropy, scale_grads=True)
+
+    def _sharded(self) -> bool:
+        """FSDP2 shards the DP side: for fsdp, and for zero1 with TP or PP, which torch's
+        ZeroRedundancyOptimizer (over DDP) does not compose with (torchtitan uses FSDP2 there)."""
+        kind = self.layout.dp_kind
+        return kind == "fsdp" or (kind == "zero1" and (self.layout.tp > 1 or self.layout.pp > 1))
+
+    def _zero1(self, groups: list[dict], spec):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], torch.optim.AdamW,
+                                       process_group=self.mesh["dp"].get_group(), lr=spec.lr,
+                                       betas=tuple(spec.betas), eps=spec.eps, foreach=False,
+                                       weight_decay=groups[0]["weight_decay"])
+        zero.add_param_group(groups[1])
+        return zero
 
     def _wrap_ddp(self) -> None:
         """Replicated DP: DistributedDataParallel around the (single) chunk, after TP."""
