@@ -5,7 +5,8 @@ represent, or listed as not affecting the architecture (token ids, dtype, init r
 and caching knobs). Anything else is a PlaitError naming the key and its value: a field that
 changes the model is never silently dropped.
 
-Supported ``model_type``: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, nemotron_h.
+Supported ``model_type``: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, nemotron_h,
+deepseek_v3.
 Both the legacy (``rope_theta`` + ``rope_scaling``, ``hybrid_override_pattern``) and the
 transformers 5 spellings (``rope_parameters``, ``layers_block_type``) are read.
 """
@@ -37,7 +38,8 @@ NON_ARCHITECTURAL = frozenset("""
 """.split())  # pretraining_tp only slices the same matmuls differently
 
 SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                   "nemotron_h")
+                   "nemotron_h", "deepseek_v3")
+LLAMA_LIKE_TYPES = SUPPORTED_TYPES[:7]
 
 
 # Defaults of transformers' config classes (5.x) that differ from the generic fallbacks used
@@ -106,11 +108,9 @@ class HFConfig:
 # Pieces shared by the families
 # ----------------------------------------------------------------------------------------------
 
-_YARN_UNSUPPORTED = ("attention_factor", "mscale", "mscale_all_dim")
-
-
-def read_rope(c: HFConfig) -> Rope:
-    """rope_parameters (transformers 5) or rope_theta + rope_scaling (legacy) -> Rope."""
+def read_rope(c: HFConfig, allow_mscale: bool = False) -> Rope:
+    """rope_parameters (transformers 5) or rope_theta + rope_scaling (legacy) -> Rope. YaRN's
+    mscale / mscale_all_dim only where the family's attention reads them (``allow_mscale``)."""
     params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", c.get("rope_theta", 10000.0)))
     kind = params.pop("rope_type", params.pop("type", "default"))
@@ -128,7 +128,7 @@ def read_rope(c: HFConfig) -> Rope:
             low_freq_factor=float(params.pop("low_freq_factor")),
             high_freq_factor=float(params.pop("high_freq_factor")))
     elif kind == "yarn":
-        scaling = _read_yarn(c, params)
+        scaling = _read_yarn(c, params, allow_mscale)
     else:
         raise c.error("rope_type", kind, "plait supports default, linear, llama3 and yarn RoPE")
     if params:
@@ -136,17 +136,21 @@ def read_rope(c: HFConfig) -> Rope:
     return Rope(theta=theta, scaling=scaling)
 
 
-def _read_yarn(c: HFConfig, params: dict) -> RopeScaling:
-    for key in _YARN_UNSUPPORTED:
+def _read_yarn(c: HFConfig, params: dict, allow_mscale: bool) -> RopeScaling:
+    unsupported = ("attention_factor",) if allow_mscale else ("attention_factor", "mscale", "mscale_all_dim")
+    for key in unsupported:
         if params.pop(key, None) is not None:
             raise c.error(f"rope_parameters.{key}", c.get("rope_parameters") or c.get("rope_scaling"),
                           "plait's yarn uses the default attention factor")
+    mscale, mscale_all_dim = params.pop("mscale", None), params.pop("mscale_all_dim", None)
     if params.pop("truncate", True) is not True:
         raise c.error("rope_parameters.truncate", False, "plait's yarn truncates the correction range")
     original = params.pop("original_max_position_embeddings", None) or c.get("max_position_embeddings")
     return RopeScaling("yarn", float(params.pop("factor")), original_max_positions=int(original),
                        beta_fast=float(params.pop("beta_fast", 32.0)),
-                       beta_slow=float(params.pop("beta_slow", 1.0)))
+                       beta_slow=float(params.pop("beta_slow", 1.0)),
+                       mscale=None if mscale is None else float(mscale),
+                       mscale_all_dim=None if mscale_all_dim is None else float(mscale_all_dim))
 
 
 def read_head_dim(c: HFConfig, keys: tuple[str, ...] = ("head_dim",)) -> int:
@@ -254,8 +258,9 @@ def llama_like(c: HFConfig, name: str) -> ModelSpec:
 # ----------------------------------------------------------------------------------------------
 
 def _builders() -> dict[str, Callable[[HFConfig, str], ModelSpec]]:
-    from .hf_nemotron import nemotron_h  # its own module: the hybrid family has many fields
-    return {t: llama_like for t in SUPPORTED_TYPES[:-1]} | {"nemotron_h": nemotron_h}
+    from .hf_deepseek import deepseek_v3  # families with many fields of their own: own modules
+    from .hf_nemotron import nemotron_h
+    return {t: llama_like for t in LLAMA_LIKE_TYPES} | {"nemotron_h": nemotron_h, "deepseek_v3": deepseek_v3}
 
 
 def default_name(cfg: dict) -> str:
@@ -311,6 +316,15 @@ def load_hf_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise PlaitError(f"{path} holds a JSON {type(config).__name__}, not a config object")
     return config
+
+
+def import_notes(cfg: dict) -> list[str]:
+    """What importing ``cfg`` leaves out on purpose (DeepSeek-V3's multi-token prediction), in
+    words for `plait import` to print beside the spec."""
+    if cfg.get("model_type") == "deepseek_v3":
+        from .hf_deepseek import import_notes as deepseek_notes
+        return deepseek_notes(cfg)
+    return []
 
 
 def model_from_hf_file(path: str, name: Optional[str] = None) -> ModelSpec:

@@ -36,12 +36,37 @@ class RopeScaling:
     beta_slow: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # YaRN's magnitude terms (DeepSeek-V2/V3 configs): with both set, cos and sin are scaled by
+    # m(mscale) / m(mscale_all_dim), m(x) = 0.1 * x * ln(factor) + 1, instead of m(1); multi-head latent
+    # attention also multiplies its softmax scale by m(mscale_all_dim)^2 (transformers' DeepSeek-V3).
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class Rope:
     theta: float = 10000.0
     scaling: Optional[RopeScaling] = None
+
+
+@dataclass(frozen=True)
+class LatentKV:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+    ``q_lora_rank`` bottleneck, keys and values expanded per head from one ``kv_lora_rank`` latent
+    shared by all heads, plus one ``qk_rope_head_dim`` rotary key shared by all heads. A q/k head is
+    ``qk_nope_head_dim + qk_rope_head_dim`` wide (the attention's head_dim), a v head ``v_head_dim``.
+    ``rope_interleave``: the rotary dims rotate in adjacent pairs (DeepSeek's layout)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None  # None: q projected from the hidden state directly (V2-Lite)
+    rope_interleave: bool = True
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,8 @@ class Attention:
     # Attention layers (counted among the model's attention layers, from 0) that keep full causal
     # attention although the model has a window: Qwen2's bottom max_window_layers.
     full_layers: tuple[int, ...] = ()
+    # Multi-head latent attention (kv_heads == heads, head_dim == latent.qk_head_dim); None: GQA.
+    latent: Optional[LatentKV] = None
 
     def window_of(self, index: int) -> Optional[int]:
         """The window of the model's ``index``-th attention layer; None: full causal attention."""
@@ -75,6 +102,25 @@ class Attention:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Width of the values per token (MLA: one v head per query head, v_head_dim wide)."""
+        return self.kv_heads * self.v_head_dim
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the attention core's output per token (o_proj's input)."""
+        return self.heads * self.v_head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.head_dim if self.latent is None else self.latent.v_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of a head's rotated part: all of it, or MLA's decoupled rotary dims."""
+        return self.head_dim if self.latent is None else self.latent.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -105,10 +151,17 @@ class MoE:
     scaling_factor: float = 1.0
     aux_loss: float = 0.0
     z_loss: float = 0.0
+    # A group's score sums its best group_top choice scores; 0: top_k // topk_groups (Megatron-Core).
+    # transformers' DeepSeek-V3 router always sums the best 2.
+    group_top: int = 0
 
     @property
     def gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def group_score_top(self) -> int:
+        return self.group_top or self.top_k // self.topk_groups
 
 
 @dataclass(frozen=True)

@@ -78,13 +78,13 @@ def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = Non
                  kernel: str = "auto"):
     """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] ``offset`` positions
     before them (0: the same chunk), within ``window``."""
-    return cp_pairs.resolve(kernel, q).forward(q, k, v, scale, offset, window)
+    return cp_pairs.resolve(kernel, q, v).forward(q, k, v, scale, offset, window)
 
 
 def pair_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None,
                   kernel: str = "auto"):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
-    return cp_pairs.resolve(kernel, q).backward(do, q, k, v, out, lse, scale, offset, window)
+    return cp_pairs.resolve(kernel, q, v).backward(do, q, k, v, out, lse, scale, offset, window)
 
 
 def _merge(acc, out, lse):
@@ -114,30 +114,59 @@ def _steps(exchange, q, window: Optional[int]) -> tuple[int, ...]:
     return ring_steps(exchange.size, q.shape[1] * exchange.size, window)
 
 
+def _allowed(documents, block: list, qi: int, ki: int):
+    """The document mask [b, l, l] of chunk pair (qi, ki), or None without documents; the source
+    block's document keys travel with its K/V (block[2])."""
+    if documents is None:
+        return None
+    dq, dk = documents.chunk(2, dim=1)[qi], block[2].chunk(2, dim=1)[ki]
+    return dq[:, :, None] == dk[:, None, :]
+
+
+def _pair_forward(kernel, allowed, q, k, v, scale: float, offset: int, window: Optional[int]):
+    """A pair with a document mask runs the explicit scores (at least fp32): no pair kernel
+    takes a per-batch mask."""
+    if allowed is None:
+        return kernel.forward(q, k, v, scale, offset, window)
+    return cp_pairs.math_forward(*cp_pairs.upcast_all(q, k, v), scale, offset, window, allowed)
+
+
+def _pair_backward(kernel, allowed, do, q, k, v, out, lse, scale: float, offset: int,
+                   window: Optional[int]):
+    if allowed is None:
+        return kernel.backward(do, q, k, v, out, lse, scale, offset, window)
+    return cp_pairs.math_backward(*cp_pairs.upcast_all(do, q, k, v, out), lse, scale, offset,
+                                  window, allowed)
+
+
 def ring_forward(q, k, v, scale: float, exchange, window: Optional[int] = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", documents=None):
     """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries; ``exchange``
-    (cp_ops.PeerExchange) knows the CP size and this rank; ``kernel`` names the pair kernel."""
+    (cp_ops.PeerExchange) knows the CP size and this rank; ``kernel`` names the pair kernel.
+    ``documents`` [b, s]: this rank's document keys (packed documents), sent along with K/V."""
     size, rank, chunk = exchange.size, exchange.rank, q.shape[1] // 2
-    kernel = cp_pairs.resolve(kernel, q)
+    kernel = cp_pairs.resolve(kernel, q, v)
     dtype = kernel.operand_dtype(q.dtype)
     qh = _heads_first(q, dtype).chunk(2, dim=2)
     heads = q.shape[2]
     acc = [None, None]
-    for step, (k_src, v_src) in _blocks_by_step(exchange, _steps(exchange, q, window), [k, v]):
+    own = [k, v] if documents is None else [k, v, documents]
+    for step, block in _blocks_by_step(exchange, _steps(exchange, q, window), own):
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_src, dtype), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_src, dtype), heads).chunk(2, dim=2)
+        kh = _repeat_heads(_heads_first(block[0], dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1], dtype), heads).chunk(2, dim=2)
         for qi, ki, offset in chunk_pairs(size, rank, src, chunk, window):
-            acc[qi] = _merge(acc[qi], *kernel.forward(qh[qi], kh[ki], vh[ki], scale, offset, window))
+            part = _pair_forward(kernel, _allowed(documents, block, qi, ki), qh[qi], kh[ki],
+                                 vh[ki], scale, offset, window)
+            acc[qi] = _merge(acc[qi], *part)
     out = torch.cat([a[0] for a in acc], dim=2).transpose(1, 2).to(q.dtype)
     return out.contiguous(), torch.cat([a[1] for a in acc], dim=2).contiguous()
 
 
 def ring_backward(dout, q, k, v, out, lse, scale: float, exchange, window: Optional[int] = None,
-                  kernel: str = "auto"):
+                  kernel: str = "auto", documents=None):
     size, rank, chunk = exchange.size, exchange.rank, q.shape[1] // 2
-    kernel = cp_pairs.resolve(kernel, q)
+    kernel = cp_pairs.resolve(kernel, q, v)
     dtype = kernel.operand_dtype(q.dtype)
     acc = _accumulator(dtype)
     heads, kv_heads = q.shape[2], k.shape[2]
@@ -145,14 +174,16 @@ def ring_backward(dout, q, k, v, out, lse, scale: float, exchange, window: Optio
     lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out, dtype).chunk(2, dim=2)
     dq = [torch.zeros_like(t, dtype=acc) for t in qh]
     dk_own, dv_own = torch.zeros_like(_heads_first(k, acc)), torch.zeros_like(_heads_first(v, acc))
-    for step, (k_src, v_src) in _blocks_by_step(exchange, _steps(exchange, q, window), [k, v]):
+    own = [k, v] if documents is None else [k, v, documents]
+    for step, block in _blocks_by_step(exchange, _steps(exchange, q, window), own):
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_src, dtype), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_src, dtype), heads).chunk(2, dim=2)
+        kh = _repeat_heads(_heads_first(block[0], dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1], dtype), heads).chunk(2, dim=2)
         dk = [torch.zeros_like(t, dtype=acc) for t in kh]
         dv = [torch.zeros_like(t, dtype=acc) for t in vh]
         for qi, ki, offset in chunk_pairs(size, rank, src, chunk, window):
-            g = kernel.backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, offset, window)
+            g = _pair_backward(kernel, _allowed(documents, block, qi, ki), do[qi], qh[qi], kh[ki],
+                               vh[ki], out_c[qi], lse_c[qi], scale, offset, window)
             dq[qi], dk[ki], dv[ki] = dq[qi] + g[0], dk[ki] + g[1], dv[ki] + g[2]
         grads = [_sum_heads(torch.cat(dk, dim=2), kv_heads), _sum_heads(torch.cat(dv, dim=2), kv_heads)]
         if step:  # dK/dV of rank src's block go back to it; this rank's come from rank + step
@@ -173,8 +204,9 @@ def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 @ring_attention_op.register_fake
 def _(q, k, v, scale, axis, size, rank, window, kernel):
-    b, s, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32))
+    b, s, h, _ = q.shape  # out has v's head width (multi-head latent attention: narrower than q's)
+    return (q.new_empty((b, s, h, v.shape[-1])),
+            q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32)))
 
 
 @torch.library.custom_op("plait::ring_attention_backward", mutates_args=())

@@ -57,9 +57,13 @@ def pair_visibility(chunk: int, offset: int, window: Optional[int]) -> str:
 
 
 # ---- math -------------------------------------------------------------------------------------
-def _scores(q, k, scale: float, offset: int, window: Optional[int]) -> torch.Tensor:
+def _scores(q, k, scale: float, offset: int, window: Optional[int], allowed=None) -> torch.Tensor:
+    """Scaled scores, -inf where the causal band or the document mask ``allowed`` [b, l, l]
+    (packed documents: cp_documents.py) hides a key."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     visible = band_mask(s.shape[-2], s.shape[-1], offset, window, s.device)
+    if allowed is not None:
+        visible = visible & allowed[:, None]
     return s.masked_fill(~visible, NEG_INF)
 
 
@@ -68,15 +72,16 @@ def finite(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == NEG_INF, 0.0)
 
 
-def math_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None):
-    s = _scores(q, k, scale, offset, window)
+def math_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None, allowed=None):
+    s = _scores(q, k, scale, offset, window, allowed)
     lse = torch.logsumexp(s, dim=-1)
     return torch.matmul(torch.exp(s - finite(lse)[..., None]), v), lse
 
 
-def math_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None):
+def math_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None,
+                  allowed=None):
     """Flash-attention backward of one chunk pair given the merged output and log-sum-exp."""
-    p = torch.exp(_scores(q, k, scale, offset, window) - lse[..., None])
+    p = torch.exp(_scores(q, k, scale, offset, window, allowed) - lse[..., None])
     delta = (do * out).sum(-1)
     dv = torch.matmul(p.transpose(-1, -2), do)
     ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
@@ -108,14 +113,14 @@ def cpu_flash_backward(do, q, k, v, out, lse, scale: float, offset: int, window:
         do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _upcast(*tensors):
+def upcast_all(*tensors):
     return [t.to(upcast_dtype(t.dtype)) for t in tensors]
 
 
 def sdpa_flash_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None):
     kind = pair_visibility(q.shape[2], offset, window)
     if kind == "band":  # a sliding window's band: no flash mask for it, the math in fp32
-        return math_forward(*_upcast(q, k, v), scale, offset, window)
+        return math_forward(*upcast_all(q, k, v), scale, offset, window)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, kind == "causal", False, scale=scale)[:2]
     return out, lse
@@ -124,7 +129,7 @@ def sdpa_flash_forward(q, k, v, scale: float, offset: int, window: Optional[int]
 def sdpa_flash_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None):
     kind = pair_visibility(q.shape[2], offset, window)
     if kind == "band":
-        return math_backward(*_upcast(do, q, k, v, out), lse, scale, offset, window)
+        return math_backward(*upcast_all(do, q, k, v, out), lse, scale, offset, window)
     # Dense (not varlen) inputs: no cumulative sequence lengths (None, as the forward returns);
     # the lengths come from the tensors; the dropout RNG state is not read without dropout.
     seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
@@ -141,8 +146,12 @@ KERNELS = {
 }
 
 
-def resolve(name: str, q: torch.Tensor) -> PairKernel:
-    """The kernel a ring named ``name`` runs for activations like ``q``."""
+def resolve(name: str, q: torch.Tensor, v: Optional[torch.Tensor] = None) -> PairKernel:
+    """The kernel a ring named ``name`` runs for activations like ``q`` (and ``v``). PyTorch's
+    flash kernels take one head width for q, k and v; multi-head latent attention's narrower v
+    heads run the math."""
+    if v is not None and v.shape[-1] != q.shape[-1]:
+        return KERNELS["math"]
     if name == "auto":
         return KERNELS["cpu-flash" if q.device.type == "cpu" else "math"]
     kernel = KERNELS[name]

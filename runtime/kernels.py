@@ -4,6 +4,7 @@ imports and the hardware suits it, else the pure-PyTorch implementation the refe
   op                fused (CUDA)                                    fallback
   attention         flash_attn.flash_attn_func (window_size)        torch SDPA (banded mask)
   attention_varlen  flash_attn.flash_attn_varlen_func               SDPA per packed sequence
+  document_attention flash_attn_varlen_func on the packed documents SDPA with a block-diagonal mask
   ring_attention    SDPA flash backend per chunk pair (CP ring)     CPU flash / explicit-score pairs
   ssd_scan          mamba_ssm mamba_chunk_scan_combined             plait SSD chunked scan
   causal_conv1d     causal_conv1d.causal_conv1d_fn                  torch conv1d + silu
@@ -44,7 +45,8 @@ from . import fp8_backends
 
 log = logging.getLogger("plait.kernels")
 
-OPS = ("attention", "attention_varlen", "ring_attention", "ssd_scan", "causal_conv1d", "fp8_linear")
+OPS = ("attention", "attention_varlen", "document_attention", "ring_attention", "ssd_scan",
+       "causal_conv1d", "fp8_linear")
 MODULES = {"flash-attn": "flash_attn", "mamba-ssm": "mamba_ssm.ops.triton.ssd_combined",
            "causal-conv1d": "causal_conv1d", "torch-flash": "torch.backends.cuda",  # PyTorch's own
            **fp8_backends.PACKAGES}
@@ -133,6 +135,8 @@ def flash_window_size(window: Optional[int]) -> tuple[int, int]:
 
 def _flash(module):
     def attention(q, k, v, scale: float, window: Optional[int] = None):
+        if v.shape[-1] != q.shape[-1]:  # flash-attn 2 checks v's head width against q's: MLA's
+            return sdpa_attention(q, k, v, scale, window)  # narrower v heads run SDPA
         # window_size only with a window: flash-attn before 2.3 has no such argument
         extra = {} if window is None else {"window_size": flash_window_size(window)}
         return module.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, **extra)
@@ -144,6 +148,27 @@ def _flash_varlen(module):
         return module.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
                                              softmax_scale=scale, causal=True)
     return attention_varlen
+
+
+def document_segments(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32, longest segment) of a packed batch: rows laid end to end, a segment
+    starting at each row's first token and wherever the document key changes."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = starts.flatten().nonzero().flatten()
+    cu = torch.cat([first, first.new_tensor([documents.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _flash_documents(module):
+    def document_attention(q, k, v, scale: float, documents, window: Optional[int] = None):
+        cu, longest = document_segments(documents)
+        extra = {} if window is None else {"window_size": flash_window_size(window)}
+        out = module.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                            cu, cu, longest, longest, softmax_scale=scale,
+                                            causal=True, **extra)
+        return out.view(q.shape)
+    return document_attention
 
 
 def _mamba_scan(module):
@@ -201,6 +226,9 @@ RULES = {
                       "torch SDPA (bottom-right causal)", sdpa_attention),
     "attention_varlen": _rule("flash-attn", "flash-attn flash_attn_varlen_func", _flash_varlen,
                              "torch SDPA per packed sequence", sdpa_varlen_attention),
+    "document_attention": _rule("flash-attn", "flash-attn flash_attn_varlen_func (documents)",
+                                _flash_documents, "torch SDPA (block-diagonal causal mask)",
+                                ref_attention.document_attention),
     "ring_attention": _rule("torch-flash", "SDPA flash backend per ring chunk pair (bf16/fp16; LSE merge)",
                            _ring_flash, "PyTorch ring chunk pairs (CPU flash kernel on CPU, explicit "
                            "scores elsewhere)", cp_attention.ring_attention),
@@ -265,7 +293,9 @@ def report(device="cpu", fp8: bool = False) -> list[Choice]:
 
 
 # ---- the seam: retarget a lowered graph's reference ops ------------------------------------------
-SEAMS = {ref_attention.causal_attention: "attention", ref_mamba.causal_conv1d: "causal_conv1d",
+SEAMS = {ref_attention.causal_attention: "attention",
+         ref_attention.document_attention: "document_attention",
+         ref_mamba.causal_conv1d: "causal_conv1d",
          ref_mamba.ssd_scan: "ssd_scan", fp8.fp8_linear: "fp8_linear",
          cp_attention.ring_attention: "ring_attention"}
 SEAM_OPS = {op: fn for fn, op in SEAMS.items()}  # the reference function a graph calls per op

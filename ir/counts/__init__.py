@@ -30,6 +30,7 @@ from typing import Optional, Union
 from ..errors import PlaitError
 from ..job import Precision
 from ..model import Attention, Mamba2, MLP, ModelSpec, MoE
+from .latent import latent_gemms, latent_norm_params, latent_widths  # noqa: F401
 from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
@@ -47,13 +48,36 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
 
 
+def attention_gemms(attn: Attention, hidden: int, tp: int = 1) -> tuple[tuple[float, float], ...]:
+    """(out, in) widths of attention's projection GEMMs per token on one of ``tp`` ranks, o_proj
+    last: GQA's fused q/k/v and o, or multi-head latent attention's down / up projections
+    (counts/latent.py). The cost model times these same GEMMs."""
+    if attn.latent is not None:
+        return latent_gemms(attn, hidden, tp)
+    return ((attn.q_dim + 2 * attn.kv_dim) / tp, hidden), (hidden, attn.q_dim / tp)
+
+
+def rotated_width(attn: Attention, tp: int = 1) -> float:
+    """Channels RoPE rotates per token on one of ``tp`` ranks: every q and k head (GQA), or MLA's
+    rotary part of each q head plus its one rotary key shared by all heads (replicated)."""
+    if attn.latent is not None:
+        return attn.heads / tp * attn.rope_dim + attn.rope_dim
+    return (attn.q_dim + attn.kv_dim) / tp
+
+
+def attention_gemm_weights(attn: Attention, hidden: int) -> int:
+    """Weights of attention's projection GEMMs (one multiply-add each per token)."""
+    return int(sum(n_out * n_in for n_out, n_in in attention_gemms(attn, hidden)))
+
+
 def attention_params(model: ModelSpec, attn: Attention) -> int:
-    """q, k, v, o projections (+ biases) and the per-head q/k norms; no pre-norm."""
+    """Projections (+ biases) and norms inside the block (GQA's per-head q/k norms, MLA's latent
+    norms); no pre-norm."""
     h = model.hidden
-    qkv = _linear(h, attn.q_dim + 2 * attn.kv_dim, attn.qkv_bias)
-    out = _linear(attn.q_dim, h, attn.out_bias)
+    biases = (attn.q_dim + 2 * attn.kv_dim if attn.qkv_bias else 0) + (h if attn.out_bias else 0)
     qk_norm = 2 * attn.head_dim if attn.qk_norm else 0  # RMSNorm scales, shared across heads
-    return qkv + out + qk_norm
+    latent_norms = latent_norm_params(attn) if attn.latent is not None else 0
+    return attention_gemm_weights(attn, h) + biases + qk_norm + latent_norms
 
 
 def ffn_params(hidden: int, ffn: int, gated: bool, bias: bool = False) -> int:
@@ -213,7 +237,8 @@ def _ffn_gemms(gated: bool) -> int:
 
 def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True,
                          index: Optional[int] = None) -> float:
-    """QK^T and scores x V per token: ``2 * 2 * q_dim * keys`` with ``attended_keys`` keys, of the
+    """QK^T and scores x V per token: ``2 * heads * (head_dim + v_head_dim) * keys`` (GQA: 4 * q_dim
+    * keys) with ``attended_keys`` keys, of the
     ``index``-th attention layer, or the mean over the attention layers (index None), so that
     count("attention") * this is their total."""
     attn = model.block("attention")
@@ -222,14 +247,12 @@ def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True,
     else:
         windows = attention_windows(model) or (attn.window,)
         keys = sum(attended_keys(seq_len, w, causal) for w in windows) / len(windows)
-    return 2 * 2 * attn.q_dim * keys
+    return 2 * attn.heads * (attn.head_dim + attn.v_head_dim) * keys
 
 
 def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True,
                     index: Optional[int] = None) -> float:
-    attn = model.block("attention")
-    h = model.hidden
-    projections = 2 * h * (attn.q_dim + 2 * attn.kv_dim) + 2 * attn.q_dim * h
+    projections = 2 * attention_gemm_weights(model.block("attention"), model.hidden)
     return projections + attention_core_flops(model, seq_len, causal, index)
 
 

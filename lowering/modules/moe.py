@@ -32,11 +32,11 @@ from .norms import upcast
 
 
 def route(logits, expert_bias, top_k, router, pre_softmax, norm_topk, groups, topk_groups,
-          scaling_factor, aux_coeff, z_coeff):
+          scaling_factor, aux_coeff, z_coeff, group_top=0):
     """-> (weights [T,k], indices [T,k], aux + z loss (scalar), tokens per expert [E])."""
     weights, indices, aux_scores = routing.route(
         logits, expert_bias, top_k=top_k, router=router, pre_softmax=pre_softmax, norm_topk=norm_topk,
-        groups=groups, topk_groups=topk_groups, scaling_factor=scaling_factor)
+        groups=groups, topk_groups=topk_groups, scaling_factor=scaling_factor, group_top=group_top)
     counts = routing.tokens_per_expert(indices, logits.shape[1])
     loss = logits.new_zeros(())
     if aux_coeff:
@@ -146,7 +146,7 @@ class MoEBlock(nn.Module):
         bias = self.expert_bias if s.expert_bias else None
         weights, indices, aux, counts = route(
             logits, bias, s.top_k, s.router, s.pre_softmax, s.norm_topk, s.groups, s.topk_groups,
-            s.scaling_factor, s.aux_loss, s.z_loss)
+            s.scaling_factor, s.aux_loss, s.z_loss, group_top=s.group_score_top)
         if s.expert_bias and self.training:
             self.expert_load.add_(counts.detach().float())  # for the aux-loss-free bias update
         if self.capacity_factor is not None:

@@ -115,7 +115,7 @@ class ExpertParallelMoE(nn.Module):
         weights, indices, aux_scores = routing.route(
             logits, self.expert_bias if s.expert_bias else None, top_k=s.top_k, router=s.router,
             pre_softmax=s.pre_softmax, norm_topk=s.norm_topk, groups=s.groups,
-            topk_groups=s.topk_groups, scaling_factor=s.scaling_factor)
+            topk_groups=s.topk_groups, scaling_factor=s.scaling_factor, group_top=s.group_score_top)
         counts = routing.tokens_per_expert(indices, s.experts)
         if s.expert_bias and self.training and not is_recomputing():  # count once per step
             self.expert_load.add_(counts.detach().float())

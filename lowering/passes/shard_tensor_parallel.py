@@ -30,7 +30,10 @@ from plait.lowering.trace import META, example_inputs, info, local_shape, record
 from .base import Pass, Target, VerifyError
 from .shard_mamba import mamba_sizes, mamba_splits
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# q_b_proj / kv_b_proj: multi-head latent attention's per-head up-projections (split by heads, as
+# Megatron-Core's MLA does); its latent down-projections q_a_proj / kv_a_proj_with_mqa and their
+# norms stay replicated, their gradients summed over TP (sharding.partial_grad_params).
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj")
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj")
 SHARDS = "plait.shards"
 AXIS = "tp"
@@ -189,12 +192,15 @@ def _embedding(gm, node, t, shards):
 
 def _cross_entropy(gm, node, t):
     kwargs = node.kwargs
-    if kwargs.get("reduction", "mean") != "mean" or kwargs.get("label_smoothing", 0.0) != 0.0 \
+    reduction = kwargs.get("reduction", "mean")
+    if reduction not in ("mean", "none") or kwargs.get("label_smoothing", 0.0) != 0.0 \
             or kwargs.get("weight") is not None:
-        raise VerifyError(f"vocab-parallel cross entropy supports the plain mean loss: {kwargs}")
+        raise VerifyError(f"vocab-parallel cross entropy supports the plain mean (or per-token) "
+                          f"loss: {kwargs}")
     start = t.tp_rank * t.spec.vocab // t.layout.tp
     ce = _new_node(gm, node, tp_ops.vocab_parallel_cross_entropy,
-                   (node.args[0], node.args[1], start, AXIS, t.layout.tp), node, role="vocab_ce")
+                   (node.args[0], node.args[1], start, AXIS, t.layout.tp, reduction), node,
+                   role="vocab_ce")
     node.replace_all_uses_with(ce)
     gm.graph.erase_node(node)
 
@@ -221,7 +227,9 @@ def _insert_entries(gm, t):
         if region is None or node.op == "output":
             continue
         for arg in list(node.all_input_nodes):
-            if arg.op == "get_attr" or _region(arg) == region:
+            # a model input read inside a region (a packed batch's positions) is replicated over
+            # TP and carries no gradient: it needs no entry
+            if arg.op in ("get_attr", "placeholder") or _region(arg) == region:
                 continue
             key = (arg, region)
             if key not in entries:
@@ -306,7 +314,7 @@ def _logical_dim(gm, name: str, s: ShardSpec) -> int:
 def check_stream_shapes(gm: torch.fx.GraphModule, t: Target, seq_parts: int = 1) -> None:
     """Fake-run one micro-batch; every layer output must be [mbs, seq / seq_parts, hidden]."""
     mbs, seq = t.micro_batch
-    record_shapes(gm, *example_inputs(t.spec, mbs, seq))
+    record_shapes(gm, *example_inputs(gm, mbs, seq))
     want = (mbs, seq // seq_parts, t.spec.hidden)
     for node in gm.graph.nodes:
         i = node.meta.get(META)

@@ -32,6 +32,9 @@ def pruned_spec(model: ModelSpec, hidden: int, widths: dict[str, int], layers: t
     """``model`` with hidden size ``hidden``, the axis widths in ``widths`` and layer sequence
     ``layers`` (blocks no layer uses are dropped)."""
     blocks = {}
+    if model.attention is not None and model.attention.latent is not None:
+        raise PlaitError(f"model {model.name!r}: pruning multi-head latent attention models is not supported",
+                         hint="its importance scores and weight slicing know GQA's q/k/v projections only")
     if model.attention is not None and model.attention.full_layers and \
             layers.count("attention") != model.count("attention"):
         raise PlaitError(f"model {model.name!r}: depth pruning of attention layers whose windows "

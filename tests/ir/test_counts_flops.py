@@ -179,3 +179,16 @@ def test_gpt_family_against_sc21_formulas(row):
         f96, rel=1e-12)
     assert B * s * counts.flops_per_token(m, s) == pytest.approx(
         f72 - 6 * B * s * s * l * h, rel=1e-12)
+
+
+def test_latent_attention_by_hand():
+    from plait.ir.model import LatentKV, Rope
+    lat = LatentKV(kv_lora_rank=6, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4, q_lora_rank=5)
+    m = tiny(attention=Attention(heads=2, kv_heads=2, head_dim=5, rope=Rope(), latent=lat))
+    # q_a 8x5 + q_b 5x(2*5) + kv_a 8x(6+2) + kv_b 6x(2*(3+4)) + o (2*4)x8 = 40+50+64+84+64 = 302
+    # core: QK^T over 2 heads x 5 dims, PV over 2 heads x 4 dims: 2*(10+8)*10 full, half causal = 180
+    assert counts.layer_flops(m, "attention", 10) == 2 * 302 + 180
+    assert counts.layer_flops(m, "attention", 10, causal=False) == 2 * 302 + 360
+    no_q_lora = tiny(attention=Attention(heads=2, kv_heads=2, head_dim=5, rope=Rope(),
+                                         latent=LatentKV(6, 3, 2, 4)))
+    assert counts.layer_flops(no_q_lora, "attention", 10) == 2 * (302 - 90 + 8 * 10) + 180
