@@ -25,6 +25,7 @@ import math
 from typing import Iterable
 
 from ..model import ModelSpec
+from .latent import latent_gemms, latent_widths
 
 Shapes = tuple[tuple[int, ...], ...]  # the shape of each tensor on one rank
 
@@ -44,6 +45,9 @@ def norm_shapes(model: ModelSpec, width: int | None = None) -> Shapes:
 
 def _attention(model: ModelSpec, tp: int) -> Shapes:
     a, h = model.attention, model.hidden
+    if a.latent is not None:  # MLA: its GEMMs as lowered (latent.py), no biases, two latent norms
+        gemms = tuple((int(n_out), int(n_in)) for n_out, n_in in latent_gemms(a, h, tp))
+        return gemms + tuple((w,) for w in latent_widths(a))
     out = (_linear(h, a.q_dim, a.qkv_bias, tp) + _linear(h, a.kv_dim, a.qkv_bias, tp) * 2
            + _linear(a.q_dim, h, False, in_parts=tp) + (((h,),) if a.out_bias else ()))
     return out + (((a.head_dim,),) * 2 if a.qk_norm else ())
