@@ -348,14 +348,16 @@ class FullyShard(DataParallel):
 
 def stage_units(stage: nn.Module) -> list[list[nn.Module]]:
     """The FSDP units of one stage in forward order, each a list of modules its forward runs:
-    the embedding, each of the lowering's layer groups, the head. A module sharing a parameter
-    with another unit (a tied head on a single stage) stays with the stage."""
+    the embedding, each of the lowering's layer groups, the head, where the stage's graph calls
+    them. A module sharing a parameter with another unit (a tied head on a single stage) stays
+    with the stage."""
     from plait.lowering.passes.recompute import FSDP_GROUPS, layer_modules
 
     layers = layer_modules(stage)
     groups = [[layers[i] for i in group] for group in stage.meta.get(FSDP_GROUPS, ())]
-    ends = [[getattr(stage, name)] for name in ("embed", "head") if hasattr(stage, name)]
-    candidates = ends[:1] + groups + ends[1:] if hasattr(stage, "embed") else groups + ends
+    called = [n.target for n in stage.graph.nodes if n.op == "call_module"]
+    embed, head = ([[stage.get_submodule(name)]] if name in called else [] for name in ("embed", "head"))
+    candidates = embed + groups + head
     owners: dict[int, int] = {}
     for k, unit in enumerate(candidates):
         for m in unit:

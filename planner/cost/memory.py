@@ -144,12 +144,15 @@ def logits_buffer(ctx: Context) -> float:
 
 
 def fsdp_buffers(ctx: Context, unit_dense: float, unit_expert: float) -> float:
-    """FSDP: the gathered weights of the running and the prefetched unit, and the unsharded fp32
-    gradients of one unit before its reduce-scatter."""
+    """FSDP's peak in backward (runtime/optim.py shards one unit per model unit): the gathered
+    weights of the running unit and of the one prefetched behind it (compute dtype), the running
+    unit's unsharded gradients (compute dtype) and the previous unit's reduce-scatter input in
+    the fp32 reduce dtype, which FSDP2 keeps until the next reduce-scatter is issued (measured:
+    runtime/memory_probe.py gathered_bytes)."""
     if ctx.layout.dp_kind != "fsdp":
         return 0.0
     full = unit_dense + unit_expert
-    return full * (2 * ctx.act_bytes + 4)
+    return full * (3 * ctx.act_bytes + 4)
 
 
 def reserve(ctx: Context, activations: float, buffers: float) -> float:
