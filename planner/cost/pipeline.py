@@ -254,8 +254,11 @@ class CostTable:
 
     @cached_property
     def fsdp_buffer(self) -> float:
-        big = max(self.units, key=lambda u: u.dense_params + u.expert_params)
-        return memory.fsdp_buffers(self.ctx, big.dense_params, big.expert_params)
+        """FSDP's gathered units and unsharded gradients at their peak, over the whole model's
+        unit sequence (embedding, units, head): a bound for any stage's window."""
+        layers = [u.dense_params + u.expert_params for u in self.units]
+        ends = memory.embedding_params_on_rank(self.ctx), memory.head_params_on_rank(self.ctx)
+        return memory.fsdp_buffers(self.ctx, [ends[0], *layers, ends[1]])
 
     @property
     def reserve_fixed(self) -> float:
