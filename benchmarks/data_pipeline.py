@@ -7,6 +7,9 @@
    one training step (forward, backward, AdamW update of the reference module on the global batch)
    against the median time the loader takes to deliver that batch, for one dataset and for a
    four-source two-phase blend; the ratio is the loader's share of a step (goal <= 1%).
+3. packing: the same dataset delivered packed (per-document positions from the index, and an
+   all-ones loss mask read for the whole global batch: the SFT path), and the training step of the
+   document-masked model (block-diagonal attention mask) against the plain causal step.
 
     .venv/bin/python benchmarks/data_pipeline.py [--mb 20] [--steps 30]
 """
@@ -71,12 +74,15 @@ def _median_time(fn, reps: int) -> float:
 
 def _loaders(job, tmp: Path):
     from plait.ir.job import Data, DataPhase, DataSource
-    from plait.runtime.data import BatchLoader, bundled_corpus, open_source, prepare
+    from plait.runtime.data import BatchLoader, Packing, bundled_corpus, open_source, prepare
     from plait.runtime.data_blend import blended_loader
 
     prepare([bundled_corpus()], tmp / "one")
     single = BatchLoader(open_source(str(tmp / "one"), job.model.vocab), job.seq_len,
                          job.global_batch, seed=1)
+    packed = BatchLoader(open_source(str(tmp / "one"), job.model.vocab), job.seq_len,
+                         job.global_batch, seed=1,
+                         packing=Packing(document_mask=True, loss_mask=True))
     names = ("web", "code", "math", "books")
     for name in names:
         prepare([bundled_corpus()], tmp / name)
@@ -84,7 +90,7 @@ def _loaders(job, tmp: Path):
     phases = (DataPhase("p1", (("web", 0.35), ("code", 0.40), ("math", 0.15), ("books", 0.10))),
               DataPhase("p2", (("web", 0.45), ("code", 0.25), ("math", 0.20), ("books", 0.10)), at=0.6))
     blend_job = replace(job, steps=1000, data=Data(sources=sources, phases=phases))
-    return single, blended_loader(blend_job, job.seq_len, job.global_batch)
+    return single, blended_loader(blend_job, job.seq_len, job.global_batch), packed
 
 
 def loader_share(steps: int) -> dict:
@@ -94,23 +100,31 @@ def loader_share(steps: int) -> dict:
 
     torch.set_num_threads(1)
     job = load_job(str(JOB))
-    model = build_model(job.model, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
-        single, blend = _loaders(job, Path(tmp))
-        batch = single.local_batch(0)
-
-        def train_step(_):
-            opt.zero_grad(set_to_none=True)
-            model(batch.tokens, batch.labels).backward()
-            opt.step()
-
-        step = _median_time(train_step, steps)
+        single, blend, packed = _loaders(job, Path(tmp))
+        step = _median_time(_train_step(build_model(job.model, seed=0), single.local_batch(0)), steps)
+        masked = build_model(job.model, seed=0, document_mask=True)
+        docs_step = _median_time(_train_step(masked, packed.local_batch(0)), steps)
         one = _median_time(lambda i: single.local_batch(i), steps)
         # the blend is read at steps across its phase switch (step 600 of 1000)
         mixed = _median_time(lambda i: blend.local_batch(590 + i), steps)
-    return {"step_s": step, "single_s": one, "blend_s": mixed, "batch": job.global_batch,
-            "seq": job.seq_len}
+        pack = _median_time(lambda i: packed.local_batch(i), steps)
+        docs = float((packed.local_batch(0).positions == 0).sum()) / job.global_batch
+    return {"step_s": step, "single_s": one, "blend_s": mixed, "packed_s": pack,
+            "docs_step_s": docs_step, "docs": docs, "batch": job.global_batch, "seq": job.seq_len}
+
+
+def _train_step(model, batch):
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    extra = () if batch.positions is None else (batch.positions,)
+
+    def step(_):
+        opt.zero_grad(set_to_none=True)
+        model(batch.tokens, batch.labels, *extra).backward()
+        opt.step()
+    return step
 
 
 def main(argv=None) -> int:
@@ -132,9 +146,13 @@ def main(argv=None) -> int:
                       f"{row['mb_s']:.1f} MB/s ({row['mb_s'] / row['workers']:.1f} MB/s per process)",
                       f"{row['mb_s'] / base:.2f}x of 1 worker")
     table.add_row("training step (fwd + bwd + AdamW, median)", f"{share['step_s'] * 1e3:.2f} ms", "", "1")
-    for label, key in (("loader: one dataset", "single_s"), ("loader: 4-source 2-phase blend", "blend_s")):
+    for label, key in (("loader: one dataset", "single_s"), ("loader: 4-source 2-phase blend", "blend_s"),
+                       ("loader: packed (positions + loss mask)", "packed_s")):
         table.add_row(f"{label} (median)", f"{share[key] * 1e3:.3f} ms", "",
                       f"{share[key] / share['step_s']:.2%} of a step (goal <= 1%)")
+    table.add_row(f"training step, document-masked ({share['docs']:.1f} documents per sequence)",
+                  f"{share['docs_step_s'] * 1e3:.2f} ms", "",
+                  f"{share['docs_step_s'] / share['step_s']:.2f}x of the causal step")
     Console(width=150).print(table)
     return 0
 

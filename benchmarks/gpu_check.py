@@ -1,6 +1,7 @@
 """The GPU path in one command: tiny-dense and a ~1B Llama (and tiny-hybrid when mamba-ssm imports)
 trained in bf16 and fp8 with the fused kernels `plait doctor` reports, on 1 GPU and, when 2+ are
-visible, under TP2 and DP2 over NCCL. One table per run:
+visible, under TP2 and DP2 over NCCL, plus tiny-dense in fp8 under TP2 + SP (whole-tensor fp8
+scales over TP) and under CP2 (the ring with SDPA's flash kernel per chunk pair). One table per run:
 
   loss vs CPU fp32   largest relative gap of the first steps' losses to the fp32 reference module
                      trained on the CPU on the same batches (bf16: <= 2e-2, fp8: <= 5e-2)
@@ -156,14 +157,22 @@ def cases_for(world: int, dry: bool) -> list[Case]:
     if dry:  # the CPU: tiny-dense only, a few steps
         one = [Case("tiny-dense", p, Layout(mbs=4), 64, 4, 2) for p in ("bf16", "fp8")]
         return one if world == 1 else [Case("tiny-dense", "bf16", lay, 64, 3, 2)
-                                       for lay in (Layout(tp=2, sp=True, mbs=4), Layout(dp=2, mbs=2))]
+                                       for lay in (Layout(tp=2, sp=True, mbs=4), Layout(dp=2, mbs=2))
+                                       ] + sharded_kernel_cases(64, 3, 2)
     models = [("tiny-dense", 4, 256), ("llama-1b", 2, 2048)]
     if kernels.probe("mamba-ssm")[0] is not None:
         models.append(("tiny-hybrid", 4, 256))
     if world == 1:
         return [Case(m, p, Layout(mbs=mbs), seq, 30, 3) for m, mbs, seq in models for p in ("bf16", "fp8")]
     return [Case(m, "bf16", lay, seq, 20, 3) for m, mbs, seq in models[:2]
-            for lay in (Layout(tp=2, sp=True, mbs=mbs), Layout(dp=2, mbs=mbs))]
+            for lay in (Layout(tp=2, sp=True, mbs=mbs), Layout(dp=2, mbs=mbs))] + sharded_kernel_cases(256, 20, 3)
+
+
+def sharded_kernel_cases(seq: int, steps: int, check: int) -> list[Case]:
+    """On 2 ranks: fp8 under TP2 + SP (the fp8 backend with whole-tensor scales over the TP
+    group) and the context-parallel ring (SDPA's flash backend per chunk pair on CUDA)."""
+    return [Case("tiny-dense", "fp8", Layout(tp=2, sp=True, mbs=4), seq, steps, check),
+            Case("tiny-dense", "bf16", Layout(cp=2, mbs=4), seq, steps, check)]
 
 
 def report(results: dict, refs: dict) -> tuple[Table, bool]:

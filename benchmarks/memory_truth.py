@@ -39,6 +39,8 @@ CASES = {
     "tiny-moe-local": {"dp2 zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
                        "dp2 ep2 zero1": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1"),
                        "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
+                       "tp2 sp ep2 zero1": Layout(tp=2, sp=True, ep=2, etp=1, edp=1, mbs=2,
+                                                  dp_kind="zero1"),
                        "dp2 fsdp": Layout(dp=2, edp=2, mbs=2, dp_kind="fsdp")},
     "tiny-hybrid-local": {"dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
                           "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),

@@ -35,6 +35,17 @@ def windows_of(tokens: int, seq_len: int) -> int:
     return max(0, (tokens - 1) // seq_len)
 
 
+def held_out(windows: int, fraction: float) -> int:
+    """Windows a dataset (each source of a blend) keeps for validation: its last ``fraction``
+    (0 without validation)."""
+    return int(windows * fraction) if fraction > 0 else 0
+
+
+def training_windows(windows: int, data: Data) -> int:
+    """The windows training may draw from: all but the held-out validation split."""
+    return windows - held_out(windows, data.val_fraction if data.val_every else 0.0)
+
+
 def phase_starts(data: Data, total_samples: int, seq_len: int) -> list[int]:
     """The first global sample of each phase."""
     starts = []
@@ -100,7 +111,8 @@ def source_windows(job: TrainJob) -> dict[str, Optional[int]]:
     sizes = {}
     for source in job.data.sources:
         tokens = dataset_tokens(source.path)
-        sizes[source.name] = None if tokens is None else windows_of(tokens, job.seq_len)
+        sizes[source.name] = None if tokens is None else \
+            training_windows(windows_of(tokens, job.seq_len), job.data)
     return sizes
 
 

@@ -5,7 +5,8 @@ represent, or listed as not affecting the architecture (token ids, dtype, init r
 and caching knobs). Anything else is a PlaitError naming the key and its value: a field that
 changes the model is never silently dropped.
 
-Supported ``model_type``: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, nemotron_h.
+Supported ``model_type``: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, nemotron_h,
+deepseek_v3.
 Both the legacy (``rope_theta`` + ``rope_scaling``, ``hybrid_override_pattern``) and the
 transformers 5 spellings (``rope_parameters``, ``layers_block_type``) are read.
 """
@@ -16,6 +17,7 @@ import os
 from typing import Any, Callable, Optional
 
 from .errors import PlaitError
+from .hf_window import read_window
 from .model import MLP, Attention, ModelSpec, MoE, Norm, Rope, RopeScaling
 
 # Keys of a config (or of PretrainedConfig.to_dict()) that do not change the trained function:
@@ -36,7 +38,8 @@ NON_ARCHITECTURAL = frozenset("""
 """.split())  # pretraining_tp only slices the same matmuls differently
 
 SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                   "nemotron_h")
+                   "nemotron_h", "deepseek_v3")
+LLAMA_LIKE_TYPES = SUPPORTED_TYPES[:7]
 
 
 # Defaults of transformers' config classes (5.x) that differ from the generic fallbacks used
@@ -105,11 +108,9 @@ class HFConfig:
 # Pieces shared by the families
 # ----------------------------------------------------------------------------------------------
 
-_YARN_UNSUPPORTED = ("attention_factor", "mscale", "mscale_all_dim")
-
-
-def read_rope(c: HFConfig) -> Rope:
-    """rope_parameters (transformers 5) or rope_theta + rope_scaling (legacy) -> Rope."""
+def read_rope(c: HFConfig, allow_mscale: bool = False) -> Rope:
+    """rope_parameters (transformers 5) or rope_theta + rope_scaling (legacy) -> Rope. YaRN's
+    mscale / mscale_all_dim only where the family's attention reads them (``allow_mscale``)."""
     params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", c.get("rope_theta", 10000.0)))
     kind = params.pop("rope_type", params.pop("type", "default"))
@@ -127,7 +128,7 @@ def read_rope(c: HFConfig) -> Rope:
             low_freq_factor=float(params.pop("low_freq_factor")),
             high_freq_factor=float(params.pop("high_freq_factor")))
     elif kind == "yarn":
-        scaling = _read_yarn(c, params)
+        scaling = _read_yarn(c, params, allow_mscale)
     else:
         raise c.error("rope_type", kind, "plait supports default, linear, llama3 and yarn RoPE")
     if params:
@@ -135,17 +136,21 @@ def read_rope(c: HFConfig) -> Rope:
     return Rope(theta=theta, scaling=scaling)
 
 
-def _read_yarn(c: HFConfig, params: dict) -> RopeScaling:
-    for key in _YARN_UNSUPPORTED:
+def _read_yarn(c: HFConfig, params: dict, allow_mscale: bool) -> RopeScaling:
+    unsupported = ("attention_factor",) if allow_mscale else ("attention_factor", "mscale", "mscale_all_dim")
+    for key in unsupported:
         if params.pop(key, None) is not None:
             raise c.error(f"rope_parameters.{key}", c.get("rope_parameters") or c.get("rope_scaling"),
                           "plait's yarn uses the default attention factor")
+    mscale, mscale_all_dim = params.pop("mscale", None), params.pop("mscale_all_dim", None)
     if params.pop("truncate", True) is not True:
         raise c.error("rope_parameters.truncate", False, "plait's yarn truncates the correction range")
     original = params.pop("original_max_position_embeddings", None) or c.get("max_position_embeddings")
     return RopeScaling("yarn", float(params.pop("factor")), original_max_positions=int(original),
                        beta_fast=float(params.pop("beta_fast", 32.0)),
-                       beta_slow=float(params.pop("beta_slow", 1.0)))
+                       beta_slow=float(params.pop("beta_slow", 1.0)),
+                       mscale=None if mscale is None else float(mscale),
+                       mscale_all_dim=None if mscale_all_dim is None else float(mscale_all_dim))
 
 
 def read_head_dim(c: HFConfig, keys: tuple[str, ...] = ("head_dim",)) -> int:
@@ -156,19 +161,6 @@ def read_head_dim(c: HFConfig, keys: tuple[str, ...] = ("head_dim",)) -> int:
 def read_no_dropout(c: HFConfig, *keys: str) -> None:
     for key in keys:
         c.expect(key, (0, 0.0), 0.0, "plait trains without dropout")
-
-
-def check_full_attention(c: HFConfig) -> None:
-    """Sliding-window attention (Mistral's sliding_window, Qwen's use_sliding_window /
-    layer_types) cannot be represented; a window the model does not use is fine."""
-    if c.model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
-        c.expect("use_sliding_window", (False,), False, "plait has no sliding-window attention")
-        c.ignore("sliding_window", "max_window_layers")  # only read when use_sliding_window
-    else:
-        c.expect("sliding_window", (None,), None, "plait has no sliding-window attention")
-    kinds = set(c.get("layer_types") or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise c.error("layer_types", sorted(kinds), "plait has full (global) attention only")
 
 
 def swiglu_activation(c: HFConfig, key: str = "hidden_act") -> str:
@@ -196,7 +188,7 @@ def checked(c: HFConfig, spec: ModelSpec) -> ModelSpec:
 # Llama-like families: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 # ----------------------------------------------------------------------------------------------
 
-def _attention(c: HFConfig) -> Attention:
+def _attention(c: HFConfig, num_layers: int) -> Attention:
     t = c.model_type
     if t == "qwen2":
         qkv_bias, out_bias = True, False  # Qwen2 hard-codes q/k/v biases, none on o_proj
@@ -207,9 +199,11 @@ def _attention(c: HFConfig) -> Attention:
     else:  # llama, qwen3, qwen3_moe: attention_bias puts biases on q, k, v and o
         qkv_bias = out_bias = bool(c.get("attention_bias", False))
     heads = int(c.required("num_attention_heads"))
+    window, full_layers = read_window(c, num_layers)  # every decoder layer has one attention layer
     return Attention(
         heads=heads, kv_heads=int(c.get("num_key_value_heads", heads)), head_dim=read_head_dim(c),
-        qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=t in ("qwen3", "qwen3_moe"), rope=read_rope(c))
+        qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=t in ("qwen3", "qwen3_moe"), rope=read_rope(c),
+        window=window, full_layers=full_layers)
 
 
 def _moe_layer_flags(c: HFConfig, num_layers: int) -> list[bool]:
@@ -240,7 +234,6 @@ def _moe(c: HFConfig) -> MoE:
 
 
 def llama_like(c: HFConfig, name: str) -> ModelSpec:
-    check_full_attention(c)
     read_no_dropout(c, "attention_dropout")
     activation = swiglu_activation(c)
     num_layers = int(c.required("num_hidden_layers"))
@@ -256,7 +249,7 @@ def llama_like(c: HFConfig, name: str) -> ModelSpec:
         name=name, vocab=int(c.required("vocab_size")), hidden=int(c.required("hidden_size")),
         layers=layers, norm=Norm("rmsnorm", float(c.get("rms_norm_eps", 1e-6))),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        max_seq=c.get("max_position_embeddings"), attention=_attention(c), mlp=mlp,
+        max_seq=c.get("max_position_embeddings"), attention=_attention(c, num_layers), mlp=mlp,
         moe=_moe(c) if any(moe_flags) else None))
 
 
@@ -265,8 +258,9 @@ def llama_like(c: HFConfig, name: str) -> ModelSpec:
 # ----------------------------------------------------------------------------------------------
 
 def _builders() -> dict[str, Callable[[HFConfig, str], ModelSpec]]:
-    from .hf_nemotron import nemotron_h  # its own module: the hybrid family has many fields
-    return {t: llama_like for t in SUPPORTED_TYPES[:-1]} | {"nemotron_h": nemotron_h}
+    from .hf_deepseek import deepseek_v3  # families with many fields of their own: own modules
+    from .hf_nemotron import nemotron_h
+    return {t: llama_like for t in LLAMA_LIKE_TYPES} | {"nemotron_h": nemotron_h, "deepseek_v3": deepseek_v3}
 
 
 def default_name(cfg: dict) -> str:
@@ -322,6 +316,15 @@ def load_hf_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise PlaitError(f"{path} holds a JSON {type(config).__name__}, not a config object")
     return config
+
+
+def import_notes(cfg: dict) -> list[str]:
+    """What importing ``cfg`` leaves out on purpose (DeepSeek-V3's multi-token prediction), in
+    words for `plait import` to print beside the spec."""
+    if cfg.get("model_type") == "deepseek_v3":
+        from .hf_deepseek import import_notes as deepseek_notes
+        return deepseek_notes(cfg)
+    return []
 
 
 def model_from_hf_file(path: str, name: Optional[str] = None) -> ModelSpec:

@@ -13,6 +13,7 @@ from typing import Optional
 
 from .errors import PlaitError
 from .hf import SUPPORTED_TYPES, model_from_hf_config
+from .hf_window import window_fields
 from .model import ModelSpec, Rope
 from .serde import to_dict
 
@@ -34,7 +35,9 @@ def infer_family(spec: ModelSpec) -> str:
         return "qwen3_moe" if a.qk_norm else "mixtral"
     if a.qk_norm:
         return "qwen3"
-    return "qwen2" if a.qkv_bias and not a.out_bias else "llama"
+    if a.qkv_bias and not a.out_bias:
+        return "qwen2"
+    return "llama" if a.window is None else "mistral"  # a window in a plain llama layout: Mistral
 
 
 def _rope(rope: Optional[Rope]) -> dict:
@@ -65,10 +68,7 @@ def _llama_like(spec: ModelSpec, family: str) -> dict:
         cfg["qkv_bias"] = a.qkv_bias
     if family == "llama":
         cfg["mlp_bias"] = spec.mlp.bias if spec.mlp else False
-    if family.startswith("qwen"):
-        cfg["use_sliding_window"] = False
-    else:  # explicit null: mistral's config class would default to a 4096-token window
-        cfg["sliding_window"] = None
+    cfg.update(window_fields(spec, family))
     if spec.mlp is not None:
         cfg["intermediate_size"] = spec.mlp.ffn
     if spec.moe is not None:

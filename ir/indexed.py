@@ -37,6 +37,16 @@ CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 _FIXED = len(HEADER) + 8 + 1 + 8 + 8  # bytes before the arrays
 
 
+LOSS_MASK_SUFFIX = "_loss_mask"  # PREFIX_loss_mask.bin/.idx: an SFT dataset's per-token loss mask
+
+
+def _is_loss_mask(idx: Path) -> bool:
+    """A companion loss mask (X_loss_mask.idx beside X.idx), not a dataset of its own."""
+    stem = idx.stem
+    return stem.endswith(LOSS_MASK_SUFFIX) and \
+        idx.with_name(stem[:-len(LOSS_MASK_SUFFIX)] + ".idx").is_file()
+
+
 def prefix_of(path: str | Path) -> Optional[Path]:
     """The `.bin`/`.idx` prefix a user path names: `X` (X.idx exists), `X.idx` / `X.bin`, or a
     directory holding exactly one `.idx` with its `.bin`. None when it names none."""
@@ -46,7 +56,7 @@ def prefix_of(path: str | Path) -> Optional[Path]:
     if Path(str(p) + ".idx").is_file():
         return p
     if p.is_dir():
-        found = sorted(p.glob("*.idx"))
+        found = [f for f in sorted(p.glob("*.idx")) if not _is_loss_mask(f)]
         if len(found) == 1:
             return found[0].with_suffix("")
         if len(found) > 1:
@@ -93,6 +103,11 @@ class IndexedDataset:
     @property
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
+
+    def document_starts(self) -> np.ndarray:
+        """Token offset of each document's first token, ascending (int64, in memory)."""
+        ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
+        return ends[np.asarray(self.document_indices[:-1])]
 
     def document_lengths(self) -> np.ndarray:
         """Tokens per document (a document may span several sequences in Megatron datasets)."""

@@ -106,6 +106,24 @@ class Data:
     # a blend (`data { sources { ... } ... }`): named sources and phases in order; empty: `path`
     sources: tuple[DataSource, ...] = ()
     phases: tuple[DataPhase, ...] = ()
+    # Packing (runtime/packing.py): attend within each packed document only, positions restarting
+    # per document; and the objective: "sft" counts only the tokens the datasets' loss masks keep
+    # (assistant turns, from `plait data prepare --chat`).
+    document_mask: bool = False
+    objective: str = "pretrain"
+
+
+OBJECTIVES = ("pretrain", "sft")
+
+
+def document_mask_problem(model: ModelSpec) -> Optional[str]:
+    """Why ``model`` cannot keep packed documents apart, or None. Attention reads a block-diagonal
+    mask; a Mamba layer would need its scan state and conv window reset at every document start,
+    which plait does not lower: such a model is refused rather than silently mixing documents."""
+    if "mamba" in model.layers:
+        return (f"model {model.name!r} has Mamba layers; document masking resets attention only "
+                "(the Mamba state is not reset at document boundaries)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Union
 
 BlockKind = Literal["attention", "mlp", "moe", "mamba"]
@@ -36,12 +36,37 @@ class RopeScaling:
     beta_slow: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # YaRN's magnitude terms (DeepSeek-V2/V3 configs): with both set, cos and sin are scaled by
+    # m(mscale) / m(mscale_all_dim), m(x) = 0.1 * x * ln(factor) + 1, instead of m(1); multi-head latent
+    # attention also multiplies its softmax scale by m(mscale_all_dim)^2 (transformers' DeepSeek-V3).
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class Rope:
     theta: float = 10000.0
     scaling: Optional[RopeScaling] = None
+
+
+@dataclass(frozen=True)
+class LatentKV:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+    ``q_lora_rank`` bottleneck, keys and values expanded per head from one ``kv_lora_rank`` latent
+    shared by all heads, plus one ``qk_rope_head_dim`` rotary key shared by all heads. A q/k head is
+    ``qk_nope_head_dim + qk_rope_head_dim`` wide (the attention's head_dim), a v head ``v_head_dim``.
+    ``rope_interleave``: the rotary dims rotate in adjacent pairs (DeepSeek's layout)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None  # None: q projected from the hidden state directly (V2-Lite)
+    rope_interleave: bool = True
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -53,6 +78,22 @@ class Attention:
     out_bias: bool = False  # bias on the output projection (GPT-style models)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     rope: Optional[Rope] = None  # None: no positional encoding (Nemotron-H attention layers)
+    # Sliding window (Mistral, Qwen2): a query attends to itself and the window - 1 keys before it,
+    # key j visible from query i when 0 <= i - j < window (transformers' sliding_window_overlay).
+    window: Optional[int] = None
+    # Attention layers (counted among the model's attention layers, from 0) that keep full causal
+    # attention although the model has a window: Qwen2's bottom max_window_layers.
+    full_layers: tuple[int, ...] = ()
+    # Multi-head latent attention (kv_heads == heads, head_dim == latent.qk_head_dim); None: GQA.
+    latent: Optional[LatentKV] = None
+
+    def window_of(self, index: int) -> Optional[int]:
+        """The window of the model's ``index``-th attention layer; None: full causal attention."""
+        return None if index in self.full_layers else self.window
+
+    def at(self, index: int) -> "Attention":
+        """This block as the ``index``-th attention layer has it: its own window, nothing per-layer."""
+        return replace(self, window=self.window_of(index), full_layers=())
 
     @property
     def q_dim(self) -> int:
@@ -61,6 +102,25 @@ class Attention:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Width of the values per token (MLA: one v head per query head, v_head_dim wide)."""
+        return self.kv_heads * self.v_head_dim
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the attention core's output per token (o_proj's input)."""
+        return self.heads * self.v_head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.head_dim if self.latent is None else self.latent.v_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of a head's rotated part: all of it, or MLA's decoupled rotary dims."""
+        return self.head_dim if self.latent is None else self.latent.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -91,10 +151,17 @@ class MoE:
     scaling_factor: float = 1.0
     aux_loss: float = 0.0
     z_loss: float = 0.0
+    # A group's score sums its best group_top choice scores; 0: top_k // topk_groups (Megatron-Core).
+    # transformers' DeepSeek-V3 router always sums the best 2.
+    group_top: int = 0
 
     @property
     def gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def group_score_top(self) -> int:
+        return self.group_top or self.top_k // self.topk_groups
 
 
 @dataclass(frozen=True)
@@ -149,6 +216,15 @@ class ModelSpec:
         if spec is None:
             raise KeyError(f"model {self.name!r} has no {kind!r} block")
         return spec
+
+    def layer_block(self, layer: int) -> Block:
+        """The block of layer ``layer`` with what may vary between layers of one kind resolved (an
+        attention layer's window): a block with an ``at(index)`` gets the layer's index among the
+        layers of its kind."""
+        kind = self.layers[layer]
+        block = self.block(kind)
+        at = getattr(block, "at", None)
+        return block if at is None else at(self.layers[:layer].count(kind))
 
     def count(self, kind: str) -> int:
         return sum(1 for k in self.layers if k == kind)

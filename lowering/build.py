@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from plait.ir.errors import PlaitError
-from plait.ir.job import MoEOptions
+from plait.ir.job import MoEOptions, document_mask_problem
 from plait.ir.model import ModelSpec
 
 from .modules.attention import SelfAttention
+from .modules.latent_attention import LatentAttention
 from .modules.mamba import Mamba2Mixer
 from .modules.mlp import FeedForward
 from .modules.model import CausalLM
@@ -35,26 +36,40 @@ NORMS = (RMSNorm, GatedRMSNorm, nn.LayerNorm)
 
 def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
                 moe_options: Optional[MoEOptions] = None, capacity_segments: int = 1,
-                capacity_cp: int = 1) -> CausalLM:
+                capacity_cp: int = 1, document_mask: bool = False,
+                loss_mask: bool = False) -> CausalLM:
     """The reference model of ``spec``. ``moe_options`` (capacity factor, drop policy) only matter
     for MoE layers (default: dropless); with a capacity factor, ``capacity_segments`` sequence
     chunks each get their own capacity (the tokens one SP / CP rank routes), taken in the zigzag
-    order of ``capacity_cp`` context-parallel ranks (`routing.capacity_keep_segments`)."""
-    mixers = [_mixer(spec, kind, moe_options, (capacity_segments, capacity_cp)) for kind in spec.layers]
-    model = CausalLM(spec, mixers)
+    order of ``capacity_cp`` context-parallel ranks (`routing.capacity_keep_segments`).
+    ``document_mask`` / ``loss_mask``: see CausalLM (packed documents, SFT loss masks)."""
+    if document_mask:
+        check_document_mask(spec)
+    mixers = [_mixer(spec, i, moe_options, (capacity_segments, capacity_cp))
+              for i in range(spec.num_layers)]
+    model = CausalLM(spec, mixers, document_mask=document_mask, loss_mask=loss_mask)
     init_weights(model, seed)
     _cast(model, dtype, device)
     return model
 
 
-def _mixer(spec: ModelSpec, kind: str, moe_options: Optional[MoEOptions],
+def check_document_mask(spec: ModelSpec) -> None:
+    problem = document_mask_problem(spec)
+    if problem:
+        raise PlaitError(problem, hint="train it with document_mask = false (documents packed "
+                         "with EOS between them)")
+
+
+def _mixer(spec: ModelSpec, layer: int, moe_options: Optional[MoEOptions],
            segments: tuple[int, int]) -> nn.Module:
+    kind = spec.layers[layer]
     try:
-        block = spec.block(kind)
+        block = spec.layer_block(layer)
     except KeyError as e:
         raise PlaitError(f"model {spec.name!r} uses {kind!r} layers but defines no {kind} block") from e
     if kind == "attention":
-        return SelfAttention(block, spec.hidden, spec.norm.eps, spec.max_seq)
+        attention = SelfAttention if block.latent is None else LatentAttention
+        return attention(block, spec.hidden, spec.norm.eps, spec.max_seq)
     if kind == "mlp":
         return FeedForward.from_spec(block, spec.hidden)
     if kind == "moe":

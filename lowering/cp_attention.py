@@ -1,47 +1,67 @@
 """Causal attention over a context-parallel group, on the zigzag layout (see cp_ops.py).
 
-Ring attention (Liu et al. 2023; Megatron-Core's "p2p" CP): each rank keeps its queries and passes
-its K/V block around the ring; at step t it attends to the block of rank (rank - t) mod cp. Only
-the chunk pairs the causal mask leaves anything of are computed: a query chunk after a key chunk
-attends to all of it, the same chunk attends causally, an earlier chunk not at all. Partial
-results merge through their log-sum-exp. The backward runs the ring again: K/V travel with their
-gradient accumulators dK/dV, which arrive back at their owner after cp hops. Both directions are
-one `plait::` custom op each, so the graph holds one readable node per attention layer.
+Ring attention (Liu et al. 2023; Megatron-Core's "p2p" CP): each rank keeps its queries and at
+step t receives the K/V block of rank (rank - t) mod cp, straight from it (every rank sends its
+own block t ranks ahead). Only the chunk pairs the mask leaves anything of are computed: a query
+chunk after a key chunk attends to all of it (or to a band, with a sliding window), the same
+chunk attends causally, an earlier chunk not at all. With a window, the steps whose blocks hold
+no visible pair for any rank are skipped, exchange and all (ir/counts.ring_steps: with zigzag
+chunks longer than the window, 2 of cp - 1). Partial results merge through their log-sum-exp.
+The backward takes the same steps: each rank computes dK/dV of the block it received and sends
+them back to its owner. Both directions are one `plait::` custom op each, so the graph holds one
+readable node per attention layer.
 
 All-to-all (Ulysses, Jacobs et al. 2023; Megatron-Core's "a2a" CP): q, k, v are exchanged from
 sequence-sharded to head-sharded, every rank runs plain causal attention over the whole sequence
 for heads / cp heads, and the output goes back. Needs the (TP-local) heads to divide by cp.
 
-Arithmetic is fp32 (fp64 stays fp64); K/V travel in their own dtype. Each chunk pair runs
-PyTorch's CPU flash-attention kernels (`aten::_scaled_dot_product_flash_attention_for_cpu` and its
-backward, which return / take the log-sum-exp) on CPU, and explicit scores elsewhere (correct but
-materialising the pair's scores; a flash-attn pair kernel is the CUDA upgrade).
+K/V travel in their own dtype. Each chunk pair runs a pair kernel (cp_pairs.py): by default
+PyTorch's CPU flash-attention kernels on CPU (a banded pair passes its mask) and explicit scores
+elsewhere, both in fp32 (fp64 stays fp64); on CUDA runtime/kernels.py binds SDPA's flash backend,
+which computes on the bf16 / fp16 activations (band pairs of a sliding window: the math, fp32).
+Partial outputs merge, and gradients accumulate, in fp32 either way.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
-from .cp_ops import RingShift, natural_from_gathered, zigzag_chunks
+from plait.ir.counts import ring_steps
+
+from . import cp_pairs
+from .cp_ops import PeerExchange, natural_from_gathered, zigzag_chunks
+from .cp_pairs import finite as _finite
+from .cp_pairs import pair_visibility  # noqa: F401  (part of this module's vocabulary)
 from .modules.attention import causal_attention
-from .modules.norms import upcast
-
-NEG_INF = float("-inf")
 
 
-def chunk_pairs(size: int, rank: int, src: int) -> list[tuple[int, int, bool]]:
-    """(local query chunk, source key chunk, causal) for the pairs rank ``rank``'s queries compute
-    against the K/V block of rank ``src``; pairs the causal mask empties are left out."""
+def _sees(offset: int, chunk: int, window: Optional[int]) -> bool:
+    """Whether a query chunk ``offset`` tokens after a key chunk of the same length sees any of it."""
+    return offset >= 0 and (window is None or offset - (chunk - 1) < window)
+
+
+def chunk_pairs(size: int, rank: int, src: int, chunk: int = 1,
+                window: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """(local query chunk, source key chunk, offset) for the pairs rank ``rank``'s queries compute
+    against the K/V block of rank ``src``, ``offset`` = the query chunk's first position minus the
+    key chunk's (chunks of ``chunk`` tokens); pairs the mask empties are left out."""
     pairs = []
     for qi, qa in enumerate(zigzag_chunks(size, rank)):
         for ki, kb in enumerate(zigzag_chunks(size, src)):
-            if qa >= kb:
-                pairs.append((qi, ki, qa == kb))
+            if _sees((qa - kb) * chunk, chunk, window):
+                pairs.append((qi, ki, (qa - kb) * chunk))
     return pairs
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """[b, s, h, d] -> [b, h, s, d] at least fp32."""
-    return upcast(t).transpose(1, 2)
+def _heads_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, s, h, d] -> [b, h, s, d] in the pair kernel's operand dtype."""
+    return t.to(dtype).transpose(1, 2)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs merge, and gradients accumulate, in at least fp32."""
+    return cp_pairs.upcast_dtype(dtype)
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -54,127 +74,152 @@ def _sum_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.view(b, kv_heads, h // kv_heads, s, d).sum(2) if h != kv_heads else t
 
 
-def _scores(q, k, scale: float, causal: bool) -> torch.Tensor:
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(mask, NEG_INF)
-    return s
+def pair_forward(q, k, v, scale: float, offset: int, window: Optional[int] = None,
+                 kernel: str = "auto"):
+    """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] ``offset`` positions
+    before them (0: the same chunk), within ``window``."""
+    return cp_pairs.resolve(kernel, q, v).forward(q, k, v, scale, offset, window)
 
 
-def _pair_forward_math(q, k, v, scale: float, causal: bool):
-    s = _scores(q, k, scale, causal)
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
-
-
-def _pair_backward_math(do, q, k, v, out, lse, scale: float, causal: bool):
-    """Flash-attention backward of one chunk pair given the merged output and log-sum-exp."""
-    p = torch.exp(_scores(q, k, scale, causal) - lse[..., None])
-    delta = (do * out).sum(-1)
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
-
-
-def pair_forward(q, k, v, scale: float, causal: bool):
-    """(out, lse) of queries q [b, h, l, d] over keys k, v [b, h, l, d] (causal: same chunk)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    return _pair_forward_math(q, k, v, scale, causal)
-
-
-def pair_backward(do, q, k, v, out, lse, scale: float, causal: bool):
+def pair_backward(do, q, k, v, out, lse, scale: float, offset: int, window: Optional[int] = None,
+                  kernel: str = "auto"):
     """(dq, dk, dv) of one chunk pair; ``out`` and ``lse`` are the merged (global) ones."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse, 0.0, causal, scale=scale)
-    return _pair_backward_math(do, q, k, v, out, lse, scale, causal)
+    return cp_pairs.resolve(kernel, q, v).backward(do, q, k, v, out, lse, scale, offset, window)
 
 
 def _merge(acc, out, lse):
-    """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
+    """Combine two partial attentions over disjoint key sets by their log-sum-exp (a row that
+    has seen no key yet carries lse = -inf and weighs nothing)."""
+    out = out.to(_accumulator(out.dtype))
     if acc is None:
         return out, lse
     acc_out, acc_lse = acc
     new_lse = torch.logaddexp(acc_lse, lse)
-    return (acc_out * torch.exp(acc_lse - new_lse)[..., None]
-            + out * torch.exp(lse - new_lse)[..., None]), new_lse
+    safe = _finite(new_lse)
+    return (acc_out * torch.exp(acc_lse - safe)[..., None]
+            + out * torch.exp(lse - safe)[..., None]), new_lse
 
 
-def ring_forward(q, k, v, scale: float, axis: str, size: int, rank: int):
-    """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries."""
-    qh = _heads_first(q).chunk(2, dim=2)
+def _blocks_by_step(exchange, steps: tuple[int, ...], tensors: list[torch.Tensor]):
+    """(step, the tensors of rank - step) for each step (steps[0] = 0: this rank's own); the next
+    step's exchange starts before the current block is handed out, so it overlaps the compute."""
+    pending = None
+    for i, step in enumerate(steps):
+        current = tensors if step == 0 else exchange.wait(pending)
+        pending = exchange.start(steps[i + 1], tensors) if i + 1 < len(steps) else None
+        yield step, current
+
+
+def _steps(exchange, q, window: Optional[int]) -> tuple[int, ...]:
+    return ring_steps(exchange.size, q.shape[1] * exchange.size, window)
+
+
+def _allowed(documents, block: list, qi: int, ki: int):
+    """The document mask [b, l, l] of chunk pair (qi, ki), or None without documents; the source
+    block's document keys travel with its K/V (block[2])."""
+    if documents is None:
+        return None
+    dq, dk = documents.chunk(2, dim=1)[qi], block[2].chunk(2, dim=1)[ki]
+    return dq[:, :, None] == dk[:, None, :]
+
+
+def _pair_forward(kernel, allowed, q, k, v, scale: float, offset: int, window: Optional[int]):
+    """A pair with a document mask runs the explicit scores (at least fp32): no pair kernel
+    takes a per-batch mask."""
+    if allowed is None:
+        return kernel.forward(q, k, v, scale, offset, window)
+    return cp_pairs.math_forward(*cp_pairs.upcast_all(q, k, v), scale, offset, window, allowed)
+
+
+def _pair_backward(kernel, allowed, do, q, k, v, out, lse, scale: float, offset: int,
+                   window: Optional[int]):
+    if allowed is None:
+        return kernel.backward(do, q, k, v, out, lse, scale, offset, window)
+    return cp_pairs.math_backward(*cp_pairs.upcast_all(do, q, k, v, out), lse, scale, offset,
+                                  window, allowed)
+
+
+def ring_forward(q, k, v, scale: float, exchange, window: Optional[int] = None,
+                 kernel: str = "auto", documents=None):
+    """(out [b, s, hq, d] in q's dtype, lse [b, hq, s] fp32) of this rank's queries; ``exchange``
+    (cp_ops.PeerExchange) knows the CP size and this rank; ``kernel`` names the pair kernel.
+    ``documents`` [b, s]: this rank's document keys (packed documents), sent along with K/V."""
+    size, rank, chunk = exchange.size, exchange.rank, q.shape[1] // 2
+    kernel = cp_pairs.resolve(kernel, q, v)
+    dtype = kernel.operand_dtype(q.dtype)
+    qh = _heads_first(q, dtype).chunk(2, dim=2)
     heads = q.shape[2]
     acc = [None, None]
-    ring = RingShift(axis, size, rank) if size > 1 else None
-    k_cur, v_cur = k, v
-    for step in range(size):
-        pending = ring.start([k_cur, v_cur]) if step < size - 1 else None
+    own = [k, v] if documents is None else [k, v, documents]
+    for step, block in _blocks_by_step(exchange, _steps(exchange, q, window), own):
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
-        for qi, ki, causal in chunk_pairs(size, rank, src):
-            acc[qi] = _merge(acc[qi], *pair_forward(qh[qi], kh[ki], vh[ki], scale, causal))
-        if pending is not None:
-            k_cur, v_cur = ring.wait(pending)
+        kh = _repeat_heads(_heads_first(block[0], dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1], dtype), heads).chunk(2, dim=2)
+        for qi, ki, offset in chunk_pairs(size, rank, src, chunk, window):
+            part = _pair_forward(kernel, _allowed(documents, block, qi, ki), qh[qi], kh[ki],
+                                 vh[ki], scale, offset, window)
+            acc[qi] = _merge(acc[qi], *part)
     out = torch.cat([a[0] for a in acc], dim=2).transpose(1, 2).to(q.dtype)
     return out.contiguous(), torch.cat([a[1] for a in acc], dim=2).contiguous()
 
 
-def ring_backward(dout, q, k, v, out, lse, scale: float, axis: str, size: int, rank: int):
+def ring_backward(dout, q, k, v, out, lse, scale: float, exchange, window: Optional[int] = None,
+                  kernel: str = "auto", documents=None):
+    size, rank, chunk = exchange.size, exchange.rank, q.shape[1] // 2
+    kernel = cp_pairs.resolve(kernel, q, v)
+    dtype = kernel.operand_dtype(q.dtype)
+    acc = _accumulator(dtype)
     heads, kv_heads = q.shape[2], k.shape[2]
-    qh, do = _heads_first(q).chunk(2, dim=2), _heads_first(dout).chunk(2, dim=2)
-    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out).chunk(2, dim=2)
-    dq = [torch.zeros_like(t) for t in qh]
-    ring = RingShift(axis, size, rank) if size > 1 else None
-    k_cur, v_cur = k, v
-    dk_cur, dv_cur = torch.zeros_like(_heads_first(k)), torch.zeros_like(_heads_first(v))
-    for step in range(size):
-        pending = ring.start([k_cur, v_cur]) if step < size - 1 else None
+    qh, do = _heads_first(q, dtype).chunk(2, dim=2), _heads_first(dout, dtype).chunk(2, dim=2)
+    lse_c, out_c = lse.chunk(2, dim=2), _heads_first(out, dtype).chunk(2, dim=2)
+    dq = [torch.zeros_like(t, dtype=acc) for t in qh]
+    dk_own, dv_own = torch.zeros_like(_heads_first(k, acc)), torch.zeros_like(_heads_first(v, acc))
+    own = [k, v] if documents is None else [k, v, documents]
+    for step, block in _blocks_by_step(exchange, _steps(exchange, q, window), own):
         src = (rank - step) % size
-        kh = _repeat_heads(_heads_first(k_cur), heads).chunk(2, dim=2)
-        vh = _repeat_heads(_heads_first(v_cur), heads).chunk(2, dim=2)
-        dk, dv = [torch.zeros_like(t) for t in kh], [torch.zeros_like(t) for t in vh]
-        for qi, ki, causal in chunk_pairs(size, rank, src):
-            g = pair_backward(do[qi], qh[qi], kh[ki], vh[ki], out_c[qi], lse_c[qi], scale, causal)
+        kh = _repeat_heads(_heads_first(block[0], dtype), heads).chunk(2, dim=2)
+        vh = _repeat_heads(_heads_first(block[1], dtype), heads).chunk(2, dim=2)
+        dk = [torch.zeros_like(t, dtype=acc) for t in kh]
+        dv = [torch.zeros_like(t, dtype=acc) for t in vh]
+        for qi, ki, offset in chunk_pairs(size, rank, src, chunk, window):
+            g = _pair_backward(kernel, _allowed(documents, block, qi, ki), do[qi], qh[qi], kh[ki],
+                               vh[ki], out_c[qi], lse_c[qi], scale, offset, window)
             dq[qi], dk[ki], dv[ki] = dq[qi] + g[0], dk[ki] + g[1], dv[ki] + g[2]
-        dk_cur = dk_cur + _sum_heads(torch.cat(dk, dim=2), kv_heads)
-        dv_cur = dv_cur + _sum_heads(torch.cat(dv, dim=2), kv_heads)
-        if pending is not None:
-            k_cur, v_cur = ring.wait(pending)
-        if ring is not None:  # the accumulators follow their block; after cp hops they are home
-            dk_cur, dv_cur = ring.wait(ring.start([dk_cur, dv_cur]))
+        grads = [_sum_heads(torch.cat(dk, dim=2), kv_heads), _sum_heads(torch.cat(dv, dim=2), kv_heads)]
+        if step:  # dK/dV of rank src's block go back to it; this rank's come from rank + step
+            grads = exchange.wait(exchange.start(-step, grads))
+        dk_own, dv_own = dk_own + grads[0], dv_own + grads[1]
     dq_out = torch.cat(dq, dim=2).transpose(1, 2).to(q.dtype).contiguous()
-    return (dq_out, dk_cur.transpose(1, 2).to(k.dtype).contiguous(),
-            dv_cur.transpose(1, 2).to(v.dtype).contiguous())
+    return (dq_out, dk_own.transpose(1, 2).to(k.dtype).contiguous(),
+            dv_own.transpose(1, 2).to(v.dtype).contiguous())
 
 
 # ---- custom ops ------------------------------------------------------------------------------
 @torch.library.custom_op("plait::ring_attention", mutates_args=())
 def ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, axis: str,
-                      size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return ring_forward(q, k, v, scale, axis, size, rank)
+                      size: int, rank: int, window: Optional[int],
+                      kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return ring_forward(q, k, v, scale, PeerExchange(axis, size, rank), window, kernel)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, scale, axis, size, rank):
-    b, s, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32))
+def _(q, k, v, scale, axis, size, rank, window, kernel):
+    b, s, h, _ = q.shape  # out has v's head width (multi-head latent attention: narrower than q's)
+    return (q.new_empty((b, s, h, v.shape[-1])),
+            q.new_empty((b, h, s), dtype=torch.promote_types(q.dtype, torch.float32)))
 
 
 @torch.library.custom_op("plait::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
-                               axis: str, size: int, rank: int
+                               axis: str, size: int, rank: int, window: Optional[int], kernel: str
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ring_backward(dout, q, k, v, out, lse, scale, axis, size, rank)
+    return ring_backward(dout, q, k, v, out, lse, scale, PeerExchange(axis, size, rank), window,
+                         kernel)
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, scale, axis, size, rank):
+def _(dout, q, k, v, out, lse, scale, axis, size, rank, window, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -186,26 +231,40 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):  # lse is an internal output: it carries no gradient
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.plait.ring_attention_backward(dout, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 # ---- what lowered graphs call ------------------------------------------------------------------
-def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int) -> torch.Tensor:
-    """Drop-in for causal_attention on zigzag-sharded q, k, v [b, s/cp, h, d]."""
-    return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank)[0]
+def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int,
+                   window: Optional[int] = None) -> torch.Tensor:
+    """Drop-in for causal_attention on zigzag-sharded q, k, v [b, s/cp, h, d]; the chunk pairs run
+    the default kernels ("auto", cp_pairs.py)."""
+    return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, window, "auto")[0]
 
 
-def ulysses_attention(q, k, v, scale: float, axis: str, size: int, rank: int) -> torch.Tensor:
+def ring_attention_with(kernel: str) -> Callable:
+    """ring_attention whose chunk pairs run ``kernel`` (cp_pairs.KERNELS): what kernels.bind binds."""
+    cp_pairs.KERNELS[kernel]  # noqa: B018  (an unknown name fails here, not mid-training)
+
+    def ring_attention(q, k, v, scale: float, axis: str, size: int, rank: int,
+                       window: Optional[int] = None) -> torch.Tensor:
+        return torch.ops.plait.ring_attention(q, k, v, scale, axis, size, rank, window, kernel)[0]
+    ring_attention.pair_kernel = kernel
+    return ring_attention
+
+
+def ulysses_attention(q, k, v, scale: float, axis: str, size: int, rank: int,
+                      window: Optional[int] = None) -> torch.Tensor:
     """Drop-in for causal_attention on zigzag-sharded q, k, v: all-to-all to head sharding, causal
-    attention over the natural-order sequence, all-to-all back."""
+    attention (within ``window``) over the natural-order sequence, all-to-all back."""
     if k.shape[2] % size:  # too few kv heads to split: give every query head its own
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
     q, k, v = (torch.ops.plait.all_to_all(t, axis, size, 2, 1) for t in (q, k, v))
     natural = natural_from_gathered(size, q.shape[1] // (2 * size), q.device)
-    out = causal_attention(*(t.index_select(1, natural) for t in (q, k, v)), scale)
+    out = causal_attention(*(t.index_select(1, natural) for t in (q, k, v)), scale, window)
     out = out.index_select(1, torch.argsort(natural))
     return torch.ops.plait.all_to_all(out, axis, size, 1, 2)

@@ -11,8 +11,8 @@ registered autograd), bound to the mesh axis "cp" like the TP ops in collectives
 
   all_to_all  forward: scatter ``scatter_dim`` / gather ``gather_dim`` over the group;
               backward: the same with the two dims swapped (Ulysses)
-  ring_shift  send to the next CP rank, receive from the previous one (no autograd: the ring
-              attention op runs its own backward ring, see ring_attention.py)
+  PeerExchange  send to the CP rank t ahead, receive from the one t behind (no autograd: the ring
+                attention op runs its own backward ring, see cp_attention.py)
 """
 from __future__ import annotations
 
@@ -108,20 +108,26 @@ all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 
 
 # ---- ring point-to-point -----------------------------------------------------------------------
-class RingShift:
-    """Send tensors to the next rank of the CP ring while receiving the previous rank's, started
-    asynchronously so the caller can compute on the current block meanwhile."""
+class PeerExchange:
+    """Send tensors to the CP rank ``distance`` ahead on the ring while receiving those of the rank
+    ``distance`` behind (a negative distance sends backwards), started asynchronously so the
+    caller can compute on the current block meanwhile. The group is looked up at the first send:
+    a one-rank "ring" never sends."""
 
     def __init__(self, axis: str, size: int, rank: int):
-        self.axis, self.group = axis, cc.axis_group(axis)
-        self.next = dist.get_global_rank(self.group, (rank + 1) % size)
-        self.prev = dist.get_global_rank(self.group, (rank - 1) % size)
+        self.axis, self.size, self.rank = axis, size, rank
 
-    def start(self, tensors: list[torch.Tensor]):
+    def _peer(self, offset: int) -> int:
+        group = cc.axis_group(self.axis)
+        return dist.get_global_rank(group, (self.rank + offset) % self.size)
+
+    def start(self, distance: int, tensors: list[torch.Tensor]):
+        group = cc.axis_group(self.axis)
+        to, source = self._peer(distance), self._peer(-distance)
         tensors = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
+        ops = [dist.P2POp(dist.isend, t, to, group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, source, group) for r in received]
         with cc.guard("ring send/recv", self.axis):
             works = dist.batch_isend_irecv(ops)
         return works, received

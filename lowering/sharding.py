@@ -77,14 +77,33 @@ def _param_targets(node: torch.fx.Node, gm: torch.fx.GraphModule) -> list[str]:
 
 
 def partial_grad_params(gm: torch.fx.GraphModule, states: dict, sharded: set[str]) -> list[str]:
-    """Replicated parameters consumed by S or T computations (their gradients need a TP sum)."""
+    """Replicated parameters whose gradient is one TP rank's share (they need a TP sum): those
+    consumed by S or T computations, and those of replicated computations that feed a T or S one
+    without a collective between (multi-head latent attention's down-projections and latent norms:
+    the heads each rank keeps send back only their part of the latent's gradient)."""
     params = dict(gm.named_parameters())
+    feeds = _feeds_shard(gm, states)
     found: list[str] = []
     for node in gm.graph.nodes:
-        if node.op == "output" or states.get(node, R) not in (S, T):
+        if node.op == "output" or (states.get(node, R) not in (S, T) and node not in feeds):
             continue
         for arg in [node, *node.all_input_nodes]:
             for name in _param_targets(arg, gm):
                 if name in params and name not in sharded and name not in found:
                     found.append(name)
     return found
+
+
+def _feeds_shard(gm: torch.fx.GraphModule, states: dict) -> set:
+    """Replicated nodes with a path to an S or T node that passes no collective."""
+    feeds: set = set()
+    for node in reversed(gm.graph.nodes):
+        if states.get(node, R) != R or _is_collective(node):
+            continue
+        if any(not _is_collective(u) and (states.get(u, R) in (S, T) or u in feeds) for u in node.users):
+            feeds.add(node)
+    return feeds
+
+
+def _is_collective(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and COLLECTIVE_OPS.get(node.target) is not None

@@ -23,9 +23,11 @@ def vocab_parallel_embedding(tokens: torch.Tensor, weight: torch.Tensor,
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                                 axis: str, size: int) -> torch.Tensor:
-    """Mean cross entropy of logits split over the vocabulary: logits [N, V/tp] (this rank's
-    columns), labels [N] global ids. Equals F.cross_entropy on the gathered logits."""
+                                 axis: str, size: int, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or per-token: reduction "none") cross entropy of logits split over the vocabulary:
+    logits [N, V/tp] (this rank's columns), labels [N] global ids. Equals F.cross_entropy on the
+    gathered logits; a label outside the vocabulary (the ignore index) matches no column, and the
+    loss-masked model zeroes that token's loss itself (torch.where)."""
     # The max only stabilises exp(); it carries no gradient.
     row_max = torch.ops.plait.max_over(logits.detach().amax(dim=-1), axis, size)
     shifted = logits - row_max.unsqueeze(-1)
@@ -35,4 +37,5 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
     index = torch.where(inside, local, torch.zeros_like(local)).unsqueeze(-1)
     picked = shifted.gather(-1, index).squeeze(-1) * inside.to(shifted.dtype)
     target = torch.ops.plait.reduce_from_tp(picked, axis, size)
-    return (sum_exp.log() - target).mean()
+    per_token = sum_exp.log() - target
+    return per_token if reduction == "none" else per_token.mean()

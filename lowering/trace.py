@@ -24,6 +24,7 @@ from . import trace_cache
 
 META = "plait"
 EMBED, HEAD, LOSS = "embed", "head", "loss"
+POSITIONS = "positions"  # a document-masked model's third input (per-document positions)
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,11 @@ def _with_shape(i: NodeInfo, shape: tuple[int, ...], dtype: str) -> NodeInfo:
     return NodeInfo(scope=i.scope, position=i.position, kind=i.kind, shape=shape, dtype=dtype)
 
 
-def example_inputs(spec: ModelSpec, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.zeros(batch, seq, dtype=torch.long)
-    return tokens, tokens.clone()
+def example_inputs(gm: torch.fx.GraphModule, batch: int, seq: int) -> tuple[torch.Tensor, ...]:
+    """A [batch, seq] int64 zero tensor for each input of ``gm`` (tokens, labels and, in a
+    document-masked program, positions: all zero, every token its own document)."""
+    return tuple(torch.zeros(batch, seq, dtype=torch.long)
+                 for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def trace_model(model: torch.nn.Module, spec: ModelSpec, batch: int = 1,
@@ -189,9 +192,12 @@ def trace_model(model: torch.nn.Module, spec: ModelSpec, batch: int = 1,
 def _trace(model: torch.nn.Module, spec: ModelSpec, batch: int, seq: int) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
     gm.graph.eliminate_dead_code()
+    for node in list(gm.graph.nodes):  # an input the model ignores (positions without masking)
+        if node.op == "placeholder" and not node.users and node.target not in ("tokens", "labels"):
+            gm.graph.erase_node(node)
     gm.recompile()
     annotate(gm, spec)
-    record_shapes(gm, *example_inputs(spec, batch, seq))
+    record_shapes(gm, *example_inputs(gm, batch, seq))
     _record_logical_shapes(gm)
     gm.meta["plait.spec"] = spec
     gm.meta["plait.facts"] = {"traced"}

@@ -12,7 +12,7 @@ from typing import Union
 from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 HYBRID = ("nemotron_h",)
 SUPPORTED = LLAMA_LIKE + HYBRID
 
@@ -107,7 +107,8 @@ def _llama_moe(spec: ModelSpec, p: str, local: str) -> list:
             Stack(tuple(Ref(f.format(e)) for e in experts))
             for f in (p + "mlp.experts.{}.down_proj.weight", p + "block_sparse_moe.experts.{}.w2.weight")]
     if local.startswith("shared."):
-        return [Ref(p + "mlp.shared_expert." + local.split(".", 1)[1])]
+        return [Ref(p + "mlp.shared_expert." + local.split(".", 1)[1]),
+                Ref(p + "mlp.shared_experts." + local.split(".", 1)[1])]  # DeepSeek-V3
     if local.startswith("shared_gate."):
         return [Ref(p + "mlp.shared_expert_gate." + local.split(".", 1)[1])]
     raise PlaitError(f"no checkpoint name for MoE parameter {local!r}")

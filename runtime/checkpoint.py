@@ -35,7 +35,7 @@ from plait.ir.errors import PlaitError
 from plait.lowering import collectives as cc
 
 from . import ckpt_store as store
-from .ckpt_chunks import Chunk, chunks, local_rows, local_tensor
+from .ckpt_chunks import Chunk, chunks, local_span, local_tensor
 from .ckpt_integrity import (META, finalize, fingerprints, find, read_meta, check_model,
                              step_dir, temp_dir)
 from .optim import FullyShard
@@ -85,7 +85,7 @@ def _param_chunks(trainer, name: str, p: torch.Tensor, fsdp_rows: bool = True) -
         index = program.shards[name].slices(full)
     else:
         index = None
-    return chunks(full, index, local_rows(p) if fsdp_rows else None)
+    return chunks(full, index, local_span(p) if fsdp_rows else None)
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:

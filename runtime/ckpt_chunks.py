@@ -3,7 +3,8 @@
 A checkpoint stores every tensor in its global (reference-model) shape as a set of chunks, each
 with its offset in the global tensor -- the form DCP gives DTensors, here for every sharding plait
 uses: TP pieces (`ShardSpec.slices`, segmented splits give several chunks), expert shards
-(`ExpertSync.slices`), FSDP's dim-0 shards of those, whole replicas. A rank writes the chunks it
+(`ExpertSync.slices`), FSDP's shards of those (along one dim, counts.fsdp_shard_dim), whole
+replicas. A rank writes the chunks it
 holds and reads back, under any other layout, the parts of the saved chunks that overlap its own.
 
 An index is what `ShardSpec.slices` returns: per dimension a slice or a list of slices (pieces of
@@ -46,8 +47,8 @@ def _runs(entry, full: int) -> list[Run]:
 
 
 def _restrict(runs: list[Run], lo: int, hi: int) -> list[Run]:
-    """The part of ``runs`` at local positions [lo, hi), renumbered from lo (FSDP's shard of dim 0
-    of an already TP-local tensor)."""
+    """The part of ``runs`` at local positions [lo, hi), renumbered from lo (FSDP's shard of one
+    dim of an already TP-local tensor)."""
     out = []
     for local, glob, n in runs:
         a, b = max(local, lo), min(local + n, hi)
@@ -57,14 +58,15 @@ def _restrict(runs: list[Run], lo: int, hi: int) -> list[Run]:
 
 
 def chunks(full: Sequence[int], index: Optional[tuple] = None,
-           dim0: Optional[tuple[int, int]] = None) -> list[Chunk]:
+           span: Optional[tuple[int, int, int]] = None) -> list[Chunk]:
     """The chunks of a rank's tensor that is ``global[index]`` (whole when None), optionally only
-    its rows [dim0[0], dim0[1]) (FSDP)."""
+    its positions [lo, hi) along one dim, ``span`` = (dim, lo, hi) (FSDP)."""
     full = tuple(full)
     index = tuple(index or ()) + (slice(None),) * (len(full) - len(index or ()))
     per_dim = [_runs(e, n) for e, n in zip(index, full)]
-    if dim0 is not None and full:
-        per_dim[0] = _restrict(per_dim[0], *dim0)
+    if span is not None and full:
+        dim, lo, hi = span
+        per_dim[dim] = _restrict(per_dim[dim], lo, hi)
     out = []
     for combo in itertools.product(*per_dim):
         size = tuple(r[2] for r in combo)
@@ -74,9 +76,9 @@ def chunks(full: Sequence[int], index: Optional[tuple] = None,
     return out
 
 
-def local_rows(t: torch.Tensor) -> Optional[tuple[int, int]]:
-    """For a DTensor sharded on dim 0 (FSDP2), the rows [lo, hi) this rank holds; None for a plain
-    tensor (all rows)."""
+def local_span(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """For a DTensor sharded along one dim (FSDP2), (dim, lo, hi): the positions [lo, hi) of that
+    dim this rank holds; None for a plain tensor (all of it)."""
     if not hasattr(t, "to_local"):
         return None
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -84,7 +86,9 @@ def local_rows(t: torch.Tensor) -> Optional[tuple[int, int]]:
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     if not shape:
         return None
-    return offset[0], offset[0] + shape[0]
+    (placement,) = t.placements
+    dim = placement.dim if placement.is_shard() else 0
+    return dim, offset[dim], offset[dim] + shape[dim]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ tests. The byte-level tokenizer is the default; a Hugging Face tokenizer is used
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -19,18 +18,14 @@ import numpy as np
 import torch
 
 from plait.ir.errors import PlaitError
-from plait.ir.indexed import IndexedDataset, prefix_of
+from plait.ir.indexed import LOSS_MASK_SUFFIX, IndexedDataset, prefix_of
 
 from .data_prepare import (DATASET_KIND, META, PREFIX, ByteTokenizer, HFTokenizer,  # noqa: F401
                            Tokenizer, bundled_corpus, get_tokenizer, prepare)
+from .packing import (Batch, Packing, deliver, packed_batch, positions_after_eos,  # noqa: F401
+                      positions_from_starts, window_loss_mask, window_positions)
 
 LEGACY_TOKENS = "tokens.bin"  # plait's first format: a flat token file + meta.json, no index
-
-
-@dataclass(frozen=True)
-class Batch:
-    tokens: torch.Tensor  # [n, seq] int64
-    labels: torch.Tensor  # [n, seq] int64
 
 
 class TokenSource(Protocol):
@@ -66,6 +61,18 @@ class MemmapTokens:
                              f"directory from `plait data prepare`)",
                              hint="build one with `plait data prepare FILES -o DIR`")
         self.vocab = int(self.meta["vocab"]) if "vocab" in self.meta else None
+        self._starts: Optional[np.ndarray] = None
+        self.mask_tokens = self._loss_mask_dataset(prefix)
+
+    @staticmethod
+    def _loss_mask_dataset(prefix: Optional[Path]) -> Optional[np.ndarray]:
+        """The loss mask `plait data prepare --chat` writes beside the tokens (PREFIX_loss_mask)."""
+        if prefix is None:
+            return None
+        mask_prefix = Path(str(prefix) + LOSS_MASK_SUFFIX)
+        if not Path(str(mask_prefix) + ".idx").is_file():
+            return None
+        return IndexedDataset(mask_prefix).tokens
 
     def num_windows(self, length: int) -> int:
         return (len(self.tokens) - 1) // (length - 1)
@@ -74,12 +81,44 @@ class MemmapTokens:
         start = index * (length - 1)
         return np.asarray(self.tokens[start:start + length], dtype=np.int64)
 
+    def positions(self, index: int, length: int) -> np.ndarray:
+        """Per-document positions of a window (runtime/packing.py): document starts from the
+        index, or after each EOS in a flat dataset."""
+        start = index * (length - 1)
+        if self.indexed is None:
+            return positions_after_eos(self.window(index, length), int(self.meta.get("eos", -1)))
+        if self._starts is None:
+            self._starts = self.indexed.document_starts()
+        return positions_from_starts(self._starts, start, length)
+
+    def loss_mask(self, index: int, length: int) -> np.ndarray:
+        """1 where the loss counts a token (assistant turns); all ones without a mask dataset."""
+        if self.mask_tokens is None:
+            return np.ones(length, dtype=np.uint8)
+        start = index * (length - 1)
+        return np.asarray(self.mask_tokens[start:start + length], dtype=np.uint8)
+
 
 class SyntheticTokens:
-    """Seeded uniform random tokens: an option for benchmarks, never the default."""
+    """Seeded uniform random tokens: an option for benchmarks, never the default. For packing
+    tests, ``document_length`` > 0 cuts each window into seeded random documents of about that
+    mean length, and ``masked_fraction`` of the tokens (seeded) fall outside the loss mask."""
 
-    def __init__(self, vocab: int, seed: int = 0, windows: int = 1 << 16):
+    def __init__(self, vocab: int, seed: int = 0, windows: int = 1 << 16,
+                 document_length: int = 0, masked_fraction: float = 0.0):
         self.vocab, self.seed, self.windows = vocab, seed, windows
+        self.document_length, self.masked_fraction = document_length, masked_fraction
+
+    def positions(self, index: int, length: int) -> np.ndarray:
+        if not self.document_length:
+            return np.arange(length, dtype=np.int64)
+        rng = np.random.default_rng((self.seed, index, 1))
+        starts = np.flatnonzero(rng.random(length) < 1 / self.document_length)
+        return positions_from_starts(starts, 0, length)
+
+    def loss_mask(self, index: int, length: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, index, 2))
+        return (rng.random(length) >= self.masked_fraction).astype(np.uint8)
 
     def num_windows(self, length: int) -> int:
         return self.windows
@@ -93,7 +132,9 @@ class BatchLoader:
     """Deterministic global batches, sharded over data-parallel ranks."""
 
     def __init__(self, source: TokenSource, seq_len: int, global_batch: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, device: torch.device = torch.device("cpu")):
+                 dp_rank: int = 0, dp_size: int = 1, device: torch.device = torch.device("cpu"),
+                 packing: Packing = Packing()):
+        self.packing = packing
         if global_batch % dp_size:
             raise PlaitError(f"global batch {global_batch} is not divisible by dp = {dp_size}")
         self.source, self.seq_len, self.global_batch = source, seq_len, global_batch
@@ -116,17 +157,9 @@ class BatchLoader:
     def local_batch(self, step: int) -> Batch:
         """This DP rank's share of step `step`'s global batch."""
         share = self.global_batch // self.dp_size
-        idx = self.global_indices(step)[self.dp_rank * share:(self.dp_rank + 1) * share]
-        rows = np.stack([self.source.window(int(i), self.seq_len + 1) for i in idx])
-        return deliver(rows, self.device)
-
-
-def deliver(rows: np.ndarray, device: torch.device) -> Batch:
-    """Windows of seq_len + 1 tokens -> inputs and next-token labels on the mesh's device."""
-    data = torch.from_numpy(rows)
-    if device.type == "cuda":  # one pinned host-to-device copy per step
-        data = data.pin_memory().to(device, non_blocking=True)
-    return Batch(tokens=data[:, :-1].contiguous(), labels=data[:, 1:].contiguous())
+        samples = [(self.source, i) for i in self.global_indices(step)]
+        return packed_batch(self.packing, samples, slice(self.dp_rank * share,
+                            (self.dp_rank + 1) * share), self.seq_len + 1, self.device)
 
 
 class VocabChecked:
@@ -138,6 +171,12 @@ class VocabChecked:
 
     def num_windows(self, length: int) -> int:
         return self.source.num_windows(length)
+
+    def positions(self, index: int, length: int) -> np.ndarray:
+        return window_positions(self.source, index, length)
+
+    def loss_mask(self, index: int, length: int) -> np.ndarray:
+        return window_loss_mask(self.source, index, length)
 
     def window(self, index: int, length: int) -> np.ndarray:
         rows = self.source.window(index, length)

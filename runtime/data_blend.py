@@ -18,13 +18,15 @@ from plait.ir.datarecipe import epoch_overruns, schedule
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 
-from .data import Batch, TokenSource, deliver, open_source
+from .data import Batch, TokenSource, open_source
+from .packing import Packing, packed_batch
 
 
 class BlendedLoader:
     def __init__(self, sources: Sequence[TokenSource], names: Sequence[str], blend: BlendSchedule,
                  seq_len: int, global_batch: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), packing: Packing = Packing()):
+        self.packing = packing
         if global_batch % dp_size:
             raise PlaitError(f"global batch {global_batch} is not divisible by dp = {dp_size}")
         self.sources, self.names, self.blend = list(sources), list(names), blend
@@ -59,20 +61,23 @@ class BlendedLoader:
     def local_batch(self, step: int) -> Batch:
         share = self.global_batch // self.dp_size
         src, window = self.global_samples(step)
-        part = slice(self.dp_rank * share, (self.dp_rank + 1) * share)
-        rows = np.stack([self.sources[k].window(int(w), self.seq_len + 1)
-                         for k, w in zip(src[part], window[part])])
-        return deliver(rows, self.device)
+        samples = [(self.sources[k], w) for k, w in zip(src, window)]
+        return packed_batch(self.packing, samples, slice(self.dp_rank * share,
+                            (self.dp_rank + 1) * share), self.seq_len + 1, self.device)
 
 
 def blended_loader(job: TrainJob, seq_len: int, global_batch: int, dp_rank: int = 0,
                    dp_size: int = 1, device: torch.device = torch.device("cpu"),
                    sources: Optional[Sequence[TokenSource]] = None) -> BlendedLoader:
-    """The job's blend, its sources opened, its epoch caps checked against the job's steps."""
+    """The job's blend, its sources opened (each without its held-out validation split), its
+    epoch caps checked against the job's steps."""
+    from .validation import training_part
+
     sources = sources or [open_source(s.path, job.model.vocab) for s in job.data.sources]
+    sources = [training_part(s, job.data, seq_len) for s in sources]
     names = [s.name for s in job.data.sources]
     loader = BlendedLoader(sources, names, schedule(job), seq_len, global_batch, job.data.seed,
-                           dp_rank, dp_size, device)
+                           dp_rank, dp_size, device, Packing.of(job.data))
     overruns = epoch_overruns(job, dict(zip(names, loader.windows)))
     if overruns:
         raise PlaitError(overruns[0][1], hint="raise epochs, lower the source's weight, or train "

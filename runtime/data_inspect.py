@@ -28,4 +28,8 @@ def inspect_table(path: str) -> Table:
         table.add_row("document length min / mean / max",
                       f"{int(lengths.min()):,} / {lengths.mean():,.1f} / {int(lengths.max()):,}")
         table.add_row("document length p50 / p90 / p99", f"{p50:,.0f} / {p90:,.0f} / {p99:,.0f}")
+    if source.mask_tokens is not None:  # an SFT dataset (`prepare --chat`)
+        counted = int(np.count_nonzero(source.mask_tokens))
+        table.add_row("loss mask (objective = sft)", f"{counted:,} tokens counted "
+                      f"({counted / max(1, len(source.mask_tokens)):.1%})")
     return table

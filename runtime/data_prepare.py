@@ -212,22 +212,29 @@ def _check_output(out_dir: str | Path) -> Path:
 
 
 def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "byte",
-            field: str = "text", workers: int = 1, show_progress: bool = False) -> dict:
+            field: str = "text", workers: int = 1, show_progress: bool = False,
+            chat: bool = False) -> dict:
     """Tokenize text / JSONL files into a Megatron indexed dataset directory; returns its metadata.
-    The output path and every input are checked before anything is written."""
+    The output path and every input are checked before anything is written. ``chat``: JSONL
+    conversations rendered with the tokenizer's chat template, with an SFT loss mask beside the
+    tokens (runtime/data_chat.py)."""
+    from .data_chat import ChatRenderer
+
     paths = [Path(f) for f in files]
     if not paths:
         raise PlaitError("no input files to prepare")
     out = _check_output(out_dir)
     for path in paths:
         check_input(path)
-    tok = get_tokenizer(tokenizer)
+        if chat and path.suffix not in JSONL_SUFFIXES:
+            raise PlaitError(f"{path}: --chat reads JSONL conversations (.jsonl), not text")
+    tok = ChatRenderer(tokenizer) if chat else get_tokenizer(tokenizer)
     # Megatron's choice (DType.optimal_dtype): uint16 below 65500 ids, else int32 (it has no uint32)
     dtype = np.uint16 if tok.vocab < 65500 else np.int32
     created = not out.exists()
     claim_output_dir(out, DATASET_KIND)
     try:
-        meta = _write(paths, out, tok, dtype, field, workers, show_progress)
+        meta = _write(paths, out, tok, dtype, field, workers, show_progress, chat)
     except BaseException:
         for f in out.iterdir():  # what this call wrote, in a directory it claimed empty
             f.unlink() if f.is_file() else shutil.rmtree(f)
@@ -237,24 +244,37 @@ def prepare(files: Iterable[str | Path], out_dir: str | Path, tokenizer: str = "
     return meta
 
 
-def _write(paths, out: Path, tok: Tokenizer, dtype, field: str, workers: int, show: bool) -> dict:
+def _write_text(paths, prefix: Path, tok: Tokenizer, dtype, field: str, workers: int,
+                progress) -> np.ndarray:
+    writer = IndexedWriter(prefix, dtype)
+    docs = (doc for path in paths for doc in documents(path, field))
+    for ids, lengths in _encoded(docs, tok.name, workers, progress):
+        writer.add_documents(ids, lengths)
+    writer.close()
+    return np.frombuffer(writer.lengths, dtype=np.int32) if writer.lengths else np.zeros(0, np.int32)
+
+
+def _write(paths, out: Path, tok: Tokenizer, dtype, field: str, workers: int, show: bool,
+           chat: bool) -> dict:
     from rich.progress import Progress
 
-    writer = IndexedWriter(out / PREFIX, dtype)
+    from .data_chat import LOSS_MASK_SUFFIX, write_chat
+
     total = sum(p.stat().st_size for p in paths)
     with Progress(transient=True, disable=not show) as bar:
-        task = bar.add_task("tokenizing", total=total)
-        docs = (doc for path in paths for doc in documents(path, field))
-        for ids, lengths in _encoded(docs, tok.name, workers, lambda n: bar.advance(task, n)):
-            writer.add_documents(ids, lengths)
-    writer.close()
-    if not writer.lengths:
+        task = bar.add_task("rendering chats" if chat else "tokenizing", total=total)
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        lengths = write_chat(paths, out / PREFIX, tok, dtype, field, advance, workers) if chat else \
+            _write_text(paths, out / PREFIX, tok, dtype, field, workers, advance)
+    if not len(lengths):
         raise PlaitError("the inputs hold no documents (only blank lines)"
                          + (f" under the field {field!r}" if any(p.suffix in JSONL_SUFFIXES
                                                                    for p in paths) else ""))
     meta = {"format": "megatron-indexed", "prefix": PREFIX, "tokenizer": tok.name,
             "vocab": tok.vocab, "eos": tok.eos, "dtype": np.dtype(dtype).name,
-            "num_tokens": int(np.sum(writer.lengths, dtype=np.int64)), "documents": len(writer.lengths),
+            "num_tokens": int(np.sum(lengths, dtype=np.int64)), "documents": len(lengths),
             "files": [str(p) for p in paths]}
+    if chat:
+        meta.update(objective="sft", loss_mask=PREFIX + LOSS_MASK_SUFFIX)
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -77,9 +77,13 @@ class MetricsWriter:
         self._write(record)
         return record
 
-    def validation(self, step: int, loss: float, tokens: int) -> dict:
+    def validation(self, step: int, loss: float, tokens: int,
+                   sources: Optional[dict[str, float]] = None) -> dict:
+        """``sources``: a blend's loss on each source's own held-out split."""
         record = {"kind": "validation", "step": step, "time": time.time(), "loss": loss,
                   "tokens": tokens}
+        if sources:
+            record["sources"] = dict(sources)
         self._write(record)
         return record
 

@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from plait.ir import counts
 from plait.ir.errors import LayoutError
 from plait.ir.job import Optimizer as OptimizerSpec
 from plait.ir.precision import PrecisionPolicy
@@ -281,6 +282,15 @@ class Replicated(DataParallel):
         return out
 
 
+def _even_shard(shards: int):
+    """FSDP2's placement of each parameter: the first dim that divides by ``shards``
+    (counts.fsdp_shard_dim, which the memory model reads too), so a grouped expert tensor with
+    fewer local experts than ranks splits its ffn rows instead of padding whole experts."""
+    from torch.distributed.tensor import Shard
+
+    return lambda p: Shard(counts.fsdp_shard_dim(tuple(p.shape), shards))
+
+
 class FullyShard(DataParallel):
     """FSDP2 (torch fully_shard) over the DP group, as the memory and cost models price it: one unit
     per model unit (the lowering's FSDP groups of layer modules: a transformer layer), the
@@ -307,8 +317,9 @@ class FullyShard(DataParallel):
         for _, module in program.local_modules():
             if policy.mixed:
                 module.to(main_dtype(policy))
-            self.units.append(shard_stage(module, dict(mesh=dp_mesh, reshard_after_forward=True,
-                                                       mp_policy=mp)))
+            self.units.append(shard_stage(module, dict(
+                mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp,
+                shard_placement_fn=_even_shard(dp_mesh.size()))))
         super().__init__(program, mesh, spec, policy)  # parameters are DTensors now
         self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
 

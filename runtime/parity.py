@@ -33,7 +33,7 @@ from plait.ir.plan import Layout, ParallelPlan, Stage, even_stages
 from plait.lowering.build import build_model
 
 from . import moe_balance
-from .data import BatchLoader, SyntheticTokens
+from .data import BatchLoader, Packing, SyntheticTokens
 from .mesh import build_mesh, destroy, init_distributed
 from .parity_compare import Errors, assemble, compare, placement  # noqa: F401 (assemble: API)
 from .train import ReferenceTrainer, Trainer
@@ -82,6 +82,12 @@ class Setup:
     moe: MoEOptions = field(default_factory=MoEOptions)  # MoE models: routing (default dropless)
     # None: an fp32 job trained in ``dtype``; bf16 / fp8: the policy decides every dtype
     precision: Precision | None = None
+    # Packing: windows cut into documents of about this mean length (0: one per window), the
+    # job's document_mask and objective ("sft": ``masked_fraction`` of the labels not counted)
+    document_length: int = 0
+    document_mask: bool = False
+    objective: str = "pretrain"
+    masked_fraction: float = 0.0
 
     @property
     def model_dtype(self) -> torch.dtype | None:
@@ -91,13 +97,20 @@ class Setup:
         return TrainJob(name="parity", model=self.spec, cluster=local_cpu(world),
                         global_batch=self.global_batch, seq_len=self.seq, precision=self.precision,
                         optimizer=self.optimizer, moe=self.moe, steps=self.steps,
-                        data=Data(synthetic=True, seed=self.seed), seed=self.seed)
+                        data=Data(synthetic=True, seed=self.seed, document_mask=self.document_mask,
+                                  objective=self.objective), seed=self.seed)
 
     def plan(self, case: Case) -> ParallelPlan:
         return case.plan(self.spec, self.global_batch, self.seq, self.moe)
 
     def source(self) -> SyntheticTokens:
-        return SyntheticTokens(self.spec.vocab, seed=self.seed)
+        return SyntheticTokens(self.spec.vocab, seed=self.seed,
+                               document_length=self.document_length,
+                               masked_fraction=self.masked_fraction)
+
+    @property
+    def packing(self) -> Packing:
+        return Packing(document_mask=self.document_mask, loss_mask=self.objective == "sft")
 
 
 FP64 = "fp64"  # the name suffix of a case's float64 twin
@@ -143,7 +156,9 @@ def reference(setup: Setup, calls: Calls = Calls()) -> dict:
     ``setup.steps`` steps, the model called as ``calls`` says."""
     torch.manual_seed(0)
     model = build_model(setup.spec, dtype=setup.dtype, seed=setup.seed, moe_options=setup.moe,
-                        capacity_segments=calls.segments, capacity_cp=calls.cp)
+                        capacity_segments=calls.segments, capacity_cp=calls.cp,
+                        document_mask=setup.packing.document_mask,
+                        loss_mask=setup.packing.loss_mask)
     trainer = ReferenceTrainer(model, setup.optimizer)
     out = {}
     for step in range(setup.steps):
@@ -165,9 +180,12 @@ def _reference_step(model: torch.nn.Module, setup: Setup, calls: Calls, step: in
     losses = []
     for d in range(calls.dp):
         batch = BatchLoader(setup.source(), setup.seq, setup.global_batch, setup.seed, dp_rank=d,
-                            dp_size=calls.dp).local_batch(step)
-        for tokens, labels in zip(batch.tokens.chunk(calls.micro), batch.labels.chunk(calls.micro)):
-            loss = model(tokens, labels)
+                            dp_size=calls.dp, packing=setup.packing).local_batch(step)
+        positions = batch.positions.chunk(calls.micro) if batch.positions is not None \
+            else [None] * calls.micro
+        for tokens, labels, pos in zip(batch.tokens.chunk(calls.micro),
+                                       batch.labels.chunk(calls.micro), positions):
+            loss = model(tokens, labels, pos) * batch.loss_scale
             loss.backward()
             losses.append(float(loss.detach()))
     n = calls.dp * calls.micro

@@ -42,18 +42,38 @@ def check_blend(job: TrainJob) -> None:
     from .data_blend import blended_loader
 
     check_sources_exist(job)
-    blended_loader(job, job.seq_len, job.global_batch)
+    loader = blended_loader(job, job.seq_len, job.global_batch)
+    check_loss_masks(job, loader.sources)
+
+
+def check_loss_masks(job: TrainJob, sources) -> None:
+    """The SFT objective counts the tokens of the datasets' loss masks: at least one dataset
+    must carry one (`plait data prepare --chat`), or every token would count."""
+    if job.data.objective != "sft":
+        return
+    masked = [s for s in sources if getattr(_unwrapped(s), "mask_tokens", None) is not None]
+    if not masked:
+        raise PlaitError("objective = sft, but no dataset of the job has a loss mask",
+                         hint="prepare conversations with `plait data prepare --chat`")
+
+
+def _unwrapped(source):
+    while hasattr(source, "source"):  # validation splits, vocabulary checks
+        source = source.source
+    return source
 
 
 def check_dataset(job: TrainJob, weights: Optional[str] = None) -> None:
+    from plait.ir.datarecipe import training_windows
+
     from .data import META, MemmapTokens
-    from .validation import held_out
 
     root = Path(job.data.path)
     source = MemmapTokens(root)  # PlaitError when it is missing, empty or its metadata unreadable
+    check_loss_masks(job, [source])
     tokens, vocab = source.tokens, job.model.vocab
     windows = source.num_windows(job.seq_len + 1)
-    train = windows - held_out(windows, job.data.val_fraction if job.data.val_every else 0.0)
+    train = training_windows(windows, job.data)
     if train < job.global_batch:
         raise PlaitError(f"dataset {root} holds {len(tokens):,} tokens: {train} training windows "
                          f"of seq_len + 1 = {job.seq_len + 1} tokens, fewer than one global batch "

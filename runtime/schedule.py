@@ -4,6 +4,12 @@ With pp > 1 the step runs on torch.distributed.pipelining: one PipelineStage per
 boundary shapes from the compiled program) and PyTorch's schedule — Schedule1F1B, or
 ScheduleInterleaved1F1B when a rank holds several virtual stages, or ScheduleGPipe. With pp == 1
 the micro-batches simply accumulate gradients. Either way the loss is averaged over micro-batches.
+
+A packed batch of a document-masked program also has per-document ``positions``: every stage
+reads them (each attention layer's mask), so they go to every stage as a keyword input, split
+into micro-batches like the tokens (the pipelining schedules pass step kwargs to all stages).
+A loss-masked batch's ``loss_scale`` (tokens / counted tokens of the global batch) multiplies
+every micro-batch's loss, making the step's loss the mean over the counted tokens.
 """
 from __future__ import annotations
 
@@ -71,7 +77,8 @@ class StepRunner:
     def __init__(self, program: RankProgram, mesh: Mesh, n_micro: int, loss_fn=None):
         self.program, self.mesh, self.n_micro = program, mesh, n_micro
         # (output, target) -> loss on the last stage; distillation passes its own
-        self.loss_fn = program.loss if loss_fn is None else loss_fn
+        self.base_loss = program.loss if loss_fn is None else loss_fn
+        self.loss_scale = 1.0  # this step's, set by run()
         self.layout = program.plan.layout
         self.schedule = None
         if self.layout.pp > 1:
@@ -91,27 +98,35 @@ class StepRunner:
             return cls(stages, self.n_micro, loss_fn=loss_fn, scale_grads=True)
         return cls(stages[0], self.n_micro, loss_fn=loss_fn, scale_grads=True)
 
-    def run(self, tokens: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.base_loss(output, target)
+        return loss if self.loss_scale == 1.0 else loss * self.loss_scale
+
+    def run(self, tokens: torch.Tensor, labels: torch.Tensor, positions: Optional[torch.Tensor] = None,
+            loss_scale: float = 1.0) -> Optional[torch.Tensor]:
+        self.loss_scale = loss_scale
+        inputs = {} if positions is None else {"positions": positions}
         if self.schedule is None:
-            return self._accumulate(tokens, labels)
+            return self._accumulate(tokens, labels, inputs)
         first = 0 in self.program.chunk_indices
         last = self.program.holds_loss
         losses: list[torch.Tensor] = []
         args = (tokens,) if first else ()
-        kwargs = {"target": labels, "losses": losses} if last else {}
+        kwargs = {"target": labels, "losses": losses, **inputs} if last else dict(inputs)
         with cc.guard("pipeline send/recv", "pp"):
             self.schedule.step(*args, return_outputs=False, **kwargs)
         if not last:
             return None
         return torch.stack([loss.detach() for loss in losses]).mean()
 
-    def _accumulate(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        stage, loss_fn = self.program.stage(0), self.program.loss
+    def _accumulate(self, tokens: torch.Tensor, labels: torch.Tensor, inputs: dict) -> torch.Tensor:
+        stage = self.program.stage(0)
         losses: list[torch.Tensor] = []
         micro_tokens = tokens.chunk(self.n_micro)
         micro_labels = labels.chunk(self.n_micro)
-        for tok, lab in zip(micro_tokens, micro_labels):  # FSDP reduce-scatters each one
-            loss = loss_fn(stage(tok), lab)
+        micro_inputs = {k: v.chunk(self.n_micro) for k, v in inputs.items()}
+        for i, (tok, lab) in enumerate(zip(micro_tokens, micro_labels)):  # FSDP reduce-scatters each
+            loss = self.loss_fn(stage(tok, **{k: v[i] for k, v in micro_inputs.items()}), lab)
             # Unscaled backward, then divide the gradients, as the pipeline schedules do
             # (scale_grads): MoE aux losses attach a gradient of 1 per call, so scaling the loss
             # instead would leave them counted n_micro times.

@@ -105,7 +105,15 @@ def _loader(job: TrainJob, plan: ParallelPlan, mesh: Mesh, source):
     source = source or data_mod.open_source(job.data.path, job.model.vocab,
                                             job.data.synthetic, job.data.seed)
     train = validation.training_part(source, job.data, plan.seq_len)
-    return source, data_mod.BatchLoader(train, plan.seq_len, plan.global_batch, job.data.seed, **where)
+    return source, data_mod.BatchLoader(train, plan.seq_len, plan.global_batch, job.data.seed,
+                                        packing=data_mod.Packing.of(job.data), **where)
+
+
+def reference_model(job: TrainJob, dtype: torch.dtype) -> torch.nn.Module:
+    """The job's reference model: packed documents and the SFT loss mask as its data says."""
+    packing = data_mod.Packing.of(job.data)
+    return build_model(job.model, dtype=dtype, seed=job.seed, document_mask=packing.document_mask,
+                       loss_mask=packing.loss_mask)
 
 
 class Trainer:
@@ -119,7 +127,7 @@ class Trainer:
         self.dtype = dtype if dtype is not None else param_dtype(self.policy)
         self.loss_dtype = torch.promote_types(self.dtype, torch.float32)
         # `model`: a reference module with loaded weights (e.g. a pruned student) to lower instead
-        model = model if model is not None else build_model(job.model, dtype=self.dtype, seed=job.seed)
+        model = model if model is not None else reference_model(job, self.dtype)
         self.program = lower(model, job.model, plan, mesh.rank, precision=self.policy)
         if weights:
             load_sharded_weights(self.program, weights, job.model, state_buffer_names(model))
@@ -136,7 +144,10 @@ class Trainer:
         """Loss of step `step` (or of ``batch``) averaged over micro-batches and DP (on every
         rank), gradients left in place (not yet reduced)."""
         batch = batch if batch is not None else self.loader.local_batch(step)
-        loss = self.runner.run(batch.tokens, batch.labels)
+        packed = {} if batch.positions is None else {"positions": batch.positions}
+        if batch.loss_scale != 1.0:  # a loss-masked batch (the distillation runners take neither)
+            packed["loss_scale"] = batch.loss_scale
+        loss = self.runner.run(batch.tokens, batch.labels, **packed)
         reporter = self.program.holds_loss and self.mesh.coord("tp") == 0
         value = loss.reshape(1).to(self.loss_dtype) if (reporter and loss is not None) \
             else torch.zeros(1, dtype=self.loss_dtype, device=self.mesh.device)

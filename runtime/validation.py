@@ -12,16 +12,12 @@ from typing import Optional
 
 import numpy as np
 
+from plait.ir.datarecipe import held_out
 from plait.ir.errors import PlaitError
 from plait.ir.job import Data
 
 from . import data as data_mod
 from .moe_balance import bias_blocks
-
-
-def held_out(windows: int, fraction: float) -> int:
-    """Windows kept for validation out of ``windows`` (0 without validation)."""
-    return int(windows * fraction) if fraction > 0 else 0
 
 
 class Part:
@@ -42,6 +38,12 @@ class Part:
     def window(self, index: int, length: int) -> np.ndarray:
         return self.source.window(self.first + index, length)
 
+    def positions(self, index: int, length: int) -> np.ndarray:
+        return data_mod.window_positions(self.source, self.first + index, length)
+
+    def loss_mask(self, index: int, length: int) -> np.ndarray:
+        return data_mod.window_loss_mask(self.source, self.first + index, length)
+
 
 def training_part(source: data_mod.TokenSource, data: Data, seq_len: int) -> data_mod.TokenSource:
     """What training may read: everything without validation, else all but the held-out tail."""
@@ -51,16 +53,42 @@ def training_part(source: data_mod.TokenSource, data: Data, seq_len: int) -> dat
 
 
 def validation_loader(source: data_mod.TokenSource, data: Data, seq_len: int, global_batch: int,
-                      dp_rank: int, dp_size: int, device) -> Optional[data_mod.BatchLoader]:
+                      dp_rank: int, dp_size: int, device,
+                      what: str = "the dataset") -> Optional[data_mod.BatchLoader]:
     if not data.val_every:
         return None
     part = Part(source, seq_len + 1, train=False, fraction=data.val_fraction)
     if part.count < global_batch:
-        raise PlaitError(f"the held-out split ({data.val_fraction:g} of the dataset: {part.count} "
+        raise PlaitError(f"the held-out split ({data.val_fraction:g} of {what}: {part.count} "
                          f"windows of {seq_len + 1} tokens) is smaller than one global batch of "
                          f"{global_batch}", hint="raise val_fraction or use a larger dataset")
     return data_mod.BatchLoader(part, seq_len, global_batch, data.seed, dp_rank=dp_rank,
-                                dp_size=dp_size, device=device)
+                                dp_size=dp_size, device=device, packing=data_mod.Packing.of(data))
+
+
+def validation_loaders(trainer) -> dict[str, data_mod.BatchLoader]:
+    """{name: loader of its held-out split}: "data" for one dataset, every source of a blend by
+    its name (each holds out the same fraction of its own windows); {} without validation."""
+    data, plan, mesh = trainer.job.data, trainer.plan, trainer.mesh
+    if not data.val_every:
+        return {}
+    if data.sources:  # the training loader reads each source's training part; its source is whole
+        whole = {s.name: part.source for s, part in zip(data.sources, trainer.loader.sources)}
+    else:
+        whole = {"data": trainer.source}
+    where = (plan.seq_len, plan.global_batch, mesh.coord("dp"), mesh.size("dp"), mesh.device)
+    return {name: validation_loader(source, data, *where,
+                                    what=f"source {name!r}" if data.sources else "the dataset")
+            for name, source in whole.items()}
+
+
+def validation_losses(trainer, loaders: dict[str, data_mod.BatchLoader],
+                      batches: int) -> tuple[float, int, dict[str, float]]:
+    """(mean loss over every held-out token, those tokens, {name: its own mean loss})."""
+    per = {name: validation_loss(trainer, loader, batches) for name, loader in loaders.items()}
+    tokens = sum(t for _, t in per.values())
+    loss = sum(l * t for l, t in per.values()) / tokens
+    return loss, tokens, {name: l for name, (l, _) in per.items()}
 
 
 def validation_loss(trainer, loader: data_mod.BatchLoader, batches: int) -> tuple[float, int]:

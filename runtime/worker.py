@@ -63,9 +63,7 @@ class StepHooks:
         job, plan, mesh = trainer.job, trainer.plan, trainer.mesh
         self.lead = mesh.rank == 0
         self.val_every = job.data.val_every
-        self.val_loader = validation.validation_loader(
-            trainer.source, job.data, plan.seq_len, plan.global_batch, mesh.coord("dp"),
-            mesh.size("dp"), mesh.device)
+        self.val_loaders = validation.validation_loaders(trainer)
         self.stop = signals.GracefulStop(saver)
         self.metrics = self.progress = None
         if self.lead:
@@ -92,12 +90,14 @@ class StepHooks:
     def after_step(self, trainer, completed: int, total: int) -> None:
         if self.saver is not None:
             self.saver(trainer, completed, total)
-        if self.val_loader is not None and (completed % self.val_every == 0 or completed == total):
-            loss, tokens = validation.validation_loss(trainer, self.val_loader,
-                                                      trainer.job.data.val_batches)
+        if self.val_loaders and (completed % self.val_every == 0 or completed == total):
+            loss, tokens, per = validation.validation_losses(trainer, self.val_loaders,
+                                                             trainer.job.data.val_batches)
+            blend = bool(trainer.job.data.sources)
             if self.lead:
-                self.metrics.validation(completed, loss, tokens)
-                self.out.print(f"validation after step {completed}: loss {loss:.4f} "
+                self.metrics.validation(completed, loss, tokens, per if blend else None)
+                each = "".join(f", {n} {v:.4f}" for n, v in per.items()) if blend else ""
+                self.out.print(f"validation after step {completed}: loss {loss:.4f}{each} "
                                f"({tokens:,} held-out tokens)", highlight=False)
         self.stop(trainer, completed, total)
 

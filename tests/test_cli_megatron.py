@@ -218,6 +218,8 @@ CASES = {
                                           dict(dp=8, ep=8, recompute="selective")),
     "mixtral 128 gpus": lambda: (job_of("mixtral-8x22b-128gpu.plait"),
                                  dict(cp=2, dp=8, pp=8, vpp=4, ep=8, edp=2)),
+    "deepseek-v3 2048 gpus": lambda: (job_of("deepseek-v3-2048gpu.plait"),
+                                      dict(tp=2, cp=2, dp=16, pp=32, sp=True, ep=8, edp=8, mbs=2)),
     "hybrid pp2 uneven": lambda: (job_of("tiny-hybrid-local.plait"),
                                   dict(pp=2, dp=4, stages=[(0, 0, 0, 3), (1, 0, 3, 10)])),
     "hybrid fp8 vpp": lambda: (job_of("nemotron-h-56b-pretrain.plait"),
@@ -247,7 +249,12 @@ def test_the_export_describes_the_model(case):
     assert a.vocab_size == m.vocab and a.make_vocab_size_divisible_by == 1
     assert (a.tensor_model_parallel_size, a.context_parallel_size, a.micro_batch_size) == (
         plan.layout.tp, plan.layout.cp, plan.layout.mbs)
-    if m.attention:
+    lat = m.attention.latent if m.attention else None
+    if lat:  # Megatron-Core's MLA: its qk_head_dim is the no-position part
+        assert a.multi_latent_attention and a.qk_layernorm and a.num_attention_heads == m.attention.heads
+        assert (a.q_lora_rank, a.kv_lora_rank, a.qk_head_dim, a.qk_pos_emb_head_dim, a.v_head_dim) == (
+            lat.q_lora_rank, lat.kv_lora_rank, lat.qk_nope_head_dim, lat.qk_rope_head_dim, lat.v_head_dim)
+    elif m.attention:
         assert (a.num_attention_heads, a.kv_channels) == (m.attention.heads, m.attention.head_dim)
         assert a.num_query_groups == m.attention.kv_heads or not a.group_query_attention
     if m.is_hybrid:

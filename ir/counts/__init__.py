@@ -8,7 +8,9 @@ FLOPs follow Megatron-Core's ``num_floating_point_operations`` (megatron/trainin
 only matrix multiplies count, 2 FLOPs per multiply-add; norms, softmax, activations and RoPE are
 free. Attention's core (QK^T and scores x V) is counted *causally*: half of the s x s score matrix,
 i.e. ``2 * q_dim * s`` FLOPs per token, as Megatron-Core does when it reports MFU. ``causal=False``
-gives the full square (the SC'21 paper's convention). Training is 3x forward (forward, dgrad,
+gives the full square (the SC'21 paper's convention). A sliding window w < s leaves the band
+``s * w - w^2 / 2`` of the square (the same continuous area rule: ``s^2 / 2`` at w = s), so
+attention costs ~ s * min(w, s) rather than s^2 / 2 (``attended_keys``). Training is 3x forward (forward, dgrad,
 wgrad); full recomputation adds one more forward of the transformer layers (not of the logits).
 Two documented departures from Megatron's formula: router GEMMs (``2*hidden*experts``, plus
 ``2*hidden`` for a shared-expert gate) are counted (0.3% of Qwen3-30B-A3B's FLOPs, less for coarser
@@ -22,11 +24,14 @@ micro-batch are in ``activations.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from functools import lru_cache
+from typing import Optional, Union
 
 from ..errors import PlaitError
 from ..job import Precision
 from ..model import Attention, Mamba2, MLP, ModelSpec, MoE
+from .latent import latent_gemms, latent_norm_params, latent_widths  # noqa: F401
+from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
@@ -43,13 +48,36 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
 
 
+def attention_gemms(attn: Attention, hidden: int, tp: int = 1) -> tuple[tuple[float, float], ...]:
+    """(out, in) widths of attention's projection GEMMs per token on one of ``tp`` ranks, o_proj
+    last: GQA's fused q/k/v and o, or multi-head latent attention's down / up projections
+    (counts/latent.py). The cost model times these same GEMMs."""
+    if attn.latent is not None:
+        return latent_gemms(attn, hidden, tp)
+    return ((attn.q_dim + 2 * attn.kv_dim) / tp, hidden), (hidden, attn.q_dim / tp)
+
+
+def rotated_width(attn: Attention, tp: int = 1) -> float:
+    """Channels RoPE rotates per token on one of ``tp`` ranks: every q and k head (GQA), or MLA's
+    rotary part of each q head plus its one rotary key shared by all heads (replicated)."""
+    if attn.latent is not None:
+        return attn.heads / tp * attn.rope_dim + attn.rope_dim
+    return (attn.q_dim + attn.kv_dim) / tp
+
+
+def attention_gemm_weights(attn: Attention, hidden: int) -> int:
+    """Weights of attention's projection GEMMs (one multiply-add each per token)."""
+    return int(sum(n_out * n_in for n_out, n_in in attention_gemms(attn, hidden)))
+
+
 def attention_params(model: ModelSpec, attn: Attention) -> int:
-    """q, k, v, o projections (+ biases) and the per-head q/k norms; no pre-norm."""
+    """Projections (+ biases) and norms inside the block (GQA's per-head q/k norms, MLA's latent
+    norms); no pre-norm."""
     h = model.hidden
-    qkv = _linear(h, attn.q_dim + 2 * attn.kv_dim, attn.qkv_bias)
-    out = _linear(attn.q_dim, h, attn.out_bias)
+    biases = (attn.q_dim + 2 * attn.kv_dim if attn.qkv_bias else 0) + (h if attn.out_bias else 0)
     qk_norm = 2 * attn.head_dim if attn.qk_norm else 0  # RMSNorm scales, shared across heads
-    return qkv + out + qk_norm
+    latent_norms = latent_norm_params(attn) if attn.latent is not None else 0
+    return attention_gemm_weights(attn, h) + biases + qk_norm + latent_norms
 
 
 def ffn_params(hidden: int, ffn: int, gated: bool, bias: bool = False) -> int:
@@ -207,18 +235,25 @@ def _ffn_gemms(gated: bool) -> int:
     return 3 if gated else 2
 
 
-def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
-    """QK^T and scores x V per token: ``2 * 2 * q_dim * s`` for the full square, half when causal."""
+def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True,
+                         index: Optional[int] = None) -> float:
+    """QK^T and scores x V per token: ``2 * heads * (head_dim + v_head_dim) * keys`` (GQA: 4 * q_dim
+    * keys) with ``attended_keys`` keys, of the
+    ``index``-th attention layer, or the mean over the attention layers (index None), so that
+    count("attention") * this is their total."""
     attn = model.block("attention")
-    full = 2 * 2 * attn.q_dim * seq_len
-    return full / 2 if causal else float(full)
+    if index is not None:
+        keys = attended_keys(seq_len, attn.window_of(index), causal)
+    else:
+        windows = attention_windows(model) or (attn.window,)
+        keys = sum(attended_keys(seq_len, w, causal) for w in windows) / len(windows)
+    return 2 * attn.heads * (attn.head_dim + attn.v_head_dim) * keys
 
 
-def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
-    attn = model.block("attention")
-    h = model.hidden
-    projections = 2 * h * (attn.q_dim + 2 * attn.kv_dim) + 2 * attn.q_dim * h
-    return projections + attention_core_flops(model, seq_len, causal)
+def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True,
+                    index: Optional[int] = None) -> float:
+    projections = 2 * attention_gemm_weights(model.block("attention"), model.hidden)
+    return projections + attention_core_flops(model, seq_len, causal, index)
 
 
 def mlp_flops(model: ModelSpec) -> float:
@@ -246,10 +281,12 @@ def mamba_flops(model: ModelSpec) -> float:
     return float(2 * h * m.in_proj_out + 7 * m.d_inner * m.state + 2 * m.d_inner * h)
 
 
-def layer_flops(model: ModelSpec, kind: str, seq_len: int, causal: bool = True) -> float:
-    """Forward FLOPs per token of one layer of that kind."""
+def layer_flops(model: ModelSpec, kind: str, seq_len: int, causal: bool = True,
+                index: Optional[int] = None) -> float:
+    """Forward FLOPs per token of the ``index``-th layer of that kind (None: the mean over them,
+    which differs from any one layer only where layers of a kind differ: attention windows)."""
     if kind == "attention":
-        return attention_flops(model, seq_len, causal)
+        return attention_flops(model, seq_len, causal, index)
     if kind == "mlp":
         return mlp_flops(model)
     if kind == "moe":
@@ -264,10 +301,15 @@ def logits_flops(model: ModelSpec) -> float:
     return float(2 * model.hidden * model.vocab)
 
 
+@lru_cache(maxsize=256)  # the planner asks once per plan it evaluates; models are frozen values
 def per_layer_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> tuple[float, ...]:
     """Forward FLOPs per token of each layer in order; their sum + logits_flops = forward total."""
-    per_kind = {k: layer_flops(model, k, seq_len, causal) for k in set(model.layers)}
-    return tuple(per_kind[k] for k in model.layers)
+    seen: dict[str, int] = {}
+    out = []
+    for kind in model.layers:
+        index = seen[kind] = seen.get(kind, -1) + 1
+        out.append(layer_flops(model, kind, seq_len, causal, index))
+    return tuple(out)
 
 
 def forward_flops_per_token(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
@@ -386,3 +428,6 @@ from .activations import (SAVED_BYTES, ActivationShape, attention_saved_bytes,  
                           mamba_saved_bytes, mamba_selective_bytes, mlp_saved_bytes,
                           mlp_selective_bytes, moe_saved_bytes, moe_selective_bytes,
                           norm_saved_bytes, stream_bytes)
+# FSDP's shard dim and padding (per-tensor shapes of each layer kind on one rank): counts/fsdp.py.
+from .fsdp import (embedding_shapes, fsdp_padding, fsdp_shard_dim, head_shapes,  # noqa: E402,F401
+                   layer_shapes, params_of)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from plait.ir.model import ModelSpec
 
-from . import _FP32
+from . import _FP32, attention_gemms, latent_widths
 
 _LSE_BYTES = _FP32  # attention log-sum-exp and norm statistics are fp32
 
@@ -51,12 +51,15 @@ def attention_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, flo
     expands them), the core's fp32 log-sum-exp and output (= o_proj's input). Flash attention
     keeps no s x s scores; a stack that does (SC'21 Megatron) is Korthikanti's 5as^2b term."""
     a, t, b, tp = model.block("attention"), s.tokens, s.act_bytes, s.tp
-    kv = a.q_dim if s.kv_expanded else a.kv_dim
+    repeat = a.heads // a.kv_heads if s.kv_expanded else 1
     out = {"norm": norm_saved_bytes(model, s), "input": t * model.hidden * b,
-           "q": t * a.q_dim / tp * b, "k": t * kv / tp * b, "v": t * kv / tp * b,
-           "lse": t * a.heads / tp * _LSE_BYTES, "core_out": t * a.q_dim / tp * b}
+           "q": t * a.q_dim / tp * b, "k": t * a.kv_dim * repeat / tp * b, "v": t * a.v_dim * repeat / tp * b,
+           "lse": t * a.heads / tp * _LSE_BYTES, "core_out": t * a.out_dim / tp * b}
     if a.rope is not None:
-        out["rope"] = 2 * s.seq * a.head_dim * b
+        out["rope"] = 2 * s.seq * a.rope_dim * b
+    if a.latent is not None:  # each latent: its RMSNorm's fp32 input and statistics, the cast-back
+        # input, and the normalised output the up-projection reads (replicated over TP)
+        out["latents"] = sum(t * w * (_FP32 + 2 * b) + t * _LSE_BYTES for w in latent_widths(a))
     if a.qk_norm:  # per-head RMSNorms of q and k: fp32 input, statistics, cast-back input
         out["qk_norm"] = t * (a.q_dim + a.kv_dim) / tp * (_FP32 + b) \
             + t * (a.heads + a.kv_heads) / tp * _LSE_BYTES
@@ -69,8 +72,9 @@ def attention_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str,
     output (a full-token partial sum under TP), and under TP the gathered input (sequence
     parallel) or the all-reduced output."""
     a, t, b, tp = model.block("attention"), s.tokens, s.act_bytes, s.tp
+    projections = attention_gemms(a, model.hidden, tp)[:-1]  # every projection output but o_proj's
     out = {"input": s.stream_tokens * model.hidden * b,
-           "qkv": t * (a.q_dim + 2 * a.kv_dim) / tp * b, "o_proj": t * model.hidden * b}
+           "qkv": t * sum(n_out for n_out, _ in projections) * b, "o_proj": t * model.hidden * b}
     out.update(_tp_collectives(model, s))
     return out
 

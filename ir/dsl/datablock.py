@@ -8,7 +8,10 @@
       }
       phase1 { web = 0.8, math = 0.2 }             # from the first token
       phase2 { at = 0.6, web = 0.5, math = 0.5 }   # from 60% of the job's tokens (or a count: 6e9)
-    }
+      document_mask = true                         # optional: no attention across packed documents
+      objective = sft                              # optional: loss on the loss-masked tokens only
+      val_every = 100, val_fraction = 0.01         # optional: every source holds out 1% of its
+    }                                              # windows; validation reports each one's loss
 
 With one blend the weights may sit on the sources instead: `web = dataset(path = "...", weight = 0.8)`.
 Every other sub-block of `data` is a phase, in the order written.
@@ -18,8 +21,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from plait.ir.datarecipe import epoch_overruns, phase_starts, source_windows
-from plait.ir.job import Data, DataPhase, DataSource, TrainJob
+from plait.ir.datarecipe import (dataset_tokens, epoch_overruns, held_out, phase_starts,
+                                 source_windows, windows_of)
+from plait.ir.job import OBJECTIVES, Data, DataPhase, DataSource, TrainJob, document_mask_problem
+from plait.ir.model import ModelSpec
 
 from . import ast
 from .reader import Context, Reader, describe, did_you_mean, to_float, to_int, to_string
@@ -40,7 +45,35 @@ def tokenizer_name(ctx: Context, value) -> str:
     return to_string(ctx, value, "tokenizer")
 
 
-def resolve_data_block(ctx: Context, block: ast.Block, pos: ast.Pos, base_dir: Optional[str]) -> Data:
+def packing_options(ctx: Context, r: Reader, model: ModelSpec) -> dict:
+    """document_mask = true | false and objective = pretrain | sft (of a dataset(...) call or a
+    data block); a model that cannot honour the document mask is an error at the key."""
+    document_mask = r.bool("document_mask", False)
+    problem = document_mask_problem(model) if document_mask else None
+    if problem:
+        raise ctx.error(problem, r.entries["document_mask"].value.pos,
+                        hint="remove document_mask (documents stay packed with EOS between them)")
+    return {"document_mask": document_mask, "objective": r.choice("objective", OBJECTIVES,
+                                                                  Data.objective)}
+
+
+def validation_options(ctx: Context, r: Reader, pos: ast.Pos) -> dict:
+    """val_every / val_fraction / val_batches (a held-out split: of the dataset, or of every
+    source of a blend)."""
+    every = r.int("val_every", 0, minimum=0)
+    fraction = r.float("val_fraction", 0.05 if every else 0.0, minimum=0.0)
+    if every and not 0 < fraction < 1:
+        raise ctx.error(f"val_fraction must be between 0 and 1 (exclusive), got {fraction:g}",
+                        pos, hint="e.g. val_fraction = 0.05")
+    if fraction and not every:
+        raise ctx.error("val_fraction needs val_every (how often to validate)", pos,
+                        hint="e.g. val_every = 50")
+    batches = r.int("val_batches", Data.val_batches, minimum=1)
+    return {"val_every": every, "val_fraction": fraction if every else 0.0, "val_batches": batches}
+
+
+def resolve_data_block(ctx: Context, block: ast.Block, pos: ast.Pos, base_dir: Optional[str],
+                       model: ModelSpec) -> Data:
     r = Reader(ctx, block.entries, "data block", pos)
     sources_block = r.block("sources")
     if sources_block is None:
@@ -57,7 +90,8 @@ def resolve_data_block(ctx: Context, block: ast.Block, pos: ast.Pos, base_dir: O
         phases = (_single_blend(ctx, sources_block, source_weights, names),)
     tokenizer = r.value("tokenizer", None)
     data = Data(sources=sources, phases=phases, seed=r.int("seed", Data.seed, minimum=0),
-                tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer))
+                tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer),
+                **packing_options(ctx, r, model), **validation_options(ctx, r, pos))
     for e in phase_entries:
         r.has(e.key)  # phases are known keys
     r.finish()
@@ -159,6 +193,26 @@ def check_blend(ctx: Context, job: TrainJob, block: ast.Block) -> None:
     for name, message in epoch_overruns(job, source_windows(job)):
         raise ctx.error(message, sources[name].pos,
                         hint="raise epochs, lower the source's weight, or train fewer tokens")
+    for name, message in small_validation_splits(job):
+        raise ctx.error(message, sources[name].pos, hint="raise val_fraction or add data")
+
+
+def small_validation_splits(job: TrainJob) -> list[tuple[str, str]]:
+    """(source, sentence) per existing source whose held-out split holds less than one batch."""
+    data, out = job.data, []
+    if not data.val_every:
+        return out
+    for source in data.sources:
+        tokens = dataset_tokens(source.path)
+        if tokens is None:
+            continue
+        windows = windows_of(tokens, job.seq_len)
+        held = held_out(windows, data.val_fraction)
+        if held < job.global_batch:
+            out.append((source.name, f"source {source.name!r} holds out {held} of its {windows:,} "
+                        f"windows (val_fraction {data.val_fraction:g}) for validation, fewer than "
+                        f"one global batch of {job.global_batch}"))
+    return out
 
 
 def _sources_block(block: ast.Block) -> ast.Block:

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 from plait.ir.cluster import Cluster, Device, local_cpu
 from plait.ir.errors import PlaitError
 from plait.ir.job import Calibration, Data, Distill, MoEOptions, Optimizer, Precision, PruneJob, TrainJob
-from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope, RopeScaling
+from plait.ir.model import MLP, Attention, LatentKV, Mamba2, ModelSpec, MoE, Rope, RopeScaling
 
 from .comments import USE, Notes, attach
 from .hardware import resize_cluster
@@ -231,9 +231,26 @@ def _norm(spec: ModelSpec) -> str:
 
 
 def _attention(a: Attention, spec: ModelSpec) -> list:
-    entries = [("heads", number(a.heads)), ("kv_heads", number(a.kv_heads)), ("head_dim", number(a.head_dim))]
+    entries = [("heads", number(a.heads))]
+    if a.latent is not None:  # kv_heads and head_dim follow from the latent
+        entries.append(("latent", _latent(a.latent)))
+    else:
+        entries += [("kv_heads", number(a.kv_heads)), ("head_dim", number(a.head_dim))]
     entries += _changed(a, ("qkv_bias", "out_bias", "qk_norm"))
-    return entries + [("rope", _rope(a.rope))]
+    entries.append(("rope", _rope(a.rope)))
+    if a.window is not None:
+        entries.append(("window", number(a.window, tokens=True)))
+    if a.full_layers:
+        entries.append(("full_layers", "[" + ", ".join(map(number, a.full_layers)) + "]"))
+    return entries
+
+
+def _latent(lat: LatentKV) -> str:
+    args = [(k, number(getattr(lat, k))) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                      "v_head_dim")]
+    if lat.q_lora_rank is not None:
+        args.append(("q_lora_rank", number(lat.q_lora_rank)))
+    return _call("mla", args + _changed(lat, ("rope_interleave",)))
 
 
 def _rope(rope: Optional[Rope]) -> str:
@@ -249,6 +266,7 @@ def _rope_scaling(s: RopeScaling) -> str:
     keys = {"linear": (), "yarn": ("original_max_positions", "beta_fast", "beta_slow"),
             "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor")}[s.kind]
     args = [("factor", number(s.factor))] + [(k, number(getattr(s, k))) for k in keys]
+    args += [(k, number(getattr(s, k))) for k in ("mscale", "mscale_all_dim") if getattr(s, k) is not None]
     return _call(s.kind, args)
 
 
@@ -257,7 +275,7 @@ def _mlp(m: MLP, spec: ModelSpec) -> list:
 
 
 _MOE_KEYS = ("shared_ffn", "shared_gate", "router", "pre_softmax", "norm_topk", "expert_bias", "groups",
-             "topk_groups", "scaling_factor", "aux_loss", "z_loss")
+             "topk_groups", "group_top", "scaling_factor", "aux_loss", "z_loss")
 
 
 def _moe(m: MoE, spec: ModelSpec) -> list:
@@ -310,7 +328,8 @@ def _data(d: Data):
     if d == Data(path=d.path) and d.path is not None:
         return f'"{d.path}"'
     args = [("path", f'"{d.path}"')] if d.path is not None else []
-    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches"))
+    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches",
+                         "document_mask", "objective"))
     return _call("synthetic" if d.synthetic else "dataset", args)
 
 
@@ -324,7 +343,8 @@ def _data_block(d: Data) -> list:
         args += [("weight", number(weights[s.name]))] if s.name in weights else []
         args += [("epochs", number(s.epochs))] if s.epochs is not None else []
         sources.append((s.name, _call("dataset", args) if len(args) > 1 else f'"{s.path}"'))
-    entries = _changed(d, ("seed", "tokenizer")) + [("sources", sources)]
+    entries = _changed(d, ("seed", "tokenizer", "document_mask", "objective", "val_every",
+                           "val_fraction", "val_batches")) + [("sources", sources)]
     for i, p in enumerate([] if single else d.phases):
         at = [] if i == 0 else [("at", number(p.at_tokens if p.at_tokens is not None else p.at))]
         entries.append((p.name, at + [(n, number(w)) for n, w in p.weights]))

@@ -12,7 +12,8 @@ from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
 from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
 
 from . import ast
-from .datablock import check_blend, data_path, resolve_data_block, tokenizer_name
+from .datablock import (check_blend, data_path, packing_options, resolve_data_block,
+                        tokenizer_name, validation_options)
 from .hardware import resize
 from .reader import Context, Reader, describe, did_you_mean, to_float, to_string
 
@@ -50,10 +51,11 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
     )
     data = r.raw("data", None)
     if isinstance(data, ast.Block):
-        job = replace(job, data=resolve_data_block(ctx, data, r.entries["data"].pos, base_dir))
+        job = replace(job, data=resolve_data_block(ctx, data, r.entries["data"].pos, base_dir,
+                                                   model))
         check_blend(ctx, job, data)
     else:
-        job = replace(job, data=_data(ctx, data, base_dir))
+        job = replace(job, data=_data(ctx, data, base_dir, model))
     r.finish()
     return job
 
@@ -192,7 +194,7 @@ def _pin(r: Reader, key: str, value):
     return order
 
 
-def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
+def _data(ctx: Context, value, base_dir: Optional[str], model: ModelSpec) -> Data:
     if value is None:
         return Data()
     if isinstance(value, ast.Ident) and value.name == "synthetic":
@@ -209,7 +211,7 @@ def _data(ctx: Context, value, base_dir: Optional[str]) -> Data:
     tokenizer = r.value("tokenizer", None)
     data = Data(path=path, synthetic=synthetic, seed=r.int("seed", Data.seed, minimum=0),
                 tokenizer=Data.tokenizer if tokenizer is None else tokenizer_name(ctx, tokenizer),
-                **_validation(ctx, r, value))
+                **validation_options(ctx, r, value.pos), **packing_options(ctx, r, model))
     r.finish()
     return data
 
@@ -222,16 +224,3 @@ def _timeout(ctx: Context, r: Reader) -> float:
         raise ctx.error(f"timeout must be at least 1 s, got {seconds:g} s",
                         r.entries["timeout"].value.pos, hint="e.g. timeout = 120 s")
     return seconds
-
-
-def _validation(ctx: Context, r: Reader, value) -> dict:
-    every = r.int("val_every", 0, minimum=0)
-    fraction = r.float("val_fraction", 0.05 if every else 0.0, minimum=0.0)
-    if every and not 0 < fraction < 1:
-        raise ctx.error(f"val_fraction must be between 0 and 1 (exclusive), got {fraction:g}",
-                        value.pos, hint="e.g. val_fraction = 0.05")
-    if fraction and not every:
-        raise ctx.error("val_fraction needs val_every (how often to validate)", value.pos,
-                        hint="e.g. val_every = 50")
-    batches = r.int("val_batches", Data.val_batches, minimum=1)
-    return {"val_every": every, "val_fraction": fraction if every else 0.0, "val_batches": batches}

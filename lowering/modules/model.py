@@ -27,17 +27,30 @@ class Layer(nn.Module):
         self.norm = norm
         self.mixer = mixer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if positions is not None and getattr(self.mixer, "reads_positions", False):
+            return x + self.mixer(self.norm(x), positions)
         return x + self.mixer(self.norm(x))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}"
 
 
+IGNORE_INDEX = -100  # a label the loss skips (F.cross_entropy's default ignore_index)
+
+
 class CausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, mixers: list[nn.Module]):
+    """``document_mask``: forward takes ``positions`` (each token's position in its packed
+    document) and attends within documents only. ``loss_mask``: labels equal to IGNORE_INDEX
+    contribute nothing; the loss is the sum over the others divided by *all* tokens, so that
+    averages over micro-batches and ranks stay linear and the runtime scales the step by
+    tokens / counted tokens of the global batch (`Batch.loss_scale`)."""
+
+    def __init__(self, spec: ModelSpec, mixers: list[nn.Module], document_mask: bool = False,
+                 loss_mask: bool = False):
         super().__init__()
         self.spec = spec
+        self.document_mask, self.loss_mask = document_mask, loss_mask
         self.embed = nn.Embedding(spec.vocab, spec.hidden)
         if spec.learned_positions:
             if spec.max_seq is None:
@@ -57,13 +70,25 @@ class CausalLM(nn.Module):
             return F.linear(hidden, self.embed.weight)
         return self.head(hidden)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.document_mask:
+            positions = None  # not an input of this model (its traced graph has no such node)
+        elif positions is None:
+            raise ValueError("a document-masked model needs positions (per packed document)")
         x = self.embed(tokens)
         if self.spec.learned_positions:
-            x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
+            where = torch.arange(tokens.shape[1], device=tokens.device) if positions is None \
+                else positions
+            x = x + self.pos_embed(where)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, positions)
         logits = self.logits(x)
         if labels is None:
             return logits
-        return F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten())
+        if not self.loss_mask:
+            return F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten())
+        labels = labels.flatten()
+        per_token = F.cross_entropy(upcast(logits.flatten(0, 1)), labels, reduction="none")
+        # where, not a product: a masked token's loss and gradient are exactly zero
+        return torch.where(labels == IGNORE_INDEX, 0.0, per_token).mean()

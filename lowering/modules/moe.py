@@ -32,11 +32,11 @@ from .norms import upcast
 
 
 def route(logits, expert_bias, top_k, router, pre_softmax, norm_topk, groups, topk_groups,
-          scaling_factor, aux_coeff, z_coeff):
+          scaling_factor, aux_coeff, z_coeff, group_top=0):
     """-> (weights [T,k], indices [T,k], aux + z loss (scalar), tokens per expert [E])."""
     weights, indices, aux_scores = routing.route(
         logits, expert_bias, top_k=top_k, router=router, pre_softmax=pre_softmax, norm_topk=norm_topk,
-        groups=groups, topk_groups=topk_groups, scaling_factor=scaling_factor)
+        groups=groups, topk_groups=topk_groups, scaling_factor=scaling_factor, group_top=group_top)
     counts = routing.tokens_per_expert(indices, logits.shape[1])
     loss = logits.new_zeros(())
     if aux_coeff:
@@ -113,12 +113,14 @@ def add_moe_parts(block: nn.Module, spec: MoE, hidden: int, experts: nn.Module) 
         block.shared_gate = nn.Linear(hidden, 1, bias=False)
 
 
-def add_shared_expert(block: nn.Module, spec: MoE, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def add_shared_expert(block: nn.Module, spec: MoE, flat: torch.Tensor, out: torch.Tensor,
+                      expert=None) -> torch.Tensor:
     """``out`` plus the shared expert's output on the same tokens, sigmoid-gated when the spec
-    says so (Qwen2-MoE)."""
+    says so (Qwen2-MoE). ``expert`` computes the shared expert's output of ``flat`` when that is
+    not simply ``block.shared(flat)`` (a tensor-parallel shard, `ExpertParallelMoE`)."""
     if not spec.shared_ffn:
         return out
-    shared = block.shared(flat)
+    shared = (expert or block.shared)(flat)
     if spec.shared_gate:
         shared = torch.sigmoid(block.shared_gate(flat)) * shared
     return out + shared
@@ -144,7 +146,7 @@ class MoEBlock(nn.Module):
         bias = self.expert_bias if s.expert_bias else None
         weights, indices, aux, counts = route(
             logits, bias, s.top_k, s.router, s.pre_softmax, s.norm_topk, s.groups, s.topk_groups,
-            s.scaling_factor, s.aux_loss, s.z_loss)
+            s.scaling_factor, s.aux_loss, s.z_loss, group_top=s.group_score_top)
         if s.expert_bias and self.training:
             self.expert_load.add_(counts.detach().float())  # for the aux-loss-free bias update
         if self.capacity_factor is not None:

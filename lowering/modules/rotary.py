@@ -35,8 +35,14 @@ def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling, original: int) -> tup
     keep = 1 - ramp  # weight of the extrapolated (unscaled) frequency
     base = _plain_inv_freq(dim, theta)
     inv_freq = (base / s.factor) * (1 - keep) + base * keep
-    mscale = 1.0 if s.factor <= 1 else 0.1 * math.log(s.factor) + 1.0
-    return inv_freq, mscale
+    if s.mscale and s.mscale_all_dim:  # DeepSeek's pair of magnitude terms (transformers' rule)
+        return inv_freq, yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return inv_freq, yarn_mscale(s.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _llama3_inv_freq(dim: int, theta: float, s: RopeScaling, original: int) -> torch.Tensor:
@@ -70,9 +76,10 @@ def rope_inv_freq(rope: Rope, head_dim: int, max_seq: Optional[int]) -> tuple[to
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [s, head_dim] (the half-frequencies repeated, rotate-half layout)."""
+    """cos, sin of shape [s, head_dim] for positions [s] (or [b, s, head_dim] for per-row positions
+    [b, s]: packed documents), the half-frequencies repeated (rotate-half layout)."""
     inv_freq = upcast(inv_freq)  # fp32 (fp64 in a float64 model), never the model's bf16
-    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
+    freqs = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
@@ -83,6 +90,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, s, heads, head_dim]; cos/sin: [s, head_dim]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """x: [b, s, heads, head_dim]; cos/sin: [s, head_dim] or [b, s, head_dim]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin

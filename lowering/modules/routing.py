@@ -7,7 +7,8 @@ Conventions follow Megatron-Core's router:
     the scores used to *choose* experts only; weights are the unbiased scores, renormalised over the
     k chosen when ``norm_topk`` (denominator + 1e-20).
   * group-limited routing: experts split in ``groups``; a group's score is the sum of its best
-    ``top_k // topk_groups`` choice scores; only the best ``topk_groups`` groups are eligible.
+    ``group_top`` choice scores (default ``top_k // topk_groups``, Megatron-Core; transformers'
+    DeepSeek-V3 always sums 2); only the best ``topk_groups`` groups are eligible.
   * weights are multiplied by ``scaling_factor``; the router runs in fp32.
   * aux loss (Switch / Megatron): coeff * E / (k * T^2) * sum_e(sum_t p[t,e] * n_e), with p the
     softmax probabilities (sigmoid: scores normalised per token) and n_e the tokens routed to e
@@ -26,12 +27,13 @@ import torch.nn.functional as F
 from plait.lowering.cp_ops import zigzag_order
 
 
-def select_experts(choice: torch.Tensor, top_k: int, groups: int = 1, topk_groups: int = 1) -> torch.Tensor:
+def select_experts(choice: torch.Tensor, top_k: int, groups: int = 1, topk_groups: int = 1,
+                   group_top: int = 0) -> torch.Tensor:
     """Indices [T, k] of the chosen experts given choice scores [T, E]."""
     if groups > 1:
         t, e = choice.shape
         per_group = choice.view(t, groups, e // groups)
-        group_scores = per_group.topk(top_k // topk_groups, dim=-1).values.sum(-1)
+        group_scores = per_group.topk(group_top or top_k // topk_groups, dim=-1).values.sum(-1)
         best = group_scores.topk(topk_groups, dim=-1).indices
         eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, best, True)
         choice = choice.masked_fill(~eligible.repeat_interleave(e // groups, dim=1), float("-inf"))
@@ -39,25 +41,26 @@ def select_experts(choice: torch.Tensor, top_k: int, groups: int = 1, topk_group
 
 
 def route(logits: torch.Tensor, expert_bias, *, top_k: int, router: str, pre_softmax: bool,
-          norm_topk: bool, groups: int, topk_groups: int, scaling_factor: float) -> tuple:
+          norm_topk: bool, groups: int, topk_groups: int, scaling_factor: float,
+          group_top: int = 0) -> tuple:
     """logits [T, E] (fp32) -> (weights [T, k], indices [T, k], aux_scores [T, E])."""
     if router == "softmax":
         probs = torch.softmax(logits, dim=-1)
         if pre_softmax:
             choice = probs if expert_bias is None else probs + expert_bias
-            indices = select_experts(choice, top_k, groups, topk_groups)
+            indices = select_experts(choice, top_k, groups, topk_groups, group_top)
             weights = probs.gather(1, indices)
             if norm_topk:
                 weights = weights / weights.sum(-1, keepdim=True)
         else:
             choice = logits if expert_bias is None else logits + expert_bias
-            indices = select_experts(choice, top_k, groups, topk_groups)
+            indices = select_experts(choice, top_k, groups, topk_groups, group_top)
             weights = torch.softmax(logits.gather(1, indices), dim=-1)
         aux_scores = probs
     elif router == "sigmoid":
         scores = torch.sigmoid(logits)
         choice = scores if expert_bias is None else scores + expert_bias
-        indices = select_experts(choice, top_k, groups, topk_groups)
+        indices = select_experts(choice, top_k, groups, topk_groups, group_top)
         weights = scores.gather(1, indices)
         if norm_topk and top_k > 1:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

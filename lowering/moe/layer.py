@@ -3,7 +3,7 @@ only this rank's EP x ETP shard of the routed experts, and a token dispatcher in
 
     router (fp32, replicated) -> route + aux/z loss -> capacity drop on local tokens
       -> dispatcher.dispatch -> grouped expert MLPs (local experts, FFN slice) -> dispatcher.combine
-      -> + shared expert (replicated, local tokens) -> attach aux loss
+      -> + shared expert (a dense MLP: TP-sharded under TP, see below) -> attach aux loss
 
 Tokens of one reference call (a micro-batch) may be split over a *token group*: the TP ranks of a
 sequence-parallel region and the CP ranks (each holding its two zigzag chunks of every sequence;
@@ -13,9 +13,17 @@ reference value -- times cp, because dense gradients are *averaged* over DP x CP
 loss replicas like DP ones) while TP partial gradients are summed. Capacity is per rank, on its
 local tokens, as the reference's ``capacity_segments`` / ``capacity_cp`` model it.
 
+Under TP (always with sequence parallelism) the shared expert is a dense MLP sharded over TP as
+Megatron-Core's SharedExpertMLP is: the shard_tensor_parallel pass gives each rank its gate / up
+rows (column-parallel) and down columns (row-parallel) and sets ``shared_tp``; the rank then
+all-gathers the TP group's tokens, runs its FFN slice on all of them and reduce-scatters the partial
+sums back to its own tokens. The router and the shared expert's sigmoid gate stay replicated over
+TP (Megatron's too), each rank applying them to its own tokens.
+
 Gradients (see ``grad_groups``): expert weights are summed over EDP and scaled by 1/(dp*cp) as
-Megatron's DDP does; router, shared expert and gate are dense replicated parameters (summed over
-the token group, then averaged over DP x CP).
+Megatron's DDP does; the router and gate are dense replicated parameters (summed over the token
+group, then averaged over DP x CP); the TP-sharded shared expert is a dense TP shard (averaged over
+DP x CP only: its reduce-scatter already summed every token's contribution).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from plait.ir.job import MoEOptions
 from plait.ir.model import MoE
+from plait.lowering import collectives  # noqa: F401  (registers torch.ops.plait.gather_seq / scatter_seq)
 from plait.lowering.modules import routing
 from plait.lowering.modules.experts import GroupedExperts, expert_mlp
 from plait.lowering.modules.moe import MoEBlock, add_moe_parts, router_logits, add_shared_expert, attach_aux_loss
@@ -61,6 +70,7 @@ class ExpertParallelMoE(nn.Module):
         # part of it whose gradients are averaged rather than summed (cp)
         self.token_axes, self.token_parts, self.averaged_parts = token_axes, token_parts, averaged_parts
         self.dispatcher = make_dispatcher(options.dispatcher, grid)
+        self.shared_tp: Optional[tuple[str, int]] = None  # (axis, size) once TP shards the shared expert
         if spec.ffn % grid.etp:
             raise ValueError(f"etp = {grid.etp} does not divide the expert ffn = {spec.ffn}")
         add_moe_parts(self, spec, hidden,
@@ -105,7 +115,7 @@ class ExpertParallelMoE(nn.Module):
         weights, indices, aux_scores = routing.route(
             logits, self.expert_bias if s.expert_bias else None, top_k=s.top_k, router=s.router,
             pre_softmax=s.pre_softmax, norm_topk=s.norm_topk, groups=s.groups,
-            topk_groups=s.topk_groups, scaling_factor=s.scaling_factor)
+            topk_groups=s.topk_groups, scaling_factor=s.scaling_factor, group_top=s.group_score_top)
         counts = routing.tokens_per_expert(indices, s.experts)
         if s.expert_bias and self.training and not is_recomputing():  # count once per step
             self.expert_load.add_(counts.detach().float())
@@ -119,10 +129,18 @@ class ExpertParallelMoE(nn.Module):
         rows, local_counts, state = self.dispatcher.dispatch(flat, indices, weights, pad_to)
         y = expert_mlp(rows, local_counts, self.experts.w_gate_up, self.experts.w_down, s.activation)
         out = self.dispatcher.combine(y, state).to(x.dtype)
-        out = add_shared_expert(self, s, flat, out)
+        out = add_shared_expert(self, s, flat, out, self._shared_expert if self.shared_tp else None)
         if s.aux_loss or s.z_loss:
             out = attach_aux_loss(out, self._aux_loss(logits, aux_scores, counts))
         return out.view_as(x)
+
+    def _shared_expert(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens through the TP-sharded shared expert: gather the group's tokens (the
+        gradient is reduce-scattered back), this rank's FFN slice on all of them, then the partial
+        sums reduce-scattered to this rank's tokens (the gradient is all-gathered)."""
+        axis, size = self.shared_tp
+        tokens = torch.ops.plait.gather_seq(flat, axis, size, 0)
+        return torch.ops.plait.scatter_seq(self.shared(tokens), axis, size, 0)
 
     def _aux_loss(self, logits: torch.Tensor, aux_scores: torch.Tensor, counts: torch.Tensor):
         """This rank's share of the reference aux + z loss of its token group, scaled by the
@@ -145,4 +163,5 @@ class ExpertParallelMoE(nn.Module):
         g = self.grid
         return (f"experts {g.first_expert}..{g.first_expert + g.local_experts - 1} of {g.experts} "
                 f"(ep {g.ep_rank}/{g.ep}, etp {g.etp_rank}/{g.etp}), dispatcher={self.dispatcher.name}, "
-                f"capacity={self.options.capacity_factor}")
+                f"capacity={self.options.capacity_factor}"
+                + (f", shared expert over {self.shared_tp[0]}{self.shared_tp[1]}" if self.shared_tp else ""))

@@ -6,7 +6,9 @@ a single fx node for this reason):
 
   tokens, labels        -> zigzag_shard(., cp, rank)        this rank's chunks of the micro-batch
   sequence_positions    -> zigzag_positions(., cp, rank)    global RoPE positions of the chunks
-  causal_attention      -> ring_attention (layout cp_comm = "ring") or ulysses_attention ("alltoall")
+  causal_attention      -> ring_attention (layout cp_comm = "ring") or ulysses_attention ("alltoall"),
+                           with the layer's sliding window when it has one
+  document_attention    -> ring_ / ulysses_document_attention   (packed documents, cp_documents.py)
   causal_conv1d         -> cp_causal_conv1d                 with the predecessor chunks' halos
   ssd_scan              -> cp_ssd_scan                       states passed across chunks
 
@@ -17,24 +19,29 @@ averages over DP x CP: the runtime reduces dense gradients over the "dp-cp" grou
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx
 
 from plait.ir.errors import LayoutError
 from plait.lowering import cp_ops
 from plait.lowering.cp_attention import ring_attention, ulysses_attention
+from plait.lowering.cp_documents import ring_document_attention, ulysses_document_attention
 from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules import attention as attention_module
 from plait.lowering.modules import mamba as mamba_module
-from plait.lowering.trace import META, info
+from plait.lowering.trace import META, POSITIONS, info
 
 from .base import Pass, Target, VerifyError
 from .shard_tensor_parallel import check_stream_shapes
 
 AXIS = cp_ops.CP_AXIS
 CP_COMMS = {"ring": ring_attention, "alltoall": ulysses_attention}
+CP_DOCUMENT_COMMS = {"ring": ring_document_attention, "alltoall": ulysses_document_attention}
 SEQUENCE_OPS = (attention_module.sequence_positions, attention_module.causal_attention,
-                mamba_module.causal_conv1d, mamba_module.ssd_scan)
+                attention_module.document_attention, mamba_module.causal_conv1d,
+                mamba_module.ssd_scan)
 
 
 def cp_comm(t: Target) -> str:
@@ -65,8 +72,10 @@ def check_context_parallel(t: Target) -> None:
 
 
 def _replace(gm, node, target, args) -> torch.fx.Node:
+    """``target(*args, **node.kwargs)`` in place of ``node`` (keyword arguments such as an
+    attention window carry over)."""
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, args)
+        new = gm.graph.call_function(target, args, dict(node.kwargs))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -79,10 +88,29 @@ def _shard_input(gm, placeholder: torch.fx.Node, t: Target) -> None:
     users = [n for n in gm.graph.nodes if n in placeholder.users]
     if not users:
         return
+    if placeholder.target == POSITIONS:
+        _shard_per_user(gm, placeholder, users, t)
+        return
     with gm.graph.inserting_before(users[0]):
         local = gm.graph.call_function(cp_ops.zigzag_shard, (placeholder, t.layout.cp, t.cp_rank, 1))
     local.meta[META] = info(placeholder)
     placeholder.replace_all_uses_with(local, delete_user_cb=lambda user: user is not local)
+
+
+def _shard_per_user(gm, placeholder: torch.fx.Node, users: list, t: Target) -> None:
+    """A packed batch's positions are read by every attention layer, in every pipeline stage:
+    each layer slices its own share (before its first reader, at its position), so no stage hands
+    a slice to the next."""
+    slices: dict[int, torch.fx.Node] = {}
+    for user in users:
+        layer = info(user).position
+        if layer not in slices:
+            with gm.graph.inserting_before(user):
+                slices[layer] = gm.graph.call_function(
+                    cp_ops.zigzag_shard, (placeholder, t.layout.cp, t.cp_rank, 1))
+            slices[layer].meta[META] = replace(info(user), shape=info(placeholder).shape,
+                                               dtype=info(placeholder).dtype)
+        user.replace_input_with(placeholder, slices[layer])
 
 
 def _rewrite(gm, node, t: Target) -> None:
@@ -92,6 +120,8 @@ def _rewrite(gm, node, t: Target) -> None:
         _replace(gm, node, cp_ops.zigzag_positions, (node.args[0], cp, rank))
     elif node.target is attention_module.causal_attention:
         _replace(gm, node, CP_COMMS[cp_comm(t)], (*node.args, *ring))
+    elif node.target is attention_module.document_attention:
+        _replace(gm, node, CP_DOCUMENT_COMMS[cp_comm(t)], (*node.args, *ring))
     elif node.target is mamba_module.causal_conv1d:
         _replace(gm, node, cp_causal_conv1d, (*node.args, *ring))
     elif node.target is mamba_module.ssd_scan:
@@ -124,9 +154,9 @@ def verify_context_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
     if left:
         raise VerifyError(f"{left[0].format_node()} still reads the whole sequence under cp = "
                           f"{t.layout.cp}")
-    shards = [n for n in gm.graph.nodes if n.target is cp_ops.zigzag_shard]
-    if len(shards) != 2:
-        raise VerifyError(f"expected the tokens and labels to be zigzag-sharded, found {len(shards)}")
+    for node in gm.graph.nodes:  # tokens, labels (and a packed batch's positions)
+        if node.op == "placeholder" and any(u.target is not cp_ops.zigzag_shard for u in node.users):
+            raise VerifyError(f"input {node.name} is read whole under cp = {t.layout.cp}")
     seq_parts = t.layout.cp * (t.layout.tp if t.layout.sp else 1)
     check_stream_shapes(gm, t, seq_parts=seq_parts)
 

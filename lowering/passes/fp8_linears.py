@@ -3,6 +3,8 @@
 runtime/kernels.py) instead of nn.Linear / F.linear. The first and last ``bf16_ends`` layers, the
 embedding, the LM head and everything that is not a linear layer (routers, expert grouped GEMMs,
 attention cores, the SSM scan) keep their precision. Under fp32 / bf16 the graph is unchanged.
+Under TP a column- / row-parallel linear also names the TP axis: its scales are the whole
+tensors' (lowering/fp8.Scales).
 """
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from plait.lowering import sharding
 from plait.lowering.fp8 import fp8_linear
 from plait.lowering.trace import info
 
 from .base import Pass, Target, VerifyError
+from .shard_tensor_parallel import AXIS as TP_AXIS
 
 FP8_LAYERS = "plait.fp8_layers"  # gm.meta: the layers whose linears now run in fp8
 
@@ -39,6 +43,21 @@ def _attr(gm: torch.fx.GraphModule, before: torch.fx.Node, target: str) -> torch
     return node
 
 
+def _padded(args: tuple) -> tuple:
+    """(x, weight, bias or None)."""
+    return args + (None,) * (3 - len(args))
+
+
+def _tp_scales(node: torch.fx.Node, t: Target) -> tuple:
+    """A TP-sharded linear's operands are shards: their fp8 scales come from the whole logical
+    tensors (amax all-reduced over the TP group, as torchao's Float8 TP and Transformer Engine do),
+    so the sharded program quantises exactly as one device does."""
+    role = node.meta.get(sharding.ROLE)
+    if t.layout.tp == 1 or role not in ("column", "row"):
+        return ()
+    return (TP_AXIS, t.layout.tp, role)
+
+
 def fp8_linears(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     converted = set()
     for node in list(gm.graph.nodes):
@@ -51,6 +70,7 @@ def fp8_linears(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
             args = (node.args[0], weight, bias)
         else:
             args = tuple(node.args) + tuple(node.kwargs.values())
+        args = _padded(args) + _tp_scales(node, t)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(fp8_linear, args)
         new.meta = dict(node.meta)

@@ -1,6 +1,11 @@
 """Tensor parallelism (Megatron): column-parallel q/k/v/gate/up projections, row-parallel o/down
 projections, a vocabulary-parallel embedding, LM head and cross entropy.
 
+An expert-parallel MoE mixer (placed by dispatch_experts, which runs first) is no TP region: its
+routed experts are sharded over EP x ETP already, and its shared expert, a dense MLP, is sharded
+here over TP as Megatron-Core does (`_moe_shared_expert`; the mixer gathers and reduce-scatters
+its sequence-parallel tokens around it). The router and the shared expert's gate stay replicated.
+
 Each layer's mixer and the LM head form a *TP region*: values entering it pass `copy_to_tp`
 (identity forward, all-reduce of the gradient), values leaving a mixer pass `reduce_from_tp`
 (all-reduce forward); a row-parallel bias is added after the reduction. Parameters are replaced by
@@ -19,12 +24,16 @@ from torch import nn
 from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
 from plait.lowering import sharding, tp_ops
+from plait.lowering.moe import ExpertParallelMoE
 from plait.lowering.trace import META, example_inputs, info, local_shape, record_shapes
 
 from .base import Pass, Target, VerifyError
 from .shard_mamba import mamba_sizes, mamba_splits
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# q_b_proj / kv_b_proj: multi-head latent attention's per-head up-projections (split by heads, as
+# Megatron-Core's MLA does); its latent down-projections q_a_proj / kv_a_proj_with_mqa and their
+# norms stay replicated, their gradients summed over TP (sharding.partial_grad_params).
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj")
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj")
 SHARDS = "plait.shards"
 AXIS = "tp"
@@ -76,6 +85,8 @@ def check_divisible(spec: ModelSpec, tp: int) -> None:
         sizes["kv heads"] = spec.attention.kv_heads
     if spec.mlp is not None and "mlp" in spec.layers:
         sizes["ffn"] = spec.mlp.ffn
+    if spec.moe is not None and "moe" in spec.layers and spec.moe.shared_ffn:
+        sizes["shared expert ffn"] = spec.moe.shared_ffn
     sizes.update(mamba_sizes(spec))
     for what, n in sizes.items():
         if n % tp:
@@ -108,6 +119,28 @@ def _mamba_mixer(gm, node, t, shards):
         _shard_param(gm.get_submodule(owner_path), leaf, split.dim, t, shards, owner_path,
                      split.segments)
     node.meta[sharding.ROLE] = "column"
+
+
+SHARED_EXPERT = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (linear, split dim)
+
+
+def _moe_shared_expert(gm, node, t, shards):
+    """An expert-parallel MoE mixer's shared expert, column/row-parallel like a dense MLP
+    (Megatron-Core's SharedExpertMLP); the mixer runs it on the TP group's gathered tokens."""
+    mixer = gm.get_submodule(node.target)
+    shared = getattr(mixer, "shared", None)
+    if shared is None:
+        return
+    if shared.down_proj.bias is not None:
+        raise VerifyError(f"{node.target}.shared: a row-parallel bias in a shared expert is not lowered")
+    for leaf, dim in SHARED_EXPERT:
+        if hasattr(shared, leaf):
+            path = f"{node.target}.shared.{leaf}"
+            linear = gm.get_submodule(path)
+            _shard_param(linear, "weight", dim, t, shards, path)
+            if dim == 0:  # a column-parallel bias splits with its rows
+                _shard_param(linear, "bias", 0, t, shards, path)
+    mixer.shared_tp = (AXIS, t.layout.tp)
 
 
 def _new_node(gm, before, op_target, args, like: torch.fx.Node, role=None, scope=None):
@@ -159,12 +192,15 @@ def _embedding(gm, node, t, shards):
 
 def _cross_entropy(gm, node, t):
     kwargs = node.kwargs
-    if kwargs.get("reduction", "mean") != "mean" or kwargs.get("label_smoothing", 0.0) != 0.0 \
+    reduction = kwargs.get("reduction", "mean")
+    if reduction not in ("mean", "none") or kwargs.get("label_smoothing", 0.0) != 0.0 \
             or kwargs.get("weight") is not None:
-        raise VerifyError(f"vocab-parallel cross entropy supports the plain mean loss: {kwargs}")
+        raise VerifyError(f"vocab-parallel cross entropy supports the plain mean (or per-token) "
+                          f"loss: {kwargs}")
     start = t.tp_rank * t.spec.vocab // t.layout.tp
     ce = _new_node(gm, node, tp_ops.vocab_parallel_cross_entropy,
-                   (node.args[0], node.args[1], start, AXIS, t.layout.tp), node, role="vocab_ce")
+                   (node.args[0], node.args[1], start, AXIS, t.layout.tp, reduction), node,
+                   role="vocab_ce")
     node.replace_all_uses_with(ce)
     gm.graph.erase_node(node)
 
@@ -191,7 +227,9 @@ def _insert_entries(gm, t):
         if region is None or node.op == "output":
             continue
         for arg in list(node.all_input_nodes):
-            if arg.op == "get_attr" or _region(arg) == region:
+            # a model input read inside a region (a packed batch's positions) is replicated over
+            # TP and carries no gradient: it needs no entry
+            if arg.op in ("get_attr", "placeholder") or _region(arg) == region:
                 continue
             key = (arg, region)
             if key not in entries:
@@ -231,7 +269,9 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
     check_divisible(t.spec, t.layout.tp)
     for node in list(gm.graph.nodes):
         leaf = str(node.target).rsplit(".", 1)[-1]
-        if node.op == "call_module" and leaf == "in_proj" and info(node).kind == "mamba":
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ExpertParallelMoE):
+            _moe_shared_expert(gm, node, t, shards)
+        elif node.op == "call_module" and leaf == "in_proj" and info(node).kind == "mamba":
             _mamba_mixer(gm, node, t, shards)
         elif node.op == "call_module" and leaf in COLUMN_PARALLEL + ("head",):
             _column(gm, node, t, shards)
@@ -274,7 +314,7 @@ def _logical_dim(gm, name: str, s: ShardSpec) -> int:
 def check_stream_shapes(gm: torch.fx.GraphModule, t: Target, seq_parts: int = 1) -> None:
     """Fake-run one micro-batch; every layer output must be [mbs, seq / seq_parts, hidden]."""
     mbs, seq = t.micro_batch
-    record_shapes(gm, *example_inputs(t.spec, mbs, seq))
+    record_shapes(gm, *example_inputs(gm, mbs, seq))
     want = (mbs, seq // seq_parts, t.spec.hidden)
     for node in gm.graph.nodes:
         i = node.meta.get(META)

@@ -19,7 +19,7 @@ from torch.fx.passes.split_module import split_module
 
 from plait.ir.errors import LayoutError
 from plait.ir.plan import Stage
-from plait.lowering.trace import example_inputs, info, local_shape, record_shapes
+from plait.lowering.trace import POSITIONS, example_inputs, info, local_shape, record_shapes
 
 from .base import Pass, Target, VerifyError
 from .data_parallel import GRAD_SYNC, GradSync
@@ -28,6 +28,10 @@ TIED_WEIGHT = "embed.weight"  # the input embedding, the LM head's weight when t
 
 STAGE_IO = "plait.stage_io"
 LOSS = "loss"
+# A child's inputs in this order: the activation it receives (or the tokens), then the model
+# inputs every stage may read by name (a document-masked program's positions, a kwarg of every
+# stage), the labels last: loss_fn(output, target).
+_INPUT_ORDER = {"tokens": 1, POSITIONS: 2, "labels": 3}
 
 
 def stage_name(chunk: int) -> str:
@@ -70,9 +74,8 @@ def _child(gm, split, call: torch.fx.Node, qualnames: dict[str, str]) -> torch.f
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    # Activations first, the model's own inputs (tokens, labels) last: loss_fn(output, target).
-    pairs = sorted(zip(placeholders, call.args), key=lambda pa: pa[1].op == "placeholder"
-                   and pa[1].target == "labels")
+    pairs = sorted(zip(placeholders, call.args), key=lambda pa: _INPUT_ORDER.get(
+        pa[1].target, 0) if pa[1].op == "placeholder" else 0)
     for ph, arg in pairs:
         env[ph] = graph.get_attr(arg.target) if arg.op == "get_attr" else graph.placeholder(ph.name)
     call.args = tuple(arg for _, arg in pairs)
@@ -132,9 +135,10 @@ def verify_split_pipeline(pipe: torch.fx.GraphModule, t: Target) -> None:
     if [n.target for n in calls] != names:
         raise VerifyError(f"pipeline children {[n.target for n in calls]}, expected {names}")
     for call in calls[:-1]:
-        if len(call.args) != 1 or any(u.op == "call_function" for u in call.users):
-            raise VerifyError(f"{call.target} must take and return exactly one tensor, "
-                              f"takes {len(call.args)}")
+        flowing = [a for a in call.args if not _is_positions(a)]
+        if len(flowing) != 1 or any(u.op == "call_function" for u in call.users):
+            raise VerifyError(f"{call.target} must take and return exactly one tensor (besides "
+                              f"the document positions), takes {len(flowing)}")
     if len(calls[-1].args) != 2:
         raise VerifyError(f"loss takes {len(calls[-1].args)} inputs, expected (logits, labels)")
     seen: dict[int, str] = {}
@@ -143,7 +147,7 @@ def verify_split_pipeline(pipe: torch.fx.GraphModule, t: Target) -> None:
             if id(p) in seen:
                 raise VerifyError(f"a parameter is shared by {seen[id(p)]} and {name}")
             seen[id(p)] = name
-    record_shapes(pipe, *example_inputs(t.spec, *t.micro_batch))
+    record_shapes(pipe, *example_inputs(pipe, *t.micro_batch))
     inputs = [a for a in pipe.graph.nodes if a.op == "placeholder"]
     io = {}
     for call in calls[:-1]:
@@ -153,6 +157,10 @@ def verify_split_pipeline(pipe: torch.fx.GraphModule, t: Target) -> None:
     if inputs[0] is not calls[0].args[0]:
         raise VerifyError("stage0 must read the tokens")
     pipe.meta[STAGE_IO] = io
+
+
+def _is_positions(node: torch.fx.Node) -> bool:
+    return node.op == "placeholder" and node.target == POSITIONS
 
 
 def _dtype(node: torch.fx.Node):

@@ -10,7 +10,7 @@ from plait.ir import counts
 from plait.ir.dsl import parse_text
 from plait.ir.dsl.fmt import format_model
 from plait.ir.errors import PlaitError
-from plait.ir.hf import model_from_hf_file
+from plait.ir.hf import import_notes, load_hf_config, model_from_hf_config
 
 from . import inputs
 
@@ -28,14 +28,16 @@ IMPORT_HEADER = "# imported from "  # the first line of every spec `plait import
 
 def spec_text(config_path: str, name: str | None = None) -> str:
     """The canonical spec text of an HF config, checked to parse back to the same model."""
-    spec = model_from_hf_file(config_path, name)
+    cfg = load_hf_config(config_path)
+    spec = model_from_hf_config(cfg, name)
     text = format_model(spec)
     back = parse_text(text, file="<import>").models.get(spec.name)
     if back != spec:  # the formatter lost something: refuse rather than write a different model
         raise PlaitError(f"internal: the spec written for {spec.name!r} does not read back equal",
                          hint="please report this with the config.json")
     header = (f"{IMPORT_HEADER}{config_path}\n"
-              f"# {counts.params(spec).total:,} parameters\n")
+              f"# {counts.params(spec).total:,} parameters\n"
+              + "".join(f"# note: {note}\n" for note in import_notes(cfg)))
     return header + text.rstrip("\n") + "\n"
 
 

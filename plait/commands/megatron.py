@@ -138,11 +138,30 @@ def _attention_args(model: ModelSpec, notes: list) -> list[str]:
     if a is None:  # Megatron requires a head count even without attention layers
         notes.append("the model has no attention layers; --num-attention-heads 1 only satisfies Megatron")
         return ["--num-attention-heads 1"]
+    if a.latent is not None:
+        return [f"--num-attention-heads {a.heads}"] + _latent_args(a, notes)
     args = [f"--num-attention-heads {a.heads}", f"--kv-channels {a.head_dim}"]
     if a.kv_heads != a.heads:
         args += ["--group-query-attention", f"--num-query-groups {a.kv_heads}"]
     if a.qk_norm:
         args.append("--qk-layernorm")
+    return args
+
+
+def _latent_args(a, notes: list) -> list[str]:
+    """Megatron-Core's multi-latent attention; its --qk-layernorm is MLA's q/kv latent norms."""
+    lat = a.latent
+    args = ["--multi-latent-attention", f"--kv-lora-rank {lat.kv_lora_rank}",
+            f"--qk-head-dim {lat.qk_nope_head_dim}", f"--qk-pos-emb-head-dim {lat.qk_rope_head_dim}",
+            f"--v-head-dim {lat.v_head_dim}", "--qk-layernorm"]
+    if lat.q_lora_rank is not None:
+        args.append(f"--q-lora-rank {lat.q_lora_rank}")
+    s = a.rope.scaling
+    if s is not None and s.mscale is not None and s.mscale_all_dim is not None:
+        args += [f"--mscale {s.mscale:g}", f"--mscale-all-dim {s.mscale_all_dim:g}"]
+    if lat.rope_interleave:
+        notes.append("the checkpoint's rotary dims are interleaved (DeepSeek's layout); Megatron's "
+                     "converters permute them, the flags do not say it")
     return args
 
 
@@ -328,6 +347,9 @@ def _router_args(m, notes: list) -> list[str]:
         notes.append("Megatron renormalises sigmoid router probabilities over the top-k experts")
     if m.groups > 1:
         args += [f"--moe-router-num-groups {m.groups}", f"--moe-router-group-topk {m.topk_groups}"]
+        if m.group_score_top != m.top_k // m.topk_groups:
+            notes.append(f"Megatron scores a group by its best top_k // group_topk = {m.top_k // m.topk_groups} "
+                         f"experts, the model by its best {m.group_score_top}")
     if m.scaling_factor != 1.0:
         args.append(f"--moe-router-topk-scaling-factor {m.scaling_factor:g}")
     return args

@@ -306,8 +306,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    "shipped corpus); inspect: a dataset directory or Megatron PREFIX")
     p.add_argument("-o", "--output", help="dataset directory to write (prepare)")
     p.add_argument("--tokenizer", default="byte", help="byte (default) or a HF tokenizer name/path")
-    p.add_argument("--field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--field", default=None, help="the JSONL field holding the text (default "
+                   "text; with --chat: messages)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--chat", action="store_true", help="JSONL conversations rendered with the "
+                   "tokenizer's chat template, with an SFT loss mask on the assistant turns "
+                   "(train with objective = sft)")
 
 
 @command("data", help="datasets: `plait data prepare FILES -o DATASET`, `plait data inspect DATASET`")
@@ -323,8 +327,9 @@ def data(args: argparse.Namespace) -> int:
     if not args.output:
         raise PlaitError("prepare needs an output directory", hint="add -o DIR")
     files = [bundled_corpus() if f == "bundled" else Path(f) for f in args.files]
-    meta = prepare(files, args.output, args.tokenizer, args.field, max(1, args.workers),
-                   show_progress=console.is_terminal)
+    field = args.field or ("messages" if args.chat else "text")
+    meta = prepare(files, args.output, args.tokenizer, field, max(1, args.workers),
+                   show_progress=console.is_terminal, chat=args.chat)
     console.print(f"{args.output}: {meta['num_tokens']:,} tokens in {meta['documents']:,} documents "
                   f"({meta['tokenizer']} tokenizer, vocab {meta['vocab']}, {meta['dtype']})")
     return 0

@@ -181,9 +181,13 @@ def blend_table(job) -> Table:
     """The resolved data recipe: per phase and source, the samples, tokens and epochs it draws."""
     from plait.ir.datarecipe import blend_rows, source_windows
 
-    windows = source_windows(job)
+    windows = source_windows(job)  # training windows: each source's held-out split excluded
+    d = job.data
+    notes = ([f"each source holds out {d.val_fraction:g} for validation"] if d.val_every else []) \
+        + (["document-masked attention"] if d.document_mask else []) \
+        + (["objective sft (loss-masked tokens)"] if d.objective == "sft" else [])
     table = Table(title=f"job {job.name}: data blend over {job.steps} steps x {job.global_batch} "
-                  f"x {job.seq_len} tokens", title_justify="left")
+                  f"x {job.seq_len} tokens" + "".join(f"; {n}" for n in notes), title_justify="left")
     for col in ("phase", "source", "weight", "samples", "tokens", "epochs", "cap"):
         table.add_column(col, justify="left" if col in ("phase", "source") else "right")
     caps = {s.name: s.epochs for s in job.data.sources}

@@ -14,6 +14,8 @@ NIC, both at once.
 """
 from __future__ import annotations
 
+from plait.ir import counts
+
 from .context import Context, GroupShape, cluster_links
 
 
@@ -80,17 +82,20 @@ def tp_comm(ctx: Context) -> float:
 
 def cp_comm(ctx: Context) -> float:
     """Attention under context parallelism (forward). Ring: cp-1 exchanges of this rank's K and V
-    chunk. All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
+    chunk, fewer with a sliding window shorter than the zigzag chunks (counts.ring_steps). All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
     output back, each rank scattering its local tensors."""
     lay = ctx.layout
     if lay.cp <= 1:
         return 0.0
     attn = ctx.model.attention
-    if lay.cp_comm == "alltoall":
-        local = ctx.tokens * (2 * attn.q_dim + 2 * attn.kv_dim) / lay.tp * ctx.act_bytes
-        return all_to_all(ctx, ctx.group("dense", "cp"), local)
-    kv = ctx.tokens * 2 * attn.kv_dim / lay.tp * ctx.act_bytes
-    return (lay.cp - 1) * p2p(ctx, ctx.group("dense", "cp"), kv)
+    if lay.cp_comm == "alltoall":  # q, k, v in, the output back
+        widths = attn.q_dim + attn.kv_dim + attn.v_dim + attn.out_dim
+        return all_to_all(ctx, ctx.group("dense", "cp"), ctx.tokens * widths / lay.tp * ctx.act_bytes)
+    # per-head K and V (multi-head latent attention: expanded from the latent before the exchange)
+    kv = ctx.tokens * (attn.kv_dim + attn.v_dim) / lay.tp * ctx.act_bytes
+    # a sliding window skips the steps whose K/V block no query sees (mean over attention layers)
+    steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)
+    return steps * p2p(ctx, ctx.group("dense", "cp"), kv)
 
 
 def mamba_cp_comm(ctx: Context) -> float:

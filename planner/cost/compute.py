@@ -136,13 +136,13 @@ def _norm_and_residual(ctx: Context) -> tuple[float, float]:
 def attention_work(ctx: Context) -> Work:
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
     a, h = model.attention, model.hidden
-    qkv_out = (a.q_dim + 2 * a.kv_dim) / lay.tp
-    gemm, gemm_bwd = _sum(gemm_times(ctx, t, qkv_out, h),
-                          gemm_times(ctx, t, h, a.q_dim / lay.tp))
+    gemms = counts.attention_gemms(a, h, lay.tp)  # GQA's q/k/v and o, or MLA's projections
+    gemm, gemm_bwd = _sum(*(gemm_times(ctx, t, n_out, n_in) for n_out, n_in in gemms))
     core_flops = t * counts.attention_core_flops(model, ctx.job.seq_len) / lay.tp
     norm, residual = _norm_and_residual(ctx)
-    rope = 2 * t * (a.q_dim + a.kv_dim) / lay.tp * ctx.act_bytes if a.rope else 0.0
-    flops = t * (2 * h * qkv_out + 2 * a.q_dim / lay.tp * h) + core_flops
+    norm += _latent_norm_bytes(ctx)
+    rope = 2 * t * counts.rotated_width(a, lay.tp) * ctx.act_bytes if a.rope else 0.0
+    flops = t * sum(2 * n_out * n_in for n_out, n_in in gemms) + core_flops
     if ctx.cal.flash_attention < 0.5:
         scores, score_mem = materialised_attention(ctx)
         return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
@@ -154,6 +154,12 @@ def attention_work(ctx: Context) -> Work:
     return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope + merge),
                 selective=core + memory_time(ctx, norm), flops=flops,
                 core_bwd_rate=ctx.cal.attn_bwd_ratio, gemm_bwd=gemm_bwd)
+
+
+def _latent_norm_bytes(ctx: Context) -> float:
+    """Multi-head latent attention's q and kv latent RMSNorms (replicated over TP): read + write."""
+    a = ctx.model.attention
+    return 2 * ctx.tokens * sum(counts.latent_widths(a)) * ctx.act_bytes if a.latent is not None else 0.0
 
 
 MERGE_BYTES = 4 + 2 + 4  # read the fp32 running output, read a step's partial, write it back
@@ -169,7 +175,8 @@ def ring_merge_bytes(ctx: Context) -> float:
     lay = ctx.layout
     if lay.cp <= 1 or lay.cp_comm != "ring":
         return 0.0
-    return (lay.cp - 1) * ctx.tokens * ctx.model.attention.q_dim / lay.tp * MERGE_BYTES
+    merges = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)  # cp - 1 without a window
+    return merges * ctx.tokens * ctx.model.attention.out_dim / lay.tp * MERGE_BYTES
 
 
 SCORE_BYTES_FWD = 9  # softmax read + write, dropout read + write + mask, per score element
@@ -181,7 +188,7 @@ def materialised_attention(ctx: Context) -> tuple[float, float]:
     a, lay, s = ctx.model.attention, ctx.layout, ctx.job.seq_len // ctx.layout.cp
     batch = ctx.layout.mbs * a.heads / lay.tp
     gemms = (gemm_time(ctx, s, s, a.head_dim, batch, ctx.peak_high)
-             + gemm_time(ctx, s, a.head_dim, s, batch, ctx.peak_high))
+             + gemm_time(ctx, s, a.v_head_dim, s, batch, ctx.peak_high))
     return gemms, batch * s * s * SCORE_BYTES_FWD
 
 

@@ -66,27 +66,41 @@ def block_fp32_kept_on_rank(ctx: Context, kind: str) -> float:
     return counts.fp32_kept_params(ctx.model, kind, ctx.layout.tp)
 
 
+def _fsdp_padding(ctx: Context, shapes, shards: int) -> float:
+    """FSDP pads a tensor with no dim divisible by its shards (counts/fsdp.py): the padding joins
+    the parameters so that ``(params + padding) / shards`` is the first rank's share."""
+    return counts.fsdp_padding(shapes, shards) if ctx.layout.dp_kind == "fsdp" else 0.0
+
+
 def block_params_on_rank(ctx: Context, kind: str) -> tuple[float, float]:
-    """(dense, expert) parameters of one layer of ``kind`` held by one rank."""
+    """(dense, expert) parameters of one layer of ``kind`` held by one rank, FSDP's padding
+    included (dense tensors shard over DP x CP, expert tensors over EDP)."""
     model, lay = ctx.model, ctx.layout
     norm = counts.norm_params(model)
+    dense_shapes, expert_shapes = counts.layer_shapes(model, kind, lay.tp, lay.ep, lay.etp)
+    dense_pad = _fsdp_padding(ctx, dense_shapes, lay.dp * lay.cp)
     if kind != "moe":
-        return norm + counts.block_params(model, kind) / lay.tp, 0.0
+        return norm + counts.block_params(model, kind) / lay.tp + dense_pad, 0.0
     dense = norm + counts.router_params(model) + counts.shared_expert_params(model) / lay.tp
-    return dense, counts.expert_params(model) / (lay.ep * lay.etp)
+    expert = counts.expert_params(model) / (lay.ep * lay.etp)
+    return dense + dense_pad, expert + _fsdp_padding(ctx, expert_shapes, lay.edp)
 
 
 def embedding_params_on_rank(ctx: Context) -> float:
-    return counts.embedding_params(ctx.model) / ctx.layout.tp
+    lay = ctx.layout
+    return (counts.embedding_params(ctx.model) / lay.tp
+            + _fsdp_padding(ctx, counts.embedding_shapes(ctx.model, lay.tp), lay.dp * lay.cp))
 
 
 def head_params_on_rank(ctx: Context) -> float:
     """Final norm and output head; a tied head on a separate last stage keeps its own copy."""
-    model = ctx.model
+    model, lay = ctx.model, ctx.layout
     head = counts.head_params(model)
-    if model.tie_embeddings and ctx.layout.pp > 1:
+    own_copy = model.tie_embeddings and lay.pp > 1
+    if own_copy:
         head = model.vocab * model.hidden
-    return counts.final_norm_params(model) + head / ctx.layout.tp
+    return (counts.final_norm_params(model) + head / lay.tp
+            + _fsdp_padding(ctx, counts.head_shapes(model, lay.tp, own_copy), lay.dp * lay.cp))
 
 
 def state_tensors(ctx: Context, dense: float, expert: float, fp32_kept: float = 0.0) -> dict[str, float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from plait.ir import counts
+from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 
 from .scores import Retention, weighted_log
@@ -31,6 +32,14 @@ def pruned_spec(model: ModelSpec, hidden: int, widths: dict[str, int], layers: t
     """``model`` with hidden size ``hidden``, the axis widths in ``widths`` and layer sequence
     ``layers`` (blocks no layer uses are dropped)."""
     blocks = {}
+    if model.attention is not None and model.attention.latent is not None:
+        raise PlaitError(f"model {model.name!r}: pruning multi-head latent attention models is not supported",
+                         hint="its importance scores and weight slicing know GQA's q/k/v projections only")
+    if model.attention is not None and model.attention.full_layers and \
+            layers.count("attention") != model.count("attention"):
+        raise PlaitError(f"model {model.name!r}: depth pruning of attention layers whose windows "
+                         f"differ (full_layers = {list(model.attention.full_layers)}) is not supported",
+                         hint="prune attention widths only, or give every attention layer one window")
     if model.attention is not None and "attention_heads" in widths:
         blocks["attention"] = replace(model.attention, heads=widths["attention_heads"])
     if model.mlp is not None and "ffn" in widths:

@@ -60,6 +60,54 @@ def test_per_layer_flops_sum_to_total():
         counts.flops_per_token(m, 8192, training=False), rel=1e-15)
 
 
+def _band_keys(s: int, w: int) -> int:
+    """Keys visible to all queries of a causal window w, counted one by one: min(i + 1, w)."""
+    return sum(min(i + 1, w) for i in range(s))
+
+
+def test_sliding_window_counts_the_band_of_the_score_square():
+    m, s = tiny(layers=("attention", "mlp") * 3), 64
+    full = counts.attention_core_flops(m, s)
+    assert full == 2 * 2 * 8 * s / 2  # Megatron's causal s / 2 keys per query
+    for w in (1, 8, 16, 63):
+        windowed = tiny(layers=m.layers, attention=Attention(heads=2, kv_heads=1, head_dim=4, window=w))
+        band = counts.attention_core_flops(windowed, s)
+        assert band == 2 * 2 * 8 * (w - w * w / (2 * s))  # area s*w - w^2/2 over s
+        # the continuous area is the exact count up to the half-diagonal both conventions drop
+        assert abs(band / 32 * s - _band_keys(s, w)) <= s / 2
+        assert counts.attention_core_flops(windowed, s, causal=False) == 2 * 2 * 8 * w
+    for w in (64, 65, 10 ** 6):  # a window no shorter than the sequence is full causal attention
+        same = tiny(layers=m.layers, attention=Attention(heads=2, kv_heads=1, head_dim=4, window=w))
+        assert counts.attention_core_flops(same, s) == full
+    # ~ s * w for w << s: 4096 of 128K costs 1/16 of causal attention, minus the w^2/2 corner
+    assert counts.attended_keys(131072, 4096) / counts.attended_keys(131072) == pytest.approx(1 / 16, rel=0.04)
+
+
+def test_per_layer_windows_count_per_layer_and_average_over_attention():
+    attn = Attention(heads=2, kv_heads=1, head_dim=4, window=8, full_layers=(0,))
+    m, s = tiny(layers=("attention", "mlp") * 3, attention=attn), 64
+    per_layer = counts.per_layer_flops(m, s)
+    core_full, core_band = 2 * 2 * 8 * 32, 2 * 2 * 8 * (8 - 64 / 128)
+    assert per_layer[0] - per_layer[2] == core_full - core_band and per_layer[2] == per_layer[4]
+    assert counts.attention_core_flops(m, s) == (core_full + 2 * core_band) / 3
+    assert sum(per_layer) + counts.logits_flops(m) == counts.forward_flops_per_token(m, s)
+    assert counts.flops_per_token(m, s, recompute="selective") - counts.flops_per_token(m, s) == \
+        core_full + 2 * core_band
+
+
+@pytest.mark.parametrize("cp, seq, window, steps", [
+    (4, 64, None, (0, 1, 2, 3)),
+    (4, 64, 9, (0, 1, 3)),  # chunks of 8: a window of 9 reaches one chunk back
+    (8, 128 * 1024, 4096, (0, 1, 7)),  # Mistral's window at 128K on cp 8: 2 exchanges, not 7
+    (8, 64, 100, tuple(range(8))),  # a window past the sequence skips nothing
+    (2, 32, 2, (0, 1)),  # cp 2: the neighbours are always adjacent chunks
+])
+def test_ring_steps_are_those_with_a_visible_chunk_pair(cp, seq, window, steps):
+    assert counts.ring_steps(cp, seq, window) == steps
+    attn = Attention(heads=2, kv_heads=1, head_dim=4, window=window)
+    assert counts.ring_exchanges(tiny(attention=attn), cp, seq) == len(steps) - 1
+
+
 def test_unknown_recompute_is_an_error():
     with pytest.raises(PlaitError, match="recompute"):
         counts.flops_per_token(tiny(), 8, recompute="some")
@@ -131,3 +179,16 @@ def test_gpt_family_against_sc21_formulas(row):
         f96, rel=1e-12)
     assert B * s * counts.flops_per_token(m, s) == pytest.approx(
         f72 - 6 * B * s * s * l * h, rel=1e-12)
+
+
+def test_latent_attention_by_hand():
+    from plait.ir.model import LatentKV, Rope
+    lat = LatentKV(kv_lora_rank=6, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4, q_lora_rank=5)
+    m = tiny(attention=Attention(heads=2, kv_heads=2, head_dim=5, rope=Rope(), latent=lat))
+    # q_a 8x5 + q_b 5x(2*5) + kv_a 8x(6+2) + kv_b 6x(2*(3+4)) + o (2*4)x8 = 40+50+64+84+64 = 302
+    # core: QK^T over 2 heads x 5 dims, PV over 2 heads x 4 dims: 2*(10+8)*10 full, half causal = 180
+    assert counts.layer_flops(m, "attention", 10) == 2 * 302 + 180
+    assert counts.layer_flops(m, "attention", 10, causal=False) == 2 * 302 + 360
+    no_q_lora = tiny(attention=Attention(heads=2, kv_heads=2, head_dim=5, rope=Rope(),
+                                         latent=LatentKV(6, 3, 2, 4)))
+    assert counts.layer_flops(no_q_lora, "attention", 10) == 2 * (302 - 90 + 8 * 10) + 180

@@ -126,3 +126,22 @@ def test_learned_positions_need_max_seq():
     assert counts.embedding_params(tiny_dense(learned_positions=True, max_seq=10)) == 32 * 8 + 10 * 8
     with pytest.raises(PlaitError, match="max_seq"):
         counts.embedding_params(tiny_dense(learned_positions=True))
+
+
+def test_latent_attention_by_hand():
+    from plait.ir.model import LatentKV
+    lat = LatentKV(kv_lora_rank=6, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4, q_lora_rank=5)
+    m = tiny_dense(attention=Attention(heads=2, kv_heads=2, head_dim=5, rope=Rope(), latent=lat))
+    # q_a 8x5 + q_a_layernorm 5 + q_b 5x10 + kv_a 8x8 + kv_a_layernorm 6 + kv_b 6x14 + o 8x8, + pre-norm 8
+    assert counts.layer_params(m, "attention") == 40 + 5 + 50 + 64 + 6 + 84 + 64 + 8
+
+
+def test_deepseek_v3_main_model_without_mtp():
+    """The 61-layer main model of the public config (transformers' meta-device count, checked in
+    test_hf_import_counts): DeepSeek's 671B includes no MTP module, whose 11.5B unique parameters
+    (README_WEIGHTS of the DeepSeek-V3 release) are not imported."""
+    m = model_from_hf_file(str(SPECS / "hf" / "deepseek-v3.json"))
+    assert counts.params(m).total == DEEPSEEK_V3_MAIN
+
+
+DEEPSEEK_V3_MAIN = 671_026_404_352  # transformers 5.x, AutoModelForCausalLM on the meta device

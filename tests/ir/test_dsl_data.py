@@ -125,3 +125,53 @@ def test_check_prints_the_resolved_blend(specdir, capsys):
     out = capsys.readouterr().out
     assert "data blend over 100 steps x 8 x 64 tokens" in out
     assert "phase2" in out and "1.280" in out  # code: 64 samples of its 50 windows in phase 2
+
+
+def test_packing_options_resolve_and_fmt_round_trips(specdir):
+    """document_mask and objective in a data block and in dataset(...), written back by fmt."""
+    packed = JOB.replace("EPOCHS", "3").replace("    seed = 7\n",
+                                                "    seed = 7\n    document_mask = true\n    objective = sft\n")
+    lib = _load(specdir, packed)
+    data = lib.jobs["blend"].data
+    assert data.document_mask and data.objective == "sft"
+    text = format_file(lib)
+    assert "document_mask = true" in text and "objective = sft" in text
+    assert parse_text(text, file=str(specdir / "j.plait"), base_dir=str(specdir)).jobs["blend"] == \
+        lib.jobs["blend"]
+    single = JOB.split("  data {")[0] + '  data = dataset(path = "web", document_mask = true)\n}\n'
+    lib = _load(specdir, single)
+    assert lib.jobs["blend"].data.document_mask and lib.jobs["blend"].data.objective == "pretrain"
+    assert parse_text(format_file(lib), file=str(specdir / "j.plait"),
+                      base_dir=str(specdir)).jobs["blend"] == lib.jobs["blend"]
+
+
+@pytest.mark.parametrize("edit, where, message", [
+    (("    seed = 7\n", "    seed = 7\n    objective = chat\n"), (10, 17), "objective"),
+    (("    seed = 7\n", "    seed = 7\n    document_mask = yes\n"), (10, 21), "document_mask"),
+    (('"models/tiny-dense.plait"', '"models/tiny-hybrid.plait"'), None, "Mamba state is not reset"),
+])
+def test_packing_option_errors_point_at_the_spec(specdir, edit, where, message):
+    text = JOB.replace("EPOCHS", "3").replace(*edit)
+    if "hybrid" in edit[1]:
+        text = text.replace('"tiny-dense"', '"tiny-hybrid"').replace(
+            "    seed = 7\n", "    seed = 7\n    document_mask = true\n")
+        where = (10, 21)
+    with pytest.raises(SpecError) as err:
+        _load(specdir, text)
+    assert (err.value.line, err.value.col) == where and message in err.value.message
+
+
+def test_a_blend_holds_out_a_validation_split_per_source(specdir):
+    """val_every / val_fraction in a data block: every source keeps its tail for validation
+    (training windows shrink, epochs grow), fmt writes them back; a source whose split is
+    smaller than one global batch is an error at the source."""
+    text = JOB.replace("EPOCHS", "3").replace("    seed = 7\n", "    seed = 7\n    val_every = 10, val_fraction = 0.2\n")
+    lib = _load(specdir, text)
+    job = lib.jobs["blend"]
+    assert (job.data.val_every, job.data.val_fraction) == (10, 0.2)
+    assert source_windows(job) == {"web": 240, "math": 400, "code": 40}  # 300, 500, 50 less 20%
+    assert parse_text(format_file(lib), file=str(specdir / "j.plait"),
+                      base_dir=str(specdir)).jobs["blend"] == job
+    with pytest.raises(SpecError) as err:
+        _load(specdir, text.replace("val_fraction = 0.2", "val_fraction = 0.1"))
+    assert (err.value.line, err.value.col) == (14, 7) and "holds out 5 of its 50" in err.value.message

@@ -106,7 +106,9 @@ FULL = ModelSpec(
         5e5, RopeScaling("llama3", 8.0, 8192, low_freq_factor=1.5, high_freq_factor=3.0)))),
     dataclasses.replace(FULL, attention=dataclasses.replace(FULL.attention, rope=Rope(
         1e4, RopeScaling("linear", 2.0)))),
-], ids=["yarn", "no-rope", "llama3", "linear"])
+    dataclasses.replace(FULL, attention=dataclasses.replace(FULL.attention, window=4096)),
+    dataclasses.replace(FULL, attention=dataclasses.replace(FULL.attention, window=131072, full_layers=(1,))),
+], ids=["yarn", "no-rope", "llama3", "linear", "window", "window-full-layer"])
 def test_hand_built_models_round_trip(spec):
     assert parse_text(format_model(spec)).models[spec.name] == spec
 

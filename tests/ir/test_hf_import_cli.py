@@ -12,7 +12,7 @@ from plait.ir.hf import model_from_hf_file
 SPECS = Path(__file__).resolve().parents[2] / "specs" / "hf"
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2-57b-a14b", "nemotron-h-47b"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2-57b-a14b", "nemotron-h-47b", "deepseek-v3"])
 def test_written_spec_loads_back_equal(tmp_path, name):
     out = tmp_path / "model.plait"
     assert main(["import", "hf", str(SPECS / f"{name}.json"), "-o", str(out), "--name", name]) == 0
@@ -21,14 +21,20 @@ def test_written_spec_loads_back_equal(tmp_path, name):
     assert f"# {counts.params(loaded).total:,} parameters" in out.read_text()
 
 
+def test_deepseek_v3_import_says_it_leaves_out_multi_token_prediction(capsys):
+    assert main(["import", "hf", str(SPECS / "deepseek-v3.json")]) == 0
+    out = capsys.readouterr().out
+    assert "# 671,026,404,352 parameters" in out
+    assert "# note: 1 multi-token-prediction layer(s) (num_nextn_predict_layers) not imported" in out
+
+
 def test_prints_to_stdout_without_output(capsys):
     assert main(["import", "hf", str(SPECS / "mixtral-8x7b.json")]) == 0
     assert 'model "mixtral-8x7b-v0.1" {' in capsys.readouterr().out
 
 
 def test_unsupported_field_exits_2_naming_it(tmp_path, capsys):
-    cfg = json.loads((SPECS / "llama-3.1-8b.json").read_text()) | {"sliding_window": 4096,
-                                                                    "model_type": "mistral"}
+    cfg = json.loads((SPECS / "llama-3.1-8b.json").read_text()) | {"sliding_window": 4096}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     assert main(["import", "hf", str(path)]) == 2

@@ -67,7 +67,21 @@ def random_config(model_type: str, seed: int):
         kw.update(qwen_moe_layout(r, kw["num_hidden_layers"]))
     if model_type == "qwen2_moe":
         kw.update(shared_expert_intermediate_size=r.choice([16, 40]), qkv_bias=r.random() < 0.7)
+    if model_type == "deepseek_v3":
+        kw.update(deepseek_fields(r, kw))
     return transformers.AutoConfig.for_model(model_type, **kw)
+
+
+def deepseek_fields(r: random.Random, kw: dict) -> dict:
+    """Multi-head latent attention with or without a q LoRA rank, first-k dense layers, routed and
+    shared experts (transformers derives head_dim from qk_rope_head_dim)."""
+    kw.pop("head_dim")
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
+    return dict(kv_lora_rank=r.choice([8, 12]), q_lora_rank=r.choice([None, 16]),
+                qk_nope_head_dim=r.choice([4, 8]), qk_rope_head_dim=r.choice([2, 4]),
+                v_head_dim=r.choice([4, 6]), first_k_dense_replace=r.randint(0, kw["num_hidden_layers"]),
+                n_routed_experts=8, num_experts_per_tok=2, n_group=r.choice([1, 2, 4]), topk_group=1,
+                moe_intermediate_size=r.choice([8, 12]), n_shared_experts=r.choice([1, 2]))
 
 
 def nemotron_fields(r: random.Random, kw: dict) -> dict:

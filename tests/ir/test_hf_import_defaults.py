@@ -3,7 +3,6 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from plait.ir.errors import PlaitError
 from plait.ir.hf import TYPE_DEFAULTS, model_from_hf_config
 
 CONFIG_CLASSES = {"mixtral": "MixtralConfig", "mistral": "MistralConfig"}
@@ -30,8 +29,7 @@ def test_mixtral_without_rope_theta_or_eps_takes_mixtral_defaults():
     assert spec.norm.eps == 1e-5
 
 
-def test_mistral_without_sliding_window_is_refused_like_transformers_would_slide():
-    with pytest.raises(PlaitError, match="sliding_window"):
-        model_from_hf_config(dict(MINIMAL, model_type="mistral"))
+def test_mistral_without_sliding_window_slides_4096_tokens_like_transformers():
+    assert model_from_hf_config(dict(MINIMAL, model_type="mistral")).attention.window == 4096
     spec = model_from_hf_config(dict(MINIMAL, model_type="mistral", sliding_window=None))
-    assert spec.num_layers == 4
+    assert spec.num_layers == 4 and spec.attention.window is None

@@ -86,19 +86,18 @@ def test_nemotron_h_moe_layers_and_layers_block_type():
 
 @pytest.mark.parametrize("name,change,field", [
     ("llama-3.1-8b", {"model_type": "gemma"}, "model_type = 'gemma'"),
-    ("llama-3.1-8b", {"model_type": "mistral", "sliding_window": 4096}, "sliding_window = 4096"),
-    ("qwen2-57b-a14b", {"use_sliding_window": True}, "use_sliding_window = True"),
     ("llama-3.1-8b", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type = 'dynamic'"),
     ("llama-3.1-8b", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}},
      "rope_parameters.mscale"),
     ("llama-3.1-8b", {"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
+    ("llama-3.1-8b", {"sliding_window": 4096}, "sliding_window = 4096"),  # Llama has no window
+    ("qwen3-30b-a3b", {"layer_types": ["sliding_attention"] * 48}, "layer_types"),  # none to slide
     ("llama-3.1-8b", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
     ("llama-3.1-8b", {"attention_dropout": 0.1}, "attention_dropout = 0.1"),
     ("llama-3.1-8b", {"qk_layernorm": True}, "qk_layernorm = True"),
     ("llama-3.1-8b", {"num_key_value_heads": 5}, "num_key_value_heads = 5"),
     ("mixtral-8x7b", {"router_jitter_noise": 0.01}, "router_jitter_noise = 0.01"),
     ("mixtral-8x7b", {"num_experts_per_tok": 9}, "num_experts_per_tok = 9"),
-    ("qwen3-30b-a3b", {"layer_types": ["sliding_attention"] * 48}, "layer_types"),
     ("nemotron-h-8b", {"hybrid_override_pattern": "M-G*"}, "hybrid_override_pattern = 'M-G*'"),
     ("nemotron-h-8b", {"num_hidden_layers": 50}, "num_hidden_layers = 50"),
     ("nemotron-h-8b", {"num_nextn_predict_layers": 1}, "num_nextn_predict_layers = 1"),

@@ -23,11 +23,11 @@ SPEC_FILES = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.plai
 MODELS = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "gpt-1.7b", "gpt-3.6b", "gpt-7.5b", "gpt-18.4b",
           "gpt-39.1b", "gpt-76.1b", "gpt-145.6b", "gpt-310.1b", "gpt-529.6b", "gpt-1t", "gpt3-175b",
           "mixtral-8x7b", "mixtral-8x22b", "qwen2-57b-a14b", "qwen3-30b-a3b", "nemotron-h-8b", "nemotron-h-4b",
-          "nemotron-h-56b", "nemotron-h-47b", "tiny-dense", "tiny-moe", "tiny-hybrid"]
+          "nemotron-h-56b", "nemotron-h-47b", "mistral-7b-v0.1", "deepseek-v3", "tiny-dense", "tiny-moe", "tiny-hybrid"]
 CLUSTERS = ["dgx-a100", "dgx-h100", "dgx-h200", "h800", "local-cpu"]
 JOBS = ["mixtral-8x22b-128gpu", "mixtral-8x22b-1024gpu", "qwen2-57b-a14b-64gpu", "llama-3.1-405b-16384gpu-8k",
         "llama-3.1-405b-16384gpu-128k", "nemotron-h-56b-pretrain", "tiny-local", "tiny-moe-local",
-        "tiny-hybrid-local"]
+        "tiny-hybrid-local", "mistral-7b-v0.1-32k", "deepseek-v3-2048gpu"]
 IR_TYPES = {"models": ModelSpec, "devices": Device, "clusters": Cluster, "jobs": TrainJob}
 
 
@@ -119,6 +119,7 @@ def test_library_model_equals_its_imported_hugging_face_config(config):
     ("llama-3.1-405b-16384gpu-8k", "llama-3.1-405b", 16384, 2048, 8192, "bf16", None),
     ("llama-3.1-405b-16384gpu-128k", "llama-3.1-405b", 16384, 128, 131072, "bf16", None),
     ("nemotron-h-56b-pretrain", "nemotron-h-56b", 1024, 768, 8192, "fp8", None),
+    ("mistral-7b-v0.1-32k", "mistral-7b-v0.1", 32, 128, 32768, "bf16", None),
 ])
 def test_reference_jobs(name, model, gpus, batch, seq, precision, capacity):
     job = load_job(str(SPECS / "jobs" / f"{name}.plait"))
@@ -126,6 +127,12 @@ def test_reference_jobs(name, model, gpus, batch, seq, precision, capacity):
     assert job.cluster.device.name == "h100-sxm5-80gb" and job.cluster.gpus_per_node == 8
     assert job.precision.kind == precision and job.moe.capacity_factor == capacity
     assert job.layout.pins == ()  # the planner chooses
+
+
+def test_deepseek_v3_job_is_its_reported_cluster_and_batch():
+    job = load_job(str(SPECS / "jobs" / "deepseek-v3-2048gpu.plait"))
+    assert (job.model.name, job.cluster.world, job.global_batch, job.seq_len) == ("deepseek-v3", 2048, 15360, 4096)
+    assert job.cluster.device.name == "h800-sxm5-80gb" and job.layout.pins == ()
 
 
 @pytest.mark.parametrize("name, model", [("tiny-local", "tiny-dense"), ("tiny-moe-local", "tiny-moe"),

@@ -10,7 +10,7 @@ from plait.ir.dsl import load_model
 from plait.ir.errors import LayoutError
 from plait.ir.model import Rope
 from plait.ir.plan import Layout, ParallelPlan, even_stages
-from plait.lowering import cp_attention, cp_ops
+from plait.lowering import cp_attention, cp_ops, cp_pairs
 from plait.lowering.build import build_model
 from plait.lowering.compile import dense_layout, lower
 from plait.lowering.cp_attention import chunk_pairs, ring_backward, ring_forward
@@ -47,9 +47,9 @@ def test_ring_computes_every_causal_chunk_pair_once_with_balanced_work(cp):
     for rank in range(cp):
         seen = []
         for src in range(cp):
-            for qi, ki, causal in chunk_pairs(cp, rank, src):
+            for qi, ki, offset in chunk_pairs(cp, rank, src):
                 qa, kb = cp_ops.zigzag_chunks(cp, rank)[qi], cp_ops.zigzag_chunks(cp, src)[ki]
-                assert qa >= kb and causal == (qa == kb)
+                assert qa >= kb and offset == qa - kb
                 seen.append((qa, kb))
         want = [(qa, kb) for qa in cp_ops.zigzag_chunks(cp, rank) for kb in range(qa + 1)]
         assert sorted(seen) == sorted(want)
@@ -57,31 +57,85 @@ def test_ring_computes_every_causal_chunk_pair_once_with_balanced_work(cp):
         assert len(seen) == 2 * cp + 1
 
 
+@pytest.mark.parametrize("kernel", ["auto", "math"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_ring_math_on_one_rank_equals_causal_sdpa(kv_heads):
+def test_ring_math_on_one_rank_equals_causal_sdpa(kv_heads, kernel):
+    """Both pair kernels a CPU / non-flash ring runs (CPU flash, explicit scores), merged by LSE."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 12, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 12, kv_heads, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 12, kv_heads, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     want = causal_attention(q, k, v, 0.3)
-    out, lse = ring_forward(q, k, v, 0.3, "cp", 1, 0)
+    out, lse = ring_forward(q, k, v, 0.3, cp_ops.PeerExchange("cp", 1, 0), kernel=kernel)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     dout = torch.randn_like(want)
     grads = torch.autograd.grad(want, (q, k, v), dout)
-    mine = ring_backward(dout, q, k, v, out, lse, 0.3, "cp", 1, 0)
+    mine = ring_backward(dout, q, k, v, out, lse, 0.3, cp_ops.PeerExchange("cp", 1, 0), kernel=kernel)
     for a, b in zip(mine, grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_cpu_flash_pair_kernels_equal_the_explicit_math(causal):
+@pytest.mark.parametrize("offset, window, kind", [(0, None, "causal"), (6, None, "all"), (0, 6, "causal"),
+                                                (6, 12, "all"), (0, 3, "band"), (6, 6, "band"),
+                                                (12, 8, "band")])
+def test_cpu_flash_pair_kernels_equal_the_explicit_math(offset, window, kind):
+    """Same chunk (causal), an earlier chunk wholly inside the window, and banded pairs (the kernel
+    with a mask), rows that see no key included (offset 6, window 6: the last query sees none; its
+    lse is -inf). The backward takes a merged, finite lse, as the ring's (a query sees itself)."""
     gen = torch.Generator().manual_seed(2)
     q, k, v, do = (torch.randn(2, 3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(4))
-    out, lse = cp_attention.pair_forward(q, k, v, 0.5, causal)
-    out_m, lse_m = cp_attention._pair_forward_math(q, k, v, 0.5, causal)
+    assert cp_attention.pair_visibility(6, offset, window) == kind
+    out, lse = cp_attention.pair_forward(q, k, v, 0.5, offset, window)
+    out_m, lse_m = cp_pairs.math_forward(q, k, v, 0.5, offset, window)
     torch.testing.assert_close((out, lse), (out_m, lse_m))
-    for a, b in zip(cp_attention.pair_backward(do, q, k, v, out, lse, 0.5, causal),
-                    cp_attention._pair_backward_math(do, q, k, v, out, lse, 0.5, causal)):
+    lse = torch.logaddexp(lse, cp_pairs.math_forward(q, k, v, 0.5, 0, None)[1])
+    for a, b in zip(cp_attention.pair_backward(do, q, k, v, out, lse, 0.5, offset, window),
+                    cp_pairs.math_backward(do, q, k, v, out, lse, 0.5, offset, window)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_a_low_precision_pair_kernel_gets_bf16_operands_and_merges_in_fp32(monkeypatch, window):
+    """The path SDPA's flash backend takes on CUDA (bf16 operands, bf16 pair outputs, fp32 LSE,
+    merges and gradient sums in fp32), here with PyTorch's CPU flash kernel on bf16 in its place.
+    Against fp32 attention of the same bf16 inputs: a few bf16 roundings (2^-8) of the pair
+    outputs and of the gradients the kernel returns, norm-wise; bound 2e-2."""
+    monkeypatch.setitem(cp_pairs.KERNELS, "bf16-flash", cp_pairs.PairKernel(
+        "bf16-flash", cp_pairs.cpu_flash_forward, cp_pairs.cpu_flash_backward, low_precision=True))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 16, h, 8, generator=gen).bfloat16() for h in (4, 2, 2))
+    dout = torch.randn(2, 16, 4, 8, generator=gen).bfloat16()
+    one = cp_ops.PeerExchange("cp", 1, 0)
+    out, lse = ring_forward(q, k, v, 0.3, one, window, "bf16-flash")
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    grads = ring_backward(dout, q, k, v, out, lse, 0.3, one, window, "bf16-flash")
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    want = causal_attention(*ref, 0.3, window)
+    wanted = torch.autograd.grad(want, ref, dout.float())
+    for got, exp in [(out, want)] + list(zip(grads, wanted)):
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - exp).norm() / exp.norm()).item() < 2e-2
+    # an fp32 ring asking for a low-precision kernel runs the math pairs (flash has no fp32), as
+    # does a head dimension flash does not take
+    assert cp_pairs.resolve("bf16-flash", q.float()).name == "math"
+    assert cp_pairs.resolve("bf16-flash", torch.zeros(1, 2, 2, 12, dtype=torch.bfloat16)).name == "math"
+
+
+def test_sdpa_flash_pairs_run_a_sliding_window_band_as_fp32_math():
+    """SDPA's flash kernel has no band mask: a band pair runs the math on upcast operands (no CUDA
+    op involved, so this runs here), equal to the math kernel on the same values."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(2, 3, 6, 8, generator=gen).bfloat16() for _ in range(4))
+    assert cp_attention.pair_visibility(6, 6, 6) == "band"
+    out, lse = cp_pairs.sdpa_flash_forward(q, k, v, 0.5, 6, 6)
+    want = cp_pairs.math_forward(q.float(), k.float(), v.float(), 0.5, 6, 6)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close((out, lse), want)
+    lse = torch.logaddexp(lse, cp_pairs.math_forward(q.float(), k.float(), v.float(), 0.5, 0)[1])
+    got = cp_pairs.sdpa_flash_backward(do, q, k, v, out.bfloat16(), lse, 0.5, 6, 6)
+    wanted = cp_pairs.math_backward(do.float(), q.float(), k.float(), v.float(), out.bfloat16().float(),
+                                    lse, 0.5, 6, 6)
+    for a, b in zip(got, wanted):
         torch.testing.assert_close(a, b)
 
 

@@ -13,7 +13,7 @@ from plait.lowering import fp8
 from plait.lowering.build import build_model
 from plait.lowering.compile import lower
 from plait.lowering.trace import info
-from plait.runtime import kernels
+from plait.runtime import fp8_backends, kernels
 
 from passes_util import SPEC, plan
 
@@ -57,19 +57,38 @@ def test_emulation_is_close_to_bf16_but_not_equal():
         assert 1e-3 < rel < 0.06  # E4M3: 2^-4 relative step; E5M2 gradients 2^-3
 
 
+def _torchao_float8_linear():
+    """torchao's own Float8Linear GEMM (matmul_with_hp_or_float8_args, default config) as a
+    function of (x, weight, bias)."""
+    module = pytest.importorskip("torchao.float8.float8_linear")
+    config = module.Float8LinearConfig()
+    mm_config = module.Float8Linear(1, 1, bias=False, config=config, device="meta").linear_mm_config
+
+    def linear(x, weight, bias=None):
+        out = module.matmul_with_hp_or_float8_args.apply(x, weight.t(), mm_config, config)
+        return out if bias is None else out + bias.to(out.dtype)
+    return linear
+
+
 def test_emulation_equals_torchao_float8_linear_on_cpu():
     """Same scales, same casts: outputs and both gradients agree with torchao's Float8Linear GEMM
-    (tensorwise, dynamic; through the adapter runtime/kernels.py binds) to one bf16 rounding step on a handful of elements (fp32 sums in another
+    (tensorwise, dynamic) to one bf16 rounding step on a handful of elements (fp32 sums in another
     order), exactly everywhere else."""
-    module = pytest.importorskip("torchao.float8.float8_linear")
-    torchao_linear = kernels._torchao_fp8(module)  # the adapter the runtime binds on CUDA
     x, w, b = _operands(bias=True)
-
-    for got, want in zip(_run(fp8.fp8_linear, x, w, b), _run(torchao_linear, x, w, b)):
+    for got, want in zip(_run(fp8.fp8_linear, x, w, b), _run(_torchao_float8_linear(), x, w, b)):
         assert got.dtype == want.dtype == torch.bfloat16
         diff = (got.float() - want.float()).abs()
         assert (diff > 0).float().mean() < 1e-3
         assert (diff <= BF16_ULP * want.float().abs() + 1e-6).all()
+
+
+def test_bound_torchao_backend_is_torchao_float8_linear():
+    """What kernels.bind binds on CUDA (torchao's cast and GEMM under plait's fp8 autograd, so TP
+    shards can take whole-tensor scales) computes torchao Float8Linear's numbers bit for bit."""
+    torchao_linear = fp8_backends.torchao_linear(pytest.importorskip("torchao.float8"))
+    x, w, b = _operands(bias=True)
+    for got, want in zip(_run(torchao_linear, x, w, b), _run(_torchao_float8_linear(), x, w, b)):
+        assert torch.equal(got, want)
 
 
 def _fp8_program(ends: int, layout=Layout(tp=2, etp=2), rank=0):
@@ -91,6 +110,23 @@ def test_fp8_linears_follow_the_bf16_ends_rule(ends):
     # every linear of an fp8 layer: q, k, v, o (attention) / gate, up, down (SwiGLU mlp)
     per_layer = {l: sum(info(n).layer == l for n in _fp8_nodes(program.pipe)) for l in layers}
     assert all(per_layer[l] == (4 if SPEC.layers[l] == "attention" else 3) for l in layers)
+
+
+def test_tp_sharded_fp8_linears_take_whole_tensor_scales():
+    """Under TP every fp8 linear names the TP axis and its role (column: q/k/v, gate/up; row: o,
+    down), so its scales are the whole tensors' (tests/lowering/test_fp8_tp.py runs it); without TP
+    none does."""
+    program, _ = _fp8_program(1, Layout(tp=2, etp=2, sp=True))
+    roles = set()
+    for node in _fp8_nodes(program.pipe):
+        axis, size, role = node.args[3:]
+        assert (axis, size) == ("tp", 2)
+        want = "row" if any(k in str(node.args[1]) for k in ("o_proj", "down_proj")) else "column"
+        assert role == want, (node.name, node.args[1], role)
+        roles.add(role)
+    assert roles == {"column", "row"}
+    single, _ = _fp8_program(1, Layout())
+    assert all(len(n.args) == 3 for n in _fp8_nodes(single.pipe))
 
 
 def test_fp32_and_bf16_programs_have_no_fp8_gemm():
@@ -124,18 +160,15 @@ def test_bound_kernels_are_the_reported_ones_on_cpu():
 
 
 def test_bound_kernels_are_the_reported_ones_with_a_stubbed_cuda_registry(monkeypatch):
-    """The GPU path: CUDA 'available', flash-attn and torchao 'installed' (stubs); every attention
+    """The GPU path: CUDA 'available', flash-attn 'installed' (a stub; torchao is the real one, its
+    adapter built as on CUDA); every attention
     and fp8 linear node of the compiled program calls exactly the function doctor reports."""
     import types
 
     flash = types.SimpleNamespace(flash_attn_func=lambda q, k, v, softmax_scale, causal: q,
                                   flash_attn_varlen_func=lambda *a, **k: a[0])
 
-    class Float8Linear:
-        def __init__(self, *a, config, device, bias):
-            self.linear_mm_config = None
-    ao = types.SimpleNamespace(Float8Linear=Float8Linear, matmul_with_hp_or_float8_args=None)
-    table = {"flash-attn": flash, "torchao": ao}
+    table = {"flash-attn": flash, "torchao": pytest.importorskip("torchao.float8")}
     monkeypatch.setattr(kernels, "cuda_ready", lambda device: (True, ""))
     monkeypatch.setattr(kernels, "probe", lambda package: (table[package], "") if package in table
                         else (None, f"{package} is not installed"))

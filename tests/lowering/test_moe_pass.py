@@ -1,5 +1,6 @@
 """Tier 1: the dispatch_experts pass on shapes, shards, gradient records and program text, and a
 one-rank compiled MoE program against the reference model (no processes)."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.lowering.build import build_model
 from plait.lowering.compile import lower, program_text
 from plait.lowering.moe import ExpertParallelMoE, shard_experts
+from plait.lowering.passes.shard_tensor_parallel import check_divisible
 
 torch.set_num_threads(1)
 
@@ -84,13 +86,33 @@ def test_context_parallel_ranks_fold_into_expert_parallel(layout, rank, axes, ep
     assert (program.experts.edp, program.experts.dp_cp) == (1, 2)
 
 
-def test_router_and_shared_expert_sum_over_tp_but_experts_never_do():
-    program = lowered(Layout(tp=2, sp=True, ep=2), rank=0)
-    tp_sum = set(program.grad_sync.tp_sum)
-    for layer in MOE_LAYERS:
-        assert f"layers.{layer}.mixer.router.weight" in tp_sum
-        assert f"layers.{layer}.mixer.shared.down_proj.weight" in tp_sum
-        assert not any(n.startswith(f"layers.{layer}.mixer.experts") for n in tp_sum)
+def test_router_and_gate_sum_over_tp_experts_never_do_and_the_shared_expert_is_a_tp_shard():
+    """Megatron-Core's split: the router and the shared expert's gate are replicated over TP (each
+    rank's share of their gradient is summed over TP), the shared expert is column / row parallel
+    like a dense MLP (a TP shard: no TP sum), routed experts are EP x ETP shards."""
+    full = build_model(SPEC, seed=0)
+    for rank in (0, 1):
+        program = lowered(Layout(tp=2, sp=True, ep=2), rank=rank)
+        tp_sum, shards = set(program.grad_sync.tp_sum), program.shards
+        params = program.local_parameters()
+        for layer in MOE_LAYERS:
+            path = f"layers.{layer}.mixer"
+            assert {f"{path}.router.weight", f"{path}.shared_gate.weight"} <= tp_sum
+            assert not any(n.startswith(f"{path}.experts") or n.startswith(f"{path}.shared.")
+                           for n in tp_sum)
+            ref = full.layers[layer].mixer.shared
+            for leaf, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                name = f"{path}.shared.{leaf}.weight"
+                assert (shards[name].dim, shards[name].parts, shards[name].index) == (dim, 2, rank)
+                want = getattr(ref, leaf).weight.chunk(2, dim)[rank]
+                torch.testing.assert_close(params[name], want)
+            assert mixer(program, layer).shared_tp == ("tp", 2)
+
+
+def test_shared_ffn_must_divide_by_tp():
+    spec = replace(SPEC, moe=replace(SPEC.moe, shared_ffn=21))
+    with pytest.raises(LayoutError, match="tp = 2 does not divide shared expert ffn = 21"):
+        check_divisible(spec, 2)
 
 
 def test_program_text_calls_the_expert_parallel_mixer():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from plait.ir.errors import LayoutError
-from plait.ir.model import ModelSpec
+from plait.ir.model import Attention, ModelSpec, Rope
 from plait.ir.plan import Layout
 from plait.lowering import sharding
 from plait.lowering.build import build_model
@@ -121,3 +121,19 @@ def test_tied_embeddings_share_the_vocab_shard():
     assert "head.weight" not in gm.meta["plait.shards"]
     assert dict(gm.named_parameters())["embed.weight"].shape == (128, 64)
     assert sharding.propagate(gm)
+
+
+def test_latent_attention_splits_heads_and_sums_the_latent_gradients():
+    """MLA under TP (Megatron-Core's split): q_b_proj / kv_b_proj column-parallel by heads, o_proj
+    row-parallel, the latent down-projections and their norms replicated with a TP gradient sum."""
+    from plait.ir.model import LatentKV
+    lat = LatentKV(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, q_lora_rank=48)
+    spec = replace(SPEC, attention=Attention(heads=4, kv_heads=4, head_dim=24, rope=Rope(), latent=lat))
+    program = lowered(Layout(tp=2), spec=spec)
+    shards = program.shards
+    mixer = "layers.0.mixer"
+    assert {k: (v.dim, v.parts) for k, v in shards.items() if k.startswith(mixer)} == {
+        f"{mixer}.q_b_proj.weight": (0, 2), f"{mixer}.kv_b_proj.weight": (0, 2), f"{mixer}.o_proj.weight": (1, 2)}
+    replicated = {f"layers.{i}.mixer.{n}.weight" for i in (0, 2, 4)
+                  for n in ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")}
+    assert set(program.grad_sync.tp_sum) == replicated

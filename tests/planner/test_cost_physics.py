@@ -270,3 +270,18 @@ def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
     # communication-bound (no overlap window): the per-unit terms already expose it all
     none = CostTable(calibrated(job, fsdp_overlap=0.0), fsdp, units(job.model))
     assert none.fsdp_edge == 0.0
+
+
+def test_a_sliding_window_cuts_attention_core_and_ring_exchanges():
+    """Mistral-7B-v0.1 at 32K on cp 4 (zigzag chunks of 4K, window 4096): each query sees ~4K keys
+    instead of ~16K, and the ring skips the exchange whose K/V block no query sees (2 of 3)."""
+    from plait.ir.dsl import load_job
+    job = load_job("specs/jobs/mistral-7b-v0.1-32k.plait")
+    full = replace(job, model=replace(job.model, attention=replace(job.model.attention, window=None)))
+    layout = Layout(tp=1, cp=4, dp=4, pp=2)
+    windowed, causal = Context(job, layout), Context(full, layout)
+    # s w - w^2 / 2 of the s^2 / 2 triangle: (32K * 4K - 8M) / 512M = 15/64
+    assert compute.attention_work(windowed).core == pytest.approx(
+        compute.attention_work(causal).core * 15 / 64, rel=1e-12)
+    assert comm.cp_comm(windowed) == pytest.approx(comm.cp_comm(causal) * 2 / 3, rel=1e-12)
+    assert compute.ring_merge_bytes(windowed) == pytest.approx(compute.ring_merge_bytes(causal) * 2 / 3)

@@ -9,6 +9,7 @@ import pytest
 
 from plait.ir import counts
 from plait.ir.dsl import load_model
+from plait.ir.errors import PlaitError
 from plait.ir.job import AxisSearch, PruneJob, PruneTarget
 from plait.planner.prune import ilp
 from plait.planner.prune.options import KIND_AXES, pruned_spec
@@ -138,3 +139,15 @@ def test_plan_matches_brute_force_on_tiny_models(path, axes, depth, fraction):
     best = result.plan.chosen
     assert best.params == counts.params(best.model).total <= job.target.params
     assert math.log(best.score) == pytest.approx(expected[0], abs=1e-9)
+
+
+def test_depth_pruning_refuses_to_renumber_per_layer_windows():
+    """full_layers names attention layers by index; dropping some would silently move the full
+    ones. Widths alone, or one window everywhere, prune as before."""
+    model = load_model("specs/models/tiny-dense.plait")
+    mixed = replace(model, attention=replace(model.attention, window=8, full_layers=(1,)))
+    with pytest.raises(PlaitError, match="full_layers = \\[1\\]"):
+        pruned_spec(mixed, model.hidden, {}, mixed.layers[2:])
+    assert pruned_spec(mixed, model.hidden, {"attention_heads": 2}, mixed.layers).attention.full_layers == (1,)
+    everywhere = replace(model, attention=replace(model.attention, window=8))
+    assert pruned_spec(everywhere, model.hidden, {}, everywhere.layers[2:]).attention.window == 8

@@ -16,8 +16,9 @@ HYBRID = dict(model_type="nemotron_h", vocab_size=96, hidden_size=32, intermedia
               hybrid_override_pattern="ME*-")
 FAMILIES = {
     "llama": TINY | dict(model_type="llama", attention_bias=True, tie_word_embeddings=True),
-    "mistral": TINY | dict(model_type="mistral", sliding_window=None),
-    "qwen2": TINY | dict(model_type="qwen2"),
+    "mistral": TINY | dict(model_type="mistral", sliding_window=5),  # windows shorter than the
+    "qwen2": TINY | dict(model_type="qwen2", use_sliding_window=True, sliding_window=6,  # 16 tokens
+                         max_window_layers=1),  # logit_diff reads: layer 0 full, layer 1 windowed
     "qwen3": TINY | dict(model_type="qwen3", head_dim=16),
     "mixtral": TINY | dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": TINY | dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,

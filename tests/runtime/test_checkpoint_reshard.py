@@ -37,6 +37,11 @@ MOVES = [
     move("tp2 pp2 -> dp4 fsdp", Layout(tp=2, pp=2), Layout(dp=4, dp_kind="fsdp")),
     move("ep4 -> ep2 etp2 (tiny-moe)", Layout(dp=4, ep=4), Layout(dp=4, ep=2, etp=2),
          Setup(MOE, global_batch=4, seq=16, steps=STEPS)),
+    # the shared expert is a TP shard under TP (Megatron-Core's SharedExpertMLP), whole without it
+    move("dp2 fsdp -> tp2 sp ep2 (tiny-moe shared expert tp1 -> tp2)", Layout(dp=2, edp=2, dp_kind="fsdp"),
+         Layout(tp=2, sp=True, ep=2), Setup(MOE, global_batch=4, seq=16, steps=STEPS)),
+    move("tp2 sp etp2 -> dp2 (tiny-moe shared expert tp2 -> tp1)", Layout(tp=2, sp=True, etp=2),
+         Layout(dp=2, edp=2), Setup(MOE, global_batch=4, seq=16, steps=STEPS)),
 ]
 
 

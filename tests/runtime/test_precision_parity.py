@@ -24,24 +24,19 @@ A real defect is far outside this: a missed or doubled reduction, a wrong diviso
 moves a gradient by >= 50%, a gradient accumulated or reduced in bf16 instead of fp32 shows in the
 dtype assertions below. fp32 parity (1e-5, fp64 1e-12) stays in test_runtime_parity.py untouched.
 """
-from dataclasses import replace
-from pathlib import Path
-
 import pytest
 import torch
 
-from plait.ir.dsl import load_model
 from plait.ir.job import Precision
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, assemble, _worker, reference, spawn_cases
+from plait.runtime.parity import Case
+
+from precision_util import VS_FP32, layout_errors
 
 pytestmark = pytest.mark.tier2
 
-MODELS = Path(__file__).resolve().parents[2] / "specs" / "models"
 BF16 = Precision("bf16")
 LOSS_TOL, GRAD_TOL, FP32_GRAD_TOL, ROUTED_TOL = 1e-2, 5e-2, 0.1, 0.5
-VS_FP32 = "single vs fp32"
-SINGLE = Case("single", Layout())
 DENSE = [Case("tp2_sp", Layout(tp=2, sp=True)), Case("pp2", Layout(pp=2)),
          Case("dp2_zero1", Layout(dp=2, dp_kind="zero1")), Case("dp2_fsdp", Layout(dp=2, dp_kind="fsdp"))]
 MOE = [Case("ep2", Layout(dp=2, ep=2, etp=1, edp=1, dp_kind="zero1")),
@@ -51,29 +46,7 @@ HYBRID = [Case("tp2_sp", Layout(tp=2, sp=True)), Case("pp2", Layout(pp=2)),
 
 
 def _errors(name: str, cases: list[Case], tmp) -> dict:
-    setup = Setup(load_model(MODELS / f"{name}.plait"), global_batch=4, seq=32, steps=2,
-                  precision=BF16)
-    records = spawn_cases(_worker, [SINGLE] + cases, str(tmp), setup)
-    ref_grads = assemble(records["single"], "grads")
-    ref_loss = records["single"][0]["loss"]
-    fp32 = reference(replace(setup, precision=None))  # the fp32 reference module, torch AdamW
-    out = {VS_FP32: _diff(ref_loss, ref_grads, [fp32["loss"]], fp32["grads"])}
-    for case in cases:
-        grads = assemble(records[case.name], "grads")
-        out[case.name] = _diff([r["loss"] for r in records[case.name]], grads, ref_loss, ref_grads)
-        out[case.name]["param_dtypes"] = {p.dtype for p in assemble(records[case.name], "params").values()}
-    return out
-
-
-def _diff(losses, grads: dict, ref_loss, ref_grads: dict) -> dict:
-    """Relative loss error and per-tensor relative gradient errors (norm-wise)."""
-    losses = losses if isinstance(losses, list) else [losses]
-    ref_loss = ref_loss[0] if isinstance(ref_loss, list) else ref_loss
-    assert set(grads) == set(ref_grads)
-    rel = {n: ((grads[n].double() - ref_grads[n].double()).norm()
-               / ref_grads[n].double().norm().clamp_min(1e-30)).item() for n in ref_grads}
-    return {"loss": max(abs(l - ref_loss) / ref_loss for l in losses), "grads": rel,
-            "grad_dtypes": {g.dtype for g in grads.values()}}
+    return layout_errors(name, cases, tmp, BF16)
 
 
 @pytest.fixture(scope="module")
