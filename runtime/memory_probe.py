@@ -127,10 +127,10 @@ class _Gathered(TorchDispatchMode):
                 yield param
                 yield getattr(param, "grad", None)
                 yield getattr(fp, "unsharded_accumulated_grad", None)
-        for ctx in self.ctxs:
-            if ctx.all_gather_state is not None:
+        for ctx in self.ctxs:  # (attributes set at FSDP's lazy init, on the first forward)
+            if getattr(ctx, "all_gather_state", None) is not None:
                 yield ctx.all_gather_state.all_gather_result.all_gather_output
-            yield from (state.reduce_scatter_input for state in ctx.reduce_scatter_states)
+            yield from (state.reduce_scatter_input for state in getattr(ctx, "reduce_scatter_states", ()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
