@@ -87,6 +87,20 @@ def accumulator_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
+def all_reduce_flat(grads: list[torch.Tensor], axis: str | None, divisor: int = 1) -> None:
+    """Sum ``grads`` over ``axis`` (None: no reduction) as one flat buffer, divide by
+    ``divisor``, and write the results back in place."""
+    flat = torch.cat([g.flatten() for g in grads])
+    if axis is not None:
+        flat = cc.all_reduce(flat, "sum", axis)
+    if divisor != 1:
+        flat = flat / divisor
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_'s factor."""
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
@@ -123,10 +137,11 @@ class DataParallel:
         return self._local_grad(self.named[name])
 
     def sum_over_tp(self) -> None:
-        for name in self.tp_sum:
-            grad = self.grad(name)
-            if grad is not None:
-                grad.copy_(cc.all_reduce(grad, "sum", "tp"))
+        """One all-reduce of all TP-partial gradients together (not one per parameter: under
+        sequence parallelism every norm weight has one, and each collective costs a round trip)."""
+        grads = [g for g in (self.grad(n) for n in self.tp_sum) if g is not None]
+        if grads:
+            all_reduce_flat(grads, "tp")
 
     def _local_grad(self, p: torch.Tensor):
         g = p.grad
@@ -237,14 +252,7 @@ class Replicated(DataParallel):
             grads = [self.grad(n) for n in names]
             if self.dp == 1 and self.mesh.size(axis) == 1:
                 continue
-            flat = torch.cat([g.flatten() for g in grads])
-            if self.mesh.size(axis) > 1:
-                flat = cc.all_reduce(flat, "sum", axis)
-            flat = flat / self.dp
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            all_reduce_flat(grads, axis if self.mesh.size(axis) > 1 else None, self.dp)
 
     def owned_sq_sum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
@@ -318,8 +326,7 @@ class FullyShard(DataParallel):
             if policy.mixed:
                 module.to(main_dtype(policy))
             self.units.append(shard_stage(module, dict(
-                mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp,
-                shard_placement_fn=_even_shard(dp_mesh.size()))))
+                mesh=dp_mesh, mp_policy=mp, shard_placement_fn=_even_shard(dp_mesh.size()))))
         super().__init__(program, mesh, spec, policy)  # parameters are DTensors now
         self.optimizer = adamw(param_groups(self.named.items(), spec.weight_decay), spec)
 
@@ -387,10 +394,12 @@ def shard_stage(stage: nn.Module, options: dict) -> list[nn.Module]:
     units = stage_units(stage)
     taken: set[nn.Parameter] = set()
     heads = []
-    for unit in units:
-        fully_shard(unit if len(unit) > 1 else unit[0], **options)
+    for unit in units:  # resharded after forward, gathered again for backward (comm.fsdp_unit)
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=True, **options)
         heads.append(unit[0])
         taken |= {p for m in unit for p in m.parameters()}
+    # the stage, FSDP's root, keeps what is left (the final norm) gathered from forward to
+    # backward: FSDP2's default for a root
     fully_shard(stage, ignored_params=taken, **options)
     for k, head in enumerate(heads):
         if k + 1 < len(heads):
