@@ -93,9 +93,9 @@ def live_after_forward(trainer: Trainer, step: int = 0) -> int:
     mode = _Outputs()
     with mode:
         loss = loss_fn(stage(batch.tokens), batch.labels)
-    # an FSDP stage (a root unit) keeps its weights gathered from forward to backward: weights
-    # too (the memory model's FSDP buffer), not activations
-    params |= {p.untyped_storage().data_ptr() for p in stage.parameters()}
+    # FSDP's stage root keeps its own weights (the final norm) gathered from forward to backward:
+    # weights too (the memory model's FSDP buffer), not activations; the units are sharded again
+    params |= {_local(p).untyped_storage().data_ptr() for p in stage.parameters()}
     seen: set[int] = set()
     total = 0
     for ref in mode.refs:
