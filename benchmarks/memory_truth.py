@@ -5,7 +5,8 @@ the activations of one micro-batch, the rank's weights, gradients, ZeRO-1 master
 gradients, Adam moments); the planner predicts the same layout (planner/cost/evaluate.py
 rank_tensor_bytes). One table, rank 0 of each layout, measured / predicted side by side. "saved":
 saved-tensor hooks (no recompute: the hooks cannot see checkpoint's stash); "live": the forward's
-tensors alive when backward starts (any recompute; also holds the loss and the stage output).
+tensors alive when backward starts (any recompute; also holds the loss and the stage output);
+"gathered": FSDP's gathered units and unsharded gradients at their peak.
 
     .venv/bin/python benchmarks/memory_truth.py
 """
@@ -26,14 +27,15 @@ from plait.planner.layouts import units
 from plait.runtime.memory_probe import measure, probe_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-TERMS = ("weights", "grads", "master", "master_grads", "moments", "saved", "live")
+TERMS = ("weights", "grads", "master", "master_grads", "moments", "saved", "live", "gathered")
 CASES = {
     "tiny-local": {"dp2 replicated": Layout(dp=2, mbs=2, dp_kind="replicated"),
                    "dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
                    "dp2 fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp"),
                    "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
                    "dp2 selective": Layout(dp=2, mbs=2, recompute="selective"),
-                   "dp2 full": Layout(dp=2, mbs=2, recompute="full")},
+                   "dp2 full": Layout(dp=2, mbs=2, recompute="full"),
+                   "dp2 fsdp full": Layout(dp=2, mbs=2, dp_kind="fsdp", recompute="full")},
     "tiny-moe-local": {"dp2 zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
                        "dp2 ep2 zero1": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1"),
                        "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
@@ -42,7 +44,8 @@ CASES = {
                        "dp2 fsdp": Layout(dp=2, edp=2, mbs=2, dp_kind="fsdp")},
     "tiny-hybrid-local": {"dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
                           "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
-                          "dp2 selective": Layout(dp=2, mbs=2, recompute="selective")},
+                          "dp2 selective": Layout(dp=2, mbs=2, recompute="selective"),
+                          "dp2 fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp")},
 }
 
 

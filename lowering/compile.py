@@ -24,7 +24,7 @@ from .passes.context_parallel import CONTEXT_PARALLEL
 from .passes.data_parallel import DATA_PARALLEL, GRAD_SYNC, GradSync
 from .passes.dispatch_experts import DISPATCH_EXPERTS
 from .passes.fp8_linears import FP8_LINEARS
-from .passes.recompute import RECOMPUTE_PASS, regions
+from .passes.recompute import RECOMPUTE_PASS, UNITS, regions
 from .passes.sequence_parallel import SEQUENCE_PARALLEL
 from .passes.shard_tensor_parallel import SHARD_TENSOR_PARALLEL, SHARDS, ShardSpec
 from .passes.split_pipeline import LOSS, SPLIT_PIPELINE, STAGE_IO, stage_name
@@ -135,8 +135,10 @@ def program_text(program: RankProgram) -> dict[str, str]:
     """Readable Python of each of this rank's children (GraphModule.code), keyed by file name."""
     files = {}
     for c, module in program.local_modules():
+        units = dict(module.get_submodule(UNITS).named_children()) if hasattr(module, UNITS) else {}
         files[f"{stage_name(c)}.py"] = _header(program, stage_name(c)) + module.code + "".join(
-            f"\n\n# recompute region {name}\n{region.code}" for name, region in regions(module).items())
+            f"\n\n# recompute region {name}\n{region.code}" for name, region in regions(module).items()
+        ) + "".join(f"\n\n# FSDP unit {name}\n{unit.code}" for name, unit in units.items())
     if program.holds_loss:
         files[f"{LOSS}.py"] = _header(program, LOSS) + program.loss.code
     return files

@@ -101,9 +101,7 @@ class DistillRunner:
     def run(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         stage = self.student.stage(0)
         total, kls, lms = torch.zeros(()), [], []
-        for i, (tok, lab) in enumerate(zip(tokens.chunk(self.n_micro), labels.chunk(self.n_micro))):
-            if hasattr(stage, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
-                stage.set_requires_gradient_sync(i == self.n_micro - 1)
+        for tok, lab in zip(tokens.chunk(self.n_micro), labels.chunk(self.n_micro)):  # FSDP: reduce-scatter each
             loss, kl, lm = self.micro_loss(tok, lab)
             loss.backward()
             total = total + loss.detach().cpu()

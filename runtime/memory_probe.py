@@ -10,6 +10,9 @@ memory terms against (tests/runtime/test_memory_truth.py, benchmarks/memory_trut
                           reused while the forward packs
   live                    bytes of the forward's tensors still alive when backward starts (pp = 1):
                           sees recompute's stash too, which the hooks above cannot
+  gathered                FSDP only: the most bytes of gathered (unsharded) weights and of their
+                          not yet reduce-scattered gradients alive at once during one step's
+                          forward and backward, sampled after every op
 
 The runtime decides nothing here: it trains one step of the plan it is given and reports.
 """
@@ -90,9 +93,9 @@ def live_after_forward(trainer: Trainer, step: int = 0) -> int:
     mode = _Outputs()
     with mode:
         loss = loss_fn(stage(batch.tokens), batch.labels)
-    # an FSDP stage (a root unit) keeps its weights gathered from forward to backward: weights
-    # too (the memory model's FSDP buffer), not activations
-    params |= {p.untyped_storage().data_ptr() for p in stage.parameters()}
+    # FSDP's stage root keeps its own weights (the final norm) gathered from forward to backward:
+    # weights too (the memory model's FSDP buffer), not activations; the units are sharded again
+    params |= {_local(p).untyped_storage().data_ptr() for p in stage.parameters()}
     seen: set[int] = set()
     total = 0
     for ref in mode.refs:
@@ -106,6 +109,61 @@ def live_after_forward(trainer: Trainer, step: int = 0) -> int:
         total += storage.nbytes()
     loss.backward()
     return total
+
+
+class _Gathered(TorchDispatchMode):
+    """After every op: the bytes of FSDP's gathered weights (unsharded parameters and all-gather
+    outputs not yet copied out: a prefetch in flight) and unsharded gradients (on the parameters
+    and in reduce-scatter input buffers) alive now, each storage once; keeps the peak."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.groups, self.peak = groups, 0
+        self.ctxs = list({id(g.comm_ctx): g.comm_ctx for g in groups}.values())
+
+    def _tensors(self):
+        for group in self.groups:
+            if group._all_gather_result is not None:
+                yield group._all_gather_result.all_gather_output
+            for fp in group.fsdp_params:
+                param = getattr(fp, "_unsharded_param", None)
+                yield param
+                yield getattr(param, "grad", None)
+                yield getattr(fp, "unsharded_accumulated_grad", None)
+        for ctx in self.ctxs:  # (attributes set at FSDP's lazy init, on the first forward)
+            if getattr(ctx, "all_gather_state", None) is not None:
+                yield ctx.all_gather_state.all_gather_result.all_gather_output
+            yield from (state.reduce_scatter_input for state in getattr(ctx, "reduce_scatter_states", ()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen: set[int] = set()
+        total = 0
+        for t in self._tensors():
+            if t is None:
+                continue
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        self.peak = max(self.peak, total)
+        return out
+
+
+def gathered_bytes(trainer: Trainer, step: int = 0) -> int | None:
+    """FSDP: peak bytes of gathered weights plus unsharded gradients during one step's forward
+    and backward (None under other data-parallel kinds)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if trainer.plan.layout.dp_kind != "fsdp":
+        return None
+    groups = [g for stage in trainer.dp.units for m in stage
+              for g in fully_shard.state(m)._fsdp_param_groups]
+    mode = _Gathered(groups)
+    trainer.dp.zero_grad()
+    with mode:
+        trainer.forward_backward(step)
+    return mode.peak
 
 
 def state_bytes(trainer: Trainer) -> dict[str, int]:
@@ -124,9 +182,10 @@ def state_bytes(trainer: Trainer) -> dict[str, int]:
 def probe(trainer: Trainer) -> dict:
     """One step of saved-tensor accounting, then a full step (reduce, clip, AdamW) for the state."""
     live = live_after_forward(trainer) if trainer.plan.layout.pp == 1 else None
+    gathered = gathered_bytes(trainer)
     saved = saved_bytes(trainer)
     trainer.dp.finish_step()
-    return {"saved": saved, "live": live, **state_bytes(trainer),
+    return {"saved": saved, "live": live, "gathered": gathered, **state_bytes(trainer),
             "micro_batches": trainer.plan.num_microbatches}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleInterleaved1F1B)
@@ -54,6 +55,22 @@ def schedule_class(kind: str, vpp: int):
     return SINGLE_SCHEDULES[kind]
 
 
+class _PlainModule(nn.Module):
+    """A stage as torch's pipelining sees it. Given an FSDP module, the schedules gather the whole
+    chunk before it computes (UNSHARD actions), keep it gathered and its gradients unsharded
+    across micro-batches and reduce-scatter once after the last (set_requires_gradient_sync(False),
+    set_reshard_after_backward(False)). plait's memory and cost models price FSDP per unit: each
+    gathered just before it runs and its gradients reduce-scattered every micro-batch, which is
+    what FSDP's own hooks do when the schedule runs the stage as a plain module."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args, **kwargs):
+        return self.stage(*args, **kwargs)
+
+
 class StepRunner:
     """Runs forward + backward of one step; returns the mean loss on ranks that compute it."""
 
@@ -71,7 +88,7 @@ class StepRunner:
         stages = []
         for chunk, module in self.program.local_modules():
             example_in, example_out = _stage_meta(self.program, chunk, self.n_micro)
-            stages.append(PipelineStage(module, chunk, self.program.num_chunks,
+            stages.append(PipelineStage(_PlainModule(module), chunk, self.program.num_chunks,
                                         self.mesh.device, input_args=example_in,
                                         output_args=example_out, group=self.mesh.groups["pp"]))
         cls = schedule_class(self.program.plan.schedule, self.layout.vpp)
@@ -108,9 +125,7 @@ class StepRunner:
         micro_tokens = tokens.chunk(self.n_micro)
         micro_labels = labels.chunk(self.n_micro)
         micro_inputs = {k: v.chunk(self.n_micro) for k, v in inputs.items()}
-        for i, (tok, lab) in enumerate(zip(micro_tokens, micro_labels)):
-            if hasattr(stage, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
-                stage.set_requires_gradient_sync(i == self.n_micro - 1)
+        for i, (tok, lab) in enumerate(zip(micro_tokens, micro_labels)):  # FSDP reduce-scatters each
             loss = self.loss_fn(stage(tok, **{k: v[i] for k, v in micro_inputs.items()}), lab)
             # Unscaled backward, then divide the gradients, as the pipeline schedules do
             # (scale_grads): MoE aux losses attach a gradient of 1 per call, so scaling the loss

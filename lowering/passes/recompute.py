@@ -14,6 +14,12 @@ torch.utils.checkpoint (non-reentrant):
              (Korthikanti et al.'s selective recompute, spelled with torch's selective activation
              checkpointing; nothing communicates twice)
 
+Under FSDP (dp_kind fsdp) every layer of every stage is such a child module, the FSDP unit the
+runtime shards (runtime/optim.py): a stage that does not recompute calls its layers plainly
+(``fsdp_units.layer{i}``). A region holds its layer's own module (``layers.{i}``, shared with the
+stage), so every parameter of the layer, those the graph reads by attribute (norm weights, Mamba's
+A_log) included, lies inside the one module whose forward hooks fire when the layer runs.
+
 Embedding, final norm, head and loss are never recomputed. What runs at training time (the
 `checkpointed` call, the selective policy, `is_recomputing()` for stateful ops such as MoE
 expert-load counters) lives in `plait.lowering.recompute`, which imports nothing but torch.
@@ -29,11 +35,14 @@ from plait.ir.errors import LayoutError
 from plait.ir.plan import RECOMPUTE
 from plait.lowering.recompute import checkpointed
 from plait.lowering.trace import info
+from plait.planner.layouts import units
 
 from .base import Pass, Target, VerifyError
 from .split_pipeline import stage_name
 
 REGIONS = "recompute"  # the child module holding a stage's region GraphModules
+UNITS = "fsdp_units"  # the child holding the plainly called layer modules of an FSDP stage
+FSDP_GROUPS = "plait.fsdp_units"  # stage GraphModule meta: layer indices of each FSDP unit
 RECOMPUTED = "plait.recompute"  # stage GraphModule meta: {"mode": ..., "layers": (...)}
 
 
@@ -98,19 +107,39 @@ def _check_contiguous(gm, nodes, outputs) -> None:
                               f"contiguous: {early[0].name} uses {out.name} inside it")
 
 
+def _hold_layer(region: torch.fx.GraphModule, gm: torch.fx.GraphModule, layer: int) -> None:
+    """Let the region reach its layer through the stage's own ``layers.{layer}`` module (not
+    through copies of the containers on the way), when every target it names lies inside it."""
+    prefix = f"layers.{layer}."
+    targets = [n.target for n in region.graph.nodes if n.op in ("call_module", "get_attr")]
+    if not targets or not all(t.startswith(prefix) for t in targets):
+        return
+    holder = nn.Module()
+    holder.add_module(str(layer), gm.get_submodule(f"layers.{layer}"))
+    region.layers = holder
+
+
 def extract_region(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], name: str,
-                   mode: str) -> None:
-    """Move ``nodes`` into child ``recompute.{name}`` and call it through `checkpointed`."""
+                   mode: str, layer: int | None = None) -> None:
+    """Move ``nodes`` into child ``recompute.{name}`` and call it through `checkpointed`; mode
+    "none": into ``fsdp_units.{name}``, called plainly."""
     inputs, outputs = _boundary(nodes)
     _check_contiguous(gm, nodes, outputs)
     region = torch.fx.GraphModule(gm, _region_graph(nodes, inputs, outputs), class_name=name)
-    if not hasattr(gm, REGIONS):
-        gm.add_module(REGIONS, nn.Module())  # registered after the stage's own children
-    gm.get_submodule(REGIONS).add_module(name, region)
-    with gm.graph.inserting_after(nodes[-1]):
-        attr = gm.graph.get_attr(f"{REGIONS}.{name}")
-    with gm.graph.inserting_after(attr):
-        call = gm.graph.call_function(checkpointed, (attr, mode, *inputs))
+    if layer is not None:
+        _hold_layer(region, gm, layer)
+    holder = UNITS if mode == "none" else REGIONS
+    if not hasattr(gm, holder):
+        gm.add_module(holder, nn.Module())  # registered after the stage's own children
+    gm.get_submodule(holder).add_module(name, region)
+    if mode == "none":
+        with gm.graph.inserting_after(nodes[-1]):
+            call = gm.graph.call_module(f"{holder}.{name}", tuple(inputs))
+    else:
+        with gm.graph.inserting_after(nodes[-1]):
+            attr = gm.graph.get_attr(f"{holder}.{name}")
+        with gm.graph.inserting_after(attr):
+            call = gm.graph.call_function(checkpointed, (attr, mode, *inputs))
     call.meta["plait"] = info(nodes[-1])
     results = [call]
     if len(outputs) > 1:
@@ -129,19 +158,37 @@ def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
+def fsdp_groups(t: Target, layers) -> tuple[tuple[int, ...], ...]:
+    """The stage's layers cut as the planner cuts the model into units (a repeat of the layer
+    pattern's period, e.g. attention + MLP: one transformer layer), the FSDP unit the memory
+    and cost models price (planner/cost/pipeline.py)."""
+    unit_of, first = {}, 0
+    for k, unit in enumerate(units(t.spec)):
+        unit_of.update({i: k for i in range(first, first + len(unit))})
+        first += len(unit)
+    groups: dict[int, list[int]] = {}
+    for layer in sorted(layers):
+        groups.setdefault(unit_of[layer], []).append(layer)
+    return tuple(tuple(g) for g in groups.values())
+
+
 def recompute(pipe: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
+    fsdp = t.plan.layout.dp_kind == "fsdp"
     for chunk in range(len(t.plan.stages)):
         mode = stage_mode(t, chunk)
-        if mode == "none":
+        if mode == "none" and not fsdp:
             continue
         stage = pipe.get_submodule(stage_name(chunk))
         layers = _layer_regions(stage)
         for layer, nodes in layers.items():
-            extract_region(stage, nodes, f"layer{layer}", mode)
+            extract_region(stage, nodes, f"layer{layer}", mode, layer)
         _drop_unused_attrs(stage)
         stage.graph.lint()
         stage.recompile()
-        stage.meta[RECOMPUTED] = {"mode": mode, "layers": tuple(layers)}
+        if mode != "none":
+            stage.meta[RECOMPUTED] = {"mode": mode, "layers": tuple(layers)}
+        if fsdp:
+            stage.meta[FSDP_GROUPS] = fsdp_groups(t, layers)
     return pipe
 
 
@@ -149,6 +196,17 @@ def regions(stage: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
     """A stage's recompute regions by name ({} when it recomputes nothing)."""
     holder = getattr(stage, REGIONS, None)
     return dict(holder.named_children()) if holder is not None else {}
+
+
+def layer_modules(stage: torch.fx.GraphModule) -> dict[int, torch.fx.GraphModule]:
+    """Layer index -> the child module that runs the layer (recompute regions and FSDP units);
+    {} when the stage's layers are inline nodes."""
+    out = {}
+    for name in (REGIONS, UNITS):
+        holder = getattr(stage, name, None)
+        if holder is not None:
+            out.update({int(n.removeprefix("layer")): m for n, m in holder.named_children()})
+    return dict(sorted(out.items()))
 
 
 def verify_recompute(pipe: torch.fx.GraphModule, t: Target) -> None:
@@ -160,8 +218,11 @@ def verify_recompute(pipe: torch.fx.GraphModule, t: Target) -> None:
         if set(regions(stage)) != want:
             raise VerifyError(f"stage {chunk} ({mode}) has regions {sorted(regions(stage))}, "
                               f"expected {sorted(want)}")
+        if t.plan.layout.dp_kind == "fsdp" and set(layer_modules(stage)) != set(range(s.first, s.last)):
+            raise VerifyError(f"stage {chunk}: FSDP units for layers {sorted(layer_modules(stage))}, "
+                              f"expected {s.first}..{s.last - 1}")
         names = [n for n, _ in stage.named_parameters()]
-        moved = [n for n in names if n.startswith(f"{REGIONS}.")]
+        moved = [n for n in names if n.startswith((f"{REGIONS}.", f"{UNITS}."))]
         if moved:
             raise VerifyError(f"stage {chunk}: parameters renamed by recompute: {moved[:3]}")
         calls = [n for n in stage.graph.nodes if n.op == "call_function" and n.target is checkpointed]
@@ -172,4 +233,5 @@ def verify_recompute(pipe: torch.fx.GraphModule, t: Target) -> None:
 RECOMPUTE_PASS = Pass(
     name="recompute", run=recompute, verify=verify_recompute,
     requires=("pipeline-split",), ensures=("recompute",),
-    doc="layers of recomputing stages become checkpointed regions (full or selective policy)")
+    doc="layers of recomputing stages become checkpointed regions (full or selective policy); "
+        "under FSDP every layer becomes a called child module (its FSDP unit)")

@@ -136,7 +136,8 @@ def recompute_flops_per_token(table: CostTable, stages: tuple[Stage, ...]) -> fl
 def rank_tensor_bytes(table: CostTable, stages: tuple[Stage, ...], rank: int) -> dict[str, float]:
     """What the memory model says pipeline rank ``rank`` holds, per tensor class
     (counts.STATE_CLASSES) and ``saved``: the bytes its layers, and the head on the last stage,
-    keep for backward per micro-batch (one micro-batch in flight). The terms runtime/memory_probe.py
+    keep for backward per micro-batch (one micro-batch in flight), and ``gathered``: FSDP's gathered
+    weights and unsharded gradients at their peak. The terms runtime/memory_probe.py
     measures on the real runtime."""
     rc = rank_cost(table, stages, rank)
     out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params, rc.fp32_params)
@@ -145,4 +146,5 @@ def rank_tensor_bytes(table: CostTable, stages: tuple[Stage, ...], rank: int) ->
            for st in stages):
         saved += memory.head_activations(table.ctx)
     out["saved"] = saved
+    out["gathered"] = table.fsdp_buffer  # FSDP's gathered units and unsharded gradients
     return out

@@ -157,13 +157,18 @@ def logits_buffer(ctx: Context) -> float:
     return head_activations(ctx) + ctx.tokens * ctx.model.vocab / ctx.layout.tp * ctx.act_bytes
 
 
-def fsdp_buffers(ctx: Context, unit_dense: float, unit_expert: float) -> float:
-    """FSDP: the gathered weights of the running and the prefetched unit, and the unsharded fp32
-    gradients of one unit before its reduce-scatter."""
-    if ctx.layout.dp_kind != "fsdp":
+def fsdp_buffers(ctx: Context, unit_params: list[float]) -> float:
+    """FSDP's peak, in backward (runtime/optim.py shards the embedding, each model unit and the
+    head as units of their own; ``unit_params`` their parameters on one rank, in forward order):
+    while unit k runs its backward, its gathered weights, the unit before it (prefetched) and
+    k's unsharded gradients are alive in the compute dtype, and the fp32 reduce-scatter input
+    of unit k + 1, which FSDP2 keeps until the next reduce-scatter is issued. The largest such
+    window (forward holds less: two gathered units). Measured: runtime/memory_probe.py."""
+    if ctx.layout.dp_kind != "fsdp" or not unit_params:
         return 0.0
-    full = unit_dense + unit_expert
-    return full * (2 * ctx.act_bytes + 4)
+    sizes = [0.0, *unit_params, 0.0]
+    return max(ctx.act_bytes * (2 * sizes[k] + sizes[k - 1]) + 4 * sizes[k + 1]
+               for k in range(1, len(sizes) - 1))
 
 
 def reserve(ctx: Context, activations: float, buffers: float) -> float:

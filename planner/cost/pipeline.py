@@ -249,13 +249,16 @@ class CostTable:
     def buffer_bytes(self, rank: int) -> float:
         """Buffers on ``rank`` that do not depend on the partition: comm buffers, the largest FSDP
         gather, logits on the last rank."""
-        out = self.buffers + self._fsdp_buffer
+        out = self.buffers + self.fsdp_buffer
         return out + (self.last.buffer if rank == self.layout.pp - 1 else 0.0)
 
     @cached_property
-    def _fsdp_buffer(self) -> float:
-        big = max(self.units, key=lambda u: u.dense_params + u.expert_params)
-        return memory.fsdp_buffers(self.ctx, big.dense_params, big.expert_params)
+    def fsdp_buffer(self) -> float:
+        """FSDP's gathered units and unsharded gradients at their peak, over the whole model's
+        unit sequence (embedding, units, head): a bound for any stage's window."""
+        layers = [u.dense_params + u.expert_params for u in self.units]
+        ends = memory.embedding_params_on_rank(self.ctx), memory.head_params_on_rank(self.ctx)
+        return memory.fsdp_buffers(self.ctx, [ends[0], *layers, ends[1]])
 
     @property
     def reserve_fixed(self) -> float:

@@ -11,7 +11,7 @@ from plait.ir.model import MLP, Attention, ModelSpec, MoE
 from plait.ir.plan import Layout, Stage, even_stages
 from plait.lowering.build import build_model
 from plait.lowering.compile import program_text
-from plait.lowering.passes.recompute import regions
+from plait.lowering.passes.recompute import FSDP_GROUPS, layer_modules, regions
 from plait.lowering.recompute import is_recomputing
 
 from passes_util import SEQ, SPEC, lowered
@@ -132,3 +132,27 @@ def test_moe_expert_load_counts_each_token_once_under_full_recompute():
         loads[mode] = next(b for n, b in program.pipe.named_buffers() if n.endswith("expert_load"))
     assert loads["none"].sum() == 2 * SEQ * 2  # tokens x top_k
     assert torch.equal(loads["full"], loads["none"])
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_fsdp_runs_each_layer_as_one_called_module_holding_the_layer(mode):
+    """FSDP's units (runtime/optim.py): every layer is a child module the stage calls (a plain
+    call, or the recompute region), reaching its parameters through the stage's own layer module,
+    so the unit's hooks fire when the layer runs and cover every weight it reads; layers group as
+    the planner's units (attention + MLP); names and numerics unchanged."""
+    model = build_model(SPEC, seed=0)
+    tokens, labels = _batch()
+    want = model(tokens, labels)
+    program = lowered(Layout(dp=2, dp_kind="fsdp"), stages=even_stages(SPEC.num_layers, 1, recompute=mode))
+    stage = program.stage(0)
+    units = layer_modules(stage)
+    assert sorted(units) == list(range(SPEC.num_layers))
+    assert stage.meta[FSDP_GROUPS] == ((0, 1), (2, 3), (4, 5))
+    if mode == "none":
+        calls = [n.target for n in stage.graph.nodes if n.op == "call_module"]
+        assert calls == ["embed", *(f"fsdp_units.layer{i}" for i in range(6)), "head"]
+    for i, unit in units.items():
+        assert unit.get_submodule(f"layers.{i}") is stage.get_submodule(f"layers.{i}")
+        assert [n for n, _ in unit.named_children()] == ["layers"]
+    assert sorted(n for n, _ in stage.named_parameters()) == sorted(n for n, _ in model.named_parameters())
+    assert torch.equal(program.pipe(tokens, labels), want)
