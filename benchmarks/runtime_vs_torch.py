@@ -85,7 +85,10 @@ def _run_case(bench: Bench, case, rank: int, out_dir: Path) -> None:
     plan = setup.plan(case)
     mesh = build_mesh(plan.layout, 120)
     trainer = Trainer(setup.job(mesh.world), plan, mesh, source=setup.source())
-    ours = TorchLayout(build_model(setup.spec, seed=setup.seed), plan, setup.optimizer, rank)
+    from plait.planner.layouts import units
+
+    ours = TorchLayout(build_model(setup.spec, seed=setup.seed), plan, setup.optimizer, rank,
+                       unit_size=len(units(setup.spec)[0]))
     total = bench.warmup + bench.steps
     times: dict[str, list[float]] = {"plait": [], "torch": []}
     losses = {}

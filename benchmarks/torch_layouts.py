@@ -8,7 +8,9 @@ The same reference model (`build_model`, same seed) parallelised the way a torch
   PP   `torch.distributed.pipelining`: the model split by hand into the plan's chunks, one
        PipelineStage each, the plan's schedule and micro-batches.
   DP   DistributedDataParallel (replicated), DDP + ZeroRedundancyOptimizer (zero1 without TP / PP)
-       or FSDP2 `fully_shard`, one unit per chunk as plait (fsdp; zero1 with TP or PP).
+       or FSDP2 `fully_shard` as torchtitan applies it and plait shards: the embedding, each
+       planner unit of layers (attention + MLP) and the head a unit of their own, then the chunk
+       (fsdp; zero1 with TP or PP).
 Then torch's clip_grad_norm_ arithmetic (norm over every group, as torchtitan does it with PP)
 and the same AdamW. The mesh is (pp, dp, tp), tp fastest: the ranks plait's "tp-cp-ep-dp-pp" order
 gives the same coordinates.
@@ -46,6 +48,13 @@ class Chunk(nn.Module):
         if self.head is not None:
             x = self.head(self.final_norm(x))
         return x
+
+
+def _tied(chunk: Chunk) -> bool:
+    """The head shares the embedding's weight (a tied model on one chunk): both stay with the
+    chunk, as plait keeps them with the stage."""
+    return chunk.embed is not None and chunk.head is not None and \
+        chunk.head.weight is chunk.embed.weight
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,13 +99,14 @@ class TorchLayout:
     """One rank's torch program of a layout: ``step(tokens, labels)`` runs forward, backward,
     gradient clipping and AdamW over the step's micro-batches; returns the mean loss (last stage)."""
 
-    def __init__(self, model: nn.Module, plan, optimizer_spec, rank: int):
+    def __init__(self, model: nn.Module, plan, optimizer_spec, rank: int, unit_size: int = 1):
         from torch.distributed.device_mesh import init_device_mesh
 
         from plait.runtime.optim import adamw, param_groups
 
         layout = plan.layout
         self.layout, self.n_micro, self.clip = layout, plan.num_microbatches, optimizer_spec.grad_clip
+        self.unit_size = unit_size  # layers per FSDP unit: planner.layouts.units' period
         self.mesh = init_device_mesh("cpu", (layout.pp, layout.dp, layout.tp),
                                      mesh_dim_names=("pp", "dp", "tp"))
         pp_rank = self.mesh["pp"].get_local_rank()
@@ -124,10 +134,17 @@ class TorchLayout:
         if self.layout.tp > 1:
             parallelize_module(chunk, self.mesh["tp"], tp_plan(chunk, self.layout.sp))
         if self.layout.dp > 1 and self._sharded():
-            # one FSDP unit per chunk, as plait shards (torchtitan's one unit per block would
-            # issue 8x the collectives on this model: a different recipe, not the same layout);
-            # gloo has no AVG: sum, then FSDP divides
-            fully_shard(chunk, mesh=self.mesh["dp"]).set_force_sum_reduction_for_comms(True)
+            # torchtitan's recipe, the units plait shards: each resharded after forward, the
+            # chunk (final norm) last; gloo has no AVG: sum, then FSDP divides
+            layers = list(chunk.layers.values())
+            units = [[chunk.embed]] if chunk.embed is not None and not _tied(chunk) else []
+            units += [layers[i:i + self.unit_size] for i in range(0, len(layers), self.unit_size)]
+            units += [[chunk.head]] if chunk.head is not None and not _tied(chunk) else []
+            for unit in units:
+                fully_shard(unit, mesh=self.mesh["dp"], reshard_after_forward=True)
+            fully_shard(chunk, mesh=self.mesh["dp"])
+            for module in units + [chunk]:
+                (module[0] if isinstance(module, list) else module).set_force_sum_reduction_for_comms(True)
 
     def _pipeline(self, plan):
         from torch.distributed.pipelining import PipelineStage
