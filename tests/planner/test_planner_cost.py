@@ -35,8 +35,11 @@ def test_moe_activations_by_hand(mixtral_job):
     assert ctx.routed_tokens == pytest.approx(copies)
     h, f = 6144, 16384
     norm = 2048 * h * (4 + 2) + 2048 * 4
-    expect = (norm + 4096 * h * 2 + 2048 * 8 * 4 * 2 + copies * h * 2 + copies * 4 * f * 2
-              + copies * h * 2)
+    own = 4096 / 2  # the rank's own tokens: the MoE input is sequence-parallel over tp
+    # router input and fp32 logits/probs on own tokens; the dispatched copies and the experts'
+    # fc1 / gate / up / product; the combine keeps the owner's top-k copies twice
+    expect = (norm + own * h * 2 + own * 8 * 4 * 2 + copies * h * 2 + copies * 4 * f * 2
+              + 2 * own * 2 * h * 2)
     assert memory.block_activations(ctx, "moe")[0] == pytest.approx(expect)
 
 
