@@ -1,0 +1,82 @@
+"""Bytes of weights, gradients and optimizer state per parameter, by precision and data-parallel
+kind: the one source the planner's memory model, the runtime's memory checks and the tests read.
+Re-exported by ``plait.ir.counts``."""
+from __future__ import annotations
+
+from typing import Union
+
+from ..errors import PlaitError
+from ..job import Precision
+
+
+_FP32 = 4
+_BF16 = 2
+# Under fp8 the linears cast the bf16 weights to fp8 on every use (torchao's tensorwise dynamic
+# scaling, and plait's emulation of it): no fp8 copy of the weights outlives a GEMM.
+
+
+STATE_CLASSES = ("weights", "grads", "master", "master_grads", "moments")
+
+
+def state_tensor_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
+                       shards: int = 1) -> dict[str, float]:
+    """Bytes per model parameter held on ONE rank, per tensor class (STATE_CLASSES), for Adam:
+
+      weights       the model's parameters (bf16 / fp8 runs: bf16; fp8 casts live only per GEMM)
+      grads         their gradients (fp32 main grads under bf16 / fp8, as Megatron keeps them)
+      master        an fp32 copy the optimizer updates: always under bf16 / fp8; under fp32 only
+                    ZeRO-1, whose flat shard is a separate fp32 tensor in plait's runtime
+      master_grads  a separate gradient of that copy: plait's fp32 ZeRO-1 reduce-scatters into
+                    one (bf16 / fp8 reduce-scatter into the grad buffer's shard: no extra bytes)
+      moments       Adam's m and v, fp32
+    replicated: nothing sharded; zero1: master, master_grads, moments / shards; fsdp: every
+    class / shards (the transiently gathered layer is the memory model's FSDP buffer). FSDP2's
+    mixed precision keeps only the fp32 shards (the master) and casts a bf16 copy of the gathered
+    layer for compute: no resident bf16 weights.
+    """
+    kind = precision.kind if isinstance(precision, Precision) else precision
+    if shards < 1:
+        raise PlaitError(f"data-parallel shards must be >= 1, got {shards}")
+    if kind not in ("fp32", "bf16", "fp8"):
+        raise PlaitError(f"unknown precision {kind!r}", hint="one of bf16, fp8, fp32")
+    if dp_kind not in ("replicated", "zero1", "fsdp"):
+        raise PlaitError(f"unknown data-parallel kind {dp_kind!r}",
+                         hint="one of replicated, zero1, fsdp")
+    mixed = kind != "fp32"
+    full = {"weights": (0 if dp_kind == "fsdp" else _BF16) if mixed else _FP32,
+            "grads": _FP32,
+            "master": _FP32 if mixed or dp_kind == "zero1" else 0,
+            "master_grads": _FP32 if not mixed and dp_kind == "zero1" else 0,
+            "moments": 2 * _FP32}
+    sharded = {"replicated": (), "zero1": ("master", "master_grads", "moments"),
+               "fsdp": STATE_CLASSES}[dp_kind]
+    return {k: v / shards if k in sharded else float(v) for k, v in full.items()}
+
+
+def param_state_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
+                      shards: int = 1) -> dict[str, float]:
+    """Bytes per model parameter held on ONE rank, given ``shards`` data-parallel ranks sharing it.
+
+    replicated: everything full. zero1 (Megatron's distributed optimizer): weights and grads full,
+    optimizer state (incl. fp32 master) / shards. fsdp: weights, grads and optimizer all / shards
+    (the transiently gathered layer is activation-like; the planner's memory model owns it).
+    Returns {"weights", "grads", "optimizer", "total"}; optimizer = master + master_grads +
+    moments of ``state_tensor_bytes``.
+    """
+    t = state_tensor_bytes(precision, dp_kind, shards)
+    out = {"weights": t["weights"], "grads": t["grads"],
+           "optimizer": t["master"] + t["master_grads"] + t["moments"]}
+    out["total"] = sum(out.values())
+    return out
+
+
+# Bytes per stored parameter (a checkpoint or inference footprint, no training state).
+STORED_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+
+def stored_weight_bytes(precision: Union[Precision, str]) -> int:
+    """Bytes one parameter takes in a checkpoint / for inference at ``precision``."""
+    kind = precision.kind if isinstance(precision, Precision) else precision
+    if kind not in STORED_WEIGHT_BYTES:
+        raise PlaitError(f"unknown precision {kind!r}", hint="one of " + ", ".join(STORED_WEIGHT_BYTES))
+    return STORED_WEIGHT_BYTES[kind]
