@@ -34,17 +34,24 @@ def band_mask(sq: int, sk: int, offset: int, window: Optional[int], device=None)
     return visible if window is None else visible & (distance < window)
 
 
+def _heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """[b, s, h, d] -> [b, h, s, d] for SDPA, each kv head repeated for the hq // hkv query heads it
+    serves (read from the shapes, so it holds for any TP shard)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    return q, k, v
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      window: Optional[int] = None) -> torch.Tensor:
     """q: [b, s, hq, d], k/v: [b, s, hkv, d] -> [b, s, hq, d]. Causal SDPA, within ``window`` keys
     when given (a banded boolean mask); each kv head serves hq // hkv query heads (read from the
     shapes, so it holds for any TP shard). One fx node, so the kernel registry or a
     context-parallel pass can swap the implementation."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
+    q, k, v = _heads_first(q, k, v)
     s = q.shape[2]
     if window is None or window >= s:  # the window covers every causal key: plain causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -62,11 +69,7 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     [b, s, hkv, d], documents [b, s] (any key shared by the tokens of one document). SDPA with a
     boolean mask; the kernel registry binds flash-attn's varlen kernel on CUDA. One fx node, like
     causal_attention."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
+    q, k, v = _heads_first(q, k, v)
     s = q.shape[2]
     mask = (documents[:, :, None] == documents[:, None, :]) & band_mask(s, s, 0, window, q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
