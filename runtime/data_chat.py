@@ -16,7 +16,6 @@ at.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 from pathlib import Path
 from typing import Iterator, Optional
@@ -82,17 +81,12 @@ class ChatRenderer:
 
 def conversations(path: Path, field: str) -> Iterator[tuple[Optional[list[dict]], int, str]]:
     """(messages or None for a blank line, bytes consumed, "file:line") per JSONL line."""
-    from .data_prepare import _lines
+    from .data_prepare import jsonl_records
 
-    for number, line, size in _lines(path):
-        where = f"{path}:{number}"
-        if not line.strip():
+    for where, record, size in jsonl_records(path):
+        if record is None:
             yield None, size, where
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise PlaitError(f"{where}: not a JSON object: {e}") from None
         messages = record.get(field) if isinstance(record, dict) else None
         yield _checked(messages, field, where), size, where
 

@@ -120,19 +120,29 @@ def _lines(path: Path) -> Iterator[tuple[int, str, int]]:
                                  hint="convert it first, e.g. `iconv -t UTF-8`") from None
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int]]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, object, int]]:
+    """(file:line, the line's JSON value or None for a blank line, bytes read) per line of a JSONL
+    file; a line that is not JSON is a located error."""
     for number, line, size in _lines(path):
+        where = f"{path}:{number}"
         if not line.strip():
-            yield "", size
+            yield where, None, size
             continue
         try:
-            record = json.loads(line)
+            yield where, json.loads(line), size
         except ValueError as e:
-            raise PlaitError(f"{path}:{number}: not a JSON object: {e}") from None
+            raise PlaitError(f"{where}: not a JSON object: {e}") from None
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int]]:
+    for where, record, size in jsonl_records(path):
+        if record is None:
+            yield "", size
+            continue
         text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise PlaitError(f"{path}:{number}: no text field {field!r} (found: {keys})",
+            raise PlaitError(f"{where}: no text field {field!r} (found: {keys})",
                              hint="name the field with --field")
         yield text, size
 
