@@ -105,6 +105,9 @@ class TorchLayout:
         from plait.runtime.optim import adamw, param_groups
 
         layout = plan.layout
+        if layout.pp > 1 and layout.dp > 1 and layout.dp_kind == "replicated":
+            raise ValueError(f"torch's side of {layout} would need DDP around pipeline stages, "
+                             "which this benchmark does not build: compare a zero1 or fsdp layout")
         self.layout, self.n_micro, self.clip = layout, plan.num_microbatches, optimizer_spec.grad_clip
         self.unit_size = unit_size  # layers per FSDP unit: planner.layouts.units' period
         self.mesh = init_device_mesh("cpu", (layout.pp, layout.dp, layout.tp),
@@ -177,8 +180,6 @@ class TorchLayout:
 
     def _wrap_ddp(self) -> None:
         """Replicated DP: DistributedDataParallel around the (single) chunk, after TP."""
-        if self.layout.pp > 1:
-            raise NotImplementedError("this benchmark pairs pipelines with fsdp, not DDP")
         group = self.mesh["dp"].get_group()
         self.chunks = [nn.parallel.DistributedDataParallel(c, process_group=group) for c in self.chunks]
 
