@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Union
 
+from . import kinds
+
 BlockKind = Literal["attention", "mlp", "moe", "mamba"]
-BLOCK_KINDS: tuple[str, ...] = ("attention", "mlp", "moe", "mamba")
+BLOCK_KINDS: tuple[str, ...] = kinds.names()  # the registry's (ir/kinds.py)
 # Megatron-Core hybrid pattern symbols.
-PATTERN_SYMBOLS: dict[str, str] = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+PATTERN_SYMBOLS: dict[str, str] = kinds.by_symbol()
 ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu", "relu2")
 GATED_ACTIVATIONS: tuple[str, ...] = ("swiglu",)
 

@@ -1,0 +1,1 @@
+"""The mamba block kind: every facet of it (plait/ir/kinds.py lists them)."""

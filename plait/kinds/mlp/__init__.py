@@ -1,0 +1,1 @@
+"""The mlp block kind: every facet of it (plait/ir/kinds.py lists them)."""
