@@ -9,10 +9,10 @@ Two levels, kept apart on purpose:
             edp = dp*cp"). The planner ranks such plans, offers only runnable ones to `plait run`,
             and names the better ones it cannot run with the row that stops each.
 
-The rows are data: ``Rule(name, level, reads, check)``; ``check(workload, layout)`` returns None
-or the reason with its arithmetic. ``reads`` names the Layout fields the rule looks at, so the
-planner judges a rule on meshes or on knob variants, and a lowering pass asks only the rows about
-the axes it implements. Rules that belong to a block kind live in that kind's ``rules`` facet
+The rows are data: ``Rule(name, level, topic, reads, check)``; ``check(workload, layout)`` returns
+None or the reason with its arithmetic. ``topic`` says what the rule is about (TOPICS: a lowering
+pass asks only the rows of the parallelism it implements); ``reads`` names the Layout fields the
+check looks at, so the planner judges a rule once per mesh or once per knob variant. Rules that belong to a block kind live in that kind's ``rules`` facet
 (``plait/kinds/<kind>/rules.py``, each exposing ``RULES``); the table asks only the kinds the model
 uses. The rest (world, batch, pipeline, context and sequence parallelism, vocabulary) are below.
 Pure: no torch, no solver, so the planner, the passes and the launch check can all import it.
@@ -32,6 +32,7 @@ from .units import unit_name, units
 
 LEGAL, RUNNABLE = "legal", "runnable"
 LEVELS = (LEGAL, RUNNABLE)
+TOPICS = ("names", "world", "tensor", "sequence", "context", "experts", "pipeline", "batch")
 SIZES = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs")
 # The fields that make a mesh; the planner judges rules reading only these once per mesh and the
 # others (vpp, mbs, dp_kind, recompute) once per knob variant.
@@ -67,6 +68,7 @@ Check = Callable[[Workload, Layout], Optional[str]]
 class Rule:
     name: str
     level: str  # LEGAL | RUNNABLE
+    topic: str  # one of TOPICS
     reads: frozenset  # the Layout fields the check looks at
     check: Check = None
     gate: bool = False  # the other rules assume it holds: stop at its violation
@@ -76,9 +78,10 @@ class Rule:
         return self.reads <= MESH_FIELDS
 
 
-def rule(name: str, level: str, reads: Iterable[str], check: Check, gate: bool = False) -> Rule:
-    assert level in LEVELS, level
-    return Rule(name, level, frozenset(reads), check, gate)
+def rule(name: str, level: str, topic: str, reads: Iterable[str], check: Check,
+         gate: bool = False) -> Rule:
+    assert level in LEVELS and topic in TOPICS, (level, topic)
+    return Rule(name, level, topic, frozenset(reads), check, gate)
 
 
 @dataclass(frozen=True)
@@ -198,18 +201,18 @@ def _learned_positions(axis: str) -> Check:
 
 
 CORE: tuple[Rule, ...] = (
-    rule("names", LEGAL, ("dp_kind", "recompute", "dispatcher", "cp_comm", "order") + SIZES,
+    rule("names", LEGAL, "names", ("dp_kind", "recompute", "dispatcher", "cp_comm", "order") + SIZES,
          _names, gate=True),
-    rule("world", LEGAL, ("tp", "cp", "dp", "pp"), _world),
-    rule("expert-world", LEGAL, ("tp", "cp", "dp", "pp", "etp", "ep", "edp"), _expert_world),
-    rule("no-experts", LEGAL, ("tp", "ep", "etp"), _no_experts),
-    rule("context", LEGAL, ("cp",), _context),
-    rule("sequence-parallel", LEGAL, ("sp", "tp", "cp"), _sequence_parallel),
-    rule("stages", LEGAL, ("pp", "vpp"), _stages),
-    rule("batch", LEGAL, ("dp", "mbs", "vpp", "pp"), _batch),
-    rule("vocab-tp", RUNNABLE, ("tp",), _vocab),
-    rule("learned-positions-tp", RUNNABLE, ("tp",), _learned_positions("tp")),
-    rule("learned-positions-cp", RUNNABLE, ("cp",), _learned_positions("cp")),
+    rule("world", LEGAL, "world", ("tp", "cp", "dp", "pp"), _world),
+    rule("expert-world", LEGAL, "world", ("tp", "cp", "dp", "pp", "etp", "ep", "edp"), _expert_world),
+    rule("no-experts", LEGAL, "world", ("tp", "ep", "etp"), _no_experts),
+    rule("context", LEGAL, "context", ("cp",), _context),
+    rule("sequence-parallel", LEGAL, "sequence", ("sp", "tp", "cp"), _sequence_parallel),
+    rule("stages", LEGAL, "pipeline", ("pp", "vpp"), _stages),
+    rule("batch", LEGAL, "batch", ("dp", "mbs", "vpp", "pp"), _batch),
+    rule("vocab-tp", RUNNABLE, "tensor", ("tp",), _vocab),
+    rule("learned-positions-tp", RUNNABLE, "tensor", ("tp",), _learned_positions("tp")),
+    rule("learned-positions-cp", RUNNABLE, "context", ("cp",), _learned_positions("cp")),
 )
 
 
@@ -235,15 +238,15 @@ class Table:
         self.rules = rules_for(frozenset(workload.model.layers))
         self._subsets: dict = {}
 
-    def select(self, levels: tuple[str, ...] = LEVELS, about: Optional[Iterable[str]] = None,
+    def select(self, levels: tuple[str, ...] = LEVELS, topics: Optional[tuple[str, ...]] = None,
                phase: Optional[str] = None) -> tuple[Rule, ...]:
-        """Rows of ``levels``; ``about``: only rows reading one of these fields; ``phase``:
-        "mesh" (reads only mesh fields) or "knob" (reads another), gate rows left out."""
-        key = (levels, None if about is None else frozenset(about), phase)
+        """Rows of ``levels``; ``topics``: only rows about these; ``phase``: "mesh" (reads only
+        mesh fields) or "knob" (reads another), gate rows left out."""
+        key = (levels, topics, phase)
         if key not in self._subsets:
             self._subsets[key] = tuple(
                 r for r in self.rules if r.level in levels
-                and (about is None or r.reads & key[1])
+                and (topics is None or r.topic in topics)
                 and (phase is None or (not r.gate and r.on_mesh == (phase == "mesh"))))
         return self._subsets[key]
 
@@ -267,9 +270,9 @@ class Table:
         return None
 
     def require(self, lay: Layout, levels: tuple[str, ...] = LEVELS,
-                about: Optional[Iterable[str]] = None, what: str = "") -> None:
-        """Raise LayoutError listing every row of ``levels`` (about those fields) ``lay`` breaks."""
-        problems = self.violations(lay, self.select(levels, about))
+                topics: Optional[tuple[str, ...]] = None, what: str = "") -> None:
+        """Raise LayoutError listing every row of ``levels`` (about ``topics``) ``lay`` breaks."""
+        problems = self.violations(lay, self.select(levels, topics))
         if problems:
             raise LayoutError(refusal(lay, problems, what or f"model {self.workload.model.name!r}"))
 
@@ -287,7 +290,7 @@ def table(workload: Workload) -> Table:
     return Table(workload)
 
 
-def require(workload: Workload, lay: Layout, levels: tuple[str, ...] = LEVELS,
-            about: Optional[Iterable[str]] = None) -> None:
-    """``Table.require`` of ``workload``'s table (the lowering passes' question)."""
-    table(workload).require(lay, levels, about)
+def require(workload: Workload, lay: Layout, topics: Optional[tuple[str, ...]] = None) -> None:
+    """Every row (LEGAL and RUNNABLE) about ``topics`` holds, else LayoutError: the lowering
+    passes' question."""
+    table(workload).require(lay, LEVELS, topics)

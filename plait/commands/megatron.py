@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
+from plait.ir import legality
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
@@ -73,6 +74,9 @@ def check_plan_fits_job(plan: ParallelPlan, job: TrainJob) -> None:
     if plan.world != job.cluster.world:
         raise PlaitError(f"the plan spans {plan.world} ranks; cluster {job.cluster.name!r} has "
                          f"{job.cluster.world}")
+    # Megatron-LM runs every legal layout (also those plait's own runtime cannot run yet)
+    legality.table(legality.Workload.of_job(job)).require(plan.layout, (legality.LEGAL,),
+                                                          what="Megatron-LM")
     covered = sorted((s.first, s.last) for s in plan.stages)
     edges = [a for a, _ in covered] + [covered[-1][1]] if covered else []
     if not covered or edges[0] != 0 or edges[-1] != job.model.num_layers or any(
@@ -236,9 +240,6 @@ def _parallel_args(plan: ParallelPlan, model: ModelSpec, notes: list) -> list[st
     args = [f"--tensor-model-parallel-size {lay.tp}", f"--pipeline-model-parallel-size {lay.pp}",
             f"--context-parallel-size {lay.cp}"]
     if lay.cp > 1:
-        if plan.seq_len % (2 * lay.cp):
-            raise PlaitError(f"Megatron needs seq_len % (2 * cp) == 0: {plan.seq_len} % {2 * lay.cp} = "
-                             f"{plan.seq_len % (2 * lay.cp)}")
         args.append(f"--cp-comm-type {'a2a' if lay.cp_comm == 'alltoall' else 'p2p'}")
     if lay.sp and lay.tp > 1:
         args.append("--sequence-parallel")
@@ -308,8 +309,6 @@ def _moe_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
     m, lay, opts = model.moe, plan.layout, plan.moe
     if m is None:
         return []
-    if m.experts % lay.ep:
-        raise PlaitError(f"Megatron needs experts % ep == 0: {m.experts} % {lay.ep} = {m.experts % lay.ep}")
     args = [f"--num-experts {m.experts}", f"--moe-router-topk {m.top_k}", f"--moe-ffn-hidden-size {m.ffn}",
             f"--expert-model-parallel-size {lay.ep}", f"--expert-tensor-parallel-size {lay.etp}",
             f"--moe-router-score-function {m.router}", "--moe-grouped-gemm"]
@@ -391,9 +390,6 @@ def _in_megatron_layers(model: ModelSpec, plait_layers: int) -> int:
 
 def _batch_args(plan: ParallelPlan) -> list[str]:
     lay = plan.layout
-    if plan.global_batch % (lay.mbs * lay.dp):
-        raise PlaitError(f"Megatron needs global_batch % (mbs * dp) == 0: {plan.global_batch} % "
-                         f"({lay.mbs} * {lay.dp}) = {plan.global_batch % (lay.mbs * lay.dp)}")
     return [f"--micro-batch-size {lay.mbs}", f"--global-batch-size {plan.global_batch}",
             f"--seq-length {plan.seq_len}"]
 

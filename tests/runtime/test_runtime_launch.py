@@ -28,7 +28,8 @@ def test_hand_plan_tp2_pp2_dp2_passes(job):
 
 
 @pytest.mark.parametrize("layout,message", [
-    (Layout(tp=2, pp=2, dp=1), r"2\*1\*1\*2 = 4 ranks, cluster 'local-cpu' has 1\*8 = 8"),
+    (Layout(tp=2, pp=2, dp=1), r"2\*1\*1\*2 = 4 ranks, but the world of cluster 'local-cpu' "
+                              r"\(1\*8\) is 8"),
     (Layout(tp=8, dp=1), r"attention heads \(4\) must be divisible by tp \(8\): 4 % 8 = 4"),
     (Layout(tp=2, pp=2, dp=2, mbs=3), r"dp\*mbs = 2\*3 = 6: 16 % 6 = 4"),
 ])

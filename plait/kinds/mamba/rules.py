@@ -29,7 +29,7 @@ def conv_halo_fits_cp_chunk(w: Workload, lay: Layout) -> Optional[str]:
 
 
 RULES = (
-    rule("mamba-heads-tp", LEGAL, ("tp",), heads_over_tp),
-    rule("mamba-groups-tp", LEGAL, ("tp",), groups_over_tp),
-    rule("mamba-conv-halo-cp", RUNNABLE, ("cp",), conv_halo_fits_cp_chunk),
+    rule("mamba-heads-tp", LEGAL, "tensor", ("tp",), heads_over_tp),
+    rule("mamba-groups-tp", LEGAL, "tensor", ("tp",), groups_over_tp),
+    rule("mamba-conv-halo-cp", RUNNABLE, "context", ("cp",), conv_halo_fits_cp_chunk),
 )

@@ -12,5 +12,5 @@ def ffn_over_tp(w: Workload, lay: Layout) -> Optional[str]:
 
 
 RULES = (
-    rule("mlp-ffn-tp", LEGAL, ("tp",), ffn_over_tp),
+    rule("mlp-ffn-tp", LEGAL, "tensor", ("tp",), ffn_over_tp),
 )

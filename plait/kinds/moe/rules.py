@@ -1,5 +1,6 @@
 """MoE's rows of the legality-and-capability table (protocol: kinds/attention/rules.py), and the
-one expert-split question the token dispatcher asks on its own (``experts_over_ep``)."""
+two expert-split questions the expert modules ask on their own when built outside a plan
+(``experts_over_ep``, ``ffn_over_etp``): the rows below are these two applied to a layout."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,12 +14,17 @@ def experts_over_ep(experts: int, ep: int) -> Optional[str]:
     return divides("experts", experts, "ep", ep)
 
 
+def ffn_over_etp(ffn: int, etp: int) -> Optional[str]:
+    """Every ETP rank holds ffn/etp columns of each of its experts."""
+    return divides("expert ffn", ffn, "etp", etp)
+
+
 def experts_over_ep_rule(w: Workload, lay: Layout) -> Optional[str]:
     return experts_over_ep(w.model.moe.experts, lay.ep)
 
 
-def ffn_over_etp(w: Workload, lay: Layout) -> Optional[str]:
-    return divides("expert ffn", w.model.moe.ffn, "etp", lay.etp)
+def ffn_over_etp_rule(w: Workload, lay: Layout) -> Optional[str]:
+    return ffn_over_etp(w.model.moe.ffn, lay.etp)
 
 
 def shared_ffn_over_tp(w: Workload, lay: Layout) -> Optional[str]:
@@ -46,9 +52,9 @@ def fsdp_shards_experts(w: Workload, lay: Layout) -> Optional[str]:
 
 
 RULES = (
-    rule("moe-experts-ep", LEGAL, ("ep",), experts_over_ep_rule),
-    rule("moe-ffn-etp", LEGAL, ("etp",), ffn_over_etp),
-    rule("moe-shared-ffn-tp", LEGAL, ("tp",), shared_ffn_over_tp),
-    rule("moe-sequence-parallel", LEGAL, ("tp", "sp"), sequence_parallel_with_tp),
-    rule("moe-fsdp-experts", RUNNABLE, ("dp_kind", "edp", "dp", "cp"), fsdp_shards_experts),
+    rule("moe-experts-ep", LEGAL, "experts", ("ep",), experts_over_ep_rule),
+    rule("moe-ffn-etp", LEGAL, "experts", ("etp",), ffn_over_etp_rule),
+    rule("moe-shared-ffn-tp", LEGAL, "tensor", ("tp",), shared_ffn_over_tp),
+    rule("moe-sequence-parallel", LEGAL, "experts", ("tp", "sp"), sequence_parallel_with_tp),
+    rule("moe-fsdp-experts", RUNNABLE, "experts", ("dp_kind", "edp", "dp", "cp"), fsdp_shards_experts),
 )
