@@ -48,17 +48,17 @@ class Workload:
     seq_len: int
     global_batch: int
     world: int
-    cluster: str = ""  # how to name the world in a message ("cluster 'eos' (16*8)")
+    cluster: str = ""  # the cluster in a message ("cluster 'eos': 16*8"); "": a plan's world
 
     @classmethod
     def of_job(cls, job: TrainJob) -> "Workload":
         c = job.cluster
         return cls(job.model, job.seq_len, job.global_batch, c.world,
-                   f"cluster {c.name!r} ({c.nodes}*{c.gpus_per_node})")
+                   f"cluster {c.name!r}: {c.nodes}*{c.gpus_per_node}")
 
     @classmethod
     def of_plan(cls, model: ModelSpec, plan: ParallelPlan) -> "Workload":
-        return cls(model, plan.seq_len, plan.global_batch, plan.world, "the plan")
+        return cls(model, plan.seq_len, plan.global_batch, plan.world)
 
 
 Check = Callable[[Workload, Layout], Optional[str]]
@@ -123,9 +123,9 @@ def _names(w: Workload, lay: Layout) -> Optional[str]:
 def _world(w: Workload, lay: Layout) -> Optional[str]:
     if lay.world == w.world:
         return None
-    where = f" of {w.cluster}" if w.cluster else ""
-    return (f"tp*cp*dp*pp = {lay.tp}*{lay.cp}*{lay.dp}*{lay.pp} = {lay.world} ranks, but the world"
-            f"{where} is {w.world}")
+    where = f"the cluster has {w.world} GPUs ({w.cluster})" if w.cluster else \
+        f"the plan's world is {w.world}"
+    return f"tp*cp*dp*pp = {lay.tp}*{lay.cp}*{lay.dp}*{lay.pp} = {lay.world} but {where}"
 
 
 def _expert_world(w: Workload, lay: Layout) -> Optional[str]:
@@ -142,12 +142,16 @@ def _no_experts(w: Workload, lay: Layout) -> Optional[str]:
             f"(got ep={lay.ep}, etp={lay.etp}, tp={lay.tp})")
 
 
+def zigzag_chunks(seq_len: int, cp: int) -> Optional[str]:
+    """Load-balanced causal context parallelism cuts every sequence into 2*cp equal chunks."""
+    if cp == 1 or seq_len % (2 * cp) == 0:
+        return None
+    return (f"seq_len ({seq_len}) must be divisible by 2*cp = {2 * cp} (load-balanced causal "
+            f"context parallelism): {seq_len} % {2 * cp} = {seq_len % (2 * cp)}")
+
+
 def _context(w: Workload, lay: Layout) -> Optional[str]:
-    if lay.cp > 1 and w.seq_len % (2 * lay.cp):
-        return (f"seq_len ({w.seq_len}) must be divisible by 2*cp = {2 * lay.cp} (load-balanced "
-                f"causal context parallelism): {w.seq_len} % {2 * lay.cp} = "
-                f"{w.seq_len % (2 * lay.cp)}")
-    return None
+    return zigzag_chunks(w.seq_len, lay.cp)
 
 
 def _sequence_parallel(w: Workload, lay: Layout) -> Optional[str]:

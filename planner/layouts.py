@@ -194,7 +194,7 @@ def knob_variants(job: TrainJob, mesh: Layout, pins: dict) -> Iterator[Layout]:
     t = table(job)
     legal = t.select((LEGAL,), phase="knob")
     n_units = len(units(job.model))
-    per_dp = job.global_batch // mesh.dp if job.global_batch % mesh.dp == 0 else 0
+    per_dp = job.global_batch // mesh.dp  # sequences per DP rank; the batch row judges the rest
     vpps = _choices(pins, "vpp", [v for v in range(1, SEARCH_BOUNDS["max_vpp"] + 1)
                                   if (v == 1 or mesh.pp > 1) and mesh.pp * v <= n_units])
     mbss = _choices(pins, "mbs", [d for d in divisors(per_dp) if d <= SEARCH_BOUNDS["max_mbs"]]

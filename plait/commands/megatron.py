@@ -118,7 +118,7 @@ def _model_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
         args.append("--untie-embeddings-and-output-weights")
     args += ["--tokenizer-type NullTokenizer", f"--vocab-size {model.vocab}",
              "--make-vocab-size-divisible-by 1", "--attention-dropout 0", "--hidden-dropout 0"]
-    if model.vocab % plan.layout.tp:
+    if legality.divides("vocab", model.vocab, "tp", plan.layout.tp):
         notes.append(f"Megatron pads the vocabulary ({model.vocab}) to a multiple of tp = {plan.layout.tp}")
     notes.append("--tokenizer-type NullTokenizer only sizes the vocabulary: name your tokenizer "
                  "(e.g. --tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH)")
