@@ -198,8 +198,8 @@ def _learned_positions(axis: str) -> Check:
     def check(w: Workload, lay: Layout) -> Optional[str]:
         size = getattr(lay, axis)
         if w.model.learned_positions and size > 1:
-            return (f"{axis} = {size} with learned position embeddings: plait lowers them on one "
-                    f"{axis} rank only ({axis} = 1)")
+            return (f"plait lowers learned position embeddings only with {axis} = 1 "
+                    f"({axis} = {size})")
         return None
     return check
 

@@ -34,8 +34,8 @@ class BlockedPlan:
         if winner is not None:
             theirs, ours = seconds_pair(self.plan.prediction.step_time,
                                         winner.prediction.step_time)
-            pct = (1 - self.plan.prediction.step_time / winner.prediction.step_time) * 100
-            head += f" would be {percent(pct).lstrip('+')} faster ({theirs} s vs {ours} s)"
+            pct = (self.plan.prediction.step_time / winner.prediction.step_time - 1) * 100
+            head += f" would step in {theirs} s vs {ours} s ({percent(pct)})"
         return f"{head}, but plait cannot run it yet ({self.rule}): {self.reason}"
 
 

@@ -176,7 +176,7 @@ def test_run_picks_the_best_runnable_plan_and_names_the_better_one_it_cannot_run
     ran = json.loads((tmp_path / "rd" / "plan.json").read_text())["layout"]
     assert ran["dp_kind"] == "fsdp" and ran["edp"] == ran["dp"] * ran["cp"]
     assert "the best plan plait can run; better plans it cannot run yet:" in out
-    assert f"{legal.layout.short()} (fsdp) would be" in out
+    assert f"{legal.layout.short()} (fsdp) would step in" in out
     assert (f"plait cannot run it yet (moe-fsdp-experts): fsdp shards expert weights only when "
             f"edp = dp*cp: edp = {legal.layout.edp}, dp*cp = {legal.layout.dp}*2") in out
     runnable = search(load_job(str(moe)), {**parse_layout(pins), "cp": 2}, top=1,
@@ -237,9 +237,9 @@ REFUSALS = {
     "vocab-tp": ("tiny-local", {"vocab": 255}, Layout(tp=2, dp=4, sp=True),
                  r"\(vocab-tp\): vocab \(255\) must be divisible by tp \(2\): 255 % 2 = 1"),
     "learned-positions-tp": ("tiny-local", {"learned_positions": True}, Layout(tp=2, dp=4, sp=True),
-                             r"tp = 2 with learned position embeddings"),
+                             r"learned position embeddings only with tp = 1 \(tp = 2\)"),
     "learned-positions-cp": ("tiny-local", {"learned_positions": True}, Layout(cp=2, dp=4),
-                             r"cp = 2 with learned position embeddings"),
+                             r"learned position embeddings only with cp = 1 \(cp = 2\)"),
     "attention-heads-tp": ("tiny-local", {}, Layout(tp=8, sp=True),
                            r"attention heads \(4\) must be divisible by tp \(8\): 4 % 8 = 4"),
     "attention-kv-heads-tp": ("tiny-local", {}, Layout(tp=4, dp=2, sp=True),
