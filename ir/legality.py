@@ -12,9 +12,11 @@ Two levels, kept apart on purpose:
 The rows are data: ``Rule(name, level, topic, reads, check)``; ``check(workload, layout)`` returns
 None or the reason with its arithmetic. ``topic`` says what the rule is about (TOPICS: a lowering
 pass asks only the rows of the parallelism it implements); ``reads`` names the Layout fields the
-check looks at, so the planner judges a rule once per mesh or once per knob variant. Rules that belong to a block kind live in that kind's ``rules`` facet
-(``plait/kinds/<kind>/rules.py``, each exposing ``RULES``); the table asks only the kinds the model
-uses. The rest (world, batch, pipeline, context and sequence parallelism, vocabulary) are below.
+check looks at, so the planner judges a rule once per mesh or once per knob variant.
+
+Rules that belong to a block kind live in that kind's ``rules`` facet (``plait/kinds/<kind>/
+rules.py``, each exposing ``RULES``); the table asks only the kinds the model uses. The rest
+(world, batch, pipeline, context and sequence parallelism, vocabulary) are below.
 Pure: no torch, no solver, so the planner, the passes and the launch check can all import it.
 """
 from __future__ import annotations

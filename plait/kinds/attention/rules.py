@@ -41,5 +41,6 @@ def heads_over_alltoall_cp(w: Workload, lay: Layout) -> Optional[str]:
 RULES = (
     rule("attention-heads-tp", LEGAL, "tensor", ("tp",), heads_over_tp),
     rule("attention-kv-heads-tp", LEGAL, "tensor", ("tp",), kv_heads_over_tp),
-    rule("attention-heads-alltoall-cp", LEGAL, "context", ("tp", "cp", "cp_comm"), heads_over_alltoall_cp),
+    rule("attention-heads-alltoall-cp", LEGAL, "context", ("tp", "cp", "cp_comm"),
+         heads_over_alltoall_cp),
 )
