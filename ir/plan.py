@@ -70,6 +70,14 @@ class Layout:
         return s + f" mbs{self.mbs}"
 
 
+def dense_layout(layout: Layout) -> Layout:
+    """A dense model has no experts: its (unused) expert side spans the same world, as Megatron's
+    defaults do (etp = tp, ep = 1, edp = dp * cp)."""
+    if layout.expert_world == layout.world or layout.ep > 1:
+        return layout
+    return replace(layout, etp=layout.tp, ep=1, edp=layout.dp * layout.cp)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One (virtual) pipeline stage: layers [first, last) of the model's layer sequence."""

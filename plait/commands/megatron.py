@@ -18,7 +18,7 @@ from plait.ir import legality
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
-from plait.ir.plan import ParallelPlan
+from plait.ir.plan import ParallelPlan, dense_layout
 from plait.ir.precision import RUNTIME_FP8_RECIPE
 
 VERIFIED_AGAINST = "Megatron-LM core 0.20 (NVIDIA/Megatron-LM d98e8a6)"
@@ -75,8 +75,8 @@ def check_plan_fits_job(plan: ParallelPlan, job: TrainJob) -> None:
         raise PlaitError(f"the plan spans {plan.world} ranks; cluster {job.cluster.name!r} has "
                          f"{job.cluster.world}")
     # Megatron-LM runs every legal layout (also those plait's own runtime cannot run yet)
-    legality.table(legality.Workload.of_job(job)).require(plan.layout, (legality.LEGAL,),
-                                                          what="Megatron-LM")
+    legality.table(legality.Workload.of_job(job)).require(dense_layout(plan.layout),
+                                                          (legality.LEGAL,), what="Megatron-LM")
     covered = sorted((s.first, s.last) for s in plan.stages)
     edges = [a for a, _ in covered] + [covered[-1][1]] if covered else []
     if not covered or edges[0] != 0 or edges[-1] != job.model.num_layers or any(
