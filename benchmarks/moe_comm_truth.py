@@ -33,6 +33,7 @@ from plait.ir.job import Data, MoEOptions, Precision, TrainJob  # noqa: E402
 from plait.ir.plan import Layout, ParallelPlan, even_stages  # noqa: E402
 from plait.lowering.moe import comm  # noqa: E402
 from plait.planner.cost import comm as cost_comm  # noqa: E402
+from plait.kinds.moe import cost as moe_cost  # noqa: E402
 from plait.planner.cost.context import Context  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def predicted(layout: Layout, moe: MoEOptions) -> float:
     dispatch volume, again in backward, per micro-batch, per MoE layer."""
     j = job(layout, moe)
     with collectives_in_bytes():
-        forward = cost_comm.moe_dispatch_comm(Context(j, layout))
+        forward = moe_cost.dispatch_comm(Context(j, layout))
     return 2 * forward * MICRO * j.model.layers.count("moe")
 
 

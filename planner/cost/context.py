@@ -12,8 +12,10 @@ import math
 from functools import cached_property, lru_cache
 from statistics import NormalDist
 
+from plait.ir import kinds
 from plait.ir.cluster import Cluster, Device
 from plait.ir.job import TrainJob
+from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout
 
 from ..groups import DENSE_GROUPS, EXPERT_GROUPS, parse_order
@@ -225,6 +227,11 @@ class Context:
         names = parse_order(lay.order)
         return _first_group_shape(tuple(size_of[n] for n in names), tuple(n in dims for n in names),
                                   self.cluster.gpus_per_node)
+
+
+def layer_kinds(model: ModelSpec) -> tuple[str, ...]:
+    """The block kinds the model's layers use, in the registry's order (deterministic sums)."""
+    return tuple(k for k in kinds.names() if k in model.layers)
 
 
 def expected_max_load(tokens: float, top_k: int, experts: int, ranks: int) -> float:
