@@ -36,6 +36,10 @@ from plait.planner.cost import comm as collectives, compute, memory
 from plait.planner.cost.compute import BWD_CORE, BWD_GEMM, Work
 from plait.planner.cost.context import Context
 
+# the protocol's functions, in the order above (tests/planner/test_cost_kinds.py holds every
+# kind's cost facet to them)
+PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks")
+
 
 def work(ctx: Context) -> Work:
     model, lay, t = ctx.model, ctx.layout, ctx.tokens
@@ -65,7 +69,9 @@ def work(ctx: Context) -> Work:
 def latent_norm_bytes(ctx: Context) -> float:
     """Multi-head latent attention's q and kv latent RMSNorms (replicated over TP): read + write."""
     a = ctx.model.attention
-    return 2 * ctx.tokens * sum(counts.latent_widths(a)) * ctx.act_bytes if a.latent is not None else 0.0
+    if a.latent is None:
+        return 0.0
+    return 2 * ctx.tokens * sum(counts.latent_widths(a)) * ctx.act_bytes
 
 
 MERGE_BYTES = 4 + 2 + 4  # read the fp32 running output, read a step's partial, write it back
@@ -114,8 +120,9 @@ def comm(ctx: Context, work: Work) -> tuple[dict, dict]:
 
 def cp_comm(ctx: Context) -> float:
     """Attention under context parallelism (forward). Ring: cp-1 exchanges of this rank's K and V
-    chunk, fewer with a sliding window shorter than the zigzag chunks (counts.ring_steps). All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
-    output back, each rank scattering its local tensors."""
+    chunk, fewer with a sliding window shorter than the zigzag chunks (counts.ring_steps).
+    All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the output
+    back, each rank scattering its local tensors."""
     lay = ctx.layout
     if lay.cp <= 1:
         return 0.0
