@@ -70,3 +70,15 @@ def test_the_branch_finder_finds_branches():
 @pytest.mark.parametrize("path", CORE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_cost_model_core_never_branches_on_a_kind_name(path):
     assert kind_branches(path.read_text(), kinds.names()) == []
+
+
+def test_a_kinds_own_groups_reach_the_topology_facts_through_its_facet():
+    from plait.ir.dsl import load_job
+    from plait.ir.plan import Layout
+    from plait.planner.explain import topology_facts
+    moe = load_job(str(ROOT / "specs" / "jobs" / "mixtral-8x22b-128gpu.plait"))
+    dense = load_job(str(ROOT / "specs" / "jobs" / "nemotron-h-56b-pretrain.plait"))
+    across = Layout(tp=2, dp=8, pp=8, ep=16, etp=1, edp=1)
+    assert topology_facts(moe, across, only_bad=True) == [
+        "expert all-to-all crosses nodes (ep group of 16 spans 2 nodes)"]
+    assert not any("expert" in fact for fact in topology_facts(dense, Layout(tp=8, cp=4, dp=4, pp=2)))
