@@ -25,7 +25,7 @@ from plait.ir.model import BLOCK_KINDS, ModelSpec
 
 from . import ast
 from .datablock import data_path
-from .jobs import PRECISIONS, _layout, _optimizer
+from .jobs import PRECISIONS, read_layout_pins, read_optimizer
 from .reader import Context, Reader, describe, did_you_mean, to_int
 
 METHODS = ("activation", "magnitude", "random")
@@ -51,7 +51,7 @@ def resolve_prune(ctx: Context, decl: ast.Decl, find_model: Finder, find_train: 
                         hint="add target { params = ... } (or active_params, weight_memory, throughput)")
     job = PruneJob(
         name=decl.name, model=model, target=target, axes=axes, depth=depth,
-        weights=_path(r, "weights", base_dir), train=train, layout=_layout(r.block("layout")),
+        weights=_path(r, "weights", base_dir), train=train, layout=read_layout_pins(r.block("layout")),
         calibration=_calibration(r.block("calibration"), base_dir),
         distill=_distill(r.block("distill"), base_dir), output=_path(r, "output", base_dir),
     )
@@ -234,7 +234,7 @@ def _distill(r: Optional[Reader], base_dir: Optional[str]) -> Distill:
     out = Distill(
         steps=r.int("steps", d.steps, minimum=0), global_batch=r.int("global_batch", d.global_batch),
         seq_len=r.int("seq_len", d.seq_len), temperature=r.float("temperature", d.temperature, positive=True),
-        lm_loss=lm_loss, optimizer=d.optimizer if optimizer is None else _optimizer(r.ctx, optimizer),
+        lm_loss=lm_loss, optimizer=d.optimizer if optimizer is None else read_optimizer(r.ctx, optimizer),
         data=_path(r, "data", base_dir), seed=r.int("seed", d.seed, minimum=0),
         checkpoint_every=r.int("checkpoint_every", d.checkpoint_every),
     )

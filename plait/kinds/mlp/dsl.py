@@ -1,0 +1,47 @@
+"""The dense MLP's dsl facet: `mlp { ffn = ..., activation = ..., bias = ... }` and the ffn prune
+axis. The protocol is at the top of
+plait/kinds/attention/dsl.py. Imports only ir."""
+from __future__ import annotations
+
+from typing import Optional
+
+from plait.ir.dsl.literals import changed, number
+from plait.ir.dsl.reader import Reader
+from plait.ir.model import ACTIVATIONS, MLP, ModelSpec
+
+HYBRID = False
+PRUNE_AXES = ("ffn",)
+JOB_OPTIONS = None
+
+
+def read(r: Optional[Reader], hidden: int) -> Optional[MLP]:
+    if r is None:
+        return None
+    spec = MLP(ffn=r.int("ffn"), activation=r.choice("activation", ACTIVATIONS, "swiglu"),
+               bias=r.bool("bias", False))
+    r.finish()
+    return spec
+
+
+def check_layers(r: Reader, spec: MLP, layers: tuple[str, ...]) -> None:
+    return None
+
+
+def format_block(m: MLP, spec: ModelSpec) -> list:
+    return [("ffn", number(m.ffn)), ("activation", m.activation)] + changed(m, ("bias",))
+
+
+def axis_width(model: ModelSpec, axis: str) -> int:
+    return model.block("mlp").ffn
+
+
+def structure_problem(model: ModelSpec, axis: str, width: int) -> Optional[tuple[str, str]]:
+    return None
+
+
+def read_job_options(r: Optional[Reader]) -> None:
+    return None
+
+
+def format_job_options(options) -> list:
+    return []
