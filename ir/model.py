@@ -243,8 +243,10 @@ class ModelSpec:
 
     @property
     def is_moe(self) -> bool:
-        return "moe" in self.layers
+        """Some layer holds routed experts (the expert-parallel side: ep, etp, edp)."""
+        return any(kinds.facet(k, "counts").EXPERTS for k in set(self.layers))
 
     @property
     def is_hybrid(self) -> bool:
-        return "mamba" in self.layers
+        """Some layer's kind is written only in a Megatron hybrid pattern (Mamba)."""
+        return any(kinds.facet(k, "dsl").HYBRID for k in set(self.layers))

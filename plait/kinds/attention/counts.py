@@ -17,6 +17,7 @@ The counts-facet protocol: every kind's ``plait/kinds/<kind>/counts.py`` defines
                                               (s: counts.ActivationShape), tensor by tensor
     selective_bytes(model, s) -> dict[str, float]   the same under selective recompute
     shapes(model, tp=1, ep=1, etp=1) -> (dense, expert)   tensor shapes on one rank, no pre-norm
+    EXPERTS: bool                             its layers hold routed experts (ModelSpec.is_moe)
     EXPORTS: tuple[str, ...]                  the kind's own public names, reachable as
                                               ``plait.ir.counts.<name>``
 
@@ -35,6 +36,7 @@ from plait.ir.model import Attention, ModelSpec
 from .latent import latent_gemms, latent_norm_params, latent_widths
 from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps
 
+EXPERTS = False  # its layers hold routed experts (ModelSpec.is_moe)
 EXPORTS = ("attention_gemms", "rotated_width", "attention_gemm_weights", "attention_params",
            "attention_core_flops", "attention_flops", "attention_saved_bytes",
            "attention_selective_bytes", "latent_gemms", "latent_norm_params", "latent_widths",

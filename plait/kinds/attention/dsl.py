@@ -18,6 +18,8 @@ The dsl-facet protocol: every kind's ``plait/kinds/<kind>/dsl.py`` defines these
                                               there, TrainJob.<kind>); None: it takes none
     read_job_options(r) -> options            from that block (r None: the defaults)
     format_job_options(options) -> list       canonical entries of non-default options
+    document_mask_problem(model) -> str | None   why its layers cannot keep packed documents
+                                              apart (document_mask = true), if they cannot
 
 Imports only ir.
 """
@@ -241,3 +243,8 @@ def read_job_options(r: Optional[Reader]) -> None:
 
 def format_job_options(options) -> list:
     return []
+
+
+def document_mask_problem(model: ModelSpec) -> Optional[str]:
+    """Attention reads the packed documents' block-diagonal mask: nothing to refuse."""
+    return None

@@ -15,6 +15,7 @@ from plait.ir.counts.fsdp import Shapes, linear_shapes
 from plait.ir.counts.state import FP32_BYTES
 from plait.ir.model import Mamba2, ModelSpec
 
+EXPERTS = False
 EXPORTS = ("mamba_params", "mamba_flops", "mamba_saved_bytes", "mamba_selective_bytes")
 
 

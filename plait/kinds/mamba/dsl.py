@@ -67,3 +67,10 @@ def read_job_options(r: Optional[Reader]) -> None:
 
 def format_job_options(options) -> list:
     return []
+
+
+def document_mask_problem(model: ModelSpec) -> Optional[str]:
+    """A Mamba layer would need its scan state and conv window reset at every document start,
+    which plait does not lower."""
+    return (f"model {model.name!r} has Mamba layers; document masking resets attention only "
+            "(the Mamba state is not reset at document boundaries)")

@@ -10,6 +10,7 @@ from plait.ir.counts.activations import (ActivationShape, ffn_saved_bytes, norm_
 from plait.ir.counts.fsdp import Shapes, ffn_shapes
 from plait.ir.model import MLP, ModelSpec
 
+EXPERTS = False
 EXPORTS = ("mlp_params", "mlp_flops", "mlp_saved_bytes", "mlp_selective_bytes")
 
 

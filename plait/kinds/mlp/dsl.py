@@ -45,3 +45,7 @@ def read_job_options(r: Optional[Reader]) -> None:
 
 def format_job_options(options) -> list:
     return []
+
+
+def document_mask_problem(model: ModelSpec) -> Optional[str]:
+    return None

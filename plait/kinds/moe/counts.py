@@ -15,6 +15,7 @@ from plait.ir.counts.fsdp import Shapes, ffn_shapes
 from plait.ir.counts.state import FP32_BYTES
 from plait.ir.model import ModelSpec
 
+EXPERTS = True
 EXPORTS = ("one_expert_params", "expert_params", "router_params", "shared_expert_params",
            "moe_params", "router_flops", "moe_flops", "moe_saved_bytes", "moe_selective_bytes")
 
