@@ -83,7 +83,8 @@ def _llama_moe(spec: ModelSpec, family: str) -> dict:
         return {**common, "num_local_experts": m.experts, "intermediate_size": m.ffn,
                 "router_jitter_noise": 0.0}
     # decoder layers whose feed-forward is dense (no routed experts)
-    dense = [i // 2 for i in range(1, spec.num_layers, 2) if not kinds.facet(spec.layers[i], "counts").EXPERTS]
+    dense = [i // 2 for i in range(1, spec.num_layers, 2)
+             if not kinds.facet(spec.layers[i], "counts").EXPERTS]
     out = {**common, "num_experts": m.experts, "moe_intermediate_size": m.ffn,
            "norm_topk_prob": m.norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": dense}
     if family == "qwen2_moe":

@@ -242,6 +242,16 @@ class ModelSpec:
         return "".join(inverse[k] for k in self.layers)
 
     @property
+    def decoder_layers(self) -> Optional[int]:
+        """Decoder layers as Hugging Face and Megatron's GPT model count them, when the layers are
+        such pairs (attention, then mlp or moe: each kind where its hf facet's DECODER_SLOT puts
+        it); None otherwise (hybrid models, where every block is a layer)."""
+        slot = {k: kinds.facet(k, "hf").DECODER_SLOT for k in set(self.layers)}
+        n = len(self.layers)
+        pairs = n % 2 == 0 and all(slot[k] == i % 2 for i, k in enumerate(self.layers))
+        return n // 2 if pairs else None
+
+    @property
     def is_moe(self) -> bool:
         """Some layer holds routed experts (the expert-parallel side: ep, etp, edp)."""
         return any(kinds.facet(k, "counts").EXPERTS for k in set(self.layers))

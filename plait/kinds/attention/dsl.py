@@ -129,17 +129,17 @@ def _full_layers(r: Reader) -> tuple[int, ...]:
     return tuple(sorted(indices))
 
 
-def check_layers(r: Reader, spec: Attention, layers: tuple[str, ...]) -> None:
+def check_layers(r: Reader, block: Attention, layers: tuple[str, ...]) -> None:
     """full_layers must name attention layers, and a window must be used by some layer."""
     count = layers.count("attention")
-    if not spec.full_layers:
+    if not block.full_layers:
         return
     entry = r.entries["full_layers"]
-    too_big = [i for i in spec.full_layers if i >= count]
+    too_big = [i for i in block.full_layers if i >= count]
     if too_big:
         raise r.ctx.error(f"full_layers names attention layer {too_big[0]}, but the model has {count} "
                           f"attention layers (0 to {count - 1})", entry.value.pos)
-    if len(spec.full_layers) == count:
+    if len(block.full_layers) == count:
         raise r.ctx.error(f"full_layers lists all {count} attention layers: the window is never used",
                           entry.pos, hint="drop window and full_layers for full attention everywhere")
 
@@ -182,19 +182,19 @@ def _rope_scaling(ctx: Context, value) -> RopeScaling:
 
 # --- canonical text ----------------------------------------------------------------------------
 
-def format_block(a: Attention, spec: ModelSpec) -> list:
+def format_block(block: Attention, model: ModelSpec) -> list:
     """Canonical entries of the block (ir/dsl/fmt.py writes them)."""
-    entries = [("heads", number(a.heads))]
-    if a.latent is not None:  # kv_heads and head_dim follow from the latent
-        entries.append(("latent", _latent_text(a.latent)))
+    entries = [("heads", number(block.heads))]
+    if block.latent is not None:  # kv_heads and head_dim follow from the latent
+        entries.append(("latent", _latent_text(block.latent)))
     else:
-        entries += [("kv_heads", number(a.kv_heads)), ("head_dim", number(a.head_dim))]
-    entries += changed(a, ("qkv_bias", "out_bias", "qk_norm"))
-    entries.append(("rope", _rope_text(a.rope)))
-    if a.window is not None:
-        entries.append(("window", number(a.window, tokens=True)))
-    if a.full_layers:
-        entries.append(("full_layers", "[" + ", ".join(map(number, a.full_layers)) + "]"))
+        entries += [("kv_heads", number(block.kv_heads)), ("head_dim", number(block.head_dim))]
+    entries += changed(block, ("qkv_bias", "out_bias", "qk_norm"))
+    entries.append(("rope", _rope_text(block.rope)))
+    if block.window is not None:
+        entries.append(("window", number(block.window, tokens=True)))
+    if block.full_layers:
+        entries.append(("full_layers", "[" + ", ".join(map(number, block.full_layers)) + "]"))
     return entries
 
 

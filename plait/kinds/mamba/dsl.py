@@ -34,16 +34,16 @@ def read(r: Optional[Reader], hidden: int) -> Optional[Mamba2]:
     return spec
 
 
-def check_layers(r: Reader, spec: Mamba2, layers: tuple[str, ...]) -> None:
+def check_layers(r: Reader, block: Mamba2, layers: tuple[str, ...]) -> None:
     return None
 
 
-def format_block(m: Mamba2, spec: ModelSpec) -> list:
-    entries = [("heads", number(m.heads)), ("head_dim", number(m.head_dim)), ("groups", number(m.groups)),
-               ("state", number(m.state))]
-    entries += changed(m, ("conv", "chunk", "conv_bias", "proj_bias", "dt_min"))
-    if m.d_inner % spec.hidden == 0:
-        entries.append(("expand", number(m.d_inner // spec.hidden)))
+def format_block(block: Mamba2, model: ModelSpec) -> list:
+    entries = [("heads", number(block.heads)), ("head_dim", number(block.head_dim)),
+               ("groups", number(block.groups)), ("state", number(block.state))]
+    entries += changed(block, ("conv", "chunk", "conv_bias", "proj_bias", "dt_min"))
+    if block.d_inner % model.hidden == 0:
+        entries.append(("expand", number(block.d_inner // model.hidden)))
     return entries
 
 

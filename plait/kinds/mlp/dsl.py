@@ -23,12 +23,12 @@ def read(r: Optional[Reader], hidden: int) -> Optional[MLP]:
     return spec
 
 
-def check_layers(r: Reader, spec: MLP, layers: tuple[str, ...]) -> None:
+def check_layers(r: Reader, block: MLP, layers: tuple[str, ...]) -> None:
     return None
 
 
-def format_block(m: MLP, spec: ModelSpec) -> list:
-    return [("ffn", number(m.ffn)), ("activation", m.activation)] + changed(m, ("bias",))
+def format_block(block: MLP, model: ModelSpec) -> list:
+    return [("ffn", number(block.ffn)), ("activation", block.activation)] + changed(block, ("bias",))
 
 
 def axis_width(model: ModelSpec, axis: str) -> int:

@@ -61,7 +61,7 @@ def _check_moe(r: Reader, m: MoE) -> None:
         raise r.ctx.error("shared_gate needs a shared expert", at("shared_gate"), hint="set shared_ffn")
 
 
-def check_layers(r: Reader, spec: MoE, layers: tuple[str, ...]) -> None:
+def check_layers(r: Reader, block: MoE, layers: tuple[str, ...]) -> None:
     return None
 
 
@@ -69,10 +69,10 @@ _MOE_KEYS = ("shared_ffn", "shared_gate", "router", "pre_softmax", "norm_topk", 
              "topk_groups", "group_top", "scaling_factor", "aux_loss", "z_loss")
 
 
-def format_block(m: MoE, spec: ModelSpec) -> list:
-    entries = [("experts", number(m.experts)), ("top_k", number(m.top_k)), ("ffn", number(m.ffn)),
-               ("activation", m.activation)]
-    return entries + changed(m, _MOE_KEYS)
+def format_block(block: MoE, model: ModelSpec) -> list:
+    entries = [("experts", number(block.experts)), ("top_k", number(block.top_k)), ("ffn", number(block.ffn)),
+               ("activation", block.activation)]
+    return entries + changed(block, _MOE_KEYS)
 
 
 def axis_width(model: ModelSpec, axis: str) -> int:
@@ -122,11 +122,11 @@ def _bias_rate(r: Reader) -> float:
     return default if value is None else to_float(r.ctx, value, "expert_bias_rate", minimum=0.0)
 
 
-def format_job_options(m: MoEOptions) -> list:
-    entries = [("dispatcher", m.dispatcher)]
-    entries.append(("capacity_factor", number(m.capacity_factor)) if m.capacity_factor is not None
+def format_job_options(options: MoEOptions) -> list:
+    entries = [("dispatcher", options.dispatcher)]
+    entries.append(("capacity_factor", number(options.capacity_factor)) if options.capacity_factor is not None
                    else ("dropless", "true"))
-    return entries + changed(m, ("drop_policy", "pad_to_capacity", "expert_bias_rate"))
+    return entries + changed(options, ("drop_policy", "pad_to_capacity", "expert_bias_rate"))
 
 
 def document_mask_problem(model: ModelSpec) -> Optional[str]:
