@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from plait.ir import kinds
 from plait.ir.errors import PlaitError
-from plait.ir.hf_recipes import Cat, Recipe, Ref, Stack, refs  # noqa: F401  (weights.py reads them here)
+from plait.ir.hf_recipes import Recipe, Ref, Stack, refs
 from plait.ir.model import ModelSpec
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")

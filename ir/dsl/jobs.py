@@ -1,7 +1,7 @@
-"""`train "name" { ... }` -> TrainJob: references, precision, optimizer, MoE options, layout pins."""
+"""`train "name" { ... }` -> TrainJob: references, precision, optimizer, the kinds' option blocks
+(MoE's dispatcher, read by its dsl facet), layout pins."""
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Callable, Optional
 

@@ -34,7 +34,7 @@ from plait.ir.counts.state import FP32_BYTES
 from plait.ir.model import Attention, ModelSpec
 
 from .latent import latent_gemms, latent_norm_params, latent_widths
-from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps
+from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps  # noqa: F401  (EXPORTS)
 
 EXPERTS = False  # its layers hold routed experts (ModelSpec.is_moe)
 EXPORTS = ("attention_gemms", "rotated_width", "attention_gemm_weights", "attention_params",
