@@ -32,6 +32,7 @@ from plait.ir.counts.activations import (LSE_BYTES, ActivationShape, norm_saved_
 from plait.ir.counts.fsdp import Shapes, linear_shapes
 from plait.ir.counts.state import FP32_BYTES
 from plait.ir.model import Attention, ModelSpec
+from plait.kinds import absent
 
 from .latent import latent_gemms, latent_norm_params, latent_widths
 from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps  # noqa: F401  (EXPORTS)
@@ -81,12 +82,8 @@ def params(model: ModelSpec) -> int:
     return attention_params(model, model.block("attention"))
 
 
-def inactive_params(model: ModelSpec) -> int:
-    return 0
-
-
-def fp32_kept_params(model: ModelSpec, tp: int = 1) -> float:
-    return 0.0
+inactive_params = absent.no_params
+fp32_kept_params = absent.no_fp32_params
 
 
 # --- FLOPs -------------------------------------------------------------------------------------

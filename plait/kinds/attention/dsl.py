@@ -31,6 +31,7 @@ from plait.ir.dsl import ast
 from plait.ir.dsl.literals import call, changed, number
 from plait.ir.dsl.reader import Context, Reader, describe, did_you_mean, to_int
 from plait.ir.model import Attention, LatentKV, ModelSpec, Rope, RopeScaling
+from plait.kinds import absent
 
 ROPE_SCALINGS = ("linear", "yarn", "llama3")
 HYBRID = False
@@ -237,12 +238,8 @@ def structure_problem(model: ModelSpec, axis: str, width: int) -> Optional[tuple
     return None
 
 
-def read_job_options(r: Optional[Reader]) -> None:
-    return None
-
-
-def format_job_options(options) -> list:
-    return []
+read_job_options = absent.no_job_options
+format_job_options = absent.no_job_option_entries
 
 
 def document_mask_problem(model: ModelSpec) -> Optional[str]:

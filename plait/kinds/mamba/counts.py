@@ -14,6 +14,7 @@ from plait.ir.counts.activations import (LSE_BYTES, ActivationShape, norm_saved_
 from plait.ir.counts.fsdp import Shapes, linear_shapes
 from plait.ir.counts.state import FP32_BYTES
 from plait.ir.model import Mamba2, ModelSpec
+from plait.kinds import absent
 
 EXPERTS = False
 EXPORTS = ("mamba_params", "mamba_flops", "mamba_saved_bytes", "mamba_selective_bytes")
@@ -35,8 +36,7 @@ def params(model: ModelSpec) -> int:
     return mamba_params(model, model.block("mamba"))
 
 
-def inactive_params(model: ModelSpec) -> int:
-    return 0
+inactive_params = absent.no_params
 
 
 def fp32_kept_params(model: ModelSpec, tp: int = 1) -> float:
@@ -56,8 +56,7 @@ def flops(model: ModelSpec, seq_len: int, causal: bool = True, index: Optional[i
     return mamba_flops(model)
 
 
-def recompute_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
-    return 0.0
+recompute_flops = absent.no_recompute_flops
 
 
 def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:

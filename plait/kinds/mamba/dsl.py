@@ -9,6 +9,7 @@ from typing import Optional
 from plait.ir.dsl.literals import changed, number
 from plait.ir.dsl.reader import Reader
 from plait.ir.model import Mamba2, ModelSpec
+from plait.kinds import absent
 
 HYBRID = True
 PRUNE_AXES = ("mamba_heads", "mamba_head_dim")
@@ -34,8 +35,7 @@ def read(r: Optional[Reader], hidden: int) -> Optional[Mamba2]:
     return spec
 
 
-def check_layers(r: Reader, block: Mamba2, layers: tuple[str, ...]) -> None:
-    return None
+check_layers = absent.no_layer_checks
 
 
 def format_block(block: Mamba2, model: ModelSpec) -> list:
@@ -61,12 +61,8 @@ def structure_problem(model: ModelSpec, axis: str, width: int) -> Optional[tuple
     return None
 
 
-def read_job_options(r: Optional[Reader]) -> None:
-    return None
-
-
-def format_job_options(options) -> list:
-    return []
+read_job_options = absent.no_job_options
+format_job_options = absent.no_job_option_entries
 
 
 def document_mask_problem(model: ModelSpec) -> Optional[str]:

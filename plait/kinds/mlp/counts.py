@@ -9,6 +9,7 @@ from plait.ir.counts.activations import (ActivationShape, ffn_saved_bytes, norm_
                                          tp_collective_bytes)
 from plait.ir.counts.fsdp import Shapes, ffn_shapes
 from plait.ir.model import MLP, ModelSpec
+from plait.kinds import absent
 
 EXPERTS = False
 EXPORTS = ("mlp_params", "mlp_flops", "mlp_saved_bytes", "mlp_selective_bytes")
@@ -22,12 +23,8 @@ def params(model: ModelSpec) -> int:
     return mlp_params(model, model.block("mlp"))
 
 
-def inactive_params(model: ModelSpec) -> int:
-    return 0
-
-
-def fp32_kept_params(model: ModelSpec, tp: int = 1) -> float:
-    return 0.0
+inactive_params = absent.no_params
+fp32_kept_params = absent.no_fp32_params
 
 
 def mlp_flops(model: ModelSpec) -> float:
@@ -39,8 +36,7 @@ def flops(model: ModelSpec, seq_len: int, causal: bool = True, index: Optional[i
     return mlp_flops(model)
 
 
-def recompute_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
-    return 0.0
+recompute_flops = absent.no_recompute_flops
 
 
 def mlp_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:

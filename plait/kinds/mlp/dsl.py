@@ -8,6 +8,7 @@ from typing import Optional
 from plait.ir.dsl.literals import changed, number
 from plait.ir.dsl.reader import Reader
 from plait.ir.model import ACTIVATIONS, MLP, ModelSpec
+from plait.kinds import absent
 
 HYBRID = False
 PRUNE_AXES = ("ffn",)
@@ -23,8 +24,7 @@ def read(r: Optional[Reader], hidden: int) -> Optional[MLP]:
     return spec
 
 
-def check_layers(r: Reader, block: MLP, layers: tuple[str, ...]) -> None:
-    return None
+check_layers = absent.no_layer_checks
 
 
 def format_block(block: MLP, model: ModelSpec) -> list:
@@ -35,17 +35,7 @@ def axis_width(model: ModelSpec, axis: str) -> int:
     return model.block("mlp").ffn
 
 
-def structure_problem(model: ModelSpec, axis: str, width: int) -> Optional[tuple[str, str]]:
-    return None
-
-
-def read_job_options(r: Optional[Reader]) -> None:
-    return None
-
-
-def format_job_options(options) -> list:
-    return []
-
-
-def document_mask_problem(model: ModelSpec) -> Optional[str]:
-    return None
+structure_problem = absent.no_structure_problem
+read_job_options = absent.no_job_options
+format_job_options = absent.no_job_option_entries
+document_mask_problem = absent.no_document_mask_problem

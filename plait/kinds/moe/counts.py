@@ -14,6 +14,7 @@ from plait.ir.counts.activations import ActivationShape, ffn_saved_bytes, norm_s
 from plait.ir.counts.fsdp import Shapes, ffn_shapes
 from plait.ir.counts.state import FP32_BYTES
 from plait.ir.model import ModelSpec
+from plait.kinds import absent
 
 EXPERTS = True
 EXPORTS = ("one_expert_params", "expert_params", "router_params", "shared_expert_params",
@@ -82,8 +83,7 @@ def flops(model: ModelSpec, seq_len: int, causal: bool = True, index: Optional[i
     return moe_flops(model)
 
 
-def recompute_flops(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
-    return 0.0
+recompute_flops = absent.no_recompute_flops
 
 
 # --- saved activations -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from plait.ir.dsl.literals import changed, number
 from plait.ir.dsl.reader import Reader, to_float
 from plait.ir.job import MoEOptions
 from plait.ir.model import ACTIVATIONS, ModelSpec, MoE
+from plait.kinds import absent
 
 HYBRID = False
 PRUNE_AXES = ("experts",)
@@ -61,8 +62,7 @@ def _check_moe(r: Reader, m: MoE) -> None:
         raise r.ctx.error("shared_gate needs a shared expert", at("shared_gate"), hint="set shared_ffn")
 
 
-def check_layers(r: Reader, block: MoE, layers: tuple[str, ...]) -> None:
-    return None
+check_layers = absent.no_layer_checks
 
 
 _MOE_KEYS = ("shared_ffn", "shared_gate", "router", "pre_softmax", "norm_topk", "expert_bias", "groups",
@@ -129,5 +129,4 @@ def format_job_options(options: MoEOptions) -> list:
     return entries + changed(options, ("drop_policy", "pad_to_capacity", "expert_bias_rate"))
 
 
-def document_mask_problem(model: ModelSpec) -> Optional[str]:
-    return None
+document_mask_problem = absent.no_document_mask_problem
