@@ -2,7 +2,8 @@
 
 A model is a sequence of *layers*; each layer is one block (attention, mlp, moe or mamba) with a
 pre-norm and a residual connection, as in Megatron's hybrid models. A Llama decoder layer is
-therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds is closed.
+therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds is the registry's
+(ir/kinds.py); each kind's block dataclass is here, every stage shares it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Literal, Optional, Union
 
 from . import kinds
 
-BlockKind = Literal["attention", "mlp", "moe", "mamba"]
 BLOCK_KINDS: tuple[str, ...] = kinds.names()  # the registry's (ir/kinds.py)
 # Megatron-Core hybrid pattern symbols.
 PATTERN_SYMBOLS: dict[str, str] = kinds.by_symbol()

@@ -1,4 +1,5 @@
-"""Parameter, FLOP and byte counts: the single source of these formulas in plait.
+"""Parameter, FLOP and byte counts: the single source of these formulas in plait (this package and
+the block kinds' counts facets, ``plait/kinds/<kind>/counts.py``).
 
 Parameters are counted exactly as the reference implementations (Megatron-Core, Hugging Face
 transformers) instantiate them: every weight, bias and norm scale; buffers (RoPE frequencies, the
@@ -10,12 +11,13 @@ free. Attention's core (QK^T and scores x V) is counted *causally*: half of the 
 i.e. ``2 * q_dim * s`` FLOPs per token, as Megatron-Core does when it reports MFU. ``causal=False``
 gives the full square (the SC'21 paper's convention). A sliding window w < s leaves the band
 ``s * w - w^2 / 2`` of the square (the same continuous area rule: ``s^2 / 2`` at w = s), so
-attention costs ~ s * min(w, s) rather than s^2 / 2 (``attended_keys``). Training is 3x forward (forward, dgrad,
-wgrad); full recomputation adds one more forward of the transformer layers (not of the logits).
-Two documented departures from Megatron's formula: router GEMMs (``2*hidden*experts``, plus
-``2*hidden`` for a shared-expert gate) are counted (0.3% of Qwen3-30B-A3B's FLOPs, less for coarser
-MoEs), and Mamba's inner width is the real ``heads * head_dim`` rather than Megatron's hard-coded
-``2 * hidden`` (equal for Nemotron-H 8B/56B/47B; the pruned 4B has 7168 != 6144).
+attention costs ~ s * min(w, s) rather than s^2 / 2 (``attended_keys``). Training is 3x forward
+(forward, dgrad, wgrad); full recomputation adds one more forward of the transformer layers (not
+of the logits). Two documented departures from Megatron's formula: router GEMMs
+(``2*hidden*experts``, plus ``2*hidden`` for a shared-expert gate) are counted (0.3% of
+Qwen3-30B-A3B's FLOPs, less for coarser MoEs; moe's facet), and Mamba's inner width is the real
+``heads * head_dim`` rather than Megatron's hard-coded ``2 * hidden`` (equal for Nemotron-H
+8B/56B/47B; the pruned 4B has 7168 != 6144; mamba's facet).
 
 Bytes are per parameter of weights, gradients and optimizer state, per precision and data-parallel
 flavour, as functions of the number of data-parallel shards; activation bytes per layer and
