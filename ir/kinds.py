@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 from types import ModuleType
 
 FACETS: tuple[str, ...] = ("counts", "hf", "dsl", "rules", "cost", "module", "parallelize", "prune")
@@ -66,6 +67,7 @@ def by_symbol() -> dict[str, str]:
     return {k.symbol: k.name for k in REGISTRY}
 
 
+@lru_cache(maxsize=None)  # the core asks per layer and per plan; a module is imported once anyway
 def facet(name: str, which: str) -> ModuleType:
     """The ``which`` facet module of kind ``name`` (imported on first use)."""
     if which not in FACETS:

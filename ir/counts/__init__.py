@@ -46,11 +46,13 @@ def _facet(kind: str):
 
 def __getattr__(name: str):
     """A kind's own public names (``counts.ring_steps``, ``counts.expert_params``): each counts
-    facet lists the names it adds here in ``EXPORTS``."""
+    facet lists the names it adds here in ``EXPORTS``. Resolved on first use (the facets import
+    this package), then kept as an ordinary attribute."""
     for kind in kinds.names():
         facet = _facet(kind)
         if name in facet.EXPORTS:
-            return getattr(facet, name)
+            value = globals()[name] = getattr(facet, name)
+            return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
