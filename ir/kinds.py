@@ -7,7 +7,8 @@ pipeline stage so that data still flows one way (dsl -> ir -> planner -> lowerin
 
     counts       parameters, FLOPs, saved-activation bytes, FSDP shapes (imports ir only)
     hf           Hugging Face weight names and config fields written on export (imports ir only)
-    dsl          the block's fields in a model spec and their canonical order (imports ir only)
+    dsl          the block's fields in a model spec, their canonical order, its prune axes and
+                 train-job options (imports ir only)
     rules        layout legality (Megatron's divisibility rules) and what plait can execute
     cost         the planner's compute / communication / memory terms (imports ir, planner)
     module       the reference torch module (imports ir, lowering)

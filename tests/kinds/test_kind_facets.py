@@ -2,6 +2,7 @@
 exposes the same protocol, and the model-level sums in plait.ir.counts are exactly the sums of the
 kinds' terms over the layers."""
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -24,15 +25,18 @@ MODELS = ("llama-3.1-8b", "mistral-7b-v0.1", "gpt-1.7b", "mixtral-8x7b", "qwen2-
           "deepseek-v3", "nemotron-h-8b", "tiny-moe", "tiny-hybrid")
 
 
+SPECS = Path(__file__).resolve().parents[2] / "specs" / "models"
+
+
 def model(name):
-    return load_model(f"specs/models/{name}.plait")
+    return load_model(str(SPECS / f"{name}.plait"))
 
 
 @pytest.mark.parametrize("which", sorted(PROTOCOL))
 def test_every_kind_exposes_the_same_protocol(which):
     reference = kinds.facet(kinds.names()[0], which)
     for name in PROTOCOL[which]:
-        assert f"{name}" in inspect.getdoc(reference), f"{which} protocol name {name} undocumented"
+        assert name in inspect.getdoc(reference), f"{which} protocol name {name} undocumented"
     for kind in kinds.names():
         facet = kinds.facet(kind, which)
         for name in PROTOCOL[which]:
