@@ -261,14 +261,15 @@ def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
     fsdp = Layout(tp=1, dp=128, etp=1, ep=8, edp=16, dp_kind="fsdp")
     table = CostTable(job, fsdp, units(job.model))
     ctx, unit = table.ctx, table.units[0]
-    gather, backward = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
-    assert 0 < unit.fsdp_edge <= backward  # at most one gather and one scatter
+    gather, scatter = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
+    assert 0 < unit.fsdp_edge <= gather + scatter  # at most one gather and one scatter
     assert table.chunk_time == pytest.approx(table.p2p + unit.fsdp_edge)
     # no FSDP, no edge
     zero1 = CostTable(job, replace(fsdp, dp_kind="zero1"), units(job.model))
     assert zero1.fsdp_edge == 0.0 and zero1.chunk_time == zero1.p2p
     # communication-bound (no overlap window): the per-unit terms already expose it all
-    none = CostTable(calibrated(job, fsdp_overlap=0.0), fsdp, units(job.model))
+    none = CostTable(calibrated(job, overlap_all_gather=0.0, overlap_reduce_scatter=0.0), fsdp,
+                     units(job.model))
     assert none.fsdp_edge == 0.0
 
 
