@@ -61,6 +61,9 @@ class Calibration:
     # collective is hidden
     overlap_all_gather: float = OVERLAP_DEFAULT
     overlap_reduce_scatter: float = OVERLAP_DEFAULT
+    # measured and kept for the schedules that run the token dispatch beside compute (Megatron's
+    # overlap_moe_expert_parallel_comm, DualPipe); plait's runtime and the stacks of the reference
+    # rows wait for the dispatch (comm.moe_dispatch_comm: exposed), so no cost term reads it yet
     overlap_all_to_all: float = OVERLAP_DEFAULT
     # busiest expert rank over the mean as measured on a trained router (per micro-batch and
     # layer); 0: the expected maximum under balanced random routing (routing_imbalance)
