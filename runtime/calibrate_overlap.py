@@ -57,7 +57,8 @@ def overlap_point(op: str, group, n: int, nbytes: int, shape: tuple[int, int, in
     dist.barrier(group=group)
     collective = timed(lambda: issue().wait(), device, repeat, warmup=1)
     # every rank runs the same number of GEMMs (rank 0's choice), as a layer's ranks do
-    count = torch.tensor([max(1, math.ceil(COMPUTE_OVER_COLLECTIVE * collective / one_gemm))])
+    count = torch.tensor([max(1, math.ceil(COMPUTE_OVER_COLLECTIVE * collective / one_gemm))],
+                         device=device)  # NCCL broadcasts device tensors only
     dist.broadcast(count, src=0, group=group)  # the group is node 0's ranks: global rank 0 leads
     gemms = int(count.item())
 
@@ -78,10 +79,17 @@ def overlap_point(op: str, group, n: int, nbytes: int, shape: tuple[int, int, in
     return {"compute_s": alone, "collective_s": collective, "both_s": together, "gemms": gemms}
 
 
+# an accelerator: a transformer layer's FSDP gather (hundreds of MB) beside GEMMs of a layer's
+# size, so launch latencies do not decide the fraction; the CPU: the quick network size and GEMM
+CUDA_POINT = (256 << 20, (4096, 4096, 4096))
+
+
 def measure_overlap(rank: int, world: int, gpn: int, nbytes: int, shape: tuple[int, int, int],
                     dtype, device) -> dict:
     """{kind: overlap_point} on the ranks of node 0 (every rank creates the group; the others
-    return {}). Needs two ranks on a node."""
+    return {}). Needs two ranks on a node. On CUDA the message and GEMM are CUDA_POINT's."""
+    if device.type == "cuda":
+        nbytes, shape = CUDA_POINT
     ranks = list(range(min(world, gpn)))
     if len(ranks) < 2:
         return {}
