@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from plait.ir import kinds
 from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan
 
-from .cost.context import Calibration, Context
+from .cost.context import Calibration, Context, layer_kinds
 from .wording import device_word, flops_rate, percent, seconds, seconds_pair, significant
 from .cost.evaluate import evaluate
 from .cost.pipeline import even_sizes, stages_of
@@ -147,8 +148,8 @@ def topology_facts(job: TrainJob, lay: Layout, only_bad: bool = False) -> list[s
     facts = []
     checks = [("dense", "tp", "tensor-parallel", lay.tp), ("dense", "cp", "context-parallel ring",
                                                            lay.cp)]
-    if job.model.is_moe:
-        checks.append(("expert", "ep", "expert all-to-all", lay.ep))
+    for kind in layer_kinds(job.model):  # the kinds' own groups (MoE: the expert all-to-all)
+        checks.extend(kinds.facet(kind, "cost").topology_checks(lay))
     for side, name, what, size in checks:
         if size <= 1:
             continue

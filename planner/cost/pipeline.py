@@ -13,12 +13,13 @@ import copy
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from plait.ir import kinds as block_kinds  # `kinds` names a unit's layer kinds below
 from plait.ir.job import TrainJob
 from plait.ir.plan import RECOMPUTE, Layout, Stage
 from plait.ir.precision import PrecisionPolicy
 
 from . import comm, compute, memory
-from .context import Context
+from .context import Context, layer_kinds
 
 OPTIONS = RECOMPUTE  # ("none", "selective", "full"): index 0, 1, 2 in every per-option tuple
 
@@ -62,26 +63,10 @@ def _add(acc: dict, items) -> dict:
     return acc
 
 
-def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]:
-    """(forward exposed seconds per kind, backward exposed seconds per kind) of one block."""
-    fwd: dict = {}
-    moe = ctx.model.moe
-    if kind != "moe" or (moe and moe.shared_ffn):
-        fwd["tp"] = comm.tp_comm(ctx)
-    if kind == "moe":
-        fwd["ep"] = comm.moe_dispatch_comm(ctx)
-    bwd = dict(fwd)
-    if kind == "attention" and ctx.layout.cp > 1:
-        ring = comm.cp_comm(ctx)
-        # ring steps overlap the attention core (backward: the backward kernels, at their own
-        # rate); the all-to-all variant waits for its exchange
-        window = ctx.cal.overlap if ctx.layout.cp_comm == "ring" else 0.0
-        fwd["cp"] = max(0.0, ring - window * work.core)
-        bwd_core = compute.BWD_CORE * work.core / work.core_bwd_rate
-        bwd["cp"] = max(0.0, 2 * ring - window * bwd_core)
-    if kind == "mamba" and ctx.layout.cp > 1:
-        fwd["cp"] = bwd["cp"] = comm.mamba_cp_comm(ctx)  # all-gather; reduce-scatter backward
-    return fwd, bwd
+def block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]:
+    """(forward exposed seconds per group, backward exposed seconds per group) of one layer of
+    ``kind`` whose forward work is ``work`` (its cost facet's ``comm``)."""
+    return block_kinds.facet(kind, "cost").comm(ctx, work)
 
 
 def host_seconds(ctx: Context, kinds: tuple[str, ...]) -> tuple[float, float]:
@@ -107,7 +92,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
     bf16_ctx = ctx.with_bf16_linears() if any(bf16_linears) else ctx
     for i, kind in enumerate(kinds):
         work = compute.block_work(bf16_ctx if bf16_linears and bf16_linears[i] else ctx, kind)
-        f, b = _block_comm(ctx, kind, work)
+        f, b = block_comm(ctx, kind, work)
         _add(fwd_comm, f.items()), _add(bwd_comm, b.items())
         fwd_c, bwd_c, sel, flops = (fwd_c + work.forward, bwd_c + work.backward,
                                     sel + work.selective, flops + work.flops)
@@ -202,7 +187,7 @@ class CostTable:
         self.chunk_time = self.p2p + self.fsdp_edge
         self.capacity = job.cluster.device.memory
         self.microbatches = ctx.microbatches
-        self.buffers = memory.comm_buffers(ctx, job.model.is_moe)
+        self.buffers = memory.comm_buffers(ctx, layer_kinds(job.model))
 
     def _embedding(self) -> Extra:
         ctx = self.ctx
