@@ -11,6 +11,9 @@
    order of their estimate until their lower bound passes the top-k step times (branch and
    bound). Deterministic: every order is a sort on numbers with the layout as tie-break, and no
    wall-clock limit decides anything (the ILP's work is bounded by nodes).
+5. Runnable-only (`plait plan`, `plait run`): candidates that break a RUNNABLE row of the legality
+   table (plait/ir/legality.py) are estimated but neither solved nor counted in the bounds; the few
+   best that could beat the winner are solved afterwards and named (planner/runnable.py).
 """
 from __future__ import annotations
 
