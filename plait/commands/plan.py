@@ -10,6 +10,7 @@ from rich.table import Table
 from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
 from plait.ir.errors import LayoutError, PlaitError
+from plait.ir.legality import RUNNABLE
 from plait.ir.plan import Layout, ParallelPlan
 from plait.ir.precision import PrecisionPolicy
 from plait.planner import calibration, explain
@@ -188,6 +189,9 @@ def estimate_cmd(args) -> int:
         console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
         if cal:
             console.print(calibration.explanation(cal), markup=False, highlight=False)
+        for problem in violations(job, res.best.layout, levels=(RUNNABLE,)):
+            console.print(f"note: Megatron's rules allow this layout, but plait cannot run it yet: "
+                          f"{problem}", markup=False, highlight=False)
     return 0
 
 

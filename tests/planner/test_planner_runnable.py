@@ -81,3 +81,13 @@ def test_plan_explain_lists_the_better_plans_plait_cannot_run(moe_job, results, 
     assert legal.best.layout.short() not in plans  # the recommended plans all run
     assert main(["plan", MOE, "--layout", FSDP_FOLDED, "--legal", "--top", "1"]) == 0
     assert legal.best.layout.short() in capsys.readouterr().out
+
+
+def test_estimate_predicts_a_legal_layout_and_says_plait_cannot_run_it(capsys):
+    assert main(["estimate", MOE, "--layout", FSDP_FOLDED + " tp=1 etp=1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "tp1 cp2 dp4 pp1 | etp1 ep2 edp4" in out
+    assert ("note: Megatron's rules allow this layout, but plait cannot run it yet: fsdp shards "
+            "expert weights only when edp = dp*cp: edp = 4, dp*cp = 4*2 = 8") in out
+    assert main(["estimate", MOE, "--layout", "cp=2 ep=2 dp_shard=zero1 tp=1 etp=1"]) == 0
+    assert "plait cannot run it yet" not in capsys.readouterr().out
