@@ -266,7 +266,7 @@ def _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, fami
     unfolded = [o for o in ordered if folding.is_unfolded(o[2])]
     if not solved:
         solved, _, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, max_nodes), sub,
-                           explain.Families(job), ordered=unfolded)
+                              explain.Families(job), ordered=unfolded)
     alt = solved[0] if solved else None
     needs = [r.need for r in families.records.values()
              if folding.is_unfolded(r.layout) and r.need < INF]
