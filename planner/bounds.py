@@ -48,6 +48,7 @@ class Candidate:
     quick_z: float = INF  # that even split's busiest rank seconds per micro-batch
     blocked: Optional[Violation] = None  # the RUNNABLE row it breaks (runnable-only searches)
     upper: float = INF  # evaluated step of that even split, once asked for (bounds.upper)
+    fixed: float = 0.0  # step seconds no partition avoids (fixed_seconds)
 
     @property
     def key(self) -> tuple:
@@ -100,7 +101,7 @@ def make_candidate(lay: Layout, base: Costed) -> Candidate:
     problem = base.problem if lay.vpp == base.problem.vpp else replace(
         base.problem, vpp=lay.vpp, inflight=tuple(table.inflight(r) for r in range(lay.pp)))
     cand = Candidate(layout=lay, table=table, problem=problem,
-                     lower=candidate_lower(table, problem, base.fixed))
+                     lower=candidate_lower(table, problem, base.fixed), fixed=base.fixed)
     quick_estimate(cand)
     return cand
 
@@ -185,6 +186,46 @@ def average_rank(table: CostTable, z: float) -> RankCost:
     pp = table.layout.pp
     return RankCost(time=z, fwd=z / 3, dense_params=dense / pp, expert_params=expert / pp,
                     activations=0.0, transient=0.0, comm={})
+
+
+def can_reach(cand: Candidate, step: float) -> bool:
+    """False only when no partition of a candidate whose units are all alike steps in ``step``
+    seconds or less: then every rank's busiest-time budget z = (step - fixed) / (schedule factor)
+    caps the units it can hold, at best mixing recompute options fractionally within its time and
+    memory (a linear program of two constraints: its optimum mixes at most two options), and
+    together the ranks hold fewer units than the model has. Always True for mixed units."""
+    p = cand.problem
+    if not p.tied or step == INF:
+        return True
+    z = (step - cand.fixed) / cand.table.schedule_factor * (1 + TOL)
+    transient = (1 + p.fragmentation) * min(p.option_transient(o) for o in p.options)
+    held = 0.0
+    for r in range(p.pp):
+        base_time, base_mem = p.rank_base(r)
+        room_t, room_m = z - base_time, p.capacity * (1 + TOL) - base_mem - transient
+        if room_t < 0 or room_m < 0:
+            return False
+        held += _most_units(room_t, room_m, [(p.time[0][o], p.mem_coeff(0, o, r))
+                                             for o in p.options])
+    return held >= len(p.unit_types)
+
+
+def _most_units(seconds: float, nbytes: float, options: list[tuple[float, float]]) -> float:
+    """max sum(x) over x >= 0 with sum(x_o t_o) <= seconds and sum(x_o m_o) <= nbytes, for options
+    (t_o, m_o): the best single option or the best pair with both constraints tight."""
+    best = 0.0
+    for t, m in options:
+        best = max(best, min(seconds / t if t > 0 else INF, nbytes / m if m > 0 else INF))
+    for i, (t1, m1) in enumerate(options):
+        for t2, m2 in options[i + 1:]:
+            det = t1 * m2 - t2 * m1
+            if det == 0:
+                continue
+            x1 = (seconds * m2 - t2 * nbytes) / det
+            x2 = (t1 * nbytes - seconds * m1) / det
+            if x1 >= 0 and x2 >= 0:
+                best = max(best, x1 + x2)
+    return best
 
 
 def floor_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, Optimality, ParallelPlan
 
 from . import explain, folding, runnable
-from .bounds import (Candidate, costed, floor_kinds, make_candidate, may_fit, mesh_floor,
+from .bounds import (Candidate, can_reach, costed, floor_kinds, make_candidate, may_fit, mesh_floor,
                      screened_meshes, upper)
 from .fingerprint import fingerprints
 from .cost.evaluate import evaluate
@@ -231,20 +231,21 @@ def _solve(cands, top, max_solves, max_nodes, families, result) -> list[Parallel
     units with vpp > 1) are capped at MAX_ILP_SOLVES."""
     plans: list[ParallelPlan] = []
     uppers = sorted(c.upper for c in cands)
+    best_steps: list[float] = []  # max-heap (negated) of the k least solved step times
     ilps = 0
     for cand in sorted(cands, key=lambda c: c.key):
-        steps = sorted(p.prediction.step_time for p in plans)
-        bound = min(steps[top - 1] if len(steps) >= top else INF,
+        bound = min(-best_steps[0] if len(best_steps) >= top else INF,
                     uppers[top - 1] if len(uppers) >= top else INF)
         needs_ilp = not cand.problem.tied and cand.problem.vpp > 1
-        if cand.quick == INF and not may_fit(cand.problem):
-            result.pruned += 1
-            families.infeasible(cand)
-            continue
-        if (cand.lower > bound or (max_solves is not None and result.solved >= max_solves)
+        if (cand.lower > bound or not can_reach(cand, bound)
+                or (max_solves is not None and result.solved >= max_solves)
                 or (needs_ilp and ilps >= MAX_ILP_SOLVES)):
             result.pruned += 1
             families.estimated(cand)
+            continue
+        if cand.quick == INF and not may_fit(cand.problem):
+            result.pruned += 1
+            families.infeasible(cand)
             continue
         plan, solved = _solve_one(cand, max_nodes)
         result.solved += solved
@@ -254,6 +255,9 @@ def _solve(cands, top, max_solves, max_nodes, families, result) -> list[Parallel
             continue
         families.solved(cand, plan)
         plans.append(plan)
+        heapq.heappush(best_steps, -plan.prediction.step_time)
+        if len(best_steps) > top:
+            heapq.heappop(best_steps)
     return plans
 
 
