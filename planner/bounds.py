@@ -95,14 +95,16 @@ def costed(job: TrainJob, lay: Layout, options: tuple[int, ...], unit_kinds) -> 
     return Costed(table, problem_of(table, options), fixed_seconds(table))
 
 
-def make_candidate(lay: Layout, base: Costed) -> Candidate:
-    """``lay`` (a variant of ``base``'s layout differing at most in vpp) bounded and estimated."""
+def make_candidate(lay: Layout, base: Costed, estimate: bool = True) -> Candidate:
+    """``lay`` (a variant of ``base``'s layout differing at most in vpp) bounded, and estimated
+    unless ``estimate`` is False (then quick_estimate does it)."""
     table = base.table.with_vpp(lay.vpp) if lay.vpp != base.table.layout.vpp else base.table
     problem = base.problem if lay.vpp == base.problem.vpp else replace(
         base.problem, vpp=lay.vpp, inflight=tuple(table.inflight(r) for r in range(lay.pp)))
     cand = Candidate(layout=lay, table=table, problem=problem,
                      lower=candidate_lower(table, problem, base.fixed), fixed=base.fixed)
-    quick_estimate(cand)
+    if estimate:
+        quick_estimate(cand)
     return cand
 
 

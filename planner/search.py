@@ -29,7 +29,7 @@ from plait.ir.plan import Layout, Optimality, ParallelPlan
 
 from . import explain, folding, runnable
 from .bounds import (Candidate, can_reach, costed, floor_kinds, make_candidate, may_fit, mesh_floor,
-                     screened_meshes, upper)
+                     quick_estimate, screened_meshes, upper)
 from .fingerprint import fingerprints
 from .cost.evaluate import evaluate
 from .cost.pipeline import OPTIONS, CostTable, stages_of
@@ -175,8 +175,9 @@ def _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, fami
 
 
 def _expand(job, pins, kinds, options, ordered, top, result, progress, families) -> list[Candidate]:
-    """Every knob variant of the meshes whose proven floor does not exceed the k-th best plan that
-    exists so far (bounds.upper of the runnable candidates; blocked ones are kept to compare)."""
+    """The knob variants whose proven floor does not exceed the k-th best plan that exists so
+    far (bounds.upper of the runnable candidates; blocked ones are kept to compare), a mesh at a
+    time, the whole mesh dropped when its floor exceeds it."""
     unit_kinds = units(job.model)
     cands: list[Candidate] = []
     best_upper: list[float] = []  # max-heap (negated) of the k least runnable upper bounds so far
@@ -189,12 +190,16 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress, families)
         if floor > kth:  # the screened micro-batches cannot win: are the others any better?
             _floor_tables(job, kinds, options, variants, tables)
             floor = mesh_floor(tables, variants, kinds)
-            if floor > kth:
-                result.pruned += len(variants)
-                families.screened(mesh, screen, floor)
-                continue
+        kept = 0
         for lay in variants:
-            cand = make_candidate(lay, _table(job, options, lay, tables, unit_kinds))
+            if floor > kth or (kth < INF and _floor(job, kinds, options, lay, tables) > kth):
+                result.pruned += 1
+                continue
+            cand = make_candidate(lay, _table(job, options, lay, tables, unit_kinds), False)
+            if kth < INF and (cand.lower > kth or not can_reach(cand, kth)):
+                result.pruned += 1
+                continue
+            quick_estimate(cand)
             cand.blocked = why.get(lay)
             if cand.quick < INF and not cand.blocked and cand.lower <= kth:
                 heapq.heappush(best_upper, -upper(cand))
@@ -202,7 +207,16 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress, families)
                     heapq.heappop(best_upper)
                 kth = -best_upper[0] if len(best_upper) >= top else INF
             cands.append(cand)
+            kept += 1
+        if not kept:
+            families.screened(mesh, screen, floor)
     return cands
+
+
+def _floor(job, kinds, options, lay, tables: dict) -> float:
+    """bounds.mesh_floor of one variant: no DP flavour at its mbs and vpp does better."""
+    _floor_tables(job, kinds, options, [lay], tables)
+    return mesh_floor(tables, [lay], kinds)
 
 
 def _table(job, options, lay, tables: dict, unit_kinds):
