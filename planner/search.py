@@ -190,9 +190,9 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress, families)
         if floor > kth:  # the screened micro-batches cannot win: are the others any better?
             _floor_tables(job, kinds, options, variants, tables)
             floor = mesh_floor(tables, variants, kinds)
-        kept = 0
+        kept, floors = 0, {}
         for lay in variants:
-            if floor > kth or (kth < INF and _floor(job, kinds, options, lay, tables) > kth):
+            if floor > kth or (kth < INF and _floor(job, kinds, options, lay, tables, floors) > kth):
                 result.pruned += 1
                 continue
             cand = make_candidate(lay, _table(job, options, lay, tables, unit_kinds), False)
@@ -213,10 +213,14 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress, families)
     return cands
 
 
-def _floor(job, kinds, options, lay, tables: dict) -> float:
-    """bounds.mesh_floor of one variant: no DP flavour at its mbs and vpp does better."""
-    _floor_tables(job, kinds, options, [lay], tables)
-    return mesh_floor(tables, [lay], kinds)
+def _floor(job, kinds, options, lay, tables: dict, floors: dict) -> float:
+    """bounds.mesh_floor of one variant: no DP flavour at its mbs and vpp does better (cached in
+    ``floors`` by (mbs, vpp))."""
+    key = (lay.mbs, lay.vpp)
+    if key not in floors:
+        _floor_tables(job, kinds, options, [lay], tables)
+        floors[key] = mesh_floor(tables, [lay], kinds)
+    return floors[key]
 
 
 def _table(job, options, lay, tables: dict, unit_kinds):
@@ -232,7 +236,8 @@ def _floor_tables(job, kinds, options, variants, tables: dict) -> None:
     unit_kinds = units(job.model)
     for v in variants:
         for kind in floor_kinds(kinds):
-            _table(job, options, replace(v, dp_kind=kind), tables, unit_kinds)
+            if (v.mbs, kind) not in tables:
+                _table(job, options, replace(v, dp_kind=kind), tables, unit_kinds)
 
 
 MAX_ILP_SOLVES = 4  # general-formulation ILPs per search (each bounded by ilp.MAX_NODES nodes)
