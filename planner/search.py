@@ -47,6 +47,8 @@ class SearchResult:
     enumerated: int = 0  # layouts (mesh x mbs x dp flavour x vpp) considered
     pruned: int = 0  # dropped by a bound without solving
     solved: int = 0  # ILPs solved
+    capped: int = 0  # candidates no bound ruled out that a solve cap left unsolved: while > 0
+    # the winner is the best of what was solved, not proven the best layout
     seconds: float = 0.0
     min_memory: Optional[tuple[float, Layout]] = None  # smallest memory need seen, when none fit
     notes: list[str] = field(default_factory=list)
@@ -256,10 +258,14 @@ def _solve(cands, top, max_solves, max_nodes, families, result) -> list[Parallel
         bound = min(-best_steps[0] if len(best_steps) >= top else INF,
                     uppers[top - 1] if len(uppers) >= top else INF)
         needs_ilp = not cand.problem.tied and cand.problem.vpp > 1
-        if (cand.lower > bound or not can_reach(cand, bound)
-                or (max_solves is not None and result.solved >= max_solves)
-                or (needs_ilp and ilps >= MAX_ILP_SOLVES)):
+        if cand.lower > bound or not can_reach(cand, bound):
             result.pruned += 1
+            families.estimated(cand)
+            continue
+        if ((max_solves is not None and result.solved >= max_solves)
+                or (needs_ilp and ilps >= MAX_ILP_SOLVES)):  # a cap, not a bound, drops it
+            result.pruned += 1
+            result.capped += 1
             families.estimated(cand)
             continue
         if cand.quick == INF and not may_fit(cand.problem):
