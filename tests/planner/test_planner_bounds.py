@@ -11,7 +11,8 @@ import pytest
 
 from plait.ir.dsl import load_file, load_model
 from plait.ir.job import Precision, TrainJob
-from plait.planner.bounds import costed, floor_kinds, make_candidate, mesh_floor
+from plait.planner.bounds import (can_reach, costed, floor_kinds, make_candidate, may_fit,
+                                  mesh_floor, upper)
 from plait.planner.layouts import job_pins, knob_variants, meshes, units
 from plait.planner.partition import solve
 from plait.planner.search import DEFAULT_KINDS, make_plan, search
@@ -29,8 +30,9 @@ def gpt22b():
 
 
 def exhaustive(job):
-    """mesh -> (its variants, the best solved step time of each variant), no bound consulted."""
-    pins, unit_kinds, out = job_pins(job, None), units(job.model), {}
+    """mesh -> (its variants, the best solved step time of each variant that fits), and
+    (candidate, its solved step or None) of every variant; no bound consulted."""
+    pins, unit_kinds, out, cands = job_pins(job, None), units(job.model), {}, []
     for mesh in meshes(job, pins):
         variants = [v for v in knob_variants(job, mesh, pins) if v.dp_kind in DEFAULT_KINDS]
         steps = {}
@@ -39,13 +41,24 @@ def exhaustive(job):
             part = solve(cand.problem)
             if part is not None:
                 steps[lay] = make_plan(cand.table, part.sizes, part.options).prediction.step_time
+            cands.append((cand, steps.get(lay)))
         out[mesh] = (variants, steps)
-    return out
+    return out, cands
 
 
 @pytest.fixture(scope="module")
-def every_plan(gpt22b):
+def solved_all(gpt22b):
     return exhaustive(gpt22b)
+
+
+@pytest.fixture(scope="module")
+def every_plan(solved_all):
+    return solved_all[0]
+
+
+@pytest.fixture(scope="module")
+def every_candidate(solved_all):
+    return solved_all[1]
 
 
 def test_search_winner_is_the_exhaustive_best(gpt22b, every_plan):
@@ -71,3 +84,19 @@ def test_mesh_floor_is_below_every_plan_of_its_mesh(gpt22b, every_plan):
         assert floor <= min(steps.values()) * (1 + 1e-9), mesh.short()
         checked += 1
     assert checked >= 5
+
+
+def test_candidate_bounds_hold_for_every_variant(every_candidate):
+    """lower <= solved step, and lower <= upper (the even split is a plan); can_reach never
+    refuses a step the candidate reaches, and may_fit never calls a candidate that fits
+    impossible."""
+    infeasible = 0
+    for cand, step in every_candidate:
+        if step is None:
+            infeasible += 1
+            continue
+        assert cand.lower <= step * (1 + 1e-9), cand.layout.short()
+        assert can_reach(cand, step) and may_fit(cand.problem), cand.layout.short()
+        if cand.quick < float("inf"):
+            assert cand.lower <= upper(cand) * (1 + 1e-9), cand.layout.short()
+    assert len(every_candidate) - infeasible >= 20
