@@ -19,7 +19,7 @@ from plait.ir.plan import Layout  # noqa: E402
 from plait.runtime import checkpoint  # noqa: E402
 from plait.runtime.ckpt_export import export_hf  # noqa: E402
 from plait.runtime.mesh import build_mesh  # noqa: E402
-from plait.runtime.parity import TIMEOUT_S, Case, Setup  # noqa: E402
+from plait.runtime.harness.parity import TIMEOUT_S, Case, Setup  # noqa: E402
 from plait.runtime.train import Trainer  # noqa: E402
 
 from ckpt_util import single_rank  # noqa: E402

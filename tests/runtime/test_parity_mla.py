@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from plait.ir.dsl import parse_text
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, run_parity
+from plait.runtime.harness.parity import Case, Setup, run_parity
 
 MLA_MOE = parse_text('''model "tiny-mla-moe" {
   vocab = 256
