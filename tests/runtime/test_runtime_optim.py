@@ -48,7 +48,7 @@ def test_one_rank_training_matches_the_reference(dp_kind, tmp_path):
     """The compiled program with micro-batches and every optimizer path, in this process: fp32
     loss and gradients within 1e-5; in fp64 the parameters after the 3 AdamW steps too, within
     1e-9 (fp32 parameters after Adam steps are not comparable: see test_runtime_parity)."""
-    from plait.runtime.harness.parity import run_case, in_fp32_and_fp64
+    from plait.runtime.harness.parity import in_fp32_and_fp64, run_case
 
     setup = Setup(SPEC, global_batch=4, seq=8)
     fp32, fp64 = in_fp32_and_fp64([Case(dp_kind, Layout(dp_kind=dp_kind, mbs=1))])
