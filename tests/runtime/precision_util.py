@@ -6,7 +6,8 @@ from pathlib import Path
 from plait.ir.dsl import load_model
 from plait.ir.job import Precision
 from plait.ir.plan import Layout
-from plait.runtime.harness.parity import Case, Setup, assemble, parity_worker, reference, spawn_cases
+from plait.runtime.harness.parity import Case, Setup, parity_worker, reference, spawn_cases
+from plait.runtime.harness.parity_compare import assemble
 
 MODELS = Path(__file__).resolve().parents[2] / "specs" / "models"
 VS_FP32 = "single vs fp32"
