@@ -7,9 +7,10 @@ vocabulary columns) — frozen (eval, no gradients), and the loss is
 
     (1 - lm_weight) * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + lm_weight * CE
 
-as runtime/distill/single_device.py computes it on one device. Under TP each rank holds V/tp logit columns; the
-KL is vocab-parallel the way the cross entropy is (lowering/tp_ops.py): the maxima and the sums over
-the vocabulary are reduced over TP, so every rank computes the same (replicated) loss value.
+as runtime/distill/single_device.py computes it on one device. Under TP each rank holds V/tp logit
+columns; the KL is vocab-parallel the way the cross entropy is (lowering/tp_ops.py): the maxima and
+the sums over the vocabulary are reduced over TP, so every rank computes the same (replicated) loss
+value.
 With pp > 1 the teacher runs as its own forward-only pipeline (its layers split evenly over the
 same pp ranks) and its logits meet the student's on the last stage (PipelineDistillRunner).
 """

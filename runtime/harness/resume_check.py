@@ -74,10 +74,11 @@ def _worker(rank: int, world: int, run_one: Callable, cases: list, out: str) -> 
 def run_resume(setup: Setup, cases: list[Case], k: int,
                out_dir: str | None = None) -> dict[str, ResumeErrors]:
     """Spawn one group per world size; returns each case's resume errors."""
+    records = spawn_cases(_worker, cases, out_dir, partial(run_resume_case, setup, k=k))
     return {name: ResumeErrors(
                 losses=max(abs(a - b) for r in recs for a, b in zip(r["whole"], r["resumed"])),
                 params=max(r["params"] for r in recs), resumed_from=recs[0]["start"])
-            for name, recs in spawn_cases(_worker, cases, out_dir, partial(run_resume_case, setup, k=k)).items()}
+            for name, recs in records.items()}
 
 
 # ---- resharding: save under plan A, resume under plan B ----------------------------------------
