@@ -85,7 +85,7 @@ def _tokenizer(meta: dict, out: Path) -> Optional[str]:
         return None
     from .data import get_tokenizer
 
-    get_tokenizer(name)._tok.save_pretrained(str(out))
+    get_tokenizer(name).hf.save_pretrained(str(out))
     return name
 
 
