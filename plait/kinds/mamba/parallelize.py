@@ -1,0 +1,66 @@
+"""The mamba kind's sharding plan (protocol: plait/kinds/attention/parallelize.py), Megatron-Core's
+MambaMixer layout.
+
+in_proj's output is the concatenation [z | x | B | C | dt]; a contiguous chunk of it would hand a
+rank parts of the wrong components, so each component is chunked on its own and the rank's pieces
+are concatenated again (a *segmented* split). Likewise the conv channels [x | B | C]. The per-head
+vectors (dt_bias, A_log, D) and the gated-norm weight (whose group size d_inner / groups stays the
+same on every rank because groups divide by tp) are plain contiguous chunks; out_proj is
+row-parallel. After the split the mixer's forward reads its local sizes from the parameters
+(see lowering/modules/mamba.py), so the graph needs no other rewrite.
+
+Under CP the causal conv takes its predecessor chunks' halos and the SSD scan passes its states
+across chunks (lowering/mamba_cp.py).
+"""
+from __future__ import annotations
+
+from plait.ir.errors import LayoutError
+from plait.ir.model import ModelSpec
+from plait.ir.plan import Layout
+from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
+from plait.lowering.modules import mamba as reference
+from plait.lowering.shard_plans import ParamSplit, SequenceOp, TensorParallelPlan
+
+SEQUENCE_OPS = (
+    SequenceOp(reference.causal_conv1d, {"ring": cp_causal_conv1d, "alltoall": cp_causal_conv1d}),
+    SequenceOp(reference.ssd_scan, {"ring": cp_ssd_scan, "alltoall": cp_ssd_scan}),
+)
+
+
+def mamba_splits(spec: ModelSpec) -> tuple[ParamSplit, ...]:
+    """The column-parallel side of a Mamba2 mixer, sharded when its in_proj is called."""
+    m = spec.mamba
+    bc = m.groups * m.state
+    in_proj = (m.d_inner, m.d_inner, bc, bc, m.heads)
+    conv = (m.d_inner, bc, bc)
+    return (
+        ParamSplit("in_proj.weight", 0, in_proj), ParamSplit("in_proj.bias", 0, in_proj),
+        ParamSplit("conv1d.weight", 0, conv), ParamSplit("conv1d.bias", 0, conv),
+        ParamSplit("dt_bias", 0), ParamSplit("A_log", 0), ParamSplit("D", 0),
+        ParamSplit("norm.weight", 0),
+    )
+
+
+def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
+    return TensorParallelPlan(row=("out_proj",), split_on={"in_proj": mamba_splits(spec)})
+
+
+def tp_sizes(spec: ModelSpec) -> dict[str, int]:
+    """Heads (x, dt, A, D) and groups (B, C, the norm)."""
+    return {"mamba heads": spec.mamba.heads, "mamba groups": spec.mamba.groups}
+
+
+def sequence_ops() -> tuple[SequenceOp, ...]:
+    return SEQUENCE_OPS
+
+
+def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> None:
+    """A zigzag chunk must hold the conv's whole halo (conv - 1 tokens)."""
+    chunk = seq_len // (2 * layout.cp)
+    if chunk < spec.mamba.conv - 1:
+        raise LayoutError(f"a CP chunk of {chunk} tokens is shorter than the Mamba conv "
+                          f"halo of conv - 1 = {spec.mamba.conv - 1} tokens")
+
+
+def routed_experts() -> bool:
+    return False
