@@ -21,18 +21,17 @@ from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules import mamba as reference
 from plait.lowering.shard_plans import ParamSplit, SequenceOp, TensorParallelPlan
 
+from .layout import conv_sizes, in_proj_sizes
+
 SEQUENCE_OPS = (
     SequenceOp(reference.causal_conv1d, {"ring": cp_causal_conv1d, "alltoall": cp_causal_conv1d}),
     SequenceOp(reference.ssd_scan, {"ring": cp_ssd_scan, "alltoall": cp_ssd_scan}),
 )
 
 
-def mamba_splits(spec: ModelSpec) -> tuple[ParamSplit, ...]:
+def _column_side(spec: ModelSpec) -> tuple[ParamSplit, ...]:
     """The column-parallel side of a Mamba2 mixer, sharded when its in_proj is called."""
-    m = spec.mamba
-    bc = m.groups * m.state
-    in_proj = (m.d_inner, m.d_inner, bc, bc, m.heads)
-    conv = (m.d_inner, bc, bc)
+    in_proj, conv = in_proj_sizes(spec.mamba), conv_sizes(spec.mamba)
     return (
         ParamSplit("in_proj.weight", 0, in_proj), ParamSplit("in_proj.bias", 0, in_proj),
         ParamSplit("conv1d.weight", 0, conv), ParamSplit("conv1d.bias", 0, conv),
@@ -42,7 +41,7 @@ def mamba_splits(spec: ModelSpec) -> tuple[ParamSplit, ...]:
 
 
 def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
-    return TensorParallelPlan(row=("out_proj",), split_on={"in_proj": mamba_splits(spec)})
+    return TensorParallelPlan(row=("out_proj",), split_on={"in_proj": _column_side(spec)})
 
 
 def tp_sizes(spec: ModelSpec) -> dict[str, int]:

@@ -19,7 +19,7 @@ from plait.lowering.shard_plans import SequenceOp, ShardParam, TensorParallelPla
 SHARED_EXPERT = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (linear, split dim)
 
 
-def shard_shared_expert(mixer: nn.Module, path: str, shard: ShardParam, group: tuple[str, int]) -> None:
+def _shard_shared_expert(mixer: nn.Module, path: str, shard: ShardParam, group: tuple[str, int]) -> None:
     """An expert-parallel mixer's (at ``path``) shared expert, split over the TP ``group`` (axis, size)."""
     if not isinstance(mixer, ExpertParallelMoE):
         return
@@ -36,7 +36,7 @@ def shard_shared_expert(mixer: nn.Module, path: str, shard: ShardParam, group: t
     mixer.shared_tp = group
 
 
-PLAN = TensorParallelPlan(whole=shard_shared_expert)
+PLAN = TensorParallelPlan(whole=_shard_shared_expert)
 
 
 def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
