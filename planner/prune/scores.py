@@ -20,6 +20,7 @@ from itertools import accumulate
 from typing import Optional
 
 from plait.ir import counts
+from plait.ir.dsl.prune import axis_width
 from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 from plait.ir.serde import from_json, to_json
@@ -188,10 +189,8 @@ class Retention:
 
 
 def axis_original(model: ModelSpec, name: str) -> int:
-    """The model's width on axis ``name`` (its kind's prune facet ``axis_width``)."""
-    if name == "hidden":
-        return model.hidden
-    return prune_facet(AXIS_KIND[name]).axis_width(model, name)
+    """The model's width on axis ``name``."""
+    return axis_width(model, name)
 
 
 @lru_cache(maxsize=1024)

@@ -6,8 +6,8 @@ planner reads this facet without loading torch; the lowering hooks import what t
 
     axes() -> tuple[str, ...]
         the kind's prune axes (ir/job.py PRUNE_AXES): the first narrows its *units* (what
-        LayerScores.units ranks), a second one the per-unit channels (LayerScores.channels)
-    axis_width(model, axis) -> int             the model's width on that axis
+        LayerScores.units ranks), a second one the per-unit channels (LayerScores.channels);
+        the model's width on an axis is ir/dsl/prune.py's ``axis_width``
     axis_groups(model, axis) -> int            equal groups an axis's indices are ranked within and
                                                kept equally from (1: one ranking)
     axis_step(model, axis) -> int | None       the structural snapping multiple of the axis (None:
@@ -44,10 +44,6 @@ from plait.ir.plan import LayerKeep
 
 def axes() -> tuple[str, ...]:
     return ("attention_heads",)
-
-
-def axis_width(model: ModelSpec, axis: str) -> int:
-    return model.block("attention").heads
 
 
 def axis_groups(model: ModelSpec, axis: str) -> int:

@@ -18,11 +18,6 @@ def axes() -> tuple[str, ...]:
     return (HEADS, HEAD_DIM)
 
 
-def axis_width(model: ModelSpec, axis: str) -> int:
-    m = model.block("mamba")
-    return m.heads if axis == HEADS else m.head_dim
-
-
 def axis_groups(model: ModelSpec, axis: str) -> int:
     return model.block("mamba").groups if axis == HEADS else 1
 

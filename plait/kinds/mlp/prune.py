@@ -15,10 +15,6 @@ def axes() -> tuple[str, ...]:
     return ("ffn",)
 
 
-def axis_width(model: ModelSpec, axis: str) -> int:
-    return model.block("mlp").ffn
-
-
 def axis_groups(model: ModelSpec, axis: str) -> int:
     return 1
 

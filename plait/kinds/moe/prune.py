@@ -15,10 +15,6 @@ def axes() -> tuple[str, ...]:
     return ("experts",)
 
 
-def axis_width(model: ModelSpec, axis: str) -> int:
-    return model.block("moe").experts
-
-
 def axis_groups(model: ModelSpec, axis: str) -> int:
     return 1
 
