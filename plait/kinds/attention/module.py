@@ -15,8 +15,9 @@ from torch import nn
 
 from plait.ir.model import Attention, ModelSpec
 from plait.lowering.modules.attention import SelfAttention
-from plait.lowering.modules.latent_attention import LatentAttention
 from plait.lowering.modules.model import MixerOptions
+
+from .latent_module import LatentAttention
 
 
 def mixer(spec: ModelSpec, block: Attention, options: MixerOptions) -> nn.Module:
