@@ -234,6 +234,16 @@ def _insert_exits(gm, t):
             user.replace_input_with(node, out)
 
 
+def _plan_of(node: torch.fx.Node, plans: dict) -> TensorParallelPlan:
+    """The TP plan of the layer kind a node belongs to (none outside the layers)."""
+    i = node.meta.get(META)
+    return plans[i.kind] if i is not None and i.layer is not None else TensorParallelPlan()
+
+
+def _calls_whole_mixer(node: torch.fx.Node) -> bool:
+    return node.target == f"layers.{info(node).layer}.mixer"
+
+
 def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     shards: dict[str, ShardSpec] = {}
     gm.meta[SHARDS] = shards
@@ -243,11 +253,9 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
     plans = {k: kinds.facet(k, "parallelize").tensor_parallel(t.spec) for k in set(t.spec.layers)}
     for node in list(gm.graph.nodes):
         leaf = str(node.target).rsplit(".", 1)[-1]
-        layer = info(node).layer if META in node.meta else None
-        plan = plans[info(node).kind] if layer is not None else TensorParallelPlan()
-        if node.op == "call_module" and node.target == f"layers.{layer}.mixer":
-            if plan.whole is not None:
-                _whole_mixer(gm, node, plan, t, shards)
+        plan = _plan_of(node, plans)
+        if node.op == "call_module" and plan.whole is not None and _calls_whole_mixer(node):
+            _whole_mixer(gm, node, plan, t, shards)
         elif node.op == "call_module" and leaf in plan.split_on:
             _split_mixer(gm, node, plan.split_on[leaf], t, shards)
         elif node.op == "call_module" and (leaf in plan.column or leaf == "head"):

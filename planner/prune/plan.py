@@ -24,7 +24,7 @@ from plait.ir.plan import LayerKeep, PruneCandidate, PrunePlan
 
 from . import ilp
 from .axes import channel_axis, unit_axis
-from .options import KIND_AXES, Costs, HiddenChoice, fixed_costs, kind_options, pruned_spec
+from .options import KIND_AXES, HiddenChoice, fixed_costs, kind_options, pruned_spec
 from .scores import (ImportanceScores, Retention, axis_original, check_scores, keep_units, score, top_indices,
                      uniform_scores, weighted_log)
 from .throughput import ThroughputModel
