@@ -21,6 +21,7 @@ from rich.table import Table
 
 from plait.ir.dsl import load_job, load_model
 from plait.ir.plan import Layout
+from plait.kinds.mamba import cost as mamba_cost
 from plait.planner.cost import comm
 from plait.planner.cost.context import Context
 
@@ -54,7 +55,7 @@ def main() -> int:
             ctx = Context(job, Layout(tp=8, cp=cp, dp=base.cluster.world // (8 * cp), sp=True))
             g = ctx.group("dense", "cp")
             a2a_s = comm.all_to_all(ctx, g, alltoall_bytes(ctx))
-            state_s = comm.mamba_cp_comm(ctx)
+            state_s = mamba_cost.cp_comm(ctx)
             table.add_row(name, f"{seq // 1024}K", str(cp), f"{alltoall_bytes(ctx) / 1e6:.1f}",
                           f"{state_bytes(ctx) / 1e6:.1f}", f"{a2a_s * 1e3:.2f}",
                           f"{state_s * 1e3:.2f}", "state" if state_s < a2a_s else "all-to-all")

@@ -1,13 +1,14 @@
 """Communication truth for MoE layers: the bytes the token dispatchers actually send in one training
 step of the compiled tiny-moe model on 4 gloo ranks (counted inside the dispatcher's collectives,
 forward and backward, token rows only), against the bytes the planner's cost model moves for the
-same job and layout: its `moe_dispatch_comm` evaluated with collectives valued in bytes sent (an
-all-to-all of S bytes sends (n-1)/n S, an all-gather / reduce-scatter of a full tensor of S bytes
-(n-1)/n S); backward moves the forward volume again, per micro-batch, per MoE layer.
+same job and layout: the MoE cost facet's `dispatch_comm` evaluated with collectives valued in
+bytes sent (an all-to-all of S bytes sends (n-1)/n S, an all-gather / reduce-scatter of a full
+tensor of S bytes (n-1)/n S); backward moves the forward volume again, per micro-batch, per MoE
+layer.
 
 "mean" is the mean over ranks of the bytes each rank sent; "busiest" the largest of any rank's sent
 or received bytes (the cost model sizes the all-to-all by the busiest expert rank: dropless it
-assumes the expected busiest rank of balanced random routing (planner/cost/context.py
+assumes the expected busiest rank of balanced random routing (plait/kinds/moe/cost.py
 expected_max_load; a calibrated `moe_imbalance` replaces it), with a capacity factor the smaller
 of cf and that, padded cf; "model load" is the factor each row assumes).
 
@@ -33,6 +34,7 @@ from plait.ir.job import Data, MoEOptions, Precision, TrainJob  # noqa: E402
 from plait.ir.plan import Layout, ParallelPlan, even_stages  # noqa: E402
 from plait.lowering.moe import comm  # noqa: E402
 from plait.planner.cost import comm as cost_comm  # noqa: E402
+from plait.kinds.moe import cost as moe_cost  # noqa: E402
 from plait.planner.cost.context import Context  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +103,7 @@ def predicted(layout: Layout, moe: MoEOptions) -> float:
     dispatch volume, again in backward, per micro-batch, per MoE layer."""
     j = job(layout, moe)
     with collectives_in_bytes():
-        forward = cost_comm.moe_dispatch_comm(Context(j, layout))
+        forward = moe_cost.dispatch_comm(Context(j, layout))
     return 2 * forward * MICRO * j.model.layers.count("moe")
 
 
@@ -124,7 +126,8 @@ def main() -> None:
         mean = statistics.mean(r[i]["sent"] for r in ranks)
         busiest = max(max(r[i]["sent"], r[i]["received"]) for r in ranks)
         model = predicted(layout, moe)
-        load = 1.0 if layout.dispatcher == "allgather" else Context(job(layout, moe), layout).expert_load
+        load = (1.0 if layout.dispatcher == "allgather"
+                else moe_cost.expert_load(Context(job(layout, moe), layout)))
         table.add_row(name, mode(moe), f"{mean / 1024:,.1f}", f"{busiest / 1024:,.1f}",
                       f"{busiest / mean:.3f}", f"{load:.2f}", f"{model / 1024:,.1f}",
                       f"{mean / model:.3f}", f"{busiest / model:.3f}")
@@ -133,7 +136,7 @@ def main() -> None:
 
 
 CAPTION = (
-    "cost model assumption (planner/cost/context.py expert_load): the all-to-all is sized by the "
+    "cost model assumption (plait/kinds/moe/cost.py expert_load): the all-to-all is sized by the "
     "busiest expert rank = 'model load' x the balanced volume. Dropless: the expected busiest rank "
     "of balanced random routing (expected_max_load; the least imbalance a router shows), or the "
     "calibration's measured moe_imbalance; capacity factor cf: the smaller of cf and that, tokens "

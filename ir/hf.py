@@ -16,8 +16,8 @@ import json
 import os
 from typing import Any, Callable, Optional
 
+from . import kinds
 from .errors import PlaitError
-from .hf_window import read_window
 from .model import MLP, Attention, ModelSpec, MoE, Norm, Rope, RopeScaling
 
 # Keys of a config (or of PretrainedConfig.to_dict()) that do not change the trained function:
@@ -199,7 +199,8 @@ def _attention(c: HFConfig, num_layers: int) -> Attention:
     else:  # llama, qwen3, qwen3_moe: attention_bias puts biases on q, k, v and o
         qkv_bias = out_bias = bool(c.get("attention_bias", False))
     heads = int(c.required("num_attention_heads"))
-    window, full_layers = read_window(c, num_layers)  # every decoder layer has one attention layer
+    # every decoder layer has one attention layer; its windows are attention's config fields
+    window, full_layers = kinds.facet("attention", "hf").read_window(c, num_layers)
     return Attention(
         heads=heads, kv_heads=int(c.get("num_key_value_heads", heads)), head_dim=read_head_dim(c),
         qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=t in ("qwen3", "qwen3_moe"), rope=read_rope(c),
@@ -243,7 +244,7 @@ def llama_like(c: HFConfig, name: str) -> ModelSpec:
     layers = tuple(k for is_moe in moe_flags for k in ("attention", "moe" if is_moe else "mlp"))
     mlp_bias = bool(c.get("mlp_bias", False)) if c.model_type == "llama" else False
     mlp = (MLP(ffn=int(c.required("intermediate_size")), activation=activation, bias=mlp_bias)
-           if "mlp" in layers else None)
+           if not all(moe_flags) else None)  # some decoder layer's feed-forward is dense
     c.ignore("intermediate_size")  # dense width, unused when every layer is MoE
     return checked(c, ModelSpec(
         name=name, vocab=int(c.required("vocab_size")), hidden=int(c.required("hidden_size")),

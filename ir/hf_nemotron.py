@@ -2,8 +2,9 @@
 squared-ReLU MLP and (Nemotron 3) sigmoid-routed MoE layers, one block per layer."""
 from __future__ import annotations
 
+from . import kinds
 from .hf import HFConfig, checked, read_head_dim, read_no_dropout
-from .model import MLP, PATTERN_SYMBOLS, Attention, Mamba2, ModelSpec, MoE, Norm
+from .model import MLP, PATTERN_SYMBOLS, Attention, Block, Mamba2, ModelSpec, MoE, Norm
 
 # transformers' layers_block_type names (and the legacy ones it still accepts) -> plait kinds.
 BLOCK_TYPES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
@@ -27,7 +28,7 @@ def read_layers(c: HFConfig) -> tuple[str, ...]:
         unknown = sorted(set(pattern) - set(PATTERN_SYMBOLS))
         if unknown:
             raise c.error("hybrid_override_pattern", pattern,
-                          f"unknown symbol(s) {' '.join(unknown)}; plait knows M * - E")
+                          f"unknown symbol(s) {' '.join(unknown)}; plait knows {' '.join(PATTERN_SYMBOLS)}")
         layers = tuple(PATTERN_SYMBOLS[s] for s in pattern)
     else:
         names = c.required("layers_block_type")
@@ -42,7 +43,7 @@ def read_layers(c: HFConfig) -> tuple[str, ...]:
     return layers
 
 
-def _attention(c: HFConfig) -> Attention:
+def _attention(c: HFConfig, activation: str) -> Attention:
     # transformers' Nemotron-H attention has no biases and no position encoding at all.
     c.expect("attention_bias", (False,), False, "Nemotron-H attention has no biases")
     c.expect("sliding_window", (None,), None, "plait has no sliding-window attention")
@@ -51,7 +52,7 @@ def _attention(c: HFConfig) -> Attention:
                      head_dim=read_head_dim(c, ("head_dim", "attention_head_dim")), rope=None)
 
 
-def _mamba(c: HFConfig) -> Mamba2:
+def _mamba(c: HFConfig, activation: str) -> Mamba2:
     c.expect("mamba_hidden_act", ("silu",), "silu", "plait's Mamba2 gates with silu")
     return Mamba2(heads=int(c.required("mamba_num_heads")), head_dim=int(c.required("mamba_head_dim")),
                   groups=int(c.first(("n_groups", "mamba_n_groups"), 8)),
@@ -62,6 +63,10 @@ def _mamba(c: HFConfig) -> Mamba2:
                   proj_bias=bool(c.get("use_bias", False)),
                   # transformers' default 0.001 when the config omits it; the forward clamps dt there
                   dt_min=float(c.get("time_step_min", 0.001)))
+
+
+def _mlp(c: HFConfig, activation: str) -> MLP:
+    return MLP(int(c.required("intermediate_size")), activation, bool(c.get("mlp_bias", False)))
 
 
 def _moe(c: HFConfig, activation: str) -> MoE:
@@ -100,35 +105,40 @@ def nemotron_h(c: HFConfig, name: str) -> ModelSpec:
         raise c.error("num_nextn_predict_layers", mtp, "plait has no multi-token-prediction layers")
     layers = read_layers(c)
     activation = c.expect("mlp_hidden_act", ("relu2",), "relu2", "Nemotron-H MLPs are squared ReLU")
-    moe_fields = ("n_routed_experts", "num_local_experts", "num_experts_per_tok",
-                  "moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_shared_experts",
-                  "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor",
-                  "moe_latent_size", "router_aux_loss_coef")
-    if "moe" not in layers:
-        c.ignore(*moe_fields)  # transformers fills them with defaults even for dense models
     spec = ModelSpec(
         name=name, vocab=int(c.required("vocab_size")), hidden=int(c.required("hidden_size")),
         layers=layers, norm=_norm(c), tie_embeddings=_untied(c),
         max_seq=c.get("max_position_embeddings"),
-        attention=_attention(c) if "attention" in layers else None,
-        mlp=(MLP(int(c.required("intermediate_size")), activation, bool(c.get("mlp_bias", False)))
-             if "mlp" in layers else None),
-        moe=_moe(c, activation) if "moe" in layers else None,
-        mamba=_mamba(c) if "mamba" in layers else None)
+        **{kind: _read_block(c, kind, activation) if kind in layers else None for kind in kinds.names()})
     _ignore_unused_blocks(c, layers)
     return checked(c, spec)
 
 
+# The family's config -> each kind's block, and the fields of each (transformers fills in defaults
+# for the kinds a pattern never uses, which are then ignored).
+_BLOCK_READERS = {"attention": _attention, "mlp": _mlp, "moe": _moe, "mamba": _mamba}
+_BLOCK_FIELDS = {
+    "attention": ("num_attention_heads", "num_key_value_heads", "head_dim", "attention_head_dim",
+                  "attention_bias", "sliding_window"),
+    "mlp": ("intermediate_size", "mlp_bias"),
+    "moe": ("n_routed_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "moe_shared_expert_intermediate_size", "n_shared_experts", "norm_topk_prob", "n_group",
+            "topk_group", "routed_scaling_factor", "moe_latent_size", "router_aux_loss_coef"),
+    "mamba": ("mamba_num_heads", "mamba_head_dim", "n_groups", "mamba_n_groups", "ssm_state_size",
+              "conv_kernel", "mamba_d_conv", "chunk_size", "mamba_chunk_size", "use_conv_bias",
+              "mamba_conv_bias", "use_bias", "mamba_hidden_act", "time_step_min"),
+}
+
+
+def _read_block(c: HFConfig, kind: str, activation: str) -> Block:
+    if kind not in _BLOCK_READERS:
+        raise c.error("hybrid_override_pattern", c.get("hybrid_override_pattern"),
+                      f"Nemotron-H has no {kind} layers")
+    return _BLOCK_READERS[kind](c, activation)
+
+
 def _ignore_unused_blocks(c: HFConfig, layers: tuple[str, ...]) -> None:
     """Fields of block kinds the pattern never uses carry transformers' defaults: ignore them."""
-    unused = {
-        "attention": ("num_attention_heads", "num_key_value_heads", "head_dim", "attention_head_dim",
-                      "attention_bias", "sliding_window"),
-        "mlp": ("intermediate_size", "mlp_bias"),
-        "mamba": ("mamba_num_heads", "mamba_head_dim", "n_groups", "mamba_n_groups", "ssm_state_size",
-                  "conv_kernel", "mamba_d_conv", "chunk_size", "mamba_chunk_size", "use_conv_bias",
-                  "mamba_conv_bias", "use_bias", "mamba_hidden_act", "time_step_min"),
-    }
-    for kind, keys in unused.items():
+    for kind, keys in _BLOCK_FIELDS.items():
         if kind not in layers:
             c.ignore(*keys)

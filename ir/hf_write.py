@@ -11,9 +11,9 @@ import json
 from dataclasses import replace
 from typing import Optional
 
+from . import kinds
 from .errors import PlaitError
 from .hf import SUPPORTED_TYPES, model_from_hf_config
-from .hf_window import window_fields
 from .model import ModelSpec, Rope
 from .serde import to_dict
 
@@ -27,7 +27,7 @@ DEFAULT_MAX_POSITIONS = 4096  # written when the spec leaves max_seq open (no ef
 def infer_family(spec: ModelSpec) -> str:
     """The Hugging Face model_type whose architecture matches the spec's features."""
     a = spec.attention
-    if spec.mamba is not None or spec.layers[:1] != ("attention",):
+    if spec.is_hybrid or kinds.facet(spec.layers[0], "hf").DECODER_SLOT != 0:  # no decoder pairs
         return "nemotron_h"
     if spec.moe is not None:
         if spec.moe.shared_ffn:
@@ -68,7 +68,7 @@ def _llama_like(spec: ModelSpec, family: str) -> dict:
         cfg["qkv_bias"] = a.qkv_bias
     if family == "llama":
         cfg["mlp_bias"] = spec.mlp.bias if spec.mlp else False
-    cfg.update(window_fields(spec, family))
+    cfg.update(kinds.facet("attention", "hf").window_fields(spec, family))  # attention's windows
     if spec.mlp is not None:
         cfg["intermediate_size"] = spec.mlp.ffn
     if spec.moe is not None:
@@ -82,7 +82,9 @@ def _llama_moe(spec: ModelSpec, family: str) -> dict:
     if family == "mixtral":
         return {**common, "num_local_experts": m.experts, "intermediate_size": m.ffn,
                 "router_jitter_noise": 0.0}
-    dense = [i // 2 for i in range(1, spec.num_layers, 2) if spec.layers[i] == "mlp"]
+    # decoder layers whose feed-forward is dense (no routed experts)
+    dense = [i // 2 for i in range(1, spec.num_layers, 2)
+             if not kinds.facet(spec.layers[i], "counts").EXPERTS]
     out = {**common, "num_experts": m.experts, "moe_intermediate_size": m.ffn,
            "norm_topk_prob": m.norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": dense}
     if family == "qwen2_moe":
@@ -93,25 +95,9 @@ def _llama_moe(spec: ModelSpec, family: str) -> dict:
 def _nemotron_h(spec: ModelSpec) -> dict:
     cfg = {"hybrid_override_pattern": spec.pattern, "num_hidden_layers": spec.num_layers,
            "layer_norm_epsilon": spec.norm.eps, "attention_dropout": 0.0, "hidden_dropout": 0.0}
-    if spec.attention is not None:
-        a = spec.attention
-        cfg.update(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
-                   attention_bias=False)
-    if spec.mlp is not None:
-        cfg.update(intermediate_size=spec.mlp.ffn, mlp_hidden_act="relu2", mlp_bias=spec.mlp.bias)
-    if spec.mamba is not None:
-        m = spec.mamba
-        cfg.update(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, n_groups=m.groups,
-                   ssm_state_size=m.state, conv_kernel=m.conv, chunk_size=m.chunk,
-                   use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_hidden_act="silu",
-                   time_step_min=m.dt_min)  # the dt floor the forward clamps at
-    if spec.moe is not None:
-        e = spec.moe
-        cfg.update(n_routed_experts=e.experts, num_experts_per_tok=e.top_k,
-                   moe_intermediate_size=e.ffn, moe_shared_expert_intermediate_size=e.shared_ffn,
-                   n_shared_experts=1, norm_topk_prob=e.norm_topk, n_group=e.groups,
-                   topk_group=e.topk_groups, routed_scaling_factor=e.scaling_factor,
-                   router_aux_loss_coef=e.aux_loss)
+    for kind in kinds.names():  # each block the model has describes itself (its hf facet)
+        if getattr(spec, kind) is not None:
+            cfg.update(kinds.facet(kind, "hf").nemotron_h_fields(spec))
     return cfg
 
 

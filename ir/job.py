@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from . import kinds
 from .cluster import Cluster
 from .model import ModelSpec
 
@@ -117,13 +118,12 @@ OBJECTIVES = ("pretrain", "sft")
 
 
 def document_mask_problem(model: ModelSpec) -> Optional[str]:
-    """Why ``model`` cannot keep packed documents apart, or None. Attention reads a block-diagonal
-    mask; a Mamba layer would need its scan state and conv window reset at every document start,
-    which plait does not lower: such a model is refused rather than silently mixing documents."""
-    if "mamba" in model.layers:
-        return (f"model {model.name!r} has Mamba layers; document masking resets attention only "
-                "(the Mamba state is not reset at document boundaries)")
-    return None
+    """Why ``model`` cannot keep packed documents apart, or None: the first of its kinds (registry
+    order) whose dsl facet says it cannot (a Mamba layer's scan state is not reset at document
+    starts); such a model is refused rather than silently mixing documents."""
+    present = set(model.layers)
+    problems = (kinds.facet(k, "dsl").document_mask_problem(model) for k in kinds.names() if k in present)
+    return next((p for p in problems if p is not None), None)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ pipeline stage so that data still flows one way (dsl -> ir -> planner -> lowerin
 
     counts       parameters, FLOPs, saved-activation bytes, FSDP shapes (imports ir only)
     hf           Hugging Face weight names and config fields written on export (imports ir only)
-    dsl          the block's fields in a model spec and their canonical order (imports ir only)
+    dsl          the block's fields in a model spec, their canonical order, its prune axes and
+                 train-job options (imports ir only)
     rules        layout legality (Megatron's divisibility rules) and what plait can execute
     cost         the planner's compute / communication / memory terms (imports ir, planner)
     module       the reference torch module (imports ir, lowering)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 from types import ModuleType
 
 FACETS: tuple[str, ...] = ("counts", "hf", "dsl", "rules", "cost", "module", "parallelize", "prune")
@@ -66,6 +68,7 @@ def by_symbol() -> dict[str, str]:
     return {k.symbol: k.name for k in REGISTRY}
 
 
+@lru_cache(maxsize=None)  # the core asks per layer and per plan; a module is imported once anyway
 def facet(name: str, which: str) -> ModuleType:
     """The ``which`` facet module of kind ``name`` (imported on first use)."""
     if which not in FACETS:

@@ -2,7 +2,8 @@
 
 A model is a sequence of *layers*; each layer is one block (attention, mlp, moe or mamba) with a
 pre-norm and a residual connection, as in Megatron's hybrid models. A Llama decoder layer is
-therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds is closed.
+therefore two layers here: ``[attention, mlp]``. The vocabulary of block kinds is the registry's
+(ir/kinds.py); each kind's block dataclass is here, every stage shares it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Literal, Optional, Union
 
 from . import kinds
 
-BlockKind = Literal["attention", "mlp", "moe", "mamba"]
 BLOCK_KINDS: tuple[str, ...] = kinds.names()  # the registry's (ir/kinds.py)
 # Megatron-Core hybrid pattern symbols.
 PATTERN_SYMBOLS: dict[str, str] = kinds.by_symbol()
@@ -242,9 +242,21 @@ class ModelSpec:
         return "".join(inverse[k] for k in self.layers)
 
     @property
+    def decoder_layers(self) -> Optional[int]:
+        """Decoder layers as Hugging Face and Megatron's GPT model count them, when the layers are
+        such pairs (attention, then mlp or moe: each kind where its hf facet's DECODER_SLOT puts
+        it); None otherwise (hybrid models, where every block is a layer)."""
+        slot = {k: kinds.facet(k, "hf").DECODER_SLOT for k in set(self.layers)}
+        n = len(self.layers)
+        pairs = n % 2 == 0 and all(slot[k] == i % 2 for i, k in enumerate(self.layers))
+        return n // 2 if pairs else None
+
+    @property
     def is_moe(self) -> bool:
-        return "moe" in self.layers
+        """Some layer holds routed experts (the expert-parallel side: ep, etp, edp)."""
+        return any(kinds.facet(k, "counts").EXPERTS for k in set(self.layers))
 
     @property
     def is_hybrid(self) -> bool:
-        return "mamba" in self.layers
+        """Some layer's kind is written only in a Megatron hybrid pattern (Mamba)."""
+        return any(kinds.facet(k, "dsl").HYBRID for k in set(self.layers))

@@ -2,44 +2,20 @@
 
 Llama-family checkpoints hold one decoder layer per ``[attention, mlp|moe]`` pair of reference
 layers (reference layer 2j is decoder j's attention, 2j+1 its feed-forward); Nemotron-H holds one
-block per reference layer with the same mixer parameter names as the reference model.
+block per reference layer with the same mixer parameter names as the reference model (but MoE's).
+The family's layout (prefixes, decoder pairs, top-level tensors) is here; each block kind's names
+inside a layer come from its hf facet (plait/kinds/<kind>/hf.py), recipes from ir/hf_recipes.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
-
+from plait.ir import kinds
 from plait.ir.errors import PlaitError
+from plait.ir.hf_recipes import Recipe, Ref, Stack, refs
 from plait.ir.model import ModelSpec
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 HYBRID = ("nemotron_h",)
 SUPPORTED = LLAMA_LIKE + HYBRID
-
-
-@dataclass(frozen=True)
-class Ref:
-    name: str
-
-
-@dataclass(frozen=True)
-class Cat:
-    dim: int
-    parts: tuple
-
-
-@dataclass(frozen=True)
-class Stack:
-    parts: tuple
-
-
-Recipe = Union[Ref, Cat, Stack]
-
-
-def refs(recipe: Recipe) -> list[str]:
-    if isinstance(recipe, Ref):
-        return [recipe.name]
-    return [n for part in recipe.parts for n in refs(part)]
 
 
 def hf_candidates(model_type: str, spec: ModelSpec, name: str) -> list:
@@ -74,44 +50,14 @@ def _llama_like(spec: ModelSpec, name: str) -> list:
         return top
     i, rest = _split(name)
     kind, decoder = spec.layers[i], i // 2
-    if (i % 2 == 0) != (kind == "attention"):
+    names = kinds.facet(kind, "hf")
+    if names.DECODER_SLOT != i % 2:
         raise PlaitError(f"layer {i} ({kind}) does not fit the [attention, mlp|moe] decoder-layer pairs "
                          f"of a llama-family checkpoint", hint=f"model pattern is {spec.pattern!r}")
     p = f"model.layers.{decoder}."
     if rest.startswith("norm."):
-        which = "input_layernorm." if kind == "attention" else "post_attention_layernorm."
-        return [Ref(p + which + rest.split(".", 1)[1])]
-    local = rest.split(".", 1)[1]  # drop 'mixer.'
-    if kind == "attention":
-        return [Ref(p + "self_attn." + local)]
-    if kind == "mlp":
-        return [Ref(p + "mlp." + local)]
-    return _llama_moe(spec, p, local)
-
-
-def _llama_moe(spec: ModelSpec, p: str, local: str) -> list:
-    experts = range(spec.moe.experts)
-    if local == "router.weight":
-        return [Ref(p + "mlp.gate.weight"), Ref(p + "block_sparse_moe.gate.weight")]
-    if local == "expert_bias":
-        return [Ref(p + "mlp.gate.e_score_correction_bias")]
-    if local == "experts.w_gate_up":
-        per_expert = [(p + "mlp.experts.{}.gate_proj.weight", p + "mlp.experts.{}.up_proj.weight"),
-                      (p + "block_sparse_moe.experts.{}.w1.weight", p + "block_sparse_moe.experts.{}.w3.weight")]
-        if not spec.moe.gated:
-            per_expert = [(p + "mlp.experts.{}.up_proj.weight",)]
-        return [Ref(p + "mlp.experts.gate_up_proj"), Ref(p + "mlp.experts.up_proj")] + [
-            Stack(tuple(Cat(0, tuple(Ref(f.format(e)) for f in fmt)) for e in experts)) for fmt in per_expert]
-    if local == "experts.w_down":
-        return [Ref(p + "mlp.experts.down_proj")] + [
-            Stack(tuple(Ref(f.format(e)) for e in experts))
-            for f in (p + "mlp.experts.{}.down_proj.weight", p + "block_sparse_moe.experts.{}.w2.weight")]
-    if local.startswith("shared."):
-        return [Ref(p + "mlp.shared_expert." + local.split(".", 1)[1]),
-                Ref(p + "mlp.shared_experts." + local.split(".", 1)[1])]  # DeepSeek-V3
-    if local.startswith("shared_gate."):
-        return [Ref(p + "mlp.shared_expert_gate." + local.split(".", 1)[1])]
-    raise PlaitError(f"no checkpoint name for MoE parameter {local!r}")
+        return [Ref(p + names.DECODER_NORM + rest.split(".", 1)[1])]
+    return names.llama_names(spec, p, rest.split(".", 1)[1])  # drop 'mixer.'
 
 
 def _nemotron_h(spec: ModelSpec, name: str, prefix: str) -> list:
@@ -120,24 +66,9 @@ def _nemotron_h(spec: ModelSpec, name: str, prefix: str) -> list:
         return top
     i, rest = _split(name)
     p = f"{prefix}layers.{i}."
-    if spec.layers[i] != "moe" or rest.startswith("norm."):
+    if rest.startswith("norm."):
         return [Ref(p + rest)]
-    local = rest.split(".", 1)[1]
-    m = p + "mixer."
-    experts = range(spec.moe.experts)
-    table = {
-        "router.weight": [Ref(m + "gate.weight")],
-        "expert_bias": [Ref(m + "gate.e_score_correction_bias")],
-        "experts.w_gate_up": [Ref(m + "experts.up_proj"),
-                              Stack(tuple(Ref(f"{m}experts.{e}.up_proj.weight") for e in experts))],
-        "experts.w_down": [Ref(m + "experts.down_proj"),
-                           Stack(tuple(Ref(f"{m}experts.{e}.down_proj.weight") for e in experts))],
-    }
-    if local.startswith("shared."):
-        return [Ref(m + "shared_experts." + local.split(".", 1)[1])]
-    if local not in table:
-        raise PlaitError(f"no checkpoint name for MoE parameter {local!r}")
-    return table[local]
+    return kinds.facet(spec.layers[i], "hf").hybrid_names(spec, p, rest.split(".", 1)[1])
 
 
 # ---- export: reference tensors -> the checkpoint names a family's hub checkpoints use ------------

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from plait.ir.errors import PlaitError
+from plait.ir.hf_recipes import Recipe, Ref, Stack, refs
 
-from .weight_names import Recipe, Ref, Stack, hf_candidates, refs
+from .weight_names import hf_candidates
 
 Index = tuple[Union[slice, Sequence[slice]], ...]
 ShardFn = Callable[[str, tuple[int, ...]], Optional[Index]]

@@ -1,4 +1,5 @@
-"""Parameter, FLOP and byte counts: the single source of these formulas in plait.
+"""Parameter, FLOP and byte counts: the single source of these formulas in plait (this package and
+the block kinds' counts facets, ``plait/kinds/<kind>/counts.py``).
 
 Parameters are counted exactly as the reference implementations (Megatron-Core, Hugging Face
 transformers) instantiate them: every weight, bias and norm scale; buffers (RoPE frequencies, the
@@ -10,16 +11,22 @@ free. Attention's core (QK^T and scores x V) is counted *causally*: half of the 
 i.e. ``2 * q_dim * s`` FLOPs per token, as Megatron-Core does when it reports MFU. ``causal=False``
 gives the full square (the SC'21 paper's convention). A sliding window w < s leaves the band
 ``s * w - w^2 / 2`` of the square (the same continuous area rule: ``s^2 / 2`` at w = s), so
-attention costs ~ s * min(w, s) rather than s^2 / 2 (``attended_keys``). Training is 3x forward (forward, dgrad,
-wgrad); full recomputation adds one more forward of the transformer layers (not of the logits).
-Two documented departures from Megatron's formula: router GEMMs (``2*hidden*experts``, plus
-``2*hidden`` for a shared-expert gate) are counted (0.3% of Qwen3-30B-A3B's FLOPs, less for coarser
-MoEs), and Mamba's inner width is the real ``heads * head_dim`` rather than Megatron's hard-coded
-``2 * hidden`` (equal for Nemotron-H 8B/56B/47B; the pruned 4B has 7168 != 6144).
+attention costs ~ s * min(w, s) rather than s^2 / 2 (``attended_keys``). Training is 3x forward
+(forward, dgrad, wgrad); full recomputation adds one more forward of the transformer layers (not
+of the logits). Two documented departures from Megatron's formula: router GEMMs
+(``2*hidden*experts``, plus ``2*hidden`` for a shared-expert gate) are counted (0.3% of
+Qwen3-30B-A3B's FLOPs, less for coarser MoEs; moe's facet), and Mamba's inner width is the real
+``heads * head_dim`` rather than Megatron's hard-coded ``2 * hidden`` (equal for Nemotron-H
+8B/56B/47B; the pruned 4B has 7168 != 6144; mamba's facet).
 
 Bytes are per parameter of weights, gradients and optimizer state, per precision and data-parallel
 flavour, as functions of the number of data-parallel shards; activation bytes per layer and
 micro-batch are in ``activations.py``.
+
+Each block kind's own formulas (one block's parameters, FLOPs, saved bytes, FSDP shapes) live in
+its counts facet, ``plait/kinds/<kind>/counts.py`` (the protocol is at the top of the attention
+one); this package sums them over the model's layers, holds the pieces several kinds share (norms,
+linears, feed-forward networks) and keeps each kind's public names reachable as ``counts.<name>``.
 """
 from __future__ import annotations
 
@@ -27,11 +34,27 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Union
 
+from .. import kinds
 from ..errors import PlaitError
 from ..job import Precision
-from ..model import Attention, Mamba2, MLP, ModelSpec, MoE
-from .latent import latent_gemms, latent_norm_params, latent_widths  # noqa: F401
-from .windows import attended_keys, attention_windows, ring_exchanges, ring_steps  # noqa: F401
+from ..model import ModelSpec
+
+
+def _facet(kind: str):
+    return kinds.facet(kind, "counts")
+
+
+def __getattr__(name: str):
+    """A kind's own public names (``counts.ring_steps``, ``counts.expert_params``): each counts
+    facet lists the names it adds here in ``EXPORTS``. Resolved on first use (the facets import
+    this package), then kept as an ordinary attribute."""
+    for kind in kinds.names():
+        facet = _facet(kind)
+        if name in facet.EXPORTS:
+            value = globals()[name] = getattr(facet, name)
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
@@ -44,112 +67,25 @@ def norm_params(model: ModelSpec, width: int | None = None) -> int:
     return width * (2 if model.norm.kind == "layernorm" else 1)
 
 
-def _linear(n_in: int, n_out: int, bias: bool) -> int:
+def linear_params(n_in: int, n_out: int, bias: bool) -> int:
     return n_in * n_out + (n_out if bias else 0)
-
-
-def attention_gemms(attn: Attention, hidden: int, tp: int = 1) -> tuple[tuple[float, float], ...]:
-    """(out, in) widths of attention's projection GEMMs per token on one of ``tp`` ranks, o_proj
-    last: GQA's fused q/k/v and o, or multi-head latent attention's down / up projections
-    (counts/latent.py). The cost model times these same GEMMs."""
-    if attn.latent is not None:
-        return latent_gemms(attn, hidden, tp)
-    return ((attn.q_dim + 2 * attn.kv_dim) / tp, hidden), (hidden, attn.q_dim / tp)
-
-
-def rotated_width(attn: Attention, tp: int = 1) -> float:
-    """Channels RoPE rotates per token on one of ``tp`` ranks: every q and k head (GQA), or MLA's
-    rotary part of each q head plus its one rotary key shared by all heads (replicated)."""
-    if attn.latent is not None:
-        return attn.heads / tp * attn.rope_dim + attn.rope_dim
-    return (attn.q_dim + attn.kv_dim) / tp
-
-
-def attention_gemm_weights(attn: Attention, hidden: int) -> int:
-    """Weights of attention's projection GEMMs (one multiply-add each per token)."""
-    return int(sum(n_out * n_in for n_out, n_in in attention_gemms(attn, hidden)))
-
-
-def attention_params(model: ModelSpec, attn: Attention) -> int:
-    """Projections (+ biases) and norms inside the block (GQA's per-head q/k norms, MLA's latent
-    norms); no pre-norm."""
-    h = model.hidden
-    biases = (attn.q_dim + 2 * attn.kv_dim if attn.qkv_bias else 0) + (h if attn.out_bias else 0)
-    qk_norm = 2 * attn.head_dim if attn.qk_norm else 0  # RMSNorm scales, shared across heads
-    latent_norms = latent_norm_params(attn) if attn.latent is not None else 0
-    return attention_gemm_weights(attn, h) + biases + qk_norm + latent_norms
 
 
 def ffn_params(hidden: int, ffn: int, gated: bool, bias: bool = False) -> int:
     """A (gated) MLP hidden -> ffn -> hidden: gate+up+down when gated (SwiGLU), else up+down."""
-    up = _linear(hidden, ffn * (2 if gated else 1), bias)
-    return up + _linear(ffn, hidden, bias)
-
-
-def mlp_params(model: ModelSpec, mlp: MLP) -> int:
-    return ffn_params(model.hidden, mlp.ffn, mlp.gated, mlp.bias)
-
-
-def one_expert_params(model: ModelSpec) -> int:
-    """One routed expert of the MoE block."""
-    moe = model.block("moe")
-    return ffn_params(model.hidden, moe.ffn, moe.gated)
-
-
-def expert_params(model: ModelSpec) -> int:
-    """Routed-expert parameters of ONE moe layer (all experts)."""
-    return model.block("moe").experts * one_expert_params(model)
-
-
-def router_params(model: ModelSpec) -> int:
-    """Router Linear(hidden, experts) plus the shared expert's sigmoid gate Linear(hidden, 1)."""
-    moe = model.block("moe")
-    return model.hidden * moe.experts + (model.hidden if moe.shared_gate else 0)
-
-
-def shared_expert_params(model: ModelSpec) -> int:
-    moe = model.block("moe")
-    return ffn_params(model.hidden, moe.shared_ffn, moe.gated) if moe.shared_ffn else 0
-
-
-def moe_params(model: ModelSpec) -> int:
-    """One MoE block without its pre-norm: router, routed experts, shared expert (+ gate)."""
-    return router_params(model) + expert_params(model) + shared_expert_params(model)
-
-
-def mamba_params(model: ModelSpec, m: Mamba2) -> int:
-    """Mamba2 mixer: in_proj -> [z, x, B, C, dt]; depthwise conv over x, B, C; per-head dt_bias,
-    A_log and D; gated RMSNorm over d_inner; out_proj."""
-    h = model.hidden
-    in_proj = _linear(h, m.in_proj_out, m.proj_bias)
-    conv = m.conv_channels * m.conv + (m.conv_channels if m.conv_bias else 0)
-    per_head = 3 * m.heads  # dt_bias, A_log, D
-    gated_norm = m.d_inner  # always an RMSNorm scale
-    out_proj = _linear(m.d_inner, h, m.proj_bias)
-    return in_proj + conv + per_head + gated_norm + out_proj
+    up = linear_params(hidden, ffn * (2 if gated else 1), bias)
+    return up + linear_params(ffn, hidden, bias)
 
 
 def fp32_kept_params(model: ModelSpec, kind: str, tp: int = 1) -> float:
     """Parameters of one ``kind`` block a bf16 / fp8 model keeps in fp32 on one rank (as Megatron
-    does): the MoE router (replicated over TP), Mamba's per-head A_log, D and dt_bias (split by TP
-    with the heads)."""
-    if kind == "moe":
-        return model.hidden * model.block("moe").experts
-    if kind == "mamba":
-        return 3 * model.block("mamba").heads / tp
-    return 0.0
+    does; each kind's counts facet says which)."""
+    return _facet(kind).fp32_kept_params(model, tp)
 
 
 def block_params(model: ModelSpec, kind: str) -> int:
     """One block of that kind, without its pre-norm."""
-    spec = model.block(kind)
-    if kind == "attention":
-        return attention_params(model, spec)
-    if kind == "mlp":
-        return mlp_params(model, spec)
-    if kind == "moe":
-        return moe_params(model)
-    return mamba_params(model, spec)
+    return _facet(kind).params(model)
 
 
 def layer_params(model: ModelSpec, kind: str) -> int:
@@ -180,12 +116,14 @@ def params_per_layer(model: ModelSpec) -> tuple[int, ...]:
     return tuple(per_kind[kind] for kind in model.layers)
 
 
+def _kinds_of(model: ModelSpec) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(model.layers))  # first-appearance order
+
+
 def inactive_expert_params(model: ModelSpec) -> int:
-    """Routed-expert parameters a token does NOT use: (experts - top_k) experts per moe layer."""
-    if not model.is_moe:
-        return 0
-    moe = model.block("moe")
-    return model.count("moe") * (moe.experts - moe.top_k) * one_expert_params(model)
+    """Parameters a token does NOT use: the routed experts it is not sent to ((experts - top_k)
+    experts per moe layer); each kind's counts facet gives its layer's share."""
+    return sum(model.count(k) * _facet(k).inactive_params(model) for k in _kinds_of(model))
 
 
 @dataclass(frozen=True)
@@ -208,8 +146,7 @@ class ParamCounts:
 
 
 def params(model: ModelSpec) -> ParamCounts:
-    kinds = tuple(dict.fromkeys(model.layers))  # first-appearance order
-    per_kind = tuple((k, model.count(k) * layer_params(model, k)) for k in kinds)
+    per_kind = tuple((k, model.count(k) * layer_params(model, k)) for k in _kinds_of(model))
     embedding, head, final = embedding_params(model), head_params(model), final_norm_params(model)
     total = embedding + head + final + sum(n for _, n in per_kind)
     return ParamCounts(
@@ -230,70 +167,16 @@ def params(model: ModelSpec) -> ParamCounts:
 TRAINING_PASSES = 3  # forward + backward dgrad + backward wgrad: every GEMM three times
 
 
-def _ffn_gemms(gated: bool) -> int:
+def ffn_gemms(gated: bool) -> int:
     """Stacked hidden x ffn GEMMs of an MLP: gate, up, down (SwiGLU) or up, down."""
     return 3 if gated else 2
-
-
-def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True,
-                         index: Optional[int] = None) -> float:
-    """QK^T and scores x V per token: ``2 * heads * (head_dim + v_head_dim) * keys`` (GQA: 4 * q_dim
-    * keys) with ``attended_keys`` keys, of the
-    ``index``-th attention layer, or the mean over the attention layers (index None), so that
-    count("attention") * this is their total."""
-    attn = model.block("attention")
-    if index is not None:
-        keys = attended_keys(seq_len, attn.window_of(index), causal)
-    else:
-        windows = attention_windows(model) or (attn.window,)
-        keys = sum(attended_keys(seq_len, w, causal) for w in windows) / len(windows)
-    return 2 * attn.heads * (attn.head_dim + attn.v_head_dim) * keys
-
-
-def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True,
-                    index: Optional[int] = None) -> float:
-    projections = 2 * attention_gemm_weights(model.block("attention"), model.hidden)
-    return projections + attention_core_flops(model, seq_len, causal, index)
-
-
-def mlp_flops(model: ModelSpec) -> float:
-    mlp = model.block("mlp")
-    return float(2 * model.hidden * mlp.ffn * _ffn_gemms(mlp.gated))
-
-
-def router_flops(model: ModelSpec) -> float:
-    """Router GEMM (+ shared-expert gate); Megatron's formula leaves these out (0.3% of Qwen3-30B-A3B's
-    training FLOPs, less for coarser MoEs)."""
-    return float(2 * router_params(model))
-
-
-def moe_flops(model: ModelSpec) -> float:
-    """top_k routed experts + the shared expert + the router, per token."""
-    moe = model.block("moe")
-    expert_width = moe.top_k * moe.ffn + moe.shared_ffn
-    return 2 * model.hidden * expert_width * _ffn_gemms(moe.gated) + router_flops(model)
-
-
-def mamba_flops(model: ModelSpec) -> float:
-    """Megatron's hybrid formula: in_proj, a 7 * d_inner * state scan estimate, out_proj."""
-    m = model.block("mamba")
-    h = model.hidden
-    return float(2 * h * m.in_proj_out + 7 * m.d_inner * m.state + 2 * m.d_inner * h)
 
 
 def layer_flops(model: ModelSpec, kind: str, seq_len: int, causal: bool = True,
                 index: Optional[int] = None) -> float:
     """Forward FLOPs per token of the ``index``-th layer of that kind (None: the mean over them,
     which differs from any one layer only where layers of a kind differ: attention windows)."""
-    if kind == "attention":
-        return attention_flops(model, seq_len, causal, index)
-    if kind == "mlp":
-        return mlp_flops(model)
-    if kind == "moe":
-        return moe_flops(model)
-    if kind == "mamba":
-        return mamba_flops(model)
-    raise KeyError(f"unknown block kind {kind!r}")
+    return _facet(kind).flops(model, seq_len, causal, index)
 
 
 def logits_flops(model: ModelSpec) -> float:
@@ -319,11 +202,13 @@ def forward_flops_per_token(model: ModelSpec, seq_len: int, causal: bool = True)
 def recompute_flops_per_token(model: ModelSpec, seq_len: int, recompute: str = "full",
                               causal: bool = True) -> float:
     """Extra forward FLOPs per token re-done in backward: 'full' re-runs every layer (not the
-    logits), 'selective' re-runs attention's core only (Korthikanti et al.), 'none' nothing."""
+    logits), 'selective' re-runs what each kind's facet says (attention's core, Korthikanti et
+    al.), 'none' nothing."""
     if recompute in ("none", None, False):
         return 0.0
     if recompute == "selective":
-        return model.count("attention") * attention_core_flops(model, seq_len, causal)
+        return sum(model.count(k) * _facet(k).recompute_flops(model, seq_len, causal)
+                   for k in _kinds_of(model))
     if recompute in ("full", True):
         return float(sum(per_layer_flops(model, seq_len, causal)))
     raise PlaitError(f"unknown recompute {recompute!r}", hint="one of none, selective, full")
@@ -340,7 +225,7 @@ def flops_per_token(model: ModelSpec, seq_len: int, training: bool = True,
 
 
 # Bytes of weights, gradients and optimizer state per parameter live in counts/state.py.
-from .state import (_BF16, _FP32, STATE_CLASSES, STORED_WEIGHT_BYTES,  # noqa: E402,F401
+from .state import (BF16_BYTES, FP32_BYTES, STATE_CLASSES, STORED_WEIGHT_BYTES,  # noqa: E402,F401
                     param_state_bytes, state_tensor_bytes, stored_weight_bytes)
 
 
@@ -351,11 +236,9 @@ def weight_bytes(model: ModelSpec, precision: Union[Precision, str] = "bf16") ->
 
 # Activation bytes (what one rank's layer keeps for backward) live in counts/activations.py, the
 # same single source, split off by kind of quantity; their names are this package's too.
-from .activations import (SAVED_BYTES, ActivationShape, attention_saved_bytes,  # noqa: E402,F401
-                          attention_selective_bytes, head_saved_bytes, layer_saved_bytes,
-                          mamba_saved_bytes, mamba_selective_bytes, mlp_saved_bytes,
-                          mlp_selective_bytes, moe_saved_bytes, moe_selective_bytes,
-                          norm_saved_bytes, stream_bytes)
+from .activations import (LSE_BYTES, ActivationShape, ffn_saved_bytes,  # noqa: E402,F401
+                          head_saved_bytes, layer_saved_bytes, norm_saved_bytes, stream_bytes,
+                          tp_collective_bytes)
 # FSDP's shard dim and padding (per-tensor shapes of each layer kind on one rank): counts/fsdp.py.
-from .fsdp import (embedding_shapes, fsdp_padding, fsdp_shard_dim, head_shapes,  # noqa: E402,F401
-                   layer_shapes, params_of)
+from .fsdp import (Shapes, embedding_shapes, ffn_shapes, fsdp_padding,  # noqa: E402,F401
+                   fsdp_shard_dim, head_shapes, layer_shapes, linear_shapes, norm_shapes, params_of)

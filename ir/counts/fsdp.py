@@ -13,8 +13,9 @@ group holds ``(params + padding) / shards`` parameters, with
 for the rank's (TP / EP / ETP-local) tensors: e.g. a LayerNorm bias [hidden] over 3 ranks when 3
 does not divide hidden. The planner adds it to the rank's parameters under FSDP.
 
-The tensors are listed here per layer kind, as their shapes on one rank: the same modules
-lowering/build.py instantiates and the TP / EP splits lowering/passes apply. The tests
+The tensors are listed per layer kind (each kind's counts facet, ``shapes``), as their shapes on
+one rank: the same modules lowering/build.py instantiates and the TP / EP splits lowering/passes
+apply. The tests
 (tests/ir/test_counts_fsdp.py) check that they add up to the parameter counts of counts/__init__.py
 (the one source of those) for every spec in the library and equal the reference and lowered
 modules' tensors.
@@ -24,13 +25,13 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from .. import kinds
 from ..model import ModelSpec
-from .latent import latent_gemms, latent_widths
 
 Shapes = tuple[tuple[int, ...], ...]  # the shape of each tensor on one rank
 
 
-def _linear(n_in: int, n_out: int, bias: bool, out_parts: int = 1, in_parts: int = 1) -> Shapes:
+def linear_shapes(n_in: int, n_out: int, bias: bool, out_parts: int = 1, in_parts: int = 1) -> Shapes:
     """nn.Linear(n_in, n_out): weight [n_out / out_parts, n_in / in_parts], bias [n_out / out_parts]
     (a row-parallel linear's bias, added after the reduction, stays whole: out_parts = 1)."""
     rows = n_out // out_parts
@@ -43,60 +44,17 @@ def norm_shapes(model: ModelSpec, width: int | None = None) -> Shapes:
     return ((width,),) * (2 if model.norm.kind == "layernorm" else 1)
 
 
-def _attention(model: ModelSpec, tp: int) -> Shapes:
-    a, h = model.attention, model.hidden
-    if a.latent is not None:  # MLA: its GEMMs as lowered (latent.py), no biases, two latent norms
-        gemms = tuple((int(n_out), int(n_in)) for n_out, n_in in latent_gemms(a, h, tp))
-        return gemms + tuple((w,) for w in latent_widths(a))
-    out = (_linear(h, a.q_dim, a.qkv_bias, tp) + _linear(h, a.kv_dim, a.qkv_bias, tp) * 2
-           + _linear(a.q_dim, h, False, in_parts=tp) + (((h,),) if a.out_bias else ()))
-    return out + (((a.head_dim,),) * 2 if a.qk_norm else ())
-
-
-def _ffn(hidden: int, ffn: int, gated: bool, bias: bool, tp: int) -> Shapes:
-    up = _linear(hidden, ffn, bias, tp) * (2 if gated else 1)
-    return up + _linear(ffn, hidden, False, in_parts=tp) + (((hidden,),) if bias else ())
-
-
-def _mamba(model: ModelSpec, tp: int) -> Shapes:
-    m, h = model.mamba, model.hidden
-    channels = m.conv_channels // tp
-    return (_linear(h, m.in_proj_out, m.proj_bias, tp)
-            + ((channels, 1, m.conv),) + (((channels,),) if m.conv_bias else ())
-            + ((m.heads // tp,),) * 3  # dt_bias, A_log, D
-            + ((m.d_inner // tp,),)  # the gated norm's scale
-            + _linear(m.d_inner, h, False, in_parts=tp) + (((h,),) if m.proj_bias else ()))
-
-
-def _moe_dense(model: ModelSpec, tp: int) -> Shapes:
-    """Router [experts, hidden] and the shared expert's gate [1, hidden] (replicated over TP); the
-    shared expert, a dense MLP sharded over TP."""
-    moe, h = model.moe, model.hidden
-    out = ((moe.experts, h),) + (((1, h),) if moe.shared_gate else ())
-    return out + (_ffn(h, moe.shared_ffn, moe.gated, False, tp) if moe.shared_ffn else ())
-
-
-def _moe_experts(model: ModelSpec, ep: int, etp: int) -> Shapes:
-    """Grouped routed experts [experts / ep, (2)ffn / etp, hidden] and [experts / ep, hidden, ffn / etp]."""
-    moe, h = model.moe, model.hidden
-    local, ffn = moe.experts // ep, moe.ffn // etp
-    return ((local, (2 if moe.gated else 1) * ffn, h), (local, h, ffn))
+def ffn_shapes(hidden: int, ffn: int, gated: bool, bias: bool, tp: int) -> Shapes:
+    """A feed-forward network hidden -> ffn -> hidden, column- then row-parallel over ``tp``."""
+    up = linear_shapes(hidden, ffn, bias, tp) * (2 if gated else 1)
+    return up + linear_shapes(ffn, hidden, False, in_parts=tp) + (((hidden,),) if bias else ())
 
 
 def layer_shapes(model: ModelSpec, kind: str, tp: int = 1, ep: int = 1,
                  etp: int = 1) -> tuple[Shapes, Shapes]:
     """(dense, expert) tensors of one layer of ``kind`` (pre-norm included) on one rank."""
-    dense = norm_shapes(model)
-    if kind == "attention":
-        return dense + _attention(model, tp), ()
-    if kind == "mlp":
-        mlp = model.mlp
-        return dense + _ffn(model.hidden, mlp.ffn, mlp.gated, mlp.bias, tp), ()
-    if kind == "mamba":
-        return dense + _mamba(model, tp), ()
-    if kind == "moe":
-        return dense + _moe_dense(model, tp), _moe_experts(model, ep, etp)
-    raise ValueError(f"unknown layer kind {kind!r}")
+    dense, expert = kinds.facet(kind, "counts").shapes(model, tp, ep, etp)
+    return norm_shapes(model) + dense, expert
 
 
 def embedding_shapes(model: ModelSpec, tp: int = 1) -> Shapes:

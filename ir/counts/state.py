@@ -9,8 +9,9 @@ from ..errors import PlaitError
 from ..job import Precision
 
 
-_FP32 = 4
-_BF16 = 2
+FP32_BYTES = 4
+BF16_BYTES = 2
+_FP32, _BF16 = FP32_BYTES, BF16_BYTES
 # Under fp8 the linears cast the bf16 weights to fp8 on every use (torchao's tensorwise dynamic
 # scaling, and plait's emulation of it): no fp8 copy of the weights outlives a GEMM.
 

@@ -10,16 +10,17 @@ import dataclasses
 import os
 import re
 from decimal import Decimal
-from typing import Iterable, Optional
+from typing import Optional
 
+from plait.ir import kinds
 from plait.ir.cluster import Cluster, Device, local_cpu
 from plait.ir.errors import PlaitError
-from plait.ir.job import Calibration, Data, Distill, MoEOptions, Optimizer, Precision, PruneJob, TrainJob
-from plait.ir.model import MLP, Attention, LatentKV, Mamba2, ModelSpec, MoE, Rope, RopeScaling
+from plait.ir.job import Calibration, Data, Distill, Optimizer, Precision, PruneJob, TrainJob
+from plait.ir.model import ModelSpec
 
 from .comments import USE, Notes, attach
 from .hardware import resize_cluster
-from .literals import _decimal_text, layers_text, number, quantity
+from .literals import call, changed, decimal_text, layers_text, number, quantity, value_text
 
 INDENT = "  "
 ONE_LINE = 100  # a block whose entries fit on one line this long is written on one line
@@ -27,14 +28,14 @@ ONE_LINE = 100  # a block whose entries fit on one line this long is written on 
 
 def format_model(spec: ModelSpec, notes: Optional[dict] = None) -> str:
     entries = [("vocab", number(spec.vocab)), ("hidden", number(spec.hidden)), ("norm", _norm(spec))]
-    entries += _changed(spec, ("tie_embeddings",))
+    entries += changed(spec, ("tie_embeddings",))
     if spec.max_seq is not None:
         entries.append(("max_seq", number(spec.max_seq, tokens=True)))
-    entries += _changed(spec, ("learned_positions",))
-    for kind in ("attention", "mlp", "moe", "mamba"):
+    entries += changed(spec, ("learned_positions",))
+    for kind in kinds.names():  # each kind's block in registry order, written by its dsl facet
         block = getattr(spec, kind)
         if block is not None:
-            entries.append((kind, _BLOCKS[kind](block, spec)))
+            entries.append((kind, kinds.facet(kind, "dsl").format_block(block, spec)))
     if spec.is_hybrid:
         entries.append(("pattern", f'"{spec.pattern}"'))
     else:
@@ -74,18 +75,27 @@ def format_job(job: TrainJob, base_cluster: Optional[Cluster] = None, notes: Opt
     entries += [("global_batch", number(job.global_batch)), ("seq_len", number(job.seq_len, tokens=True)),
                 ("precision", _precision(job.precision))]
     if job.optimizer != Optimizer():
-        entries.append(("optimizer", _call(job.optimizer.kind, _changed(job.optimizer, _OPTIMIZER_KEYS))))
-    if job.moe != MoEOptions():
-        entries.append(("moe", _moe_options(job.moe)))
+        entries.append(("optimizer", call(job.optimizer.kind, changed(job.optimizer, _OPTIMIZER_KEYS))))
+    entries += _kind_options(job)
     if job.layout.pins:
-        entries.append(("layout", [(k, _value(v)) for k, v in job.layout.pins]))
-    entries += _changed(job, ("steps",))
+        entries.append(("layout", [(k, value_text(v)) for k, v in job.layout.pins]))
+    entries += changed(job, ("steps",))
     if job.data != Data():
         entries.append(("data", _data(job.data)))
-    entries += _changed(job, ("seed",))
+    entries += changed(job, ("seed",))
     if job.timeout != TrainJob.timeout:
         entries.append(("timeout", quantity(job.timeout, "time")))
     return _decl("train", job.name, entries, notes)
+
+
+def _kind_options(job: TrainJob) -> list:
+    """The train-job options of the kinds that take some (the MoE dispatcher), where not defaults."""
+    entries = []
+    for kind in kinds.names():
+        facet = kinds.facet(kind, "dsl")
+        if facet.JOB_OPTIONS is not None and getattr(job, kind) != facet.JOB_OPTIONS():
+            entries.append((kind, facet.format_job_options(getattr(job, kind))))
+    return entries
 
 
 def format_prune(job: PruneJob, notes: Optional[dict] = None) -> str:
@@ -98,11 +108,11 @@ def format_prune(job: PruneJob, notes: Optional[dict] = None) -> str:
     if job.axes or job.depth:
         entries.append(("axes", _prune_axes(job)))
     if job.layout.pins:
-        entries.append(("layout", [(k, _value(v)) for k, v in job.layout.pins]))
+        entries.append(("layout", [(k, value_text(v)) for k, v in job.layout.pins]))
     if job.calibration != Calibration():
         cal = job.calibration
         entries.append(("calibration", ([("data", f'"{cal.data}"')] if cal.data else [])
-                        + _changed(cal, ("samples", "seq_len", "batch", "seed", "method", "depth"))))
+                        + changed(cal, ("samples", "seq_len", "batch", "seed", "method", "depth"))))
     if job.distill != Distill():
         entries.append(("distill", _distill(job.distill)))
     if job.output is not None:
@@ -115,7 +125,7 @@ def _prune_target(job: PruneJob) -> list:
     entries = [(k, _count(getattr(t, k))) for k in ("params", "active_params") if getattr(t, k) is not None]
     if t.weight_memory is not None:
         entries.append(("weight_memory", quantity(t.weight_memory, "bytes")))
-    entries += _changed(t, ("precision",))
+    entries += changed(t, ("precision",))
     if t.throughput is not None:
         entries.append(("throughput", number(t.throughput)))
     return entries
@@ -130,25 +140,25 @@ def _prune_axes(job: PruneJob) -> list:
             entries.append((a.name, "auto"))
         else:
             args = [(k, number(v)) for k, v in (("min", a.low), ("max", a.high), ("step", a.step)) if v is not None]
-            entries.append((a.name, _call("range", args)))
+            entries.append((a.name, call("range", args)))
     if job.depth:
         entries.append(("depth", "[" + ", ".join(job.depth) + "]"))
     return entries
 
 
 def _distill(d: Distill) -> list:
-    entries = _changed(d, ("steps", "global_batch", "seq_len", "temperature", "lm_loss"))
+    entries = changed(d, ("steps", "global_batch", "seq_len", "temperature", "lm_loss"))
     if d.optimizer != Distill().optimizer:
-        entries.append(("optimizer", _call(d.optimizer.kind, _changed(d.optimizer, _OPTIMIZER_KEYS))))
+        entries.append(("optimizer", call(d.optimizer.kind, changed(d.optimizer, _OPTIMIZER_KEYS))))
     if d.data is not None:
         entries.append(("data", f'"{d.data}"'))
-    return entries + _changed(d, ("seed", "checkpoint_every"))
+    return entries + changed(d, ("seed", "checkpoint_every"))
 
 
 def _count(n: int) -> str:
     """A parameter count, as `4.5e9` when that reads back exactly and is shorter."""
     plain = str(n)
-    sci = _decimal_text(Decimal(n))
+    sci = decimal_text(Decimal(n))
     return sci if len(sci) < len(plain) and Decimal(sci) == n else plain
 
 
@@ -224,78 +234,11 @@ def _base_cluster(job: TrainJob, clusters: dict) -> Optional[Cluster]:
     return base
 
 
-# --- blocks ---------------------------------------------------------------------------------
+# --- model and job options -----------------------------------------------------------------------
 
 def _norm(spec: ModelSpec) -> str:
     return f"{spec.norm.kind}(eps = {number(spec.norm.eps)})"
 
-
-def _attention(a: Attention, spec: ModelSpec) -> list:
-    entries = [("heads", number(a.heads))]
-    if a.latent is not None:  # kv_heads and head_dim follow from the latent
-        entries.append(("latent", _latent(a.latent)))
-    else:
-        entries += [("kv_heads", number(a.kv_heads)), ("head_dim", number(a.head_dim))]
-    entries += _changed(a, ("qkv_bias", "out_bias", "qk_norm"))
-    entries.append(("rope", _rope(a.rope)))
-    if a.window is not None:
-        entries.append(("window", number(a.window, tokens=True)))
-    if a.full_layers:
-        entries.append(("full_layers", "[" + ", ".join(map(number, a.full_layers)) + "]"))
-    return entries
-
-
-def _latent(lat: LatentKV) -> str:
-    args = [(k, number(getattr(lat, k))) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                                                      "v_head_dim")]
-    if lat.q_lora_rank is not None:
-        args.append(("q_lora_rank", number(lat.q_lora_rank)))
-    return _call("mla", args + _changed(lat, ("rope_interleave",)))
-
-
-def _rope(rope: Optional[Rope]) -> str:
-    if rope is None:
-        return "none"
-    args = [("theta", number(rope.theta))]
-    if rope.scaling is not None:
-        args.append(("scaling", _rope_scaling(rope.scaling)))
-    return _call("rope", args)
-
-
-def _rope_scaling(s: RopeScaling) -> str:
-    keys = {"linear": (), "yarn": ("original_max_positions", "beta_fast", "beta_slow"),
-            "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor")}[s.kind]
-    args = [("factor", number(s.factor))] + [(k, number(getattr(s, k))) for k in keys]
-    args += [(k, number(getattr(s, k))) for k in ("mscale", "mscale_all_dim") if getattr(s, k) is not None]
-    return _call(s.kind, args)
-
-
-def _mlp(m: MLP, spec: ModelSpec) -> list:
-    return [("ffn", number(m.ffn)), ("activation", m.activation)] + _changed(m, ("bias",))
-
-
-_MOE_KEYS = ("shared_ffn", "shared_gate", "router", "pre_softmax", "norm_topk", "expert_bias", "groups",
-             "topk_groups", "group_top", "scaling_factor", "aux_loss", "z_loss")
-
-
-def _moe(m: MoE, spec: ModelSpec) -> list:
-    entries = [("experts", number(m.experts)), ("top_k", number(m.top_k)), ("ffn", number(m.ffn)),
-               ("activation", m.activation)]
-    return entries + _changed(m, _MOE_KEYS)
-
-
-def _mamba(m: Mamba2, spec: ModelSpec) -> list:
-    entries = [("heads", number(m.heads)), ("head_dim", number(m.head_dim)), ("groups", number(m.groups)),
-               ("state", number(m.state))]
-    entries += _changed(m, ("conv", "chunk", "conv_bias", "proj_bias", "dt_min"))
-    if m.d_inner % spec.hidden == 0:
-        entries.append(("expand", number(m.d_inner // spec.hidden)))
-    return entries
-
-
-_BLOCKS = {"attention": _attention, "mlp": _mlp, "moe": _moe, "mamba": _mamba}
-
-# --- job options ------------------------------------------------------------------------------
 
 _OPTIMIZER_KEYS = ("lr", "min_lr", "betas", "eps", "weight_decay", "warmup", "schedule", "grad_clip",
                    "skip_bad_steps")
@@ -310,14 +253,7 @@ def _precision(p: Precision) -> str:
             args.append(("bf16_ends", number(p.fp8_skip_first)))
     else:
         args += [("skip_first", number(p.fp8_skip_first)), ("skip_last", number(p.fp8_skip_last))]
-    return _call("fp8", args)
-
-
-def _moe_options(m: MoEOptions) -> list:
-    entries = [("dispatcher", m.dispatcher)]
-    entries.append(("capacity_factor", number(m.capacity_factor)) if m.capacity_factor is not None
-                   else ("dropless", "true"))
-    return entries + _changed(m, ("drop_policy", "pad_to_capacity", "expert_bias_rate"))
+    return call("fp8", args)
 
 
 def _data(d: Data):
@@ -328,9 +264,9 @@ def _data(d: Data):
     if d == Data(path=d.path) and d.path is not None:
         return f'"{d.path}"'
     args = [("path", f'"{d.path}"')] if d.path is not None else []
-    args += _changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches",
-                         "document_mask", "objective"))
-    return _call("synthetic" if d.synthetic else "dataset", args)
+    args += changed(d, ("tokenizer", "seed", "val_every", "val_fraction", "val_batches",
+                        "document_mask", "objective"))
+    return call("synthetic" if d.synthetic else "dataset", args)
 
 
 def _data_block(d: Data) -> list:
@@ -342,9 +278,9 @@ def _data_block(d: Data) -> list:
         args = [("path", f'"{s.path}"')]
         args += [("weight", number(weights[s.name]))] if s.name in weights else []
         args += [("epochs", number(s.epochs))] if s.epochs is not None else []
-        sources.append((s.name, _call("dataset", args) if len(args) > 1 else f'"{s.path}"'))
-    entries = _changed(d, ("seed", "tokenizer", "document_mask", "objective", "val_every",
-                           "val_fraction", "val_batches")) + [("sources", sources)]
+        sources.append((s.name, call("dataset", args) if len(args) > 1 else f'"{s.path}"'))
+    entries = changed(d, ("seed", "tokenizer", "document_mask", "objective", "val_every",
+                          "val_fraction", "val_batches")) + [("sources", sources)]
     for i, p in enumerate([] if single else d.phases):
         at = [] if i == 0 else [("at", number(p.at_tokens if p.at_tokens is not None else p.at))]
         entries.append((p.name, at + [(n, number(w)) for n, w in p.weights]))
@@ -352,28 +288,6 @@ def _data_block(d: Data) -> list:
 
 
 # --- text helpers -----------------------------------------------------------------------------
-
-def _changed(obj, keys: Iterable[str]) -> list[tuple[str, str]]:
-    """(key, text) for the fields of ``obj`` that differ from their dataclass defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
-    return [(k, _value(getattr(obj, k))) for k in keys if getattr(obj, k) != defaults[k]]
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return number(v)
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, str) and v.isidentifier():
-        return v
-    return f'"{v}"'
-
-
-def _call(name: str, args: list[tuple[str, str]]) -> str:
-    return f"{name}(" + ", ".join(f"{k} = {v}" for k, v in args) + ")"
-
 
 def _decl(keyword: str, name: str, entries: list, notes: Optional[dict] = None) -> str:
     if '"' in name or "\n" in name:  # a spec string holds neither

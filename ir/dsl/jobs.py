@@ -1,12 +1,13 @@
-"""`train "name" { ... }` -> TrainJob: references, precision, optimizer, MoE options, layout pins."""
+"""`train "name" { ... }` -> TrainJob: references, precision, optimizer, the kinds' option blocks
+(MoE's dispatcher, read by its dsl facet), layout pins."""
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Callable, Optional
 
+from plait.ir import kinds
 from plait.ir.cluster import Cluster, local_cpu
-from plait.ir.job import LAYOUT_KEYS, Data, LayoutPins, MoEOptions, Optimizer, Precision, TrainJob
+from plait.ir.job import LAYOUT_KEYS, Data, LayoutPins, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
 from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
@@ -38,15 +39,14 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
     if model.max_seq is not None and seq_len > model.max_seq:
         raise ctx.error(f"seq_len ({seq_len}) exceeds the model's max_seq ({model.max_seq})",
                         r.entries["seq_len"].value.pos, hint=f"raise max_seq of model \"{model.name}\"")
-    moe_block = r.block("moe")
-    if moe_block is not None and not model.is_moe:
-        raise ctx.error(f'model "{model.name}" has no moe layers; remove the moe block', moe_block.pos)
+    option_blocks = _kind_option_blocks(ctx, r, model)
     job = TrainJob(
         name=decl.name, model=model, cluster=cluster,
         global_batch=r.int("global_batch"), seq_len=seq_len,
         precision=_precision(ctx, r.value("precision", None), model),
-        optimizer=_optimizer(ctx, r.value("optimizer", None)),
-        moe=_moe_options(moe_block), layout=_layout(r.block("layout")),
+        optimizer=read_optimizer(ctx, r.value("optimizer", None)),
+        **{kind: kinds.facet(kind, "dsl").read_job_options(block) for kind, block in option_blocks.items()},
+        layout=read_layout_pins(r.block("layout")),
         steps=r.int("steps", 100), seed=r.int("seed", 0, minimum=0), timeout=_timeout(ctx, r),
     )
     data = r.raw("data", None)
@@ -58,6 +58,19 @@ def resolve_job(ctx: Context, decl: ast.Decl, find_model: Finder, find_cluster: 
         job = replace(job, data=_data(ctx, data, base_dir, model))
     r.finish()
     return job
+
+
+def _kind_option_blocks(ctx: Context, r: Reader, model: ModelSpec) -> dict[str, Optional[Reader]]:
+    """The `<kind> { ... }` blocks (None: absent) of the kinds that take train-job options (the MoE
+    dispatcher), keyed by the TrainJob field of the same name; only for kinds the model has."""
+    blocks = {}
+    for kind in kinds.names():
+        if kinds.facet(kind, "dsl").JOB_OPTIONS is None:
+            continue
+        block = blocks[kind] = r.block(kind)
+        if block is not None and kind not in model.layers:
+            raise ctx.error(f'model "{model.name}" has no {kind} layers; remove the {kind} block', block.pos)
+    return blocks
 
 
 def _reference(r: Reader, key: str, example: str) -> tuple[str, ast.Pos]:
@@ -101,7 +114,7 @@ def _fp8(r: Reader) -> Precision:
     return precision
 
 
-def _optimizer(ctx: Context, value) -> Optimizer:
+def read_optimizer(ctx: Context, value) -> Optimizer:
     if value is None:
         return Optimizer()
     if isinstance(value, ast.Ident) and value.name in OPTIMIZERS:
@@ -132,37 +145,7 @@ def _betas(ctx: Context, value, default: tuple[float, float]) -> tuple[float, fl
     return (b1, b2)
 
 
-def _moe_options(r: Optional[Reader]) -> MoEOptions:
-    if r is None:
-        return MoEOptions()
-    capacity = r.value("capacity_factor", None)
-    dropless = r.bool("dropless", None)
-    if isinstance(capacity, ast.Ident) and capacity.name == "none":
-        capacity = None
-    factor = None if capacity is None else to_float(r.ctx, capacity, "capacity_factor", positive=True)
-    if factor is not None and dropless:
-        raise r.ctx.error("give capacity_factor or dropless = true, not both", r.entries["dropless"].pos)
-    if factor is None and dropless is False:
-        raise r.ctx.error("dropless = false needs a capacity_factor", r.entries["dropless"].pos,
-                          hint="add capacity_factor = 1.0")
-    options = MoEOptions(dispatcher=r.choice("dispatcher", DISPATCHERS, "alltoall"), capacity_factor=factor,
-                         drop_policy=r.choice("drop_policy", ("probs", "position"), "probs"),
-                         pad_to_capacity=r.bool("pad_to_capacity", False),
-                         expert_bias_rate=_bias_rate(r))
-    if options.pad_to_capacity and factor is None:
-        raise r.ctx.error("pad_to_capacity needs a capacity_factor (dropless routing has no capacity)",
-                          r.entries["pad_to_capacity"].pos)
-    r.finish()
-    return options
-
-
-def _bias_rate(r: Reader) -> float:
-    value = r.value("expert_bias_rate", None)
-    default = MoEOptions().expert_bias_rate
-    return default if value is None else to_float(r.ctx, value, "expert_bias_rate", minimum=0.0)
-
-
-def _layout(r: Optional[Reader]) -> LayoutPins:
+def read_layout_pins(r: Optional[Reader]) -> LayoutPins:
     """Pins in LAYOUT_KEYS order (so equal layouts compare equal); `auto` pins nothing."""
     if r is None:
         return LayoutPins()

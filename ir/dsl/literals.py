@@ -1,8 +1,11 @@
-"""Spec-text literals for fmt.py: numbers, quantities with units, layer lists. Each writer produces
-text that the parser reads back to exactly the same value."""
+"""Spec-text literals for fmt.py and the block kinds' dsl facets: numbers, quantities with units,
+layer lists, calls and the fields that differ from their defaults. Each writer produces text that
+the parser reads back to exactly the same value."""
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
+from typing import Iterable
 
 from .reader import UNITS
 
@@ -24,10 +27,10 @@ def number(x, tokens: bool = False) -> str:
         if tokens and x >= 8192 and x % 1024 == 0:
             return f"{x // 1024}K"
         return str(x)
-    return _decimal_text(Decimal(repr(x)))
+    return decimal_text(Decimal(repr(x)))
 
 
-def _decimal_text(d: Decimal) -> str:
+def decimal_text(d: Decimal) -> str:
     """`1e-5`, `0.95`, `500000`, `1e6`: plain digits unless an exponent is much shorter."""
     d = d.normalize()
     sign, digits, exp = d.as_tuple()
@@ -45,7 +48,7 @@ def quantity(value: float, kind: str) -> str:
     best = None
     for rank, unit in enumerate(_UNIT_ORDER[kind]):
         scale = UNITS[unit][1]
-        text = _decimal_text(Decimal(repr(value)) / scale)
+        text = decimal_text(Decimal(repr(value)) / scale)
         if float(Decimal(text) * scale) != value:
             continue  # not exact in this unit
         scaled = Decimal(text)
@@ -55,7 +58,7 @@ def quantity(value: float, kind: str) -> str:
         if best is None or key < best[0]:
             best = (key, f"{text} {unit}")
     if best is None:  # no unit reproduces the float exactly: the base unit, full precision
-        return f"{_decimal_text(Decimal(repr(value)))} {_BASE_UNIT[kind]}"
+        return f"{decimal_text(Decimal(repr(value)))} {_BASE_UNIT[kind]}"
     return best[1]
 
 
@@ -88,3 +91,26 @@ def _longest_run(layers: tuple[str, ...], start: int) -> tuple[tuple[str, ...], 
         if reps > 1 and reps * size > best[1] * len(best[0]):
             best = (unit, reps)
     return best
+
+
+def changed(obj, keys: Iterable[str]) -> list[tuple[str, str]]:
+    """(key, text) for the fields of ``obj`` that differ from their dataclass defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    return [(k, value_text(getattr(obj, k))) for k in keys if getattr(obj, k) != defaults[k]]
+
+
+def value_text(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return number(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(value_text(x) for x in v) + "]"
+    if isinstance(v, str) and v.isidentifier():
+        return v
+    return f'"{v}"'
+
+
+def call(name: str, args: list[tuple[str, str]]) -> str:
+    """`name(k = v, ...)`."""
+    return f"{name}(" + ", ".join(f"{k} = {v}" for k, v in args) + ")"

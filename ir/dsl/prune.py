@@ -20,17 +20,16 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from plait.ir import kinds
 from plait.ir.job import PRUNE_AXES, AxisSearch, Calibration, Distill, PruneJob, PruneTarget, TrainJob
 from plait.ir.model import BLOCK_KINDS, ModelSpec
 
 from . import ast
 from .datablock import data_path
-from .jobs import PRECISIONS, _layout, _optimizer
+from .jobs import PRECISIONS, read_layout_pins, read_optimizer
 from .reader import Context, Reader, describe, did_you_mean, to_int
 
 METHODS = ("activation", "magnitude", "random")
-AXIS_KIND = {"hidden": None, "ffn": "mlp", "attention_heads": "attention", "mamba_heads": "mamba",
-             "mamba_head_dim": "mamba", "experts": "moe"}
 
 Finder = Callable[[str, ast.Pos], object]
 
@@ -51,7 +50,7 @@ def resolve_prune(ctx: Context, decl: ast.Decl, find_model: Finder, find_train: 
                         hint="add target { params = ... } (or active_params, weight_memory, throughput)")
     job = PruneJob(
         name=decl.name, model=model, target=target, axes=axes, depth=depth,
-        weights=_path(r, "weights", base_dir), train=train, layout=_layout(r.block("layout")),
+        weights=_path(r, "weights", base_dir), train=train, layout=read_layout_pins(r.block("layout")),
         calibration=_calibration(r.block("calibration"), base_dir),
         distill=_distill(r.block("distill"), base_dir), output=_path(r, "output", base_dir),
     )
@@ -108,7 +107,7 @@ def _axes(r: Optional[Reader], model: ModelSpec) -> tuple[tuple[AxisSearch, ...]
 
 def _axis(r: Reader, name: str, value, model: ModelSpec) -> AxisSearch:
     ctx = r.ctx
-    kind = AXIS_KIND[name]
+    kind = axis_kind(name)
     if kind is not None and kind not in model.layers:
         raise ctx.error(f'model "{model.name}" has no {kind} layers to prune {name} of',
                         r.entries[name].pos, hint=f"remove {name}")
@@ -139,42 +138,27 @@ def _range(ctx: Context, call: ast.Call, model: ModelSpec, name: str, original: 
     return AxisSearch(name, "search", low=low, high=high, step=step)
 
 
+def axis_kind(name: str) -> Optional[str]:
+    """The block kind prune axis ``name`` narrows (each kind's dsl facet lists its PRUNE_AXES);
+    None for hidden, which every layer shares."""
+    if name == "hidden":
+        return None
+    owners = [kind for kind in kinds.names() if name in kinds.facet(kind, "dsl").PRUNE_AXES]
+    if not owners:
+        raise KeyError(f"unknown prune axis {name!r}; axes: {', '.join(PRUNE_AXES)}")
+    return owners[0]
+
+
 def axis_width(model: ModelSpec, name: str) -> int:
     """The model's current width on axis ``name``."""
-    if name == "hidden":
-        return model.hidden
-    if name == "ffn":
-        return model.block("mlp").ffn
-    if name == "attention_heads":
-        return model.block("attention").heads
-    if name == "mamba_heads":
-        return model.block("mamba").heads
-    if name == "mamba_head_dim":
-        return model.block("mamba").head_dim
-    return model.block("moe").experts
+    kind = axis_kind(name)
+    return model.hidden if kind is None else kinds.facet(kind, "dsl").axis_width(model, name)
 
 
 def structure_problem(model: ModelSpec, name: str, width: int) -> Optional[tuple[str, str]]:
     """(problem, hint) when ``width`` on axis ``name`` would break a block's structure, else None."""
-    if name == "attention_heads":
-        kv = model.block("attention").kv_heads
-        if width % kv:
-            return (f"attention heads ({width}) must be a multiple of kv_heads ({kv}): {width} % {kv} = "
-                    f"{width % kv}", "the same number of query heads is kept in every KV group")
-    if name == "mamba_heads":
-        groups = model.block("mamba").groups
-        if width % groups:
-            return (f"mamba heads ({width}) must be a multiple of the mamba groups ({groups}): "
-                    f"{width} % {groups} = {width % groups}",
-                    "the same number of heads is kept in every group; groups are never pruned")
-    if name == "experts":
-        moe = model.block("moe")
-        if width < moe.top_k:
-            return f"experts ({width}) must be at least top_k ({moe.top_k})", "every token picks top_k experts"
-        if width % moe.groups:
-            return (f"experts ({width}) must be a multiple of the routing groups ({moe.groups}): "
-                    f"{width} % {moe.groups} = {width % moe.groups}", "group-limited routing needs equal groups")
-    return None
+    kind = axis_kind(name)
+    return None if kind is None else kinds.facet(kind, "dsl").structure_problem(model, name, width)
 
 
 def _check_width(ctx: Context, model: ModelSpec, name: str, width: int, original: int, pos: ast.Pos) -> None:
@@ -234,7 +218,7 @@ def _distill(r: Optional[Reader], base_dir: Optional[str]) -> Distill:
     out = Distill(
         steps=r.int("steps", d.steps, minimum=0), global_batch=r.int("global_batch", d.global_batch),
         seq_len=r.int("seq_len", d.seq_len), temperature=r.float("temperature", d.temperature, positive=True),
-        lm_loss=lm_loss, optimizer=d.optimizer if optimizer is None else _optimizer(r.ctx, optimizer),
+        lm_loss=lm_loss, optimizer=d.optimizer if optimizer is None else read_optimizer(r.ctx, optimizer),
         data=_path(r, "data", base_dir), seed=r.int("seed", d.seed, minimum=0),
         checkpoint_every=r.int("checkpoint_every", d.checkpoint_every),
     )

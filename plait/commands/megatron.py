@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
+from plait.ir import kinds
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
@@ -87,11 +88,10 @@ def check_plan_fits_job(plan: ParallelPlan, job: TrainJob) -> None:
 
 def decoder_kinds(model: ModelSpec) -> list[str]:
     """GPT models: the second block of each decoder layer (mlp or moe); PlaitError otherwise."""
-    n, layers = model.num_layers, model.layers
-    if n % 2 or any(layers[i] != "attention" or layers[i + 1] not in ("mlp", "moe") for i in range(0, n, 2)):
+    if model.decoder_layers is None:
         raise PlaitError(f"model {model.name!r}: Megatron's GPT model needs layers of attention + "
                          "MLP/MoE pairs", hint="write it as a hybrid pattern (M * - E) with a mamba block")
-    return [layers[i + 1] for i in range(0, n, 2)]
+    return [model.layers[i + 1] for i in range(0, model.num_layers, 2)]
 
 
 def _model_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
@@ -100,10 +100,10 @@ def _model_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
         args += [f"--hybrid-layer-pattern {shlex.quote(hybrid_pattern(model, plan))}", f"--spec {HYBRID_SPEC}"]
         args += _mamba_args(model, notes)
     else:
-        kinds = decoder_kinds(model)
-        args.append(f"--num-layers {len(kinds)}")
-        if "moe" in kinds and "mlp" in kinds:
-            args.append(f"--moe-layer-freq {shlex.quote(moe_layer_freq(kinds))}")
+        feed_forward = decoder_kinds(model)
+        args.append(f"--num-layers {len(feed_forward)}")
+        if len({_routed(k) for k in feed_forward}) > 1:  # some decoder layers MoE, some dense
+            args.append(f"--moe-layer-freq {shlex.quote(moe_layer_freq(feed_forward))}")
     args += _attention_args(model, notes)
     ffn = model.mlp.ffn if model.mlp else (model.moe.ffn if model.moe else 4 * model.hidden)
     args += [f"--ffn-hidden-size {ffn}", f"--normalization {NORMS[model.norm.kind]}",
@@ -121,11 +121,16 @@ def _model_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
     return args
 
 
-def moe_layer_freq(kinds: list[str]) -> str:
+def _routed(kind: str) -> bool:
+    """A layer of ``kind`` holds routed experts (an MoE layer to Megatron)."""
+    return kinds.facet(kind, "counts").EXPERTS
+
+
+def moe_layer_freq(feed_forward: list[str]) -> str:
     """Megatron's --moe-layer-freq list expression, run-length coded: `([0]*3+[1]*58)`."""
     runs: list[list] = []
-    for k in kinds:
-        bit = 1 if k == "moe" else 0
+    for k in feed_forward:
+        bit = int(_routed(k))
         if runs and runs[-1][0] == bit:
             runs[-1][1] += 1
         else:
@@ -399,15 +404,15 @@ def _batch_args(plan: ParallelPlan) -> list[str]:
 
 
 def _recompute_args(plan: ParallelPlan, model: ModelSpec, job: TrainJob, notes: list) -> list[str]:
-    kinds = {s.recompute for s in plan.stages}
-    if kinds == {"none"}:
+    recomputes = {s.recompute for s in plan.stages}
+    if recomputes == {"none"}:
         return []
-    if "full" in kinds:
-        if kinds != {"full"}:
+    if "full" in recomputes:
+        if recomputes != {"full"}:
             notes.append(f"per-stage recompute {[s.recompute for s in plan.stages]}: Megatron recomputes "
                          "every layer in full")
         return ["--recompute-granularity full", "--recompute-method uniform", "--recompute-num-layers 1"]
-    if kinds != {"selective"}:
+    if recomputes != {"selective"}:
         notes.append(f"per-stage recompute {[s.recompute for s in plan.stages]}: Megatron recomputes "
                      "selectively on every stage")
     # plait's selective recompute keeps GEMM outputs and re-runs attention, norms and activations

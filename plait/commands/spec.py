@@ -74,10 +74,7 @@ def model_report(model: ModelSpec, seq_len: int, precision: Precision, job: Opti
 def decoder_layers(model: ModelSpec) -> Optional[int]:
     """Decoder layers as Hugging Face and Megatron count them (attention + MLP or MoE) when the
     model is built of such pairs; None for hybrid models, whose every block is a layer there too."""
-    n, layers = model.num_layers, model.layers
-    pairs = n % 2 == 0 and all(layers[i] == "attention" and layers[i + 1] in ("mlp", "moe")
-                               for i in range(0, n, 2))
-    return n // 2 if pairs and not model.is_hybrid else None
+    return model.decoder_layers
 
 
 def _layers_text(r: dict) -> str:

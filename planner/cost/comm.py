@@ -1,5 +1,6 @@
-"""Communication: alpha-beta collectives on a group's real topology, and the volumes each block
-kind and each data-parallel flavour moves per micro-batch or per step.
+"""Communication: alpha-beta collectives on a group's real topology, and the volumes the
+blocks' tensor parallelism, the pipeline and each data-parallel flavour move per micro-batch or
+per step (a block kind's own collectives: plait/kinds/<kind>/cost.py).
 
 Ring collectives (NCCL's all-gather, reduce-scatter, all-reduce) move every byte over every hop of
 the ring, so their throughput is the slowest hop's: NVLink when the group sits inside one node, the
@@ -13,8 +14,6 @@ bytes sends (r-1)/n of it over NVLink (r = the group's ranks on this node) and (
 NIC, both at once.
 """
 from __future__ import annotations
-
-from plait.ir import counts
 
 from .context import Context, GroupShape, cluster_links
 
@@ -64,7 +63,8 @@ def p2p(ctx: Context, g: GroupShape, nbytes: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Per block kind, per micro-batch, forward pass (backward moves the same volumes again)
+# Around every block, per micro-batch, forward pass (backward moves the same volumes again); a
+# kind's own traffic (attention's CP ring, MoE's dispatch, Mamba's CP states) is in its cost facet
 # ------------------------------------------------------------------------------------------------
 
 def tp_comm(ctx: Context) -> float:
@@ -78,59 +78,6 @@ def tp_comm(ctx: Context) -> float:
     if lay.sp:
         return all_gather(ctx, g, full) + reduce_scatter(ctx, g, full)
     return all_reduce(ctx, g, full)
-
-
-def cp_comm(ctx: Context) -> float:
-    """Attention under context parallelism (forward). Ring: cp-1 exchanges of this rank's K and V
-    chunk, fewer with a sliding window shorter than the zigzag chunks (counts.ring_steps). All-to-all (Ulysses, layout cp_comm): q, k, v from sequence to head sharding and the
-    output back, each rank scattering its local tensors."""
-    lay = ctx.layout
-    if lay.cp <= 1:
-        return 0.0
-    attn = ctx.model.attention
-    if lay.cp_comm == "alltoall":  # q, k, v in, the output back
-        widths = attn.q_dim + attn.kv_dim + attn.v_dim + attn.out_dim
-        return all_to_all(ctx, ctx.group("dense", "cp"), ctx.tokens * widths / lay.tp * ctx.act_bytes)
-    # per-head K and V (multi-head latent attention: expanded from the latent before the exchange)
-    kv = ctx.tokens * (attn.kv_dim + attn.v_dim) / lay.tp * ctx.act_bytes
-    # a sliding window skips the steps whose K/V block no query sees (mean over attention layers)
-    steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)
-    return steps * p2p(ctx, ctx.group("dense", "cp"), kv)
-
-
-def mamba_cp_comm(ctx: Context) -> float:
-    """Mamba2 under context parallelism (forward; lowering/mamba_cp.py passes scan states): one
-    all-gather of every zigzag chunk's fp32 final state and decay, one of the conv halos. The
-    volume does not grow with the sequence."""
-    m, lay = ctx.model.mamba, ctx.layout
-    if lay.cp <= 1:
-        return 0.0
-    chunks = 2 * lay.cp * lay.mbs
-    states = chunks * m.heads / lay.tp * (m.head_dim * m.state + 1) * 4
-    halos = chunks * (m.conv - 1) * m.conv_channels / lay.tp * ctx.act_bytes
-    g = ctx.group("dense", "cp")
-    return all_gather(ctx, g, states) + all_gather(ctx, g, halos)
-
-
-def moe_dispatch_comm(ctx: Context) -> float:
-    """Token dispatch + combine of one MoE layer (forward): all-to-all over EP then all-gather /
-    reduce-scatter over ETP, or one all-gather / reduce-scatter over ETPxEP for the allgather
-    dispatcher. Exposed. The all-to-all is sized by the busiest expert rank, ``ctx.expert_load``
-    x the balanced volume (dropless: the calibration's moe_imbalance, 1.10 by default; capacity
-    factor cf: min(cf, moe_imbalance); padded to capacity: cf); the allgather dispatcher moves
-    every token whatever the routing. Its time comes from ``all_to_all`` on the EP group's real
-    placement: the share for peers on this node over NVLink, the rest over the NIC."""
-    lay, moe = ctx.layout, ctx.model.moe
-    h, b = ctx.model.hidden, ctx.act_bytes
-    t_in = ctx.tokens / lay.tp
-    if lay.dispatcher == "allgather":
-        g = ctx.group("expert", "etp-ep")
-        full = t_in * g.size * h * b
-        return all_gather(ctx, g, full) + reduce_scatter(ctx, g, full)
-    sent = t_in * moe.top_k * ctx.expert_load * h * b
-    a2a = 2 * all_to_all(ctx, ctx.group("expert", "ep"), sent)
-    etp_full = sent * lay.etp
-    return a2a + 2 * all_gather(ctx, ctx.group("expert", "etp"), etp_full)
 
 
 def pp_send(ctx: Context) -> float:
@@ -175,9 +122,9 @@ def step_reductions(ctx: Context) -> float:
 
 
 def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
-    """(forward, backward) seconds of FSDP traffic for one unit's parameters per micro-batch:
-    all-gather bf16 weights before forward and again before backward, reduce-scatter fp32 gradients
-    after backward."""
+    """(all-gather, reduce-scatter) seconds of FSDP traffic for one unit's parameters per
+    micro-batch: bf16 weights gathered before forward and again before backward (each), fp32
+    gradients reduce-scattered after backward."""
     if ctx.layout.dp_kind != "fsdp":
         return 0.0, 0.0
     eff = ctx.cal.fsdp_eff
@@ -186,4 +133,12 @@ def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[
               + all_gather(ctx, expert_g, expert_params * ctx.act_bytes, eff))
     scatter = (reduce_scatter(ctx, dense_g, dense_params * 4, eff)
                + reduce_scatter(ctx, expert_g, expert_params * 4, eff))
-    return gather, gather + scatter
+    return gather, scatter
+
+
+def hidden(ctx: Context, collective: str, seconds: float, window: float) -> float:
+    """Seconds of a ``collective`` ("all_gather", "reduce_scatter", "all_to_all") lasting
+    ``seconds`` that ``window`` seconds of compute running beside it hide: the device's
+    overlap_COLLECTIVE (measured by `plait calibrate`, else planner/cost/context.py's default)
+    times the time the two run together, the shorter of them."""
+    return getattr(ctx.cal, f"overlap_{collective}") * min(seconds, max(0.0, window))

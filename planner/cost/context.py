@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 import copy
-import math
 from functools import cached_property, lru_cache
-from statistics import NormalDist
 
+from plait.ir import kinds
 from plait.ir.cluster import Cluster, Device
 from plait.ir.job import TrainJob
+from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout
 
 from ..groups import DENSE_GROUPS, EXPERT_GROUPS, parse_order
+
+
+# compute runs 18.9% slower beside a collective on average (Lee et al. 2025, arXiv 2507.03114)
+OVERLAP_DEFAULT = round(1 / 1.189, 2)
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,21 @@ class Calibration:
     a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
-    fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
+    # per collective kind: the fraction of its seconds hidden while it runs beside compute (its
+    # own stream / thread, as FSDP prefetches): hidden = overlap_KIND x min(collective, compute).
+    # 1: hidden up to the compute's length; 0: the two serialise (one hardware queue, CUDA_DEVICE_
+    # MAX_CONNECTIONS=1). `plait calibrate` measures each kind (GEMMs with the collective beside
+    # them against each alone). Default, for devices nobody measured: the NCCL kernels share the
+    # SMs and HBM with the GEMMs, which run 18.9% slower on average while they overlap (Lee et al.
+    # 2025, arXiv 2507.03114: A100 / H100 / MI250 / MI210), so 1 / 1.189 = 0.84 of the overlapped
+    # collective is hidden
+    overlap_all_gather: float = OVERLAP_DEFAULT
+    overlap_reduce_scatter: float = OVERLAP_DEFAULT
+    # measured and kept for the schedules that run the token dispatch beside compute (Megatron's
+    # overlap_moe_expert_parallel_comm, DualPipe); plait's runtime and the stacks of the reference
+    # rows wait for the dispatch (plait/kinds/moe/cost.py dispatch_comm: exposed), so no cost
+    # term reads it yet
+    overlap_all_to_all: float = OVERLAP_DEFAULT
     # busiest expert rank over the mean as measured on a trained router (per micro-batch and
     # layer); 0: the expected maximum under balanced random routing (routing_imbalance)
     moe_imbalance: float = 0.0
@@ -136,43 +154,6 @@ class Context:
     def microbatches(self) -> int:
         return self.job.global_batch // (self.layout.dp * self.layout.mbs)
 
-    @cached_property
-    def routed_tokens(self) -> float:
-        """Token copies one rank pushes through its experts per micro-batch and MoE layer:
-        the etp ranks of an expert shard all see the tokens the shard receives."""
-        moe = self.model.moe
-        t_in = self.tokens / self.layout.tp  # MoE input is sequence-parallel over tp
-        return self.layout.etp * t_in * moe.top_k * self.expert_load
-
-    @cached_property
-    def expert_load(self) -> float:
-        """Tokens the busiest expert rank receives over the balanced share (T * top_k / experts
-        per expert). The MoE costs (dispatch volume, expert GEMMs, permutation, buffers) are
-        sized by that rank, since the all-to-all and the step wait for it. Assumptions:
-
-          dropless            routing_imbalance: the measured moe_imbalance when calibrated,
-                              else the expected busiest rank of balanced random routing
-          capacity factor cf  min(cf, routing_imbalance): no expert keeps more than cf x its
-                              share, tokens over it are dropped (drop policy does not change
-                              volumes)
-          cf + pad            cf: every expert is padded to its capacity
-        """
-        cf = self.job.moe.capacity_factor
-        if cf is None:
-            return self.routing_imbalance
-        return cf if self.job.moe.pad_to_capacity else min(cf, self.routing_imbalance)
-
-    @cached_property
-    def routing_imbalance(self) -> float:
-        """Busiest expert rank over the mean, one micro-batch through one MoE layer: the
-        calibration's measured moe_imbalance, else expected_max_load of the EP group's tokens
-        (each EP rank routes its own tokens / tp) under a balanced router."""
-        if self.cal.moe_imbalance > 0:
-            return self.cal.moe_imbalance
-        moe, lay = self.model.moe, self.layout
-        tokens = lay.ep * self.tokens / lay.tp
-        return expected_max_load(tokens, moe.top_k, moe.experts, lay.ep)
-
     # -- device ----------------------------------------------------------------------------------
     @cached_property
     def sharing(self) -> float:
@@ -227,23 +208,9 @@ class Context:
                                   self.cluster.gpus_per_node)
 
 
-def expected_max_load(tokens: float, top_k: int, experts: int, ranks: int) -> float:
-    """Expected busiest of ``ranks`` expert ranks (experts / ranks experts each) over the mean
-    when ``tokens`` tokens each pick ``top_k`` distinct experts uniformly at random: the least
-    imbalance any router shows (a trained one with its balancing loss is at best this even).
-
-    Per token, the copies landing on one rank's L = experts / ranks experts are hypergeometric:
-    mean k L / E, variance k (L/E) (1 - L/E) (E - k) / (E - 1); over T tokens the rank's load is
-    close to normal. The ranks' loads add up to T k, so they are correlated -1 / (n - 1): their
-    largest is sqrt(n / (n - 1)) x the expected largest of n independent standard normals (Blom's
-    score Phi^-1((n - 0.375) / (n + 0.25))) standard deviations above the mean."""
-    if ranks <= 1 or tokens <= 0 or experts <= top_k:
-        return 1.0
-    share = 1.0 / ranks
-    mean = tokens * top_k * share
-    var = tokens * top_k * share * (1 - share) * (experts - top_k) / (experts - 1)
-    z = NormalDist().inv_cdf((ranks - 0.375) / (ranks + 0.25)) * math.sqrt(ranks / (ranks - 1))
-    return 1.0 + z * math.sqrt(var) / mean
+def layer_kinds(model: ModelSpec) -> tuple[str, ...]:
+    """The block kinds the model's layers use, in the registry's order (deterministic sums)."""
+    return tuple(k for k in kinds.names() if k in model.layers)
 
 
 def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:

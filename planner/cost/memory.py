@@ -13,7 +13,7 @@ Parallel Folding), which is exactly what Megatron's own estimator leaves out.
 """
 from __future__ import annotations
 
-from plait.ir import counts
+from plait.ir import counts, kinds
 from plait.ir.job import Precision
 
 from .context import Context
@@ -22,28 +22,18 @@ GiB = float(2**30)
 
 
 def shape(ctx: Context) -> counts.ActivationShape:
-    """What one layer on this rank sees per micro-batch (ir/counts/activations.py's formulas)."""
+    """What one layer on this rank sees per micro-batch (ir/counts/activations.py's formulas);
+    a kind's cost facet adds what only its layers see (MoE: the routed token copies)."""
     lay = ctx.layout
     return counts.ActivationShape(
         tokens=ctx.tokens, seq=ctx.job.seq_len / lay.cp, tp=lay.tp, sp=lay.sp,
-        act_bytes=ctx.act_bytes, kv_expanded=ctx.cal.kv_expanded >= 0.5, etp=lay.etp,
-        routed_tokens=ctx.routed_tokens if ctx.model.is_moe else 0.0)
-
-
-def attention_scores(ctx: Context) -> float:
-    """Korthikanti's 5as^2b: scores, softmax and dropout mask of a stack without flash attention."""
-    if ctx.cal.flash_attention >= 0.5:
-        return 0.0
-    a, lay = ctx.model.attention, ctx.layout
-    return 5 * lay.mbs * a.heads / lay.tp * (ctx.job.seq_len / lay.cp) ** 2
+        act_bytes=ctx.act_bytes, kv_expanded=ctx.cal.kv_expanded >= 0.5, etp=lay.etp)
 
 
 def block_activations(ctx: Context, kind: str) -> tuple[float, float]:
-    """(stored with no recompute, stored with selective recompute) bytes per micro-batch."""
-    none, selective = counts.layer_saved_bytes(ctx.model, kind, shape(ctx))
-    if kind == "attention":  # selective re-runs the core: its scores never stay
-        none += attention_scores(ctx)
-    return none, selective
+    """(stored with no recompute, stored with selective recompute) bytes per micro-batch of one
+    layer of ``kind`` (its cost facet's ``activations``)."""
+    return kinds.facet(kind, "cost").activations(ctx)
 
 
 def unit_input(ctx: Context) -> float:
@@ -66,7 +56,7 @@ def block_fp32_kept_on_rank(ctx: Context, kind: str) -> float:
     return counts.fp32_kept_params(ctx.model, kind, ctx.layout.tp)
 
 
-def _fsdp_padding(ctx: Context, shapes, shards: int) -> float:
+def fsdp_pad(ctx: Context, shapes, shards: int) -> float:
     """FSDP pads a tensor with no dim divisible by its shards (counts/fsdp.py): the padding joins
     the parameters so that ``(params + padding) / shards`` is the first rank's share."""
     return counts.fsdp_padding(shapes, shards) if ctx.layout.dp_kind == "fsdp" else 0.0
@@ -74,22 +64,24 @@ def _fsdp_padding(ctx: Context, shapes, shards: int) -> float:
 
 def block_params_on_rank(ctx: Context, kind: str) -> tuple[float, float]:
     """(dense, expert) parameters of one layer of ``kind`` held by one rank, FSDP's padding
-    included (dense tensors shard over DP x CP, expert tensors over EDP)."""
+    included (its cost facet's ``params_on_rank``)."""
+    return kinds.facet(kind, "cost").params_on_rank(ctx)
+
+
+def dense_params_on_rank(ctx: Context, kind: str) -> tuple[float, float]:
+    """(dense, 0) parameters of one layer of a kind with no experts: its norm, its block's
+    weights split over TP, FSDP's padding over DP x CP."""
     model, lay = ctx.model, ctx.layout
     norm = counts.norm_params(model)
-    dense_shapes, expert_shapes = counts.layer_shapes(model, kind, lay.tp, lay.ep, lay.etp)
-    dense_pad = _fsdp_padding(ctx, dense_shapes, lay.dp * lay.cp)
-    if kind != "moe":
-        return norm + counts.block_params(model, kind) / lay.tp + dense_pad, 0.0
-    dense = norm + counts.router_params(model) + counts.shared_expert_params(model) / lay.tp
-    expert = counts.expert_params(model) / (lay.ep * lay.etp)
-    return dense + dense_pad, expert + _fsdp_padding(ctx, expert_shapes, lay.edp)
+    dense_shapes, _ = counts.layer_shapes(model, kind, lay.tp, lay.ep, lay.etp)
+    dense_pad = fsdp_pad(ctx, dense_shapes, lay.dp * lay.cp)
+    return norm + counts.block_params(model, kind) / lay.tp + dense_pad, 0.0
 
 
 def embedding_params_on_rank(ctx: Context) -> float:
     lay = ctx.layout
     return (counts.embedding_params(ctx.model) / lay.tp
-            + _fsdp_padding(ctx, counts.embedding_shapes(ctx.model, lay.tp), lay.dp * lay.cp))
+            + fsdp_pad(ctx, counts.embedding_shapes(ctx.model, lay.tp), lay.dp * lay.cp))
 
 
 def head_params_on_rank(ctx: Context) -> float:
@@ -100,7 +92,7 @@ def head_params_on_rank(ctx: Context) -> float:
     if own_copy:
         head = model.vocab * model.hidden
     return (counts.final_norm_params(model) + head / lay.tp
-            + _fsdp_padding(ctx, counts.head_shapes(model, lay.tp, own_copy), lay.dp * lay.cp))
+            + fsdp_pad(ctx, counts.head_shapes(model, lay.tp, own_copy), lay.dp * lay.cp))
 
 
 def state_tensors(ctx: Context, dense: float, expert: float, fp32_kept: float = 0.0) -> dict[str, float]:
@@ -142,11 +134,12 @@ def inflight(pp: int, vpp: int, microbatches: int, rank: int) -> float:
     return chunks / vpp
 
 
-def comm_buffers(ctx: Context, has_moe: bool) -> float:
-    """Sequence-parallel all-gather output and MoE dispatch send/receive buffers."""
+def comm_buffers(ctx: Context, layer_kinds) -> float:
+    """Sequence-parallel all-gather output and the buffers each of ``layer_kinds`` (the kinds
+    of the model's layers) holds for its own communication (MoE: dispatch send / receive)."""
     out = ctx.tokens * ctx.model.hidden * ctx.act_bytes if ctx.layout.tp > 1 else 0.0
-    if has_moe:
-        out += 2 * ctx.routed_tokens / ctx.layout.etp * ctx.model.hidden * ctx.act_bytes
+    for kind in layer_kinds:
+        out += kinds.facet(kind, "cost").buffers(ctx)
     return out
 
 

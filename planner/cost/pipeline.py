@@ -13,12 +13,13 @@ import copy
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from plait.ir import kinds as block_kinds  # `kinds` names a unit's layer kinds below
 from plait.ir.job import TrainJob
 from plait.ir.plan import RECOMPUTE, Layout, Stage
 from plait.ir.precision import PrecisionPolicy
 
 from . import comm, compute, memory
-from .context import Context
+from .context import Context, layer_kinds
 
 OPTIONS = RECOMPUTE  # ("none", "selective", "full"): index 0, 1, 2 in every per-option tuple
 
@@ -62,26 +63,10 @@ def _add(acc: dict, items) -> dict:
     return acc
 
 
-def _block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]:
-    """(forward exposed seconds per kind, backward exposed seconds per kind) of one block."""
-    fwd: dict = {}
-    moe = ctx.model.moe
-    if kind != "moe" or (moe and moe.shared_ffn):
-        fwd["tp"] = comm.tp_comm(ctx)
-    if kind == "moe":
-        fwd["ep"] = comm.moe_dispatch_comm(ctx)
-    bwd = dict(fwd)
-    if kind == "attention" and ctx.layout.cp > 1:
-        ring = comm.cp_comm(ctx)
-        # ring steps overlap the attention core (backward: the backward kernels, at their own
-        # rate); the all-to-all variant waits for its exchange
-        window = ctx.cal.overlap if ctx.layout.cp_comm == "ring" else 0.0
-        fwd["cp"] = max(0.0, ring - window * work.core)
-        bwd_core = compute.BWD_CORE * work.core / work.core_bwd_rate
-        bwd["cp"] = max(0.0, 2 * ring - window * bwd_core)
-    if kind == "mamba" and ctx.layout.cp > 1:
-        fwd["cp"] = bwd["cp"] = comm.mamba_cp_comm(ctx)  # all-gather; reduce-scatter backward
-    return fwd, bwd
+def block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]:
+    """(forward exposed seconds per group, backward exposed seconds per group) of one layer of
+    ``kind`` whose forward work is ``work`` (its cost facet's ``comm``)."""
+    return block_kinds.facet(kind, "cost").comm(ctx, work)
 
 
 def host_seconds(ctx: Context, kinds: tuple[str, ...]) -> tuple[float, float]:
@@ -107,7 +92,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
     bf16_ctx = ctx.with_bf16_linears() if any(bf16_linears) else ctx
     for i, kind in enumerate(kinds):
         work = compute.block_work(bf16_ctx if bf16_linears and bf16_linears[i] else ctx, kind)
-        f, b = _block_comm(ctx, kind, work)
+        f, b = block_comm(ctx, kind, work)
         _add(fwd_comm, f.items()), _add(bwd_comm, b.items())
         fwd_c, bwd_c, sel, flops = (fwd_c + work.forward, bwd_c + work.backward,
                                     sel + work.selective, flops + work.flops)
@@ -122,14 +107,10 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
         fwd_c, bwd_c = fwd_c + host_f, bwd_c + host_b
     else:
         fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
-    g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
     # the backward's window leaves out a full recompute's re-forward, which the prefetch model
     # would let hide the gathers too: kept out because measured stacks overlap FSDP traffic less
     # than that model (benchmarks/fidelity.py, physics-only column: FSDP rows too fast)
-    window = ctx.cal.fsdp_overlap
-    fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
-    scatter = g_bwd - g_fwd  # the backward moves the gather again, then the gradients
-    edge = min(g_fwd, window * fwd_c) + min(scatter, window * bwd_c)
+    fsdp_f, fsdp_b, edge = fsdp_exposed(ctx, *comm.fsdp_unit(ctx, dense, expert), fwd_c, bwd_c)
     if fsdp_f or fsdp_b:
         _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
     fwd_t = fwd_c + sum(fwd_comm.values())
@@ -144,6 +125,22 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
         comm=tuple(sorted(total_comm.items())),
         recompute_comm=tuple(sorted((k, v) for k, v in fwd_comm.items() if k != "dp")),
         flops=flops, fp32_params=fp32_kept, fsdp_edge=edge)
+
+
+def fsdp_exposed(ctx: Context, gather: float, scatter: float, fwd: float,
+                 bwd: float) -> tuple[float, float, float]:
+    """(forward, backward) exposed seconds of one unit's FSDP ``gather`` and gradient ``scatter``
+    beside its ``fwd`` / ``bwd`` compute seconds, and ``edge``: what that compute hid of the
+    forward gather and the gradient scatter (exposed where nothing precedes or follows the unit:
+    CostTable.chunk_time). Forward: the gather hides behind the forward (comm.hidden). Backward:
+    the gather again, then the gradients' scatter, one after the other on the links: each runs
+    beside the share of the backward compute its length takes."""
+    hid_fwd = comm.hidden(ctx, "all_gather", gather, fwd)
+    moved = gather + scatter
+    share = bwd / moved if moved > 0 else 0.0
+    hid_gather = comm.hidden(ctx, "all_gather", gather, share * gather)
+    hid_scatter = comm.hidden(ctx, "reduce_scatter", scatter, share * scatter)
+    return gather - hid_fwd, moved - hid_gather - hid_scatter, hid_fwd + hid_scatter
 
 
 def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:
@@ -190,7 +187,7 @@ class CostTable:
         self.chunk_time = self.p2p + self.fsdp_edge
         self.capacity = job.cluster.device.memory
         self.microbatches = ctx.microbatches
-        self.buffers = memory.comm_buffers(ctx, job.model.is_moe)
+        self.buffers = memory.comm_buffers(ctx, layer_kinds(job.model))
 
     def _embedding(self) -> Extra:
         ctx = self.ctx

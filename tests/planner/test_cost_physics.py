@@ -7,8 +7,11 @@ import pytest
 
 from plait.ir.job import MoEOptions
 from plait.ir.plan import Layout
+from plait.kinds.attention import cost as attention_cost
+from plait.kinds.mlp import cost as mlp_cost
+from plait.kinds.moe import cost as moe_cost
 from plait.planner.cost import comm, compute
-from plait.planner.cost.context import Context, GroupShape, expected_max_load
+from plait.planner.cost.context import Context, GroupShape
 
 FOLDING = Layout(tp=2, dp=8, pp=8, etp=1, ep=8, edp=2, sp=True)
 
@@ -88,8 +91,8 @@ def test_grouped_gemm_beats_a_loop_of_small_gemms(ctx, mixtral_job):
 
 
 def test_attention_backward_rate(ctx):
-    work = compute.attention_work(ctx)
-    slow = compute.attention_work(Context(calibrated(ctx.job, attn_bwd_ratio=0.5), FOLDING))
+    work = attention_cost.work(ctx)
+    slow = attention_cost.work(Context(calibrated(ctx.job, attn_bwd_ratio=0.5), FOLDING))
     assert slow.backward - work.backward == pytest.approx(
         compute.BWD_CORE * work.core * (1 / 0.5 - 1 / ctx.cal.attn_bwd_ratio))
     assert slow.forward == pytest.approx(work.forward)
@@ -137,17 +140,17 @@ def test_ring_attention_merges_partial_outputs(mixtral_job):
     merges = {}
     for cp in (1, 2, 4, 8):
         ctx = Context(job, Layout(tp=8, cp=cp, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True))
-        merges[cp] = compute.ring_merge_bytes(ctx)
+        merges[cp] = attention_cost.ring_merge_bytes(ctx)
     assert merges[1] == 0.0
     # (cp - 1) merges of tokens / cp query rows: grows with cp, towards the rank's own queries x cp
     assert merges[2] < merges[4] < merges[8]
     ctx = Context(job, Layout(tp=8, cp=4, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True))
-    assert merges[4] == 3 * ctx.tokens * 6144 / 8 * compute.MERGE_BYTES
+    assert merges[4] == 3 * ctx.tokens * 6144 / 8 * attention_cost.MERGE_BYTES
     ulysses = Context(job, Layout(tp=8, cp=4, dp=1, pp=16, etp=1, ep=8, edp=1, sp=True,
                                   cp_comm="alltoall"))
-    assert compute.ring_merge_bytes(ulysses) == 0.0
+    assert attention_cost.ring_merge_bytes(ulysses) == 0.0
     # at 64K with cp 4 (16K keys per step) the merges cost a few percent of the attention core
-    work = compute.attention_work(ctx)
+    work = attention_cost.work(ctx)
     share = compute.memory_time(ctx, merges[4]) / work.core
     assert 0.01 < share < 0.2
 
@@ -185,7 +188,7 @@ def test_weight_gradient_accumulates_in_fp32_on_the_memory_side(ctx):
 
 
 def test_mlp_backward_reads_its_gemms_backward(ctx):
-    work = compute.mlp_work(ctx) if ctx.model.mlp else compute.block_work(ctx, "moe")
+    work = mlp_cost.work(ctx) if ctx.model.mlp else compute.block_work(ctx, "moe")
     assert work.backward_gemm >= 2 * work.gemm * (1 - 1e-12)
     assert work.backward == pytest.approx(
         work.backward_gemm + compute.BWD_MEMORY * work.memory)
@@ -213,39 +216,39 @@ def test_expected_max_load_matches_random_routing(tokens, top_k, experts, ranks)
     over 1: 10%, about five standard errors of a 300-trial mean of the maximum plus Blom's
     approximation error (4% at n = 2, under 1% from n = 4)."""
     want = _random_routing_max(tokens, top_k, experts, ranks, trials=300)
-    got = expected_max_load(tokens, top_k, experts, ranks)
+    got = moe_cost.expected_max_load(tokens, top_k, experts, ranks)
     assert got - 1 == pytest.approx(want - 1, rel=0.10)
 
 
 def test_routing_imbalance_shrinks_with_tokens_and_grows_with_ranks():
-    by_tokens = [expected_max_load(t, 2, 64, 8) for t in (512, 4096, 32768)]
+    by_tokens = [moe_cost.expected_max_load(t, 2, 64, 8) for t in (512, 4096, 32768)]
     assert by_tokens[0] > by_tokens[1] > by_tokens[2] > 1.0
-    by_ranks = [expected_max_load(8192, 2, 64, r) for r in (2, 8, 64)]
+    by_ranks = [moe_cost.expected_max_load(8192, 2, 64, r) for r in (2, 8, 64)]
     assert by_ranks[0] < by_ranks[1] < by_ranks[2]
-    assert expected_max_load(8192, 2, 64, 1) == 1.0  # one rank holds every expert
+    assert moe_cost.expected_max_load(8192, 2, 64, 1) == 1.0  # one rank holds every expert
 
 
 def test_measured_imbalance_replaces_random_routing(ctx):
     dropless = replace(ctx.job, moe=MoEOptions())
-    assert Context(dropless, FOLDING).expert_load == pytest.approx(
-        expected_max_load(FOLDING.ep * ctx.tokens / FOLDING.tp, 2, 8, FOLDING.ep))
-    assert Context(calibrated(dropless, moe_imbalance=1.3), FOLDING).expert_load == 1.3
+    assert moe_cost.expert_load(Context(dropless, FOLDING)) == pytest.approx(
+        moe_cost.expected_max_load(FOLDING.ep * ctx.tokens / FOLDING.tp, 2, 8, FOLDING.ep))
+    assert moe_cost.expert_load(Context(calibrated(dropless, moe_imbalance=1.3), FOLDING)) == 1.3
     # a capacity factor caps the busiest rank at cf x its share
     capped = replace(ctx.job, moe=MoEOptions(capacity_factor=1.1))
-    assert Context(calibrated(capped, moe_imbalance=1.3), FOLDING).expert_load == 1.1
+    assert moe_cost.expert_load(Context(calibrated(capped, moe_imbalance=1.3), FOLDING)) == 1.1
 
 
 def test_ring_backward_hides_behind_the_backward_core_at_its_rate(mixtral_job):
     """Ring CP: each step's K/V exchange runs under that step's attention kernels. Backward sends
     twice the forward's bytes under the backward kernels, which take 2.5x the forward core over
     attn_bwd_ratio: a slower backward core hides more."""
-    from plait.planner.cost.pipeline import _block_comm
+    from plait.planner.cost.pipeline import block_comm
     lay = Layout(tp=1, cp=8, dp=16, mbs=1, cp_comm="ring")
     ctx = Context(mixtral_job(), lay)
-    ring = comm.cp_comm(ctx)
+    ring = attention_cost.cp_comm(ctx)
     for rate in (1.0, 0.86, 0.5):
         work = compute.Work(core=0.5 * ring, core_bwd_rate=rate)
-        fwd, bwd = _block_comm(ctx, "attention", work)
+        fwd, bwd = block_comm(ctx, "attention", work)
         window = ctx.cal.overlap
         assert fwd["cp"] == pytest.approx(ring - window * 0.5 * ring)
         assert bwd["cp"] == pytest.approx(max(0.0, 2 * ring - window * 2.5 * 0.5 * ring / rate))
@@ -261,14 +264,15 @@ def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
     fsdp = Layout(tp=1, dp=128, etp=1, ep=8, edp=16, dp_kind="fsdp")
     table = CostTable(job, fsdp, units(job.model))
     ctx, unit = table.ctx, table.units[0]
-    gather, backward = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
-    assert 0 < unit.fsdp_edge <= backward  # at most one gather and one scatter
+    gather, scatter = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
+    assert 0 < unit.fsdp_edge <= gather + scatter  # at most one gather and one scatter
     assert table.chunk_time == pytest.approx(table.p2p + unit.fsdp_edge)
     # no FSDP, no edge
     zero1 = CostTable(job, replace(fsdp, dp_kind="zero1"), units(job.model))
     assert zero1.fsdp_edge == 0.0 and zero1.chunk_time == zero1.p2p
     # communication-bound (no overlap window): the per-unit terms already expose it all
-    none = CostTable(calibrated(job, fsdp_overlap=0.0), fsdp, units(job.model))
+    none = CostTable(calibrated(job, overlap_all_gather=0.0, overlap_reduce_scatter=0.0), fsdp,
+                     units(job.model))
     assert none.fsdp_edge == 0.0
 
 
@@ -281,7 +285,53 @@ def test_a_sliding_window_cuts_attention_core_and_ring_exchanges():
     layout = Layout(tp=1, cp=4, dp=4, pp=2)
     windowed, causal = Context(job, layout), Context(full, layout)
     # s w - w^2 / 2 of the s^2 / 2 triangle: (32K * 4K - 8M) / 512M = 15/64
-    assert compute.attention_work(windowed).core == pytest.approx(
-        compute.attention_work(causal).core * 15 / 64, rel=1e-12)
-    assert comm.cp_comm(windowed) == pytest.approx(comm.cp_comm(causal) * 2 / 3, rel=1e-12)
-    assert compute.ring_merge_bytes(windowed) == pytest.approx(compute.ring_merge_bytes(causal) * 2 / 3)
+    assert attention_cost.work(windowed).core == pytest.approx(
+        attention_cost.work(causal).core * 15 / 64, rel=1e-12)
+    assert attention_cost.cp_comm(windowed) == pytest.approx(
+        attention_cost.cp_comm(causal) * 2 / 3, rel=1e-12)
+    assert attention_cost.ring_merge_bytes(windowed) == pytest.approx(
+        attention_cost.ring_merge_bytes(causal) * 2 / 3)
+
+
+def _fsdp_step(job, layout, eff: float):
+    from plait.planner.cost.evaluate import evaluate
+    from plait.planner.cost.pipeline import CostTable, stages_of
+    from plait.planner.layouts import units
+    table = CostTable(calibrated(job, overlap_all_gather=eff, overlap_reduce_scatter=eff), layout,
+                      units(job.model))
+    return table, evaluate(table, stages_of(table, (len(table.units),), (0,))).step_time
+
+
+def test_fsdp_overlap_zero_vs_one_moves_the_step_by_exactly_the_collective_time(gpt_job):
+    """GPT 7.5B, FSDP over one DGX (NVLink): every unit's gathers and gradient scatter are
+    shorter than its compute. Fully hidden (1) they cost only the chunk's edge (first gather,
+    last scatter); serialised (0) every second of them is on the step. The difference is the
+    collectives' seconds from comm.fsdp_unit, nothing else."""
+    job = gpt_job(4096, 32, 32, 8, 64)
+    lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="fsdp")
+    hidden, t_hidden = _fsdp_step(job, lay, 1.0)
+    exposed, t_exposed = _fsdp_step(job, lay, 0.0)
+    assert all("dp" not in dict(u.comm) for u in hidden.units)  # compute-bound: all hidden
+    moved = [comm.fsdp_unit(hidden.ctx, u.dense_params, u.expert_params) for u in hidden.units]
+    per_microbatch = sum(2 * g + s for g, s in moved) - max(g + s for g, s in moved)
+    assert hidden.fsdp_edge == pytest.approx(max(g + s for g, s in moved))
+    assert exposed.fsdp_edge == 0.0
+    assert t_exposed - t_hidden == pytest.approx(hidden.microbatches * per_microbatch, rel=1e-9)
+
+
+def test_fsdp_overlap_hides_its_share_of_the_overlapped_time(gpt_job):
+    """Between the limits the hidden seconds scale with the efficiency (hidden = eff x min(
+    collective, compute)), and a layout without FSDP does not read it."""
+    job = gpt_job(4096, 32, 32, 8, 64)
+    lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="fsdp")
+    steps = [_fsdp_step(job, lay, eff)[1] for eff in (0.0, 0.25, 0.5, 1.0)]
+    assert steps[0] - steps[1] == pytest.approx((steps[0] - steps[3]) / 4, rel=1e-9)
+    assert steps[0] - steps[2] == pytest.approx((steps[0] - steps[3]) / 2, rel=1e-9)
+    zero1 = replace(lay, dp_kind="zero1")
+    assert _fsdp_step(job, zero1, 0.0)[1] == _fsdp_step(job, zero1, 1.0)[1]
+
+
+def test_uncalibrated_overlap_is_the_literature_default():
+    from plait.planner.cost.context import Calibration
+    cal = Calibration()
+    assert cal.overlap_all_gather == cal.overlap_reduce_scatter == cal.overlap_all_to_all == 0.84

@@ -3,6 +3,7 @@ import pytest
 
 from plait.ir import counts
 from plait.ir.plan import Layout, even_stages
+from plait.kinds.moe import cost as moe_cost
 from plait.planner.cost import comm, compute, memory
 from plait.planner.cost.context import Context
 from plait.planner.cost.evaluate import evaluate
@@ -31,8 +32,8 @@ def test_attention_activations_by_hand(mixtral_job):
 def test_moe_activations_by_hand(mixtral_job):
     ctx = Context(mixtral_job(), FOLDING)
     # each rank pushes etp * tokens/tp * top_k * load copies through its experts
-    copies = 4096 / 2 * 2 * ctx.expert_load
-    assert ctx.routed_tokens == pytest.approx(copies)
+    copies = 4096 / 2 * 2 * moe_cost.expert_load(ctx)
+    assert moe_cost.routed_tokens(ctx) == pytest.approx(copies)
     h, f = 6144, 16384
     norm = 2048 * h * (4 + 2) + 2048 * 4
     own = 4096 / 2  # the rank's own tokens: the MoE input is sequence-parallel over tp

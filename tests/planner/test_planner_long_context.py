@@ -7,7 +7,9 @@ import pytest
 from plait.ir.dsl import load_job, parse_text
 from plait.ir.errors import LayoutError, SpecError
 from plait.ir.plan import Layout
-from plait.planner.cost import comm, compute, pipeline
+from plait.kinds.attention import cost as attention_cost
+from plait.kinds.mamba import cost as mamba_cost
+from plait.planner.cost import compute, pipeline
 from plait.planner.cost.context import Context
 from plait.planner.layouts import check_pins, job_pins
 from plait.planner.search import search
@@ -41,19 +43,19 @@ def test_ring_hides_behind_the_attention_core_and_alltoall_does_not():
     llama = load_job("specs/jobs/llama-3.1-8b-ultralong-128k.plait")
     for cp_comm, hidden in (("ring", True), ("alltoall", False)):
         ctx = Context(llama, Layout(tp=1, cp=8, dp=32, mbs=1, cp_comm=cp_comm))
-        fwd, _ = pipeline._block_comm(ctx, "attention", compute.block_work(ctx, "attention"))
-        assert comm.cp_comm(ctx) > 0
-        assert (fwd["cp"] == 0.0) == hidden and fwd["cp"] <= comm.cp_comm(ctx)
+        fwd, _ = pipeline.block_comm(ctx, "attention", compute.block_work(ctx, "attention"))
+        assert attention_cost.cp_comm(ctx) > 0
+        assert (fwd["cp"] == 0.0) == hidden and fwd["cp"] <= attention_cost.cp_comm(ctx)
 
 
 def test_mamba_cp_traffic_does_not_grow_with_the_sequence(h100_cluster):
     short = job(nemotron_h_8b(), h100_cluster(8), global_batch=8, seq_len=32768)
     long = replace(short, seq_len=4 * 32768)
     lay = Layout(tp=2, cp=4, dp=1, sp=True)
-    assert comm.mamba_cp_comm(Context(short, lay)) == comm.mamba_cp_comm(Context(long, lay)) > 0
-    assert comm.mamba_cp_comm(Context(short, replace(lay, cp=1))) == 0.0
+    assert mamba_cost.cp_comm(Context(short, lay)) == mamba_cost.cp_comm(Context(long, lay)) > 0
+    assert mamba_cost.cp_comm(Context(short, replace(lay, cp=1))) == 0.0
     # the ring's K/V traffic does grow with it
-    assert comm.cp_comm(Context(long, lay)) > 3.5 * comm.cp_comm(Context(short, lay))
+    assert attention_cost.cp_comm(Context(long, lay)) > 3.5 * attention_cost.cp_comm(Context(short, lay))
 
 
 def test_cp_comm_pin_reads_from_the_dsl_and_is_checked():

@@ -7,7 +7,7 @@ from pathlib import Path
 from plait.ir import counts
 from plait.ir.dsl import load_model
 from plait.ir.plan import Layout
-from plait.planner.cost import comm, compute
+from plait.kinds.attention import cost as attention_cost
 from plait.planner.cost.context import Context
 
 DEEPSEEK_V3 = load_model(str(Path(__file__).resolve().parents[2] / "specs" / "models" / "deepseek-v3.plait"))
@@ -20,10 +20,10 @@ def context(mixtral_job, layout: Layout) -> Context:
 def test_attention_flops_are_the_counted_ones_and_down_projections_do_not_shrink_with_tp(mixtral_job):
     one, eight = context(mixtral_job, Layout(tp=1, dp=64)), context(mixtral_job, Layout(tp=8, dp=8))
     per_token = counts.attention_flops(DEEPSEEK_V3, 4096)
-    assert compute.attention_work(one).flops == one.tokens * per_token
+    assert attention_cost.work(one).flops == one.tokens * per_token
     a, h = DEEPSEEK_V3.attention, DEEPSEEK_V3.hidden
     down = 2 * h * (1536 + 512 + 64)  # q_a and kv_a: replicated on each TP rank
-    assert compute.attention_work(eight).flops == eight.tokens * ((per_token - down) / 8 + down)
+    assert attention_cost.work(eight).flops == eight.tokens * ((per_token - down) / 8 + down)
     # MLA is not GQA with the same heads: different projections and a narrower v in the core
     gqa = replace(a, latent=None, kv_heads=128, head_dim=192)
     assert counts.attention_gemm_weights(gqa, h) != counts.attention_gemm_weights(a, h)
@@ -35,7 +35,7 @@ def test_context_parallel_exchanges_mla_k_and_v_widths(mixtral_job):
     assert (a.kv_dim, a.v_dim, a.out_dim) == (128 * 192, 128 * 128, 128 * 128)
     as_gqa = Context(replace(ring.job, model=replace(DEEPSEEK_V3, attention=replace(
         a, latent=None, head_dim=192))), ring.layout)  # v heads as wide as q/k heads
-    assert comm.cp_comm(ring) < comm.cp_comm(as_gqa)
+    assert attention_cost.cp_comm(ring) < attention_cost.cp_comm(as_gqa)
 
 
 def test_pruning_an_mla_model_is_refused_in_words():

@@ -8,7 +8,8 @@ import pytest
 from plait.ir import counts
 from plait.ir.job import MoEOptions
 from plait.ir.plan import Layout
-from plait.planner.cost import comm, memory
+from plait.kinds.moe import cost as moe_cost
+from plait.planner.cost import memory
 from plait.planner.cost.context import Context
 
 H, TOKENS, TOP_K, BF16 = 6144, 4096, 2, 2  # Mixtral-8x22B, seq 4096, mbs 1
@@ -39,8 +40,8 @@ RANDOM = 1 + 1.4342 * (8 / 7) ** 0.5 * (16384 * 2 / 8 * 7 / 8 * 6 / 7) ** 0.5 / 
 ])
 def test_expert_load_assumption(mixtral_job, options, load):
     ctx = Context(moe_job(mixtral_job, **options), FOLDING)
-    assert ctx.expert_load == pytest.approx(load, rel=1e-4)
-    assert ctx.routed_tokens == pytest.approx(FOLDING.etp * TOKENS / FOLDING.tp * TOP_K * load,
+    assert moe_cost.expert_load(ctx) == pytest.approx(load, rel=1e-4)
+    assert moe_cost.routed_tokens(ctx) == pytest.approx(FOLDING.etp * TOKENS / FOLDING.tp * TOP_K * load,
                                               rel=1e-4)
 
 
@@ -51,7 +52,7 @@ def test_alltoall_dispatch_inside_a_node_by_hand(mixtral_job):
     sent = TOKENS / 2 * TOP_K * RANDOM * H * BF16  # tokens/tp, k copies, busiest rank, bf16
     # 7 of 8 peers over NVLink, one message each paying the link latency, then one sync
     a2a = 7 * (sent / 8 / (B_IN * A2A_EFF) + A_IN) + A_IN
-    assert comm.moe_dispatch_comm(ctx) == pytest.approx(2 * a2a, rel=1e-4)  # ETP1: no gather
+    assert moe_cost.dispatch_comm(ctx) == pytest.approx(2 * a2a, rel=1e-4)  # ETP1: no gather
 
 
 def test_alltoall_dispatch_across_nodes_by_hand(mixtral_job):
@@ -63,7 +64,7 @@ def test_alltoall_dispatch_across_nodes_by_hand(mixtral_job):
     inter = 6 * (sent / 8 / (B_OUT * A2A_EFF) + A_OUT)  # six peers behind the NIC: the bottleneck
     a2a = max(intra, inter) + A_OUT
     etp = 3 / 4 * (4 * sent) / B_IN + 3 * A_IN  # all-gather-v / reduce-scatter-v over ETP4 (node)
-    assert comm.moe_dispatch_comm(ctx) == pytest.approx(2 * a2a + 2 * etp)
+    assert moe_cost.dispatch_comm(ctx) == pytest.approx(2 * a2a + 2 * etp)
     # the same volume inside a node would be ~(450 / 50) x faster on the all-to-all part
     assert (inter - 6 * A_OUT) / (intra - A_IN) == pytest.approx(6 * B_IN / B_OUT)
 
@@ -73,7 +74,7 @@ def test_allgather_dispatcher_moves_every_token_by_hand(mixtral_job):
     ctx = Context(moe_job(mixtral_job), lay)
     full = TOKENS / 2 * 8 * H * BF16  # every rank's tokens gathered over ETP x EP = 8 (one node)
     ring = 7 / 8 * full / B_IN + 7 * A_IN
-    assert comm.moe_dispatch_comm(ctx) == pytest.approx(2 * ring)  # all-gather + reduce-scatter
+    assert moe_cost.dispatch_comm(ctx) == pytest.approx(2 * ring)  # all-gather + reduce-scatter
 
 
 def test_permutation_buffers_by_hand(mixtral_job):
@@ -81,8 +82,8 @@ def test_permutation_buffers_by_hand(mixtral_job):
     routed = 1 * TOKENS / 2 * TOP_K * RANDOM  # token copies this rank's experts see
     sp_gather = TOKENS * H * BF16  # the sequence-parallel all-gather output (tp 2)
     send_recv = 2 * routed * H * BF16  # dispatch send + receive buffers of the permuted rows
-    assert memory.comm_buffers(ctx, has_moe=True) == pytest.approx(sp_gather + send_recv)
-    assert memory.comm_buffers(ctx, has_moe=False) == pytest.approx(sp_gather)
+    assert memory.comm_buffers(ctx, ("attention", "moe")) == pytest.approx(sp_gather + send_recv)
+    assert memory.comm_buffers(ctx, ("attention",)) == pytest.approx(sp_gather)
 
 
 @pytest.mark.parametrize("dp_kind, weight_shards, optimizer_shards", [

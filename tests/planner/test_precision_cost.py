@@ -8,6 +8,8 @@ import pytest
 from plait.commands.plan import _precision_table
 from plait.ir.job import Precision
 from plait.ir.plan import Layout, ParallelPlan, even_stages
+from plait.kinds.attention import cost as attention_cost
+from plait.kinds.moe import cost as moe_cost
 from plait.planner.cost import compute
 from plait.planner.cost.context import Context
 from plait.planner.cost.pipeline import CostTable
@@ -46,8 +48,8 @@ def test_expert_gemms_router_and_head_stay_bf16_under_fp8():
     ctx8 = Context(_job(model, Precision("fp8", "tensorwise", 0, 0)), LAYOUT)
     ctx16 = Context(_job(model, Precision("bf16")), LAYOUT)
     assert compute.head_work(ctx8).gemm == pytest.approx(compute.head_work(ctx16).gemm)
-    moe8, moe16 = compute.moe_work(ctx8), compute.moe_work(ctx16)
-    attn8, attn16 = compute.attention_work(ctx8), compute.attention_work(ctx16)
+    moe8, moe16 = moe_cost.work(ctx8), moe_cost.work(ctx16)
+    attn8, attn16 = attention_cost.work(ctx8), attention_cost.work(ctx16)
     assert moe8.gemm == pytest.approx(moe16.gemm)  # grouped GEMMs and router: bf16
     assert attn8.gemm < attn16.gemm  # q, k, v, o projections: fp8
 

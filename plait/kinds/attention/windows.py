@@ -1,14 +1,14 @@
-"""Sliding-window geometry for the counts: how many keys a query attends to, and which ring steps
-of context parallelism's zigzag layout a window leaves anything to compute in. Re-exported by
-``plait.ir.counts`` (the one source of these formulas); the lowering's ring attention takes the
-steps ``ring_steps`` gives, so the cost model counts the exchanges that really happen.
+"""Sliding-window geometry for attention's counts facet: how many keys a query attends to, and which
+ring steps of context parallelism's zigzag layout a window leaves anything to compute in. Reachable
+as ``plait.ir.counts.<name>`` (the counts facet exports them); the lowering's ring attention takes
+the steps ``ring_steps`` gives, so the cost model counts the exchanges that really happen.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Optional
 
-from ..model import ModelSpec
+from plait.ir.model import ModelSpec
 
 
 def attended_keys(seq_len: int, window: Optional[int] = None, causal: bool = True) -> float:

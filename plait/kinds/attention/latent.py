@@ -1,5 +1,5 @@
-"""Multi-head latent attention (DeepSeek-V2/V3) in counts: the weights of its projection GEMMs and
-its extra norms, and the activation width it keeps per token.
+"""Multi-head latent attention (DeepSeek-V2/V3) in attention's counts facet: the weights of its
+projection GEMMs and its extra norms, and the activation width it keeps per token.
 
 Per layer, with H heads, qk = qk_nope + qk_rope, hidden d:
   q:   d x q_rank + q_rank x H*qk   (q_lora_rank set; q_a_layernorm adds q_rank scales)
@@ -13,7 +13,7 @@ Unlike GQA, a q/k head (qk) and a v head (v) differ in width, so the attention c
 """
 from __future__ import annotations
 
-from ..model import Attention
+from plait.ir.model import Attention
 
 
 def latent_gemms(attn: Attention, hidden: int, tp: int = 1) -> tuple[tuple[float, float], ...]:

@@ -1,5 +1,6 @@
-"""Sliding-window attention in Hugging Face configs, both ways: which decoder layers of a
-llama-like family attend within a window, as transformers (5.x) builds that family's model.
+"""Sliding-window attention in Hugging Face configs, both ways (part of attention's hf facet):
+which decoder layers of a llama-like family attend within a window, as transformers (5.x) builds
+that family's model.
 
   mistral, mixtral   every layer, window = sliding_window (null: none; Mistral's class default is
                      4096). MistralModel ignores layer_types (it only warns), so plait does too.
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .errors import PlaitError
-from .model import ModelSpec
+from plait.ir.errors import PlaitError
+from plait.ir.model import ModelSpec
+
+from .windows import attention_windows
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 EVERY_LAYER = ("mistral", "mixtral", "qwen3_moe")  # one window for all layers, no layer_types
@@ -86,8 +89,7 @@ def window_fields(spec: ModelSpec, family: str) -> dict:
         return {}
     out = {"use_sliding_window": a.window is not None, "sliding_window": a.window}
     if a.window is not None and family != "qwen3_moe":
-        attention_layers = spec.count("attention")
-        out["layer_types"] = [LAYER_TYPES[a.window_of(i) is not None] for i in range(attention_layers)]
+        out["layer_types"] = [LAYER_TYPES[w is not None] for w in attention_windows(spec)]
         prefix = a.full_layers == tuple(range(len(a.full_layers)))
         if family in ("qwen2", "qwen3") and prefix:  # what transformers before layer_types read
             out["max_window_layers"] = len(a.full_layers)

@@ -1,0 +1,39 @@
+"""Facet functions for what a kind does not have: no experts a token skips, nothing kept in fp32,
+nothing selective recompute re-runs, no layer-list checks, no structure a prune width can break,
+no train-job options, no objection to packed documents. A kind's facet module binds the protocol
+name to one of these (``inactive_params = absent.nothing_counted``), so every kind still exposes
+the same names (the protocols are at the top of plait/kinds/attention/<facet>.py). Imports
+nothing of the stages."""
+from __future__ import annotations
+
+
+def no_params(model) -> int:
+    return 0
+
+
+def no_fp32_params(model, tp: int = 1) -> float:
+    return 0.0
+
+
+def no_recompute_flops(model, seq_len: int, causal: bool = True) -> float:
+    return 0.0
+
+
+def no_layer_checks(r, block, layers) -> None:
+    return None
+
+
+def no_structure_problem(model, axis: str, width: int) -> None:
+    return None
+
+
+def no_job_options(r) -> None:
+    return None
+
+
+def no_job_option_entries(options) -> list:
+    return []
+
+
+def no_document_mask_problem(model) -> None:
+    return None

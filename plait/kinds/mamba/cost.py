@@ -1,0 +1,62 @@
+"""The Mamba2 kind's planner terms (the protocol: plait/kinds/attention/cost.py)."""
+from __future__ import annotations
+
+from plait.ir import counts
+from plait.planner.cost import comm as collectives, compute, memory
+from plait.planner.cost.compute import Work
+from plait.planner.cost.context import Context
+
+
+def work(ctx: Context) -> Work:
+    model, lay, t = ctx.model, ctx.layout, ctx.tokens
+    m, h = model.mamba, model.hidden
+    gemm, gemm_bwd = compute.sum_passes(compute.gemm_times(ctx, t, m.in_proj_out / lay.tp, h),
+                                        compute.gemm_times(ctx, t, h, m.d_inner / lay.tp))
+    # SSD chunked scan: intra-chunk (chunk-length "attention") and inter-chunk state products
+    scan_flops = t * 2 * (m.d_inner / lay.tp) * (2 * m.chunk + 2 * m.state)
+    conv = 2 * t * m.conv_channels / lay.tp * ctx.act_bytes
+    gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
+    norm, residual = compute.norm_and_residual(ctx)
+    flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
+    return Work(gemm=gemm, gemm_bwd=gemm_bwd,
+                core=compute.core_time(ctx, scan_flops, ctx.cal.scan_eff),
+                memory=compute.memory_time(ctx, conv + gated_norm + norm + residual),
+                selective=compute.memory_time(ctx, norm + gated_norm), flops=flops)
+
+
+def comm(ctx: Context, work: Work) -> tuple[dict, dict]:
+    fwd = {"tp": collectives.tp_comm(ctx)}
+    bwd = dict(fwd)
+    if ctx.layout.cp > 1:
+        fwd["cp"] = bwd["cp"] = cp_comm(ctx)  # all-gather; reduce-scatter backward
+    return fwd, bwd
+
+
+def cp_comm(ctx: Context) -> float:
+    """Mamba2 under context parallelism (forward; lowering/mamba_cp.py passes scan states): one
+    all-gather of every zigzag chunk's fp32 final state and decay, one of the conv halos. The
+    volume does not grow with the sequence."""
+    m, lay = ctx.model.mamba, ctx.layout
+    if lay.cp <= 1:
+        return 0.0
+    chunks = 2 * lay.cp * lay.mbs
+    states = chunks * m.heads / lay.tp * (m.head_dim * m.state + 1) * 4
+    halos = chunks * (m.conv - 1) * m.conv_channels / lay.tp * ctx.act_bytes
+    g = ctx.group("dense", "cp")
+    return collectives.all_gather(ctx, g, states) + collectives.all_gather(ctx, g, halos)
+
+
+def activations(ctx: Context) -> tuple[float, float]:
+    return counts.layer_saved_bytes(ctx.model, "mamba", memory.shape(ctx))
+
+
+def params_on_rank(ctx: Context) -> tuple[float, float]:
+    return memory.dense_params_on_rank(ctx, "mamba")
+
+
+def buffers(ctx: Context) -> float:
+    return 0.0
+
+
+def topology_checks(layout) -> tuple:
+    return ()

@@ -1,0 +1,105 @@
+"""The Mamba2 mixer's counts facet. The protocol is at the top of plait/kinds/attention/counts.py.
+Imports only ir.
+
+FLOPs follow Megatron's hybrid formula, with one documented departure: the inner width is the real
+``heads * head_dim`` rather than Megatron's hard-coded ``2 * hidden`` (equal for Nemotron-H
+8B/56B/47B; the pruned 4B has 7168 != 6144)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from plait.ir.counts import linear_params
+from plait.ir.counts.activations import (LSE_BYTES, ActivationShape, norm_saved_bytes,
+                                         tp_collective_bytes)
+from plait.ir.counts.fsdp import Shapes, linear_shapes
+from plait.ir.counts.state import FP32_BYTES
+from plait.ir.model import Mamba2, ModelSpec
+from plait.kinds import absent
+
+EXPERTS = False
+EXPORTS = ("mamba_params", "mamba_flops", "mamba_saved_bytes", "mamba_selective_bytes")
+
+
+def mamba_params(model: ModelSpec, m: Mamba2) -> int:
+    """Mamba2 mixer: in_proj -> [z, x, B, C, dt]; depthwise conv over x, B, C; per-head dt_bias,
+    A_log and D; gated RMSNorm over d_inner; out_proj."""
+    h = model.hidden
+    in_proj = linear_params(h, m.in_proj_out, m.proj_bias)
+    conv = m.conv_channels * m.conv + (m.conv_channels if m.conv_bias else 0)
+    per_head = 3 * m.heads  # dt_bias, A_log, D
+    gated_norm = m.d_inner  # always an RMSNorm scale
+    out_proj = linear_params(m.d_inner, h, m.proj_bias)
+    return in_proj + conv + per_head + gated_norm + out_proj
+
+
+def params(model: ModelSpec) -> int:
+    return mamba_params(model, model.block("mamba"))
+
+
+inactive_params = absent.no_params
+
+
+def fp32_kept_params(model: ModelSpec, tp: int = 1) -> float:
+    """The per-head A_log, D and dt_bias, kept in fp32 (as Megatron does), split by TP with the
+    heads."""
+    return 3 * model.block("mamba").heads / tp
+
+
+def mamba_flops(model: ModelSpec) -> float:
+    """Megatron's hybrid formula: in_proj, a 7 * d_inner * state scan estimate, out_proj."""
+    m = model.block("mamba")
+    h = model.hidden
+    return float(2 * h * m.in_proj_out + 7 * m.d_inner * m.state + 2 * m.d_inner * h)
+
+
+def flops(model: ModelSpec, seq_len: int, causal: bool = True, index: Optional[int] = None) -> float:
+    return mamba_flops(model)
+
+
+recompute_flops = absent.no_recompute_flops
+
+
+def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
+    """Tensor by tensor (lowering/modules/mamba.py, no recompute): in_proj's input and output, the
+    conv's padded input, pre-activation and output (x, B, C are views of it), dt before and after
+    softplus (and the dt floor's output), fp32 upcasts where the activations are narrower, and the
+    gated norm's tensors: its fp32 input, silu(z), the product, the group statistics and the
+    normalised output before and after the scale (out_proj's input). The scan keeps only its inputs
+    (it recomputes its chunk matrices in backward, as mamba-ssm's fused scan does)."""
+    m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
+    inner, channels, heads = m.d_inner / tp, m.conv_channels / tp, m.heads / tp
+    micro_batches = t / s.seq
+    widened = 0 if b == FP32_BYTES else 1  # upcast() copies only narrower activations
+    return {"norm": norm_saved_bytes(model, s), "input": t * model.hidden * b,
+            # kept through z (a view of it) only when upcast(z) is not a copy
+            "in_proj": (1 - widened) * t * m.in_proj_out / tp * b,
+            "conv": channels * (3 * t + (m.conv - 1) * micro_batches) * b,
+            "dt": (2 + (m.dt_min > 0)) * t * heads * FP32_BYTES + 2 * heads * FP32_BYTES,
+            "skip": widened * t * inner * FP32_BYTES,
+            "gated_norm": t * inner * FP32_BYTES * (3 + widened) + t * m.groups / tp * LSE_BYTES
+            + 2 * t * inner * b}
+
+
+def mamba_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
+    """Kept under selective recompute: the input and the outputs of in_proj, the conv and out_proj
+    (the scan is one opaque kernel to it, recomputed whole)."""
+    m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
+    out = {"input": s.stream_tokens * model.hidden * b, "in_proj": t * m.in_proj_out / tp * b,
+           "conv": t * m.conv_channels / tp * b, "out_proj": t * model.hidden * b}
+    out.update(tp_collective_bytes(model, s))
+    return out
+
+
+saved_bytes, selective_bytes = mamba_saved_bytes, mamba_selective_bytes
+
+
+def shapes(model: ModelSpec, tp: int = 1, ep: int = 1, etp: int = 1) -> tuple[Shapes, Shapes]:
+    """in_proj column-parallel, the depthwise conv (and bias), dt_bias / A_log / D and the gated
+    norm's scale split with the heads, out_proj row-parallel (its bias whole)."""
+    m, h = model.mamba, model.hidden
+    channels = m.conv_channels // tp
+    return (linear_shapes(h, m.in_proj_out, m.proj_bias, tp)
+            + ((channels, 1, m.conv),) + (((channels,),) if m.conv_bias else ())
+            + ((m.heads // tp,),) * 3  # dt_bias, A_log, D
+            + ((m.d_inner // tp,),)  # the gated norm's scale
+            + linear_shapes(m.d_inner, h, False, in_parts=tp) + (((h,),) if m.proj_bias else ())), ()
