@@ -1,7 +1,7 @@
-"""Which block kind owns each prune axis, read from the registry (each kind's prune facet names its
-axes, plait/kinds/<kind>/prune.py): the first axis of a kind narrows its units, a second one the
-per-unit channels. ``hidden`` belongs to no kind. The pruning planner asks these tables and the
-kind's facet, never a kind's name."""
+"""Which block kind owns each prune axis, read from the registry (each kind's dsl facet lists its
+PRUNE_AXES, plait/kinds/<kind>/dsl.py): the first axis of a kind narrows its units, a second one
+the per-unit channels. ``hidden`` belongs to no kind. The pruning planner asks these tables and the
+kind's prune facet (plait/kinds/<kind>/prune.py), never a kind's name."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -9,7 +9,7 @@ from typing import Optional
 
 from plait.ir import kinds
 
-KIND_AXES: dict[str, tuple[str, ...]] = {k: kinds.facet(k, "prune").axes() for k in kinds.names()}
+KIND_AXES: dict[str, tuple[str, ...]] = {k: kinds.facet(k, "dsl").PRUNE_AXES for k in kinds.names()}
 AXIS_KIND: dict[str, Optional[str]] = {"hidden": None, **{a: k for k, axes in KIND_AXES.items() for a in axes}}
 LAYOUT_DIVISOR: dict[str, str] = {a: mesh for k in kinds.names()
                                   for a, mesh in kinds.facet(k, "prune").layout_divisors().items()}

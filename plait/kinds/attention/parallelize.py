@@ -19,6 +19,7 @@ from __future__ import annotations
 from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout
+from plait.kinds import absent
 from plait.lowering.cp_attention import ring_attention, ulysses_attention
 from plait.lowering.cp_documents import ring_document_attention, ulysses_document_attention
 from plait.lowering.cp_ops import zigzag_positions
@@ -61,5 +62,4 @@ def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> Non
                               f"cp = {cp}: {heads} % {cp} = {heads % cp}", hint='use cp_comm = "ring"')
 
 
-def routed_experts() -> bool:
-    return False
+routed_experts = absent.no_routed_experts

@@ -1,13 +1,13 @@
-"""The attention kind's structured-pruning hooks: its prune axis, the importance of its query
-heads, and how its weights are sliced (planner/prune and lowering/prune ask every kind the same).
+"""The attention kind's structured-pruning hooks: how its prune axis snaps, the importance of its
+query heads, and how its weights are sliced (planner/prune and lowering/prune ask every kind the same).
 
 The prune facet protocol, mirrored by every kind's ``prune.py``. Planner side, pure Python (the
 planner reads this facet without loading torch; the lowering hooks import what they need on call):
 
-    axes() -> tuple[str, ...]
-        the kind's prune axes (ir/job.py PRUNE_AXES): the first narrows its *units* (what
-        LayerScores.units ranks), a second one the per-unit channels (LayerScores.channels);
-        the model's width on an axis is ir/dsl/prune.py's ``axis_width``
+    (the kind's prune axes, and its widths on them, are its dsl facet's PRUNE_AXES and axis_width:
+    the first axis narrows its *units*, what LayerScores.units ranks; a second one the channels
+    of each unit, LayerScores.channels)
+
     axis_groups(model, axis) -> int            equal groups an axis's indices are ranked within and
                                                kept equally from (1: one ranking)
     axis_step(model, axis) -> int | None       the structural snapping multiple of the axis (None:
@@ -40,10 +40,6 @@ from typing import Optional
 from plait.ir.errors import PlaitError
 from plait.ir.model import Attention, ModelSpec
 from plait.ir.plan import LayerKeep
-
-
-def axes() -> tuple[str, ...]:
-    return ("attention_heads",)
 
 
 def axis_groups(model: ModelSpec, axis: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from plait.ir.model import Mamba2, ModelSpec
+from plait.kinds import absent
 from plait.lowering.modules.mamba import Mamba2Mixer
 from plait.lowering.modules.model import MixerOptions
 
@@ -12,5 +13,4 @@ def mixer(spec: ModelSpec, block: Mamba2, options: MixerOptions) -> nn.Module:
     return Mamba2Mixer(block, spec.hidden, spec.norm.eps)
 
 
-def traced_whole() -> tuple[type, ...]:
-    return ()
+traced_whole = absent.no_traced_whole

@@ -17,6 +17,7 @@ from __future__ import annotations
 from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout
+from plait.kinds import absent
 from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules import mamba as reference
 from plait.lowering.shard_plans import ParamSplit, SequenceOp, TensorParallelPlan
@@ -61,5 +62,4 @@ def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> Non
                           f"halo of conv - 1 = {spec.mamba.conv - 1} tokens")
 
 
-def routed_experts() -> bool:
-    return False
+routed_experts = absent.no_routed_experts

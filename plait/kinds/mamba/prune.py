@@ -8,14 +8,11 @@ from typing import Optional
 
 from plait.ir.model import Mamba2, ModelSpec
 from plait.ir.plan import LayerKeep
+from plait.kinds import absent
 
 from .layout import mamba_inner
 
-HEADS, HEAD_DIM = "mamba_heads", "mamba_head_dim"
-
-
-def axes() -> tuple[str, ...]:
-    return (HEADS, HEAD_DIM)
+HEADS, HEAD_DIM = "mamba_heads", "mamba_head_dim"  # the dsl facet's PRUNE_AXES
 
 
 def axis_groups(model: ModelSpec, axis: str) -> int:
@@ -42,8 +39,7 @@ def narrowed(block: Mamba2, widths: dict[str, int]) -> Mamba2:
     return replace(block, heads=widths.get(HEADS, block.heads), head_dim=widths.get(HEAD_DIM, block.head_dim))
 
 
-def check_prunable(model: ModelSpec, layers: tuple[str, ...]) -> None:
-    return None
+check_prunable = absent.no_prune_checks
 
 
 def importance_hooks(mixer) -> tuple:

@@ -4,8 +4,8 @@ nothing of it."""
 from __future__ import annotations
 
 from plait.ir.model import ModelSpec
-from plait.ir.plan import Layout
-from plait.lowering.shard_plans import SequenceOp, TensorParallelPlan
+from plait.kinds import absent
+from plait.lowering.shard_plans import TensorParallelPlan
 
 PLAN = TensorParallelPlan(column=("gate_proj", "up_proj"), row=("down_proj",))
 
@@ -18,13 +18,6 @@ def tp_sizes(spec: ModelSpec) -> dict[str, int]:
     return {"ffn": spec.mlp.ffn}
 
 
-def sequence_ops() -> tuple[SequenceOp, ...]:
-    return ()
-
-
-def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> None:
-    return None
-
-
-def routed_experts() -> bool:
-    return False
+sequence_ops = absent.no_sequence_ops
+check_context_parallel = absent.no_context_parallel_checks
+routed_experts = absent.no_routed_experts

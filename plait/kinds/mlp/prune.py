@@ -3,28 +3,17 @@ neurons, scored at down_proj's input and sliced from gate / up rows and down col
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 from plait.ir.model import MLP, ModelSpec
 from plait.ir.plan import LayerKeep
+from plait.kinds import absent
 
 from .layout import neuron_index
 
 
-def axes() -> tuple[str, ...]:
-    return ("ffn",)
-
-
-def axis_groups(model: ModelSpec, axis: str) -> int:
-    return 1
-
-
-def axis_step(model: ModelSpec, axis: str) -> Optional[int]:
-    return None
-
-
-def structure_hint(model: ModelSpec, axis: str) -> Optional[str]:
-    return None
+axis_groups = absent.one_group
+axis_step = absent.no_structural_step
+structure_hint = absent.no_structure_hint
 
 
 def layout_divisors() -> dict[str, str]:
@@ -35,8 +24,7 @@ def narrowed(block: MLP, widths: dict[str, int]) -> MLP:
     return replace(block, ffn=widths["ffn"]) if "ffn" in widths else block
 
 
-def check_prunable(model: ModelSpec, layers: tuple[str, ...]) -> None:
-    return None
+check_prunable = absent.no_prune_checks
 
 
 def importance_hooks(mixer) -> tuple:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from plait.ir.model import ModelSpec
-from plait.ir.plan import Layout
+from plait.kinds import absent
 from plait.lowering.moe import ExpertParallelMoE
 from plait.lowering.passes.base import VerifyError
-from plait.lowering.shard_plans import SequenceOp, ShardParam, TensorParallelPlan
+from plait.lowering.shard_plans import ShardParam, TensorParallelPlan
 
 SHARED_EXPERT = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (linear, split dim)
 
@@ -47,12 +47,8 @@ def tp_sizes(spec: ModelSpec) -> dict[str, int]:
     return {"shared expert ffn": spec.moe.shared_ffn} if spec.moe.shared_ffn else {}
 
 
-def sequence_ops() -> tuple[SequenceOp, ...]:
-    return ()
-
-
-def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> None:
-    return None
+sequence_ops = absent.no_sequence_ops
+check_context_parallel = absent.no_context_parallel_checks
 
 
 def routed_experts() -> bool:

@@ -8,19 +8,12 @@ from typing import Optional
 
 from plait.ir.model import ModelSpec, MoE
 from plait.ir.plan import LayerKeep
+from plait.kinds import absent
 from plait.kinds.mlp.layout import neuron_index  # the shared expert is a dense MLP
 
 
-def axes() -> tuple[str, ...]:
-    return ("experts",)
-
-
-def axis_groups(model: ModelSpec, axis: str) -> int:
-    return 1
-
-
-def axis_step(model: ModelSpec, axis: str) -> Optional[int]:
-    return None
+axis_groups = absent.one_group
+axis_step = absent.no_structural_step
 
 
 def structure_hint(model: ModelSpec, axis: str) -> Optional[str]:
@@ -35,8 +28,7 @@ def narrowed(block: MoE, widths: dict[str, int]) -> MoE:
     return replace(block, experts=widths["experts"]) if "experts" in widths else block
 
 
-def check_prunable(model: ModelSpec, layers: tuple[str, ...]) -> None:
-    return None
+check_prunable = absent.no_prune_checks
 
 
 def importance_hooks(mixer) -> tuple:
