@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.ir import kinds
-from plait.ir.errors import LayoutError
-from plait.ir.model import ModelSpec
 from plait.lowering import sharding, tp_ops
 from plait.lowering.shard_plans import ParamSplit, TensorParallelPlan
 from plait.lowering.trace import META, example_inputs, info, local_shape, record_shapes
 
-from .base import Pass, Target, VerifyError
+from .base import Pass, Target, VerifyError, require_legal
 
 SHARDS = "plait.shards"
 AXIS = "tp"
@@ -71,18 +69,6 @@ class ShardSpec:
         split = [p.split(local, self.dim) for p in pieces]
         return torch.cat([torch.cat([s[k] for s in split], self.dim)
                           for k in range(len(local))], self.dim)
-
-
-def check_divisible(spec: ModelSpec, tp: int) -> None:
-    """Every dimension TP splits must divide by tp; say which one does not, with the numbers."""
-    sizes = {"vocab": spec.vocab}
-    for kind in kinds.names():
-        if kind in spec.layers:
-            sizes.update(kinds.facet(kind, "parallelize").tp_sizes(spec))
-    for what, n in sizes.items():
-        if n % tp:
-            raise LayoutError(f"tp = {tp} does not divide {what} = {n} ({n} % {tp} = {n % tp})",
-                              hint=f"choose tp among the divisors of {n}")
 
 
 def _shard_param(owner: nn.Module, name: str, dim: int, t: Target, shards: dict, path: str,
@@ -249,7 +235,7 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
     gm.meta[SHARDS] = shards
     if t.layout.tp == 1:
         return gm
-    check_divisible(t.spec, t.layout.tp)
+    require_legal(t, "tensor")  # every dimension TP splits divides by tp (ir/legality.py)
     plans = {k: kinds.facet(k, "parallelize").tensor_parallel(t.spec) for k in set(t.spec.layers)}
     for node in list(gm.graph.nodes):
         leaf = str(node.target).rsplit(".", 1)[-1]
@@ -268,8 +254,6 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
             node.meta[sharding.ROLE] = "column"
         elif node.op == "call_function" and node.target is F.cross_entropy:
             _cross_entropy(gm, node, t)
-    if t.spec.learned_positions:
-        raise LayoutError("tensor parallelism with learned position embeddings is not lowered yet")
     _insert_entries(gm, t)
     _insert_exits(gm, t)
     gm.graph.lint()

@@ -1,7 +1,7 @@
 """Facet functions for what a kind does not have: no experts a token skips, nothing kept in fp32,
 nothing selective recompute re-runs, no layer-list checks, no structure a prune width can break,
 no train-job options, no objection to packed documents; in lowering, no mixer traced whole, no
-whole-sequence op, no context-parallel limit, no routed experts; in pruning, one ranking group, no
+whole-sequence op, no routed experts; in pruning, one ranking group, no
 structural width multiple or hint, nothing that refuses pruning. A kind's facet module binds the protocol
 name to one of these (``inactive_params = absent.nothing_counted``), so every kind still exposes
 the same names (the protocols are at the top of plait/kinds/attention/<facet>.py). Imports
@@ -47,10 +47,6 @@ def no_traced_whole() -> tuple:
 
 def no_sequence_ops() -> tuple:
     return ()
-
-
-def no_context_parallel_checks(spec, layout, seq_len: int) -> None:
-    return None
 
 
 def no_routed_experts() -> bool:

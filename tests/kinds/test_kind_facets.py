@@ -20,8 +20,7 @@ PROTOCOL = {
             "document_mask_problem"),
     # lowering level (tests/kinds/test_lowering_facet_protocol.py holds them to these names only)
     "module": ("mixer", "traced_whole"),
-    "parallelize": ("tensor_parallel", "tp_sizes", "sequence_ops", "check_context_parallel",
-                    "routed_experts"),
+    "parallelize": ("tensor_parallel", "sequence_ops", "routed_experts"),
     "prune": ("axis_groups", "axis_step", "structure_hint", "layout_divisors", "narrowed",
               "check_prunable", "importance_hooks", "magnitude", "slice_index"),
 }

@@ -1,24 +1,20 @@
 """The attention kind's sharding plan for the lowering passes (TP / SP / CP), stated as data that
-the generic passes apply (lowering/shard_plans.py).
+the generic passes apply (lowering/shard_plans.py). What a layout must satisfy (heads divisible by
+tp, the all-to-all head split) is this kind's rules facet (rules.py), which the passes ask first.
 
 The parallelize facet protocol, mirrored by every kind's ``parallelize.py``:
 
     tensor_parallel(spec) -> TensorParallelPlan
         which leaf linears of the mixer are column- / row-parallel (and what else TP splits)
-    tp_sizes(spec) -> dict[str, int]
-        the dimensions tp must divide, by the name an error shows ("attention heads": 32)
     sequence_ops() -> tuple[SequenceOp, ...]
         the reference ops that read along the whole sequence, and their CP-aware replacements
-    check_context_parallel(spec, layout, seq_len) -> None
-        raise LayoutError (with the arithmetic) where this kind cannot split a sequence so
     routed_experts() -> bool
         the mixer routes tokens to experts: dispatch_experts places it over EP x ETP
 """
 from __future__ import annotations
 
-from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
-from plait.ir.plan import Layout
+from plait.ir.plan import CP_COMMS
 from plait.kinds import absent
 from plait.lowering.cp_attention import ring_attention, ulysses_attention
 from plait.lowering.cp_documents import ring_document_attention, ulysses_document_attention
@@ -31,8 +27,7 @@ from plait.lowering.shard_plans import SequenceOp, TensorParallelPlan
 # norms stay replicated, their gradients summed over TP (sharding.partial_grad_params).
 PLAN = TensorParallelPlan(column=("q_proj", "k_proj", "v_proj", "q_b_proj", "kv_b_proj"), row=("o_proj",))
 SEQUENCE_OPS = (
-    SequenceOp(reference.sequence_positions, {"ring": zigzag_positions, "alltoall": zigzag_positions},
-               communicates=False),
+    SequenceOp(reference.sequence_positions, dict.fromkeys(CP_COMMS, zigzag_positions), communicates=False),
     SequenceOp(reference.causal_attention, {"ring": ring_attention, "alltoall": ulysses_attention}),
     SequenceOp(reference.document_attention,
                {"ring": ring_document_attention, "alltoall": ulysses_document_attention}),
@@ -43,23 +38,8 @@ def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     return PLAN
 
 
-def tp_sizes(spec: ModelSpec) -> dict[str, int]:
-    block = spec.attention
-    return {"attention heads": block.heads, "kv heads": block.kv_heads}
-
-
 def sequence_ops() -> tuple[SequenceOp, ...]:
     return SEQUENCE_OPS
-
-
-def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> None:
-    """All-to-all (Ulysses) CP hands each CP rank whole heads of its TP rank's share."""
-    cp = layout.cp
-    if layout.cp_comm == "alltoall":
-        heads = spec.attention.heads // layout.tp
-        if heads % cp:
-            raise LayoutError(f"all-to-all CP splits the {heads} attention heads of a TP rank over "
-                              f"cp = {cp}: {heads} % {cp} = {heads % cp}", hint='use cp_comm = "ring"')
 
 
 routed_experts = absent.no_routed_experts

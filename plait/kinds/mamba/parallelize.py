@@ -14,9 +14,8 @@ across chunks (lowering/mamba_cp.py).
 """
 from __future__ import annotations
 
-from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
-from plait.ir.plan import Layout
+from plait.ir.plan import CP_COMMS
 from plait.kinds import absent
 from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules import mamba as reference
@@ -25,8 +24,8 @@ from plait.lowering.shard_plans import ParamSplit, SequenceOp, TensorParallelPla
 from .layout import conv_sizes, in_proj_sizes
 
 SEQUENCE_OPS = (
-    SequenceOp(reference.causal_conv1d, {"ring": cp_causal_conv1d, "alltoall": cp_causal_conv1d}),
-    SequenceOp(reference.ssd_scan, {"ring": cp_ssd_scan, "alltoall": cp_ssd_scan}),
+    SequenceOp(reference.causal_conv1d, dict.fromkeys(CP_COMMS, cp_causal_conv1d)),
+    SequenceOp(reference.ssd_scan, dict.fromkeys(CP_COMMS, cp_ssd_scan)),
 )
 
 
@@ -45,21 +44,8 @@ def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     return TensorParallelPlan(row=("out_proj",), split_on={"in_proj": _column_side(spec)})
 
 
-def tp_sizes(spec: ModelSpec) -> dict[str, int]:
-    """Heads (x, dt, A, D) and groups (B, C, the norm)."""
-    return {"mamba heads": spec.mamba.heads, "mamba groups": spec.mamba.groups}
-
-
 def sequence_ops() -> tuple[SequenceOp, ...]:
     return SEQUENCE_OPS
-
-
-def check_context_parallel(spec: ModelSpec, layout: Layout, seq_len: int) -> None:
-    """A zigzag chunk must hold the conv's whole halo (conv - 1 tokens)."""
-    chunk = seq_len // (2 * layout.cp)
-    if chunk < spec.mamba.conv - 1:
-        raise LayoutError(f"a CP chunk of {chunk} tokens is shorter than the Mamba conv "
-                          f"halo of conv - 1 = {spec.mamba.conv - 1} tokens")
 
 
 routed_experts = absent.no_routed_experts

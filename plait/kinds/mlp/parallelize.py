@@ -14,10 +14,5 @@ def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     return PLAN
 
 
-def tp_sizes(spec: ModelSpec) -> dict[str, int]:
-    return {"ffn": spec.mlp.ffn}
-
-
 sequence_ops = absent.no_sequence_ops
-check_context_parallel = absent.no_context_parallel_checks
 routed_experts = absent.no_routed_experts

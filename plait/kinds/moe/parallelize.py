@@ -43,12 +43,7 @@ def tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     return PLAN
 
 
-def tp_sizes(spec: ModelSpec) -> dict[str, int]:
-    return {"shared expert ffn": spec.moe.shared_ffn} if spec.moe.shared_ffn else {}
-
-
 sequence_ops = absent.no_sequence_ops
-check_context_parallel = absent.no_context_parallel_checks
 
 
 def routed_experts() -> bool:
