@@ -136,6 +136,27 @@ def read_rope(c: HFConfig, allow_mscale: bool = False) -> Rope:
     return Rope(theta=theta, scaling=scaling)
 
 
+def rope_fields(rope: Optional[Rope]) -> dict:
+    """The inverse of `read_rope`: a Rope as transformers 5's ``rope_parameters``. YaRN's mscale
+    pair is written when set (only a family whose attention reads it, DeepSeek-V3, reads it back)."""
+    if rope is None:
+        raise PlaitError("the model's attention has no RoPE; llama-family configs always rotate",
+                         hint="export it as nemotron_h (attention without positions)")
+    params = {"rope_type": "default", "rope_theta": rope.theta}
+    s = rope.scaling
+    if s is not None:
+        params.update(rope_type=s.kind, factor=s.factor)
+        if s.kind in ("yarn", "llama3"):
+            params["original_max_position_embeddings"] = s.original_max_positions
+        if s.kind == "yarn":
+            params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+            params.update({k: v for k, v in (("mscale", s.mscale), ("mscale_all_dim", s.mscale_all_dim))
+                           if v is not None})
+        if s.kind == "llama3":
+            params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    return {"rope_parameters": params}
+
+
 def _read_yarn(c: HFConfig, params: dict, allow_mscale: bool) -> RopeScaling:
     unsupported = ("attention_factor",) if allow_mscale else ("attention_factor", "mscale", "mscale_all_dim")
     for key in unsupported:
