@@ -47,6 +47,8 @@ LLAMA_LIKE_TYPES = SUPPORTED_TYPES[:7]
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5},
     "mistral": {"sliding_window": 4096},
+    "deepseek_v3": {"q_lora_rank": 1536, "first_k_dense_replace": 3, "n_shared_experts": 1,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5},
 }
 
 
