@@ -14,6 +14,7 @@ from typing import Optional
 from . import kinds
 from .errors import PlaitError
 from .hf import SUPPORTED_TYPES, model_from_hf_config, rope_fields
+from .hf_deepseek import deepseek_v3_fields
 from .model import ModelSpec
 from .serde import to_dict
 
@@ -100,10 +101,8 @@ def _nemotron_h(spec: ModelSpec) -> dict:
 
 
 def _family_fields(spec: ModelSpec, family: str) -> dict:
-    """The config fields of ``family`` (all but those every family shares); families with many
-    fields of their own write them in their own module, beside their import."""
-    from .hf_deepseek import deepseek_v3_fields
-
+    """The config fields of ``family`` (all but those every family shares). DeepSeek-V3 writes its
+    own beside its import (ir/hf_deepseek.py); Nemotron-H's come from its blocks' hf facets."""
     own = {"nemotron_h": _nemotron_h, "deepseek_v3": deepseek_v3_fields}
     return own[family](spec) if family in own else _llama_like(spec, family)
 
