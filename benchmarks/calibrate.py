@@ -10,6 +10,9 @@ Keys fall in three classes, which decides what a fit on one table may say about 
           on dense rows transfers to MoE rows and back;
   MOE     what only MoE / FSDP rows exercise (all-to-all, FSDP gathers): a dense table cannot
           fit them, so a transfer from it keeps the physical defaults of planner/cost/context.py.
+Never fitted either: how much of a collective compute beside it hides (overlap_all_gather,
+overlap_reduce_scatter, overlap_all_to_all): `plait calibrate` measures it on the machines, and a
+device nobody measured keeps the literature default of planner/cost/context.py.
 
     .venv/bin/python benchmarks/fidelity.py --fit a100-sxm4-80gb   # prints a calibration block
 """
@@ -20,7 +23,6 @@ import dataclasses
 # parameter -> candidate values (physically plausible ranges)
 GRID = {
     "fsdp_eff": [0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
-    "fsdp_overlap": [0.0, 0.25, 0.5, 0.75, 0.9, 1.0],
     "a2a_eff": [0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
     "inter_eff": [0.5, 0.6, 0.7, 0.8, 0.9],
     "intra_eff": [0.5, 0.6, 0.7, 0.8, 0.9],
@@ -31,7 +33,7 @@ GRID = {
     "overlap": [0.5, 0.7, 0.9, 1.0],
 }
 STACK = ("flash_attention", "kv_expanded", "reserve_gib", "fragmentation")
-MOE = ("fsdp_eff", "fsdp_overlap", "a2a_eff", "moe_imbalance")
+MOE = ("fsdp_eff", "a2a_eff", "moe_imbalance")
 SHARED = tuple(k for k in GRID if k not in MOE)
 DENSE_ONLY = ("gemm_eff", "gemm_knee", "hbm_eff", "intra_eff", "inter_eff")
 

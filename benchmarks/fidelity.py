@@ -170,7 +170,9 @@ def held_out(train: list[Row], test: list[Row], log) -> list:
 
 def physics_only(sc21: list[Row], folding: list[Row]) -> list:
     """No value fitted to any row: each device's datasheet, the physical defaults of
-    planner/cost/context.py and the facts of the stack that measured the rows."""
+    planner/cost/context.py (among them how much of FSDP's collectives compute hides, 0.84 from
+    the GEMM slowdown beside NCCL that Lee et al. 2025 measured, until `plait calibrate` measures
+    it) and the facts of the stack that measured the rows."""
     return (run_rows(sc21, calibrate.stack_facts(sc21))
             + run_rows(folding, calibrate.stack_facts(folding)))
 

@@ -12,7 +12,7 @@ from plait.ir import kinds
 from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan
 
-from .cost.context import Context, layer_kinds
+from .cost.context import Calibration, Context, layer_kinds
 from .wording import device_word, flops_rate, percent, seconds, seconds_pair, significant
 from .cost.evaluate import evaluate
 from .cost.pipeline import even_sizes, stages_of
@@ -161,6 +161,22 @@ def topology_facts(job: TrainJob, lay: Layout, only_bad: bool = False) -> list[s
     return facts
 
 
+def overlap_facts(job: TrainJob, lay: Layout) -> list[str]:
+    """How much of FSDP's gathers and gradient scatters the compute beside them hides, and where
+    that number comes from: the device's calibration (a spec value, or `--calibration` measured
+    by `plait calibrate`) or the literature default of planner/cost/context.py."""
+    if lay.dp_kind != "fsdp":
+        return []
+    given, cal = dict(job.cluster.device.calibration), Calibration.of(job.cluster.device)
+    parts = []
+    for kind in ("all_gather", "reduce_scatter"):
+        key = f"overlap_{kind}"
+        source = ("device calibration" if key in given else
+                  "default: compute runs 18.9% slower beside NCCL, Lee et al. 2025")
+        parts.append(f"{kind.replace('_', '-')}s {getattr(cal, key):.2f} ({source})")
+    return ["FSDP traffic hidden behind compute, of the time they overlap: " + "; ".join(parts)]
+
+
 def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> list[str]:
     """The largest ways ``other`` spends more time or memory than ``winner``."""
     w, o = winner.prediction, other.prediction
@@ -190,6 +206,7 @@ def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families:
     lines = [f"step {seconds(p.step_time)} s, {flops_rate(p.tflops_per_gpu * 1e12)} per {per} ({p.mfu:.1%} MFU), "
              f"bubble {p.bubble:.1%}, peak memory {p.peak_memory / GiB:.1f} of {cap / GiB:.0f} GiB"]
     lines += topology_facts(job, plan.layout)
+    lines += overlap_facts(job, plan.layout)
     lines.append(plan.optimality.line())
     fam = family_of(plan.layout)
     rivals = [r for r in families.records.values()

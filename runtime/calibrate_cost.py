@@ -11,7 +11,9 @@ Every rank of the cluster runs this (spawned locally, or under torchrun on real 
             host runs at full rate (CPU processes sharing cores; GPUs own their device);
   network   all-gather, all-reduce and all-to-all per group size, inside a node and (with more
             than one node) one rank per node, fitted to alpha-beta: latency, bandwidth, and the
-            all-to-all's bandwidth relative to the ring collectives'.
+            all-to-all's bandwidth relative to the ring collectives';
+  overlap   GEMMs with an all-gather / reduce-scatter / all-to-all running beside them, against
+            each alone: how much of the collective compute hides (runtime/calibrate_overlap.py).
 
 Rank 0 turns the medians into cost-model values (planner/cost/context.py Calibration keys) with
 the measurement behind each; planner/calibration.py writes and reads the file.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,26 +30,8 @@ import torch.nn.functional as F
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 2) -> float:
-    """Fastest of ``repeat`` runs of ``fn`` after ``warmup``, in seconds: what the machine can do
-    (other work on a shared machine only ever slows a run down, so the minimum is the estimate
-    that noise disturbs least)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - start)
-    return min(out)
+from .calibrate_overlap import derive_overlap, measure_overlap
+from .calibrate_timing import synchronize, timed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,11 +50,11 @@ def sustained_gemm_rate(m: int, n: int, k: int, dtype, device, count: int = 20) 
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
     a @ b
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(count):
         a @ b
-    _sync(device)
+    synchronize(device)
     return count * 2.0 * m * n * k / (time.perf_counter() - start)
 
 
@@ -304,6 +287,10 @@ def measure(rank: int, world: int, gpn: int, dtype, device, full: bool = False) 
     for other in nets[1:]:  # the inter-node groups hold rank 0 as well; keep rank 0's view
         for level, ops in (other or {}).items():
             out["network"].setdefault(level, ops)
+    dist.barrier()
+    out["overlap"] = measure_overlap(rank, world, gpn, CONFIG["sizes"][-1], CONFIG["share"], dtype,
+                                     device)
+    out["overlap_ranks"] = min(world, gpn)
     return out
 
 
@@ -361,6 +348,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])
         sources["shared_cores"] = (f"{len(shared)} ranks at once reach {sum(shared) / 1e9:.1f} "
                                    f"GFLOP/s, one alone {c['share_single'] / 1e9:.1f}")
+    overlap, how = derive_overlap(measured.get("overlap", {}), measured.get("overlap_ranks", 0))
+    values.update(overlap)
+    sources.update(how)
     for level, spec in (("intra", cluster.intra), ("inter", cluster.inter)):
         ops = measured.get("network", {}).get(level)
         if not ops:

@@ -122,9 +122,9 @@ def step_reductions(ctx: Context) -> float:
 
 
 def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
-    """(forward, backward) seconds of FSDP traffic for one unit's parameters per micro-batch:
-    all-gather bf16 weights before forward and again before backward, reduce-scatter fp32 gradients
-    after backward."""
+    """(all-gather, reduce-scatter) seconds of FSDP traffic for one unit's parameters per
+    micro-batch: bf16 weights gathered before forward and again before backward (each), fp32
+    gradients reduce-scattered after backward."""
     if ctx.layout.dp_kind != "fsdp":
         return 0.0, 0.0
     eff = ctx.cal.fsdp_eff
@@ -133,4 +133,12 @@ def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[
               + all_gather(ctx, expert_g, expert_params * ctx.act_bytes, eff))
     scatter = (reduce_scatter(ctx, dense_g, dense_params * 4, eff)
                + reduce_scatter(ctx, expert_g, expert_params * 4, eff))
-    return gather, gather + scatter
+    return gather, scatter
+
+
+def hidden(ctx: Context, collective: str, seconds: float, window: float) -> float:
+    """Seconds of a ``collective`` ("all_gather", "reduce_scatter", "all_to_all") lasting
+    ``seconds`` that ``window`` seconds of compute running beside it hide: the device's
+    overlap_COLLECTIVE (measured by `plait calibrate`, else planner/cost/context.py's default)
+    times the time the two run together, the shorter of them."""
+    return getattr(ctx.cal, f"overlap_{collective}") * min(seconds, max(0.0, window))

@@ -19,6 +19,10 @@ from plait.ir.plan import Layout
 from ..groups import DENSE_GROUPS, EXPERT_GROUPS, parse_order
 
 
+# compute runs 18.9% slower beside a collective on average (Lee et al. 2025, arXiv 2507.03114)
+OVERLAP_DEFAULT = round(1 / 1.189, 2)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Efficiencies of one device kind (and the software stack measured on it)."""
@@ -47,7 +51,21 @@ class Calibration:
     a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
     overlap: float = 0.90  # fraction of an overlap window that really hides communication
-    fsdp_overlap: float = 0.90  # the same for FSDP's per-layer gathers and gradient scatters
+    # per collective kind: the fraction of its seconds hidden while it runs beside compute (its
+    # own stream / thread, as FSDP prefetches): hidden = overlap_KIND x min(collective, compute).
+    # 1: hidden up to the compute's length; 0: the two serialise (one hardware queue, CUDA_DEVICE_
+    # MAX_CONNECTIONS=1). `plait calibrate` measures each kind (GEMMs with the collective beside
+    # them against each alone). Default, for devices nobody measured: the NCCL kernels share the
+    # SMs and HBM with the GEMMs, which run 18.9% slower on average while they overlap (Lee et al.
+    # 2025, arXiv 2507.03114: A100 / H100 / MI250 / MI210), so 1 / 1.189 = 0.84 of the overlapped
+    # collective is hidden
+    overlap_all_gather: float = OVERLAP_DEFAULT
+    overlap_reduce_scatter: float = OVERLAP_DEFAULT
+    # measured and kept for the schedules that run the token dispatch beside compute (Megatron's
+    # overlap_moe_expert_parallel_comm, DualPipe); plait's runtime and the stacks of the reference
+    # rows wait for the dispatch (plait/kinds/moe/cost.py dispatch_comm: exposed), so no cost
+    # term reads it yet
+    overlap_all_to_all: float = OVERLAP_DEFAULT
     # busiest expert rank over the mean as measured on a trained router (per micro-batch and
     # layer); 0: the expected maximum under balanced random routing (routing_imbalance)
     moe_imbalance: float = 0.0

@@ -107,14 +107,10 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
         fwd_c, bwd_c = fwd_c + host_f, bwd_c + host_b
     else:
         fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
-    g_fwd, g_bwd = comm.fsdp_unit(ctx, dense, expert)
     # the backward's window leaves out a full recompute's re-forward, which the prefetch model
     # would let hide the gathers too: kept out because measured stacks overlap FSDP traffic less
     # than that model (benchmarks/fidelity.py, physics-only column: FSDP rows too fast)
-    window = ctx.cal.fsdp_overlap
-    fsdp_f, fsdp_b = max(0.0, g_fwd - window * fwd_c), max(0.0, g_bwd - window * bwd_c)
-    scatter = g_bwd - g_fwd  # the backward moves the gather again, then the gradients
-    edge = min(g_fwd, window * fwd_c) + min(scatter, window * bwd_c)
+    fsdp_f, fsdp_b, edge = fsdp_exposed(ctx, *comm.fsdp_unit(ctx, dense, expert), fwd_c, bwd_c)
     if fsdp_f or fsdp_b:
         _add(fwd_comm, [("dp", fsdp_f)]), _add(bwd_comm, [("dp", fsdp_b)])
     fwd_t = fwd_c + sum(fwd_comm.values())
@@ -129,6 +125,22 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
         comm=tuple(sorted(total_comm.items())),
         recompute_comm=tuple(sorted((k, v) for k, v in fwd_comm.items() if k != "dp")),
         flops=flops, fp32_params=fp32_kept, fsdp_edge=edge)
+
+
+def fsdp_exposed(ctx: Context, gather: float, scatter: float, fwd: float,
+                 bwd: float) -> tuple[float, float, float]:
+    """(forward, backward) exposed seconds of one unit's FSDP ``gather`` and gradient ``scatter``
+    beside its ``fwd`` / ``bwd`` compute seconds, and ``edge``: what that compute hid of the
+    forward gather and the gradient scatter (exposed where nothing precedes or follows the unit:
+    CostTable.chunk_time). Forward: the gather hides behind the forward (comm.hidden). Backward:
+    the gather again, then the gradients' scatter, one after the other on the links: each runs
+    beside the share of the backward compute its length takes."""
+    hid_fwd = comm.hidden(ctx, "all_gather", gather, fwd)
+    moved = gather + scatter
+    share = bwd / moved if moved > 0 else 0.0
+    hid_gather = comm.hidden(ctx, "all_gather", gather, share * gather)
+    hid_scatter = comm.hidden(ctx, "reduce_scatter", scatter, share * scatter)
+    return gather - hid_fwd, moved - hid_gather - hid_scatter, hid_fwd + hid_scatter
 
 
 def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:

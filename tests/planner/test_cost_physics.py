@@ -264,14 +264,15 @@ def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
     fsdp = Layout(tp=1, dp=128, etp=1, ep=8, edp=16, dp_kind="fsdp")
     table = CostTable(job, fsdp, units(job.model))
     ctx, unit = table.ctx, table.units[0]
-    gather, backward = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
-    assert 0 < unit.fsdp_edge <= backward  # at most one gather and one scatter
+    gather, scatter = comm.fsdp_unit(ctx, unit.dense_params, unit.expert_params)
+    assert 0 < unit.fsdp_edge <= gather + scatter  # at most one gather and one scatter
     assert table.chunk_time == pytest.approx(table.p2p + unit.fsdp_edge)
     # no FSDP, no edge
     zero1 = CostTable(job, replace(fsdp, dp_kind="zero1"), units(job.model))
     assert zero1.fsdp_edge == 0.0 and zero1.chunk_time == zero1.p2p
     # communication-bound (no overlap window): the per-unit terms already expose it all
-    none = CostTable(calibrated(job, fsdp_overlap=0.0), fsdp, units(job.model))
+    none = CostTable(calibrated(job, overlap_all_gather=0.0, overlap_reduce_scatter=0.0), fsdp,
+                     units(job.model))
     assert none.fsdp_edge == 0.0
 
 
@@ -290,3 +291,47 @@ def test_a_sliding_window_cuts_attention_core_and_ring_exchanges():
         attention_cost.cp_comm(causal) * 2 / 3, rel=1e-12)
     assert attention_cost.ring_merge_bytes(windowed) == pytest.approx(
         attention_cost.ring_merge_bytes(causal) * 2 / 3)
+
+
+def _fsdp_step(job, layout, eff: float):
+    from plait.planner.cost.evaluate import evaluate
+    from plait.planner.cost.pipeline import CostTable, stages_of
+    from plait.planner.layouts import units
+    table = CostTable(calibrated(job, overlap_all_gather=eff, overlap_reduce_scatter=eff), layout,
+                      units(job.model))
+    return table, evaluate(table, stages_of(table, (len(table.units),), (0,))).step_time
+
+
+def test_fsdp_overlap_zero_vs_one_moves_the_step_by_exactly_the_collective_time(gpt_job):
+    """GPT 7.5B, FSDP over one DGX (NVLink): every unit's gathers and gradient scatter are
+    shorter than its compute. Fully hidden (1) they cost only the chunk's edge (first gather,
+    last scatter); serialised (0) every second of them is on the step. The difference is the
+    collectives' seconds from comm.fsdp_unit, nothing else."""
+    job = gpt_job(4096, 32, 32, 8, 64)
+    lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="fsdp")
+    hidden, t_hidden = _fsdp_step(job, lay, 1.0)
+    exposed, t_exposed = _fsdp_step(job, lay, 0.0)
+    assert all("dp" not in dict(u.comm) for u in hidden.units)  # compute-bound: all hidden
+    moved = [comm.fsdp_unit(hidden.ctx, u.dense_params, u.expert_params) for u in hidden.units]
+    per_microbatch = sum(2 * g + s for g, s in moved) - max(g + s for g, s in moved)
+    assert hidden.fsdp_edge == pytest.approx(max(g + s for g, s in moved))
+    assert exposed.fsdp_edge == 0.0
+    assert t_exposed - t_hidden == pytest.approx(hidden.microbatches * per_microbatch, rel=1e-9)
+
+
+def test_fsdp_overlap_hides_its_share_of_the_overlapped_time(gpt_job):
+    """Between the limits the hidden seconds scale with the efficiency (hidden = eff x min(
+    collective, compute)), and a layout without FSDP does not read it."""
+    job = gpt_job(4096, 32, 32, 8, 64)
+    lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="fsdp")
+    steps = [_fsdp_step(job, lay, eff)[1] for eff in (0.0, 0.25, 0.5, 1.0)]
+    assert steps[0] - steps[1] == pytest.approx((steps[0] - steps[3]) / 4, rel=1e-9)
+    assert steps[0] - steps[2] == pytest.approx((steps[0] - steps[3]) / 2, rel=1e-9)
+    zero1 = replace(lay, dp_kind="zero1")
+    assert _fsdp_step(job, zero1, 0.0)[1] == _fsdp_step(job, zero1, 1.0)[1]
+
+
+def test_uncalibrated_overlap_is_the_literature_default():
+    from plait.planner.cost.context import Calibration
+    cal = Calibration()
+    assert cal.overlap_all_gather == cal.overlap_reduce_scatter == cal.overlap_all_to_all == 0.84

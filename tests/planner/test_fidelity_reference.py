@@ -11,8 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import fidelity  # noqa: E402
 
-# (mean, max) |relative error| bounds, a little above today's 2.0% / 6.2% and 8.0% / 15.3%
-BOUNDS = {"sc21": (0.03, 0.07), "folding": (0.09, 0.17)}
+# (mean, max) |relative error| bounds, a little above today's 2.0% / 6.1% and 6.3% / 17.7% (the
+# FSDP overlap is no longer fitted to these rows: measured by `plait calibrate`, else the
+# literature default, so Qwen2's FSDP row is the worst fitted one)
+BOUNDS = {"sc21": (0.03, 0.07), "folding": (0.07, 0.18)}
 
 
 @pytest.fixture(scope="module")

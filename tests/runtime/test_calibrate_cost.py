@@ -8,6 +8,7 @@ from plait.cli import main
 from plait.ir.cluster import local_cpu
 from plait.planner import calibration
 from plait.runtime.calibrate_cost import derive, fit_alpha_beta, fit_knee
+from plait.runtime.calibrate_overlap import hidden_fraction
 
 PEAK = 1e11
 
@@ -52,7 +53,13 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
                "attention_bwd_ratio": 0.8, "scan": 0.1 * PEAK, "copy": 10e9,
                "block_host_s": 70e-6, "share_single": 30e9,
                "host_us": {"attention": 600.0, "mlp": 250.0}}
-    return {"compute": compute, "shared_rates": [20e9, 20e9, 20e9, 20e9], "network": {"intra": net}}
+    # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
+    # (0.6 hidden), 25 ms (serialised)
+    overlap = {op: {"compute_s": 15e-3, "collective_s": 10e-3, "both_s": t, "gemms": 6}
+               for op, t in (("all_gather", 15e-3), ("reduce_scatter", 19e-3),
+                             ("all_to_all", 25e-3))}
+    return {"compute": compute, "shared_rates": [20e9, 20e9, 20e9, 20e9], "network": {"intra": net},
+            "overlap": overlap, "overlap_ranks": 4}
 
 
 def test_derive_gives_the_values_the_cost_model_reads():
@@ -71,6 +78,11 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["intra_eff"] == pytest.approx(1e9 / cluster.intra.bandwidth, rel=1e-6)
     assert values["intra_latency_us"] == pytest.approx(50, rel=1e-6)
     assert values["a2a_eff"] == pytest.approx(0.5, rel=1e-6)
+    assert values["overlap_all_gather"] == pytest.approx(1.0)
+    assert values["overlap_reduce_scatter"] == pytest.approx(0.6)
+    assert values["overlap_all_to_all"] == pytest.approx(0.0)
+    assert sources["overlap_reduce_scatter"] == ("reduce-scatter over 4 ranks beside 6 GEMMs: alone "
+                                                 "10.00 ms and 15.00 ms, together 19.00 ms")
     assert set(sources) == set(values)
     assert all(k in calibration.KEYS for k in values)
 
@@ -87,6 +99,21 @@ def test_derive_measures_each_level_s_all_to_all_on_its_own():
     assert "inter-node" in sources["a2a_inter_eff"]
 
 
+def test_hidden_fraction_is_clipped_to_what_overlap_can_mean():
+    point = {"compute_s": 4.0, "collective_s": 2.0}
+    assert hidden_fraction({**point, "both_s": 4.0}) == 1.0  # max(C, M): all hidden
+    assert hidden_fraction({**point, "both_s": 6.0}) == 0.0  # C + M: serialised
+    assert hidden_fraction({**point, "both_s": 5.0}) == 0.5
+    assert hidden_fraction({**point, "both_s": 7.5}) == 0.0  # slower than serial (contention)
+    assert hidden_fraction({**point, "both_s": 3.0}) == 1.0  # faster than either alone (noise)
+
+
+def test_one_rank_measures_no_overlap():
+    values, sources = derive({**synthetic(), "overlap": {}, "overlap_ranks": 1}, local_cpu(1),
+                             "fp32")
+    assert not any(k.startswith("overlap_") for k in values)  # the defaults stay
+
+
 @pytest.mark.tier2
 def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     out = tmp_path / "calib.json"
@@ -97,8 +124,12 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
                 "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
                 "host_us_mamba"):
         assert values[key] > 0, key
+    for kind in ("all_gather", "reduce_scatter", "all_to_all"):  # 0 on a loaded CPU is a value
+        assert 0.0 <= values[f"overlap_{kind}"] <= 1.0
+        assert "over 2 ranks beside" in dict(cal.sources)[f"overlap_{kind}"]
     doc = json.loads(out.read_text())
     assert doc["measurements"]["network"]["intra"]["all_gather"]
+    assert set(doc["measurements"]["overlap"]) == {"all_gather", "reduce_scatter", "all_to_all"}
     # a second run refuses to overwrite a file that is not a calibration
     other = tmp_path / "notes.txt"
     other.write_text("mine")
