@@ -87,6 +87,18 @@ def _hub_fits(model_type: str, names: list[str]) -> bool:
     return True
 
 
+# What transformers keeps in fp32 whatever the model's dtype (its _keep_in_fp32_modules_strict), so
+# that its save_pretrained writes them in fp32 too: the router of the sigmoid-routed families and
+# its expert bias, whose small per-expert offsets decide the top-k (bf16 keeps ~3 digits).
+FP32_KEPT = {"deepseek_v3": ("gate.weight", "gate.e_score_correction_bias"),
+             "nemotron_h": ("gate.weight", "gate.e_score_correction_bias")}
+
+
+def kept_in_fp32(model_type: str, hf_name: str) -> bool:
+    """Whether the family keeps checkpoint tensor ``hf_name`` in fp32 (see FP32_KEPT)."""
+    return any(hf_name.endswith("." + n) for n in FP32_KEPT.get(model_type, ()))
+
+
 def export_recipe(model_type: str, spec: ModelSpec, name: str) -> Recipe:
     """The recipe to write reference tensor ``name`` as: the family's hub layout (per-expert
     tensors rather than transformers' in-memory fused ones), which from_pretrained reads."""

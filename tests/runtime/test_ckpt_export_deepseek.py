@@ -6,8 +6,9 @@ sigmoid-routed MoE with the expert bias, group-limited top-k, shared expert, rou
   original model's logits (fp32, within 1e-5);
 - a tiny MLA-MoE model written as a plait spec, trained a few steps from plait's own
   initialisation: the export loads in transformers with no missing or unexpected keys and its
-  logits equal plait's reference model on the checkpoint's tensors, and `plait import hf` of the
-  exported config gives back the spec.
+  logits equal plait's reference model on the checkpoint's tensors, `plait import hf` of the
+  exported config gives back the spec, and a bf16 export keeps the router and its expert bias in
+  fp32 as transformers' own save does.
 The tier-2 test in test_ckpt_export.py exports the same family from a TP2 x EP2 checkpoint."""
 import pytest
 import torch
@@ -24,7 +25,8 @@ from plait.runtime.ckpt_integrity import find  # noqa: E402
 from plait.runtime.ckpt_store import Reader  # noqa: E402
 
 from ckpt_util import single_rank  # noqa: E402
-from export_util import FAMILIES, check_export, logit_diff, save_from_hub, save_hub_model, train_and_save  # noqa: E402
+from export_util import (FAMILIES, check_export, logit_diff, save_from_hub, save_hub_model,  # noqa: E402
+                         tensors, train_and_save)
 
 SHARD_BYTES = 16 << 10  # several shards even for a tiny model
 TOL = 1e-5
@@ -82,3 +84,11 @@ def test_a_trained_mla_moe_checkpoint_exports_to_transformers(tmp_path):
     plait_model = build_model(MLA_MOE, seed=7)
     plait_model.load_state_dict(state)
     assert logit_diff(tmp_path / "hf", plait_model) <= TOL
+
+    export_hf(ckpt, tmp_path / "bf16")  # as transformers saves a bf16 DeepSeek-V3: the routers fp32
+    exported = tensors(tmp_path / "bf16")
+    router = {k for k in exported if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))}
+    assert len(router) == 4 and {exported[k].dtype for k in router} == {torch.float32}
+    assert {t.dtype for k, t in exported.items() if k not in router} == {torch.bfloat16}
+    assert torch.equal(exported["model.layers.3.mlp.gate.e_score_correction_bias"],
+                       state["layers.7.mixer.expert_bias"])  # the trained bias, not rounded
