@@ -117,9 +117,9 @@ def deepseek_v3_fields(spec: ModelSpec) -> dict:
         raise PlaitError(f"model {spec.name!r} has no multi-head latent attention; every DeepSeek-V3 "
                          "layer has it", hint="export it as another family (plait export hf --family)")
     lat = a.latent
-    if a.qkv_bias or a.out_bias or a.qk_norm or a.window is not None:
+    if a.qkv_bias or a.out_bias or a.qk_norm or a.window is not None or a.rope is None:
         raise PlaitError(f"model {spec.name!r}: DeepSeek-V3's latent attention has no projection biases, "
-                         "q/k norms or sliding window")
+                         "q/k norms or sliding window, and rotates its qk_rope_head_dim dims (RoPE)")
     cfg = {"num_hidden_layers": spec.num_layers // 2, "num_attention_heads": a.heads,
            "num_key_value_heads": a.heads, "q_lora_rank": lat.q_lora_rank, "kv_lora_rank": lat.kv_lora_rank,
            "qk_nope_head_dim": lat.qk_nope_head_dim, "qk_rope_head_dim": lat.qk_rope_head_dim,

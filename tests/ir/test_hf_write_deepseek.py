@@ -65,6 +65,7 @@ REFUSED = {
     "megatron-group-score": (dict(moe=replace(SPEC.moe, group_top=0)), "best 2 experts"),
     "dense-after-moe": (dict(layers=("attention", "moe", "attention", "mlp")), "dense feed-forward after MoE"),
     "qk-norm": (dict(attention=replace(SPEC.attention, qk_norm=True)), "no projection biases, q/k norms"),
+    "no-rope": (dict(attention=replace(SPEC.attention, rope=None)), "rotates its qk_rope_head_dim dims"),
     "z-loss": (dict(moe=replace(SPEC.moe, z_loss=1e-3)), "its moe would read back"),
 }
 
