@@ -155,8 +155,11 @@ def _moe_fields(spec: ModelSpec) -> dict:
         raise PlaitError(f"model {spec.name!r}: DeepSeek-V3's shared experts are n_shared_experts >= 1 "
                          f"experts of moe_intermediate_size ({m.ffn}); shared_ffn is {m.shared_ffn}")
     if m.group_top != _group_top(m.groups):
+        same = m.groups > 1 and m.group_score_top == 2  # Megatron's top_k // topk_groups happens to be 2
         raise PlaitError(f"model {spec.name!r}: DeepSeek-V3 scores a group by its best 2 experts "
-                         f"(group_top = 2, or 0 without groups); this model's group_top is {m.group_top}")
+                         f"(group_top = 2, or 0 without groups); this model's group_top is {m.group_top}"
+                         + (" (top_k // topk_groups = 2: the same routing)" if same else ""),
+                         hint=f"moe {{ group_top = {_group_top(m.groups)} }}" if same or m.groups == 1 else None)
     out = {"n_routed_experts": m.experts, "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.ffn,
            "n_shared_experts": m.shared_ffn // m.ffn, "n_group": m.groups, "topk_group": m.topk_groups,
            "norm_topk_prob": m.norm_topk, "routed_scaling_factor": m.scaling_factor}
