@@ -110,6 +110,17 @@ def folding_rows() -> list[Row]:
     return rows
 
 
+def pinned(rows: list[Row], pins: list[str]) -> list[Row]:
+    """``rows`` with each ``KNOB=INT`` of ``pins`` added to every alternative of their pins."""
+    extra = {}
+    for item in pins:
+        knob, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise SystemExit(f"--pin {item!r}: expected KNOB=INT, e.g. mbs=1")
+        extra[knob.strip()] = int(value)
+    return [dataclasses.replace(r, pins=[{**p, **extra} for p in r.pins]) for r in rows]
+
+
 def with_calibration(job: TrainJob, values: dict) -> TrainJob:
     """``job`` on a device whose calibration is exactly ``values`` (the rest: defaults)."""
     dev = dataclasses.replace(job.cluster.device, calibration=tuple(sorted(values.items())))
@@ -232,8 +243,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fit", help="device name whose calibration to re-fit (prints the values)")
     parser.add_argument("--no-cv", action="store_true", help="only the calibrated column")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the fits' progress")
+    parser.add_argument("--pin", action="append", default=[], metavar="KNOB=INT",
+                        help="pin an unreported knob on every MoE row (a hypothesis check, e.g. "
+                             "--pin mbs=1: the micro-batch of Megatron-LM's MoE example scripts)")
     args = parser.parse_args(argv)
-    sc21, folding = sc21_rows(), folding_rows()
+    sc21, folding = sc21_rows(), pinned(folding_rows(), args.pin)
     rows = sc21 + folding
     if args.fit:
         calibrate.fit(args.fit, [r for r in rows if r.job.cluster.device.name == args.fit],
