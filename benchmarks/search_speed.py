@@ -7,7 +7,9 @@ Targets on a 2-core machine: <= 2 s up to 1,024 GPUs, <= 10 s at 16,384.
 Dense GPT jobs: Korthikanti et al.'s 22B on 8 A100 (the job Calculon's exhaustive search took
 188 s on, plait 2.4 s before this planner) and GPT-3 175B from 64 to 16,384 A100.
 
-    .venv/bin/python benchmarks/search_speed.py
+    .venv/bin/python benchmarks/search_speed.py              # every legal plan (Megatron's rules)
+    .venv/bin/python benchmarks/search_speed.py --runnable   # what `plait plan` / `plait run` offer:
+                                                             # plans plait's runtime can execute
 """
 from __future__ import annotations
 
@@ -53,14 +55,15 @@ def cpu_seconds() -> float:
 
 
 def main() -> int:
-    t = Table(title="planner search speed")
+    runnable = "--runnable" in sys.argv[1:]
+    t = Table(title="planner search speed" + (" (runnable plans only)" if runnable else ""))
     for col in ("job", "GPUs", "wall s", "cpu s", "target s", "enumerated", "pruned", "solves",
                 "partition", "best layout", "MFU"):
         t.add_column(col, justify="left" if col in ("job", "best layout", "partition") else "right")
     ok = True
     for job in jobs():
         wall, cpu = time.perf_counter(), cpu_seconds()
-        res = search(job)
+        res = search(job, runnable_only=runnable)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         target = 2.0 if job.cluster.world <= 1024 else 10.0
         ok &= wall <= target

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
+from .errors import LayoutError
 from .job import MoEOptions
 from .model import ModelSpec
 from .serde import from_json, to_json
@@ -16,6 +17,20 @@ DP_KINDS = ("replicated", "zero1", "fsdp")
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero-bubble")
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+DIMS = ("tp", "cp", "ep", "dp", "pp")  # the names a rank order may list
+DISPATCHERS = ("alltoall", "allgather")  # MoE token dispatchers
+CP_COMMS = ("ring", "alltoall")  # context-parallel attention: K/V ring | all-to-all (Ulysses)
+
+
+def parse_order(order: str) -> tuple[str, ...]:
+    """The five dimension names in rank order; names missing from ``order`` are appended last
+    (Megatron appends them too, which only matters when their size is 1)."""
+    names = tuple(n.strip().lower() for n in order.split("-") if n.strip())
+    unknown = [n for n in names if n not in DIMS]
+    if unknown or len(set(names)) != len(names):
+        raise LayoutError(f"order {order!r} must list distinct names from {'-'.join(DIMS)}",
+                          hint='the default is "tp-cp-ep-dp-pp"')
+    return names + tuple(n for n in DIMS if n not in names)
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,14 @@ class Layout:
         if self.ep > 1 or self.edp != self.dp * self.cp:
             s += f" | etp{self.etp} ep{self.ep} edp{self.edp}"
         return s + f" mbs{self.mbs}"
+
+
+def dense_layout(layout: Layout) -> Layout:
+    """A dense model has no experts: its (unused) expert side spans the same world, as Megatron's
+    defaults do (etp = tp, ep = 1, edp = dp * cp)."""
+    if layout.expert_world == layout.world or layout.ep > 1:
+        return layout
+    return replace(layout, etp=layout.tp, ep=1, edp=layout.dp * layout.cp)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch.fx
 
 from plait.ir.errors import LayoutError
 from plait.ir.model import ModelSpec
-from plait.ir.plan import Layout, ParallelPlan
+from plait.ir.plan import Layout, ParallelPlan, dense_layout  # noqa: F401  (re-exported)
 from plait.ir.precision import PrecisionPolicy
 from plait.planner.groups import group_of
 
@@ -41,14 +41,6 @@ PASSES: list[Pass] = [
     SPLIT_PIPELINE,         # fx split_module by the plan's stages; the loss as its own child
     RECOMPUTE_PASS,         # layers of recomputing stages run under checkpoint (full / selective)
 ]
-
-
-def dense_layout(layout: Layout) -> Layout:
-    """A dense model has no experts: its (unused) expert side spans the same world, as Megatron's
-    defaults do (etp = tp, ep = 1, edp = dp * cp)."""
-    if layout.expert_world == layout.world or layout.ep > 1:
-        return layout
-    return replace(layout, etp=layout.tp, ep=1, edp=layout.dp * layout.cp)
 
 
 def coords(layout: Layout, rank: int) -> dict[str, int]:

@@ -45,6 +45,7 @@ class _Record:
     need: float = float("inf")  # smallest memory need when nothing fits
     how: str = ""
     cand: object = None  # the best estimated candidate, evaluated on demand for --explain
+    blocked: Optional[str] = None  # the RUNNABLE row that stops the family's candidates
 
 
 class Families:
@@ -85,6 +86,12 @@ class Families:
         elif rec.step == float("inf"):
             rec.step, rec.how = floor, BOUND_ONLY
 
+    def blocked(self, lay: Layout, violation) -> None:
+        """A candidate plait cannot run yet (runnable-only searches leave it unsolved)."""
+        rec = self._rec(lay)
+        if rec.blocked is None:
+            rec.blocked = f"plait cannot run it yet ({violation.rule.name}): {violation.message}"
+
     def solved(self, cand, plan: ParallelPlan) -> None:
         rec = self._rec(cand.layout)
         if rec.plan is None or plan.prediction.step_time < rec.plan.prediction.step_time:
@@ -112,6 +119,8 @@ class Families:
                 out.append(Rejection(fam, f"out of memory by {(rec.need - cap) / GiB:.1f} GiB: "
                                      f"needs {rec.need / GiB:.1f} GiB of {cap / GiB:.0f} GiB "
                                      f"{rec.how}", memory_need=rec.need))
+            elif rec.blocked:
+                out.append(Rejection(fam, rec.blocked))
         return out
 
     def _slower(self, winner: ParallelPlan, rec: _Record) -> str:
@@ -219,6 +228,9 @@ def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families:
 
 
 def no_feasible(job: TrainJob, result) -> str:
+    if result.blocked:
+        from .runnable import none_runnable
+        return none_runnable(job.name, result.blocked)
     cap = job.cluster.device.memory
     if result.min_memory is None:
         return (f"no legal layout for job {job.name!r} on {job.cluster.world} GPUs "

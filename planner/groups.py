@@ -18,9 +18,8 @@ from functools import lru_cache
 from math import prod
 
 from plait.ir.errors import LayoutError
-from plait.ir.plan import Layout
+from plait.ir.plan import DIMS, Layout, parse_order  # noqa: F401  (re-exported: rank order)
 
-DIMS = ("tp", "cp", "ep", "dp", "pp")
 # Group names printed per side -> the dimensions (in Megatron's vocabulary) each one spans.
 DENSE_GROUPS: dict[str, tuple[str, ...]] = {
     "tp": ("tp",), "cp": ("cp",), "dp": ("dp",), "dp-cp": ("dp", "cp"), "pp": ("pp",),
@@ -29,17 +28,6 @@ DENSE_GROUPS: dict[str, tuple[str, ...]] = {
 EXPERT_GROUPS: dict[str, tuple[str, ...]] = {
     "ep": ("ep",), "etp": ("tp",), "etp-ep": ("tp", "ep"), "edp": ("dp",), "pp": ("pp",),
 }
-
-
-def parse_order(order: str) -> tuple[str, ...]:
-    """The five dimension names in rank order; names missing from ``order`` are appended last
-    (Megatron appends them too, which only matters when their size is 1)."""
-    names = tuple(n.strip().lower() for n in order.split("-") if n.strip())
-    unknown = [n for n in names if n not in DIMS]
-    if unknown or len(set(names)) != len(names):
-        raise LayoutError(f"order {order!r} must list distinct names from {'-'.join(DIMS)}",
-                          hint='the default is "tp-cp-ep-dp-pp"')
-    return names + tuple(n for n in DIMS if n not in names)
 
 
 def _decompose(index: int, shape: tuple[int, ...]) -> list[int]:

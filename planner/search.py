@@ -11,6 +11,9 @@
    order of their estimate until their lower bound passes the top-k step times (branch and
    bound). Deterministic: every order is a sort on numbers with the layout as tie-break, and no
    wall-clock limit decides anything (the ILP's work is bounded by nodes).
+5. Runnable-only (`plait plan`, `plait run`): candidates that break a RUNNABLE row of the legality
+   table (plait/ir/legality.py) are estimated but neither solved nor counted in the bounds; the few
+   best that could beat the winner are solved afterwards and named (planner/runnable.py).
 """
 from __future__ import annotations
 
@@ -23,16 +26,17 @@ from typing import Callable, Optional
 
 from plait.ir.errors import LayoutError
 from plait.ir.job import TrainJob
+from plait.ir.legality import Violation
 from plait.ir.plan import DP_KINDS, Layout, Optimality, ParallelPlan, Stage
 
-from . import explain, folding
+from . import explain, folding, runnable
 from .fingerprint import fingerprints
 from .cost import memory
 from .cost.context import Context
 from .cost.evaluate import RankCost, evaluate, sync_time
 from .cost.pipeline import OPTIONS, CostTable, even_sizes, stages_of
 from .partition import OPTIMAL, Partition, PartitionProblem, rank_totals, solve
-from .layouts import check_pins, job_pins, knob_variants, meshes, units
+from .layouts import blockers, check_pins, job_pins, knob_variants, meshes, units
 
 INF = float("inf")
 DEFAULT_KINDS = ("zero1", "fsdp")  # "replicated" moves the same bytes as zero1 and holds more
@@ -46,6 +50,7 @@ class Candidate:
     lower: float  # step-time lower bound
     quick: float = INF  # even split with the lightest recompute that fits
     quick_option: int = -1
+    blocked: Optional[Violation] = None  # the RUNNABLE row it breaks (runnable-only searches)
 
     @property
     def key(self) -> tuple:
@@ -66,6 +71,11 @@ class SearchResult:
     # folded, and the line that says what folding gains
     unfolded: Optional[ParallelPlan] = None
     folding: Optional[str] = None
+    # runnable-only: the legal plans better than the winner that plait cannot run yet (or, when
+    # nothing runs, the best legal ones), each with the RUNNABLE row that stops it
+    blocked: list[runnable.BlockedPlan] = field(default_factory=list)
+    runnable_only: bool = False
+    why_blocked: dict = field(default_factory=dict, repr=False)  # layout -> Violation
 
     @property
     def best(self) -> Optional[ParallelPlan]:
@@ -184,19 +194,24 @@ def sync_estimate(table: CostTable, z: float) -> float:
 def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5,
            max_solves: Optional[int] = None, max_nodes: Optional[int] = None,
            progress: Optional[Callable[[int, int], None]] = None,
-           compare_unfolded: bool = True) -> SearchResult:
+           compare_unfolded: bool = True, runnable_only: bool = False) -> SearchResult:
     """Best plans for ``job`` (at most ``top``), the rejected families and the search counts.
     For a MoE model whose winner is folded, ``compare_unfolded`` also finds the best unfolded plan
-    and says what folding gains over it."""
+    and says what folding gains over it. ``runnable_only`` (`plait run`, `plait plan`): offer only
+    plans plait's runtime can execute and name the better legal ones it cannot (result.blocked);
+    else (the planner as Megatron's planner) rank every legal plan."""
     start = _time.perf_counter()
     pins = job_pins(job, extra_pins)
     check_pins(job, pins)
     options = (OPTIONS.index(pins["recompute"]),) if "recompute" in pins else (0, 1, 2)
     kinds = (pins["dp_kind"],) if "dp_kind" in pins else DEFAULT_KINDS
-    result = SearchResult(plans=[], rejections=[])
+    result = SearchResult(plans=[], rejections=[], runnable_only=runnable_only)
     families = explain.Families(job)
-    plans, ordered = _plans(job, pins, kinds, options, (top, max_solves, max_nodes), result,
-                            families, progress)
+    plans, ordered, blocked = _plans(job, pins, kinds, options, (top, max_solves, max_nodes),
+                                     result, families, progress)
+    result.blocked = runnable.better_blocked(
+        blocked, plans[0].prediction.step_time if plans else INF,
+        lambda cand: _solve_one(cand, max_nodes)[0])
     if plans:
         winner = plans[0]
         if job.model.is_moe and compare_unfolded:
@@ -205,7 +220,9 @@ def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5,
         prints = fingerprints(job)
         result.plans = [replace(p, fingerprints=prints, explanation=tuple(
             explain.why(job, p, plans, families)
-            + ([result.folding] if p is winner and result.folding else []))) for p in plans[:top]]
+            + ([result.folding] if p is winner and result.folding else [])
+            + (runnable.winner_lines(result.blocked, p) if p is winner else [])))
+            for p in plans[:top]]
         result.rejections = families.rejections(winner)
     else:
         result.min_memory = families.smallest_need()
@@ -214,17 +231,21 @@ def search(job: TrainJob, extra_pins: Optional[dict] = None, top: int = 5,
 
 
 def _plans(job, pins, kinds, options, limits, result, families, progress=None,
-           ordered: Optional[list] = None) -> tuple[list[ParallelPlan], list]:
+           ordered: Optional[list] = None) -> tuple[list[ParallelPlan], list, list]:
     """Enumerate -> bound -> expand -> solve; ``ordered`` (screened meshes, best first) skips the
-    first two. -> (plans best first, the screened meshes). ``limits`` = (top, max_solves,
-    max_nodes)."""
+    first two. -> (plans best first, the screened meshes, the blocked candidates left unsolved).
+    ``limits`` = (top, max_solves, max_nodes)."""
     top, max_solves, max_nodes = limits
     if ordered is None:
         ordered = _bounded_meshes(job, pins, kinds, options, families, result)
     candidates = _expand(job, pins, kinds, options, ordered, top, result, progress, families)
-    plans = _solve(candidates, top, max_solves, max_nodes, families, result)
+    blocked = [c for c in candidates if c.blocked]
+    for cand in blocked:
+        families.blocked(cand.layout, cand.blocked)
+    plans = _solve([c for c in candidates if not c.blocked], top, max_solves, max_nodes, families,
+                   result)
     plans.sort(key=lambda p: (p.prediction.step_time, p.layout.short(), p.layout.dp_kind))
-    return plans, ordered
+    return plans, ordered, blocked
 
 
 UNFOLDED_SOLVES = 3  # ILPs for the best-unfolded comparison (its top-1 only)
@@ -240,11 +261,12 @@ def _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, fami
         result.folding = folding.gain_line(job, winner, None, [])
         return
     solved = [p for p in plans if folding.is_unfolded(p.layout)]
-    sub = SearchResult(plans=[], rejections=[])
+    sub = SearchResult(plans=[], rejections=[], runnable_only=result.runnable_only,
+                       why_blocked=result.why_blocked)
     unfolded = [o for o in ordered if folding.is_unfolded(o[2])]
     if not solved:
-        solved, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, max_nodes), sub,
-                           explain.Families(job), ordered=unfolded)
+        solved, _, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, max_nodes), sub,
+                              explain.Families(job), ordered=unfolded)
     alt = solved[0] if solved else None
     needs = [r.need for r in families.records.values()
              if folding.is_unfolded(r.layout) and r.need < INF]
@@ -267,6 +289,9 @@ def _bounded_meshes(job, pins, kinds, options, families, result) -> list:
         result.enumerated += len(variants)
         if not variants:
             continue
+        if result.runnable_only:
+            result.why_blocked.update((v, b) for v, b in zip(variants, blockers(job, mesh, variants))
+                                      if b)
         if need > capacity:
             families.out_of_memory(mesh, need)
             result.pruned += len(variants)
@@ -302,19 +327,24 @@ SCREEN_SLACK, MIN_MESHES = 1.10, 8
 
 
 def _expand(job, pins, kinds, options, ordered, top, result, progress, families) -> list[Candidate]:
-    """Every knob variant of the meshes that survive screening and the floor bound."""
+    """Every knob variant of the meshes that survive screening and the floor bound. Screening and
+    the k-th best estimate count runnable candidates only (blocked ones are kept to compare)."""
     unit_kinds = units(job.model)
     cands: list[Candidate] = []
-    best_quick: list[float] = []  # max-heap (negated) of the k best estimates so far
-    best_screen = ordered[0][0] if ordered else INF
+    best_quick: list[float] = []  # max-heap (negated) of the k best runnable estimates so far
+    why = result.why_blocked
+    runs = [any(v not in why for v in o[3]) for o in ordered]  # the mesh has a runnable variant
+    best_screen = next((o[0] for o, r in zip(ordered, runs) if r), INF)
+    seen = 0  # runnable meshes screened so far
     for i, (screen, floor, mesh, variants) in enumerate(ordered):
         if progress:
             progress(i + 1, len(ordered))
         kth = -best_quick[0] if len(best_quick) >= top else INF
-        if (i >= MIN_MESHES and screen > SCREEN_SLACK * best_screen) or floor > kth:
+        if (seen >= MIN_MESHES and screen > SCREEN_SLACK * best_screen) or floor > kth:
             result.pruned += len(variants)
             families.screened(mesh, screen, floor)
             continue
+        seen += runs[i]
         tables: dict = {}
         for lay in variants:
             key = (lay.mbs, lay.dp_kind)
@@ -322,7 +352,8 @@ def _expand(job, pins, kinds, options, ordered, top, result, progress, families)
                 base = CostTable(job, replace(lay, vpp=1), unit_kinds)
                 tables[key] = (base, problem_of(base, options))
             cand = _candidate(lay, *tables[key])
-            if cand.quick < INF:
+            cand.blocked = why.get(lay)
+            if cand.quick < INF and not cand.blocked:
                 heapq.heappush(best_quick, -cand.quick)
                 if len(best_quick) > top:
                     heapq.heappop(best_quick)
@@ -351,24 +382,33 @@ def _solve(cands, top, max_solves, max_nodes, families, result) -> list[Parallel
             result.pruned += 1
             families.estimated(cand)
             continue
-        start = None
-        if cand.quick < INF:
-            start = (even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
-                     (cand.quick_option,) * cand.problem.chunks)
-        if cand.quick <= cand.lower * (1 + 1e-9):  # the even split meets the lower bound
-            part = Partition(sizes=start[0], options=start[1], z=0.0, status=OPTIMAL,
-                             method="even split meets the lower bound")
-        else:
-            part = solve(cand.problem, start=start, max_nodes=max_nodes)
-            result.solved += 1
-            ilps += needs_ilp
-        if part is None:
+        plan, solved = _solve_one(cand, max_nodes)
+        result.solved += solved
+        ilps += solved and needs_ilp
+        if plan is None:
             families.infeasible(cand)
             continue
-        plan = make_plan(cand.table, part.sizes, part.options, optimality=optimality_of(part))
         families.solved(cand, plan)
         plans.append(plan)
     return plans
+
+
+def _solve_one(cand: Candidate, max_nodes: Optional[int]) -> tuple[Optional[ParallelPlan], bool]:
+    """The candidate's exact partition as a plan (None: nothing fits) and whether a solver ran
+    (an even split that meets the lower bound needs none)."""
+    start = None
+    if cand.quick < INF:
+        start = (even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
+                 (cand.quick_option,) * cand.problem.chunks)
+    solved = not cand.quick <= cand.lower * (1 + 1e-9)
+    if not solved:  # the even split meets the lower bound
+        part = Partition(sizes=start[0], options=start[1], z=0.0, status=OPTIMAL,
+                         method="even split meets the lower bound")
+    else:
+        part = solve(cand.problem, start=start, max_nodes=max_nodes)
+    if part is None:
+        return None, solved
+    return make_plan(cand.table, part.sizes, part.options, optimality=optimality_of(part)), solved
 
 
 def optimality_of(part: Partition) -> Optimality:
@@ -376,9 +416,9 @@ def optimality_of(part: Partition) -> Optimality:
                       nodes=part.nodes)
 
 
-def estimate(job: TrainJob, layout_pins: dict) -> ParallelPlan:
+def estimate(job: TrainJob, layout_pins: dict, runnable_only: bool = False) -> ParallelPlan:
     """The best plan with ``layout_pins`` fixed (searching only what they leave open)."""
-    res = search(job, layout_pins, top=3)
+    res = search(job, layout_pins, top=3, runnable_only=runnable_only)
     if res.best is None:
         raise LayoutError(explain.no_feasible(job, res))
     return res.best

@@ -17,6 +17,7 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 
+from plait.ir import legality
 from plait.ir.errors import PlaitError
 from plait.ir.indexed import LOSS_MASK_SUFFIX, IndexedDataset, prefix_of
 
@@ -135,8 +136,9 @@ class BatchLoader:
                  dp_rank: int = 0, dp_size: int = 1, device: torch.device = torch.device("cpu"),
                  packing: Packing = Packing()):
         self.packing = packing
-        if global_batch % dp_size:
-            raise PlaitError(f"global batch {global_batch} is not divisible by dp = {dp_size}")
+        problem = legality.divides("global batch", global_batch, "dp", dp_size)
+        if problem:
+            raise PlaitError(problem)
         self.source, self.seq_len, self.global_batch = source, seq_len, global_batch
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.device = torch.device(device)  # where batches are delivered (the mesh's device)

@@ -15,6 +15,7 @@ import torch
 
 from plait.ir.blend import BlendSchedule, permute, round_keys
 from plait.ir.datarecipe import epoch_overruns, schedule
+from plait.ir import legality
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 
@@ -27,8 +28,9 @@ class BlendedLoader:
                  seq_len: int, global_batch: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
                  device: torch.device = torch.device("cpu"), packing: Packing = Packing()):
         self.packing = packing
-        if global_batch % dp_size:
-            raise PlaitError(f"global batch {global_batch} is not divisible by dp = {dp_size}")
+        problem = legality.divides("global batch", global_batch, "dp", dp_size)
+        if problem:
+            raise PlaitError(problem)
         self.sources, self.names, self.blend = list(sources), list(names), blend
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)

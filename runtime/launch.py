@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from plait.ir import legality
 from plait.ir.datarecipe import check_sources_exist
 from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.job import TrainJob
@@ -19,8 +20,6 @@ from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.ir.serde import to_json
 from plait.lowering.compile import dense_layout
 from plait.lowering.passes.base import Target
-from plait.lowering.passes.dispatch_experts import check_expert_layout
-from plait.lowering.passes.shard_tensor_parallel import check_divisible
 from plait.lowering.passes.split_pipeline import ordered_chunks
 
 from . import data as data_mod
@@ -29,34 +28,18 @@ from .cluster_launch import WORKER
 
 
 def check_plan(job: TrainJob, plan: ParallelPlan) -> ParallelPlan:
-    """The plan, with its dense expert side filled in, if it can run this job; else LayoutError."""
+    """The plan, with its dense expert side filled in, if plait can run it for this job: every row
+    of the legality-and-capability table (Megatron's rules and what plait's runtime executes,
+    ir/legality.py) and the stage partition; else LayoutError listing what breaks, with the
+    arithmetic, before any process starts."""
     layout = dense_layout(plan.layout)
     plan = replace(plan, layout=layout)
-    if plan.world != layout.world:
+    if plan.world != layout.world:  # the plan file's own fields disagree
         raise LayoutError(f"plan world {plan.world} != tp*cp*dp*pp = {layout.tp}*{layout.cp}*"
                           f"{layout.dp}*{layout.pp} = {layout.world}")
-    if layout.world != job.cluster.world:
-        raise LayoutError(f"the plan needs tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*"
-                          f"{layout.pp} = {layout.world} ranks, cluster {job.cluster.name!r} has "
-                          f"{job.cluster.nodes}*{job.cluster.gpus_per_node} = {job.cluster.world}")
-    if job.model.is_moe:
-        check_expert_layout(job.model, layout)
-    _validate_with_planner(job, layout)
-    check_divisible(job.model, layout.tp)
-    micro = layout.dp * layout.mbs
-    if plan.global_batch % micro:
-        raise LayoutError(f"global batch {plan.global_batch} is not divisible by dp*mbs = "
-                          f"{layout.dp}*{layout.mbs} = {micro}")
-    if layout.sp and plan.seq_len % layout.tp:
-        raise LayoutError(f"sequence parallel needs seq_len % tp == 0: {plan.seq_len} % "
-                          f"{layout.tp} = {plan.seq_len % layout.tp}")
+    legality.table(legality.Workload.of_job(job)).require(layout, what=f"job {job.name!r}")
     ordered_chunks(Target(spec=job.model, plan=plan))
     return plan
-
-
-def _validate_with_planner(job: TrainJob, layout: Layout) -> None:
-    from plait.planner.layouts import validate_layout
-    validate_layout(job, layout)
 
 
 def hand_plan(job: TrainJob, layout: Layout) -> ParallelPlan:

@@ -10,7 +10,7 @@ from plait.ir.cluster import Cluster, local_cpu
 from plait.ir.job import LAYOUT_KEYS, Data, LayoutPins, Optimizer, Precision, TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.precision import DEFAULT_BF16_ENDS, fp8_ends_problem
-from plait.ir.plan import DEFAULT_ORDER, RECOMPUTE
+from plait.ir.plan import CP_COMMS, DEFAULT_ORDER, DISPATCHERS, RECOMPUTE
 
 from . import ast
 from .datablock import (check_blend, data_path, packing_options, resolve_data_block,
@@ -22,8 +22,6 @@ PRECISIONS = ("bf16", "fp32", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
-DISPATCHERS = ("alltoall", "allgather")
-CP_COMMS = ("ring", "alltoall")  # context-parallel attention: K/V ring | all-to-all (Ulysses)
 INT_PINS = ("tp", "cp", "dp", "pp", "vpp", "ep", "etp", "edp", "mbs", "dp_shard")
 OPTIMIZER_DEFAULTS = Optimizer()
 

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from plait.ir import legality
 from plait.lowering.cp_ops import zigzag_order
 
 
@@ -138,8 +139,8 @@ def zigzag_sequence_order(seq: int, cp: int, device=None) -> torch.Tensor:
     for cp = 1)."""
     if cp == 1:
         return torch.arange(seq, device=device)
-    if seq % (2 * cp):
-        raise ValueError(f"the zigzag layout cuts seq = {seq} into 2*cp = {2 * cp} chunks: "
-                         f"{seq} % {2 * cp} = {seq % (2 * cp)}")
+    problem = legality.zigzag_chunks(seq, cp)
+    if problem:
+        raise ValueError(problem)
     chunk = seq // (2 * cp)
     return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in zigzag_order(cp)])

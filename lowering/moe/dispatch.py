@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from plait.ir import kinds
+
 from . import comm
 from .permute import Permutation, permute, unpermute
 
@@ -36,9 +38,9 @@ class ExpertGrid:
     etp_rank: int = 0
 
     def __post_init__(self):
-        if self.experts % self.ep:
-            raise ValueError(f"ep = {self.ep} does not divide experts = {self.experts} "
-                             f"({self.experts} % {self.ep} = {self.experts % self.ep})")
+        problem = kinds.facet("moe", "rules").experts_over_ep(self.experts, self.ep)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def local_experts(self) -> int:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
+from plait.ir import kinds
 from plait.ir.job import MoEOptions
 from plait.ir.model import MoE
 from plait.lowering import collectives  # noqa: F401  (registers torch.ops.plait.gather_seq / scatter_seq)
@@ -71,8 +72,9 @@ class ExpertParallelMoE(nn.Module):
         self.token_axes, self.token_parts, self.averaged_parts = token_axes, token_parts, averaged_parts
         self.dispatcher = make_dispatcher(options.dispatcher, grid)
         self.shared_tp: Optional[tuple[str, int]] = None  # (axis, size) once TP shards the shared expert
-        if spec.ffn % grid.etp:
-            raise ValueError(f"etp = {grid.etp} does not divide the expert ffn = {spec.ffn}")
+        problem = kinds.facet("moe", "rules").ffn_over_etp(spec.ffn, grid.etp)
+        if problem:
+            raise ValueError(problem)
         add_moe_parts(self, spec, hidden,
                       GroupedExperts(grid.local_experts, hidden, spec.ffn // grid.etp, spec.activation))
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch.fx
 
+from plait.ir import legality
 from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan
@@ -63,6 +64,12 @@ class Pass:
         except Exception as err:  # a verifier crash is a failed verification
             raise VerifyError(f"verifier of pass {self.name} failed: {err}") from err
         return out
+
+
+def require_legal(t: Target, *topics: str) -> None:
+    """The legality-and-capability table's rows about ``topics`` (LEGAL and RUNNABLE) hold for the
+    plan being lowered; else LayoutError with the arithmetic (ir/legality.py states each rule)."""
+    legality.require(legality.Workload.of_plan(t.spec, t.plan), t.layout, topics)
 
 
 def run_passes(gm: torch.fx.GraphModule, passes: list[Pass], target: Target,

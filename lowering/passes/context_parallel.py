@@ -33,7 +33,7 @@ from plait.lowering.modules import attention as attention_module
 from plait.lowering.modules import mamba as mamba_module
 from plait.lowering.trace import META, POSITIONS, info
 
-from .base import Pass, Target, VerifyError
+from .base import Pass, Target, VerifyError, require_legal
 from .shard_tensor_parallel import check_stream_shapes
 
 AXIS = cp_ops.CP_AXIS
@@ -49,26 +49,10 @@ def cp_comm(t: Target) -> str:
 
 
 def check_context_parallel(t: Target) -> None:
-    """What the zigzag split needs, with the arithmetic when it does not hold."""
-    cp, seq, spec = t.layout.cp, t.plan.seq_len, t.spec
-    if seq % (2 * cp):
-        raise LayoutError(f"context parallelism cuts seq_len = {seq} into 2*cp = {2 * cp} chunks: "
-                          f"{seq} % {2 * cp} = {seq % (2 * cp)}", hint=f"pick seq_len a multiple of {2 * cp}")
-    if t.layout.sp and (seq // cp) % t.layout.tp:
-        raise LayoutError(f"sequence parallel splits the CP-local {seq // cp} tokens over "
-                          f"tp = {t.layout.tp}: {seq // cp} % {t.layout.tp} = {(seq // cp) % t.layout.tp}")
-    if spec.learned_positions:
-        raise LayoutError("context parallelism with learned position embeddings is not lowered yet")
-    if cp_comm(t) not in CP_COMMS:
-        raise LayoutError(f"cp_comm = {cp_comm(t)!r}; expected one of {', '.join(CP_COMMS)}")
-    if cp_comm(t) == "alltoall" and "attention" in spec.layers:
-        heads = spec.attention.heads // t.layout.tp
-        if heads % cp:
-            raise LayoutError(f"all-to-all CP splits the {heads} attention heads of a TP rank over "
-                              f"cp = {cp}: {heads} % {cp} = {heads % cp}", hint='use cp_comm = "ring"')
-    if "mamba" in spec.layers and seq // (2 * cp) < spec.mamba.conv - 1:
-        raise LayoutError(f"a CP chunk of {seq // (2 * cp)} tokens is shorter than the Mamba conv "
-                          f"halo of conv - 1 = {spec.mamba.conv - 1} tokens")
+    """What the zigzag split needs (ir/legality.py: seq_len % 2cp, the all-to-all head split,
+    the Mamba conv halo, learned positions), with the arithmetic when it does not hold; the
+    names rows first (cp_comm picks the attention below)."""
+    require_legal(t, "names", "context")
 
 
 def _replace(gm, node, target, args) -> torch.fx.Node:

@@ -28,43 +28,14 @@ from dataclasses import replace
 import torch
 import torch.fx
 
-from plait.ir.errors import LayoutError
 from plait.ir.job import MoEOptions
-from plait.ir.model import ModelSpec
-from plait.ir.plan import Layout
 from plait.lowering.moe import EXPERT_PARAMS, ExpertGrid, ExpertParallelMoE
 from plait.lowering.moe.sync import EXPERTS, ExpertSync
 from plait.lowering.trace import META, NodeInfo, info
 from plait.planner.groups import group_of
 
-from .base import Pass, Target, VerifyError
+from .base import Pass, Target, VerifyError, require_legal
 from .shard_tensor_parallel import check_stream_shapes
-
-
-def fsdp_supported(lay: Layout) -> bool:
-    """plait's runtime wraps every weight in one FSDP mesh over dp-cp; sharding expert weights over
-    their own EDP mesh (as Megatron-FSDP does, and the planner costs) is not built yet."""
-    return lay.dp_kind != "fsdp" or lay.edp == lay.dp * lay.cp
-
-
-def check_expert_layout(spec: ModelSpec, lay: Layout) -> None:
-    """Divisibility and folding rules of a MoE model's layout, with the arithmetic."""
-    moe = spec.moe
-    if moe.experts % lay.ep:
-        raise LayoutError(f"ep = {lay.ep} does not divide experts = {moe.experts} "
-                          f"({moe.experts} % {lay.ep} = {moe.experts % lay.ep})",
-                          hint=f"choose ep among the divisors of {moe.experts}")
-    if moe.ffn % lay.etp:
-        raise LayoutError(f"etp = {lay.etp} does not divide the expert ffn = {moe.ffn} "
-                          f"({moe.ffn} % {lay.etp} = {moe.ffn % lay.etp})")
-    if lay.tp > 1 and not lay.sp:
-        raise LayoutError(f"MoE layers with tp = {lay.tp} need sequence parallelism: without it "
-                          f"the {lay.tp} TP ranks hold the same tokens and would route them twice",
-                          hint="set sp = true (Megatron-Core requires it for MoE with TP too)")
-    if not fsdp_supported(lay):
-        raise LayoutError(f"plait's runtime shards expert weights with FSDP only when edp = dp*cp: "
-                          f"edp = {lay.edp}, dp*cp = {lay.dp}*{lay.cp} = {lay.dp * lay.cp}",
-                          hint="use dp_shard = zero1 (distributed optimizer) for this layout")
 
 
 def expert_grid(t: Target) -> ExpertGrid:
@@ -114,7 +85,7 @@ def dispatch_experts(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModul
     gm.meta[EXPERTS] = ExpertSync()
     if not layers:
         return gm
-    check_expert_layout(t.spec, t.layout)
+    require_legal(t, "experts")  # experts % ep, ffn % etp, SP with TP, FSDP over edp
     grid, options = expert_grid(t), moe_options(t)
     lay = t.layout
     token_axes = tuple(a for a in ("tp", "cp") if getattr(lay, a) > 1)  # the ranks splitting a call

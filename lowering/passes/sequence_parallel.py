@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from plait.ir.errors import LayoutError
 from plait.lowering import sharding
 
-from .base import Pass, Target, VerifyError
+from .base import Pass, Target, VerifyError, require_legal
 from .shard_tensor_parallel import AXIS, check_stream_shapes
 
 SEQ_DIM = 1  # activations are [batch, seq, hidden]
@@ -27,10 +26,7 @@ _SWAP = {
 def sequence_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     if not t.layout.sp or t.layout.tp == 1:
         return gm
-    tp, seq = t.layout.tp, t.plan.seq_len
-    if seq % tp:
-        raise LayoutError(f"sequence parallel splits seq_len = {seq} over tp = {tp}: "
-                          f"{seq} % {tp} = {seq % tp}", hint="pick a seq_len divisible by tp")
+    require_legal(t, "sequence")  # the CP-local tokens divide by tp (ir/legality.py)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _SWAP:
             x, axis, size = node.args

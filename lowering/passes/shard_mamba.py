@@ -39,11 +39,3 @@ def mamba_splits(spec: ModelSpec) -> tuple[ParamSplit, ...]:
         ParamSplit("dt_bias", 0), ParamSplit("A_log", 0), ParamSplit("D", 0),
         ParamSplit("norm.weight", 0),
     )
-
-
-def mamba_sizes(spec: ModelSpec) -> dict[str, int]:
-    """The Mamba2 dimensions tp must divide: heads (x, dt, A, D) and groups (B, C, the norm)."""
-    if spec.mamba is None or "mamba" not in spec.layers:
-        return {}
-    return {"mamba heads": spec.mamba.heads, "mamba groups": spec.mamba.groups}
-

@@ -21,14 +21,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from plait.ir.errors import LayoutError
-from plait.ir.model import ModelSpec
 from plait.lowering import sharding, tp_ops
 from plait.lowering.moe import ExpertParallelMoE
 from plait.lowering.trace import META, example_inputs, info, local_shape, record_shapes
 
-from .base import Pass, Target, VerifyError
-from .shard_mamba import mamba_sizes, mamba_splits
+from .base import Pass, Target, VerifyError, require_legal
+from .shard_mamba import mamba_splits
 
 # q_b_proj / kv_b_proj: multi-head latent attention's per-head up-projections (split by heads, as
 # Megatron-Core's MLA does); its latent down-projections q_a_proj / kv_a_proj_with_mqa and their
@@ -75,28 +73,6 @@ class ShardSpec:
         split = [p.split(local, self.dim) for p in pieces]
         return torch.cat([torch.cat([s[k] for s in split], self.dim)
                           for k in range(len(local))], self.dim)
-
-
-def check_divisible(spec: ModelSpec, tp: int) -> None:
-    """Every dimension TP splits must divide by tp; say which one does not, with the numbers."""
-    sizes = {"vocab": spec.vocab}
-    if spec.attention is not None and "attention" in spec.layers:
-        sizes["attention heads"] = spec.attention.heads
-        sizes["kv heads"] = spec.attention.kv_heads
-    if spec.mlp is not None and "mlp" in spec.layers:
-        sizes["ffn"] = spec.mlp.ffn
-    if spec.moe is not None and "moe" in spec.layers and spec.moe.shared_ffn:
-        sizes["shared expert ffn"] = spec.moe.shared_ffn
-    sizes.update(mamba_sizes(spec))
-    for what, n in sizes.items():
-        if n % tp:
-            raise LayoutError(f"tp = {tp} does not divide {what} = {n} ({n} % {tp} = {n % tp})",
-                              hint=f"choose tp among the divisors of {n}")
-    # moe: dispatch_experts (run before) already replaced the mixers; they are no TP region
-    unsupported = sorted({k for k in spec.layers if k not in ("attention", "mlp", "mamba", "moe")})
-    if unsupported:
-        raise LayoutError(f"tensor parallelism of {', '.join(unsupported)} layers is not lowered yet",
-                          hint="use tp = 1 for this model")
 
 
 def _shard_param(owner: nn.Module, name: str, dim: int, t: Target, shards: dict, path: str,
@@ -266,7 +242,7 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
     gm.meta[SHARDS] = shards
     if t.layout.tp == 1:
         return gm
-    check_divisible(t.spec, t.layout.tp)
+    require_legal(t, "tensor")  # every dimension TP splits divides by tp (ir/legality.py)
     for node in list(gm.graph.nodes):
         leaf = str(node.target).rsplit(".", 1)[-1]
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ExpertParallelMoE):
@@ -283,8 +259,6 @@ def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.Graph
             node.meta[sharding.ROLE] = "column"
         elif node.op == "call_function" and node.target is F.cross_entropy:
             _cross_entropy(gm, node, t)
-    if t.spec.learned_positions:
-        raise LayoutError("tensor parallelism with learned position embeddings is not lowered yet")
     _insert_entries(gm, t)
     _insert_exits(gm, t)
     gm.graph.lint()

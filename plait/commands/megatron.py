@@ -14,11 +14,11 @@ import shlex
 from dataclasses import dataclass
 from typing import Optional
 
-from plait.ir import kinds
+from plait.ir import kinds, legality
 from plait.ir.errors import PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.model import ModelSpec
-from plait.ir.plan import ParallelPlan
+from plait.ir.plan import ParallelPlan, dense_layout
 from plait.ir.precision import RUNTIME_FP8_RECIPE
 
 VERIFIED_AGAINST = "Megatron-LM core 0.20 (NVIDIA/Megatron-LM d98e8a6)"
@@ -74,6 +74,9 @@ def check_plan_fits_job(plan: ParallelPlan, job: TrainJob) -> None:
     if plan.world != job.cluster.world:
         raise PlaitError(f"the plan spans {plan.world} ranks; cluster {job.cluster.name!r} has "
                          f"{job.cluster.world}")
+    # Megatron-LM runs every legal layout (also those plait's own runtime cannot run yet)
+    legality.table(legality.Workload.of_job(job)).require(dense_layout(plan.layout),
+                                                          (legality.LEGAL,), what="Megatron-LM")
     covered = sorted((s.first, s.last) for s in plan.stages)
     edges = [a for a, _ in covered] + [covered[-1][1]] if covered else []
     if not covered or edges[0] != 0 or edges[-1] != job.model.num_layers or any(
@@ -114,7 +117,7 @@ def _model_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
         args.append("--untie-embeddings-and-output-weights")
     args += ["--tokenizer-type NullTokenizer", f"--vocab-size {model.vocab}",
              "--make-vocab-size-divisible-by 1", "--attention-dropout 0", "--hidden-dropout 0"]
-    if model.vocab % plan.layout.tp:
+    if legality.divides("vocab", model.vocab, "tp", plan.layout.tp):
         notes.append(f"Megatron pads the vocabulary ({model.vocab}) to a multiple of tp = {plan.layout.tp}")
     notes.append("--tokenizer-type NullTokenizer only sizes the vocabulary: name your tokenizer "
                  "(e.g. --tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH)")
@@ -241,9 +244,6 @@ def _parallel_args(plan: ParallelPlan, model: ModelSpec, notes: list) -> list[st
     args = [f"--tensor-model-parallel-size {lay.tp}", f"--pipeline-model-parallel-size {lay.pp}",
             f"--context-parallel-size {lay.cp}"]
     if lay.cp > 1:
-        if plan.seq_len % (2 * lay.cp):
-            raise PlaitError(f"Megatron needs seq_len % (2 * cp) == 0: {plan.seq_len} % {2 * lay.cp} = "
-                             f"{plan.seq_len % (2 * lay.cp)}")
         args.append(f"--cp-comm-type {'a2a' if lay.cp_comm == 'alltoall' else 'p2p'}")
     if lay.sp and lay.tp > 1:
         args.append("--sequence-parallel")
@@ -313,8 +313,6 @@ def _moe_args(model: ModelSpec, plan: ParallelPlan, notes: list) -> list[str]:
     m, lay, opts = model.moe, plan.layout, plan.moe
     if m is None:
         return []
-    if m.experts % lay.ep:
-        raise PlaitError(f"Megatron needs experts % ep == 0: {m.experts} % {lay.ep} = {m.experts % lay.ep}")
     args = [f"--num-experts {m.experts}", f"--moe-router-topk {m.top_k}", f"--moe-ffn-hidden-size {m.ffn}",
             f"--expert-model-parallel-size {lay.ep}", f"--expert-tensor-parallel-size {lay.etp}",
             f"--moe-router-score-function {m.router}", "--moe-grouped-gemm"]
@@ -396,9 +394,6 @@ def _in_megatron_layers(model: ModelSpec, plait_layers: int) -> int:
 
 def _batch_args(plan: ParallelPlan) -> list[str]:
     lay = plan.layout
-    if plan.global_batch % (lay.mbs * lay.dp):
-        raise PlaitError(f"Megatron needs global_batch % (mbs * dp) == 0: {plan.global_batch} % "
-                         f"({lay.mbs} * {lay.dp}) = {plan.global_batch % (lay.mbs * lay.dp)}")
     return [f"--micro-batch-size {lay.mbs}", f"--global-batch-size {plan.global_batch}",
             f"--seq-length {plan.seq_len}"]
 

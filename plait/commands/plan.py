@@ -10,6 +10,7 @@ from rich.table import Table
 from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
 from plait.ir.errors import LayoutError, PlaitError
+from plait.ir.legality import RUNNABLE
 from plait.ir.plan import Layout, ParallelPlan
 from plait.ir.precision import PrecisionPolicy
 from plait.planner import calibration, explain
@@ -66,11 +67,11 @@ def _precision_table(job, plan: ParallelPlan) -> Table:
     return t
 
 
-def _run_search(job, extra, top, cal=None):
+def _run_search(job, extra, top, cal=None, runnable_only=False):
     with Progress(TextColumn("searching meshes"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("search", total=None)
-        res = search(job, extra, top=top,
+        res = search(job, extra, top=top, runnable_only=runnable_only,
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     if res.best is None:
         raise LayoutError(explain.no_feasible(job, res))
@@ -84,7 +85,11 @@ def _run_search(job, extra, top, cal=None):
                       p.add_argument("--top", type=int, default=5,
                                      help="how many candidate plans to list (default 5)"),
                       p.add_argument("--explain", action="store_true",
-                                     help="list each rejected family with its reason"),
+                                     help="list each rejected family with its reason, and the "
+                                          "better plans plait cannot run yet"),
+                      p.add_argument("--legal", action="store_true",
+                                     help="rank every legal plan (Megatron's rules), also those "
+                                          "plait's runtime cannot execute yet"),
                       p.add_argument("-o", "--output", help="write the best plan as JSON"),
                       p.add_argument("--report", metavar="DIR",
                                      help="write pictures of the plan and an index.html to DIR"),
@@ -96,7 +101,7 @@ def plan_cmd(args) -> int:
     if args.report:
         _check_report_dir(Path(args.report))
     job, cal = calibration.calibrated(load_job(args.job, args.name), args.calibration)
-    res = _run_search(job, parse_layout(args.layout), args.top, cal)
+    res = _run_search(job, parse_layout(args.layout), args.top, cal, runnable_only=not args.legal)
     console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
     console.print(f"[bold]why {res.best.layout.short()} wins:[/bold]")
     for line in res.best.explanation:
@@ -110,6 +115,7 @@ def plan_cmd(args) -> int:
         for rej in res.rejections:
             t.add_row(rej.family, rej.reason)
         console.print(t)
+        _print_blocked(res)
         console.print(_precision_table(job, res.best))
         _print_folding(res)
     if args.output:
@@ -141,6 +147,23 @@ def _is_plan_json(text: str) -> bool:
     return True
 
 
+def _print_blocked(res) -> None:
+    """The better-ranked legal plans plait's runtime cannot execute yet, and the row that stops
+    each (runnable-only searches)."""
+    if not res.runnable_only:
+        return
+    if not res.blocked:
+        console.print("no better legal plan is blocked by what plait's runtime can execute")
+        return
+    t = Table(title="better plans plait cannot run yet")
+    for col in ("layout", "dp", "step s", "rule", "why not"):
+        t.add_column(col, no_wrap=col == "layout")
+    for b in res.blocked:
+        lay = b.plan.layout
+        t.add_row(lay.short(), lay.dp_kind, seconds(b.plan.prediction.step_time), b.rule, b.reason)
+    console.print(t)
+
+
 def _print_folding(res) -> None:
     """MoE: the winner next to the best unfolded plan (ETP = TP, EP inside DP) and the gain."""
     if res.folding is None:
@@ -166,6 +189,9 @@ def estimate_cmd(args) -> int:
         console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
         if cal:
             console.print(calibration.explanation(cal), markup=False, highlight=False)
+        for problem in violations(job, res.best.layout, levels=(RUNNABLE,)):
+            console.print(f"note: Megatron's rules allow this layout, but plait cannot run it yet: "
+                          f"{problem}", markup=False, highlight=False)
     return 0
 
 
@@ -182,7 +208,7 @@ def layout_from_pins(job, pins: dict) -> Layout:
             if k in pins}
     lay = Layout(tp=tp, cp=cp, dp=dp, pp=pp, etp=etp, ep=ep, edp=edp, sp=pins.get("sp", tp > 1),
                  **rest)
-    bad = [m for m in violations(job, lay) if "divisible by dp*mbs" not in m]
+    bad = violations(job, lay, skip=("batch",))  # process groups do not depend on the batch
     if bad:
         raise LayoutError(f"layout {lay.short()} is not legal:\n  - " + "\n  - ".join(bad))
     return lay

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from plait.cli import arguments, command, console
 from plait.ir.dsl import load_job
-from plait.ir.errors import PlaitError
+from plait.ir.errors import LayoutError, PlaitError
 from plait.ir.job import TrainJob
 from plait.ir.outputs import check_output_dir, claim_output_dir
 from plait.ir.precision import PrecisionPolicy
@@ -66,17 +66,24 @@ def read_plan(plan_path: str, job: TrainJob) -> ParallelPlan:
 
 
 def _search(job: TrainJob, layout: Optional[str]) -> ParallelPlan:
-    from plait.lowering.passes.dispatch_experts import fsdp_supported
+    """The best plan plait's runtime can execute; the better legal plans it cannot run yet are
+    named (with the rule that stops each) rather than silently passed over."""
+    from plait.planner import explain
     from plait.planner.layouts import parse_layout
-    from plait.planner.search import estimate
+    from plait.planner.search import search
 
     pins = parse_layout(layout) if layout else {}
     pins.setdefault("cp", 1)  # CP only when asked: it pays for long sequences, not local tiny jobs
-    plan = estimate(job, pins)
-    if job.model.is_moe and "dp_kind" not in pins and not fsdp_supported(plan.layout):
-        # the best plan plait's runtime can execute: the distributed optimizer instead of FSDP
-        plan = estimate(job, {**pins, "dp_kind": "zero1"})
-    return plan
+    res = search(job, pins, top=3, runnable_only=True)
+    if res.best is None:
+        raise LayoutError(explain.no_feasible(job, res))
+    if res.blocked:
+        lay = res.best.layout
+        console.print(f"running {lay.short()} ({lay.dp_kind}), the best plan plait can run; "
+                      "better plans it cannot run yet:\n" + "\n".join(
+                          f"  - {b.line(res.best)}" for b in res.blocked),
+                      markup=False, highlight=False)
+    return res.best
 
 
 def plan_table(plan: ParallelPlan) -> Table:

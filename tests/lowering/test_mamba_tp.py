@@ -58,7 +58,8 @@ def test_mamba_mixer_shards_reassemble_into_the_reference(tp=2):
 
 def test_mamba_groups_not_divisible_by_tp_is_a_layout_error():
     spec = replace(SPEC, mamba=replace(SPEC.mamba, groups=1))
-    with pytest.raises(LayoutError, match="mamba groups = 1"):
+    with pytest.raises(LayoutError,
+                       match=r"mamba groups \(1\) must be divisible by tp \(2\): 1 % 2 = 1"):
         lower(build_model(spec, seed=0), spec, plan(Layout(tp=2), spec), 0)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from plait.ir import legality
 from plait.ir.errors import LayoutError
 from plait.ir.job import MoEOptions
 from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
@@ -13,7 +14,6 @@ from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.lowering.build import build_model
 from plait.lowering.compile import lower, program_text
 from plait.lowering.moe import ExpertParallelMoE, shard_experts
-from plait.lowering.passes.shard_tensor_parallel import check_divisible
 
 torch.set_num_threads(1)
 
@@ -111,8 +111,9 @@ def test_router_and_gate_sum_over_tp_experts_never_do_and_the_shared_expert_is_a
 
 def test_shared_ffn_must_divide_by_tp():
     spec = replace(SPEC, moe=replace(SPEC.moe, shared_ffn=21))
-    with pytest.raises(LayoutError, match="tp = 2 does not divide shared expert ffn = 21"):
-        check_divisible(spec, 2)
+    with pytest.raises(LayoutError, match=r"shared expert ffn \(21\) must be divisible by tp \(2\): "
+                                          r"21 % 2 = 1"):
+        lower(build_model(spec, seed=0), spec, plan(Layout(tp=2, etp=2, sp=True)), 0)
 
 
 def test_program_text_calls_the_expert_parallel_mixer():
@@ -124,8 +125,8 @@ def test_program_text_calls_the_expert_parallel_mixer():
 
 @pytest.mark.parametrize("layout, message", [
     (Layout(tp=2, ep=2), "need sequence parallelism"),
-    (Layout(dp=3, ep=3), "ep = 3 does not divide experts = 8"),
-    (Layout(dp=3, etp=3), "etp = 3 does not divide the expert ffn = 16"),
+    (Layout(dp=3, ep=3), r"experts \(8\) must be divisible by ep \(3\): 8 % 3 = 2"),
+    (Layout(dp=3, etp=3), r"expert ffn \(16\) must be divisible by etp \(3\): 16 % 3 = 1"),
 ])
 def test_bad_expert_layouts_are_rejected_with_the_arithmetic(layout, message):
     with pytest.raises(LayoutError, match=message):
@@ -169,9 +170,12 @@ def test_launch_rejects_a_bad_expert_layout_before_any_process_starts():
 
 def test_runtime_refuses_fsdp_unless_experts_replicate_over_dp_cp_with_the_arithmetic():
     from plait.ir.dsl import load_model
-    from plait.lowering.passes.dispatch_experts import check_expert_layout
 
     spec = load_model(str(Path(__file__).resolve().parents[2] / "specs" / "models" / "tiny-moe.plait"))
+
+    def check_expert_layout(spec, lay):  # the rows the dispatch_experts pass asks
+        legality.require(legality.Workload(spec, 64, lay.dp, lay.world), lay, ("experts",))
+
     folded = Layout(tp=1, cp=2, dp=4, pp=1, etp=1, ep=2, edp=4, dp_kind="fsdp")
     with pytest.raises(LayoutError, match=r"edp = 4, dp\*cp = 4\*2 = 8"):
         check_expert_layout(spec, folded)

@@ -114,7 +114,7 @@ def test_shard_experts_pairs_gate_and_up_rows():
     assert u.shape == (2, 4, 3) and d.shape == (2, 3, 2)
     torch.testing.assert_close(u, torch.cat([up[2:, 4:6], up[2:, 10:12]], dim=1))
     torch.testing.assert_close(d, down[2:, :, 4:6])
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match=r"experts \(6\) must be divisible by ep \(4\): 6 % 4 = 2"):
         ExpertGrid(experts=6, ep=4)
 
 
