@@ -13,8 +13,8 @@ and for some baselines EP/TP) are searched, as `plait estimate` does.
 What the FSDP rows say (issue #17): the cost model moves counts.fsdp_bytes_per_microbatch per
 micro-batch (two bf16 gathers, one fp32 reduce-scatter) over the rank's NIC. At the micro-batch the
 search picks (one micro-batch per rank on both models) the published pure-FSDP step times take
-2.1x (Mixtral-8x22B, 47.8 s) and 1.6x (Qwen2-57B-A14B, 14.2 s) that traffic's seconds at the full
-400 Gb/s: 1.4x apart per byte. Micro-batch 1 (Megatron-LM's MoE example scripts) explains
+2.1x (Mixtral-8x22B, 46.6 s) and 1.6x (Qwen2-57B-A14B, 14.2 s) that traffic's seconds at the full
+400 Gb/s: 1.33x apart per byte. Micro-batch 1 (Megatron-LM's MoE example scripts) explains
 Mixtral's (two micro-batches) but makes Qwen2's four micro-batches 3x too slow (--pin mbs=1); no
 one per-byte efficiency fits both, so a fit on one model's rows misses the other's by ~+-17%.
 """
