@@ -22,7 +22,7 @@ import dataclasses
 
 # parameter -> candidate values (physically plausible ranges)
 GRID = {
-    "fsdp_eff": [0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
+    "fsdp_eff": [0.4, 0.5, 0.6, 0.64, 0.68, 0.72, 0.76, 0.8, 0.9, 1.0],
     "a2a_eff": [0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
     "inter_eff": [0.5, 0.6, 0.7, 0.8, 0.9],
     "intra_eff": [0.5, 0.6, 0.7, 0.8, 0.9],
