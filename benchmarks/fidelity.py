@@ -180,12 +180,35 @@ def summarize(results) -> tuple[float, float]:
 # Cross-validation: values fitted on some rows, predictions for rows the fit never saw
 # ------------------------------------------------------------------------------------------------
 
-def held_out(train: list[Row], test: list[Row], log) -> list:
+@dataclasses.dataclass
+class HeldOut:
+    """Predictions of rows no fit saw: with the chosen fit (``results``), and with each extreme
+    of the near-optimal fits (``band``: the spread the training rows leave open)."""
+
+    results: list
+    band: list  # one results list per near-optimal fit (calibrate.Fit.extremes)
+    notes: list  # the fits' reports
+
+
+def held_out(train: list[Row], test: list[Row], log) -> HeldOut:
     """Fit on ``train`` from the physical defaults (plus its stack facts), predict ``test`` with
-    what transfers to its device (calibrate.transfer)."""
-    fitted = calibrate.fit_values(train, run_rows, summarize, calibrate.stack_facts(train), log=log)
-    return run_rows(test, calibrate.transfer(fitted, test) if test[0].job.cluster.device.name
-                    != train[0].job.cluster.device.name else fitted)
+    what transfers to its device (calibrate.transfer); never reads ``test`` before predicting."""
+    fit = calibrate.fit_rows(train, run_rows, summarize, calibrate.stack_facts(train), log=log)
+    carried = calibrate.carried(fit, train, test)
+    band = [run_rows(test, calibrate.transfer(values, carried, test)) for values in fit.extremes()]
+    title = (f"fit on {train[0].table} {sorted({r.group for r in train if r.group}) or ''} "
+             f"({train[0].job.cluster.device.name}) -> {test[0].table} "
+             f"{sorted({r.group for r in test if r.group}) or ''} "
+             f"({test[0].job.cluster.device.name}); transferable classes: "
+             f"{', '.join(calibrate.transferable(train, test))}; carried: {', '.join(carried) or 'none'}")
+    return HeldOut(band[0], band, [title, *calibrate.report(fit, carried)])
+
+
+def joined(*parts: HeldOut) -> HeldOut:
+    """Several held-out predictions as one column (their bands side by side)."""
+    width = max(len(p.band) for p in parts)
+    band = [sum((p.band[min(i, len(p.band) - 1)] for p in parts), []) for i in range(width)]
+    return HeldOut(sum((p.results for p in parts), []), band, sum((p.notes for p in parts), []))
 
 
 def physics_only(sc21: list[Row], folding: list[Row]) -> list:
@@ -197,54 +220,79 @@ def physics_only(sc21: list[Row], folding: list[Row]) -> list:
             + run_rows(folding, calibrate.stack_facts(folding)))
 
 
-def leave_one_table_out(sc21: list[Row], folding: list[Row], log) -> list:
+def leave_one_table_out(sc21: list[Row], folding: list[Row], log) -> HeldOut:
     """Fit on the dense A100 table, predict the MoE H100 table, and the other way round."""
-    return held_out(folding, sc21, log) + held_out(sc21, folding, log)
+    return joined(held_out(folding, sc21, log), held_out(sc21, folding, log))
 
 
-def leave_one_model_out(folding: list[Row], log) -> list:
+def leave_one_model_out(folding: list[Row], log) -> HeldOut:
     """Within the MoE table: fit on one model's rows, predict the other model's."""
-    out = []
+    parts = []
     for group in sorted({r.group for r in folding}):
         test = [r for r in folding if r.group == group]
-        out += held_out([r for r in folding if r.group != group], test, log)
-    return out
+        parts.append(held_out([r for r in folding if r.group != group], test, log))
+    return joined(*parts)
 
 
-def _cell(r: Row, p: float) -> str:
-    return f"{p:.1f} ({(p / r.published - 1) * 100:+.1f}%)"
+def _cell(r: Row, p: float, spread: list[float]) -> str:
+    text = f"{p:.1f} ({(p / r.published - 1) * 100:+.1f}%)"
+    low, high = min(spread), max(spread)
+    return text + (f" [{low:.1f}..{high:.1f}]" if high - low >= 0.05 else "")
 
 
-def _caption(name: str, results) -> str:
-    dense = [x for x in results if x[0].metric != "mfu"]
-    moe = [x for x in results if x[0].metric == "mfu"]
+def _errors(label: str, results) -> str:
+    mean, worst = summarize(results)
+    return f"{label} {mean:.1%}/{worst:.1%}"
+
+
+def _caption(name: str, column: HeldOut) -> str:
     parts = []
-    for label, part in (("dense", dense), ("moe", moe)):
-        if part:
-            mean, worst = summarize(part)
-            parts.append(f"{label} {mean:.1%}/{worst:.1%}")
-    orders = order_ok(results)
+    for label, metric in (("dense", False), ("moe", True)):
+        part = [x for x in column.results if (x[0].metric == "mfu") == metric]
+        if not part:
+            continue
+        text = _errors(label, part)
+        if len(column.band) > 1:
+            means = [summarize([x for x in b if (x[0].metric == "mfu") == metric])[0]
+                     for b in column.band]
+            text += f" (mean {min(means):.1%}..{max(means):.1%} over the near-optimal fits)"
+        parts.append(text)
+    orders = order_ok(column.results)
     order = ", ".join(f"{g.split('-')[0]} {'ok' if ok else 'WRONG'}" for g, (ok, _, _) in
                       orders.items())
     return f"{name}: mean/max |error| " + ", ".join(parts) + (f"; order {order}" if order else "")
 
 
-def show(columns: dict[str, list]) -> None:
-    """One row per published layout; one column per way of calibrating (same row order)."""
+def show(columns: dict[str, HeldOut]) -> None:
+    """One row per published layout; one column per way of calibrating (same row order); a
+    held-out cell shows in brackets the range its near-optimal fits predict."""
+    for column in columns.values():
+        for line in column.notes:
+            print(line)
     t = Table(title="cost-model fidelity (published layouts; unstated knobs searched)")
     for col in ("table", "row", "published", *columns, "plait layout (calibrated)"):
         t.add_column(col, justify="right" if col == "published" or col in columns else "left")
-    first = next(iter(columns.values()))
-    by_label = {name: {r.label: (r, p) for r, p, _ in res} for name, res in columns.items()}
+    first = next(iter(columns.values())).results
+    cells_of = {}
+    for name, column in columns.items():
+        spreads = {}
+        for band in column.band:
+            for r, p, _ in band:
+                spreads.setdefault(r.label, []).append(p)
+        cells_of[name] = {r.label: _cell(r, p, spreads[r.label]) for r, p, _ in column.results}
     for r, _, lay in first:
         unit = "%" if r.metric == "mfu" else " TF"
-        cells = [_cell(*by_label[name][r.label]) if r.label in by_label[name] else "-"
-                 for name in columns]
+        cells = [cells_of[name].get(r.label, "-") for name in columns]
         t.add_row(r.table, r.label, f"{r.published:.1f}{unit}", *cells,
                   lay.short() if lay else "none fits")
-    t.caption = ("\n".join(_caption(name, res) for name, res in columns.items())
+    t.caption = ("\n".join(_caption(name, column) for name, column in columns.items())
                  + "\n(goal <= 5% mean / <= 10% max in every column)")
-    Console(width=220).print(t)
+    Console(width=240).print(t)
+
+
+def fixed(results: list) -> HeldOut:
+    """A column with nothing fitted to its rows' complement: no band."""
+    return HeldOut(results, [results], [])
 
 
 def main(argv=None) -> int:
@@ -263,9 +311,9 @@ def main(argv=None) -> int:
                       run_rows, summarize, order_ok)
         return 0
     log = print if args.verbose else (lambda *a: None)
-    columns = {"calibrated": run_rows(rows)}
+    columns = {"calibrated": fixed(run_rows(rows))}
     if not args.no_cv:
-        columns["physics only"] = physics_only(sc21, folding)
+        columns["physics only"] = fixed(physics_only(sc21, folding))
         columns["leave-one-table-out"] = leave_one_table_out(sc21, folding, log)
         columns["leave-one-model-out"] = leave_one_model_out(folding, log)
     show(columns)
