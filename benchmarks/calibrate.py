@@ -6,14 +6,17 @@ with the local optimum a one-start coordinate descent happened to land in):
 1. Global optimum on the grid, deterministically. Coordinate descent (the layout knobs each row's
    search picked are frozen, recompute stays open) from STARTS points: the anchor (below) and
    STARTS - 1 grid points drawn by ``random.Random(SEED)``. Every evaluated point is kept.
-2. Flatness is stated, not hidden. The NEAR-OPTIMAL SET is every evaluated point whose objective
-   is within TOL (half a point of mean |error|) of the best: the rows cannot tell those apart.
-   Of that set the fit takes the point closest to the ANCHOR (the physical defaults of
-   planner/cost/context.py plus the rows' STACK facts; never the device spec's shipped values,
-   which were fitted to these rows), then reverts, key by key, every value whose revert stays
-   within TOL of the best. So a key the rows do not identify keeps its default; a key is
-   IDENTIFIED when its chosen value is not the default (moving it back costs more than TOL). The
-   report prints each key's value, default and range over the near-optimal set.
+2. Flatness is stated, not hidden. The NEAR-OPTIMAL SET is every evaluated point (each descent's
+   last round adds the 1-D slices through its end point) whose objective is within TOL (half a
+   point of mean |error|) of the best: the rows cannot tell those fits apart. The fit takes the
+   one closest (in grid steps) to the ANCHOR: the physical defaults of planner/cost/context.py
+   plus the rows' STACK facts, never the device spec's shipped values (fitted to these rows);
+   then it reverts, key by key, every value whose revert stays within TOL of the best, so a key
+   the rows do not exercise keeps its default. Per key the report says: IDENTIFIED (no
+   near-optimal fit has the default: the rows alone move it), DEFAULT KEPT, or ON A RIDGE (moved,
+   but some near-optimal fit has the default: only a combination with other keys is determined),
+   with its range over the near-optimal set. A held-out prediction is made with the chosen fit
+   and with the near-optimal fits at each key's extremes: their spread is its uncertainty band.
 3. Only what is physics of the same thing transfers. Keys fall in classes:
      STACK     facts of the measured software stack, never fitted (flash attention or not, how
                the attention kernel keeps K/V, allocator reserve);
@@ -26,7 +29,9 @@ with the local optimum a one-start coordinate descent happened to land in):
                collective): transfer to rows of the same stack (same STACK facts), any device;
      MEMORY    hbm_eff, the share of HBM bandwidth streaming kernels reach (DRAM physics):
                transfers to any device.
-   A key a transfer does not carry stays at the target device's physical default.
+   When every fitted key may transfer, the whole fit does (a ridge moves with its partners); else
+   only the IDENTIFIED keys of the transferable classes (a ridge key without its partners means
+   nothing). A key a transfer does not carry stays at the target device's physical default.
 Never fitted either: how much of a collective compute beside it hides (overlap_all_gather,
 overlap_reduce_scatter, overlap_all_to_all): `plait calibrate` measures it on the machines, and a
 device nobody measured keeps the literature default of planner/cost/context.py.
