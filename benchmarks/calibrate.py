@@ -245,18 +245,19 @@ def transfer(values: dict, keys: tuple[str, ...], target_rows) -> dict:
     return {**stack_facts(target_rows), **{k: values[k] for k in keys}}
 
 
-def report(fit: Fit, carried: tuple[str, ...] = tuple(GRID)) -> list[str]:
-    """One line per parameter: value, default, range over the near-optimal set, and whether the
-    rows identify it and a transfer carries it."""
+def report(fit: Fit, moved_keys: tuple[str, ...] | None = None) -> list[str]:
+    """One line per parameter: value, default, range over the near-optimal set, whether the rows
+    identify it and (given the ``moved_keys`` a transfer carries) whether it transfers."""
     lines = [f"  objective {fit.score:.4f} (best {fit.best:.4f}; {len(fit.near)} fits within "
              f"{TOL})"]
     for key in fit.params:
         low, high = fit.spread(key)
         status = ("identified" if key in fit.identified() else "default kept"
                   if fit.values[key] == fit.default(key) else "on a ridge (not identified alone)")
-        moved = "transferred" if key in carried else "not transferred"
+        moved = "" if moved_keys is None else (", transferred" if key in moved_keys
+                                            else ", not transferred")
         lines.append(f"    {key:<10} {fit.values[key]:<6g} default {fit.default(key):<6g} "
-                     f"near-optimal {low:g}..{high:g}  {status}, {moved}")
+                     f"near-optimal {low:g}..{high:g}  {status}{moved}")
     return lines
 
 
