@@ -6,11 +6,12 @@ with the local optimum a one-start coordinate descent happened to land in):
 1. Global optimum on the grid, deterministically. Coordinate descent (the layout knobs each row's
    search picked are frozen, recompute stays open) from STARTS points: the anchor (below) and
    STARTS - 1 grid points drawn by ``random.Random(SEED)``. Every evaluated point is kept.
-2. Flatness is stated, not hidden. The NEAR-OPTIMAL SET is every evaluated point (each descent's
-   last round adds the 1-D slices through its end point) whose objective is within TOL (half a
-   point of mean |error|) of the best: the rows cannot tell those fits apart. The fit takes the
-   one closest (in grid steps) to the ANCHOR: the physical defaults of planner/cost/context.py
-   plus the rows' STACK facts, never the device spec's shipped values (fitted to these rows);
+2. Flatness is stated, not hidden. The NEAR-OPTIMAL SET is every evaluated point whose objective
+   is within TOL (half a point of mean |error|) of the best: the rows cannot tell those fits
+   apart. It is grown from the descents' end points one grid step at a time (up to FLOOD points
+   expanded), so it covers the flat region around them, not just where the descents stopped.
+   The fit takes the one closest (in grid steps) to the ANCHOR: the physical defaults of
+   planner/cost/context.py plus the rows' STACK facts, never the device spec's shipped values (fitted to these rows);
    then it reverts, key by key, every value whose revert stays within TOL of the best, so a key
    the rows do not exercise keeps its default. Per key the report says: IDENTIFIED (no
    near-optimal fit has the default: the rows alone move it), DEFAULT KEPT, or ON A RIDGE (moved,
@@ -67,6 +68,7 @@ MEMORY = ("hbm_eff",)
 DENSE_ONLY = ("gemm_eff", "gemm_knee", "hbm_eff", "intra_eff", "inter_eff")
 TOL = 0.005  # objective units (mean |error| plus penalties): fits closer than this are ties
 STARTS = 6
+FLOOD = 150  # most near-optimal points whose neighbours a fit evaluates
 SEED = 17
 DEFAULTS = Calibration()
 
@@ -168,6 +170,29 @@ def _descend(point: tuple, grids: dict, score, rounds: int = 6) -> tuple:
         if not moved:
             break
     return point
+
+
+def _neighbours(point: tuple, grids: dict):
+    """The points one grid step away in one key."""
+    for i, values in enumerate(grids.values()):
+        at = values.index(point[i])
+        for j in (at - 1, at + 1):
+            if 0 <= j < len(values):
+                yield point[:i] + (values[j],) + point[i + 1:]
+
+
+def _flood(seeds: list[tuple], grids: dict, score, cache: dict, limit: int = FLOOD) -> None:
+    """Grow the near-optimal set from ``seeds`` one grid step at a time (a point joins while it
+    is within TOL of the best so far), in a fixed order, until it stops growing or ``limit``
+    points were expanded: the region the rows cannot tell apart, not just where descents ended."""
+    queue, expanded = sorted(seeds), set()
+    while queue and len(expanded) < limit:
+        point = queue.pop(0)
+        if point in expanded or score(point) > min(cache.values()) + TOL:
+            continue
+        expanded.add(point)
+        queue.extend(q for q in _neighbours(point, grids) if q not in expanded
+                     and score(q) <= min(cache.values()) + TOL)
 
 
 def _distance(point: tuple, home: tuple, grids: dict) -> int:

@@ -209,12 +209,19 @@ def held_out(train: list[Row], test: list[Row], log) -> HeldOut:
     fit = calibrate.fit_rows(train, run_rows, summarize, calibrate.stack_facts(train), log=log)
     carried = calibrate.carried(fit, train, test)
     band = [run_rows(test, calibrate.transfer(values, carried, test)) for values in fit.extremes()]
-    title = (f"fit on {train[0].table} {sorted({r.group for r in train if r.group}) or ''} "
-             f"({train[0].job.cluster.device.name}) -> {test[0].table} "
-             f"{sorted({r.group for r in test if r.group}) or ''} "
-             f"({test[0].job.cluster.device.name}); transferable classes: "
-             f"{', '.join(calibrate.transferable(train, test))}; carried: {', '.join(carried) or 'none'}")
-    return HeldOut(band[0], band, [title, *calibrate.report(fit, carried)])
+    return HeldOut(band[0], band, [fit_title(train, test, carried),
+                                   *calibrate.report(fit, carried)])
+
+
+def fit_title(train: list[Row], test: list[Row], carried: tuple[str, ...]) -> str:
+    """What a held-out fit trained on, what it predicted, and which keys went across."""
+    def rows(part):
+        groups = ", ".join(sorted({r.group for r in part if r.group}))
+        return (f"{part[0].table}{f' ({groups})' if groups else ''} on "
+                f"{part[0].job.cluster.device.name}")
+    return (f"fit on {rows(train)} -> {rows(test)}; transferable: "
+            f"{', '.join(calibrate.transferable(train, test))}; "
+            f"carried: {', '.join(carried) or 'none'}")
 
 
 def joined(*parts: HeldOut) -> HeldOut:
