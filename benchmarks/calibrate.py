@@ -11,8 +11,8 @@ with the local optimum a one-start coordinate descent happened to land in):
    apart. It is grown from the descents' end points one grid step at a time (up to FLOOD points
    expanded), so it covers the flat region around them, not just where the descents stopped.
    The fit takes the one closest (in grid steps) to the ANCHOR: the physical defaults of
-   planner/cost/context.py plus the rows' STACK facts, never the device spec's shipped values (fitted to these rows);
-   then it reverts, key by key, every value whose revert stays within TOL of the best, so a key
+   planner/cost/context.py plus the rows' STACK facts, never the device spec's shipped values
+   (fitted to these rows); then it reverts, key by key, every value whose revert stays within TOL of the best, so a key
    the rows do not exercise keeps its default. Per key the report says: IDENTIFIED (no
    near-optimal fit has the default: the rows alone move it), DEFAULT KEPT, or ON A RIDGE (moved,
    but some near-optimal fit has the default: only a combination with other keys is determined),
