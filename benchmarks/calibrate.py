@@ -17,9 +17,10 @@ with the local optimum a one-start coordinate descent happened to land in):
    The fit takes the one closest (in grid steps) to the ANCHOR: the physical defaults of
    planner/cost/context.py plus the rows' STACK facts, never the device spec's shipped values
    (fitted to these rows); then it reverts, key by key, every value whose revert stays within
-   TOL of the best, so a key the rows do not exercise keeps its default. Per key the report says: IDENTIFIED (no
-   near-optimal fit has the default: the rows alone move it), DEFAULT KEPT, or ON A RIDGE (moved,
-   but some near-optimal fit has the default: only a combination with other keys is determined),
+   TOL of the best, so a key the rows do not exercise keeps its default. Per key the report
+   says: IDENTIFIED (no near-optimal fit has the default: the rows alone move it), DEFAULT KEPT,
+   or ON A RIDGE (moved, but some near-optimal fit has the default: only a combination with
+   other keys is determined),
    with its range over the near-optimal set. A held-out prediction is made with the chosen fit
    and with the near-optimal fits at each key's extremes: their spread is its uncertainty band.
 3. Only what is physics of the same thing transfers. Keys fall in classes:
