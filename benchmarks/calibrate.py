@@ -20,8 +20,7 @@ with the local optimum a one-start coordinate descent happened to land in):
    TOL of the best, so a key the rows do not exercise keeps its default. Per key the report
    says: IDENTIFIED (no near-optimal fit has the default: the rows alone move it), DEFAULT KEPT,
    or ON A RIDGE (moved, but some near-optimal fit has the default: only a combination with
-   other keys is determined),
-   with its range over the near-optimal set. A held-out prediction is made with the chosen fit
+   other keys is determined), with its range over the near-optimal set. A held-out prediction is made with the chosen fit
    and with the near-optimal fits at each key's extremes: their spread is its uncertainty band.
 3. Only what is physics of the same thing transfers. Keys fall in classes:
      STACK     facts of the measured software stack, never fitted (flash attention or not, how
