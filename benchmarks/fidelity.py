@@ -18,6 +18,10 @@ stack, the schedule's keys (overlap, fsdp_eff) to rows of the same stack, hbm_ef
 dense A100 rows (Megatron 2021, no flash attention) and the MoE H100 rows (Megatron-Core) share
 only hbm_eff, and the leave-one-table-out column is close to physics only by construction. A held-
 out cell's brackets give the range the near-optimal fits predict (the fit's uncertainty band).
+Measured when this rule came in: carrying the MoE fit's GEMM / link / attention / overlap values to
+the A100 rows (the rule before) predicts the dense table 14.5%..19.6% mean over the MoE fit's
+near-optimal fits (gemm_knee 384 and intra_eff 0.5 are H100 facts): the old column's swing
+between 3.6% and 18% came from that transfer, not only from the descent's path.
 
     .venv/bin/python benchmarks/fidelity.py            # the table
     .venv/bin/python benchmarks/fidelity.py --fit a100-sxm4-80gb   # re-fit that device's calibration
