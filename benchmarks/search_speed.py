@@ -1,7 +1,10 @@
 """Planner speed: wall and CPU time of the full search (enumerate -> bound -> solve -> rank) per job,
 the layouts enumerated / pruned, the exact partition solves, whether the winner's partition is
-proven optimal (else its gap), and the winner. CPU seconds count this process and every child
-process it waited for (RUSAGE_SELF + RUSAGE_CHILDREN), so a solver run as a subprocess cannot hide.
+proven optimal (else its gap), and the winner. Every pruning is by a proven bound
+(planner/bounds.py), so the winner is the best legal plan unless "N capped" says a solve cap
+(MAX_ILP_SOLVES for mixed units at vpp > 1) left N candidates unsolved that no bound ruled out.
+CPU seconds count this process and every child process it waited for (RUSAGE_SELF +
+RUSAGE_CHILDREN), so a solver run as a subprocess cannot hide.
 Targets on a 2-core machine: <= 2 s up to 1,024 GPUs, <= 10 s at 16,384.
 
 Dense GPT jobs: Korthikanti et al.'s 22B on 8 A100 (the job Calculon's exhaustive search took
@@ -71,7 +74,8 @@ def main() -> int:
         opt = best.optimality if best else None
         t.add_row(job.name, str(job.cluster.world), f"{wall:.2f}", f"{cpu:.2f}", f"{target:.0f}",
                   str(res.enumerated), str(res.pruned), str(res.solved),
-                  "-" if opt is None else ("proven" if opt.proven else f"gap {opt.gap:.2%}"),
+                  "-" if opt is None else ("proven" if opt.proven else f"gap {opt.gap:.2%}")
+                  + (f", {res.capped} capped" if res.capped else ""),
                   best.layout.short() if best else "none fits",
                   f"{best.prediction.mfu:.1%}" if best else "-")
     t.caption = "all within target" if ok else "SOME SEARCHES OVER TARGET (is the machine busy?)"

@@ -1,11 +1,12 @@
 """The planner's driver: enumerate -> prune by bounds -> solve -> rank -> explain.
 
 1. Enumerate meshes (tp, cp, pp | etp, ep) the rules and pins allow.
-2. Per mesh, two cheap bounds: a memory floor (FSDP-sharded state alone, full recompute) that
-   rejects meshes which can never fit, and a time floor (no bubble, no recompute, the largest
-   micro-batch) that orders them.
-3. Best-first over meshes: expand (mbs, dp flavour, vpp), estimate each with an even split and the
-   lightest recompute that fits, stop expanding when a mesh's floor exceeds the best estimates.
+2. Per mesh (planner/bounds.py): a memory floor (FSDP-sharded state alone, full recompute) that
+   rejects meshes which can never fit, and a screening estimate (even split) that orders them.
+3. Best-first over meshes: expand (mbs, dp flavour, vpp) and estimate each candidate with an even
+   split at the lightest recompute that fits; a mesh is dropped unexpanded only when its proven
+   floor (every micro-batch and vpp it takes, no recompute, perfect balance) exceeds the k-th
+   best even-split step evaluated so far (plans that exist), never by how its estimate compares.
 4. Solve the stage partition (planner/partition.py: exact for identical units at any vpp and for
    one stage per rank, a balanced partition with its proven gap otherwise) for the candidates in
    order of their estimate until their lower bound passes the top-k step times (branch and
@@ -18,43 +19,25 @@
 from __future__ import annotations
 
 import heapq
-from collections import Counter
-from functools import lru_cache
 import time as _time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from plait.ir.errors import LayoutError
 from plait.ir.job import TrainJob
-from plait.ir.legality import Violation
-from plait.ir.plan import DP_KINDS, Layout, Optimality, ParallelPlan, Stage
+from plait.ir.plan import Layout, Optimality, ParallelPlan
 
 from . import explain, folding, runnable
+from .bounds import (Candidate, can_reach, costed, floor_kinds, make_candidate, may_fit, mesh_floor,
+                     quick_estimate, screened_meshes, upper)
 from .fingerprint import fingerprints
-from .cost import memory
-from .cost.context import Context
-from .cost.evaluate import RankCost, evaluate, sync_time
-from .cost.pipeline import OPTIONS, CostTable, even_sizes, stages_of
-from .partition import OPTIMAL, Partition, PartitionProblem, rank_totals, solve
-from .layouts import blockers, check_pins, job_pins, knob_variants, meshes, units
+from .cost.evaluate import evaluate
+from .cost.pipeline import OPTIONS, CostTable, stages_of
+from .partition import OPTIMAL, TOL, Partition, lower_bound, solve
+from .layouts import check_pins, job_pins, units
 
 INF = float("inf")
 DEFAULT_KINDS = ("zero1", "fsdp")  # "replicated" moves the same bytes as zero1 and holds more
-
-
-@dataclass
-class Candidate:
-    layout: Layout
-    table: CostTable
-    problem: PartitionProblem
-    lower: float  # step-time lower bound
-    quick: float = INF  # even split with the lightest recompute that fits
-    quick_option: int = -1
-    blocked: Optional[Violation] = None  # the RUNNABLE row it breaks (runnable-only searches)
-
-    @property
-    def key(self) -> tuple:
-        return (self.quick, self.lower, self.layout.short(), self.layout.dp_kind)
 
 
 @dataclass
@@ -64,6 +47,8 @@ class SearchResult:
     enumerated: int = 0  # layouts (mesh x mbs x dp flavour x vpp) considered
     pruned: int = 0  # dropped by a bound without solving
     solved: int = 0  # ILPs solved
+    capped: int = 0  # candidates no bound ruled out that a solve cap left unsolved: while > 0
+    # the winner is the best of what was solved, not proven the best layout
     seconds: float = 0.0
     min_memory: Optional[tuple[float, Layout]] = None  # smallest memory need seen, when none fit
     notes: list[str] = field(default_factory=list)
@@ -86,24 +71,6 @@ class SearchResult:
 # Tables -> partition problems -> plans
 # ------------------------------------------------------------------------------------------------
 
-def problem_of(table: CostTable, options: tuple[int, ...]) -> PartitionProblem:
-    distinct = list(dict.fromkeys(table.units))
-    index = {id(u): i for i, u in enumerate(distinct)}
-    lay = table.layout
-    return PartitionProblem(
-        unit_types=tuple(index[id(u)] for u in table.units),
-        time=tuple(tuple(u.time(o) for o in range(3)) for u in distinct),
-        act=tuple(u.act for u in distinct), transient=tuple(u.transient for u in distinct),
-        static=tuple(table.unit_static(u) for u in distinct), pp=lay.pp, vpp=lay.vpp,
-        inflight=tuple(table.inflight(r) for r in range(lay.pp)),
-        buffers=tuple(table.buffer_bytes(r) for r in range(lay.pp)),
-        chunk_time=table.chunk_time, first_time=table.first.time,
-        first_static=table.static_bytes(table.first.params, 0.0),
-        last_time=table.last.time, last_static=table.static_bytes(table.last.params, 0.0),
-        fragmentation=table.fragmentation, reserve=table.reserve_fixed, capacity=table.capacity,
-        options=options)
-
-
 def make_plan(table: CostTable, sizes, options, notes=(),
               optimality: Optional[Optimality] = None) -> ParallelPlan:
     job = table.job
@@ -117,74 +84,6 @@ def make_plan(table: CostTable, sizes, options, notes=(),
         prediction=evaluate(table, stages), explanation=tuple(notes),
         precision=job.precision.kind, moe=job.moe if job.model.is_moe else None,
         layer_pattern=job.model.pattern, optimality=optimality or Optimality())
-
-
-# ------------------------------------------------------------------------------------------------
-# Bounds
-# ------------------------------------------------------------------------------------------------
-
-def memory_floor(job: TrainJob, mesh: Layout, kinds: tuple[str, ...]) -> float:
-    """Least bytes the fullest rank needs under ``mesh``: its share of the parameter state under the
-    most sharded allowed flavour, the last stage's head, one micro-batch of unit inputs, reserve."""
-    best = INF
-    for kind in kinds:
-        ctx = Context(job, replace(mesh, dp_kind=kind, mbs=1))
-        dense = expert = 0.0
-        for k in set(job.model.layers):
-            d, e = memory.block_params_on_rank(ctx, k)
-            n = job.model.count(k)
-            dense, expert = dense + n * d, expert + n * e
-        s = memory.state_bytes(ctx, dense / mesh.pp, expert / mesh.pp)
-        head = memory.state_bytes(ctx, memory.head_params_on_rank(ctx), 0.0)
-        best = min(best, sum(s.values()) + sum(head.values()) + ctx.cal.reserve_gib * memory.GiB)
-    return best
-
-
-def time_floor(table: CostTable) -> float:
-    """No bubble, no recompute, perfect balance: m * (sum of unit times + extras) / pp."""
-    total = sum(u.time(0) for u in table.units) + table.first.time + table.last.time
-    return table.microbatches * total / table.layout.pp
-
-
-@lru_cache(maxsize=256)
-def _type_counts(unit_types: tuple[int, ...]) -> dict[int, int]:
-    return dict(Counter(unit_types))
-
-
-def candidate_lower(table: CostTable, problem: PartitionProblem) -> float:
-    """Perfect balance with each unit at its cheapest allowed option (memory ignored)."""
-    counts_by_type = _type_counts(problem.unit_types)
-    cheapest = [min(problem.time[t][o] for o in problem.options) for t in range(len(problem.time))]
-    work = sum(n * cheapest[t] for t, n in counts_by_type.items())
-    per_rank = (work + table.first.time + table.last.time
-                + table.chunks * table.chunk_time) / table.layout.pp
-    return table.schedule_factor * max(per_rank, max(cheapest))
-
-
-def quick_estimate(cand: Candidate) -> None:
-    """Even split, one recompute option everywhere: the lightest option that fits."""
-    p = cand.problem
-    sizes = even_sizes(len(p.unit_types), p.chunks)
-    for o in p.options:
-        totals = rank_totals(p, sizes, (o,) * p.chunks)
-        if all(m <= p.capacity for _, m in totals):
-            z = max(t for t, _ in totals)
-            cand.quick = cand.table.schedule_factor * z + sync_estimate(cand.table, z)
-            cand.quick_option = o
-            return
-
-
-def sync_estimate(table: CostTable, z: float) -> float:
-    """Exposed DP synchronisation + optimizer step of an average rank whose micro-batch takes z
-    seconds (about a third forward, two thirds backward)."""
-    units_ = table.units
-    dense = (sum(u.dense_params for u in units_) + table.first.params + table.last.params)
-    expert = sum(u.expert_params for u in units_)
-    pp = table.layout.pp
-    rc = RankCost(time=z, fwd=z / 3, dense_params=dense / pp, expert_params=expert / pp,
-                  activations=0.0, transient=0.0, comm={})
-    exposed, opt = sync_time(table, rc)
-    return exposed + opt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,7 +136,7 @@ def _plans(job, pins, kinds, options, limits, result, families, progress=None,
     ``limits`` = (top, max_solves, max_nodes)."""
     top, max_solves, max_nodes = limits
     if ordered is None:
-        ordered = _bounded_meshes(job, pins, kinds, options, families, result)
+        ordered = screened_meshes(job, pins, kinds, options, families, result)
     candidates = _expand(job, pins, kinds, options, ordered, top, result, progress, families)
     blocked = [c for c in candidates if c.blocked]
     for cand in blocked:
@@ -263,7 +162,7 @@ def _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, fami
     solved = [p for p in plans if folding.is_unfolded(p.layout)]
     sub = SearchResult(plans=[], rejections=[], runnable_only=result.runnable_only,
                        why_blocked=result.why_blocked)
-    unfolded = [o for o in ordered if folding.is_unfolded(o[2])]
+    unfolded = [o for o in ordered if folding.is_unfolded(o.mesh)]
     if not solved:
         solved, _, _ = _plans(job, pins, kinds, options, (1, UNFOLDED_SOLVES, max_nodes), sub,
                               explain.Families(job), ordered=unfolded)
@@ -277,110 +176,101 @@ def _compare_unfolded(job, pins, kinds, options, max_nodes, plans, ordered, fami
     result.pruned, result.solved = result.pruned + sub.pruned, result.solved + sub.solved
 
 
-def _bounded_meshes(job, pins, kinds, options, families, result) -> list:
-    """Meshes that can fit, each screened with one table (smallest micro-batch, first allowed DP
-    flavour): (screen estimate, time floor, mesh, variants), best screen first."""
-    capacity = job.cluster.device.memory
-    unit_kinds = units(job.model)
-    scored = []
-    for mesh in meshes(job, pins):
-        need = memory_floor(job, mesh, kinds)
-        variants = [v for v in knob_variants(job, mesh, pins) if v.dp_kind in kinds]
-        result.enumerated += len(variants)
-        if not variants:
-            continue
-        if result.runnable_only:
-            result.why_blocked.update((v, b) for v, b in zip(variants, blockers(job, mesh, variants))
-                                      if b)
-        if need > capacity:
-            families.out_of_memory(mesh, need)
-            result.pruned += len(variants)
-            continue
-        kind = "zero1" if "zero1" in kinds else kinds[0]
-        screen = floor = INF
-        for mbs in sorted({min(v.mbs for v in variants), max(v.mbs for v in variants)}):
-            table = CostTable(job, replace(mesh, mbs=mbs, dp_kind=kind, vpp=1), unit_kinds)
-            problem = problem_of(table, options)
-            for vpp in sorted({v.vpp for v in variants}):
-                cand = _candidate(replace(table.layout, vpp=vpp), table, problem)
-                screen = min(screen, cand.quick)
-            # the largest micro-batch has the fewest per-micro-batch costs: its floor bounds all
-            floor = min(floor, time_floor(table))
-        scored.append((screen, floor, mesh.short(), mesh, variants))
-    scored.sort(key=lambda s: (s[0], s[1], s[2]))
-    return [(sc, fl, m, v) for sc, fl, _, m, v in scored]
-
-
-def _candidate(lay: Layout, base: CostTable, base_problem: PartitionProblem) -> Candidate:
-    table = base.with_vpp(lay.vpp) if lay.vpp != base.layout.vpp else base
-    problem = base_problem if lay.vpp == base_problem.vpp else replace(
-        base_problem, vpp=lay.vpp, inflight=tuple(table.inflight(r) for r in range(lay.pp)))
-    cand = Candidate(layout=lay, table=table, problem=problem,
-                     lower=candidate_lower(table, problem))
-    quick_estimate(cand)
-    return cand
-
-
-# Screening keeps the meshes whose even-split estimate is within this factor of the best one
-# (at least MIN_MESHES of them); their floors must also beat the k-th best estimate so far.
-SCREEN_SLACK, MIN_MESHES = 1.10, 8
-
-
 def _expand(job, pins, kinds, options, ordered, top, result, progress, families) -> list[Candidate]:
-    """Every knob variant of the meshes that survive screening and the floor bound. Screening and
-    the k-th best estimate count runnable candidates only (blocked ones are kept to compare)."""
+    """The knob variants whose proven floor does not exceed the k-th best plan that exists so
+    far (bounds.upper of the runnable candidates; blocked ones are kept to compare), a mesh at a
+    time, the whole mesh dropped when its floor exceeds it."""
     unit_kinds = units(job.model)
     cands: list[Candidate] = []
-    best_quick: list[float] = []  # max-heap (negated) of the k best runnable estimates so far
+    best_upper: list[float] = []  # max-heap (negated) of the k least runnable upper bounds so far
     why = result.why_blocked
-    runs = [any(v not in why for v in o[3]) for o in ordered]  # the mesh has a runnable variant
-    best_screen = next((o[0] for o, r in zip(ordered, runs) if r), INF)
-    seen = 0  # runnable meshes screened so far
-    for i, (screen, floor, mesh, variants) in enumerate(ordered):
+    for i, (screen, floor, mesh, variants, screened) in enumerate(ordered):
         if progress:
             progress(i + 1, len(ordered))
-        kth = -best_quick[0] if len(best_quick) >= top else INF
-        if (seen >= MIN_MESHES and screen > SCREEN_SLACK * best_screen) or floor > kth:
-            result.pruned += len(variants)
-            families.screened(mesh, screen, floor)
-            continue
-        seen += runs[i]
-        tables: dict = {}
+        kth = -best_upper[0] if len(best_upper) >= top else INF
+        tables = dict(screened)
+        if floor > kth:  # the screened micro-batches cannot win: are the others any better?
+            _floor_tables(job, kinds, options, variants, tables)
+            floor = mesh_floor(tables, variants, kinds)
+        kept, floors = 0, {}
         for lay in variants:
-            key = (lay.mbs, lay.dp_kind)
-            if key not in tables:
-                base = CostTable(job, replace(lay, vpp=1), unit_kinds)
-                tables[key] = (base, problem_of(base, options))
-            cand = _candidate(lay, *tables[key])
+            if floor > kth or (kth < INF and _floor(job, kinds, options, lay, tables, floors) > kth):
+                result.pruned += 1
+                continue
+            cand = make_candidate(lay, _table(job, options, lay, tables, unit_kinds), False)
+            if kth < INF and (cand.lower > kth or not can_reach(cand, kth)):
+                result.pruned += 1
+                continue
+            quick_estimate(cand)
             cand.blocked = why.get(lay)
-            if cand.quick < INF and not cand.blocked:
-                heapq.heappush(best_quick, -cand.quick)
-                if len(best_quick) > top:
-                    heapq.heappop(best_quick)
+            if cand.quick < INF and not cand.blocked and cand.lower <= kth:
+                heapq.heappush(best_upper, -upper(cand))
+                if len(best_upper) > top:
+                    heapq.heappop(best_upper)
+                kth = -best_upper[0] if len(best_upper) >= top else INF
             cands.append(cand)
+            kept += 1
+        if not kept:
+            families.screened(mesh, screen, floor)
     return cands
+
+
+def _floor(job, kinds, options, lay, tables: dict, floors: dict) -> float:
+    """bounds.mesh_floor of one variant: no DP flavour at its mbs and vpp does better (cached in
+    ``floors`` by (mbs, vpp))."""
+    key = (lay.mbs, lay.vpp)
+    if key not in floors:
+        _floor_tables(job, kinds, options, [lay], tables)
+        floors[key] = mesh_floor(tables, [lay], kinds)
+    return floors[key]
+
+
+def _table(job, options, lay, tables: dict, unit_kinds):
+    """The bounds.Costed of ``lay``'s micro-batch and DP flavour, cached in ``tables``."""
+    key = (lay.mbs, lay.dp_kind)
+    if key not in tables:
+        tables[key] = costed(job, lay, options, unit_kinds)
+    return tables[key]
+
+
+def _floor_tables(job, kinds, options, variants, tables: dict) -> None:
+    """Adds to ``tables`` the Costed of every mbs under each of bounds.floor_kinds."""
+    unit_kinds = units(job.model)
+    for v in variants:
+        for kind in floor_kinds(kinds):
+            if (v.mbs, kind) not in tables:
+                _table(job, options, replace(v, dp_kind=kind), tables, unit_kinds)
 
 
 MAX_ILP_SOLVES = 4  # general-formulation ILPs per search (each bounded by ilp.MAX_NODES nodes)
 
 
 def _solve(cands, top, max_solves, max_nodes, families, result) -> list[ParallelPlan]:
-    """Exact partitions in order of the even-split estimate (an upper bound of each), skipping
-    candidates whose lower bound cannot beat the k-th best plan or estimate (branch and bound).
+    """Exact partitions in order of the even-split estimate, skipping candidates whose lower bound
+    cannot beat the k-th best plan solved or known to exist (bounds.upper; branch and bound).
     ``max_solves`` caps the solves (None: every candidate the bound keeps); ILPs (heterogeneous
     units with vpp > 1) are capped at MAX_ILP_SOLVES."""
     plans: list[ParallelPlan] = []
-    best_quick = sorted(c.quick for c in cands)
+    uppers = sorted(c.upper for c in cands)
+    best_steps: list[float] = []  # max-heap (negated) of the k least solved step times
     ilps = 0
     for cand in sorted(cands, key=lambda c: c.key):
-        steps = sorted(p.prediction.step_time for p in plans)
-        bound = min(steps[top - 1] if len(steps) >= top else INF,
-                    best_quick[top - 1] if len(best_quick) >= top else INF)
+        bound = min(-best_steps[0] if len(best_steps) >= top else INF,
+                    uppers[top - 1] if len(uppers) >= top else INF)
         needs_ilp = not cand.problem.tied and cand.problem.vpp > 1
-        if (cand.lower > bound or (max_solves is not None and result.solved >= max_solves)
-                or (needs_ilp and ilps >= MAX_ILP_SOLVES)):
+        if cand.lower > bound or not can_reach(cand, bound):
             result.pruned += 1
             families.estimated(cand)
+            continue
+        if ((max_solves is not None and result.solved >= max_solves)
+                or (needs_ilp and ilps >= MAX_ILP_SOLVES)):  # a cap, not a bound, drops it
+            result.pruned += 1
+            result.capped += 1
+            families.estimated(cand)
+            continue
+        if cand.quick == INF and not may_fit(cand.problem):
+            result.pruned += 1
+            families.infeasible(cand)
             continue
         plan, solved = _solve_one(cand, max_nodes)
         result.solved += solved
@@ -390,25 +280,31 @@ def _solve(cands, top, max_solves, max_nodes, families, result) -> list[Parallel
             continue
         families.solved(cand, plan)
         plans.append(plan)
+        heapq.heappush(best_steps, -plan.prediction.step_time)
+        if len(best_steps) > top:
+            heapq.heappop(best_steps)
     return plans
 
 
 def _solve_one(cand: Candidate, max_nodes: Optional[int]) -> tuple[Optional[ParallelPlan], bool]:
     """The candidate's exact partition as a plan (None: nothing fits) and whether a solver ran
-    (an even split that meets the lower bound needs none)."""
-    start = None
-    if cand.quick < INF:
-        start = (even_sizes(len(cand.problem.unit_types), cand.problem.chunks),
-                 (cand.quick_option,) * cand.problem.chunks)
-    solved = not cand.quick <= cand.lower * (1 + 1e-9)
-    if not solved:  # the even split meets the lower bound
-        part = Partition(sizes=start[0], options=start[1], z=0.0, status=OPTIMAL,
+    (an even split that meets the lower bound on z needs none). The partition minimises z; its
+    step also counts the DP sync of its busiest rank, so when the even split steps faster the
+    even split is returned: a candidate's plan never steps slower than bounds.upper says."""
+    even = cand.even_split
+    if even is not None and cand.quick_z <= lower_bound(cand.problem) * (1 + TOL):
+        part = Partition(sizes=even[0], options=even[1], z=cand.quick_z, status=OPTIMAL,
                          method="even split meets the lower bound")
-    else:
-        part = solve(cand.problem, start=start, max_nodes=max_nodes)
+        return make_plan(cand.table, *even, optimality=optimality_of(part)), False
+    part = solve(cand.problem, start=even, max_nodes=max_nodes)
     if part is None:
-        return None, solved
-    return make_plan(cand.table, part.sizes, part.options, optimality=optimality_of(part)), solved
+        return None, True
+    plan = make_plan(cand.table, part.sizes, part.options, optimality=optimality_of(part))
+    if even is not None and upper(cand) < plan.prediction.step_time:
+        plan = make_plan(cand.table, *even, optimality=Optimality(
+            proven=False, gap=max(0.0, 1 - part.bound / cand.quick_z), method=(
+                f"even split: steps faster than the least-z partition ({part.method})")))
+    return plan, True
 
 
 def optimality_of(part: Partition) -> Optimality:

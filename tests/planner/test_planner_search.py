@@ -20,7 +20,10 @@ def tiny_result():
 
 def test_plans_are_legal_sorted_and_cover_the_model(tiny_result):
     job, res = tiny_result
-    assert res.plans and res.enumerated >= len(res.plans) and res.solved >= 1
+    assert res.plans and res.enumerated >= len(res.plans)
+    # every winner's partition is proven optimal: by a solver, or by an even split that meets the
+    # lower bound on z (then no solver runs, and res.solved may be 0)
+    assert all(p.optimality.proven for p in res.plans)
     steps = [p.prediction.step_time for p in res.plans]
     assert steps == sorted(steps)
     for plan in res.plans:
