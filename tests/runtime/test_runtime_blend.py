@@ -156,8 +156,8 @@ def test_a_checkpoint_names_the_recipe_so_a_changed_blend_is_a_different_job(sou
 
 
 def test_a_data_flag_replaces_the_jobs_blend(sources):
-    from plait.commands.run import _with_data
+    from plait.commands.run import with_data
 
     job = blend_job(sources, PHASES)
-    assert _with_data(job, "/some/dir", False).data.sources == ()
-    assert _with_data(job, None, True).data.phases == () and _with_data(job, None, False) == job
+    assert with_data(job, "/some/dir", False).data.sources == ()
+    assert with_data(job, None, True).data.phases == () and with_data(job, None, False) == job
