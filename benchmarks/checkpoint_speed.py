@@ -25,7 +25,7 @@ from plait.ir.plan import Layout
 from plait.runtime import checkpoint
 from plait.runtime import mesh as mesh_mod
 from plait.runtime.mesh import build_mesh
-from plait.runtime.parity import TIMEOUT_S, Case, Setup
+from plait.runtime.harness.parity import TIMEOUT_S, Case, Setup
 from plait.runtime.train import Trainer
 
 

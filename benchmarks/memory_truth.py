@@ -1,6 +1,6 @@
 """Memory truth: the planner's memory terms next to what the real runtime holds, per term and layout.
 
-The real Trainer trains one step of the tiny jobs (runtime/memory_probe.py: saved-tensor hooks for
+The real Trainer trains one step of the tiny jobs (runtime/harness/memory_probe.py: saved-tensor hooks for
 the activations of one micro-batch, the rank's weights, gradients, ZeRO-1 master shards and their
 gradients, Adam moments); the planner predicts the same layout (planner/cost/evaluate.py
 rank_tensor_bytes). One table, rank 0 of each layout, measured / predicted side by side. "saved":
@@ -24,7 +24,7 @@ from plait.ir.plan import Layout
 from plait.planner.cost.evaluate import rank_tensor_bytes
 from plait.planner.cost.pipeline import CostTable
 from plait.planner.layouts import units
-from plait.runtime.memory_probe import measure, probe_plan
+from plait.runtime.harness.memory_probe import measure, probe_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = ("weights", "grads", "master", "master_grads", "moments", "saved", "live", "gathered")

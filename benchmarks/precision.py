@@ -28,7 +28,7 @@ from plait.planner.cost.evaluate import rank_tensor_bytes
 from plait.planner.cost.pipeline import CostTable
 from plait.planner.layouts import units
 from plait.runtime import data as data_mod
-from plait.runtime.memory_probe import probe_plan, state_bytes
+from plait.runtime.harness.memory_probe import probe_plan, state_bytes
 from plait.runtime.mesh import build_mesh, destroy, init_distributed
 from plait.runtime.train import Trainer
 

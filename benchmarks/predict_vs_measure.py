@@ -34,7 +34,7 @@ from plait.planner import calibration
 from plait.planner.cost.evaluate import evaluate, rank_tensor_bytes
 from plait.planner.cost.pipeline import CostTable
 from plait.planner.layouts import units
-from plait.runtime.step_probe import measure_steps, step_plan
+from plait.runtime.harness.step_probe import measure_steps, step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 13  # steps 3..12 are timed (0-2 warm up allocators, caches and the gloo rings)

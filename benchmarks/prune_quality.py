@@ -35,7 +35,7 @@ from plait.lowering.prune.slicing import slice_state_dict
 from plait.planner.prune.plan import plan_for_architecture, plan_prune
 from plait.planner.prune.scores import random_scores
 from plait.runtime import data as data_mod
-from plait.runtime.distill import Distiller, eval_loss
+from plait.runtime.distill.single_device import Distiller, eval_loss
 from plait.runtime.train import ReferenceTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ def cases(only: list[str] | None):
     from plait.commands.run import DEMO_LAYOUT, resolve_plan
     from plait.ir.dsl import load_job
     from plait.ir.plan import Layout
-    from plait.runtime.parity import Case
+    from plait.runtime.harness.parity import Case
 
     job = load_job(str(JOB))
     demo, auto = resolve_plan(job, None, DEMO_LAYOUT), resolve_plan(job, None, None)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from plait.runtime.parity import Setup, spawn_cases
+    from plait.runtime.harness.parity import Setup, spawn_cases
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)

@@ -47,6 +47,8 @@ LLAMA_LIKE_TYPES = SUPPORTED_TYPES[:7]
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5},
     "mistral": {"sliding_window": 4096},
+    "deepseek_v3": {"q_lora_rank": 1536, "first_k_dense_replace": 3, "n_shared_experts": 1,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5},
 }
 
 
@@ -134,6 +136,27 @@ def read_rope(c: HFConfig, allow_mscale: bool = False) -> Rope:
     if params:
         raise c.error("rope_parameters", params, f"unknown {kind} RoPE parameter(s)")
     return Rope(theta=theta, scaling=scaling)
+
+
+def rope_fields(rope: Optional[Rope]) -> dict:
+    """The inverse of `read_rope`: a Rope as transformers 5's ``rope_parameters``. YaRN's mscale
+    pair is written when set (only a family whose attention reads it, DeepSeek-V3, reads it back)."""
+    if rope is None:
+        raise PlaitError("the model's attention has no RoPE; llama-family configs always rotate",
+                         hint="export it as nemotron_h (attention without positions)")
+    params = {"rope_type": "default", "rope_theta": rope.theta}
+    s = rope.scaling
+    if s is not None:
+        params.update(rope_type=s.kind, factor=s.factor)
+        if s.kind in ("yarn", "llama3"):
+            params["original_max_position_embeddings"] = s.original_max_positions
+        if s.kind == "yarn":
+            params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+            params.update({k: v for k, v in (("mscale", s.mscale), ("mscale_all_dim", s.mscale_all_dim))
+                           if v is not None})
+        if s.kind == "llama3":
+            params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    return {"rope_parameters": params}
 
 
 def _read_yarn(c: HFConfig, params: dict, allow_mscale: bool) -> RopeScaling:

@@ -7,10 +7,15 @@ scaling factor.
 
 Multi-token prediction (``num_nextn_predict_layers``, the extra layer 61 of the public checkpoint)
 is not part of transformers' model and is left out here too: the import is the 61-layer main model.
+
+`deepseek_v3_fields` is the way back (`plait export hf`, through ir/hf_write.py): the config fields
+of a spec, refusing with the feature's name what DeepSeek-V3's architecture cannot say.
 """
 from __future__ import annotations
 
-from .hf import HFConfig, checked, read_no_dropout, read_rope, swiglu_activation
+from . import kinds
+from .errors import PlaitError
+from .hf import HFConfig, checked, read_no_dropout, read_rope, rope_fields, swiglu_activation
 from .model import MLP, Attention, LatentKV, ModelSpec, MoE, Norm
 
 # In DeepSeek's own config.json but read by neither transformers' model nor plait: the MTP depth
@@ -58,8 +63,15 @@ def _moe(c: HFConfig) -> MoE:
     return MoE(experts=experts, top_k=int(c.required("num_experts_per_tok")), ffn=ffn,
                shared_ffn=ffn * int(c.get("n_shared_experts", 0)), router="sigmoid",
                norm_topk=bool(c.get("norm_topk_prob", True)), expert_bias=True,
-               groups=groups, topk_groups=int(c.get("topk_group", 1)), group_top=2 if groups > 1 else 0,
-               scaling_factor=float(c.get("routed_scaling_factor", 1.0)))
+               groups=groups, topk_groups=int(c.get("topk_group", 1)), group_top=_group_top(groups),
+               scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+               # not a DeepSeek field: plait's batch-wise balancing loss, carried by plait's exports
+               aux_loss=float(c.get("router_aux_loss_coef", 0.0)))
+
+
+def _group_top(groups: int) -> int:
+    """transformers' group score sums a group's best 2 experts (no groups: nothing to score)."""
+    return 2 if groups > 1 else 0
 
 
 def deepseek_v3(c: HFConfig, name: str) -> ModelSpec:
@@ -94,3 +106,63 @@ def _check_groups(c: HFConfig, m: MoE | None) -> None:
     if not m.topk_groups <= m.groups or m.top_k > m.topk_groups * (m.experts // m.groups):
         raise c.error("topk_group", m.topk_groups, f"the best topk_group groups must hold num_experts_per_tok "
                                                    f"({m.top_k}) experts")
+
+
+# ---- export: ModelSpec -> config.json fields ------------------------------------------------------
+
+def deepseek_v3_fields(spec: ModelSpec) -> dict:
+    """The DeepSeek-V3 config fields of ``spec`` (all but the ones every family shares)."""
+    a = spec.attention
+    if a is None or a.latent is None:
+        raise PlaitError(f"model {spec.name!r} has no multi-head latent attention; every DeepSeek-V3 "
+                         "layer has it", hint="export it as another family (plait export hf --family)")
+    lat = a.latent
+    if a.qkv_bias or a.out_bias or a.qk_norm or a.window is not None or a.rope is None:
+        raise PlaitError(f"model {spec.name!r}: DeepSeek-V3's latent attention has no projection biases, "
+                         "q/k norms or sliding window, and rotates its qk_rope_head_dim dims (RoPE)")
+    cfg = {"num_hidden_layers": spec.num_layers // 2, "num_attention_heads": a.heads,
+           "num_key_value_heads": a.heads, "q_lora_rank": lat.q_lora_rank, "kv_lora_rank": lat.kv_lora_rank,
+           "qk_nope_head_dim": lat.qk_nope_head_dim, "qk_rope_head_dim": lat.qk_rope_head_dim,
+           "v_head_dim": lat.v_head_dim, "rope_interleave": lat.rope_interleave, **rope_fields(a.rope),
+           "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
+           "rms_norm_eps": spec.norm.eps, "first_k_dense_replace": _dense_decoders(spec),
+           "num_nextn_predict_layers": 0}  # plait trains no multi-token-prediction layer
+    if spec.mlp is not None:
+        cfg["intermediate_size"] = spec.mlp.ffn
+    if spec.moe is not None:
+        cfg.update(_moe_fields(spec))
+    return cfg
+
+
+def _dense_decoders(spec: ModelSpec) -> int:
+    """first_k_dense_replace: DeepSeek-V3's dense feed-forwards come first, then only MoE."""
+    dense = [not kinds.facet(k, "counts").EXPERTS for k in spec.layers[1::2]]
+    first_k = dense.index(False) if False in dense else len(dense)
+    if any(dense[first_k:]):
+        raise PlaitError(f"model {spec.name!r}: decoder layer {dense.index(True, first_k)} has a dense "
+                         f"feed-forward after MoE ones; DeepSeek-V3 has only its first "
+                         "first_k_dense_replace layers dense", hint=f"model pattern is {spec.pattern!r}")
+    return first_k
+
+
+def _moe_fields(spec: ModelSpec) -> dict:
+    m = spec.moe
+    if m.router != "sigmoid" or not m.expert_bias or m.shared_gate:
+        raise PlaitError(f"model {spec.name!r}: DeepSeek-V3's MoE routes by sigmoid scores with the "
+                         "expert bias (e_score_correction_bias) and has no shared-expert gate",
+                         hint="moe { router = sigmoid, expert_bias = true } without shared_gate")
+    if m.shared_ffn % m.ffn or not m.shared_ffn:
+        raise PlaitError(f"model {spec.name!r}: DeepSeek-V3's shared experts are n_shared_experts >= 1 "
+                         f"experts of moe_intermediate_size ({m.ffn}); shared_ffn is {m.shared_ffn}")
+    if m.group_top != _group_top(m.groups):
+        same = m.groups > 1 and m.group_score_top == 2  # Megatron's top_k // topk_groups happens to be 2
+        raise PlaitError(f"model {spec.name!r}: DeepSeek-V3 scores a group by its best 2 experts "
+                         f"(group_top = 2, or 0 without groups); this model's group_top is {m.group_top}"
+                         + (" (top_k // topk_groups = 2: the same routing)" if same else ""),
+                         hint=f"moe {{ group_top = {_group_top(m.groups)} }}" if same or m.groups == 1 else None)
+    out = {"n_routed_experts": m.experts, "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.ffn,
+           "n_shared_experts": m.shared_ffn // m.ffn, "n_group": m.groups, "topk_group": m.topk_groups,
+           "norm_topk_prob": m.norm_topk, "routed_scaling_factor": m.scaling_factor}
+    if m.aux_loss:
+        out["router_aux_loss_coef"] = m.aux_loss
+    return out

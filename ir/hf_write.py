@@ -13,23 +13,39 @@ from typing import Optional
 
 from . import kinds
 from .errors import PlaitError
-from .hf import SUPPORTED_TYPES, model_from_hf_config
-from .model import ModelSpec, Rope
+from .hf import SUPPORTED_TYPES, model_from_hf_config, rope_fields
+from .hf_deepseek import deepseek_v3_fields
+from .model import ModelSpec
 from .serde import to_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 DEFAULT_MAX_POSITIONS = 4096  # written when the spec leaves max_seq open (no effect without yarn)
 
 
 def infer_family(spec: ModelSpec) -> str:
     """The Hugging Face model_type whose architecture matches the spec's features."""
     a = spec.attention
-    if spec.is_hybrid or kinds.facet(spec.layers[0], "hf").DECODER_SLOT != 0:  # no decoder pairs
+    hybrid = spec.is_hybrid or kinds.facet(spec.layers[0], "hf").DECODER_SLOT != 0  # no decoder pairs
+    if a is not None and a.latent is not None:  # only DeepSeek's checkpoints hold latent attention
+        if hybrid:
+            raise PlaitError(f"model {spec.name!r} has multi-head latent attention outside "
+                             "[attention, mlp|moe] decoder layers (pattern "
+                             f"{spec.pattern!r}): no Hugging Face family holds it",
+                             hint="deepseek_v3 holds latent attention in decoder layers; nemotron_h "
+                                  "holds hybrids, without latent attention")
+        return "deepseek_v3"
+    if hybrid:
         return "nemotron_h"
     if spec.moe is not None:
+        if spec.moe.router == "sigmoid" or spec.moe.expert_bias:
+            raise PlaitError(f"model {spec.name!r} routes its experts by sigmoid scores / expert bias "
+                             "under plain attention: no Hugging Face family holds that",
+                             hint="deepseek_v3 routes so under latent attention, nemotron_h in "
+                                  "hybrids; mixtral and qwen*_moe route by softmax")
         if spec.moe.shared_ffn:
             return "qwen2_moe"
         return "qwen3_moe" if a.qk_norm else "mixtral"
@@ -40,28 +56,11 @@ def infer_family(spec: ModelSpec) -> str:
     return "llama" if a.window is None else "mistral"  # a window in a plain llama layout: Mistral
 
 
-def _rope(rope: Optional[Rope]) -> dict:
-    if rope is None:
-        raise PlaitError("the model's attention has no RoPE; llama-family configs always rotate",
-                         hint="export it as nemotron_h (attention without positions)")
-    params = {"rope_type": "default", "rope_theta": rope.theta}
-    s = rope.scaling
-    if s is not None:
-        params.update(rope_type=s.kind, factor=s.factor)
-        if s.kind in ("yarn", "llama3"):
-            params["original_max_position_embeddings"] = s.original_max_positions
-        if s.kind == "yarn":
-            params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
-        if s.kind == "llama3":
-            params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
-    return {"rope_parameters": params}
-
-
 def _llama_like(spec: ModelSpec, family: str) -> dict:
     a, decoders = spec.attention, spec.num_layers // 2
     cfg = {"num_hidden_layers": decoders, "num_attention_heads": a.heads,
            "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "hidden_act": "silu",
-           "rms_norm_eps": spec.norm.eps, "attention_dropout": 0.0, **_rope(a.rope)}
+           "rms_norm_eps": spec.norm.eps, "attention_dropout": 0.0, **rope_fields(a.rope)}
     if family in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = a.qkv_bias
     if family == "qwen2_moe":
@@ -101,13 +100,20 @@ def _nemotron_h(spec: ModelSpec) -> dict:
     return cfg
 
 
+def _family_fields(spec: ModelSpec, family: str) -> dict:
+    """The config fields of ``family`` (all but those every family shares). DeepSeek-V3 writes its
+    own beside its import (ir/hf_deepseek.py); Nemotron-H's come from its blocks' hf facets."""
+    own = {"nemotron_h": _nemotron_h, "deepseek_v3": deepseek_v3_fields}
+    return own[family](spec) if family in own else _llama_like(spec, family)
+
+
 def hf_config(spec: ModelSpec, family: Optional[str] = None, dtype: str = "bfloat16") -> dict:
     """The config.json of ``spec`` as ``family`` (default: inferred), checked by reading it back."""
     family = family or infer_family(spec)
     if family not in SUPPORTED_TYPES:
         raise PlaitError(f"cannot export to model_type {family!r}",
                          hint=f"plait exports {', '.join(SUPPORTED_TYPES)}")
-    body = _nemotron_h(spec) if family == "nemotron_h" else _llama_like(spec, family)
+    body = _family_fields(spec, family)
     cfg = {"model_type": family, "architectures": [ARCHITECTURES[family]],
            "vocab_size": spec.vocab, "hidden_size": spec.hidden,
            "tie_word_embeddings": spec.tie_embeddings,

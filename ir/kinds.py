@@ -13,7 +13,9 @@ pipeline stage so that data still flows one way (dsl -> ir -> planner -> lowerin
     cost         the planner's compute / communication / memory terms (imports ir, planner)
     module       the reference torch module (imports ir, lowering)
     parallelize  its TP / SP / CP sharding plan for the lowering passes (imports ir, lowering)
-    prune        importance and slicing hooks for structured pruning (imports ir, planner, lowering)
+    prune        structured pruning: how its widths snap and narrow (imports ir only, so the
+                 planner reads it without torch) and its importance and slicing hooks (lowering
+                 helpers imported on call)
 
 The core stages never import a kind's package directly and never branch on a kind's name: they
 iterate over ``names()`` and ask ``facet(kind, "<facet>")`` for the kind's functions. A facet

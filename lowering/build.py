@@ -16,16 +16,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from plait.ir import kinds
 from plait.ir.errors import PlaitError
 from plait.ir.job import MoEOptions, document_mask_problem
 from plait.ir.model import ModelSpec
 
-from .modules.attention import SelfAttention
-from .modules.latent_attention import LatentAttention
-from .modules.mamba import Mamba2Mixer
-from .modules.mlp import FeedForward
-from .modules.model import CausalLM
-from .modules.moe import MoEBlock
+from .modules.model import CausalLM, MixerOptions
 from .modules.norms import GatedRMSNorm, RMSNorm
 
 INIT_STD = 0.02
@@ -45,8 +41,8 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device="cpu
     ``document_mask`` / ``loss_mask``: see CausalLM (packed documents, SFT loss masks)."""
     if document_mask:
         check_document_mask(spec)
-    mixers = [_mixer(spec, i, moe_options, (capacity_segments, capacity_cp))
-              for i in range(spec.num_layers)]
+    options = MixerOptions(moe_options or MoEOptions(), capacity_segments, capacity_cp)
+    mixers = [_mixer(spec, i, options) for i in range(spec.num_layers)]
     model = CausalLM(spec, mixers, document_mask=document_mask, loss_mask=loss_mask)
     init_weights(model, seed)
     _cast(model, dtype, device)
@@ -60,23 +56,18 @@ def check_document_mask(spec: ModelSpec) -> None:
                          "with EOS between them)")
 
 
-def _mixer(spec: ModelSpec, layer: int, moe_options: Optional[MoEOptions],
-           segments: tuple[int, int]) -> nn.Module:
+def _mixer(spec: ModelSpec, layer: int, options: MixerOptions) -> nn.Module:
+    """Layer ``layer``'s reference mixer, built by its kind's module facet."""
     kind = spec.layers[layer]
     try:
         block = spec.layer_block(layer)
     except KeyError as e:
         raise PlaitError(f"model {spec.name!r} uses {kind!r} layers but defines no {kind} block") from e
-    if kind == "attention":
-        attention = SelfAttention if block.latent is None else LatentAttention
-        return attention(block, spec.hidden, spec.norm.eps, spec.max_seq)
-    if kind == "mlp":
-        return FeedForward.from_spec(block, spec.hidden)
-    if kind == "moe":
-        return MoEBlock(block, spec.hidden, moe_options or MoEOptions(), *segments)
-    if kind == "mamba":
-        return Mamba2Mixer(block, spec.hidden, spec.norm.eps)
-    raise PlaitError(f"unknown block kind {kind!r}")
+    try:
+        facet = kinds.facet(kind, "module")
+    except KeyError:
+        raise PlaitError(f"unknown block kind {kind!r}") from None
+    return facet.mixer(spec, block, options)
 
 
 def _cast(model: nn.Module, dtype: torch.dtype, device) -> None:

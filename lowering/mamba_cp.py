@@ -63,7 +63,7 @@ def chunk_final_state(x, dt, A, B) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.einsum("bsh,bshp,bshn->bhpn", weight, upcast(x), B), total
 
 
-def _entering_states(states: torch.Tensor, decays: torch.Tensor) -> list[torch.Tensor]:
+def entering_states(states: torch.Tensor, decays: torch.Tensor) -> list[torch.Tensor]:
     """E_0 = 0, E_{c+1} = exp(L_c) E_c + S_c over the global chunks."""
     entering = [torch.zeros_like(states[0])]
     for c in range(states.shape[0] - 1):
@@ -78,7 +78,7 @@ def cp_ssd_scan(x, dt, A, B, C, chunk: int, axis: str, size: int, rank: int) -> 
     finals = [chunk_final_state(parts[0][i], parts[1][i], A, parts[2][i]) for i in range(2)]
     states = _gather_chunks(torch.stack([f[0] for f in finals]), axis, size)
     decays = _gather_chunks(torch.stack([f[1] for f in finals]), axis, size)
-    entering = _entering_states(states, decays)
+    entering = entering_states(states, decays)
     out = []
     for i, cid in enumerate(zigzag_chunks(size, rank)):
         xi, dti, Bi, Ci = (p[i] for p in parts)

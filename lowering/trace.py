@@ -11,6 +11,7 @@ position among its inputs; the `labels` input sits at the loss position.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from plait.ir import kinds
 from plait.ir.model import ModelSpec
 
 from . import trace_cache
@@ -112,27 +114,33 @@ def _sink_into_loss(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
             node.meta[META] = NodeInfo(scope="", position=last, kind=LOSS)
 
 
-def _is_moe(module: torch.nn.Module) -> bool:
-    from .modules.moe import MoEBlock
-    return isinstance(module, MoEBlock)
+@functools.cache
+def _whole_types() -> tuple[type, ...]:
+    return tuple(t for k in kinds.names() for t in kinds.facet(k, "module").traced_whole())
+
+
+def _traced_whole(module: torch.nn.Module) -> bool:
+    """A mixer its kind keeps as one node (module facet ``traced_whole``: the reference MoE mixer,
+    whose routing decides shapes)."""
+    return isinstance(module, _whole_types())
 
 
 class _Tracer(torch.fx.Tracer):
-    """Keeps each reference MoE mixer one call_module node: its routing is data-dependent (token
-    counts decide shapes), so it can neither be fake-run nor sharded node by node; the
-    dispatch_experts pass replaces the whole node. Buffers (RoPE's inv_freq) are read as
+    """Keeps each mixer its kind names in ``traced_whole`` one call_module node (the reference MoE
+    mixer: its routing is data-dependent, token counts decide shapes, so it can neither be
+    fake-run nor sharded node by node; the dispatch_experts pass replaces the whole node). Buffers (RoPE's inv_freq) are read as
     attributes, not baked into the graph as constants computed at trace time: the graph then
     depends on the model's structure only, and a cached trace can be re-bound to another model."""
 
     proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return _is_moe(m) or super().is_leaf_module(m, qualname)
+        return _traced_whole(m) or super().is_leaf_module(m, qualname)
 
 
 class _ShapeProp(ShapeProp):
     def call_module(self, target, args, kwargs):
-        if _is_moe(self.fetch_attr(target)):  # [..., hidden] -> [..., hidden]
+        if _traced_whole(self.fetch_attr(target)):  # [..., hidden] -> [..., hidden]
             return torch.empty_like(args[0])
         return super().call_module(target, args, kwargs)
 

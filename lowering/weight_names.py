@@ -74,14 +74,29 @@ def _nemotron_h(spec: ModelSpec, name: str, prefix: str) -> list:
 # ---- export: reference tensors -> the checkpoint names a family's hub checkpoints use ------------
 def _hub_fits(model_type: str, names: list[str]) -> bool:
     """Names in the layout transformers' save_pretrained writes for this family: Mixtral's
-    block_sparse_moe experts w1/w2/w3, Qwen-MoE's mlp.experts.{e}, Nemotron-H's backbone prefix."""
+    block_sparse_moe experts w1/w2/w3, Qwen-MoE's mlp.experts.{e} and mlp.shared_expert,
+    DeepSeek-V3's mlp.experts.{e} and mlp.shared_experts, Nemotron-H's backbone prefix."""
     if model_type == "mixtral":
         return not any(".mlp." in n for n in names)
     if model_type in ("qwen2_moe", "qwen3_moe"):
         return not any("block_sparse_moe" in n for n in names)
+    if model_type == "deepseek_v3":
+        return not any("block_sparse_moe" in n or ".shared_expert." in n for n in names)
     if model_type in HYBRID:
         return all(n.startswith("backbone.") or n == "lm_head.weight" for n in names)
     return True
+
+
+# What transformers keeps in fp32 whatever the model's dtype (its _keep_in_fp32_modules_strict), so
+# that its save_pretrained writes them in fp32 too: the router of the sigmoid-routed families and
+# its expert bias, whose small per-expert offsets decide the top-k (bf16 keeps ~3 digits).
+FP32_KEPT = {"deepseek_v3": ("gate.weight", "gate.e_score_correction_bias"),
+             "nemotron_h": ("gate.weight", "gate.e_score_correction_bias")}
+
+
+def kept_in_fp32(model_type: str, hf_name: str) -> bool:
+    """Whether the family keeps checkpoint tensor ``hf_name`` in fp32 (see FP32_KEPT)."""
+    return any(hf_name.endswith("." + n) for n in FP32_KEPT.get(model_type, ()))
 
 
 def export_recipe(model_type: str, spec: ModelSpec, name: str) -> Recipe:

@@ -172,7 +172,7 @@ def apply(plan_: PrunePlan, job: PruneJob, run: RunDir, teacher_state: dict, say
 def distill(job: PruneJob, run: RunDir, teacher, student, steps: int, say: Say,
             on_step=None) -> list:
     from plait.runtime.data import BatchLoader
-    from plait.runtime.distill import Distiller
+    from plait.runtime.distill.single_device import Distiller
 
     d = job.distill
     source = token_source(d.data, run, job.model.vocab)
@@ -192,7 +192,7 @@ def distill(job: PruneJob, run: RunDir, teacher, student, steps: int, say: Say,
 def parallel_layout(job: PruneJob):
     """The layout the job pins when it spans more than one rank (distillation then runs in the
     compiled runtime under it), else None (one process on the reference modules)."""
-    from plait.runtime.distill_launch import layout_from_pins
+    from plait.runtime.distill.launch import layout_from_pins
 
     layout = layout_from_pins(job.layout)
     return layout if layout.world > 1 else None
@@ -200,12 +200,12 @@ def parallel_layout(job: PruneJob):
 
 def distill_parallel(job: PruneJob, run: RunDir, teacher, student, steps: int, say: Say,
                      quiet: bool = False) -> list:
-    """Distil under the job's layout on local processes (runtime/distill_launch.py); the student
+    """Distil under the job's layout on local processes (runtime/distill/launch.py); the student
     module takes the distilled weights. Checkpoints in RUN/distill/ make a rerun resume."""
     import torch
 
     from plait.lowering.prune.checkpoint import save_weights
-    from plait.runtime.distill_launch import DistillRun, distill_parallel as launch
+    from plait.runtime.distill.launch import DistillRun, distill_parallel as launch
 
     d = job.distill
     layout = parallel_layout(job)
@@ -223,7 +223,7 @@ def distill_parallel(job: PruneJob, run: RunDir, teacher, student, steps: int, s
 
 def eval_loss(job: PruneJob, run: RunDir, model) -> float:
     from plait.runtime.data import BatchLoader
-    from plait.runtime.distill import eval_loss as mean_loss
+    from plait.runtime.distill.single_device import eval_loss as mean_loss
 
     d = job.distill
     loader = BatchLoader(token_source(d.data, run, job.model.vocab), d.seq_len, d.global_batch, d.seed + 1)

@@ -130,10 +130,10 @@ def _zero1_scatter(trainer, views: dict[str, dict[str, torch.Tensor]]) -> None:
         state = _adam_state(dp.optimizer, flat.master)
         with torch.no_grad():
             for w in MOMENTS:
-                state[w].copy_(flat._flatten([views[names[id(p)]][w] for p in flat.params])[mine])
+                state[w].copy_(flat.flatten([views[names[id(p)]][w] for p in flat.params])[mine])
             # bf16 / fp8: the saved fp32 master (the bf16 parameters lost its low digits)
             source = [views[names[id(p)]]["master"] if dp.mixed else p.detach() for p in flat.params]
-            flat.master.copy_(flat._flatten(source)[mine])
+            flat.master.copy_(flat.flatten(source)[mine])
         if flat.params:
             state["step"] = views[names[id(flat.params[0])]]["step"].clone()
 

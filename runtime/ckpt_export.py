@@ -21,7 +21,7 @@ from plait.ir.hf_write import hf_config, infer_family
 from plait.ir.model import ModelSpec
 from plait.ir.outputs import output_kind
 from plait.ir.serde import from_dict
-from plait.lowering.weight_names import export_recipe, split_recipe
+from plait.lowering.weight_names import export_recipe, kept_in_fp32, split_recipe
 
 from .ckpt_chunks import chunks
 from .ckpt_integrity import find, read_meta, verify
@@ -46,10 +46,12 @@ def checkpoint_tensors(reader: Reader, kinds: tuple[str, ...] = ("model", "buffe
 
 
 def hf_tensors(named, spec: ModelSpec, family: str, dtype: torch.dtype):
-    """(hf name, tensor) for every (reference name, tensor) of ``named``."""
+    """(hf name, tensor) for every (reference name, tensor) of ``named``, in ``dtype`` but for
+    the tensors the family keeps in fp32 (the routers of DeepSeek-V3 and Nemotron-H)."""
     for name, full in named:
         for hf_name, t in split_recipe(export_recipe(family, spec, name), full).items():
-            yield hf_name, t.to(dtype).contiguous()
+            kept = torch.promote_types(dtype, torch.float32) if kept_in_fp32(family, hf_name) else dtype
+            yield hf_name, t.to(kept).contiguous()
 
 
 def _write_shards(out: Path, tensors, max_bytes: int) -> dict[str, str]:
@@ -85,7 +87,7 @@ def _tokenizer(meta: dict, out: Path) -> Optional[str]:
         return None
     from .data import get_tokenizer
 
-    get_tokenizer(name)._tok.save_pretrained(str(out))
+    get_tokenizer(name).hf.save_pretrained(str(out))
     return name
 
 

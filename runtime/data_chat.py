@@ -39,7 +39,7 @@ class ChatRenderer:
             raise PlaitError("--chat needs a Hugging Face tokenizer with a chat template",
                              hint="pass --tokenizer NAME_OR_PATH")
         self.base = HFTokenizer(name)
-        self.tok = self.base._tok
+        self.tok = self.base.hf
         if not getattr(self.tok, "chat_template", None):
             raise PlaitError(f"tokenizer {name!r} has no chat template",
                              hint="use a chat / instruct model's tokenizer")

@@ -59,26 +59,26 @@ class HFTokenizer:
     def __init__(self, name: str):
         try:
             from transformers import AutoTokenizer
-            self._tok = AutoTokenizer.from_pretrained(name)
+            self.hf = AutoTokenizer.from_pretrained(name)  # the transformers tokenizer itself
         except Exception as err:  # missing package, unknown name, no network
             raise PlaitError(f"cannot load tokenizer {name!r}: {err}",
                              hint="use the byte tokenizer (default) or a local tokenizer path")
-        if self._tok.eos_token_id is None:
+        if self.hf.eos_token_id is None:
             raise PlaitError(f"tokenizer {name!r} has no EOS token to separate documents")
-        self.name, self.vocab, self.eos = name, len(self._tok), int(self._tok.eos_token_id)
+        self.name, self.vocab, self.eos = name, len(self.hf), int(self.hf.eos_token_id)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
+        return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+        return self.hf.decode(ids)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents in one call (the Rust tokenizer's batch path, not one call each)."""
-        backend = getattr(self._tok, "backend_tokenizer", None)  # fast tokenizers: skip the
+        backend = getattr(self.hf, "backend_tokenizer", None)  # fast tokenizers: skip the
         if backend is not None:  # Python-side BatchEncoding (about 1.6x faster measured)
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        return self._tok(texts, add_special_tokens=False)["input_ids"]
+        return self.hf(texts, add_special_tokens=False)["input_ids"]
 
 
 def get_tokenizer(name: str = "byte") -> Tokenizer:

@@ -62,7 +62,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _keep_local_children(program: RankProgram) -> None:
+def keep_local_children(program: RankProgram) -> None:
     """Drop the stage modules this rank does not run (their weights were only needed to lower)."""
     local = {f"stage{c}" for c in program.chunk_indices} | {"loss"}
     for name, _ in list(program.pipe.named_children()):
@@ -131,7 +131,7 @@ class Trainer:
         self.program = lower(model, job.model, plan, mesh.rank, precision=self.policy)
         if weights:
             load_sharded_weights(self.program, weights, job.model, state_buffer_names(model))
-        _keep_local_children(self.program)
+        keep_local_children(self.program)
         self.program.pipe.to(mesh.device)
         # fused kernels where the hardware and packages allow (no change on CPU / gloo)
         self.kernels = kernels.bind(self.program.pipe, mesh.device.type, fp8=self.policy.kind == "fp8")

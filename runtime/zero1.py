@@ -26,10 +26,10 @@ class _FlatShard:
         self.size = -(-self.numel // dp)  # ceil
         self.device = params[0].device if params else torch.device("cpu")
         self.dtype = accumulator_dtype(params)
-        flat = self._flatten([p.detach() for p in params])
+        flat = self.flatten([p.detach() for p in params])
         self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
         # mixed precision: one fp32 buffer holds every parameter's main gradient (views below)
-        self.grad_buffer = self._flatten([]) if main_grads else None
+        self.grad_buffer = self.flatten([]) if main_grads else None
 
     def grad_views(self, names: list[str]) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
@@ -38,7 +38,9 @@ class _FlatShard:
             offset += p.numel()
         return out
 
-    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (one per parameter, in order) laid end to end in a zero-padded buffer of
+        ``dp`` equal shards: the layout the master shards and the gradient buffer share."""
         flat = torch.zeros(self.size * self.dp, dtype=self.dtype, device=self.device)
         if tensors:
             flat[:self.numel] = torch.cat([t.flatten().to(self.dtype) for t in tensors])
@@ -52,7 +54,7 @@ class _FlatShard:
             self.master.grad = shard
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self._flatten(grads)
+        flat = self.flatten(grads)
         mine = cc.reduce_scatter(flat, 0, self.axis) if self.dp > 1 else flat
         self.master.grad = mine / self.divisor
 
@@ -104,7 +106,7 @@ class ZeroOne(DataParallel):
 
     def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
         names = {id(p): n for n, p in self.named.items()}
-        owned = flat._flatten([torch.full_like(p, float(self._norm_owned(names[id(p)])))
+        owned = flat.flatten([torch.full_like(p, float(self._norm_owned(names[id(p)])))
                                for p in flat.params])
         return owned[flat.dp_rank * flat.size:(flat.dp_rank + 1) * flat.size]
 

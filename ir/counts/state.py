@@ -7,6 +7,7 @@ from typing import Union
 
 from ..errors import PlaitError
 from ..job import Precision
+from ..precision import PrecisionPolicy
 
 
 FP32_BYTES = 4
@@ -69,6 +70,38 @@ def param_state_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
            "optimizer": t["master"] + t["master_grads"] + t["moments"]}
     out["total"] = sum(out.values())
     return out
+
+
+# What the data-parallel collectives move per parameter (one source for ZeRO-1 and FSDP, the
+# planner's cost model and its tests). Weights travel in the compute dtype: the bf16 copy of the
+# fp32 master under bf16 / fp8 (FSDP2's MixedPrecisionPolicy(param_dtype=bf16), Megatron's
+# distributed optimizer gathering bf16 params). Gradients are reduced in fp32
+# (ir/precision.PrecisionPolicy.reduce_dtype; Megatron-LM megatron/training/arguments.py
+# validate_args: "bfloat16 requires gradient accumulation and all-reduce to be done in fp32").
+# FSDP with reshard_after_forward (runtime/optim.py; Megatron-FSDP optim_grads_params) frees a
+# unit's gathered weights after its forward, so every micro-batch gathers each unit twice (before
+# forward, again before backward; a full recompute reuses the backward's gather) and
+# reduce-scatters its gradients once.
+FSDP_GATHERS_PER_MICROBATCH = 2
+FSDP_SCATTERS_PER_MICROBATCH = 1
+_DTYPE_BYTES = {"float32": _FP32, "bfloat16": _BF16}
+
+
+def dp_traffic_bytes(precision: Union[Precision, str]) -> tuple[int, int]:
+    """(bytes per parameter a weight all-gather moves, bytes per parameter a gradient reduction
+    moves) under ``precision``: (2, 4) for bf16 and fp8, (4, 4) for fp32."""
+    kind = precision.kind if isinstance(precision, Precision) else precision
+    if kind not in ("fp32", "bf16", "fp8"):
+        raise PlaitError(f"unknown precision {kind!r}", hint="one of bf16, fp8, fp32")
+    policy = PrecisionPolicy(kind, 1)
+    return _DTYPE_BYTES[policy.param_dtype], _DTYPE_BYTES[policy.reduce_dtype]
+
+
+def fsdp_bytes_per_microbatch(params: float, precision: Union[Precision, str]) -> float:
+    """Bytes FSDP's collectives move per micro-batch for ``params`` parameters (full, gathered
+    size): two gathers of the weights and one reduce-scatter of the gradients."""
+    gather, scatter = dp_traffic_bytes(precision)
+    return params * (FSDP_GATHERS_PER_MICROBATCH * gather + FSDP_SCATTERS_PER_MICROBATCH * scatter)
 
 
 # Bytes per stored parameter (a checkpoint or inference footprint, no training state).

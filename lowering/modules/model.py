@@ -7,15 +7,27 @@ Module names are contract C4 (TP / PP passes and weight loaders rely on them)::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.ir.job import MoEOptions
 from plait.ir.model import ModelSpec
 
 from .norms import make_norm, upcast
+
+
+@dataclass(frozen=True)
+class MixerOptions:
+    """What a job adds to a block spec when its reference mixer is built (see build_model): MoE
+    capacity / drop options, and the sequence chunks (and zigzag CP ranks) capacity applies to."""
+
+    moe: MoEOptions = field(default_factory=MoEOptions)
+    capacity_segments: int = 1
+    capacity_cp: int = 1
 
 
 class Layer(nn.Module):

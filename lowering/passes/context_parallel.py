@@ -2,7 +2,8 @@
 rank i holds chunks i and 2*cp-1-i) and make each sequence-mixing op CP-aware.
 
 The rewrite replaces the few nodes that look along the sequence (the reference model keeps each one
-a single fx node for this reason):
+a single fx node for this reason); each block kind lists its own in its parallelize facet
+(``sequence_ops``, plait/kinds/<kind>/parallelize.py), today:
 
   tokens, labels        -> zigzag_shard(., cp, rank)        this rank's chunks of the micro-batch
   sequence_positions    -> zigzag_positions(., cp, rank)    global RoPE positions of the chunks
@@ -24,24 +25,21 @@ from dataclasses import replace
 import torch
 import torch.fx
 
+from plait.ir import kinds
 from plait.ir.errors import LayoutError
 from plait.lowering import cp_ops
-from plait.lowering.cp_attention import ring_attention, ulysses_attention
-from plait.lowering.cp_documents import ring_document_attention, ulysses_document_attention
-from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
-from plait.lowering.modules import attention as attention_module
-from plait.lowering.modules import mamba as mamba_module
+from plait.lowering.shard_plans import SequenceOp
 from plait.lowering.trace import META, POSITIONS, info
 
 from .base import Pass, Target, VerifyError, require_legal
 from .shard_tensor_parallel import check_stream_shapes
 
 AXIS = cp_ops.CP_AXIS
-CP_COMMS = {"ring": ring_attention, "alltoall": ulysses_attention}
-CP_DOCUMENT_COMMS = {"ring": ring_document_attention, "alltoall": ulysses_document_attention}
-SEQUENCE_OPS = (attention_module.sequence_positions, attention_module.causal_attention,
-                attention_module.document_attention, mamba_module.causal_conv1d,
-                mamba_module.ssd_scan)
+
+
+def sequence_ops() -> dict:
+    """Every kind's whole-sequence reference ops (parallelize facet ``sequence_ops``): op -> SequenceOp."""
+    return {s.op: s for k in kinds.names() for s in kinds.facet(k, "parallelize").sequence_ops()}
 
 
 def cp_comm(t: Target) -> str:
@@ -97,30 +95,25 @@ def _shard_per_user(gm, placeholder: torch.fx.Node, users: list, t: Target) -> N
         user.replace_input_with(placeholder, slices[layer])
 
 
-def _rewrite(gm, node, t: Target) -> None:
+def _rewrite(gm, node, op: SequenceOp, t: Target) -> None:
     cp, rank = t.layout.cp, t.cp_rank
-    ring = (AXIS, cp, rank)
-    if node.target is attention_module.sequence_positions:
-        _replace(gm, node, cp_ops.zigzag_positions, (node.args[0], cp, rank))
-    elif node.target is attention_module.causal_attention:
-        _replace(gm, node, CP_COMMS[cp_comm(t)], (*node.args, *ring))
-    elif node.target is attention_module.document_attention:
-        _replace(gm, node, CP_DOCUMENT_COMMS[cp_comm(t)], (*node.args, *ring))
-    elif node.target is mamba_module.causal_conv1d:
-        _replace(gm, node, cp_causal_conv1d, (*node.args, *ring))
-    elif node.target is mamba_module.ssd_scan:
-        _replace(gm, node, cp_ssd_scan, (*node.args, *ring))
+    replacement = op.replacement[cp_comm(t)]
+    if op.communicates:
+        _replace(gm, node, replacement, (*node.args, AXIS, cp, rank))
+    else:
+        _replace(gm, node, replacement, (node.args[0], cp, rank))
 
 
 def context_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     if t.layout.cp == 1:
         return gm
     check_context_parallel(t)
+    ops = sequence_ops()
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
             _shard_input(gm, node, t)
-        elif node.op == "call_function" and node.target in SEQUENCE_OPS:
-            _rewrite(gm, node, t)
+        elif node.op == "call_function" and node.target in ops:
+            _rewrite(gm, node, ops[node.target], t)
         elif node.op == "call_function" and node.target is torch.arange:
             raise LayoutError(f"{node.format_node()}: a position computed outside "
                               "sequence_positions cannot be split over cp")
@@ -134,7 +127,8 @@ def verify_context_parallel(gm: torch.fx.GraphModule, t: Target) -> None:
     on the residual stream."""
     if t.layout.cp == 1:
         return
-    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SEQUENCE_OPS]
+    ops = sequence_ops()
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
     if left:
         raise VerifyError(f"{left[0].format_node()} still reads the whole sequence under cp = "
                           f"{t.layout.cp}")

@@ -28,7 +28,9 @@ from dataclasses import replace
 import torch
 import torch.fx
 
+from plait.ir import kinds
 from plait.ir.job import MoEOptions
+from plait.ir.model import ModelSpec
 from plait.lowering.moe import EXPERT_PARAMS, ExpertGrid, ExpertParallelMoE
 from plait.lowering.moe.sync import EXPERTS, ExpertSync
 from plait.lowering.trace import META, NodeInfo, info
@@ -73,15 +75,21 @@ def _replace_mixer(gm: torch.fx.GraphModule, layer: int, module: ExpertParallelM
     with gm.graph.inserting_before(exits[0]):
         call = gm.graph.call_module(path, (entries.pop(),))
     out = info(exits[0])
-    call.meta[META] = NodeInfo(scope=f"layers.{layer}", position=layer, kind="moe",
+    call.meta[META] = NodeInfo(scope=f"layers.{layer}", position=layer, kind=info(exits[0]).kind,
                                shape=out.shape, dtype=out.dtype)
     exits[0].replace_all_uses_with(call)
     for node in reversed(nodes):
         gm.graph.erase_node(node)
 
 
+def expert_layers(spec: ModelSpec) -> list[int]:
+    """Layers whose kind routes tokens to experts (parallelize facet ``routed_experts``)."""
+    routed = {k for k in set(spec.layers) if kinds.facet(k, "parallelize").routed_experts()}
+    return [i for i, kind in enumerate(spec.layers) if kind in routed]
+
+
 def dispatch_experts(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
-    layers = [i for i, kind in enumerate(t.spec.layers) if kind == "moe"]
+    layers = expert_layers(t.spec)
     gm.meta[EXPERTS] = ExpertSync()
     if not layers:
         return gm
@@ -111,9 +119,7 @@ def verify_dispatch_experts(gm: torch.fx.GraphModule, t: Target) -> None:
     moe = t.spec.moe
     calls = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     params = dict(gm.named_parameters())
-    for i, kind in enumerate(t.spec.layers):
-        if kind != "moe":
-            continue
+    for i in expert_layers(t.spec):
         path = f"layers.{i}.mixer"
         if not isinstance(gm.get_submodule(path), ExpertParallelMoE) or path not in calls:
             raise VerifyError(f"{path} is not an expert-parallel MoE called from the graph")

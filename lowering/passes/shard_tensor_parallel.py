@@ -1,10 +1,11 @@
 """Tensor parallelism (Megatron): column-parallel q/k/v/gate/up projections, row-parallel o/down
 projections, a vocabulary-parallel embedding, LM head and cross entropy.
 
-An expert-parallel MoE mixer (placed by dispatch_experts, which runs first) is no TP region: its
-routed experts are sharded over EP x ETP already, and its shared expert, a dense MLP, is sharded
-here over TP as Megatron-Core does (`_moe_shared_expert`; the mixer gathers and reduce-scatters
-its sequence-parallel tokens around it). The router and the shared expert's gate stay replicated.
+Which linears of a layer's mixer are column- or row-parallel is its block kind's plan
+(``TensorParallelPlan`` from the kind's parallelize facet, plait/kinds/<kind>/parallelize.py); this
+pass applies the plans and never names a kind. A mixer called as one module (the expert-parallel
+MoE placed by dispatch_experts, which runs first) is no TP region: its plan's ``whole`` hook
+shards what TP splits inside it (the shared expert).
 
 Each layer's mixer and the LM head form a *TP region*: values entering it pass `copy_to_tp`
 (identity forward, all-reduce of the gradient), values leaving a mixer pass `reduce_from_tp`
@@ -21,18 +22,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from plait.ir import kinds
 from plait.lowering import sharding, tp_ops
-from plait.lowering.moe import ExpertParallelMoE
+from plait.lowering.shard_plans import ParamSplit, TensorParallelPlan
 from plait.lowering.trace import META, example_inputs, info, local_shape, record_shapes
 
 from .base import Pass, Target, VerifyError, require_legal
-from .shard_mamba import mamba_splits
 
-# q_b_proj / kv_b_proj: multi-head latent attention's per-head up-projections (split by heads, as
-# Megatron-Core's MLA does); its latent down-projections q_a_proj / kv_a_proj_with_mqa and their
-# norms stay replicated, their gradients summed over TP (sharding.partial_grad_params).
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj")
-ROW_PARALLEL = ("o_proj", "down_proj", "out_proj")
 SHARDS = "plait.shards"
 AXIS = "tp"
 
@@ -86,37 +82,24 @@ def _shard_param(owner: nn.Module, name: str, dim: int, t: Target, shards: dict,
     shards[f"{path}.{name}"] = spec
 
 
-def _mamba_mixer(gm, node, t, shards):
-    """in_proj of a Mamba2 mixer: shard the mixer's column-side parameters (segmented, see
-    shard_mamba.py); in_proj itself then acts as a column-parallel linear."""
+def _split_mixer(gm, node, splits: tuple[ParamSplit, ...], t, shards):
+    """A leaf whose call shards its mixer's parameters (segmented, Mamba's in_proj: see the mamba
+    kind's parallelize facet); the leaf itself then acts as a column-parallel linear."""
     mixer_path = node.target.rsplit(".", 1)[0]
-    for split in mamba_splits(t.spec):
+    for split in splits:
         owner_path, _, leaf = f"{mixer_path}.{split.name}".rpartition(".")
         _shard_param(gm.get_submodule(owner_path), leaf, split.dim, t, shards, owner_path,
                      split.segments)
     node.meta[sharding.ROLE] = "column"
 
 
-SHARED_EXPERT = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (linear, split dim)
+def _whole_mixer(gm, node, plan: TensorParallelPlan, t, shards):
+    """A mixer called as one module: its kind's ``whole`` hook shards what TP splits inside it."""
+    def shard(name: str, dim: int) -> None:
+        owner_path, _, leaf = f"{node.target}.{name}".rpartition(".")
+        _shard_param(gm.get_submodule(owner_path), leaf, dim, t, shards, owner_path)
 
-
-def _moe_shared_expert(gm, node, t, shards):
-    """An expert-parallel MoE mixer's shared expert, column/row-parallel like a dense MLP
-    (Megatron-Core's SharedExpertMLP); the mixer runs it on the TP group's gathered tokens."""
-    mixer = gm.get_submodule(node.target)
-    shared = getattr(mixer, "shared", None)
-    if shared is None:
-        return
-    if shared.down_proj.bias is not None:
-        raise VerifyError(f"{node.target}.shared: a row-parallel bias in a shared expert is not lowered")
-    for leaf, dim in SHARED_EXPERT:
-        if hasattr(shared, leaf):
-            path = f"{node.target}.shared.{leaf}"
-            linear = gm.get_submodule(path)
-            _shard_param(linear, "weight", dim, t, shards, path)
-            if dim == 0:  # a column-parallel bias splits with its rows
-                _shard_param(linear, "bias", 0, t, shards, path)
-    mixer.shared_tp = (AXIS, t.layout.tp)
+    plan.whole(gm.get_submodule(node.target), node.target, shard, (AXIS, t.layout.tp))
 
 
 def _new_node(gm, before, op_target, args, like: torch.fx.Node, role=None, scope=None):
@@ -237,21 +220,33 @@ def _insert_exits(gm, t):
             user.replace_input_with(node, out)
 
 
+def _plan_of(node: torch.fx.Node, plans: dict) -> TensorParallelPlan:
+    """The TP plan of the layer kind a node belongs to (none outside the layers)."""
+    i = node.meta.get(META)
+    return plans[i.kind] if i is not None and i.layer is not None else TensorParallelPlan()
+
+
+def _calls_whole_mixer(node: torch.fx.Node) -> bool:
+    return node.target == f"layers.{info(node).layer}.mixer"
+
+
 def shard_tensor_parallel(gm: torch.fx.GraphModule, t: Target) -> torch.fx.GraphModule:
     shards: dict[str, ShardSpec] = {}
     gm.meta[SHARDS] = shards
     if t.layout.tp == 1:
         return gm
     require_legal(t, "tensor")  # every dimension TP splits divides by tp (ir/legality.py)
+    plans = {k: kinds.facet(k, "parallelize").tensor_parallel(t.spec) for k in set(t.spec.layers)}
     for node in list(gm.graph.nodes):
         leaf = str(node.target).rsplit(".", 1)[-1]
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ExpertParallelMoE):
-            _moe_shared_expert(gm, node, t, shards)
-        elif node.op == "call_module" and leaf == "in_proj" and info(node).kind == "mamba":
-            _mamba_mixer(gm, node, t, shards)
-        elif node.op == "call_module" and leaf in COLUMN_PARALLEL + ("head",):
+        plan = _plan_of(node, plans)
+        if node.op == "call_module" and plan.whole is not None and _calls_whole_mixer(node):
+            _whole_mixer(gm, node, plan, t, shards)
+        elif node.op == "call_module" and leaf in plan.split_on:
+            _split_mixer(gm, node, plan.split_on[leaf], t, shards)
+        elif node.op == "call_module" and (leaf in plan.column or leaf == "head"):
             _column(gm, node, t, shards)
-        elif node.op == "call_module" and leaf in ROW_PARALLEL:
+        elif node.op == "call_module" and leaf in plan.row:
             _row(gm, node, t, shards)
         elif node.op == "call_module" and node.target == "embed":
             _embedding(gm, node, t, shards)

@@ -3,11 +3,11 @@ et al. 2024), collected with forward hooks on the reference model:
 
     embedding channels   every norm's output (the layers' pre-norms and the final norm), per norm
                          aggregated then summed over norms
-    ffn neurons          the input of down_proj
-    attention heads      the input of o_proj, L2 over each head's channels
-    mamba heads          the x segment of in_proj's output, L2 over each head's channels
-    mamba head channels  the same x segment, L2 over the heads (one ranking shared by all heads)
-    moe experts          mean L2 norm of an expert's output per token routed to it
+    a layer's units      its kind's ``importance_hooks`` (prune facet, plait/kinds/<kind>/prune.py):
+                         ffn neurons at down_proj's input, attention heads at o_proj's input (L2
+                         over each head's channels), mamba heads and head channels on the x
+                         segment of in_proj's output, moe experts as the mean L2 norm of an
+                         expert's output per token routed to it
     depth                1 - cos(layer input, layer output), mean over tokens; or ("perplexity")
                          the loss increase when the layer is skipped
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.ir import kinds
 from plait.ir.model import ModelSpec
 from plait.planner.prune.scores import ImportanceScores, LayerScores
 
@@ -54,8 +55,8 @@ class _Collector:
         self.norms = [_SeqBatch() for _ in range(len(model.layers) + 1)]
         self.units = [_SeqBatch() for _ in model.layers]
         self.channels = [_SeqBatch() for _ in model.layers]
-        self.expert_sum: dict[int, torch.Tensor] = {}
-        self.expert_tokens: dict[int, torch.Tensor] = {}
+        self.routed_sum: dict[int, torch.Tensor] = {}  # "routed" scores (experts): sums, tokens per unit
+        self.routed_tokens: dict[int, torch.Tensor] = {}
         self.cos_sum = [0.0] * len(model.layers)
         self.tokens = [0] * len(model.layers)
         self.handles = []
@@ -65,16 +66,30 @@ class _Collector:
         for i, layer in enumerate(m.layers):
             self._hook(layer.norm, self._norm(i))
             self._hook(layer, self._depth(i))
-            mixer = layer.mixer
-            if layer.kind == "mlp":
-                self._pre(mixer.down_proj, self._ffn(i))
-            elif layer.kind == "attention":
-                self._pre(mixer.o_proj, self._heads(i, mixer.head_dim))
-            elif layer.kind == "mamba":
-                self._hook(mixer.in_proj, self._mamba(i, mixer))
-            elif layer.kind == "moe":
-                self._hook(mixer.experts, self._experts(i))
+            for module, reads, measure in kinds.facet(layer.kind, "prune").importance_hooks(layer.mixer):
+                if reads == "input":
+                    self._pre(module, lambda mod, args, i=i, measure=measure: self._add(i, measure(args, None)))
+                else:
+                    self._hook(module, lambda mod, args, out, i=i, measure=measure: self._add(i, measure(args, out)))
         self._hook(m.final_norm, self._norm(len(m.layers)))
+
+    def _add(self, i: int, measured: dict) -> None:
+        """One hook's scores of layer ``i``: per-token unit / channel scores, or routed sums."""
+        for field, value in measured.items():
+            if field == "routed":
+                sums, tokens = value
+                self.routed_sum[i] = self.routed_sum.get(i, 0) + sums
+                self.routed_tokens[i] = self.routed_tokens.get(i, 0) + tokens
+            else:
+                {"units": self.units, "channels": self.channels}[field][i].add(value)
+
+    def unit_scores(self, i: int) -> torch.Tensor:
+        if i in self.routed_sum:  # a mean over the tokens routed to each unit
+            return self.routed_sum[i] / self.routed_tokens[i].clamp(min=1)
+        return self.units[i].result()
+
+    def channel_scores(self, i: int) -> Optional[torch.Tensor]:
+        return self.channels[i].result() if self.channels[i].sq is not None else None
 
     def detach(self) -> None:
         for h in self.handles:
@@ -84,17 +99,17 @@ class _Collector:
         """Sum every accumulator over the ranks that scored other batches (all are sums, so the
         result is what one process scoring every batch accumulates)."""
         sums = [a for a in self.norms + self.units + self.channels if a.sq is not None]
-        experts = sorted(self.expert_sum)
-        parts = [a.sq for a in sums] + [self.expert_sum[i] for i in experts] \
-            + [self.expert_tokens[i] for i in experts] \
+        routed = sorted(self.routed_sum)
+        parts = [a.sq for a in sums] + [self.routed_sum[i] for i in routed] \
+            + [self.routed_tokens[i] for i in routed] \
             + [torch.tensor(self.cos_sum, dtype=torch.float64), torch.tensor(self.tokens, dtype=torch.float64)]
         total = iter(sum_over_ranks(torch.cat([t.flatten() for t in parts])).split([t.numel() for t in parts]))
         for a in sums:
             a.sq = next(total).view_as(a.sq)
-        for i in experts:
-            self.expert_sum[i] = next(total)
-        for i in experts:
-            self.expert_tokens[i] = next(total)
+        for i in routed:
+            self.routed_sum[i] = next(total)
+        for i in routed:
+            self.routed_tokens[i] = next(total)
         self.cos_sum = next(total).tolist()
         self.tokens = [int(round(v)) for v in next(total).tolist()]
 
@@ -106,32 +121,6 @@ class _Collector:
 
     def _norm(self, i):
         return lambda mod, args, out: self.norms[i].add(out.abs())
-
-    def _ffn(self, i):
-        return lambda mod, args: self.units[i].add(args[0].abs())
-
-    def _heads(self, i, head_dim):
-        def hook(mod, args):
-            x = args[0]
-            self.units[i].add(x.unflatten(-1, (-1, head_dim)).norm(dim=-1))
-        return hook
-
-    def _mamba(self, i, mixer):
-        def hook(mod, args, out):
-            d_inner = mixer.out_proj.weight.shape[1]
-            x = out[..., d_inner:2 * d_inner].unflatten(-1, (-1, mixer.head_dim))  # [b, s, heads, p]
-            self.units[i].add(x.norm(dim=-1))
-            self.channels[i].add(x.norm(dim=-2))
-        return hook
-
-    def _experts(self, i):
-        def hook(mod, args, out):
-            counts = args[1]
-            owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-            norms = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, owner.cpu(), out.norm(dim=-1).double().cpu())
-            self.expert_sum[i] = self.expert_sum.get(i, 0) + norms
-            self.expert_tokens[i] = self.expert_tokens.get(i, 0) + counts.double().cpu()
-        return hook
 
     def _depth(self, i):
         def hook(mod, args, out):
@@ -170,14 +159,8 @@ def activation_scores(model: nn.Module, spec: ModelSpec, batches: Iterable[torch
     blocks = [c.cos_sum[i] / max(1, c.tokens[i]) for i in range(len(model.layers))]
     if depth == "perplexity":
         blocks = _loss_increase(model, batches, reduce)
-    layers = []
-    for i, kind in enumerate(spec.layers):
-        if kind == "moe":
-            units = c.expert_sum[i] / c.expert_tokens[i].clamp(min=1)
-        else:
-            units = c.units[i].result()
-        channels = c.channels[i].result() if kind == "mamba" else None
-        layers.append(LayerScores(i, kind, _floats(units), _floats(channels), float(blocks[i])))
+    layers = [LayerScores(i, kind, _floats(c.unit_scores(i)), _floats(c.channel_scores(i)), float(blocks[i]))
+              for i, kind in enumerate(spec.layers)]
     tokens = sum(int(t.numel()) for t in batches)
     if reduce is not None:
         tokens = int(reduce(torch.tensor([float(tokens)], dtype=torch.float64))[0])
@@ -211,45 +194,23 @@ def _floats(t: Optional[torch.Tensor]) -> tuple[float, ...]:
 # The weight-magnitude baseline
 # ------------------------------------------------------------------------------------------------
 
-def _rows(w: torch.Tensor, n: int) -> torch.Tensor:
+def row_squares(w: torch.Tensor, n: int) -> torch.Tensor:
     """Squared L2 norms of ``n`` equal consecutive row blocks of ``w`` [rows, cols]."""
     return w.double().square().reshape(n, -1).sum(dim=1)
 
 
-def _cols(w: torch.Tensor, n: int) -> torch.Tensor:
-    return _rows(w.t(), n)
+def col_squares(w: torch.Tensor, n: int) -> torch.Tensor:
+    return row_squares(w.t(), n)
 
 
 @torch.no_grad()
 def magnitude_scores(model: nn.Module, spec: ModelSpec) -> ImportanceScores:
-    """L2 norms of the weights that read and write each structure."""
+    """L2 norms of the weights that read and write each structure (each kind's ``magnitude``)."""
     hidden = model.embed.weight.double().square().sum(dim=0)
     layers = []
     for i, layer in enumerate(model.layers):
-        mixer, channels = layer.mixer, None
-        if layer.kind == "mlp":
-            units = _rows(mixer.up_proj.weight, mixer.up_proj.weight.shape[0]) + _cols(mixer.down_proj.weight, mixer.down_proj.weight.shape[1])
-            if mixer.gated:
-                units = units + _rows(mixer.gate_proj.weight, mixer.gate_proj.weight.shape[0])
-        elif layer.kind == "attention":
-            heads = mixer.q_proj.weight.shape[0] // mixer.head_dim
-            units = _rows(mixer.q_proj.weight, heads) + _cols(mixer.o_proj.weight, heads)
-        elif layer.kind == "mamba":
-            units, channels = _mamba_magnitude(mixer)
-        else:
-            e = mixer.experts
-            units = e.w_gate_up.double().square().sum(dim=(1, 2)) + e.w_down.double().square().sum(dim=(1, 2))
-        block = sum(float(p.double().square().sum()) for p in mixer.parameters())
+        units, channels = kinds.facet(layer.kind, "prune").magnitude(layer.mixer)
+        block = sum(float(p.double().square().sum()) for p in layer.mixer.parameters())
         layers.append(LayerScores(i, layer.kind, _floats(units.sqrt()),
                                   _floats(None if channels is None else channels.sqrt()), block ** 0.5))
     return ImportanceScores(spec.name, "magnitude", _floats(hidden.sqrt()), tuple(layers))
-
-
-def _mamba_magnitude(mixer) -> tuple[torch.Tensor, torch.Tensor]:
-    d_inner, p = mixer.out_proj.weight.shape[1], mixer.head_dim
-    heads = d_inner // p
-    w = mixer.in_proj.weight.double()
-    zx = w[:d_inner].square().sum(dim=1) + w[d_inner:2 * d_inner].square().sum(dim=1)
-    zx = zx + mixer.out_proj.weight.double().square().sum(dim=0)  # [d_inner] per (head, channel)
-    per = zx.reshape(heads, p)
-    return per.sum(dim=1), per.sum(dim=0)

@@ -19,7 +19,7 @@ def hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="hf: weight dtype (default bf16)")
     p.add_argument("--family", help="hf: the model_type to write (default: inferred from the model, "
-                                    "e.g. llama; mistral only when asked)")
+                                    "e.g. llama; deepseek_v3 for latent attention, nemotron_h for hybrids)")
     p.add_argument("--max-shard-mb", type=int, default=5 * 1024,
                    help="hf: largest safetensors shard in MiB (default 5120)")
 

@@ -53,7 +53,7 @@ def calibration_arg(p) -> None:
                         "spec's; the explanation names them)")
 
 
-def _precision_table(job, plan: ParallelPlan) -> Table:
+def precision_table(job, plan: ParallelPlan) -> Table:
     """What each pipeline stage computes in: the policy's dtype and, under fp8, which layers'
     linears keep bf16 (what the cost model charged and what `plait run` lowers)."""
     policy = PrecisionPolicy.of(job)
@@ -116,7 +116,7 @@ def plan_cmd(args) -> int:
             t.add_row(rej.family, rej.reason)
         console.print(t)
         _print_blocked(res)
-        console.print(_precision_table(job, res.best))
+        console.print(precision_table(job, res.best))
         _print_folding(res)
     if args.output:
         Path(args.output).write_text(res.best.to_json() + "\n")

@@ -127,7 +127,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 BUNDLED = "bundled"  # --data bundled: the corpus shipped with plait, asked for by name
 
 
-def _with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
+def with_data(job: TrainJob, data: Optional[str], synthetic: bool) -> TrainJob:
     if synthetic:  # a flag replaces the job's data, a blend included
         return replace(job, data=replace(job.data, synthetic=True, path=None, sources=(), phases=()))
     if data == BUNDLED:  # resolve_data prepares it into the run directory
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from plait.runtime.prelaunch import check_inputs
 
     check_run_args(args)
-    job = _with_data(load_job(args.job, args.name), args.data, args.synthetic)
+    job = with_data(load_job(args.job, args.name), args.data, args.synthetic)
     PrecisionPolicy.of(job).check_runnable()  # an fp8 recipe only the export knows: say so now
     ckpt = Checkpointing(save=args.save, every=args.save_every, resume=args.resume,
                          asynchronous=args.async_save, allow_job_change=args.allow_job_change)

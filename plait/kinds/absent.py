@@ -1,6 +1,8 @@
 """Facet functions for what a kind does not have: no experts a token skips, nothing kept in fp32,
 nothing selective recompute re-runs, no layer-list checks, no structure a prune width can break,
-no train-job options, no objection to packed documents. A kind's facet module binds the protocol
+no train-job options, no objection to packed documents; in lowering, no mixer traced whole, no
+whole-sequence op, no routed experts; in pruning, one ranking group, no
+structural width multiple or hint, nothing that refuses pruning. A kind's facet module binds the protocol
 name to one of these (``inactive_params = absent.nothing_counted``), so every kind still exposes
 the same names (the protocols are at the top of plait/kinds/attention/<facet>.py). Imports
 nothing of the stages."""
@@ -36,4 +38,32 @@ def no_job_option_entries(options) -> list:
 
 
 def no_document_mask_problem(model) -> None:
+    return None
+
+
+def no_traced_whole() -> tuple:
+    return ()
+
+
+def no_sequence_ops() -> tuple:
+    return ()
+
+
+def no_routed_experts() -> bool:
+    return False
+
+
+def one_group(model, axis: str) -> int:
+    return 1
+
+
+def no_structural_step(model, axis: str) -> None:
+    return None
+
+
+def no_structure_hint(model, axis: str) -> None:
+    return None
+
+
+def no_prune_checks(model, layers) -> None:
     return None

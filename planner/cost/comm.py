@@ -15,6 +15,9 @@ NIC, both at once.
 """
 from __future__ import annotations
 
+from plait.ir import counts
+from plait.ir.precision import PrecisionPolicy
+
 from .context import Context, GroupShape, cluster_links
 
 
@@ -92,14 +95,20 @@ def pp_send(ctx: Context) -> float:
 # Data parallel
 # ------------------------------------------------------------------------------------------------
 
+def traffic_bytes(ctx: Context) -> tuple[int, int]:
+    """(weight all-gather, gradient reduction) bytes per parameter of this job
+    (counts.dp_traffic_bytes: the compute dtype and fp32)."""
+    return counts.dp_traffic_bytes(PrecisionPolicy.of(ctx.job).kind)
+
+
 def dp_sync(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
     """(gradient reduction, parameter all-gather) seconds per step for one rank's parameters under
-    replicated / zero1 (fp32 gradients, bf16 parameters). FSDP moves parameters per micro-batch
-    instead: see fsdp_unit."""
+    replicated / zero1 (traffic_bytes: fp32 gradients, bf16 parameters). FSDP moves parameters
+    per micro-batch instead: see fsdp_unit."""
     kind = ctx.layout.dp_kind
     if kind == "fsdp":
         return 0.0, 0.0
-    grad_b, param_b = 4, ctx.act_bytes
+    param_b, grad_b = traffic_bytes(ctx)
     dense_g, expert_g = ctx.group("dense", "dp-cp"), ctx.group("expert", "edp")
     if kind == "replicated":
         red = all_reduce(ctx, dense_g, dense_params * grad_b) + all_reduce(
@@ -122,17 +131,21 @@ def step_reductions(ctx: Context) -> float:
 
 
 def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[float, float]:
-    """(all-gather, reduce-scatter) seconds of FSDP traffic for one unit's parameters per
-    micro-batch: bf16 weights gathered before forward and again before backward (each), fp32
-    gradients reduce-scattered after backward."""
+    """(one all-gather, one reduce-scatter) seconds of FSDP traffic for one unit's parameters
+    (their full, gathered count on this rank's TP / EP shard): the weights in the compute dtype,
+    the gradients in fp32 (traffic_bytes). Per micro-batch the unit is gathered
+    counts.FSDP_GATHERS_PER_MICROBATCH times (before forward, again before backward) and
+    scattered FSDP_SCATTERS_PER_MICROBATCH time (pipeline.fsdp_exposed). Dense parameters shard
+    over DP x CP, experts over EDP: each on its own group's ring."""
     if ctx.layout.dp_kind != "fsdp":
         return 0.0, 0.0
     eff = ctx.cal.fsdp_eff
+    param_b, grad_b = traffic_bytes(ctx)
     dense_g, expert_g = ctx.group("dense", "dp-cp"), ctx.group("expert", "edp")
-    gather = (all_gather(ctx, dense_g, dense_params * ctx.act_bytes, eff)
-              + all_gather(ctx, expert_g, expert_params * ctx.act_bytes, eff))
-    scatter = (reduce_scatter(ctx, dense_g, dense_params * 4, eff)
-               + reduce_scatter(ctx, expert_g, expert_params * 4, eff))
+    gather = (all_gather(ctx, dense_g, dense_params * param_b, eff)
+              + all_gather(ctx, expert_g, expert_params * param_b, eff))
+    scatter = (reduce_scatter(ctx, dense_g, dense_params * grad_b, eff)
+               + reduce_scatter(ctx, expert_g, expert_params * grad_b, eff))
     return gather, scatter
 
 

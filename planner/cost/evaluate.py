@@ -137,7 +137,7 @@ def rank_tensor_bytes(table: CostTable, stages: tuple[Stage, ...], rank: int) ->
     """What the memory model says pipeline rank ``rank`` holds, per tensor class
     (counts.STATE_CLASSES) and ``saved``: the bytes its layers, and the head on the last stage,
     keep for backward per micro-batch (one micro-batch in flight), and ``gathered``: FSDP's gathered
-    weights and unsharded gradients at their peak. The terms runtime/memory_probe.py
+    weights and unsharded gradients at their peak. The terms runtime/harness/memory_probe.py
     measures on the real runtime."""
     rc = rank_cost(table, stages, rank)
     out = memory.state_tensors(table.ctx, rc.dense_params, rc.expert_params, rc.fp32_params)

@@ -156,7 +156,7 @@ def fsdp_buffers(ctx: Context, unit_params: list[float]) -> float:
     while unit k runs its backward, its gathered weights, the unit before it (prefetched) and
     k's unsharded gradients are alive in the compute dtype, and the fp32 reduce-scatter input
     of unit k + 1, which FSDP2 keeps until the next reduce-scatter is issued. The largest such
-    window (forward holds less: two gathered units). Measured: runtime/memory_probe.py."""
+    window (forward holds less: two gathered units). Measured: runtime/harness/memory_probe.py."""
     if ctx.layout.dp_kind != "fsdp" or not unit_params:
         return 0.0
     sizes = [0.0, *unit_params, 0.0]

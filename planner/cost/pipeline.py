@@ -143,6 +143,11 @@ def fsdp_exposed(ctx: Context, gather: float, scatter: float, fwd: float,
     return gather - hid_fwd, moved - hid_gather - hid_scatter, hid_fwd + hid_scatter
 
 
+def ends_fsdp(ctx: Context, params: float, work: compute.Work) -> tuple[float, float, float]:
+    """fsdp_exposed of the embedding's or the head's FSDP traffic beside its own compute."""
+    return fsdp_exposed(ctx, *comm.fsdp_unit(ctx, params, 0.0), work.forward, work.backward)
+
+
 def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:
     """(kinds, which of its layers keep bf16 linears) per unit: the fp8 recipe's bf16 ends cost
     what they run (bf16 GEMMs); in other jobs the flags are all False."""
@@ -194,18 +199,23 @@ class CostTable:
         work = compute.embedding_work(ctx)
         tp = comm.reduce_scatter(ctx, ctx.group("dense", "tp"),
                                  ctx.tokens * ctx.model.hidden * ctx.act_bytes)
-        return Extra(time=work.forward + work.backward + 2 * tp,
-                     params=memory.embedding_params_on_rank(ctx), buffer=0.0,
-                     comm=(("tp", 2 * tp),))
+        params = memory.embedding_params_on_rank(ctx)
+        # FSDP shards the embedding as a unit of its own (runtime/optim.py): the step's first
+        # gather and its last gradient scatter, with nothing before or after to hide them
+        fsdp = sum(ends_fsdp(ctx, params, work))
+        return Extra(time=work.forward + work.backward + 2 * tp + fsdp, params=params,
+                     buffer=0.0, comm=(("dp", fsdp), ("tp", 2 * tp)))
 
     def _head(self) -> Extra:
         ctx = self.ctx
         work = compute.head_work(ctx)
         tp = comm.all_gather(ctx, ctx.group("dense", "tp"),
                              ctx.tokens * ctx.model.hidden * ctx.act_bytes) if ctx.layout.sp else 0.0
-        return Extra(time=work.forward + work.backward + 2 * tp,
-                     params=memory.head_params_on_rank(ctx), buffer=memory.logits_buffer(ctx),
-                     comm=(("tp", 2 * tp),))
+        params = memory.head_params_on_rank(ctx)
+        exposed_f, exposed_b, _ = ends_fsdp(ctx, params, work)  # a unit of its own under FSDP
+        fsdp = exposed_f + exposed_b
+        return Extra(time=work.forward + work.backward + 2 * tp + fsdp, params=params,
+                     buffer=memory.logits_buffer(ctx), comm=(("dp", fsdp), ("tp", 2 * tp)))
 
     def with_vpp(self, vpp: int) -> "CostTable":
         """The same table under another virtual-pipeline size (unit costs do not depend on it)."""

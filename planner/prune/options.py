@@ -17,38 +17,24 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from plait.ir import counts
-from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 
+from .axes import KIND_AXES, prune_facet
 from .scores import Retention, weighted_log
 
-KIND_AXES = {"attention": ("attention_heads",), "mlp": ("ffn",), "mamba": ("mamba_heads", "mamba_head_dim"),
-             "moe": ("experts",)}
 BUDGETS = ("params", "active_params", "weight_bytes", "seconds")
 
 
 def pruned_spec(model: ModelSpec, hidden: int, widths: dict[str, int], layers: tuple[str, ...],
                 name: Optional[str] = None) -> ModelSpec:
     """``model`` with hidden size ``hidden``, the axis widths in ``widths`` and layer sequence
-    ``layers`` (blocks no layer uses are dropped)."""
-    blocks = {}
-    if model.attention is not None and model.attention.latent is not None:
-        raise PlaitError(f"model {model.name!r}: pruning multi-head latent attention models is not supported",
-                         hint="its importance scores and weight slicing know GQA's q/k/v projections only")
-    if model.attention is not None and model.attention.full_layers and \
-            layers.count("attention") != model.count("attention"):
-        raise PlaitError(f"model {model.name!r}: depth pruning of attention layers whose windows "
-                         f"differ (full_layers = {list(model.attention.full_layers)}) is not supported",
-                         hint="prune attention widths only, or give every attention layer one window")
-    if model.attention is not None and "attention_heads" in widths:
-        blocks["attention"] = replace(model.attention, heads=widths["attention_heads"])
-    if model.mlp is not None and "ffn" in widths:
-        blocks["mlp"] = replace(model.mlp, ffn=widths["ffn"])
-    if model.mamba is not None and ("mamba_heads" in widths or "mamba_head_dim" in widths):
-        blocks["mamba"] = replace(model.mamba, heads=widths.get("mamba_heads", model.mamba.heads),
-                                  head_dim=widths.get("mamba_head_dim", model.mamba.head_dim))
-    if model.moe is not None and "experts" in widths:
-        blocks["moe"] = replace(model.moe, experts=widths["experts"])
+    ``layers`` (blocks no layer uses are dropped). Each kind's prune facet checks it can be pruned
+    so and narrows its own block."""
+    blocks = {kind: getattr(model, kind, None) for kind in KIND_AXES}
+    blocks = {kind: block for kind, block in blocks.items() if block is not None}
+    for kind in blocks:
+        prune_facet(kind).check_prunable(model, layers)
+    blocks = {kind: prune_facet(kind).narrowed(block, widths) for kind, block in blocks.items()}
     out = replace(model, hidden=hidden, layers=layers, name=name or model.name, **blocks)
     unused = {k: None for k in KIND_AXES if k not in layers and getattr(out, k) is not None}
     return replace(out, **unused) if unused else out

@@ -23,7 +23,8 @@ from plait.ir.model import ModelSpec
 from plait.ir.plan import LayerKeep, PruneCandidate, PrunePlan
 
 from . import ilp
-from .options import KIND_AXES, Costs, HiddenChoice, fixed_costs, kind_options, pruned_spec
+from .axes import channel_axis, unit_axis
+from .options import KIND_AXES, HiddenChoice, fixed_costs, kind_options, pruned_spec
 from .scores import (ImportanceScores, Retention, axis_original, check_scores, keep_units, score, top_indices,
                      uniform_scores, weighted_log)
 from .throughput import ThroughputModel
@@ -197,15 +198,16 @@ def _layer_keeps(setup: _Setup, scores: ImportanceScores, sel: ilp.Selection) ->
 def keeps_for(model: ModelSpec, scores: ImportanceScores, widths: dict[str, int],
               layer_counts: dict[str, int]) -> tuple[LayerKeep, ...]:
     """What ``scores`` keep of ``model`` at the given axis widths and layers per kind: the most
-    important layers of each kind, and in each the most important units (and mamba channels)."""
+    important layers of each kind, and in each the most important units (and channels, where the
+    kind has a channel axis: mamba)."""
     retention = Retention(scores, model)
     keep = sorted(i for kind, n in layer_counts.items() for i in retention.kept_layers(kind, n))
     out = []
     for i in keep:
         s = scores.layers[i]
-        unit_axis = KIND_AXES[s.kind][0]
-        channels = top_indices(s.channels, widths["mamba_head_dim"]) if s.kind == "mamba" else ()
-        out.append(LayerKeep(i, s.kind, keep_units(model, s, widths[unit_axis]), channels))
+        channel = channel_axis(s.kind)
+        channels = top_indices(s.channels, widths[channel]) if channel is not None else ()
+        out.append(LayerKeep(i, s.kind, keep_units(model, s, widths[unit_axis(s.kind)]), channels))
     return tuple(out)
 
 

@@ -5,8 +5,9 @@ activation scores and reads weight magnitudes); this module holds the scores as 
 answers the planner's two questions: which indices to keep at a width, and what fraction of an
 axis's importance that keeps. Scores are non-negative; larger is more important.
 
-Per layer, ``units`` scores ffn neurons (mlp), query heads (attention), heads (mamba) or experts
-(moe); ``channels`` scores the head channels of a mamba layer (one ranking shared by its heads);
+Per layer, ``units`` scores what its kind's first prune axis narrows: ffn neurons (mlp), query heads
+(attention), heads (mamba) or experts (moe); ``channels`` what a second axis narrows, the head
+channels of a mamba layer (one ranking shared by its heads);
 ``block`` scores the whole layer for depth pruning (1 - cos(input, output)).
 """
 from __future__ import annotations
@@ -19,12 +20,12 @@ from itertools import accumulate
 from typing import Optional
 
 from plait.ir import counts
+from plait.ir.dsl.prune import axis_width
 from plait.ir.errors import PlaitError
 from plait.ir.model import ModelSpec
 from plait.ir.serde import from_json, to_json
 
-UNIT_WIDTH = {"mlp": lambda m: m.block("mlp").ffn, "attention": lambda m: m.block("attention").heads,
-              "mamba": lambda m: m.block("mamba").heads, "moe": lambda m: m.block("moe").experts}
+from .axes import AXIS_KIND, channel_axis, is_channel_axis, prune_facet, unit_axis
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ class ImportanceScores:
 
 
 def _shape(model: ModelSpec, kind: str) -> tuple[int, int]:
-    units = UNIT_WIDTH[kind](model)
-    channels = model.block("mamba").head_dim if kind == "mamba" else 0
-    return units, channels
+    """(units, channels per unit) a layer of ``kind`` has scores for (channels 0: none ranked)."""
+    channels = channel_axis(kind)
+    return (axis_original(model, unit_axis(kind)),
+            axis_original(model, channels) if channels is not None else 0)
 
 
 def check_scores(scores: ImportanceScores, model: ModelSpec) -> None:
@@ -118,11 +120,7 @@ def grouped_top_indices(scores: tuple[float, ...], groups: int, per_group: int) 
 
 def unit_groups(model: ModelSpec, kind: str) -> int:
     """Equal groups the units of a ``kind`` layer are ranked within (and kept equally from)."""
-    if kind == "attention":
-        return model.block("attention").kv_heads
-    if kind == "mamba":
-        return model.block("mamba").groups
-    return 1
+    return prune_facet(kind).axis_groups(model, unit_axis(kind))
 
 
 def keep_units(model: ModelSpec, s: LayerScores, width: int) -> tuple[int, ...]:
@@ -145,9 +143,6 @@ def _fraction(kept: float, total: float, width: int, original: int) -> float:
     return kept / total if total > 0 else width / original
 
 
-AXIS_KINDS = {"ffn": "mlp", "attention_heads": "attention", "mamba_heads": "mamba", "experts": "moe"}
-
-
 class Retention:
     """Fractions of importance kept, per axis and width, summed over the layers that have the axis
     (every layer of a kind keeps the same width). Sorted running sums are built once per axis."""
@@ -162,13 +157,13 @@ class Retention:
         if name not in self._sums:
             if name == "hidden":
                 rows, groups = [self.scores.hidden], 1
-            elif name == "mamba_head_dim":
-                rows, groups = [s.channels for s in self.scores.of_kind("mamba")], 1
             elif name.startswith("depth:"):
                 rows, groups = [tuple(s.block for s in self.scores.of_kind(name[6:]))], 1
             else:
-                kind = AXIS_KINDS[name]
-                rows, groups = [s.units for s in self.scores.of_kind(kind)], unit_groups(self.model, kind)
+                kind = AXIS_KIND[name]
+                field = "channels" if is_channel_axis(name) else "units"
+                rows = [getattr(s, field) for s in self.scores.of_kind(kind)]
+                groups = prune_facet(kind).axis_groups(self.model, name)
             self._sums[name] = (tuple(_prefix(r, groups) for r in rows), groups)
         return self._sums[name]
 
@@ -194,11 +189,8 @@ class Retention:
 
 
 def axis_original(model: ModelSpec, name: str) -> int:
-    if name == "hidden":
-        return model.hidden
-    if name == "mamba_head_dim":
-        return model.block("mamba").head_dim
-    return UNIT_WIDTH[AXIS_KINDS[name]](model)
+    """The model's width on axis ``name``."""
+    return axis_width(model, name)
 
 
 @lru_cache(maxsize=1024)
@@ -207,7 +199,7 @@ def axis_weight(model: ModelSpec, name: str) -> float:
     narrows (hidden: all of them). An axis that touches more weights counts more."""
     if name == "hidden":
         return 1.0
-    kind = name[6:] if name.startswith("depth:") else ("mamba" if name == "mamba_head_dim" else AXIS_KINDS[name])
+    kind = name[6:] if name.startswith("depth:") else AXIS_KIND[name]
     p = counts.params(model)
     return p.of_kind(kind) / p.total
 

@@ -6,8 +6,8 @@ mamba groups; experts one at a time. A small model whose width is under 8 multip
 multiple until it has 8 (tiny-dense's hidden 128 searches multiples of 16). Without bounds an axis
 searches [MIN_FRACTION x original, original]. The original width is always a candidate.
 
-Layout rules (planner/layouts.py): tp divides attention heads, mamba heads and the mlp ffn; ep
-divides experts. kv_heads, mamba groups and state are never pruned, so their own rules hold as
+Layout rules (planner/layouts.py; each kind's prune facet says which of its axes a parallel size
+divides): tp divides attention heads, mamba heads and the mlp ffn; ep divides experts. kv_heads, mamba groups and state are never pruned, so their own rules hold as
 they did before.
 """
 from __future__ import annotations
@@ -20,21 +20,21 @@ from plait.ir.errors import PlaitError
 from plait.ir.job import PRUNE_AXES, AxisSearch, PruneJob
 from plait.ir.model import ModelSpec
 
+from .axes import AXIS_KIND, LAYOUT_DIVISOR, prune_facet
+
 HARDWARE_MULTIPLE = {"hidden": 256, "ffn": 512, "mamba_head_dim": 8, "experts": 1}
 MIN_MULTIPLES = 8
 MIN_FRACTION = 0.25
-AXIS_KIND = {"hidden": None, "ffn": "mlp", "attention_heads": "attention", "mamba_heads": "mamba",
-             "mamba_head_dim": "mamba", "experts": "moe"}
-LAYOUT_DIVISOR = {"ffn": "tp", "attention_heads": "tp", "mamba_heads": "tp", "experts": "ep"}
 
 
 def default_step(model: ModelSpec, name: str) -> int:
-    """The snapping multiple of an axis for this model."""
+    """The snapping multiple of an axis for this model: its kind's structural multiple (whole KV
+    or mamba groups, prune facet ``axis_step``), else the hardware multiple."""
     original = axis_width(model, name)
-    if name == "attention_heads":
-        return model.block("attention").kv_heads
-    if name == "mamba_heads":
-        return model.block("mamba").groups
+    kind = AXIS_KIND[name]
+    structural = prune_facet(kind).axis_step(model, name) if kind is not None else None
+    if structural is not None:
+        return structural
     step = HARDWARE_MULTIPLE[name]
     while step > 1 and original < MIN_MULTIPLES * step:
         step //= 2
@@ -105,13 +105,9 @@ def _check_layout(name: str, width: int, divisor: int, whose: str) -> None:
 
 
 def _structure_hint(model: ModelSpec, name: str) -> str:
-    if name == "attention_heads":
-        return f"attention heads come in multiples of kv_heads ({model.block('attention').kv_heads})"
-    if name == "mamba_heads":
-        return f"mamba heads come in multiples of the groups ({model.block('mamba').groups})"
-    if name == "experts":
-        return f"experts must stay at least top_k ({model.block('moe').top_k})"
-    return "widen the range or lower the step"
+    kind = AXIS_KIND[name]
+    hint = prune_facet(kind).structure_hint(model, name) if kind is not None else None
+    return hint or "widen the range or lower the step"
 
 
 def depth_counts(job: PruneJob, kind: str) -> tuple[int, ...]:

@@ -42,3 +42,21 @@ def test_fp8_keeps_no_fp8_weight_copy():
 def test_bad_arguments_are_errors(args, word):
     with pytest.raises(PlaitError, match=word):
         counts.param_state_bytes(*args)
+
+
+def test_data_parallel_traffic_moves_compute_dtype_weights_and_fp32_gradients():
+    """Weights travel as the compute copy (bf16 under bf16 / fp8), gradients are reduced in fp32
+    (Megatron-LM forces it for bf16; plait's FSDP2 reduce_dtype)."""
+    assert counts.dp_traffic_bytes("bf16") == (2, 4)
+    assert counts.dp_traffic_bytes(Precision(kind="fp8")) == (2, 4)
+    assert counts.dp_traffic_bytes("fp32") == (4, 4)
+    with pytest.raises(PlaitError):
+        counts.dp_traffic_bytes("fp16")
+
+
+def test_fsdp_moves_two_gathers_and_one_scatter_per_microbatch():
+    """Mixtral-8x22B's 141B parameters under bf16: 2 x 282 GB of weights + 564 GB of gradients
+    = 1.128 TB per micro-batch (the full tensor; each rank sends (n - 1) / n of it)."""
+    assert counts.FSDP_GATHERS_PER_MICROBATCH == 2 and counts.FSDP_SCATTERS_PER_MICROBATCH == 1
+    assert counts.fsdp_bytes_per_microbatch(141e9, "bf16") == pytest.approx(1.128e12, rel=1e-12)
+    assert counts.fsdp_bytes_per_microbatch(1.0, "fp32") == 12.0

@@ -1,6 +1,6 @@
-"""The ir-level facets of every block kind (plait/kinds/<kind>/counts.py, hf.py, dsl.py): each kind
-exposes the same protocol, and the model-level sums in plait.ir.counts are exactly the sums of the
-kinds' terms over the layers."""
+"""The facets of every block kind (plait/kinds/<kind>/counts.py, hf.py, dsl.py; module.py,
+parallelize.py, prune.py): each kind exposes the same protocol, and the model-level sums in
+plait.ir.counts are exactly the sums of the kinds' terms over the layers."""
 import inspect
 from pathlib import Path
 
@@ -18,6 +18,11 @@ PROTOCOL = {
     "dsl": ("read", "check_layers", "format_block", "HYBRID", "PRUNE_AXES", "axis_width",
             "structure_problem", "JOB_OPTIONS", "read_job_options", "format_job_options",
             "document_mask_problem"),
+    # lowering level (tests/kinds/test_lowering_facet_protocol.py holds them to these names only)
+    "module": ("mixer", "traced_whole"),
+    "parallelize": ("tensor_parallel", "sequence_ops", "routed_experts"),
+    "prune": ("axis_groups", "axis_step", "structure_hint", "layout_divisors", "narrowed",
+              "check_prunable", "importance_hooks", "magnitude", "slice_index"),
 }
 # Every kind, and what sets kinds apart: MLA, windows, layernorm / learned positions, shared
 # experts with a gate, sigmoid routing, hybrids with and without MoE.

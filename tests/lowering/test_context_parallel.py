@@ -14,7 +14,7 @@ from plait.lowering import cp_attention, cp_ops, cp_pairs
 from plait.lowering.build import build_model
 from plait.lowering.compile import dense_layout, lower
 from plait.lowering.cp_attention import chunk_pairs, ring_backward, ring_forward
-from plait.lowering.mamba_cp import _entering_states, chunk_final_state
+from plait.lowering.mamba_cp import chunk_final_state, entering_states
 from plait.lowering.modules import ssd
 from plait.lowering.modules.attention import causal_attention
 
@@ -151,7 +151,7 @@ def test_scan_state_passing_reproduces_the_whole_sequence():
     want = ssd.ssd_sequential(x, dt, A, B, C)
     chunks = [t.chunk(parts, dim=1) for t in (x, dt, B, C)]
     finals = [chunk_final_state(chunks[0][i], chunks[1][i], A, chunks[2][i]) for i in range(parts)]
-    entering = _entering_states(torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals]))
+    entering = entering_states(torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals]))
     out = []
     for i in range(parts):
         xi, dti, Bi, Ci = (c[i] for c in chunks)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_parity_util import hf_and_reference, max_logit_diff  # noqa: E402
 
-from plait.lowering.modules.latent_attention import LatentAttention  # noqa: E402
+from plait.kinds.attention.latent_module import LatentAttention  # noqa: E402
 
 torch.set_num_threads(1)
 

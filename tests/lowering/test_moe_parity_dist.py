@@ -3,7 +3,7 @@ compiled and trained one step by the runtime under expert-parallel layouts on 2 
 each dropless and with a capacity factor that drops tokens: loss, every gradient and every
 parameter after one clipped AdamW step equal the single-device reference with the same per-rank
 semantics within 1e-5
-(runtime.parity: the harness the dense layouts use too, expert shards reassembled over EP x ETP).
+(runtime.harness.parity: the harness the dense layouts use too, expert shards reassembled over EP x ETP).
 
 Layouts are "dense | expert": attention / MLP layers on TP x CP x DP x PP, MoE layers on ETP x EP x
 EDP x PP over the same ranks (Megatron-Core order tp-cp-ep-dp-pp). With CP folded into EP, each CP
@@ -21,7 +21,7 @@ import torch
 from plait.ir.dsl import load_model
 from plait.ir.job import MoEOptions, Optimizer
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, reference, reference_key, run_parity
+from plait.runtime.harness.parity import Case, Setup, reference, reference_key, run_parity
 
 pytestmark = pytest.mark.tier2
 torch.set_num_threads(1)

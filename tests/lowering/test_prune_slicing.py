@@ -11,9 +11,10 @@ from plait.ir import counts
 from plait.ir.dsl import load_prune_job
 from plait.ir.errors import PlaitError
 from plait.ir.job import AxisSearch, PruneJob, PruneTarget
+from plait.kinds.mamba.layout import mamba_inner
 from plait.lowering.build import build_model
 from plait.lowering.prune.checkpoint import read_weights, save_weights
-from plait.lowering.prune.slicing import check_pruned, mamba_inner, slice_state_dict
+from plait.lowering.prune.slicing import check_pruned, slice_state_dict
 from plait.planner.prune.plan import plan_prune
 from plait.planner.prune.scores import random_scores
 from prune_util import DENSE, HYBRID, MOE

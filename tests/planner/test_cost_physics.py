@@ -306,7 +306,8 @@ def test_fsdp_overlap_zero_vs_one_moves_the_step_by_exactly_the_collective_time(
     """GPT 7.5B, FSDP over one DGX (NVLink): every unit's gathers and gradient scatter are
     shorter than its compute. Fully hidden (1) they cost only the chunk's edge (first gather,
     last scatter); serialised (0) every second of them is on the step. The difference is the
-    collectives' seconds from comm.fsdp_unit, nothing else."""
+    collectives' seconds from comm.fsdp_unit, nothing else (the embedding's and the head's, units
+    of their own under FSDP, hide what their own short compute can)."""
     job = gpt_job(4096, 32, 32, 8, 64)
     lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="fsdp")
     hidden, t_hidden = _fsdp_step(job, lay, 1.0)
@@ -314,6 +315,10 @@ def test_fsdp_overlap_zero_vs_one_moves_the_step_by_exactly_the_collective_time(
     assert all("dp" not in dict(u.comm) for u in hidden.units)  # compute-bound: all hidden
     moved = [comm.fsdp_unit(hidden.ctx, u.dense_params, u.expert_params) for u in hidden.units]
     per_microbatch = sum(2 * g + s for g, s in moved) - max(g + s for g, s in moved)
+    ends = [comm.fsdp_unit(hidden.ctx, x.params, 0.0) for x in (hidden.first, hidden.last)]
+    assert all(g > 0 and s > 0 for g, s in ends)
+    per_microbatch += sum(x.time - y.time for x, y in ((exposed.first, hidden.first),
+                                                       (exposed.last, hidden.last)))
     assert hidden.fsdp_edge == pytest.approx(max(g + s for g, s in moved))
     assert exposed.fsdp_edge == 0.0
     assert t_exposed - t_hidden == pytest.approx(hidden.microbatches * per_microbatch, rel=1e-9)
@@ -335,3 +340,34 @@ def test_uncalibrated_overlap_is_the_literature_default():
     from plait.planner.cost.context import Calibration
     cal = Calibration()
     assert cal.overlap_all_gather == cal.overlap_reduce_scatter == cal.overlap_all_to_all == 0.84
+
+
+def test_fsdp_step_moves_two_gathers_and_one_scatter_per_microbatch_exactly(qwen_job):
+    """Qwen2-57B-A14B, pure FSDP over 64 H100 on 8 nodes (every ring crosses the NIC), nothing
+    hidden: the step's exposed FSDP seconds are, per micro-batch, counts.fsdp_bytes_per_microbatch
+    of every unit's parameters (the embedding and the head included: FSDP shards them as units of
+    their own) times (n - 1) / n over the rank's NIC, plus one link latency per ring hop of each
+    collective. Halving the micro-batch doubles the micro-batches and so the traffic."""
+    from plait.ir import counts
+    from plait.planner.cost.context import cluster_links
+    from plait.planner.cost.evaluate import evaluate
+    from plait.planner.cost.pipeline import CostTable, stages_of
+    from plait.planner.layouts import units
+    job = calibrated(qwen_job(), overlap_all_gather=0.0, overlap_reduce_scatter=0.0, fsdp_eff=1.0)
+    n = 64
+    seconds = {}
+    for mbs in (1, 2, 4):
+        lay = Layout(tp=1, dp=n, pp=1, etp=1, ep=1, edp=n, mbs=mbs, dp_kind="fsdp")
+        table = CostTable(job, lay, units(job.model))
+        pred = evaluate(table, stages_of(table, (len(table.units),), (0,)))
+        _, nic, _, latency = cluster_links(job.cluster, table.ctx.cal)
+        groups = [(u.dense_params, u.expert_params) for u in table.units]
+        groups += [(table.first.params, 0.0), (table.last.params, 0.0)]
+        moved = sum(counts.fsdp_bytes_per_microbatch(d + e, "bf16") for d, e in groups)
+        rings = sum(3 * ((d > 0) + (e > 0)) for d, e in groups)
+        per_microbatch = (n - 1) / n * moved / nic + rings * (n - 1) * latency
+        assert table.microbatches == 256 // (n * mbs)
+        assert dict(pred.exposed_comm)["dp"] == pytest.approx(
+            table.microbatches * per_microbatch, rel=1e-9)
+        seconds[mbs] = dict(pred.exposed_comm)["dp"]
+    assert seconds[1] == pytest.approx(2 * seconds[2]) and seconds[2] == pytest.approx(2 * seconds[4])

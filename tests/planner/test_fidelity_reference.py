@@ -11,10 +11,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import fidelity  # noqa: E402
 
-# (mean, max) |relative error| bounds, a little above today's 2.0% / 6.1% and 6.3% / 17.7% (the
+# (mean, max) |relative error| bounds, a little above today's 2.0% / 6.1% and 6.7% / 16.6% (the
 # FSDP overlap is no longer fitted to these rows: measured by `plait calibrate`, else the
-# literature default, so Qwen2's FSDP row is the worst fitted one)
-BOUNDS = {"sc21": (0.03, 0.07), "folding": (0.07, 0.18)}
+# literature default; the two models' pure-FSDP rows disagree by 1.33x per byte moved, so one
+# fsdp_eff leaves Mixtral's +15% and Qwen2's -17%)
+BOUNDS = {"sc21": (0.03, 0.07), "folding": (0.07, 0.17)}
 
 
 @pytest.fixture(scope="module")

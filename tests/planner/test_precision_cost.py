@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from plait.commands.plan import _precision_table
+from plait.commands.plan import precision_table
 from plait.ir.job import Precision
 from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.kinds.attention import cost as attention_cost
@@ -60,11 +60,11 @@ def test_explain_shows_each_stage_precision():
     stages = even_stages(model.num_layers, 2, 1)
     plan = ParallelPlan(job="t", model=model.name, cluster="c", world=8, layout=LAYOUT,
                         stages=stages, global_batch=64, seq_len=4096)
-    rows = [[c._cells[i] for c in _precision_table(j, plan).columns] for i in range(2)]
+    rows = [[c._cells[i] for c in precision_table(j, plan).columns] for i in range(2)]
     last = model.num_layers - 1
     assert rows[0] == ["pp0", f"0-{stages[0].last - 1}", "fp8 (bf16 GEMMs: layers 0-1)"]
     assert rows[1] == ["pp1", f"{stages[1].first}-{last}", f"fp8 (bf16 GEMMs: layers {last - 2}-{last})"]
-    assert "fp32 main weights" in _precision_table(j, plan).title
+    assert "fp32 main weights" in precision_table(j, plan).title
 
 
 def test_fp8_job_plans_where_fp8_is_no_faster():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from plait.ir.model import MLP, Attention, ModelSpec, Rope
 from plait.runtime import mesh as mesh_mod
-from plait.runtime.parity import Setup
+from plait.runtime.harness.parity import Setup
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "specs" / "jobs" / "tiny-local.plait"

@@ -6,7 +6,8 @@ from pathlib import Path
 from plait.ir.dsl import load_model
 from plait.ir.job import Precision
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, assemble, _worker, reference, spawn_cases
+from plait.runtime.harness.parity import Case, Setup, parity_worker, reference, spawn_cases
+from plait.runtime.harness.parity_compare import assemble
 
 MODELS = Path(__file__).resolve().parents[2] / "specs" / "models"
 VS_FP32 = "single vs fp32"
@@ -19,7 +20,7 @@ def layout_errors(name: str, cases: list[Case], tmp, precision: Precision, steps
     (step-0 gradients; ``steps`` steps are trained, the parameters' dtypes recorded)."""
     setup = Setup(load_model(MODELS / f"{name}.plait"), global_batch=4, seq=32, steps=steps,
                   precision=precision)
-    records = spawn_cases(_worker, [SINGLE] + cases, str(tmp), setup)
+    records = spawn_cases(parity_worker, [SINGLE] + cases, str(tmp), setup)
     ref_grads = assemble(records["single"], "grads")
     ref_loss = records["single"][0]["loss"]
     fp32 = reference(replace(setup, precision=None))  # the fp32 reference module, torch AdamW

@@ -15,7 +15,7 @@ from plait.runtime.data_blend import blended_loader
 from plait.runtime.launch import hand_plan
 from plait.runtime.train import Trainer
 
-from test_runtime_blend import BATCH, SEQ, SIZES, _job, sources  # noqa: F401 (fixture)
+from test_runtime_blend import BATCH, SEQ, SIZES, blend_job, sources  # noqa: F401 (fixture)
 
 FRACTION = 0.25
 BLEND = [DataPhase("blend", (("web", 0.5), ("math", 0.3), ("code", 0.2)))]
@@ -27,7 +27,7 @@ def _validated(job):
 
 
 def test_training_draws_only_from_each_sources_training_part(sources):  # noqa: F811
-    job = _validated(_job(sources, BLEND, steps=40))
+    job = _validated(blend_job(sources, BLEND, steps=40))
     loader = blended_loader(job, SEQ, BATCH)
     assert loader.windows == [n - int(n * FRACTION) for n in SIZES.values()]
     for step in range(40):
@@ -44,7 +44,7 @@ def one_rank(tmp_path):
 
 
 def test_validation_reports_each_sources_loss_on_its_held_out_windows(sources, one_rank):  # noqa: F811
-    job = _validated(_job(sources, BLEND, steps=4))
+    job = _validated(blend_job(sources, BLEND, steps=4))
     plan = hand_plan(job, Layout())
     trainer = Trainer(job, plan, mesh_mod.build_mesh(plan.layout, 60))
     loaders = validation.validation_loaders(trainer)

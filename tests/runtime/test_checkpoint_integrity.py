@@ -15,9 +15,9 @@ from plait.cli import main
 from plait.ir.errors import PlaitError
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
-from plait.runtime import resume_check
+from plait.runtime.harness import resume_check
 from plait.runtime.ckpt_integrity import MANIFEST, check_job, read_meta, verify
-from plait.runtime.parity import Case
+from plait.runtime.harness.parity import Case
 from plait.runtime.train import NonFiniteStep
 
 from ckpt_util import SETUP, SPEC, TINY, single_rank
@@ -29,11 +29,11 @@ def saved(tmp_path_factory):
     """Two one-rank checkpoints of SETUP (steps 1 and 2) and one of another seed (step 1)."""
     tmp = tmp_path_factory.mktemp("trust")
     with single_rank(tmp):
-        trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=0)
+        trainer = resume_check.build_trainer(SETUP, Case("z", Layout()), seed=0)
         for step in range(2):
             trainer.train_step(step, SETUP.steps)
             checkpoint.save(trainer, tmp / "ckpt", step + 1, SETUP.steps)
-        other = resume_check._trainer(SETUP, Case("z", Layout()), seed=5)
+        other = resume_check.build_trainer(SETUP, Case("z", Layout()), seed=5)
         other.train_step(0, SETUP.steps)
         checkpoint.save(other, tmp / "other", 1, SETUP.steps)
     return tmp
@@ -86,7 +86,7 @@ def test_saving_a_step_again_replaces_the_directory_whole(saved, tmp_path):
         root = tmp_path / "ckpt"
         shutil.copytree(saved / "ckpt", root)
         (root / "step-000001" / "stale").write_text("from an older run")
-        trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=3)
+        trainer = resume_check.build_trainer(SETUP, Case("z", Layout()), seed=3)
         checkpoint.save(trainer, root, 1, SETUP.steps)
     assert not (root / "step-000001" / "stale").exists()  # a new directory, not written over
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001", "step-000002"]
@@ -150,7 +150,7 @@ def test_a_non_finite_step_stops_the_run_or_is_skipped_when_allowed(tmp_path):
     with single_rank(tmp_path):
         for allowed in (0, 1):
             setup = replace(SETUP, optimizer=replace(SETUP.optimizer, skip_bad_steps=allowed))
-            trainer = resume_check._trainer(setup, Case("z", Layout()), seed=0)
+            trainer = resume_check.build_trainer(setup, Case("z", Layout()), seed=0)
             real = trainer.forward_backward
             trainer.forward_backward = lambda step: real(step) * (float("nan") if step == 1 else 1)
             seen = {}
@@ -206,7 +206,7 @@ def test_a_failed_write_is_reported_and_leaves_no_step_directory(tmp_path, monke
     def full_disk(*args):
         raise OSError(28, "No space left on device")
     with single_rank(tmp_path):
-        trainer = resume_check._trainer(SETUP, Case("z", Layout()), seed=0)
+        trainer = resume_check.build_trainer(SETUP, Case("z", Layout()), seed=0)
         monkeypatch.setattr(ckpt_store, "write", full_disk)
         for asynchronous in (False, True):
             saver = checkpoint.Saver(str(tmp_path / "ckpt"), asynchronous=asynchronous)

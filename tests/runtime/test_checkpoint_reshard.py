@@ -9,8 +9,8 @@ import pytest
 from plait.ir.dsl import load_model
 from plait.ir.model import MLP, Attention, ModelSpec, Rope
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup
-from plait.runtime.resume_check import Move, run_moves
+from plait.runtime.harness.parity import Case, Setup
+from plait.runtime.harness.resume_check import Move, run_moves
 
 DENSE = ModelSpec(name="reshard", vocab=64, hidden=32, layers=("attention", "mlp") * 2,
                   attention=Attention(heads=4, kv_heads=2, head_dim=8, rope=Rope()),

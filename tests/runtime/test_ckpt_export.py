@@ -16,32 +16,15 @@ from plait.ir.errors import PlaitError  # noqa: E402
 from plait.ir.hf import model_from_hf_file  # noqa: E402
 from plait.ir.model import MLP, Attention, ModelSpec  # noqa: E402
 from plait.ir.plan import Layout  # noqa: E402
-from plait.runtime import checkpoint  # noqa: E402
 from plait.runtime.ckpt_export import export_hf  # noqa: E402
-from plait.runtime.mesh import build_mesh  # noqa: E402
-from plait.runtime.parity import TIMEOUT_S, Case, Setup  # noqa: E402
-from plait.runtime.train import Trainer  # noqa: E402
+from plait.runtime.harness.parity import TIMEOUT_S, Setup  # noqa: E402
 
 from ckpt_util import single_rank  # noqa: E402
-from export_util import FAMILIES, check_export, logit_diff, save_hub_model, tensors  # noqa: E402
+from export_util import FAMILIES, check_export, logit_diff, save_from_hub, save_hub_model, tensors  # noqa: E402
 
 SHARD_BYTES = 16 << 10  # small shards: every tiny model spans several files
 DATA_SPEC = ModelSpec(name="tok", vocab=16, hidden=16, layers=("attention", "mlp"),
                       attention=Attention(heads=2, kv_heads=2, head_dim=8), mlp=MLP(ffn=16))
-
-
-def save_from_hub(hub: Path, layout: Layout, out: Path, step: int = 0) -> Path:
-    """Collective: a trainer under ``layout`` starts from the hub weights (--weights) and saves a
-    checkpoint after ``step`` steps."""
-    spec = model_from_hf_file(str(hub))
-    setup = Setup(spec, global_batch=4, seq=16, steps=2)
-    case = Case("export", layout)
-    plan = case.plan(spec, setup.global_batch, setup.seq)
-    trainer = Trainer(setup.job(plan.world), plan, build_mesh(plan.layout, TIMEOUT_S),
-                      source=setup.source(), weights=str(hub))
-    for s in range(step):
-        trainer.train_step(s, setup.steps)
-    return checkpoint.save(trainer, out, step, setup.steps)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +110,8 @@ DENSE, MOE = Layout(tp=2, sp=True), Layout(tp=2, sp=True, ep=2)
 def test_every_family_exports_from_a_sharded_checkpoint(tmp_path):
     import torch.multiprocessing as mp
 
-    jobs = [(f, MOE if "moe" in f or f in ("mixtral", "nemotron_h") else DENSE) for f in FAMILIES]
+    jobs = [(f, MOE if "moe" in f or f in ("mixtral", "nemotron_h", "deepseek_v3") else DENSE)
+            for f in FAMILIES]
     for family, _ in jobs:
         save_hub_model(FAMILIES[family], tmp_path / f"hub-{family}")
     mp.spawn(_sharded_worker, args=(2, jobs, str(tmp_path)), nprocs=2, join=True)

@@ -29,7 +29,7 @@ import torch
 
 from plait.ir.job import Precision
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case
+from plait.runtime.harness.parity import Case
 
 from precision_util import VS_FP32, layout_errors
 

@@ -1,6 +1,6 @@
 """Memory truth: the planner's memory terms against what the real runtime holds.
 
-The real Trainer trains one step of the tiny jobs under several layouts (runtime/memory_probe.py):
+The real Trainer trains one step of the tiny jobs under several layouts (runtime/harness/memory_probe.py):
 the bytes autograd saves for backward (torch.autograd.graph.saved_tensors_hooks, one micro-batch,
 each storage once, weights excluded) and the weights, gradients, ZeRO-1 master shards and their
 gradients, and Adam moments of the rank. Each term must match the planner's prediction for the
@@ -17,7 +17,7 @@ from plait.ir.plan import Layout
 from plait.planner.cost.evaluate import rank_tensor_bytes
 from plait.planner.cost.pipeline import CostTable
 from plait.planner.layouts import units
-from plait.runtime.memory_probe import measure, probe_plan
+from plait.runtime.harness.memory_probe import measure, probe_plan
 
 pytestmark = pytest.mark.tier2
 

@@ -20,7 +20,7 @@ import torch
 from plait.ir.dsl import load_model
 from plait.ir.model import Rope
 from plait.ir.plan import Layout
-from plait.runtime.parity import FP64, Case, Setup, in_fp32_and_fp64, run_parity
+from plait.runtime.harness.parity import FP64, Case, Setup, in_fp32_and_fp64, run_parity
 
 HYBRID = load_model("specs/models/tiny-hybrid.plait")
 SPEC = replace(HYBRID, attention=replace(HYBRID.attention, rope=Rope(theta=10000.0)))

@@ -4,15 +4,17 @@ expert) reproduces one device under TP2 with sequence parallelism (the heads of 
 kv_b_proj / o_proj split, the latent down-projections replicated with TP-summed gradients), TP2 x
 EP2 folded onto the same two ranks, PP2, ring CP2 (per-head K and V exchanged; v heads narrower
 than q/k heads take the math kernels), and its dense twin under plain TP2 (MoE layers need SP
-under TP) and all-to-all CP2 (gloo, world 2, one spawn). Tolerance as test_runtime_parity: loss and every gradient of
-the first step within 1e-5 in fp32 (sums reordered by the layout, ~1e-7 apart)."""
+under TP) and all-to-all CP2 (gloo, world 2, one spawn); on four ranks (a second spawn) EP4 and
+TP2 x EP2 with expert TP2 (dense tp2 sp dp2 | experts etp2 ep2). Tolerance as test_runtime_parity:
+loss and every gradient of the first step within 1e-5 in fp32 (sums reordered by the layout, ~1e-7
+apart)."""
 import pytest
 
 from dataclasses import replace
 
 from plait.ir.dsl import parse_text
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, run_parity
+from plait.runtime.harness.parity import Case, Setup, run_parity
 
 MLA_MOE = parse_text('''model "tiny-mla-moe" {
   vocab = 256
@@ -43,6 +45,10 @@ CASES = [
     Case("pp2", Layout(pp=2)),
     Case("cp2_ring", Layout(cp=2, dp_kind="replicated")),
     Case("cp2_alltoall_dense", Layout(cp=2, cp_comm="alltoall", dp_kind="replicated"), spec=MLA_DENSE),
+    # world 4 (a second spawn): two of the eight experts per rank, and TP2 x EP2 with each
+    # expert's FFN split over ETP2 too (dense tp2 sp dp2 | etp2 ep2)
+    Case("ep4", Layout(dp=4, ep=4)),
+    Case("tp2_sp_ep2_etp2", Layout(tp=2, sp=True, dp=2, ep=2, etp=2)),
 ]
 
 

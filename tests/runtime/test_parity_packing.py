@@ -15,7 +15,7 @@ import pytest
 
 from plait.ir.model import MLP, Attention, ModelSpec, MoE, Rope
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, run_parity
+from plait.runtime.harness.parity import Case, Setup, run_parity
 
 SPEC = ModelSpec(
     name="packing", vocab=128, hidden=32, layers=("attention", "mlp") * 2,

@@ -12,7 +12,7 @@ import pytest
 
 from plait.ir.dsl import load_model
 from plait.ir.plan import Layout
-from plait.runtime.parity import Case, Setup, run_parity
+from plait.runtime.harness.parity import Case, Setup, run_parity
 
 DENSE = load_model("specs/models/tiny-dense.plait")
 SPEC = replace(DENSE, attention=replace(DENSE.attention, window=5, full_layers=(1,)))

@@ -1,5 +1,5 @@
 """Mixed precision state on the real runtime: bytes of weights, gradients, master weights and
-Adam moments per rank, measured on the Trainer after a full step (runtime/memory_probe.py), equal
+Adam moments per rank, measured on the Trainer after a full step (runtime/harness/memory_probe.py), equal
 the plan's memory model (ir/counts.py state_tensor_bytes via planner/cost/evaluate) for bf16 and
 fp8 under every data-parallel flavour, and each class has the dtype the policy promises."""
 import dataclasses
@@ -13,7 +13,7 @@ from plait.ir.plan import Layout
 from plait.planner.cost.evaluate import rank_tensor_bytes
 from plait.planner.cost.pipeline import CostTable
 from plait.planner.layouts import units
-from plait.runtime.memory_probe import measure, probe_plan
+from plait.runtime.harness.memory_probe import measure, probe_plan
 
 pytestmark = pytest.mark.tier2
 

@@ -10,7 +10,7 @@ from plait.ir.job import AxisSearch, LayoutPins, PruneJob, PruneTarget
 from plait.ir.plan import Layout
 from plait.planner.prune.plan import plan_prune
 from plait.planner.prune.scores import random_scores
-from plait.runtime.parity import Case, Setup, run_parity
+from plait.runtime.harness.parity import Case, Setup, run_parity
 
 HYBRID = load_model("specs/models/tiny-hybrid.plait")
 WIDTHS = {"hidden": 112, "ffn": 128, "mamba_heads": 4, "mamba_head_dim": 16, "attention_heads": 2}

@@ -36,7 +36,7 @@ def sources(tmp_path_factory):
     return tuple(out)
 
 
-def _job(sources, phases, epochs=None, steps=STEPS):
+def blend_job(sources, phases, epochs=None, steps=STEPS):
     if epochs:
         sources = tuple(replace(s, epochs=epochs.get(s.name)) for s in sources)
     job = load_job(str(TINY))
@@ -53,7 +53,7 @@ def _source_of(batch) -> np.ndarray:
 
 
 def test_realised_fractions_match_the_weights_within_one_sample(sources):
-    loader = blended_loader(_job(sources, PHASES), SEQ, BATCH)
+    loader = blended_loader(blend_job(sources, PHASES), SEQ, BATCH)
     seen = np.concatenate([_source_of(loader.local_batch(s)) for s in range(STEPS)])
     for phase, part in ((PHASES[0], seen[:240]), (PHASES[1], seen[240:])):
         w = np.array([dict(phase.weights).get(n, 0.0) for n in SIZES])
@@ -66,7 +66,7 @@ def test_realised_fractions_match_the_weights_within_one_sample(sources):
 
 
 def test_a_source_is_drawn_without_repeats_within_an_epoch(sources):
-    loader = blended_loader(_job(sources, PHASES[:1]), SEQ, BATCH)
+    loader = blended_loader(blend_job(sources, PHASES[:1]), SEQ, BATCH)
     picks = [loader.global_samples(s) for s in range(STEPS)]
     src = np.concatenate([p[0] for p in picks])
     win = np.concatenate([p[1] for p in picks])
@@ -76,10 +76,10 @@ def test_a_source_is_drawn_without_repeats_within_an_epoch(sources):
 
 
 def test_epoch_caps_refuse_a_budget_that_exceeds_them(sources):
-    job = _job(sources, PHASES[:1], epochs={"code": 2.0})
+    job = blend_job(sources, PHASES[:1], epochs={"code": 2.0})
     with pytest.raises(PlaitError, match=r"'code' would give 96 samples = 2.40 epochs .* cap of 2"):
         blended_loader(job, SEQ, BATCH)
-    blended_loader(_job(sources, PHASES[:1], epochs={"code": 2.5}), SEQ, BATCH)  # within the cap
+    blended_loader(blend_job(sources, PHASES[:1], epochs={"code": 2.5}), SEQ, BATCH)  # within the cap
 
 
 @pytest.mark.parametrize("layout", [Layout(dp=2), Layout(tp=2), Layout(dp=2, tp=2),
@@ -87,7 +87,7 @@ def test_epoch_caps_refuse_a_budget_that_exceeds_them(sources):
 def test_every_layout_reads_the_same_global_order(sources, layout):
     """Each rank builds its loader as the trainer does (its dp group's size and its index in it):
     DP shares concatenate to the one-device global batch; TP / PP peers read the same rows."""
-    job = _job(sources, PHASES)
+    job = blend_job(sources, PHASES)
     whole = [blended_loader(job, SEQ, BATCH).local_batch(s).tokens for s in (0, 29, 30, 59)]
     for rank in range(layout.world):
         dp_group = group_of(layout, "dense", "dp", rank)
@@ -99,7 +99,7 @@ def test_every_layout_reads_the_same_global_order(sources, layout):
 
 
 def test_resume_at_any_step_continues_the_same_sequence(sources):
-    job = _job(sources, PHASES)
+    job = blend_job(sources, PHASES)
     straight = blended_loader(job, SEQ, BATCH)
     run = [straight.local_batch(s).tokens for s in range(STEPS)]
     resumed = blended_loader(job, SEQ, BATCH)  # a new process: only the step is restored
@@ -108,8 +108,8 @@ def test_resume_at_any_step_continues_the_same_sequence(sources):
 
 
 def test_the_seed_changes_the_order_not_the_counts(sources):
-    a = blended_loader(_job(sources, PHASES), SEQ, BATCH)
-    job = _job(sources, PHASES)
+    a = blended_loader(blend_job(sources, PHASES), SEQ, BATCH)
+    job = blend_job(sources, PHASES)
     b = blended_loader(replace(job, data=replace(job.data, seed=6)), SEQ, BATCH)
     sa, sb = a.global_samples(3), b.global_samples(3)
     assert np.array_equal(sa[0], sb[0]) and not np.array_equal(sa[1], sb[1])
@@ -124,7 +124,7 @@ def test_plait_run_trains_on_the_blend_under_any_layout_and_resumes(sources, tmp
     from plait.lowering.build import build_model
     from plait.runtime.launch import Checkpointing, check_plan, hand_plan, launch_local, resolve_data
 
-    job = replace(_job(sources, PHASES, steps=4), cluster=local_cpu(2))
+    job = replace(blend_job(sources, PHASES, steps=4), cluster=local_cpu(2))
     job = resolve_data(job, tmp_path)
     batch = blended_loader(job, SEQ, BATCH).local_batch(0)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_plait_run_trains_on_the_blend_under_any_layout_and_resumes(sources, tmp
 def test_a_checkpoint_names_the_recipe_so_a_changed_blend_is_a_different_job(sources):
     from plait.runtime.ckpt_integrity import dataset_identity
 
-    job = _job(sources, PHASES)
+    job = blend_job(sources, PHASES)
     identity = dataset_identity(job.data)
     assert identity["sources"]["web"]["tokens"] == 400 * SEQ + 1
     other = replace(job.data, phases=(PHASES[0], replace(PHASES[1], at=0.4)))
@@ -156,8 +156,8 @@ def test_a_checkpoint_names_the_recipe_so_a_changed_blend_is_a_different_job(sou
 
 
 def test_a_data_flag_replaces_the_jobs_blend(sources):
-    from plait.commands.run import _with_data
+    from plait.commands.run import with_data
 
-    job = _job(sources, PHASES)
-    assert _with_data(job, "/some/dir", False).data.sources == ()
-    assert _with_data(job, None, True).data.phases == () and _with_data(job, None, False) == job
+    job = blend_job(sources, PHASES)
+    assert with_data(job, "/some/dir", False).data.sources == ()
+    assert with_data(job, None, True).data.phases == () and with_data(job, None, False) == job

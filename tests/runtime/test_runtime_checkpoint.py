@@ -16,8 +16,8 @@ from plait.ir.model import Attention, ModelSpec, MoE
 from plait.ir.plan import Layout
 from plait.runtime import checkpoint
 from plait.runtime.ckpt_integrity import check_model, read_meta
-from plait.runtime import resume_check
-from plait.runtime.parity import Case
+from plait.runtime.harness import resume_check
+from plait.runtime.harness.parity import Case
 
 from ckpt_util import SETUP, SPEC, TINY, single_rank
 
@@ -32,7 +32,7 @@ def one_rank(tmp_path):
 @pytest.mark.parametrize("dp_kind", ["replicated", "zero1", "fsdp"])
 def test_one_rank_resume_equals_the_uninterrupted_run(dp_kind, one_rank):
     case = Case(dp_kind, Layout(dp_kind=dp_kind))
-    resume_check._run_case(SETUP, case, 2, 0, one_rank)
+    resume_check.run_resume_case(SETUP, case, 2, 0, one_rank)
     record = torch.load(one_rank / f"{dp_kind}.rank0.pt")
     assert record["start"] == 2 and len(record["resumed"]) == 2
     assert record["resumed"] == record["whole"] and record["params"] == 0.0
@@ -43,7 +43,7 @@ def test_bf16_resume_keeps_fp32_main_weights_and_adam_state(dp_kind, one_rank):
     """Mixed precision: the fp32 main weights and their AdamW state are part of the checkpoint, so
     a resumed bf16 run continues bit for bit (bf16 weights alone would lose the fp32 digits)."""
     case = Case(dp_kind, Layout(dp_kind=dp_kind))
-    resume_check._run_case(replace(SETUP, precision=Precision("bf16")), case, 2, 0, one_rank)
+    resume_check.run_resume_case(replace(SETUP, precision=Precision("bf16")), case, 2, 0, one_rank)
     record = torch.load(one_rank / f"{dp_kind}.rank0.pt")
     assert record["resumed"] == record["whole"] and record["params"] == 0.0
 
@@ -54,10 +54,10 @@ def test_moe_expert_bias_is_part_of_the_state(one_rank):
                      attention=Attention(heads=2, kv_heads=2, head_dim=16),
                      moe=MoE(experts=4, top_k=2, ffn=16, expert_bias=True))
     setup, case = replace(SETUP, spec=spec), Case("moe", Layout())
-    saved = resume_check._trainer(setup, case, seed=0)
+    saved = resume_check.build_trainer(setup, case, seed=0)
     saved.train_step(0, setup.steps)
     checkpoint.save(saved, one_rank / "ckpt", 1, setup.steps)
-    fresh = resume_check._trainer(setup, case, seed=1)
+    fresh = resume_check.build_trainer(setup, case, seed=1)
     (name, want), = checkpoint.persistent_buffers(saved).items()
     assert name == "layers.1.mixer.expert_bias" and want.abs().sum() > 0  # it moved
     checkpoint.load(fresh, one_rank / "ckpt")
@@ -70,7 +70,7 @@ def _adam(trainer) -> list[torch.Tensor]:
 
 def test_load_restores_parameters_optimizer_and_rng_from_another_seed(one_rank):
     case = Case("zero1", Layout())
-    saved = resume_check._trainer(SETUP, case, seed=0)
+    saved = resume_check.build_trainer(SETUP, case, seed=0)
     for step in range(2):
         saved.train_step(step, SETUP.steps)
     torch.manual_seed(7)
@@ -80,7 +80,7 @@ def test_load_restores_parameters_optimizer_and_rng_from_another_seed(one_rank):
     meta = json.loads((where / "plait.json").read_text())
     assert meta["step"] == 2 and meta["layout"]["dp_kind"] == "zero1" and meta["data"]["next_step"] == 2
 
-    fresh = resume_check._trainer(SETUP, case, seed=1)
+    fresh = resume_check.build_trainer(SETUP, case, seed=1)
     before, want = fresh.dp.full_parameters(), saved.dp.full_parameters()
     assert any(not torch.equal(before[n], want[n]) for n in want)
     torch.manual_seed(8)
@@ -97,7 +97,7 @@ def saved_dir(tmp_path_factory):
     """A real one-rank checkpoint of SETUP under Layout() (zero1), written once."""
     tmp = tmp_path_factory.mktemp("saved")
     with single_rank(tmp):
-        trainer = resume_check._trainer(SETUP, Case("zero1", Layout()), seed=0)
+        trainer = resume_check.build_trainer(SETUP, Case("zero1", Layout()), seed=0)
         trainer.train_step(0, SETUP.steps)
         checkpoint.save(trainer, tmp / "ckpt", 1, SETUP.steps)
     return tmp / "ckpt"
@@ -167,7 +167,7 @@ def test_asynchronous_saves_hold_the_state_of_their_step(one_rank):
     from plait.runtime.ckpt_integrity import verify
 
     case = Case("zero1", Layout())
-    trainer = resume_check._trainer(SETUP, case, seed=0)
+    trainer = resume_check.build_trainer(SETUP, case, seed=0)
     saver = checkpoint.Saver(str(one_rank / "async"), every=1, asynchronous=True)
     at = {}
     for step in range(3):
@@ -177,7 +177,7 @@ def test_asynchronous_saves_hold_the_state_of_their_step(one_rank):
     assert saver.close().name == "step-000003"
     for step in (2, 3):
         verify(checkpoint.step_dir(one_rank / "async", step))
-        fresh = resume_check._trainer(SETUP, case, seed=1)
+        fresh = resume_check.build_trainer(SETUP, case, seed=1)
         assert checkpoint.load(fresh, checkpoint.step_dir(one_rank / "async", step)) == step
         got = fresh.dp.full_parameters()
         assert all(torch.equal(got[n], at[step][n]) for n in got)

@@ -19,7 +19,7 @@ from plait.lowering.modules import ssd
 from plait.lowering.modules.attention import causal_attention
 from plait.lowering.modules.mamba import causal_conv1d
 from plait.runtime import fp8_backends, kernels
-from plait.runtime.parity import Case
+from plait.runtime.harness.parity import Case
 
 torch.set_num_threads(1)
 MODELS = Path(__file__).resolve().parents[2] / "specs" / "models"

@@ -9,7 +9,7 @@ from plait.ir.model import MLP, Attention, ModelSpec, Rope
 from plait.ir.plan import Layout
 from plait.runtime import mesh as mesh_mod
 from plait.runtime.optim import clip_coefficient, lr_at, param_groups
-from plait.runtime.parity import Case, Setup, compare, reference
+from plait.runtime.harness.parity import Case, Setup, compare, reference
 
 SPEC = ModelSpec(name="opt-test", vocab=64, hidden=32, layers=("attention", "mlp"),
                  attention=Attention(heads=2, kv_heads=1, head_dim=16, rope=Rope()),
@@ -48,14 +48,14 @@ def test_one_rank_training_matches_the_reference(dp_kind, tmp_path):
     """The compiled program with micro-batches and every optimizer path, in this process: fp32
     loss and gradients within 1e-5; in fp64 the parameters after the 3 AdamW steps too, within
     1e-9 (fp32 parameters after Adam steps are not comparable: see test_runtime_parity)."""
-    from plait.runtime.parity import _run_case, in_fp32_and_fp64
+    from plait.runtime.harness.parity import in_fp32_and_fp64, run_case
 
     setup = Setup(SPEC, global_batch=4, seq=8)
     fp32, fp64 = in_fp32_and_fp64([Case(dp_kind, Layout(dp_kind=dp_kind, mbs=1))])
     mesh_mod.init_distributed("gloo", 60, f"file://{tmp_path}/rdzv", 0, 1)
     try:
         for case in (fp32, fp64):
-            _run_case(setup, case, 0, tmp_path)
+            run_case(setup, case, 0, tmp_path)
     finally:
         mesh_mod.destroy()
     errors = {case.dtype: compare([torch.load(tmp_path / f"{case.name}.rank0.pt", weights_only=False)],

@@ -23,7 +23,7 @@ import pytest
 
 from plait.ir.model import MLP, Attention, ModelSpec, Rope
 from plait.ir.plan import Layout, Stage
-from plait.runtime.parity import FP64, Case, Setup, in_fp32_and_fp64, run_parity
+from plait.runtime.harness.parity import FP64, Case, Setup, in_fp32_and_fp64, run_parity
 
 # Every optional dense feature the passes must handle: GQA, RoPE, qkv / out / mlp biases, q/k norms.
 SPEC = ModelSpec(

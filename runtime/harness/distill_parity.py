@@ -16,10 +16,10 @@ import torch
 from plait.ir.model import ModelSpec
 from plait.lowering.build import build_model
 
-from .data import BatchLoader
-from .distill import Distiller, distill_loss
-from .distill_dist import DistillTrainer
-from .mesh import build_mesh, destroy, init_distributed
+from ..data import BatchLoader
+from ..distill.parallel import DistillTrainer
+from ..distill.single_device import Distiller, distill_loss
+from ..mesh import build_mesh, destroy, init_distributed
 from .parity import (TIMEOUT_S, Case, Errors, Setup, compare_cases, one_thread, record_run,
                      spawn_cases)
 

@@ -16,9 +16,9 @@ from plait.ir.errors import LayoutError
 from plait.ir.job import AxisSearch, Calibration, Distill, LayoutPins, Optimizer, PruneJob, PruneTarget
 from plait.ir.plan import Layout
 from plait.planner.prune.scores import ImportanceScores
-from plait.runtime.distill_launch import DistillRun, check_run, layout_from_pins
+from plait.runtime.distill.launch import DistillRun, check_run, layout_from_pins
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lowering"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lowering"))
 from prune_util import DENSE  # noqa: E402
 
 MODEL = replace(DENSE, vocab=256, name="micro-bytes")

@@ -1,4 +1,4 @@
-"""The parity comparer (runtime/parity_compare.py) without processes: records of an expert-parallel
+"""The parity comparer (runtime/harness/parity_compare.py) without processes: records of an expert-parallel
 layout (EP x ETP pieces, EDP replicas, DP replicas of dense tensors) reassemble into the reference's
 shapes, and a wrong piece or a missing bias layer is reported, not hidden."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from plait.lowering.moe.dispatch import ExpertGrid
 from plait.lowering.moe.sync import ExpertSync, expert_slices, take
-from plait.runtime.parity_compare import assemble, compare
+from plait.runtime.harness.parity_compare import assemble, compare
 
 EXPERTS, FFN, HIDDEN = 4, 6, 3
 NAMES = ("layers.0.mixer.experts.w_gate_up", "layers.0.mixer.experts.w_down")

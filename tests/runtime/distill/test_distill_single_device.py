@@ -14,9 +14,9 @@ from plait.ir.errors import PlaitError
 from plait.ir.job import AxisSearch, Calibration, Distill, Optimizer, PruneJob, PruneTarget
 from plait.lowering.build import build_model
 from plait.runtime.data import BatchLoader, SyntheticTokens
-from plait.runtime.distill import Distiller, distill_loss
+from plait.runtime.distill.single_device import Distiller, distill_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lowering"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lowering"))
 from prune_util import DENSE  # noqa: E402
 
 torch.set_num_threads(1)

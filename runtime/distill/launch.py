@@ -24,10 +24,10 @@ from plait.ir.plan import Layout, ParallelPlan, even_stages
 from plait.lowering.build import build_model
 from plait.lowering.compile import dense_layout
 
-from . import checkpoint
-from .data import open_source
-from .distill_dist import DistillTrainer, DistStepLog, check_distill_layout
-from .mesh import build_mesh, destroy, init_distributed
+from .. import checkpoint
+from ..data import open_source
+from ..mesh import build_mesh, destroy, init_distributed
+from .parallel import DistillTrainer, DistStepLog, check_distill_layout
 
 LAYOUT_FIELDS = {f.name for f in fields(Layout)}
 
@@ -126,8 +126,8 @@ RESULT = "result.json"  # rank 0's step logs of this run (JSON: nothing in WORK 
 def _student_parameters(saves: Path) -> dict[str, torch.Tensor]:
     """The student's whole parameters by reference name, read from the distillation's last
     checkpoint (every rank's shards in their global places)."""
-    from .ckpt_export import checkpoint_tensors
-    from .ckpt_integrity import find
-    from .ckpt_store import Reader
+    from ..ckpt_export import checkpoint_tensors
+    from ..ckpt_integrity import find
+    from ..ckpt_store import Reader
 
     return dict(checkpoint_tensors(Reader(find(saves)), kinds=("model",)))

@@ -1,5 +1,5 @@
 """The parity comparer: every rank's record of a parallel run reassembled into whole tensors and
-measured against the single-device reference (`runtime.parity`).
+measured against the single-device reference (`runtime.harness.parity`).
 
 A record (one per rank, written by `parity.record_run`) holds the step-0 loss and reduced
 gradients, the parameters and expert biases after the last step, and the facts needed to put

@@ -10,9 +10,9 @@ import torch
 from plait.ir.plan import Layout, ParallelPlan, even_stages
 
 from .memory_probe import state_bytes
-from .mesh import build_mesh, destroy, init_distributed, set_threads
+from ..mesh import build_mesh, destroy, init_distributed, set_threads
 from .parity import Case, spawn_cases
-from .train import Trainer
+from ..train import Trainer
 
 TIMEOUT_S = 300
 

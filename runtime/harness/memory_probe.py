@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_flatten
 from plait.ir.plan import Layout, ParallelPlan, even_stages
 
 from .parity import Case, spawn_cases
-from .mesh import build_mesh, destroy, init_distributed
-from .train import Trainer
+from ..mesh import build_mesh, destroy, init_distributed
+from ..train import Trainer
 
 TIMEOUT_S = 120
 

@@ -32,11 +32,11 @@ from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan, Stage, even_stages
 from plait.lowering.build import build_model
 
-from . import moe_balance
-from .data import BatchLoader, Packing, SyntheticTokens
-from .mesh import build_mesh, destroy, init_distributed
-from .parity_compare import Errors, assemble, compare, placement  # noqa: F401 (assemble: API)
-from .train import ReferenceTrainer, Trainer
+from .. import moe_balance
+from ..data import BatchLoader, Packing, SyntheticTokens
+from ..mesh import build_mesh, destroy, init_distributed
+from .parity_compare import Errors, compare, placement
+from ..train import ReferenceTrainer, Trainer
 
 TIMEOUT_S = 120
 
@@ -206,7 +206,9 @@ def expert_biases(modules) -> dict[int, torch.Tensor]:
     return out
 
 
-def _run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
+def run_case(setup: Setup, case: Case, rank: int, out_dir: Path) -> None:
+    """This rank's part of one case, in an initialised process group: build the case's Trainer
+    and record its run (``record_run``)."""
     setup = case.setup(setup)
     plan = setup.plan(case)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
@@ -235,16 +237,17 @@ def record_run(trainer: Trainer, setup: Setup, name: str, rank: int, out_dir: Pa
 
 
 def _lr(setup: Setup, step: int) -> float:
-    from .optim import lr_at
+    from ..optim import lr_at
     return lr_at(step, setup.optimizer, setup.steps)
 
 
-def _worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str) -> None:
+def parity_worker(rank: int, world: int, setup: Setup, cases: list[Case], out_dir: str) -> None:
+    """One spawned rank: join the file:// rendezvous in ``out_dir`` and run every case in turn."""
     torch.set_num_threads(1)
     init_distributed("gloo", TIMEOUT_S, f"file://{out_dir}/rendezvous", rank, world)
     try:
         for case in cases:
-            _run_case(setup, case, rank, Path(out_dir))
+            run_case(setup, case, rank, Path(out_dir))
     finally:
         destroy()
 
@@ -276,7 +279,7 @@ def run_parity(setup: Setup, cases: list[Case], out_dir: str | None = None) -> d
     and 1e-9 rounding differences of such a gradient shift its moves by up to ~1e-5 (more with the
     thread count of the reference). A case in float64 (``Case.dtype`` / ``Setup.dtype``; every
     DP kind) takes rounding out of the way: the whole step then agrees to ~1e-14."""
-    records = spawn_cases(_worker, cases, out_dir, setup)
+    records = spawn_cases(parity_worker, cases, out_dir, setup)
     return compare_cases(cases, records, lambda case: reference_key(setup, case),
                          lambda key: reference(*key))
 

@@ -1,4 +1,5 @@
-"""Multi-head latent attention (DeepSeek-V2/V3), numerically transformers' ``DeepseekV3Attention``.
+"""Multi-head latent attention (DeepSeek-V2/V3), numerically transformers' ``DeepseekV3Attention``:
+the attention kind's MLA variant of the reference module (built by this kind's module facet).
 
 Per token: q = q_b(norm(q_a(x))) (or q_proj(x) without a q LoRA rank), split per head into a
 no-position part and a rotary part; kv_a_proj_with_mqa(x) gives the kv latent (kv_lora_rank wide)
@@ -19,9 +20,9 @@ from torch import nn
 
 from plait.ir.model import Attention
 
-from .attention import causal_attention, sequence_positions
-from .norms import RMSNorm
-from .rotary import apply_rotary, rope_inv_freq, rotary_cos_sin, yarn_mscale
+from plait.lowering.modules.attention import causal_attention, sequence_positions
+from plait.lowering.modules.norms import RMSNorm
+from plait.lowering.modules.rotary import apply_rotary, rope_inv_freq, rotary_cos_sin, yarn_mscale
 
 # The same fx seams as GQA (fx.wrap patches the globals of the module that calls it, so this one too).
 torch.fx.wrap("sequence_positions")

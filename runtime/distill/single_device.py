@@ -24,8 +24,8 @@ from torch import nn
 from plait.ir.job import Optimizer as OptimizerSpec
 from plait.lowering.modules.norms import upcast
 
-from .data import BatchLoader
-from .optim import adamw, lr_at, param_groups, set_lr
+from ..data import BatchLoader
+from ..optim import adamw, lr_at, param_groups, set_lr
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint
-from .mesh import build_mesh, destroy, init_distributed
+from .. import checkpoint
+from ..mesh import build_mesh, destroy, init_distributed
 from .parity import TIMEOUT_S, Case, Setup, spawn_cases
-from .train import Trainer
+from ..train import Trainer
 
 
 @dataclass(frozen=True)
@@ -32,22 +32,26 @@ class ResumeErrors:
         return max(self.losses, self.params)
 
 
-def _trainer(setup: Setup, case: Case, seed: int) -> Trainer:
+def build_trainer(setup: Setup, case: Case, seed: int) -> Trainer:
+    """The case's Trainer on this rank, its weights drawn from ``seed`` (another seed than the
+    saved run's makes every restored tensor come from the checkpoint)."""
     plan = case.plan(setup.spec, setup.global_batch, setup.seq)
     mesh = build_mesh(plan.layout, TIMEOUT_S)
     job = replace(setup.job(mesh.world), seed=seed)
     return Trainer(job, plan, mesh, source=setup.source())
 
 
-def _run_case(setup: Setup, case: Case, k: int, rank: int, out: Path) -> None:
+def run_resume_case(setup: Setup, case: Case, k: int, rank: int, out: Path) -> None:
+    """Runs A (straight through), B (``k`` steps, then save) and C (load, finish) on this rank and
+    saves C's losses and largest parameter difference against A."""
     total = setup.steps
-    whole = _trainer(setup, case, setup.seed)
+    whole = build_trainer(setup, case, setup.seed)
     whole_losses = [float(log.loss) for log in whole.fit(total)]
-    first = _trainer(setup, case, setup.seed)
+    first = build_trainer(setup, case, setup.seed)
     for step in range(k):
         first.train_step(step, total)
     checkpoint.save(first, out / case.name, k, total)
-    resumed = _trainer(setup, case, setup.seed + 1)
+    resumed = build_trainer(setup, case, setup.seed + 1)
     start = checkpoint.load(resumed, out / case.name)
     losses = [float(log.loss) for log in resumed.fit(total, start=start)]
     want, got = whole.dp.full_parameters(), resumed.dp.full_parameters()
@@ -70,10 +74,11 @@ def _worker(rank: int, world: int, run_one: Callable, cases: list, out: str) -> 
 def run_resume(setup: Setup, cases: list[Case], k: int,
                out_dir: str | None = None) -> dict[str, ResumeErrors]:
     """Spawn one group per world size; returns each case's resume errors."""
+    records = spawn_cases(_worker, cases, out_dir, partial(run_resume_case, setup, k=k))
     return {name: ResumeErrors(
                 losses=max(abs(a - b) for r in recs for a, b in zip(r["whole"], r["resumed"])),
                 params=max(r["params"] for r in recs), resumed_from=recs[0]["start"])
-            for name, recs in spawn_cases(_worker, cases, out_dir, partial(_run_case, setup, k=k)).items()}
+            for name, recs in records.items()}
 
 
 # ---- resharding: save under plan A, resume under plan B ----------------------------------------
@@ -96,11 +101,11 @@ class Move:
 def _run_move(case: Move, k: int, rank: int, out: Path) -> None:
     move = case
     setup, total = move.setup, move.setup.steps
-    whole = _trainer(setup, move.a, setup.seed)
+    whole = build_trainer(setup, move.a, setup.seed)
     losses = [float(whole.train_step(step, total).loss) for step in range(k)]
     checkpoint.save(whole, out / move.name, k, total)
     losses += [float(whole.train_step(step, total).loss) for step in range(k, total)]
-    moved = _trainer(setup, move.b, setup.seed + 1)
+    moved = build_trainer(setup, move.b, setup.seed + 1)
     before = moved.dp.full_parameters()
     start = checkpoint.load(moved, out / move.name)
     after = moved.dp.full_parameters()

@@ -13,9 +13,9 @@ import torch
 from plait.ir.dsl import load_model
 from plait.ir.errors import LayoutError
 from plait.ir.plan import Layout
-from plait.runtime.distill_dist import check_distill_layout, teacher_plan
-from plait.runtime.distill_parity import DistillSetup, run_distill_parity
-from plait.runtime.parity import FP64, Case, Setup, in_fp32_and_fp64
+from plait.runtime.distill.parallel import check_distill_layout, teacher_plan
+from plait.runtime.harness.distill_parity import DistillSetup, run_distill_parity
+from plait.runtime.harness.parity import FP64, Case, Setup, in_fp32_and_fp64
 
 TEACHER = replace(load_model("specs/models/tiny-dense.plait"), layers=("attention", "mlp") * 2)
 STUDENT = replace(TEACHER, name="tiny-dense-student", hidden=96, layers=("attention", "mlp"),

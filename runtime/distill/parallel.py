@@ -7,9 +7,10 @@ vocabulary columns) — frozen (eval, no gradients), and the loss is
 
     (1 - lm_weight) * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + lm_weight * CE
 
-as runtime/distill.py computes it on one device. Under TP each rank holds V/tp logit columns; the
-KL is vocab-parallel the way the cross entropy is (lowering/tp_ops.py): the maxima and the sums over
-the vocabulary are reduced over TP, so every rank computes the same (replicated) loss value.
+as runtime/distill/single_device.py computes it on one device. Under TP each rank holds V/tp logit
+columns; the KL is vocab-parallel the way the cross entropy is (lowering/tp_ops.py): the maxima and
+the sums over the vocabulary are reduced over TP, so every rank computes the same (replicated) loss
+value.
 With pp > 1 the teacher runs as its own forward-only pipeline (its layers split evenly over the
 same pp ranks) and its logits meet the student's on the last stage (PipelineDistillRunner).
 """
@@ -29,10 +30,10 @@ from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram, lower
 from plait.lowering.modules.norms import upcast
 
-from . import data as data_mod
-from .mesh import Mesh
-from .schedule import StepRunner
-from .train import Trainer, _keep_local_children
+from .. import data as data_mod
+from ..mesh import Mesh
+from ..schedule import StepRunner
+from ..train import Trainer, keep_local_children
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def teacher_plan(plan: ParallelPlan, teacher: ModelSpec) -> ParallelPlan:
 
 def lower_teacher(teacher: torch.nn.Module, spec: ModelSpec, plan: ParallelPlan, mesh: Mesh) -> RankProgram:
     program = lower(teacher, spec, teacher_plan(plan, spec), mesh.rank)
-    _keep_local_children(program)
+    keep_local_children(program)
     program.pipe.to(mesh.device)
     program.pipe.eval()
     for p in program.pipe.parameters():
