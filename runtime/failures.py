@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,24 @@ def read_states(run_dir: Path) -> list[dict]:
     return sorted(states, key=lambda s: s["rank"])
 
 
+ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?^\s*rank\s*:\s*(\d+)",
+                        re.S | re.M)
+
+
+def first_observed_first(vanished: list[int], run_dir: Path) -> list[int]:
+    """Ranks that died without a word, torchrun's first observed failure first: a rank killed by
+    a signal takes its peers down with it (torchrun stops them, or they die blocked on it), and
+    only torchrun saw which went first (RUN_DIR/torchrun.log, its "Root Cause" block)."""
+    try:
+        text = (Path(run_dir) / "torchrun.log").read_text(errors="replace")
+    except OSError:
+        return vanished
+    causes = [int(m) for m in ROOT_CAUSE.findall(text)]
+    if causes and causes[-1] in vanished:
+        return [causes[-1]] + [r for r in vanished if r != causes[-1]]
+    return vanished
+
+
 def summary(run_dir: Path, world: int) -> str:
     """Why a run failed, in a few lines: the first failing rank, its error, where its log is."""
     run_dir = Path(run_dir)
@@ -77,7 +96,7 @@ def summary(run_dir: Path, world: int) -> str:
     last = max((s["attempt"] for s in states), default=0)
     states = [s for s in states if s["attempt"] == last]
     known = {s["rank"] for s in states}
-    vanished = [s["rank"] for s in states if s["state"] == "started"]
+    vanished = first_observed_first([s["rank"] for s in states if s["state"] == "started"], run_dir)
     failed = sorted((s for s in states if s["state"] == "failed"), key=lambda s: s["time"])
     never = [r for r in range(world) if r not in known]
     lines = []

@@ -81,3 +81,16 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_ranks_gone_without_a_word_are_led_by_torchruns_first_observed_failure(tmp_path):
+    # rank 1 was SIGKILLed; rank 0 died blocked on it before it could record anything
+    for rank in (0, 1):
+        failures.mark(tmp_path, rank, "started")
+    (tmp_path / "torchrun.log").write_text(
+        "Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-02_21:34:11\n"
+        "  host      : localhost\n  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 1)\n")
+    text = failures.summary(tmp_path, 2)
+    assert text.startswith("rank 1 died without an error") and "(also gone: ranks 0)" in text
+    (tmp_path / "torchrun.log").write_text("no root cause block\n")
+    assert failures.summary(tmp_path, 2).startswith("rank 0 died without an error")
