@@ -67,3 +67,13 @@ def no_structure_hint(model, axis: str) -> None:
 
 def no_prune_checks(model, layers) -> None:
     return None
+
+
+def no_buffers(ctx) -> float:
+    """Cost facet: no communication buffers beside the model's (only MoE dispatch has them)."""
+    return 0.0
+
+
+def no_topology_checks(layout) -> tuple:
+    """Cost facet: no groups of the kind's own for the explanation's crossing-nodes facts."""
+    return ()

@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 
 from plait.ir import kinds
+from plait.kinds import absent
 from plait.kinds.attention import cost as attention_cost
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def protocol_functions(module) -> dict[str, tuple[str, ...]]:
-    """The protocol's functions a facet module defines itself, with their parameter names."""
+    """The protocol's functions a facet module defines itself or binds to plait/kinds/absent.py's
+    "nothing of that" functions, with their parameter names."""
     out = {}
     for name in attention_cost.PROTOCOL:
         fn = getattr(module, name, None)
-        if inspect.isfunction(fn) and fn.__module__ == module.__name__:
+        if inspect.isfunction(fn) and fn.__module__ in (module.__name__, absent.__name__):
             out[name] = tuple(inspect.signature(fn).parameters)
     return out
 

@@ -32,6 +32,7 @@ only decides how fast they run and what they occupy.
 from __future__ import annotations
 
 from plait.ir import counts
+from plait.kinds import absent
 from plait.planner.cost import comm as collectives, compute, memory
 from plait.planner.cost.compute import BWD_CORE, BWD_GEMM, Work
 from plait.planner.cost.context import Context
@@ -155,9 +156,5 @@ def params_on_rank(ctx: Context) -> tuple[float, float]:
     return memory.dense_params_on_rank(ctx, "attention")
 
 
-def buffers(ctx: Context) -> float:
-    return 0.0
-
-
-def topology_checks(layout) -> tuple:
-    return ()
+buffers = absent.no_buffers
+topology_checks = absent.no_topology_checks
