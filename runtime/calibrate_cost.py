@@ -3,10 +3,12 @@ machines themselves, through the same kernels and torch.distributed collectives 
 
 Every rank of the cluster runs this (spawned locally, or under torchrun on real nodes):
 
-  compute   GEMMs over a grid of shapes (fit: efficiency = e / (1 + knee (1/m + 1/n + 1/k))),
+  compute   a linear's forward and backward GEMMs over a grid of shapes, caches evicted first
+            (runtime/calibrate_ops.py; fit: efficiency = e / (1 + knee (1/m + 1/n + 1/k))),
             the experts' grouped GEMM (torch._grouped_mm, or the loop where it does not run),
             causal SDPA forward and backward, the SSD chunked scan, a large copy (memory
-            bandwidth), the host cost of one small block (launch / dispatch overhead);
+            bandwidth) and plait's memory-bound modules (the rate its norms and activations
+            reach), the host cost of one small block (launch / dispatch overhead);
   sharing   the same GEMM on one rank, then on all ranks of a host at once: how many ranks the
             host runs at full rate (CPU processes sharing cores; GPUs own their device);
   network   all-gather, all-reduce and all-to-all per group size, inside a node and (with more
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
+from .calibrate_ops import elementwise_rate, linear_rates
 from .calibrate_overlap import derive_overlap, measure_overlap
 from .calibrate_timing import synchronize, timed
 
@@ -37,12 +40,6 @@ from .calibrate_timing import synchronize, timed
 # ------------------------------------------------------------------------------------------------
 # Compute on one rank
 # ------------------------------------------------------------------------------------------------
-
-def gemm_rate(m: int, n: int, k: int, dtype, device, repeat: int = 5) -> float:
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
-    return 2.0 * m * n * k / timed(lambda: a @ b, device, repeat)
-
 
 def sustained_gemm_rate(m: int, n: int, k: int, dtype, device, count: int = 20) -> float:
     """FLOP/s of ``count`` GEMMs back to back, timed as one: ranks that start together after a
@@ -200,14 +197,15 @@ def fit_alpha_beta(xs: list[float], ts: list[float]) -> tuple[float, float]:
 # The run: every rank calls measure(); rank 0 derives the values
 # ------------------------------------------------------------------------------------------------
 
-QUICK = {"gemm": [(64, 64, 64), (128, 256, 128), (256, 256, 512), (512, 512, 512),
+# GEMM shapes: each linear's time several times the overhead calibrate_ops subtracts
+QUICK = {"gemm": [(64, 256, 128), (128, 256, 128), (256, 256, 512), (512, 512, 512),
                   (1024, 512, 512), (32, 512, 512)],
          "grouped": (8, [8, 32, 128], 256, 256), "attention": (512, 4, 32),
-         "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "sizes": [64 << 10, 1 << 20, 4 << 20],
+         "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "elementwise": (1024, 256), "sizes": [64 << 10, 1 << 20, 4 << 20],
          "share": (512, 512, 512)}
 FULL = {"gemm": [(m, n, k) for m in (32, 128, 512, 2048) for n, k in ((512, 512), (2048, 1024))],
         "grouped": (8, [8, 32, 128, 512], 512, 512), "attention": (2048, 8, 64),
-        "scan": (2048, 8, 64, 64, 128), "copy": 256 << 20,
+        "scan": (2048, 8, 64, 64, 128), "copy": 256 << 20, "elementwise": (4096, 1024),
         "sizes": [64 << 10, 1 << 20, 8 << 20, 32 << 20], "share": (1024, 1024, 1024)}
 
 
@@ -216,11 +214,13 @@ def measure_compute(dtype, device) -> dict:
     cfg = CONFIG
     experts, rows, n, k = cfg["grouped"]
     fwd, bwd_ratio = attention_rates(*cfg["attention"], dtype, device)
-    return {"grouped_kernel": grouped_mm_works(device.type, dtype),"gemm": [(m, n_, k_, gemm_rate(m, n_, k_, dtype, device)) for m, n_, k_ in cfg["gemm"]],
+    return {"grouped_kernel": grouped_mm_works(device.type, dtype),
+            "gemm": linear_rates(cfg["gemm"], dtype, device),
             "grouped": grouped_rates(experts, rows, n, k, dtype, device),
             "attention_fwd": fwd, "attention_bwd_ratio": bwd_ratio,
             "scan": scan_rate(*cfg["scan"], dtype, device),
             "copy": copy_bandwidth(cfg["copy"], device),
+            "elementwise": elementwise_rate(*cfg["elementwise"], dtype, device),
             "block_host_s": block_host_seconds(device, dtype),
             "host_us": block_host_us(device, dtype),
             "share_single": sustained_gemm_rate(*cfg["share"], dtype, device)}
@@ -314,6 +314,18 @@ def _link(points: list, op: str) -> tuple[float, float] | None:
     return statistics.median(bws), statistics.median(alphas)
 
 
+def memory_efficiency(c: dict, dev) -> tuple[float, str]:
+    """(hbm_eff, how measured). The CPU runs plait's norms and activations as eager ATen ops
+    (runtime/kernels.py binds no fused kernel there): their measured rate is what memory-bound
+    work reaches. An accelerator's runtime fuses them into bandwidth-bound kernels: a large copy."""
+    if dev.name == "cpu" and c.get("elementwise"):
+        return c["elementwise"] / dev.hbm, (
+            f"plait's norm, activation and residual add, forward + backward: "
+            f"{c['elementwise'] / 1e9:.2f} GB/s of {dev.hbm / 1e9:.0f} spec (a copy: "
+            f"{c['copy'] / 1e9:.1f})")
+    return c["copy"] / dev.hbm, f"copy: {c['copy'] / 1e9:.1f} GB/s of {dev.hbm / 1e9:.0f} spec"
+
+
 def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     """(Calibration values, how each was measured) from rank 0's measurements."""
     dev, c = cluster.device, measured["compute"]
@@ -322,7 +334,7 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     eff, knee = fit_knee(c["gemm"], peak)
     values.update(gemm_eff=eff, gemm_knee=knee)
     sources["gemm_eff"] = sources["gemm_knee"] = (
-        f"{len(c['gemm'])} GEMM shapes, {precision}: best {max(r for *_, r in c['gemm']) / 1e9:.1f}"
+        f"{len(c['gemm'])} linears forward + backward, caches evicted, {precision}: best {max(r for *_, r in c['gemm']) / 1e9:.1f}"
         f" GFLOP/s of {peak / 1e9:.0f} peak; 1/eff fitted linear in 1/m + 1/n + 1/k")
     grouped_ok = c.get("grouped_kernel", True)
     values["grouped_gemm"] = 1.0 if grouped_ok else 0.0
@@ -333,8 +345,7 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     sources["attn_eff"] = sources["attn_bwd_ratio"] = "causal SDPA forward and backward"
     values["scan_eff"] = c["scan"] / peak_bf16
     sources["scan_eff"] = "SSD chunked scan (lowering/modules/ssd.py)"
-    values["hbm_eff"] = c["copy"] / dev.hbm
-    sources["hbm_eff"] = f"copy: {c['copy'] / 1e9:.1f} GB/s of {dev.hbm / 1e9:.0f} spec"
+    values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"
     for kind, us in c.get("host_us", {}).items():

@@ -32,6 +32,12 @@ def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> 
 
 
 def reduce_scatter(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
+    """NCCL's ring reduce-scatter moves what an all-gather moves. Gloo has no reduce-scatter of
+    its own: torch's ProcessGroupGloo all-reduces the whole buffer and keeps a slice, and so do
+    plait's sequence-parallel and ZeRO-1 scatters there (lowering/collectives.py reduce_scatter):
+    an all-reduce's cost."""
+    if ctx.cluster.backend == "gloo":
+        return all_reduce(ctx, g, nbytes, eff)
     return all_gather(ctx, g, nbytes, eff)
 
 

@@ -129,10 +129,22 @@ def core_time(ctx: Context, flops: float, eff: float = 0.0) -> float:
     return flops / (ctx.peak_bf16 * (eff or ctx.cal.attn_eff))
 
 
+def stream_bytes(tokens: float, hidden: float, act_bytes: float) -> tuple[float, float]:
+    """(norm bytes, residual-add bytes) of ``tokens`` rows of the residual stream: the norm reads
+    and writes it, the add reads two and writes one (`plait calibrate` counts its probe so)."""
+    per = tokens * hidden * act_bytes
+    return 2 * per, 3 * per
+
+
+def activation_bytes(tokens: float, up: float, width: float, act_bytes: float) -> float:
+    """Bytes of an FFN's activation function: read the ``up`` (gate + up) columns, write
+    ``width``."""
+    return tokens * (up + width) * act_bytes
+
+
 def norm_and_residual(ctx: Context) -> tuple[float, float]:
     """(norm bytes, residual-add bytes) per block: read + write the residual stream."""
-    per = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
-    return 2 * per, 3 * per
+    return stream_bytes(ctx.tokens_sp, ctx.model.hidden, ctx.act_bytes)
 
 
 def ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0,
@@ -144,7 +156,7 @@ def ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: floa
     up = width * (2 if gated else 1)
     gemm, gemm_bwd = sum_passes(grouped_gemm_times(ctx, tokens, up, h, count, peak),
                                 grouped_gemm_times(ctx, tokens, h, width, count, peak))
-    act = memory_time(ctx, count * tokens * (up + width) * ctx.act_bytes)
+    act = memory_time(ctx, count * activation_bytes(tokens, up, width, ctx.act_bytes))
     flops = count * tokens * 2 * h * (up + width)
     return Work(gemm=gemm, memory=act, selective=act, flops=flops, gemm_bwd=gemm_bwd)
 

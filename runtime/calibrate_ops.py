@@ -1,0 +1,108 @@
+"""`plait calibrate`'s compute probes that run the runtime's own op sequences, in the conditions
+training runs them (runtime/calibrate_cost.py calls them; the cost model reads what they give):
+
+  linear     one linear layer's forward and backward through autograd, as every projection of a
+             lowered block runs: the forward GEMM, the data-gradient GEMM and the weight-gradient
+             GEMM (its operands transposed, the contraction over the tokens), with the caches
+             evicted before each run. Between two uses of a weight training runs the other
+             layers' norms, attention and GEMMs, whose tensors push that weight out of a core's
+             private caches; back-to-back GEMMs on the same operands (the old probe) keep them hot
+             and overstate the rate. The same sequence on a 4 x 4 x 4 linear (all dispatch,
+             autograd and launch overhead, no arithmetic) is subtracted: that overhead is priced
+             per block by host_us_KIND, so counting it here too would charge it twice.
+  elementwise  plait's memory-bound modules (RMSNorm, the MLP's activation times its up
+             projection, a residual add) forward and backward, their bytes counted as the cost
+             model counts them (planner/cost/compute.py stream_bytes, activation_bytes,
+             BWD_MEMORY): the rate the runtime's unfused kernels reach. On the CPU these run as
+             several eager ATen ops each (pow, mean, rsqrt, mul, silu), every one a pass over
+             the tensor, so they reach far less than a large copy's bandwidth.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from plait.lowering.modules.mlp import activation_fn
+from plait.lowering.modules.norms import RMSNorm
+from plait.planner.cost.compute import BWD_MEMORY, activation_bytes, stream_bytes
+
+from .calibrate_timing import synchronize
+
+# Written before every timed run: more than a core's private caches hold (1-2 MiB of L2 on
+# current x86 server cores, 50 MiB of L2 on an H100 only partly), the eviction the kernels
+# between a layer's GEMMs cause
+EVICT_BYTES = 8 << 20
+TINY = (4, 4, 4)  # a linear with no arithmetic to speak of: its time is all overhead
+
+
+def timed_cold(fn: Callable[[], object], device: torch.device, repeat: int = 7,
+               warmup: int = 2) -> float:
+    """Fastest of ``repeat`` runs of ``fn``, the caches evicted before each (not timed)."""
+    evict = torch.empty(EVICT_BYTES // 4, device=device)
+    out = []
+    for i in range(warmup + repeat):
+        evict.fill_(float(i))
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            out.append(time.perf_counter() - start)
+    return min(out)
+
+
+def linear_seconds(m: int, n: int, k: int, dtype, device, repeat: int = 7) -> float:
+    """Seconds of one [m x k] -> [m x n] linear's forward and backward (input and weight both
+    take gradients, as inside a block), caches evicted first."""
+    x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(m, n, dtype=dtype, device=device)
+
+    def run():
+        F.linear(x, w).backward(grad)
+        x.grad = w.grad = None  # as zero_grad leaves them: the next backward allocates
+
+    return timed_cold(run, device, repeat)
+
+
+def linear_rates(shapes, dtype, device) -> list[tuple[int, int, int, float]]:
+    """[(m, n, k, FLOP/s)] of the forward + backward GEMMs (6 m n k FLOPs), the overhead of the
+    same sequence on a TINY linear taken off first."""
+    overhead = linear_seconds(*TINY, dtype, device, repeat=20)
+    return [(m, n, k, 6.0 * m * n * k / gemm_seconds(linear_seconds(m, n, k, dtype, device),
+                                                      overhead)) for m, n, k in shapes]
+
+
+def gemm_seconds(seconds: float, overhead: float) -> float:
+    """The GEMMs' share of a linear's ``seconds``: less the ``overhead``, but never less than half
+    (the grid keeps every shape's arithmetic several times the overhead: a shape measured within
+    twice it was disturbed, and the difference of two noisy times would be noise)."""
+    return max(seconds - overhead, 0.5 * seconds)
+
+
+def elementwise_rate(tokens: int, hidden: int, dtype, device) -> float:
+    """Bytes/s of plait's memory-bound modules forward and backward: RMSNorm of the residual
+    stream, a residual add, the SwiGLU activation of an FFN of width ``hidden`` (bytes as the
+    cost model counts them, the backward BWD_MEMORY times the forward)."""
+    norm = RMSNorm(hidden).to(device=device, dtype=dtype)
+    act = activation_fn("swiglu")
+
+    def leaf(cols):
+        return torch.randn(tokens, cols, dtype=dtype, device=device, requires_grad=True)
+
+    x, residual, gate, up = leaf(hidden), leaf(hidden), leaf(hidden), leaf(hidden)
+
+    def run():
+        out = norm(x) + residual
+        h = act(gate) * up
+        (out.sum() + h.sum()).backward()
+        for t in (x, residual, gate, up):
+            t.grad = None
+
+    item = torch.finfo(dtype).bits // 8
+    norm_b, residual_b = stream_bytes(tokens, hidden, item)
+    forward = norm_b + residual_b + activation_bytes(tokens, 2 * hidden, hidden, item)
+    return (1 + BWD_MEMORY) * forward / timed_cold(run, device)
