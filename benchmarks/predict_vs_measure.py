@@ -89,7 +89,14 @@ def measured(record: dict) -> tuple[float, float, dict]:
     return statistics.median(timed), min(timed), state
 
 
-def run(cal, only: str | None) -> list[tuple]:
+def worlds(only: str | None) -> list[int]:
+    """The rank counts the selected layouts run on."""
+    return sorted({lay.world for name, layouts in CASES.items() if not (only and only not in name)
+                   for lay in layouts.values()})
+
+
+def run(cals: dict, only: str | None) -> list[tuple]:
+    """``cals``: {world: calibration} (one calibration made on as many ranks as the layout's)."""
     rows = []
     for name, layouts in CASES.items():
         if only and only not in name:
@@ -98,7 +105,7 @@ def run(cal, only: str | None) -> list[tuple]:
         for case, lay in layouts.items():
             by_world.setdefault(lay.world, {})[case] = lay
         for world, group in by_world.items():
-            job = local_job(name, world, cal)
+            job = local_job(name, world, cals[world])
             records = measure_steps(job, group, STEPS)
             for case, lay in group.items():
                 p_step, p_state = predicted(job, lay)
@@ -128,26 +135,41 @@ def show(rows, cal_path: str, load: tuple[float, float]) -> None:
     Console(width=200).print(t)
 
 
+def calibrate(world: int, save: str | None) -> str | None:
+    """`plait calibrate local-cpu` on ``world`` ranks, under the load the measurement will see:
+    as many processes share the cores (shared_cores) and talk at once (the collectives' latency)
+    as the layouts measured with it. Its path, or None when it failed."""
+    from plait.cli import main as plait_main
+    if save:
+        p = Path(save)
+        path = str(p.with_name(f"{p.stem}-{world}ranks{p.suffix}"))
+    else:
+        path = str(Path(tempfile.mkdtemp()) / f"calib-local-cpu-{world}ranks.json")
+    return None if plait_main(["calibrate", "local-cpu", "--ranks", str(world), "-o", path]) else path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", help="a `plait calibrate local-cpu` file (default: "
-                        "calibrate now, with 4 ranks, under the load the measurement will see)")
-    parser.add_argument("--save-calibration", metavar="PATH",
-                        help="where to keep the calibration made now (default: a temporary file)")
+    parser.add_argument("--calibration", help="one `plait calibrate local-cpu` file for every "
+                        "layout (default: calibrate now, once per rank count the layouts use, "
+                        "under the load the measurement will see)")
+    parser.add_argument("--save-calibration", metavar="PATH", help="where to keep the "
+                        "calibrations made now, PATH with -NRANKS before its suffix (default: "
+                        "temporary files)")
     parser.add_argument("--only", help="only jobs whose name contains this")
     args = parser.parse_args(argv)
-    path = args.calibration
     start = time.perf_counter()
-    if not path:
-        from plait.cli import main as plait_main
-        path = args.save_calibration or str(Path(tempfile.mkdtemp()) / "calib-local-cpu.json")
-        if plait_main(["calibrate", "local-cpu", "--ranks", "4", "-o", path]):
-            return 2
+    paths = {w: args.calibration for w in worlds(args.only)}
+    if not args.calibration:
+        for w in paths:
+            paths[w] = calibrate(w, args.save_calibration)
+            if paths[w] is None:
+                return 2
         print(f"calibrated in {time.perf_counter() - start:.0f} s")
-    cal = calibration.read(path)
+    cals = {w: calibration.read(p) for w, p in paths.items()}
     before = os.getloadavg()[0]
-    rows = run(cal, args.only)
-    show(rows, path, (before, os.getloadavg()[0]))
+    rows = run(cals, args.only)
+    show(rows, ", ".join(sorted(set(paths.values()))), (before, os.getloadavg()[0]))
     print(f"{time.perf_counter() - start:.0f} s in all")
     return 0
 

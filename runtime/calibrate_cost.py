@@ -235,23 +235,38 @@ def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | Non
     return sustained_gemm_rate(*CONFIG["share"], dtype, device)
 
 
+def intra_groups(on_host: int) -> list[list[list[int]]]:
+    """Per group size (2, 4, ..., on_host): the node's ranks cut into consecutive groups of that
+    size, measured all at once. In training every rank of a node is in a group of each kind and
+    they talk at the same time (the two TP pairs of tp2 x dp2): on CPU ranks sharing cores, a
+    group's collective waits while the other groups' ranks hold the cores; on a GPU node the
+    groups share the NVSwitch. Rank 0's group is the one reported."""
+    return [[list(range(start, start + n)) for start in range(0, on_host - n + 1, n)]
+            for n in _sizes(on_host)]
+
+
 def measure_network(rank: int, world: int, gpn: int, device) -> dict:
-    """{level: {op: [(n, bytes, seconds)]}} for groups of 2, 4, ... ranks on node 0 (intra) and
-    one rank per node (inter). Every rank creates every group (torch.distributed's rule)."""
-    levels = {"intra": [list(range(n)) for n in _sizes(min(world, gpn))]}
+    """{level: {op: [(n, bytes, seconds)]}} for groups of 2, 4, ... ranks on node 0 (intra, all
+    the node's groups of a size at once: intra_groups) and one rank per node (inter). Every rank
+    creates every group (torch.distributed's rule)."""
+    levels = {"intra": intra_groups(min(world, gpn))}
     nodes = world // gpn
     if nodes > 1:
-        levels["inter"] = [[i * gpn for i in range(n)] for n in _sizes(nodes)]
+        levels["inter"] = [[[i * gpn for i in range(n)]] for n in _sizes(nodes)]
     out: dict = {}
-    for level, groups in levels.items():
-        for ranks in groups:
-            group = dist.new_group(ranks)
-            if rank not in ranks:
+    for level, sizes in levels.items():
+        for groups in sizes:
+            mine = None
+            for ranks in groups:
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine = (group, len(ranks))
+            if mine is None:
                 continue
             for op in ("all_gather", "all_reduce", "all_to_all"):
                 for nbytes in CONFIG["sizes"]:
-                    t = collective_seconds(op, group, len(ranks), nbytes, device)
-                    out.setdefault(level, {}).setdefault(op, []).append((len(ranks), nbytes, t))
+                    t = collective_seconds(op, mine[0], mine[1], nbytes, device)
+                    out.setdefault(level, {}).setdefault(op, []).append((mine[1], nbytes, t))
     return out
 
 
