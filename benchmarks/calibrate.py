@@ -52,19 +52,8 @@ import dataclasses
 import random
 
 from plait.planner.cost.context import Calibration
+from plait.planner.cost.uncertainty import GRID  # the plausible values (each default joins them)
 
-# parameter -> candidate values (physically plausible ranges); each key's default joins its grid
-GRID = {
-    "fsdp_eff": [0.4, 0.5, 0.6, 0.64, 0.68, 0.72, 0.76, 0.8, 0.9, 1.0],
-    "a2a_eff": [0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
-    "inter_eff": [0.5, 0.6, 0.7, 0.8, 0.9],
-    "intra_eff": [0.5, 0.6, 0.7, 0.8, 0.9],
-    "gemm_eff": [0.6, 0.65, 0.7, 0.75, 0.8, 0.85],
-    "gemm_knee": [64, 96, 128, 192, 256, 384],
-    "attn_eff": [0.3, 0.4, 0.5, 0.6, 0.7],
-    "hbm_eff": [0.6, 0.7, 0.8, 0.9],
-    "overlap": [0.5, 0.7, 0.9, 1.0],
-}
 STACK = ("flash_attention", "kv_expanded", "reserve_gib", "fragmentation")
 DEVICE = ("gemm_eff", "gemm_knee", "attn_eff", "intra_eff", "inter_eff", "a2a_eff")
 SCHEDULE = ("overlap", "fsdp_eff")

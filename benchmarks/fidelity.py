@@ -50,6 +50,7 @@ from plait.ir import counts
 from plait.ir.dsl import load_file, load_job, load_model
 from plait.ir.errors import LayoutError
 from plait.ir.job import Precision, TrainJob
+from plait.planner.calibration import with_calibration
 from plait.planner.search import estimate
 from plait.reference import reference_file
 
@@ -145,12 +146,6 @@ def pinned(rows: list[Row], pins: list[str]) -> list[Row]:
             raise SystemExit(f"--pin {item!r}: expected KNOB=INT, e.g. mbs=1")
         extra[knob.strip()] = int(value)
     return [dataclasses.replace(r, pins=[{**p, **extra} for p in r.pins]) for r in rows]
-
-
-def with_calibration(job: TrainJob, values: dict) -> TrainJob:
-    """``job`` on a device whose calibration is exactly ``values`` (the rest: defaults)."""
-    dev = dataclasses.replace(job.cluster.device, calibration=tuple(sorted(values.items())))
-    return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, device=dev))
 
 
 def predict(row: Row, calibration: dict | None = None):
