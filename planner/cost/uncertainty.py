@@ -12,6 +12,9 @@ The plan's layout and stages are evaluated at each key's low and high end, one k
 the rest as calibrated. Keys are taken as independent: the band is the point prediction minus /
 plus the root-sum-square of the per-key one-sided deltas; the outer bound sets every key at its
 slow (fast) end at once, the worst case. Only the winning plan is evaluated (2 per key + 3).
+Not in the band: the datasheet peaks and link bandwidths, link latencies, host and launch
+overhead (kernel_us, host_us_*, shared_cores: 0 until measured, which dominates a CPU device's
+tiny jobs), the stack facts (flash attention, K/V copies) and the memory keys.
 """
 from __future__ import annotations
 
@@ -50,8 +53,9 @@ RANGES = {
     "overlap_all_gather": (min(GRID["overlap"]), max(GRID["overlap"]), "as overlap"),
     "overlap_reduce_scatter": (min(GRID["overlap"]), max(GRID["overlap"]), "as overlap"),
 }
-# `plait calibrate` takes medians of repeated timings; two runs on one machine agree within a few
-# percent (benchmarks report them): a measured value is trusted to +-5%
+# a measured value: +-5%, assumed for `plait calibrate`'s medians of repeated timings on a quiet
+# machine. Not yet measured on a GPU; two back-to-back `plait calibrate local-cpu` runs on a
+# shared, loaded 2-core CPU disagreed by 1% (intra_eff) to 34% (gemm_eff) and 75% (attn_eff)
 MEASURED_TOL = 0.05
 SPEC_TOL = 0.10  # a spec value off the fit grid: about one grid step (the grids step 5..15%)
 # busiest expert over its share for a trained router with a balancing loss: Switch Transformer
