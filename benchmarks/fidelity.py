@@ -255,7 +255,7 @@ def banded(name: str, parts: list[tuple[list[Row], dict | None]]) -> HeldOut:
     """A fixed column (rows, each part under its calibration) whose caption says how many
     published rows fall inside the step-time band of their plan (planner/cost/uncertainty.py)
     and how wide the bands are. The published metric is inversely proportional to the step."""
-    results, inside, outer, widths = [], 0, 0, []
+    results, tally = [], {}  # table -> [inside the band, inside the outer bound, widths]
     for rows, cal in parts:
         for row in rows:
             job, plan = chosen_plan(row, cal)
@@ -264,12 +264,17 @@ def banded(name: str, parts: list[tuple[list[Row], dict | None]]) -> HeldOut:
             if plan is None:
                 continue
             b = step_band(job, plan)
-            inside += p * b.step / b.high <= row.published <= p * b.step / b.low
-            outer += p * b.step / b.outer_high <= row.published <= p * b.step / b.outer_low
-            widths.append((b.high - b.low) / b.step)
-    n = len(widths)
-    caption = (f"{name}: published inside the band: {inside}/{n} (inside the all-at-once bound: "
-               f"{outer}/{n}); mean band width {sum(widths) / max(1, n):.0%} of the step")
+            t = tally.setdefault(row.table, [0, 0, []])
+            t[0] += p * b.step / b.high <= row.published <= p * b.step / b.low
+            t[1] += p * b.step / b.outer_high <= row.published <= p * b.step / b.outer_low
+            t[2].append((b.high - b.low) / b.step)
+    n = sum(len(t[2]) for t in tally.values())
+    per = "; ".join(f"{table} {t[0]}/{len(t[2])}, width {sum(t[2]) / len(t[2]):.0%}"
+                    for table, t in tally.items())
+    caption = (f"{name}: published inside the band: {sum(t[0] for t in tally.values())}/{n} "
+               f"(inside the all-at-once bound: {sum(t[1] for t in tally.values())}/{n}); mean "
+               f"band width {sum(sum(t[2]) for t in tally.values()) / max(1, n):.0%} of the step "
+               f"({per})")
     return HeldOut(results, [results], [], caption)
 
 
