@@ -53,9 +53,10 @@ RANGES = {
     "overlap_all_gather": (min(GRID["overlap"]), max(GRID["overlap"]), "as overlap"),
     "overlap_reduce_scatter": (min(GRID["overlap"]), max(GRID["overlap"]), "as overlap"),
 }
-# a measured value: +-5%, assumed for `plait calibrate`'s medians of repeated timings on a quiet
-# machine. Not yet measured on a GPU; two back-to-back `plait calibrate local-cpu` runs on a
-# shared, loaded 2-core CPU disagreed by 1% (intra_eff) to 34% (gemm_eff) and 75% (attn_eff)
+# a measured value: +-5%, ASSUMED for `plait calibrate`'s medians of repeated timings on a quiet
+# machine (its run-to-run spread on a GPU is not measured yet). It does not hold on a busy host:
+# three `plait calibrate local-cpu` runs on a shared 2-core CPU (load average 8-10) gave gemm_eff
+# 0.38 / 0.51 / 0.87, attn_eff 0.27 / 0.07 / 0.08, intra_eff 0.093 / 0.093 / 0.159
 MEASURED_TOL = 0.05
 SPEC_TOL = 0.10  # a spec value off the fit grid: about one grid step (the grids step 5..15%)
 # busiest expert over its share for a trained router with a balancing loss: Switch Transformer
