@@ -59,13 +59,16 @@ RANGES = {
 # 0.38 / 0.51 / 0.87, attn_eff 0.27 / 0.07 / 0.08, intra_eff 0.093 / 0.093 / 0.159
 MEASURED_TOL = 0.05
 SPEC_TOL = 0.10  # a spec value off the fit grid: about one grid step (the grids step 5..15%)
-# busiest expert over its share for a trained router with a balancing loss: Switch Transformer
-# trains at capacity factor 1.25 dropping few tokens (Fedus et al. 2022, JMLR, section 2.2)
+# the busiest expert rank over its share under a trained router: no measured trained-router
+# imbalance is among plait's references; the upper end is what practice budgets for it, the
+# capacity factor Switch Transformer trains at (1.25; Fedus et al. 2022, JMLR, Table 1)
 TRAINED_ROUTER = 1.25
 # keys `plait calibrate` does not measure (a run's step times or a trained router pin them)
 NOT_CALIBRATED = ("fsdp_eff", "overlap", "moe_imbalance")
 KEYS = (*GRID, *RANGES, "moe_imbalance")
-UNBOUNDED = ("gemm_knee", "moe_imbalance")  # every other key is a fraction: at most 1
+# every other key is a fraction of a peak: at most 1 (the all-to-all keys are ratios of two
+# collectives' rates, which `plait calibrate` finds above 1 on some hosts)
+UNBOUNDED = ("gemm_knee", "moe_imbalance", "a2a_eff", "a2a_inter_eff")
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,14 @@ def origin(key: str, spec: dict, measured: frozenset) -> str:
 
 def key_range(key: str, value: float, where: str, balanced: float) -> tuple[float, float, str]:
     """(low, high, why) of ``key`` whose value is ``value`` and came from ``where``."""
-    top = math.inf if key in UNBOUNDED else 1.0
+    top = math.inf if key in UNBOUNDED else max(1.0, value)
     if key == "moe_imbalance" and where == "default":
         return 0.0, max(TRAINED_ROUTER, balanced), (
             f"balanced random routing ({balanced:.2f}) to a trained router "
-            f"(Switch Transformer's capacity factor {TRAINED_ROUTER})")
+            f"(budgeted as Switch Transformer's capacity factor {TRAINED_ROUTER})")
+    floor = min(1.0, value) if key == "moe_imbalance" else 0.0  # the busiest holds >= the mean
     if where == "measured":
-        return (value * (1 - MEASURED_TOL), min(top, value * (1 + MEASURED_TOL)),
+        return (max(floor, value * (1 - MEASURED_TOL)), min(top, value * (1 + MEASURED_TOL)),
                 f"measured, +-{MEASURED_TOL:.0%}")
     if where == "spec":
         grid = sorted(GRID.get(key, ()))
@@ -146,7 +150,7 @@ def key_range(key: str, value: float, where: str, balanced: float) -> tuple[floa
             i = grid.index(value)
             return (grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)],
                     "device spec (fitted on a grid): one grid step either side")
-        return (value * (1 - SPEC_TOL), min(top, value * (1 + SPEC_TOL)),
+        return (max(floor, value * (1 - SPEC_TOL)), min(top, value * (1 + SPEC_TOL)),
                 f"device spec, +-{SPEC_TOL:.0%}")
     if key in GRID:
         return min(GRID[key]), max(GRID[key]), "plausible range (benchmarks/calibrate.py grid)"

@@ -85,3 +85,19 @@ def test_dropless_routing_ranges_from_balanced_random_to_a_trained_router():
     imbalance = keys["moe_imbalance"]
     assert imbalance.origin == "default" and imbalance.low == 0.0  # 0: balanced random routing
     assert imbalance.high >= uncertainty.TRAINED_ROUTER and imbalance.slow > 0
+
+
+def test_every_range_holds_its_value_and_stays_physical():
+    """A default lies inside its plausible range; a spec or measured value inside its own; only
+    the knee, the imbalance and the all-to-all ratios may pass 1."""
+    for key in uncertainty.KEYS:
+        default = getattr(Calibration(), key)
+        low, high, _ = uncertainty.key_range(key, default, "default", balanced=1.1)
+        assert low <= (default or low) <= high, key  # moe_imbalance 0: balanced routing
+        for value in (0.64, 1.0, 1.75):
+            for where in ("spec", "measured"):
+                low, high, _ = uncertainty.key_range(key, value, where, balanced=1.1)
+                assert low <= value <= high, (key, where, value)
+                assert high <= 1.0 or key in uncertainty.UNBOUNDED or value > 1.0, key
+    low, high, _ = uncertainty.key_range("fsdp_eff", 0.72, "spec", balanced=1.1)
+    assert (low, high) == (0.68, 0.76)
