@@ -113,8 +113,9 @@ class Band:
         top = self.top()
         fix = [k for k in top if k not in NOT_CALIBRATED and self._origin(k) != "measured"]
         hint = f" — `plait calibrate` measures {', '.join(fix)}" if fix else ""
+        outer = f"{seconds(self.outer_low)}–{seconds(self.outer_high)} s"
         return (f"step {seconds(self.step)} s ({span}: {what}; most: {', '.join(top)}{hint}; "
-                f"every value at one end at once {seconds(self.outer_low)}–{seconds(self.outer_high)} s)")
+                f"every value at one end at once {outer})")
 
     def _origin(self, key: str) -> str:
         return next(k.origin for k in self.keys if k.key == key)
