@@ -77,10 +77,23 @@ def apply(job: TrainJob, cal: CalibrationFile) -> TrainJob:
         raise PlaitError(f"{cal.path} was measured on device {cal.device!r}; the job's cluster "
                          f"{job.cluster.name!r} has {dev.name!r}",
                          hint=f"run `plait calibrate {job.cluster.name} -o calib.json` there")
-    merged = dict(dev.calibration)
-    merged.update(cal.values)
-    dev = dataclasses.replace(dev, calibration=tuple(merged.items()))
+    return overridden(job, dict(cal.values))
+
+
+def with_calibration(job: TrainJob, values: dict) -> TrainJob:
+    """``job`` on a device whose calibration is exactly ``values`` (the rest: defaults)."""
+    dev = dataclasses.replace(job.cluster.device, calibration=tuple(values.items()))
     return dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, device=dev))
+
+
+def overridden(job: TrainJob, values: dict) -> TrainJob:
+    """``job`` with the device's calibration, ``values`` replacing the keys they name."""
+    return with_calibration(job, {**dict(job.cluster.device.calibration), **values})
+
+
+def measured_keys(cal: CalibrationFile | None) -> frozenset[str]:
+    """The keys a calibration file measured (none without a file)."""
+    return frozenset(k for k, _ in cal.values) if cal is not None else frozenset()
 
 
 def explanation(cal: CalibrationFile) -> str:

@@ -14,6 +14,7 @@ from plait.ir.legality import RUNNABLE
 from plait.ir.plan import Layout, ParallelPlan
 from plait.ir.precision import PrecisionPolicy
 from plait.planner import calibration, explain
+from plait.planner.cost.uncertainty import band as step_band
 from plait.planner.groups import rank_groups
 from plait.planner.layouts import check_pins, job_pins, parse_layout, violations
 from plait.planner.search import search
@@ -106,6 +107,8 @@ def plan_cmd(args) -> int:
     console.print(f"[bold]why {res.best.layout.short()} wins:[/bold]")
     for line in res.best.explanation:
         console.print(f"  - {line}", markup=False, highlight=False)
+    if args.explain:  # how sure: the step over the range of every value nobody measured here
+        console.print(f"  - {_band(job, res.best, cal).line()}", markup=False, highlight=False)
     console.print(f"searched {res.enumerated} layouts: {res.pruned} pruned by bounds, {res.solved} "
                   f"stage partitions solved, in {res.seconds:.2f} s", highlight=False)
     if args.explain:
@@ -183,16 +186,24 @@ def _print_folding(res) -> None:
 def estimate_cmd(args) -> int:
     job, cal = calibration.calibrated(load_job(args.job, args.name), args.calibration)
     res = _run_search(job, parse_layout(args.layout), 1, cal)
-    if args.json:
-        print(res.best.to_json())
+    band = _band(job, res.best, cal)
+    if args.json:  # the plan (readable back by `--plan`) and its band
+        print(json.dumps({**json.loads(res.best.to_json()), "uncertainty": band.to_dict()},
+                         indent=2))
     else:
         console.print(_plan_table(res.plans, per=device_word(job.cluster.backend)))
         if cal:
             console.print(calibration.explanation(cal), markup=False, highlight=False)
+        console.print(band.line(), markup=False, highlight=False)
         for problem in violations(job, res.best.layout, levels=(RUNNABLE,)):
             console.print(f"note: Megatron's rules allow this layout, but plait cannot run it yet: "
                           f"{problem}", markup=False, highlight=False)
     return 0
+
+
+def _band(job, plan: ParallelPlan, cal):
+    """The plan's step-time band; the keys ``cal`` measured get a measurement's tolerance."""
+    return step_band(job, plan, calibration.measured_keys(cal))
 
 
 def layout_from_pins(job, pins: dict) -> Layout:

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from plait.cli import main
+from plait.ir.plan import ParallelPlan
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 TINY = str(SPECS / "jobs" / "tiny-local.plait")
@@ -43,11 +44,24 @@ def test_estimate_json(capsys):
     assert plan["prediction"]["step_time"] > 0 and len(plan["prediction"]["memory"]) == 2
 
 
+def test_estimate_json_carries_the_band(capsys):
+    """The band beside the plan: it holds the step, names its top keys and each key's delta."""
+    assert main(["estimate", TINY, "--layout", "tp=2 pp=2 mbs=1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    band, step = plan["uncertainty"], plan["prediction"]["step_time"]
+    assert band["low"] < step < band["high"] and band["step_time"] == step
+    assert band["top"] == [k["key"] for k in band["keys"]][:3] and len(band["top"]) == 3
+    assert all(k["fast"] <= 0 <= k["slow"] and k["origin"] == "default" for k in band["keys"]
+               if k["key"].startswith("gemm"))
+    assert ParallelPlan.from_json(json.dumps(plan)).layout.tp == 2  # still a plan `--plan` reads
+
+
 def test_plan_writes_json_and_export_prints_megatron_args(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", TINY, "--explain", "-o", str(out), "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "candidate plans" in text and "wins" in text and "rejected families" in text
+    assert "values nobody measured on this machine; most: " in " ".join(text.split())
     assert main(["export", "megatron", TINY, "--plan", str(out)]) == 0
     args = capsys.readouterr().out
     plan = json.loads(out.read_text())
