@@ -72,3 +72,10 @@ def test_probes_run_on_tiny_sizes():
     rates = linear_rates([(8, 16, 8)], torch.float32, torch.device("cpu"))
     assert rates[0][:3] == (8, 16, 8) and rates[0][3] > 0
     assert elementwise_rate(8, 16, torch.float32, torch.device("cpu")) > 0
+
+
+def test_a_size_s_groups_cover_the_node_at_once():
+    from plait.runtime.calibrate_cost import intra_groups
+    assert intra_groups(4) == [[[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+    assert intra_groups(2) == [[[0, 1]]]
+    assert intra_groups(6) == [[[0, 1], [2, 3], [4, 5]], [[0, 1, 2, 3]], [list(range(6))]]
