@@ -42,8 +42,8 @@ with the local optimum a one-start coordinate descent happened to land in):
    only the IDENTIFIED keys of the transferable classes (a ridge key without its partners means
    nothing). A key a transfer does not carry stays at the target device's physical default.
 Never fitted either: how much of a collective compute beside it hides (overlap_all_gather,
-overlap_reduce_scatter, overlap_all_to_all): `plait calibrate` measures it on the machines, and a
-device nobody measured keeps the literature default of planner/cost/context.py.
+overlap_reduce_scatter, overlap_all_to_all, overlap_p2p): `plait calibrate` measures it on the
+machines, and a device nobody measured keeps the literature default of planner/cost/context.py.
 
 No peeking: a fit reads only the rows it is given; its anchor is the defaults and the training
 rows' stack facts; a transfer reads the target rows' stack facts and device name only.

@@ -6,8 +6,9 @@ Every rank of the cluster runs this (spawned locally, or under torchrun on real 
   compute   GEMMs over a grid of shapes (fit: efficiency = e / (1 + knee (1/m + 1/n + 1/k))),
             the experts' grouped GEMM (torch._grouped_mm, or the loop where it does not run),
             causal SDPA forward and backward at three sequence lengths (fit: efficiency =
-            attn_eff / (1 + attn_knee / s), runtime/calibrate_attention.py), the SSD chunked scan, a large copy (memory
-            bandwidth), the host cost of one small block (launch / dispatch overhead);
+            attn_eff / (1 + attn_knee / s), runtime/calibrate_attention.py), the SSD chunked
+            scan, a large copy (memory bandwidth), the host cost of one small block (launch /
+            dispatch overhead);
   sharing   the same GEMM on one rank, then on all ranks of a host at once: how many ranks the
             host runs at full rate (CPU processes sharing cores; GPUs own their device);
   network   all-gather, all-reduce and all-to-all per group size, inside a node and (with more
