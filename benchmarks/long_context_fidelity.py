@@ -25,7 +25,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from plait.ir import counts
 from plait.ir.dsl import load_job
 from plait.ir.errors import LayoutError
 from plait.kinds.attention import cost as attention_cost
@@ -33,17 +32,13 @@ from plait.planner.cost.compute import BWD_CORE
 from plait.planner.cost.context import Context
 from plait.planner.search import estimate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_context_search import attention_share  # noqa: E402  (the core's share of the FLOPs)
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "specs" / "jobs" / "mixtral-8x22b-128gpu.plait"
 LENGTHS = (4096, 16384, 32768, 65536, 131072)
 TOKENS_PER_STEP = 256 * 4096  # the published 4K job's
-
-
-def flop_share(job) -> float:
-    """Fraction of the model FLOPs per token in the causal attention core (the s^2 term)."""
-    model = job.model
-    core = model.count("attention") * counts.attention_core_flops(model, job.seq_len)
-    return 3 * core / counts.flops_per_token(model, job.seq_len)
 
 
 def core_seconds(job, layout) -> float:
@@ -72,7 +67,8 @@ def sweep() -> list[dict]:
     for seq in LENGTHS:
         job = dataclasses.replace(base, seq_len=seq, global_batch=TOKENS_PER_STEP // seq,
                                   name=f"{base.name}-{seq // 1024}k")
-        out.append({"seq": seq, "global_batch": job.global_batch, "flop_share": flop_share(job),
+        out.append({"seq": seq, "global_batch": job.global_batch,
+                    "flop_share": attention_share(job),
                     "pinned": row(job, {"cp": max(1, seq // 4096)}), "searched": row(job, {})})
     return out
 
