@@ -14,7 +14,7 @@ held-out rows); of the fits within calibrate.TOL of the best the one closest to 
 key the rows do not move kept at its default. Printed before the table, per fit: each key's value,
 default, range over the near-optimal fits, whether the rows identify it and whether it transfers.
 A transfer carries a device's rates (GEMM, attention, links) only to rows of the same device and
-stack, the schedule's keys (overlap, fsdp_eff) to rows of the same stack, hbm_eff anywhere: so the
+stack, the schedule's key (fsdp_eff) to rows of the same stack, hbm_eff anywhere: so the
 dense A100 rows (Megatron 2021, no flash attention) and the MoE H100 rows (Megatron-Core) share
 only hbm_eff, and the leave-one-table-out column is close to physics only by construction. A held-
 out cell's brackets give the range the near-optimal fits predict (the fit's uncertainty band).

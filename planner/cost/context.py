@@ -55,7 +55,6 @@ class Calibration:
     # small messages (fine-grained experts, short micro-batches) reach a smaller share of the link
     a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
-    overlap: float = 0.90  # fraction of an overlap window that really hides communication
     # per collective kind: the fraction of its seconds hidden while it runs beside compute (its
     # own stream / thread, as FSDP prefetches): hidden = overlap_KIND x min(collective, compute).
     # 1: hidden up to the compute's length; 0: the two serialise (one hardware queue, CUDA_DEVICE_

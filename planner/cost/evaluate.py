@@ -82,11 +82,17 @@ def overlap_passes(pp: int, vpp: int, microbatches: int) -> float:
 
 def sync_time(table: CostTable, rc: RankCost) -> tuple[float, float]:
     """(exposed data-parallel seconds, optimizer seconds) per step for one rank: the gradient
-    reduction and parameter all-gather less what overlap_passes hides of them."""
+    reduction and parameter all-gather less what compute beside them hides. The window is
+    overlap_passes micro-batch passes (backward for the reduction, forward for the gather); of
+    the time a collective and its window run together, the device's measured overlap of that
+    collective is hidden (comm.hidden: overlap_reduce_scatter, overlap_all_gather), as for FSDP's
+    traffic: the same NCCL kernels beside the same GEMMs. A replicated all-reduce is priced as its
+    reduce-scatter half's kind."""
     ctx, lay = table.ctx, table.layout
     red, gather = comm.dp_sync(ctx, rc.dense_params, rc.expert_params)
-    window = ctx.cal.overlap * overlap_passes(lay.pp, lay.vpp, table.microbatches)
-    exposed = max(0.0, red - window * (rc.time - rc.fwd)) + max(0.0, gather - window * rc.fwd)
+    passes = overlap_passes(lay.pp, lay.vpp, table.microbatches)
+    exposed = (red - comm.hidden(ctx, "reduce_scatter", red, passes * (rc.time - rc.fwd))
+               + gather - comm.hidden(ctx, "all_gather", gather, passes * rc.fwd))
     sharded = lay.dp_kind != "replicated"
     opt = (compute.optimizer_time(ctx, rc.dense_params, lay.dp * lay.cp if sharded else 1)
            + compute.optimizer_time(ctx, rc.expert_params, lay.edp if sharded else 1))

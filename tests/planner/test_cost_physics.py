@@ -329,14 +329,29 @@ def test_fsdp_overlap_zero_vs_one_moves_the_step_by_exactly_the_collective_time(
 
 def test_fsdp_overlap_hides_its_share_of_the_overlapped_time(gpt_job):
     """Between the limits the hidden seconds scale with the efficiency (hidden = eff x min(
-    collective, compute)), and a layout without FSDP does not read it."""
+    collective, compute)), for FSDP's per-unit traffic and for ZeRO-1's once-per-step gradient
+    reduce-scatter and parameter all-gather alike: the same collectives beside the same GEMMs."""
+    from plait.planner.cost.evaluate import overlap_passes, rank_cost
     job = gpt_job(4096, 32, 32, 8, 64)
     lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="fsdp")
     steps = [_fsdp_step(job, lay, eff)[1] for eff in (0.0, 0.25, 0.5, 1.0)]
     assert steps[0] - steps[1] == pytest.approx((steps[0] - steps[3]) / 4, rel=1e-9)
     assert steps[0] - steps[2] == pytest.approx((steps[0] - steps[3]) / 2, rel=1e-9)
     zero1 = replace(lay, dp_kind="zero1")
-    assert _fsdp_step(job, zero1, 0.0)[1] == _fsdp_step(job, zero1, 1.0)[1]
+    table, serial = _fsdp_step(job, zero1, 0.0)
+    rc = rank_cost(table, stages_of_one(table), 0)
+    red, gather = comm.dp_sync(table.ctx, rc.dense_params, rc.expert_params)
+    passes = overlap_passes(1, 1, table.microbatches)
+    overlapped = min(red, passes * (rc.time - rc.fwd)) + min(gather, passes * rc.fwd)
+    assert red > 0 and gather > 0 and overlapped > 0
+    for eff in (0.25, 1.0):
+        assert serial - _fsdp_step(job, zero1, eff)[1] == pytest.approx(eff * overlapped,
+                                                                        rel=1e-9)
+
+
+def stages_of_one(table):
+    from plait.planner.cost.pipeline import stages_of
+    return stages_of(table, (len(table.units),), (0,))
 
 
 def test_uncalibrated_overlap_is_the_literature_default():

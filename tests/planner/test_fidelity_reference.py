@@ -11,11 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import fidelity  # noqa: E402
 
-# (mean, max) |relative error| bounds, a little above today's 2.0% / 6.1% and 6.7% / 16.6% (the
-# FSDP overlap is no longer fitted to these rows: measured by `plait calibrate`, else the
-# literature default; the two models' pure-FSDP rows disagree by 1.33x per byte moved, so one
-# fsdp_eff leaves Mixtral's +15% and Qwen2's -17%)
-BOUNDS = {"sc21": (0.03, 0.07), "folding": (0.07, 0.17)}
+# (mean, max) |relative error| bounds, a little above today's 2.2% / 4.5% and 6.9% / 19.6%. The
+# MoE max is Mixtral's pure-FSDP row (+19.6%; Qwen2's is -13%): the two models' pure-FSDP rows
+# disagree by 1.33x per byte moved, and the H100 calibration fits only the table's communication
+# keys (benchmarks/calibrate.py MOE_FITTED), not its compute rates: fitting all nine keys kept
+# this max at 16.6% but predicted the other model's Megatron-Core rows 8.9% mean off against
+# 5.0% (leave-one-model-out, benchmarks/fidelity.py)
+BOUNDS = {"sc21": (0.03, 0.05), "folding": (0.07, 0.20)}
 
 
 @pytest.fixture(scope="module")
