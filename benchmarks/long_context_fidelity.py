@@ -13,6 +13,12 @@ own search. `--json FILE` writes the rows; `--compare FILE` prints a saved run's
 one's (a run of the same script on another revision of plait: before / after a cost-model change).
 
     .venv/bin/python benchmarks/long_context_fidelity.py [--json out.json] [--compare before.json]
+
+Measured when the attention knee came in (searched layouts, MFU at 4K / 16K / 32K / 64K / 128K):
+main before it (attn_eff 0.5, attn_bwd_ratio 0.86 defaults, ring hidden at the generic overlap)
+49.9 / 46.2 / 42.1 / 37.9 / 34.7%; with the cuDNN curve and overlap_p2p 49.9 / 47.0 / 42.7 /
+39.1 / 36.0%; the H100 spec before the communication-only fit (attn_eff 0.7, overlap 0.5)
+49.3 / 47.6 / 44.7 / 42.1 / 40.2%.
 """
 from __future__ import annotations
 
