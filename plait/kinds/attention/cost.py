@@ -25,6 +25,9 @@ planner's Context of one (job, layout): calibration, tokens per rank, group shap
     topology_checks(layout) -> tuple[(side, group, what, size), ...]
         the kind's own collectives that `plait plan --explain` checks for crossing nodes, beyond
         the tensor- and context-parallel groups every kind shares
+    uncertain_ranges(ctx) -> {calibration key: (low, high, why)}
+        the plausible range of a calibration key of the kind's own when nobody measured it,
+        where the range depends on the job and layout (planner/cost/uncertainty.py's band)
 
 Counts (FLOPs, saved bytes, parameter shapes) come from ir/counts, the single source; this module
 only decides how fast they run and what they occupy.
@@ -39,7 +42,8 @@ from plait.planner.cost.context import Context
 
 # the protocol's functions, in the order above (tests/planner/test_cost_kinds.py holds every
 # kind's cost facet to them)
-PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks")
+PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks",
+            "uncertain_ranges")
 
 
 def work(ctx: Context) -> Work:
@@ -192,3 +196,4 @@ def params_on_rank(ctx: Context) -> tuple[float, float]:
 
 buffers = absent.no_buffers
 topology_checks = absent.no_topology_checks
+uncertain_ranges = absent.no_uncertain_ranges
