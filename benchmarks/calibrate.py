@@ -25,6 +25,10 @@ with the local optimum a one-start coordinate descent happened to land in):
 3. Only what is physics of the same thing transfers. Keys fall in classes:
      STACK     facts of the measured software stack, never fitted (flash attention or not, how
                the attention kernel keeps K/V, allocator reserve);
+     KERNEL    rates a device spec takes from published kernel micro-benchmarks (the attention
+               core on Hopper: cuDNN fused attention, benchmarks/attention_kernels.py): facts of
+               the device and its kernels like the STACK's, never fitted where the spec has them
+               (a device without them fits attn_eff on flash-attention rows);
      DEVICE    rates of one chip, its kernel library and its links (gemm_eff, gemm_knee,
                attn_eff, intra_eff, inter_eff, a2a_eff): an H100 fit says nothing about an A100
                (cuBLAS reaches a larger share of an A100's peak than of an H100's), so they
@@ -38,8 +42,8 @@ with the local optimum a one-start coordinate descent happened to land in):
    only the IDENTIFIED keys of the transferable classes (a ridge key without its partners means
    nothing). A key a transfer does not carry stays at the target device's physical default.
 Never fitted either: how much of a collective compute beside it hides (overlap_all_gather,
-overlap_reduce_scatter, overlap_all_to_all): `plait calibrate` measures it on the machines, and a
-device nobody measured keeps the literature default of planner/cost/context.py.
+overlap_reduce_scatter, overlap_all_to_all, overlap_p2p): `plait calibrate` measures it on the
+machines, and a device nobody measured keeps the literature default of planner/cost/context.py.
 
 No peeking: a fit reads only the rows it is given; its anchor is the defaults and the training
 rows' stack facts; a transfer reads the target rows' stack facts and device name only.
@@ -55,6 +59,7 @@ from plait.planner.cost.context import Calibration
 from plait.planner.cost.uncertainty import GRID  # the plausible values (each default joins them)
 
 STACK = ("flash_attention", "kv_expanded", "reserve_gib", "fragmentation")
+KERNEL = ("attn_eff", "attn_knee", "attn_bwd_ratio", "scan_eff")
 DEVICE = ("gemm_eff", "gemm_knee", "attn_eff", "intra_eff", "inter_eff", "a2a_eff")
 SCHEDULE = ("fsdp_eff",)
 MEMORY = ("hbm_eff",)
@@ -101,6 +106,17 @@ def stack_facts(rows) -> dict:
     return {k: v for k, v in rows[0].job.cluster.device.calibration if k in STACK}
 
 
+def kernel_facts(rows) -> dict:
+    """The KERNEL keys of the rows' device spec (kernel micro-benchmarks, never fitted)."""
+    return {k: v for k, v in rows[0].job.cluster.device.calibration if k in KERNEL}
+
+
+def facts(rows) -> dict:
+    """What a fit anchors at and a prediction of ``rows`` always keeps: the stack's facts and
+    the kernels' measured rates."""
+    return {**stack_facts(rows), **kernel_facts(rows)}
+
+
 def params_for(rows) -> tuple[str, ...]:
     """Keys these rows can inform: dense rows never exercise the MoE keys, nor the flash
     attention core when their stack materialised the scores. The MoE rows fit MOE_FITTED only."""
@@ -108,7 +124,7 @@ def params_for(rows) -> tuple[str, ...]:
     keys = MOE_FITTED if moe else DENSE_ONLY
     if stack_facts(rows).get("flash_attention", 1.0) < 0.5:
         keys = tuple(k for k in keys if k != "attn_eff")
-    return keys
+    return tuple(k for k in keys if k not in kernel_facts(rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +284,9 @@ def carried(fit: Fit, train_rows, target_rows) -> tuple[str, ...]:
 
 
 def transfer(values: dict, keys: tuple[str, ...], target_rows) -> dict:
-    """``values``' ``keys`` over ``target_rows``' own STACK facts; the rest at the defaults."""
-    return {**stack_facts(target_rows), **{k: values[k] for k in keys}}
+    """``values``' ``keys`` over ``target_rows``' own STACK and KERNEL facts; the rest at the
+    defaults."""
+    return {**facts(target_rows), **{k: values[k] for k in keys}}
 
 
 def report(fit: Fit, moved_keys: tuple[str, ...] | None = None) -> list[str]:
@@ -290,8 +307,10 @@ def report(fit: Fit, moved_keys: tuple[str, ...] | None = None) -> list[str]:
 
 def fit(device: str, rows, run_rows, summarize, order_ok) -> dict:
     """Re-fit ``device`` on its rows, anchored at the physical defaults and its spec's keys that
-    are not fitted (stack facts, measured values); prints the block to paste."""
-    anchor = {k: v for k, v in rows[0].job.cluster.device.calibration if k not in GRID}
+    are not fitted (stack facts, measured values, kernel micro-benchmarks); prints the block to
+    paste."""
+    anchor = {k: v for k, v in rows[0].job.cluster.device.calibration
+              if k not in GRID or k in KERNEL}
     result = fit_rows(rows, run_rows, summarize, anchor)
     print("\n".join(report(result)))
     final = run_rows(rows, result.values)

@@ -217,7 +217,7 @@ class HeldOut:
 def held_out(train: list[Row], test: list[Row], log) -> HeldOut:
     """Fit on ``train`` from the physical defaults (plus its stack facts), predict ``test`` with
     what transfers to its device (calibrate.transfer); never reads ``test`` before predicting."""
-    fit = calibrate.fit_rows(train, run_rows, summarize, calibrate.stack_facts(train), log=log)
+    fit = calibrate.fit_rows(train, run_rows, summarize, calibrate.facts(train), log=log)
     carried = calibrate.carried(fit, train, test)
     band = [run_rows(test, calibrate.transfer(values, carried, test)) for values in fit.extremes()]
     return HeldOut(band[0], band, [fit_title(train, test, carried),
@@ -246,9 +246,10 @@ def physics_only(sc21: list[Row], folding: list[Row]) -> HeldOut:
     """No value fitted to any row: each device's datasheet, the physical defaults of
     planner/cost/context.py (among them how much of FSDP's collectives compute hides, 0.84 from
     the GEMM slowdown beside NCCL that Lee et al. 2025 measured, until `plait calibrate` measures
-    it) and the facts of the stack that measured the rows."""
-    return banded("physics only", [(sc21, calibrate.stack_facts(sc21)),
-                                   (folding, calibrate.stack_facts(folding))])
+    it), the facts of the stack that measured the rows and the kernel micro-benchmarks of their
+    device (benchmarks/calibrate.py KERNEL)."""
+    return banded("physics only", [(sc21, calibrate.facts(sc21)),
+                                   (folding, calibrate.facts(folding))])
 
 
 def banded(name: str, parts: list[tuple[list[Row], dict | None]]) -> HeldOut:

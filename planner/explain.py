@@ -171,19 +171,28 @@ def topology_facts(job: TrainJob, lay: Layout, only_bad: bool = False) -> list[s
 
 
 def overlap_facts(job: TrainJob, lay: Layout) -> list[str]:
-    """How much of FSDP's gathers and gradient scatters the compute beside them hides, and where
-    that number comes from: the device's calibration (a spec value, or `--calibration` measured
-    by `plait calibrate`) or the literature default of planner/cost/context.py."""
-    if lay.dp_kind != "fsdp":
-        return []
+    """How much of FSDP's gathers and gradient scatters, and of ring context parallelism's K/V
+    exchange, the compute beside them hides, and where that number comes from: the device's
+    calibration (a spec value, or `--calibration` measured by `plait calibrate`) or the
+    literature default of planner/cost/context.py."""
     given, cal = dict(job.cluster.device.calibration), Calibration.of(job.cluster.device)
-    parts = []
-    for kind in ("all_gather", "reduce_scatter"):
+
+    def part(kind: str, what: str) -> str:
         key = f"overlap_{kind}"
         source = ("device calibration" if key in given else
                   "default: compute runs 18.9% slower beside NCCL, Lee et al. 2025")
-        parts.append(f"{kind.replace('_', '-')}s {getattr(cal, key):.2f} ({source})")
-    return ["FSDP traffic hidden behind compute, of the time they overlap: " + "; ".join(parts)]
+        return f"{what} {getattr(cal, key):.2f} ({source})"
+
+    facts = []
+    if lay.dp_kind == "fsdp":
+        parts = [part(kind, f"{kind.replace('_', '-')}s") for kind in ("all_gather",
+                                                                         "reduce_scatter")]
+        facts.append("FSDP traffic hidden behind compute, of the time they overlap: "
+                     + "; ".join(parts))
+    if lay.cp > 1 and lay.cp_comm == "ring":
+        facts.append("context-parallel ring hidden behind the attention core, of the time they "
+                     "overlap: " + part("p2p", "K/V sends"))
+    return facts
 
 
 def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> list[str]:

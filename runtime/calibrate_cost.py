@@ -6,9 +6,11 @@ Every rank of the cluster runs this (spawned locally, or under torchrun on real 
   compute   a linear's forward and backward GEMMs over a grid of shapes, caches evicted first
             (runtime/calibrate_ops.py; fit: efficiency = e / (1 + knee (1/m + 1/n + 1/k))),
             the experts' grouped GEMM (torch._grouped_mm, or the loop where it does not run),
-            causal SDPA forward and backward, the SSD chunked scan, a large copy (memory
-            bandwidth) and plait's memory-bound modules (the rate its norms and activations
-            reach), the host cost of one small block (launch / dispatch overhead);
+            causal SDPA forward and backward at three sequence lengths (fit: efficiency =
+            attn_eff / (1 + attn_knee / s), runtime/calibrate_attention.py), the SSD chunked
+            scan, a large copy (memory bandwidth) and plait's memory-bound modules (the rate its
+            norms and activations reach), the host cost of one small block (launch / dispatch
+            overhead);
   sharing   the same GEMM on one rank, then on all ranks of a host at once: how many ranks the
             host runs at full rate (CPU processes sharing cores; GPUs own their device);
   network   all-gather, all-reduce and all-to-all per group size, inside a node and (with more
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
+from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
 from .calibrate_ops import elementwise_rate, linear_rates
 from .calibrate_overlap import derive_overlap, measure_overlap
 from .calibrate_timing import synchronize, timed
@@ -57,17 +60,14 @@ def sustained_gemm_rate(m: int, n: int, k: int, dtype, device, count: int = 20) 
 
 def fit_knee(points: list[tuple[int, int, int, float]], peak: float) -> tuple[float, float]:
     """(gemm_eff, gemm_knee) from (m, n, k, FLOP/s): least squares of 1/eff against
-    1/m + 1/n + 1/k, whose intercept is 1/gemm_eff and slope gemm_knee/gemm_eff."""
-    xs = [1 / m + 1 / n + 1 / k for m, n, k, _ in points]
-    ys = [peak / rate for *_, rate in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-    intercept = my - slope * mx
-    if intercept <= 0 or slope < 0:  # noise or no knee: the big shapes' efficiency, no knee
+    1/m + 1/n + 1/k, whose intercept is 1/gemm_eff and slope gemm_knee/gemm_eff
+    (fit_reciprocal)."""
+    fitted = fit_reciprocal([1 / m + 1 / n + 1 / k for m, n, k, _ in points],
+                            [rate / peak for *_, rate in points])
+    if fitted is None:  # noise or no knee: the big shapes' efficiency, no knee
         big = sorted(points, key=lambda p: p[0] * p[1] * p[2])[len(points) // 2:]
         return statistics.median(rate for *_, rate in big) / peak, 0.0
-    return 1.0 / intercept, slope / intercept
+    return fitted
 
 
 def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) -> list:
@@ -80,22 +80,6 @@ def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) 
         t = timed(lambda: grouped_linear(x, counts, w), device)
         out.append((r, 2.0 * experts * r * n * k / t))
     return out
-
-
-def attention_rates(seq: int, heads: int, head_dim: int, dtype, device) -> tuple[float, float]:
-    """(forward FLOP/s, backward rate over forward) of causal SDPA; FLOPs counted causally as
-    ir/counts does (half the square): forward 2 * 2 * s^2/2 * d per head, backward 2.5x."""
-    q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True)
-               for _ in range(3))
-    flops = 2 * 2 * seq * seq / 2 * head_dim * heads
-    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
-
-    def both():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-
-    total = timed(both, device)
-    bwd = max(total - fwd, 1e-9)
-    return flops / fwd, (fwd * 2.5) / bwd
 
 
 def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype, device) -> float:
@@ -200,11 +184,11 @@ def fit_alpha_beta(xs: list[float], ts: list[float]) -> tuple[float, float]:
 # GEMM shapes: each linear's time several times the overhead calibrate_ops subtracts
 QUICK = {"gemm": [(64, 256, 128), (128, 256, 128), (256, 256, 512), (512, 512, 512),
                   (1024, 512, 512), (32, 512, 512)],
-         "grouped": (8, [8, 32, 128], 256, 256), "attention": (512, 4, 32),
-         "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "elementwise": (1024, 256), "sizes": [64 << 10, 1 << 20, 4 << 20],
-         "share": (512, 512, 512)}
+         "grouped": (8, [8, 32, 128], 256, 256), "attention": ((128, 256, 512), 4, 32, 1024),
+         "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "elementwise": (1024, 256),
+         "sizes": [64 << 10, 1 << 20, 4 << 20], "share": (512, 512, 512)}
 FULL = {"gemm": [(m, n, k) for m in (32, 128, 512, 2048) for n, k in ((512, 512), (2048, 1024))],
-        "grouped": (8, [8, 32, 128, 512], 512, 512), "attention": (2048, 8, 64),
+        "grouped": (8, [8, 32, 128, 512], 512, 512), "attention": ((512, 1024, 2048), 8, 64, 2048),
         "scan": (2048, 8, 64, 64, 128), "copy": 256 << 20, "elementwise": (4096, 1024),
         "sizes": [64 << 10, 1 << 20, 8 << 20, 32 << 20], "share": (1024, 1024, 1024)}
 
@@ -213,11 +197,10 @@ def measure_compute(dtype, device) -> dict:
     """One rank alone on its host (the others wait at a barrier)."""
     cfg = CONFIG
     experts, rows, n, k = cfg["grouped"]
-    fwd, bwd_ratio = attention_rates(*cfg["attention"], dtype, device)
     return {"grouped_kernel": grouped_mm_works(device.type, dtype),
             "gemm": linear_rates(cfg["gemm"], dtype, device),
             "grouped": grouped_rates(experts, rows, n, k, dtype, device),
-            "attention_fwd": fwd, "attention_bwd_ratio": bwd_ratio,
+            "attention": attention_points(*cfg["attention"], dtype, device),
             "scan": scan_rate(*cfg["scan"], dtype, device),
             "copy": copy_bandwidth(cfg["copy"], device),
             "elementwise": elementwise_rate(*cfg["elementwise"], dtype, device),
@@ -355,9 +338,12 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["grouped_gemm"] = 1.0 if grouped_ok else 0.0
     sources["grouped_gemm"] = "torch._grouped_mm " + ("runs here" if grouped_ok else
                                                       "does not run here: a loop per expert")
-    values["attn_eff"] = c["attention_fwd"] / peak_bf16
-    values["attn_bwd_ratio"] = c["attention_bwd_ratio"]
-    sources["attn_eff"] = sources["attn_bwd_ratio"] = "causal SDPA forward and backward"
+    values["attn_eff"], values["attn_knee"], values["attn_bwd_ratio"] = fit_attention(
+        c["attention"], peak_bf16)
+    sources["attn_eff"] = sources["attn_knee"] = sources["attn_bwd_ratio"] = (
+        "causal SDPA forward and backward at lengths "
+        + ", ".join(f"{s} ({f / 1e9:.1f} / {b / 1e9:.1f} GFLOP/s)" for s, f, b in c["attention"])
+        + "; 1/eff fitted linear in 1/length, backward's ratio at the same knee")
     values["scan_eff"] = c["scan"] / peak_bf16
     sources["scan_eff"] = "SSD chunked scan (lowering/modules/ssd.py)"
     values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)

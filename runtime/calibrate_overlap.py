@@ -1,8 +1,9 @@
 """How much of a collective compute beside it hides, measured on the machine (`plait calibrate`).
 
-The runtime overlaps FSDP's parameter all-gathers and gradient reduce-scatters with compute:
-FSDP2 issues them asynchronously (NCCL on its own CUDA stream; gloo in its worker threads) while
-the default stream / the main thread runs the layer's GEMMs. How much that hides is a property of
+The runtime overlaps FSDP's parameter all-gathers and gradient reduce-scatters with compute, and
+ring context parallelism's K/V send / recv (p2p: each rank to the next, from the previous) with the
+attention core: they are issued asynchronously (NCCL on its own CUDA stream; gloo in its worker
+threads) while the default stream / the main thread computes. How much that hides is a property of
 the machine and the stack, not of the schedule: NCCL kernels take SMs and HBM bandwidth from the
 GEMMs, CPU ranks share cores with gloo's threads, one hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1)
 serialises them. So it is measured, per collective kind, on the ranks of one node:
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from .calibrate_timing import synchronize, timed
 
-KINDS = ("all_gather", "reduce_scatter", "all_to_all")
+KINDS = ("all_gather", "reduce_scatter", "all_to_all", "p2p")
 COMPUTE_OVER_COLLECTIVE = 1.5  # GEMM time over collective time in the "both" run
 
 
@@ -42,7 +43,29 @@ def _collective(op: str, group, n: int, nbytes: int, device) -> Callable[[], obj
     if op == "reduce_scatter":
         return lambda: dist.reduce_scatter_tensor(shard, full, group=group, async_op=True)
     recv = torch.empty_like(full)
+    if op == "p2p":  # a ring step: send to the next rank, receive from the previous one
+        return _ring_step(group, n, full, recv)
     return lambda: dist.all_to_all_single(recv, full, group=group, async_op=True)
+
+
+class _Waits:
+    """Several asynchronous operations waited for as one (batch_isend_irecv's works)."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self):
+        for work in self.works:
+            work.wait()
+
+
+def _ring_step(group, n: int, send: torch.Tensor, recv: torch.Tensor) -> Callable[[], object]:
+    """The K/V exchange of one ring-attention step over ``group`` (node 0's ranks, so group
+    ranks equal global ranks): ``send`` to rank + 1, ``recv`` from rank - 1."""
+    rank = dist.get_rank()
+    ops = [dist.P2POp(dist.isend, send, (rank + 1) % n, group),
+           dist.P2POp(dist.irecv, recv, (rank - 1) % n, group)]
+    return lambda: _Waits(dist.batch_isend_irecv(ops))
 
 
 def overlap_point(op: str, group, n: int, nbytes: int, shape: tuple[int, int, int], dtype,

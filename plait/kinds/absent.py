@@ -74,6 +74,11 @@ def no_buffers(ctx) -> float:
     return 0.0
 
 
+def no_uncertain_ranges(ctx) -> dict:
+    """Cost facet: no calibration key of the kind's own whose plausible range the layout sets."""
+    return {}
+
+
 def no_topology_checks(layout) -> tuple:
     """Cost facet: no groups of the kind's own for the explanation's crossing-nodes facts."""
     return ()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from plait.ir import kinds
 
-from .context import Context
+from .context import Calibration, Context
 
 BWD_GEMM, BWD_CORE, BWD_MEMORY = 2.0, 2.5, 2.0
 
@@ -126,6 +126,8 @@ def memory_time(ctx: Context, nbytes: float) -> float:
 
 
 def core_time(ctx: Context, flops: float, eff: float = 0.0) -> float:
+    """Seconds of ``flops`` of the attention core / SSM scan at ``eff`` of the bf16 peak
+    (0: attn_eff, the attention core's rate at long sequences)."""
     return flops / (ctx.peak_bf16 * (eff or ctx.cal.attn_eff))
 
 
@@ -140,6 +142,17 @@ def activation_bytes(tokens: float, up: float, width: float, act_bytes: float) -
     """Bytes of an FFN's activation function: read the ``up`` (gate + up) columns, write
     ``width``."""
     return tokens * (up + width) * act_bytes
+
+
+def attention_eff(cal: Calibration, keys: float) -> float:
+    """Fraction of the bf16 peak a fused attention kernel reaches (forward; backward at
+    attn_bwd_ratio of it) when one call's queries each iterate over ``keys`` keys (the causal
+    square's side: the kernel's sequence length): attn_eff / (1 + attn_knee / keys). Per query
+    tile the kernel loads Q, rescales and writes O, and the causal diagonal's tiles are half
+    masked; those fixed costs are amortised over keys / tile key tiles. The one formula the
+    attention kind prices its core with and `plait calibrate` fits (runtime/calibrate_attention.py);
+    the Mamba scan's chunks have a fixed length, so its scan_eff has no knee."""
+    return cal.attn_eff / (1.0 + cal.attn_knee / max(1.0, keys))
 
 
 def norm_and_residual(ctx: Context) -> tuple[float, float]:

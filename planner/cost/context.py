@@ -30,6 +30,11 @@ class Calibration:
     gemm_eff: float = 0.75  # achieved fraction of peak for large, well-shaped GEMMs
     gemm_knee: float = 128.0  # a GEMM dimension d scales efficiency by ~1/(1 + knee/d)
     attn_eff: float = 0.50  # flash-attention core (and SSM scan) fraction of peak, forward
+    # the attention core's efficiency falls with the length one kernel call sees:
+    # attn_eff / (1 + attn_knee / s) (planner/cost/compute.py attention_eff): per query tile the
+    # kernel's prologue / epilogue and the causal diagonal's half-masked tiles are amortised over
+    # s / tile key tiles. 0: no length dependence (devices nobody measured)
+    attn_knee: float = 0.0
     # backward kernels of the attention core reach this fraction of the forward's rate
     # (FlashAttention-2, Dao 2023: up to 73% of A100 peak forward, 63% backward -> 0.86)
     attn_bwd_ratio: float = 0.86
@@ -50,7 +55,6 @@ class Calibration:
     # small messages (fine-grained experts, short micro-batches) reach a smaller share of the link
     a2a_peer_latency: float = 1.0  # x the link latency per peer message (1: the spec's latency)
     fsdp_eff: float = 1.0  # per-layer parameter gathers relative to a bucketed collective
-    overlap: float = 0.90  # fraction of an overlap window that really hides communication
     # per collective kind: the fraction of its seconds hidden while it runs beside compute (its
     # own stream / thread, as FSDP prefetches): hidden = overlap_KIND x min(collective, compute).
     # 1: hidden up to the compute's length; 0: the two serialise (one hardware queue, CUDA_DEVICE_
@@ -66,6 +70,9 @@ class Calibration:
     # rows wait for the dispatch (plait/kinds/moe/cost.py dispatch_comm: exposed), so no cost
     # term reads it yet
     overlap_all_to_all: float = OVERLAP_DEFAULT
+    # ring context parallelism's K/V send / recv beside the attention core's kernels
+    # (plait/kinds/attention/cost.py comm)
+    overlap_p2p: float = OVERLAP_DEFAULT
     # busiest expert rank over the mean as measured on a trained router (per micro-batch and
     # layer); 0: the expected maximum under balanced random routing (routing_imbalance)
     moe_imbalance: float = 0.0

@@ -28,7 +28,7 @@ from plait.ir.plan import ParallelPlan
 from ..calibration import overridden
 from ..layouts import units
 from ..wording import seconds
-from .context import Calibration, Context
+from .context import Calibration, Context, layer_kinds
 from .evaluate import evaluate
 from .pipeline import CostTable
 
@@ -53,7 +53,7 @@ RANGES = {
     # (0.84, the default) over A100 / H100 / MI250 / MI210
     **{f"overlap_{kind}": (0.5, 1.0, "compute up to 2x slower beside NCCL (Lee et al. 2025: "
                                      "1.19x on average)")
-       for kind in ("all_gather", "reduce_scatter")},
+       for kind in ("all_gather", "reduce_scatter", "p2p")},
 }
 # a measured value: +-5%, ASSUMED for `plait calibrate`'s medians of repeated timings on a quiet
 # machine (its run-to-run spread on a GPU is not measured yet). It does not hold on a busy host:
@@ -61,13 +61,9 @@ RANGES = {
 # 0.38 / 0.51 / 0.87, attn_eff 0.27 / 0.07 / 0.08, intra_eff 0.093 / 0.093 / 0.159
 MEASURED_TOL = 0.05
 SPEC_TOL = 0.10  # a spec value off the fit grid: about one grid step (the grids step 5..15%)
-# the busiest expert rank over its share under a trained router: no measured trained-router
-# imbalance is among plait's references; the upper end is what practice budgets for it, the
-# capacity factor Switch Transformer trains at (1.25; Fedus et al. 2022, JMLR, Table 1)
-TRAINED_ROUTER = 1.25
 # keys `plait calibrate` does not measure (a run's step times or a trained router pin them)
 NOT_CALIBRATED = ("fsdp_eff", "moe_imbalance")
-KEYS = (*GRID, *RANGES, "moe_imbalance")
+KEYS = (*GRID, *RANGES)  # and each layer kind's own (its cost facet's uncertain_ranges)
 # every other key is a fraction of a peak: at most 1 (the all-to-all keys are ratios of two
 # collectives' rates, which `plait calibrate` finds above 1 on some hosts)
 UNBOUNDED = ("gemm_knee", "moe_imbalance", "a2a_eff", "a2a_inter_eff")
@@ -136,13 +132,12 @@ def origin(key: str, spec: dict, measured: frozenset) -> str:
     return "measured" if key in measured else "spec" if key in spec else "default"
 
 
-def key_range(key: str, value: float, where: str, balanced: float) -> tuple[float, float, str]:
-    """(low, high, why) of ``key`` whose value is ``value`` and came from ``where``."""
+def key_range(key: str, value: float, where: str, own: dict) -> tuple[float, float, str]:
+    """(low, high, why) of ``key`` whose value is ``value`` and came from ``where``; ``own``: the
+    layer kinds' ranges of their own keys when unmeasured (cost facets' uncertain_ranges)."""
     top = math.inf if key in UNBOUNDED else max(1.0, value)
-    if key == "moe_imbalance" and where == "default":
-        return 0.0, max(TRAINED_ROUTER, balanced), (
-            f"balanced random routing ({balanced:.2f}) to a trained router "
-            f"(budgeted as Switch Transformer's capacity factor {TRAINED_ROUTER})")
+    if where == "default" and key in own:
+        return own[key]
     floor = min(1.0, value) if key == "moe_imbalance" else 0.0  # the busiest holds >= the mean
     if where == "measured":
         return (max(floor, value * (1 - MEASURED_TOL)), min(top, value * (1 + MEASURED_TOL)),
@@ -174,17 +169,15 @@ def band(job: TrainJob, plan: ParallelPlan, measured: frozenset = frozenset()) -
     # unset, the network's all-to-all follows a2a_eff: pin it so the two keys vary apart
     base = {"a2a_inter_eff": cal.a2a_inter_eff or cal.a2a_eff}
     t0 = step_time(job, plan, base)
-    balanced = 1.0
-    if "moe" in job.model.layers:
-        moe_cost = kinds.facet("moe", "cost")
-        balanced = moe_cost.routing_imbalance(Context(job, plan.layout))
+    ctx = Context(job, plan.layout)
+    own = {}
+    for kind in layer_kinds(job.model):
+        own.update(kinds.facet(kind, "cost").uncertain_ranges(ctx))
     deltas, slow_end, fast_end = [], {}, {}
-    for key in KEYS:
-        if key == "moe_imbalance" and "moe" not in job.model.layers:
-            continue
+    for key in (*KEYS, *sorted(own)):
         where = origin(key, spec, measured)
         value = base.get(key, getattr(cal, key))
-        low, high, why = key_range(key, value, where, balanced)
+        low, high, why = key_range(key, value, where, own)
         times = {end: step_time(job, plan, {**base, key: end}) - t0 for end in (low, high)}
         fast, slow = min(0.0, *times.values()), max(0.0, *times.values())
         if slow - fast <= 1e-9 * t0:

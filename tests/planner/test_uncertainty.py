@@ -8,6 +8,7 @@ import pytest
 from plait.ir.dsl import load_job
 from plait.planner import calibration
 from plait.planner.cost import uncertainty
+from plait.kinds.moe import cost as moe_cost
 from plait.planner.cost.context import Calibration
 from plait.planner.search import estimate
 
@@ -91,20 +92,21 @@ def test_dropless_routing_ranges_from_balanced_random_to_a_trained_router():
     keys = {k.key: k for k in uncertainty.band(job, plan).keys}
     imbalance = keys["moe_imbalance"]
     assert imbalance.origin == "default" and imbalance.low == 0.0  # 0: balanced random routing
-    assert imbalance.high >= uncertainty.TRAINED_ROUTER and imbalance.slow > 0
+    assert imbalance.high >= moe_cost.TRAINED_ROUTER and imbalance.slow > 0
 
 
 def test_every_range_holds_its_value_and_stays_physical():
     """A default lies inside its plausible range; a spec or measured value inside its own; only
     the knee, the imbalance and the all-to-all ratios may pass 1."""
-    for key in uncertainty.KEYS:
+    own = {"moe_imbalance": (0.0, moe_cost.TRAINED_ROUTER, "a kind's own range")}
+    for key in (*uncertainty.KEYS, *own):
         default = getattr(Calibration(), key)
-        low, high, _ = uncertainty.key_range(key, default, "default", balanced=1.1)
+        low, high, _ = uncertainty.key_range(key, default, "default", own)
         assert low <= (default or low) <= high, key  # moe_imbalance 0: balanced routing
         for value in (0.64, 1.0, 1.75):
             for where in ("spec", "measured"):
-                low, high, _ = uncertainty.key_range(key, value, where, balanced=1.1)
+                low, high, _ = uncertainty.key_range(key, value, where, own)
                 assert low <= value <= high, (key, where, value)
                 assert high <= 1.0 or key in uncertainty.UNBOUNDED or value > 1.0, key
-    low, high, _ = uncertainty.key_range("fsdp_eff", 0.72, "spec", balanced=1.1)
+    low, high, _ = uncertainty.key_range("fsdp_eff", 0.72, "spec", own)
     assert (low, high) == (0.68, 0.76)  # the grid's neighbours

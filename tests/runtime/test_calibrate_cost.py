@@ -8,6 +8,7 @@ from plait.cli import main
 from plait.ir.cluster import local_cpu
 from plait.planner import calibration
 from plait.runtime.calibrate_cost import derive, fit_alpha_beta, fit_knee
+from plait.runtime.calibrate_attention import fit_attention
 from plait.runtime.calibrate_overlap import hidden_fraction
 
 PEAK = 1e11
@@ -30,6 +31,24 @@ def test_fit_knee_without_a_knee_takes_the_big_shapes():
     assert knee == 0.0 and eff == pytest.approx(0.41)
 
 
+def test_fit_attention_recovers_efficiency_knee_and_backward_ratio():
+    """Synthetic causal-attention rates on the cost model's curve eff / (1 + knee / s), the
+    backward at 0.9 of the forward: the fit returns the three values exactly."""
+    eff, knee, ratio = 0.55, 400.0, 0.9
+    points = [(s, PEAK * eff / (1 + knee / s), PEAK * ratio * eff / (1 + knee / s))
+              for s in (512, 1024, 4096)]
+    got = fit_attention(points, PEAK)
+    assert got == pytest.approx((eff, knee, ratio), rel=1e-9)
+
+
+def test_fit_attention_without_a_knee_takes_the_longest_length():
+    """Short sequences measured faster than long ones (caches, noise): no knee, the longest
+    length's forward efficiency and backward ratio."""
+    points = [(128, 0.3 * PEAK, 0.3 * PEAK), (256, 0.25 * PEAK, 0.2 * PEAK),
+              (512, 0.2 * PEAK, 0.15 * PEAK)]
+    assert fit_attention(points, PEAK) == pytest.approx((0.2, 0.0, 0.75))
+
+
 def test_fit_alpha_beta():
     xs = [1e3, 1e5, 1e6, 1e7]
     a, b = fit_alpha_beta(xs, [20e-6 + x / 2e9 for x in xs])
@@ -49,8 +68,11 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
            "all_reduce": [(n, s, 2 * ring(n, s)) for n in (2, 4) for s in sizes],
            "all_to_all": [(n, s, a2a(n, s)) for n in (2, 4) for s in sizes]}
     gemm = [(m, m, m, PEAK * 0.5 / (1 + 3 * 32 / m)) for m in (64, 256, 1024)]
-    compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention_fwd": 0.2 * PEAK,
-               "attention_bwd_ratio": 0.8, "scan": 0.1 * PEAK, "copy": 10e9,
+    # attention: 0.2 of peak at long sequences, knee 256, backward at 0.8 of the forward
+    attention = [(s, PEAK * 0.2 / (1 + 256 / s), PEAK * 0.16 / (1 + 256 / s))
+                 for s in (128, 256, 512)]
+    compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention": attention,
+               "scan": 0.1 * PEAK, "copy": 10e9,
                "block_host_s": 70e-6, "share_single": 30e9,
                "host_us": {"attention": 600.0, "mlp": 250.0}}
     # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
@@ -68,7 +90,8 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["gemm_eff"] == pytest.approx(0.5, rel=1e-6)
     assert values["gemm_knee"] == pytest.approx(32, rel=1e-6)
     assert values["grouped_gemm"] == 0.0
-    assert values["attn_eff"] == pytest.approx(0.2) and values["attn_bwd_ratio"] == 0.8
+    assert values["attn_eff"] == pytest.approx(0.2) and values["attn_knee"] == pytest.approx(256)
+    assert values["attn_bwd_ratio"] == pytest.approx(0.8)
     assert values["scan_eff"] == pytest.approx(0.1)
     assert values["hbm_eff"] == pytest.approx(10e9 / cluster.device.hbm)
     assert values["kernel_us"] == pytest.approx(70)
@@ -124,12 +147,13 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
                 "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
                 "host_us_mamba"):
         assert values[key] > 0, key
-    for kind in ("all_gather", "reduce_scatter", "all_to_all"):  # 0 on a loaded CPU is a value
+    for kind in ("all_gather", "reduce_scatter", "all_to_all", "p2p"):  # 0 on a loaded CPU: a value
         assert 0.0 <= values[f"overlap_{kind}"] <= 1.0
         assert "over 2 ranks beside" in dict(cal.sources)[f"overlap_{kind}"]
     doc = json.loads(out.read_text())
     assert doc["measurements"]["network"]["intra"]["all_gather"]
-    assert set(doc["measurements"]["overlap"]) == {"all_gather", "reduce_scatter", "all_to_all"}
+    assert set(doc["measurements"]["overlap"]) == {"all_gather", "reduce_scatter", "all_to_all",
+                                                   "p2p"}
     # a second run refuses to overwrite a file that is not a calibration
     other = tmp_path / "notes.txt"
     other.write_text("mine")

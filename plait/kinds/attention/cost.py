@@ -25,6 +25,9 @@ planner's Context of one (job, layout): calibration, tokens per rank, group shap
     topology_checks(layout) -> tuple[(side, group, what, size), ...]
         the kind's own collectives that `plait plan --explain` checks for crossing nodes, beyond
         the tensor- and context-parallel groups every kind shares
+    uncertain_ranges(ctx) -> {calibration key: (low, high, why)}
+        the plausible range of a calibration key of the kind's own when nobody measured it,
+        where the range depends on the job and layout (planner/cost/uncertainty.py's band)
 
 Counts (FLOPs, saved bytes, parameter shapes) come from ir/counts, the single source; this module
 only decides how fast they run and what they occupy.
@@ -39,7 +42,8 @@ from plait.planner.cost.context import Context
 
 # the protocol's functions, in the order above (tests/planner/test_cost_kinds.py holds every
 # kind's cost facet to them)
-PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks")
+PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks",
+            "uncertain_ranges")
 
 
 def work(ctx: Context) -> Work:
@@ -59,12 +63,43 @@ def work(ctx: Context) -> Work:
         return Work(gemm=gemm + scores, memory=memory_time(ctx, norm + residual + rope + score_mem),
                     selective=scores + memory_time(ctx, norm + score_mem), flops=flops,
                     gemm_bwd=gemm_bwd + BWD_GEMM * scores)
-    core = compute.core_time(ctx, core_flops)
+    core = compute.core_time(ctx, core_flops, core_eff(ctx))
     merge = ring_merge_bytes(ctx)
     # selective recompute re-runs the norm and the attention core (see activations)
     return Work(gemm=gemm, core=core, memory=memory_time(ctx, norm + residual + rope + merge),
                 selective=core + memory_time(ctx, norm), flops=flops,
                 core_bwd_rate=ctx.cal.attn_bwd_ratio, gemm_bwd=gemm_bwd)
+
+
+def kernel_keys(ctx: Context, window: int | None) -> float:
+    """The sequence length one attention kernel call sees (the side of its causal square: how
+    many keys a query tile iterates over), which sets its efficiency (compute.attention_eff).
+    Without context parallelism, seq_len. Under ring CP (zigzag, Transformer Engine's P2P CP and
+    plait's lowering/cp_attention.py) a rank holds seq_len / cp tokens and every ring step is one
+    call: the diagonal step a causal seq_len / cp square; the others unmasked, seq_len / cp
+    queries x seq_len / 2cp keys or the reverse: no half-masked diagonal tiles and the same mean
+    key span as the causal square, so seq_len / cp prices them a little pessimistically.
+    Ulysses (all-to-all) CP computes whole sequences of fewer heads: seq_len. A sliding window
+    w shorter than that cuts every query's key span to w."""
+    lay = ctx.layout
+    keys = ctx.job.seq_len / (lay.cp if lay.cp_comm == "ring" else 1)
+    return keys if window is None else min(float(window), keys)
+
+
+def core_eff(ctx: Context) -> float:
+    """The attention core's efficiency over the model's attention layers: each layer's
+    compute.attention_eff at its kernel_keys, weighted by its core FLOPs (attended keys) so that
+    the layers' summed seconds are right."""
+    cal, model = ctx.cal, ctx.model
+    if cal.attn_knee <= 0:
+        return cal.attn_eff
+    windows = counts.attention_windows(model) or (model.block("attention").window,)
+    flops = seconds = 0.0
+    for window in set(windows):
+        share = windows.count(window) * counts.attended_keys(ctx.job.seq_len, window)
+        flops += share
+        seconds += share / compute.attention_eff(cal, kernel_keys(ctx, window))
+    return flops / seconds
 
 
 def latent_norm_bytes(ctx: Context) -> float:
@@ -110,12 +145,15 @@ def comm(ctx: Context, work: Work) -> tuple[dict, dict]:
     bwd = dict(fwd)
     if ctx.layout.cp > 1:
         ring = cp_comm(ctx)
-        # ring steps overlap the attention core (backward: the backward kernels, at their own
-        # rate); the all-to-all variant waits for its exchange
-        window = ctx.cal.overlap if ctx.layout.cp_comm == "ring" else 0.0
-        fwd["cp"] = max(0.0, ring - window * work.core)
-        bwd_core = BWD_CORE * work.core / work.core_bwd_rate
-        bwd["cp"] = max(0.0, 2 * ring - window * bwd_core)
+        fwd["cp"], bwd["cp"] = ring, 2 * ring
+        if ctx.layout.cp_comm == "ring":
+            # each step's K/V send / recv runs beside the previous step's core kernels (forward;
+            # backward: the backward kernels at their own rate, K/V and dK/dV): hidden as
+            # measured for point-to-point traffic beside compute (overlap_p2p); the all-to-all
+            # variant waits for its exchange
+            bwd_core = BWD_CORE * work.core / work.core_bwd_rate
+            fwd["cp"] = ring - collectives.hidden(ctx, "p2p", ring, work.core)
+            bwd["cp"] = 2 * ring - collectives.hidden(ctx, "p2p", 2 * ring, bwd_core)
     return fwd, bwd
 
 
@@ -158,3 +196,4 @@ def params_on_rank(ctx: Context) -> tuple[float, float]:
 
 buffers = absent.no_buffers
 topology_checks = absent.no_topology_checks
+uncertain_ranges = absent.no_uncertain_ranges

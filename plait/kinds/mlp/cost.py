@@ -31,3 +31,4 @@ def params_on_rank(ctx: Context) -> tuple[float, float]:
 
 buffers = absent.no_buffers
 topology_checks = absent.no_topology_checks
+uncertain_ranges = absent.no_uncertain_ranges

@@ -152,3 +152,18 @@ def buffers(ctx: Context) -> float:
 
 def topology_checks(layout) -> tuple:
     return (("expert", "ep", "expert all-to-all", layout.ep),)
+
+
+# the busiest expert rank over its share under a trained router: no measured trained-router
+# imbalance is among plait's references; the upper end is what practice budgets for it, the
+# capacity factor Switch Transformer trains at (1.25; Fedus et al. 2022, JMLR, Table 1)
+TRAINED_ROUTER = 1.25
+
+
+def uncertain_ranges(ctx: Context) -> dict:
+    """moe_imbalance unmeasured: from the balanced random routing the cost model assumes to a
+    trained router's budgeted imbalance (0 stands for the balanced value: routing_imbalance)."""
+    balanced = routing_imbalance(ctx)
+    return {"moe_imbalance": (0.0, max(TRAINED_ROUTER, balanced), (
+        f"balanced random routing ({balanced:.2f}) to a trained router "
+        f"(budgeted as Switch Transformer's capacity factor {TRAINED_ROUTER})"))}
