@@ -7,8 +7,19 @@ bytes (weights, gradients, optimizer state) next to what the rank holds.
     .venv/bin/python benchmarks/predict_vs_measure.py                      # calibrates first
     .venv/bin/python benchmarks/predict_vs_measure.py --calibration calib.json
 
-Calibrating and measuring take 7.3 min at a load average of 10-22 on 2 cores (the measured
-overlap, overlap_KIND, prices the FSDP rows), far less on an idle machine.
+Without --calibration it calibrates once per rank count the layouts use (2 and 4), each on that
+many ranks: shared_cores and the collectives' latency depend on how many processes share the
+cores. Calibrating and measuring take 5.5-7 min at a load average of 2-6 on 2 cores.
+
+Measured (2026-12-03, a 2-core EPYC VM shared with other jobs, load average 2-6, swinging to 13
+within a run): mean / max |error| vs the median step 53.5% / 93.3%, 41.9% / 63.0%, 51.2% / 76.5%
+over three runs (vs the fastest step 33.1% / 73.1%, 34.9% / 49.4%, 42.8% / 74.8%), from 57.5% /
+77.5% (fastest 50.9% / 72.2%) before `plait calibrate` timed a linear's forward + backward with
+cold caches and the CPU's memory-bound rate on plait's own modules, and before gloo's
+reduce-scatter was priced as the all-reduce it runs. tiny-local alone at load 2 with one
+calibration: 21.5% / 60.7% (pp, dp2 zero1 and tp2 sp within 8%; cp2 ring -42%, tp2 dp2 -61%).
+The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
+the calibration's values by 2x (shared_cores 1.0-2.1, intra latency 0.3-2.3 ms) with the load.
 
 CPU timings on a shared machine are noisy: run it when `uptime` shows a low load. On a GPU node
 the same script runs with --device-cluster (a cluster spec whose backend is nccl) — prepared, not
