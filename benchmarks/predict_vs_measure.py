@@ -11,9 +11,10 @@ Without --calibration it calibrates once per rank count the layouts use (2 and 4
 many ranks: shared_cores and the collectives' latency depend on how many processes share the
 cores. Calibrating and measuring take 5.5-7 min at a load average of 2-6 on 2 cores.
 
-Measured (2026-12-03, a 2-core EPYC VM shared with other jobs, load average 2-6, swinging to 13
-within a run): mean / max |error| vs the median step 53.5% / 93.3%, 41.9% / 63.0%, 51.2% / 76.5%
-over three runs (vs the fastest step 33.1% / 73.1%, 34.9% / 49.4%, 42.8% / 74.8%), from 57.5% /
+Measured (2026-12-03, a 2-core EPYC VM shared with other jobs, load average 2-6, swinging to 17
+within a run): mean / max |error| vs the median step 53.5% / 93.3%, 41.9% / 63.0%, 51.2% / 76.5%,
+51.6% / 95.9% over four runs (vs the fastest step 33.1% / 73.1%, 34.9% / 49.4%, 42.8% / 74.8%,
+38.4% / 67.1%; the fourth at load 9-17, one median step 14.9 s against a fastest 0.50), from 57.5% /
 77.5% (fastest 50.9% / 72.2%) before `plait calibrate` timed a linear's forward + backward with
 cold caches and the CPU's memory-bound rate on plait's own modules, and before gloo's
 reduce-scatter was priced as the all-reduce it runs. tiny-local alone at load 2 with one
