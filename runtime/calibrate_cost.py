@@ -355,6 +355,10 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["host_sync"] = 1.0 if dev.name == "cpu" else 0.0
     sources["host_sync"] = ("the CPU runs its kernels itself" if dev.name == "cpu" else
                             "kernels run asynchronously on the accelerator")
+    values["dp_sync_overlap"] = 0.0
+    sources["dp_sync_overlap"] = ("plait's runtime reduces replicated / ZeRO-1 gradients and gathers "
+                                  "ZeRO-1 parameters after the backward (runtime/optim.py, "
+                                  "runtime/zero1.py)")
     shared = measured.get("shared_rates") or []
     if dev.name == "cpu" and shared and c["share_single"] > 0:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])

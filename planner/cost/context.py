@@ -73,6 +73,12 @@ class Calibration:
     # ring context parallelism's K/V send / recv beside the attention core's kernels
     # (plait/kinds/attention/cost.py comm)
     overlap_p2p: float = OVERLAP_DEFAULT
+    # a fact of the stack that runs the job: 1, the data-parallel gradient reduction and ZeRO-1's
+    # parameter gather run beside the backward / next forward (Megatron-Core --overlap-grad-reduce
+    # / --overlap-param-gather, the stack of the reference rows); 0, after the backward with
+    # nothing beside them (plait's runtime: runtime/optim.py Replicated and runtime/zero1.py
+    # reduce flat buffers once the step's backward is done; `plait calibrate` writes 0)
+    dp_sync_overlap: float = 1.0
     # busiest expert rank over the mean as measured on a trained router (per micro-batch and
     # layer); 0: the expected maximum under balanced random routing (routing_imbalance)
     moe_imbalance: float = 0.0

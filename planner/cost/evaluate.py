@@ -87,10 +87,11 @@ def sync_time(table: CostTable, rc: RankCost) -> tuple[float, float]:
     the time a collective and its window run together, the device's measured overlap of that
     collective is hidden (comm.hidden: overlap_reduce_scatter, overlap_all_gather), as for FSDP's
     traffic: the same NCCL kernels beside the same GEMMs. A replicated all-reduce is priced as its
-    reduce-scatter half's kind."""
+    reduce-scatter half's kind. A stack that syncs after the backward (dp_sync_overlap 0, plait's
+    runtime) hides nothing."""
     ctx, lay = table.ctx, table.layout
     red, gather = comm.dp_sync(ctx, rc.dense_params, rc.expert_params)
-    passes = overlap_passes(lay.pp, lay.vpp, table.microbatches)
+    passes = overlap_passes(lay.pp, lay.vpp, table.microbatches) * ctx.cal.dp_sync_overlap
     exposed = (red - comm.hidden(ctx, "reduce_scatter", red, passes * (rc.time - rc.fwd))
                + gather - comm.hidden(ctx, "all_gather", gather, passes * rc.fwd))
     sharded = lay.dp_kind != "replicated"

@@ -349,6 +349,25 @@ def test_fsdp_overlap_hides_its_share_of_the_overlapped_time(gpt_job):
                                                                         rel=1e-9)
 
 
+def test_a_stack_that_syncs_after_the_backward_hides_none_of_it(gpt_job):
+    """dp_sync_overlap 0 (plait's runtime: replicated / ZeRO-1 reduce after the backward): the
+    step is the serial one whatever the collectives' overlap; 1 (Megatron's overlapped sync)
+    hides its share."""
+    from plait.planner.cost.evaluate import evaluate
+    from plait.planner.cost.pipeline import CostTable
+    from plait.planner.layouts import units
+    job = gpt_job(4096, 32, 32, 8, 64)
+    lay = Layout(tp=1, dp=8, pp=1, mbs=2, dp_kind="zero1")
+
+    def step(**values):
+        table = CostTable(calibrated(job, **values), lay, units(job.model))
+        return evaluate(table, stages_of_one(table)).step_time
+    full = {"overlap_all_gather": 1.0, "overlap_reduce_scatter": 1.0}
+    serial = step(overlap_all_gather=0.0, overlap_reduce_scatter=0.0)
+    assert step(dp_sync_overlap=0.0, **full) == pytest.approx(serial, rel=1e-12)
+    assert step(dp_sync_overlap=1.0, **full) < serial
+
+
 def stages_of_one(table):
     from plait.planner.cost.pipeline import stages_of
     return stages_of(table, (len(table.units),), (0,))
