@@ -22,9 +22,10 @@ calibration: 21.5% / 60.7% (pp, dp2 zero1 and tp2 sp within 8%; cp2 ring -42%, t
 The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
 the calibration's values by 2x (shared_cores 1.0-2.1, intra latency 0.3-2.3 ms) with the load.
 
-CPU timings on a shared machine are noisy: run it when `uptime` shows a low load. On a GPU node
-the same script runs with --device-cluster (a cluster spec whose backend is nccl) — prepared, not
-yet run there.
+CPU timings on a shared machine are noisy: run it when `uptime` shows a low load. This script
+trains on gloo ranks only (runtime/harness/step_probe.py); on a GPU node the predicted-vs-measured
+check is benchmarks/gpu_check.py (tokens/s, MFU and peak memory next to the plan's prediction),
+prepared and never run: no GPU has been lent to this project yet.
 """
 from __future__ import annotations
 
