@@ -19,7 +19,13 @@ within a run): mean / max |error| vs the median step 53.5% / 93.3%, 41.9% / 63.0
 cold caches and the CPU's memory-bound rate on plait's own modules, and before gloo's
 reduce-scatter was priced as the all-reduce it runs. tiny-local alone at load 2 with one
 calibration: 21.5% / 60.7% (pp, dp2 zero1 and tp2 sp within 8%; cp2 ring -42%, tp2 dp2 -61%).
-The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
+On the idle machine afterwards (load 1.7-2.9, nothing else running): 41.6% / 59.9%, and 44.5% /
+68.2% once the host-sharing probe ran plait's decoder blocks instead of one GEMM. The layouts
+without many collectives came close in the second run (dp2 zero1 -13%, pp2 1f1b -10%, pp2 vpp2
+-18%, hybrid dp2 -17%); TP, FSDP, CP and EP layouts stay 43-68% under: their gloo collectives
+cost more in training than the alpha-beta the calibration fits on bare calls (per call, the
+runtime's wrappers, copies and the two ranks' arrival skew), and the same row moved 0.22 -> 0.15 s
+between the two idle runs. The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
 the calibration's values by 2x (shared_cores 1.0-2.1, intra latency 0.3-2.3 ms) with the load.
 
 CPU timings on a shared machine are noisy: run it when `uptime` shows a low load. This script

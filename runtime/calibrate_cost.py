@@ -35,7 +35,7 @@ from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
-from .calibrate_ops import elementwise_rate, linear_rates
+from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
 from .calibrate_overlap import derive_overlap, measure_overlap
 from .calibrate_timing import synchronize, timed
 
@@ -43,20 +43,6 @@ from .calibrate_timing import synchronize, timed
 # ------------------------------------------------------------------------------------------------
 # Compute on one rank
 # ------------------------------------------------------------------------------------------------
-
-def sustained_gemm_rate(m: int, n: int, k: int, dtype, device, count: int = 20) -> float:
-    """FLOP/s of ``count`` GEMMs back to back, timed as one: ranks that start together after a
-    barrier overlap for the whole run (a fastest-of-repeats would catch moments alone)."""
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
-    a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(count):
-        a @ b
-    synchronize(device)
-    return count * 2.0 * m * n * k / (time.perf_counter() - start)
-
 
 def fit_knee(points: list[tuple[int, int, int, float]], peak: float) -> tuple[float, float]:
     """(gemm_eff, gemm_knee) from (m, n, k, FLOP/s): least squares of 1/eff against
@@ -206,16 +192,17 @@ def measure_compute(dtype, device) -> dict:
             "elementwise": elementwise_rate(*cfg["elementwise"], dtype, device),
             "block_host_s": block_host_seconds(device, dtype),
             "host_us": block_host_us(device, dtype),
-            "share_single": sustained_gemm_rate(*cfg["share"], dtype, device)}
+            "share_single": sustained_block_rate(dtype, device)}
 
 
 def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | None:
-    """FLOP/s of the largest GEMM with every rank of ``on_host`` running it at once."""
+    """Block passes per second (sustained_block_rate) with every rank of ``on_host`` running
+    them at once."""
     group = dist.new_group(on_host)
     if rank not in on_host:
         return None
     dist.barrier(group=group)
-    return sustained_gemm_rate(*CONFIG["share"], dtype, device)
+    return sustained_block_rate(dtype, device)
 
 
 def intra_groups(on_host: int) -> list[list[list[int]]]:
@@ -362,8 +349,8 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     shared = measured.get("shared_rates") or []
     if dev.name == "cpu" and shared and c["share_single"] > 0:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])
-        sources["shared_cores"] = (f"{len(shared)} ranks at once reach {sum(shared) / 1e9:.1f} "
-                                   f"GFLOP/s, one alone {c['share_single'] / 1e9:.1f}")
+        sources["shared_cores"] = (f"{len(shared)} ranks at once reach {sum(shared):.1f} "
+                                   f"decoder block passes/s, one alone {c['share_single']:.1f}")
     overlap, how = derive_overlap(measured.get("overlap", {}), measured.get("overlap_ranks", 0))
     values.update(overlap)
     sources.update(how)

@@ -106,3 +106,41 @@ def elementwise_rate(tokens: int, hidden: int, dtype, device) -> float:
     norm_b, residual_b = stream_bytes(tokens, hidden, item)
     forward = norm_b + residual_b + activation_bytes(tokens, 2 * hidden, hidden, item)
     return (1 + BWD_MEMORY) * forward / timed_cold(run, device)
+
+
+def share_probe_model():
+    """An attention + MLP decoder pair at the tiny jobs' width, built by plait's own lowering:
+    the mix of GEMMs, memory-bound kernels, autograd and Python a training step runs."""
+    from plait.ir.model import MLP, Attention, ModelSpec, Rope
+    from plait.lowering.build import build_model
+
+    spec = ModelSpec(name="share-probe", vocab=64, hidden=128, layers=("attention", "mlp"),
+                     max_seq=256, attention=Attention(heads=4, kv_heads=2, head_dim=32,
+                                                      rope=Rope(theta=1e4)),
+                     mlp=MLP(ffn=352))
+    return build_model(spec)
+
+
+def sustained_block_rate(dtype, device, tokens: int = 256, count: int = 30) -> float:
+    """Forward + backward passes per second of share_probe_model's blocks on ``tokens`` tokens,
+    ``count`` back to back and timed as one: ranks that start together after a barrier run side
+    by side for the whole measurement. How many ranks a host runs at full rate is asked of the
+    workload training runs, not of one hot GEMM, whose operands stay in a core's cache (on this
+    project's 2-core VM, 2026-12-03: 4 ranks at once reached 1.80x one rank's block passes and
+    2.12x its GEMM rate; 2 ranks 1.95x both)."""
+    layers = share_probe_model().to(device=device, dtype=dtype).layers
+    x = torch.randn(1, tokens, 128, dtype=dtype, device=device, requires_grad=True)
+
+    def step():
+        y = x
+        for layer in layers:
+            y = layer(y)
+        y.sum().backward()
+
+    step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    synchronize(device)
+    return count / (time.perf_counter() - start)

@@ -73,14 +73,14 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
                  for s in (128, 256, 512)]
     compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention": attention,
                "scan": 0.1 * PEAK, "copy": 10e9,
-               "block_host_s": 70e-6, "share_single": 30e9,
+               "block_host_s": 70e-6, "share_single": 30.0,
                "host_us": {"attention": 600.0, "mlp": 250.0}}
     # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
     # (0.6 hidden), 25 ms (serialised)
     overlap = {op: {"compute_s": 15e-3, "collective_s": 10e-3, "both_s": t, "gemms": 6}
                for op, t in (("all_gather", 15e-3), ("reduce_scatter", 19e-3),
                              ("all_to_all", 25e-3))}
-    return {"compute": compute, "shared_rates": [20e9, 20e9, 20e9, 20e9], "network": {"intra": net},
+    return {"compute": compute, "shared_rates": [20.0, 20.0, 20.0, 20.0], "network": {"intra": net},
             "overlap": overlap, "overlap_ranks": 4}
 
 
@@ -97,7 +97,7 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["kernel_us"] == pytest.approx(70)
     assert (values["host_us_attention"], values["host_us_mlp"]) == (600.0, 250.0)
     assert values["host_sync"] == 1.0  # the CPU runs its own kernels
-    assert values["shared_cores"] == pytest.approx(80 / 30)  # 4 ranks reach 80 GFLOP/s, one 30
+    assert values["shared_cores"] == pytest.approx(80 / 30)  # 4 ranks: 80 block passes/s, one 30
     assert values["intra_eff"] == pytest.approx(1e9 / cluster.intra.bandwidth, rel=1e-6)
     assert values["intra_latency_us"] == pytest.approx(50, rel=1e-6)
     assert values["a2a_eff"] == pytest.approx(0.5, rel=1e-6)
