@@ -172,11 +172,11 @@ QUICK = {"gemm": [(64, 256, 128), (128, 256, 128), (256, 256, 512), (512, 512, 5
                   (1024, 512, 512), (32, 512, 512)],
          "grouped": (8, [8, 32, 128], 256, 256), "attention": ((128, 256, 512), 4, 32, 1024),
          "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "elementwise": (1024, 256),
-         "sizes": [64 << 10, 1 << 20, 4 << 20], "share": (512, 512, 512)}
+         "sizes": [64 << 10, 1 << 20, 4 << 20], "overlap_gemm": (512, 512, 512)}
 FULL = {"gemm": [(m, n, k) for m in (32, 128, 512, 2048) for n, k in ((512, 512), (2048, 1024))],
         "grouped": (8, [8, 32, 128, 512], 512, 512), "attention": ((512, 1024, 2048), 8, 64, 2048),
         "scan": (2048, 8, 64, 64, 128), "copy": 256 << 20, "elementwise": (4096, 1024),
-        "sizes": [64 << 10, 1 << 20, 8 << 20, 32 << 20], "share": (1024, 1024, 1024)}
+        "sizes": [64 << 10, 1 << 20, 8 << 20, 32 << 20], "overlap_gemm": (1024, 1024, 1024)}
 
 
 def measure_compute(dtype, device) -> dict:
@@ -273,8 +273,8 @@ def measure(rank: int, world: int, gpn: int, dtype, device, full: bool = False) 
         for level, ops in (other or {}).items():
             out["network"].setdefault(level, ops)
     dist.barrier()
-    out["overlap"] = measure_overlap(rank, world, gpn, CONFIG["sizes"][-1], CONFIG["share"], dtype,
-                                     device)
+    out["overlap"] = measure_overlap(rank, world, gpn, CONFIG["sizes"][-1], CONFIG["overlap_gemm"],
+                                     dtype, device)
     out["overlap_ranks"] = min(world, gpn)
     return out
 
@@ -319,7 +319,8 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     eff, knee = fit_knee(c["gemm"], peak)
     values.update(gemm_eff=eff, gemm_knee=knee)
     sources["gemm_eff"] = sources["gemm_knee"] = (
-        f"{len(c['gemm'])} linears forward + backward, caches evicted, {precision}: best {max(r for *_, r in c['gemm']) / 1e9:.1f}"
+        f"{len(c['gemm'])} linears forward + backward, caches evicted, {precision}: best "
+        f"{max(r for *_, r in c['gemm']) / 1e9:.1f}"
         f" GFLOP/s of {peak / 1e9:.0f} peak; 1/eff fitted linear in 1/m + 1/n + 1/k")
     grouped_ok = c.get("grouped_kernel", True)
     values["grouped_gemm"] = 1.0 if grouped_ok else 0.0
@@ -343,9 +344,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     sources["host_sync"] = ("the CPU runs its kernels itself" if dev.name == "cpu" else
                             "kernels run asynchronously on the accelerator")
     values["dp_sync_overlap"] = 0.0
-    sources["dp_sync_overlap"] = ("plait's runtime reduces replicated / ZeRO-1 gradients and gathers "
-                                  "ZeRO-1 parameters after the backward (runtime/optim.py, "
-                                  "runtime/zero1.py)")
+    sources["dp_sync_overlap"] = ("plait's runtime reduces replicated / ZeRO-1 gradients and "
+                                  "gathers ZeRO-1 parameters after the backward "
+                                  "(runtime/optim.py, runtime/zero1.py)")
     shared = measured.get("shared_rates") or []
     if dev.name == "cpu" and shared and c["share_single"] > 0:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])

@@ -19,6 +19,7 @@ def attended_keys(seq_len: int, window: Optional[int] = None, causal: bool = Tru
     return w - w * w / (2 * seq_len) if causal else float(w)
 
 
+@lru_cache(maxsize=256)  # the planner's attention cost asks per layout; a model's windows are fixed
 def attention_windows(model: ModelSpec) -> tuple[Optional[int], ...]:
     """The window of each attention layer in model order (None: full causal attention)."""
     attn = model.block("attention")
