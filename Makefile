@@ -18,11 +18,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/plait demo
 
+# --dist loadfile: a file's tests share module-scoped fixtures (one process spawn runs every
+# layout of a parity file); spread over both workers, each worker ran that spawn again.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 -m "not tier2"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not tier2"
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

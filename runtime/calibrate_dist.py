@@ -13,11 +13,11 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from plait.ir.model import ModelSpec
 from plait.lowering.build import build_model
 from plait.lowering.prune.importance import activation_scores
+from plait.runtime.spawn import start_ranks
 from plait.planner.prune.scores import ImportanceScores
 
 from .mesh import destroy, init_distributed
@@ -52,6 +52,5 @@ def calibrate_parallel(spec: ModelSpec, state: Mapping[str, torch.Tensor], batch
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "calibrate-rendezvous").unlink(missing_ok=True)
-    mp.spawn(_worker, args=(world, spec, dict(state), batches, depth, str(work), timeout_s),
-             nprocs=world, join=True)
+    start_ranks(_worker, (world, spec, dict(state), batches, depth, str(work), timeout_s), world)
     return ImportanceScores.from_json((work / "calibrate.json").read_text())

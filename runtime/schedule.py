@@ -17,9 +17,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
-                                                    ScheduleInterleaved1F1B)
 
 from plait.ir.errors import LayoutError
 from plait.lowering import collectives as cc
@@ -28,7 +25,7 @@ from plait.lowering.passes.split_pipeline import stage_name
 
 from .mesh import Mesh
 
-SINGLE_SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+SINGLE_SCHEDULES = ("1f1b", "gpipe")  # torch.distributed.pipelining's one-stage-per-rank ones
 
 
 def _meta(shape, dtype) -> torch.Tensor:
@@ -44,6 +41,11 @@ def _stage_meta(program: RankProgram, chunk: int, n_micro: int):
 
 
 def schedule_class(kind: str, vpp: int):
+    """torch.distributed.pipelining's schedule class. Imported here, not at module level: the
+    package pulls in dynamo and DTensor (~2 CPU s per process), which a rank without a pipeline
+    never needs."""
+    from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
+                                                        ScheduleInterleaved1F1B)
     if vpp > 1:
         if kind not in ("interleaved", "1f1b"):
             raise LayoutError(f"schedule {kind!r} cannot run {vpp} virtual stages per rank",
@@ -52,7 +54,7 @@ def schedule_class(kind: str, vpp: int):
     if kind not in SINGLE_SCHEDULES:
         raise LayoutError(f"schedule {kind!r} is not available with one stage per rank; "
                           f"use one of {', '.join(SINGLE_SCHEDULES)}")
-    return SINGLE_SCHEDULES[kind]
+    return {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[kind]
 
 
 class _PlainModule(nn.Module):
@@ -85,6 +87,7 @@ class StepRunner:
             self.schedule = self._pipeline_schedule()
 
     def _pipeline_schedule(self):
+        from torch.distributed.pipelining import PipelineStage
         stages = []
         for chunk, module in self.program.local_modules():
             example_in, example_out = _stage_meta(self.program, chunk, self.n_micro)
@@ -94,7 +97,7 @@ class StepRunner:
         cls = schedule_class(self.program.plan.schedule, self.layout.vpp)
         # Every rank passes the loss (it tells the schedule to run backward); the last stage calls it.
         loss_fn = self.loss_fn
-        if cls is ScheduleInterleaved1F1B:
+        if self.layout.vpp > 1:  # ScheduleInterleaved1F1B takes every local stage
             return cls(stages, self.n_micro, loss_fn=loss_fn, scale_grads=True)
         return cls(stages[0], self.n_micro, loss_fn=loss_fn, scale_grads=True)
 

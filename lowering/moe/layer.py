@@ -109,7 +109,7 @@ class ExpertParallelMoE(nn.Module):
         return {n: ("expert" if n in EXPERT_PARAMS else "dense") for n, _ in self.named_parameters()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_fake(x):  # shape propagation at compile time: [..., H] -> [..., H], no collectives
+        if is_fake(x) or x.is_meta:  # shape propagation at compile time: [..., H] -> [..., H], no collectives
             return torch.empty_like(x)
         s = self.spec
         flat = x.reshape(-1, x.shape[-1])

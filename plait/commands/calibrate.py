@@ -65,11 +65,11 @@ def _measure_to(out: Path, rank: int, world: int, gpn: int, backend: str, precis
 
 def run_local(cluster: Cluster, ranks: int, precision: str, full: bool) -> dict:
     """Spawn ``ranks`` processes on this machine; rank 0's measurements."""
-    import torch.multiprocessing as mp
+    from plait.runtime.spawn import start_ranks
 
     with tempfile.TemporaryDirectory() as work:
-        mp.spawn(_worker, args=(ranks, min(ranks, cluster.gpus_per_node), cluster.backend,
-                                precision, full, work), nprocs=ranks, join=True)
+        start_ranks(_worker, (ranks, min(ranks, cluster.gpus_per_node), cluster.backend,
+                              precision, full, work), ranks)
         return json.loads((Path(work) / "measured.json").read_text())
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-import torch.multiprocessing as mp
 
 from plait.ir.cluster import local_cpu
+from plait.runtime.spawn import start_ranks
 from plait.ir.job import Data, Distill, LayoutPins, TrainJob
 from plait.ir.model import ModelSpec
 from plait.ir.plan import Layout, ParallelPlan, even_stages
@@ -114,8 +114,7 @@ def distill_parallel(run: DistillRun, student_state: Mapping[str, torch.Tensor],
     work.mkdir(parents=True, exist_ok=True)
     (work / "rendezvous").unlink(missing_ok=True)
     world = run.layout.world
-    mp.spawn(_worker, args=(world, run, dict(student_state), dict(teacher_state), quiet),
-             nprocs=world, join=True)
+    start_ranks(_worker, (world, run, dict(student_state), dict(teacher_state), quiet), world)
     logs = [DistStepLog(**l) for l in json.loads((work / RESULT).read_text())]
     return logs, _student_parameters(work / "checkpoints")
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.multiprocessing as mp
 
 from plait.ir.cluster import local_cpu
 from plait.ir.job import Data, MoEOptions, Optimizer, Precision, TrainJob
@@ -35,6 +34,7 @@ from plait.lowering.build import build_model
 from .. import moe_balance
 from ..data import BatchLoader, Packing, SyntheticTokens
 from ..mesh import build_mesh, destroy, init_distributed
+from ..spawn import start_ranks
 from .parity_compare import Errors, compare, placement
 from ..train import ReferenceTrainer, Trainer
 
@@ -263,7 +263,7 @@ def spawn_cases(worker, cases: list[Case], out_dir: str | None, *args) -> dict[s
         for world, group in sorted(by_world.items()):
             work = Path(tmp) / f"world{world}"
             work.mkdir()
-            mp.spawn(worker, args=(world, *args, group, str(work)), nprocs=world, join=True)
+            start_ranks(worker, (world, *args, group, str(work)), world)
             for case in group:
                 records[case.name] = [torch.load(work / f"{case.name}.rank{r}.pt",
                                                  weights_only=False) for r in range(world)]

@@ -10,9 +10,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from plait.ir.plan import Layout
+from plait.runtime.spawn import start_ranks
 from plait.runtime.mesh import Mesh, bind, build_mesh
 
 GROUP_TIMEOUT_S = 60
@@ -45,8 +45,7 @@ def spawn(fn, world: int, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> list:
     that raised reports its traceback in the parent; a hang is killed after ``timeout_s``."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        ctx = mp.start_processes(_worker, args=(world, init_file, tmp, fn, args), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = start_ranks(_worker, (world, init_file, tmp, fn, args), world, join=False)
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:

@@ -18,6 +18,7 @@ from plait.ir.model import MLP, Attention, ModelSpec  # noqa: E402
 from plait.ir.plan import Layout  # noqa: E402
 from plait.runtime.ckpt_export import export_hf  # noqa: E402
 from plait.runtime.harness.parity import TIMEOUT_S, Setup  # noqa: E402
+from plait.runtime.spawn import start_ranks  # noqa: E402
 
 from ckpt_util import single_rank  # noqa: E402
 from export_util import FAMILIES, check_export, logit_diff, save_from_hub, save_hub_model, tensors  # noqa: E402
@@ -108,13 +109,11 @@ DENSE, MOE = Layout(tp=2, sp=True), Layout(tp=2, sp=True, ep=2)
 
 @pytest.mark.tier2
 def test_every_family_exports_from_a_sharded_checkpoint(tmp_path):
-    import torch.multiprocessing as mp
-
     jobs = [(f, MOE if "moe" in f or f in ("mixtral", "nemotron_h", "deepseek_v3") else DENSE)
             for f in FAMILIES]
     for family, _ in jobs:
         save_hub_model(FAMILIES[family], tmp_path / f"hub-{family}")
-    mp.spawn(_sharded_worker, args=(2, jobs, str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_sharded_worker, (2, jobs, str(tmp_path)), 2)
     diffs = {}
     for family, _ in jobs:
         out = tmp_path / f"hf-{family}"

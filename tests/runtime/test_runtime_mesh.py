@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from plait.ir.cluster import local_cpu
 from plait.ir.dsl import load_job
 from plait.ir.plan import Layout
 from plait.runtime import mesh as mesh_mod
+from plait.runtime.spawn import start_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def _groups_and_timeout(rank: int, world: int, work: str) -> None:
 
 @pytest.mark.tier2
 def test_groups_follow_megatron_order_and_timeouts_name_the_group(tmp_path):
-    mp.spawn(_groups_and_timeout, args=(4, str(tmp_path)), nprocs=4, join=True)
+    start_ranks(_groups_and_timeout, (4, str(tmp_path)), 4)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     assert [g["tp"] for g in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [g["dp"] for g in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
