@@ -12,7 +12,7 @@ training runs them (runtime/calibrate_cost.py calls them; the cost model reads w
              per block by host_us_KIND, so counting it here too would charge it twice.
   elementwise  plait's memory-bound modules (RMSNorm, the MLP's activation times its up
              projection, a residual add) forward and backward, their bytes counted as the cost
-             model counts them (planner/cost/compute.py stream_bytes, activation_bytes,
+             model counts them (ir/counts/traffic.py, planner/cost/compute.py
              BWD_MEMORY): the rate the runtime's unfused kernels reach. On the CPU these run as
              several eager ATen ops each (pow, mean, rsqrt, mul, silu), every one a pass over
              the tensor, so they reach far less than a large copy's bandwidth.
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from plait.lowering.modules.mlp import activation_fn
 from plait.lowering.modules.norms import RMSNorm
-from plait.planner.cost.compute import BWD_MEMORY, activation_bytes, stream_bytes
+from plait.ir import counts
+from plait.planner.cost.compute import BWD_MEMORY
 
 from .calibrate_timing import synchronize
 
@@ -103,8 +104,8 @@ def elementwise_rate(tokens: int, hidden: int, dtype, device) -> float:
             t.grad = None
 
     item = torch.finfo(dtype).bits // 8
-    norm_b, residual_b = stream_bytes(tokens, hidden, item)
-    forward = norm_b + residual_b + activation_bytes(tokens, 2 * hidden, hidden, item)
+    norm_b, residual_b = counts.norm_residual_traffic(tokens, hidden, item)
+    forward = norm_b + residual_b + counts.activation_fn_traffic(tokens, 2 * hidden, hidden, item)
     return (1 + BWD_MEMORY) * forward / timed_cold(run, device)
 
 

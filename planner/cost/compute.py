@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.ir import kinds
+from plait.ir import counts, kinds
 
 from .context import Calibration, Context
 
@@ -131,19 +131,6 @@ def core_time(ctx: Context, flops: float, eff: float = 0.0) -> float:
     return flops / (ctx.peak_bf16 * (eff or ctx.cal.attn_eff))
 
 
-def stream_bytes(tokens: float, hidden: float, act_bytes: float) -> tuple[float, float]:
-    """(norm bytes, residual-add bytes) of ``tokens`` rows of the residual stream: the norm reads
-    and writes it, the add reads two and writes one (`plait calibrate` counts its probe so)."""
-    per = tokens * hidden * act_bytes
-    return 2 * per, 3 * per
-
-
-def activation_bytes(tokens: float, up: float, width: float, act_bytes: float) -> float:
-    """Bytes of an FFN's activation function: read the ``up`` (gate + up) columns, write
-    ``width``."""
-    return tokens * (up + width) * act_bytes
-
-
 def attention_eff(cal: Calibration, keys: float) -> float:
     """Fraction of the bf16 peak a fused attention kernel reaches (forward; backward at
     attn_bwd_ratio of it) when one call's queries each iterate over ``keys`` keys (the causal
@@ -157,7 +144,7 @@ def attention_eff(cal: Calibration, keys: float) -> float:
 
 def norm_and_residual(ctx: Context) -> tuple[float, float]:
     """(norm bytes, residual-add bytes) per block: read + write the residual stream."""
-    return stream_bytes(ctx.tokens_sp, ctx.model.hidden, ctx.act_bytes)
+    return counts.norm_residual_traffic(ctx.tokens_sp, ctx.model.hidden, ctx.act_bytes)
 
 
 def ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0,
@@ -169,7 +156,7 @@ def ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: floa
     up = width * (2 if gated else 1)
     gemm, gemm_bwd = sum_passes(grouped_gemm_times(ctx, tokens, up, h, count, peak),
                                 grouped_gemm_times(ctx, tokens, h, width, count, peak))
-    act = memory_time(ctx, count * activation_bytes(tokens, up, width, ctx.act_bytes))
+    act = memory_time(ctx, count * counts.activation_fn_traffic(tokens, up, width, ctx.act_bytes))
     flops = count * tokens * 2 * h * (up + width)
     return Work(gemm=gemm, memory=act, selective=act, flops=flops, gemm_bwd=gemm_bwd)
 

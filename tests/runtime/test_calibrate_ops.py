@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from plait.ir.cluster import local_cpu
-from plait.planner.cost.compute import BWD_MEMORY, activation_bytes, stream_bytes
+from plait.ir import counts
+from plait.planner.cost.compute import BWD_MEMORY
 from plait.runtime.calibrate_cost import derive, fit_knee, memory_efficiency
 from plait.runtime.calibrate_ops import elementwise_rate, gemm_seconds, linear_rates
 
@@ -62,9 +63,9 @@ def test_derive_reads_the_elementwise_rate_on_the_cpu():
 def test_probe_bytes_are_the_cost_model_s():
     """The elementwise probe counts norm + residual + SwiGLU bytes with the cost model's own
     functions: 2 + 3 stream passes and 3 activation widths, the backward BWD_MEMORY times."""
-    norm, residual = stream_bytes(10, 8, 4)
+    norm, residual = counts.norm_residual_traffic(10, 8, 4)
     assert (norm, residual) == (2 * 10 * 8 * 4, 3 * 10 * 8 * 4)
-    assert activation_bytes(10, 16, 8, 4) == 10 * 24 * 4
+    assert counts.activation_fn_traffic(10, 16, 8, 4) == 10 * 24 * 4
     assert BWD_MEMORY == 2.0
 
 
