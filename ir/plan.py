@@ -6,6 +6,7 @@ Folding); PP is shared. ``dp`` and ``edp`` are derived from the world size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Literal, Optional
 
 from .errors import LayoutError
@@ -22,6 +23,7 @@ DISPATCHERS = ("alltoall", "allgather")  # MoE token dispatchers
 CP_COMMS = ("ring", "alltoall")  # context-parallel attention: K/V ring | all-to-all (Ulysses)
 
 
+@lru_cache(maxsize=64)  # the cost model asks per process group of every layout it prices
 def parse_order(order: str) -> tuple[str, ...]:
     """The five dimension names in rank order; names missing from ``order`` are appended last
     (Megatron appends them too, which only matters when their size is 1)."""

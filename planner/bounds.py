@@ -64,7 +64,7 @@ class Candidate:
 
 
 def problem_of(table: CostTable, options: tuple[int, ...]) -> PartitionProblem:
-    distinct = list(dict.fromkeys(table.units))
+    distinct = table.distinct_units
     index = {id(u): i for i, u in enumerate(distinct)}
     lay = table.layout
     return PartitionProblem(

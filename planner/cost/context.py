@@ -108,6 +108,7 @@ class Calibration:
     fragmentation: float = 0.08  # allocator fragmentation as a fraction of activations
 
     @staticmethod
+    @lru_cache(maxsize=32)  # every Context asks; a device's values are fixed
     def of(device: Device) -> "Calibration":
         known = {f.name for f in fields(Calibration)}
         values = {k: float(v) for k, v in device.calibration if k in known}
@@ -151,6 +152,7 @@ class Context:
         self.job, self.layout = job, layout
         self.model, self.cluster = job.model, job.cluster
         self.cal = Calibration.of(job.cluster.device)
+        self._groups: dict = {}  # (side, name) -> GroupShape: the unit costs ask each many times
 
     # -- tokens ----------------------------------------------------------------------------------
     @cached_property
@@ -210,6 +212,12 @@ class Context:
     # -- groups ----------------------------------------------------------------------------------
     def group(self, side: str, name: str) -> GroupShape:
         """Shape of the dense/expert group ``name`` (keys of DENSE_GROUPS / EXPERT_GROUPS)."""
+        shape = self._groups.get((side, name))
+        if shape is None:
+            shape = self._groups[(side, name)] = self._group_shape(side, name)
+        return shape
+
+    def _group_shape(self, side: str, name: str) -> GroupShape:
         dims = (DENSE_GROUPS if side == "dense" else EXPERT_GROUPS)[name]
         lay = self.layout
         if side == "dense":

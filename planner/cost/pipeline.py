@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from plait.ir import kinds as block_kinds  # `kinds` names a unit's layer kinds below
 from plait.ir.job import TrainJob
@@ -148,7 +148,8 @@ def ends_fsdp(ctx: Context, params: float, work: compute.Work) -> tuple[float, f
     return fsdp_exposed(ctx, *comm.fsdp_unit(ctx, params, 0.0), work.forward, work.backward)
 
 
-def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[bool, ...]]]:
+@lru_cache(maxsize=16)  # a function of the job alone, asked by every CostTable of a search
+def _unit_keys(job: TrainJob, unit_kinds) -> tuple[tuple[tuple[str, ...], tuple[bool, ...]], ...]:
     """(kinds, which of its layers keep bf16 linears) per unit: the fp8 recipe's bf16 ends cost
     what they run (bf16 GEMMs); in other jobs the flags are all False."""
     policy = PrecisionPolicy.of(job)
@@ -158,7 +159,7 @@ def _unit_keys(job: TrainJob, unit_kinds) -> list[tuple[tuple[str, ...], tuple[b
                       for i in range(len(kinds)))
         keys.append((kinds, flags if any(flags) else ()))
         layer += len(kinds)
-    return keys
+    return tuple(keys)
 
 
 class CostTable:
@@ -167,6 +168,7 @@ class CostTable:
     def __init__(self, job: TrainJob, layout: Layout, unit_kinds: tuple[tuple[str, ...], ...]):
         self.job, self.layout = job, layout
         self.ctx = ctx = Context(job, layout)
+        self._vpp_twins: dict = {layout.vpp: self}  # vpp -> with_vpp's table (the search asks often)
         keys = _unit_keys(job, unit_kinds)
         built = {k: build_unit(ctx, *k) for k in dict.fromkeys(keys)}
         # one object per distinct cost (a bf16-end unit costs as much as an fp8 one where the
@@ -174,6 +176,8 @@ class CostTable:
         canonical: dict = {}
         distinct = {k: canonical.setdefault(u, u) for k, u in built.items()}
         self.units: tuple[UnitCost, ...] = tuple(distinct[k] for k in keys)
+        # the distinct costs in order of first use (equal costs are one object: no hashing)
+        self.distinct_units = tuple({id(u): u for u in self.units}.values())
         self.unit_index, offset = {}, 0  # first layer of a unit -> its index
         for i, kinds in enumerate(unit_kinds):
             self.unit_index[offset] = i
@@ -218,10 +222,14 @@ class CostTable:
                      buffer=memory.logits_buffer(ctx), comm=(("dp", fsdp), ("tp", 2 * tp)))
 
     def with_vpp(self, vpp: int) -> "CostTable":
-        """The same table under another virtual-pipeline size (unit costs do not depend on it)."""
-        other = copy.copy(self)
-        other.layout = replace(self.layout, vpp=vpp)
-        other.__dict__.pop("schedule_factor", None)
+        """The same table under another virtual-pipeline size (unit costs do not depend on it);
+        one per vpp, shared by every table of the family."""
+        other = self._vpp_twins.get(vpp)
+        if other is None:
+            other = copy.copy(self)
+            other.layout = replace(self.layout, vpp=vpp)
+            other.__dict__.pop("schedule_factor", None)
+            self._vpp_twins[vpp] = other
         return other
 
     def units_of(self, stage) -> tuple[UnitCost, ...]:

@@ -25,6 +25,7 @@ Imports only ir (data flows one way).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 from plait.ir.counts.activations import (LSE_BYTES, ActivationShape, norm_saved_bytes,
@@ -97,9 +98,15 @@ def attention_core_flops(model: ModelSpec, seq_len: int, causal: bool = True,
     if index is not None:
         keys = attended_keys(seq_len, attn.window_of(index), causal)
     else:
-        windows = attention_windows(model) or (attn.window,)
-        keys = sum(attended_keys(seq_len, w, causal) for w in windows) / len(windows)
+        keys = _mean_attended_keys(model, seq_len, causal)
     return 2 * attn.heads * (attn.head_dim + attn.v_head_dim) * keys
+
+
+@lru_cache(maxsize=256)  # the planner's attention cost asks per layout: a sum over the model's layers
+def _mean_attended_keys(model: ModelSpec, seq_len: int, causal: bool) -> float:
+    """attended_keys averaged over the model's attention layers."""
+    windows = attention_windows(model) or (model.block("attention").window,)
+    return sum(attended_keys(seq_len, w, causal) for w in windows) / len(windows)
 
 
 def attention_flops(model: ModelSpec, seq_len: int, causal: bool = True,

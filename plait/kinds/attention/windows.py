@@ -44,6 +44,7 @@ def ring_steps(cp: int, seq_len: int, window: Optional[int] = None) -> tuple[int
                  if any(sees(a, b) for r in range(cp) for a in held[r] for b in held[(r - t) % cp]))
 
 
+@lru_cache(maxsize=1024)  # the planner's CP cost asks per layout; a sum over the model's layers
 def ring_exchanges(model: ModelSpec, cp: int, seq_len: int) -> float:
     """K/V block exchanges per attention layer of ring context parallelism, the mean over the
     model's attention layers: cp - 1 for full attention, fewer with a short window."""
