@@ -64,12 +64,12 @@ def _run(slice_fn, collective, calls: int, device) -> tuple[float, float]:
     return time.perf_counter() - start, inside
 
 
-def _world_mean(value: float) -> float:
-    """The mean of ``value`` over every rank: the ranks a collective makes wait and the ranks it
-    keeps waiting pay different shares of the same skew."""
-    t = torch.tensor([value], dtype=torch.float64)
+def _group_mean(value: float, member: bool) -> float:
+    """The mean of ``value`` over the ranks in a group (every rank calls this): the ranks a
+    collective makes wait and the ranks it keeps waiting pay different shares of the same skew."""
+    t = torch.tensor([value if member else 0.0, 1.0 if member else 0.0], dtype=torch.float64)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t[0].item() / max(1.0, t[1].item())
 
 
 def measure_insitu(rank: int, groups: list[list[int]], dtype, device,
@@ -113,10 +113,32 @@ def measure_insitu(rank: int, groups: list[list[int]], dtype, device,
             inside.append(waited)
             bare.append(_run(None, coll, calls, device)[0])
         full = act.numel() * act.element_size() * (n if op == "all_gather" else 1)
-        out[op] = {"bytes": full, "insitu_s": _world_mean(statistics.median(inside)) / calls,
-                   "added_s": _world_mean(statistics.median(both) - statistics.median(alone))
-                   / calls, "bare_s": _world_mean(statistics.median(bare)) / calls,
-                   "slice_s": _world_mean(statistics.median(alone)) / calls}
+        m = mine is not None
+        out[op] = {"bytes": full, "insitu_s": _group_mean(statistics.median(inside), m) / calls,
+                   "added_s": _group_mean(statistics.median(both) - statistics.median(alone), m)
+                   / calls, "bare_s": _group_mean(statistics.median(bare), m) / calls,
+                   "slice_s": _group_mean(statistics.median(alone), m) / calls}
     if mine:
         unbind_all()
     return out if mine else None
+
+
+# Latency terms the cost model charges one call of each op (planner/cost/comm.py): a ring
+# all-gather (n-1) alphas, an all-reduce 2 (n-1)
+HOPS = {"all_gather": 1, "all_reduce": 2}
+
+
+def insitu_latency(points: list, bandwidth: float) -> tuple[float, str]:
+    """(alpha seconds, how measured) from calibrate_insitu's [(group size, {op: ...})]: what each
+    call adds to the compute around it, less the bytes' time at the fitted bandwidth, over the
+    latency terms the cost model charges that op; the median over ops and group sizes."""
+    alphas, parts = [], []
+    for n, ops in points:
+        for op, m in ops.items():
+            moved = HOPS[op] * (n - 1) / n * m["bytes"] / bandwidth
+            alphas.append(max(0.0, m["added_s"] - moved) / (HOPS[op] * (n - 1)))
+            parts.append(f"{op} x{n} {m['added_s'] * 1e3:.2f} ms (bare {m['bare_s'] * 1e3:.2f})")
+    alpha = statistics.median(alphas)
+    return alpha, (f"small collectives through plait's ops between decoder compute slices, every "
+                   f"group at once (runtime/calibrate_insitu.py): " + ", ".join(parts)
+                   + f" per call -> {alpha * 1e6:.0f} us per latency term")
