@@ -9,7 +9,7 @@ and its peer (or gloo's I/O thread) runs only when the OS schedules it again: th
 and the wake-ups are paid per call, not per byte. So the latency is measured the way training
 issues it:
 
-    C  ``calls`` slices of plait's decoder blocks (forward + backward), alone, every rank at once
+    C  ``calls`` slices of plait's MLP block (forward + backward), alone, every rank at once
     T  the same slices, each followed by one plait op (reduce_from_tp / gather_seq) on a small
        activation, every group of the node at once
 
@@ -31,7 +31,10 @@ from .calibrate_timing import synchronize
 
 AXIS = "calibrate-insitu"
 OPS = ("all_reduce", "all_gather")
-TOKENS = 64       # tokens per compute slice: ~1-3 ms of block forward + backward on one core
+# A compute slice: forward + backward of plait's MLP block on a few tokens, ~0.6 ms of host-bound
+# work on this VM's cores, about what a TP / SP step runs between two collectives (tiny-local tp2:
+# 307 calls in a ~0.2-0.3 s step; benchmarks/count_collectives.py)
+TOKENS = 16
 WIDTH = 128       # share_probe_model's hidden size
 CALLS = 24        # collective calls per timed run
 REPEAT = 5        # timed runs of each variant; the median is kept
@@ -86,7 +89,7 @@ def measure_insitu(rank: int, groups: list[list[int]], dtype, device,
         group = dist.new_group(ranks)
         if rank in ranks:
             mine = (group, ranks)
-    layers = share_probe_model().to(device=device, dtype=dtype).layers
+    layers = share_probe_model().to(device=device, dtype=dtype).layers[1:]  # the MLP block
     x = torch.randn(1, TOKENS, WIDTH, dtype=dtype, device=device, requires_grad=True)
 
     def slice_fn():
