@@ -25,7 +25,17 @@ without many collectives came close in the second run (dp2 zero1 -13%, pp2 1f1b 
 -18%, hybrid dp2 -17%); TP, FSDP, CP and EP layouts stay 43-68% under: their gloo collectives
 cost more in training than the alpha-beta the calibration fits on bare calls (per call, the
 runtime's wrappers, copies and the two ranks' arrival skew), and the same row moved 0.22 -> 0.15 s
-between the two idle runs. The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
+between the two idle runs.
+Then `plait calibrate` took the intra-node latency from small collectives issued as training
+issues them (runtime/calibrate_insitu.py: plait's ops between slices of its MLP block, every group
+at once; 1.5-3.9 ms per call against 0.4-1.8 ms back to back) and the cost model charged the
+vocab-parallel loss's two TP all-reduces per micro-batch: at load 2.2-3.3, 48.1% / 79.7% before
+(TP rows -46 to -80%) -> 25.3% / 69.9% after (TP rows +30% to -8%; dp2 fsdp -55%, hybrid cp2 -70%
+and tiny-local cp2 -30% still under; their calls are not yet counted against the program: FSDP2
+issues its collectives inside torch's fully_shard, which benchmarks/count_collectives.py does not
+see, and it did not complete on cp2 ring), and 28.0% / 59.5% in a
+second run at load 1.6-3.2 (TP rows +16 to +37%, tp2 dp2 -21%, cp2 ring -60%, dp2 fsdp -42%).
+The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
 the calibration's values by 2x (shared_cores 1.0-2.1, intra latency 0.3-2.3 ms) with the load.
 
 CPU timings on a shared machine are noisy: run it when `uptime` shows a low load. This script

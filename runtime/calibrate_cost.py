@@ -35,6 +35,7 @@ from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
+from .calibrate_insitu import insitu_latency, measure_insitu
 from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
 from .calibrate_overlap import derive_overlap, measure_overlap
 from .calibrate_timing import synchronize, timed
@@ -215,7 +216,7 @@ def intra_groups(on_host: int) -> list[list[list[int]]]:
             for n in _sizes(on_host)]
 
 
-def measure_network(rank: int, world: int, gpn: int, device) -> dict:
+def measure_network(rank: int, world: int, gpn: int, device, dtype=torch.float32) -> dict:
     """{level: {op: [(n, bytes, seconds)]}} for groups of 2, 4, ... ranks on node 0 (intra, all
     the node's groups of a size at once: intra_groups) and one rank per node (inter). Every rank
     creates every group (torch.distributed's rule)."""
@@ -237,6 +238,11 @@ def measure_network(rank: int, world: int, gpn: int, device) -> dict:
                 for nbytes in CONFIG["sizes"]:
                     t = collective_seconds(op, mine[0], mine[1], nbytes, device)
                     out.setdefault(level, {}).setdefault(op, []).append((mine[1], nbytes, t))
+        if level == "intra":  # the latency training pays: every group of the size at once
+            for groups in sizes:
+                got = measure_insitu(rank, groups, dtype, device)
+                if got is not None:
+                    out.setdefault("intra_insitu", []).append((len(groups[0]), got))
     return out
 
 
@@ -265,7 +271,7 @@ def measure(rank: int, world: int, gpn: int, dtype, device, full: bool = False) 
     dist.all_gather_object(rates, measure_sharing(rank, list(range(min(world, gpn))), dtype, device))
     out["shared_rates"] = [r for r in rates if r is not None]
     dist.barrier()
-    net = measure_network(rank, world, gpn, device)
+    net = measure_network(rank, world, gpn, device, dtype)
     nets = [None] * world
     dist.all_gather_object(nets, net)
     out["network"] = nets[0]
@@ -355,8 +361,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     overlap, how = derive_overlap(measured.get("overlap", {}), measured.get("overlap_ranks", 0))
     values.update(overlap)
     sources.update(how)
+    network = measured.get("network", {})
     for level, spec in (("intra", cluster.intra), ("inter", cluster.inter)):
-        ops = measured.get("network", {}).get(level)
+        ops = network.get(level)
         if not ops:
             continue
         ring, a2a = _link(ops["all_gather"], "all_gather"), _link(ops["all_to_all"], "all_to_all")
@@ -370,4 +377,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
             values[key] = min(2.0, a2a[0] / ring[0])
             sources[key] = (f"{level}-node all-to-all {a2a[0] / 1e9:.2f} GB/s over the "
                             f"all-gather's {ring[0] / 1e9:.2f} GB/s")
+        if level == "intra" and network.get("intra_insitu"):
+            alpha, how = insitu_latency(network["intra_insitu"], ring[0])
+            values["intra_latency_us"] = max(0.1, alpha * 1e6)
+            sources["intra_latency_us"] = f"{how}; bare back to back: {ring[1] * 1e6:.1f} us"
     return values, sources
+

@@ -89,6 +89,16 @@ def tp_comm(ctx: Context) -> float:
     return all_reduce(ctx, g, full)
 
 
+def vocab_loss_comm(ctx: Context) -> float:
+    """The vocabulary-parallel cross entropy's forward (lowering/tp_ops.py): two all-reduces over
+    TP per micro-batch, the row maxima (max_over) and each token's (sum of exponentials, target
+    logit) (reduce_from_tp), fp32 and latency-bound; their backward moves nothing."""
+    if ctx.layout.tp <= 1:
+        return 0.0
+    g = ctx.group("dense", "tp")
+    return all_reduce(ctx, g, ctx.tokens * 4) + all_reduce(ctx, g, 2 * ctx.tokens * 4)
+
+
 def pp_send(ctx: Context) -> float:
     """Activations (or their gradients) sent to the next pipeline stage per micro-batch."""
     if ctx.layout.pp <= 1:

@@ -215,11 +215,13 @@ class CostTable:
         work = compute.head_work(ctx)
         tp = comm.all_gather(ctx, ctx.group("dense", "tp"),
                              ctx.tokens * ctx.model.hidden * ctx.act_bytes) if ctx.layout.sp else 0.0
+        # the SP gather forward and its scatter back, and the loss's two all-reduces
+        tp = 2 * tp + comm.vocab_loss_comm(ctx)
         params = memory.head_params_on_rank(ctx)
         exposed_f, exposed_b, _ = ends_fsdp(ctx, params, work)  # a unit of its own under FSDP
         fsdp = exposed_f + exposed_b
-        return Extra(time=work.forward + work.backward + 2 * tp + fsdp, params=params,
-                     buffer=memory.logits_buffer(ctx), comm=(("dp", fsdp), ("tp", 2 * tp)))
+        return Extra(time=work.forward + work.backward + tp + fsdp, params=params,
+                     buffer=memory.logits_buffer(ctx), comm=(("dp", fsdp), ("tp", tp)))
 
     def with_vpp(self, vpp: int) -> "CostTable":
         """The same table under another virtual-pipeline size (unit costs do not depend on it);

@@ -158,3 +158,18 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("mine")
     assert main(["calibrate", "local-cpu", "--ranks", "2", "-o", str(other)]) == 2
+
+
+def test_derive_takes_the_latency_training_pays_from_the_in_situ_calls():
+    """Calls between compute slices add 2 ms each (all-gather, one latency term on a pair) and
+    3 ms (all-reduce, two terms: 1.5 ms each) less their bytes' time at the fitted 1 GB/s; the
+    bare back-to-back fit (50 us) is kept only in the explanation."""
+    measured = synthetic()
+    point = {"bare_s": 0.3e-3, "insitu_s": 0.0, "slice_s": 1e-3}
+    measured["network"]["intra_insitu"] = [(2, {
+        "all_gather": {**point, "bytes": 2e6, "added_s": 2e-3 + 1e-3},  # 1e6 bytes at 1 GB/s
+        "all_reduce": {**point, "bytes": 1e6, "added_s": 3e-3 + 1e-3}})]
+    values, sources = derive(measured, local_cpu(4), "fp32")
+    assert values["intra_latency_us"] == pytest.approx(1750, rel=1e-6)  # median of 2 and 1.5 ms
+    assert "bare back to back: 50.0 us" in sources["intra_latency_us"]
+    assert values["intra_eff"] == pytest.approx(1e9 / local_cpu(4).intra.bandwidth, rel=1e-6)

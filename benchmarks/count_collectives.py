@@ -1,0 +1,75 @@
+"""How many collective calls one training step of a layout issues, per rank: plait's runtime trains
+the plan on local gloo ranks (runtime/harness/step_probe.py's trainer) while every
+torch.distributed entry point it can call is counted (issue #17: calls x in-situ cost against the
+measured step).
+
+    .venv/bin/python benchmarks/count_collectives.py tiny-local "tp2 sp"
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch.distributed as dist
+
+from plait.ir.dsl import load_job
+from plait.runtime.harness.step_probe import step_plan
+from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_threads
+from plait.runtime.spawn import start_ranks
+from plait.runtime.train import Trainer
+
+# isend / irecv stay unwrapped: P2POp checks that its op *is* torch.distributed.isend / irecv
+# (batch_isend_irecv, counted, is how the pipeline and the CP ring send)
+ENTRY = ("all_reduce", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
+         "all_to_all_single", "all_to_all", "send", "recv", "broadcast", "batch_isend_irecv",
+         "barrier")
+COUNTS: collections.Counter = collections.Counter()
+
+
+def _counted(name, fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        COUNTS[name] += 1
+        return fn(*args, **kwargs)
+    return call
+
+
+def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
+    set_threads()
+    init_distributed("gloo", 300, f"file://{work}/rdzv", rank, world)
+    try:
+        job = load_job(job_path)
+        plan = step_plan(job, layout)
+        trainer = Trainer(job, plan, build_mesh(plan.layout, 300))
+        for name in ENTRY:
+            setattr(dist, name, _counted(name, getattr(dist, name)))
+        trainer.train_step(0, 3)
+        COUNTS.clear()
+        trainer.train_step(1, 3)
+        (Path(work) / f"rank{rank}.json").write_text(json.dumps(dict(COUNTS)))
+    finally:
+        destroy()
+
+
+def main() -> None:
+    from benchmarks.predict_vs_measure import CASES, ROOT
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("job")
+    ap.add_argument("layout")
+    args = ap.parse_args()
+    layout = CASES[args.job][args.layout]
+    path = str(ROOT / "specs" / "jobs" / f"{args.job}.plait")
+    with tempfile.TemporaryDirectory() as work:
+        start_ranks(_worker, (layout.world, path, layout, work), layout.world)
+        for r in range(layout.world):
+            got = json.loads((Path(work) / f"rank{r}.json").read_text())
+            print(f"rank {r}: {sum(got.values())} calls {got}")
+
+
+if __name__ == "__main__":
+    main()
