@@ -35,6 +35,9 @@ and tiny-local cp2 -30% still under; their calls are not yet counted against the
 issues its collectives inside torch's fully_shard, which benchmarks/count_collectives.py does not
 see, and it did not complete on cp2 ring), and 28.0% / 59.5% in a
 second run at load 1.6-3.2 (TP rows +16 to +37%, tp2 dp2 -21%, cp2 ring -60%, dp2 fsdp -42%).
+Rerun at the end of stop 23 on main, nothing else running (load 7.4 falling to 3.4):
+19.0% / 57.4% vs the median step, 13.2% / 46.3% vs the fastest; every TP, PP, ZeRO-1 and EP row
+within 21%, the FSDP rows -35/-43% and the CP rows -37/-57% still under.
 The goal (15% / 30%) is not met: the same command swings a row by +-50% between runs here, and
 the calibration's values by 2x (shared_cores 1.0-2.1, intra latency 0.3-2.3 ms) with the load.
 
