@@ -11,6 +11,7 @@ import argparse
 import collections
 import functools
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,12 +57,16 @@ def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
 
 
 def main() -> None:
-    from benchmarks.predict_vs_measure import CASES, ROOT
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from predict_vs_measure import CASES, ROOT  # benchmarks/predict_vs_measure.py's layouts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("job")
-    ap.add_argument("layout")
+    ap.add_argument("job", choices=sorted(CASES))
+    ap.add_argument("layout", help="a layout name of predict_vs_measure's table for that job")
     args = ap.parse_args()
+    if args.layout not in CASES[args.job]:
+        ap.error(f"{args.job} has no layout {args.layout!r}; "
+                 f"choose from {', '.join(CASES[args.job])}")
     layout = CASES[args.job][args.layout]
     path = str(ROOT / "specs" / "jobs" / f"{args.job}.plait")
     with tempfile.TemporaryDirectory() as work:

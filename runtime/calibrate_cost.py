@@ -382,4 +382,3 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
             values["intra_latency_us"] = max(0.1, alpha * 1e6)
             sources["intra_latency_us"] = f"{how}; bare back to back: {ring[1] * 1e6:.1f} us"
     return values, sources
-

@@ -37,6 +37,7 @@ def start_ranks(fn: Callable, args: tuple, nprocs: int, join: bool = True):
 
 
 def _rank(rank: int, stdio: "_CallerStdio", fn: Callable, args: tuple) -> None:
+    """``stdio`` did its work when it was unpickled, before this runs (``_install``)."""
     fn(rank, *args)
 
 

@@ -96,7 +96,8 @@ def vocab_loss_comm(ctx: Context) -> float:
     if ctx.layout.tp <= 1:
         return 0.0
     g = ctx.group("dense", "tp")
-    return all_reduce(ctx, g, ctx.tokens * 4) + all_reduce(ctx, g, 2 * ctx.tokens * 4)
+    row = ctx.tokens * counts.FP32_BYTES
+    return all_reduce(ctx, g, row) + all_reduce(ctx, g, 2 * row)
 
 
 def pp_send(ctx: Context) -> float:
