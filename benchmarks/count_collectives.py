@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from plait.ir.dsl import load_job
 from plait.runtime.harness.step_probe import step_plan
@@ -23,20 +24,37 @@ from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_thread
 from plait.runtime.spawn import start_ranks
 from plait.runtime.train import Trainer
 
-# isend / irecv stay unwrapped: P2POp checks that its op *is* torch.distributed.isend / irecv
-# (batch_isend_irecv, counted, is how the pipeline and the CP ring send)
 ENTRY = ("all_reduce", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
          "all_to_all_single", "all_to_all", "send", "recv", "broadcast", "batch_isend_irecv",
          "barrier")
+# torch.distributed.pipelining's schedules send a batch of only sends (or only receives) as bare
+# isend / irecv calls (schedules.py _batch_p2p) and mixed batches through batch_isend_irecv, which
+# calls isend / irecv itself: those inner calls are not counted again
+SINGLE_P2P = ("isend", "irecv")
 COUNTS: collections.Counter = collections.Counter()
+INSIDE = [0]  # batch_isend_irecv calls in progress
 
 
 def _counted(name, fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        COUNTS[name] += 1
-        return fn(*args, **kwargs)
+        if not INSIDE[0]:
+            COUNTS[name] += 1
+        INSIDE[0] += name == "batch_isend_irecv"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            INSIDE[0] -= name == "batch_isend_irecv"
     return call
+
+
+def _wrap_single_p2p() -> None:
+    """Count isend / irecv: P2POp checks that its op *is* distributed_c10d's isend / irecv, so
+    the module's own names and torch.distributed's are replaced by the same wrapper."""
+    for name in SINGLE_P2P:
+        wrapped = _counted(name, getattr(c10d, name))
+        setattr(c10d, name, wrapped)
+        setattr(dist, name, wrapped)
 
 
 def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
@@ -48,6 +66,7 @@ def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
         trainer = Trainer(job, plan, build_mesh(plan.layout, 300))
         for name in ENTRY:
             setattr(dist, name, _counted(name, getattr(dist, name)))
+        _wrap_single_p2p()
         trainer.train_step(0, 3)
         COUNTS.clear()
         trainer.train_step(1, 3)

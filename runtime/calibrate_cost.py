@@ -378,7 +378,10 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
             sources[key] = (f"{level}-node all-to-all {a2a[0] / 1e9:.2f} GB/s over the "
                             f"all-gather's {ring[0] / 1e9:.2f} GB/s")
         if level == "intra" and network.get("intra_insitu"):
-            alpha, how = insitu_latency(network["intra_insitu"], ring[0])
-            values["intra_latency_us"] = max(0.1, alpha * 1e6)
-            sources["intra_latency_us"] = f"{how}; bare back to back: {ring[1] * 1e6:.1f} us"
+            got = insitu_latency(network["intra_insitu"], ring[0])
+            how = f"{got.how}; bare back to back: {ring[1] * 1e6:.1f} us"
+            values["intra_latency_us"], sources["intra_latency_us"] = max(0.1, got.alpha * 1e6), how
+            for op, alpha in got.per_op:  # each op's own (planner/cost/comm.py)
+                values[f"intra_latency_us_{op}"] = max(0.1, alpha * 1e6)
+                sources[f"intra_latency_us_{op}"] = how
     return values, sources

@@ -18,17 +18,23 @@ from __future__ import annotations
 from plait.ir import counts
 from plait.ir.precision import PrecisionPolicy
 
-from .context import Context, GroupShape, cluster_links
+from .context import Context, GroupShape, cluster_links, op_latency
+
+
+def _ring(ctx: Context, g: GroupShape, nbytes: float, eff: float, op: str) -> float:
+    """One ring pass ((n-1)/n of the bytes, n-1 latency terms) at ``op``'s latency."""
+    b_in, b_out, _, _ = cluster_links(ctx.cluster, ctx.cal)
+    bandwidth = b_out if g.crosses_nodes else b_in
+    latency = op_latency(ctx.cluster, ctx.cal, op, g.crosses_nodes)
+    n = g.size
+    return (n - 1) / n * nbytes / (bandwidth * eff) + (n - 1) * latency
 
 
 def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
     """All-gather (or reduce-scatter) whose full (gathered) tensor has ``nbytes`` bytes."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
-    b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
-    bandwidth, latency = (b_out, a_out) if g.crosses_nodes else (b_in, a_in)
-    n = g.size
-    return (n - 1) / n * nbytes / (bandwidth * eff) + (n - 1) * latency
+    return _ring(ctx, g, nbytes, eff, "all_gather")
 
 
 def reduce_scatter(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
@@ -42,7 +48,10 @@ def reduce_scatter(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0)
 
 
 def all_reduce(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
-    return 2 * all_gather(ctx, g, nbytes, eff)
+    """Two ring passes, each latency term at the all-reduce's own measured latency."""
+    if g.size <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * _ring(ctx, g, nbytes, eff, "all_reduce")
 
 
 def all_to_all(ctx: Context, g: GroupShape, nbytes: float) -> float:
@@ -65,10 +74,9 @@ def p2p(ctx: Context, g: GroupShape, nbytes: float) -> float:
     """One send between neighbours of the group (pipeline stages, ring attention)."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
-    b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
-    if g.crosses_nodes:
-        return nbytes / b_out + a_out
-    return nbytes / b_in + a_in
+    b_in, b_out, _, _ = cluster_links(ctx.cluster, ctx.cal)
+    latency = op_latency(ctx.cluster, ctx.cal, "p2p", g.crosses_nodes)
+    return nbytes / (b_out if g.crosses_nodes else b_in) + latency
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +114,21 @@ def pp_send(ctx: Context) -> float:
         return 0.0
     nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
     return p2p(ctx, ctx.group("dense", "pp"), nbytes)
+
+
+def pp_exchange(ctx: Context) -> float:
+    """A chunk's pipeline traffic per micro-batch: its activations forward and their gradients
+    back, in the calls the schedule issues (each call one latency). torch.distributed.pipelining's
+    Schedule1F1B fires a stage's activation send together with its next gradient receive and its
+    gradient send with its next activation receive, one batch_isend_irecv each (schedules.py
+    fwd_send_bwd_recv / bwd_send_fwd_recv): with pp = 2 both stages have one neighbour and issue
+    one exchange per micro-batch (m + 1 calls a step, warm-up and cool-down included:
+    benchmarks/count_collectives.py), an interior stage one per neighbour. The interleaved schedule
+    (vpp > 1) issues every send and receive as its own call."""
+    if ctx.layout.pp == 2 and ctx.layout.vpp == 1:
+        nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
+        return p2p(ctx, ctx.group("dense", "pp"), 2 * nbytes)
+    return 2 * pp_send(ctx)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -98,6 +98,15 @@ class Calibration:
     # measured collective latencies replacing the cluster spec's (microseconds; 0: the spec's)
     intra_latency_us: float = 0.0
     inter_latency_us: float = 0.0
+    # per latency term of one op inside a node, as training pays it (microseconds; 0: the intra
+    # latency above). `plait calibrate` measures each between compute slices (runtime/
+    # calibrate_insitu.py): on CPU ranks sharing cores a call pays the arrival skew and the
+    # wake-ups, so an all-reduce costs 1.3-1.6x an all-gather, not the 2x of its 2 (n-1) terms,
+    # and an exchange with the ring neighbours (p2p: the CP ring's K/V, the pipeline's sends)
+    # pays its own. reduce_scatter: all_gather's on NCCL, all_reduce's on gloo (comm.py)
+    intra_latency_us_all_reduce: float = 0.0
+    intra_latency_us_all_gather: float = 0.0
+    intra_latency_us_p2p: float = 0.0
     # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:
     # batched GEMMs, fused scale-mask-softmax, attention dropout)
     flash_attention: float = 1.0
@@ -232,6 +241,16 @@ class Context:
 def layer_kinds(model: ModelSpec) -> tuple[str, ...]:
     """The block kinds the model's layers use, in the registry's order (deterministic sums)."""
     return tuple(k for k in kinds.names() if k in model.layers)
+
+
+def op_latency(cluster: Cluster, cal: Calibration, op: str, crosses_nodes: bool) -> float:
+    """Seconds per latency term of ``op`` ("all_reduce", "all_gather", "p2p") on a group: the
+    measured per-op intra-node value when there is one, else the level's (cluster_links)."""
+    if not crosses_nodes:
+        own = getattr(cal, f"intra_latency_us_{op}")
+        if own > 0:
+            return own * 1e-6
+    return cluster_links(cluster, cal)[3 if crosses_nodes else 2]
 
 
 def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:

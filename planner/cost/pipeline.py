@@ -186,7 +186,7 @@ class CostTable:
         self.homogeneous = len(canonical) == 1
         self.first = self._embedding()
         self.last = self._head()
-        self.p2p = 2 * comm.pp_send(ctx)  # activations forward, gradients backward, per chunk
+        self.p2p = comm.pp_exchange(ctx)  # activations forward, gradients backward, per chunk
         self.fsdp_edge = max(u.fsdp_edge for u in self.units)
         # per chunk and micro-batch: the stage send / receive, and FSDP's first gather and last
         # reduce-scatter, which no compute of the chunk hides (PyTorch's FSDP notes: "the 1st

@@ -7,6 +7,7 @@ import pytest
 from plait.ir.cluster import local_cpu
 from plait.ir.dsl import load_job
 from plait.ir.plan import Layout
+from plait.planner import calibration
 from plait.planner.cost import comm
 from plait.planner.cost.context import Context, GroupShape
 
@@ -28,3 +29,56 @@ def test_gloo_reduce_scatter_costs_an_all_reduce():
 
 def test_the_embedded_local_cluster_is_gloo():
     assert local_cpu(2).backend == "gloo"
+
+
+def _tiny(values: dict | None = None, layout: Layout = Layout(tp=2)) -> Context:
+    job = load_job(str(JOBS / "tiny-local.plait"))
+    return Context(calibration.overridden(job, values) if values else job, layout)
+
+
+PER_OP = {"intra_latency_us": 1000.0, "intra_latency_us_all_reduce": 700.0,
+          "intra_latency_us_all_gather": 900.0, "intra_latency_us_p2p": 2500.0}
+
+
+def test_each_op_pays_its_own_measured_latency():
+    """With per-op in-situ latencies each collective's latency terms are its own; the bandwidth
+    terms do not change. An all-reduce of a pair: 2 terms, an all-gather 1, an exchange 1."""
+    g, tiny = GroupShape(size=2, nodes=1), 16.0  # bytes: the latency is all that is left
+    base, own = _tiny({"intra_latency_us": 1000.0}), _tiny(PER_OP)
+    assert comm.all_reduce(base, g, tiny) == pytest.approx(2 * 1e-3, rel=1e-3)
+    assert comm.all_reduce(own, g, tiny) == pytest.approx(2 * 0.7e-3, rel=1e-3)
+    assert comm.all_gather(own, g, tiny) == pytest.approx(0.9e-3, rel=1e-3)
+    assert comm.reduce_scatter(own, g, tiny) == comm.all_reduce(own, g, tiny)  # gloo
+    assert comm.p2p(base, g, tiny) == pytest.approx(1e-3, rel=1e-3)
+    assert comm.p2p(own, g, tiny) == pytest.approx(2.5e-3, rel=1e-3)
+    big = 1e9  # the bytes' term is the same under either latency
+    assert comm.all_reduce(own, g, big) - comm.all_reduce(base, g, big) == pytest.approx(-0.6e-3)
+    assert comm.p2p(own, g, big) - comm.p2p(base, g, big) == pytest.approx(1.5e-3)
+
+
+def test_without_per_op_values_the_spec_latency_is_charged():
+    """No calibration: every op pays the cluster spec's intra-node latency, as before."""
+    ctx, g = _tiny(), GroupShape(size=4, nodes=1)
+    alpha, bw = ctx.cluster.intra.latency, ctx.cluster.intra.bandwidth * ctx.cal.intra_eff
+    assert comm.all_gather(ctx, g, 4e6) == pytest.approx(3 / 4 * 4e6 / bw + 3 * alpha)
+    assert comm.all_reduce(ctx, g, 4e6) == pytest.approx(2 * (3 / 4 * 4e6 / bw + 3 * alpha))
+    assert comm.p2p(ctx, g, 4e6) == pytest.approx(4e6 / bw + alpha)
+
+
+def test_per_op_latency_stays_inside_the_node():
+    """The in-situ values are measured inside a node; a group across nodes pays the network's."""
+    own, g = _tiny(PER_OP), GroupShape(size=2, nodes=2)
+    assert comm.p2p(own, g, 16.0) == pytest.approx(own.cluster.inter.latency, rel=1e-3)
+
+
+def test_pipeline_charges_the_exchanges_1f1b_issues():
+    """Schedule1F1B fuses a stage's activation send with its next gradient receive: with pp = 2
+    one exchange (one latency, both messages) per micro-batch, an interior stage (pp = 4) one per
+    neighbour; the interleaved schedule sends and receives each on its own."""
+    pp2, pp4, vpp = (_tiny(PER_OP, Layout(pp=p, vpp=v, mbs=2)) for p, v in ((2, 1), (4, 1), (2, 2)))
+    g = pp2.group("dense", "pp")
+    one = pp2.tokens_sp * pp2.model.hidden * pp2.act_bytes
+    assert comm.pp_exchange(pp2) == pytest.approx(comm.p2p(pp2, g, 2 * one))
+    assert comm.pp_exchange(pp4) == pytest.approx(2 * comm.p2p(pp4, g, one))
+    assert comm.pp_exchange(vpp) == pytest.approx(2 * comm.p2p(vpp, g, one))
+    assert comm.pp_exchange(_tiny(PER_OP, Layout(tp=2))) == 0.0

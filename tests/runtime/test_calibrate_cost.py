@@ -1,6 +1,7 @@
 """`plait calibrate`'s fits and derivation (tier 1, synthetic measurements with known answers),
 and the command end to end on two local gloo ranks (tier 2)."""
 import json
+import statistics
 
 import pytest
 
@@ -9,6 +10,7 @@ from plait.ir.cluster import local_cpu
 from plait.planner import calibration
 from plait.runtime.calibrate_cost import derive, fit_alpha_beta, fit_knee
 from plait.runtime.calibrate_attention import fit_attention
+from plait.runtime.calibrate_insitu import insitu_latency
 from plait.runtime.calibrate_overlap import hidden_fraction
 
 PEAK = 1e11
@@ -145,7 +147,8 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     values = dict(cal.values)
     for key in ("gemm_eff", "hbm_eff", "attn_eff", "intra_eff", "intra_latency_us", "kernel_us",
                 "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
-                "host_us_mamba"):
+                "host_us_mamba", "intra_latency_us_all_reduce", "intra_latency_us_all_gather",
+                "intra_latency_us_p2p"):
         assert values[key] > 0, key
     for kind in ("all_gather", "reduce_scatter", "all_to_all", "p2p"):  # 0 on a loaded CPU: a value
         assert 0.0 <= values[f"overlap_{kind}"] <= 1.0
@@ -161,15 +164,37 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
 
 
 def test_derive_takes_the_latency_training_pays_from_the_in_situ_calls():
-    """Calls between compute slices add 2 ms each (all-gather, one latency term on a pair) and
-    3 ms (all-reduce, two terms: 1.5 ms each) less their bytes' time at the fitted 1 GB/s; the
-    bare back-to-back fit (50 us) is kept only in the explanation."""
+    """Calls between compute slices add 2 ms each (all-gather, one latency term on a pair), 3 ms
+    (all-reduce, two terms: 1.5 ms each) and 1.2 ms (a ring exchange, one term) less their bytes'
+    time at the fitted 1 GB/s; the bare back-to-back fit (50 us) is kept only in the
+    explanation. Each op keeps its own; intra_latency_us is the collectives' median."""
     measured = synthetic()
     point = {"bare_s": 0.3e-3, "insitu_s": 0.0, "slice_s": 1e-3}
     measured["network"]["intra_insitu"] = [(2, {
         "all_gather": {**point, "bytes": 2e6, "added_s": 2e-3 + 1e-3},  # 1e6 bytes at 1 GB/s
-        "all_reduce": {**point, "bytes": 1e6, "added_s": 3e-3 + 1e-3}})]
+        "all_reduce": {**point, "bytes": 1e6, "added_s": 3e-3 + 1e-3},
+        "p2p": {**point, "bytes": 1e6, "added_s": 1.2e-3 + 1e-3}})]  # every byte sent: 1 ms
     values, sources = derive(measured, local_cpu(4), "fp32")
     assert values["intra_latency_us"] == pytest.approx(1750, rel=1e-6)  # median of 2 and 1.5 ms
+    assert values["intra_latency_us_all_gather"] == pytest.approx(2000, rel=1e-6)
+    assert values["intra_latency_us_all_reduce"] == pytest.approx(1500, rel=1e-6)
+    assert values["intra_latency_us_p2p"] == pytest.approx(1200, rel=1e-6)
     assert "bare back to back: 50.0 us" in sources["intra_latency_us"]
+    assert "p2p 1200" in sources["intra_latency_us_p2p"]
     assert values["intra_eff"] == pytest.approx(1e9 / local_cpu(4).intra.bandwidth, rel=1e-6)
+    assert set(sources) == set(values) and all(k in calibration.KEYS for k in values)
+
+
+def test_insitu_latency_takes_each_op_s_median_over_group_sizes():
+    """Pairs and quads: an all-gather of 4 pays 3 terms, an all-reduce of 4 six; the per-op value
+    is the median over the sizes, the bytes' time taken off first (zero bytes here)."""
+    def pt(added):
+        return {"bytes": 0, "added_s": added, "bare_s": 0.0, "insitu_s": 0.0, "slice_s": 0.0}
+    got = insitu_latency([(2, {"all_gather": pt(1e-3), "all_reduce": pt(3e-3), "p2p": pt(2e-3)}),
+                          (4, {"all_gather": pt(6e-3), "all_reduce": pt(6e-3), "p2p": pt(4e-3)})],
+                         1e9)
+    per_op = dict(got.per_op)
+    assert per_op["all_gather"] == pytest.approx((1e-3 + 2e-3) / 2)  # 1 ms / 1, 6 ms / 3
+    assert per_op["all_reduce"] == pytest.approx((1.5e-3 + 1e-3) / 2)  # 3 ms / 2, 6 ms / 6
+    assert per_op["p2p"] == pytest.approx(3e-3)  # one term per exchange at any size
+    assert got.alpha == pytest.approx(statistics.median([1e-3, 2e-3, 1.5e-3, 1e-3]))
