@@ -70,12 +70,17 @@ def all_to_all(ctx: Context, g: GroupShape, nbytes: float) -> float:
     return max(intra, inter) + (a_out if g.crosses_nodes else a_in)
 
 
-def p2p(ctx: Context, g: GroupShape, nbytes: float) -> float:
-    """One send between neighbours of the group (pipeline stages, ring attention)."""
+def p2p(ctx: Context, g: GroupShape, nbytes: float, waited: bool = True) -> float:
+    """One send between neighbours of the group (pipeline stages, ring attention). ``waited``:
+    the caller waits for it as soon as it is issued, an exchange as the CP ring and Schedule1F1B
+    issue theirs, at the latency `plait calibrate` measures for one (intra_latency_us_p2p); else
+    (receives posted ahead, sends waited for later: the interleaved schedule) the level's latency,
+    which is all that is measured for those."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
-    b_in, b_out, _, _ = cluster_links(ctx.cluster, ctx.cal)
-    latency = op_latency(ctx.cluster, ctx.cal, "p2p", g.crosses_nodes)
+    b_in, b_out, a_in, a_out = cluster_links(ctx.cluster, ctx.cal)
+    latency = op_latency(ctx.cluster, ctx.cal, "p2p", g.crosses_nodes) if waited else (
+        a_out if g.crosses_nodes else a_in)
     return nbytes / (b_out if g.crosses_nodes else b_in) + latency
 
 
@@ -108,12 +113,12 @@ def vocab_loss_comm(ctx: Context) -> float:
     return all_reduce(ctx, g, row) + all_reduce(ctx, g, 2 * row)
 
 
-def pp_send(ctx: Context) -> float:
+def pp_send(ctx: Context, waited: bool = True) -> float:
     """Activations (or their gradients) sent to the next pipeline stage per micro-batch."""
     if ctx.layout.pp <= 1:
         return 0.0
     nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
-    return p2p(ctx, ctx.group("dense", "pp"), nbytes)
+    return p2p(ctx, ctx.group("dense", "pp"), nbytes, waited)
 
 
 def pp_exchange(ctx: Context) -> float:
@@ -124,8 +129,12 @@ def pp_exchange(ctx: Context) -> float:
     fwd_send_bwd_recv / bwd_send_fwd_recv): with pp = 2 both stages have one neighbour and issue
     one exchange per micro-batch (m + 1 calls a step, warm-up and cool-down included:
     benchmarks/count_collectives.py), an interior stage one per neighbour. The interleaved schedule
-    (vpp > 1) issues every send and receive as its own call."""
-    if ctx.layout.pp == 2 and ctx.layout.vpp == 1:
+    (vpp > 1) issues every send and receive as its own call, its receives posted ahead and its
+    sends waited for later (schedules.py _PipelineScheduleRuntime): not the exchange
+    intra_latency_us_p2p measures (p2p's ``waited``)."""
+    if ctx.layout.vpp > 1:
+        return 2 * pp_send(ctx, waited=False)
+    if ctx.layout.pp == 2:
         nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
         return p2p(ctx, ctx.group("dense", "pp"), 2 * nbytes)
     return 2 * pp_send(ctx)

@@ -231,6 +231,9 @@ class CostTable:
             other = copy.copy(self)
             other.layout = replace(self.layout, vpp=vpp)
             other.__dict__.pop("schedule_factor", None)
+            # the schedule's sends depend on vpp (comm.pp_exchange: 1F1B's fused exchanges)
+            other.p2p = comm.pp_exchange(Context(self.job, other.layout))
+            other.chunk_time = other.p2p + other.fsdp_edge
             self._vpp_twins[vpp] = other
         return other
 
