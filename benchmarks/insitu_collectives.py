@@ -15,6 +15,12 @@ against 0.68 ms per latency term from the alpha-beta fit of the fastest bare cal
 tp2 sp issues 307 collective calls per step (benchmarks/count_collectives.py): 307 x ~1.5 ms of
 in-situ cost beyond the bare fit = 0.46 s, the 0.48 s the bare-calibrated prediction missed
 (0.567 s predicted, 1.047 s measured, same load).
+With the CP ring's exchange added (p2p: lowering/cp_ops.py PeerExchange, a K and a V block sent to
+the next rank and received from the previous, waited for; 2026-12-03, 2 ranks, load 3.5, two
+runs): p2p 8 KiB adds 2.25 / 2.24 ms (bare 1.39 / 1.04), all-reduce 4 KiB 2.11 / 1.91 (1.41 /
+1.26), all-gather 8 KiB 1.46 / 1.63 (1.46 / 1.01); at load 1.2 p2p 2.11 / 1.55, all-reduce
+1.92 / 1.84, all-gather 0.99 / 1.52. `plait calibrate` keeps each op's own latency
+(intra_latency_us_all_reduce / _all_gather / _p2p).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import pytest
 from plait.ir.cluster import local_cpu
 from plait.ir.dsl import load_job
 from plait.ir.plan import Layout
+from plait.kinds.mamba import cost as mamba_cost
 from plait.planner import calibration
 from plait.planner.cost import comm
 from plait.planner.cost.context import Context, GroupShape
@@ -84,3 +85,16 @@ def test_pipeline_charges_the_exchanges_1f1b_issues():
     assert comm.pp_exchange(vpp) == pytest.approx(2 * comm.p2p(vpp, g, one, waited=False))
     assert comm.p2p(vpp, g, 16.0, waited=False) == pytest.approx(1e-3, rel=1e-3)  # not 2.5 ms
     assert comm.pp_exchange(_tiny(PER_OP, Layout(tp=2))) == 0.0
+
+
+def test_mamba_cp_charges_the_three_gathers_and_their_gloo_scatters():
+    """lowering/mamba_cp.py gathers the conv halos, the states and the decays in three calls;
+    backward each comes back as gather_seq's reduce-scatter, an all-reduce on gloo: with only
+    latency left (per-op values, tiny volumes) 3 all-gather terms forward, 3 x 2 all-reduce
+    terms backward."""
+    job = load_job(str(JOBS / "tiny-hybrid-local.plait"))
+    huge = {**PER_OP, "intra_eff": 1e6}  # the bytes' term vanishes
+    ctx = Context(calibration.overridden(job, huge), Layout(cp=2, mbs=2))
+    assert mamba_cost.cp_comm(ctx) == pytest.approx(3 * 0.9e-3, rel=1e-3)
+    assert mamba_cost.cp_comm(ctx, backward=True) == pytest.approx(3 * 2 * 0.7e-3, rel=1e-3)
+    assert mamba_cost.cp_comm(Context(job, Layout(dp=2, mbs=2))) == 0.0

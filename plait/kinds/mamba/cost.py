@@ -29,22 +29,27 @@ def comm(ctx: Context, work: Work) -> tuple[dict, dict]:
     fwd = {"tp": collectives.tp_comm(ctx)}
     bwd = dict(fwd)
     if ctx.layout.cp > 1:
-        fwd["cp"] = bwd["cp"] = cp_comm(ctx)  # all-gather; reduce-scatter backward
+        fwd["cp"], bwd["cp"] = cp_comm(ctx), cp_comm(ctx, backward=True)
     return fwd, bwd
 
 
-def cp_comm(ctx: Context) -> float:
-    """Mamba2 under context parallelism (forward; lowering/mamba_cp.py passes scan states): one
-    all-gather of every zigzag chunk's fp32 final state and decay, one of the conv halos. The
-    volume does not grow with the sequence."""
+def cp_comm(ctx: Context, backward: bool = False) -> float:
+    """Mamba2 under context parallelism (lowering/mamba_cp.py passes scan states): three
+    all-gathers (plait::gather_seq), every zigzag chunk's conv halo, its fp32 final state and its
+    fp32 decay, each its own call (tiny-hybrid-local cp2: 96 all-gathers a step for 4 Mamba
+    layers x 8 micro-batches, benchmarks/count_collectives.py); backward, gather_seq's
+    reduce-scatter of each (on gloo an all-reduce: comm.reduce_scatter). The volume does not
+    grow with the sequence."""
     m, lay = ctx.model.mamba, ctx.layout
     if lay.cp <= 1:
         return 0.0
     chunks = 2 * lay.cp * lay.mbs
-    states = chunks * m.heads / lay.tp * (m.head_dim * m.state + 1) * 4
+    states = chunks * m.heads / lay.tp * m.head_dim * m.state * 4
+    decays = chunks * m.heads / lay.tp * 4
     halos = chunks * (m.conv - 1) * m.conv_channels / lay.tp * ctx.act_bytes
     g = ctx.group("dense", "cp")
-    return collectives.all_gather(ctx, g, states) + collectives.all_gather(ctx, g, halos)
+    op = collectives.reduce_scatter if backward else collectives.all_gather
+    return sum(op(ctx, g, nbytes) for nbytes in (halos, states, decays))
 
 
 def activations(ctx: Context) -> tuple[float, float]:
