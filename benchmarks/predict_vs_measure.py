@@ -45,6 +45,17 @@ CPU timings on a shared machine are noisy: run it when `uptime` shows a low load
 trains on gloo ranks only (runtime/harness/step_probe.py); on a GPU node the predicted-vs-measured
 check is benchmarks/gpu_check.py (tokens/s, MFU and peak memory next to the plan's prediction),
 prepared and never run: no GPU has been lent to this project yet.
+
+Per-op in-situ latencies (2026-12-03): `plait calibrate` now probes the CP ring's K/V exchange
+(lowering/cp_ops.py PeerExchange) beside the all-reduce and all-gather and keeps each op's own
+latency (intra_latency_us_all_reduce / _all_gather / _p2p: on 2 ranks 0.79 / 1.15 / 1.84 ms per
+term, 4 ranks 1.14 / 1.80 / 2.93, against 0.97 / 1.40 for the old single median); Schedule1F1B with
+pp = 2 is charged the m + 1 fused exchanges it issues, and a Mamba CP layer its three gathers
+and their gloo all-reduce backward. Same measured steps, main's and this cost model's predictions
+from the same calibration (load 1.5-2.3): 22.3% / 59.1% -> 22.1% / 52.2%; cp2 ring -39.0% ->
+-19.3%, hybrid cp2 -59.1% -> -45.6%, TP rows 4-12 points lower (tp2 sp -7.3% -> -12.2%, tp2 no-sp
+-4.4% -> -16.2%), every other row within 1 point. At load 2.9-3.1: 18.2% / 55.3% -> 16.7% / 39.2%
+(cp2 ring -39.6% -> -22.6%, hybrid cp2 -55.3% -> -39.2%).
 """
 from __future__ import annotations
 
