@@ -26,7 +26,8 @@ from plait.runtime.train import Trainer
 
 ENTRY = ("all_reduce", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
          "all_to_all_single", "all_to_all", "send", "recv", "broadcast", "batch_isend_irecv",
-         "barrier")
+         "barrier",
+         "all_gather_single", "reduce_scatter_single")  # the last two: FSDP2's (fully_shard)
 # torch.distributed.pipelining's schedules send a batch of only sends (or only receives) as bare
 # isend / irecv calls (schedules.py _batch_p2p) and mixed batches through batch_isend_irecv, which
 # calls isend / irecv itself: those inner calls are not counted again
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
         job = load_job(job_path)
         plan = step_plan(job, layout)
         trainer = Trainer(job, plan, build_mesh(plan.layout, 300))
-        for name in ENTRY:
+        for name in (n for n in ENTRY if hasattr(dist, n)):
             setattr(dist, name, _counted(name, getattr(dist, name)))
         _wrap_single_p2p()
         trainer.train_step(0, 3)

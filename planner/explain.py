@@ -15,7 +15,7 @@ from plait.ir.plan import Layout, ParallelPlan
 from .cost.context import Calibration, Context, layer_kinds
 from .wording import device_word, flops_rate, percent, seconds, seconds_pair, significant
 from .cost.evaluate import evaluate
-from .cost.pipeline import even_sizes, stages_of
+from .cost.pipeline import even_sizes, fsdp_host_seconds, stages_of
 
 GiB = float(2**30)
 # a family whose only number is its time floor: no even split fitted when it was screened
@@ -185,10 +185,12 @@ def overlap_facts(job: TrainJob, lay: Layout) -> list[str]:
 
     facts = []
     if lay.dp_kind == "fsdp":
-        parts = [part(kind, f"{kind.replace('_', '-')}s") for kind in ("all_gather",
-                                                                         "reduce_scatter")]
         facts.append("FSDP traffic hidden behind compute, of the time they overlap: "
-                     + "; ".join(parts))
+                     + part("fsdp", "unit gathers and gradient scatters"))
+        host = fsdp_host_seconds(Context(job, lay))
+        if host > 0:
+            facts.append(f"FSDP2's own host work (hooks, copies) {host * 1e3:.2f} ms per unit and "
+                         "micro-batch (device calibration)")
     if lay.cp > 1 and lay.cp_comm == "ring":
         facts.append("context-parallel ring hidden behind the attention core, of the time they "
                      "overlap: " + part("p2p", "K/V sends"))

@@ -15,7 +15,8 @@ Every rank of the cluster runs this (spawned locally, or under torchrun on real 
             host runs at full rate (CPU processes sharing cores; GPUs own their device);
   network   all-gather, all-reduce and all-to-all per group size, inside a node and (with more
             than one node) one rank per node, fitted to alpha-beta: latency, bandwidth, and the
-            all-to-all's bandwidth relative to the ring collectives';
+            all-to-all's bandwidth relative to the ring collectives'; FSDP2's host work per unit
+            and how much of its collectives it hides (runtime/calibrate_fsdp.py);
   overlap   GEMMs with an all-gather / reduce-scatter / all-to-all running beside them, against
             each alone: how much of the collective compute hides (runtime/calibrate_overlap.py).
 
@@ -35,6 +36,7 @@ from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
+from .calibrate_fsdp import fsdp_values, measure_fsdp
 from .calibrate_insitu import insitu_latency, measure_insitu
 from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
 from .calibrate_overlap import derive_overlap, measure_overlap
@@ -243,6 +245,9 @@ def measure_network(rank: int, world: int, gpn: int, device, dtype=torch.float32
                 got = measure_insitu(rank, groups, dtype, device)
                 if got is not None:
                     out.setdefault("intra_insitu", []).append((len(groups[0]), got))
+                fsdp = measure_fsdp(rank, groups, dtype, device)
+                if fsdp is not None:
+                    out.setdefault("intra_fsdp", []).append((len(groups[0]), fsdp))
     return out
 
 
@@ -384,4 +389,8 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
             for op, alpha in got.per_op:  # each op's own (planner/cost/comm.py)
                 values[f"intra_latency_us_{op}"] = max(0.1, alpha * 1e6)
                 sources[f"intra_latency_us_{op}"] = how
+        if level == "intra" and network.get("intra_fsdp"):
+            fsdp, how = fsdp_values(network["intra_fsdp"])
+            values.update(fsdp)
+            sources.update(how)
     return values, sources

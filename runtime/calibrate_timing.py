@@ -27,3 +27,14 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmu
         synchronize(device)
         out.append(time.perf_counter() - start)
     return min(out)
+
+
+def group_mean(value: float, member: bool) -> float:
+    """The mean of ``value`` over the ranks in a group (every rank of the world calls this; ranks
+    outside the group pass member=False): the ranks a collective makes wait and the ranks it keeps
+    waiting pay different shares of the same skew."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value if member else 0.0, 1.0 if member else 0.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t[0].item() / max(1.0, t[1].item())

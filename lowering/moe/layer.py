@@ -31,7 +31,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 
 from plait.ir import kinds
 from plait.ir.job import MoEOptions
@@ -109,7 +108,7 @@ class ExpertParallelMoE(nn.Module):
         return {n: ("expert" if n in EXPERT_PARAMS else "dense") for n, _ in self.named_parameters()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_fake(x) or x.is_meta:  # shape propagation at compile time: [..., H] -> [..., H], no collectives
+        if x.is_meta:  # shape propagation at compile time (lowering/trace.py): [..., H] -> [..., H], no collectives
             return torch.empty_like(x)
         s = self.spec
         flat = x.reshape(-1, x.shape[-1])

@@ -199,7 +199,8 @@ def fsdp_unit(ctx: Context, dense_params: float, expert_params: float) -> tuple[
 
 
 def hidden(ctx: Context, collective: str, seconds: float, window: float) -> float:
-    """Seconds of a ``collective`` ("all_gather", "reduce_scatter", "all_to_all", "p2p") lasting
+    """Seconds of a ``collective`` ("all_gather", "reduce_scatter", "all_to_all", "p2p", "fsdp": a
+    unit's gather or gradient scatter as FSDP2 issues them) lasting
     ``seconds`` that ``window`` seconds of compute running beside it hide: the device's
     overlap_COLLECTIVE (measured by `plait calibrate`, else planner/cost/context.py's default)
     times the time the two run together, the shorter of them."""

@@ -65,6 +65,10 @@ class Calibration:
     # collective is hidden
     overlap_all_gather: float = OVERLAP_DEFAULT
     overlap_reduce_scatter: float = OVERLAP_DEFAULT
+    # FSDP2's unit gathers and gradient scatters beside the units' compute, as its prefetching
+    # issues them (runtime/calibrate_fsdp.py measures it through fully_shard itself: on the 2-core
+    # CPU VM it hides nothing, while a bare all-gather beside GEMMs hides 0.7)
+    overlap_fsdp: float = OVERLAP_DEFAULT
     # measured and kept for the schedules that run the token dispatch beside compute (Megatron's
     # overlap_moe_expert_parallel_comm, DualPipe); plait's runtime and the stacks of the reference
     # rows wait for the dispatch (plait/kinds/moe/cost.py dispatch_comm: exposed), so no cost
@@ -89,6 +93,10 @@ class Calibration:
     host_us_mlp: float = 0.0
     host_us_moe: float = 0.0
     host_us_mamba: float = 0.0
+    # host microseconds FSDP2 spends per unit and micro-batch beyond its collectives (hooks, the
+    # shards' copy-in and the parameters' copy-out, DTensor wrapping), measured by `plait
+    # calibrate` (runtime/calibrate_fsdp.py); 0: not measured, nothing charged
+    fsdp_host_us: float = 0.0
     # 1: the host runs the kernels itself (CPU): host time adds to compute. 0: an accelerator
     # runs them asynchronously: a block takes the longer of its device time and its host time
     host_sync: float = 1.0

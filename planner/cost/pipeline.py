@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
+from plait.ir import counts
 from plait.ir import kinds as block_kinds  # `kinds` names a unit's layer kinds below
 from plait.ir.job import TrainJob
 from plait.ir.plan import RECOMPUTE, Layout, Stage
@@ -71,14 +72,36 @@ def block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]
 
 def host_seconds(ctx: Context, kinds: tuple[str, ...]) -> tuple[float, float]:
     """(forward, backward) host seconds of a unit's blocks: the measured forward + backward of
-    each kind (host_us_KIND), a third of it forward, else kernel_us per block and pass."""
+    each kind (host_us_KIND), a third of it forward, else kernel_us per block and pass; under
+    FSDP also what FSDP2 itself spends around the unit's collectives (fsdp_host_seconds)."""
     fwd = bwd = 0.0
     for kind in kinds:
         total = getattr(ctx.cal, f"host_us_{kind}", 0.0) * 1e-6
         if total <= 0:
             total = 3 * ctx.cal.kernel_us * 1e-6
         fwd, bwd = fwd + total / 3, bwd + 2 * total / 3
-    return fwd, bwd
+    fsdp = fsdp_host_seconds(ctx)
+    return fwd + fsdp / 3, bwd + 2 * fsdp / 3
+
+
+def fsdp_host_seconds(ctx: Context) -> float:
+    """Host seconds FSDP2 spends per unit and micro-batch beyond its three collectives (hooks,
+    copy-in / copy-out, the gradients' chunk-cat, DTensor wrapping: fsdp_host_us, measured by
+    `plait calibrate`, runtime/calibrate_fsdp.py); a third of it around the forward's gather, the
+    rest around the backward's gather and scatter. 0 without FSDP or unmeasured."""
+    return ctx.cal.fsdp_host_us * 1e-6 if ctx.layout.dp_kind == "fsdp" else 0.0
+
+
+def tied_on_one_stage(ctx: Context) -> bool:
+    """The head shares the embedding's weight on the same stage: FSDP's root holds both
+    (runtime/optim.py stage_units)."""
+    return ctx.model.tie_embeddings and ctx.layout.pp == 1
+
+
+def with_host(ctx: Context, device_s: float, host_s: float) -> float:
+    """Seconds of work that keeps the device busy ``device_s`` and its host ``host_s``: their sum
+    where the host runs the kernels itself (host_sync, CPU), else the longer of the two."""
+    return device_s + host_s if ctx.cal.host_sync >= 0.5 else max(device_s, host_s)
 
 
 def build_unit(ctx: Context, kinds: tuple[str, ...],
@@ -103,10 +126,7 @@ def build_unit(ctx: Context, kinds: tuple[str, ...],
         dense, expert = dense + d, expert + e
         fp32_kept += memory.block_fp32_kept_on_rank(ctx, kind)
     host_f, host_b = host_seconds(ctx, kinds)
-    if ctx.cal.host_sync >= 0.5:
-        fwd_c, bwd_c = fwd_c + host_f, bwd_c + host_b
-    else:
-        fwd_c, bwd_c = max(fwd_c, host_f), max(bwd_c, host_b)
+    fwd_c, bwd_c = with_host(ctx, fwd_c, host_f), with_host(ctx, bwd_c, host_b)
     # the backward's window leaves out a full recompute's re-forward, which the prefetch model
     # would let hide the gathers too: kept out because measured stacks overlap FSDP traffic less
     # than that model (benchmarks/fidelity.py, physics-only column: FSDP rows too fast)
@@ -135,11 +155,11 @@ def fsdp_exposed(ctx: Context, gather: float, scatter: float, fwd: float,
     CostTable.chunk_time). Forward: the gather hides behind the forward (comm.hidden). Backward:
     the gather again, then the gradients' scatter, one after the other on the links: each runs
     beside the share of the backward compute its length takes."""
-    hid_fwd = comm.hidden(ctx, "all_gather", gather, fwd)
+    hid_fwd = comm.hidden(ctx, "fsdp", gather, fwd)
     moved = gather + scatter
     share = bwd / moved if moved > 0 else 0.0
-    hid_gather = comm.hidden(ctx, "all_gather", gather, share * gather)
-    hid_scatter = comm.hidden(ctx, "reduce_scatter", scatter, share * scatter)
+    hid_gather = comm.hidden(ctx, "fsdp", gather, share * gather)
+    hid_scatter = comm.hidden(ctx, "fsdp", scatter, share * scatter)
     return gather - hid_fwd, moved - hid_gather - hid_scatter, hid_fwd + hid_scatter
 
 
@@ -205,9 +225,15 @@ class CostTable:
                                  ctx.tokens * ctx.model.hidden * ctx.act_bytes)
         params = memory.embedding_params_on_rank(ctx)
         # FSDP shards the embedding as a unit of its own (runtime/optim.py): the step's first
-        # gather and its last gradient scatter, with nothing before or after to hide them
-        fsdp = sum(ends_fsdp(ctx, params, work))
-        return Extra(time=work.forward + work.backward + 2 * tp + fsdp, params=params,
+        # gather and its last gradient scatter, with nothing before or after to hide them. Tied
+        # to the head on one stage it stays with the stage, FSDP's root (see _head): gathered
+        # once per micro-batch
+        if tied_on_one_stage(ctx):
+            fsdp, units = sum(comm.fsdp_unit(ctx, params, 0.0)), 0
+        else:
+            fsdp, units = sum(ends_fsdp(ctx, params, work)), 1
+        busy = with_host(ctx, work.forward + work.backward, units * fsdp_host_seconds(ctx))
+        return Extra(time=busy + 2 * tp + fsdp, params=params,
                      buffer=0.0, comm=(("dp", fsdp), ("tp", 2 * tp)))
 
     def _head(self) -> Extra:
@@ -218,9 +244,16 @@ class CostTable:
         # the SP gather forward and its scatter back, and the loss's two all-reduces
         tp = 2 * tp + comm.vocab_loss_comm(ctx)
         params = memory.head_params_on_rank(ctx)
-        exposed_f, exposed_b, _ = ends_fsdp(ctx, params, work)  # a unit of its own under FSDP
-        fsdp = exposed_f + exposed_b
-        return Extra(time=work.forward + work.backward + tp + fsdp, params=params,
+        norm = counts.final_norm_params(ctx.model)
+        # under FSDP the head is a unit of its own and the final norm stays with the stage, FSDP's
+        # root (runtime/optim.py shard_stage): gathered once per micro-batch, kept from forward
+        # to backward, its gradients scattered at the end of the backward, nothing beside either
+        exposed_f, exposed_b, _ = ends_fsdp(ctx, params - norm, work)
+        root = sum(comm.fsdp_unit(ctx, norm, 0.0))
+        fsdp = exposed_f + exposed_b + root
+        units = 1 if tied_on_one_stage(ctx) else 2  # the root, and the head's own unit
+        busy = with_host(ctx, work.forward + work.backward, units * fsdp_host_seconds(ctx))
+        return Extra(time=busy + tp + fsdp, params=params,
                      buffer=memory.logits_buffer(ctx), comm=(("dp", fsdp), ("tp", tp)))
 
     def with_vpp(self, vpp: int) -> "CostTable":

@@ -53,7 +53,7 @@ RANGES = {
     # (0.84, the default) over A100 / H100 / MI250 / MI210
     **{f"overlap_{kind}": (0.5, 1.0, "compute up to 2x slower beside NCCL (Lee et al. 2025: "
                                      "1.19x on average)")
-       for kind in ("all_gather", "reduce_scatter", "p2p")},
+       for kind in ("all_gather", "reduce_scatter", "p2p", "fsdp")},
 }
 # a measured value: +-5%, ASSUMED for `plait calibrate`'s medians of repeated timings on a quiet
 # machine (its run-to-run spread on a GPU is not measured yet). It does not hold on a busy host:

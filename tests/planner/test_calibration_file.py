@@ -119,25 +119,25 @@ def test_run_plans_with_the_calibration(calib, capsys):
 
 
 def test_measured_overlap_prices_fsdp_and_the_explanation_names_it(tmp_path):
-    """A file's overlap_all_gather / overlap_reduce_scatter reach the FSDP cost terms (0 serialises
-    the gathers and scatters with compute: a slower step than 1) and the explanation says the
-    values came from the calibration; without a file it names the literature default."""
+    """A file's overlap_fsdp reaches the FSDP cost terms (0 serialises the gathers and scatters
+    with compute: a slower step than 1) and the explanation says the value came from the
+    calibration; without a file it names the literature default."""
     job = load_job(JOB)
     pins = {"dp": 8, "mbs": 2, "pp": 1, "tp": 1, "cp": 1, "recompute": "none", "dp_kind": "fsdp"}
     steps, plans = {}, {}
     for eff in (0.0, 1.0):
         path = tmp_path / f"calib-{eff}.json"
-        calibration.write(path, "local-cpu", "cpu", {"overlap_all_gather": eff,
-                          "overlap_reduce_scatter": eff}, {"overlap_all_gather": "2 ranks"}, {})
+        calibration.write(path, "local-cpu", "cpu", {"overlap_fsdp": eff},
+                          {"overlap_fsdp": "2 ranks"}, {})
         cal = calibration.read(path)
         plans[eff] = calibration.note(estimate(calibration.apply(job, cal), pins), cal)
         steps[eff] = plans[eff].prediction.step_time
     assert steps[0.0] > steps[1.0]
-    assert "overlap_all_gather = 0" in plans[0.0].explanation[0]  # the file's line
+    assert "overlap_fsdp = 0" in plans[0.0].explanation[0]  # the file's line
     line = next(x for x in plans[0.0].explanation if x.startswith("FSDP traffic hidden"))
-    assert "all-gathers 0.00 (device calibration)" in line
+    assert "scatters 0.00 (device calibration)" in line
     plain = estimate(job, pins)
     line = next(x for x in plain.explanation if x.startswith("FSDP traffic hidden"))
-    assert "all-gathers 0.84 (default" in line and "Lee et al. 2025" in line
+    assert "scatters 0.84 (default" in line and "Lee et al. 2025" in line
     zero1 = estimate(job, {**pins, "dp_kind": "zero1"})
     assert not any(x.startswith("FSDP traffic hidden") for x in zero1.explanation)

@@ -271,8 +271,7 @@ def test_fsdp_first_gather_and_last_scatter_of_a_chunk_are_exposed(mixtral_job):
     zero1 = CostTable(job, replace(fsdp, dp_kind="zero1"), units(job.model))
     assert zero1.fsdp_edge == 0.0 and zero1.chunk_time == zero1.p2p
     # communication-bound (no overlap window): the per-unit terms already expose it all
-    none = CostTable(calibrated(job, overlap_all_gather=0.0, overlap_reduce_scatter=0.0), fsdp,
-                     units(job.model))
+    none = CostTable(calibrated(job, overlap_fsdp=0.0), fsdp, units(job.model))
     assert none.fsdp_edge == 0.0
 
 
@@ -300,8 +299,8 @@ def _fsdp_step(job, layout, eff: float):
     from plait.planner.cost.evaluate import evaluate
     from plait.planner.cost.pipeline import CostTable, stages_of
     from plait.planner.layouts import units
-    table = CostTable(calibrated(job, overlap_all_gather=eff, overlap_reduce_scatter=eff), layout,
-                      units(job.model))
+    table = CostTable(calibrated(job, overlap_fsdp=eff, overlap_all_gather=eff,
+                                 overlap_reduce_scatter=eff), layout, units(job.model))
     return table, evaluate(table, stages_of(table, (len(table.units),), (0,))).step_time
 
 
@@ -377,21 +376,21 @@ def test_uncalibrated_overlap_is_the_literature_default():
     from plait.planner.cost.context import Calibration
     cal = Calibration()
     assert cal.overlap_all_gather == cal.overlap_reduce_scatter == cal.overlap_all_to_all == 0.84
-    assert cal.overlap_p2p == 0.84
+    assert cal.overlap_p2p == cal.overlap_fsdp == 0.84
 
 
 def test_fsdp_step_moves_two_gathers_and_one_scatter_per_microbatch_exactly(qwen_job):
     """Qwen2-57B-A14B, pure FSDP over 64 H100 on 8 nodes (every ring crosses the NIC), nothing
     hidden: the step's exposed FSDP seconds are, per micro-batch, counts.fsdp_bytes_per_microbatch
     of every unit's parameters (the embedding and the head included: FSDP shards them as units of
-    their own) times (n - 1) / n over the rank's NIC, plus one link latency per ring hop of each
-    collective. Halving the micro-batch doubles the micro-batches and so the traffic."""
+    their own; the final norm, FSDP's root, once gathered and once scattered) times (n - 1) / n
+    over the rank's NIC, plus one link latency per ring hop of each collective. Halving the micro-batch doubles the micro-batches and so the traffic."""
     from plait.ir import counts
     from plait.planner.cost.context import cluster_links
     from plait.planner.cost.evaluate import evaluate
     from plait.planner.cost.pipeline import CostTable, stages_of
     from plait.planner.layouts import units
-    job = calibrated(qwen_job(), overlap_all_gather=0.0, overlap_reduce_scatter=0.0, fsdp_eff=1.0)
+    job = calibrated(qwen_job(), overlap_fsdp=0.0, fsdp_eff=1.0)
     n = 64
     seconds = {}
     for mbs in (1, 2, 4):
@@ -399,13 +398,42 @@ def test_fsdp_step_moves_two_gathers_and_one_scatter_per_microbatch_exactly(qwen
         table = CostTable(job, lay, units(job.model))
         pred = evaluate(table, stages_of(table, (len(table.units),), (0,)))
         _, nic, _, latency = cluster_links(job.cluster, table.ctx.cal)
+        norm = counts.final_norm_params(job.model)
         groups = [(u.dense_params, u.expert_params) for u in table.units]
-        groups += [(table.first.params, 0.0), (table.last.params, 0.0)]
+        groups += [(table.first.params, 0.0), (table.last.params - norm, 0.0)]
         moved = sum(counts.fsdp_bytes_per_microbatch(d + e, "bf16") for d, e in groups)
         rings = sum(3 * ((d > 0) + (e > 0)) for d, e in groups)
+        # the final norm stays with FSDP's root: one bf16 gather, one fp32 scatter
+        moved, rings = moved + norm * (2 + 4), rings + 2
         per_microbatch = (n - 1) / n * moved / nic + rings * (n - 1) * latency
         assert table.microbatches == 256 // (n * mbs)
         assert dict(pred.exposed_comm)["dp"] == pytest.approx(
             table.microbatches * per_microbatch, rel=1e-9)
         seconds[mbs] = dict(pred.exposed_comm)["dp"]
     assert seconds[1] == pytest.approx(2 * seconds[2]) and seconds[2] == pytest.approx(2 * seconds[4])
+
+
+def test_fsdp_host_work_is_charged_once_per_unit_and_microbatch():
+    """tiny-local on 2 CPU ranks under FSDP (the host runs the kernels: host time adds up),
+    nothing hidden: fsdp_host_us (FSDP2's hooks and copies, measured by `plait calibrate`) adds
+    exactly that many microseconds per micro-batch for every FSDP unit the runtime makes: each
+    layer unit, the embedding, the head and the root that keeps the final norm. ZeRO-1 pays none."""
+    from plait.ir.dsl import load_job
+    from plait.planner.cost.evaluate import evaluate
+    from plait.planner.cost.pipeline import CostTable
+    from plait.planner.layouts import units
+    job = load_job("specs/jobs/tiny-local.plait")
+    assert job.cluster.device.calibration and dict(job.cluster.device.calibration).get(
+        "host_sync", 1.0) >= 0.5
+
+    def step(layout, host_us):
+        table = CostTable(calibrated(job, overlap_fsdp=0.0, fsdp_host_us=host_us), layout,
+                          units(job.model))
+        return table, evaluate(table, stages_of_one(table)).step_time
+    fsdp = Layout(dp=2, mbs=2, dp_kind="fsdp", recompute="none")
+    table, without = step(fsdp, 0.0)
+    _, charged = step(fsdp, 1000.0)
+    fsdp_units = len(table.units) + 3
+    assert charged - without == pytest.approx(table.microbatches * fsdp_units * 1e-3, rel=1e-9)
+    zero1 = replace(fsdp, dp_kind="zero1")
+    assert step(zero1, 1000.0)[1] == step(zero1, 0.0)[1]

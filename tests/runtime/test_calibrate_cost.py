@@ -153,6 +153,8 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     for kind in ("all_gather", "reduce_scatter", "all_to_all", "p2p"):  # 0 on a loaded CPU: a value
         assert 0.0 <= values[f"overlap_{kind}"] <= 1.0
         assert "over 2 ranks beside" in dict(cal.sources)[f"overlap_{kind}"]
+    assert values["fsdp_host_us"] >= 0 and 0.0 <= values["overlap_fsdp"] <= 1.0
+    assert "fully_shard" in dict(cal.sources)["overlap_fsdp"]
     doc = json.loads(out.read_text())
     assert doc["measurements"]["network"]["intra"]["all_gather"]
     assert set(doc["measurements"]["overlap"]) == {"all_gather", "reduce_scatter", "all_to_all",
