@@ -55,7 +55,9 @@ and their gloo all-reduce backward. Same measured steps, main's and this cost mo
 from the same calibration (load 1.5-2.3): 22.3% / 59.1% -> 22.1% / 52.2%; cp2 ring -39.0% ->
 -19.3%, hybrid cp2 -59.1% -> -45.6%, TP rows 4-12 points lower (tp2 sp -7.3% -> -12.2%, tp2 no-sp
 -4.4% -> -16.2%), every other row within 1 point. At load 2.9-3.1: 18.2% / 55.3% -> 16.7% / 39.2%
-(cp2 ring -39.6% -> -22.6%, hybrid cp2 -55.3% -> -39.2%).
+(cp2 ring -39.6% -> -22.6%, hybrid cp2 -55.3% -> -39.2%); after merging main's FSDP work, load
+2.1-2.5: 24.7% / 55.0% -> 23.9% / 40.7% (cp2 ring -43.6% -> -28.8%, hybrid cp2 -55.0% -> -40.7%).
+Every row is under in these runs (dp2 zero1 -16 to -27%), so the TP rows' drop moves them away.
 """
 from __future__ import annotations
 
