@@ -58,6 +58,24 @@ from the same calibration (load 1.5-2.3): 22.3% / 59.1% -> 22.1% / 52.2%; cp2 ri
 (cp2 ring -39.6% -> -22.6%, hybrid cp2 -55.3% -> -39.2%); after merging main's FSDP work, load
 2.1-2.5: 24.7% / 55.0% -> 23.9% / 40.7% (cp2 ring -43.6% -> -28.8%, hybrid cp2 -55.0% -> -40.7%).
 Every row is under in these runs (dp2 zero1 -16 to -27%), so the TP rows' drop moves them away.
+
+FSDP as FSDP2 runs it (2026-12-03): tiny-local dp2 fsdp issued 52 all_gather_single and 28
+reduce_scatter_single per step (benchmarks/count_collectives.py, which now sees them): per
+micro-batch two gathers and one scatter for each of the embedding, 4 layer units and the head, and
+one of each for the root that keeps the final norm, which the model had not charged. Probing
+fully_shard itself (runtime/calibrate_fsdp.py) found ~1.4-2.2 ms of FSDP2 host work per unit and
+micro-batch and nothing of its collectives hidden (overlap_fsdp 0, where a bare all-gather beside
+GEMMs hides 0.7). With one calibration, one after the other: dp2 fsdp -38.3% -> -3.8% (tiny-local),
+-35.1% -> -1.5% (tiny-moe-local); in the full run after the per-op merge (load 3.3 -> 2.5): 22.2% /
+48.5% overall, dp2 fsdp -18.3% / -25.6%, the largest misses tiny-moe tp2 etp2 -48.5% and the hybrid
+rows (-40%).
+What is left is the CPU, not a collective: one rank's prediction holds (tiny-local single rank +4.9%,
+tiny-hybrid-local -0.1% / -3.1% / -8.1% in three runs), while on 2 ranks each rank's process spends
+10-45% more CPU time per micro-batch than one rank alone (resource.getrusage per step: hybrid dp2
+zero1 0.46-0.59 s for the half of a 0.87 s single step), although two independent single-rank jobs
+side by side run at full speed and `plait calibrate`'s sharing probe finds 2.0x. The same 2-rank row
+measured 0.39, 0.46, 0.53 and 0.54 s within six minutes on an idle machine (steal time ~0), and
+the single-rank step drifted 0.69 -> 0.87 s within ten: below that noise this machine cannot decide.
 """
 from __future__ import annotations
 
