@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from plait.ir import counts
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
@@ -358,6 +359,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     sources["dp_sync_overlap"] = ("plait's runtime reduces replicated / ZeRO-1 gradients and "
                                   "gathers ZeRO-1 parameters after the backward "
                                   "(runtime/optim.py, runtime/zero1.py)")
+    values["optimizer_bytes"] = float(counts.TORCH_ADAMW_STEP_BYTES)
+    sources["optimizer_bytes"] = ("plait's runtime clips by the global norm and steps torch's "
+                                  "single-tensor AdamW (ir/counts/state.py)")
     shared = measured.get("shared_rates") or []
     if dev.name == "cpu" and shared and c["share_single"] > 0:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])

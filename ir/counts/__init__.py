@@ -226,7 +226,8 @@ def flops_per_token(model: ModelSpec, seq_len: int, training: bool = True,
 
 # Bytes of weights, gradients and optimizer state per parameter live in counts/state.py.
 from .state import (BF16_BYTES, FP32_BYTES, FSDP_GATHERS_PER_MICROBATCH,  # noqa: E402,F401
-                    FSDP_SCATTERS_PER_MICROBATCH, STATE_CLASSES, STORED_WEIGHT_BYTES,
+                    FSDP_SCATTERS_PER_MICROBATCH, FUSED_ADAM_STEP_BYTES, STATE_CLASSES,
+                    STORED_WEIGHT_BYTES, TORCH_ADAMW_STEP_BYTES,
                     dp_traffic_bytes, fsdp_bytes_per_microbatch, param_state_bytes,
                     state_tensor_bytes, stored_weight_bytes)
 

@@ -104,6 +104,19 @@ def fsdp_bytes_per_microbatch(params: float, precision: Union[Precision, str]) -
     return params * (FSDP_GATHERS_PER_MICROBATCH * gather + FSDP_SCATTERS_PER_MICROBATCH * scatter)
 
 
+# Bytes per parameter one optimizer step moves through memory (fp32 state). A fused Adam
+# (Megatron-Core's, the stack of the reference rows): read the gradient, the fp32 master weight,
+# m and v, write the master, m, v and the bf16 copy: 4 x 4 + 3 x 4 + 2 = 30.
+FUSED_ADAM_STEP_BYTES = 30
+# plait's runtime: torch's single-tensor AdamW (runtime/optim.py adamw, torch/optim/adam.py
+# _single_tensor_adam), one memory pass per op: p *= 1 - lr wd (8), m.lerp_(g) (12), v *= beta2
+# (8), v.addcmul_(g, g) (12), sqrt(v) (8), / bias correction (8), + eps (8), p.addcdiv_(m, denom)
+# (16) = 80; and the global-norm clip before it (runtime/optim.py clip_and_step): sum of g^2 (4),
+# g *= coef (8). (On this project's 2-core CPU VM the step alone took 6.4 ms for tiny-local's
+# 0.80 M parameters: 7.9 ns, ~80 bytes at the 10 GB/s plait's elementwise modules reach there.)
+TORCH_ADAMW_STEP_BYTES = 92
+
+
 # Bytes per stored parameter (a checkpoint or inference footprint, no training state).
 STORED_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 

@@ -183,9 +183,9 @@ def head_work(ctx: Context) -> Work:
 
 
 def optimizer_time(ctx: Context, params_on_rank: float, shards: float) -> float:
-    """Adam step over this rank's shard: read grads, master weights, m, v (fp32), write them and
-    the bf16 weights: ~30 bytes per parameter, memory-bound."""
-    return memory_time(ctx, 30.0 * params_on_rank / max(1.0, shards))
+    """Adam step over this rank's shard, memory-bound: optimizer_bytes per parameter (the
+    stack's optimizer, ir/counts/state.py: 30 for a fused Adam, 92 for plait's runtime)."""
+    return memory_time(ctx, ctx.cal.optimizer_bytes * params_on_rank / max(1.0, shards))
 
 
 def plus(w: Work, memory: float = 0.0, selective: float = 0.0) -> Work:

@@ -437,3 +437,20 @@ def test_fsdp_host_work_is_charged_once_per_unit_and_microbatch():
     assert charged - without == pytest.approx(table.microbatches * fsdp_units * 1e-3, rel=1e-9)
     zero1 = replace(fsdp, dp_kind="zero1")
     assert step(zero1, 1000.0)[1] == step(zero1, 0.0)[1]
+
+
+def test_the_optimizer_step_moves_its_stacks_bytes_per_parameter():
+    """plait's runtime (the CPU device, `plait calibrate` files) steps torch's single-tensor AdamW
+    after a global-norm clip, 92 bytes per parameter; a fused Adam (the default, Megatron-Core's:
+    the reference rows' stack) 30. Both memory-bound over this rank's shard."""
+    from plait.ir import counts
+    from plait.ir.dsl import load_job
+    job = load_job("specs/jobs/tiny-local.plait")
+    runtime = Context(job, Layout(dp=2, dp_kind="zero1"))
+    fused = Context(calibrated(job, optimizer_bytes=counts.FUSED_ADAM_STEP_BYTES),
+                    Layout(dp=2, dp_kind="zero1"))
+    assert runtime.cal.optimizer_bytes == counts.TORCH_ADAMW_STEP_BYTES == 92
+    assert compute.optimizer_time(runtime, 2e6, 2) == pytest.approx(
+        compute.memory_time(runtime, 92e6), rel=1e-12)
+    assert compute.optimizer_time(fused, 2e6, 2) == pytest.approx(
+        compute.optimizer_time(runtime, 2e6, 2) * 30 / 92, rel=1e-12)
