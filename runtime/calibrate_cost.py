@@ -26,7 +26,6 @@ the measurement behind each; planner/calibration.py writes and reads the file.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -41,7 +40,7 @@ from .calibrate_fsdp import fsdp_values, measure_fsdp
 from .calibrate_insitu import insitu_latency, measure_insitu
 from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
 from .calibrate_overlap import derive_overlap, measure_overlap
-from .calibrate_timing import synchronize, timed
+from .calibrate_timing import timed
 
 
 # ------------------------------------------------------------------------------------------------

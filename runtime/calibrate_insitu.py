@@ -35,7 +35,7 @@ import torch.distributed as dist
 from plait.lowering.cp_ops import PeerExchange
 
 from .calibrate_ops import share_probe_model
-from .calibrate_timing import synchronize
+from .calibrate_timing import group_mean, synchronize
 
 AXIS = "calibrate-insitu"
 OPS = ("all_reduce", "all_gather", "p2p")
@@ -86,14 +86,6 @@ def _run(slice_fn, collective, calls: int, device) -> tuple[float, float]:
     return time.perf_counter() - start, inside
 
 
-def _group_mean(value: float, member: bool) -> float:
-    """The mean of ``value`` over the ranks in a group (every rank calls this): the ranks a
-    collective makes wait and the ranks it keeps waiting pay different shares of the same skew."""
-    t = torch.tensor([value if member else 0.0, 1.0 if member else 0.0], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t[0].item() / max(1.0, t[1].item())
-
-
 def measure_insitu(rank: int, groups: list[list[int]], dtype, device,
                    calls: int = CALLS, repeat: int = REPEAT) -> dict | None:
     """{op: {bytes: the full tensor's, insitu_s: seconds per call inside the op between compute
@@ -135,10 +127,11 @@ def measure_insitu(rank: int, groups: list[list[int]], dtype, device,
             inside.append(waited)
             bare.append(_run(None, coll, calls, device)[0])
         m = mine is not None
-        out[op] = {"bytes": _moved(op, act, n), "insitu_s": _group_mean(statistics.median(inside), m) / calls,
-                   "added_s": _group_mean(statistics.median(both) - statistics.median(alone), m)
-                   / calls, "bare_s": _group_mean(statistics.median(bare), m) / calls,
-                   "slice_s": _group_mean(statistics.median(alone), m) / calls}
+        out[op] = {"bytes": _moved(op, act, n),
+                   "insitu_s": group_mean(statistics.median(inside), m) / calls,
+                   "added_s": group_mean(statistics.median(both) - statistics.median(alone), m)
+                   / calls, "bare_s": group_mean(statistics.median(bare), m) / calls,
+                   "slice_s": group_mean(statistics.median(alone), m) / calls}
     if mine:
         unbind_all()
     return out if mine else None
