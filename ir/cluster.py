@@ -2,7 +2,7 @@
 (FLOP/s, bytes, bytes/s, seconds)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # networkx costs ~0.15 s to import; only topology() needs it
