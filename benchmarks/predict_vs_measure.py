@@ -69,13 +69,15 @@ GEMMs hides 0.7). With one calibration, one after the other: dp2 fsdp -38.3% -> 
 -35.1% -> -1.5% (tiny-moe-local); in the full run after the per-op merge (load 3.3 -> 2.5): 22.2% /
 48.5% overall, dp2 fsdp -18.3% / -25.6%, the largest misses tiny-moe tp2 etp2 -48.5% and the hybrid
 rows (-40%).
-What is left is the CPU, not a collective: one rank's prediction holds (tiny-local single rank +4.9%,
-tiny-hybrid-local -0.1% / -3.1% / -8.1% in three runs), while on 2 ranks each rank's process spends
-10-45% more CPU time per micro-batch than one rank alone (resource.getrusage per step: hybrid dp2
-zero1 0.46-0.59 s for the half of a 0.87 s single step), although two independent single-rank jobs
-side by side run at full speed and `plait calibrate`'s sharing probe finds 2.0x. The same 2-rank row
-measured 0.39, 0.46, 0.53 and 0.54 s within six minutes on an idle machine (steal time ~0), and
-the single-rank step drifted 0.69 -> 0.87 s within ten: below that noise this machine cannot decide.
+What is left is mostly this machine, not a collective: one rank's prediction holds (tiny-local
+single rank +4.9%, tiny-hybrid-local -0.1% / -3.1% / -8.1% in three runs), and the 2-rank rows
+move with the VM's speed, which drifts between calibration and measurement: the same single-rank
+step measured 0.69 and 0.87 s (hybrid) and 0.80 and 1.06 s within ten minutes on an idle machine
+(steal time ~0), the hybrid dp2 zero1 row 0.39 / 0.46 / 0.53 / 0.54 s within six. Timed by phase
+in one quiet moment (Trainer.train_step's parts, rank 0, tiny-local): 1 rank 0.353 s = 8 micro-
+batches of 41 ms + 19 ms of reduce / clip / AdamW; dp2 zero1 0.169 s = 4 of 34 ms + 27 ms, against
+0.176 s predicted. The optimizer's 14 ms for 0.80 M parameters is what the cost model charged 3 ms
+for until optimizer_bytes priced torch's single-tensor AdamW (92 bytes per parameter, not 30).
 """
 from __future__ import annotations
 
