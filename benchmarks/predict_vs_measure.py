@@ -7,9 +7,10 @@ bytes (weights, gradients, optimizer state) next to what the rank holds.
     .venv/bin/python benchmarks/predict_vs_measure.py                      # calibrates first
     .venv/bin/python benchmarks/predict_vs_measure.py --calibration calib.json
 
-Without --calibration it calibrates once per rank count the layouts use (2 and 4), each on that
+Without --calibration it calibrates right before each job's layouts of one rank count, on that
 many ranks: shared_cores and the collectives' latency depend on how many processes share the
-cores. Calibrating and measuring take 5.5-7 min at a load average of 2-6 on 2 cores.
+cores, and this VM's speed drifts by up to 30% within minutes (see the end of this docstring).
+Calibrating and measuring take 5.5-7 min at a load average of 2-6 on 2 cores.
 
 Measured (2026-12-03, a 2-core EPYC VM shared with other jobs, load average 2-6, swinging to 17
 within a run): mean / max |error| vs the median step 53.5% / 93.3%, 41.9% / 63.0%, 51.2% / 76.5%,
@@ -154,14 +155,9 @@ def measured(record: dict) -> tuple[float, float, dict]:
     return statistics.median(timed), min(timed), state
 
 
-def worlds(only: str | None) -> list[int]:
-    """The rank counts the selected layouts run on."""
-    return sorted({lay.world for name, layouts in CASES.items() if not (only and only not in name)
-                   for lay in layouts.values()})
-
-
-def run(cals: dict, only: str | None) -> list[tuple]:
-    """``cals``: {world: calibration} (one calibration made on as many ranks as the layout's)."""
+def run(calibration_for, only: str | None) -> list[tuple]:
+    """``calibration_for(job name, world)``: the calibration to predict that group of layouts
+    with, asked right before the group is measured."""
     rows = []
     for name, layouts in CASES.items():
         if only and only not in name:
@@ -170,7 +166,7 @@ def run(cals: dict, only: str | None) -> list[tuple]:
         for case, lay in layouts.items():
             by_world.setdefault(lay.world, {})[case] = lay
         for world, group in by_world.items():
-            job = local_job(name, world, cals[world])
+            job = local_job(name, world, calibration_for(name, world))
             records = measure_steps(job, group, STEPS)
             for case, lay in group.items():
                 p_step, p_state = predicted(job, lay)
@@ -200,41 +196,45 @@ def show(rows, cal_path: str, load: tuple[float, float]) -> None:
     Console(width=200).print(t)
 
 
-def calibrate(world: int, save: str | None) -> str | None:
-    """`plait calibrate local-cpu` on ``world`` ranks, under the load the measurement will see:
-    as many processes share the cores (shared_cores) and talk at once (the collectives' latency)
-    as the layouts measured with it. Its path, or None when it failed."""
+def calibrate(world: int, save: str | None, tag: str) -> str | None:
+    """`plait calibrate local-cpu` on ``world`` ranks, right before the layouts of job ``tag``
+    run on as many: as many processes share the cores (shared_cores) and talk at once (the
+    collectives' latency), and the VM's speed, which drifts by up to 30% within minutes here, is
+    the one the measurement sees. Its path, or None when it failed."""
     from plait.cli import main as plait_main
     if save:
         p = Path(save)
-        path = str(p.with_name(f"{p.stem}-{world}ranks{p.suffix}"))
+        path = str(p.with_name(f"{p.stem}-{tag}-{world}ranks{p.suffix}"))
     else:
-        path = str(Path(tempfile.mkdtemp()) / f"calib-local-cpu-{world}ranks.json")
+        path = str(Path(tempfile.mkdtemp()) / f"calib-local-cpu-{tag}-{world}ranks.json")
     return None if plait_main(["calibrate", "local-cpu", "--ranks", str(world), "-o", path]) else path
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", help="one `plait calibrate local-cpu` file for every "
-                        "layout (default: calibrate now, once per rank count the layouts use, "
-                        "under the load the measurement will see)")
+                        "layout (default: calibrate right before each job's layouts of one rank "
+                        "count, on that many ranks)")
     parser.add_argument("--save-calibration", metavar="PATH", help="where to keep the "
-                        "calibrations made now, PATH with -NRANKS before its suffix (default: "
+                        "calibrations made now, PATH with -JOB-NRANKS before its suffix (default: "
                         "temporary files)")
     parser.add_argument("--only", help="only jobs whose name contains this")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = {w: args.calibration for w in worlds(args.only)}
-    if not args.calibration:
-        for w in paths:
-            paths[w] = calibrate(w, args.save_calibration)
-            if paths[w] is None:
-                return 2
-        print(f"calibrated in {time.perf_counter() - start:.0f} s")
-    cals = {w: calibration.read(p) for w, p in paths.items()}
+    used: list[str] = []
+
+    def calibration_for(name: str, world: int):
+        path = args.calibration or calibrate(world, args.save_calibration, name)
+        if path is None:
+            raise SystemExit(2)
+        used.append(path)
+        return calibration.read(path)
+
     before = os.getloadavg()[0]
-    rows = run(cals, args.only)
-    show(rows, ", ".join(sorted(set(paths.values()))), (before, os.getloadavg()[0]))
+    rows = run(calibration_for, args.only)
+    where = used[0] if len(set(used)) == 1 else (
+        f"{len(used)} made right before their layouts, in {Path(used[0]).parent}")
+    show(rows, where, (before, os.getloadavg()[0]))
     print(f"{time.perf_counter() - start:.0f} s in all")
     return 0
 
