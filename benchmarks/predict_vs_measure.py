@@ -82,7 +82,8 @@ for until optimizer_bytes priced torch's single-tensor AdamW (92 bytes per param
 Then each job's layouts were calibrated right before they ran. Three runs one after the other
 (load 4.6 -> 3.7, 3.5 -> 2.6, 2.6 -> 2.6): 13.1% / 29.6%, 17.5% / 43.6%, 12.5% / 37.8% vs the
 median step (vs the fastest: 11.5% / 23.1%, 14.6% / 31.7%, 10.5% / 32.7%), and a fourth 21.4% /
-46.8% (every tiny-moe row -30 to -40%: slower than its calibration a minute before), from 22.2% / 48.5% and
+46.8% (every tiny-moe row -30 to -40%: slower than its calibration a minute before), from
+22.2% / 48.5% and
 25.0% / 49.2% with one calibration at the start. The largest misses: hybrid cp2 in every run
 (-29.6%, -32.9%, -37.8%), hybrid dp2 zero1 (-29.3%, -17.6%, -15.9%), tiny-moe tp2 etp2 once
 (-43.6%, else -10%), tiny-moe dp2 fsdp (-16%, -29%, -30%).
