@@ -113,12 +113,13 @@ def vocab_loss_comm(ctx: Context) -> float:
     return all_reduce(ctx, g, row) + all_reduce(ctx, g, 2 * row)
 
 
-def pp_send(ctx: Context, waited: bool = True) -> float:
-    """Activations (or their gradients) sent to the next pipeline stage per micro-batch."""
+def pp_send(ctx: Context, waited: bool = True, messages: int = 1) -> float:
+    """Activations (or their gradients) sent to the next pipeline stage per micro-batch, as one
+    call carrying ``messages`` of them."""
     if ctx.layout.pp <= 1:
         return 0.0
     nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
-    return p2p(ctx, ctx.group("dense", "pp"), nbytes, waited)
+    return p2p(ctx, ctx.group("dense", "pp"), messages * nbytes, waited)
 
 
 def pp_exchange(ctx: Context) -> float:
@@ -135,8 +136,7 @@ def pp_exchange(ctx: Context) -> float:
     if ctx.layout.vpp > 1:
         return 2 * pp_send(ctx, waited=False)
     if ctx.layout.pp == 2:
-        nbytes = ctx.tokens_sp * ctx.model.hidden * ctx.act_bytes
-        return p2p(ctx, ctx.group("dense", "pp"), 2 * nbytes)
+        return pp_send(ctx, messages=2)
     return 2 * pp_send(ctx)
 
 

@@ -2,7 +2,6 @@
 the attention kind's kernel_keys) and the context-parallel ring's overlap with it (overlap_p2p),
 and the Hopper specs' values against the kernel micro-benchmarks they come from."""
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,9 @@ from plait.planner.cost.context import Calibration, Context
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import attention_kernels  # noqa: E402  (benchmarks/attention_kernels.py: the published points)
+from cost_util import calibrated  # noqa: E402
 
 HOPPER = ("h100-sxm5-80gb", "h200-sxm-141gb", "h800-sxm5-80gb")
-
-
-def calibrated(job, **values):
-    dev = job.cluster.device
-    dev = replace(dev, calibration=tuple({**dict(dev.calibration), **values}.items()))
-    return replace(job, cluster=replace(job.cluster, device=dev))
 
 
 def core_seconds_per_flop(job, layout):
