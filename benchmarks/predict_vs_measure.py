@@ -75,7 +75,7 @@ single rank +4.9%, tiny-hybrid-local -0.1% / -3.1% / -8.1% in three runs), and t
 move with the VM's speed, which drifts between calibration and measurement: the same single-rank
 step measured 0.69 and 0.87 s (hybrid) and 0.80 and 1.06 s within ten minutes on an idle machine
 (steal time ~0), the hybrid dp2 zero1 row 0.39 / 0.46 / 0.53 / 0.54 s within six. Timed by phase
-in one quiet moment (Trainer.train_step's parts, rank 0, tiny-local): 1 rank 0.353 s = 8 micro-
+in one quiet moment (Trainer.train_step's parts, rank 0, tiny-local; benchmarks/step_phases.py): 1 rank 0.353 s = 8 micro-
 batches of 41 ms + 19 ms of reduce / clip / AdamW; dp2 zero1 0.169 s = 4 of 34 ms + 27 ms, against
 0.176 s predicted. The optimizer's 14 ms for 0.80 M parameters is what the cost model charged 3 ms
 for until optimizer_bytes priced torch's single-tensor AdamW (92 bytes per parameter, not 30).
