@@ -112,8 +112,7 @@ FUSED_ADAM_STEP_BYTES = 30
 # _single_tensor_adam), one memory pass per op: p *= 1 - lr wd (8), m.lerp_(g) (12), v *= beta2
 # (8), v.addcmul_(g, g) (12), sqrt(v) (8), / bias correction (8), + eps (8), p.addcdiv_(m, denom)
 # (16) = 80; and the global-norm clip before it (runtime/optim.py clip_and_step): sum of g^2 (4),
-# g *= coef (8). (On this project's 2-core CPU VM the step alone took 6.4 ms for tiny-local's
-# 0.80 M parameters: 7.9 ns, ~80 bytes at the 10 GB/s plait's elementwise modules reach there.)
+# g *= coef (8). benchmarks/step_phases.py times the whole end of step (reduction, clip, AdamW).
 TORCH_ADAMW_STEP_BYTES = 92
 
 
