@@ -1,14 +1,12 @@
 """Helpers of the cost-model tests: a job whose device carries extra calibration values, and the
 whole model as one stage."""
-from dataclasses import replace
+from plait.planner.calibration import overridden
 
 
 def calibrated(job, **values):
-    """``job`` with ``values`` merged over its device's calibration."""
-    dev = job.cluster.device
-    merged = {**dict(dev.calibration), **values}
-    dev = replace(dev, calibration=tuple(merged.items()))
-    return replace(job, cluster=replace(job.cluster, device=dev))
+    """``job`` with ``values`` merged over its device's calibration (planner/calibration.py
+    overridden, with keyword arguments)."""
+    return overridden(job, values)
 
 
 def stages_of_one(table):
