@@ -358,9 +358,10 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     sources["dp_sync_overlap"] = ("plait's runtime reduces replicated / ZeRO-1 gradients and "
                                   "gathers ZeRO-1 parameters after the backward "
                                   "(runtime/optim.py, runtime/zero1.py)")
-    values["optimizer_bytes"] = float(counts.TORCH_ADAMW_STEP_BYTES)
-    sources["optimizer_bytes"] = ("plait's runtime clips by the global norm and steps torch's "
-                                  "single-tensor AdamW (ir/counts/state.py)")
+    path = counts.adamw_path(counts.torch_device_type(cluster.backend))
+    values["optimizer_bytes"] = float(path.step_bytes)
+    sources["optimizer_bytes"] = (f"plait's runtime clips by the global norm and steps torch's "
+                                  f"{path.kernel} AdamW: {path.reason} (ir/counts/optimizer.py)")
     shared = measured.get("shared_rates") or []
     if dev.name == "cpu" and shared and c["share_single"] > 0:
         values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])

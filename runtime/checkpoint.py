@@ -38,7 +38,7 @@ from . import ckpt_store as store
 from .ckpt_chunks import Chunk, chunks, local_span, local_tensor
 from .ckpt_integrity import (META, finalize, fingerprints, find, read_meta, check_model,
                              step_dir, temp_dir)
-from .optim import FullyShard
+from .optim import FullyShard, fresh_step
 from .zero1 import ZeroOne
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -93,7 +93,7 @@ def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
     parameter has not stepped yet, so a fresh optimizer has every tensor a load fills."""
     state = optimizer.state[p]
     if not state:
-        state["step"] = torch.tensor(0.0)
+        state["step"] = fresh_step(optimizer, p)
         for what in MOMENTS:
             state[what] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state
@@ -134,8 +134,8 @@ def _zero1_scatter(trainer, views: dict[str, dict[str, torch.Tensor]]) -> None:
             # bf16 / fp8: the saved fp32 master (the bf16 parameters lost its low digits)
             source = [views[names[id(p)]]["master"] if dp.mixed else p.detach() for p in flat.params]
             flat.master.copy_(flat.flatten(source)[mine])
-        if flat.params:
-            state["step"] = views[names[id(flat.params[0])]]["step"].clone()
+        if flat.params:  # into the optimizer's own counter (fused: on the parameters' device)
+            state["step"].copy_(views[names[id(flat.params[0])]]["step"])
 
 
 def _kept(dp) -> tuple[str, ...]:

@@ -5,7 +5,9 @@
               DP rank runs AdamW on its shard only, updated shards are all-gathered back
   fsdp        torch's fully_shard (FSDP2) over the DP group shards parameters, gradients and state
 
-All use torch.optim.AdamW for the arithmetic. Under a mixed precision policy (bf16 / fp8) the
+All use torch.optim.AdamW for the arithmetic, built as ir/counts/optimizer.py adamw_path says for
+the parameters' device (torch's fused kernel on CPU and CUDA, FSDP2's DTensor shards included):
+the same choice the cost model's optimizer_bytes is priced from. Under a mixed precision policy (bf16 / fp8) the
 model's parameters are bf16 while gradients accumulate and reduce in fp32 main-gradient buffers
 (runtime/main_grads.py) and AdamW steps fp32 main weights: full copies (replicated), the flat fp32
 shards (zero1, runtime/zero1.py), or FSDP2's fp32 sharded parameters with MixedPrecisionPolicy(param_dtype=bf16,
@@ -20,6 +22,7 @@ only: their gradients are summed over the EDP group and divided by dp * cp like 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable
 
@@ -41,6 +44,8 @@ from .mesh import EMBEDDING_AXIS, Mesh
 # sequences, each with its local mean loss (equal token counts), exactly like data-parallel replicas.
 # Without CP the "dp-cp" group is the DP group.
 GRAD_AXIS = "dp-cp"
+log = logging.getLogger("plait.optim")
+_LOGGED_PATHS: set[str] = set()  # each AdamW path is logged once per process
 EXPERT_AXIS = "edp"  # the replica group of expert weights
 
 
@@ -55,9 +60,33 @@ def param_groups(named: Iterable[tuple[str, torch.Tensor]], weight_decay: float)
             {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
 
 
+def optimizer_path(params: Iterable[torch.Tensor]) -> counts.AdamWPath:
+    """The AdamW implementation for ``params`` (counts.adamw_path on their device type)."""
+    params = list(params)
+    device = params[0].device.type if params else "cpu"
+    return counts.adamw_path(device, all(torch.is_floating_point(p) for p in params))
+
+
 def adamw(groups: list[dict], spec: OptimizerSpec) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-                             foreach=False)
+    """torch AdamW over ``groups``, fused / foreach / single-tensor as optimizer_path says; the
+    path is kept on the optimizer as ``plait_path``."""
+    path = optimizer_path(p for g in groups for p in g["params"])
+    if path.kernel not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add(path.kernel)
+        log.info("AdamW: %s (%s), %d bytes per parameter with the clip", path.kernel, path.reason,
+                 path.step_bytes)
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
+                                  fused=path.fused, foreach=path.foreach)
+    optimizer.plait_path = path
+    return optimizer
+
+
+def fresh_step(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """A step counter as the optimizer's first step would create it: float32 on the parameter's
+    device for the fused kernel (which reads it there), a CPU scalar otherwise."""
+    if optimizer.defaults.get("fused"):
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.tensor(0.0)
 
 
 def lr_at(step: int, spec: OptimizerSpec, total_steps: int) -> float:
@@ -99,6 +128,13 @@ def all_reduce_flat(grads: list[torch.Tensor], axis: str | None, divisor: int = 
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def scale(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiply every gradient by the clip factor in place: one foreach kernel per device and
+    dtype, element for element what a mul_ per tensor computes."""
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -264,12 +300,14 @@ class Replicated(DataParallel):
         return total
 
     def step(self, coef: torch.Tensor) -> None:
+        grads = []
         for name, master in self.masters.items():
             grad = self.grad(name)
             if grad is not None:
-                grad.mul_(coef)
+                grads.append(grad)
             if self.mixed:
                 master.grad = grad  # the fp32 main gradient itself, no copy
+        scale(grads, coef)
         self.optimizer.step()
         if self.mixed:
             publish(self.masters, self.named)
@@ -342,9 +380,8 @@ class FullyShard(DataParallel):
         return total
 
     def step(self, coef: torch.Tensor) -> None:
-        for p in self.named.values():
-            if p.grad is not None:
-                p.grad.mul_(float(coef))
+        scale([g for g in (self._local_grad(p) for p in self.named.values()) if g is not None],
+              coef)
         self.optimizer.step()
 
     def set_lr(self, lr: float) -> None:

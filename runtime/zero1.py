@@ -101,11 +101,16 @@ class ZeroOne(DataParallel):
         """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
         total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
         for flat, mask in zip(self.flats, self.masks):
-            total += (flat.master.grad.pow(2) * mask).sum()
+            squares = flat.master.grad.pow(2)
+            total += (squares if mask is None else squares * mask).sum()
         return total
 
-    def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor:
+    def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor | None:
+        """1 where this rank counts the shard's element, 0 where another TP rank does; None when
+        it counts all of them (no multiply: a pass over the shard saved, ir/counts CLIP_BYTES)."""
         names = {id(p): n for n, p in self.named.items()}
+        if all(self._norm_owned(names[id(p)]) for p in flat.params):
+            return None
         owned = flat.flatten([torch.full_like(p, float(self._norm_owned(names[id(p)])))
                                for p in flat.params])
         return owned[flat.dp_rank * flat.size:(flat.dp_rank + 1) * flat.size]

@@ -227,7 +227,7 @@ def flops_per_token(model: ModelSpec, seq_len: int, training: bool = True,
 # Bytes of weights, gradients and optimizer state per parameter live in counts/state.py.
 from .state import (BF16_BYTES, FP32_BYTES, FSDP_GATHERS_PER_MICROBATCH,  # noqa: E402,F401
                     FSDP_SCATTERS_PER_MICROBATCH, FUSED_ADAM_STEP_BYTES, STATE_CLASSES,
-                    STORED_WEIGHT_BYTES, TORCH_ADAMW_STEP_BYTES,
+                    STORED_WEIGHT_BYTES,
                     dp_traffic_bytes, fsdp_bytes_per_microbatch, param_state_bytes,
                     state_tensor_bytes, stored_weight_bytes)
 
@@ -235,6 +235,11 @@ from .state import (BF16_BYTES, FP32_BYTES, FSDP_GATHERS_PER_MICROBATCH,  # noqa
 def weight_bytes(model: ModelSpec, precision: Union[Precision, str] = "bf16") -> int:
     """Bytes of all of ``model``'s weights stored at ``precision``."""
     return params(model).total * stored_weight_bytes(precision)
+
+
+# Which AdamW the runtime steps on a device and the bytes per parameter it moves: counts/optimizer.py.
+from .optimizer import (ADAMW_STEP_BYTES, CLIP_BYTES, AdamWPath, adamw_path,  # noqa: E402,F401
+                        torch_device_type)
 
 
 # Activation bytes (what one rank's layer keeps for backward) live in counts/activations.py, the

@@ -108,12 +108,8 @@ def fsdp_bytes_per_microbatch(params: float, precision: Union[Precision, str]) -
 # (Megatron-Core's, the stack of the reference rows): read the gradient, the fp32 master weight,
 # m and v, write the master, m, v and the bf16 copy: 4 x 4 + 3 x 4 + 2 = 30.
 FUSED_ADAM_STEP_BYTES = 30
-# plait's runtime: torch's single-tensor AdamW (runtime/optim.py adamw, torch/optim/adam.py
-# _single_tensor_adam), one memory pass per op: p *= 1 - lr wd (8), m.lerp_(g) (12), v *= beta2
-# (8), v.addcmul_(g, g) (12), sqrt(v) (8), / bias correction (8), + eps (8), p.addcdiv_(m, denom)
-# (16) = 80; and the global-norm clip before it (runtime/optim.py clip_and_step): sum of g^2 (4),
-# g *= coef (8). benchmarks/step_phases.py times the whole end of step (reduction, clip, AdamW).
-TORCH_ADAMW_STEP_BYTES = 92
+# plait's runtime: torch's fused AdamW after a global-norm clip, 48 on devices with the fused kernel
+# (counts/optimizer.py adamw_path: the one choice the runtime builds its optimizer from).
 
 
 # Bytes per stored parameter (a checkpoint or inference footprint, no training state).

@@ -173,17 +173,18 @@ def test_fsdp_host_work_is_charged_once_per_unit_and_microbatch():
 
 
 def test_the_optimizer_step_moves_its_stacks_bytes_per_parameter():
-    """plait's runtime (the CPU device, `plait calibrate` files) steps torch's single-tensor AdamW
-    after a global-norm clip, 92 bytes per parameter; a fused Adam (the default, Megatron-Core's:
-    the reference rows' stack) 30. Both memory-bound over this rank's shard."""
+    """plait's runtime (the CPU device, `plait calibrate` files) steps torch's fused AdamW after a
+    global-norm clip, 48 bytes per parameter (counts.adamw_path, the choice the runtime builds its
+    optimizer from); Megatron-Core's fused Adam (the default: the reference rows' stack) 30. Both
+    memory-bound over this rank's shard."""
     from plait.ir import counts
     from plait.ir.dsl import load_job
     job = load_job("specs/jobs/tiny-local.plait")
     runtime = Context(job, Layout(dp=2, dp_kind="zero1"))
     fused = Context(calibrated(job, optimizer_bytes=counts.FUSED_ADAM_STEP_BYTES),
                     Layout(dp=2, dp_kind="zero1"))
-    assert runtime.cal.optimizer_bytes == counts.TORCH_ADAMW_STEP_BYTES == 92
+    assert runtime.cal.optimizer_bytes == counts.adamw_path("cpu").step_bytes == 48
     assert compute.optimizer_time(runtime, 2e6, 2) == pytest.approx(
-        compute.memory_time(runtime, 92e6), rel=1e-12)
+        compute.memory_time(runtime, 48e6), rel=1e-12)
     assert compute.optimizer_time(fused, 2e6, 2) == pytest.approx(
-        compute.optimizer_time(runtime, 2e6, 2) * 30 / 92, rel=1e-12)
+        compute.optimizer_time(runtime, 2e6, 2) * 30 / 48, rel=1e-12)
