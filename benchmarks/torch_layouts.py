@@ -171,10 +171,13 @@ class TorchLayout:
     def _zero1(self, groups: list[dict], spec):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
+        from plait.runtime.optim import optimizer_path
+
+        path = optimizer_path(p for g in groups for p in g["params"])  # plait's AdamW's kernel
         zero = ZeroRedundancyOptimizer(groups[0]["params"], torch.optim.AdamW,
                                        process_group=self.mesh["dp"].get_group(), lr=spec.lr,
-                                       betas=tuple(spec.betas), eps=spec.eps, foreach=False,
-                                       weight_decay=groups[0]["weight_decay"])
+                                       betas=tuple(spec.betas), eps=spec.eps, fused=path.fused,
+                                       foreach=path.foreach, weight_decay=groups[0]["weight_decay"])
         zero.add_param_group(groups[1])
         return zero
 

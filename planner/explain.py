@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from plait.ir import kinds
+from plait.ir import counts, kinds
 from plait.ir.job import TrainJob
 from plait.ir.plan import Layout, ParallelPlan
 
@@ -197,6 +197,22 @@ def overlap_facts(job: TrainJob, lay: Layout) -> list[str]:
     return facts
 
 
+def optimizer_fact(job: TrainJob) -> str:
+    """The optimizer step's price per parameter, and whether it is what `plait run` steps on the
+    cluster's device (counts.adamw_path) or another stack's (Megatron-Core's fused Adam)."""
+    given = dict(job.cluster.device.calibration)
+    bytes_ = Calibration.of(job.cluster.device).optimizer_bytes
+    path = counts.adamw_path(counts.torch_device_type(job.cluster.backend))
+    source = "device calibration" if "optimizer_bytes" in given else "default"
+    ours = f"global-norm clip + torch's {path.kernel} AdamW"
+    line = f"optimizer step {bytes_:g} bytes per parameter ({source}"
+    if bytes_ == path.step_bytes:
+        return line + f": plait's runtime, {ours})"
+    if bytes_ == counts.FUSED_ADAM_STEP_BYTES:
+        line += ": Megatron-Core's fused Adam"
+    return line + f"); plait's runtime moves {path.step_bytes} ({ours})"
+
+
 def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> list[str]:
     """The largest ways ``other`` spends more time or memory than ``winner``."""
     w, o = winner.prediction, other.prediction
@@ -227,6 +243,7 @@ def why(job: TrainJob, plan: ParallelPlan, ranked: list[ParallelPlan], families:
              f"bubble {p.bubble:.1%}, peak memory {p.peak_memory / GiB:.1f} of {cap / GiB:.0f} GiB"]
     lines += topology_facts(job, plan.layout)
     lines += overlap_facts(job, plan.layout)
+    lines.append(optimizer_fact(job))
     lines.append(plan.optimality.line())
     fam = family_of(plan.layout)
     rivals = [r for r in families.records.values()

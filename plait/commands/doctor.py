@@ -23,6 +23,16 @@ def _device_line() -> str:
     return "no CUDA device (gloo on CPU)"
 
 
+def _optimizer_line(device: str) -> str:
+    """The AdamW `plait run` steps on ``device`` (fp32 main weights: floating point), and the
+    bytes per parameter the cost model's optimizer_bytes prices it at."""
+    from plait.ir import counts
+
+    path = counts.adamw_path(device)
+    return (f"optimizer: torch AdamW, {path.kernel} ({path.reason}); with the global-norm clip "
+            f"{path.step_bytes} bytes per parameter (the stack fact optimizer_bytes)")
+
+
 @command("doctor", help="print the active fused kernel per op and why (flash-attn, mamba-ssm, ...)")
 @arguments(lambda p: (p.add_argument("--device", default=None,
                                      help="cuda or cpu (default: cuda when available)"),
@@ -47,6 +57,7 @@ def doctor(args) -> int:
     for choice in kernels.report(device, args.fp8):
         table.add_row(choice.op, choice.kernel, "yes" if choice.fused else "no", choice.reason)
     console.print(table)
+    console.print(_optimizer_line(device))
     if args.fp8:
         fp8 = kernels.select("fp8_linear", device, True)
         asked = os.environ.get("PLAIT_FP8_BACKEND", "auto")
