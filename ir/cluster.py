@@ -84,12 +84,12 @@ class Cluster:
 # kv_expanded: plait's attention on CPU is PyTorch SDPA, which gets K/V repeated to every query head;
 # grouped_gemm 0: torch._grouped_mm does not run on CPU in this torch, the experts loop over matmuls;
 # dp_sync_overlap 0: plait's runtime syncs replicated / ZeRO-1 data parallelism after the backward;
-# optimizer_bytes 48: plait's runtime clips and steps torch's fused AdamW on the CPU
+# optimizer_bytes 40: plait's runtime clips and steps torch's fused AdamW on the CPU
 # (ir/counts/optimizer.py adamw_path("cpu"), which imports ir/job.py and so cannot be called here;
 # tests/runtime/test_optim_path.py keeps the two equal)
 LOCAL_CPU_DEVICE = Device(name="cpu", bf16_flops=1e11, memory=4 * 2**30, hbm=2e10,
                           calibration=(("dp_sync_overlap", 0.0), ("grouped_gemm", 0.0),
-                                       ("kv_expanded", 1.0), ("optimizer_bytes", 48.0)))
+                                       ("kv_expanded", 1.0), ("optimizer_bytes", 40.0)))
 
 
 def local_cpu(ranks: int = 8) -> Cluster:

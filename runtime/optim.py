@@ -130,6 +130,12 @@ def all_reduce_flat(grads: list[torch.Tensor], axis: str | None, divisor: int = 
         offset += g.numel()
 
 
+def squared_norm(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of ``g``'s squares in ``dtype``, in one read of ``g`` (torch's vector norm, squared:
+    within two roundings of the sum; g.pow(2).sum() wrote and re-read a square as large as g)."""
+    return torch.linalg.vector_norm(g, dtype=dtype).square()
+
+
 def scale(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     """Multiply every gradient by the clip factor in place: one foreach kernel per device and
     dtype, element for element what a mul_ per tensor computes."""
@@ -296,7 +302,7 @@ class Replicated(DataParallel):
             grad = self.grad(name)
             if grad is not None and self.mesh.coord(self.axis_of[name]) == 0 \
                     and self._norm_owned(name):
-                total += grad.to(self.acc_dtype).pow(2).sum()
+                total += squared_norm(grad, self.acc_dtype)
         return total
 
     def step(self, coef: torch.Tensor) -> None:
@@ -376,7 +382,7 @@ class FullyShard(DataParallel):
         for name, p in self.named.items():
             g = self._local_grad(p)
             if g is not None and self._norm_owned(name):
-                total += g.to(self.acc_dtype).pow(2).sum()
+                total += squared_norm(g, self.acc_dtype)
         return total
 
     def step(self, coef: torch.Tensor) -> None:

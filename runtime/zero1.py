@@ -10,7 +10,8 @@ from torch import nn
 from plait.lowering import collectives as cc
 
 from .main_grads import MainGrads
-from .optim import GRAD_AXIS, DataParallel, accumulator_dtype, adamw, param_groups, set_lr
+from .optim import (GRAD_AXIS, DataParallel, accumulator_dtype, adamw, param_groups, set_lr,
+                    squared_norm)
 
 
 class _FlatShard:
@@ -101,8 +102,8 @@ class ZeroOne(DataParallel):
         """Each DP rank owns its shard; within it, TP-replicated elements count on TP rank 0."""
         total = torch.zeros((), dtype=self.acc_dtype, device=self.mesh.device)
         for flat, mask in zip(self.flats, self.masks):
-            squares = flat.master.grad.pow(2)
-            total += (squares if mask is None else squares * mask).sum()
+            g = flat.master.grad
+            total += squared_norm(g, g.dtype) if mask is None else (g.pow(2) * mask).sum()
         return total
 
     def _norm_owned_mask(self, flat: _FlatShard) -> torch.Tensor | None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Device types with torch's fused AdamW kernel (torch.optim.AdamW(fused=True): torch._fused_adamw_),
-# as torch 2.13's torch/utils/_foreach_utils.py lists them for fused optimizers; any floating dtype, and
-# DTensor parameters too (FSDP2: the op has a pointwise sharding rule, so each rank steps its
+# as torch 2.13's torch/utils/_foreach_utils.py lists them for fused optimizers; any floating
+# dtype, and DTensor parameters too (FSDP2: the op has a pointwise sharding rule, so each rank steps its
 # shard; tests/runtime/test_optim_path.py runs it).
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
 # Device types where torch's foreach (multi-tensor) kernels run (torch/utils/_foreach_utils.py)
@@ -23,10 +23,10 @@ FOREACH_DEVICES = ("cuda", "xpu", "mtia")
 #                   sqrt(v) (8), / bias correction (8), + eps (8), p.addcdiv_(m, denom) (16) = 80
 #   foreach         _multi_tensor_adam runs the same ops over tensor lists: 80 bytes, fewer launches
 ADAMW_STEP_BYTES = {"fused": 28, "foreach": 80, "single-tensor": 80}
-# The global-norm clip before it (runtime/optim.py clip_and_step): the squared gradient summed,
-# g.pow(2).sum() (read 4, write the square 4, read it 4) and g *= coef (read 4, write 4). ZeRO-1
-# under tensor parallelism adds a norm-ownership mask multiply (runtime/zero1.py; 12 more, unpriced).
-CLIP_BYTES = 20
+# The global-norm clip before it (runtime/optim.py clip_and_step): the gradient's squared norm
+# (squared_norm: read 4) and g *= coef (read 4, write 4). ZeRO-1 under tensor parallelism squares
+# and masks the shard instead (runtime/zero1.py: 16 more, unpriced).
+CLIP_BYTES = 12
 
 
 @dataclass(frozen=True)

@@ -184,8 +184,8 @@ def head_work(ctx: Context) -> Work:
 
 def optimizer_time(ctx: Context, params_on_rank: float, shards: float) -> float:
     """Adam step over this rank's shard, memory-bound: optimizer_bytes per parameter (the
-    stack's optimizer, ir/counts: 30 for Megatron-Core's fused Adam, 48 for plait's runtime's clip and
-    fused AdamW, counts.adamw_path)."""
+    stack's optimizer, ir/counts: 30 for Megatron-Core's fused Adam, 40 for plait's runtime's
+    clip and fused AdamW, counts.adamw_path)."""
     return memory_time(ctx, ctx.cal.optimizer_bytes * params_on_rank / max(1.0, shards))
 
 

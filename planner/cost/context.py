@@ -83,10 +83,10 @@ class Calibration:
     # nothing beside them (plait's runtime: runtime/optim.py Replicated and runtime/zero1.py
     # reduce flat buffers once the step's backward is done; `plait calibrate` writes 0)
     dp_sync_overlap: float = 1.0
-    # a fact of the stack too: bytes per parameter its optimizer step moves (ir/counts/state.py):
-    # a fused Adam, 30 (Megatron-Core, the reference rows' stack); plait's runtime, torch's
-    # AdamW after a global-norm clip, counts.adamw_path: 48 with torch's fused kernel (the CPU device
-    # and `plait calibrate` write it)
+    # a fact of the stack too: bytes per parameter its optimizer step moves (ir/counts): a fused
+    # Adam, 30 (Megatron-Core, the reference rows' stack); plait's runtime, torch's AdamW after a
+    # global-norm clip, counts.adamw_path: 40 with torch's fused kernel (the CPU device and
+    # `plait calibrate` write it)
     optimizer_bytes: float = 30.0
     # busiest expert rank over the mean as measured on a trained router (per micro-batch and
     # layer); 0: the expected maximum under balanced random routing (routing_imbalance)

@@ -174,7 +174,7 @@ def test_fsdp_host_work_is_charged_once_per_unit_and_microbatch():
 
 def test_the_optimizer_step_moves_its_stacks_bytes_per_parameter():
     """plait's runtime (the CPU device, `plait calibrate` files) steps torch's fused AdamW after a
-    global-norm clip, 48 bytes per parameter (counts.adamw_path, the choice the runtime builds its
+    global-norm clip, 40 bytes per parameter (counts.adamw_path, the choice the runtime builds its
     optimizer from); Megatron-Core's fused Adam (the default: the reference rows' stack) 30. Both
     memory-bound over this rank's shard."""
     from plait.ir import counts
@@ -183,8 +183,8 @@ def test_the_optimizer_step_moves_its_stacks_bytes_per_parameter():
     runtime = Context(job, Layout(dp=2, dp_kind="zero1"))
     fused = Context(calibrated(job, optimizer_bytes=counts.FUSED_ADAM_STEP_BYTES),
                     Layout(dp=2, dp_kind="zero1"))
-    assert runtime.cal.optimizer_bytes == counts.adamw_path("cpu").step_bytes == 48
+    assert runtime.cal.optimizer_bytes == counts.adamw_path("cpu").step_bytes == 40
     assert compute.optimizer_time(runtime, 2e6, 2) == pytest.approx(
-        compute.memory_time(runtime, 48e6), rel=1e-12)
+        compute.memory_time(runtime, 40e6), rel=1e-12)
     assert compute.optimizer_time(fused, 2e6, 2) == pytest.approx(
-        compute.optimizer_time(runtime, 2e6, 2) * 30 / 48, rel=1e-12)
+        compute.optimizer_time(runtime, 2e6, 2) * 30 / 40, rel=1e-12)

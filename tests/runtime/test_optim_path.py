@@ -47,7 +47,7 @@ def test_the_runtime_and_the_stack_fact_read_one_choice():
     path = counts.adamw_path("cpu")
     assert path.kernel == "fused" and opt.defaults["fused"] and not opt.defaults["foreach"]
     assert opt.plait_path == optimizer_path(params) == path
-    assert path.step_bytes == counts.ADAMW_STEP_BYTES["fused"] + counts.CLIP_BYTES == 48
+    assert path.step_bytes == counts.ADAMW_STEP_BYTES["fused"] + counts.CLIP_BYTES == 40
     # the stack facts that price plait's runtime on this CPU
     assert dict(LOCAL_CPU_DEVICE.calibration)["optimizer_bytes"] == path.step_bytes
     from plait.ir.dsl import load_job
