@@ -79,6 +79,9 @@ in one quiet moment (Trainer.train_step's parts, rank 0, tiny-local; benchmarks/
 batches of 41 ms + 19 ms of reduce / clip / AdamW; dp2 zero1 0.169 s = 4 of 34 ms + 27 ms, against
 0.176 s predicted. The optimizer's 14 ms for 0.80 M parameters is what the cost model charged 3 ms
 for until optimizer_bytes priced torch's single-tensor AdamW (92 bytes per parameter, not 30).
+The runtime has since stepped torch's fused AdamW (runtime/optim.py adamw, ir/counts/optimizer.py
+adamw_path: 40 bytes per parameter with the clip; benchmarks/adamw_paths.py and step_phases.py
+hold the before / after timings).
 Then each job's layouts were calibrated right before they ran. Three runs one after the other
 (load 4.6 -> 3.7, 3.5 -> 2.6, 2.6 -> 2.6): 13.1% / 29.6%, 17.5% / 43.6%, 12.5% / 37.8% vs the
 median step (vs the fastest: 11.5% / 23.1%, 14.6% / 31.7%, 10.5% / 32.7%), and a fourth 21.4% /

@@ -132,3 +132,12 @@ def test_fused_adamw_steps_fsdp2_dtensor_shards(tmp_path):
     eps = torch.finfo(torch.float32).eps
     for a, b, p in zip(got, params, start):
         assert torch.all((a - b.detach()).abs() <= 4 * eps * (p.abs() + SPEC.lr))
+
+
+def test_plait_doctor_names_the_adamw_path(capsys):
+    from plait.cli import main
+
+    assert main(["doctor", "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "optimizer: torch AdamW, fused (torch's fused AdamW kernel runs on cpu)" in out
+    assert f"{counts.adamw_path('cpu').step_bytes} bytes per parameter" in out
