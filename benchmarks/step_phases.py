@@ -17,6 +17,16 @@ calibrations benchmarks/predict_vs_measure.py had made twenty minutes before:
                      than when it was calibrated)
 An earlier throwaway timing of the same phases had found the hybrid's 2-rank micro-batches
 1.2-1.4x slower; these turns did not reproduce it.
+
+torch's single-tensor AdamW (foreach=False, 92 bytes per parameter with the clip) against the fused
+kernel the runtime steps now (ir/counts/optimizer.py adamw_path: 40), tiny-local --rounds 2 four
+times in one sitting, after / before / after / before (before: main's runtime/optim.py, zero1.py,
+checkpoint.py checked out; 2026-12-03, load average 6.7 falling to 4.2 from other jobs): end of
+step on 1 rank 13.4 / 8.4 / 11.6 / 12.9 ms before, 5.1 / 5.0 / 5.8 / 6.3 ms after (medians 12.2 ->
+5.4 ms, 2.3x; the rest of it is ZeRO-1's flat copies); on 2 ranks 30.8 / 19.0 / 18.2 / 17.0 ms
+before, 22.7 / 24.9 / 18.3 / 19.8 after: the collectives and the ranks' skew on 2 shared cores
+hide the optimizer's 0.4 M parameters per rank. benchmarks/adamw_paths.py times the three AdamW
+paths alone.
 """
 from __future__ import annotations
 
