@@ -18,7 +18,7 @@ A copy's "8 bytes" per element are 12 through DRAM on this CPU (the destination'
 before they are written), while the fused kernel writes back lines it has just read: in DRAM bytes
 its 23 are ~35 of the 40 counted. The single-tensor loop's temporaries (sqrt, division) cost more
 than their bytes. Note that `plait calibrate` prices memory-bound work on the CPU at plait's eager
-norm / activation rate (~10 GB/s here), not a copy's, so the cost model charges this step ~2.5x
+norm / activation rate (~10 GB/s here), not a copy's, so the cost model charges this step 2.5-3x
 what it takes on the CPU (GPUs: hbm_eff is the copy's).
 """
 from __future__ import annotations
