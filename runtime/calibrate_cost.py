@@ -36,6 +36,7 @@ from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
+from .calibrate_cp import cp_values, measure_cp
 from .calibrate_fsdp import fsdp_values, measure_fsdp
 from .calibrate_insitu import insitu_latency, measure_insitu
 from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
@@ -248,6 +249,9 @@ def measure_network(rank: int, world: int, gpn: int, device, dtype=torch.float32
                 fsdp = measure_fsdp(rank, groups, dtype, device)
                 if fsdp is not None:
                     out.setdefault("intra_fsdp", []).append((len(groups[0]), fsdp))
+            cp = measure_cp(rank, min(world, gpn), dtype, device)  # every rank calls it
+            if cp is not None:
+                out["intra_cp"] = cp
     return out
 
 
@@ -392,8 +396,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
             for op, alpha in got.per_op:  # each op's own (planner/cost/comm.py)
                 values[f"intra_latency_us_{op}"] = max(0.1, alpha * 1e6)
                 sources[f"intra_latency_us_{op}"] = how
-        if level == "intra" and network.get("intra_fsdp"):
-            fsdp, how = fsdp_values(network["intra_fsdp"])
-            values.update(fsdp)
-            sources.update(how)
+        for key, to_values in (("intra_fsdp", fsdp_values), ("intra_cp", cp_values)):
+            if level == "intra" and network.get(key):
+                got, how = to_values(network[key])
+                values.update(got)
+                sources.update(how)
     return values, sources
