@@ -194,7 +194,19 @@ def overlap_facts(job: TrainJob, lay: Layout) -> list[str]:
     if lay.cp > 1 and lay.cp_comm == "ring":
         facts.append("context-parallel ring hidden behind the attention core, of the time they "
                      "overlap: " + part("p2p", "K/V sends"))
+    if lay.cp > 1:
+        facts += cp_host_facts(job, lay)
     return facts
+
+
+def cp_host_facts(job: TrainJob, lay: Layout) -> list[str]:
+    """The host work context parallelism's replacement ops add per block kind (cost facets'
+    cp_host), where measured."""
+    ctx = Context(job, lay)
+    parts = [f"{kind} {host * 1e3:.2f} ms" for kind in layer_kinds(job.model)
+             if (host := kinds.facet(kind, "cost").cp_host(ctx)) > 0]
+    return [f"context parallelism's own host work (ring pair kernels, chunk-wise scans) per "
+            f"block and micro-batch: {', '.join(parts)} (device calibration)"] if parts else []
 
 
 def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> list[str]:

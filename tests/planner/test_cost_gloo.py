@@ -130,3 +130,12 @@ def test_mamba_cp_counts_the_final_states_and_the_correction():
     m = job.model.mamba
     extra = mamba_cost.work(cp).flops - mamba_cost.work(plain).flops
     assert extra == pytest.approx(2 * 2 * cp.tokens * m.d_inner * m.state)
+
+
+def test_explain_names_the_measured_cp_host_work():
+    from plait.planner.explain import overlap_facts
+    job = load_job(str(JOBS / "tiny-hybrid-local.plait"))
+    cal = calibration.overridden(job, {"cp_host_us_attention": 3000.0, "cp_host_us_mamba": 9000.0})
+    facts = overlap_facts(cal, Layout(cp=2, mbs=2))
+    assert any("attention 3.00 ms, mamba 9.00 ms" in f for f in facts)
+    assert not any("host work" in f for f in overlap_facts(job, Layout(cp=2, mbs=2)))
