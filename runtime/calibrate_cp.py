@@ -6,8 +6,9 @@ by the ring (cp_attention.py: per ring step a pair kernel for each of the rank's
 lse merge, K / V exchanged with the neighbours), the Mamba conv and SSD scan by their
 state-passing forms (mamba_cp.py: each chunk scanned on its own, its final state and decay, three
 all-gathers, the entering states and the correction term). On the 2-core VM tiny-hybrid-local
-under cp2 dispatched 4.5x the ATen calls of dp2 for the same tokens (torch.profiler, 166 k against
-37 k per step); where a block is host-bound its time follows the calls, not the FLOPs.
+under cp2 dispatches 4.5x the ATen calls of dp2 for the same tokens per rank (133 k against 30 k
+per step, benchmarks/cp_overhead.py); where a block is host-bound its time follows the calls, not
+the FLOPs.
 
 The probe runs, on every pair of the node's ranks at once, interleaved, forward + backward of
 
