@@ -39,7 +39,7 @@ from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
 from .calibrate_cp import cp_values, measure_cp
 from .calibrate_fsdp import fsdp_values, measure_fsdp
 from .calibrate_insitu import insitu_latency, measure_insitu
-from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
+from .calibrate_ops import elementwise_rate, linear_rates, measure_sharing, sharing_value
 from .calibrate_overlap import derive_overlap, measure_overlap
 from .calibrate_timing import timed
 
@@ -195,18 +195,7 @@ def measure_compute(dtype, device) -> dict:
             "copy": copy_bandwidth(cfg["copy"], device),
             "elementwise": elementwise_rate(*cfg["elementwise"], dtype, device),
             "block_host_s": block_host_seconds(device, dtype),
-            "host_us": block_host_us(device, dtype),
-            "share_single": sustained_block_rate(dtype, device)}
-
-
-def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | None:
-    """Block passes per second (sustained_block_rate) with every rank of ``on_host`` running
-    them at once."""
-    group = dist.new_group(on_host)
-    if rank not in on_host:
-        return None
-    dist.barrier(group=group)
-    return sustained_block_rate(dtype, device)
+            "host_us": block_host_us(device, dtype)}
 
 
 def intra_groups(on_host: int) -> list[list[list[int]]]:
@@ -276,9 +265,8 @@ def measure(rank: int, world: int, gpn: int, dtype, device, full: bool = False) 
     if rank == 0:
         out["compute"] = measure_compute(dtype, device)
     dist.barrier()
-    rates = [None] * world
-    dist.all_gather_object(rates, measure_sharing(rank, list(range(min(world, gpn))), dtype, device))
-    out["shared_rates"] = [r for r in rates if r is not None]
+    out["sharing"] = measure_sharing(rank, min(world, gpn), dtype, device)
+    out["sharing_ranks"] = min(world, gpn)
     dist.barrier()
     net = measure_network(rank, world, gpn, device, dtype)
     nets = [None] * world
@@ -365,11 +353,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["optimizer_bytes"] = float(counts.TORCH_ADAMW_STEP_BYTES)
     sources["optimizer_bytes"] = ("plait's runtime clips by the global norm and steps torch's "
                                   "single-tensor AdamW (ir/counts/state.py)")
-    shared = measured.get("shared_rates") or []
-    if dev.name == "cpu" and shared and c["share_single"] > 0:
-        values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])
-        sources["shared_cores"] = (f"{len(shared)} ranks at once reach {sum(shared):.1f} "
-                                   f"decoder block passes/s, one alone {c['share_single']:.1f}")
+    if dev.name == "cpu" and measured.get("sharing"):
+        values["shared_cores"], sources["shared_cores"] = sharing_value(
+            measured["sharing"], measured["sharing_ranks"])
     overlap, how = derive_overlap(measured.get("overlap", {}), measured.get("overlap_ranks", 0))
     values.update(overlap)
     sources.update(how)
