@@ -166,18 +166,21 @@ def measured(record: dict) -> tuple[float, float, dict]:
     return statistics.median(timed), min(timed), state
 
 
-def run(calibration_for, only: str | None) -> list[tuple]:
-    """``calibration_for(job name, world)``: the calibration to predict that group of layouts
-    with, asked right before the group is measured."""
+def run(calibration_for, only: str | None, each_layout: bool = False) -> list[tuple]:
+    """``calibration_for(tag, world)``: the calibration to predict a group of layouts with (a
+    job's layouts of one rank count, or with ``each_layout`` one layout), asked right before the
+    group is measured."""
     rows = []
     for name, layouts in CASES.items():
         if only and only not in name:
             continue
-        by_world: dict[int, dict] = {}
+        groups: dict = {}
         for case, lay in layouts.items():
-            by_world.setdefault(lay.world, {})[case] = lay
-        for world, group in by_world.items():
-            job = local_job(name, world, calibration_for(name, world))
+            key = (lay.world, case) if each_layout else (lay.world, "")
+            groups.setdefault(key, {})[case] = lay
+        for (world, case_tag), group in groups.items():
+            tag = f"{name}-{case_tag.replace(' ', '_')}" if case_tag else name
+            job = local_job(name, world, calibration_for(tag, world))
             records = measure_steps(job, group, STEPS)
             for case, lay in group.items():
                 p_step, p_state = predicted(job, lay)
@@ -230,6 +233,9 @@ def main(argv=None) -> int:
                         "calibrations made now, PATH with -JOB-NRANKS before its suffix (default: "
                         "temporary files)")
     parser.add_argument("--only", help="only jobs whose name contains this")
+    parser.add_argument("--each-layout", action="store_true", help="calibrate right before "
+                        "every layout, not every job's group of one rank count (about twice "
+                        "as long; the least drift between calibration and measurement)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     used: list[str] = []
@@ -242,7 +248,7 @@ def main(argv=None) -> int:
         return calibration.read(path)
 
     before = os.getloadavg()[0]
-    rows = run(calibration_for, args.only)
+    rows = run(calibration_for, args.only, args.each_layout)
     where = used[0] if len(set(used)) == 1 else (
         f"{len(used)} made right before their layouts, in {Path(used[0]).parent}")
     show(rows, where, (before, os.getloadavg()[0]))

@@ -19,6 +19,7 @@ Every call runs inside `guard(op, axis)`, so a timeout names its group and opera
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -33,6 +34,8 @@ _AXIS_RANKS: dict[str, tuple[int, ...]] = {}
 _CALLS: dict[str, int] = {}
 _INSIDE: list = [None]
 _TIMEOUT_NOTE: list[Optional[Callable[[str, str, int, tuple[int, ...]], str]]] = [None]
+# Seconds spent inside guarded calls while a `seconds_inside` block is open (None: not counted)
+_SPENT: list[Optional[float]] = [None]
 
 
 class CollectiveTimeout(RuntimeError):
@@ -60,6 +63,21 @@ def on_timeout(note: Optional[Callable[[str, str, int, tuple[int, ...]], str]]) 
     _TIMEOUT_NOTE[0] = note
 
 
+@contextmanager
+def seconds_inside():
+    """Count the wall seconds this rank spends inside guarded collectives (waiting for its peers
+    included) while the block runs; yields a one-item list that holds them at the end.
+    `plait calibrate` separates the host work of a context-parallel op from its exchanges with
+    it (runtime/calibrate_cp.py)."""
+    outer, _SPENT[0] = _SPENT[0], 0.0
+    total = [0.0]
+    try:
+        yield total
+    finally:
+        total[0] = _SPENT[0]
+        _SPENT[0] = None if outer is None else outer + total[0]
+
+
 def axis_group(axis: str) -> dist.ProcessGroup:
     if axis not in _AXES:
         raise RuntimeError(f"mesh axis {axis!r} is not bound to a process group on this rank "
@@ -82,6 +100,7 @@ def guard(op: str, axis: str):
     (when the runtime can tell) the members that did not arrive."""
     number = _CALLS[axis] = _CALLS.get(axis, 0) + 1
     outer, _INSIDE[0] = _INSIDE[0], (op, axis, number)
+    start = time.perf_counter() if _SPENT[0] is not None and outer is None else None
     try:
         yield
     except CollectiveTimeout:
@@ -94,6 +113,8 @@ def guard(op: str, axis: str):
         raise CollectiveTimeout(f"{op} on {describe(axis)} timed out{missing}: {err}") from err
     finally:
         _INSIDE[0] = outer
+        if start is not None and _SPENT[0] is not None:
+            _SPENT[0] += time.perf_counter() - start
 
 
 # ---- plain guarded collectives (no autograd): the runtime's gradient and optimizer traffic ----

@@ -194,6 +194,8 @@ def overlap_facts(job: TrainJob, lay: Layout) -> list[str]:
     if lay.cp > 1 and lay.cp_comm == "ring":
         facts.append("context-parallel ring hidden behind the attention core, of the time they "
                      "overlap: " + part("p2p", "K/V sends"))
+    if lay.cp > 1:
+        facts += cp_host_facts(job, lay)
     return facts
 
 
@@ -211,6 +213,16 @@ def optimizer_fact(job: TrainJob) -> str:
     if bytes_ == counts.FUSED_ADAM_STEP_BYTES:
         line += ": Megatron-Core's fused Adam"
     return line + f"); plait's runtime moves {path.step_bytes} ({ours})"
+
+
+def cp_host_facts(job: TrainJob, lay: Layout) -> list[str]:
+    """The host work context parallelism's replacement ops add per block kind (cost facets'
+    cp_host), where measured."""
+    ctx = Context(job, lay)
+    parts = [f"{kind} {host * 1e3:.2f} ms" for kind in layer_kinds(job.model)
+             if (host := kinds.facet(kind, "cost").cp_host(ctx)) > 0]
+    return [f"context parallelism's own host work (ring pair kernels, chunk-wise scans) per "
+            f"block and micro-batch: {', '.join(parts)} (device calibration)"] if parts else []
 
 
 def differences(job: TrainJob, winner: ParallelPlan, other: ParallelPlan) -> list[str]:

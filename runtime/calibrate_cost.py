@@ -36,9 +36,10 @@ from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
+from .calibrate_cp import cp_values, measure_cp
 from .calibrate_fsdp import fsdp_values, measure_fsdp
 from .calibrate_insitu import insitu_latency, measure_insitu
-from .calibrate_ops import elementwise_rate, linear_rates, sustained_block_rate
+from .calibrate_ops import elementwise_rate, linear_rates, measure_sharing, sharing_value
 from .calibrate_overlap import derive_overlap, measure_overlap
 from .calibrate_timing import timed
 
@@ -194,18 +195,7 @@ def measure_compute(dtype, device) -> dict:
             "copy": copy_bandwidth(cfg["copy"], device),
             "elementwise": elementwise_rate(*cfg["elementwise"], dtype, device),
             "block_host_s": block_host_seconds(device, dtype),
-            "host_us": block_host_us(device, dtype),
-            "share_single": sustained_block_rate(dtype, device)}
-
-
-def measure_sharing(rank: int, on_host: list[int], dtype, device) -> float | None:
-    """Block passes per second (sustained_block_rate) with every rank of ``on_host`` running
-    them at once."""
-    group = dist.new_group(on_host)
-    if rank not in on_host:
-        return None
-    dist.barrier(group=group)
-    return sustained_block_rate(dtype, device)
+            "host_us": block_host_us(device, dtype)}
 
 
 def intra_groups(on_host: int) -> list[list[list[int]]]:
@@ -248,6 +238,9 @@ def measure_network(rank: int, world: int, gpn: int, device, dtype=torch.float32
                 fsdp = measure_fsdp(rank, groups, dtype, device)
                 if fsdp is not None:
                     out.setdefault("intra_fsdp", []).append((len(groups[0]), fsdp))
+            cp = measure_cp(rank, min(world, gpn), dtype, device)  # every rank calls it
+            if cp is not None:
+                out["intra_cp"] = cp
     return out
 
 
@@ -272,9 +265,8 @@ def measure(rank: int, world: int, gpn: int, dtype, device, full: bool = False) 
     if rank == 0:
         out["compute"] = measure_compute(dtype, device)
     dist.barrier()
-    rates = [None] * world
-    dist.all_gather_object(rates, measure_sharing(rank, list(range(min(world, gpn))), dtype, device))
-    out["shared_rates"] = [r for r in rates if r is not None]
+    out["sharing"] = measure_sharing(rank, min(world, gpn), dtype, device)
+    out["sharing_ranks"] = min(world, gpn)
     dist.barrier()
     net = measure_network(rank, world, gpn, device, dtype)
     nets = [None] * world
@@ -362,11 +354,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["optimizer_bytes"] = float(path.step_bytes)
     sources["optimizer_bytes"] = (f"plait's runtime clips by the global norm and steps torch's "
                                   f"{path.kernel} AdamW: {path.reason} (ir/counts/optimizer.py)")
-    shared = measured.get("shared_rates") or []
-    if dev.name == "cpu" and shared and c["share_single"] > 0:
-        values["shared_cores"] = max(1.0, sum(shared) / c["share_single"])
-        sources["shared_cores"] = (f"{len(shared)} ranks at once reach {sum(shared):.1f} "
-                                   f"decoder block passes/s, one alone {c['share_single']:.1f}")
+    if dev.name == "cpu" and measured.get("sharing"):
+        values["shared_cores"], sources["shared_cores"] = sharing_value(
+            measured["sharing"], measured["sharing_ranks"])
     overlap, how = derive_overlap(measured.get("overlap", {}), measured.get("overlap_ranks", 0))
     values.update(overlap)
     sources.update(how)
@@ -393,8 +383,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
             for op, alpha in got.per_op:  # each op's own (planner/cost/comm.py)
                 values[f"intra_latency_us_{op}"] = max(0.1, alpha * 1e6)
                 sources[f"intra_latency_us_{op}"] = how
-        if level == "intra" and network.get("intra_fsdp"):
-            fsdp, how = fsdp_values(network["intra_fsdp"])
-            values.update(fsdp)
-            sources.update(how)
+        for key, to_values in (("intra_fsdp", fsdp_values), ("intra_cp", cp_values)):
+            if level == "intra" and network.get(key):
+                got, how = to_values(network[key])
+                values.update(got)
+                sources.update(how)
     return values, sources

@@ -145,3 +145,35 @@ def sustained_block_rate(dtype, device, tokens: int = 256, count: int = 30) -> f
         step()
     synchronize(device)
     return count / (time.perf_counter() - start)
+
+
+SHARING_ROUNDS = 3
+
+
+def measure_sharing(rank: int, on_host: int, dtype, device,
+                    rounds: int = SHARING_ROUNDS) -> list[tuple[float, float]]:
+    """[(rank 0 alone's block passes per second, the first ``on_host`` ranks' sum running them at
+    once)] per round (sustained_block_rate), the two in turns so that the machine's drifting
+    speed hits both alike; every rank calls it, rank 0's list is the one meant."""
+    import torch.distributed as dist
+
+    out = []
+    for _ in range(rounds):
+        dist.barrier()
+        alone = sustained_block_rate(dtype, device) if rank == 0 else 0.0
+        dist.barrier()
+        together = torch.tensor([sustained_block_rate(dtype, device) if rank < on_host else 0.0],
+                                dtype=torch.float64)
+        dist.all_reduce(together)
+        out.append((alone, together.item()))
+    return out
+
+
+def sharing_value(rounds: list, ranks: int) -> tuple[float, str]:
+    """(shared_cores, how measured): how many ranks run at full rate, the median over the rounds
+    of together / alone, at least 1."""
+    ratios = sorted(together / alone for alone, together in rounds if alone > 0)
+    value = max(1.0, ratios[len(ratios) // 2]) if ratios else 1.0
+    return value, (f"{ranks} ranks at once against one alone, decoder block passes in "
+                   f"{len(rounds)} interleaved rounds: " + ", ".join(
+                       f"{t:.1f} / {a:.1f}" for a, t in rounds) + " per second")

@@ -98,6 +98,11 @@ class Calibration:
     host_us_mlp: float = 0.0
     host_us_moe: float = 0.0
     host_us_mamba: float = 0.0
+    # host microseconds context parallelism adds to one block's forward + backward at cp = 2 (its
+    # replacement ops' extra calls beyond their exchanges), per kind with a CP path, measured by
+    # `plait calibrate` (runtime/calibrate_cp.py); 0: not measured, nothing charged
+    cp_host_us_attention: float = 0.0
+    cp_host_us_mamba: float = 0.0
     # host microseconds FSDP2 spends per unit and micro-batch beyond its collectives (hooks, the
     # shards' copy-in and the parameters' copy-out, DTensor wrapping), measured by `plait
     # calibrate` (runtime/calibrate_fsdp.py); 0: not measured, nothing charged

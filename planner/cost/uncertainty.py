@@ -13,8 +13,8 @@ the rest as calibrated. Keys are taken as independent: the band is the point pre
 plus the root-sum-square of the per-key one-sided deltas; the outer bound sets every key at its
 slow (fast) end at once, the worst case. Only the winning plan is evaluated (2 per key + 3).
 Not in the band: the datasheet peaks and link bandwidths, link latencies, host and launch
-overhead (kernel_us, host_us_*, shared_cores: 0 until measured, which dominates a CPU device's
-tiny jobs), the stack facts (flash attention, K/V copies) and the memory keys.
+overhead (kernel_us, host_us_*, cp_host_us_*, shared_cores: 0 until measured, which dominates a
+CPU device's tiny jobs), the stack facts (flash attention, K/V copies) and the memory keys.
 """
 from __future__ import annotations
 

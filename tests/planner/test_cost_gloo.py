@@ -98,3 +98,44 @@ def test_mamba_cp_charges_the_three_gathers_and_their_gloo_scatters():
     assert mamba_cost.cp_comm(ctx) == pytest.approx(3 * 0.9e-3, rel=1e-3)
     assert mamba_cost.cp_comm(ctx, backward=True) == pytest.approx(3 * 2 * 0.7e-3, rel=1e-3)
     assert mamba_cost.cp_comm(Context(job, Layout(dp=2, mbs=2))) == 0.0
+
+
+def test_cp_host_work_is_charged_per_block_where_the_cp_path_runs():
+    """The measured host work of CP's replacement ops (cp_host_us_*, runtime/calibrate_cp.py) goes
+    to each Mamba block and ring attention block per micro-batch, the ring's with its steps; not
+    to MLPs, not to the all-to-all attention, and nothing when unmeasured."""
+    from plait.planner.cost.pipeline import host_seconds
+    job = load_job(str(JOBS / "tiny-hybrid-local.plait"))
+    cal = calibration.overridden(job, {"cp_host_us_attention": 3000.0, "cp_host_us_mamba": 9000.0})
+
+    def host(j, kind, lay):
+        return sum(host_seconds(Context(j, lay), (kind,)))
+
+    for kind, extra in (("mamba", 9e-3), ("attention", 3e-3), ("mlp", 0.0)):
+        plain = host(cal, kind, Layout(cp=2, mbs=2)) - extra
+        assert plain == pytest.approx(host(cal, kind, Layout(dp=2, mbs=2)))
+        assert host(job, kind, Layout(cp=2, mbs=2)) == pytest.approx(host(job, kind, Layout(dp=2, mbs=2)))
+    ring4 = host(cal, "attention", Layout(cp=4, mbs=2)) - host(cal, "attention", Layout(dp=4, mbs=2))
+    assert ring4 == pytest.approx(3e-3 * 4 / 2)  # four ring steps against the two measured
+    a2a = Layout(cp=2, mbs=2, cp_comm="alltoall")
+    assert host(cal, "attention", a2a) == pytest.approx(host(cal, "attention", Layout(dp=2, mbs=2)))
+
+
+def test_mamba_cp_counts_the_final_states_and_the_correction():
+    """Per chunk a final state (sum over tokens of x B^T) and the entering state's correction
+    (C . E per token): two t x d_inner x state products beyond the scan, same tokens per rank."""
+    job = load_job(str(JOBS / "tiny-hybrid-local.plait"))
+    cp, plain = Context(job, Layout(cp=2, mbs=2)), Context(job, Layout(dp=2, mbs=1))
+    assert cp.tokens == plain.tokens == 128
+    m = job.model.mamba
+    extra = mamba_cost.work(cp).flops - mamba_cost.work(plain).flops
+    assert extra == pytest.approx(2 * 2 * cp.tokens * m.d_inner * m.state)
+
+
+def test_explain_names_the_measured_cp_host_work():
+    from plait.planner.explain import overlap_facts
+    job = load_job(str(JOBS / "tiny-hybrid-local.plait"))
+    cal = calibration.overridden(job, {"cp_host_us_attention": 3000.0, "cp_host_us_mamba": 9000.0})
+    facts = overlap_facts(cal, Layout(cp=2, mbs=2))
+    assert any("attention 3.00 ms, mamba 9.00 ms" in f for f in facts)
+    assert not any("host work" in f for f in overlap_facts(job, Layout(cp=2, mbs=2)))

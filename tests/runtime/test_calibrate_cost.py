@@ -75,14 +75,16 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
                  for s in (128, 256, 512)]
     compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention": attention,
                "scan": 0.1 * PEAK, "copy": 10e9,
-               "block_host_s": 70e-6, "share_single": 30.0,
+               "block_host_s": 70e-6,
                "host_us": {"attention": 600.0, "mlp": 250.0}}
     # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
     # (0.6 hidden), 25 ms (serialised)
     overlap = {op: {"compute_s": 15e-3, "collective_s": 10e-3, "both_s": t, "gemms": 6}
                for op, t in (("all_gather", 15e-3), ("reduce_scatter", 19e-3),
                              ("all_to_all", 25e-3))}
-    return {"compute": compute, "shared_rates": [20.0, 20.0, 20.0, 20.0], "network": {"intra": net},
+    # one rank alone against 4 at once, three rounds in turns: the median ratio is kept
+    sharing = [(30.0, 80.0), (25.0, 90.0), (30.0, 70.0)]
+    return {"compute": compute, "sharing": sharing, "sharing_ranks": 4, "network": {"intra": net},
             "overlap": overlap, "overlap_ranks": 4}
 
 

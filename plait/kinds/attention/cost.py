@@ -25,6 +25,10 @@ planner's Context of one (job, layout): calibration, tokens per rank, group shap
     topology_checks(layout) -> tuple[(side, group, what, size), ...]
         the kind's own collectives that `plait plan --explain` checks for crossing nodes, beyond
         the tensor- and context-parallel groups every kind shares
+    cp_host(ctx) -> float
+        host seconds context parallelism adds to one layer per micro-batch, forward + backward
+        (the replacement ops' extra calls: pair kernels, merges, chunk-wise scans), beyond the
+        exchanges ``comm`` prices; measured by `plait calibrate` (runtime/calibrate_cp.py)
     uncertain_ranges(ctx) -> {calibration key: (low, high, why)}
         the plausible range of a calibration key of the kind's own when nobody measured it,
         where the range depends on the job and layout (planner/cost/uncertainty.py's band)
@@ -43,7 +47,7 @@ from plait.planner.cost.context import Context
 # the protocol's functions, in the order above (tests/planner/test_cost_kinds.py holds every
 # kind's cost facet to them)
 PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks",
-            "uncertain_ranges")
+            "cp_host", "uncertain_ranges")
 
 
 def work(ctx: Context) -> Work:
@@ -175,6 +179,18 @@ def cp_comm(ctx: Context) -> float:
     # a sliding window skips the steps whose K/V block no query sees (mean over attention layers)
     steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)
     return steps * collectives.p2p(ctx, ctx.group("dense", "cp"), kv)
+
+
+def cp_host(ctx: Context) -> float:
+    """Ring CP runs each ring step as a pair kernel per chunk pair of this rank, an lse merge and
+    the heads' reshapes, forward and backward: host work that grows with the steps. `plait
+    calibrate` measures it at cp = 2, two steps (cp_host_us_attention); the all-to-all variant
+    runs one whole-sequence kernel and adds only its exchanges."""
+    lay = ctx.layout
+    if lay.cp <= 1 or lay.cp_comm != "ring":
+        return 0.0
+    steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len) + 1
+    return ctx.cal.cp_host_us_attention * 1e-6 * steps / 2
 
 
 def scores_bytes(ctx: Context) -> float:

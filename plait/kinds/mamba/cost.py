@@ -15,6 +15,8 @@ def work(ctx: Context) -> Work:
                                         compute.gemm_times(ctx, t, h, m.d_inner / lay.tp))
     # SSD chunked scan: intra-chunk (chunk-length "attention") and inter-chunk state products
     scan_flops = t * 2 * (m.d_inner / lay.tp) * (2 * m.chunk + 2 * m.state)
+    if lay.cp > 1:  # each chunk's final state and the entering state's correction (mamba_cp.py)
+        scan_flops += t * 2 * (m.d_inner / lay.tp) * 2 * m.state
     conv = 2 * t * m.conv_channels / lay.tp * ctx.act_bytes
     gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
     norm, residual = compute.norm_and_residual(ctx)
@@ -50,6 +52,14 @@ def cp_comm(ctx: Context, backward: bool = False) -> float:
     g = ctx.group("dense", "cp")
     op = collectives.reduce_scatter if backward else collectives.all_gather
     return sum(op(ctx, g, nbytes) for nbytes in (halos, states, decays))
+
+
+def cp_host(ctx: Context) -> float:
+    """Under CP the conv and the scan run once per zigzag chunk, with each chunk's final state,
+    the entering states and the correction term besides (lowering/mamba_cp.py): host work
+    measured by `plait calibrate` at cp = 2 (cp_host_us_mamba). A rank holds two chunks at any
+    cp; only the entering-state recurrence (2 cp tiny steps) grows, and it is not scaled here."""
+    return ctx.cal.cp_host_us_mamba * 1e-6 if ctx.layout.cp > 1 else 0.0
 
 
 def activations(ctx: Context) -> tuple[float, float]:

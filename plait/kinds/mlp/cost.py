@@ -31,4 +31,5 @@ def params_on_rank(ctx: Context) -> tuple[float, float]:
 
 buffers = absent.no_buffers
 topology_checks = absent.no_topology_checks
+cp_host = absent.no_cp_host
 uncertain_ranges = absent.no_uncertain_ranges

@@ -8,6 +8,7 @@ from dataclasses import replace
 from statistics import NormalDist
 
 from plait.ir import counts
+from plait.kinds import absent
 from plait.planner.cost import comm as collectives, compute, memory
 from plait.planner.cost.compute import Work
 from plait.planner.cost.context import Context
@@ -158,6 +159,9 @@ def topology_checks(layout) -> tuple:
 # imbalance is among plait's references; the upper end is what practice budgets for it, the
 # capacity factor Switch Transformer trains at (1.25; Fedus et al. 2022, JMLR, Table 1)
 TRAINED_ROUTER = 1.25
+
+
+cp_host = absent.no_cp_host
 
 
 def uncertain_ranges(ctx: Context) -> dict:
