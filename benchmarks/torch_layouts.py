@@ -171,7 +171,7 @@ class TorchLayout:
     def _zero1(self, groups: list[dict], spec):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        from plait.runtime.optim import optimizer_path
+        from plait.runtime.adamw import optimizer_path
 
         path = optimizer_path(p for g in groups for p in g["params"])  # plait's AdamW's kernel
         zero = ZeroRedundancyOptimizer(groups[0]["params"], torch.optim.AdamW,

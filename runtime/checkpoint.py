@@ -38,7 +38,8 @@ from . import ckpt_store as store
 from .ckpt_chunks import Chunk, chunks, local_span, local_tensor
 from .ckpt_integrity import (META, finalize, fingerprints, find, read_meta, check_model,
                              step_dir, temp_dir)
-from .optim import FullyShard, fresh_step
+from .adamw import fresh_step
+from .optim import FullyShard
 from .zero1 import ZeroOne
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

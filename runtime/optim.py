@@ -5,16 +5,17 @@
               DP rank runs AdamW on its shard only, updated shards are all-gathered back
   fsdp        torch's fully_shard (FSDP2) over the DP group shards parameters, gradients and state
 
-All use torch.optim.AdamW for the arithmetic, built as ir/counts/optimizer.py adamw_path says for
-the parameters' device (torch's fused kernel on CPU and CUDA, FSDP2's DTensor shards included):
-the same choice the cost model's optimizer_bytes is priced from. Under a mixed precision policy (bf16 / fp8) the
-model's parameters are bf16 while gradients accumulate and reduce in fp32 main-gradient buffers
-(runtime/main_grads.py) and AdamW steps fp32 main weights: full copies (replicated), the flat fp32
-shards (zero1, runtime/zero1.py), or FSDP2's fp32 sharded parameters with MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32) (fsdp). Gradients listed in the program's grad_sync.tp_sum
-are summed over TP first (replicated weights used in TP / sequence-parallel regions). The global
-gradient norm counts every parameter element exactly once across all groups: TP-replicated ones on
-TP rank 0, DP-replicated ones on DP rank 0, shards on their owners, then one all-reduce over the world.
+All use torch.optim.AdamW for the arithmetic, built (runtime/adamw.py) as ir/counts/optimizer.py
+adamw_path says for the parameters' device (torch's fused kernel on CPU and CUDA, FSDP2's DTensor
+shards included): the same choice the cost model's optimizer_bytes is priced from. Under a mixed
+precision policy (bf16 / fp8) the model's parameters are bf16 while gradients accumulate and reduce
+in fp32 main-gradient buffers (runtime/main_grads.py) and AdamW steps fp32 main weights: full
+copies (replicated), the flat fp32 shards (zero1, runtime/zero1.py), or FSDP2's fp32 sharded
+parameters with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (fsdp). Gradients listed
+in the program's grad_sync.tp_sum are summed over TP first (replicated weights used in TP /
+sequence-parallel regions). The global gradient norm counts every parameter element exactly once
+across all groups: TP-replicated ones on TP rank 0, DP-replicated ones on DP rank 0, shards on
+their owners, then one all-reduce over the world.
 
 Expert weights (MoE layers, `program.experts`) are sharded over EP x ETP and replicated over EDP
 only: their gradients are summed over the EDP group and divided by dp * cp like every other gradient
@@ -22,7 +23,6 @@ only: their gradients are summed over the EDP group and divided by dp * cp like 
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Iterable
 
@@ -37,6 +37,8 @@ from plait.lowering import collectives as cc
 from plait.lowering.compile import RankProgram
 from plait.lowering.precision import main_dtype, param_dtype, reduce_dtype
 
+# the AdamW itself, its groups and schedule; importers of these names from here keep working
+from .adamw import adamw, lr_at, param_groups, set_lr  # noqa: F401
 from .main_grads import MainGrads, masters_of, own_buffers, publish
 from .mesh import EMBEDDING_AXIS, Mesh
 
@@ -44,67 +46,7 @@ from .mesh import EMBEDDING_AXIS, Mesh
 # sequences, each with its local mean loss (equal token counts), exactly like data-parallel replicas.
 # Without CP the "dp-cp" group is the DP group.
 GRAD_AXIS = "dp-cp"
-log = logging.getLogger("plait.optim")
-_LOGGED_PATHS: set[str] = set()  # each AdamW path is logged once per process
 EXPERT_AXIS = "edp"  # the replica group of expert weights
-
-
-def decays(name: str, p: torch.Tensor) -> bool:
-    """Weight decay on matrices only (not on norms, biases), as Megatron does."""
-    return p.ndim >= 2
-
-
-def param_groups(named: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
-    named = list(named)
-    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
-
-
-def optimizer_path(params: Iterable[torch.Tensor]) -> counts.AdamWPath:
-    """The AdamW implementation for ``params`` (counts.adamw_path on their device type)."""
-    params = list(params)
-    device = params[0].device.type if params else "cpu"
-    return counts.adamw_path(device, all(torch.is_floating_point(p) for p in params))
-
-
-def adamw(groups: list[dict], spec: OptimizerSpec) -> torch.optim.AdamW:
-    """torch AdamW over ``groups``, fused / foreach / single-tensor as optimizer_path says; the
-    path is kept on the optimizer as ``plait_path``."""
-    path = optimizer_path(p for g in groups for p in g["params"])
-    if path.kernel not in _LOGGED_PATHS:
-        _LOGGED_PATHS.add(path.kernel)
-        log.info("AdamW: %s (%s), %d bytes per parameter with the clip", path.kernel, path.reason,
-                 path.step_bytes)
-    optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
-                                  fused=path.fused, foreach=path.foreach)
-    optimizer.plait_path = path
-    return optimizer
-
-
-def fresh_step(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
-    """A step counter as the optimizer's first step would create it: float32 on the parameter's
-    device for the fused kernel (which reads it there), a CPU scalar otherwise."""
-    if optimizer.defaults.get("fused"):
-        return torch.zeros((), dtype=torch.float32, device=p.device)
-    return torch.tensor(0.0)
-
-
-def lr_at(step: int, spec: OptimizerSpec, total_steps: int) -> float:
-    """Linear warmup to lr, then cosine (or constant / linear) decay to min_lr."""
-    if step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    span = max(1, total_steps - spec.warmup)
-    progress = min(1.0, (step - spec.warmup) / span)
-    if spec.schedule == "constant":
-        return spec.lr
-    if spec.schedule == "linear":
-        return spec.lr + (spec.min_lr - spec.lr) * progress
-    return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def accumulator_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:

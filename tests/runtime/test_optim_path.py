@@ -7,7 +7,7 @@ import torch
 from plait.ir import counts
 from plait.ir.cluster import LOCAL_CPU_DEVICE
 from plait.ir.job import Optimizer
-from plait.runtime.optim import adamw, fresh_step, optimizer_path, param_groups
+from plait.runtime.adamw import adamw, fresh_step, optimizer_path, param_groups
 
 SPEC = Optimizer(lr=1e-3, weight_decay=0.1, eps=1e-8)
 STEPS = 3
