@@ -153,7 +153,9 @@ def bytes_seconds(op: str, n: int, nbytes: float, bandwidth: float) -> float:
 @dataclass(frozen=True)
 class InsituLatency:
     """Seconds per latency term: ``alpha`` the median over the collectives (intra_latency_us,
-    what an op without its own value pays), ``per_op`` each op's median over group sizes."""
+    what an op without its own value pays), ``per_op`` each op's median over group sizes, and
+    all_gather_synced: an all-gather whose peers arrive together, from the back-to-back calls
+    (at most the in-situ value)."""
 
     alpha: float
     per_op: tuple[tuple[str, float], ...]
@@ -168,11 +170,15 @@ def insitu_latency(points: list, bandwidth: float) -> InsituLatency:
     parts = []
     for n, ops in points:
         for op, m in ops.items():
-            left = max(0.0, m["added_s"] - bytes_seconds(op, n, m["bytes"], bandwidth))
-            by_op.setdefault(op, []).append(left / latency_terms(op, n))
+            terms, moved = latency_terms(op, n), bytes_seconds(op, n, m["bytes"], bandwidth)
+            left = max(0.0, m["added_s"] - moved)
+            by_op.setdefault(op, []).append(left / terms)
+            if op == "all_gather":
+                synced = min(left, max(0.0, m["bare_s"] - moved))
+                by_op.setdefault(f"{op}_synced", []).append(synced / terms)
             parts.append(f"{op} x{n} {m['added_s'] * 1e3:.2f} ms (bare {m['bare_s'] * 1e3:.2f})")
     per_op = tuple((op, statistics.median(v)) for op, v in sorted(by_op.items()))
-    collectives = [a for op, v in by_op.items() if op != "p2p" for a in v]
+    collectives = [a for op, v in by_op.items() if op in ("all_reduce", "all_gather") for a in v]
     alpha = statistics.median(collectives or [a for v in by_op.values() for a in v])
     return InsituLatency(alpha, per_op, (
         "small collectives and ring exchanges through plait's ops between decoder compute "

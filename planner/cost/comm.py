@@ -30,11 +30,13 @@ def _ring(ctx: Context, g: GroupShape, nbytes: float, eff: float, op: str) -> fl
     return (n - 1) / n * nbytes / (bandwidth * eff) + (n - 1) * latency
 
 
-def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
-    """All-gather (or reduce-scatter) whose full (gathered) tensor has ``nbytes`` bytes."""
+def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0,
+               synced: bool = False) -> float:
+    """All-gather (or reduce-scatter) whose full (gathered) tensor has ``nbytes`` bytes;
+    ``synced``: issued right after another collective of the group (intra_latency_us_all_gather_synced)."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
-    return _ring(ctx, g, nbytes, eff, "all_gather")
+    return _ring(ctx, g, nbytes, eff, "all_gather_synced" if synced else "all_gather")
 
 
 def reduce_scatter(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0) -> float:
@@ -91,14 +93,16 @@ def p2p(ctx: Context, g: GroupShape, nbytes: float, waited: bool = True) -> floa
 
 def tp_comm(ctx: Context) -> float:
     """Tensor parallel around one block: all-gather before + reduce-scatter after with sequence
-    parallel, or one all-reduce after without. Exposed (no TP overlap)."""
+    parallel, or one all-reduce after without. Exposed (no TP overlap). The gather follows the
+    previous block's scatter with only a residual add and a norm between (in backward the
+    same, reversed): its peers arrive together (synced)."""
     lay = ctx.layout
     if lay.tp <= 1:
         return 0.0
     g = ctx.group("dense", "tp")
     full = ctx.tokens * ctx.model.hidden * ctx.act_bytes
     if lay.sp:
-        return all_gather(ctx, g, full) + reduce_scatter(ctx, g, full)
+        return all_gather(ctx, g, full, synced=True) + reduce_scatter(ctx, g, full)
     return all_reduce(ctx, g, full)
 
 

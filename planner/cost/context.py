@@ -125,6 +125,11 @@ class Calibration:
     intra_latency_us_all_reduce: float = 0.0
     intra_latency_us_all_gather: float = 0.0
     intra_latency_us_p2p: float = 0.0
+    # an all-gather issued right after another collective of its group with only memory-bound
+    # work between (sequence parallelism's gather at a block's start follows the last block's
+    # reduce-scatter, forward and backward): its peers arrive together, so it pays the latency of
+    # back-to-back calls (the in-situ probe's bare variant), not the arrival skew (0: as above)
+    intra_latency_us_all_gather_synced: float = 0.0
     # 1: flash attention. 0: the measured stack materialised the s x s scores (SC'21 Megatron-LM:
     # batched GEMMs, fused scale-mask-softmax, attention dropout)
     flash_attention: float = 1.0
@@ -262,13 +267,19 @@ def layer_kinds(model: ModelSpec) -> tuple[str, ...]:
 
 
 def op_latency(cluster: Cluster, cal: Calibration, op: str, crosses_nodes: bool) -> float:
-    """Seconds per latency term of ``op`` ("all_reduce", "all_gather", "p2p") on a group: the
-    measured per-op intra-node value when there is one, else the level's (cluster_links)."""
+    """Seconds per latency term of ``op`` ("all_reduce", "all_gather", "p2p"; "all_gather_synced":
+    one whose peers arrive together) on a group: the measured per-op intra-node value when there
+    is one (a synced op without its own: the op's), else the level's (cluster_links)."""
     if not crosses_nodes:
         own = getattr(cal, f"intra_latency_us_{op}")
         if own > 0:
             return own * 1e-6
+        if op.endswith(SYNCED):
+            return op_latency(cluster, cal, op[:-len(SYNCED)], crosses_nodes)
     return cluster_links(cluster, cal)[3 if crosses_nodes else 2]
+
+
+SYNCED = "_synced"
 
 
 def cluster_links(cluster: Cluster, cal: Calibration) -> tuple[float, float, float, float]:

@@ -139,3 +139,19 @@ def test_explain_names_the_measured_cp_host_work():
     facts = overlap_facts(cal, Layout(cp=2, mbs=2))
     assert any("attention 3.00 ms, mamba 9.00 ms" in f for f in facts)
     assert not any("host work" in f for f in overlap_facts(job, Layout(cp=2, mbs=2)))
+
+
+def test_sequence_parallel_gathers_pay_the_synced_latency():
+    """Each block's gather follows the previous block's scatter: it pays the back-to-back latency
+    when one is measured, the all-gather's otherwise; the scatter (gloo: an all-reduce) keeps its
+    in-situ one."""
+    huge = {**PER_OP, "intra_eff": 1e6}
+    synced = {**huge, "intra_latency_us_all_gather_synced": 300.0}
+    job = load_job(str(JOBS / "tiny-local.plait"))
+    lay = Layout(tp=2, sp=True, mbs=2)
+    plain = comm.tp_comm(Context(calibration.overridden(job, huge), lay))
+    faster = comm.tp_comm(Context(calibration.overridden(job, synced), lay))
+    assert plain - faster == pytest.approx(0.9e-3 - 0.3e-3, rel=1e-3)
+    no_sp = Layout(tp=2, sp=False, mbs=2)
+    assert comm.tp_comm(Context(calibration.overridden(job, synced), no_sp)) == pytest.approx(
+        comm.tp_comm(Context(calibration.overridden(job, huge), no_sp)))

@@ -39,5 +39,20 @@ def test_the_probe_measures_each_op_training_issues(tmp_path):
         assert set(m) == {"bytes", "insitu_s", "added_s", "bare_s", "slice_s"}
         assert m["insitu_s"] >= 0 and m["bare_s"] > 0 and m["slice_s"] > 0
     latency = insitu_latency([(2, ops)], 1e9)
-    assert [op for op, _ in latency.per_op] == sorted(OPS)
+    assert [op for op, _ in latency.per_op] == sorted((*OPS, "all_gather_synced"))
     assert all(a >= 0 for _, a in latency.per_op)
+
+
+def test_a_synced_gather_pays_the_back_to_back_latency_at_most_the_in_situ_one():
+    """An all-gather right after another collective finds its peers there: the bare back-to-back
+    call's latency (less the bytes' time), never more than the in-situ value."""
+    one = {"bytes": 0, "insitu_s": 0.0, "slice_s": 1e-3}
+    points = [(2, {"all_gather": {**one, "added_s": 2.0e-3, "bare_s": 0.8e-3},
+                   "all_reduce": {**one, "added_s": 3.0e-3, "bare_s": 2.0e-3}}),
+              (4, {"all_gather": {**one, "added_s": 3.0e-3, "bare_s": 4.0e-3},
+                   "all_reduce": {**one, "added_s": 6.0e-3, "bare_s": 5.0e-3}})]
+    per_op = dict(insitu_latency(points, 1e9).per_op)
+    # per latency term: 2 ranks one term, 4 ranks three; the 4-rank bare call above in-situ
+    assert per_op["all_gather_synced"] == pytest.approx((0.8e-3 + 1.0e-3) / 2)
+    assert per_op["all_gather"] == pytest.approx((2.0e-3 + 1.0e-3) / 2)
+    assert "all_reduce_synced" not in per_op

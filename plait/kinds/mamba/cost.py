@@ -41,7 +41,8 @@ def cp_comm(ctx: Context, backward: bool = False) -> float:
     fp32 decay, each its own call (tiny-hybrid-local cp2: 96 all-gathers a step for 4 Mamba
     layers x 8 micro-batches, benchmarks/count_collectives.py); backward, gather_seq's
     reduce-scatter of each (on gloo an all-reduce: comm.reduce_scatter). The volume does not
-    grow with the sequence."""
+    grow with the sequence. The decays' gather follows the states' at once: its peers arrive
+    together (comm.all_gather's synced)."""
     m, lay = ctx.model.mamba, ctx.layout
     if lay.cp <= 1:
         return 0.0
@@ -50,8 +51,10 @@ def cp_comm(ctx: Context, backward: bool = False) -> float:
     decays = chunks * m.heads / lay.tp * 4
     halos = chunks * (m.conv - 1) * m.conv_channels / lay.tp * ctx.act_bytes
     g = ctx.group("dense", "cp")
-    op = collectives.reduce_scatter if backward else collectives.all_gather
-    return sum(op(ctx, g, nbytes) for nbytes in (halos, states, decays))
+    if backward:
+        return sum(collectives.reduce_scatter(ctx, g, b) for b in (halos, states, decays))
+    return (collectives.all_gather(ctx, g, halos) + collectives.all_gather(ctx, g, states)
+            + collectives.all_gather(ctx, g, decays, synced=True))
 
 
 def cp_host(ctx: Context) -> float:
