@@ -35,7 +35,8 @@ CASES = {
                    "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
                    "dp2 selective": Layout(dp=2, mbs=2, recompute="selective"),
                    "dp2 full": Layout(dp=2, mbs=2, recompute="full"),
-                   "dp2 fsdp full": Layout(dp=2, mbs=2, dp_kind="fsdp", recompute="full")},
+                   "dp2 fsdp full": Layout(dp=2, mbs=2, dp_kind="fsdp", recompute="full"),
+                   "cp2 ring": Layout(cp=2, mbs=2, dp_kind="zero1")},
     "tiny-moe-local": {"dp2 zero1": Layout(dp=2, edp=2, mbs=2, dp_kind="zero1"),
                        "dp2 ep2 zero1": Layout(dp=2, ep=2, etp=1, edp=1, mbs=2, dp_kind="zero1"),
                        "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
@@ -45,7 +46,8 @@ CASES = {
     "tiny-hybrid-local": {"dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
                           "tp2 sp zero1": Layout(tp=2, etp=2, sp=True, mbs=2, dp_kind="zero1"),
                           "dp2 selective": Layout(dp=2, mbs=2, recompute="selective"),
-                          "dp2 fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp")},
+                          "dp2 fsdp": Layout(dp=2, mbs=2, dp_kind="fsdp"),
+                          "cp2": Layout(cp=2, mbs=2, dp_kind="zero1")},
 }
 
 

@@ -31,6 +31,7 @@ class ActivationShape:
     kv_expanded: bool = False
     etp: int = 1
     routed_tokens: float = 0.0  # MoE: token copies through this rank's experts (load included)
+    cp: int = 1  # context parallel size: sequence-mixing ops keep their CP forms' tensors too
 
     @property
     def stream_tokens(self) -> float:

@@ -27,7 +27,7 @@ def shape(ctx: Context) -> counts.ActivationShape:
     lay = ctx.layout
     return counts.ActivationShape(
         tokens=ctx.tokens, seq=ctx.job.seq_len / lay.cp, tp=lay.tp, sp=lay.sp,
-        act_bytes=ctx.act_bytes, kv_expanded=ctx.cal.kv_expanded >= 0.5, etp=lay.etp)
+        act_bytes=ctx.act_bytes, kv_expanded=ctx.cal.kv_expanded >= 0.5, etp=lay.etp, cp=lay.cp)
 
 
 def block_activations(ctx: Context, kind: str) -> tuple[float, float]:

@@ -17,7 +17,8 @@ from plait.ir.model import Mamba2, ModelSpec
 from plait.kinds import absent
 
 EXPERTS = False
-EXPORTS = ("mamba_params", "mamba_flops", "mamba_saved_bytes", "mamba_selective_bytes")
+EXPORTS = ("mamba_params", "mamba_flops", "mamba_saved_bytes", "mamba_cp_saved_bytes",
+           "mamba_selective_bytes")
 
 
 def mamba_params(model: ModelSpec, m: Mamba2) -> int:
@@ -65,12 +66,13 @@ def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
     softplus (and the dt floor's output), fp32 upcasts where the activations are narrower, and the
     gated norm's tensors: its fp32 input, silu(z), the product, the group statistics and the
     normalised output before and after the scale (out_proj's input). The scan keeps only its inputs
-    (it recomputes its chunk matrices in backward, as mamba-ssm's fused scan does)."""
+    (it recomputes its chunk matrices in backward, as mamba-ssm's fused scan does). Under context
+    parallelism, what the state-passing forms keep besides (mamba_cp_saved_bytes)."""
     m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
     inner, channels, heads = m.d_inner / tp, m.conv_channels / tp, m.heads / tp
     micro_batches = t / s.seq
     widened = 0 if b == FP32_BYTES else 1  # upcast() copies only narrower activations
-    return {"norm": norm_saved_bytes(model, s), "input": t * model.hidden * b,
+    out = {"norm": norm_saved_bytes(model, s), "input": t * model.hidden * b,
             # kept through z (a view of it) only when upcast(z) is not a copy
             "in_proj": (1 - widened) * t * m.in_proj_out / tp * b,
             "conv": channels * (3 * t + (m.conv - 1) * micro_batches) * b,
@@ -78,6 +80,36 @@ def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
             "skip": widened * t * inner * FP32_BYTES,
             "gated_norm": t * inner * FP32_BYTES * (3 + widened) + t * m.groups / tp * LSE_BYTES
             + 2 * t * inner * b}
+    if s.cp > 1:
+        out.update(mamba_cp_saved_bytes(model, s))
+    return out
+
+
+INDEX_BYTES = 8  # an int64 index
+
+
+def mamba_cp_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
+    """What lowering/mamba_cp.py keeps beyond the reference mixer on its busiest rank. The conv:
+    each chunk's padded input and pre-activation carry its predecessor's conv-1 halo as well
+    (5 (conv-1) tokens more per sequence) and the gathered halos' order index. The scan, all
+    fp32: per token each chunk's final-state product keeps exp(decay) and the decay weight (also
+    permuted for the einsum), x weighted and B per head; its correction keeps exp(cumulative
+    decay), C per head and the product; per sequence the 2 cp - 1 states and decays the
+    recurrence multiplies (the zero state first); fp32 copies of x and dt where activations are
+    narrower; the two gathers' order indices. The first rank's first chunk has no state entering
+    (no C per head kept for it) and its last chunk's entering state is the one the recurrence
+    does not keep: it holds state - chunk tokens x heads x state more, when that is positive."""
+    m, t, b, tp = model.block("mamba"), s.tokens, s.act_bytes, s.tp
+    heads, channels = m.heads / tp, m.conv_channels / tp
+    sequences = t / s.seq
+    widened = 0 if b == FP32_BYTES else 1
+    state = sequences * heads * m.head_dim * m.state * FP32_BYTES
+    first_rank = max(0.0, state - t / 2 * heads * m.state * FP32_BYTES)
+    return {"cp_conv": channels * sequences * 5 * (m.conv - 1) * b + 2 * s.cp * INDEX_BYTES,
+            "cp_scan": t * heads * FP32_BYTES * (3 + 2 * m.head_dim + 2 * m.state
+                                                 + widened * (3 + m.head_dim))
+            + (2 * s.cp - 1) * (state + sequences * heads * FP32_BYTES) + first_rank
+            + 2 * 2 * s.cp * INDEX_BYTES}
 
 
 def mamba_selective_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
