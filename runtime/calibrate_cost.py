@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from plait.ir import counts
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
-from plait.lowering.modules.ssd import ssd_chunked
+from plait.lowering.modules.ssd import ssd_chunked, ssd_chunked_recomputed
+from plait.planner.cost.compute import BWD_CORE
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
 from .calibrate_cp import cp_values, measure_cp
@@ -72,16 +73,23 @@ def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) 
     return out
 
 
-def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype, device) -> float:
-    """FLOP/s of the SSD chunked scan, counted as planner/cost/compute.py does:
-    2 * d_inner * (2 * chunk + 2 * state) per token."""
-    x = torch.randn(1, seq, heads, head_dim, dtype=dtype, device=device)
-    dt = torch.rand(1, seq, heads, dtype=dtype, device=device) * 0.1
-    a = -torch.rand(heads, dtype=dtype, device=device)
-    b = torch.randn(1, seq, 1, state, dtype=dtype, device=device)
-    c = torch.randn(1, seq, 1, state, dtype=dtype, device=device)
-    t = timed(lambda: ssd_chunked(x, dt, a, b, c, chunk), device, repeat=3)
-    return seq * 2 * heads * head_dim * (2 * chunk + 2 * state) / t
+def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype,
+              device) -> tuple[float, float]:
+    """(forward FLOP/s of the SSD chunked scan, counted as planner/cost/compute.py does:
+    2 * d_inner * (2 * chunk + 2 * state) per token; scan_bwd_ratio: the backward's rate over the
+    forward's as the cost model charges it, BWD_CORE x forward / backward seconds, the backward
+    timed as the runtime runs it, ssd_chunked_recomputed's recompute and gradients)."""
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_()
+    x, b, c = leaf(1, seq, heads, head_dim), leaf(1, seq, 1, state), leaf(1, seq, 1, state)
+    dt = (torch.rand(1, seq, heads, dtype=dtype, device=device) * 0.1).requires_grad_()
+    a = (-torch.rand(heads, dtype=dtype, device=device)).requires_grad_()
+    with torch.no_grad():
+        fwd = timed(lambda: ssd_chunked(x, dt, a, b, c, chunk), device, repeat=3)
+    both = timed(lambda: ssd_chunked_recomputed(x, dt, a, b, c, chunk).sum().backward(), device,
+                 repeat=3)
+    return (seq * 2 * heads * head_dim * (2 * chunk + 2 * state) / fwd,
+            BWD_CORE * fwd / max(both - fwd, 1e-9))
 
 
 def copy_bandwidth(nbytes: int, device) -> float:
@@ -335,8 +343,11 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
         "causal SDPA forward and backward at lengths "
         + ", ".join(f"{s} ({f / 1e9:.1f} / {b / 1e9:.1f} GFLOP/s)" for s, f, b in c["attention"])
         + "; 1/eff fitted linear in 1/length, backward's ratio at the same knee")
-    values["scan_eff"] = c["scan"] / peak_bf16
-    sources["scan_eff"] = "SSD chunked scan (lowering/modules/ssd.py)"
+    scan, scan_bwd = c["scan"]
+    values["scan_eff"], values["scan_bwd_ratio"] = scan / peak_bf16, scan_bwd
+    sources["scan_eff"] = sources["scan_bwd_ratio"] = (
+        "SSD chunked scan (lowering/modules/ssd.py) forward, and its backward with the recompute "
+        "as the runtime runs it")
     values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"

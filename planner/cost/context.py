@@ -39,6 +39,10 @@ class Calibration:
     # (FlashAttention-2, Dao 2023: up to 73% of A100 peak forward, 63% backward -> 0.86)
     attn_bwd_ratio: float = 0.86
     scan_eff: float = 0.0  # Mamba2's SSD scan fraction of peak (0: as attn_eff)
+    # the scan's backward rate over its forward's (backward = BWD_CORE x forward / ratio); plait's
+    # runtime recomputes the scan in backward (ssd_chunked_recomputed): `plait calibrate`
+    # measures ~0.65 on CPU. 1: BWD_CORE x the forward, as before it was measured
+    scan_bwd_ratio: float = 1.0
     # 1: the local experts run as one grouped GEMM (Megatron-Core --moe-grouped-gemm, plait's
     # torch._grouped_mm): the GPU fills across experts, each expert's rows padded to a tile;
     # 0: one GEMM per expert (plait's loop fallback), each paying the small-dimension knee

@@ -93,6 +93,21 @@ def test_attention_backward_rate(ctx):
     assert slow.forward == pytest.approx(work.forward)
 
 
+
+def test_scan_backward_rate():
+    """The SSD scan's backward at the measured rate (the runtime recomputes the scan there):
+    backward = BWD_CORE x forward / scan_bwd_ratio; the default 1 keeps BWD_CORE x forward."""
+    from pathlib import Path
+    from plait.ir.dsl import load_job
+    from plait.kinds.mamba import cost as mamba_cost
+    job = load_job(str(Path(__file__).resolve().parents[2] / "specs/jobs/tiny-hybrid-local.plait"))
+    lay = Layout(dp=2, mbs=2)
+    work = mamba_cost.work(Context(calibrated(job, scan_bwd_ratio=1.0), lay))
+    slow = mamba_cost.work(Context(calibrated(job, scan_bwd_ratio=0.65), lay))
+    assert slow.backward - work.backward == pytest.approx(compute.BWD_CORE * work.core * (1 / 0.65 - 1))
+    assert slow.forward == pytest.approx(work.forward)
+
+
 def test_shared_cores_divide_compute_not_gpus(ctx):
     lay = Layout(dp=4)
     job = ctx.job

@@ -74,7 +74,7 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
     attention = [(s, PEAK * 0.2 / (1 + 256 / s), PEAK * 0.16 / (1 + 256 / s))
                  for s in (128, 256, 512)]
     compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention": attention,
-               "scan": 0.1 * PEAK, "copy": 10e9,
+               "scan": (0.1 * PEAK, 0.65), "copy": 10e9,
                "block_host_s": 70e-6,
                "host_us": {"attention": 600.0, "mlp": 250.0}}
     # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
@@ -97,6 +97,7 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["attn_eff"] == pytest.approx(0.2) and values["attn_knee"] == pytest.approx(256)
     assert values["attn_bwd_ratio"] == pytest.approx(0.8)
     assert values["scan_eff"] == pytest.approx(0.1)
+    assert values["scan_bwd_ratio"] == 0.65
     assert values["hbm_eff"] == pytest.approx(10e9 / cluster.device.hbm)
     assert values["kernel_us"] == pytest.approx(70)
     assert (values["host_us_attention"], values["host_us_mlp"]) == (600.0, 250.0)

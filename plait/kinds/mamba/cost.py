@@ -23,6 +23,7 @@ def work(ctx: Context) -> Work:
     flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
     return Work(gemm=gemm, gemm_bwd=gemm_bwd,
                 core=compute.core_time(ctx, scan_flops, ctx.cal.scan_eff),
+                core_bwd_rate=ctx.cal.scan_bwd_ratio,
                 memory=compute.memory_time(ctx, conv + gated_norm + norm + residual),
                 selective=compute.memory_time(ctx, norm + gated_norm), flops=flops)
 
