@@ -7,6 +7,12 @@ over dp2 for the same tokens.
 
     .venv/bin/python benchmarks/cp_overhead.py tiny-hybrid-local --rounds 2 --calibration calib.json
     .venv/bin/python benchmarks/cp_overhead.py tiny-local
+
+Measured 2026-12-03 on the idle 2-core VM with a calibration made minutes before
+(benchmarks/predict_vs_measure.py's): tiny-hybrid-local dp2 0.325 / 0.330 s, cp2 1.169 / 1.272 s
+(3.60x / 3.85x, 132,544 ATen calls per step against 29,672: 4.47x), predicted 0.274 and 1.063 s
+(3.87x; without the CP host work `plait calibrate` now measures, 0.80 s for cp2: 2.9x); tiny-local
+dp2 0.164 s, cp2 ring 0.422 s (2.57x, calls 3.78x), predicted 0.124 and 0.379 s.
 """
 from __future__ import annotations
 

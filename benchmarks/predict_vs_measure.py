@@ -6,6 +6,7 @@ bytes (weights, gradients, optimizer state) next to what the rank holds.
 
     .venv/bin/python benchmarks/predict_vs_measure.py                      # calibrates first
     .venv/bin/python benchmarks/predict_vs_measure.py --calibration calib.json
+    .venv/bin/python benchmarks/predict_vs_measure.py --each-layout  # calibrates before every layout
 
 Without --calibration it calibrates right before each job's layouts of one rank count, on that
 many ranks: shared_cores and the collectives' latency depend on how many processes share the
@@ -90,6 +91,15 @@ median step (vs the fastest: 11.5% / 23.1%, 14.6% / 31.7%, 10.5% / 32.7%), and a
 25.0% / 49.2% with one calibration at the start. The largest misses: hybrid cp2 in every run
 (-29.6%, -32.9%, -37.8%), hybrid dp2 zero1 (-29.3%, -17.6%, -15.9%), tiny-moe tp2 etp2 once
 (-43.6%, else -10%), tiny-moe dp2 fsdp (-16%, -29%, -30%).
+Then (stop 25) `plait calibrate` measured context parallelism's own host work per block
+(runtime/calibrate_cp.py: cp2 dispatches 4.5x the ATen calls of dp2 for the same tokens,
+benchmarks/cp_overhead.py), the SSD scan's recomputing backward (scan_bwd_ratio ~0.7: 3.3-3.8x the
+forward, where 2.5x was charged), shared_cores from interleaved rounds, and the back-to-back latency
+sequence parallelism's gathers pay; the runtime steps fused AdamW (40 bytes per parameter). Three
+runs on the idle VM one after the other (load 1.2-3.5): 13.1% / 23.1%, 9.5% / 19.3%, 11.7% / 24.1%
+vs the median step (fastest: 10.7% / 21.7%, 9.2% / 17.9%, 11.4% / 25.1%), and after the scan's
+backward 9.3% / 19.4% (6.0% / 15.0%); hybrid cp2 -15.4%, -13.8%, -11.6%, -7.8% (-30 to -47%
+before). With --each-layout (load 1.2-2.5): 11.1% / 25.8%, no better than per job here.
 """
 from __future__ import annotations
 
