@@ -158,6 +158,10 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
         assert "over 2 ranks beside" in dict(cal.sources)[f"overlap_{kind}"]
     assert values["fsdp_host_us"] >= 0 and 0.0 <= values["overlap_fsdp"] <= 1.0
     assert "fully_shard" in dict(cal.sources)["overlap_fsdp"]
+    assert values["cp_host_us_attention"] >= 0 and values["cp_host_us_mamba"] >= 0
+    assert values["scan_bwd_ratio"] > 0
+    assert 0 < values["intra_latency_us_all_gather_synced"] <= values["intra_latency_us_all_gather"]
+    assert "3 interleaved rounds" in dict(cal.sources)["shared_cores"]
     doc = json.loads(out.read_text())
     assert doc["measurements"]["network"]["intra"]["all_gather"]
     assert set(doc["measurements"]["overlap"]) == {"all_gather", "reduce_scatter", "all_to_all",
