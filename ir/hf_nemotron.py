@@ -10,12 +10,11 @@ from .model import MLP, PATTERN_SYMBOLS, Attention, Block, Mamba2, ModelSpec, Mo
 BLOCK_TYPES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
                "attention": "attention", "mlp": "mlp", "moe": "moe"}
 
-# Read, but they do not change the trained function: weight init (dt range, residual rescale),
-# transformers' unused `time_step_limit` (its mixer clamps at (time_step_min, inf) instead),
-# inference caches and kernels, and Mamba1's dt rank. transformers ignores `expand` (the inner
+# Read, but they do not change the trained function: weight init (the dt range time_step_min /
+# max / floor, residual rescale), inference caches and kernels, and Mamba1's dt rank. transformers ignores `expand` (the inner
 # width is mamba_num_heads * mamba_head_dim) and `mamba_proj_bias` (use_bias sets the Mamba
 # projections' biases), and so does plait.
-_IGNORED = ("time_step_max", "time_step_floor", "time_step_limit",
+_IGNORED = ("time_step_min", "time_step_max", "time_step_floor",
             "time_step_rank", "rescale_prenorm_residual", "residual_in_fp32", "use_mamba_kernels",
             "mamba_ssm_cache_dtype", "num_logits_to_keep", "expand", "moe_shared_expert_overlap",
             "mtp_layers_block_type", "mtp_hybrid_override_pattern", "mamba_proj_bias")
@@ -61,8 +60,23 @@ def _mamba(c: HFConfig, activation: str) -> Mamba2:
                   chunk=int(c.first(("chunk_size", "mamba_chunk_size"), 128)),
                   conv_bias=bool(c.first(("use_conv_bias", "mamba_conv_bias"), True)),
                   proj_bias=bool(c.get("use_bias", False)),
-                  # transformers' default 0.001 when the config omits it; the forward clamps dt there
-                  dt_min=float(c.get("time_step_min", 0.001)))
+                  dt_min=_dt_floor(c))
+
+
+def _dt_floor(c: HFConfig) -> float:
+    """The floor the forward clamps dt at: time_step_limit's low end (transformers >= 5.25, as
+    mamba-ssm's dt_limit; default (0, inf): no floor; the published Nemotron-H configs say so).
+    Older transformers clamped at time_step_min, an initialisation bound, instead. plait's mixer
+    has no ceiling, so the high end must be infinite."""
+    low, high = (_number(v) for v in c.get("time_step_limit", (0.0, float("inf"))))
+    if high != float("inf"):
+        raise c.error("time_step_limit", [low, high], "plait's Mamba2 floors dt but has no ceiling")
+    return low
+
+
+def _number(value) -> float:
+    """A JSON number; transformers >= 5.25 writes infinity as {"__float__": "Infinity"}."""
+    return float(value["__float__"] if isinstance(value, dict) and "__float__" in value else value)
 
 
 def _mlp(c: HFConfig, activation: str) -> MLP:
@@ -126,7 +140,7 @@ _BLOCK_FIELDS = {
             "topk_group", "routed_scaling_factor", "moe_latent_size", "router_aux_loss_coef"),
     "mamba": ("mamba_num_heads", "mamba_head_dim", "n_groups", "mamba_n_groups", "ssm_state_size",
               "conv_kernel", "mamba_d_conv", "chunk_size", "mamba_chunk_size", "use_conv_bias",
-              "mamba_conv_bias", "use_bias", "mamba_hidden_act", "time_step_min"),
+              "mamba_conv_bias", "use_bias", "mamba_hidden_act", "time_step_limit"),
 }
 
 

@@ -176,8 +176,8 @@ class Mamba2:
     chunk: int = 128
     conv_bias: bool = True
     proj_bias: bool = False
-    # The forward clamps dt = softplus(dt + dt_bias) from below at dt_min (transformers' Nemotron-H:
-    # time_step_limit = (time_step_min, inf)); 0 means no floor, as in mamba-ssm's default.
+    # The forward clamps dt = softplus(dt + dt_bias) from below at dt_min (transformers' Nemotron-H
+    # and mamba-ssm: time_step_limit / dt_limit = (dt_min, inf)); 0 means no floor, their default.
     dt_min: float = 0.0
 
     @property

@@ -156,7 +156,7 @@ def _mamba_args(model: ModelSpec, notes: list) -> list[str]:
                      f"chunk {m.chunk}")
     if m.dt_min > 0:
         notes.append(f"the model floors dt at dt_min = {m.dt_min:g} in the forward (transformers' "
-                     f"time_step_min); Megatron-LM has no flag for that floor")
+                     f"time_step_limit); Megatron-LM has no flag for that floor")
     return [f"--mamba-num-heads {m.heads}", f"--mamba-head-dim {m.head_dim}",
             f"--mamba-num-groups {m.groups}", f"--mamba-state-dim {m.state}"]
 

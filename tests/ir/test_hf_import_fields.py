@@ -68,6 +68,17 @@ def test_nemotron_h_pattern_and_blocks():
     mb = m.mamba
     assert (mb.heads, mb.head_dim, mb.groups, mb.state, mb.conv, mb.chunk) == (128, 64, 8, 128, 4, 128)
     assert mb.conv_bias and not mb.proj_bias
+    assert mb.dt_min == 0.0  # time_step_limit [0, Infinity]: no floor (time_step_min only inits)
+
+
+def test_nemotron_h_dt_floor_is_time_step_limit_s_low_end():
+    """transformers >= 5.25 clamps dt at time_step_limit (writing infinity as {"__float__": ...});
+    plait's mixer has no ceiling, so a finite high end is an error naming the key."""
+    cfg = public("nemotron-h-8b")
+    inf = {"__float__": "Infinity"}
+    assert model_from_hf_config(cfg | {"time_step_limit": [0.01, inf]}).mamba.dt_min == 0.01
+    with pytest.raises(PlaitError, match="time_step_limit"):
+        model_from_hf_config(cfg | {"time_step_limit": [0.0, 1.0]})
 
 
 def test_nemotron_h_moe_layers_and_layers_block_type():

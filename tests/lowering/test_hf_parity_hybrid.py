@@ -36,15 +36,16 @@ def test_hybrid_logits_match_transformers(case, seq):
     assert max_logit_diff(hf, ref, cfg["vocab_size"], seq=seq) <= 1e-5
 
 
-def test_dt_floor_of_time_step_min_matches_transformers():
-    """transformers clamps dt = softplus(dt + dt_bias) from below at time_step_min. With its own
-    dt_bias initialisation (dt in [time_step_min, time_step_max]) many heads sit near the floor, so
-    the clamp changes the logits; plait must apply the same floor."""
+def test_dt_floor_of_time_step_limit_matches_transformers():
+    """transformers clamps dt = softplus(dt + dt_bias) from below at time_step_limit's low end. With
+    its own dt_bias initialisation (dt in [time_step_min, time_step_max]) many heads sit near a
+    floor at time_step_min, so the clamp changes the logits; plait must apply the same floor."""
     import dataclasses
 
     from plait.lowering.build import build_model
 
-    cfg = TINY | CASES["M*-M"] | dict(time_step_min=0.01, time_step_max=0.1)
+    cfg = TINY | CASES["M*-M"] | dict(time_step_min=0.01, time_step_max=0.1,
+                                      time_step_limit=(0.01, float("inf")))
     hf, ref = hf_and_reference(cfg, std=0.2, keep=("dt_bias",))
     assert ref.spec.mamba.dt_min == 0.01
     assert max_logit_diff(hf, ref, cfg["vocab_size"]) <= 1e-5

@@ -24,4 +24,4 @@ def nemotron_h_fields(spec: ModelSpec) -> dict:
     return dict(mamba_num_heads=m.heads, mamba_head_dim=m.head_dim, n_groups=m.groups,
                 ssm_state_size=m.state, conv_kernel=m.conv, chunk_size=m.chunk,
                 use_conv_bias=m.conv_bias, use_bias=m.proj_bias, mamba_hidden_act="silu",
-                time_step_min=m.dt_min)  # the dt floor the forward clamps at
+                time_step_limit=(m.dt_min, float("inf")))  # the dt floor the forward clamps at
