@@ -11,9 +11,9 @@ BLOCK_TYPES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": 
                "attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 # Read, but they do not change the trained function: weight init (the dt range time_step_min /
-# max / floor, residual rescale), inference caches and kernels, and Mamba1's dt rank. transformers ignores `expand` (the inner
-# width is mamba_num_heads * mamba_head_dim) and `mamba_proj_bias` (use_bias sets the Mamba
-# projections' biases), and so does plait.
+# max / floor, residual rescale), inference caches and kernels, and Mamba1's dt rank.
+# transformers ignores `expand` (the inner width is mamba_num_heads * mamba_head_dim) and
+# `mamba_proj_bias` (use_bias sets the Mamba projections' biases), and so does plait.
 _IGNORED = ("time_step_min", "time_step_max", "time_step_floor",
             "time_step_rank", "rescale_prenorm_residual", "residual_in_fp32", "use_mamba_kernels",
             "mamba_ssm_cache_dtype", "num_logits_to_keep", "expand", "moe_shared_expert_overlap",

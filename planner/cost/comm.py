@@ -33,7 +33,8 @@ def _ring(ctx: Context, g: GroupShape, nbytes: float, eff: float, op: str) -> fl
 def all_gather(ctx: Context, g: GroupShape, nbytes: float, eff: float = 1.0,
                synced: bool = False) -> float:
     """All-gather (or reduce-scatter) whose full (gathered) tensor has ``nbytes`` bytes;
-    ``synced``: issued right after another collective of the group (intra_latency_us_all_gather_synced)."""
+    ``synced``: issued right after another collective of the group, its peers already there
+    (intra_latency_us_all_gather_synced)."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     return _ring(ctx, g, nbytes, eff, "all_gather_synced" if synced else "all_gather")
