@@ -14,7 +14,8 @@ from plait.ir.plan import Layout
 from plait.lowering import fp8
 from plait.runtime import fp8_backends
 
-from moe_dist_util import bind_layout, spawn
+from dist_util import spawn
+from moe_dist_util import bind_layout
 
 pytestmark = pytest.mark.tier2
 

@@ -4,21 +4,19 @@ ops' bytes, in fp32 and bf16: every saved storage counted once beyond the inputs
 formula is the busiest rank's: with chunks shorter than the head dim the first rank, whose last
 chunk's entering state the recurrence does not keep, and whose first chunk has none."""
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from dist_util import spawn
 from plait.ir import counts
 from plait.ir.dsl import load_file
 from plait.lowering.collectives import bind_axis, unbind_all
 from plait.lowering.cp_ops import zigzag_shard
 from plait.lowering.mamba_cp import cp_causal_conv1d, cp_ssd_scan
 from plait.lowering.modules.mamba import causal_conv1d, ssd_scan
-from plait.runtime.mesh import destroy, init_distributed
-from plait.runtime.spawn import start_ranks
 
 SPEC = load_file(Path(__file__).resolve().parents[2] / "specs" / "models" / "tiny-hybrid.plait").models["tiny-hybrid"]
 MBS, SEQ, CP = 2, 96, 2  # the rank holds SEQ / CP tokens of each sequence: chunks of 24 < 32
@@ -66,22 +64,16 @@ def _extra(rank: int, dtype) -> int:
     return cp - plain
 
 
-def _probe(rank: int, world: int, work: str) -> None:
-    torch.set_num_threads(1)
-    init_distributed("gloo", 120, f"file://{work}/rdzv", rank, world)
-    try:
-        bind_axis("cp", dist.group.WORLD, (0, 1))
-        got = {str(d): _extra(rank, d) for d in (torch.float32, torch.bfloat16)}
-        Path(work, f"rank{rank}.json").write_text(json.dumps(got))
-        unbind_all()
-    finally:
-        destroy()
+def _probe(rank: int, world: int) -> dict:
+    bind_axis("cp", dist.group.WORLD, (0, 1))
+    got = {str(d): _extra(rank, d) for d in (torch.float32, torch.bfloat16)}
+    unbind_all()
+    return got
 
 
 @pytest.mark.tier2
-def test_cp_forms_keep_what_the_formula_adds(tmp_path):
-    start_ranks(_probe, (2, str(tmp_path)), 2)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_cp_forms_keep_what_the_formula_adds():
+    got = spawn(_probe, 2)
     m = SPEC.mamba
     for dtype in (torch.float32, torch.bfloat16):
         shape = counts.ActivationShape(tokens=MBS * SEQ / CP, seq=SEQ / CP, tp=1, sp=False,

@@ -19,7 +19,8 @@ from plait.lowering.modules.moe import MoEBlock
 from plait.lowering.moe import ExpertGrid, ExpertParallelMoE, shard_experts
 from plait.lowering.moe import comm
 
-from moe_dist_util import bind_layout, max_err, spawn
+from dist_util import spawn
+from moe_dist_util import bind_layout, max_err
 
 pytestmark = pytest.mark.tier2
 

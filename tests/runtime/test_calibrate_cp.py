@@ -2,21 +2,17 @@
 gloo ranks times the lowering's own CP replacements, and they compute what the reference ops
 compute on the whole sequence (so the probe times real work on correctly sharded inputs); the
 probe's seconds are timings, checked for structure only. Tier 1: the arithmetic."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
 
+from dist_util import spawn
 from plait.kinds.attention import parallelize as attention_par
 from plait.kinds.mamba import parallelize as mamba_par
 from plait.lowering.collectives import bind_axis, seconds_inside, unbind_all
 from plait.lowering.cp_ops import zigzag_shard
 from plait.runtime.calibrate_cp import (AXIS, CP, INPUTS, TOKENS, cp_values, local_call,
                                         measure_cp, sequence_ops)
-from plait.runtime.mesh import destroy, init_distributed
-from plait.runtime.spawn import start_ranks
 
 
 def _agreement(rank: int) -> dict:
@@ -46,22 +42,15 @@ def _agreement(rank: int) -> dict:
     return out
 
 
-def _probe(rank: int, world: int, work: str) -> None:
-    torch.set_num_threads(1)
-    init_distributed("gloo", 120, f"file://{work}/rdzv", rank, world)
-    try:
-        agreement = _agreement(rank)
-        got = measure_cp(rank, world, torch.float32, torch.device("cpu"), calls=1, repeat=1)
-        Path(work, f"rank{rank}.json").write_text(json.dumps({"agree": agreement, "probe": got}))
-        dist.barrier()
-    finally:
-        destroy()
+def _probe(rank: int, world: int) -> dict:
+    agreement = _agreement(rank)
+    return {"agree": agreement,
+            "probe": measure_cp(rank, world, torch.float32, torch.device("cpu"), calls=1, repeat=1)}
 
 
 @pytest.mark.tier2
-def test_the_probe_runs_the_lowerings_cp_ops_on_correct_chunks(tmp_path):
-    start_ranks(_probe, (2, str(tmp_path)), 2)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_the_probe_runs_the_lowerings_cp_ops_on_correct_chunks():
+    got = spawn(_probe, 2)
     for rank in got:
         assert set(rank["agree"]) == {"causal_attention", "causal_conv1d", "ssd_scan"}
         for name, a in rank["agree"].items():  # fp64: exact up to summation order

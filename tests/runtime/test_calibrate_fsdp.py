@@ -2,19 +2,15 @@
 variants (tier 1), and on two gloo ranks that its bare variant issues exactly the collectives
 FSDP2 issues for the same units (tier 2)."""
 import collections
-import json
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from dist_util import spawn
 from plait.runtime.calibrate_fsdp import (bare_unit_collectives, fsdp_point,
                                           fsdp_values, measure_fsdp, shard_like_runtime)
 from plait.runtime.calibrate_ops import share_probe_model
-from plait.runtime.mesh import destroy, init_distributed, set_threads
-from plait.runtime.spawn import start_ranks
 
 
 def test_point_splits_host_work_from_what_the_prefetch_hides():
@@ -53,33 +49,25 @@ def _counting():
     return counts, lambda: [setattr(dist, n, f) for n, f in originals.items()]
 
 
-def _worker(rank: int, world: int, work: str) -> None:
-    set_threads()
-    init_distributed("gloo", 120, f"file://{work}/rdzv", rank, world)
-    try:
-        group, device = dist.group.WORLD, torch.device("cpu")
-        x = torch.randn(1, 8, 128)
-        sharded = shard_like_runtime(share_probe_model().layers, group, device)
-        sharded(x).sum().backward()  # FSDP2's lazy init
-        counts, restore = _counting()
-        sharded(x).sum().backward()
-        fsdp = dict(counts)
-        counts.clear()
-        bare_unit_collectives(share_probe_model().layers, group, world, torch.float32, device)()
-        bare = dict(counts)
-        restore()
-        point = measure_fsdp(rank, [list(range(world))], torch.float32, device, calls=2, repeat=1)
-        (Path(work) / f"rank{rank}.json").write_text(json.dumps(
-            {"fsdp": fsdp, "bare": bare, "point": point}))
-    finally:
-        destroy()
+def _worker(rank: int, world: int) -> dict:
+    group, device = dist.group.WORLD, torch.device("cpu")
+    x = torch.randn(1, 8, 128)
+    sharded = shard_like_runtime(share_probe_model().layers, group, device)
+    sharded(x).sum().backward()  # FSDP2's lazy init
+    counts, restore = _counting()
+    sharded(x).sum().backward()
+    fsdp = dict(counts)
+    counts.clear()
+    bare_unit_collectives(share_probe_model().layers, group, world, torch.float32, device)()
+    bare = dict(counts)
+    restore()
+    point = measure_fsdp(rank, [list(range(world))], torch.float32, device, calls=2, repeat=1)
+    return {"fsdp": fsdp, "bare": bare, "point": point}
 
 
 @pytest.mark.tier2
 def test_bare_variant_issues_what_fsdp2_issues_and_the_probe_reports_per_rank():
-    with tempfile.TemporaryDirectory() as work:
-        start_ranks(_worker, (2, work), 2)
-        got = [json.loads((Path(work) / f"rank{r}.json").read_text()) for r in range(2)]
+    got = spawn(_worker, 2)
     for g in got:
         assert g["fsdp"] == g["bare"] and sum(g["fsdp"].values()) == 6  # 2 units x (2 AG + 1 RS)
         point = g["point"]

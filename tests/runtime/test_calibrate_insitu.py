@@ -1,33 +1,20 @@
 """Tier 2: the in-situ probe of `plait calibrate` (runtime/calibrate_insitu.py) on two gloo ranks
 returns, for each op training issues (all-reduce, all-gather, the CP ring's K/V exchange), the
 bytes one call moves and non-negative seconds per call. Structure only: the seconds are timings."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
 
+from dist_util import spawn
 from plait.runtime.calibrate_insitu import OPS, insitu_latency, measure_insitu
-from plait.runtime.mesh import destroy, init_distributed
-from plait.runtime.spawn import start_ranks
 
 
-def _probe(rank: int, world: int, work: str) -> None:
-    torch.set_num_threads(1)
-    init_distributed("gloo", 120, f"file://{work}/rdzv", rank, world)
-    try:
-        got = measure_insitu(rank, [[0, 1]], torch.float32, torch.device("cpu"), calls=2, repeat=1)
-        Path(work, f"rank{rank}.json").write_text(json.dumps(got))
-        dist.barrier()
-    finally:
-        destroy()
+def _probe(rank: int, world: int) -> dict:
+    return measure_insitu(rank, [[0, 1]], torch.float32, torch.device("cpu"), calls=2, repeat=1)
 
 
 @pytest.mark.tier2
-def test_the_probe_measures_each_op_training_issues(tmp_path):
-    start_ranks(_probe, (2, str(tmp_path)), 2)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_the_probe_measures_each_op_training_issues():
+    got = spawn(_probe, 2)
     assert got[0] == got[1]  # every value is the group's mean
     ops = got[0]
     assert tuple(ops) == OPS == ("all_reduce", "all_gather", "p2p")
