@@ -34,8 +34,8 @@ from plait.runtime.harness.step_probe import step_plan
 from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_threads
 from plait.runtime.spawn import start_ranks
 from plait.runtime.train import Trainer
+from predict_vs_measure import job_file, predicted_step  # the same jobs and prediction
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, PROFILED = 10, 6  # steps 3..9 timed; step 6 also profiled (its time left out)
 LAYOUTS = {"dp2": Layout(dp=2, mbs=2, dp_kind="zero1"), "cp2": Layout(cp=2, mbs=2, dp_kind="zero1")}
 
@@ -76,16 +76,6 @@ def measure(job_path: str, layout: str) -> dict:
         return json.loads(Path(work, "out.json").read_text())
 
 
-def predicted(job_name: str, layout: str, cal_path: str | None) -> float | None:
-    if not cal_path:
-        return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import predict_vs_measure  # benchmarks/predict_vs_measure.py: the same job and prediction
-    from plait.planner import calibration
-    job = predict_vs_measure.local_job(job_name, 2, calibration.read(cal_path))
-    return predict_vs_measure.predicted(job, LAYOUTS[layout])[0]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("job", nargs="?", default="tiny-hybrid-local", help="a job of specs/jobs")
@@ -93,9 +83,7 @@ def main() -> int:
     ap.add_argument("--calibration", help="a 2-rank `plait calibrate local-cpu` file: adds the "
                     "cost model's step")
     args = ap.parse_args()
-    job_path = ROOT / "specs" / "jobs" / f"{args.job}.plait"
-    if not job_path.exists():
-        ap.error(f"no job {args.job!r}: {job_path} does not exist")
+    job_path = job_file(ap, args.job)
     t = Table(title=f"{args.job}: dp2 against cp2, the same tokens per rank (rank 0, medians of "
                     f"steps 3-{STEPS - 1})")
     for col in ("round", "layout", "micro-batches", "step s", "ATen calls per step",
@@ -106,7 +94,7 @@ def main() -> int:
         for layout in LAYOUTS:
             got = measure(str(job_path), layout)
             dp = got if layout == "dp2" else dp
-            p = predicted(args.job, layout, args.calibration)
+            p = predicted_step(args.job, LAYOUTS[layout], args.calibration)
             ratio = layout == "cp2"
             t.add_row(str(r), layout, str(got["microbatches"]), f"{got['step']:.4f}",
                       str(got["aten_calls"]), "-" if p is None else f"{p:.4f}",

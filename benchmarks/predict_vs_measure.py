@@ -168,6 +168,23 @@ def predicted(job, lay: Layout) -> tuple[float, dict]:
     return evaluate(table, stages).step_time, state
 
 
+def predicted_step(name: str, lay: Layout, cal_path: str | None) -> float | None:
+    """The cost model's step for ``lay`` of job ``name`` on as many local ranks, calibrated by the
+    `plait calibrate` file ``cal_path``; None without one (benchmarks/step_phases.py and
+    cp_overhead.py put it beside their timings)."""
+    if not cal_path:
+        return None
+    return predicted(local_job(name, lay.world, calibration.read(cal_path)), lay)[0]
+
+
+def job_file(parser: argparse.ArgumentParser, name: str) -> Path:
+    """specs/jobs/NAME.plait, or the parser's one-line error naming the missing file."""
+    path = ROOT / "specs" / "jobs" / f"{name}.plait"
+    if not path.exists():
+        parser.error(f"no job {name!r}: {path} does not exist")
+    return path
+
+
 def measured(record: dict) -> tuple[float, float, dict]:
     """(median of steps 3-12, their minimum: the step a busy machine disturbed least, state)."""
     timed = record["times"][3:STEPS]

@@ -47,8 +47,8 @@ from plait.runtime.harness.step_probe import step_plan
 from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_threads
 from plait.runtime.spawn import start_ranks
 from plait.runtime.train import Trainer
+from predict_vs_measure import job_file, predicted_step  # the same jobs and prediction
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # steps 3..11 are timed
 LAYOUTS = {1: Layout(mbs=2, dp_kind="zero1"), 2: Layout(dp=2, mbs=2, dp_kind="zero1")}
 
@@ -98,16 +98,6 @@ def measure(job_path: str, world: int) -> dict:
         return json.loads((Path(work) / "out.json").read_text())
 
 
-def predicted(job_path: str, world: int, cal_path: str | None) -> float | None:
-    if not cal_path:
-        return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import predict_vs_measure  # benchmarks/predict_vs_measure.py: the same job and prediction
-    from plait.planner import calibration
-    job = predict_vs_measure.local_job(Path(job_path).stem, world, calibration.read(cal_path))
-    return predict_vs_measure.predicted(job, LAYOUTS[world])[0]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("job", help="a job of specs/jobs, e.g. tiny-local")
@@ -115,9 +105,7 @@ def main() -> int:
     ap.add_argument("--calibration", help="a `plait calibrate local-cpu` file: adds the "
                     "cost model's step")
     args = ap.parse_args()
-    job_path = ROOT / "specs" / "jobs" / f"{args.job}.plait"
-    if not job_path.exists():
-        ap.error(f"no job {args.job!r}: {job_path} does not exist")
+    job_path = job_file(ap, args.job)
     t = Table(title=f"{args.job}: step phases, rank 0 (medians of steps 3-{STEPS - 1})")
     for col in ("round", "ranks", "step s", "per micro-batch ms", "end of step ms",
                 "predicted step s", "2 ranks / 1 rank per micro-batch"):
@@ -128,7 +116,7 @@ def main() -> int:
             got = measure(str(job_path), world)
             per = got["run"] / got["microbatches"]
             single = per if world == 1 else single
-            p = predicted(str(job_path), world, args.calibration)
+            p = predicted_step(args.job, LAYOUTS[world], args.calibration)
             t.add_row(str(r), str(world), f"{got['step']:.4f}", f"{per * 1e3:.1f}",
                       f"{got['finish'] * 1e3:.1f}", "-" if p is None else f"{p:.4f}",
                       f"{per / single:.2f}" if world == 2 else "")
