@@ -19,6 +19,7 @@ training runs them (runtime/calibrate_cost.py calls them; the cost model reads w
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -30,7 +31,7 @@ from plait.lowering.modules.norms import RMSNorm
 from plait.ir import counts
 from plait.planner.cost.compute import BWD_MEMORY
 
-from .calibrate_timing import synchronize
+from .calibrate_timing import sum_over_world, synchronize
 
 # Written before every timed run: more than a core's private caches hold (1-2 MiB of L2 on
 # current x86 server cores, 50 MiB of L2 on an H100 only partly), the eviction the kernels
@@ -162,18 +163,16 @@ def measure_sharing(rank: int, on_host: int, dtype, device,
         dist.barrier()
         alone = sustained_block_rate(dtype, device) if rank == 0 else 0.0
         dist.barrier()
-        together = torch.tensor([sustained_block_rate(dtype, device) if rank < on_host else 0.0],
-                                dtype=torch.float64)
-        dist.all_reduce(together)
-        out.append((alone, together.item()))
+        together = sustained_block_rate(dtype, device) if rank < on_host else 0.0
+        out.append((alone, sum_over_world([together])[0]))
     return out
 
 
 def sharing_value(rounds: list, ranks: int) -> tuple[float, str]:
     """(shared_cores, how measured): how many ranks run at full rate, the median over the rounds
     of together / alone, at least 1."""
-    ratios = sorted(together / alone for alone, together in rounds if alone > 0)
-    value = max(1.0, ratios[len(ratios) // 2]) if ratios else 1.0
+    ratios = [together / alone for alone, together in rounds if alone > 0]
+    value = max(1.0, statistics.median(ratios)) if ratios else 1.0
     return value, (f"{ranks} ranks at once against one alone, decoder block passes in "
                    f"{len(rounds)} interleaved rounds: " + ", ".join(
                        f"{t:.1f} / {a:.1f}" for a, t in rounds) + " per second")

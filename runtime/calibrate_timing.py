@@ -29,12 +29,21 @@ def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmu
     return min(out)
 
 
+def sum_over_world(values: list[float]) -> list[float]:
+    """``values`` summed over every rank of the world (each calls this), through the default
+    group on the device its backend reduces on: NCCL reduces CUDA tensors only."""
+    import torch.distributed as dist
+
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def group_mean(value: float, member: bool) -> float:
     """The mean of ``value`` over the ranks in a group (every rank of the world calls this; ranks
     outside the group pass member=False): the ranks a collective makes wait and the ranks it keeps
     waiting pay different shares of the same skew."""
-    import torch.distributed as dist
-
-    t = torch.tensor([value if member else 0.0, 1.0 if member else 0.0], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t[0].item() / max(1.0, t[1].item())
+    total, members = sum_over_world([value if member else 0.0, 1.0 if member else 0.0])
+    return total / max(1.0, members)
