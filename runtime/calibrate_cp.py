@@ -49,16 +49,14 @@ def sequence_ops(kind: str) -> dict:
             for s in kinds.facet(kind, "parallelize").sequence_ops() if s.communicates}
 
 
-def _leaf(shape, dtype, device, fill=None) -> torch.Tensor:
-    t = torch.randn(*shape, dtype=dtype, device=device) if fill is None else fill
+def _leaf(t: torch.Tensor, dtype, device) -> torch.Tensor:
     return t.to(dtype=dtype, device=device).requires_grad_(True)
 
 
 def attention_inputs(tokens: int, dtype, device) -> list[tuple[str, tuple]]:
     """(op name, args) of one attention block's sequence ops: grouped-query causal
     attention, 4 query heads over 2 KV heads of 16."""
-    q = _leaf((1, tokens, 4, 16), dtype, device)
-    k, v = _leaf((1, tokens, 2, 16), dtype, device), _leaf((1, tokens, 2, 16), dtype, device)
+    q, k, v = (_leaf(torch.randn(1, tokens, h, 16), dtype, device) for h in (4, 2, 2))
     return [("causal_attention", (q, k, v, 0.25))]
 
 
@@ -67,12 +65,11 @@ def mamba_inputs(tokens: int, dtype, device) -> list[tuple[str, tuple]]:
     of 8, one group, state 8)."""
     heads, head_dim, state, conv = 4, 8, 8, 4
     channels = heads * head_dim + 2 * state
-    x = _leaf((1, tokens, channels), dtype, device)
-    weight, bias = _leaf((channels, 1, conv), dtype, device), _leaf((channels,), dtype, device)
-    dt = _leaf(None, dtype, device, torch.nn.functional.softplus(torch.randn(1, tokens, heads)))
-    a = _leaf(None, dtype, device, -torch.rand(heads) - 0.5)
-    xs = _leaf((1, tokens, heads, head_dim), dtype, device)
-    b, c = _leaf((1, tokens, 1, state), dtype, device), _leaf((1, tokens, 1, state), dtype, device)
+    x, weight, bias, xs, b, c = (_leaf(torch.randn(*shape), dtype, device) for shape in (
+        (1, tokens, channels), (channels, 1, conv), (channels,), (1, tokens, heads, head_dim),
+        (1, tokens, 1, state), (1, tokens, 1, state)))
+    dt = _leaf(torch.nn.functional.softplus(torch.randn(1, tokens, heads)), dtype, device)
+    a = _leaf(-torch.rand(heads) - 0.5, dtype, device)
     return [("causal_conv1d", (x, weight, bias)), ("ssd_scan", (xs, dt, a, b, c, CHUNK))]
 
 

@@ -106,10 +106,9 @@ def fsdp_bytes_per_microbatch(params: float, precision: Union[Precision, str]) -
 
 # Bytes per parameter one optimizer step moves through memory (fp32 state). A fused Adam
 # (Megatron-Core's, the stack of the reference rows): read the gradient, the fp32 master weight,
-# m and v, write the master, m, v and the bf16 copy: 4 x 4 + 3 x 4 + 2 = 30.
+# m and v, write the master, m, v and the bf16 copy: 4 x 4 + 3 x 4 + 2 = 30. plait's own runtime
+# steps what counts/optimizer.py adamw_path says (40 with torch's fused kernel and the clip).
 FUSED_ADAM_STEP_BYTES = 30
-# plait's runtime: torch's fused AdamW after a global-norm clip, 40 on devices with the fused kernel
-# (counts/optimizer.py adamw_path: the one choice the runtime builds its optimizer from).
 
 
 # Bytes per stored parameter (a checkpoint or inference footprint, no training state).

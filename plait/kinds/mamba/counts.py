@@ -73,13 +73,13 @@ def mamba_saved_bytes(model: ModelSpec, s: ActivationShape) -> dict[str, float]:
     micro_batches = t / s.seq
     widened = 0 if b == FP32_BYTES else 1  # upcast() copies only narrower activations
     out = {"norm": norm_saved_bytes(model, s), "input": t * model.hidden * b,
-            # kept through z (a view of it) only when upcast(z) is not a copy
-            "in_proj": (1 - widened) * t * m.in_proj_out / tp * b,
-            "conv": channels * (3 * t + (m.conv - 1) * micro_batches) * b,
-            "dt": (2 + (m.dt_min > 0)) * t * heads * FP32_BYTES + 2 * heads * FP32_BYTES,
-            "skip": widened * t * inner * FP32_BYTES,
-            "gated_norm": t * inner * FP32_BYTES * (3 + widened) + t * m.groups / tp * LSE_BYTES
-            + 2 * t * inner * b}
+           # kept through z (a view of it) only when upcast(z) is not a copy
+           "in_proj": (1 - widened) * t * m.in_proj_out / tp * b,
+           "conv": channels * (3 * t + (m.conv - 1) * micro_batches) * b,
+           "dt": (2 + (m.dt_min > 0)) * t * heads * FP32_BYTES + 2 * heads * FP32_BYTES,
+           "skip": widened * t * inner * FP32_BYTES,
+           "gated_norm": t * inner * FP32_BYTES * (3 + widened) + t * m.groups / tp * LSE_BYTES
+           + 2 * t * inner * b}
     if s.cp > 1:
         out.update(mamba_cp_saved_bytes(model, s))
     return out
