@@ -68,7 +68,10 @@ def _dt_floor(c: HFConfig) -> float:
     mamba-ssm's dt_limit; default (0, inf): no floor; the published Nemotron-H configs say so).
     Older transformers clamped at time_step_min, an initialisation bound, instead. plait's mixer
     has no ceiling, so the high end must be infinite."""
-    low, high = (_number(v) for v in c.get("time_step_limit", (0.0, float("inf"))))
+    limit = c.get("time_step_limit", (0.0, float("inf")))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+        raise c.error("time_step_limit", limit, "expected [low, high], the dt clamp's bounds")
+    low, high = (_number(v) for v in limit)
     if high != float("inf"):
         raise c.error("time_step_limit", [low, high], "plait's Mamba2 floors dt but has no ceiling")
     return low

@@ -77,8 +77,9 @@ def test_nemotron_h_dt_floor_is_time_step_limit_s_low_end():
     cfg = public("nemotron-h-8b")
     inf = {"__float__": "Infinity"}
     assert model_from_hf_config(cfg | {"time_step_limit": [0.01, inf]}).mamba.dt_min == 0.01
-    with pytest.raises(PlaitError, match="time_step_limit"):
-        model_from_hf_config(cfg | {"time_step_limit": [0.0, 1.0]})
+    for bad in ([0.0, 1.0], 0.01):
+        with pytest.raises(PlaitError, match="time_step_limit"):
+            model_from_hf_config(cfg | {"time_step_limit": bad})
 
 
 def test_nemotron_h_moe_layers_and_layers_block_type():
