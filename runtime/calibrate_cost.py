@@ -29,7 +29,6 @@ import statistics
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from plait.ir import counts
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
@@ -39,6 +38,7 @@ from plait.planner.cost.compute import BWD_CORE
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
 from .calibrate_cp import cp_values, measure_cp
 from .calibrate_fsdp import fsdp_values, measure_fsdp
+from .calibrate_host import block_host_seconds, block_host_us, host_values
 from .calibrate_insitu import insitu_latency, measure_insitu
 from .calibrate_ops import elementwise_rate, linear_rates, measure_sharing, sharing_value
 from .calibrate_overlap import derive_overlap, measure_overlap
@@ -97,53 +97,6 @@ def copy_bandwidth(nbytes: int, device) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     return 2 * nbytes / timed(lambda: dst.copy_(src), device)
-
-
-def block_host_seconds(device, dtype) -> float:
-    """One tiny decoder block's forward (norm, q/k/v/o, SDPA, norm, gated MLP, two residual adds)
-    on one token of width 8: all overhead, no arithmetic to speak of."""
-    x = torch.randn(1, 1, 8, dtype=dtype, device=device)
-    ws = [torch.randn(8, 8, dtype=dtype, device=device) for _ in range(7)]
-
-    def block():
-        h = F.rms_norm(x, (8,))
-        q, k, v = (F.linear(h, w).view(1, 1, 2, 4).transpose(1, 2) for w in ws[:3])
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 1, 8)
-        y = x + F.linear(a, ws[3])
-        h = F.rms_norm(y, (8,))
-        return y + F.linear(F.silu(F.linear(h, ws[4])) * F.linear(h, ws[5]), ws[6])
-
-    return timed(block, device, repeat=50, warmup=10)
-
-
-def host_model():
-    """A narrow model of every block kind built by plait's own lowering (the modules the runtime
-    runs), so each block's time on a few tokens is its host cost: dispatch, launches, Python."""
-    from plait.ir.model import MLP, Attention, Mamba2, ModelSpec, MoE, Rope
-    from plait.lowering.build import build_model
-
-    spec = ModelSpec(name="host-probe", vocab=32, hidden=16, layers=HOST_KINDS, max_seq=64,
-                     attention=Attention(heads=2, kv_heads=1, head_dim=8, rope=Rope(theta=1e4)),
-                     mlp=MLP(ffn=32), moe=MoE(experts=4, top_k=2, ffn=16),
-                     mamba=Mamba2(heads=4, head_dim=8, groups=1, state=8, chunk=16))
-    return build_model(spec)
-
-
-HOST_KINDS = ("attention", "mlp", "moe", "mamba")
-
-
-def block_host_us(device, dtype, tokens: int = 4) -> dict[str, float]:
-    """{kind: microseconds of one block's forward + backward} (norm, mixer, residual)."""
-    model = host_model().to(device=device, dtype=dtype)
-    out = {}
-    for kind, layer in zip(HOST_KINDS, model.layers):
-        x = torch.randn(1, tokens, 16, dtype=dtype, device=device, requires_grad=True)
-
-        def step(layer=layer, x=x):
-            layer(x).sum().backward()
-
-        out[kind] = timed(step, device, repeat=20, warmup=5) * 1e6
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,9 +304,9 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"
-    for kind, us in c.get("host_us", {}).items():
-        values[f"host_us_{kind}"] = us
-        sources[f"host_us_{kind}"] = f"forward + backward of plait's {kind} block on 4 tokens"
+    host, how = host_values(c.get("host_us", {}))
+    values.update(host)
+    sources.update(how)
     values["host_sync"] = 1.0 if dev.name == "cpu" else 0.0
     sources["host_sync"] = ("the CPU runs its kernels itself" if dev.name == "cpu" else
                             "kernels run asynchronously on the accelerator")

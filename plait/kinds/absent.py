@@ -78,6 +78,10 @@ def no_cp_host(ctx) -> float:
     return 0.0
 
 
+def no_experts_host(ctx) -> float:
+    return 0.0
+
+
 def no_uncertain_ranges(ctx) -> dict:
     """Cost facet: no calibration key of the kind's own whose plausible range the layout sets."""
     return {}

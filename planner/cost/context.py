@@ -100,8 +100,13 @@ class Calibration:
     # measured by `plait calibrate` on plait's own modules (0: kernel_us x 3 instead)
     host_us_attention: float = 0.0
     host_us_mlp: float = 0.0
-    host_us_moe: float = 0.0
+    host_us_moe: float = 0.0  # with the two keys below: the MoE block without its experts
     host_us_mamba: float = 0.0
+    # a MoE block's host work per local expert (the loop path's linears where torch._grouped_mm
+    # does not run; ~0 where it does) and its shared expert's, measured by `plait calibrate`
+    # (runtime/calibrate_host.py); 0 with host_us_moe measured whole (files from before them)
+    host_us_moe_expert: float = 0.0
+    host_us_moe_shared: float = 0.0
     # host microseconds context parallelism adds to one block's forward + backward at cp = 2 (its
     # replacement ops' extra calls beyond their exchanges), per kind with a CP path, measured by
     # `plait calibrate` (runtime/calibrate_cp.py); 0: not measured, nothing charged

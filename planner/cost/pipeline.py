@@ -73,14 +73,16 @@ def block_comm(ctx: Context, kind: str, work: compute.Work) -> tuple[dict, dict]
 def host_seconds(ctx: Context, kinds: tuple[str, ...]) -> tuple[float, float]:
     """(forward, backward) host seconds of a unit's blocks: the measured forward + backward of
     each kind (host_us_KIND), a third of it forward, else kernel_us per block and pass, plus what
-    context parallelism's replacement ops add (the cost facet's cp_host); under
-    FSDP also what FSDP2 itself spends around the unit's collectives (fsdp_host_seconds)."""
+    context parallelism's replacement ops and a layer's experts add (the cost facet's cp_host,
+    experts_host); under FSDP also what FSDP2 itself spends around the unit's collectives
+    (fsdp_host_seconds)."""
     fwd = bwd = 0.0
     for kind in kinds:
         total = getattr(ctx.cal, f"host_us_{kind}", 0.0) * 1e-6
         if total <= 0:
             total = 3 * ctx.cal.kernel_us * 1e-6
-        total += block_kinds.facet(kind, "cost").cp_host(ctx)
+        facet = block_kinds.facet(kind, "cost")
+        total += facet.cp_host(ctx) + facet.experts_host(ctx)
         fwd, bwd = fwd + total / 3, bwd + 2 * total / 3
     fsdp = fsdp_host_seconds(ctx)
     return fwd + fsdp / 3, bwd + 2 * fsdp / 3

@@ -76,7 +76,8 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
     compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention": attention,
                "scan": (0.1 * PEAK, 0.65), "copy": 10e9,
                "block_host_s": 70e-6,
-               "host_us": {"attention": 600.0, "mlp": 250.0}}
+               "host_us": {"attention": 600.0, "mlp": 250.0,
+                           "moe": {"E2": 700.0, "E8": 1000.0, "S": 900.0}}}
     # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
     # (0.6 hidden), 25 ms (serialised)
     overlap = {op: {"compute_s": 15e-3, "collective_s": 10e-3, "both_s": t, "gemms": 6}
@@ -101,6 +102,11 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["hbm_eff"] == pytest.approx(10e9 / cluster.device.hbm)
     assert values["kernel_us"] == pytest.approx(70)
     assert (values["host_us_attention"], values["host_us_mlp"]) == (600.0, 250.0)
+    # the MoE block at 2 and 8 local experts: 50 us per expert on a block of 600 without them;
+    # the shared expert adds 200
+    assert values["host_us_moe_expert"] == pytest.approx(50.0)
+    assert values["host_us_moe"] == pytest.approx(600.0)
+    assert values["host_us_moe_shared"] == pytest.approx(200.0)
     assert values["host_sync"] == 1.0  # the CPU runs its own kernels
     assert values["shared_cores"] == pytest.approx(80 / 30)  # 4 ranks: 80 block passes/s, one 30
     assert values["intra_eff"] == pytest.approx(1e9 / cluster.intra.bandwidth, rel=1e-6)
@@ -150,7 +156,7 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     values = dict(cal.values)
     for key in ("gemm_eff", "hbm_eff", "attn_eff", "intra_eff", "intra_latency_us", "kernel_us",
                 "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
-                "host_us_mamba", "intra_latency_us_all_reduce", "intra_latency_us_all_gather",
+                "host_us_mamba", "host_us_moe_expert", "intra_latency_us_all_reduce", "intra_latency_us_all_gather",
                 "intra_latency_us_p2p"):
         assert values[key] > 0, key
     for kind in ("all_gather", "reduce_scatter", "all_to_all", "p2p"):  # 0 on a loaded CPU: a value
@@ -160,6 +166,7 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     assert "fully_shard" in dict(cal.sources)["overlap_fsdp"]
     assert values["cp_host_us_attention"] >= 0 and values["cp_host_us_mamba"] >= 0
     assert values["scan_bwd_ratio"] > 0
+    assert values["host_us_moe_shared"] >= 0
     assert 0 < values["intra_latency_us_all_gather_synced"] <= values["intra_latency_us_all_gather"]
     assert "3 interleaved rounds" in dict(cal.sources)["shared_cores"]
     doc = json.loads(out.read_text())

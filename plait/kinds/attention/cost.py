@@ -29,6 +29,9 @@ planner's Context of one (job, layout): calibration, tokens per rank, group shap
         host seconds context parallelism adds to one layer per micro-batch, forward + backward
         (the replacement ops' extra calls: pair kernels, merges, chunk-wise scans), beyond the
         exchanges ``comm`` prices; measured by `plait calibrate` (runtime/calibrate_cp.py)
+    experts_host(ctx) -> float
+        host seconds a layer's experts add per micro-batch, forward + backward, beyond the
+        measured block (MoE: its local experts' and shared expert's, runtime/calibrate_host.py)
     uncertain_ranges(ctx) -> {calibration key: (low, high, why)}
         the plausible range of a calibration key of the kind's own when nobody measured it,
         where the range depends on the job and layout (planner/cost/uncertainty.py's band)
@@ -47,7 +50,7 @@ from plait.planner.cost.context import Context
 # the protocol's functions, in the order above (tests/planner/test_cost_kinds.py holds every
 # kind's cost facet to them)
 PROTOCOL = ("work", "comm", "activations", "params_on_rank", "buffers", "topology_checks",
-            "cp_host", "uncertain_ranges")
+            "cp_host", "experts_host", "uncertain_ranges")
 
 
 def work(ctx: Context) -> Work:
@@ -179,6 +182,9 @@ def cp_comm(ctx: Context) -> float:
     # a sliding window skips the steps whose K/V block no query sees (mean over attention layers)
     steps = counts.ring_exchanges(ctx.model, lay.cp, ctx.job.seq_len)
     return steps * collectives.p2p(ctx, ctx.group("dense", "cp"), kv)
+
+
+experts_host = absent.no_experts_host
 
 
 def cp_host(ctx: Context) -> float:

@@ -66,6 +66,9 @@ def cp_host(ctx: Context) -> float:
     return ctx.cal.cp_host_us_mamba * 1e-6 if ctx.layout.cp > 1 else 0.0
 
 
+experts_host = absent.no_experts_host
+
+
 def activations(ctx: Context) -> tuple[float, float]:
     return counts.layer_saved_bytes(ctx.model, "mamba", memory.shape(ctx))
 

@@ -32,4 +32,5 @@ def params_on_rank(ctx: Context) -> tuple[float, float]:
 buffers = absent.no_buffers
 topology_checks = absent.no_topology_checks
 cp_host = absent.no_cp_host
+experts_host = absent.no_experts_host
 uncertain_ranges = absent.no_uncertain_ranges

@@ -78,7 +78,7 @@ def work(ctx: Context) -> Work:
     routed = routed_tokens(ctx)
     # expert grouped GEMMs and the fp32 router never run in fp8 (ir/precision.py)
     experts = compute.ffn_work(ctx, routed / local, moe.ffn / lay.etp, moe.gated, local,
-                               ctx.peak_high)
+                               ctx.peak_high, routed=True)
     router = compute.gemm_times(ctx, t_in, moe.experts, h, peak=ctx.peak_high)
     shared = (compute.ffn_work(ctx, ctx.tokens, moe.shared_ffn / lay.tp, moe.gated)
               if moe.shared_ffn else Work())
@@ -162,6 +162,15 @@ TRAINED_ROUTER = 1.25
 
 
 cp_host = absent.no_cp_host
+
+
+def experts_host(ctx: Context) -> float:
+    """Host seconds of the layer's local experts (experts / ep of them, each its own linears on
+    the loop path) and its shared expert per micro-batch, forward + backward, beyond host_us_moe:
+    measured by `plait calibrate` (runtime/calibrate_host.py); 0 unmeasured."""
+    m, cal = ctx.model.moe, ctx.cal
+    shared = cal.host_us_moe_shared if m.shared_ffn else 0.0
+    return (cal.host_us_moe_expert * m.experts / ctx.layout.ep + shared) * 1e-6
 
 
 def uncertain_ranges(ctx: Context) -> dict:
