@@ -248,7 +248,8 @@ from .activations import (LSE_BYTES, ActivationShape, ffn_saved_bytes,  # noqa: 
                           head_saved_bytes, layer_saved_bytes, norm_saved_bytes, stream_bytes,
                           tp_collective_bytes)
 # Bytes the memory-bound ops move per pass (priced at HBM bandwidth; calibrate's probe): traffic.py.
-from .traffic import activation_fn_traffic, norm_residual_traffic  # noqa: E402,F401
+from .traffic import (activation_fn_traffic, expert_loop_traffic,  # noqa: E402,F401
+                      norm_residual_traffic)
 # FSDP's shard dim and padding (per-tensor shapes of each layer kind on one rank): counts/fsdp.py.
 from .fsdp import (Shapes, embedding_shapes, ffn_shapes, fsdp_padding,  # noqa: E402,F401
                    fsdp_shard_dim, head_shapes, layer_shapes, linear_shapes, norm_shapes, params_of)

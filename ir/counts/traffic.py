@@ -16,3 +16,14 @@ def activation_fn_traffic(tokens: float, up: float, width: float, act_bytes: flo
     """Bytes of an FFN's activation function: read the ``up`` (gate + up) columns, write
     ``width``."""
     return tokens * (up + width) * act_bytes
+
+
+def expert_loop_traffic(rows: float, n: float, k: float, experts: float,
+                        act_bytes: float) -> tuple[float, float]:
+    """(forward, backward) bytes the routed experts' loop path (lowering/modules/experts.py
+    grouped_linear where torch._grouped_mm does not run) copies around ``experts`` GEMMs of
+    [rows x k] @ [k x n] beyond the GEMMs themselves: forward concatenates the experts' outputs
+    (reads and writes rows x n each); backward concatenates their input gradients (rows x k each)
+    and stacks their weight gradients (n x k each, unbind's backward)."""
+    return (2 * experts * rows * n * act_bytes,
+            2 * experts * (rows * k + n * k) * act_bytes)

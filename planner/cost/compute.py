@@ -121,6 +121,18 @@ def grouped_gemm_time(ctx: Context, rows: float, n: float, k: float, groups: flo
     return grouped_gemm_times(ctx, rows, n, k, groups, peak)[0]
 
 
+def expert_loop_times(ctx: Context, rows: float, n: float, k: float,
+                      experts: float) -> tuple[float, float]:
+    """(forward, backward) seconds the routed experts' loop path spends copying around one
+    linear's ``experts`` GEMMs (counts.expert_loop_traffic: the outputs' and input gradients'
+    concatenations, the weight gradients' stack), at the memory rate; 0 where the experts run as
+    one grouped GEMM (grouped_gemm = 1), which writes in place."""
+    if ctx.cal.grouped_gemm >= 0.5 or rows <= 0:
+        return 0.0, 0.0
+    fwd, bwd = counts.expert_loop_traffic(rows, n, k, experts, ctx.act_bytes)
+    return memory_time(ctx, fwd), memory_time(ctx, bwd)
+
+
 def memory_time(ctx: Context, nbytes: float) -> float:
     return nbytes / (ctx.hbm * ctx.cal.hbm_eff)
 
@@ -148,14 +160,18 @@ def norm_and_residual(ctx: Context) -> tuple[float, float]:
 
 
 def ffn_work(ctx: Context, tokens: float, width: float, gated: bool, count: float = 1.0,
-             peak: float | None = None) -> Work:
+             peak: float | None = None, routed: bool = False) -> Work:
     """(gate+)up and down GEMMs of ``count`` FFNs of ``width`` over ``tokens`` each (grouped
     when count > 1: the local experts) at ``peak`` (default: the linears'), with the activation
-    function."""
+    function; ``routed``: the routed experts, whose loop path copies (expert_loop_times)."""
     h = ctx.model.hidden
     up = width * (2 if gated else 1)
-    gemm, gemm_bwd = sum_passes(grouped_gemm_times(ctx, tokens, up, h, count, peak),
-                                grouped_gemm_times(ctx, tokens, h, width, count, peak))
+    passes = [grouped_gemm_times(ctx, tokens, up, h, count, peak),
+              grouped_gemm_times(ctx, tokens, h, width, count, peak)]
+    if routed:
+        passes += [expert_loop_times(ctx, tokens, up, h, count),
+                   expert_loop_times(ctx, tokens, h, width, count)]
+    gemm, gemm_bwd = sum_passes(*passes)
     act = memory_time(ctx, count * counts.activation_fn_traffic(tokens, up, width, ctx.act_bytes))
     flops = count * tokens * 2 * h * (up + width)
     return Work(gemm=gemm, memory=act, selective=act, flops=flops, gemm_bwd=gemm_bwd)

@@ -85,6 +85,25 @@ def test_grouped_gemm_beats_a_loop_of_small_gemms(ctx, mixtral_job):
         pytest.approx(compute.gemm_time(ctx, 512, 2560, 3584))
 
 
+def test_the_experts_loop_path_pays_its_copies(ctx):
+    """The loop path concatenates the experts' outputs (forward), their input gradients and stacks
+    their weight gradients (backward), at the memory rate; one grouped GEMM writes in place."""
+    assert compute.expert_loop_times(ctx, 64, 2560, 3584, 16) == (0.0, 0.0)  # grouped_gemm = 1
+    loop = Context(calibrated(ctx.job, grouped_gemm=0.0), FOLDING)
+    fwd, bwd = compute.expert_loop_times(loop, 64, 2560, 3584, 16)
+    b, hbm = loop.act_bytes, loop.hbm * loop.cal.hbm_eff
+    assert fwd == pytest.approx(2 * 16 * 64 * 2560 * b / hbm)
+    assert bwd == pytest.approx(2 * 16 * (64 * 3584 + 2560 * 3584) * b / hbm)
+    # the routed experts' FFN carries both linears' copies; a dense FFN (no loop) none
+    h, width = loop.model.hidden, 2048
+    routed = compute.ffn_work(loop, 64, width, True, 16, routed=True)
+    dense = compute.ffn_work(loop, 64, width, True, 16)
+    up, down = (compute.expert_loop_times(loop, 64, 2 * width, h, 16),
+                compute.expert_loop_times(loop, 64, h, width, 16))
+    assert routed.gemm - dense.gemm == pytest.approx(up[0] + down[0])
+    assert routed.backward_gemm - dense.backward_gemm == pytest.approx(up[1] + down[1])
+
+
 def test_attention_backward_rate(ctx):
     work = attention_cost.work(ctx)
     slow = attention_cost.work(Context(calibrated(ctx.job, attn_bwd_ratio=0.5), FOLDING))
@@ -179,6 +198,18 @@ def test_host_cost_adds_on_a_cpu_and_hides_behind_an_accelerator(mixtral_job):
     # kernel_us alone: a third forward, two thirds backward of 3 x kernel_us per block
     old = Context(calibrated(job, kernel_us=50.0), lay)
     assert host_seconds(old, ("attention", "moe")) == pytest.approx((100e-6, 200e-6))
+
+
+def test_moe_host_cost_follows_the_local_experts(mixtral_job):
+    """host_us_moe is the block without its experts; each local expert (experts / ep) adds its
+    own, as the loop path's linears do (runtime/calibrate_host.py). Mixtral has no shared one."""
+    from plait.planner.cost.pipeline import host_seconds
+    job = calibrated(mixtral_job(), host_us_moe=600.0, host_us_moe_expert=30.0,
+                     host_us_moe_shared=200.0)
+    for ep in (1, 2, 8):
+        lay = replace(FOLDING, ep=ep, edp=FOLDING.edp * FOLDING.ep // ep)
+        total = sum(host_seconds(Context(job, lay), ("moe",)))
+        assert total == pytest.approx((600.0 + 30.0 * 8 / ep) * 1e-6)
 
 
 def test_weight_gradient_accumulates_in_fp32_on_the_memory_side(ctx):
