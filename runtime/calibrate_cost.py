@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from plait.ir import counts
+from plait.ir.model import Mamba2
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
 from plait.lowering.modules.ssd import ssd_chunked, ssd_chunked_recomputed
 from plait.planner.cost.compute import BWD_CORE
@@ -75,8 +76,8 @@ def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) 
 
 def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype,
               device) -> tuple[float, float]:
-    """(forward FLOP/s of the SSD chunked scan, counted as planner/cost/compute.py does:
-    2 * d_inner * (2 * chunk + 2 * state) per token; scan_bwd_ratio: the backward's rate over the
+    """(forward FLOP/s of the SSD chunked scan, counted as the cost model counts it
+    (counts.ssd_scan_flops); scan_bwd_ratio: the backward's rate over the
     forward's as the cost model charges it, BWD_CORE x forward / backward seconds, the backward
     timed as the runtime runs it, ssd_chunked_recomputed's recompute and gradients)."""
     def leaf(*shape, scale=1.0):
@@ -88,7 +89,8 @@ def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype
         fwd = timed(lambda: ssd_chunked(x, dt, a, b, c, chunk), device, repeat=3)
     both = timed(lambda: ssd_chunked_recomputed(x, dt, a, b, c, chunk).sum().backward(), device,
                  repeat=3)
-    return (seq * 2 * heads * head_dim * (2 * chunk + 2 * state) / fwd,
+    block = Mamba2(heads=heads, head_dim=head_dim, groups=1, state=state, chunk=chunk)
+    return (counts.ssd_scan_flops(block, seq, seq) / fwd,
             BWD_CORE * fwd / max(both - fwd, 1e-9))
 
 

@@ -69,29 +69,27 @@ def _pass_us(layer, device, dtype) -> float:
 
 
 def block_host_us(device, dtype) -> dict:
-    """{kind: microseconds of one block's forward + backward (norm, mixer, residual)} for the
-    non-MoE kinds, and "moe": {variant: microseconds} of MOE_VARIANTS."""
+    """{kind: microseconds of one block's forward + backward (norm, mixer, residual)} for
+    HOST_KINDS, and "moe_variants": {variant: microseconds} of MOE_VARIANTS."""
     model = host_model(HOST_KINDS).to(device=device, dtype=dtype)
     out: dict = {kind: _pass_us(layer, device, dtype) for kind, layer in zip(HOST_KINDS, model.layers)}
     layers = {name: host_model(("moe",), e, s).layers[0].to(device=device, dtype=dtype)
               for name, (e, s) in MOE_VARIANTS.items()}
     rounds = [{name: _pass_us(layer, device, dtype) for name, layer in layers.items()}
               for _ in range(ROUNDS)]
-    out["moe"] = {name: min(r[name] for r in rounds) for name in layers}
+    out["moe_variants"] = {name: min(r[name] for r in rounds) for name in layers}
     return out
 
 
 def host_values(host_us: dict) -> tuple[dict, dict]:
     """({host_us_KIND, host_us_moe_expert, host_us_moe_shared}, {key: how measured}) from
-    block_host_us's dict. A file from before the MoE variants holds one MoE figure: kept as the
-    whole block's host_us_moe."""
-    values, sources = {}, {}
-    for kind, us in host_us.items():
-        if kind != "moe" or not isinstance(us, dict):
-            values[f"host_us_{kind}"] = us
-            sources[f"host_us_{kind}"] = f"forward + backward of plait's {kind} block on {TOKENS} tokens"
-    moe = host_us.get("moe")
-    if isinstance(moe, dict):
+    block_host_us's dict."""
+    blocks = dict(host_us)
+    moe = blocks.pop("moe_variants", None)
+    values = {f"host_us_{kind}": us for kind, us in blocks.items()}
+    sources = {f"host_us_{kind}": f"forward + backward of plait's {kind} block on {TOKENS} tokens"
+               for kind in blocks}
+    if moe:
         per_expert = max(0.0, (moe["E8"] - moe["E2"]) / 6)
         values["host_us_moe_expert"] = per_expert
         values["host_us_moe"] = max(0.0, moe["E2"] - 2 * per_expert)

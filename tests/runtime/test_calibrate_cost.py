@@ -77,7 +77,7 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
                "scan": (0.1 * PEAK, 0.65), "copy": 10e9,
                "block_host_s": 70e-6,
                "host_us": {"attention": 600.0, "mlp": 250.0,
-                           "moe": {"E2": 700.0, "E8": 1000.0, "S": 900.0}}}
+                           "moe_variants": {"E2": 700.0, "E8": 1000.0, "S": 900.0}}}
     # C = 15 ms of GEMMs beside M = 10 ms of collective: together 15 ms (all hidden), 19 ms
     # (0.6 hidden), 25 ms (serialised)
     overlap = {op: {"compute_s": 15e-3, "collective_s": 10e-3, "both_s": t, "gemms": 6}

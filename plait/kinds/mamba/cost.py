@@ -13,10 +13,7 @@ def work(ctx: Context) -> Work:
     m, h = model.mamba, model.hidden
     gemm, gemm_bwd = compute.sum_passes(compute.gemm_times(ctx, t, m.in_proj_out / lay.tp, h),
                                         compute.gemm_times(ctx, t, h, m.d_inner / lay.tp))
-    # SSD chunked scan: intra-chunk (chunk-length "attention") and inter-chunk state products
-    scan_flops = t * 2 * (m.d_inner / lay.tp) * (2 * m.chunk + 2 * m.state)
-    if lay.cp > 1:  # each chunk's final state and the entering state's correction (mamba_cp.py)
-        scan_flops += t * 2 * (m.d_inner / lay.tp) * 2 * m.state
+    scan_flops = counts.ssd_scan_flops(m, t, ctx.job.seq_len, lay.tp, lay.cp)
     conv = 2 * t * m.conv_channels / lay.tp * ctx.act_bytes
     gated_norm = 3 * t * m.d_inner / lay.tp * ctx.act_bytes
     norm, residual = compute.norm_and_residual(ctx)

@@ -17,8 +17,8 @@ from plait.ir.model import Mamba2, ModelSpec
 from plait.kinds import absent
 
 EXPERTS = False
-EXPORTS = ("mamba_params", "mamba_flops", "mamba_saved_bytes", "mamba_cp_saved_bytes",
-           "mamba_selective_bytes")
+EXPORTS = ("mamba_params", "mamba_flops", "ssd_scan_flops", "mamba_saved_bytes",
+           "mamba_cp_saved_bytes", "mamba_selective_bytes")
 
 
 def mamba_params(model: ModelSpec, m: Mamba2) -> int:
@@ -55,6 +55,26 @@ def mamba_flops(model: ModelSpec) -> float:
 
 def flops(model: ModelSpec, seq_len: int, causal: bool = True, index: Optional[int] = None) -> float:
     return mamba_flops(model)
+
+
+def ssd_scan_flops(m: Mamba2, tokens: float, seq_len: float, tp: int = 1, cp: int = 1) -> float:
+    """Forward FLOPs the SSD chunked scan executes on ``tokens`` tokens of one rank, its heads split
+    over ``tp``, sequences of ``seq_len`` split over ``cp`` (lowering/modules/ssd.py ssd_chunked;
+    per head of width p = head_dim, state n, chunk l, per token):
+
+        scores C.B within the chunk        2 l n        their products with x      2 l p
+        the state a chunk leaves (B x)     2 n p        the entering state read    2 n p
+
+    and per sequence piece of c chunks the carry across them, 2 (c + 1)^2 n p. Under context
+    parallelism (cp > 1) each chunk's final state and the entering state's correction add 4 n p
+    per token (lowering/mamba_cp.py). What the cost model prices and `plait calibrate` divides
+    its scan time by (tests/kinds/test_mamba_counts.py checks it against torch's FLOP counter);
+    Megatron's MFU formula (mamba_flops) keeps its own 7 x d_inner x state estimate."""
+    h, p, n, chunk = m.heads / tp, m.head_dim, m.state, m.chunk
+    per_token = 2 * chunk * (n + p) + 4 * n * p + (4 * n * p if cp > 1 else 0)
+    piece = seq_len / cp / (2 if cp > 1 else 1)  # one scan call: a zigzag half under CP
+    chunks = -(-piece // chunk)
+    return h * (tokens * per_token + tokens / piece * 2 * (chunks + 1) ** 2 * n * p)
 
 
 recompute_flops = absent.no_recompute_flops
