@@ -2,7 +2,7 @@
 `plait calibrate` (issue #17).
 
 Under dp_kind = fsdp the runtime shards each layer unit with torch's fully_shard
-(runtime/optim.py FullyShard): per micro-batch a unit is all-gathered before its forward and
+(runtime/fsdp.py FullyShard): per micro-batch a unit is all-gathered before its forward and
 again before its backward and its gradients are reduce-scattered. The cost model prices those
 three collectives (planner/cost/comm.py fsdp_unit) and hides overlap_fsdp of them behind the
 unit's compute (pipeline.fsdp_exposed). Around them FSDP2 runs host work of its own: the pre-/
@@ -67,7 +67,7 @@ class ProbeStage(torch.nn.Module):
 
 
 def shard_like_runtime(layers, group, device):
-    """``layers`` fully_shard-ed over ``group`` as runtime/optim.py shard_stage shards a stage's
+    """``layers`` fully_shard-ed over ``group`` as runtime/fsdp.py shard_stage shards a stage's
     units: each resharded after forward, the next prefetched in forward and the previous in
     backward, reductions forced to SUM (gloo has no AVG), under a root that holds no parameter
     of its own."""

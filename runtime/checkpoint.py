@@ -39,7 +39,7 @@ from .ckpt_chunks import Chunk, chunks, local_span, local_tensor
 from .ckpt_integrity import (META, finalize, fingerprints, find, read_meta, check_model,
                              step_dir, temp_dir)
 from .adamw import fresh_step
-from .optim import FullyShard
+from .fsdp import FullyShard
 from .zero1 import ZeroOne
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -78,7 +78,7 @@ def param_state_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
 # distributed optimizer gathering bf16 params). Gradients are reduced in fp32
 # (ir/precision.PrecisionPolicy.reduce_dtype; Megatron-LM megatron/training/arguments.py
 # validate_args: "bfloat16 requires gradient accumulation and all-reduce to be done in fp32").
-# FSDP with reshard_after_forward (runtime/optim.py; Megatron-FSDP optim_grads_params) frees a
+# FSDP with reshard_after_forward (runtime/fsdp.py; Megatron-FSDP optim_grads_params) frees a
 # unit's gathered weights after its forward, so every micro-batch gathers each unit twice (before
 # forward, again before backward; a full recompute reuses the backward's gather) and
 # reduce-scatters its gradients once.

@@ -15,7 +15,7 @@ torch.utils.checkpoint (non-reentrant):
              checkpointing; nothing communicates twice)
 
 Under FSDP (dp_kind fsdp) every layer of every stage is such a child module, the FSDP unit the
-runtime shards (runtime/optim.py): a stage that does not recompute calls its layers plainly
+runtime shards (runtime/fsdp.py): a stage that does not recompute calls its layers plainly
 (``fsdp_units.layer{i}``). A region holds its layer's own module (``layers.{i}``, shared with the
 stage), so every parameter of the layer, those the graph reads by attribute (norm weights, Mamba's
 A_log) included, lies inside the one module whose forward hooks fire when the layer runs.

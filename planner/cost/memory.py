@@ -151,7 +151,7 @@ def logits_buffer(ctx: Context) -> float:
 
 
 def fsdp_buffers(ctx: Context, unit_params: list[float]) -> float:
-    """FSDP's peak, in backward (runtime/optim.py shards the embedding, each model unit and the
+    """FSDP's peak, in backward (runtime/fsdp.py shards the embedding, each model unit and the
     head as units of their own; ``unit_params`` their parameters on one rank, in forward order):
     while unit k runs its backward, its gathered weights, the unit before it (prefetched) and
     k's unsharded gradients are alive in the compute dtype, and the fp32 reduce-scatter input

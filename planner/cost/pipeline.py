@@ -98,7 +98,7 @@ def fsdp_host_seconds(ctx: Context) -> float:
 
 def tied_on_one_stage(ctx: Context) -> bool:
     """The head shares the embedding's weight on the same stage: FSDP's root holds both
-    (runtime/optim.py stage_units)."""
+    (runtime/fsdp.py stage_units)."""
     return ctx.model.tie_embeddings and ctx.layout.pp == 1
 
 
@@ -228,7 +228,7 @@ class CostTable:
         tp = comm.reduce_scatter(ctx, ctx.group("dense", "tp"),
                                  ctx.tokens * ctx.model.hidden * ctx.act_bytes)
         params = memory.embedding_params_on_rank(ctx)
-        # FSDP shards the embedding as a unit of its own (runtime/optim.py): the step's first
+        # FSDP shards the embedding as a unit of its own (runtime/fsdp.py): the step's first
         # gather and its last gradient scatter, with nothing before or after to hide them. Tied
         # to the head on one stage it stays with the stage, FSDP's root (see _head): gathered
         # once per micro-batch
@@ -250,7 +250,7 @@ class CostTable:
         params = memory.head_params_on_rank(ctx)
         norm = counts.final_norm_params(ctx.model)
         # under FSDP the head is a unit of its own and the final norm stays with the stage, FSDP's
-        # root (runtime/optim.py shard_stage): gathered once per micro-batch, kept from forward
+        # root (runtime/fsdp.py shard_stage): gathered once per micro-batch, kept from forward
         # to backward, its gradients scattered at the end of the backward, nothing beside either
         exposed_f, exposed_b, _ = ends_fsdp(ctx, params - norm, work)
         root = sum(comm.fsdp_unit(ctx, norm, 0.0))

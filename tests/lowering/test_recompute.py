@@ -136,7 +136,7 @@ def test_moe_expert_load_counts_each_token_once_under_full_recompute():
 
 @pytest.mark.parametrize("mode", ["none", "full"])
 def test_fsdp_runs_each_layer_as_one_called_module_holding_the_layer(mode):
-    """FSDP's units (runtime/optim.py): every layer is a child module the stage calls (a plain
+    """FSDP's units (runtime/fsdp.py): every layer is a child module the stage calls (a plain
     call, or the recompute region), reaching its parameters through the stage's own layer module,
     so the unit's hooks fire when the layer runs and cover every weight it reads; layers group as
     the planner's units (attention + MLP); names and numerics unchanged."""
