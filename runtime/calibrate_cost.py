@@ -31,10 +31,7 @@ import torch
 import torch.distributed as dist
 
 from plait.ir import counts
-from plait.ir.model import Mamba2
 from plait.lowering.modules.experts import grouped_linear, grouped_mm_works
-from plait.lowering.modules.ssd import ssd_chunked, ssd_chunked_recomputed
-from plait.planner.cost.compute import BWD_CORE
 
 from .calibrate_attention import attention_points, fit_attention, fit_reciprocal
 from .calibrate_cp import cp_values, measure_cp
@@ -43,6 +40,7 @@ from .calibrate_host import block_host_seconds, block_host_us, host_values
 from .calibrate_insitu import insitu_latency, measure_insitu
 from .calibrate_ops import elementwise_rate, linear_rates, measure_sharing, sharing_value
 from .calibrate_overlap import derive_overlap, measure_overlap
+from .calibrate_scan import fit_scan, measure_scan
 from .calibrate_timing import timed
 
 
@@ -72,26 +70,6 @@ def grouped_rates(experts: int, rows: list[int], n: int, k: int, dtype, device) 
         t = timed(lambda: grouped_linear(x, counts, w), device)
         out.append((r, 2.0 * experts * r * n * k / t))
     return out
-
-
-def scan_rate(seq: int, heads: int, head_dim: int, state: int, chunk: int, dtype,
-              device) -> tuple[float, float]:
-    """(forward FLOP/s of the SSD chunked scan, counted as the cost model counts it
-    (counts.ssd_scan_flops); scan_bwd_ratio: the backward's rate over the
-    forward's as the cost model charges it, BWD_CORE x forward / backward seconds, the backward
-    timed as the runtime runs it, ssd_chunked_recomputed's recompute and gradients)."""
-    def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_()
-    x, b, c = leaf(1, seq, heads, head_dim), leaf(1, seq, 1, state), leaf(1, seq, 1, state)
-    dt = (torch.rand(1, seq, heads, dtype=dtype, device=device) * 0.1).requires_grad_()
-    a = (-torch.rand(heads, dtype=dtype, device=device)).requires_grad_()
-    with torch.no_grad():
-        fwd = timed(lambda: ssd_chunked(x, dt, a, b, c, chunk), device, repeat=3)
-    both = timed(lambda: ssd_chunked_recomputed(x, dt, a, b, c, chunk).sum().backward(), device,
-                 repeat=3)
-    block = Mamba2(heads=heads, head_dim=head_dim, groups=1, state=state, chunk=chunk)
-    return (counts.ssd_scan_flops(block, seq, seq) / fwd,
-            BWD_CORE * fwd / max(both - fwd, 1e-9))
 
 
 def copy_bandwidth(nbytes: int, device) -> float:
@@ -138,11 +116,14 @@ def fit_alpha_beta(xs: list[float], ts: list[float]) -> tuple[float, float]:
 QUICK = {"gemm": [(64, 256, 128), (128, 256, 128), (256, 256, 512), (512, 512, 512),
                   (1024, 512, 512), (32, 512, 512)],
          "grouped": (8, [8, 32, 128], 256, 256), "attention": ((128, 256, 512), 4, 32, 1024),
-         "scan": (512, 4, 32, 16, 64), "copy": 64 << 20, "elementwise": (1024, 256),
+         # the scan (seq, heads, head width, state, chunk): tiny-hybrid's and Nemotron-H's widths
+         "scan": [(512, 4, 32, 16, 64), (512, 4, 32, 16, 32), (512, 4, 64, 128, 128),
+                  (512, 4, 32, 32, 64)], "copy": 64 << 20, "elementwise": (1024, 256),
          "sizes": [64 << 10, 1 << 20, 4 << 20], "overlap_gemm": (512, 512, 512)}
 FULL = {"gemm": [(m, n, k) for m in (32, 128, 512, 2048) for n, k in ((512, 512), (2048, 1024))],
         "grouped": (8, [8, 32, 128, 512], 512, 512), "attention": ((512, 1024, 2048), 8, 64, 2048),
-        "scan": (2048, 8, 64, 64, 128), "copy": 256 << 20, "elementwise": (4096, 1024),
+        "scan": [(2048, 8, 64, 64, 128), (2048, 8, 32, 16, 32), (2048, 8, 64, 128, 128),
+                 (2048, 8, 32, 32, 64)], "copy": 256 << 20, "elementwise": (4096, 1024),
         "sizes": [64 << 10, 1 << 20, 8 << 20, 32 << 20], "overlap_gemm": (1024, 1024, 1024)}
 
 
@@ -154,7 +135,7 @@ def measure_compute(dtype, device) -> dict:
             "gemm": linear_rates(cfg["gemm"], dtype, device),
             "grouped": grouped_rates(experts, rows, n, k, dtype, device),
             "attention": attention_points(*cfg["attention"], dtype, device),
-            "scan": scan_rate(*cfg["scan"], dtype, device),
+            "scan": measure_scan(cfg["scan"], dtype, device),
             "copy": copy_bandwidth(cfg["copy"], device),
             "elementwise": elementwise_rate(*cfg["elementwise"], dtype, device),
             "block_host_s": block_host_seconds(device, dtype),
@@ -298,11 +279,17 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
         "causal SDPA forward and backward at lengths "
         + ", ".join(f"{s} ({f / 1e9:.1f} / {b / 1e9:.1f} GFLOP/s)" for s, f, b in c["attention"])
         + "; 1/eff fitted linear in 1/length, backward's ratio at the same knee")
-    scan, scan_bwd = c["scan"]
-    values["scan_eff"], values["scan_bwd_ratio"] = scan / peak_bf16, scan_bwd
-    sources["scan_eff"] = sources["scan_bwd_ratio"] = (
-        "SSD chunked scan (lowering/modules/ssd.py) forward, and its backward with the recompute "
-        "as the runtime runs it")
+    scan = c["scan"]
+    eff, per_chunk, per_token = fit_scan(scan["points"], peak_bf16)
+    values.update(scan_eff=eff, scan_chunk_ns=per_chunk, scan_token_ns=per_token,
+                  scan_bwd_ratio=scan["bwd_ratio"])
+    shapes = ", ".join(f"p {p} n {n} l {l}: {s * 1e3:.1f} ms" for _, _, p, n, l, s in scan["points"])
+    sources["scan_eff"] = sources["scan_chunk_ns"] = sources["scan_token_ns"] = (
+        f"SSD chunked scan (lowering/modules/ssd.py) forward at {len(scan['points'])} shapes "
+        f"({shapes}), fitted to FLOPs at scan_eff + per chunk position + per token "
+        f"(runtime/calibrate_scan.py)")
+    sources["scan_bwd_ratio"] = ("SSD chunked scan's backward with the recompute as the runtime "
+                                 "runs it, against its forward")
     values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"

@@ -43,6 +43,11 @@ class Calibration:
     # runtime recomputes the scan in backward (ssd_chunked_recomputed): `plait calibrate`
     # measures ~0.65 on CPU. 1: BWD_CORE x the forward, as before it was measured
     scan_bwd_ratio: float = 1.0
+    # the eager scan's elementwise work per token and head beyond its products' FLOPs: per chunk
+    # position (the [l x l] decay and score matrices) and per token (runtime/calibrate_scan.py
+    # fits both with scan_eff); 0: a fused scan, its rate all in scan_eff
+    scan_chunk_ns: float = 0.0
+    scan_token_ns: float = 0.0
     # 1: the local experts run as one grouped GEMM (Megatron-Core --moe-grouped-gemm, plait's
     # torch._grouped_mm): the GPU fills across experts, each expert's rows padded to a tile;
     # 0: one GEMM per expert (plait's loop fallback), each paying the small-dimension knee

@@ -135,6 +135,20 @@ def test_mamba_cp_counts_the_final_states_and_the_correction():
     assert extra == pytest.approx(2 * 2 * cp.tokens * m.d_inner * m.state + carry)
 
 
+def test_the_eager_scans_elementwise_work_adds_per_token_head_and_chunk_position():
+    """runtime/calibrate_scan.py's law: the scan's core is its FLOPs at scan_eff plus
+    scan_chunk_ns x chunk + scan_token_ns per token and head on the rank (heads split over TP)."""
+    job = load_job(str(JOBS / "tiny-hybrid-local.plait"))
+    m = job.model.mamba
+    for lay in (Layout(mbs=2), Layout(tp=2, etp=2, sp=True, mbs=2)):
+        fused = mamba_cost.work(Context(job, lay))
+        eager = mamba_cost.work(Context(calibration.overridden(
+            job, {"scan_chunk_ns": 5.0, "scan_token_ns": 100.0}), lay))
+        tokens = lay.mbs * job.seq_len
+        expected = tokens * m.heads / lay.tp * (5.0 * m.chunk + 100.0) * 1e-9
+        assert eager.core - fused.core == pytest.approx(expected)
+
+
 def test_explain_names_the_measured_cp_host_work():
     from plait.planner.explain import overlap_facts
     job = load_job(str(JOBS / "tiny-hybrid-local.plait"))

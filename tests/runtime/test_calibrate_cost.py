@@ -13,6 +13,8 @@ from plait.runtime.calibrate_attention import fit_attention
 from plait.runtime.calibrate_insitu import insitu_latency
 from plait.runtime.calibrate_overlap import hidden_fraction
 
+from test_calibrate_scan import scan_points
+
 PEAK = 1e11
 
 
@@ -74,7 +76,7 @@ def synthetic(bw=1e9, alpha=50e-6, a2a_bw=0.5e9):
     attention = [(s, PEAK * 0.2 / (1 + 256 / s), PEAK * 0.16 / (1 + 256 / s))
                  for s in (128, 256, 512)]
     compute = {"grouped_kernel": False, "gemm": gemm, "grouped": [], "attention": attention,
-               "scan": (0.1 * PEAK, 0.65), "copy": 10e9,
+               "scan": {"points": scan_points(0.1, 5.0, 40.0), "bwd_ratio": 0.65}, "copy": 10e9,
                "block_host_s": 70e-6,
                "host_us": {"attention": 600.0, "mlp": 250.0,
                            "moe_variants": {"E2": 700.0, "E8": 1000.0, "S": 900.0}}}
@@ -98,6 +100,8 @@ def test_derive_gives_the_values_the_cost_model_reads():
     assert values["attn_eff"] == pytest.approx(0.2) and values["attn_knee"] == pytest.approx(256)
     assert values["attn_bwd_ratio"] == pytest.approx(0.8)
     assert values["scan_eff"] == pytest.approx(0.1)
+    assert values["scan_chunk_ns"] == pytest.approx(5.0)
+    assert values["scan_token_ns"] == pytest.approx(40.0)
     assert values["scan_bwd_ratio"] == 0.65
     assert values["hbm_eff"] == pytest.approx(10e9 / cluster.device.hbm)
     assert values["kernel_us"] == pytest.approx(70)
@@ -165,7 +169,8 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     assert values["fsdp_host_us"] >= 0 and 0.0 <= values["overlap_fsdp"] <= 1.0
     assert "fully_shard" in dict(cal.sources)["overlap_fsdp"]
     assert values["cp_host_us_attention"] >= 0 and values["cp_host_us_mamba"] >= 0
-    assert values["scan_bwd_ratio"] > 0
+    assert values["scan_bwd_ratio"] > 0 and values["scan_eff"] > 0
+    assert values["scan_chunk_ns"] >= 0 and values["scan_token_ns"] >= 0
     assert values["host_us_moe_shared"] >= 0
     assert 0 < values["intra_latency_us_all_gather_synced"] <= values["intra_latency_us_all_gather"]
     assert "3 interleaved rounds" in dict(cal.sources)["shared_cores"]

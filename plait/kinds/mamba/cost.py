@@ -19,10 +19,19 @@ def work(ctx: Context) -> Work:
     norm, residual = compute.norm_and_residual(ctx)
     flops = t * (2 * h * m.in_proj_out + 2 * m.d_inner * h) / lay.tp + scan_flops
     return Work(gemm=gemm, gemm_bwd=gemm_bwd,
-                core=compute.core_time(ctx, scan_flops, ctx.cal.scan_eff),
+                core=compute.core_time(ctx, scan_flops, ctx.cal.scan_eff) + scan_elementwise(ctx),
                 core_bwd_rate=ctx.cal.scan_bwd_ratio,
                 memory=compute.memory_time(ctx, conv + gated_norm + norm + residual),
                 selective=compute.memory_time(ctx, norm + gated_norm), flops=flops)
+
+
+def scan_elementwise(ctx: Context) -> float:
+    """Seconds of the eager scan's elementwise work beside its products, per micro-batch on one
+    rank: scan_chunk_ns per token, head and chunk position plus scan_token_ns per token and head
+    (`plait calibrate`, runtime/calibrate_scan.py); 0 for a fused scan."""
+    m, cal = ctx.model.mamba, ctx.cal
+    per = cal.scan_chunk_ns * m.chunk + cal.scan_token_ns
+    return ctx.tokens * m.heads / ctx.layout.tp * per * 1e-9
 
 
 def comm(ctx: Context, work: Work) -> tuple[dict, dict]:

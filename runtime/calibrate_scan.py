@@ -1,0 +1,85 @@
+"""The SSD chunked scan behind `plait calibrate`: its forward timed at several shapes (heads' width
+p, state n, chunk l) as the runtime runs it (lowering/modules/ssd.py), and its recomputing backward
+at the first.
+
+Where the scan runs as separate kernels (plait's eager scan: the CPU), its time per token and head
+is more than its products' FLOPs at one rate: each chunk's [l x l] decay and score matrices pass
+through elementwise kernels (masked cumulative sums, exp, the product with the scores), work that
+grows with l, and a few per-token ones (x dt, B and C per head, the decays to the chunk's end) do
+not depend on l at all. Fitted by least squares over the shapes:
+
+    seconds / (tokens x heads) = FLOPs per token and head / (peak x scan_eff)
+                                 + scan_chunk_ns x l + scan_token_ns          (x 1e-9)
+
+FLOPs: counts.ssd_scan_flops, what the cost model prices. Timed on the eager scan at shapes of
+Nemotron-H's and tiny-hybrid's widths, the last two terms carry most of the spread between them
+(one rate alone: 0.65x from one shape to the other). A fused scan (mamba-ssm's Triton kernels on a
+GPU) keeps them in registers: where the fit finds no such term it is 0 and the rate is scan_eff.
+"""
+from __future__ import annotations
+
+import torch
+
+from plait.ir import counts
+from plait.ir.model import Mamba2
+from plait.lowering.modules.ssd import ssd_chunked, ssd_chunked_recomputed
+from plait.planner.cost.compute import BWD_CORE
+
+from .calibrate_timing import timed
+
+
+def _inputs(seq: int, heads: int, head_dim: int, state: int, dtype, device):
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_()
+    x, b, c = leaf(1, seq, heads, head_dim), leaf(1, seq, 1, state), leaf(1, seq, 1, state)
+    dt = (torch.rand(1, seq, heads, dtype=dtype, device=device) * 0.1).requires_grad_()
+    a = (-torch.rand(heads, dtype=dtype, device=device)).requires_grad_()
+    return x, dt, a, b, c
+
+
+def measure_scan(shapes: list[tuple[int, int, int, int, int]], dtype, device) -> dict:
+    """{"points": [(seq, heads, head_dim, state, chunk, forward seconds)], "bwd_ratio": the
+    backward's rate over the forward's as the cost model charges it, BWD_CORE x forward / backward
+    seconds, the backward timed as the runtime runs it (ssd_chunked_recomputed's recompute and
+    gradients) at the first shape}."""
+    points, ratio = [], 1.0
+    for i, (seq, heads, head_dim, state, chunk) in enumerate(shapes):
+        x, dt, a, b, c = _inputs(seq, heads, head_dim, state, dtype, device)
+        with torch.no_grad():
+            fwd = timed(lambda: ssd_chunked(x, dt, a, b, c, chunk), device, repeat=3)
+        points.append((seq, heads, head_dim, state, chunk, fwd))
+        if i == 0:
+            both = timed(lambda: ssd_chunked_recomputed(x, dt, a, b, c, chunk).sum().backward(),
+                         device, repeat=3)
+            ratio = BWD_CORE * fwd / max(both - fwd, 1e-9)
+    return {"points": points, "bwd_ratio": ratio}
+
+
+def flops_per_token_head(seq: int, heads: int, head_dim: int, state: int, chunk: int) -> float:
+    block = Mamba2(heads=heads, head_dim=head_dim, groups=1, state=state, chunk=chunk)
+    return counts.ssd_scan_flops(block, seq, seq) / (seq * heads)
+
+
+def _least_squares(rows: list[list[float]], ys: list[float]) -> list[float]:
+    a = torch.tensor(rows, dtype=torch.float64)
+    return torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+
+
+def fit_scan(points: list[tuple], peak: float) -> tuple[float, float, float]:
+    """(scan_eff, scan_chunk_ns, scan_token_ns) of the module docstring's law. A term the points
+    give a negative coefficient (noise, or a fused kernel without it) is dropped and the rest
+    refitted; with too few points, or no positive rate, one rate from the fastest shape."""
+    ns = [s / (seq * h) * 1e9 for seq, h, *_, s in points]
+    feats = [(flops_per_token_head(*p[:5]), float(p[4]), 1.0) for p in points]
+    keep = [0, 1, 2]
+    while len(points) >= len(keep):
+        coef = _least_squares([[f[k] for k in keep] for f in feats], ns)
+        if coef[0] <= 0:
+            break
+        bad = [k for k, c in zip(keep[1:], coef[1:]) if c < 0]
+        if not bad:
+            full = dict(zip(keep, coef))
+            return 1e9 / (full[0] * peak), full.get(1, 0.0), full.get(2, 0.0)
+        keep.remove(bad[0])
+    best = max(f[0] / t for f, t in zip(feats, ns))  # FLOPs per ns
+    return best * 1e9 / peak, 0.0, 0.0
