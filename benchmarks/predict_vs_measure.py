@@ -112,6 +112,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -126,6 +127,7 @@ from plait.runtime.harness.step_probe import measure_steps, step_plan
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 13  # steps 3..12 are timed (0-2 warm up allocators, caches and the gloo rings)
 STATE = ("weights", "grads", "optimizer")
+DRIFT = 0.10  # a speed change between calibration and measurement the caption counts
 CASES = {
     "tiny-local": {
         "dp2 zero1": Layout(dp=2, mbs=2, dp_kind="zero1"),
@@ -207,33 +209,62 @@ def run(calibration_for, only: str | None, each_layout: bool = False) -> list[tu
             groups.setdefault(key, {})[case] = lay
         for (world, case_tag), group in groups.items():
             tag = f"{name}-{case_tag.replace(' ', '_')}" if case_tag else name
+            before = machine_speed()
             job = local_job(name, world, calibration_for(tag, world))
+            between = machine_speed()
             records = measure_steps(job, group, STEPS)
+            drift = (between + machine_speed()) / (before + between)
             for case, lay in group.items():
                 p_step, p_state = predicted(job, lay)
                 m_step, m_min, m_state = measured(records[case][0])
-                rows.append((name, case, p_step, m_step, m_min, p_state, m_state))
+                rows.append((name, case, p_step, m_step, m_min, p_state, m_state, drift))
     return rows
+
+
+def machine_speed(rounds: int = 5) -> float:
+    """256 x 256 matmuls per second on one thread, the median of ``rounds`` rounds of 0.1 s: the
+    VM's speed at this moment. Taken before and after a group's calibration and after its
+    measurement, their ratio says how far the machine drifted between the two (the cost model is
+    only as right as the calibration is for the machine the steps then ran on)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    rates = []
+    for _ in range(rounds):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.1:
+            a @ a
+            n += 1
+        rates.append(n / (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    return statistics.median(rates)
 
 
 def show(rows, cal_path: str, load: tuple[float, float]) -> None:
     t = Table(title=f"predicted vs measured step time, rank 0 (calibration: {cal_path}; load "
                     f"average {load[0]:.1f} before, {load[1]:.1f} after on {os.cpu_count()} cores)")
     for col in ("job", "layout", "predicted s", "measured s", "error", "fastest step s", "error",
-                *STATE):
+                *STATE, "speed", "error at that speed"):
         t.add_column(col, justify="left" if col in ("job", "layout") else "right")
-    errors, fastest = [], []
-    for name, case, p, m, m_min, ps, ms in rows:
+    errors, fastest, steady, drifted = [], [], [], 0
+    for name, case, p, m, m_min, ps, ms, drift in rows:
         errors.append(abs(p / m - 1))
         fastest.append(abs(p / m_min - 1))
+        steady.append(abs(p / drift / m - 1))
+        drifted += abs(drift - 1) > DRIFT
         state = ["exact" if ps[k] == ms[k] else f"{ms[k]:,} / {ps[k]:,.0f}" for k in STATE]
         t.add_row(name, case, f"{p:.4f}", f"{m:.4f}", f"{(p / m - 1) * 100:+.1f}%", f"{m_min:.4f}",
-                  f"{(p / m_min - 1) * 100:+.1f}%", *state)
+                  f"{(p / m_min - 1) * 100:+.1f}%", *state, f"{drift:.2f}",
+                  f"{(p / drift / m - 1) * 100:+.1f}%")
     if errors:
         t.caption = (f"{len(rows)} layouts: mean |error| {statistics.fmean(errors):.1%}, max "
                      f"{max(errors):.1%} vs the median step (goal <= 15% / <= 30%); vs the fastest "
                      f"step {statistics.fmean(fastest):.1%} / {max(fastest):.1%}; state: measured / "
-                     "predicted bytes")
+                     f"predicted bytes; speed: the machine's while measuring over while "
+                     f"calibrating (machine_speed), {drifted} of {len(rows)} rows drifted more than "
+                     f"{DRIFT:.0%}; the prediction over that speed against the median step: "
+                     f"{statistics.fmean(steady):.1%} / {max(steady):.1%} (the model's own error, "
+                     f"the machine's drift taken out)")
     Console(width=200).print(t)
 
 
