@@ -100,6 +100,13 @@ runs on the idle VM one after the other (load 1.2-3.5): 13.1% / 23.1%, 9.5% / 19
 vs the median step (fastest: 10.7% / 21.7%, 9.2% / 17.9%, 11.4% / 25.1%), and after the scan's
 backward 9.3% / 19.4% (6.0% / 15.0%); hybrid cp2 -15.4%, -13.8%, -11.6%, -7.8% (-30 to -47%
 before). With --each-layout (load 1.2-2.5): 11.1% / 25.8%, no better than per job here.
+Then (stop 26) a MoE block's host work per local expert and shared expert (runtime/calibrate_host.py),
+the experts' loop path's copies, the scan's executed FLOPs and its eager elementwise law
+(runtime/calibrate_scan.py), and the speed column. Run on main before them: 9.0% / 21.8% (tiny-moe
+tp2 etp2 -21.8%, dp2 fsdp -18.6%). After, on a VM whose speed swung up to 2x within a minute (a
+one-thread matmul loop, idle otherwise): 11.0% / 21.4%, 15.9% / 31.0% (rows 0.88-1.09 of their
+calibration's speed) and 11.2% / 26.8% (speed 0.93-1.00; vs the fastest step 5.7% / 25.1%, at that
+speed 8.5% / 21.6%); tiny-moe rows -6.0 to -15.0%, tp2 etp2 -6.4 to -7.8% in the two steadier runs.
 """
 from __future__ import annotations
 
