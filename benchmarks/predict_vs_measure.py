@@ -106,7 +106,7 @@ the experts' loop path's copies, the scan's executed FLOPs and its eager element
 tp2 etp2 -21.8%, dp2 fsdp -18.6%). After, on a VM whose speed swung up to 2x within a minute (a
 one-thread matmul loop, idle otherwise): 11.0% / 21.4%, 15.9% / 31.0% (rows 0.88-1.09 of their
 calibration's speed) and 11.2% / 26.8% (speed 0.93-1.00; vs the fastest step 5.7% / 25.1%, at that
-speed 8.5% / 21.6%); tiny-moe rows -6.0 to -15.0%, tp2 etp2 -6.4 to -7.8% in the two steadier runs.
+speed 8.5% / 21.6%); in the first and third, tiny-moe rows -15.0 to +8.0% (tp2 etp2 -6.4, -7.8%).
 """
 from __future__ import annotations
 
