@@ -103,10 +103,11 @@ before). With --each-layout (load 1.2-2.5): 11.1% / 25.8%, no better than per jo
 Then (stop 26) a MoE block's host work per local expert and shared expert (runtime/calibrate_host.py),
 the experts' loop path's copies, the scan's executed FLOPs and its eager elementwise law
 (runtime/calibrate_scan.py), and the speed column. Run on main before them: 9.0% / 21.8% (tiny-moe
-tp2 etp2 -21.8%, dp2 fsdp -18.6%). After, on a VM whose speed swung up to 2x within a minute (a
-one-thread matmul loop, idle otherwise): 11.0% / 21.4%, 15.9% / 31.0% (rows 0.88-1.09 of their
-calibration's speed) and 11.2% / 26.8% (speed 0.93-1.00; vs the fastest step 5.7% / 25.1%, at that
-speed 8.5% / 21.6%); in the first and third, tiny-moe rows -15.0 to +8.0% (tp2 etp2 -6.4, -7.8%).
+tp2 etp2 -21.8%, dp2 fsdp -18.6%). After, on a VM whose one-thread matmul loop swung 1.2-1.7x within
+a minute, idle otherwise: before the scan law 11.0% / 21.4%; with it 15.9% / 31.0% (rows at
+0.88-1.09 of their calibration's speed) and 11.2% / 26.8% (speed 0.93-1.00; vs the fastest step
+5.7% / 25.1%, at that speed 8.5% / 21.6%). In the first and third, tiny-moe rows -15.0 to +8.0%
+(tp2 etp2 -6.4%, -7.8%).
 """
 from __future__ import annotations
 
