@@ -22,7 +22,7 @@ from .calibrate_timing import timed
 
 HOST_KINDS = ("attention", "mlp", "mamba")
 MOE_VARIANTS = {"E2": (2, False), "E8": (8, False), "S": (2, True)}  # (local experts, shared)
-ROUNDS = 3  # the variants' interleaved rounds; each takes its fastest (calibrate_timing.timed)
+ROUNDS = 5  # the variants' interleaved rounds; each keeps its fastest (calibrate_timing.timed)
 TOKENS = 4
 WIDTH = 16
 
