@@ -285,11 +285,12 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
                   scan_bwd_ratio=scan["bwd_ratio"])
     shapes = ", ".join(f"p {p} n {n} l {l}: {s * 1e3:.1f} ms" for _, _, p, n, l, s in scan["points"])
     sources["scan_eff"] = sources["scan_chunk_ns"] = sources["scan_token_ns"] = (
-        f"SSD chunked scan (lowering/modules/ssd.py) forward at {len(scan['points'])} shapes "
+        f"SSD scan ({scan.get('kernel', 'plait SSD chunked scan')}, the runtime's) forward at "
+        f"{len(scan['points'])} shapes "
         f"({shapes}), fitted to FLOPs at scan_eff + per chunk position + per token "
         f"(runtime/calibrate_scan.py)")
-    sources["scan_bwd_ratio"] = ("SSD chunked scan's backward with the recompute as the runtime "
-                                 "runs it, against its forward")
+    sources["scan_bwd_ratio"] = ("the SSD scan's backward as the runtime runs it (the fallback "
+                                 "recomputes its forward), against its forward")
     values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"

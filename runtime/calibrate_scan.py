@@ -1,6 +1,6 @@
-"""The SSD chunked scan behind `plait calibrate`: its forward timed at several shapes (heads' width
-p, state n, chunk l) as the runtime runs it (lowering/modules/ssd.py), and its recomputing backward
-at the first.
+"""The SSD scan behind `plait calibrate`: the one the runtime binds on the device (runtime/kernels.py:
+mamba-ssm's fused scan on CUDA where it imports, else plait's chunked scan, lowering/modules/ssd.py),
+its forward timed at several shapes (heads' width p, state n, chunk l), its backward at the first.
 
 Where the scan runs as separate kernels (plait's eager scan: the CPU), its time per token and head
 is more than its products' FLOPs at one rate: each chunk's [l x l] decay and score matrices pass
@@ -22,9 +22,9 @@ import torch
 
 from plait.ir import counts
 from plait.ir.model import Mamba2
-from plait.lowering.modules.ssd import ssd_chunked, ssd_chunked_recomputed
 from plait.planner.cost.compute import BWD_CORE
 
+from . import kernels
 from .calibrate_timing import timed
 
 ROUNDS = 3  # interleaved rounds over the shapes; each shape keeps its fastest
@@ -42,21 +42,24 @@ def _inputs(seq: int, heads: int, head_dim: int, state: int, dtype, device):
 def measure_scan(shapes: list[tuple[int, int, int, int, int]], dtype, device) -> dict:
     """{"points": [(seq, heads, head_dim, state, chunk, forward seconds)], "bwd_ratio": the
     backward's rate over the forward's as the cost model charges it, BWD_CORE x forward / backward
-    seconds, the backward timed as the runtime runs it (ssd_chunked_recomputed's recompute and
-    gradients) at the first shape}."""
+    seconds at the first shape, "kernel": what ran}. The scan is the one the runtime binds on this
+    device (runtime/kernels.py select: mamba-ssm's fused scan where it imports on CUDA, else plait's
+    ssd_chunked_recomputed, whose forward without gradients is ssd_chunked and whose backward
+    recomputes it)."""
+    choice = kernels.select("ssd_scan", device)
     inputs = [_inputs(seq, heads, head_dim, state, dtype, device)
               for seq, heads, head_dim, state, _ in shapes]
     best = [float("inf")] * len(shapes)
     for _ in range(ROUNDS):  # the shapes in turns: a machine whose speed drifts slows all alike
         for i, ((x, dt, a, b, c), shape) in enumerate(zip(inputs, shapes)):
             with torch.no_grad():
-                t = timed(lambda: ssd_chunked(x, dt, a, b, c, shape[4]), device, repeat=3)
+                t = timed(lambda: choice.fn(x, dt, a, b, c, shape[4]), device, repeat=3)
             best[i] = min(best[i], t)
     x, dt, a, b, c = inputs[0]
-    both = timed(lambda: ssd_chunked_recomputed(x, dt, a, b, c, shapes[0][4]).sum().backward(),
-                 device, repeat=3)
+    both = timed(lambda: choice.fn(x, dt, a, b, c, shapes[0][4]).sum().backward(), device,
+                 repeat=3)
     return {"points": [(*shape, t) for shape, t in zip(shapes, best)],
-            "bwd_ratio": BWD_CORE * best[0] / max(both - best[0], 1e-9)}
+            "bwd_ratio": BWD_CORE * best[0] / max(both - best[0], 1e-9), "kernel": choice.kernel}
 
 
 def flops_per_token_head(seq: int, heads: int, head_dim: int, state: int, chunk: int) -> float:

@@ -26,3 +26,26 @@ def test_fit_scan_recovers_the_law_and_drops_a_term_the_points_do_not_show():
     faster = [(*p[:5], p[5] * (0.7 if p[4] == 128 else 1.0)) for p in scan_points(0.2, 3.0, 25.0)]
     eff, chunk_ns, token_ns = fit_scan(faster, PEAK)
     assert eff > 0 and chunk_ns >= 0 and token_ns >= 0
+
+
+def test_measure_scan_times_the_scan_the_runtime_binds(monkeypatch):
+    """The probe runs runtime/kernels.py's choice for ssd_scan (mamba-ssm's fused scan on a GPU
+    that has it), not plait's chunked scan regardless."""
+    import torch
+
+    from plait.runtime import calibrate_scan, kernels
+
+    real = kernels.select("ssd_scan", "cpu")
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])
+        return real.fn(*args)
+
+    chosen = kernels.Choice("ssd_scan", "a bound scan", True, "test", counted)
+    monkeypatch.setattr(calibrate_scan.kernels, "select", lambda op, device: chosen)
+    got = calibrate_scan.measure_scan([(64, 2, 8, 4, 16), (64, 2, 8, 4, 32)], torch.float32,
+                                      torch.device("cpu"))
+    assert got["kernel"] == "a bound scan"
+    assert set(calls) == {16, 32}  # both shapes' forwards and the first's backward ran through it
+    assert [p[4] for p in got["points"]] == [16, 32] and got["bwd_ratio"] > 0
