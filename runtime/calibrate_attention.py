@@ -4,7 +4,8 @@ calibrate` (runtime/calibrate_cost.py) and fitted to the cost model's curve
 
     eff(s) = attn_eff / (1 + attn_knee / s)      forward; backward at attn_bwd_ratio x eff(s)
 
-Causal SDPA (the runtime's kernel: flash / cuDNN attention on CUDA, PyTorch's on the CPU) is timed
+Causal attention as the runtime runs it (runtime/kernels.py's choice: flash-attn on CUDA where it
+imports, else the lowered op, SDPA: flash / cuDNN attention on CUDA, PyTorch's on the CPU) is timed
 at a few sequence lengths with the tokens per call held constant (batch x length), as the
 FlashAttention papers' micro-benchmarks do, so that the GPU stays equally full and only the kernel's
 per-tile costs (prologue, epilogue, the causal diagonal) change with the length. FLOPs are counted
@@ -18,8 +19,10 @@ from __future__ import annotations
 import statistics
 
 import torch
-import torch.nn.functional as F
 
+from plait.lowering.modules import attention as ref_attention
+
+from . import kernels
 from .calibrate_timing import timed
 
 BWD_FLOPS = 2.5  # backward FLOPs over forward's (planner/cost/compute.py BWD_CORE)
@@ -62,14 +65,19 @@ def fit_attention(points: list[tuple[float, float, float]], peak: float
 
 def attention_rates(seq: int, batch: int, heads: int, head_dim: int, dtype, device
                     ) -> tuple[float, float]:
-    """(forward FLOP/s, backward FLOP/s) of causal SDPA on [batch, heads, seq, head_dim]."""
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device,
+    """(forward FLOP/s, backward FLOP/s) of causal attention on [batch, seq, heads, head_dim] as
+    the runtime runs it: the kernel runtime/kernels.py binds on the device (flash-attn on CUDA
+    where it imports), else the lowered op (SDPA)."""
+    choice = kernels.select("attention", device)
+    attend = choice.fn if choice.fused else ref_attention.causal_attention
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device,
                            requires_grad=True) for _ in range(3))
+    scale = head_dim ** -0.5
     flops = batch * heads * 2 * 2 * seq * seq / 2 * head_dim
-    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+    fwd = timed(lambda: attend(q, k, v, scale), device)
 
     def both():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        attend(q, k, v, scale).sum().backward()
 
     bwd = max(timed(both, device) - fwd, 1e-9)
     return flops / fwd, BWD_FLOPS * flops / bwd

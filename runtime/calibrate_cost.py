@@ -6,9 +6,10 @@ Every rank of the cluster runs this (spawned locally, or under torchrun on real 
   compute   a linear's forward and backward GEMMs over a grid of shapes, caches evicted first
             (runtime/calibrate_ops.py; fit: efficiency = e / (1 + knee (1/m + 1/n + 1/k))),
             the experts' grouped GEMM (torch._grouped_mm, or the loop where it does not run),
-            causal SDPA forward and backward at three sequence lengths (fit: efficiency =
-            attn_eff / (1 + attn_knee / s), runtime/calibrate_attention.py), the SSD chunked
-            scan, a large copy (memory bandwidth) and plait's memory-bound modules (the rate its
+            causal attention (the runtime's kernel) forward and backward at three sequence
+            lengths (fit: efficiency = attn_eff / (1 + attn_knee / s),
+            runtime/calibrate_attention.py), the SSD scan the runtime binds at four shapes
+            (runtime/calibrate_scan.py), a large copy (memory bandwidth) and plait's memory-bound modules (the rate its
             norms and activations reach), the host cost of one small block (launch / dispatch
             overhead);
   sharing   the same GEMM on one rank, then on all ranks of a host at once: how many ranks the
@@ -276,7 +277,7 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["attn_eff"], values["attn_knee"], values["attn_bwd_ratio"] = fit_attention(
         c["attention"], peak_bf16)
     sources["attn_eff"] = sources["attn_knee"] = sources["attn_bwd_ratio"] = (
-        "causal SDPA forward and backward at lengths "
+        "causal attention (the runtime's kernel) forward and backward at lengths "
         + ", ".join(f"{s} ({f / 1e9:.1f} / {b / 1e9:.1f} GFLOP/s)" for s, f, b in c["attention"])
         + "; 1/eff fitted linear in 1/length, backward's ratio at the same knee")
     scan = c["scan"]

@@ -49,3 +49,4 @@ def test_measure_scan_times_the_scan_the_runtime_binds(monkeypatch):
     assert got["kernel"] == "a bound scan"
     assert set(calls) == {16, 32}  # both shapes' forwards and the first's backward ran through it
     assert [p[4] for p in got["points"]] == [16, 32] and got["bwd_ratio"] > 0
+
