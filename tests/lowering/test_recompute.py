@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait.ir.errors import LayoutError
-from plait.ir.model import MLP, Attention, ModelSpec, MoE
+from plait.ir.model import Attention, ModelSpec, MoE
 from plait.ir.plan import Layout, Stage, even_stages
 from plait.lowering.build import build_model
 from plait.lowering.compile import program_text
