@@ -230,13 +230,15 @@ def run(calibration_for, only: str | None, each_layout: bool = False) -> list[tu
 
 
 def machine_speed(rounds: int = 5) -> float:
-    """256 x 256 matmuls per second on one thread, the median of ``rounds`` rounds of 0.1 s: the
-    VM's speed at this moment. Taken before and after a group's calibration and after its
-    measurement, their ratio says how far the machine drifted between the two (the cost model is
-    only as right as the calibration is for the machine the steps then ran on)."""
+    """512 x 512 matmuls per second on every core (the ranks share them all), the median of
+    ``rounds`` rounds of 0.1 s: the VM's speed at this moment. Taken before and after a group's
+    calibration and after its measurement, their ratio says how far the machine drifted between
+    the two (the cost model is only as right as the calibration is for the machine the steps then
+    ran on). One thread saw none of a drift that slowed every step of a run by 1.3x: a stolen
+    second core."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    a = torch.randn(256, 256)
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.randn(512, 512)
     rates = []
     for _ in range(rounds):
         n, start = 0, time.perf_counter()
