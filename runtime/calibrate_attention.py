@@ -68,8 +68,7 @@ def attention_rates(seq: int, batch: int, heads: int, head_dim: int, dtype, devi
     """(forward FLOP/s, backward FLOP/s) of causal attention on [batch, seq, heads, head_dim] as
     the runtime runs it: the kernel runtime/kernels.py binds on the device (flash-attn on CUDA
     where it imports), else the lowered op (SDPA)."""
-    choice = kernels.select("attention", device)
-    attend = choice.fn if choice.fused else ref_attention.causal_attention
+    attend, _ = kernels.bound(ref_attention.causal_attention, device)
     q, k, v = (torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device,
                            requires_grad=True) for _ in range(3))
     scale = head_dim ** -0.5

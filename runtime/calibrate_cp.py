@@ -32,6 +32,7 @@ import torch.distributed as dist
 from plait.ir import kinds
 from plait.lowering.cp_ops import zigzag_shard
 
+from . import kernels
 from .calibrate_timing import group_mean, synchronize
 
 AXIS = "calibrate-cp"
@@ -42,10 +43,12 @@ CALLS = 8         # forward + backward passes per timed run
 REPEAT = 5        # timed runs of each variant (interleaved); the median is kept
 
 
-def sequence_ops(kind: str) -> dict:
+def sequence_ops(kind: str, device="cpu") -> dict:
     """{reference op name: (reference op, its ring CP replacement)} of a kind's sequence ops that
-    exchange chunks: exactly what the lowering swaps in."""
-    return {s.op.__name__: (s.op, s.replacement["ring"])
+    exchange chunks: exactly what the lowering swaps in, each as the program runs it on ``device``
+    (runtime/kernels.py bound: a fused kernel where one is bound for it)."""
+    return {s.op.__name__: (kernels.bound(s.op, device)[0],
+                            kernels.bound(s.replacement["ring"], device)[0])
             for s in kinds.facet(kind, "parallelize").sequence_ops() if s.communicates}
 
 
@@ -97,7 +100,7 @@ def _pass(calls: list) -> None:
 def kind_calls(kind: str, rank: int, dtype, device) -> tuple[list, list]:
     """(reference calls on TOKENS tokens, CP calls on this rank's TOKENS of a 2 * TOKENS
     sequence), each a list of (fn, args)."""
-    ops = sequence_ops(kind)
+    ops = sequence_ops(kind, device)
     plain = [(ops[name][0], args) for name, args in INPUTS[kind](TOKENS, dtype, device)]
     cp = [local_call(ops[name][1], args, rank)
           for name, args in INPUTS[kind](CP * TOKENS, dtype, device)]

@@ -47,9 +47,7 @@ def measure_scan(shapes: list[tuple[int, int, int, int, int]], dtype, device) ->
     device (runtime/kernels.py select: mamba-ssm's fused scan where it imports on CUDA, else plait's
     ssd_chunked_recomputed, whose forward without gradients is ssd_chunked and whose backward
     recomputes it)."""
-    choice = kernels.select("ssd_scan", device)
-    # unbound, the compiled graph runs its lowered op: the chunked scan recomputed in backward
-    scan = choice.fn if choice.fused else ref_mamba.ssd_scan
+    scan, kernel = kernels.bound(ref_mamba.ssd_scan, device)
     inputs = [_inputs(seq, heads, head_dim, state, dtype, device)
               for seq, heads, head_dim, state, _ in shapes]
     best = [float("inf")] * len(shapes)
@@ -62,7 +60,7 @@ def measure_scan(shapes: list[tuple[int, int, int, int, int]], dtype, device) ->
     both = timed(lambda: scan(x, dt, a, b, c, shapes[0][4]).sum().backward(), device,
                  repeat=3)
     return {"points": [(*shape, t) for shape, t in zip(shapes, best)],
-            "bwd_ratio": BWD_CORE * best[0] / max(both - best[0], 1e-9), "kernel": choice.kernel}
+            "bwd_ratio": BWD_CORE * best[0] / max(both - best[0], 1e-9), "kernel": kernel}
 
 
 def flops_per_token_head(seq: int, heads: int, head_dim: int, state: int, chunk: int) -> float:

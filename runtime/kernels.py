@@ -34,7 +34,6 @@ from typing import Callable, Optional
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
 
 from plait.lowering import cp_attention, cp_pairs, fp8
 from plait.lowering.modules import attention as ref_attention
@@ -299,6 +298,18 @@ SEAMS = {ref_attention.causal_attention: "attention",
          ref_mamba.ssd_scan: "ssd_scan", fp8.fp8_linear: "fp8_linear",
          cp_attention.ring_attention: "ring_attention"}
 SEAM_OPS = {op: fn for fn, op in SEAMS.items()}  # the reference function a graph calls per op
+
+
+def bound(reference: Callable, device="cpu", fp8: bool = False) -> tuple[Callable, str]:
+    """(the function a compiled graph's node calling ``reference`` runs after ``bind`` on
+    ``device``, what it is for people): the fused kernel ``select`` picks for its op, else
+    ``reference`` itself, as ``bind`` leaves it. `plait calibrate` times ops through this, so the
+    rates it measures are the program's."""
+    op = SEAMS.get(reference)
+    if op is None:
+        return reference, reference.__name__
+    choice = select(op, device, fp8)
+    return (choice.fn, choice.kernel) if choice.fused else (reference, choice.kernel)
 
 
 def bind(gm: torch.fx.GraphModule, device="cpu", fp8: bool = False) -> dict[str, str]:

@@ -43,7 +43,7 @@ def test_measure_scan_times_the_scan_the_runtime_binds(monkeypatch):
         return real.fn(*args)
 
     chosen = kernels.Choice("ssd_scan", "a bound scan", True, "test", counted)
-    monkeypatch.setattr(calibrate_scan.kernels, "select", lambda op, device: chosen)
+    monkeypatch.setattr(calibrate_scan.kernels, "select", lambda op, device, fp8=False: chosen)
     got = calibrate_scan.measure_scan([(64, 2, 8, 4, 16), (64, 2, 8, 4, 32)], torch.float32,
                                       torch.device("cpu"))
     assert got["kernel"] == "a bound scan"
