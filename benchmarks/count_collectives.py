@@ -19,10 +19,8 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from plait.ir.dsl import load_job
-from plait.runtime.harness.step_probe import step_plan
-from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_threads
+from plait.runtime.harness.step_probe import local_rank, trainer_for
 from plait.runtime.spawn import start_ranks
-from plait.runtime.train import Trainer
 
 ENTRY = ("all_reduce", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
          "all_to_all_single", "all_to_all", "send", "recv", "broadcast", "batch_isend_irecv",
@@ -59,12 +57,8 @@ def _wrap_single_p2p() -> None:
 
 
 def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
-    set_threads()
-    init_distributed("gloo", 300, f"file://{work}/rdzv", rank, world)
-    try:
-        job = load_job(job_path)
-        plan = step_plan(job, layout)
-        trainer = Trainer(job, plan, build_mesh(plan.layout, 300))
+    with local_rank(rank, world, work):
+        trainer = trainer_for(load_job(job_path), layout)
         for name in (n for n in ENTRY if hasattr(dist, n)):
             setattr(dist, name, _counted(name, getattr(dist, name)))
         _wrap_single_p2p()
@@ -72,8 +66,6 @@ def _worker(rank: int, world: int, job_path: str, layout, work: str) -> None:
         COUNTS.clear()
         trainer.train_step(1, 3)
         (Path(work) / f"rank{rank}.json").write_text(json.dumps(dict(COUNTS)))
-    finally:
-        destroy()
 
 
 def main() -> None:

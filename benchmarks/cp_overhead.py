@@ -30,8 +30,7 @@ from rich.table import Table
 
 from plait.ir.dsl import load_job
 from plait.ir.plan import Layout
-from plait.runtime.harness.step_probe import step_plan
-from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_threads
+from plait.runtime.harness.step_probe import local_rank, trainer_for
 from plait.runtime.spawn import start_ranks
 from plait.runtime.train import Trainer
 from predict_vs_measure import job_file, predicted_step  # the same jobs and prediction
@@ -47,12 +46,8 @@ def _aten_calls(trainer: Trainer, step: int) -> int:
 
 
 def _worker(rank: int, world: int, job_path: str, layout: str, work: str) -> None:
-    set_threads()
-    init_distributed("gloo", 300, f"file://{work}/rdzv", rank, world)
-    try:
-        job = load_job(job_path)
-        plan = step_plan(job, LAYOUTS[layout])
-        trainer = Trainer(job, plan, build_mesh(plan.layout, 300))
+    with local_rank(rank, world, work):
+        trainer = trainer_for(load_job(job_path), LAYOUTS[layout])
         steps, calls = [], 0
         for step in range(STEPS):
             if step == PROFILED and rank == 0:
@@ -64,10 +59,8 @@ def _worker(rank: int, world: int, job_path: str, layout: str, work: str) -> Non
                 steps.append(time.perf_counter() - start)
         if rank == 0:
             Path(work, "out.json").write_text(json.dumps({
-                "step": statistics.median(steps), "microbatches": plan.num_microbatches,
+                "step": statistics.median(steps), "microbatches": trainer.plan.num_microbatches,
                 "aten_calls": calls}))
-    finally:
-        destroy()
 
 
 def measure(job_path: str, layout: str) -> dict:

@@ -43,10 +43,8 @@ from rich.table import Table
 
 from plait.ir.dsl import load_job
 from plait.ir.plan import Layout
-from plait.runtime.harness.step_probe import step_plan
-from plait.runtime.mesh import build_mesh, destroy, init_distributed, set_threads
+from plait.runtime.harness.step_probe import local_rank, trainer_for
 from plait.runtime.spawn import start_ranks
-from plait.runtime.train import Trainer
 from predict_vs_measure import job_file, predicted_step  # the same jobs and prediction
 
 STEPS = 12  # steps 3..11 are timed
@@ -66,12 +64,8 @@ def _timing(obj, name: str, into: dict) -> None:
 
 
 def _worker(rank: int, world: int, job_path: str, work: str) -> None:
-    set_threads()
-    init_distributed("gloo", 300, f"file://{work}/rdzv", rank, world)
-    try:
-        job = load_job(job_path)
-        plan = step_plan(job, LAYOUTS[world])
-        trainer = Trainer(job, plan, build_mesh(plan.layout, 300))
+    with local_rank(rank, world, work):
+        trainer = trainer_for(load_job(job_path), LAYOUTS[world])
         phases: dict = {}
         _timing(trainer.runner, "run", phases)
         _timing(trainer.dp, "finish_step", phases)
@@ -85,11 +79,9 @@ def _worker(rank: int, world: int, job_path: str, work: str) -> None:
                 steps.append(time.perf_counter() - start)
         if rank == 0:
             (Path(work) / "out.json").write_text(json.dumps({
-                "step": statistics.median(steps), "microbatches": plan.num_microbatches,
+                "step": statistics.median(steps), "microbatches": trainer.plan.num_microbatches,
                 "run": statistics.median(phases["run"]),
                 "finish": statistics.median(phases["finish_step"])}))
-    finally:
-        destroy()
 
 
 def measure(job_path: str, world: int) -> dict:

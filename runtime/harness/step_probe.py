@@ -3,6 +3,7 @@ time and the rank's tensor bytes, for benchmarks/predict_vs_measure.py to put ne
 model's prediction. The runtime decides nothing here: it trains the plan it is given."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,18 +27,31 @@ def step_plan(job, layout: Layout) -> ParallelPlan:
                         global_batch=job.global_batch, seq_len=job.seq_len)
 
 
-def _worker(rank: int, world: int, job, steps: int, cases: list[Case], out_dir: str) -> None:
+@contextmanager
+def local_rank(rank: int, world: int, rendezvous_dir: str):
+    """This process as rank ``rank`` of ``world`` local gloo ranks for the block: one thread, a
+    file:// rendezvous in ``rendezvous_dir``, TIMEOUT_S on every group."""
     set_threads()
-    init_distributed("gloo", TIMEOUT_S, f"file://{out_dir}/rendezvous", rank, world)
+    init_distributed("gloo", TIMEOUT_S, f"file://{rendezvous_dir}/rendezvous", rank, world)
     try:
+        yield
+    finally:
+        destroy()
+
+
+def trainer_for(job, layout: Layout) -> Trainer:
+    """The runtime's trainer of ``job`` under ``layout`` (step_plan) on this rank's mesh."""
+    plan = step_plan(job, layout)
+    return Trainer(job, plan, build_mesh(plan.layout, TIMEOUT_S))
+
+
+def _worker(rank: int, world: int, job, steps: int, cases: list[Case], out_dir: str) -> None:
+    with local_rank(rank, world, out_dir):
         for case in cases:
-            plan = step_plan(job, case.layout)
-            trainer = Trainer(job, plan, build_mesh(plan.layout, TIMEOUT_S))
+            trainer = trainer_for(job, case.layout)
             times = [trainer.train_step(s, steps).step_time for s in range(steps)]
             torch.save({"times": times, **state_bytes(trainer)},
                        Path(out_dir) / f"{case.name}.rank{rank}.pt")
-    finally:
-        destroy()
 
 
 def measure_steps(job, layouts: dict[str, Layout], steps: int,
