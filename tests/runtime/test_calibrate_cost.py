@@ -160,7 +160,7 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     values = dict(cal.values)
     for key in ("gemm_eff", "hbm_eff", "attn_eff", "intra_eff", "intra_latency_us", "kernel_us",
                 "shared_cores", "a2a_eff", "host_us_attention", "host_us_mlp", "host_us_moe",
-                "host_us_mamba", "host_us_moe_expert", "intra_latency_us_all_reduce", "intra_latency_us_all_gather",
+                "host_us_mamba", "intra_latency_us_all_reduce", "intra_latency_us_all_gather",
                 "intra_latency_us_p2p"):
         assert values[key] > 0, key
     for kind in ("all_gather", "reduce_scatter", "all_to_all", "p2p"):  # 0 on a loaded CPU: a value
@@ -171,7 +171,8 @@ def test_plait_calibrate_local_cpu_end_to_end(tmp_path):
     assert values["cp_host_us_attention"] >= 0 and values["cp_host_us_mamba"] >= 0
     assert values["scan_bwd_ratio"] > 0 and values["scan_eff"] > 0
     assert values["scan_chunk_ns"] >= 0 and values["scan_token_ns"] >= 0
-    assert values["host_us_moe_shared"] >= 0
+    # differences of two timings, clamped at 0: a slow phase over one variant can leave either 0
+    assert values["host_us_moe_expert"] >= 0 and values["host_us_moe_shared"] >= 0
     assert 0 < values["intra_latency_us_all_gather_synced"] <= values["intra_latency_us_all_gather"]
     assert "3 interleaved rounds" in dict(cal.sources)["shared_cores"]
     doc = json.loads(out.read_text())
