@@ -1,7 +1,11 @@
 """ZeRO-1 (Megatron's distributed optimizer): gradients reduce-scattered into flat per-rank shards,
 AdamW on this rank's fp32 shard of every parameter group, updated shards all-gathered back into the
 parameters. Under bf16 / fp8 the gradients accumulate in one fp32 buffer per group and the
-reduce-scatter writes the rank's shard into it (see runtime/optim.py for the common parts)."""
+reduce-scatter writes the rank's shard into it, and the updated shards are gathered in the
+parameters' own dtype, as Megatron-Core's distributed optimizer gathers its bf16 parameter buffer:
+the bytes the cost model prices (counts.dp_traffic_bytes), half those of the fp32 masters. A group
+holds parameters of one dtype (the few a bf16 model keeps in fp32 form groups of their own), so
+nothing is gathered coarser than it is stored (see runtime/optim.py for the common parts)."""
 from __future__ import annotations
 
 import torch
@@ -27,6 +31,10 @@ class _FlatShard:
         self.size = -(-self.numel // dp)  # ceil
         self.device = params[0].device if params else torch.device("cpu")
         self.dtype = accumulator_dtype(params)
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"a ZeRO-1 group holds parameters of one dtype, got {sorted(map(str, dtypes))}")
+        self.param_dtype = dtypes.pop() if dtypes else self.dtype
         flat = self.flatten([p.detach() for p in params])
         self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
         # mixed precision: one fp32 buffer holds every parameter's main gradient (views below)
@@ -60,8 +68,11 @@ class _FlatShard:
         self.master.grad = mine / self.divisor
 
     def publish(self) -> None:
-        """All-gather the updated shards and write them into the model's parameters."""
-        full = cc.all_gather(self.master.detach(), 0, self.axis) if self.dp > 1 else self.master.detach()
+        """All-gather the updated shards in the parameters' dtype (each rank rounds its own fp32
+        shard: the values the parameters would hold after a copy from the fp32 masters) and
+        write them into the model's parameters."""
+        shard = self.master.detach().to(self.param_dtype)
+        full = cc.all_gather(shard, 0, self.axis) if self.dp > 1 else shard
         offset = 0
         with torch.no_grad():
             for p in self.params:
@@ -73,26 +84,43 @@ class _FlatShard:
         return cc.all_gather(g, 0, self.axis) if self.dp > 1 else g
 
 
+def by_dtype(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """``params`` split by dtype, each part in the given order, parts in order of first appearance."""
+    parts: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        parts.setdefault(p.dtype, []).append(p)
+    return list(parts.values())
+
+
 class ZeroOne(DataParallel):
     """Distributed optimizer (ZeRO stage 1): AdamW state for 1/dp of every parameter group."""
 
     def __init__(self, program, mesh, spec, policy=None):
         super().__init__(program, mesh, spec, policy)
-        names = {id(p): n for n, p in self.named.items()}
         self.flats, decay, views = [], [], {}
-        for g in param_groups(self.named.items(), spec.weight_decay):
-            for axis, group in self.by_axis(names[id(p)] for p in g["params"]):
-                params = [self.named[n] for n in group]
-                flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp, self.mixed)
-                self.flats.append(flat)
-                decay.append(g["weight_decay"])
-                if self.mixed:
-                    views.update(flat.grad_views(group))
+        for axis, weight_decay, group in self._groups(spec.weight_decay):
+            params = [self.named[n] for n in group]
+            flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp, self.mixed)
+            self.flats.append(flat)
+            decay.append(weight_decay)
+            if self.mixed:
+                views.update(flat.grad_views(group))
         if self.mixed:
             self.main = MainGrads(self.named, views, 1.0 / program.plan.num_microbatches)
         self.masks = [self._norm_owned_mask(f) for f in self.flats]
         self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
                                 for f, wd in zip(self.flats, decay)], spec)
+
+    def _groups(self, weight_decay: float) -> list[tuple[str, float, list[str]]]:
+        """(axis, weight decay, parameter names) of each flat shard: the optimizer's parameter
+        groups, split by the axis their gradients are summed over, then by dtype."""
+        names = {id(p): n for n, p in self.named.items()}
+        out = []
+        for g in param_groups(self.named.items(), weight_decay):
+            for axis, group in self.by_axis(names[id(p)] for p in g["params"]):
+                for params in by_dtype([self.named[n] for n in group]):
+                    out.append((axis, g["weight_decay"], [names[id(p)] for p in params]))
+        return out
 
     def reduce_over_dp(self) -> None:
         for flat in self.flats:
