@@ -295,7 +295,7 @@ def derive(measured: dict, cluster, precision: str) -> tuple[dict, dict]:
     values["hbm_eff"], sources["hbm_eff"] = memory_efficiency(c, dev)
     values["kernel_us"] = c["block_host_s"] * 1e6
     sources["kernel_us"] = "forward of one width-8 decoder block on one token"
-    host, how = host_values(c.get("host_us", {}))
+    host, how = host_values(c.get("host_us", {}), measured.get("statistic", "min"))
     values.update(host)
     sources.update(how)
     values["host_sync"] = 1.0 if dev.name == "cpu" else 0.0

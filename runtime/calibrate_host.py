@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .calibrate_timing import timed
+from .calibrate_timing import representative, timed
 
 HOST_KINDS = ("attention", "mlp", "mamba")
 MOE_VARIANTS = {"E2": (2, False), "E8": (8, False), "S": (2, True)}  # (local experts, shared)
-ROUNDS = 5  # the variants' interleaved rounds; each keeps its fastest (calibrate_timing.timed)
+ROUNDS = 5  # the variants' interleaved rounds; each keeps its representative (calibrate_timing)
 TOKENS = 4
 WIDTH = 16
 
@@ -59,7 +59,8 @@ def host_model(kinds: tuple[str, ...], experts: int = 2, shared: bool = False):
 
 
 def _pass_us(layer, device, dtype) -> float:
-    """Microseconds of one block's forward + backward on TOKENS tokens, its fastest repeat."""
+    """Microseconds of one block's forward + backward on TOKENS tokens, its representative
+    repeat (calibrate_timing.timed)."""
     x = torch.randn(1, TOKENS, WIDTH, dtype=dtype, device=device, requires_grad=True)
 
     def step():
@@ -77,11 +78,11 @@ def block_host_us(device, dtype) -> dict:
               for name, (e, s) in MOE_VARIANTS.items()}
     rounds = [{name: _pass_us(layer, device, dtype) for name, layer in layers.items()}
               for _ in range(ROUNDS)]
-    out["moe_variants"] = {name: min(r[name] for r in rounds) for name in layers}
+    out["moe_variants"] = {name: representative([r[name] for r in rounds]) for name in layers}
     return out
 
 
-def host_values(host_us: dict) -> tuple[dict, dict]:
+def host_values(host_us: dict, statistic: str = "min") -> tuple[dict, dict]:
     """({host_us_KIND, host_us_moe_expert, host_us_moe_shared}, {key: how measured}) from
     block_host_us's dict."""
     blocks = dict(host_us)
@@ -94,10 +95,10 @@ def host_values(host_us: dict) -> tuple[dict, dict]:
         values["host_us_moe_expert"] = per_expert
         values["host_us_moe"] = max(0.0, moe["E2"] - 2 * per_expert)
         values["host_us_moe_shared"] = max(0.0, moe["S"] - moe["E2"])
-        how = (f"forward + backward of plait's moe block on {TOKENS} tokens, fastest of {ROUNDS} "
-               f"interleaved rounds: 2 local experts {moe['E2']:.0f} us, 8 {moe['E8']:.0f} us, "
-               f"2 + a shared expert {moe['S']:.0f} us -> per local expert, the block without "
-               f"them, the shared expert")
+        how = (f"forward + backward of plait's moe block on {TOKENS} tokens, {statistic} of "
+               f"{ROUNDS} interleaved rounds: 2 local experts {moe['E2']:.0f} us, 8 "
+               f"{moe['E8']:.0f} us, 2 + a shared expert {moe['S']:.0f} us -> per local expert, "
+               f"the block without them, the shared expert")
         for key in ("host_us_moe", "host_us_moe_expert", "host_us_moe_shared"):
             sources[key] = how
     return values, sources

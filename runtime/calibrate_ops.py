@@ -31,7 +31,7 @@ from plait.lowering.modules.norms import RMSNorm
 from plait.ir import counts
 from plait.planner.cost.compute import BWD_MEMORY
 
-from .calibrate_timing import sum_over_world, synchronize
+from .calibrate_timing import representative, sum_over_world, synchronize
 
 # Written before every timed run: more than a core's private caches hold (1-2 MiB of L2 on
 # current x86 server cores, 50 MiB of L2 on an H100 only partly), the eviction the kernels
@@ -42,7 +42,8 @@ TINY = (4, 4, 4)  # a linear with no arithmetic to speak of: its time is all ove
 
 def timed_cold(fn: Callable[[], object], device: torch.device, repeat: int = 7,
                warmup: int = 2) -> float:
-    """Fastest of ``repeat`` runs of ``fn``, the caches evicted before each (not timed)."""
+    """The representative (calibrate_timing.representative) of ``repeat`` runs of ``fn``, the
+    caches evicted before each (not timed)."""
     evict = torch.empty(EVICT_BYTES // 4, device=device)
     out = []
     for i in range(warmup + repeat):
@@ -53,7 +54,7 @@ def timed_cold(fn: Callable[[], object], device: torch.device, repeat: int = 7,
         synchronize(device)
         if i >= warmup:
             out.append(time.perf_counter() - start)
-    return min(out)
+    return representative(out)
 
 
 def linear_seconds(m: int, n: int, k: int, dtype, device, repeat: int = 7) -> float:

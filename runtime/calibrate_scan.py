@@ -26,9 +26,9 @@ from plait.lowering.modules import mamba as ref_mamba
 from plait.planner.cost.compute import BWD_CORE
 
 from . import kernels
-from .calibrate_timing import timed
+from .calibrate_timing import representative, timed
 
-ROUNDS = 3  # interleaved rounds over the shapes; each shape keeps its fastest
+ROUNDS = 3  # interleaved rounds over the shapes; each keeps its representative (calibrate_timing)
 
 
 def _inputs(seq: int, heads: int, head_dim: int, state: int, dtype, device):
@@ -50,12 +50,12 @@ def measure_scan(shapes: list[tuple[int, int, int, int, int]], dtype, device) ->
     scan, kernel = kernels.bound(ref_mamba.ssd_scan, device)
     inputs = [_inputs(seq, heads, head_dim, state, dtype, device)
               for seq, heads, head_dim, state, _ in shapes]
-    best = [float("inf")] * len(shapes)
+    runs: list[list[float]] = [[] for _ in shapes]
     for _ in range(ROUNDS):  # the shapes in turns: a machine whose speed drifts slows all alike
         for i, ((x, dt, a, b, c), shape) in enumerate(zip(inputs, shapes)):
             with torch.no_grad():
-                t = timed(lambda: scan(x, dt, a, b, c, shape[4]), device, repeat=3)
-            best[i] = min(best[i], t)
+                runs[i].append(timed(lambda: scan(x, dt, a, b, c, shape[4]), device, repeat=3))
+    best = [representative(r) for r in runs]
     x, dt, a, b, c = inputs[0]
     both = timed(lambda: scan(x, dt, a, b, c, shapes[0][4]).sum().backward(), device,
                  repeat=3)

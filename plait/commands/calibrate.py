@@ -36,40 +36,45 @@ def load_cluster(text: str) -> Cluster:
 
 
 def _worker(rank: int, world: int, gpn: int, backend: str, precision: str, full: bool,
-            work: str) -> None:
+            statistic: str, work: str) -> None:
     from plait.runtime.mesh import destroy, init_distributed, set_threads
 
     set_threads()
     init_distributed(backend, 300, f"file://{work}/rendezvous", rank, world)
     try:
-        _measure_to(Path(work) / "measured.json", rank, world, gpn, backend, precision, full)
+        _measure_to(Path(work) / "measured.json", rank, world, gpn, backend, precision, full,
+                    statistic)
     finally:
         destroy()
 
 
 def _measure_to(out: Path, rank: int, world: int, gpn: int, backend: str, precision: str,
-                full: bool) -> None:
+                full: bool, statistic: str) -> None:
     import torch
 
     from plait.runtime.calibrate_cost import measure
+    from plait.runtime.calibrate_timing import use_statistic
+
+    use_statistic(statistic)
 
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if backend == "nccl" \
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16)
-    measured = measure(rank, world, gpn, dtype, device, full)
+    measured = dict(measure(rank, world, gpn, dtype, device, full), statistic=statistic)
     if rank == 0:
         out.write_text(json.dumps(measured))
 
 
-def run_local(cluster: Cluster, ranks: int, precision: str, full: bool) -> dict:
+def run_local(cluster: Cluster, ranks: int, precision: str, full: bool,
+              statistic: str = "median") -> dict:
     """Spawn ``ranks`` processes on this machine; rank 0's measurements."""
     from plait.runtime.spawn import start_ranks
 
     with tempfile.TemporaryDirectory() as work:
         start_ranks(_worker, (ranks, min(ranks, cluster.gpus_per_node), cluster.backend,
-                              precision, full, work), ranks)
+                              precision, full, statistic, work), ranks)
         return json.loads((Path(work) / "measured.json").read_text())
 
 
@@ -81,6 +86,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"),
                    help="dtype of the compute benchmarks (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--full", action="store_true", help="larger shapes and messages (slower)")
+    p.add_argument("--statistic", choices=("median", "min"), default="median",
+                   help="which of a probe's repeats stands for it: the median (default: the "
+                   "typical run, as a run's median step) or the fastest (what the machine can do "
+                   "undisturbed)")
 
 
 @command("calibrate", help="measure the cost model's efficiencies on a cluster's machines")
@@ -102,7 +111,7 @@ def calibrate_cmd(args) -> int:
                               f"calibrate {args.cluster} -o {args.output}")
     ranks = args.ranks or cluster.gpus_per_node
     inputs.at_least(ranks, 1, "--ranks")
-    measured = run_local(cluster, ranks, precision, args.full)
+    measured = run_local(cluster, ranks, precision, args.full, args.statistic)
     _write(args.output, cluster, measured, precision, derive)
     return 0
 
@@ -118,7 +127,7 @@ def _under_torchrun(cluster: Cluster, args, precision: str) -> int:
         with tempfile.TemporaryDirectory() as work:
             out = Path(work) / "measured.json"
             _measure_to(out, rank, world, cluster.gpus_per_node, cluster.backend, precision,
-                        args.full)
+                        args.full, args.statistic)
             if rank == 0:
                 _write(args.output, cluster, json.loads(out.read_text()), precision, derive)
     finally:
@@ -131,7 +140,8 @@ def _write(path: str, cluster: Cluster, measured: dict, precision: str, derive) 
 
     values, sources = derive(measured, cluster, precision)
     calibration.write(path, cluster.name, cluster.device.name, values, sources, measured)
-    t = Table(title=f"calibration of {cluster.name} ({cluster.device.name}, {precision})")
+    t = Table(title=f"calibration of {cluster.name} ({cluster.device.name}, {precision}, each "
+                    f"probe's {measured.get('statistic', 'min')} repeat)")
     for col in ("key", "value", "spec / default", "measured by"):
         t.add_column(col)
     from plait.planner.cost.context import Calibration
