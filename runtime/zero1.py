@@ -1,8 +1,9 @@
 """ZeRO-1 (Megatron's distributed optimizer): gradients reduce-scattered into flat per-rank shards,
 AdamW on this rank's fp32 shard of every parameter group, updated shards all-gathered back into the
-parameters. Under bf16 / fp8 the gradients accumulate in one fp32 buffer per group and the
-reduce-scatter writes the rank's shard into it, and the updated shards are gathered in the
-parameters' own dtype, as Megatron-Core's distributed optimizer gathers its bf16 parameter buffer:
+parameters. In every precision the gradients accumulate in one fp32 buffer per group
+(Megatron-Core's contiguous gradient buffer; fp64 for the fp64 parity checks) and the
+reduce-scatter writes the rank's shard into it: that shard is the master's gradient, no tensor of
+its own. The updated shards are gathered in the parameters' own dtype, as Megatron-Core's distributed optimizer gathers its bf16 parameter buffer:
 the bytes the cost model prices (counts.dp_traffic_bytes), half those of the fp32 masters. A group
 holds parameters of one dtype (the few a bf16 model keeps in fp32 form groups of their own), so
 nothing is gathered coarser than it is stored (see runtime/optim.py for the common parts)."""
@@ -33,11 +34,13 @@ class _FlatShard:
         self.dtype = accumulator_dtype(params)
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
-            raise ValueError(f"a ZeRO-1 group holds parameters of one dtype, got {sorted(map(str, dtypes))}")
+            raise ValueError("a ZeRO-1 group holds parameters of one dtype, got "
+                             f"{sorted(map(str, dtypes))}")
         self.param_dtype = dtypes.pop() if dtypes else self.dtype
         flat = self.flatten([p.detach() for p in params])
         self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
-        # mixed precision: one fp32 buffer holds every parameter's main gradient (views below)
+        # one buffer (fp32, or fp64 for fp64 parameters) holds every parameter's gradient (views
+        # below): the reduce-scatter runs on it in place, no flat copy of the gradients per step
         self.grad_buffer = self.flatten([]) if main_grads else None
 
     def grad_views(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -100,13 +103,13 @@ class ZeroOne(DataParallel):
         self.flats, decay, views = [], [], {}
         for axis, weight_decay, group in self._groups(spec.weight_decay):
             params = [self.named[n] for n in group]
-            flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp, self.mixed)
+            flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp, True)
             self.flats.append(flat)
             decay.append(weight_decay)
-            if self.mixed:
-                views.update(flat.grad_views(group))
-        if self.mixed:
-            self.main = MainGrads(self.named, views, 1.0 / program.plan.num_microbatches)
+            views.update(flat.grad_views(group))
+        # every precision accumulates into the flat buffers (Megatron-Core's contiguous gradient
+        # buffer): each micro-batch's gradient is added in as autograd finishes it
+        self.main = MainGrads(self.named, views, 1.0 / program.plan.num_microbatches)
         self.masks = [self._norm_owned_mask(f) for f in self.flats]
         self.optimizer = adamw([{"params": [f.master], "weight_decay": wd}
                                 for f, wd in zip(self.flats, decay)], spec)
@@ -160,8 +163,8 @@ class ZeroOne(DataParallel):
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         out = super().state_tensors()
-        if self.mixed:  # every main gradient is a view of its group's buffer: count the buffers
-            out["grads"] = [f.grad_buffer for f in self.flats]
+        # every gradient is a view of its group's buffer: count the buffers
+        out["grads"] = [f.grad_buffer for f in self.flats]
         out["master"] = [f.master for f in self.flats]
         out["master_grads"] = [f.master.grad for f in self.flats]
         return out

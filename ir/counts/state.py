@@ -28,8 +28,9 @@ def state_tensor_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
       grads         their gradients (fp32 main grads under bf16 / fp8, as Megatron keeps them)
       master        an fp32 copy the optimizer updates: always under bf16 / fp8; under fp32 only
                     ZeRO-1, whose flat shard is a separate fp32 tensor in plait's runtime
-      master_grads  a separate gradient of that copy: plait's fp32 ZeRO-1 reduce-scatters into
-                    one (bf16 / fp8 reduce-scatter into the grad buffer's shard: no extra bytes)
+      master_grads  a separate gradient of that copy: none in plait's runtime, whose ZeRO-1
+                    reduce-scatters into its flat gradient buffer's own shard in every precision
+                    (runtime/zero1.py)
       moments       Adam's m and v, fp32
     replicated: nothing sharded; zero1: master, master_grads, moments / shards; fsdp: every
     class / shards (the transiently gathered layer is the memory model's FSDP buffer). FSDP2's
@@ -48,7 +49,7 @@ def state_tensor_bytes(precision: Union[Precision, str], dp_kind: str = "zero1",
     full = {"weights": (0 if dp_kind == "fsdp" else _BF16) if mixed else _FP32,
             "grads": _FP32,
             "master": _FP32 if mixed or dp_kind == "zero1" else 0,
-            "master_grads": _FP32 if not mixed and dp_kind == "zero1" else 0,
+            "master_grads": 0,
             "moments": 2 * _FP32}
     sharded = {"replicated": (), "zero1": ("master", "master_grads", "moments"),
                "fsdp": STATE_CLASSES}[dp_kind]

@@ -44,11 +44,12 @@ def test_moe_activations_by_hand(mixtral_job):
     assert memory.block_activations(ctx, "moe")[0] == pytest.approx(expect)
 
 
-def test_fp32_zero1_keeps_a_master_shard_and_its_gradient():
-    """plait's ZeRO-1 in fp32: the flat fp32 shard the optimizer steps and its gradient are
-    separate tensors beside the model's weights and gradients (1/dp each), with Adam's m, v."""
+def test_fp32_zero1_keeps_a_master_shard_whose_gradient_is_the_buffers():
+    """plait's ZeRO-1 in fp32: the flat fp32 shard the optimizer steps is a separate tensor beside
+    the model's weights and gradients (1/dp), with Adam's m, v; its gradient is the flat gradient
+    buffer's own shard, which the reduce-scatter writes (runtime/zero1.py): no bytes of its own."""
     t = counts.state_tensor_bytes("fp32", "zero1", 4)
-    assert t == {"weights": 4, "grads": 4, "master": 1, "master_grads": 1, "moments": 2}
+    assert t == {"weights": 4, "grads": 4, "master": 1, "master_grads": 0, "moments": 2}
     assert counts.state_tensor_bytes("fp32", "replicated", 4)["master"] == 0
     assert counts.param_state_bytes("bf16", "zero1", 4)["optimizer"] == 3
 
