@@ -25,7 +25,7 @@ class _FlatShard:
     ``divisor`` (dp * cp)."""
 
     def __init__(self, params: list[nn.Parameter], dp: int, dp_rank: int, axis: str = GRAD_AXIS,
-                 divisor: int | None = None, main_grads: bool = False):
+                 divisor: int | None = None):
         self.params, self.dp, self.dp_rank = params, dp, dp_rank
         self.axis, self.divisor = axis, dp if divisor is None else divisor
         self.numel = sum(p.numel() for p in params)
@@ -41,7 +41,7 @@ class _FlatShard:
         self.master = nn.Parameter(flat[dp_rank * self.size:(dp_rank + 1) * self.size].clone())
         # one buffer (fp32, or fp64 for fp64 parameters) holds every parameter's gradient (views
         # below): the reduce-scatter runs on it in place, no flat copy of the gradients per step
-        self.grad_buffer = self.flatten([]) if main_grads else None
+        self.grad_buffer = self.flatten([])
 
     def grad_views(self, names: list[str]) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
@@ -59,16 +59,11 @@ class _FlatShard:
         return flat
 
     def reduce_grad(self) -> None:
-        if self.grad_buffer is not None:  # reduce-scatter the fp32 buffer into its own shard
-            mine = cc.reduce_scatter(self.grad_buffer, 0, self.axis) if self.dp > 1 else self.grad_buffer
-            shard = self.grad_buffer[self.dp_rank * self.size:(self.dp_rank + 1) * self.size]
-            shard.copy_(mine / self.divisor)
-            self.master.grad = shard
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self.flatten(grads)
-        mine = cc.reduce_scatter(flat, 0, self.axis) if self.dp > 1 else flat
-        self.master.grad = mine / self.divisor
+        """Reduce-scatter the gradient buffer into its own shard: the master's gradient."""
+        mine = cc.reduce_scatter(self.grad_buffer, 0, self.axis) if self.dp > 1 else self.grad_buffer
+        shard = self.grad_buffer[self.dp_rank * self.size:(self.dp_rank + 1) * self.size]
+        shard.copy_(mine / self.divisor)
+        self.master.grad = shard
 
     def publish(self) -> None:
         """All-gather the updated shards in the parameters' dtype (each rank rounds its own fp32
@@ -103,7 +98,7 @@ class ZeroOne(DataParallel):
         self.flats, decay, views = [], [], {}
         for axis, weight_decay, group in self._groups(spec.weight_decay):
             params = [self.named[n] for n in group]
-            flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp, True)
+            flat = _FlatShard(params, mesh.size(axis), mesh.coord(axis), axis, self.dp)
             self.flats.append(flat)
             decay.append(weight_decay)
             views.update(flat.grad_views(group))
@@ -158,8 +153,7 @@ class ZeroOne(DataParallel):
         super().zero_grad()
         for flat in self.flats:
             flat.master.grad = None
-            if flat.grad_buffer is not None:  # the reduced shard was written into it too
-                flat.grad_buffer.zero_()
+            flat.grad_buffer.zero_()  # the reduced shard was written into it too
 
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         out = super().state_tensors()

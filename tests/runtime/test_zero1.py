@@ -30,7 +30,7 @@ def test_a_flat_shard_refuses_mixed_dtypes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_publish_gathers_in_the_parameters_dtype(monkeypatch, dtype):
     params = _params(dtype)
-    ranks = [zero1._FlatShard(params, dp=2, dp_rank=r, main_grads=dtype != torch.float32)
+    ranks = [zero1._FlatShard(params, dp=2, dp_rank=r)
              for r in range(2)]
     for r, flat in enumerate(ranks):  # each rank's master moved off the parameters' values
         with torch.no_grad():
